@@ -1,0 +1,117 @@
+# amp2dify — build, test, run.
+#
+#   make                         build/amp2dify
+#   make test                    unit + end-to-end tests, then again under ASan+UBSan
+#   make SANITIZER=address,undefined [test-run]   sanitizer build in build/san-address-undefined/
+#   make run                     serve examples/amp2dify.json
+#   make deps                    apt-get install the missing Debian packages
+#   make bench                   ingest and delivery benchmarks (see bench/)
+
+comma := ,
+PKGS := libmicrohttpd openssl jansson libcurl sqlite3
+DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
+            check pkg-config
+
+SANITIZER ?=
+ifeq ($(SANITIZER),)
+BUILD := build
+SANFLAGS :=
+else
+BUILD := build/san-$(subst $(comma),-,$(SANITIZER))
+SANFLAGS := -fsanitize=$(SANITIZER) -fno-omit-frame-pointer -fno-sanitize-recover=all
+endif
+
+CC ?= cc
+OPT ?= -O2 -g
+WARN := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes
+CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -MMD -MP \
+             $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
+LDLIBS_ALL = $(shell pkg-config --libs $(PKGS)) -lpthread -lm $(LDLIBS)
+CHECK_CFLAGS = $(shell pkg-config --cflags check)
+CHECK_LIBS = $(shell pkg-config --libs check)
+
+MODULES := server handlers crypto mapping spool forward
+LIB_SRCS := $(filter-out server/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
+LIB := $(BUILD)/libamp.a
+BIN := $(BUILD)/amp2dify
+
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/unit/%)
+E2E_SRCS := $(wildcard tests/e2e/test_*.c)
+E2E_BINS := $(E2E_SRCS:tests/e2e/%.c=$(BUILD)/tests/e2e/%)
+# Shared by end-to-end tests: the harness and the fake Dify (not its main).
+E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
+               $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c))
+E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
+FAKE_DIFY := $(BUILD)/fake-dify
+
+.PHONY: all test test-run unit e2e run deps clean bench format format-check
+
+all: $(BIN)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c -o $@ $<
+
+$(BUILD)/obj/tests/%.o: tests/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(CHECK_CFLAGS) -c -o $@ $<
+
+$(LIB): $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BIN): $(BUILD)/obj/server/main.o $(LIB)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
+$(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
+$(BUILD)/tests/e2e/%: $(BUILD)/obj/tests/e2e/%.o $(E2E_SUPPORT_OBJS) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
+$(FAKE_DIFY): $(BUILD)/obj/tests/fake_dify/main.o $(E2E_SUPPORT_OBJS) $(LIB)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
+unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+
+e2e: $(BIN) $(E2E_BINS)
+	@set -e; for t in $(E2E_BINS); do echo "== $$t"; AMP2DIFY_BIN=$(BIN) $$t; done
+
+test-run: unit e2e
+
+# The plain build first (fast feedback), then the same suite under
+# AddressSanitizer + UndefinedBehaviorSanitizer.
+test:
+	$(MAKE) test-run
+	$(MAKE) SANITIZER=address,undefined test-run
+
+run: $(BIN)
+	$(BIN) serve -c examples/amp2dify.json
+
+bench: $(BIN) $(FAKE_DIFY)
+	bash bench/run.sh
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	else echo "all dependencies present"; fi
+
+FORMAT_SRCS = $(shell git ls-files '*.c' '*.h')
+format:
+	clang-format -i $(FORMAT_SRCS)
+format-check:
+	clang-format --dry-run --Werror $(FORMAT_SRCS)
+
+clean:
+	rm -rf build
+
+-include $(shell find build -name '*.d' 2>/dev/null)

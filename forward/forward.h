@@ -1,0 +1,75 @@
+/*
+ * forward — delivery to Dify's Service API.
+ *
+ * A dispatcher thread claims due rows from the spool and hands them to a pool
+ * of worker threads; each worker owns one reused curl easy handle
+ * (keep-alive) and POSTs {base}/<endpoint> with "Authorization: Bearer <app
+ * key>" and the event's dedupe key as X-Trace-Id. The answer is classified
+ * (amp_forward_classify) and acknowledged to the spool: delivered, retry at
+ * a backoff time (exponential, full jitter, capped), or dead-lettered with
+ * Dify's status, code and message.
+ *
+ * Threading: amp_forward_start/stop from one thread; the classification and
+ * backoff helpers are pure and reentrant.
+ */
+#ifndef AMP_FORWARD_H
+#define AMP_FORWARD_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "../mapping/mapping.h"
+#include "../spool/spool.h"
+
+typedef struct amp_forward_opts {
+    const char *base_url;      /* e.g. "https://api.dify.ai/v1", no trailing slash needed */
+    long connect_timeout_s;
+    long timeout_s;            /* whole request */
+    unsigned workers;          /* worker threads */
+    int64_t retry_initial_ms;
+    int64_t retry_max_ms;
+    int64_t retry_max_age_s;   /* older than this at a retry decision: dead, "expired" */
+    size_t napps;
+    const amp_app *const *apps; /* borrowed for the forwarder's lifetime */
+    const char *const *api_keys; /* parallel to apps; borrowed */
+} amp_forward_opts;
+
+typedef struct amp_forward amp_forward;
+
+/* Start the dispatcher and workers. opts and the strings it points to are
+ * borrowed and must outlive the forwarder. NULL and err on failure. */
+amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
+                               size_t errlen);
+/* Stop claiming, let workers finish their current request (each bounded by
+ * the request timeout), acknowledge everything, join. Accepts NULL. */
+void amp_forward_stop(amp_forward *f);
+
+/* Wake the dispatcher (new work was committed). Safe from any thread. */
+void amp_forward_kick(amp_forward *f);
+
+/* ---- pure helpers, exposed for tests ---------------------------------- */
+
+typedef enum {
+    AMP_OUTCOME_DELIVERED,
+    AMP_OUTCOME_RETRY,
+    AMP_OUTCOME_PERMANENT,
+    AMP_OUTCOME_PAUSE_APP,     /* 401 / 403: bad key or disabled app */
+    AMP_OUTCOME_RESET_CONVERSATION, /* 404 "Conversation Not Exists." */
+} amp_outcome;
+
+/* Classify one exchange. transport_error is non-zero when no HTTP answer
+ * arrived (connect failure, timeout, dropped connection); body is Dify's
+ * parsed answer or NULL. *code and *message (may be NULL) receive borrowed
+ * pointers into body when it carries Dify's {"code","message","status"}. */
+amp_outcome amp_forward_classify(int transport_error, long http_status, const json_t *body,
+                                 const char **code, const char **message);
+
+/* Full-jitter exponential backoff: uniform in [0, min(max_ms, initial_ms *
+ * 2^attempt)], using rnd (uniform in [0, 1)). attempt counts from 0. */
+int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, double rnd);
+
+/* Parse a Retry-After header value (delta seconds or an HTTP date) into
+ * milliseconds from now_ms; -1 when absent or unparsable. */
+int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms);
+
+#endif

@@ -1,0 +1,115 @@
+/*
+ * forward_int — private pieces shared by the files of the forward module:
+ *
+ *   classify.c  pure helpers: outcome, backoff, Retry-After, URL joining,
+ *               the stored delivery result (forward.h declares the public
+ *               ones, the rest are here so unit tests can reach them)
+ *   dify.c      one HTTP connection to Dify: a reused curl easy handle, a
+ *               capped response buffer, Retry-After capture
+ *   sse.c       incremental parser of Dify's streaming answers
+ *               (text/event-stream), folding the events into the same JSON
+ *               shape a blocking answer has
+ *   forward.c   dispatcher, worker pool, acknowledgements
+ *
+ * Threading: an amp_forward_http or amp_forward_sse belongs to one thread at
+ * a time (one per worker); everything in classify.c is pure and reentrant.
+ */
+#ifndef AMP_FORWARD_INT_H
+#define AMP_FORWARD_INT_H
+
+#include <curl/curl.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../mapping/mapping.h"
+#include "../server/util.h"
+
+#ifndef AMP_VERSION
+#define AMP_VERSION "0.1.0"
+#endif
+
+/* Largest Dify answer kept in memory. Blocking answers are one JSON object
+ * of an LLM reply plus metadata; 1 MiB is far above any real one. */
+#define AMP_FORWARD_MAX_RESPONSE ((size_t)1 << 20)
+/* Bytes of the answer text kept in the stored delivery result. */
+#define AMP_FORWARD_ANSWER_CAP ((size_t)4096)
+/* Longest wait a Retry-After header may impose. */
+#define AMP_FORWARD_RETRY_AFTER_CAP_MS ((int64_t)86400 * 1000)
+
+/* ---- classify.c ------------------------------------------------------ */
+
+/* Length of the longest prefix of s[0..len) that is at most max bytes and
+ * does not end inside a UTF-8 sequence. */
+size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max);
+
+/* "{base}/{path}" with any trailing slashes of base dropped. Caller owns. */
+char *amp_forward_join_url(const char *base, const char *path);
+
+/* Request body to send: body_json as is, or with "conversation_id" set when
+ * conversation_id is non-NULL and non-empty. Caller owns; NULL when
+ * body_json is not a JSON object (only then). */
+char *amp_forward_request_body(const char *body_json, const char *conversation_id);
+
+/* The conversation id in a Dify answer (borrowed from body), or NULL. */
+const char *amp_forward_answer_conversation(const json_t *body);
+
+/* The delivery result kept in the spool: {"status", "message_id" or
+ * "workflow_run_id", "conversation_id", "usage", "latency_ms", "answer" (at
+ * most AMP_FORWARD_ANSWER_CAP bytes) or, for workflows, "workflow_status"
+ * and "outputs"}. body (borrowed) may be NULL. Caller owns the result. */
+json_t *amp_forward_result(amp_endpoint endpoint, long http_status, const json_t *body,
+                           int64_t latency_ms);
+
+/* ---- dify.c: one connection ----------------------------------------- */
+
+typedef struct amp_forward_http amp_forward_http;
+
+/* One reused curl easy handle with timeouts, protocol limits and the
+ * callbacks set once. NULL and err on failure. Caller owns. */
+amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s, char *err,
+                                          size_t errlen);
+void amp_forward_http_destroy(amp_forward_http *h); /* accepts NULL */
+
+typedef struct amp_forward_reply {
+    int transport_error;   /* CURLcode; 0 when a whole HTTP answer arrived */
+    const char *transport_code; /* static: "timeout", "connect_failed", ... */
+    char error[CURL_ERROR_SIZE]; /* curl's text when transport_error */
+    long status;           /* HTTP status; 0 when none arrived */
+    json_t *body;          /* parsed answer (blocking JSON or folded stream), or NULL; owned */
+    bool too_large;        /* the answer exceeded AMP_FORWARD_MAX_RESPONSE */
+    bool streamed;         /* the answer was text/event-stream */
+    char retry_after[64];  /* Retry-After header value, "" when absent */
+    int64_t latency_ms;
+} amp_forward_reply;
+
+/* POST body to url with the given extra headers (borrowed, NULL-terminated
+ * list of "Name: value" lines). Fills *reply (cleared first); release it
+ * with amp_forward_reply_clear. Never fails otherwise: every problem is a
+ * transport error in the reply. */
+void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
+                           const char *body, size_t body_len, amp_forward_reply *reply);
+void amp_forward_reply_clear(amp_forward_reply *r);
+
+/* ---- sse.c: streaming answers ---------------------------------------- */
+
+typedef struct amp_forward_sse amp_forward_sse;
+
+amp_forward_sse *amp_forward_sse_create(void); /* caller owns */
+void amp_forward_sse_destroy(amp_forward_sse *p); /* accepts NULL */
+void amp_forward_sse_reset(amp_forward_sse *p);
+
+/* Feed the next bytes of the stream (any split). -1 when the stream broke a
+ * limit (a line over AMP_FORWARD_MAX_RESPONSE); the transfer should stop. */
+int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len);
+
+/* After the stream ended: the events folded into the JSON a blocking answer
+ * would have been (chat/completion: "event","message_id","conversation_id",
+ * "answer","metadata"; workflow: "workflow_run_id","data"; an "error" event
+ * becomes {"status","code","message"}). *complete says whether a closing
+ * event (message_end, workflow_finished, error) was seen. Caller owns; NULL
+ * when no event carried anything. */
+json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete);
+
+#endif

@@ -1,0 +1,43 @@
+/*
+ * handlers — the HTTP endpoints (SPEC "HTTP interface"), behind one
+ * libmicrohttpd access handler with a static route table:
+ *
+ *   POST {listen.path}   webhook.c: authenticate, decode, map, hand the
+ *                        events to the spool's committer, suspend the
+ *                        connection; the committer resumes it with 202 or 503
+ *   GET  /healthz        health.c
+ *   GET  /readyz         health.c
+ *
+ * Errors are JSON {"error":"<code>","detail":"<text>"}.
+ *
+ * Threading: the access and completion callbacks run on libmicrohttpd's
+ * threads and never block on disk or network. The config and spool passed to
+ * amp_handlers_create are borrowed and must outlive the handlers.
+ */
+#ifndef AMP_HANDLERS_H
+#define AMP_HANDLERS_H
+
+#include <microhttpd.h>
+#include <stdbool.h>
+
+#include "../server/config.h"
+#include "../spool/spool.h"
+
+typedef struct amp_handlers amp_handlers;
+
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool); /* caller owns */
+void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
+
+/* Draining: /readyz answers 503 and new webhook requests get 503
+ * unavailable with Retry-After, while requests already accepted finish. */
+void amp_handlers_set_draining(amp_handlers *h, bool draining);
+
+/* libmicrohttpd callbacks; cls is the amp_handlers. */
+enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
+                                    const char *method, const char *version,
+                                    const char *upload_data, size_t *upload_data_size,
+                                    void **req_cls);
+void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
+                            enum MHD_RequestTerminationCode toe);
+
+#endif

@@ -1,0 +1,56 @@
+/*
+ * handlers_int — what the endpoint files of handlers/ share: the per-request
+ * state, the handlers object, and the reply helpers (reply.c). Private to
+ * handlers/.
+ */
+#ifndef AMP_HANDLERS_INT_H
+#define AMP_HANDLERS_INT_H
+
+#include <stdatomic.h>
+
+#include "../server/util.h"
+#include "handlers.h"
+
+struct amp_handlers {
+    const amp_config *cfg;
+    amp_spool *spool;
+    atomic_bool draining;
+};
+
+typedef struct amp_req amp_req;
+typedef enum MHD_Result (*amp_endpoint_fn)(amp_handlers *h, amp_req *r);
+
+typedef enum { REQ_READING, REQ_WAITING, REQ_DONE } amp_req_state;
+
+/* One HTTP request; created on the first callback, freed on completion. */
+struct amp_req {
+    struct MHD_Connection *conn;
+    amp_endpoint_fn endpoint;
+    char request_id[64];
+    int64_t start_ms; /* monotonic */
+    /* body (webhook) */
+    amp_buf body;
+    bool too_large;
+    /* the spool's answer, written by the committer before it resumes us */
+    _Atomic amp_req_state state;
+    amp_spool_result result;
+    unsigned filtered;
+};
+
+/* reply.c — each queues a JSON response and returns MHD's result. */
+enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body /* takes ownership */);
+enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code,
+                                const char *detail);
+/* Like amp_reply_error, with one extra header (e.g. Allow, Retry-After). */
+enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
+                                    const char *detail, const char *hname, const char *hvalue);
+
+/* webhook.c */
+enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r);
+
+/* health.c */
+enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r);
+
+#endif

@@ -1,0 +1,141 @@
+/*
+ * router — the access handler: match the route, create the request state on
+ * the first call, collect the body into a capped buffer, and hand the final
+ * call to the endpoint.
+ */
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../server/log.h"
+#include "handlers_int.h"
+
+typedef struct route {
+    const char *path; /* NULL: the configured webhook path */
+    const char *method;
+    amp_endpoint_fn begin; /* first call, may reply at once; NULL for none */
+    amp_endpoint_fn finish;
+} route;
+
+static const route routes[] = {
+    {NULL, MHD_HTTP_METHOD_POST, amp_webhook_begin, amp_webhook_finish},
+    {"/healthz", MHD_HTTP_METHOD_GET, NULL, amp_health_healthz},
+    {"/readyz", MHD_HTTP_METHOD_GET, NULL, amp_health_readyz},
+};
+
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool)
+{
+    amp_handlers *h = amp_xcalloc(1, sizeof *h);
+    h->cfg = cfg;
+    h->spool = spool;
+    atomic_init(&h->draining, false);
+    return h;
+}
+
+void amp_handlers_destroy(amp_handlers *h)
+{
+    free(h);
+}
+
+void amp_handlers_set_draining(amp_handlers *h, bool draining)
+{
+    atomic_store(&h->draining, draining);
+}
+
+/* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
+static void set_request_id(amp_req *r)
+{
+    const char *given = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
+    if (given) {
+        size_t n = strlen(given);
+        int ok = n > 0 && n < sizeof r->request_id;
+        for (size_t i = 0; ok && i < n; i++)
+            ok = given[i] > 0x20 && given[i] < 0x7f && given[i] != '"' && given[i] != '\\';
+        if (ok) {
+            memcpy(r->request_id, given, n + 1);
+            return;
+        }
+    }
+    unsigned char raw[16];
+    if (RAND_bytes(raw, sizeof raw) != 1)
+        memset(raw, 0, sizeof raw);
+    for (size_t i = 0; i < sizeof raw; i++)
+        snprintf(r->request_id + 2 * i, 3, "%02x", raw[i]);
+}
+
+static const route *match(const amp_handlers *h, const char *url)
+{
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
+        const char *path = routes[i].path ? routes[i].path : h->cfg->listen.path;
+        if (strcmp(path, url) == 0)
+            return &routes[i];
+    }
+    return NULL;
+}
+
+static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
+                                  const char *method)
+{
+    const route *rt = match(h, url);
+    if (!rt)
+        return amp_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
+    if (strcmp(method, rt->method) != 0) {
+        char detail[64];
+        snprintf(detail, sizeof detail, "%s only accepts %s", rt->path ? rt->path : "this path",
+                 rt->method);
+        return amp_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", detail,
+                                   MHD_HTTP_HEADER_ALLOW, rt->method);
+    }
+    r->endpoint = rt->finish;
+    return rt->begin ? rt->begin(h, r) : MHD_YES;
+}
+
+enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
+                                    const char *method, const char *version,
+                                    const char *upload_data, size_t *upload_data_size,
+                                    void **req_cls)
+{
+    (void)version;
+    amp_handlers *h = cls;
+    amp_req *r = *req_cls;
+
+    if (!r) {
+        r = amp_xcalloc(1, sizeof *r);
+        r->conn = conn;
+        r->start_ms = amp_mono_ms();
+        amp_buf_init(&r->body, h->cfg->listen.max_body_bytes);
+        atomic_init(&r->state, REQ_READING);
+        set_request_id(r);
+        *req_cls = r;
+        return first_call(h, r, url, method);
+    }
+    if (!r->endpoint) /* answered on the first call; discard any body */
+        return *upload_data_size = 0, MHD_YES;
+
+    if (*upload_data_size) {
+        if (!r->too_large && amp_buf_append(&r->body, upload_data, *upload_data_size) != 0) {
+            r->too_large = true;
+            amp_buf_free(&r->body);
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    return r->endpoint(h, r);
+}
+
+void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
+                            enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)conn;
+    amp_req *r = *req_cls;
+    if (!r)
+        return;
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:i}", "request_id",
+                r->request_id, "reason", (int)toe);
+    amp_buf_free(&r->body);
+    free(r);
+    *req_cls = NULL;
+}

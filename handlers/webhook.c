@@ -1,0 +1,195 @@
+/*
+ * webhook — POST {listen.path}: authenticate, decode, map, store.
+ *
+ * The request is all or nothing: every event is decoded and mapped before
+ * anything is handed to the spool. The connection is then suspended and the
+ * spool's committer resumes it once the transaction holding the events has
+ * committed (202) or failed (503); the MHD thread never waits on disk.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "../mapping/mapping.h"
+#include "../server/log.h"
+#include "handlers_int.h"
+
+/* application/json, with optional parameters (charset). */
+static bool is_json_type(const char *ct)
+{
+    if (!ct)
+        return false;
+    while (*ct == ' ')
+        ct++;
+    size_t n = strlen("application/json");
+    if (strncasecmp(ct, "application/json", n) != 0)
+        return false;
+    ct += n;
+    while (*ct == ' ' || *ct == '\t')
+        ct++;
+    return *ct == '\0' || *ct == ';';
+}
+
+enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r)
+{
+    const char *ct = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
+                                                 MHD_HTTP_HEADER_CONTENT_TYPE);
+    if (!is_json_type(ct)) {
+        r->endpoint = NULL;
+        return amp_reply_error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
+                               "Content-Type must be application/json");
+    }
+    /* Refuse a declared oversize body before reading any of it. */
+    const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
+                                                 MHD_HTTP_HEADER_CONTENT_LENGTH);
+    int64_t len;
+    if (cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
+        (uint64_t)len > h->cfg->listen.max_body_bytes) {
+        r->endpoint = NULL;
+        char detail[96];
+        snprintf(detail, sizeof detail, "the body is larger than %zu bytes",
+                 h->cfg->listen.max_body_bytes);
+        return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
+    }
+    return MHD_YES;
+}
+
+static const char *header_lookup(void *ctx, const char *name)
+{
+    return MHD_lookup_connection_value(ctx, MHD_HEADER_KIND, name);
+}
+
+static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result res,
+                                   const char *detail)
+{
+    static const char *const codes[] = {
+        [AMP_SIG_MISSING] = "missing_signature",
+        [AMP_SIG_MALFORMED] = "invalid_signature",
+        [AMP_SIG_STALE] = "stale_timestamp",
+        [AMP_SIG_MISMATCH] = "invalid_signature",
+    };
+    amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s, s:s}", "request_id",
+            r->request_id, "status", 401, "error", codes[res], "detail", detail, "scheme",
+            amp_sig_scheme_name(h->cfg->auth.scheme));
+    return amp_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
+}
+
+/* Collects the requests one event produces into the batch; the event is
+ * added on its first request, so a filtered event leaves no trace. */
+typedef struct emit_ctx {
+    amp_spool_batch *batch;
+    const char *dedupe_key;
+    unsigned nreq;
+} emit_ctx;
+
+static void emit(void *ctx, const amp_map_request *req)
+{
+    emit_ctx *e = ctx;
+    char *body = json_dumps(req->body, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (!body)
+        abort(); /* only allocation can fail here */
+    if (e->nreq++ == 0)
+        amp_spool_batch_event(e->batch, e->dedupe_key);
+    amp_spool_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
+    free(body);
+}
+
+/* Runs on the committer thread: record the answer and wake the connection. */
+static void stored(void *ctx, const amp_spool_result *res)
+{
+    amp_req *r = ctx;
+    r->result = *res;
+    atomic_store(&r->state, REQ_DONE);
+    MHD_resume_connection(r->conn);
+}
+
+static enum MHD_Result answer_stored(amp_req *r)
+{
+    const amp_spool_result *res = &r->result;
+    if (res->status != 0) {
+        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
+                "error", res->error ? res->error : "unknown");
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
+                                   res->error ? res->error : "the spool is unavailable",
+                                   "Retry-After", "5");
+    }
+    amp_log(AMP_LOG_DEBUG, "request stored", "{s:s, s:i, s:i, s:i, s:I}", "request_id",
+            r->request_id, "accepted", (int)res->accepted, "duplicates", (int)res->duplicates,
+            "filtered", (int)r->filtered, "ms", (json_int_t)(amp_mono_ms() - r->start_ms));
+    return amp_reply_json(r, MHD_HTTP_ACCEPTED,
+                          json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
+                                    "duplicates", (int)res->duplicates, "filtered",
+                                    (int)r->filtered));
+}
+
+enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
+{
+    switch (atomic_load(&r->state)) {
+    case REQ_WAITING:
+        return MHD_YES; /* resumed before the answer: keep waiting */
+    case REQ_DONE:
+        return answer_stored(r);
+    case REQ_READING:
+        break;
+    }
+
+    const amp_config *cfg = h->cfg;
+    if (r->too_large) {
+        char detail[96];
+        snprintf(detail, sizeof detail, "the body is larger than %zu bytes",
+                 cfg->listen.max_body_bytes);
+        return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
+    }
+    if (atomic_load(&h->draining))
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
+                                   "shutting down", "Retry-After", "5");
+
+    const char *body = r->body.data ? r->body.data : "";
+    if (cfg->auth.verifier) {
+        const char *detail = "signature rejected";
+        amp_sig_result res = amp_sig_verify(cfg->auth.verifier, header_lookup, r->conn, body,
+                                            r->body.len, (int64_t)time(NULL), &detail);
+        if (res != AMP_SIG_OK)
+            return reject_auth(h, r, res, detail);
+    }
+
+    char detail[256];
+    json_t *events = NULL;
+    amp_decode_result dr = amp_decode_body(body, r->body.len, &events, detail, sizeof detail);
+    if (dr != AMP_DECODE_OK) {
+        const char *code = dr == AMP_DECODE_INVALID_JSON ? "invalid_json" : "invalid_event";
+        amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s}", "request_id",
+                r->request_id, "status", 400, "error", code, "detail", detail);
+        return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
+    }
+
+    amp_spool_batch *batch = amp_spool_batch_create();
+    size_t i;
+    json_t *ev;
+    json_array_foreach(events, i, ev) {
+        emit_ctx e = {.batch = batch, .dedupe_key = amp_event_dedupe_key(ev), .nreq = 0};
+        char why[200];
+        if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
+            snprintf(detail, sizeof detail, "events[%zu]: %s", i, why);
+            amp_spool_batch_destroy(batch);
+            json_decref(events);
+            return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
+        }
+        r->filtered += e.nreq == 0;
+    }
+    size_t nevents = json_array_size(events);
+    json_decref(events);
+
+    if (r->filtered == nevents) { /* nothing to store */
+        amp_spool_batch_destroy(batch);
+        r->result = (amp_spool_result){0};
+        return answer_stored(r);
+    }
+    atomic_store(&r->state, REQ_WAITING);
+    MHD_suspend_connection(r->conn);
+    amp_spool_submit(h->spool, batch, stored, r);
+    return MHD_YES;
+}

@@ -1,0 +1,303 @@
+/*
+ * decode — a request body to a validated array of events (SPEC "Body
+ * formats accepted"), plus the calendar-time parsing that event_time
+ * validation and the iso8601 transform share.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "mapping.h"
+#include "mapping_int.h"
+
+/* ---- time ------------------------------------------------------------ */
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+ * days_from_civil); exact for every year, no timegm or TZ needed. */
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    unsigned yoe = (unsigned)(y - era * 400);
+    unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + (int64_t)doe - 719468;
+}
+
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+    z += 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    unsigned doe = (unsigned)(z - era * 146097);
+    unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    unsigned mp = (5 * doy + 2) / 153;
+    *d = doy - (153 * mp + 2) / 5 + 1;
+    *m = mp < 10 ? mp + 3 : mp - 9;
+    *y = (int64_t)yoe + era * 400 + (*m <= 2);
+}
+
+static bool is_leap(int64_t y)
+{
+    return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+}
+
+static unsigned days_in_month(int64_t y, unsigned m)
+{
+    static const unsigned dim[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    return m == 2 && is_leap(y) ? 29 : dim[m - 1];
+}
+
+/* Read exactly n digits at s[*i]. */
+static bool digits(const char *s, size_t len, size_t *i, size_t n, unsigned *out)
+{
+    unsigned v = 0;
+    if (len - *i < n)
+        return false;
+    for (size_t k = 0; k < n; k++) {
+        char c = s[*i + k];
+        if (c < '0' || c > '9')
+            return false;
+        v = v * 10 + (unsigned)(c - '0');
+    }
+    *i += n;
+    *out = v;
+    return true;
+}
+
+static bool expect(const char *s, size_t len, size_t *i, char c)
+{
+    if (*i >= len || s[*i] != c)
+        return false;
+    (*i)++;
+    return true;
+}
+
+int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms)
+{
+    size_t i = 0;
+    unsigned y, mo, d, h, mi, sec, frac_ms = 0;
+    if (!digits(s, len, &i, 4, &y) || !expect(s, len, &i, '-') || !digits(s, len, &i, 2, &mo) ||
+        !expect(s, len, &i, '-') || !digits(s, len, &i, 2, &d))
+        return -1;
+    if (i >= len || !(s[i] == ' ' || (!strict && s[i] == 'T')))
+        return -1;
+    i++;
+    if (!digits(s, len, &i, 2, &h) || !expect(s, len, &i, ':') || !digits(s, len, &i, 2, &mi) ||
+        !expect(s, len, &i, ':') || !digits(s, len, &i, 2, &sec))
+        return -1;
+    if (mo < 1 || mo > 12 || d < 1 || d > days_in_month(y, mo) || h > 23 || mi > 59 || sec > 59)
+        return -1;
+    if (i < len && s[i] == '.') {
+        size_t start = ++i;
+        while (i < len && s[i] >= '0' && s[i] <= '9')
+            i++;
+        size_t n = i - start;
+        if (strict ? (n != 3 && n != 6) : (n < 1 || n > 9))
+            return -1;
+        /* Milliseconds: the first three digits, later ones truncated. */
+        for (size_t k = 0; k < 3; k++)
+            frac_ms = frac_ms * 10 + (k < n ? (unsigned)(s[start + k] - '0') : 0);
+    }
+    int64_t offset_min = 0;
+    if (!strict && i < len) {
+        if (s[i] == 'Z') {
+            i++;
+        } else if (s[i] == '+' || s[i] == '-') {
+            int sign = s[i] == '-' ? -1 : 1;
+            unsigned oh, om;
+            i++;
+            if (!digits(s, len, &i, 2, &oh) || !expect(s, len, &i, ':') ||
+                !digits(s, len, &i, 2, &om) || oh > 23 || om > 59)
+                return -1;
+            offset_min = sign * (int64_t)(oh * 60 + om);
+        }
+    }
+    if (i != len)
+        return -1;
+    int64_t secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    *ms = secs * 1000 + frac_ms;
+    return 0;
+}
+
+int amp_time_format(int64_t ms, char *buf, size_t len)
+{
+    /* Floor division so times before 1970 keep a positive millisecond part. */
+    int64_t secs = ms / 1000, rem = ms % 1000;
+    if (rem < 0) {
+        rem += 1000;
+        secs -= 1;
+    }
+    int64_t days = secs / 86400, sod = secs % 86400;
+    if (sod < 0) {
+        sod += 86400;
+        days -= 1;
+    }
+    int64_t y;
+    unsigned m, d;
+    civil_from_days(days, &y, &m, &d);
+    if (y < 0 || y > 9999)
+        return -1;
+    int n = snprintf(buf, len, "%04d-%02u-%02uT%02d:%02d:%02d.%03dZ", (int)y, m, d,
+                     (int)(sod / 3600), (int)(sod / 60 % 60), (int)(sod % 60), (int)rem);
+    return n > 0 && (size_t)n < len ? 0 : -1;
+}
+
+/* ---- body ------------------------------------------------------------ */
+
+/* Bounded recursion: never deeper than AMP_EVENT_MAX_DEPTH + 1 frames. */
+static bool depth_ok(const json_t *v, int depth)
+{
+    if (!json_is_object(v) && !json_is_array(v))
+        return true;
+    if (depth > AMP_EVENT_MAX_DEPTH)
+        return false;
+    if (json_is_array(v)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach (v, i, x)
+            if (!depth_ok(x, depth + 1))
+                return false;
+    } else {
+        const char *k;
+        json_t *x;
+        json_object_foreach ((json_t *)v, k, x)
+            if (!depth_ok(x, depth + 1))
+                return false;
+    }
+    return true;
+}
+
+static bool nonempty_string(const json_t *v)
+{
+    return json_is_string(v) && json_string_length(v) > 0;
+}
+
+/* 0, or -1 with detail set. */
+static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen)
+{
+    if (!json_is_object(ev)) {
+        snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx,
+                 amp_json_kind(ev));
+        return -1;
+    }
+    json_t *et = json_object_get(ev, "event_type");
+    if (!et) {
+        snprintf(detail, dlen, "events[%zu]: needs event_type", idx);
+        return -1;
+    }
+    if (!nonempty_string(et)) {
+        snprintf(detail, dlen, "events[%zu].event_type: expected a non-empty string, found %s",
+                 idx, json_is_string(et) ? "an empty string" : amp_json_kind(et));
+        return -1;
+    }
+    /* user_id / device_id: absent, null or a string. Amplitude sends strings;
+     * a number is rejected rather than silently stringified. */
+    static const char *const ids[] = {"user_id", "device_id"};
+    bool have_id = false;
+    for (size_t k = 0; k < 2; k++) {
+        json_t *v = json_object_get(ev, ids[k]);
+        if (v && !json_is_null(v) && !json_is_string(v)) {
+            snprintf(detail, dlen, "events[%zu].%s: expected a string or null, found %s", idx,
+                     ids[k], amp_json_kind(v));
+            return -1;
+        }
+        have_id = have_id || nonempty_string(v);
+    }
+    if (!have_id) {
+        snprintf(detail, dlen, "events[%zu]: needs user_id or device_id", idx);
+        return -1;
+    }
+    json_t *t = json_object_get(ev, "event_time");
+    int64_t ms;
+    if (t && !json_is_null(t) &&
+        (!json_is_string(t) ||
+         amp_time_parse(json_string_value(t), json_string_length(t), true, &ms) != 0)) {
+        snprintf(detail, dlen,
+                 "events[%zu].event_time: expected \"YYYY-MM-DD HH:MM:SS\" with 0, 3 or 6 "
+                 "fraction digits (UTC), found %s",
+                 idx, json_is_string(t) ? "another format" : amp_json_kind(t));
+        return -1;
+    }
+    t = json_object_get(ev, "time");
+    if (t && !json_is_null(t) && (!json_is_integer(t) || json_integer_value(t) < 0)) {
+        snprintf(detail, dlen,
+                 "events[%zu].time: expected an integer >= 0 (epoch milliseconds), found %s", idx,
+                 json_is_integer(t) ? "a negative number" : amp_json_kind(t));
+        return -1;
+    }
+    if (!depth_ok(ev, 1)) {
+        snprintf(detail, dlen, "events[%zu]: nested deeper than %d levels", idx,
+                 AMP_EVENT_MAX_DEPTH);
+        return -1;
+    }
+    return 0;
+}
+
+amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events, char *detail,
+                                  size_t detail_len)
+{
+    json_error_t jerr;
+    *events = NULL;
+    if (detail_len)
+        detail[0] = '\0';
+    /* JSON_DECODE_ANY so a bare scalar is reported as "not an event"
+     * rather than as a syntax error. */
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    if (!root) {
+        snprintf(detail, detail_len, "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
+        return AMP_DECODE_INVALID_JSON;
+    }
+
+    json_t *list;
+    if (json_is_array(root)) {
+        list = json_incref(root);
+    } else if (json_is_object(root) && json_object_get(root, "events")) {
+        list = json_object_get(root, "events");
+        if (!json_is_array(list)) {
+            snprintf(detail, detail_len, "events: expected an array, found %s",
+                     amp_json_kind(list));
+            json_decref(root);
+            return AMP_DECODE_INVALID_EVENT;
+        }
+        json_incref(list);
+    } else if (json_is_object(root)) {
+        list = json_array();
+        if (!list || json_array_append(list, root) != 0)
+            abort();
+    } else {
+        snprintf(detail, detail_len,
+                 "body: expected an event object, an array of events or {\"events\":[...]}, "
+                 "found %s",
+                 amp_json_kind(root));
+        json_decref(root);
+        return AMP_DECODE_INVALID_EVENT;
+    }
+    json_decref(root);
+
+    if (json_array_size(list) == 0) {
+        snprintf(detail, detail_len, "no events");
+        json_decref(list);
+        return AMP_DECODE_INVALID_EVENT;
+    }
+    size_t i;
+    json_t *ev;
+    json_array_foreach (list, i, ev) {
+        if (check_event(ev, i, detail, detail_len) != 0) {
+            json_decref(list);
+            return AMP_DECODE_INVALID_EVENT;
+        }
+    }
+    *events = list;
+    return AMP_DECODE_OK;
+}
+
+const char *amp_event_dedupe_key(const json_t *event)
+{
+    static const char *const keys[] = {"insert_id", "$insert_id", "uuid"};
+    for (size_t k = 0; k < 3; k++) {
+        json_t *v = json_object_get(event, keys[k]);
+        if (nonempty_string(v))
+            return json_string_value(v);
+    }
+    return NULL;
+}

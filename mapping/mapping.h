@@ -1,0 +1,101 @@
+/*
+ * mapping — from a request body to Dify requests.
+ *
+ *   decode   body bytes -> array of validated events (single object, array,
+ *            or {"events":[...]} including the Amplitude HTTP V2 body)
+ *   mapper   the compiled "apps" and "routes" sections of the config:
+ *            filters, field mappings with transforms, request templates.
+ *            Compiled once at config load; applying it parses nothing.
+ *
+ * Threading: decode is reentrant. An amp_mapper is immutable after
+ * amp_mapper_compile and may be shared by any number of threads.
+ */
+#ifndef AMP_MAPPING_H
+#define AMP_MAPPING_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "../server/util.h"
+
+/* ---- decode ---------------------------------------------------------- */
+
+typedef enum {
+    AMP_DECODE_OK,
+    AMP_DECODE_INVALID_JSON,  /* -> 400 invalid_json, detail has line and column */
+    AMP_DECODE_INVALID_EVENT, /* -> 400 invalid_event, detail names the event and field */
+} amp_decode_result;
+
+/* Parse and validate a whole body. On AMP_DECODE_OK *events is a new JSON
+ * array of event objects (caller owns). Otherwise *events is NULL and detail
+ * holds a human-readable reason ("line 1, column 17: ..." or
+ * "events[2]: needs user_id or device_id"). */
+amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events, char *detail,
+                                  size_t detail_len);
+
+/* Dedupe key of an event: insert_id, else $insert_id, else uuid (non-empty
+ * strings only). Borrowed from the event, or NULL. */
+const char *amp_event_dedupe_key(const json_t *event);
+
+/* ---- apps ------------------------------------------------------------ */
+
+typedef enum {
+    AMP_ENDPOINT_CHAT,       /* POST {base}/chat-messages */
+    AMP_ENDPOINT_COMPLETION, /* POST {base}/completion-messages */
+    AMP_ENDPOINT_WORKFLOW,   /* POST {base}/workflows/run */
+} amp_endpoint;
+
+/* "chat-messages", "completion-messages", "workflows/run" */
+const char *amp_endpoint_path(amp_endpoint e);
+
+/* One entry of "apps", read-only, owned by the mapper. */
+typedef struct amp_app {
+    const char *name;
+    const char *api_key_env;  /* NULL when api_key_file is used */
+    const char *api_key_file; /* NULL when api_key_env is used */
+    amp_endpoint endpoint;
+    bool streaming;           /* response_mode "streaming" */
+    double rate_per_sec;      /* 0 = unlimited */
+    unsigned burst;
+    unsigned max_in_flight;
+} amp_app;
+
+/* ---- mapper ---------------------------------------------------------- */
+
+typedef struct amp_mapper amp_mapper;
+
+/* Compile the "apps" object and "routes" array of a config (borrowed).
+ * Every problem is appended to errs with its JSON path
+ * ("routes[1].map[0].transform: unknown transform 'upper'; expected one of
+ * ..."); returns NULL when there was any. */
+amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_errs *errs);
+void amp_mapper_destroy(amp_mapper *m); /* accepts NULL */
+
+size_t amp_mapper_app_count(const amp_mapper *m);
+const amp_app *amp_mapper_app(const amp_mapper *m, size_t i); /* borrowed */
+
+/* One Dify request produced by a route. Everything is borrowed and valid
+ * only during the emit callback; json_incref(body) to keep it. */
+typedef struct amp_map_request {
+    const char *route;
+    const amp_app *app;
+    const char *user;       /* the body's "user" */
+    bool per_user;          /* route has "conversation": "per_user" */
+    json_t *body;           /* {"inputs","query"(chat/completion),"user","response_mode"} */
+} amp_map_request;
+
+typedef void (*amp_map_emit_fn)(void *ctx, const amp_map_request *req);
+/* Called for each route that did not produce a request, with the reason
+ * ("filter: event_type equals 'X' was false"). */
+typedef void (*amp_map_explain_fn)(void *ctx, const char *route, const char *reason);
+
+/* Apply every route to one event (borrowed). Returns the number of requests
+ * emitted (0 = filtered), or -1 when a route declares the event invalid (a
+ * "required" field missing): detail says which, and callers must reject the
+ * whole HTTP request. explain may be NULL. */
+int amp_mapper_apply(const amp_mapper *m, const json_t *event, amp_map_emit_fn emit, void *ctx,
+                     amp_map_explain_fn explain, void *explain_ctx, char *detail,
+                     size_t detail_len);
+
+#endif

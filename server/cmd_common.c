@@ -1,0 +1,25 @@
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+
+int amp_cmd_config_only(int argc, char **argv, const char **config)
+{
+    *config = NULL;
+    for (int i = 1; i < argc; i++) {
+        if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
+            *config = argv[++i];
+            continue;
+        }
+        fprintf(stderr, "amp2dify %s: unexpected argument '%s' (usage: amp2dify %s [-c FILE])\n",
+                argv[0], argv[i], argv[0]);
+        return -1;
+    }
+    return 0;
+}
+
+void amp_cmd_print_errors(const char *file, const amp_errs *errs)
+{
+    for (size_t i = 0; i < amp_errs_count(errs); i++)
+        fprintf(stderr, "%s: %s\n", file, amp_errs_get(errs, i));
+}

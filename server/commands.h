@@ -1,0 +1,26 @@
+/*
+ * commands — the subcommands of the amp2dify binary (SPEC "Command line").
+ * Each takes the arguments after the command name (argv[0] is the command)
+ * and returns the process exit code: 0 ok, 1 runtime failure, 2 usage or
+ * config error.
+ */
+#ifndef AMP_COMMANDS_H
+#define AMP_COMMANDS_H
+
+int amp_cmd_serve(int argc, char **argv);        /* server/serve.c */
+int amp_cmd_check_config(int argc, char **argv); /* server/cmd_config.c */
+int amp_cmd_map(int argc, char **argv);          /* server/cmd_map.c */
+int amp_cmd_sign(int argc, char **argv);         /* server/cmd_sign.c */
+
+/* ---- shared by the commands (server/cmd_common.c) ---------------------- */
+
+#include "util.h"
+
+/* Parse argv for only "-c FILE" / "--config FILE". 0 and *config (borrowed
+ * from argv, NULL when absent) on success; -1 after printing a usage error. */
+int amp_cmd_config_only(int argc, char **argv, const char **config);
+
+/* Print each error as "<file>: <error>" on stderr. */
+void amp_cmd_print_errors(const char *file, const amp_errs *errs);
+
+#endif

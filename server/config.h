@@ -1,0 +1,86 @@
+/*
+ * config — the JSON config file (SPEC "Config file") plus the environment
+ * overrides (SPEC "Environment"), parsed once into a read-only struct.
+ *
+ * Unknown keys, wrong types and out-of-range values are errors naming their
+ * JSON path; every error is collected, not only the first. Secrets come only
+ * from the environment or from files (*_FILE variables, api_key_file) and
+ * never appear in error messages.
+ *
+ * Threading: an amp_config is immutable after amp_config_load; share it
+ * freely, destroy it once nothing uses it.
+ */
+#ifndef AMP_CONFIG_H
+#define AMP_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../crypto/sig.h"
+#include "../mapping/mapping.h"
+#include "log.h"
+#include "util.h"
+
+typedef struct amp_config {
+    char *file; /* the path it was loaded from */
+    struct {
+        char *address;
+        uint16_t port;
+        char *path;
+        size_t max_body_bytes;
+        unsigned threads;
+        unsigned connection_limit;
+        unsigned per_ip_connection_limit; /* 0 = unlimited */
+        unsigned connection_timeout_s;
+        char **trusted_proxies;
+        size_t ntrusted_proxies;
+    } listen;
+    struct {
+        amp_auth_scheme scheme;
+        int64_t tolerance_s;
+        char *header; /* static-header: header name */
+        bool allow_unauthenticated;
+        char **secrets; /* from AMP2DIFY_SECRETS / AMP2DIFY_SECRETS_FILE */
+        size_t nsecrets;
+        amp_sig *verifier; /* built when secrets are resolved, else NULL */
+    } auth;
+    struct {
+        char *path;
+        int64_t dedupe_window_s;
+    } spool;
+    struct {
+        char *base_url;
+        unsigned timeout_s;
+        unsigned connect_timeout_s;
+        unsigned workers;
+        int64_t retry_initial_ms;
+        int64_t retry_max_ms;
+        int64_t retry_max_age_s;
+    } dify;
+    amp_log_level log_level;
+    amp_mapper *mapper;
+    char **api_keys; /* parallel to the mapper's apps; entries NULL unless secrets resolved */
+} amp_config;
+
+enum {
+    /* Resolve and require secrets: AMP2DIFY_SECRETS for the auth scheme and
+     * every app's key. Without it (e.g. `map`), secrets are not read. */
+    AMP_CONFIG_SECRETS = 1 << 0,
+};
+
+/* Config path from -c, else $AMP2DIFY_CONFIG, else "./amp2dify.json". */
+const char *amp_config_default_path(const char *from_cli);
+
+/* Load, validate and apply the environment. NULL when errs got any entry
+ * (caller owns errs). Caller owns the result. */
+amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs);
+void amp_config_destroy(amp_config *c); /* accepts NULL */
+
+/* Read a secret from $name, else from the file named by $name_FILE (one
+ * trailing newline stripped). 0 and *out (caller owns) on success; 1 when
+ * neither is set; -1 with a message in errs (under path) when the file
+ * cannot be read or both are set. */
+int amp_config_secret_from_env(const char *name, char **out, const char *path, amp_errs *errs);
+
+#endif

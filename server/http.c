@@ -1,0 +1,91 @@
+#include "http.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+struct amp_http {
+    struct MHD_Daemon *daemon;
+    uint16_t port;
+};
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    amp_log(AMP_LOG_WARN, "http server", "{s:s}", "detail", msg);
+}
+
+/* Resolve the numeric listen address (no DNS lookups at start). */
+static int resolve(const amp_config *cfg, struct sockaddr_storage *ss, char *err, size_t errlen)
+{
+    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai = NULL;
+    char port[8];
+    snprintf(port, sizeof port, "%u", (unsigned)cfg->listen.port);
+    int rc = getaddrinfo(cfg->listen.address, port, &hints, &ai);
+    if (rc != 0 || !ai) {
+        snprintf(err, errlen, "listen.address '%s' is not a numeric IPv4 or IPv6 address: %s",
+                 cfg->listen.address, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    return 0;
+}
+
+amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err,
+                         size_t errlen)
+{
+    struct sockaddr_storage ss;
+    if (resolve(cfg, &ss, err, errlen) != 0)
+        return NULL;
+    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_ERROR_LOG;
+    if (ss.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+
+    amp_http *http = amp_xcalloc(1, sizeof *http);
+    http->daemon = MHD_start_daemon(
+        flags, cfg->listen.port, NULL, NULL, amp_handlers_access, handlers,
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)cfg->listen.threads,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->listen.connection_limit,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)cfg->listen.per_ip_connection_limit,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->listen.connection_timeout_s,
+        MHD_OPTION_NOTIFY_COMPLETED, amp_handlers_completed, handlers,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        MHD_OPTION_END);
+    if (!http->daemon) {
+        snprintf(err, errlen, "cannot listen on %s:%u (address in use or not permitted)",
+                 cfg->listen.address, (unsigned)cfg->listen.port);
+        free(http);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(http->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    http->port = info ? info->port : cfg->listen.port;
+    return http;
+}
+
+uint16_t amp_http_port(const amp_http *http)
+{
+    return http->port;
+}
+
+void amp_http_stop(amp_http *http)
+{
+    if (!http)
+        return;
+    MHD_stop_daemon(http->daemon);
+    free(http);
+}

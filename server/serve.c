@@ -1,0 +1,160 @@
+/*
+ * serve — the daemon's lifecycle.
+ *
+ * Start: config (secrets resolved) -> spool -> forwarder -> HTTP. Signals
+ * are blocked in every thread and taken by the main thread with sigwait.
+ * SIGTERM/SIGINT: /readyz turns 503 and new webhooks get 503, the requests
+ * already handed to the spool are committed and answered, then HTTP stops,
+ * the workers finish or hand back their deliveries, and the spool closes.
+ */
+#include <curl/curl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "../forward/forward.h"
+#include "../handlers/handlers.h"
+#include "../spool/spool.h"
+#include "commands.h"
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "version.h"
+
+/* Time given to answered requests to leave the socket before HTTP stops. */
+#define DRAIN_GRACE_MS 200
+
+static void kick_forwarder(void *ctx)
+{
+    amp_forward_kick(ctx);
+}
+
+static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, char *err,
+                                    size_t errlen)
+{
+    size_t napps = amp_mapper_app_count(cfg->mapper);
+    const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
+    for (size_t i = 0; i < napps; i++)
+        apps[i] = amp_mapper_app(cfg->mapper, i);
+    amp_forward_opts opts = {
+        .base_url = cfg->dify.base_url,
+        .connect_timeout_s = cfg->dify.connect_timeout_s,
+        .timeout_s = cfg->dify.timeout_s,
+        .workers = cfg->dify.workers,
+        .retry_initial_ms = cfg->dify.retry_initial_ms,
+        .retry_max_ms = cfg->dify.retry_max_ms,
+        .retry_max_age_s = cfg->dify.retry_max_age_s,
+        .napps = napps,
+        .apps = apps,
+        .api_keys = (const char *const *)cfg->api_keys,
+    };
+    amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
+    free(apps); /* the forwarder copies the app table it needs */
+    return f;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+int amp_cmd_serve(int argc, char **argv)
+{
+    const char *cfile;
+    if (amp_cmd_config_only(argc, argv, &cfile) != 0)
+        return 2;
+    const char *path = amp_config_default_path(cfile);
+    amp_errs *errs = amp_errs_create();
+    amp_config *cfg = amp_config_load(path, AMP_CONFIG_SECRETS, errs);
+    if (!cfg) {
+        amp_cmd_print_errors(path, errs);
+        amp_errs_destroy(errs);
+        return 2;
+    }
+    amp_errs_destroy(errs);
+    amp_log_set_level(cfg->log_level);
+
+    /* Before any thread exists: every thread inherits the blocked set. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        amp_log(AMP_LOG_ERROR, "curl initialisation failed", NULL);
+        amp_config_destroy(cfg);
+        return 1;
+    }
+
+    int rc = 1;
+    char err[512] = "";
+    amp_spool *spool = NULL;
+    amp_forward *fwd = NULL;
+    amp_handlers *handlers = NULL;
+    amp_http *http = NULL;
+
+    amp_spool_opts sopts = {.path = cfg->spool.path,
+                            .dedupe_window_s = cfg->spool.dedupe_window_s};
+    spool = amp_spool_open(&sopts, err, sizeof err);
+    if (!spool) {
+        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", cfg->spool.path,
+                "error", err);
+        goto out;
+    }
+    fwd = start_forwarder(cfg, spool, err, sizeof err);
+    if (!fwd) {
+        amp_log(AMP_LOG_ERROR, "forwarder failed to start", "{s:s}", "error", err);
+        goto out;
+    }
+    amp_spool_set_notify(spool, kick_forwarder, fwd);
+    amp_forward_kick(fwd); /* resume what a previous run left pending */
+
+    handlers = amp_handlers_create(cfg, spool);
+    http = amp_http_start(cfg, handlers, err, sizeof err);
+    if (!http) {
+        amp_log(AMP_LOG_ERROR, "http server failed to start", "{s:s}", "error", err);
+        goto out;
+    }
+    if (cfg->auth.scheme == AMP_AUTH_NONE)
+        amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned",
+                "{s:s}", "scheme", "none");
+    amp_spool_stats st;
+    if (amp_spool_stats_get(spool, &st) != 0)
+        st.pending = -1;
+    amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
+            AMP_VERSION, "address", cfg->listen.address, "port", (int)amp_http_port(http),
+            "path", cfg->listen.path, "auth", amp_sig_scheme_name(cfg->auth.scheme), "spool",
+            cfg->spool.path, "pending", (json_int_t)st.pending);
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&sigs, &sig) != 0)
+            continue;
+        if (sig == SIGTERM || sig == SIGINT) {
+            amp_log(AMP_LOG_INFO, "shutting down", "{s:s}", "signal", strsignal(sig));
+            break;
+        }
+        if (sig == SIGHUP)
+            amp_log(AMP_LOG_WARN, "SIGHUP ignored: reload is not supported yet", NULL);
+    }
+
+    amp_handlers_set_draining(handlers, true);
+    amp_spool_flush(spool); /* every suspended request gets its answer */
+    sleep_ms(DRAIN_GRACE_MS);
+    rc = 0;
+out:
+    amp_http_stop(http);
+    amp_forward_stop(fwd);
+    amp_spool_close(spool);
+    amp_handlers_destroy(handlers);
+    curl_global_cleanup();
+    if (rc == 0)
+        amp_log(AMP_LOG_INFO, "stopped", NULL);
+    amp_config_destroy(cfg);
+    return rc;
+}

@@ -1,0 +1,795 @@
+#include "spool.h"
+
+#include <pthread.h>
+#include <jansson.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../server/log.h"
+#include "../server/util.h"
+
+#define SCHEMA_VERSION 1
+#define BUSY_TIMEOUT_MS 5000
+
+enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
+
+/* ---- claimed-id set ------------------------------------------------------
+ * Open addressing with linear probing and backward-shift deletion; ids are
+ * positive, 0 marks an empty slot. Only touched under claim_mu. */
+
+typedef struct idset {
+    int64_t *slots;
+    size_t cap; /* power of two */
+    size_t n;
+} idset;
+
+static size_t idset_hash(int64_t id, size_t cap)
+{
+    uint64_t x = (uint64_t)id * 0x9E3779B97F4A7C15ull;
+    return (size_t)(x >> 17) & (cap - 1);
+}
+
+static void idset_add(idset *s, int64_t id);
+
+static void idset_grow(idset *s)
+{
+    idset old = *s;
+    s->cap = old.cap ? old.cap * 2 : 256;
+    s->slots = amp_xcalloc(s->cap, sizeof(int64_t));
+    s->n = 0;
+    for (size_t i = 0; i < old.cap; i++)
+        if (old.slots[i])
+            idset_add(s, old.slots[i]);
+    free(old.slots);
+}
+
+static void idset_add(idset *s, int64_t id)
+{
+    if ((s->n + 1) * 2 > s->cap)
+        idset_grow(s);
+    size_t i = idset_hash(id, s->cap);
+    while (s->slots[i] && s->slots[i] != id)
+        i = (i + 1) & (s->cap - 1);
+    if (!s->slots[i]) {
+        s->slots[i] = id;
+        s->n++;
+    }
+}
+
+static int idset_has(const idset *s, int64_t id)
+{
+    if (!s->cap)
+        return 0;
+    size_t i = idset_hash(id, s->cap);
+    while (s->slots[i]) {
+        if (s->slots[i] == id)
+            return 1;
+        i = (i + 1) & (s->cap - 1);
+    }
+    return 0;
+}
+
+static void idset_del(idset *s, int64_t id)
+{
+    if (!s->cap)
+        return;
+    size_t mask = s->cap - 1, i = idset_hash(id, s->cap);
+    while (s->slots[i] && s->slots[i] != id)
+        i = (i + 1) & mask;
+    if (!s->slots[i])
+        return;
+    s->slots[i] = 0;
+    s->n--;
+    /* Shift back the entries of the same probe run so lookups stay correct. */
+    for (size_t j = (i + 1) & mask; s->slots[j]; j = (j + 1) & mask) {
+        size_t h = idset_hash(s->slots[j], s->cap);
+        if (((j - h) & mask) >= ((j - i) & mask)) {
+            s->slots[i] = s->slots[j];
+            s->slots[j] = 0;
+            i = j;
+        }
+    }
+}
+
+/* ---- batches and the committer queue ---------------------------------- */
+
+typedef struct req_item {
+    char *route, *app, *user, *body;
+    bool per_user;
+} req_item;
+
+typedef struct event_item {
+    char *dedupe_key;
+    size_t first_req, nreq;
+} event_item;
+
+struct amp_spool_batch {
+    event_item *events;
+    size_t nevents, cap_events;
+    req_item *reqs;
+    size_t nreqs, cap_reqs;
+};
+
+typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
+
+typedef struct work {
+    struct work *next;
+    work_kind kind;
+    /* WORK_BATCH */
+    amp_spool_batch *batch;
+    amp_spool_done_fn done;
+    void *ctx;
+    amp_spool_result result;
+    /* WORK_ACK: owned copies */
+    amp_ack ack;
+    /* WORK_FLUSH */
+    int flushed;
+} work;
+
+struct amp_spool {
+    sqlite3 *wdb; /* committer thread only */
+    sqlite3 *rdb; /* under claim_mu */
+    int64_t dedupe_window_ms;
+
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_cond;    /* work queued or stop */
+    pthread_cond_t q_flushed; /* a flush marker was processed */
+    work *q_head, *q_tail;
+    int stop;
+    pthread_t committer;
+
+    pthread_mutex_t claim_mu;
+    idset claimed;
+
+    void (*notify)(void *);
+    void *notify_ctx;
+    atomic_bool writable;
+
+    /* committer statements */
+    sqlite3_stmt *st_begin, *st_commit, *st_rollback;
+    sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
+    sqlite3_stmt *st_dedupe, *st_insert;
+    sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
+    sqlite3_stmt *st_conv_set, *st_conv_clear;
+    /* reader statements */
+    sqlite3_stmt *st_claim, *st_next_due;
+};
+
+static const char schema_v1[] =
+    "CREATE TABLE deliveries ("
+    "  id INTEGER PRIMARY KEY,"
+    "  created_ms INTEGER NOT NULL,"
+    "  dedupe_key TEXT,"
+    "  route TEXT NOT NULL,"
+    "  app TEXT NOT NULL,"
+    "  user TEXT NOT NULL,"
+    "  per_user INTEGER NOT NULL DEFAULT 0,"
+    "  body TEXT NOT NULL,"
+    "  state INTEGER NOT NULL DEFAULT 0," /* 0 pending, 1 delivered, 2 dead */
+    "  attempts INTEGER NOT NULL DEFAULT 0,"
+    "  due_ms INTEGER NOT NULL,"
+    "  last_status INTEGER,"
+    "  last_code TEXT,"
+    "  last_message TEXT,"
+    "  result TEXT,"
+    "  finished_ms INTEGER);"
+    /* next due event */
+    "CREATE INDEX deliveries_due ON deliveries(due_ms, id) WHERE state = 0;"
+    /* next event of this (app, user) */
+    "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0;"
+    /* dead letters and retention, by time */
+    "CREATE INDEX deliveries_finished ON deliveries(state, finished_ms) WHERE state <> 0;"
+    "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+    "CREATE TABLE conversations ("
+    "  app TEXT NOT NULL, user TEXT NOT NULL, conversation_id TEXT NOT NULL,"
+    "  updated_ms INTEGER NOT NULL, PRIMARY KEY (app, user)) WITHOUT ROWID;";
+
+/* Migrations, in order: migrations[v] brings a database from version v to v+1. */
+static const char *const migrations[] = {schema_v1};
+
+static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen)
+{
+    char *msg = NULL;
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(db));
+        sqlite3_free(msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int migrate(sqlite3 *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+        goto fail;
+    int version = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : -1;
+    sqlite3_finalize(st);
+    if (version < 0)
+        goto fail;
+    if (version > SCHEMA_VERSION) {
+        snprintf(err, errlen, "spool schema version %d is newer than this amp2dify (%d)", version,
+                 SCHEMA_VERSION);
+        return -1;
+    }
+    for (int v = version; v < SCHEMA_VERSION; v++) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA user_version = %d", v + 1);
+        if (exec(db, "BEGIN IMMEDIATE", err, errlen) || exec(db, migrations[v], err, errlen) ||
+            exec(db, sql, err, errlen) || exec(db, "COMMIT", err, errlen)) {
+            sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+            return -1;
+        }
+    }
+    return 0;
+fail:
+    snprintf(err, errlen, "%s", sqlite3_errmsg(db));
+    return -1;
+}
+
+static int open_db(const char *path, sqlite3 **db, char *err, size_t errlen)
+{
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
+    if (sqlite3_open_v2(path, db, flags, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot open spool '%s': %s", path,
+                 *db ? sqlite3_errmsg(*db) : "out of memory");
+        return -1;
+    }
+    sqlite3_busy_timeout(*db, BUSY_TIMEOUT_MS);
+    /* FULL: a 202 answered after COMMIT survives power loss. */
+    if (exec(*db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; "
+                  "PRAGMA foreign_keys = OFF;",
+             err, errlen))
+        return -1;
+    return 0;
+}
+
+static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, size_t errlen)
+{
+    if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "spool: %s", sqlite3_errmsg(db));
+        return -1;
+    }
+    return 0;
+}
+
+static int prepare_all(amp_spool *s, char *err, size_t errlen)
+{
+    struct {
+        sqlite3 *db;
+        sqlite3_stmt **st;
+        const char *sql;
+    } const stmts[] = {
+        {s->wdb, &s->st_begin, "BEGIN IMMEDIATE"},
+        {s->wdb, &s->st_commit, "COMMIT"},
+        {s->wdb, &s->st_rollback, "ROLLBACK"},
+        {s->wdb, &s->st_savepoint, "SAVEPOINT batch"},
+        {s->wdb, &s->st_release, "RELEASE batch"},
+        {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
+        /* Insert the key, or refresh it when its previous sighting left the
+         * window; no change means a duplicate. */
+        {s->wdb, &s->st_dedupe,
+         "INSERT INTO dedupe(key, seen_ms) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET "
+         "seen_ms = excluded.seen_ms WHERE dedupe.seen_ms < ?3"},
+        {s->wdb, &s->st_insert,
+         "INSERT INTO deliveries(created_ms, dedupe_key, route, app, user, per_user, body, "
+         "due_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
+        {s->wdb, &s->st_delivered,
+         "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
+         "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
+        {s->wdb, &s->st_retry,
+         "UPDATE deliveries SET attempts = attempts + 1, due_ms = ?2, last_status = ?3, "
+         "last_code = ?4, last_message = ?5 WHERE id = ?1"},
+        {s->wdb, &s->st_dead,
+         "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?2, "
+         "last_code = ?3, last_message = ?4, finished_ms = ?5 WHERE id = ?1"},
+        {s->wdb, &s->st_release_row, "UPDATE deliveries SET due_ms = ?2 WHERE id = ?1"},
+        {s->wdb, &s->st_conv_set,
+         "INSERT INTO conversations(app, user, conversation_id, updated_ms) "
+         "SELECT app, user, ?2, ?3 FROM deliveries WHERE id = ?1 "
+         "ON CONFLICT(app, user) DO UPDATE SET conversation_id = excluded.conversation_id, "
+         "updated_ms = excluded.updated_ms"},
+        {s->wdb, &s->st_conv_clear,
+         "DELETE FROM conversations WHERE (app, user) IN "
+         "(SELECT app, user FROM deliveries WHERE id = ?1)"},
+        /* Oldest due first; a per_user row only when it is the oldest pending
+         * row of its (app, user), so one user's events go out in order. */
+        {s->rdb, &s->st_claim,
+         "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
+         "d.per_user, d.attempts, d.created_ms FROM deliveries d "
+         "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
+         "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
+         "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.app = d.app AND e.user = d.user "
+         "  AND e.id < d.id)) "
+         "ORDER BY d.due_ms, d.id LIMIT ?2"},
+        {s->rdb, &s->st_next_due,
+         "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
+    };
+    for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++)
+        if (prepare(stmts[i].db, stmts[i].st, stmts[i].sql, err, errlen))
+            return -1;
+    return 0;
+}
+
+static void *committer_main(void *arg);
+
+amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen)
+{
+    amp_spool *s = amp_xcalloc(1, sizeof *s);
+    s->dedupe_window_ms = opts->dedupe_window_s * 1000;
+    pthread_mutex_init(&s->q_mu, NULL);
+    pthread_cond_init(&s->q_cond, NULL);
+    pthread_cond_init(&s->q_flushed, NULL);
+    pthread_mutex_init(&s->claim_mu, NULL);
+    atomic_init(&s->writable, true);
+
+    if (open_db(opts->path, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
+        open_db(opts->path, &s->rdb, err, errlen) || prepare_all(s, err, errlen))
+        goto fail;
+    if (pthread_create(&s->committer, NULL, committer_main, s) != 0) {
+        snprintf(err, errlen, "spool: cannot start the committer thread");
+        goto fail;
+    }
+    return s;
+fail:
+    s->stop = 1;
+    amp_spool_close(s);
+    return NULL;
+}
+
+static void finalize_all(amp_spool *s)
+{
+    sqlite3_stmt **all[] = {
+        &s->st_begin,     &s->st_commit,    &s->st_rollback,   &s->st_savepoint,
+        &s->st_release,   &s->st_rollback_to, &s->st_dedupe,   &s->st_insert,
+        &s->st_delivered, &s->st_retry,     &s->st_dead,       &s->st_release_row,
+        &s->st_conv_set,  &s->st_conv_clear, &s->st_claim,     &s->st_next_due,
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        sqlite3_finalize(*all[i]);
+        *all[i] = NULL;
+    }
+}
+
+void amp_spool_close(amp_spool *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->q_mu);
+    int running = !s->stop;
+    s->stop = 1;
+    pthread_cond_broadcast(&s->q_cond);
+    pthread_mutex_unlock(&s->q_mu);
+    if (running)
+        pthread_join(s->committer, NULL);
+    finalize_all(s);
+    sqlite3_close(s->rdb);
+    sqlite3_close(s->wdb);
+    free(s->claimed.slots);
+    pthread_mutex_destroy(&s->q_mu);
+    pthread_cond_destroy(&s->q_cond);
+    pthread_cond_destroy(&s->q_flushed);
+    pthread_mutex_destroy(&s->claim_mu);
+    free(s);
+}
+
+void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx)
+{
+    pthread_mutex_lock(&s->q_mu);
+    s->notify = fn;
+    s->notify_ctx = ctx;
+    pthread_mutex_unlock(&s->q_mu);
+}
+
+bool amp_spool_writable(amp_spool *s)
+{
+    return atomic_load(&s->writable);
+}
+
+/* ---- batch building ------------------------------------------------------ */
+
+amp_spool_batch *amp_spool_batch_create(void)
+{
+    return amp_xcalloc(1, sizeof(amp_spool_batch));
+}
+
+void amp_spool_batch_destroy(amp_spool_batch *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->nevents; i++)
+        free(b->events[i].dedupe_key);
+    for (size_t i = 0; i < b->nreqs; i++) {
+        free(b->reqs[i].route);
+        free(b->reqs[i].app);
+        free(b->reqs[i].user);
+        free(b->reqs[i].body);
+    }
+    free(b->events);
+    free(b->reqs);
+    free(b);
+}
+
+void amp_spool_batch_event(amp_spool_batch *b, const char *dedupe_key)
+{
+    if (b->nevents == b->cap_events) {
+        b->cap_events = b->cap_events ? b->cap_events * 2 : 4;
+        b->events = amp_xrealloc(b->events, b->cap_events * sizeof *b->events);
+    }
+    b->events[b->nevents++] =
+        (event_item){.dedupe_key = amp_xstrdup(dedupe_key), .first_req = b->nreqs, .nreq = 0};
+}
+
+void amp_spool_batch_request(amp_spool_batch *b, const char *route, const char *app,
+                             const char *user, bool per_user, const char *body_json)
+{
+    if (b->nevents == 0)
+        amp_spool_batch_event(b, NULL);
+    if (b->nreqs == b->cap_reqs) {
+        b->cap_reqs = b->cap_reqs ? b->cap_reqs * 2 : 4;
+        b->reqs = amp_xrealloc(b->reqs, b->cap_reqs * sizeof *b->reqs);
+    }
+    b->reqs[b->nreqs++] = (req_item){.route = amp_xstrdup(route),
+                                     .app = amp_xstrdup(app),
+                                     .user = amp_xstrdup(user),
+                                     .body = amp_xstrdup(body_json),
+                                     .per_user = per_user};
+    b->events[b->nevents - 1].nreq++;
+}
+
+/* ---- queue --------------------------------------------------------------- */
+
+static void enqueue(amp_spool *s, work *w)
+{
+    pthread_mutex_lock(&s->q_mu);
+    if (s->q_tail)
+        s->q_tail->next = w;
+    else
+        s->q_head = w;
+    s->q_tail = w;
+    pthread_cond_signal(&s->q_cond);
+    pthread_mutex_unlock(&s->q_mu);
+}
+
+void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, void *ctx)
+{
+    work *w = amp_xcalloc(1, sizeof *w);
+    w->kind = WORK_BATCH;
+    w->batch = b;
+    w->done = done;
+    w->ctx = ctx;
+    enqueue(s, w);
+}
+
+void amp_spool_ack(amp_spool *s, const amp_ack *ack)
+{
+    work *w = amp_xcalloc(1, sizeof *w);
+    w->kind = WORK_ACK;
+    w->ack = *ack;
+    w->ack.code = amp_xstrdup(ack->code);
+    w->ack.message = amp_xstrdup(ack->message);
+    w->ack.result_json = amp_xstrdup(ack->result_json);
+    w->ack.conversation_id = amp_xstrdup(ack->conversation_id);
+    enqueue(s, w);
+}
+
+void amp_spool_flush(amp_spool *s)
+{
+    work *w = amp_xcalloc(1, sizeof *w);
+    w->kind = WORK_FLUSH;
+    enqueue(s, w);
+    pthread_mutex_lock(&s->q_mu);
+    while (!w->flushed)
+        pthread_cond_wait(&s->q_flushed, &s->q_mu);
+    pthread_mutex_unlock(&s->q_mu);
+    free(w);
+}
+
+static void free_ack_strings(amp_ack *a)
+{
+    free((char *)a->code);
+    free((char *)a->message);
+    free((char *)a->result_json);
+    free((char *)a->conversation_id);
+}
+
+/* ---- committer ----------------------------------------------------------- */
+
+static int step_done(sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+static void bind_text(sqlite3_stmt *st, int i, const char *v)
+{
+    if (v)
+        sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, i);
+}
+
+/* Store one batch inside the open transaction, under a savepoint so a
+ * failing batch leaves the others intact. */
+static int write_batch(amp_spool *s, work *w, int64_t now)
+{
+    amp_spool_batch *b = w->batch;
+    if (step_done(s->st_savepoint))
+        return -1;
+    for (size_t e = 0; e < b->nevents; e++) {
+        const event_item *ev = &b->events[e];
+        if (ev->dedupe_key && s->dedupe_window_ms > 0) {
+            sqlite3_bind_text(s->st_dedupe, 1, ev->dedupe_key, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(s->st_dedupe, 2, now);
+            sqlite3_bind_int64(s->st_dedupe, 3, now - s->dedupe_window_ms);
+            if (step_done(s->st_dedupe))
+                goto fail;
+            if (sqlite3_changes(s->wdb) == 0) {
+                w->result.duplicates++;
+                continue;
+            }
+        }
+        for (size_t r = ev->first_req; r < ev->first_req + ev->nreq; r++) {
+            const req_item *q = &b->reqs[r];
+            sqlite3_bind_int64(s->st_insert, 1, now);
+            bind_text(s->st_insert, 2, ev->dedupe_key);
+            sqlite3_bind_text(s->st_insert, 3, q->route, -1, SQLITE_STATIC);
+            sqlite3_bind_text(s->st_insert, 4, q->app, -1, SQLITE_STATIC);
+            sqlite3_bind_text(s->st_insert, 5, q->user, -1, SQLITE_STATIC);
+            sqlite3_bind_int(s->st_insert, 6, q->per_user);
+            sqlite3_bind_text(s->st_insert, 7, q->body, -1, SQLITE_STATIC);
+            if (step_done(s->st_insert))
+                goto fail;
+        }
+        w->result.accepted++;
+    }
+    if (step_done(s->st_release))
+        goto fail;
+    return 0;
+fail:
+    step_done(s->st_rollback_to);
+    step_done(s->st_release);
+    w->result.accepted = w->result.duplicates = 0;
+    return -1;
+}
+
+static int write_ack(amp_spool *s, const amp_ack *a, int64_t now)
+{
+    sqlite3_stmt *st;
+    switch (a->kind) {
+    case AMP_ACK_DELIVERED:
+        st = s->st_delivered;
+        sqlite3_bind_int64(st, 1, a->id);
+        sqlite3_bind_int(st, 2, a->http_status);
+        bind_text(st, 3, a->result_json);
+        sqlite3_bind_int64(st, 4, now);
+        break;
+    case AMP_ACK_RETRY:
+        st = s->st_retry;
+        sqlite3_bind_int64(st, 1, a->id);
+        sqlite3_bind_int64(st, 2, a->due_ms);
+        sqlite3_bind_int(st, 3, a->http_status);
+        bind_text(st, 4, a->code);
+        bind_text(st, 5, a->message);
+        break;
+    case AMP_ACK_DEAD:
+        st = s->st_dead;
+        sqlite3_bind_int64(st, 1, a->id);
+        sqlite3_bind_int(st, 2, a->http_status);
+        bind_text(st, 3, a->code);
+        bind_text(st, 4, a->message);
+        sqlite3_bind_int64(st, 5, now);
+        break;
+    case AMP_ACK_RELEASE:
+    default:
+        st = s->st_release_row;
+        sqlite3_bind_int64(st, 1, a->id);
+        sqlite3_bind_int64(st, 2, a->due_ms);
+        break;
+    }
+    if (step_done(st))
+        return -1;
+    if (a->conversation_id && a->conversation_id[0]) {
+        sqlite3_bind_int64(s->st_conv_set, 1, a->id);
+        sqlite3_bind_text(s->st_conv_set, 2, a->conversation_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s->st_conv_set, 3, now);
+        return step_done(s->st_conv_set);
+    }
+    if (a->conversation_id) {
+        sqlite3_bind_int64(s->st_conv_clear, 1, a->id);
+        return step_done(s->st_conv_clear);
+    }
+    return 0;
+}
+
+/* One group: everything queued so far, in one transaction. */
+static void commit_group(amp_spool *s, work *head)
+{
+    int64_t now = amp_now_ms();
+    int nbatches = 0, nacks = 0, ok = 1, new_work = 0;
+
+    for (work *w = head; w; w = w->next)
+        nbatches += w->kind == WORK_BATCH, nacks += w->kind == WORK_ACK;
+
+    if (nbatches + nacks > 0) {
+        if (step_done(s->st_begin)) {
+            ok = 0;
+        } else {
+            for (work *w = head; w; w = w->next) {
+                if (w->kind == WORK_BATCH) {
+                    w->result.status = write_batch(s, w, now);
+                    new_work |= w->result.status == 0 && w->result.accepted > 0;
+                } else if (w->kind == WORK_ACK) {
+                    if (write_ack(s, &w->ack, now) != 0)
+                        amp_log(AMP_LOG_ERROR, "spool ack failed", "{s:I, s:s}", "id",
+                                (json_int_t)w->ack.id, "error", sqlite3_errmsg(s->wdb));
+                    new_work |= w->ack.kind != AMP_ACK_DEAD;
+                }
+            }
+            if (step_done(s->st_commit)) {
+                ok = 0;
+                step_done(s->st_rollback);
+            }
+        }
+        if (!ok)
+            amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error",
+                    sqlite3_errmsg(s->wdb), "requests", nbatches, "acks", nacks);
+        atomic_store(&s->writable, ok);
+    }
+
+    /* Unclaim acknowledged rows: committed or not, they are due again from
+     * what the database holds, which is never a loss (at-least-once). */
+    if (nacks) {
+        pthread_mutex_lock(&s->claim_mu);
+        for (work *w = head; w; w = w->next)
+            if (w->kind == WORK_ACK)
+                idset_del(&s->claimed, w->ack.id);
+        pthread_mutex_unlock(&s->claim_mu);
+    }
+
+    for (work *w = head; w;) {
+        work *next = w->next;
+        if (w->kind == WORK_BATCH) {
+            if (!ok) {
+                w->result.status = -1;
+                w->result.accepted = w->result.duplicates = 0;
+            }
+            if (w->result.status != 0)
+                w->result.error = "the spool could not store the events";
+            w->done(w->ctx, &w->result);
+            amp_spool_batch_destroy(w->batch);
+            free(w);
+        } else if (w->kind == WORK_ACK) {
+            free_ack_strings(&w->ack);
+            free(w);
+        } else {
+            pthread_mutex_lock(&s->q_mu);
+            w->flushed = 1; /* the flusher frees it */
+            pthread_cond_broadcast(&s->q_flushed);
+            pthread_mutex_unlock(&s->q_mu);
+        }
+        w = next;
+    }
+
+    if ((new_work || nacks) && s->notify)
+        s->notify(s->notify_ctx);
+}
+
+static void *committer_main(void *arg)
+{
+    amp_spool *s = arg;
+    pthread_mutex_lock(&s->q_mu);
+    for (;;) {
+        while (!s->q_head && !s->stop)
+            pthread_cond_wait(&s->q_cond, &s->q_mu);
+        if (!s->q_head && s->stop)
+            break;
+        work *head = s->q_head;
+        s->q_head = s->q_tail = NULL;
+        pthread_mutex_unlock(&s->q_mu);
+        commit_group(s, head);
+        pthread_mutex_lock(&s->q_mu);
+    }
+    pthread_mutex_unlock(&s->q_mu);
+    return NULL;
+}
+
+/* ---- delivery side ------------------------------------------------------- */
+
+void amp_spool_job_free(amp_spool_job *j)
+{
+    if (!j)
+        return;
+    free(j->route);
+    free(j->app);
+    free(j->user);
+    free(j->body);
+    free(j->dedupe_key);
+    free(j->conversation_id);
+    free(j);
+}
+
+static char *col_text(sqlite3_stmt *st, int i)
+{
+    const unsigned char *t = sqlite3_column_text(st, i);
+    return t ? amp_xstrdup((const char *)t) : NULL;
+}
+
+int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t max,
+                    int64_t *next_due_ms)
+{
+    size_t n = 0;
+    int rc = 0;
+    *next_due_ms = INT64_MAX;
+    pthread_mutex_lock(&s->claim_mu);
+    /* Claimed rows are still pending in the database: ask for enough rows
+     * to see past them. */
+    sqlite3_bind_int64(s->st_claim, 1, now_ms);
+    sqlite3_bind_int64(s->st_claim, 2, (sqlite3_int64)(max + s->claimed.n));
+    int step = SQLITE_DONE;
+    while (n < max && (step = sqlite3_step(s->st_claim)) == SQLITE_ROW) {
+        int64_t id = sqlite3_column_int64(s->st_claim, 0);
+        if (idset_has(&s->claimed, id))
+            continue;
+        amp_spool_job *j = amp_xcalloc(1, sizeof *j);
+        j->id = id;
+        j->route = col_text(s->st_claim, 1);
+        j->app = col_text(s->st_claim, 2);
+        j->user = col_text(s->st_claim, 3);
+        j->body = col_text(s->st_claim, 4);
+        j->dedupe_key = col_text(s->st_claim, 5);
+        j->conversation_id = col_text(s->st_claim, 6);
+        j->per_user = sqlite3_column_int(s->st_claim, 7) != 0;
+        j->attempts = sqlite3_column_int(s->st_claim, 8);
+        j->created_ms = sqlite3_column_int64(s->st_claim, 9);
+        idset_add(&s->claimed, id);
+        jobs[n++] = j;
+    }
+    if (n < max && step != SQLITE_DONE) {
+        amp_log(AMP_LOG_ERROR, "spool claim failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        rc = -1;
+    }
+    sqlite3_reset(s->st_claim);
+
+    if (n == max) {
+        *next_due_ms = now_ms; /* there may be more due right now */
+    } else if (rc == 0) {
+        sqlite3_bind_int64(s->st_next_due, 1, now_ms);
+        if (sqlite3_step(s->st_next_due) == SQLITE_ROW &&
+            sqlite3_column_type(s->st_next_due, 0) != SQLITE_NULL)
+            *next_due_ms = sqlite3_column_int64(s->st_next_due, 0);
+        sqlite3_reset(s->st_next_due);
+    }
+    pthread_mutex_unlock(&s->claim_mu);
+    return rc < 0 && n == 0 ? -1 : (int)n;
+}
+
+int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = NULL;
+    int rc = -1;
+    if (sqlite3_prepare_v2(s->rdb,
+                           "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
+                           " (SELECT count(*) FROM deliveries WHERE state = 1),"
+                           " (SELECT count(*) FROM deliveries WHERE state = 2),"
+                           " (SELECT min(created_ms) FROM deliveries WHERE state = 0)",
+                           -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW) {
+        out->pending = sqlite3_column_int64(st, 0);
+        out->delivered = sqlite3_column_int64(st, 1);
+        out->dead = sqlite3_column_int64(st, 2);
+        out->oldest_pending_ms = sqlite3_column_int64(st, 3);
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    return rc;
+}

@@ -1,0 +1,135 @@
+/*
+ * spool — the durable queue between ingest and delivery: a SQLite file in
+ * WAL mode. One row per Dify request ("delivery"), a dedupe table of event
+ * keys, and the conversation id per (app, user).
+ *
+ * Writes go through one committer thread that groups whatever has gathered
+ * (ingest batches from HTTP requests and acknowledgements from workers) into
+ * one transaction, so one fsync serves many requests. An HTTP request is
+ * answered 202 only from the done callback, after its transaction committed.
+ *
+ * Reads for delivery (amp_spool_claim) use a separate connection. A claimed
+ * row stays claimed in memory until its acknowledgement is committed, so it
+ * is never handed out twice; after a crash nothing is claimed and every
+ * pending row is due again.
+ *
+ * Threading: every function is safe from any thread. Done callbacks and the
+ * notify callback run on the committer thread and must not block.
+ */
+#ifndef AMP_SPOOL_H
+#define AMP_SPOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct amp_spool amp_spool;
+
+typedef struct amp_spool_opts {
+    const char *path;
+    int64_t dedupe_window_s; /* 0 disables dedupe */
+} amp_spool_opts;
+
+/* Open (creating and migrating as needed). NULL and err filled on failure. */
+amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen);
+/* Commits everything submitted so far, stops the committer, closes.
+ * Accepts NULL. */
+void amp_spool_close(amp_spool *s);
+
+/* Called on the committer thread after a commit that added due work. */
+void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx);
+
+/* ---- ingest ---------------------------------------------------------- */
+
+/* The events of one HTTP request, stored all or nothing. */
+typedef struct amp_spool_batch amp_spool_batch;
+
+amp_spool_batch *amp_spool_batch_create(void);
+void amp_spool_batch_destroy(amp_spool_batch *b); /* accepts NULL */
+
+/* Start the next event; dedupe_key may be NULL (never a duplicate). The
+ * requests added after this call belong to this event. */
+void amp_spool_batch_event(amp_spool_batch *b, const char *dedupe_key);
+/* One Dify request for the current event. All strings copied. */
+void amp_spool_batch_request(amp_spool_batch *b, const char *route, const char *app,
+                             const char *user, bool per_user, const char *body_json);
+
+typedef struct amp_spool_result {
+    int status;          /* 0 committed; -1 not stored (see error) */
+    unsigned accepted;   /* events stored */
+    unsigned duplicates; /* events whose key was already seen */
+    const char *error;   /* static reason when status is -1 */
+} amp_spool_result;
+
+typedef void (*amp_spool_done_fn)(void *ctx, const amp_spool_result *res);
+
+/* Queue a batch (takes ownership). done is called exactly once, on the
+ * committer thread, after the commit or its failure. */
+void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, void *ctx);
+
+/* ---- delivery -------------------------------------------------------- */
+
+typedef struct amp_spool_job {
+    int64_t id;
+    char *route;
+    char *app;
+    char *user;
+    char *body;            /* Dify request body without conversation_id */
+    char *dedupe_key;      /* may be NULL */
+    char *conversation_id; /* per (app, user); NULL when none stored */
+    bool per_user;
+    int attempts;          /* attempts made before this one */
+    int64_t created_ms;
+} amp_spool_job;
+
+void amp_spool_job_free(amp_spool_job *j); /* accepts NULL */
+
+/* Claim up to max due rows (due_ms <= now_ms), oldest first, skipping rows
+ * already claimed; for per_user rows only the oldest pending row of its
+ * (app, user) is eligible, and only while no other row of it is claimed.
+ * Fills jobs[] (caller owns each) and returns the count, or -1 on error.
+ * *next_due_ms receives the earliest due time of an unclaimed pending row
+ * after this claim, or INT64_MAX when there is none. */
+int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t max,
+                    int64_t *next_due_ms);
+
+typedef enum {
+    AMP_ACK_DELIVERED, /* done; result_json kept for inspection */
+    AMP_ACK_RETRY,     /* pending again at due_ms, attempts + 1 */
+    AMP_ACK_DEAD,      /* dead letter with status, code, message */
+    AMP_ACK_RELEASE,   /* not attempted (paused app, shutdown): pending, attempts unchanged */
+} amp_ack_kind;
+
+typedef struct amp_ack {
+    int64_t id;
+    amp_ack_kind kind;
+    int64_t due_ms;              /* RETRY */
+    int http_status;             /* 0 when no HTTP answer */
+    const char *code;            /* Dify code or local reason; may be NULL */
+    const char *message;         /* may be NULL */
+    const char *result_json;     /* DELIVERED: stored result; may be NULL */
+    const char *conversation_id; /* when non-NULL, stored for (app, user); "" clears it */
+} amp_ack;
+
+/* Queue an acknowledgement (strings copied). The row is unclaimed once it is
+ * committed; amp_spool_flush waits for that. */
+void amp_spool_ack(amp_spool *s, const amp_ack *ack);
+
+/* Block until everything queued before this call is committed. */
+void amp_spool_flush(amp_spool *s);
+
+/* ---- inspection (tests, CLI) ---------------------------------------- */
+
+typedef struct amp_spool_stats {
+    int64_t pending;
+    int64_t delivered;
+    int64_t dead;
+    int64_t oldest_pending_ms; /* created_ms of the oldest pending row, 0 when none */
+} amp_spool_stats;
+
+int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out);
+
+/* Whether the last commit succeeded (readiness). */
+bool amp_spool_writable(amp_spool *s);
+
+#endif
