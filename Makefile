@@ -45,6 +45,8 @@ E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
                $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c))
 E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
 FAKE_DIFY := $(BUILD)/fake-dify
+BENCH_SRCS := $(wildcard bench/*.c)
+BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all test test-run unit e2e run deps clean bench format format-check
 
@@ -77,6 +79,10 @@ $(BUILD)/tests/e2e/%: $(BUILD)/obj/tests/e2e/%.o $(E2E_SUPPORT_OBJS) $(LIB)
 $(FAKE_DIFY): $(BUILD)/obj/tests/fake_dify/main.o $(E2E_SUPPORT_OBJS) $(LIB)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+$(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
@@ -94,8 +100,8 @@ test:
 run: $(BIN)
 	$(BIN) serve -c examples/amp2dify.json
 
-bench: $(BIN) $(FAKE_DIFY)
-	bash bench/run.sh
+bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
+	bash bench/run.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \

@@ -143,14 +143,14 @@ static void gettime_after(struct timespec *ts, int64_t ms)
 
 static void ack_release(amp_forward *f, const amp_spool_job *job, int64_t due_ms)
 {
-    amp_spool_ack a = {.id = job->id, .kind = AMP_ACK_RELEASE, .due_ms = due_ms};
+    amp_ack a = {.id = job->id, .kind = AMP_ACK_RELEASE, .due_ms = due_ms};
     amp_spool_ack(f->spool, &a);
 }
 
 static void ack_dead(amp_forward *f, const amp_spool_job *job, long status, const char *code,
                      const char *message)
 {
-    amp_spool_ack a = {.id = job->id,
+    amp_ack a = {.id = job->id,
                        .kind = AMP_ACK_DEAD,
                        .http_status = (int)status,
                        .code = code,
@@ -164,8 +164,8 @@ static void ack_dead(amp_forward *f, const amp_spool_job *job, long status, cons
 static void on_retry(amp_forward *f, worker *w, const amp_spool_job *job, const amp_forward_reply *r,
                      const char *code, const char *message, int64_t now)
 {
-    int64_t max_age_ms = f->opts.retry_max_age_s * 1000;
-    if (f->opts.retry_max_age_s > 0 && now - job->created_ms > max_age_ms) {
+    int64_t max_age_s = f->opts.retry_max_age_s;
+    if (max_age_s > 0 && max_age_s < INT64_MAX / 1000 && now - job->created_ms > max_age_s * 1000) {
         char *msg = amp_xasprintf("gave up after %" PRId64 " s; last: %ld %s%s%s",
                                   (now - job->created_ms) / 1000, r->status, code ? code : "",
                                   message ? " " : "", message ? message : "");
@@ -178,7 +178,7 @@ static void on_retry(amp_forward *f, worker *w, const amp_spool_job *job, const 
     int64_t ra = amp_forward_retry_after_ms(r->retry_after[0] ? r->retry_after : NULL, now);
     if (ra > delay)
         delay = ra;
-    amp_spool_ack a = {.id = job->id,
+    amp_ack a = {.id = job->id,
                        .kind = AMP_ACK_RETRY,
                        .due_ms = now + delay,
                        .http_status = (int)r->status,
@@ -198,7 +198,7 @@ static void on_delivered(amp_forward *f, app_state *a, const amp_spool_job *job,
         json_object_set_new(res, "response_truncated", json_true());
     char *text = res ? json_dumps(res, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     json_decref(res);
-    amp_spool_ack ack = {.id = job->id,
+    amp_ack ack = {.id = job->id,
                          .kind = AMP_ACK_DELIVERED,
                          .http_status = (int)r->status,
                          .result_json = text,
@@ -314,7 +314,7 @@ static void deliver(worker *w, amp_spool_job *job)
         if (job->per_user && job->conversation_id && *job->conversation_id) {
             /* Dify forgot the conversation (deleted, expired): start a new
              * one right away, without waiting for a backoff. */
-            amp_spool_ack ack = {.id = job->id,
+            amp_ack ack = {.id = job->id,
                                  .kind = AMP_ACK_RETRY,
                                  .due_ms = now,
                                  .http_status = (int)r.status,
@@ -483,6 +483,11 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
     }
     amp_forward *f = amp_xcalloc(1, sizeof *f);
     f->opts = *opts;
+    /* Everything pointed to is copied below (URLs, auth headers, the app
+     * pointers); do not keep pointers the caller may free after this call. */
+    f->opts.base_url = NULL;
+    f->opts.apps = NULL;
+    f->opts.api_keys = NULL;
     f->spool = spool;
     f->nworkers = opts->workers;
     pthread_mutex_init(&f->mu, NULL);

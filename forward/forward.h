@@ -30,18 +30,23 @@ typedef struct amp_forward_opts {
     int64_t retry_max_ms;
     int64_t retry_max_age_s;   /* older than this at a retry decision: dead, "expired" */
     size_t napps;
-    const amp_app *const *apps; /* borrowed for the forwarder's lifetime */
-    const char *const *api_keys; /* parallel to apps; borrowed */
+    const amp_app *const *apps; /* array read during start; the entries must outlive the forwarder */
+    const char *const *api_keys; /* parallel to apps; read during start (copied) */
 } amp_forward_opts;
 
 typedef struct amp_forward amp_forward;
 
-/* Start the dispatcher and workers. opts and the strings it points to are
- * borrowed and must outlive the forwarder. NULL and err on failure. */
+/* Start the dispatcher and workers. opts, base_url, the apps array and the
+ * keys are only read during the call (copied); the amp_app entries are
+ * borrowed and must outlive the forwarder. Installs amp_forward_kick as the
+ * spool's notify callback (amp_forward_stop removes it). Every app needs a
+ * non-empty key without control characters. NULL and err on failure. */
 amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
                                size_t errlen);
 /* Stop claiming, let workers finish their current request (each bounded by
- * the request timeout), acknowledge everything, join. Accepts NULL. */
+ * the request timeout), release claimed rows not yet sent, join, remove the
+ * spool notify callback and amp_spool_flush so every acknowledgement is
+ * committed before the caller closes the spool. Accepts NULL. */
 void amp_forward_stop(amp_forward *f);
 
 /* Wake the dispatcher (new work was committed). Safe from any thread. */

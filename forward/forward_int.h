@@ -25,7 +25,9 @@
 
 #include "../mapping/mapping.h"
 #include "../server/util.h"
+#include "../server/version.h"
 
+/* Fallback for builds that leave version.h out. */
 #ifndef AMP_VERSION
 #define AMP_VERSION "0.1.0"
 #endif

@@ -29,7 +29,7 @@ struct amp_forward_sse {
     amp_buf answer;
     json_t *ids;  /* message_id, conversation_id, task_id, workflow_run_id */
     json_t *meta; /* message_end metadata */
-    json_t *data; /* workflow_finished / workflow_paused data */
+    json_t *wf_data; /* workflow_finished / workflow_paused data */
     json_t *err;  /* error event */
 };
 
@@ -51,9 +51,9 @@ void amp_forward_sse_reset(amp_forward_sse *p)
     p->saw_cr = p->saw_agent = p->complete = p->error = false;
     json_decref(p->ids);
     json_decref(p->meta);
-    json_decref(p->data);
+    json_decref(p->wf_data);
     json_decref(p->err);
-    p->ids = p->meta = p->data = p->err = NULL;
+    p->ids = p->meta = p->wf_data = p->err = NULL;
 }
 
 void amp_forward_sse_destroy(amp_forward_sse *p)
@@ -138,7 +138,7 @@ static void dispatch(amp_forward_sse *p)
         replace(&p->meta, json_object_get(ev, "metadata"));
         p->complete = true;
     } else if (strcmp(name, "workflow_finished") == 0 || strcmp(name, "workflow_paused") == 0) {
-        replace(&p->data, json_object_get(ev, "data"));
+        replace(&p->wf_data, json_object_get(ev, "data"));
         p->complete = true;
     } else if (strcmp(name, "error") == 0) {
         replace(&p->err, ev);
@@ -231,7 +231,7 @@ json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete)
         }
         return e;
     }
-    if (!p->ids && !p->meta && !p->data && p->answer.len == 0)
+    if (!p->ids && !p->meta && !p->wf_data && p->answer.len == 0)
         return NULL;
     json_t *r = json_object();
     if (!r)
@@ -245,7 +245,7 @@ json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete)
     }
     if (p->meta)
         json_object_set(r, "metadata", p->meta);
-    if (p->data)
-        json_object_set(r, "data", p->data);
+    if (p->wf_data)
+        json_object_set(r, "data", p->wf_data);
     return r;
 }

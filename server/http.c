@@ -58,13 +58,13 @@ amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *er
     amp_http *http = amp_xcalloc(1, sizeof *http);
     http->daemon = MHD_start_daemon(
         flags, cfg->listen.port, NULL, NULL, amp_handlers_access, handlers,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, /* first, so every message goes to our log */
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)cfg->listen.threads,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->listen.connection_limit,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)cfg->listen.per_ip_connection_limit,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->listen.connection_timeout_s,
         MHD_OPTION_NOTIFY_COMPLETED, amp_handlers_completed, handlers,
-        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
         MHD_OPTION_END);
     if (!http->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%u (address in use or not permitted)",

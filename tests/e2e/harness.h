@@ -104,6 +104,7 @@ typedef struct h_resp {
     const char *error; /* libcurl's message when the exchange failed, else NULL */
     char **headers;    /* "Name: value" of the final response */
     size_t nheaders;
+    size_t pieces;     /* body writes libcurl made: shows how a stream arrived */
 } h_resp;
 
 typedef struct h_req {
@@ -121,6 +122,8 @@ typedef struct h_req {
 
 /* Always returns a response (status 0 on transport failure); caller owns. */
 h_resp *h_request(const h_server *s, const h_req *req);
+/* Same against any port on 127.0.0.1 (the fake Dify, a proxy...). */
+h_resp *h_request_port(uint16_t port, const h_req *req);
 h_resp *h_get(const h_server *s, const char *path);
 /* POST body (a C string) with extra headers, NULL-terminated. */
 h_resp *h_post(const h_server *s, const char *path, const char *body, ...)

@@ -1,0 +1,318 @@
+/*
+ * Spool unit tests on a real SQLite file: batches all or nothing, dedupe,
+ * claim rules (due time, claimed rows, per-user order), acknowledgements,
+ * conversations, and what a reopen (restart) sees.
+ */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../../server/log.h"
+#include "../../server/util.h"
+#include "../../spool/spool.h"
+
+static char dir[64];
+static char path[128];
+
+static void setup(void)
+{
+    amp_log_set_level(AMP_LOG_ERROR);
+    snprintf(dir, sizeof dir, "/tmp/amp2dify-spool-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/spool.db", dir);
+}
+
+static void teardown(void)
+{
+    char cmd[160];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+static amp_spool *open_spool(int64_t window_s)
+{
+    char err[256] = "";
+    amp_spool_opts o = {.path = path, .dedupe_window_s = window_s};
+    amp_spool *s = amp_spool_open(&o, err, sizeof err);
+    ck_assert_msg(s != NULL, "open: %s", err);
+    return s;
+}
+
+typedef struct {
+    amp_spool_result res;
+    int calls;
+} done_box;
+
+static void on_done(void *ctx, const amp_spool_result *res)
+{
+    done_box *b = ctx;
+    b->res = *res;
+    b->calls++;
+}
+
+/* Submit and wait for the commit; returns the result. */
+static amp_spool_result submit(amp_spool *s, amp_spool_batch *b)
+{
+    done_box box = {0};
+    amp_spool_submit(s, b, on_done, &box);
+    amp_spool_flush(s);
+    ck_assert_int_eq(box.calls, 1);
+    return box.res;
+}
+
+static void add(amp_spool_batch *b, const char *key, const char *user, bool per_user,
+                const char *body)
+{
+    amp_spool_batch_event(b, key);
+    amp_spool_batch_request(b, "r", "app", user, per_user, body);
+}
+
+static int claim_all(amp_spool *s, int64_t now, amp_spool_job **jobs, size_t max, int64_t *next)
+{
+    int n = amp_spool_claim(s, now, jobs, max, next);
+    ck_assert_int_ge(n, 0);
+    return n;
+}
+
+static void free_jobs(amp_spool_job **jobs, int n)
+{
+    for (int i = 0; i < n; i++)
+        amp_spool_job_free(jobs[i]);
+}
+
+START_TEST(batch_stored_and_claimed)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "k1", "u1", false, "{\"a\":1}");
+    add(b, NULL, "u2", false, "{\"a\":2}");
+    amp_spool_result r = submit(s, b);
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.accepted, 2);
+    ck_assert_uint_eq(r.duplicates, 0);
+
+    amp_spool_job *jobs[8];
+    int64_t next;
+    int n = claim_all(s, amp_now_ms() + 1, jobs, 8, &next);
+    ck_assert_int_eq(n, 2);
+    ck_assert_str_eq(jobs[0]->body, "{\"a\":1}");
+    ck_assert_str_eq(jobs[0]->dedupe_key, "k1");
+    ck_assert_str_eq(jobs[0]->user, "u1");
+    ck_assert_ptr_null(jobs[1]->dedupe_key);
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ck_assert_int_eq(next, INT64_MAX);
+
+    /* Claimed rows are not handed out twice. */
+    amp_spool_job *again[8];
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, again, 8, &next), 0);
+    free_jobs(jobs, n);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(dedupe_within_and_across_requests)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "dup", "u", false, "{}");
+    add(b, "dup", "u", false, "{}");
+    add(b, "other", "u", false, "{}");
+    amp_spool_result r = submit(s, b);
+    ck_assert_uint_eq(r.accepted, 2);
+    ck_assert_uint_eq(r.duplicates, 1);
+
+    b = amp_spool_batch_create();
+    add(b, "dup", "u", false, "{}");
+    r = submit(s, b);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_uint_eq(r.duplicates, 1);
+    amp_spool_close(s);
+
+    /* Still a duplicate after a restart. */
+    s = open_spool(3600);
+    b = amp_spool_batch_create();
+    add(b, "other", "u", false, "{}");
+    r = submit(s, b);
+    ck_assert_uint_eq(r.duplicates, 1);
+    amp_spool_stats st;
+    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.pending, 2);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(dedupe_disabled_with_zero_window)
+{
+    amp_spool *s = open_spool(0);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "k", "u", false, "{}");
+    add(b, "k", "u", false, "{}");
+    amp_spool_result r = submit(s, b);
+    ck_assert_uint_eq(r.accepted, 2);
+    ck_assert_uint_eq(r.duplicates, 0);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(acks_delivered_retry_dead)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "a", "u1", false, "{}");
+    add(b, "b", "u2", false, "{}");
+    add(b, "c", "u3", false, "{}");
+    submit(s, b);
+
+    int64_t now = amp_now_ms() + 1, next;
+    amp_spool_job *jobs[8];
+    ck_assert_int_eq(claim_all(s, now, jobs, 8, &next), 3);
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+                                .result_json = "{\"status\":200}"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_RETRY, .due_ms = now + 60000,
+                                .http_status = 503, .code = "unavailable"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id, .kind = AMP_ACK_DEAD, .http_status = 400,
+                                .code = "app_unavailable", .message = "App unavailable"});
+    int64_t retry_id = jobs[1]->id;
+    free_jobs(jobs, 3);
+    amp_spool_flush(s);
+
+    /* Only the retried row is pending, and it is not due yet. */
+    ck_assert_int_eq(claim_all(s, now, jobs, 8, &next), 0);
+    ck_assert_int_eq(next, now + 60000);
+    ck_assert_int_eq(claim_all(s, now + 60000, jobs, 8, &next), 1);
+    ck_assert_int_eq(jobs[0]->id, retry_id);
+    ck_assert_int_eq(jobs[0]->attempts, 1);
+    free_jobs(jobs, 1);
+
+    amp_spool_stats st;
+    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.pending, 1);
+    ck_assert_int_eq(st.delivered, 1);
+    ck_assert_int_eq(st.dead, 1);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(per_user_rows_go_in_order)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "1", "alice", true, "{\"n\":1}");
+    add(b, "2", "alice", true, "{\"n\":2}");
+    add(b, "3", "bob", true, "{\"n\":3}");
+    submit(s, b);
+
+    int64_t now = amp_now_ms() + 1, next;
+    amp_spool_job *jobs[8];
+    int n = claim_all(s, now, jobs, 8, &next);
+    ck_assert_int_eq(n, 2); /* alice's first and bob's; alice's second waits */
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    ck_assert_str_eq(jobs[1]->body, "{\"n\":3}");
+    ck_assert_ptr_null(jobs[0]->conversation_id);
+
+    /* Alice's first is retried: her second still waits behind it. */
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now + 10});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+                                .conversation_id = "conv-bob"});
+    free_jobs(jobs, n);
+    amp_spool_flush(s);
+    ck_assert_int_eq(claim_all(s, now + 5, jobs, 8, &next), 0);
+
+    n = claim_all(s, now + 10, jobs, 8, &next);
+    ck_assert_int_eq(n, 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+                                .conversation_id = "conv-alice"});
+    free_jobs(jobs, n);
+    amp_spool_flush(s);
+
+    n = claim_all(s, now + 10, jobs, 8, &next);
+    ck_assert_int_eq(n, 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":2}");
+    ck_assert_str_eq(jobs[0]->conversation_id, "conv-alice");
+    /* An empty conversation id clears the stored one. */
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now,
+                                .conversation_id = ""});
+    free_jobs(jobs, n);
+    amp_spool_flush(s);
+    n = claim_all(s, now + 10, jobs, 8, &next);
+    ck_assert_int_eq(n, 1);
+    ck_assert_ptr_null(jobs[0]->conversation_id);
+    free_jobs(jobs, n);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(pending_rows_survive_reopen)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "x", "u", false, "{\"keep\":true}");
+    submit(s, b);
+    amp_spool_job *jobs[4];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 1);
+    free_jobs(jobs, 1);
+    amp_spool_close(s); /* claimed but never acknowledged, as in a crash */
+
+    s = open_spool(3600);
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"keep\":true}");
+    free_jobs(jobs, 1);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(claim_limit_and_next_due)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < 10; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "k%d", i);
+        add(b, key, "u", false, "{}");
+    }
+    submit(s, b);
+    amp_spool_job *jobs[10];
+    int64_t now = amp_now_ms() + 1, next;
+    ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
+    ck_assert_int_eq(next, now); /* more are due now */
+    free_jobs(jobs, 4);
+    ck_assert_int_eq(claim_all(s, now, jobs, 10, &next), 6);
+    free_jobs(jobs, 6);
+    amp_spool_close(s);
+}
+END_TEST
+
+START_TEST(unwritable_path_fails_to_open)
+{
+    char err[256] = "";
+    amp_spool_opts o = {.path = "/nonexistent-dir/x/spool.db", .dedupe_window_s = 0};
+    ck_assert_ptr_null(amp_spool_open(&o, err, sizeof err));
+    ck_assert_msg(strstr(err, "/nonexistent-dir/x/spool.db") != NULL, "err: %s", err);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *su = suite_create("spool");
+    TCase *tc = tcase_create("spool");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, batch_stored_and_claimed);
+    tcase_add_test(tc, dedupe_within_and_across_requests);
+    tcase_add_test(tc, dedupe_disabled_with_zero_window);
+    tcase_add_test(tc, acks_delivered_retry_dead);
+    tcase_add_test(tc, per_user_rows_go_in_order);
+    tcase_add_test(tc, pending_rows_survive_reopen);
+    tcase_add_test(tc, claim_limit_and_next_due);
+    tcase_add_test(tc, unwritable_path_fails_to_open);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
