@@ -32,6 +32,10 @@ void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
  * unavailable with Retry-After, while requests already accepted finish. */
 void amp_handlers_set_draining(amp_handlers *h, bool draining);
 
+/* Connections still suspended, waiting for the spool (shutdown waits for
+ * zero before stopping the daemon). */
+int amp_handlers_suspended(amp_handlers *h);
+
 /* libmicrohttpd callbacks; cls is the amp_handlers. */
 enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
                                     const char *method, const char *version,

@@ -15,6 +15,7 @@ struct amp_handlers {
     const amp_config *cfg;
     amp_spool *spool;
     atomic_bool draining;
+    atomic_int suspended; /* connections waiting for the spool's answer */
 };
 
 typedef struct amp_req amp_req;
@@ -24,6 +25,7 @@ typedef enum { REQ_READING, REQ_WAITING, REQ_DONE } amp_req_state;
 
 /* One HTTP request; created on the first callback, freed on completion. */
 struct amp_req {
+    amp_handlers *h;
     struct MHD_Connection *conn;
     amp_endpoint_fn endpoint;
     char request_id[64];

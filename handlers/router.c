@@ -30,6 +30,7 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool)
     h->cfg = cfg;
     h->spool = spool;
     atomic_init(&h->draining, false);
+    atomic_init(&h->suspended, 0);
     return h;
 }
 
@@ -41,6 +42,11 @@ void amp_handlers_destroy(amp_handlers *h)
 void amp_handlers_set_draining(amp_handlers *h, bool draining)
 {
     atomic_store(&h->draining, draining);
+}
+
+int amp_handlers_suspended(amp_handlers *h)
+{
+    return atomic_load(&h->suspended);
 }
 
 /* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
@@ -102,6 +108,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
 
     if (!r) {
         r = amp_xcalloc(1, sizeof *r);
+        r->h = h;
         r->conn = conn;
         r->start_ms = amp_mono_ms();
         amp_buf_init(&r->body, h->cfg->listen.max_body_bytes);

@@ -101,9 +101,11 @@ static void emit(void *ctx, const amp_map_request *req)
 static void stored(void *ctx, const amp_spool_result *res)
 {
     amp_req *r = ctx;
+    amp_handlers *h = r->h; /* r may be gone once resumed */
     r->result = *res;
     atomic_store(&r->state, REQ_DONE);
     MHD_resume_connection(r->conn);
+    atomic_fetch_sub(&h->suspended, 1);
 }
 
 static enum MHD_Result answer_stored(amp_req *r)
@@ -189,6 +191,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
         return answer_stored(r);
     }
     atomic_store(&r->state, REQ_WAITING);
+    atomic_fetch_add(&h->suspended, 1);
     MHD_suspend_connection(r->conn);
     amp_spool_submit(h->spool, batch, stored, r);
     return MHD_YES;

@@ -24,6 +24,8 @@
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200
+/* Upper bound on waiting for the spool to answer suspended requests. */
+#define DRAIN_MAX_MS 10000
 
 static void kick_forwarder(void *ctx)
 {
@@ -143,8 +145,16 @@ int amp_cmd_serve(int argc, char **argv)
             amp_log(AMP_LOG_WARN, "SIGHUP ignored: reload is not supported yet", NULL);
     }
 
+    /* New webhooks now get 503; wait until every request handed to the
+     * spool has its answer (a request past the draining check may still be
+     * submitting, hence the loop), then give the answers time to leave. */
     amp_handlers_set_draining(handlers, true);
-    amp_spool_flush(spool); /* every suspended request gets its answer */
+    for (int i = 0; i < DRAIN_MAX_MS / 10; i++) {
+        amp_spool_flush(spool);
+        if (amp_handlers_suspended(handlers) == 0)
+            break;
+        sleep_ms(10);
+    }
     sleep_ms(DRAIN_GRACE_MS);
     rc = 0;
 out:

@@ -162,6 +162,7 @@ static const char schema_v1[] =
     "CREATE TABLE deliveries ("
     "  id INTEGER PRIMARY KEY,"
     "  created_ms INTEGER NOT NULL,"
+    "  schedule_ms INTEGER NOT NULL," /* start of the current schedule (max age) */
     "  dedupe_key TEXT,"
     "  route TEXT NOT NULL,"
     "  app TEXT NOT NULL,"
@@ -276,8 +277,8 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen)
          "INSERT INTO dedupe(key, seen_ms) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET "
          "seen_ms = excluded.seen_ms WHERE dedupe.seen_ms < ?3"},
         {s->wdb, &s->st_insert,
-         "INSERT INTO deliveries(created_ms, dedupe_key, route, app, user, per_user, body, "
-         "due_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
+         "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
+         "body, due_ms) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
         {s->wdb, &s->st_delivered,
          "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
          "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
@@ -300,7 +301,7 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen)
          * row of its (app, user), so one user's events go out in order. */
         {s->rdb, &s->st_claim,
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
-         "d.per_user, d.attempts, d.created_ms FROM deliveries d "
+         "d.per_user, d.attempts, d.schedule_ms FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.app = d.app AND e.user = d.user "
@@ -792,4 +793,121 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
     sqlite3_finalize(st);
     pthread_mutex_unlock(&s->claim_mu);
     return rc;
+}
+
+/* ---- dead letters ---------------------------------------------------------
+ * One WHERE clause serves list, replay and purge; unused filters are bound
+ * as NULL / 0. Runs on the reader connection (a CLI process, or beside a
+ * running daemon: SQLite's locking and the busy timeout serialise writers). */
+
+#define DLQ_WHERE                                                                             \
+    " WHERE state = 2 AND (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR app = ?2)"             \
+    " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                     \
+    " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                      \
+    " AND (?7 IS NULL OR id IN (SELECT value FROM json_each(?7)))"
+
+static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_dlq_filter *f,
+                                 char **ids_json)
+{
+    sqlite3_stmt *st;
+    *ids_json = NULL;
+    if (sqlite3_prepare_v2(s->rdb, sql, -1, &st, NULL) != SQLITE_OK) {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        return NULL;
+    }
+    bind_text(st, 1, f->route);
+    bind_text(st, 2, f->app);
+    bind_text(st, 3, f->code);
+    sqlite3_bind_int(st, 4, f->status);
+    sqlite3_bind_int64(st, 5, f->since_ms);
+    sqlite3_bind_int64(st, 6, f->until_ms);
+    if (f->ids) {
+        json_t *arr = json_array();
+        for (size_t i = 0; i < f->nids; i++)
+            json_array_append_new(arr, json_integer(f->ids[i]));
+        *ids_json = json_dumps(arr, JSON_COMPACT);
+        json_decref(arr);
+        bind_text(st, 7, *ids_json);
+    } else {
+        sqlite3_bind_null(st, 7);
+    }
+    return st;
+}
+
+json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit)
+{
+    char *ids;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = dlq_prepare(
+        s,
+        "SELECT id, route, app, user, dedupe_key, last_status, last_code, last_message, "
+        "attempts, created_ms, finished_ms, body FROM deliveries" DLQ_WHERE
+        " ORDER BY finished_ms, id LIMIT ?8",
+        f, &ids);
+    json_t *rows = NULL;
+    if (st) {
+        sqlite3_bind_int64(st, 8, (sqlite3_int64)(limit > INT64_MAX ? INT64_MAX : limit));
+        rows = json_array();
+        int rc;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            json_t *row = json_pack(
+                "{s:I, s:s?, s:s?, s:s?, s:s?, s:i, s:s?, s:s?, s:i, s:I, s:I, s:s?}", "id",
+                (json_int_t)sqlite3_column_int64(st, 0), "route", sqlite3_column_text(st, 1),
+                "app", sqlite3_column_text(st, 2), "user", sqlite3_column_text(st, 3),
+                "dedupe_key", sqlite3_column_text(st, 4), "status", sqlite3_column_int(st, 5),
+                "code", sqlite3_column_text(st, 6), "message", sqlite3_column_text(st, 7),
+                "attempts", sqlite3_column_int(st, 8), "created_ms",
+                (json_int_t)sqlite3_column_int64(st, 9), "dead_ms",
+                (json_int_t)sqlite3_column_int64(st, 10), "body", sqlite3_column_text(st, 11));
+            if (row)
+                json_array_append_new(rows, row);
+        }
+        if (rc != SQLITE_DONE) {
+            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error",
+                    sqlite3_errmsg(s->rdb));
+            json_decref(rows);
+            rows = NULL;
+        }
+        sqlite3_finalize(st);
+    }
+    pthread_mutex_unlock(&s->claim_mu);
+    free(ids);
+    return rows;
+}
+
+static int64_t dlq_change(amp_spool *s, const char *sql, const amp_dlq_filter *f)
+{
+    char *ids;
+    int64_t n = -1;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = dlq_prepare(s, sql, f, &ids);
+    if (st) {
+        sqlite3_bind_int64(st, 8, amp_now_ms());
+        if (sqlite3_step(st) == SQLITE_DONE)
+            n = sqlite3_changes(s->rdb);
+        else
+            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error",
+                    sqlite3_errmsg(s->rdb));
+        sqlite3_finalize(st);
+    }
+    pthread_mutex_unlock(&s->claim_mu);
+    free(ids);
+    return n;
+}
+
+int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f)
+{
+    int64_t n = dlq_change(s,
+                           "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
+                           "schedule_ms = ?8, finished_ms = NULL" DLQ_WHERE,
+                           f);
+    if (n > 0 && s->notify)
+        s->notify(s->notify_ctx);
+    return n;
+}
+
+int64_t amp_spool_dlq_purge(amp_spool *s, const amp_dlq_filter *f)
+{
+    /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
+    return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
 }

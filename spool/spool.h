@@ -19,6 +19,7 @@
 #ifndef AMP_SPOOL_H
 #define AMP_SPOOL_H
 
+#include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,7 +80,7 @@ typedef struct amp_spool_job {
     char *conversation_id; /* per (app, user); NULL when none stored */
     bool per_user;
     int attempts;          /* attempts made before this one */
-    int64_t created_ms;
+    int64_t created_ms;    /* start of the current schedule: stored, or replayed */
 } amp_spool_job;
 
 void amp_spool_job_free(amp_spool_job *j); /* accepts NULL */
@@ -131,5 +132,28 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out);
 
 /* Whether the last commit succeeded (readiness). */
 bool amp_spool_writable(amp_spool *s);
+
+/* ---- dead letters (the `dlq` command) ------------------------------- */
+
+typedef struct amp_dlq_filter {
+    const char *route; /* NULL: any */
+    const char *app;
+    const char *code;
+    int status;       /* 0: any */
+    int64_t since_ms; /* dead-lettered at or after; 0: any */
+    int64_t until_ms; /* dead-lettered before; 0: any */
+    const int64_t *ids; /* only these rows; NULL: any */
+    size_t nids;
+} amp_dlq_filter;
+
+/* Dead letters matching f, oldest first, at most limit: a JSON array of
+ * {id, route, app, user, dedupe_key, status, code, message, attempts,
+ * created_ms, dead_ms, body}. Caller owns; NULL on error. */
+json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit);
+/* Back to pending with a fresh schedule (due now, attempts 0, max age
+ * counted from now). Returns the number of rows, or -1. */
+int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f);
+/* Delete matching dead letters. Returns the number of rows, or -1. */
+int64_t amp_spool_dlq_purge(amp_spool *s, const amp_dlq_filter *f);
 
 #endif

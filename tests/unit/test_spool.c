@@ -286,6 +286,65 @@ START_TEST(claim_limit_and_next_due)
 }
 END_TEST
 
+START_TEST(dead_letters_list_replay_purge)
+{
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "d1", "u1", false, "{\"n\":1}");
+    add(b, "d2", "u2", false, "{\"n\":2}");
+    add(b, "d3", "u3", false, "{\"n\":3}");
+    submit(s, b);
+    int64_t now = amp_now_ms() + 1, next;
+    amp_spool_job *jobs[4];
+    ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 3);
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DEAD, .http_status = 400,
+                                .code = "app_unavailable", .message = "App unavailable"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_DEAD, .http_status = 404,
+                                .code = "not_found", .message = "gone"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
+    int64_t first = jobs[0]->id, second = jobs[1]->id;
+    free_jobs(jobs, 3);
+    amp_spool_flush(s);
+
+    amp_dlq_filter all = {0};
+    json_t *rows = amp_spool_dlq_list(s, &all, 100);
+    ck_assert_uint_eq(json_array_size(rows), 2);
+    json_t *r0 = json_array_get(rows, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "code")), "app_unavailable");
+    ck_assert_int_eq(json_integer_value(json_object_get(r0, "status")), 400);
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "body")), "{\"n\":1}");
+    json_decref(rows);
+
+    amp_dlq_filter by_status = {.status = 404};
+    rows = amp_spool_dlq_list(s, &by_status, 100);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(rows, 0), "id")), second);
+    json_decref(rows);
+    amp_dlq_filter by_code = {.code = "nothing-like-this"};
+    rows = amp_spool_dlq_list(s, &by_code, 100);
+    ck_assert_uint_eq(json_array_size(rows), 0);
+    json_decref(rows);
+
+    /* Replay one by id: pending again, due now, attempts reset. */
+    amp_dlq_filter one = {.ids = &first, .nids = 1};
+    ck_assert_int_eq(amp_spool_dlq_replay(s, &one), 1);
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 1);
+    ck_assert_int_eq(jobs[0]->id, first);
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ck_assert_int_ge(jobs[0]->created_ms, now - 1);
+    free_jobs(jobs, 1);
+
+    /* Purge removes only dead letters. */
+    ck_assert_int_eq(amp_spool_dlq_purge(s, &all), 1);
+    amp_spool_stats st;
+    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.dead, 0);
+    ck_assert_int_eq(st.pending, 1);
+    ck_assert_int_eq(st.delivered, 1);
+    amp_spool_close(s);
+}
+END_TEST
+
 START_TEST(unwritable_path_fails_to_open)
 {
     char err[256] = "";
@@ -308,6 +367,7 @@ int main(void)
     tcase_add_test(tc, per_user_rows_go_in_order);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
+    tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);

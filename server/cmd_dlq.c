@@ -1,0 +1,204 @@
+/*
+ * dlq — inspect and act on dead letters in the spool named by the config.
+ *
+ *   amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]
+ *   amp2dify dlq replay [-c FILE] (--all | ID... | filters)
+ *   amp2dify dlq purge  [-c FILE] (--all | ID... | filters)
+ *
+ * Filters: --route R --app A --status N --code C --since T --until T, where
+ * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". replay and purge refuse
+ * to touch everything unless --all says so. Safe beside a running daemon.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../spool/spool.h"
+#include "commands.h"
+#include "config.h"
+
+#define DLQ_USAGE                                                                              \
+    "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                    \
+    "       amp2dify dlq replay [-c FILE] (--all | ID... | filters)\n"                          \
+    "       amp2dify dlq purge  [-c FILE] (--all | ID... | filters)\n"                          \
+    "filters: --route R --app A --status N --code C --since T --until T\n"                      \
+    "         (T: unix seconds or YYYY-MM-DDTHH:MM:SSZ)\n"
+
+typedef struct dlq_args {
+    const char *config;
+    amp_dlq_filter f;
+    int64_t *ids;
+    bool all, json, filtered;
+    int64_t limit;
+} dlq_args;
+
+static int parse_time(const char *s, int64_t *ms)
+{
+    int64_t secs;
+    if (amp_parse_i64(s, strlen(s), 0, 253402300799LL, &secs) == 0) {
+        *ms = secs * 1000;
+        return 0;
+    }
+    struct tm tm = {0};
+    const char *end = strptime(s, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    if (!end || *end)
+        return -1;
+    *ms = (int64_t)timegm(&tm) * 1000;
+    return 0;
+}
+
+__attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("amp2dify dlq: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\n" DLQ_USAGE, stderr);
+    return -1;
+}
+
+static int parse_args(int argc, char **argv, dlq_args *a)
+{
+    a->limit = 1000;
+    for (int i = 2; i < argc; i++) {
+        const char *o = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int64_t n;
+        if (strcmp(o, "--all") == 0) {
+            a->all = true;
+        } else if (strcmp(o, "--json") == 0) {
+            a->json = true;
+        } else if (!v && o[0] == '-') {
+            return usage_error("%s needs a value", o);
+        } else if (strcmp(o, "-c") == 0 || strcmp(o, "--config") == 0) {
+            a->config = argv[++i];
+        } else if (strcmp(o, "--route") == 0) {
+            a->f.route = argv[++i];
+        } else if (strcmp(o, "--app") == 0) {
+            a->f.app = argv[++i];
+        } else if (strcmp(o, "--code") == 0) {
+            a->f.code = argv[++i];
+        } else if (strcmp(o, "--status") == 0) {
+            if (amp_parse_i64(v, strlen(v), 100, 599, &n) != 0)
+                return usage_error("--status '%s' is not an HTTP status", v);
+            a->f.status = (int)n;
+            i++;
+        } else if (strcmp(o, "--limit") == 0) {
+            if (amp_parse_i64(v, strlen(v), 1, INT64_MAX, &a->limit) != 0)
+                return usage_error("--limit '%s' is not a positive number", v);
+            i++;
+        } else if (strcmp(o, "--since") == 0 || strcmp(o, "--until") == 0) {
+            int64_t *dst = o[2] == 's' ? &a->f.since_ms : &a->f.until_ms;
+            if (parse_time(v, dst) != 0)
+                return usage_error("'%s' is not unix seconds or YYYY-MM-DDTHH:MM:SSZ", v);
+            i++;
+        } else if (amp_parse_i64(o, strlen(o), 1, INT64_MAX, &n) == 0) {
+            a->ids = amp_xrealloc(a->ids, (a->f.nids + 1) * sizeof *a->ids);
+            a->ids[a->f.nids++] = n;
+        } else {
+            return usage_error("unexpected argument '%s'", o);
+        }
+    }
+    a->f.ids = a->ids;
+    a->filtered = a->f.route || a->f.app || a->f.code || a->f.status || a->f.since_ms ||
+                  a->f.until_ms || a->f.nids;
+    return 0;
+}
+
+static void print_table(const json_t *rows)
+{
+    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID", "DEAD_AT", "ROUTE", "APP",
+           "STATUS", "CODE", "ATTEMPTS", "MESSAGE");
+    size_t i;
+    json_t *row;
+    json_array_foreach(rows, i, row) {
+        time_t t = (time_t)(json_integer_value(json_object_get(row, "dead_ms")) / 1000);
+        struct tm tm;
+        char when[32];
+        gmtime_r(&t, &tm);
+        strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        const char *code = json_string_value(json_object_get(row, "code"));
+        const char *msg = json_string_value(json_object_get(row, "message"));
+        printf("%-8lld %-20s %-16s %-12s %-6lld %-24s %-8lld %.80s\n",
+               (long long)json_integer_value(json_object_get(row, "id")), when,
+               json_string_value(json_object_get(row, "route")),
+               json_string_value(json_object_get(row, "app")),
+               (long long)json_integer_value(json_object_get(row, "status")), code ? code : "-",
+               (long long)json_integer_value(json_object_get(row, "attempts")), msg ? msg : "");
+    }
+}
+
+int amp_cmd_dlq(int argc, char **argv)
+{
+    if (argc < 2) {
+        fputs(DLQ_USAGE, stderr);
+        return 2;
+    }
+    const char *action = argv[1];
+    if (strcmp(action, "list") != 0 && strcmp(action, "replay") != 0 &&
+        strcmp(action, "purge") != 0) {
+        usage_error("unknown action '%s'", action);
+        return 2;
+    }
+    dlq_args a = {0};
+    if (parse_args(argc, argv, &a) != 0) {
+        free(a.ids);
+        return 2;
+    }
+    if (action[0] != 'l' && !a.all && !a.filtered) {
+        usage_error("%s needs --all, IDs or filters", action);
+        free(a.ids);
+        return 2;
+    }
+
+    const char *path = amp_config_default_path(a.config);
+    amp_errs *errs = amp_errs_create();
+    amp_config *cfg = amp_config_load(path, 0, errs);
+    if (!cfg) {
+        amp_cmd_print_errors(path, errs);
+        amp_errs_destroy(errs);
+        free(a.ids);
+        return 2;
+    }
+    amp_errs_destroy(errs);
+
+    char err[512];
+    amp_spool_opts so = {.path = cfg->spool.path, .dedupe_window_s = cfg->spool.dedupe_window_s};
+    amp_spool *s = amp_spool_open(&so, err, sizeof err);
+    int rc = 1;
+    if (!s) {
+        fprintf(stderr, "amp2dify dlq: %s\n", err);
+    } else if (action[0] == 'l') {
+        json_t *rows = amp_spool_dlq_list(s, &a.f, (size_t)a.limit);
+        if (rows) {
+            if (a.json) {
+                size_t i;
+                json_t *row;
+                json_array_foreach(rows, i, row) {
+                    char *line = json_dumps(row, JSON_COMPACT | JSON_PRESERVE_ORDER);
+                    if (line)
+                        puts(line);
+                    free(line);
+                }
+            } else {
+                print_table(rows);
+            }
+            json_decref(rows);
+            rc = 0;
+        }
+    } else {
+        int64_t n = action[0] == 'r' ? amp_spool_dlq_replay(s, &a.f) : amp_spool_dlq_purge(s, &a.f);
+        if (n >= 0) {
+            printf("%s %lld dead letter%s\n", action[0] == 'r' ? "replayed" : "purged",
+                   (long long)n, n == 1 ? "" : "s");
+            rc = 0;
+        }
+    }
+    amp_spool_close(s);
+    amp_config_destroy(cfg);
+    free(a.ids);
+    return rc;
+}

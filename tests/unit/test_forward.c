@@ -1,0 +1,1736 @@
+/*
+ * Unit tests for forward/: the pure helpers (classification, backoff,
+ * Retry-After, URL and body building, the stored result, the SSE folder),
+ * then the engine itself against the real spool and a small scripted HTTP
+ * server on 127.0.0.1 defined here, so every ack the forwarder writes can
+ * be read back from the SQLite file.
+ */
+#include "../../forward/forward.h"
+#include "../../forward/forward_int.h"
+#include "../../server/log.h"
+#include "../../server/util.h"
+#include "../../spool/spool.h"
+
+#include <arpa/inet.h>
+#include <check.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ======================================================================
+ * classification
+ * ====================================================================== */
+
+typedef struct {
+    int transport;
+    long status;
+    const char *body; /* JSON text or NULL */
+    amp_outcome want;
+    const char *code;    /* expected *code, NULL for none */
+    const char *message; /* expected *message, NULL for none */
+} classify_case;
+
+static const classify_case classify_cases[] = {
+    /* 2xx */
+    {0, 200, "{\"event\":\"message\",\"answer\":\"hi\"}", AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 201, NULL, AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 204, NULL, AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 200, "{\"workflow_run_id\":\"w\",\"data\":{\"status\":\"succeeded\"}}",
+     AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 200, "{\"data\":{\"status\":\"stopped\"}}", AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 200, "{\"data\":{\"status\":\"partial-succeeded\"}}", AMP_OUTCOME_DELIVERED, NULL, NULL},
+    {0, 200, "{\"data\":{\"status\":\"failed\",\"error\":\"node 3 blew up\"}}",
+     AMP_OUTCOME_PERMANENT, "workflow_failed", "node 3 blew up"},
+    {0, 200, "{\"data\":{\"status\":\"failed\",\"error\":null}}", AMP_OUTCOME_PERMANENT,
+     "workflow_failed", NULL},
+    {0, 200, "{\"data\":\"failed\"}", AMP_OUTCOME_DELIVERED, NULL, NULL},
+    /* transport */
+    {28, 0, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {7, 0, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {-1, 200, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    /* retryable statuses */
+    {0, 408, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 429,
+     "{\"status\":429,\"code\":\"too_many_requests\",\"message\":\"Too many requests. Please "
+     "try again later.\"}",
+     AMP_OUTCOME_RETRY, "too_many_requests", "Too many requests. Please try again later."},
+    {0, 500, "{\"status\":500,\"code\":\"internal_server_error\",\"message\":\"boom\"}",
+     AMP_OUTCOME_RETRY, "internal_server_error", "boom"},
+    {0, 502, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 503, "<html>busy</html>", AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 504, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 599, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    /* invalid_param: a concurrency limit only with that message */
+    {0, 400,
+     "{\"status\":400,\"code\":\"invalid_param\",\"message\":\"Too many requests. The "
+     "current maximum concurrent requests allowed for app is 10.\"}",
+     AMP_OUTCOME_RETRY, "invalid_param", NULL},
+    {0, 400, "{\"status\":400,\"code\":\"invalid_param\",\"message\":\"Arg user must be provided.\"}",
+     AMP_OUTCOME_PERMANENT, "invalid_param", "Arg user must be provided."},
+    {0, 400, "{\"status\":400,\"code\":\"invalid_param\"}", AMP_OUTCOME_PERMANENT, "invalid_param",
+     NULL},
+    {0, 400, "{\"status\":400,\"code\":\"app_unavailable\",\"message\":\"Too many requests\"}",
+     AMP_OUTCOME_PERMANENT, "app_unavailable", "Too many requests"},
+    {0, 400, "{\"code\":\"invalid_param\",\"message\":\"too many requests\"}",
+     AMP_OUTCOME_PERMANENT, "invalid_param", "too many requests"},
+    /* keys */
+    {0, 401, "{\"status\":401,\"code\":\"unauthorized\",\"message\":\"Invalid token\"}",
+     AMP_OUTCOME_PAUSE_APP, "unauthorized", "Invalid token"},
+    {0, 403, NULL, AMP_OUTCOME_PAUSE_APP, NULL, NULL},
+    /* 404 */
+    {0, 404, "{\"status\":404,\"code\":\"not_found\",\"message\":\"Conversation Not Exists.\"}",
+     AMP_OUTCOME_RESET_CONVERSATION, "not_found", "Conversation Not Exists."},
+    {0, 404,
+     "{\"status\":404,\"code\":\"not_found\",\"message\":\"Workflow not found with id: x\"}",
+     AMP_OUTCOME_PERMANENT, "not_found", "Workflow not found with id: x"},
+    {0, 404, NULL, AMP_OUTCOME_PERMANENT, NULL, NULL},
+    /* other 4xx */
+    {0, 400, "{\"code\":\"app_unavailable\",\"message\":\"App unavailable\"}",
+     AMP_OUTCOME_PERMANENT, "app_unavailable", "App unavailable"},
+    {0, 405, NULL, AMP_OUTCOME_PERMANENT, NULL, NULL},
+    {0, 413, NULL, AMP_OUTCOME_PERMANENT, NULL, NULL},
+    {0, 422, NULL, AMP_OUTCOME_PERMANENT, NULL, NULL},
+    {0, 499, NULL, AMP_OUTCOME_PERMANENT, NULL, NULL},
+    /* not Dify speaking */
+    {0, 301, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 100, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 0, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    {0, 700, NULL, AMP_OUTCOME_RETRY, NULL, NULL},
+    /* odd bodies never crash and never leak a non-string as code */
+    {0, 400, "{\"code\":12,\"message\":[1]}", AMP_OUTCOME_PERMANENT, NULL, NULL},
+    {0, 400, "[1,2]", AMP_OUTCOME_PERMANENT, NULL, NULL},
+    {0, 400, "\"str\"", AMP_OUTCOME_PERMANENT, NULL, NULL},
+};
+
+#define NCLASSIFY (sizeof classify_cases / sizeof classify_cases[0])
+
+static int str_eq_null(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+START_TEST(test_classify_table)
+{
+    const classify_case *c = &classify_cases[_i];
+    json_t *body = NULL;
+    if (c->body) {
+        json_error_t e;
+        body = json_loads(c->body, JSON_DECODE_ANY, &e);
+        /* Non-JSON bodies (an HTML error page) reach classify as NULL. */
+    }
+    const char *code = "sentinel", *message = "sentinel";
+    amp_outcome o = amp_forward_classify(c->transport, c->status, body, &code, &message);
+    ck_assert_msg(o == c->want, "case %d (status %ld): outcome %d, want %d", _i, c->status, o,
+                  c->want);
+    if (!(c->code == NULL && c->status == 400 && c->body && strstr(c->body, "Too many")) ||
+        c->code)
+        ck_assert_msg(str_eq_null(code, c->code), "case %d: code '%s', want '%s'", _i,
+                      code ? code : "(null)", c->code ? c->code : "(null)");
+    if (c->message || o != AMP_OUTCOME_RETRY || !c->body)
+        ck_assert_msg(str_eq_null(message, c->message), "case %d: message '%s', want '%s'", _i,
+                      message ? message : "(null)", c->message ? c->message : "(null)");
+    /* NULL out-pointers are allowed. */
+    ck_assert_int_eq(amp_forward_classify(c->transport, c->status, body, NULL, NULL), c->want);
+    json_decref(body);
+}
+END_TEST
+
+/* ======================================================================
+ * backoff
+ * ====================================================================== */
+
+/* Reference cap computed in long double: min(max, initial * 2^attempt). */
+static int64_t ref_cap(int64_t initial, int64_t max, int attempt)
+{
+    long double v = (long double)initial * powl(2.0L, attempt < 0 ? 0 : attempt);
+    if (v >= (long double)max)
+        return max;
+    return (int64_t)v;
+}
+
+START_TEST(test_backoff_bounds)
+{
+    const double rnds[] = {0.0, 1e-12, 0.25, 0.5, 0.75, 0.999, nextafter(1.0, 0.0)};
+    const struct {
+        int64_t initial, max;
+    } cfgs[] = {{1000, 300000}, {1, 1}, {7, 1000003}, {1000, INT64_MAX},
+                {INT64_MAX / 2, INT64_MAX}, {INT64_MAX, INT64_MAX}, {5000, 100}};
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+        int64_t prev_top = 0;
+        for (int attempt = 0; attempt <= 100; attempt++) {
+            int64_t cap = ref_cap(cfgs[c].initial, cfgs[c].max, attempt);
+            for (size_t r = 0; r < sizeof rnds / sizeof rnds[0]; r++) {
+                int64_t v = amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, rnds[r]);
+                ck_assert_msg(v >= 0 && v <= cap,
+                              "initial %lld max %lld attempt %d rnd %g: %lld outside [0, %lld]",
+                              (long long)cfgs[c].initial, (long long)cfgs[c].max, attempt,
+                              rnds[r], (long long)v, (long long)cap);
+            }
+            /* rnd just below 1 reaches the cap (within double precision). */
+            int64_t top =
+                amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, nextafter(1.0, 0.0));
+            ck_assert_msg((long double)top >= (long double)cap * (1.0L - 1e-9L),
+                          "attempt %d: top %lld, cap %lld", attempt, (long long)top,
+                          (long long)cap);
+            ck_assert_int_ge(top, prev_top); /* the cap never shrinks */
+            prev_top = top;
+            ck_assert_int_eq(amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, 0.0),
+                             0);
+        }
+    }
+    /* The classic numbers: 1 s doubling, capped at 300 s. */
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 0, nextafter(1.0, 0.0)), 1000);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 3, nextafter(1.0, 0.0)), 8000);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 9, nextafter(1.0, 0.0)), 300000);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 2, 0.5), 2000);
+    /* Out-of-range inputs stay in range. */
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, -5, 0.999999), 999);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, INT32_MAX, 1.0), 300000);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 4, 7.0), 16000);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 4, -1.0), 0);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 300000, 4, NAN), 0);
+    ck_assert_int_eq(amp_forward_backoff_ms(0, 300000, 4, 0.5), 0);
+    ck_assert_int_eq(amp_forward_backoff_ms(-10, 300000, 4, 0.5), 0);
+    ck_assert_int_eq(amp_forward_backoff_ms(1000, 0, 4, 0.5), 0);
+}
+END_TEST
+
+START_TEST(test_backoff_jitter_spreads)
+{
+    /* Full jitter: over a fine grid of rnd the values cover the range, not
+     * a few points near the cap. */
+    int low = 0, high = 0;
+    for (int i = 0; i < 1000; i++) {
+        int64_t v = amp_forward_backoff_ms(1000, 300000, 5, i / 1000.0);
+        ck_assert_int_le(v, 32000);
+        low += v < 16000;
+        high += v >= 16000;
+    }
+    ck_assert_int_ge(low, 450);
+    ck_assert_int_ge(high, 450);
+}
+END_TEST
+
+/* ======================================================================
+ * Retry-After
+ * ====================================================================== */
+
+#define DAY_MS ((int64_t)86400 * 1000)
+/* Sun, 06 Nov 1994 08:49:37 GMT */
+#define T1994 ((int64_t)784111777)
+
+START_TEST(test_retry_after)
+{
+    int64_t now = T1994 * 1000 - 30000; /* 30 s before that date */
+    ck_assert_int_eq(amp_forward_retry_after_ms("120", now), 120000);
+    ck_assert_int_eq(amp_forward_retry_after_ms("0", now), 0);
+    ck_assert_int_eq(amp_forward_retry_after_ms("007", now), 7000);
+    ck_assert_int_eq(amp_forward_retry_after_ms("  5 \r\n", now), 5000);
+    ck_assert_int_eq(amp_forward_retry_after_ms("86400", now), DAY_MS);
+    /* Huge values are capped, not overflowed. */
+    ck_assert_int_eq(amp_forward_retry_after_ms("86401", now), DAY_MS);
+    ck_assert_int_eq(amp_forward_retry_after_ms("9223372036854775807", now), DAY_MS);
+    ck_assert_int_eq(amp_forward_retry_after_ms("99999999999999999999999999999999", now), DAY_MS);
+    /* Dates. */
+    ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now), 30000);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now + 29500),
+                     500);
+    ck_assert_int_eq(amp_forward_retry_after_ms(" Sun, 06 Nov 1994 08:49:37 GMT ", now), 30000);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now + 60000),
+                     0); /* in the past: no extra wait */
+    ck_assert_int_eq(amp_forward_retry_after_ms("Mon, 07 Nov 1994 08:49:37 GMT", now), DAY_MS);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Fri, 31 Dec 9999 23:59:59 GMT", now), DAY_MS);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Thu, 01 Jan 1970 00:00:00 GMT", now), 0);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Sat, 29 Feb 2020 12:00:00 GMT",
+                                                (int64_t)1582977600 * 1000 - 1000),
+                     1000);
+    /* Garbage, negative, partial. */
+    const char *bad[] = {"",
+                         "   ",
+                         "abc",
+                         "-5",
+                         "+5",
+                         "5s",
+                         "1.5",
+                         "5 6",
+                         "0x10",
+                         "Sun, 06 Nov 1994 08:49:37 UTC",
+                         "Sun, 06 Nov 1994 08:49:37",
+                         "Xyz, 06 Nov 1994 08:49:37 GMT",
+                         "Sun, 06 Foo 1994 08:49:37 GMT",
+                         "Sun, 32 Nov 1994 08:49:37 GMT",
+                         "Sun, 06 Nov 1994 25:49:37 GMT",
+                         "Sun, 06 Nov 1994 08:61:37 GMT",
+                         "Sun, 6 Nov 1994 08:49:37 GMT",
+                         "Sun, 06 Nov 94 08:49:37 GMT",
+                         "Sunday, 06-Nov-94 08:49:37 GMT", /* obsolete RFC 850: not accepted */
+                         "Sun Nov  6 08:49:37 1994",       /* obsolete asctime: not accepted */
+                         "Sun, 06 Nov 1994 08:49:37 GMTX"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(amp_forward_retry_after_ms(bad[i], now) == -1, "'%s' accepted", bad[i]);
+    ck_assert_int_eq(amp_forward_retry_after_ms(NULL, now), -1);
+}
+END_TEST
+
+/* ======================================================================
+ * URL, body, result
+ * ====================================================================== */
+
+START_TEST(test_join_url)
+{
+    const char *cases[][3] = {
+        {"http://h/v1", "chat-messages", "http://h/v1/chat-messages"},
+        {"http://h/v1/", "chat-messages", "http://h/v1/chat-messages"},
+        {"http://h/v1///", "workflows/run", "http://h/v1/workflows/run"},
+        {"http://h", "/completion-messages", "http://h/completion-messages"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *u = amp_forward_join_url(cases[i][0], cases[i][1]);
+        ck_assert_str_eq(u, cases[i][2]);
+        free(u);
+    }
+    ck_assert_str_eq(amp_endpoint_path(AMP_ENDPOINT_CHAT), "chat-messages");
+}
+END_TEST
+
+START_TEST(test_request_body)
+{
+    const char *body = "{\"inputs\":{\"a\":1},\"query\":\"q\",\"user\":\"u1\"}";
+    char *out = amp_forward_request_body(body, NULL);
+    ck_assert_str_eq(out, body); /* untouched bytes */
+    free(out);
+    out = amp_forward_request_body(body, "");
+    ck_assert_str_eq(out, body);
+    free(out);
+
+    out = amp_forward_request_body(body, "conv-9");
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e);
+    ck_assert_ptr_nonnull(j);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "conversation_id")), "conv-9");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "query")), "q");
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "inputs"), "a")), 1);
+    json_decref(j);
+    free(out);
+
+    /* A stored conversation id replaces one already in the body. */
+    out = amp_forward_request_body("{\"conversation_id\":\"old\",\"user\":\"u\"}", "new");
+    ck_assert_ptr_nonnull(strstr(out, "\"new\""));
+    ck_assert_ptr_null(strstr(out, "old"));
+    free(out);
+
+    ck_assert_ptr_null(amp_forward_request_body("[1]", NULL));
+    ck_assert_ptr_null(amp_forward_request_body("", NULL));
+    ck_assert_ptr_null(amp_forward_request_body("[1]", "c"));
+    ck_assert_ptr_null(amp_forward_request_body("{broken", "c"));
+}
+END_TEST
+
+START_TEST(test_utf8_cut)
+{
+    const char *s = "a\xc3\xa9"
+                    "b\xf0\x9f\x98\x80"
+                    "c"; /* a é b 😀 c : 1+2+1+4+1 = 9 bytes */
+    size_t len = strlen(s);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 100), len);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 9), 9);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 8), 8);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 7), 4); /* inside the emoji */
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 6), 4);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 5), 4);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 4), 4);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 3), 3);
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 2), 1); /* inside é */
+    ck_assert_uint_eq(amp_forward_utf8_cut(s, len, 0), 0);
+    /* Every cut of a long mixed string is valid UTF-8. */
+    amp_buf b;
+    amp_buf_init(&b, 1 << 16);
+    for (int i = 0; i < 500; i++)
+        amp_buf_append(&b, s, len);
+    for (size_t max = 0; max < 200; max++) {
+        size_t n = amp_forward_utf8_cut(b.data, b.len, max);
+        ck_assert_uint_le(n, max);
+        ck_assert_uint_ge(n + 3, max);
+        json_t *v = json_stringn(b.data, n);
+        ck_assert_msg(v != NULL, "cut at %zu is not valid UTF-8", max);
+        json_decref(v);
+    }
+    amp_buf_free(&b);
+}
+END_TEST
+
+static json_t *parse(const char *text)
+{
+    json_error_t e;
+    json_t *j = json_loads(text, 0, &e);
+    ck_assert_msg(j != NULL, "bad test JSON: %s", e.text);
+    return j;
+}
+
+START_TEST(test_result_chat)
+{
+    json_t *body = parse("{\"event\":\"message\",\"task_id\":\"t\",\"id\":\"i\","
+                         "\"message_id\":\"m-1\",\"conversation_id\":\"c-1\",\"mode\":\"chat\","
+                         "\"answer\":\"Hello\",\"metadata\":{\"usage\":{\"prompt_tokens\":10,"
+                         "\"completion_tokens\":5,\"total_tokens\":15,\"total_price\":\"0.1\","
+                         "\"currency\":\"USD\"}},\"created_at\":1}");
+    json_t *r = amp_forward_result(AMP_ENDPOINT_CHAT, 200, body, 42);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "status")), 200);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "message_id")), "m-1");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "conversation_id")), "c-1");
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "latency_ms")), 42);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), "Hello");
+    json_t *u = json_object_get(r, "usage");
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "prompt_tokens")), 10);
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "completion_tokens")), 5);
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "total_tokens")), 15);
+    ck_assert_ptr_null(json_object_get(u, "currency"));
+    ck_assert_ptr_null(json_object_get(r, "answer_truncated"));
+    ck_assert_str_eq(amp_forward_answer_conversation(body), "c-1");
+    json_decref(r);
+    json_decref(body);
+
+    /* No body (204, unparsable 200): still a result. */
+    r = amp_forward_result(AMP_ENDPOINT_COMPLETION, 204, NULL, 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "status")), 204);
+    ck_assert_ptr_null(json_object_get(r, "message_id"));
+    json_decref(r);
+    ck_assert_ptr_null(amp_forward_answer_conversation(NULL));
+}
+END_TEST
+
+START_TEST(test_result_answer_cap)
+{
+    /* 3000 two-byte characters = 6000 bytes, cut to <= 4096 on a boundary. */
+    amp_buf b;
+    amp_buf_init(&b, 1 << 16);
+    amp_buf_append(&b, "x", 1); /* odd offset: a naive cut lands mid-character */
+    for (int i = 0; i < 3000; i++)
+        amp_buf_append(&b, "\xc3\xa9", 2);
+    json_t *body = json_pack("{s:s, s:s%}", "message_id", "m", "answer", b.data, b.len);
+    ck_assert_ptr_nonnull(body);
+    json_t *r = amp_forward_result(AMP_ENDPOINT_CHAT, 200, body, 1);
+    json_t *a = json_object_get(r, "answer");
+    ck_assert(json_is_string(a));
+    ck_assert_uint_le(json_string_length(a), AMP_FORWARD_ANSWER_CAP);
+    ck_assert_uint_ge(json_string_length(a), AMP_FORWARD_ANSWER_CAP - 3);
+    ck_assert_uint_eq(json_string_length(a) % 2, 1); /* "x" + whole characters */
+    ck_assert(json_is_true(json_object_get(r, "answer_truncated")));
+    json_decref(r);
+    json_decref(body);
+    amp_buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_result_workflow)
+{
+    json_t *body = parse("{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":{\"id\":\"wr-1\","
+                         "\"status\":\"succeeded\",\"outputs\":{\"result\":\"Bonjour\"},"
+                         "\"error\":null,\"total_tokens\":150}}");
+    json_t *r = amp_forward_result(AMP_ENDPOINT_WORKFLOW, 200, body, 7);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_run_id")), "wr-1");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_status")), "succeeded");
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(json_object_get(r, "usage"), "total_tokens")), 150);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(r, "outputs"), "result")), "Bonjour");
+    ck_assert_ptr_null(json_object_get(r, "message_id"));
+    json_decref(r);
+    json_decref(body);
+
+    /* Big outputs: kept as capped text instead. */
+    char *big = amp_xmalloc(10001);
+    memset(big, 'o', 10000);
+    big[10000] = '\0';
+    body = json_pack("{s:s, s:{s:s, s:{s:s}}}", "workflow_run_id", "w", "data", "status",
+                     "succeeded", "outputs", "text", big);
+    r = amp_forward_result(AMP_ENDPOINT_WORKFLOW, 200, body, 7);
+    ck_assert_ptr_null(json_object_get(r, "outputs"));
+    ck_assert_uint_eq(json_string_length(json_object_get(r, "answer")), AMP_FORWARD_ANSWER_CAP);
+    json_decref(r);
+    json_decref(body);
+    free(big);
+}
+END_TEST
+
+/* ======================================================================
+ * SSE
+ * ====================================================================== */
+
+static const char chat_stream[] =
+    ": keep-alive comment\n"
+    "event: ping\n\n"
+    "data: {\"event\": \"message\", \"task_id\": \"t1\", \"message_id\": \"m1\", "
+    "\"conversation_id\": \"c1\", \"answer\": \" I\", \"created_at\": 1}\n\n"
+    "data: {\"event\": \"message\", \"task_id\": \"t1\", \"message_id\": \"m1\", "
+    "\"conversation_id\": \"c1\", \"answer\": \"'m \\u00e9\", \"created_at\": 1}\n\n"
+    "data: {\"event\": \"message_end\", \"task_id\": \"t1\", \"id\": \"x\", \"message_id\": "
+    "\"m1\", \"conversation_id\": \"c1\", \"metadata\": {\"usage\": {\"prompt_tokens\": 3, "
+    "\"completion_tokens\": 4, \"total_tokens\": 7}}}\n\n";
+
+static void check_chat_fold(json_t *r, bool complete)
+{
+    ck_assert(complete);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), " I'm \xc3\xa9");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "message_id")), "m1");
+    ck_assert_str_eq(json_string_value(json_object_get(r, "conversation_id")), "c1");
+    json_t *usage = json_object_get(json_object_get(r, "metadata"), "usage");
+    ck_assert_int_eq(json_integer_value(json_object_get(usage, "total_tokens")), 7);
+    ck_assert_int_eq(amp_forward_classify(0, 200, r, NULL, NULL), AMP_OUTCOME_DELIVERED);
+}
+
+/* Replace every "\n" of src by the line break br. */
+static char *with_breaks(const char *src, const char *br)
+{
+    amp_buf b;
+    amp_buf_init(&b, 1 << 20);
+    for (const char *p = src; *p; p++) {
+        if (*p == '\n')
+            amp_buf_append(&b, br, strlen(br));
+        else
+            amp_buf_append(&b, p, 1);
+    }
+    return b.data;
+}
+
+START_TEST(test_sse_every_split)
+{
+    const char *breaks[] = {"\n", "\r\n", "\r"};
+    amp_forward_sse *p = amp_forward_sse_create();
+    for (size_t k = 0; k < 3; k++) {
+        char *text = with_breaks(chat_stream, breaks[k]);
+        size_t len = strlen(text);
+        /* Two pieces, split at every offset. */
+        for (size_t cut = 0; cut <= len; cut++) {
+            amp_forward_sse_reset(p);
+            ck_assert_int_eq(amp_forward_sse_feed(p, text, cut), 0);
+            ck_assert_int_eq(amp_forward_sse_feed(p, text + cut, len - cut), 0);
+            bool complete = false;
+            json_t *r = amp_forward_sse_finish(p, &complete);
+            check_chat_fold(r, complete);
+            json_decref(r);
+        }
+        /* One byte at a time. */
+        amp_forward_sse_reset(p);
+        for (size_t i = 0; i < len; i++)
+            ck_assert_int_eq(amp_forward_sse_feed(p, text + i, 1), 0);
+        bool complete = false;
+        json_t *r = amp_forward_sse_finish(p, &complete);
+        check_chat_fold(r, complete);
+        json_decref(r);
+        free(text);
+    }
+    amp_forward_sse_destroy(p);
+}
+END_TEST
+
+static json_t *fold(const char *text, bool *complete)
+{
+    amp_forward_sse *p = amp_forward_sse_create();
+    ck_assert_int_eq(amp_forward_sse_feed(p, text, strlen(text)), 0);
+    json_t *r = amp_forward_sse_finish(p, complete);
+    amp_forward_sse_destroy(p);
+    return r;
+}
+
+START_TEST(test_sse_events)
+{
+    bool complete;
+    /* An error event inside a 200 stream. */
+    json_t *r = fold("data: {\"event\":\"message\",\"answer\":\"par\",\"message_id\":\"m\"}\n\n"
+                     "data: {\"event\":\"error\",\"message_id\":\"m\",\"status\":400,"
+                     "\"code\":\"completion_request_error\",\"message\":\"quota\"}\n\n",
+                     &complete);
+    ck_assert(complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "event")), "error");
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "status")), 400);
+    const char *code, *msg;
+    ck_assert_int_eq(amp_forward_classify(0, 400, r, &code, &msg), AMP_OUTCOME_PERMANENT);
+    ck_assert_str_eq(code, "completion_request_error");
+    ck_assert_str_eq(msg, "quota");
+    json_decref(r);
+
+    /* Workflow: text chunks ignored, workflow_finished carries the result. */
+    r = fold("data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"wr\",\"data\":{}}\n\n"
+             "data: {\"event\":\"text_chunk\",\"workflow_run_id\":\"wr\",\"data\":{\"text\":\"B\"}}\n\n"
+             "data: {\"event\":\"workflow_finished\",\"workflow_run_id\":\"wr\",\"data\":"
+             "{\"status\":\"failed\",\"error\":\"node broke\",\"total_tokens\":9}}\n\n",
+             &complete);
+    ck_assert(complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_run_id")), "wr");
+    ck_assert_int_eq(amp_forward_classify(0, 200, r, &code, &msg), AMP_OUTCOME_PERMANENT);
+    ck_assert_str_eq(code, "workflow_failed");
+    ck_assert_str_eq(msg, "node broke");
+    json_decref(r);
+
+    /* A stream cut short: not complete. */
+    r = fold("data: {\"event\":\"message\",\"answer\":\"par\",\"message_id\":\"m\"}\n\n",
+             &complete);
+    ck_assert(!complete);
+    json_decref(r);
+
+    /* Last event without the closing blank line still counts; multi-line
+     * data is joined with \n (valid JSON whitespace); the event name may
+     * come from the "event:" field. */
+    r = fold("event: message_end\ndata: {\"message_id\":\"m\",\ndata: \"metadata\":{}}", &complete);
+    ck_assert(complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "message_id")), "m");
+    json_decref(r);
+
+    /* message_replace replaces; agent_message then message: the closing
+     * message is the whole answer. */
+    r = fold("data: {\"event\":\"message\",\"answer\":\"bad words\"}\n\n"
+             "data: {\"event\":\"message_replace\",\"answer\":\"[removed]\"}\n\n"
+             "data: {\"event\":\"message_end\",\"metadata\":{}}\n\n",
+             &complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), "[removed]");
+    json_decref(r);
+    r = fold("data: {\"event\":\"agent_message\",\"answer\":\"Hel\"}\n\n"
+             "data: {\"event\":\"agent_message\",\"answer\":\"lo\"}\n\n"
+             "data: {\"event\":\"message\",\"answer\":\"Hello!\"}\n\n"
+             "data: {\"event\":\"message_end\",\"metadata\":{}}\n\n",
+             &complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), "Hello!");
+    json_decref(r);
+
+    /* Garbage data lines are skipped, not fatal. */
+    r = fold("data: not json\n\ndata: {\"event\":\"ping\"}\n\n", &complete);
+    ck_assert(!complete);
+    ck_assert_ptr_null(r);
+}
+END_TEST
+
+START_TEST(test_sse_limits)
+{
+    /* The answer is capped whatever the stream's length. */
+    amp_forward_sse *p = amp_forward_sse_create();
+    const char *chunk = "data: {\"event\":\"message\",\"answer\":\"\\u00e9\\u00e9\\u00e9\"}\n\n";
+    for (int i = 0; i < 5000; i++)
+        ck_assert_int_eq(amp_forward_sse_feed(p, chunk, strlen(chunk)), 0);
+    const char *end = "data: {\"event\":\"message_end\",\"metadata\":{}}\n\n";
+    ck_assert_int_eq(amp_forward_sse_feed(p, end, strlen(end)), 0);
+    bool complete;
+    json_t *r = amp_forward_sse_finish(p, &complete);
+    ck_assert(complete);
+    size_t alen = json_string_length(json_object_get(r, "answer"));
+    ck_assert_uint_le(alen, AMP_FORWARD_ANSWER_CAP);
+    ck_assert_uint_ge(alen, AMP_FORWARD_ANSWER_CAP - 1);
+    json_decref(r);
+
+    /* One line longer than the response cap is refused. */
+    amp_forward_sse_reset(p);
+    char *big = amp_xmalloc(64 * 1024);
+    memset(big, 'a', 64 * 1024);
+    int rc = 0;
+    for (size_t i = 0; i < AMP_FORWARD_MAX_RESPONSE / (64 * 1024) + 2 && rc == 0; i++)
+        rc = amp_forward_sse_feed(p, big, 64 * 1024);
+    ck_assert_int_eq(rc, -1);
+    free(big);
+    amp_forward_sse_destroy(p);
+}
+END_TEST
+
+/* ======================================================================
+ * A scripted HTTP server on 127.0.0.1
+ * ====================================================================== */
+
+#define MAX_SCRIPT 32
+#define MAX_SEEN 64
+#define MAX_CONNS 16
+
+typedef struct {
+    int status;
+    const char *ctype;   /* NULL: application/json */
+    const char *headers; /* extra "Name: value\r\n" lines, or NULL */
+    const char *body;    /* NULL: the default chat answer */
+    unsigned delay_ms;
+    bool drop;      /* close without answering */
+    size_t chunk;   /* write the body in pieces of this size (0: at once) */
+    size_t big;     /* send this many bytes of filler as body instead */
+} reply_t;
+
+typedef struct {
+    char path[128];
+    char auth[128];
+    char trace[300];
+    char ua[64];
+    char ctype[64];
+    char *body;
+    int conn;
+    int64_t at_ms;
+} seen_t;
+
+typedef struct {
+    int lfd;
+    uint16_t port;
+    pthread_t accept_th;
+    atomic_bool stop;
+    pthread_mutex_t mu;
+    reply_t script[MAX_SCRIPT];
+    size_t nscript, next;
+    seen_t seen[MAX_SEEN];
+    size_t nseen;
+    int nconns;
+    pthread_t conn_th[MAX_CONNS];
+    int conn_fd[MAX_CONNS];
+} fake_t;
+
+typedef struct {
+    fake_t *f;
+    int idx;
+} conn_arg;
+
+static int64_t mono_ms(void)
+{
+    return amp_mono_ms();
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Read until "\r\n\r\n" plus Content-Length body; 0 ok, -1 closed/stop. */
+static int read_request(fake_t *f, int fd, amp_buf *in, size_t *hdr_len, size_t *body_len)
+{
+    for (int spins = 0; spins < 3000; spins++) { /* <= 300 s */
+        char *end = in->data ? strstr(in->data, "\r\n\r\n") : NULL;
+        if (end) {
+            *hdr_len = (size_t)(end - in->data) + 4;
+            const char *cl = strcasestr(in->data, "\r\nContent-Length:");
+            size_t n = 0;
+            if (cl && cl < end)
+                n = strtoul(cl + 17, NULL, 10);
+            *body_len = n;
+            if (in->len >= *hdr_len + n)
+                return 0;
+        }
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int pr = poll(&p, 1, 100);
+        if (atomic_load(&f->stop))
+            return -1;
+        if (pr <= 0)
+            continue;
+        char buf[65536];
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r <= 0)
+            return -1;
+        if (amp_buf_append(in, buf, (size_t)r) != 0)
+            return -1;
+    }
+    return -1;
+}
+
+static void header_value(const char *req, size_t hdr_len, const char *name, char *out,
+                         size_t outlen)
+{
+    out[0] = '\0';
+    size_t nl = strlen(name);
+    for (const char *p = strstr(req, "\r\n"); p && (size_t)(p - req) < hdr_len;
+         p = strstr(p + 2, "\r\n")) {
+        const char *line = p + 2;
+        if (strncasecmp(line, name, nl) == 0 && line[nl] == ':') {
+            const char *v = line + nl + 1;
+            while (*v == ' ')
+                v++;
+            const char *e = strstr(v, "\r\n");
+            size_t n = e ? (size_t)(e - v) : strlen(v);
+            if (n >= outlen)
+                n = outlen - 1;
+            memcpy(out, v, n);
+            out[n] = '\0';
+            return;
+        }
+    }
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static const char *reason(int status)
+{
+    return status == 200 ? "OK" : "Status";
+}
+
+static void *conn_main(void *arg)
+{
+    conn_arg *ca = arg;
+    fake_t *f = ca->f;
+    int fd = f->conn_fd[ca->idx];
+    int idx = ca->idx;
+    free(ca);
+    amp_buf in;
+    amp_buf_init(&in, 8 << 20);
+    for (int n = 0; n < 1000; n++) {
+        size_t hl, bl;
+        if (read_request(f, fd, &in, &hl, &bl) != 0)
+            break;
+        pthread_mutex_lock(&f->mu);
+        seen_t *s = f->nseen < MAX_SEEN ? &f->seen[f->nseen++] : NULL;
+        int number = (int)f->nseen;
+        reply_t r = {.status = 200};
+        if (f->next < f->nscript)
+            r = f->script[f->next++];
+        if (s) {
+            memset(s, 0, sizeof *s);
+            sscanf(in.data, "POST %127s", s->path);
+            header_value(in.data, hl, "Authorization", s->auth, sizeof s->auth);
+            header_value(in.data, hl, "X-Trace-Id", s->trace, sizeof s->trace);
+            header_value(in.data, hl, "User-Agent", s->ua, sizeof s->ua);
+            header_value(in.data, hl, "Content-Type", s->ctype, sizeof s->ctype);
+            s->body = amp_xstrndup(in.data + hl, bl);
+            s->conn = idx;
+            s->at_ms = mono_ms();
+        }
+        pthread_mutex_unlock(&f->mu);
+
+        /* Keep what followed this request (pipelining never happens with
+         * curl here, but do not lose bytes). */
+        size_t used = hl + bl;
+        memmove(in.data, in.data + used, in.len - used);
+        in.len -= used;
+        in.data[in.len] = '\0';
+
+        if (r.delay_ms)
+            sleep_ms(r.delay_ms);
+        if (r.drop)
+            break;
+        char defbody[256];
+        const char *body = r.body;
+        char *filler = NULL;
+        size_t blen;
+        if (r.big) {
+            filler = amp_xmalloc(r.big);
+            memset(filler, ' ', r.big);
+            filler[0] = '{';
+            filler[r.big - 1] = '}';
+            body = filler;
+            blen = r.big;
+        } else {
+            if (!body) {
+                snprintf(defbody, sizeof defbody,
+                         "{\"event\":\"message\",\"message_id\":\"m-%d\",\"conversation_id\":"
+                         "\"c-1\",\"answer\":\"ok %d\",\"metadata\":{\"usage\":{"
+                         "\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}}",
+                         number, number);
+                body = defbody;
+            }
+            blen = strlen(body);
+        }
+        char head[512];
+        int hn = snprintf(head, sizeof head,
+                          "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s\r\n",
+                          r.status, reason(r.status), r.ctype ? r.ctype : "application/json",
+                          blen, r.headers ? r.headers : "");
+        int bad = write_all(fd, head, (size_t)hn);
+        for (size_t off = 0; !bad && off < blen;) {
+            size_t n = r.chunk ? r.chunk : blen;
+            if (n > blen - off)
+                n = blen - off;
+            bad = write_all(fd, body + off, n);
+            off += n;
+            if (r.chunk)
+                sleep_ms(2);
+        }
+        free(filler);
+        if (bad)
+            break;
+    }
+    amp_buf_free(&in);
+    close(fd);
+    return NULL;
+}
+
+static void *accept_main(void *arg)
+{
+    fake_t *f = arg;
+    while (!atomic_load(&f->stop)) {
+        struct pollfd p = {.fd = f->lfd, .events = POLLIN};
+        if (poll(&p, 1, 50) <= 0)
+            continue;
+        int fd = accept(f->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        pthread_mutex_lock(&f->mu);
+        if (f->nconns >= MAX_CONNS) {
+            pthread_mutex_unlock(&f->mu);
+            close(fd);
+            continue;
+        }
+        int idx = f->nconns++;
+        f->conn_fd[idx] = fd;
+        pthread_mutex_unlock(&f->mu);
+        conn_arg *ca = amp_xmalloc(sizeof *ca);
+        ca->f = f;
+        ca->idx = idx;
+        pthread_create(&f->conn_th[idx], NULL, conn_main, ca);
+    }
+    return NULL;
+}
+
+static fake_t *fake_start(void)
+{
+    fake_t *f = amp_xcalloc(1, sizeof *f);
+    pthread_mutex_init(&f->mu, NULL);
+    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(f->lfd, 0);
+    int one = 1;
+    setsockopt(f->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(f->lfd, 16), 0);
+    socklen_t al = sizeof a;
+    getsockname(f->lfd, (struct sockaddr *)&a, &al);
+    f->port = ntohs(a.sin_port);
+    pthread_create(&f->accept_th, NULL, accept_main, f);
+    return f;
+}
+
+static void fake_push(fake_t *f, reply_t r)
+{
+    pthread_mutex_lock(&f->mu);
+    ck_assert_uint_lt(f->nscript, MAX_SCRIPT);
+    f->script[f->nscript++] = r;
+    pthread_mutex_unlock(&f->mu);
+}
+
+static size_t fake_count(fake_t *f)
+{
+    pthread_mutex_lock(&f->mu);
+    size_t n = f->nseen;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+static void fake_stop(fake_t *f)
+{
+    atomic_store(&f->stop, true);
+    pthread_join(f->accept_th, NULL);
+    for (int i = 0; i < f->nconns; i++)
+        pthread_join(f->conn_th[i], NULL);
+    close(f->lfd);
+    for (size_t i = 0; i < f->nseen; i++)
+        free(f->seen[i].body);
+    pthread_mutex_destroy(&f->mu);
+    free(f);
+}
+
+/* ======================================================================
+ * engine harness: spool + forwarder + fake
+ * ====================================================================== */
+
+typedef struct {
+    char path[256];
+    amp_spool *spool;
+    fake_t *fake;
+    amp_forward *fwd;
+    amp_app apps[3];
+    const amp_app *app_ptrs[3];
+    const char *keys[3];
+    char base[128];
+    amp_forward_opts opts;
+} harness;
+
+static void harness_init(harness *h, unsigned workers)
+{
+    memset(h, 0, sizeof *h);
+    static int seq;
+    snprintf(h->path, sizeof h->path, "/tmp/amp-test-forward-%d-%d.db", (int)getpid(), seq++);
+    unlink(h->path);
+    char err[256];
+    amp_spool_opts so = {.path = h->path, .dedupe_window_s = 0};
+    h->spool = amp_spool_open(&so, err, sizeof err);
+    ck_assert_msg(h->spool != NULL, "spool: %s", err);
+    h->fake = fake_start();
+    snprintf(h->base, sizeof h->base, "http://127.0.0.1:%u/v1/", (unsigned)h->fake->port);
+
+    h->apps[0] = (amp_app){.name = "chat", .endpoint = AMP_ENDPOINT_CHAT};
+    h->apps[1] = (amp_app){.name = "flow", .endpoint = AMP_ENDPOINT_WORKFLOW};
+    h->apps[2] = (amp_app){.name = "done", .endpoint = AMP_ENDPOINT_COMPLETION};
+    for (int i = 0; i < 3; i++)
+        h->app_ptrs[i] = &h->apps[i];
+    h->keys[0] = "app-SECRETKEY-chat";
+    h->keys[1] = "app-SECRETKEY-flow";
+    h->keys[2] = "app-SECRETKEY-done";
+    h->opts = (amp_forward_opts){.base_url = h->base,
+                                 .connect_timeout_s = 2,
+                                 .timeout_s = 5,
+                                 .workers = workers,
+                                 .retry_initial_ms = 20,
+                                 .retry_max_ms = 100,
+                                 .retry_max_age_s = 3600,
+                                 .napps = 3,
+                                 .apps = h->app_ptrs,
+                                 .api_keys = h->keys};
+}
+
+static void harness_start(harness *h)
+{
+    char err[256];
+    h->fwd = amp_forward_start(&h->opts, h->spool, err, sizeof err);
+    ck_assert_msg(h->fwd != NULL, "start: %s", err);
+}
+
+static void harness_done(harness *h)
+{
+    amp_forward_stop(h->fwd);
+    h->fwd = NULL;
+    fake_stop(h->fake);
+    amp_spool_close(h->spool);
+    char p[300];
+    unlink(h->path);
+    snprintf(p, sizeof p, "%s-wal", h->path);
+    unlink(p);
+    snprintf(p, sizeof p, "%s-shm", h->path);
+    unlink(p);
+}
+
+static void on_done(void *ctx, const amp_spool_result *res)
+{
+    atomic_int *st = ctx;
+    atomic_store(st, res->status == 0 ? 1 : -1);
+}
+
+static void submit(harness *h, const char *dedupe, const char *app, const char *user,
+                   bool per_user, const char *body)
+{
+    static atomic_int st;
+    atomic_store(&st, 0);
+    amp_spool_batch *b = amp_spool_batch_create();
+    amp_spool_batch_event(b, dedupe);
+    amp_spool_batch_request(b, "r1", app, user, per_user, body);
+    amp_spool_submit(h->spool, b, on_done, &st);
+    amp_spool_flush(h->spool);
+    ck_assert_int_eq(atomic_load(&st), 1);
+}
+
+/* Wait (bounded) until delivered + dead reaches n. */
+static void wait_finished(harness *h, int64_t n, int timeout_ms)
+{
+    amp_spool_stats s = {0};
+    int64_t end = mono_ms() + timeout_ms;
+    while (mono_ms() < end) {
+        ck_assert_int_eq(amp_spool_stats_get(h->spool, &s), 0);
+        if (s.delivered + s.dead >= n)
+            return;
+        sleep_ms(10);
+    }
+    ck_abort_msg("timed out: delivered %lld dead %lld pending %lld, want %lld finished",
+                 (long long)s.delivered, (long long)s.dead, (long long)s.pending, (long long)n);
+}
+
+static void wait_requests(harness *h, size_t n, int timeout_ms)
+{
+    int64_t end = mono_ms() + timeout_ms;
+    while (mono_ms() < end && fake_count(h->fake) < n)
+        sleep_ms(5);
+    ck_assert_uint_ge(fake_count(h->fake), n);
+}
+
+typedef struct {
+    int state, attempts, last_status;
+    char last_code[64], last_message[256];
+    json_t *result;
+    int64_t due_ms;
+} row_t;
+
+static row_t get_row(harness *h, int64_t id)
+{
+    row_t r;
+    memset(&r, 0, sizeof r);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open_v2(h->path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db,
+                                        "SELECT state, attempts, coalesce(last_status,0), "
+                                        "coalesce(last_code,''), coalesce(last_message,''), "
+                                        "result, due_ms FROM deliveries WHERE id = ?1",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    sqlite3_bind_int64(st, 1, id);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    r.state = sqlite3_column_int(st, 0);
+    r.attempts = sqlite3_column_int(st, 1);
+    r.last_status = sqlite3_column_int(st, 2);
+    snprintf(r.last_code, sizeof r.last_code, "%s", sqlite3_column_text(st, 3));
+    snprintf(r.last_message, sizeof r.last_message, "%s", sqlite3_column_text(st, 4));
+    const unsigned char *res = sqlite3_column_text(st, 5);
+    if (res) {
+        json_error_t e;
+        r.result = json_loads((const char *)res, 0, &e);
+    }
+    r.due_ms = sqlite3_column_int64(st, 6);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return r;
+}
+
+static json_t *seen_body(harness *h, size_t i)
+{
+    pthread_mutex_lock(&h->fake->mu);
+    ck_assert_uint_lt(i, h->fake->nseen);
+    json_error_t e;
+    json_t *j = json_loads(h->fake->seen[i].body, 0, &e);
+    pthread_mutex_unlock(&h->fake->mu);
+    ck_assert_ptr_nonnull(j);
+    return j;
+}
+
+#define CHAT_BODY "{\"inputs\":{},\"query\":\"hello\",\"user\":\"u1\",\"response_mode\":\"blocking\"}"
+
+/* ======================================================================
+ * engine tests
+ * ====================================================================== */
+
+START_TEST(test_deliver_chat_per_user)
+{
+    harness h;
+    harness_init(&h, 1);
+    harness_start(&h);
+    submit(&h, "ev-1", "chat", "u1", true, CHAT_BODY);
+    submit(&h, "ev-2\r\nX-Evil: 1", "chat", "u1", true, CHAT_BODY);
+    wait_finished(&h, 2, 5000);
+
+    ck_assert_uint_eq(fake_count(h.fake), 2);
+    seen_t *s0 = &h.fake->seen[0], *s1 = &h.fake->seen[1];
+    ck_assert_str_eq(s0->path, "/v1/chat-messages");
+    ck_assert_str_eq(s0->auth, "Bearer app-SECRETKEY-chat");
+    ck_assert_str_eq(s0->trace, "ev-1");
+    ck_assert_str_eq(s0->ctype, "application/json");
+    ck_assert_str_eq(s0->ua, "amp2dify/" AMP_VERSION);
+    /* A dedupe key cannot inject header lines. */
+    ck_assert_str_eq(s1->trace, "ev-2__X-Evil: 1");
+    /* Same connection: keep-alive. */
+    ck_assert_int_eq(s0->conn, s1->conn);
+    ck_assert_int_eq(h.fake->nconns, 1);
+
+    /* First request has no conversation; the second continues c-1. */
+    json_t *b0 = seen_body(&h, 0), *b1 = seen_body(&h, 1);
+    ck_assert_ptr_null(json_object_get(b0, "conversation_id"));
+    ck_assert_str_eq(json_string_value(json_object_get(b0, "query")), "hello");
+    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), "c-1");
+    json_decref(b0);
+    json_decref(b1);
+
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 1);
+    ck_assert_int_eq(r.last_status, 200);
+    ck_assert_ptr_nonnull(r.result);
+    ck_assert_int_eq(json_integer_value(json_object_get(r.result, "status")), 200);
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "message_id")), "m-1");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c-1");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), "ok 1");
+    ck_assert_int_eq(
+        json_integer_value(json_object_get(json_object_get(r.result, "usage"), "total_tokens")),
+        3);
+    ck_assert(json_is_integer(json_object_get(r.result, "latency_ms")));
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_not_per_user_sends_no_conversation)
+{
+    harness h;
+    harness_init(&h, 2);
+    harness_start(&h);
+    submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 2, 5000);
+    json_t *b1 = seen_body(&h, 1);
+    ck_assert_ptr_null(json_object_get(b1, "conversation_id"));
+    json_decref(b1);
+    ck_assert_str_eq(h.fake->seen[0].trace, ""); /* no dedupe key, no header */
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_retry_statuses_then_deliver)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.status = 429,
+                                .body = "{\"status\":429,\"code\":\"too_many_requests\","
+                                        "\"message\":\"Too many requests.\"}"});
+    fake_push(h.fake, (reply_t){.status = 502, .ctype = "text/html", .body = "<html>bad</html>"});
+    fake_push(h.fake, (reply_t){.status = 400,
+                                .body = "{\"status\":400,\"code\":\"invalid_param\",\"message\":"
+                                        "\"Too many requests. The current maximum concurrent "
+                                        "requests allowed for x is 10.\"}"});
+    fake_push(h.fake, (reply_t){.status = 408, .body = "{}"});
+    fake_push(h.fake, (reply_t){.drop = true});
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 10000);
+    ck_assert_uint_eq(fake_count(h.fake), 6);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 6);
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_retry_records_last_error)
+{
+    harness h;
+    harness_init(&h, 1);
+    h.opts.retry_initial_ms = 60000; /* the retry lands far in the future */
+    h.opts.retry_max_ms = 60000;
+    fake_push(h.fake, (reply_t){.status = 503,
+                                .headers = "Retry-After: 120\r\n",
+                                .body = "{\"status\":503,\"code\":\"unavailable\",\"message\":"
+                                        "\"later\"}"});
+    harness_start(&h);
+    int64_t before = amp_now_ms();
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 1, 5000);
+    amp_forward_stop(h.fwd); /* flushes the ack */
+    h.fwd = NULL;
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 0);
+    ck_assert_int_eq(r.attempts, 1);
+    ck_assert_int_eq(r.last_status, 503);
+    ck_assert_str_eq(r.last_code, "unavailable");
+    ck_assert_str_eq(r.last_message, "later");
+    /* Retry-After (120 s) beats the backoff (<= 60 s). */
+    ck_assert_int_ge(r.due_ms, before + 119000);
+    ck_assert_int_le(r.due_ms, amp_now_ms() + 121000);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_retry_after_honoured)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.status = 429, .headers = "Retry-After: 1\r\n", .body = "{}"});
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    ck_assert_uint_eq(fake_count(h.fake), 2);
+    int64_t gap = h.fake->seen[1].at_ms - h.fake->seen[0].at_ms;
+    ck_assert_msg(gap >= 950, "second attempt after %lld ms, Retry-After was 1 s", (long long)gap);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_permanent_dead_letter)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.status = 400,
+                                .body = "{\"status\":400,\"code\":\"app_unavailable\",\"message\":"
+                                        "\"App unavailable, please check your app "
+                                        "configurations.\"}"});
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    ck_assert_uint_eq(fake_count(h.fake), 1);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_int_eq(r.last_status, 400);
+    ck_assert_str_eq(r.last_code, "app_unavailable");
+    ck_assert_str_eq(r.last_message, "App unavailable, please check your app configurations.");
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_workflow_failed_and_ok)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.body = "{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":"
+                                        "{\"id\":\"wr-1\",\"status\":\"failed\",\"error\":"
+                                        "\"Variable x is required\",\"outputs\":null}}"});
+    fake_push(h.fake, (reply_t){.body = "{\"task_id\":\"t\",\"workflow_run_id\":\"wr-2\",\"data\":"
+                                        "{\"id\":\"wr-2\",\"status\":\"succeeded\",\"outputs\":"
+                                        "{\"result\":\"fine\"},\"total_tokens\":12}}"});
+    harness_start(&h);
+    const char *body = "{\"inputs\":{\"x\":1},\"user\":\"u1\",\"response_mode\":\"blocking\"}";
+    submit(&h, "ev1", "flow", "u1", false, body);
+    wait_finished(&h, 1, 5000);
+    submit(&h, "ev2", "flow", "u1", false, body);
+    wait_finished(&h, 2, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    ck_assert_str_eq(h.fake->seen[0].path, "/v1/workflows/run");
+    ck_assert_str_eq(h.fake->seen[0].auth, "Bearer app-SECRETKEY-flow");
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_int_eq(r.last_status, 200);
+    ck_assert_str_eq(r.last_code, "workflow_failed");
+    ck_assert_str_eq(r.last_message, "Variable x is required");
+    r = get_row(&h, 2);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "workflow_run_id")), "wr-2");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(r.result, "outputs"), "result")),
+        "fine");
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_reset_conversation)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.body = "{\"message_id\":\"m1\",\"conversation_id\":\"c-old\","
+                                        "\"answer\":\"a\"}"});
+    fake_push(h.fake, (reply_t){.status = 404,
+                                .body = "{\"status\":404,\"code\":\"not_found\",\"message\":"
+                                        "\"Conversation Not Exists.\"}"});
+    fake_push(h.fake, (reply_t){.body = "{\"message_id\":\"m3\",\"conversation_id\":\"c-new\","
+                                        "\"answer\":\"b\"}"});
+    harness_start(&h);
+    h.opts.retry_initial_ms = 60000; /* a reset must not wait for a backoff */
+    submit(&h, "ev1", "chat", "u1", true, CHAT_BODY);
+    submit(&h, "ev2", "chat", "u1", true, CHAT_BODY);
+    wait_finished(&h, 2, 5000);
+    ck_assert_uint_eq(fake_count(h.fake), 3);
+    json_t *b1 = seen_body(&h, 1), *b2 = seen_body(&h, 2);
+    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), "c-old");
+    ck_assert_ptr_null(json_object_get(b2, "conversation_id")); /* a new conversation */
+    json_decref(b1);
+    json_decref(b2);
+    row_t r = get_row(&h, 2);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 2);
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c-new");
+    json_decref(r.result);
+
+    /* A 404 "Conversation Not Exists." for a request that carried no
+     * conversation cannot be fixed by a reset: dead letter. */
+    fake_push(h.fake, (reply_t){.status = 404,
+                                .body = "{\"status\":404,\"code\":\"not_found\",\"message\":"
+                                        "\"Conversation Not Exists.\"}"});
+    submit(&h, "ev3", "chat", "u2", true, CHAT_BODY);
+    wait_finished(&h, 3, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    r = get_row(&h, 3);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_int_eq(r.last_status, 404);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_pause_on_rejected_key)
+{
+    harness h;
+    harness_init(&h, 2);
+    h.opts.retry_initial_ms = 100; /* pause = max(1 s, ...) */
+    fake_push(h.fake, (reply_t){.status = 401,
+                                .body = "{\"status\":401,\"code\":\"unauthorized\",\"message\":"
+                                        "\"Access token is invalid\"}"});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 1, 5000);
+    sleep_ms(100);
+    /* While paused, more events of the app are not sent. */
+    submit(&h, "ev2", "chat", "u2", false, CHAT_BODY);
+    submit(&h, "ev3", "chat", "u3", false, CHAT_BODY);
+    sleep_ms(300);
+    ck_assert_uint_eq(fake_count(h.fake), 1);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 0);    /* not burnt */
+    ck_assert_int_eq(r.attempts, 0); /* released, not counted */
+    /* Other apps are not paused. */
+    submit(&h, "ev4", "done", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 3000);
+    ck_assert_str_eq(h.fake->seen[1].path, "/v1/completion-messages");
+    /* After the pause everything goes out. */
+    wait_finished(&h, 4, 5000);
+    ck_assert_uint_eq(fake_count(h.fake), 5);
+    r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 1);
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_expired)
+{
+    harness h;
+    harness_init(&h, 1);
+    h.opts.retry_max_age_s = 1;
+    h.opts.retry_initial_ms = 200;
+    h.opts.retry_max_ms = 200;
+    for (int i = 0; i < 20; i++)
+        fake_push(h.fake, (reply_t){.status = 500,
+                                    .body = "{\"status\":500,\"code\":\"internal_server_error\","
+                                            "\"message\":\"boom\"}"});
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 6000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_str_eq(r.last_code, "expired");
+    ck_assert_int_eq(r.last_status, 500);
+    ck_assert_ptr_nonnull(strstr(r.last_message, "internal_server_error"));
+    ck_assert_uint_ge(fake_count(h.fake), 2);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_unknown_app_and_bad_body)
+{
+    harness h;
+    harness_init(&h, 1);
+    harness_start(&h);
+    submit(&h, "ev1", "gone", "u1", false, CHAT_BODY);
+    submit(&h, "ev2", "chat", "u1", false, "[not an object]");
+    wait_finished(&h, 2, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    ck_assert_uint_eq(fake_count(h.fake), 0);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_str_eq(r.last_code, "unknown_app");
+    r = get_row(&h, 2);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_str_eq(r.last_code, "invalid_body");
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_connect_refused_is_retried)
+{
+    harness h;
+    harness_init(&h, 1);
+    /* A port nobody listens on: take one and close it. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    socklen_t al = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &al);
+    close(fd);
+    snprintf(h.base, sizeof h.base, "http://127.0.0.1:%u/v1", (unsigned)ntohs(a.sin_port));
+    h.opts.retry_initial_ms = 60000;
+    h.opts.retry_max_ms = 60000;
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    row_t r;
+    int64_t end = mono_ms() + 5000;
+    do {
+        sleep_ms(20);
+        amp_spool_flush(h.spool);
+        r = get_row(&h, 1);
+    } while (r.attempts == 0 && mono_ms() < end);
+    ck_assert_int_eq(r.state, 0);
+    ck_assert_int_eq(r.attempts, 1);
+    ck_assert_int_eq(r.last_status, 0);
+    ck_assert_str_eq(r.last_code, "connect_failed");
+    ck_assert_str_ne(r.last_message, "");
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_timeout_is_retried)
+{
+    harness h;
+    harness_init(&h, 1);
+    h.opts.timeout_s = 1;
+    fake_push(h.fake, (reply_t){.delay_ms = 1500, .body = "{}"});
+    harness_start(&h);
+    submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 8000);
+    ck_assert_uint_eq(fake_count(h.fake), 2);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 2);
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_streaming_answer)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.ctype = "text/event-stream", .chunk = 7, .body = chat_stream});
+    fake_push(h.fake, (reply_t){.ctype = "text/event-stream; charset=utf-8",
+                                .body = "data: {\"event\":\"message\",\"answer\":\"x\"}\n\n"});
+    fake_push(h.fake, (reply_t){.ctype = "text/event-stream",
+                                .body = "data: {\"event\":\"error\",\"status\":400,\"code\":"
+                                        "\"provider_quota_exceeded\",\"message\":\"quota\"}\n\n"});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", true, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    submit(&h, "ev2", "chat", "u2", false, CHAT_BODY);
+    wait_finished(&h, 2, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), " I'm \xc3\xa9");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c1");
+    json_decref(r.result);
+    /* Stream 2 stopped without a closing event (retried), then the third
+     * answer was an in-stream error: permanent with Dify's status. */
+    r = get_row(&h, 2);
+    ck_assert_int_eq(r.state, 2);
+    ck_assert_int_eq(r.attempts, 2);
+    ck_assert_int_eq(r.last_status, 400);
+    ck_assert_str_eq(r.last_code, "provider_quota_exceeded");
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_response_too_large)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.status = 200, .big = AMP_FORWARD_MAX_RESPONSE + 4096});
+    fake_push(h.fake, (reply_t){.status = 500, .big = AMP_FORWARD_MAX_RESPONSE * 2});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    h.opts.retry_initial_ms = 60000;
+    submit(&h, "ev2", "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 3, 5000);
+    wait_finished(&h, 2, 5000);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    /* 2xx: Dify did the work, so it counts as delivered. */
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert(json_is_true(json_object_get(r.result, "response_truncated")));
+    json_decref(r.result);
+    r = get_row(&h, 2);
+    ck_assert_int_eq(r.state, 1);
+    ck_assert_int_eq(r.attempts, 2); /* the oversized 500 was retried */
+    json_decref(r.result);
+    /* The connection survived both oversized answers. */
+    ck_assert_int_eq(h.fake->nconns, 1);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_stop_finishes_in_flight)
+{
+    harness h;
+    harness_init(&h, 1);
+    fake_push(h.fake, (reply_t){.delay_ms = 400});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    submit(&h, "ev2", "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 1, 5000);
+    int64_t t0 = mono_ms();
+    amp_forward_stop(h.fwd); /* the slow request completes, the rest waits */
+    h.fwd = NULL;
+    ck_assert_int_lt(mono_ms() - t0, 3000);
+    amp_spool_stats s;
+    ck_assert_int_eq(amp_spool_stats_get(h.spool, &s), 0);
+    ck_assert_int_eq(s.delivered, 1);
+    ck_assert_int_eq(s.pending, 1);
+    ck_assert_uint_eq(fake_count(h.fake), 1);
+    /* A new forwarder picks the rest up. */
+    harness_start(&h);
+    wait_finished(&h, 2, 5000);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_parallel_workers)
+{
+    harness h;
+    harness_init(&h, 4);
+    for (int i = 0; i < 4; i++)
+        fake_push(h.fake, (reply_t){.delay_ms = 300});
+    harness_start(&h);
+    int64_t t0 = mono_ms();
+    for (int i = 0; i < 4; i++) {
+        char u[16];
+        snprintf(u, sizeof u, "u%d", i);
+        submit(&h, NULL, "chat", u, true, CHAT_BODY);
+    }
+    wait_finished(&h, 4, 5000);
+    /* Four users, four workers: in parallel, not 4 x 300 ms. */
+    ck_assert_int_lt(mono_ms() - t0, 1100);
+    ck_assert_int_eq(h.fake->nconns, 4);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_many_events_in_order)
+{
+    harness h;
+    harness_init(&h, 3);
+    harness_start(&h);
+    for (int i = 0; i < 30; i++) {
+        char body[128];
+        snprintf(body, sizeof body, "{\"inputs\":{},\"query\":\"q%d\",\"user\":\"u1\"}", i);
+        submit(&h, NULL, "chat", "same-user", true, body);
+    }
+    wait_finished(&h, 30, 10000);
+    /* One user's events reach Dify in order, one at a time. */
+    for (size_t i = 0; i < 30; i++) {
+        json_t *b = seen_body(&h, i);
+        char want[16];
+        snprintf(want, sizeof want, "q%zu", i);
+        ck_assert_str_eq(json_string_value(json_object_get(b, "query")), want);
+        json_decref(b);
+    }
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_start_rejects_bad_options)
+{
+    harness h;
+    harness_init(&h, 1);
+    char err[256];
+    const char *keys[3] = {"ok", "", "ok"};
+    h.opts.api_keys = keys;
+    ck_assert_ptr_null(amp_forward_start(&h.opts, h.spool, err, sizeof err));
+    ck_assert_ptr_nonnull(strstr(err, "flow"));
+    const char *keys2[3] = {"ok", "bad\r\nX: y", "ok"};
+    h.opts.api_keys = keys2;
+    ck_assert_ptr_null(amp_forward_start(&h.opts, h.spool, err, sizeof err));
+    ck_assert_ptr_null(strstr(err, "bad")); /* the key is never echoed */
+    h.opts.api_keys = h.keys;
+    h.opts.workers = 0;
+    ck_assert_ptr_null(amp_forward_start(&h.opts, h.spool, err, sizeof err));
+    amp_forward_stop(NULL);
+    amp_forward_kick(NULL);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_key_never_logged)
+{
+    /* Capture stderr at debug level through a retry, a pause, a dead letter
+     * and a delivery. */
+    char logpath[] = "/tmp/amp-test-forward-log-XXXXXX";
+    int lfd = mkstemp(logpath);
+    ck_assert_int_ge(lfd, 0);
+    int saved = dup(STDERR_FILENO);
+    dup2(lfd, STDERR_FILENO);
+    amp_log_set_level(AMP_LOG_DEBUG);
+
+    harness h;
+    harness_init(&h, 1);
+    h.opts.retry_initial_ms = 10;
+    fake_push(h.fake, (reply_t){.status = 503, .body = "{}"});
+    fake_push(h.fake, (reply_t){.status = 401, .body = "{}"});
+    fake_push(h.fake, (reply_t){.status = 400, .body = "{\"code\":\"bad\",\"message\":\"no\"}"});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 8000);
+    harness_done(&h);
+
+    amp_log_set_level(AMP_LOG_ERROR);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    FILE *fp = fdopen(lfd, "r");
+    fseek(fp, 0, SEEK_SET);
+    amp_buf b;
+    amp_buf_init(&b, 8 << 20);
+    char line[4096];
+    while (fgets(line, sizeof line, fp))
+        amp_buf_append(&b, line, strlen(line));
+    fclose(fp);
+    unlink(logpath);
+    ck_assert_ptr_nonnull(b.data);
+    ck_assert_ptr_nonnull(strstr(b.data, "dify delivery retry"));
+    ck_assert_ptr_nonnull(strstr(b.data, "dify app paused: key rejected"));
+    ck_assert_ptr_nonnull(strstr(b.data, "dify delivery dead-lettered"));
+    ck_assert_ptr_null(strstr(b.data, "SECRETKEY"));
+    ck_assert_ptr_null(strstr(b.data, "hello")); /* the event body */
+    amp_buf_free(&b);
+}
+END_TEST
+
+static Suite *forward_suite(void)
+{
+    Suite *s = suite_create("forward");
+    TCase *tc = tcase_create("pure");
+    tcase_add_loop_test(tc, test_classify_table, 0, (int)NCLASSIFY);
+    tcase_add_test(tc, test_backoff_bounds);
+    tcase_add_test(tc, test_backoff_jitter_spreads);
+    tcase_add_test(tc, test_retry_after);
+    tcase_add_test(tc, test_join_url);
+    tcase_add_test(tc, test_request_body);
+    tcase_add_test(tc, test_utf8_cut);
+    tcase_add_test(tc, test_result_chat);
+    tcase_add_test(tc, test_result_answer_cap);
+    tcase_add_test(tc, test_result_workflow);
+    tcase_add_test(tc, test_sse_every_split);
+    tcase_add_test(tc, test_sse_events);
+    tcase_add_test(tc, test_sse_limits);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("engine");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, test_deliver_chat_per_user);
+    tcase_add_test(tc, test_not_per_user_sends_no_conversation);
+    tcase_add_test(tc, test_retry_statuses_then_deliver);
+    tcase_add_test(tc, test_retry_records_last_error);
+    tcase_add_test(tc, test_retry_after_honoured);
+    tcase_add_test(tc, test_permanent_dead_letter);
+    tcase_add_test(tc, test_workflow_failed_and_ok);
+    tcase_add_test(tc, test_reset_conversation);
+    tcase_add_test(tc, test_pause_on_rejected_key);
+    tcase_add_test(tc, test_expired);
+    tcase_add_test(tc, test_unknown_app_and_bad_body);
+    tcase_add_test(tc, test_connect_refused_is_retried);
+    tcase_add_test(tc, test_timeout_is_retried);
+    tcase_add_test(tc, test_streaming_answer);
+    tcase_add_test(tc, test_response_too_large);
+    tcase_add_test(tc, test_stop_finishes_in_flight);
+    tcase_add_test(tc, test_parallel_workers);
+    tcase_add_test(tc, test_many_events_in_order);
+    tcase_add_test(tc, test_start_rejects_bad_options);
+    tcase_add_test(tc, test_key_never_logged);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return 1;
+    amp_log_set_level(AMP_LOG_ERROR); /* retries and pauses warn by design */
+    SRunner *sr = srunner_create(forward_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    curl_global_cleanup();
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
