@@ -95,10 +95,6 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
     }
     if (!ok)
         return NULL;
-    if (depth > AMP_FILTER_MAX_DEPTH) {
-        amp_errs_add(errs, path, "filter nested deeper than %d levels", AMP_FILTER_MAX_DEPTH);
-        return NULL;
-    }
 
     amp_filter *f = amp_xcalloc(1, sizeof(*f));
     char *cpath = amp_jpath_key(path, which);
@@ -273,6 +269,10 @@ static amp_filter *compile_node(const json_t *spec, const char *path, int depth,
 {
     if (!json_is_object(spec)) {
         amp_errs_add(errs, path, "expected a filter object, found %s", amp_json_kind(spec));
+        return NULL;
+    }
+    if (depth > AMP_FILTER_MAX_DEPTH) {
+        amp_errs_add(errs, path, "filter nested deeper than %d levels", AMP_FILTER_MAX_DEPTH);
         return NULL;
     }
     if (json_object_get(spec, "all") || json_object_get(spec, "any") ||

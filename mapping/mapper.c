@@ -310,7 +310,9 @@ static bool path_prefix(const amp_path *a, const amp_path *b)
     return true;
 }
 
-static void compile_rule(route *r, const json_t *spec, const char *path, amp_errs *errs)
+/* Entry idx of "map" into r->rules[idx] (zeroed by the caller). */
+static void compile_rule(route *r, size_t idx, const json_t *spec, const char *path,
+                         amp_errs *errs)
 {
     static const char *const keys[] = {"source",       "target",       "transform", "source_field",
                                        "target_field", "transformer",  NULL};
@@ -337,30 +339,29 @@ static void compile_rule(route *r, const json_t *spec, const char *path, amp_err
     }
     const char *const *names = has_alt ? alt : std;
 
-    rule ru;
-    memset(&ru, 0, sizeof(ru));
+    rule *ru = &r->rules[idx];
     char err[160];
     const char *src = get_string(spec, names[0], path, true, &ok, errs);
     const char *dst = get_string(spec, names[1], path, true, &ok, errs);
     char *sp = amp_jpath_key(path, names[0]);
     char *tp = amp_jpath_key(path, names[1]);
     char *xp = amp_jpath_key(path, names[2]);
-    if (src && amp_path_parse(&ru.source, src, true, err, sizeof(err)) != 0) {
+    if (src && amp_path_parse(&ru->source, src, true, err, sizeof(err)) != 0) {
         amp_errs_add(errs, sp, "bad field path '%s': %s", src, err);
         ok = false;
     }
-    if (dst && amp_path_parse(&ru.target, dst, false, err, sizeof(err)) != 0) {
+    if (dst && amp_path_parse(&ru->target, dst, false, err, sizeof(err)) != 0) {
         amp_errs_add(errs, tp, "bad field path '%s': %s", dst, err);
         ok = false;
         dst = NULL;
     }
     /* Two targets where one contains the other would overwrite each other
      * depending on order; refuse them. */
-    for (size_t i = 0; dst && i < r->nrules; i++) {
+    for (size_t i = 0; dst && i < idx; i++) {
         const amp_path *o = &r->rules[i].target;
         if (!o->nsegs)
             continue;
-        if (path_prefix(o, &ru.target) || path_prefix(&ru.target, o)) {
+        if (path_prefix(o, &ru->target) || path_prefix(&ru->target, o)) {
             amp_errs_add(errs, tp, "target '%s' collides with target '%s' of map[%zu]; each target "
                                    "must be distinct and not inside another",
                          dst, o->text, i);
@@ -369,16 +370,12 @@ static void compile_rule(route *r, const json_t *spec, const char *path, amp_err
     }
     json_t *xf = json_object_get(spec, names[2]);
     if (xf) {
-        ru.xf = amp_xform_compile(xf, xp, errs);
-        ok = ok && ru.xf;
+        ru->xf = amp_xform_compile(xf, xp, errs);
+        ok = ok && ru->xf;
     }
     free(sp);
     free(tp);
     free(xp);
-    /* Keep the target even when something else failed so later entries are
-     * still checked for collisions against it. */
-    r->rules = amp_xrealloc(r->rules, (r->nrules + 1) * sizeof(*r->rules));
-    r->rules[r->nrules++] = ru;
     (void)ok;
 }
 
@@ -450,9 +447,11 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
         } else {
             size_t i;
             json_t *e;
+            r->nrules = json_array_size(map);
+            r->rules = amp_xcalloc(r->nrules, sizeof(*r->rules));
             json_array_foreach (map, i, e) {
                 char *ep = amp_jpath_index(p, i);
-                compile_rule(r, e, ep, errs);
+                compile_rule(r, i, e, ep, errs);
                 free(ep);
             }
         }

@@ -166,7 +166,7 @@ int amp_cmd_dlq(int argc, char **argv)
     amp_errs_destroy(errs);
 
     char err[512];
-    amp_spool_opts so = {.path = cfg->spool.path, .dedupe_window_s = cfg->spool.dedupe_window_s};
+    amp_spool_opts so = amp_config_spool_opts(cfg);
     amp_spool *s = amp_spool_open(&so, err, sizeof err);
     int rc = 1;
     if (!s) {

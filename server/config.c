@@ -252,7 +252,8 @@ static void load_auth(amp_config *c, const json_t *root, amp_errs *errs)
 
 static void load_spool(amp_config *c, const json_t *root, amp_errs *errs)
 {
-    static const char *const keys[] = {"path", "dedupe_window_seconds", NULL};
+    static const char *const keys[] = {"path", "dedupe_window_seconds", "max_pending",
+                                       "retention_seconds", "sync", NULL};
     const json_t *o = get_object(root, "spool", "", errs);
     if (!o)
         return;
@@ -260,6 +261,15 @@ static void load_spool(amp_config *c, const json_t *root, amp_errs *errs)
     get_string(o, "path", "spool", errs, &c->spool.path);
     get_int(o, "dedupe_window_seconds", "spool", 0, 10LL * 365 * 86400, errs,
             &c->spool.dedupe_window_s);
+    get_int(o, "max_pending", "spool", 0, INT64_MAX, errs, &c->spool.max_pending);
+    get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs,
+            &c->spool.retention_s);
+    char *sync = NULL;
+    get_string(o, "sync", "spool", errs, &sync);
+    if (sync && strcmp(sync, "full") != 0 && strcmp(sync, "normal") != 0)
+        amp_errs_add(errs, "spool.sync", "found '%s'; expected \"full\" or \"normal\"", sync);
+    c->spool.sync_normal = sync && strcmp(sync, "normal") == 0;
+    free(sync);
 }
 
 static void load_dify(amp_config *c, const json_t *root, amp_errs *errs)
@@ -500,6 +510,8 @@ static amp_config *config_defaults(const char *path)
     c->auth.header = amp_xstrdup("Authorization");
     c->spool.path = amp_xstrdup("amp2dify-spool.db");
     c->spool.dedupe_window_s = 604800;
+    c->spool.max_pending = 1000000;
+    c->spool.retention_s = 604800;
     c->dify.base_url = amp_xstrdup("https://api.dify.ai/v1");
     c->dify.timeout_s = 120;
     c->dify.connect_timeout_s = 10;
@@ -565,6 +577,15 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs)
         return NULL;
     }
     return c;
+}
+
+amp_spool_opts amp_config_spool_opts(const amp_config *c)
+{
+    return (amp_spool_opts){.path = c->spool.path,
+                            .dedupe_window_s = c->spool.dedupe_window_s,
+                            .max_pending = c->spool.max_pending,
+                            .retention_s = c->spool.retention_s,
+                            .sync_normal = c->spool.sync_normal};
 }
 
 static void free_strv(char **v, size_t n)

@@ -19,6 +19,7 @@
 
 #include "../crypto/sig.h"
 #include "../mapping/mapping.h"
+#include "../spool/spool.h"
 #include "log.h"
 #include "util.h"
 
@@ -48,6 +49,9 @@ typedef struct amp_config {
     struct {
         char *path;
         int64_t dedupe_window_s;
+        int64_t max_pending;
+        int64_t retention_s;
+        bool sync_normal;
     } spool;
     struct {
         char *base_url;
@@ -76,6 +80,9 @@ const char *amp_config_default_path(const char *from_cli);
  * (caller owns errs). Caller owns the result. */
 amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs);
 void amp_config_destroy(amp_config *c); /* accepts NULL */
+
+/* The spool options of a loaded config (strings borrowed from c). */
+amp_spool_opts amp_config_spool_opts(const amp_config *c);
 
 /* Read a secret from $name, else from the file named by $name_FILE (one
  * trailing newline stripped). 0 and *out (caller owns) on success; 1 when

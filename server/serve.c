@@ -100,8 +100,7 @@ int amp_cmd_serve(int argc, char **argv)
     amp_handlers *handlers = NULL;
     amp_http *http = NULL;
 
-    amp_spool_opts sopts = {.path = cfg->spool.path,
-                            .dedupe_window_s = cfg->spool.dedupe_window_s};
+    amp_spool_opts sopts = amp_config_spool_opts(cfg);
     spool = amp_spool_open(&sopts, err, sizeof err);
     if (!spool) {
         amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", cfg->spool.path,

@@ -7,12 +7,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../server/log.h"
 #include "../server/util.h"
 
 #define SCHEMA_VERSION 1
 #define BUSY_TIMEOUT_MS 5000
+/* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
+#define MAINTENANCE_INTERVAL_MS 60000
+#define PRUNE_BATCH 10000
 
 enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
 
@@ -123,6 +127,7 @@ typedef struct work {
     amp_spool_done_fn done;
     void *ctx;
     amp_spool_result result;
+    int64_t rows; /* deliveries inserted */
     /* WORK_ACK: owned copies */
     amp_ack ack;
     /* WORK_FLUSH */
@@ -133,6 +138,10 @@ struct amp_spool {
     sqlite3 *wdb; /* committer thread only */
     sqlite3 *rdb; /* under claim_mu */
     int64_t dedupe_window_ms;
+    int64_t retention_ms;
+    int64_t max_pending;
+    atomic_llong depth;
+    int64_t next_maintenance_ms; /* committer only */
 
     pthread_mutex_t q_mu;
     pthread_cond_t q_cond;    /* work queued or stop */
@@ -154,6 +163,7 @@ struct amp_spool {
     sqlite3_stmt *st_dedupe, *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
+    sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending;
     /* reader statements */
     sqlite3_stmt *st_claim, *st_next_due;
 };
@@ -232,7 +242,7 @@ fail:
     return -1;
 }
 
-static int open_db(const char *path, sqlite3 **db, char *err, size_t errlen)
+static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, size_t errlen)
 {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
     if (sqlite3_open_v2(path, db, flags, NULL) != SQLITE_OK) {
@@ -241,10 +251,11 @@ static int open_db(const char *path, sqlite3 **db, char *err, size_t errlen)
         return -1;
     }
     sqlite3_busy_timeout(*db, BUSY_TIMEOUT_MS);
-    /* FULL: a 202 answered after COMMIT survives power loss. */
-    if (exec(*db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; "
-                  "PRAGMA foreign_keys = OFF;",
-             err, errlen))
+    /* FULL: a 202 answered after COMMIT survives power loss. NORMAL (opt-in)
+     * survives a crash of the process but not of the machine. */
+    if (exec(*db, "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = OFF;", err, errlen) ||
+        exec(*db, sync_normal ? "PRAGMA synchronous = NORMAL" : "PRAGMA synchronous = FULL", err,
+             errlen))
         return -1;
     return 0;
 }
@@ -307,6 +318,12 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen)
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.app = d.app AND e.user = d.user "
          "  AND e.id < d.id)) "
          "ORDER BY d.due_ms, d.id LIMIT ?2"},
+        {s->wdb, &s->st_prune_dedupe,
+         "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
+        {s->wdb, &s->st_prune_delivered,
+         "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
+         "finished_ms < ?1 LIMIT ?2)"},
+        {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
         {s->rdb, &s->st_next_due,
          "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
     };
@@ -317,20 +334,39 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen)
 }
 
 static void *committer_main(void *arg);
+static int step_done(sqlite3_stmt *st);
+
+static void count_pending(amp_spool *s)
+{
+    if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
+        atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
+    sqlite3_reset(s->st_count_pending);
+}
 
 amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen)
 {
     amp_spool *s = amp_xcalloc(1, sizeof *s);
     s->dedupe_window_ms = opts->dedupe_window_s * 1000;
+    s->retention_ms = opts->retention_s * 1000;
+    s->max_pending = opts->max_pending;
+    atomic_init(&s->depth, 0);
     pthread_mutex_init(&s->q_mu, NULL);
-    pthread_cond_init(&s->q_cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->q_cond, &ca);
+    pthread_condattr_destroy(&ca);
     pthread_cond_init(&s->q_flushed, NULL);
     pthread_mutex_init(&s->claim_mu, NULL);
     atomic_init(&s->writable, true);
 
-    if (open_db(opts->path, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
-        open_db(opts->path, &s->rdb, err, errlen) || prepare_all(s, err, errlen))
+    if (open_db(opts->path, opts->sync_normal, &s->wdb, err, errlen) ||
+        migrate(s->wdb, err, errlen) ||
+        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) ||
+        prepare_all(s, err, errlen))
         goto fail;
+    count_pending(s);
+    s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
     if (pthread_create(&s->committer, NULL, committer_main, s) != 0) {
         snprintf(err, errlen, "spool: cannot start the committer thread");
         goto fail;
@@ -349,6 +385,7 @@ static void finalize_all(amp_spool *s)
         &s->st_release,   &s->st_rollback_to, &s->st_dedupe,   &s->st_insert,
         &s->st_delivered, &s->st_retry,     &s->st_dead,       &s->st_release_row,
         &s->st_conv_set,  &s->st_conv_clear, &s->st_claim,     &s->st_next_due,
+        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
@@ -389,6 +426,16 @@ void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx)
 bool amp_spool_writable(amp_spool *s)
 {
     return atomic_load(&s->writable);
+}
+
+int64_t amp_spool_depth(amp_spool *s)
+{
+    return atomic_load(&s->depth);
+}
+
+bool amp_spool_full(amp_spool *s)
+{
+    return s->max_pending > 0 && atomic_load(&s->depth) >= s->max_pending;
 }
 
 /* ---- batch building ------------------------------------------------------ */
@@ -547,6 +594,7 @@ static int write_batch(amp_spool *s, work *w, int64_t now)
             sqlite3_bind_text(s->st_insert, 7, q->body, -1, SQLITE_STATIC);
             if (step_done(s->st_insert))
                 goto fail;
+            w->rows++;
         }
         w->result.accepted++;
     }
@@ -557,6 +605,7 @@ fail:
     step_done(s->st_rollback_to);
     step_done(s->st_release);
     w->result.accepted = w->result.duplicates = 0;
+    w->rows = 0;
     return -1;
 }
 
@@ -614,6 +663,7 @@ static void commit_group(amp_spool *s, work *head)
 {
     int64_t now = amp_now_ms();
     int nbatches = 0, nacks = 0, ok = 1, new_work = 0;
+    int64_t depth_change = 0;
 
     for (work *w = head; w; w = w->next)
         nbatches += w->kind == WORK_BATCH, nacks += w->kind == WORK_ACK;
@@ -626,10 +676,13 @@ static void commit_group(amp_spool *s, work *head)
                 if (w->kind == WORK_BATCH) {
                     w->result.status = write_batch(s, w, now);
                     new_work |= w->result.status == 0 && w->result.accepted > 0;
+                    depth_change += w->rows;
                 } else if (w->kind == WORK_ACK) {
                     if (write_ack(s, &w->ack, now) != 0)
                         amp_log(AMP_LOG_ERROR, "spool ack failed", "{s:I, s:s}", "id",
                                 (json_int_t)w->ack.id, "error", sqlite3_errmsg(s->wdb));
+                    else if (w->ack.kind == AMP_ACK_DELIVERED || w->ack.kind == AMP_ACK_DEAD)
+                        depth_change--;
                     new_work |= w->ack.kind != AMP_ACK_DEAD;
                 }
             }
@@ -642,6 +695,8 @@ static void commit_group(amp_spool *s, work *head)
             amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error",
                     sqlite3_errmsg(s->wdb), "requests", nbatches, "acks", nacks);
         atomic_store(&s->writable, ok);
+        if (ok)
+            atomic_fetch_add(&s->depth, depth_change);
     }
 
     /* Unclaim acknowledged rows: committed or not, they are due again from
@@ -682,13 +737,61 @@ static void commit_group(amp_spool *s, work *head)
         s->notify(s->notify_ctx);
 }
 
+/* Delete one bounded slice of expired rows; returns rows deleted. */
+static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms)
+{
+    sqlite3_bind_int64(st, 1, before_ms);
+    sqlite3_bind_int(st, 2, PRUNE_BATCH);
+    int64_t n = step_done(st) == 0 ? sqlite3_changes(s->wdb) : -1;
+    if (n < 0)
+        amp_log(AMP_LOG_WARN, "spool pruning failed", "{s:s}", "error", sqlite3_errmsg(s->wdb));
+    return n;
+}
+
+/* Runs between groups on the committer thread; each slice is its own short
+ * transaction so ingest never waits long behind it. */
+static void maintain(amp_spool *s)
+{
+    int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
+    if (s->dedupe_window_ms > 0)
+        while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
+               (deduped += n) < 100 * PRUNE_BATCH)
+            ;
+    if (s->retention_ms > 0)
+        while ((n = prune(s, s->st_prune_delivered, now - s->retention_ms)) > 0 &&
+               (delivered += n) < 100 * PRUNE_BATCH)
+            ;
+    count_pending(s);
+    if (deduped || delivered)
+        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I}", "dedupe_keys",
+                (json_int_t)deduped, "delivered", (json_int_t)delivered, "pending",
+                (json_int_t)atomic_load(&s->depth));
+}
+
 static void *committer_main(void *arg)
 {
     amp_spool *s = arg;
     pthread_mutex_lock(&s->q_mu);
     for (;;) {
-        while (!s->q_head && !s->stop)
-            pthread_cond_wait(&s->q_cond, &s->q_mu);
+        while (!s->q_head && !s->stop) {
+            int64_t wait = s->next_maintenance_ms - amp_mono_ms();
+            if (wait <= 0) {
+                pthread_mutex_unlock(&s->q_mu);
+                maintain(s);
+                pthread_mutex_lock(&s->q_mu);
+                s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
+                continue;
+            }
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_sec += wait / 1000;
+            ts.tv_nsec += (wait % 1000) * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts);
+        }
         if (!s->q_head && s->stop)
             break;
         work *head = s->q_head;

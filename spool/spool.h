@@ -29,6 +29,9 @@ typedef struct amp_spool amp_spool;
 typedef struct amp_spool_opts {
     const char *path;
     int64_t dedupe_window_s; /* 0 disables dedupe */
+    int64_t max_pending;     /* amp_spool_full() above this many pending rows; 0: no limit */
+    int64_t retention_s;     /* delivered rows older than this are pruned; 0: kept */
+    bool sync_normal;        /* PRAGMA synchronous=NORMAL instead of FULL (see README) */
 } amp_spool_opts;
 
 /* Open (creating and migrating as needed). NULL and err filled on failure. */
@@ -132,6 +135,11 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out);
 
 /* Whether the last commit succeeded (readiness). */
 bool amp_spool_writable(amp_spool *s);
+
+/* Pending rows (kept in memory, recounted in the background). */
+int64_t amp_spool_depth(amp_spool *s);
+/* Whether the pending rows reached opts.max_pending (back-pressure). */
+bool amp_spool_full(amp_spool *s);
 
 /* ---- dead letters (the `dlq` command) ------------------------------- */
 

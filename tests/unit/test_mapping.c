@@ -36,6 +36,11 @@ static bool has_err(const amp_errs *errs, const char *want)
     return false;
 }
 
+static bool starts(const char *s, const char *prefix)
+{
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
 /* ---- paths ----------------------------------------------------------- */
 
 START_TEST(path_parse_forms)
@@ -135,8 +140,9 @@ START_TEST(value_equality)
     json_t *a = j("[1,{'x':2.0}]"), *b = j("[1.0,{'x':2}]"), *c = j("[1,{'x':'2'}]");
     ck_assert(amp_value_equal(a, b));
     ck_assert(!amp_value_equal(a, c));
-    json_t *half = json_real(0.5);
-    ck_assert_int_lt(amp_number_cmp(json_integer(0), half), 0);
+    json_t *half = json_real(0.5), *zero = json_integer(0);
+    ck_assert_int_lt(amp_number_cmp(zero, half), 0);
+    json_decref(zero);
     ck_assert_int_gt(amp_number_cmp(one, half), 0);
     json_decref(half);
     json_decref(one);
@@ -312,8 +318,7 @@ START_TEST(filter_compile_errors)
     e = filter_errs("{'all':[{'field':'s','op':'regex','value':'a('},{'field':'x','op':'in',"
                     "'value':'a'}]}");
     ck_assert_uint_eq(amp_errs_count(e), 2);
-    ck_assert(!strncmp(amp_errs_get(e, 0),
-                       "routes[1].filter.all[0].value: invalid regex 'a(': ", 51));
+    ck_assert(starts(amp_errs_get(e, 0), "routes[1].filter.all[0].value: invalid regex 'a(': "));
     ck_assert(has_err(e, "routes[1].filter.all[1].value: op 'in' needs a non-empty array, found "
                          "string"));
     amp_errs_destroy(e);
@@ -521,7 +526,7 @@ START_TEST(transform_compile_errors)
                          "default:<value>, truncate:<n>, sha256, required"));
     amp_errs_destroy(e);
     e = xform_errs("'trim||lowercase'");
-    ck_assert(!strncmp(amp_errs_get(e, 0), "routes[1].map[0].transform: empty transform", 43));
+    ck_assert(starts(amp_errs_get(e, 0), "routes[1].map[0].transform: empty transform"));
     amp_errs_destroy(e);
     e = xform_errs("'truncate:-1|truncate|trim:2|default'");
     ck_assert_uint_eq(amp_errs_count(e), 4);

@@ -345,6 +345,43 @@ START_TEST(dead_letters_list_replay_purge)
 }
 END_TEST
 
+START_TEST(depth_tracks_pending_and_limit)
+{
+    char err[256] = "";
+    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .max_pending = 3};
+    amp_spool *s = amp_spool_open(&o, err, sizeof err);
+    ck_assert_ptr_nonnull(s);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "a", "u", false, "{}");
+    add(b, "b", "u", false, "{}");
+    submit(s, b);
+    ck_assert_int_eq(amp_spool_depth(s), 2);
+    ck_assert(!amp_spool_full(s));
+    b = amp_spool_batch_create();
+    add(b, "c", "u", false, "{}");
+    add(b, "a", "u", false, "{}"); /* duplicate: no row */
+    submit(s, b);
+    ck_assert_int_eq(amp_spool_depth(s), 3);
+    ck_assert(amp_spool_full(s));
+
+    amp_spool_job *jobs[4];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3);
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_RETRY, .due_ms = 1});
+    free_jobs(jobs, 3);
+    amp_spool_flush(s);
+    ck_assert_int_eq(amp_spool_depth(s), 2);
+    ck_assert(!amp_spool_full(s));
+    amp_spool_close(s);
+
+    /* Counted again from the file on open. */
+    s = amp_spool_open(&o, err, sizeof err);
+    ck_assert_int_eq(amp_spool_depth(s), 2);
+    amp_spool_close(s);
+}
+END_TEST
+
 START_TEST(unwritable_path_fails_to_open)
 {
     char err[256] = "";
@@ -368,6 +405,7 @@ int main(void)
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
     tcase_add_test(tc, dead_letters_list_replay_purge);
+    tcase_add_test(tc, depth_tracks_pending_and_limit);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
