@@ -6,7 +6,8 @@
  *   bench_mapping [SECONDS]     default 2; prints events/s for
  *                               apply alone and for decode + apply
  *
- * Link with libamp.a (or mapping/*.c server/util.c) and jansson, libcrypto.
+ * Link with libamp.a (or the mapping sources and server/util.c), jansson and
+ * libcrypto.
  */
 #include <stdio.h>
 #include <stdlib.h>

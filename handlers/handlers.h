@@ -7,6 +7,7 @@
  *                        connection; the committer resumes it with 202 or 503
  *   GET  /healthz        health.c
  *   GET  /readyz         health.c
+ *   GET  /metrics        metrics.c: Prometheus text format 0.0.4
  *
  * Errors are JSON {"error":"<code>","detail":"<text>"}.
  *
@@ -21,11 +22,13 @@
 #include <stdbool.h>
 
 #include "../server/config.h"
+#include "../server/metrics.h"
 #include "../spool/spool.h"
 
 typedef struct amp_handlers amp_handlers;
 
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool); /* caller owns */
+/* cfg, spool and metrics are borrowed. Caller owns the result. */
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics);
 void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
 
 /* Draining: /readyz answers 503 and new webhook requests get 503

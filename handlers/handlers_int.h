@@ -14,6 +14,9 @@
 struct amp_handlers {
     const amp_config *cfg;
     amp_spool *spool;
+    amp_metrics *metrics;
+    amp_series *ingest_seconds;
+    amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
     atomic_bool draining;
     atomic_int suspended; /* connections waiting for the spool's answer */
 };
@@ -30,6 +33,8 @@ struct amp_req {
     amp_endpoint_fn endpoint;
     char request_id[64];
     int64_t start_ms; /* monotonic */
+    unsigned status;  /* the answer's status, once queued */
+    bool webhook;
     /* body (webhook) */
     amp_buf body;
     bool too_large;
@@ -50,6 +55,9 @@ enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *cod
 /* webhook.c */
 enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r);
 enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r);
+
+/* metrics.c */
+enum MHD_Result amp_metrics_endpoint(amp_handlers *h, amp_req *r);
 
 /* health.c */
 enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r);

@@ -17,6 +17,7 @@ static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char
     MHD_add_response_header(resp, "X-Request-Id", r->request_id);
     if (hname)
         MHD_add_response_header(resp, hname, hvalue);
+    r->status = status;
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     return ret;

@@ -22,13 +22,24 @@ static const route routes[] = {
     {NULL, MHD_HTTP_METHOD_POST, amp_webhook_begin, amp_webhook_finish},
     {"/healthz", MHD_HTTP_METHOD_GET, NULL, amp_health_healthz},
     {"/readyz", MHD_HTTP_METHOD_GET, NULL, amp_health_readyz},
+    {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_metrics_endpoint},
 };
 
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool)
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics)
 {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
     h->cfg = cfg;
     h->spool = spool;
+    h->metrics = metrics;
+    h->ingest_seconds = amp_metrics_series(metrics, "amp2dify_ingest_duration_seconds", NULL);
+    h->events_accepted =
+        amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "accepted", NULL);
+    h->events_duplicate =
+        amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "duplicate", NULL);
+    h->events_filtered =
+        amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "filtered", NULL);
+    h->events_rejected =
+        amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "rejected", NULL);
     atomic_init(&h->draining, false);
     atomic_init(&h->suspended, 0);
     return h;
@@ -94,6 +105,7 @@ static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
                                    MHD_HTTP_HEADER_ALLOW, rt->method);
     }
     r->endpoint = rt->finish;
+    r->webhook = rt->path == NULL;
     return rt->begin ? rt->begin(h, r) : MHD_YES;
 }
 
@@ -134,11 +146,19 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
 void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                             enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
     (void)conn;
+    amp_handlers *h = cls;
     amp_req *r = *req_cls;
     if (!r)
         return;
+    if (r->status) {
+        char code[16];
+        snprintf(code, sizeof code, "%u", r->status);
+        amp_series_inc(
+            amp_metrics_series(h->metrics, "amp2dify_http_requests_total", "code", code, NULL));
+        if (r->webhook)
+            amp_series_observe(h->ingest_seconds, (double)(amp_mono_ms() - r->start_ms) / 1e3);
+    }
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
         amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:i}", "request_id",
                 r->request_id, "reason", (int)toe);

@@ -74,6 +74,14 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
     amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s, s:s}", "request_id",
             r->request_id, "status", 401, "error", codes[res], "detail", detail, "scheme",
             amp_sig_scheme_name(h->cfg->auth.scheme));
+    static const char *const reasons[] = {
+        [AMP_SIG_MISSING] = "missing",
+        [AMP_SIG_MALFORMED] = "malformed",
+        [AMP_SIG_STALE] = "stale",
+        [AMP_SIG_MISMATCH] = "mismatch",
+    };
+    amp_series_inc(amp_metrics_series(h->metrics, "amp2dify_auth_failures_total", "reason",
+                                      reasons[res], NULL));
     return amp_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
 }
 
@@ -111,6 +119,8 @@ static void stored(void *ctx, const amp_spool_result *res)
 static enum MHD_Result answer_stored(amp_req *r)
 {
     const amp_spool_result *res = &r->result;
+    amp_handlers *h = r->h;
+    amp_series_add(h->events_filtered, r->filtered);
     if (res->status != 0) {
         amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
                 "error", res->error ? res->error : "unknown");
@@ -118,6 +128,8 @@ static enum MHD_Result answer_stored(amp_req *r)
                                    res->error ? res->error : "the spool is unavailable",
                                    "Retry-After", "5");
     }
+    amp_series_add(h->events_accepted, res->accepted);
+    amp_series_add(h->events_duplicate, res->duplicates);
     amp_log(AMP_LOG_DEBUG, "request stored", "{s:s, s:i, s:i, s:i, s:I}", "request_id",
             r->request_id, "accepted", (int)res->accepted, "duplicates", (int)res->duplicates,
             "filtered", (int)r->filtered, "ms", (json_int_t)(amp_mono_ms() - r->start_ms));
@@ -170,6 +182,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
         const char *code = dr == AMP_DECODE_INVALID_JSON ? "invalid_json" : "invalid_event";
         amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s}", "request_id",
                 r->request_id, "status", 400, "error", code, "detail", detail);
+        amp_series_inc(h->events_rejected);
         return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
@@ -181,6 +194,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
         char why[200];
         if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
             snprintf(detail, sizeof detail, "events[%zu]: %s", i, why);
+            amp_series_add(h->events_rejected, (double)json_array_size(events));
             amp_spool_batch_destroy(batch);
             json_decref(events);
             return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);

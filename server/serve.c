@@ -20,12 +20,26 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "version.h"
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200
 /* Upper bound on waiting for the spool to answer suspended requests. */
 #define DRAIN_MAX_MS 10000
+
+/* Gauges read from the spool at each scrape. */
+static void collect_spool(void *ctx, amp_metrics *m)
+{
+    amp_spool *spool = ctx;
+    amp_series_set(amp_metrics_series(m, "amp2dify_spool_pending", NULL),
+                   (double)amp_spool_depth(spool));
+    int64_t oldest = amp_spool_oldest_pending_ms(spool);
+    amp_series_set(amp_metrics_series(m, "amp2dify_spool_oldest_pending_age_seconds", NULL),
+                   oldest ? (double)(amp_now_ms() - oldest) / 1e3 : 0);
+    amp_series_set(amp_metrics_series(m, "amp2dify_spool_writable", NULL),
+                   amp_spool_writable(spool) ? 1 : 0);
+}
 
 static void kick_forwarder(void *ctx)
 {
@@ -99,6 +113,7 @@ int amp_cmd_serve(int argc, char **argv)
     amp_forward *fwd = NULL;
     amp_handlers *handlers = NULL;
     amp_http *http = NULL;
+    amp_metrics *metrics = amp_metrics_create();
 
     amp_spool_opts sopts = amp_config_spool_opts(cfg);
     spool = amp_spool_open(&sopts, err, sizeof err);
@@ -115,7 +130,8 @@ int amp_cmd_serve(int argc, char **argv)
     amp_spool_set_notify(spool, kick_forwarder, fwd);
     amp_forward_kick(fwd); /* resume what a previous run left pending */
 
-    handlers = amp_handlers_create(cfg, spool);
+    amp_metrics_set_collector(metrics, collect_spool, spool);
+    handlers = amp_handlers_create(cfg, spool, metrics);
     http = amp_http_start(cfg, handlers, err, sizeof err);
     if (!http) {
         amp_log(AMP_LOG_ERROR, "http server failed to start", "{s:s}", "error", err);
@@ -161,6 +177,7 @@ out:
     amp_forward_stop(fwd);
     amp_spool_close(spool);
     amp_handlers_destroy(handlers);
+    amp_metrics_destroy(metrics);
     curl_global_cleanup();
     if (rc == 0)
         amp_log(AMP_LOG_INFO, "stopped", NULL);

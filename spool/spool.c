@@ -191,6 +191,8 @@ static const char schema_v1[] =
     "CREATE INDEX deliveries_due ON deliveries(due_ms, id) WHERE state = 0;"
     /* next event of this (app, user) */
     "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0;"
+    /* oldest pending row (ids grow with time) */
+    "CREATE INDEX deliveries_pending ON deliveries(id) WHERE state = 0;"
     /* dead letters and retention, by time */
     "CREATE INDEX deliveries_finished ON deliveries(state, finished_ms) WHERE state <> 0;"
     "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
@@ -874,6 +876,22 @@ int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t m
     return rc < 0 && n == 0 ? -1 : (int)n;
 }
 
+int64_t amp_spool_oldest_pending_ms(amp_spool *s)
+{
+    int64_t v = 0;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(s->rdb,
+                           "SELECT created_ms FROM deliveries INDEXED BY deliveries_pending "
+                           "WHERE state = 0 ORDER BY id LIMIT 1",
+                           -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    return v;
+}
+
 int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
 {
     memset(out, 0, sizeof *out);
@@ -884,7 +902,7 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
                            "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
                            " (SELECT count(*) FROM deliveries WHERE state = 1),"
                            " (SELECT count(*) FROM deliveries WHERE state = 2),"
-                           " (SELECT min(created_ms) FROM deliveries WHERE state = 0)",
+                           " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
                            -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW) {
         out->pending = sqlite3_column_int64(st, 0);

@@ -131,7 +131,10 @@ typedef struct amp_spool_stats {
     int64_t oldest_pending_ms; /* created_ms of the oldest pending row, 0 when none */
 } amp_spool_stats;
 
+/* Exact counts (scans; for tests and the CLI). */
 int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out);
+/* created_ms of the oldest pending row, 0 when none (cheap; for metrics). */
+int64_t amp_spool_oldest_pending_ms(amp_spool *s);
 
 /* Whether the last commit succeeded (readiness). */
 bool amp_spool_writable(amp_spool *s);

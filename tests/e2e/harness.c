@@ -454,8 +454,13 @@ h_server *h_server_start(const h_opts *opts)
         if (opts->no_wait)
             return s;
         int rc = wait_ready(s);
-        if (rc == 0)
+        if (rc == 0) {
+            /* A failed assertion ends the test with _exit: this line is what
+             * points at the log it leaves behind. */
+            fprintf(stderr, "harness: amp2dify pid %d on 127.0.0.1:%u, log %s\n", (int)s->pid,
+                    s->port, s->log_path);
             return s;
+        }
         if (rc == 1 && log_says_port_busy(s) && attempt + 1 < H_START_ATTEMPTS) {
             live_remove(s);
             continue; /* someone took the port between probe and bind */

@@ -8,8 +8,8 @@
  * DIFY_API_KEY, AMP2DIFY_SPOOL, AMP2DIFY_LISTEN), runs `amp2dify serve -c
  * FILE` with stderr and stdout in DIR/server.log, and waits until GET
  * /healthz answers 200. The child dies with the test process
- * (PR_SET_PDEATHSIG), and a test that exits without h_server_stop (a failed
- * assertion) leaves its directory behind and prints the log's tail.
+ * (PR_SET_PDEATHSIG). A test that ends without h_server_stop (a failed
+ * assertion) leaves the directory behind: its path is printed at start.
  *
  * The HTTP helpers use libcurl; signatures are computed here with OpenSSL's
  * HMAC, independently of the product's crypto code, so tests check it.
