@@ -88,6 +88,8 @@ unit: $(UNIT_BINS)
 
 e2e: $(BIN) $(E2E_BINS)
 	@set -e; for t in $(E2E_BINS); do echo "== $$t"; AMP2DIFY_BIN=$(BIN) $$t; done
+	bash tests/mapping/run.sh $(BIN)
+	bash tests/config/run.sh $(BIN)
 
 test-run: unit e2e
 

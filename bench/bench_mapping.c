@@ -50,15 +50,13 @@ static const char EVENT[] =
 
 static size_t emitted;
 
-static void on_request(void *ctx, const amp_map_request *req)
-{
+static void on_request(void *ctx, const amp_map_request *req) {
     (void)ctx;
     (void)req;
     emitted++;
 }
 
-static double run(const amp_mapper *m, const json_t *event, bool decode, double seconds)
-{
+static double run(const amp_mapper *m, const json_t *event, bool decode, double seconds) {
     char detail[256];
     size_t n = 0;
     int64_t start = amp_mono_ms(), deadline = start + (int64_t)(seconds * 1000);
@@ -76,7 +74,8 @@ static double run(const amp_mapper *m, const json_t *event, bool decode, double 
                 }
                 ev = json_array_get(evs, 0);
             }
-            if (amp_mapper_apply(m, ev, on_request, NULL, NULL, NULL, detail, sizeof(detail)) != 1) {
+            if (amp_mapper_apply(m, ev, on_request, NULL, NULL, NULL, detail, sizeof(detail)) !=
+                1) {
                 fprintf(stderr, "event did not map to one request: %s\n", detail);
                 exit(1);
             }
@@ -88,8 +87,7 @@ static double run(const amp_mapper *m, const json_t *event, bool decode, double 
     return (double)n * 1000.0 / (double)(now - start);
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     double seconds = argc > 1 ? strtod(argv[1], NULL) : 2.0;
     if (!(seconds > 0 && seconds <= 60)) {
         fprintf(stderr, "usage: bench_mapping [SECONDS (0-60]]\n");

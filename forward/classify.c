@@ -11,20 +11,17 @@
 
 /* ---- outcome ---------------------------------------------------------- */
 
-static const char *str_member(const json_t *obj, const char *key)
-{
+static const char *str_member(const json_t *obj, const char *key) {
     const json_t *v = json_is_object(obj) ? json_object_get(obj, key) : NULL;
     return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-static int has_prefix(const char *s, const char *prefix)
-{
+static int has_prefix(const char *s, const char *prefix) {
     return s && strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
 amp_outcome amp_forward_classify(int transport_error, long http_status, const json_t *body,
-                                 const char **code, const char **message)
-{
+                                 const char **code, const char **message) {
     const char *c = str_member(body, "code");
     const char *m = str_member(body, "message");
     amp_outcome out;
@@ -73,8 +70,7 @@ amp_outcome amp_forward_classify(int transport_error, long http_status, const js
 
 /* ---- backoff ---------------------------------------------------------- */
 
-int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, double rnd)
-{
+int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, double rnd) {
     if (initial_ms <= 0 || max_ms <= 0)
         return 0;
     /* Doubling stops at max_ms, so this never overflows and runs at most
@@ -96,8 +92,7 @@ int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, 
 
 /* ---- Retry-After ------------------------------------------------------ */
 
-static int parse_digits(const char *s, size_t n, int *out)
-{
+static int parse_digits(const char *s, size_t n, int *out) {
     int v = 0;
     if (n == 0)
         return -1;
@@ -112,8 +107,7 @@ static int parse_digits(const char *s, size_t n, int *out)
 
 /* IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT" (RFC 9110 5.6.7), parsed by
  * hand so the process locale cannot change what month names mean. */
-static int parse_imf_fixdate(const char *s, size_t n, time_t *out)
-{
+static int parse_imf_fixdate(const char *s, size_t n, time_t *out) {
     static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
     static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
                                          "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
@@ -148,8 +142,7 @@ static int parse_imf_fixdate(const char *s, size_t n, time_t *out)
     return 0;
 }
 
-int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms)
-{
+int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms) {
     if (!value)
         return -1;
     const char *s = value;
@@ -191,8 +184,7 @@ int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms)
 
 /* ---- requests and results --------------------------------------------- */
 
-size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max)
-{
+size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max) {
     if (len <= max)
         return len;
     /* s[max] is the first byte left out; while it continues a sequence,
@@ -203,8 +195,7 @@ size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max)
     return n;
 }
 
-char *amp_forward_join_url(const char *base, const char *path)
-{
+char *amp_forward_join_url(const char *base, const char *path) {
     size_t n = strlen(base);
     while (n > 0 && base[n - 1] == '/')
         n--;
@@ -213,8 +204,7 @@ char *amp_forward_join_url(const char *base, const char *path)
     return amp_xasprintf("%.*s/%s", (int)n, base, path);
 }
 
-char *amp_forward_request_body(const char *body_json, const char *conversation_id)
-{
+char *amp_forward_request_body(const char *body_json, const char *conversation_id) {
     if (!conversation_id || !*conversation_id) {
         /* Nothing to add: send the stored bytes untouched, but still refuse
          * what is not an object so a corrupt row is dead-lettered once
@@ -246,21 +236,18 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
     return out;
 }
 
-const char *amp_forward_answer_conversation(const json_t *body)
-{
+const char *amp_forward_answer_conversation(const json_t *body) {
     const char *c = str_member(body, "conversation_id");
     return c && *c ? c : NULL;
 }
 
-static void copy_member(json_t *dst, const json_t *src, const char *key)
-{
+static void copy_member(json_t *dst, const json_t *src, const char *key) {
     const json_t *v = json_is_object(src) ? json_object_get(src, key) : NULL;
     if (v && !json_is_null(v))
         json_object_set(dst, key, (json_t *)v);
 }
 
-static void set_capped_string(json_t *dst, const char *key, const char *s, size_t len)
-{
+static void set_capped_string(json_t *dst, const char *key, const char *s, size_t len) {
     size_t n = amp_forward_utf8_cut(s, len, AMP_FORWARD_ANSWER_CAP);
     json_t *v = json_stringn(s, n);
     if (v)
@@ -270,8 +257,7 @@ static void set_capped_string(json_t *dst, const char *key, const char *s, size_
 }
 
 json_t *amp_forward_result(amp_endpoint endpoint, long http_status, const json_t *body,
-                           int64_t latency_ms)
-{
+                           int64_t latency_ms) {
     json_t *r = json_object();
     if (!r)
         return NULL;

@@ -18,7 +18,7 @@ struct amp_forward_http {
     amp_buf body;
     amp_forward_sse *sse;
     /* Per request: */
-    int mode;         /* 0 undecided, 1 buffer, 2 stream */
+    int mode; /* 0 undecided, 1 buffer, 2 stream */
     bool too_large;
     bool sse_broken;
     char retry_after[64];
@@ -26,8 +26,7 @@ struct amp_forward_http {
 
 enum { MODE_UNDECIDED, MODE_BUFFER, MODE_STREAM };
 
-static size_t on_body(char *data, size_t size, size_t nmemb, void *ctx)
-{
+static size_t on_body(char *data, size_t size, size_t nmemb, void *ctx) {
     amp_forward_http *h = ctx;
     size_t n = size * nmemb;
     if (h->mode == MODE_UNDECIDED) {
@@ -54,8 +53,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ctx)
     return n;
 }
 
-static size_t on_header(char *data, size_t size, size_t nmemb, void *ctx)
-{
+static size_t on_header(char *data, size_t size, size_t nmemb, void *ctx) {
     amp_forward_http *h = ctx;
     size_t n = size * nmemb;
     static const char name[] = "retry-after:";
@@ -78,8 +76,7 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ctx)
 }
 
 amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s, char *err,
-                                          size_t errlen)
-{
+                                          size_t errlen) {
     amp_forward_http *h = amp_xcalloc(1, sizeof *h);
     amp_buf_init(&h->body, AMP_FORWARD_MAX_RESPONSE);
     h->sse = amp_forward_sse_create();
@@ -115,8 +112,7 @@ fail:
     return NULL;
 }
 
-void amp_forward_http_destroy(amp_forward_http *h)
-{
+void amp_forward_http_destroy(amp_forward_http *h) {
     if (!h)
         return;
     if (h->curl)
@@ -126,8 +122,7 @@ void amp_forward_http_destroy(amp_forward_http *h)
     free(h);
 }
 
-static const char *transport_code(CURLcode rc)
-{
+static const char *transport_code(CURLcode rc) {
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
         return "timeout";
@@ -149,22 +144,19 @@ static const char *transport_code(CURLcode rc)
     }
 }
 
-void amp_forward_reply_clear(amp_forward_reply *r)
-{
+void amp_forward_reply_clear(amp_forward_reply *r) {
     json_decref(r->body);
     memset(r, 0, sizeof *r);
 }
 
-static void set_transport(amp_forward_reply *r, int rc, const char *code, const char *text)
-{
+static void set_transport(amp_forward_reply *r, int rc, const char *code, const char *text) {
     r->transport_error = rc ? rc : -1;
     r->transport_code = code;
     snprintf(r->error, sizeof r->error, "%s", text);
 }
 
 /* Fold a finished stream into the reply. */
-static void finish_stream(amp_forward_http *h, amp_forward_reply *r)
-{
+static void finish_stream(amp_forward_http *h, amp_forward_reply *r) {
     bool complete = false;
     r->streamed = true;
     r->body = amp_forward_sse_finish(h->sse, &complete);
@@ -182,8 +174,7 @@ static void finish_stream(amp_forward_http *h, amp_forward_reply *r)
 }
 
 void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
-                           const char *body, size_t body_len, amp_forward_reply *reply)
-{
+                           const char *body, size_t body_len, amp_forward_reply *reply) {
     memset(reply, 0, sizeof *reply);
     amp_buf_reset(&h->body);
     amp_forward_sse_reset(h->sse);

@@ -43,6 +43,9 @@ typedef struct app_state {
     const amp_app *app;
     char *url;
     char *auth; /* "Authorization: Bearer <key>" — never logged */
+    /* Metric series, all NULL without a registry: */
+    amp_series *m_delivered, *m_retried, *m_dead;
+    amp_series *m_in_flight, *m_paused, *m_seconds;
     /* Guarded by amp_forward.mu: */
     int64_t paused_until_ms; /* 0: not paused */
     int pause_strikes;       /* consecutive rejections; grows the pause */
@@ -61,6 +64,7 @@ struct amp_forward {
     amp_spool *spool;
     app_state *apps;
     size_t napps;
+    amp_metrics *metrics; /* may be NULL */
     worker *workers;
     unsigned nworkers;
     pthread_t dispatcher;
@@ -80,8 +84,7 @@ struct amp_forward {
 /* ---- small pieces ----------------------------------------------------- */
 
 /* splitmix64: jitter only needs to be spread, not secret. */
-static double next_rnd(uint64_t *s)
-{
+static double next_rnd(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -89,16 +92,56 @@ static double next_rnd(uint64_t *s)
     return (double)(z >> 11) / 9007199254740992.0; /* 2^53 */
 }
 
-static app_state *find_app(amp_forward *f, const char *name)
-{
+static app_state *find_app(amp_forward *f, const char *name) {
     for (size_t i = 0; name && i < f->napps; i++)
         if (strcmp(f->apps[i].app->name, name) == 0)
             return &f->apps[i];
     return NULL;
 }
 
-static const char *outcome_name(amp_outcome o)
-{
+/* ---- metrics (no-ops without a registry) ------------------------------ */
+
+static void m_add(amp_series *s, double v) {
+    if (s)
+        amp_series_add(s, v);
+}
+
+static void m_set(amp_series *s, double v) {
+    if (s)
+        amp_series_set(s, v);
+}
+
+/* Dify's code becomes a label value: only short snake_case words, so an odd
+ * upstream cannot blow up the number of series. */
+static const char *code_label(const char *code) {
+    if (!code)
+        return "";
+    for (size_t n = 0; code[n]; n++) {
+        char c = code[n];
+        if (n >= 48 || !((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+            return "other";
+    }
+    return code;
+}
+
+static void count_response(amp_forward *f, const app_state *a, long status, const char *code) {
+    if (!f->metrics)
+        return;
+    char st[24];
+    snprintf(st, sizeof st, "%ld", status);
+    amp_series_inc(amp_metrics_series(f->metrics, "amp2dify_dify_responses_total", "app",
+                                      a->app->name, "status", st, "code", code_label(code), NULL));
+}
+
+static void count_dead(amp_forward *f, const app_state *a, const amp_spool_job *job) {
+    if (a)
+        m_add(a->m_dead, 1);
+    else if (f->metrics && job->app)
+        amp_series_inc(amp_metrics_series(f->metrics, "amp2dify_deliveries_total", "app", job->app,
+                                          "outcome", "dead_lettered", NULL));
+}
+
+static const char *outcome_name(amp_outcome o) {
     switch (o) {
     case AMP_OUTCOME_DELIVERED:
         return "delivered";
@@ -116,8 +159,7 @@ static const char *outcome_name(amp_outcome o)
 
 /* The dedupe key comes from the event, i.e. from the sender: keep it from
  * smuggling header lines or megabytes into the request. */
-static void trace_header(char *out, size_t outlen, const char *key)
-{
+static void trace_header(char *out, size_t outlen, const char *key) {
     static const char prefix[] = "X-Trace-Id: ";
     size_t n = sizeof prefix - 1;
     memcpy(out, prefix, n);
@@ -128,8 +170,7 @@ static void trace_header(char *out, size_t outlen, const char *key)
     out[n] = '\0';
 }
 
-static void gettime_after(struct timespec *ts, int64_t ms)
-{
+static void gettime_after(struct timespec *ts, int64_t ms) {
     clock_gettime(CLOCK_MONOTONIC, ts);
     ts->tv_sec += ms / 1000;
     ts->tv_nsec += (long)(ms % 1000) * 1000000L;
@@ -141,35 +182,34 @@ static void gettime_after(struct timespec *ts, int64_t ms)
 
 /* ---- acknowledgements ------------------------------------------------- */
 
-static void ack_release(amp_forward *f, const amp_spool_job *job, int64_t due_ms)
-{
+static void ack_release(amp_forward *f, const amp_spool_job *job, int64_t due_ms) {
     amp_ack a = {.id = job->id, .kind = AMP_ACK_RELEASE, .due_ms = due_ms};
     amp_spool_ack(f->spool, &a);
 }
 
-static void ack_dead(amp_forward *f, const amp_spool_job *job, long status, const char *code,
-                     const char *message)
-{
-    amp_ack a = {.id = job->id,
-                       .kind = AMP_ACK_DEAD,
-                       .http_status = (int)status,
-                       .code = code,
-                       .message = message};
-    amp_spool_ack(f->spool, &a);
+static void ack_dead(amp_forward *f, const app_state *a, const amp_spool_job *job, long status,
+                     const char *code, const char *message) {
+    amp_ack ack = {.id = job->id,
+                   .kind = AMP_ACK_DEAD,
+                   .http_status = (int)status,
+                   .code = code,
+                   .message = message};
+    amp_spool_ack(f->spool, &ack);
+    count_dead(f, a, job);
     amp_log(AMP_LOG_INFO, "dify delivery dead-lettered", "{s:I, s:s, s:s, s:i, s:s*, s:s*, s:i}",
             "id", (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
             "status", (int)status, "code", code, "message", message, "attempt", job->attempts + 1);
 }
 
-static void on_retry(amp_forward *f, worker *w, const amp_spool_job *job, const amp_forward_reply *r,
-                     const char *code, const char *message, int64_t now)
-{
+static void on_retry(amp_forward *f, worker *w, const app_state *a, const amp_spool_job *job,
+                     const amp_forward_reply *r, const char *code, const char *message,
+                     int64_t now) {
     int64_t max_age_s = f->opts.retry_max_age_s;
     if (max_age_s > 0 && max_age_s < INT64_MAX / 1000 && now - job->created_ms > max_age_s * 1000) {
         char *msg = amp_xasprintf("gave up after %" PRId64 " s; last: %ld %s%s%s",
                                   (now - job->created_ms) / 1000, r->status, code ? code : "",
                                   message ? " " : "", message ? message : "");
-        ack_dead(f, job, r->status, "expired", msg);
+        ack_dead(f, a, job, r->status, "expired", msg);
         free(msg);
         return;
     }
@@ -178,47 +218,49 @@ static void on_retry(amp_forward *f, worker *w, const amp_spool_job *job, const 
     int64_t ra = amp_forward_retry_after_ms(r->retry_after[0] ? r->retry_after : NULL, now);
     if (ra > delay)
         delay = ra;
-    amp_ack a = {.id = job->id,
-                       .kind = AMP_ACK_RETRY,
-                       .due_ms = now + delay,
-                       .http_status = (int)r->status,
-                       .code = code,
-                       .message = message};
-    amp_spool_ack(f->spool, &a);
+    amp_ack ack = {.id = job->id,
+                   .kind = AMP_ACK_RETRY,
+                   .due_ms = now + delay,
+                   .http_status = (int)r->status,
+                   .code = code,
+                   .message = message};
+    amp_spool_ack(f->spool, &ack);
+    m_add(a->m_retried, 1);
     amp_log(AMP_LOG_WARN, "dify delivery retry", "{s:I, s:s, s:i, s:s*, s:s*, s:i, s:I}", "id",
-            (json_int_t)job->id, "app", job->app, "status", (int)r->status, "code", code,
-            "message", message, "attempt", job->attempts + 1, "retry_in_ms", (json_int_t)delay);
+            (json_int_t)job->id, "app", job->app, "status", (int)r->status, "code", code, "message",
+            message, "attempt", job->attempts + 1, "retry_in_ms", (json_int_t)delay);
 }
 
 static void on_delivered(amp_forward *f, app_state *a, const amp_spool_job *job,
-                         const amp_forward_reply *r)
-{
+                         const amp_forward_reply *r) {
     json_t *res = amp_forward_result(a->app->endpoint, r->status, r->body, r->latency_ms);
     if (res && r->too_large)
         json_object_set_new(res, "response_truncated", json_true());
     char *text = res ? json_dumps(res, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     json_decref(res);
     amp_ack ack = {.id = job->id,
-                         .kind = AMP_ACK_DELIVERED,
-                         .http_status = (int)r->status,
-                         .result_json = text,
-                         .conversation_id =
-                             job->per_user ? amp_forward_answer_conversation(r->body) : NULL};
+                   .kind = AMP_ACK_DELIVERED,
+                   .http_status = (int)r->status,
+                   .result_json = text,
+                   .conversation_id =
+                       job->per_user ? amp_forward_answer_conversation(r->body) : NULL};
     amp_spool_ack(f->spool, &ack);
     free(text);
+    m_add(a->m_delivered, 1);
 
     pthread_mutex_lock(&f->mu);
     bool resumed = a->pause_strikes > 0;
     a->pause_strikes = 0;
     a->paused_until_ms = 0;
     pthread_mutex_unlock(&f->mu);
-    if (resumed)
+    if (resumed) {
+        m_set(a->m_paused, 0);
         amp_log(AMP_LOG_INFO, "dify app resumed", "{s:s}", "app", a->app->name);
+    }
 }
 
 static void on_pause(amp_forward *f, worker *w, app_state *a, const amp_spool_job *job, long status,
-                     int64_t now)
-{
+                     int64_t now) {
     /* A rejected key rejects every event of the app: stop sending them for
      * a while instead of dead-lettering them one by one. The pause doubles
      * per consecutive rejection up to retry.max_ms; "equal jitter" keeps it
@@ -239,21 +281,22 @@ static void on_pause(amp_forward *f, worker *w, app_state *a, const amp_spool_jo
     pthread_mutex_unlock(&f->mu);
 
     ack_release(f, job, until);
-    if (fresh)
+    if (fresh) {
+        m_set(a->m_paused, 1);
         amp_log(AMP_LOG_WARN, "dify app paused: key rejected", "{s:s, s:i, s:I}", "app",
                 a->app->name, "status", (int)status, "retry_in_ms", (json_int_t)(until - now));
+    }
 }
 
 /* ---- one delivery ----------------------------------------------------- */
 
-static void deliver(worker *w, amp_spool_job *job)
-{
+static void deliver(worker *w, amp_spool_job *job) {
     amp_forward *f = w->f;
     int64_t now = amp_now_ms();
     app_state *a = find_app(f, job->app);
     if (!a) {
         /* The config changed under a stored row: nobody can take it. */
-        ack_dead(f, job, 0, "unknown_app", "the row's app is not in the configuration");
+        ack_dead(f, NULL, job, 0, "unknown_app", "the row's app is not in the configuration");
         return;
     }
 
@@ -267,7 +310,7 @@ static void deliver(worker *w, amp_spool_job *job)
 
     char *body = amp_forward_request_body(job->body, job->per_user ? job->conversation_id : NULL);
     if (!body) {
-        ack_dead(f, job, 0, "invalid_body", "stored request body is not a JSON object");
+        ack_dead(f, a, job, 0, "invalid_body", "stored request body is not a JSON object");
         return;
     }
     char trace[sizeof "X-Trace-Id: " + TRACE_ID_MAX];
@@ -282,9 +325,13 @@ static void deliver(worker *w, amp_spool_job *job)
     headers[nh] = NULL;
 
     amp_forward_reply r;
+    m_add(a->m_in_flight, 1);
     amp_forward_http_post(w->http, a->url, headers, body, strlen(body), &r);
+    m_add(a->m_in_flight, -1);
     free(body);
     now = amp_now_ms();
+    if (a->m_seconds)
+        amp_series_observe(a->m_seconds, (double)r.latency_ms / 1e3);
 
     const char *code = NULL, *message = NULL;
     amp_outcome o = amp_forward_classify(r.transport_error, r.status, r.body, &code, &message);
@@ -295,17 +342,18 @@ static void deliver(worker *w, amp_spool_job *job)
         code = "response_too_large";
         message = "Dify's answer exceeded the size cap";
     }
+    count_response(f, a, r.status, r.transport_error ? r.transport_code : code);
     amp_log(AMP_LOG_DEBUG, "dify delivery", "{s:I, s:s, s:s, s:i, s:s, s:I, s:i, s:b}", "id",
-            (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
-            "status", (int)r.status, "outcome", outcome_name(o), "latency_ms",
-            (json_int_t)r.latency_ms, "attempt", job->attempts + 1, "streamed", r.streamed);
+            (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "", "status",
+            (int)r.status, "outcome", outcome_name(o), "latency_ms", (json_int_t)r.latency_ms,
+            "attempt", job->attempts + 1, "streamed", r.streamed);
 
     switch (o) {
     case AMP_OUTCOME_DELIVERED:
         on_delivered(f, a, job, &r);
         break;
     case AMP_OUTCOME_RETRY:
-        on_retry(f, w, job, &r, code, message, now);
+        on_retry(f, w, a, job, &r, code, message, now);
         break;
     case AMP_OUTCOME_PAUSE_APP:
         on_pause(f, w, a, job, r.status, now);
@@ -315,22 +363,23 @@ static void deliver(worker *w, amp_spool_job *job)
             /* Dify forgot the conversation (deleted, expired): start a new
              * one right away, without waiting for a backoff. */
             amp_ack ack = {.id = job->id,
-                                 .kind = AMP_ACK_RETRY,
-                                 .due_ms = now,
-                                 .http_status = (int)r.status,
-                                 .code = code,
-                                 .message = message,
-                                 .conversation_id = ""};
+                           .kind = AMP_ACK_RETRY,
+                           .due_ms = now,
+                           .http_status = (int)r.status,
+                           .code = code,
+                           .message = message,
+                           .conversation_id = ""};
             amp_spool_ack(f->spool, &ack);
+            m_add(a->m_retried, 1);
             amp_log(AMP_LOG_INFO, "dify conversation reset", "{s:I, s:s}", "id",
                     (json_int_t)job->id, "app", job->app);
             break;
         }
         /* We sent no conversation, so this 404 is about something else. */
-        ack_dead(f, job, r.status, code, message);
+        ack_dead(f, a, job, r.status, code, message);
         break;
     case AMP_OUTCOME_PERMANENT:
-        ack_dead(f, job, r.status, code, message);
+        ack_dead(f, a, job, r.status, code, message);
         break;
     }
     amp_forward_reply_clear(&r);
@@ -338,8 +387,7 @@ static void deliver(worker *w, amp_spool_job *job)
 
 /* ---- threads ---------------------------------------------------------- */
 
-static void *worker_main(void *arg)
-{
+static void *worker_main(void *arg) {
     worker *w = arg;
     amp_forward *f = w->f;
     pthread_mutex_lock(&f->mu);
@@ -372,8 +420,7 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static void *dispatcher_main(void *arg)
-{
+static void *dispatcher_main(void *arg) {
     amp_forward *f = arg;
     amp_spool_job **jobs = amp_xcalloc(f->nworkers, sizeof *jobs);
     pthread_mutex_lock(&f->mu);
@@ -421,13 +468,11 @@ static void *dispatcher_main(void *arg)
     return NULL;
 }
 
-static void notify_cb(void *ctx)
-{
+static void notify_cb(void *ctx) {
     amp_forward_kick(ctx);
 }
 
-void amp_forward_kick(amp_forward *f)
-{
+void amp_forward_kick(amp_forward *f) {
     if (!f)
         return;
     pthread_mutex_lock(&f->mu);
@@ -438,8 +483,7 @@ void amp_forward_kick(amp_forward *f)
 
 /* ---- lifecycle -------------------------------------------------------- */
 
-static void destroy(amp_forward *f)
-{
+static void destroy(amp_forward *f) {
     for (size_t i = 0; i < f->napps; i++) {
         free(f->apps[i].url);
         if (f->apps[i].auth) {
@@ -465,8 +509,7 @@ static void destroy(amp_forward *f)
     free(f);
 }
 
-static int has_ctl(const char *s)
-{
+static int has_ctl(const char *s) {
     for (; *s; s++)
         if ((unsigned char)*s < 0x20 || *s == 0x7f)
             return 1;
@@ -474,8 +517,7 @@ static int has_ctl(const char *s)
 }
 
 amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
-                               size_t errlen)
-{
+                               size_t errlen) {
     if (!opts || !spool || !opts->base_url || opts->workers == 0 || opts->timeout_s <= 0 ||
         opts->connect_timeout_s <= 0 || (opts->napps && (!opts->apps || !opts->api_keys))) {
         snprintf(err, errlen, "forward: invalid options");
@@ -489,6 +531,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
     f->spool = spool;
+    f->metrics = opts->metrics;
     f->nworkers = opts->workers;
     pthread_mutex_init(&f->mu, NULL);
     pthread_condattr_t ca;
@@ -515,6 +558,22 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
             goto fail;
         }
         f->apps[i].auth = amp_xasprintf("Authorization: Bearer %s", key);
+        if (f->metrics) {
+            /* Fixed label sets: look them up once. */
+            app_state *a = &f->apps[i];
+            amp_metrics *m = f->metrics;
+            const char *fam = "amp2dify_deliveries_total";
+            a->m_delivered =
+                amp_metrics_series(m, fam, "app", app->name, "outcome", "delivered", NULL);
+            a->m_retried = amp_metrics_series(m, fam, "app", app->name, "outcome", "retried", NULL);
+            a->m_dead =
+                amp_metrics_series(m, fam, "app", app->name, "outcome", "dead_lettered", NULL);
+            a->m_in_flight = amp_metrics_series(m, "amp2dify_in_flight", "app", app->name, NULL);
+            a->m_paused = amp_metrics_series(m, "amp2dify_app_paused", "app", app->name, NULL);
+            a->m_seconds =
+                amp_metrics_series(m, "amp2dify_delivery_duration_seconds", "app", app->name, NULL);
+            m_set(a->m_paused, 0);
+        }
     }
 
     f->workers = amp_xcalloc(f->nworkers, sizeof *f->workers);
@@ -548,8 +607,7 @@ fail:
     return NULL;
 }
 
-void amp_forward_stop(amp_forward *f)
-{
+void amp_forward_stop(amp_forward *f) {
     if (!f)
         return;
     if (f->dispatcher_started)

@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "../mapping/mapping.h"
+#include "../server/metrics.h"
 #include "../spool/spool.h"
 
 typedef struct amp_forward_opts {
@@ -30,8 +31,9 @@ typedef struct amp_forward_opts {
     int64_t retry_max_ms;
     int64_t retry_max_age_s;   /* older than this at a retry decision: dead, "expired" */
     size_t napps;
-    const amp_app *const *apps; /* array read during start; the entries must outlive the forwarder */
+    const amp_app *const *apps; /* array read during start; entries must outlive it */
     const char *const *api_keys; /* parallel to apps; read during start (copied) */
+    amp_metrics *metrics;        /* may be NULL; borrowed, must outlive the forwarder */
 } amp_forward_opts;
 
 typedef struct amp_forward amp_forward;

@@ -75,14 +75,14 @@ amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s
 void amp_forward_http_destroy(amp_forward_http *h); /* accepts NULL */
 
 typedef struct amp_forward_reply {
-    int transport_error;   /* CURLcode; 0 when a whole HTTP answer arrived */
-    const char *transport_code; /* static: "timeout", "connect_failed", ... */
+    int transport_error;         /* CURLcode; 0 when a whole HTTP answer arrived */
+    const char *transport_code;  /* static: "timeout", "connect_failed", ... */
     char error[CURL_ERROR_SIZE]; /* curl's text when transport_error */
-    long status;           /* HTTP status; 0 when none arrived */
-    json_t *body;          /* parsed answer (blocking JSON or folded stream), or NULL; owned */
-    bool too_large;        /* the answer exceeded AMP_FORWARD_MAX_RESPONSE */
-    bool streamed;         /* the answer was text/event-stream */
-    char retry_after[64];  /* Retry-After header value, "" when absent */
+    long status;                 /* HTTP status; 0 when none arrived */
+    json_t *body;         /* parsed answer (blocking JSON or folded stream), or NULL; owned */
+    bool too_large;       /* the answer exceeded AMP_FORWARD_MAX_RESPONSE */
+    bool streamed;        /* the answer was text/event-stream */
+    char retry_after[64]; /* Retry-After header value, "" when absent */
     int64_t latency_ms;
 } amp_forward_reply;
 
@@ -98,7 +98,7 @@ void amp_forward_reply_clear(amp_forward_reply *r);
 
 typedef struct amp_forward_sse amp_forward_sse;
 
-amp_forward_sse *amp_forward_sse_create(void); /* caller owns */
+amp_forward_sse *amp_forward_sse_create(void);    /* caller owns */
 void amp_forward_sse_destroy(amp_forward_sse *p); /* accepts NULL */
 void amp_forward_sse_reset(amp_forward_sse *p);
 

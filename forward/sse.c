@@ -27,14 +27,13 @@ struct amp_forward_sse {
     bool complete;
     bool error;
     amp_buf answer;
-    json_t *ids;  /* message_id, conversation_id, task_id, workflow_run_id */
-    json_t *meta; /* message_end metadata */
+    json_t *ids;     /* message_id, conversation_id, task_id, workflow_run_id */
+    json_t *meta;    /* message_end metadata */
     json_t *wf_data; /* workflow_finished / workflow_paused data */
-    json_t *err;  /* error event */
+    json_t *err;     /* error event */
 };
 
-amp_forward_sse *amp_forward_sse_create(void)
-{
+amp_forward_sse *amp_forward_sse_create(void) {
     amp_forward_sse *p = amp_xcalloc(1, sizeof *p);
     amp_buf_init(&p->line, AMP_FORWARD_MAX_RESPONSE);
     amp_buf_init(&p->data, AMP_FORWARD_MAX_RESPONSE);
@@ -42,8 +41,7 @@ amp_forward_sse *amp_forward_sse_create(void)
     return p;
 }
 
-void amp_forward_sse_reset(amp_forward_sse *p)
-{
+void amp_forward_sse_reset(amp_forward_sse *p) {
     amp_buf_reset(&p->line);
     amp_buf_reset(&p->data);
     amp_buf_reset(&p->answer);
@@ -56,8 +54,7 @@ void amp_forward_sse_reset(amp_forward_sse *p)
     p->ids = p->meta = p->wf_data = p->err = NULL;
 }
 
-void amp_forward_sse_destroy(amp_forward_sse *p)
-{
+void amp_forward_sse_destroy(amp_forward_sse *p) {
     if (!p)
         return;
     amp_forward_sse_reset(p);
@@ -69,8 +66,7 @@ void amp_forward_sse_destroy(amp_forward_sse *p)
 
 /* Append a chunk to the answer, dropping what would pass the cap at a
  * character boundary so the kept text stays valid UTF-8. */
-static void answer_append(amp_forward_sse *p, const json_t *chunk)
-{
+static void answer_append(amp_forward_sse *p, const json_t *chunk) {
     if (!json_is_string(chunk))
         return;
     const char *s = json_string_value(chunk);
@@ -79,8 +75,7 @@ static void answer_append(amp_forward_sse *p, const json_t *chunk)
     amp_buf_append(&p->answer, s, amp_forward_utf8_cut(s, n, room));
 }
 
-static void keep_id(amp_forward_sse *p, const json_t *ev, const char *key)
-{
+static void keep_id(amp_forward_sse *p, const json_t *ev, const char *key) {
     const json_t *v = json_object_get(ev, key);
     if (!json_is_string(v) || json_string_length(v) == 0)
         return;
@@ -90,15 +85,13 @@ static void keep_id(amp_forward_sse *p, const json_t *ev, const char *key)
         json_object_set(p->ids, key, (json_t *)v);
 }
 
-static void replace(json_t **slot, json_t *v)
-{
+static void replace(json_t **slot, json_t *v) {
     json_incref(v);
     json_decref(*slot);
     *slot = v;
 }
 
-static void dispatch(amp_forward_sse *p)
-{
+static void dispatch(amp_forward_sse *p) {
     if (p->data.len == 0) {
         p->event[0] = '\0';
         return;
@@ -149,8 +142,7 @@ static void dispatch(amp_forward_sse *p)
     p->event[0] = '\0';
 }
 
-static void field(amp_forward_sse *p, const char *line, size_t len, int *rc)
-{
+static void field(amp_forward_sse *p, const char *line, size_t len, int *rc) {
     if (len == 0) {
         dispatch(p);
         return;
@@ -176,8 +168,7 @@ static void field(amp_forward_sse *p, const char *line, size_t len, int *rc)
      * reconnects a stream, so they are ignored. */
 }
 
-int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len)
-{
+int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len) {
     int rc = 0;
     size_t i = 0;
     if (p->saw_cr && len > 0 && data[0] == '\n')
@@ -207,8 +198,7 @@ int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len)
     return rc;
 }
 
-json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete)
-{
+json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete) {
     /* A stream may end without the blank line after its last event. */
     if (p->line.len) {
         int rc = 0;

@@ -46,8 +46,7 @@ struct amp_req {
 
 /* reply.c — each queues a JSON response and returns MHD's result. */
 enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body /* takes ownership */);
-enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code,
-                                const char *detail);
+enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail);
 /* Like amp_reply_error, with one extra header (e.g. Allow, Retry-After). */
 enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
                                     const char *detail, const char *hname, const char *hvalue);

@@ -2,23 +2,20 @@
 
 #include "handlers_int.h"
 
-enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r)
-{
+enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r) {
     (void)h;
     return amp_reply_json(r, MHD_HTTP_OK, json_pack("{s:s}", "status", "ok"));
 }
 
-enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r)
-{
+enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r) {
     if (atomic_load(&h->draining))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "shutting down", "Retry-After", "5");
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
+                                   "Retry-After", "5");
     if (!amp_spool_writable(h->spool))
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
                                    "the spool cannot be written", "Retry-After", "5");
     if (amp_spool_full(h->spool))
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "the spool holds spool.max_pending events", "Retry-After",
-                                   "30");
+                                   "the spool holds spool.max_pending events", "Retry-After", "30");
     return amp_reply_json(r, MHD_HTTP_OK, json_pack("{s:s}", "status", "ready"));
 }

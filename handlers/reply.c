@@ -5,8 +5,7 @@
 #include "handlers_int.h"
 
 static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char *hname,
-                             const char *hvalue)
-{
+                             const char *hvalue) {
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
@@ -23,9 +22,8 @@ static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char
     return ret;
 }
 
-static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body,
-                                      const char *hname, const char *hvalue)
-{
+static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body, const char *hname,
+                                      const char *hvalue) {
     char *text = body ? json_dumps(body, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     json_decref(body);
     if (!text)
@@ -33,20 +31,16 @@ static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body,
     return queue(r, status, text, hname, hvalue);
 }
 
-enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body)
-{
+enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body) {
     return reply_json_hdr(r, status, body, NULL, NULL);
 }
 
 enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
-                                    const char *detail, const char *hname, const char *hvalue)
-{
+                                    const char *detail, const char *hname, const char *hvalue) {
     json_t *body = json_pack("{s:s, s:s}", "error", code, "detail", detail);
     return reply_json_hdr(r, status, body, hname, hvalue);
 }
 
-enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code,
-                                const char *detail)
-{
+enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail) {
     return amp_reply_error_hdr(r, status, code, detail, NULL, NULL);
 }

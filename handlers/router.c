@@ -25,8 +25,7 @@ static const route routes[] = {
     {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_metrics_endpoint},
 };
 
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics)
-{
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics) {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
     h->cfg = cfg;
     h->spool = spool;
@@ -45,24 +44,20 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
     return h;
 }
 
-void amp_handlers_destroy(amp_handlers *h)
-{
+void amp_handlers_destroy(amp_handlers *h) {
     free(h);
 }
 
-void amp_handlers_set_draining(amp_handlers *h, bool draining)
-{
+void amp_handlers_set_draining(amp_handlers *h, bool draining) {
     atomic_store(&h->draining, draining);
 }
 
-int amp_handlers_suspended(amp_handlers *h)
-{
+int amp_handlers_suspended(amp_handlers *h) {
     return atomic_load(&h->suspended);
 }
 
 /* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
-static void set_request_id(amp_req *r)
-{
+static void set_request_id(amp_req *r) {
     const char *given = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
     if (given) {
         size_t n = strlen(given);
@@ -81,8 +76,7 @@ static void set_request_id(amp_req *r)
         snprintf(r->request_id + 2 * i, 3, "%02x", raw[i]);
 }
 
-static const route *match(const amp_handlers *h, const char *url)
-{
+static const route *match(const amp_handlers *h, const char *url) {
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
         const char *path = routes[i].path ? routes[i].path : h->cfg->listen.path;
         if (strcmp(path, url) == 0)
@@ -92,8 +86,7 @@ static const route *match(const amp_handlers *h, const char *url)
 }
 
 static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
-                                  const char *method)
-{
+                                  const char *method) {
     const route *rt = match(h, url);
     if (!rt)
         return amp_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
@@ -112,8 +105,7 @@ static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
 enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
                                     const char *method, const char *version,
                                     const char *upload_data, size_t *upload_data_size,
-                                    void **req_cls)
-{
+                                    void **req_cls) {
     (void)version;
     amp_handlers *h = cls;
     amp_req *r = *req_cls;
@@ -144,8 +136,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
 }
 
 void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
-                            enum MHD_RequestTerminationCode toe)
-{
+                            enum MHD_RequestTerminationCode toe) {
     (void)conn;
     amp_handlers *h = cls;
     amp_req *r = *req_cls;
@@ -160,8 +151,8 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
             amp_series_observe(h->ingest_seconds, (double)(amp_mono_ms() - r->start_ms) / 1e3);
     }
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
-        amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:i}", "request_id",
-                r->request_id, "reason", (int)toe);
+        amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:i}", "request_id", r->request_id,
+                "reason", (int)toe);
     amp_buf_free(&r->body);
     free(r);
     *req_cls = NULL;

@@ -18,8 +18,7 @@
 #include "handlers_int.h"
 
 /* application/json, with optional parameters (charset). */
-static bool is_json_type(const char *ct)
-{
+static bool is_json_type(const char *ct) {
     if (!ct)
         return false;
     while (*ct == ' ')
@@ -33,18 +32,17 @@ static bool is_json_type(const char *ct)
     return *ct == '\0' || *ct == ';';
 }
 
-enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r)
-{
-    const char *ct = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
-                                                 MHD_HTTP_HEADER_CONTENT_TYPE);
+enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r) {
+    const char *ct =
+        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (!is_json_type(ct)) {
         r->endpoint = NULL;
         return amp_reply_error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
                                "Content-Type must be application/json");
     }
     /* Refuse a declared oversize body before reading any of it. */
-    const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
-                                                 MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *cl =
+        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     int64_t len;
     if (cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
         (uint64_t)len > h->cfg->listen.max_body_bytes) {
@@ -57,14 +55,12 @@ enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r)
     return MHD_YES;
 }
 
-static const char *header_lookup(void *ctx, const char *name)
-{
+static const char *header_lookup(void *ctx, const char *name) {
     return MHD_lookup_connection_value(ctx, MHD_HEADER_KIND, name);
 }
 
 static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result res,
-                                   const char *detail)
-{
+                                   const char *detail) {
     static const char *const codes[] = {
         [AMP_SIG_MISSING] = "missing_signature",
         [AMP_SIG_MALFORMED] = "invalid_signature",
@@ -93,8 +89,7 @@ typedef struct emit_ctx {
     unsigned nreq;
 } emit_ctx;
 
-static void emit(void *ctx, const amp_map_request *req)
-{
+static void emit(void *ctx, const amp_map_request *req) {
     emit_ctx *e = ctx;
     char *body = json_dumps(req->body, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (!body)
@@ -106,8 +101,7 @@ static void emit(void *ctx, const amp_map_request *req)
 }
 
 /* Runs on the committer thread: record the answer and wake the connection. */
-static void stored(void *ctx, const amp_spool_result *res)
-{
+static void stored(void *ctx, const amp_spool_result *res) {
     amp_req *r = ctx;
     amp_handlers *h = r->h; /* r may be gone once resumed */
     r->result = *res;
@@ -116,8 +110,7 @@ static void stored(void *ctx, const amp_spool_result *res)
     atomic_fetch_sub(&h->suspended, 1);
 }
 
-static enum MHD_Result answer_stored(amp_req *r)
-{
+static enum MHD_Result answer_stored(amp_req *r) {
     const amp_spool_result *res = &r->result;
     amp_handlers *h = r->h;
     amp_series_add(h->events_filtered, r->filtered);
@@ -134,13 +127,11 @@ static enum MHD_Result answer_stored(amp_req *r)
             r->request_id, "accepted", (int)res->accepted, "duplicates", (int)res->duplicates,
             "filtered", (int)r->filtered, "ms", (json_int_t)(amp_mono_ms() - r->start_ms));
     return amp_reply_json(r, MHD_HTTP_ACCEPTED,
-                          json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
-                                    "duplicates", (int)res->duplicates, "filtered",
-                                    (int)r->filtered));
+                          json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted, "duplicates",
+                                    (int)res->duplicates, "filtered", (int)r->filtered));
 }
 
-enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
-{
+enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
     switch (atomic_load(&r->state)) {
     case REQ_WAITING:
         return MHD_YES; /* resumed before the answer: keep waiting */
@@ -158,8 +149,8 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r)
         return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
     if (atomic_load(&h->draining))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "shutting down", "Retry-After", "5");
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
+                                   "Retry-After", "5");
 
     if (amp_spool_full(h->spool))
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",

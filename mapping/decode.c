@@ -13,8 +13,7 @@
 
 /* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
  * days_from_civil); exact for every year, no timegm or TZ needed. */
-static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
-{
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
     y -= m <= 2;
     int64_t era = (y >= 0 ? y : y - 399) / 400;
     unsigned yoe = (unsigned)(y - era * 400);
@@ -23,8 +22,7 @@ static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
     return era * 146097 + (int64_t)doe - 719468;
 }
 
-static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
-{
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d) {
     z += 719468;
     int64_t era = (z >= 0 ? z : z - 146096) / 146097;
     unsigned doe = (unsigned)(z - era * 146097);
@@ -36,20 +34,17 @@ static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
     *y = (int64_t)yoe + era * 400 + (*m <= 2);
 }
 
-static bool is_leap(int64_t y)
-{
+static bool is_leap(int64_t y) {
     return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
 }
 
-static unsigned days_in_month(int64_t y, unsigned m)
-{
+static unsigned days_in_month(int64_t y, unsigned m) {
     static const unsigned dim[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
     return m == 2 && is_leap(y) ? 29 : dim[m - 1];
 }
 
 /* Read exactly n digits at s[*i]. */
-static bool digits(const char *s, size_t len, size_t *i, size_t n, unsigned *out)
-{
+static bool digits(const char *s, size_t len, size_t *i, size_t n, unsigned *out) {
     unsigned v = 0;
     if (len - *i < n)
         return false;
@@ -64,16 +59,14 @@ static bool digits(const char *s, size_t len, size_t *i, size_t n, unsigned *out
     return true;
 }
 
-static bool expect(const char *s, size_t len, size_t *i, char c)
-{
+static bool expect(const char *s, size_t len, size_t *i, char c) {
     if (*i >= len || s[*i] != c)
         return false;
     (*i)++;
     return true;
 }
 
-int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms)
-{
+int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms) {
     size_t i = 0;
     unsigned y, mo, d, h, mi, sec, frac_ms = 0;
     if (!digits(s, len, &i, 4, &y) || !expect(s, len, &i, '-') || !digits(s, len, &i, 2, &mo) ||
@@ -119,8 +112,7 @@ int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms)
     return 0;
 }
 
-int amp_time_format(int64_t ms, char *buf, size_t len)
-{
+int amp_time_format(int64_t ms, char *buf, size_t len) {
     /* Floor division so times before 1970 keep a positive millisecond part. */
     int64_t secs = ms / 1000, rem = ms % 1000;
     if (rem < 0) {
@@ -145,8 +137,7 @@ int amp_time_format(int64_t ms, char *buf, size_t len)
 /* ---- body ------------------------------------------------------------ */
 
 /* Bounded recursion: never deeper than AMP_EVENT_MAX_DEPTH + 1 frames. */
-static bool depth_ok(const json_t *v, int depth)
-{
+static bool depth_ok(const json_t *v, int depth) {
     if (!json_is_object(v) && !json_is_array(v))
         return true;
     if (depth > AMP_EVENT_MAX_DEPTH)
@@ -154,30 +145,23 @@ static bool depth_ok(const json_t *v, int depth)
     if (json_is_array(v)) {
         size_t i;
         json_t *x;
-        json_array_foreach (v, i, x)
-            if (!depth_ok(x, depth + 1))
-                return false;
+        json_array_foreach(v, i, x) if (!depth_ok(x, depth + 1)) return false;
     } else {
         const char *k;
         json_t *x;
-        json_object_foreach ((json_t *)v, k, x)
-            if (!depth_ok(x, depth + 1))
-                return false;
+        json_object_foreach((json_t *)v, k, x) if (!depth_ok(x, depth + 1)) return false;
     }
     return true;
 }
 
-static bool nonempty_string(const json_t *v)
-{
+static bool nonempty_string(const json_t *v) {
     return json_is_string(v) && json_string_length(v) > 0;
 }
 
 /* 0, or -1 with detail set. */
-static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen)
-{
+static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) {
     if (!json_is_object(ev)) {
-        snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx,
-                 amp_json_kind(ev));
+        snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx, amp_json_kind(ev));
         return -1;
     }
     json_t *et = json_object_get(ev, "event_type");
@@ -186,8 +170,8 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen)
         return -1;
     }
     if (!nonempty_string(et)) {
-        snprintf(detail, dlen, "events[%zu].event_type: expected a non-empty string, found %s",
-                 idx, json_is_string(et) ? "an empty string" : amp_json_kind(et));
+        snprintf(detail, dlen, "events[%zu].event_type: expected a non-empty string, found %s", idx,
+                 json_is_string(et) ? "an empty string" : amp_json_kind(et));
         return -1;
     }
     /* user_id / device_id: absent, null or a string. Amplitude sends strings;
@@ -234,8 +218,7 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen)
 }
 
 amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events, char *detail,
-                                  size_t detail_len)
-{
+                                  size_t detail_len) {
     json_error_t jerr;
     *events = NULL;
     if (detail_len)
@@ -281,7 +264,7 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
     }
     size_t i;
     json_t *ev;
-    json_array_foreach (list, i, ev) {
+    json_array_foreach(list, i, ev) {
         if (check_event(ev, i, detail, detail_len) != 0) {
             json_decref(list);
             return AMP_DECODE_INVALID_EVENT;
@@ -291,8 +274,7 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
     return AMP_DECODE_OK;
 }
 
-const char *amp_event_dedupe_key(const json_t *event)
-{
+const char *amp_event_dedupe_key(const json_t *event) {
     static const char *const keys[] = {"insert_id", "$insert_id", "uuid"};
     for (size_t k = 0; k < 3; k++) {
         json_t *v = json_object_get(event, keys[k]);

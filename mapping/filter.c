@@ -54,8 +54,7 @@ struct amp_filter {
     regex_t re;
 };
 
-void amp_filter_free(amp_filter *f)
-{
+void amp_filter_free(amp_filter *f) {
     if (!f)
         return;
     for (size_t i = 0; i < f->nkids; i++)
@@ -71,17 +70,17 @@ void amp_filter_free(amp_filter *f)
 static amp_filter *compile_node(const json_t *spec, const char *path, int depth, amp_errs *errs);
 
 static amp_filter *compile_combinator(const json_t *spec, const char *path, int depth,
-                                      amp_errs *errs)
-{
+                                      amp_errs *errs) {
     const char *key;
     json_t *val;
     const char *which = NULL;
     bool ok = true;
-    json_object_foreach ((json_t *)spec, key, val) {
+    json_object_foreach((json_t *)spec, key, val) {
         if (!strcmp(key, "all") || !strcmp(key, "any") || !strcmp(key, "not")) {
             if (which) {
-                amp_errs_add(errs, path, "has both '%s' and '%s'; use one of all, any, not per object",
-                             which, key);
+                amp_errs_add(errs, path,
+                             "has both '%s' and '%s'; use one of all, any, not per object", which,
+                             key);
                 ok = false;
             } else {
                 which = key;
@@ -130,14 +129,12 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
     return f;
 }
 
-static bool op_takes_value(fop op)
-{
+static bool op_takes_value(fop op) {
     return op != OP_EXISTS && op != OP_EXCLUDE_NULL;
 }
 
 /* Check the value against the op and prepare it (regex). */
-static bool compile_value(amp_filter *f, const json_t *value, const char *vpath, amp_errs *errs)
-{
+static bool compile_value(amp_filter *f, const json_t *value, const char *vpath, amp_errs *errs) {
     switch (f->op) {
     case OP_EQUALS:
     case OP_NOT_EQUALS:
@@ -176,8 +173,7 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
         return true;
     case OP_PREFIX:
         if (!json_is_string(value)) {
-            amp_errs_add(errs, vpath, "op 'prefix' needs a string, found %s",
-                         amp_json_kind(value));
+            amp_errs_add(errs, vpath, "op 'prefix' needs a string, found %s", amp_json_kind(value));
             return false;
         }
         return true;
@@ -188,12 +184,11 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
     return true;
 }
 
-static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *errs)
-{
+static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *errs) {
     bool ok = true;
     const char *key;
     json_t *val;
-    json_object_foreach ((json_t *)spec, key, val) {
+    json_object_foreach((json_t *)spec, key, val) {
         if (strcmp(key, "field") && strcmp(key, "op") && strcmp(key, "value")) {
             char *p = amp_jpath_key(path, key);
             amp_errs_add(errs, p, "unknown key; expected one of field, op, value, all, any, not");
@@ -265,8 +260,7 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     return f;
 }
 
-static amp_filter *compile_node(const json_t *spec, const char *path, int depth, amp_errs *errs)
-{
+static amp_filter *compile_node(const json_t *spec, const char *path, int depth, amp_errs *errs) {
     if (!json_is_object(spec)) {
         amp_errs_add(errs, path, "expected a filter object, found %s", amp_json_kind(spec));
         return NULL;
@@ -281,15 +275,13 @@ static amp_filter *compile_node(const json_t *spec, const char *path, int depth,
     return compile_rule(spec, path, errs);
 }
 
-amp_filter *amp_filter_compile(const json_t *spec, const char *path, amp_errs *errs)
-{
+amp_filter *amp_filter_compile(const json_t *spec, const char *path, amp_errs *errs) {
     return compile_node(spec, path, 1, errs);
 }
 
 /* ---- evaluation ------------------------------------------------------ */
 
-static bool eval_rule(const amp_filter *f, const json_t *event)
-{
+static bool eval_rule(const amp_filter *f, const json_t *event) {
     const json_t *v = amp_path_get(&f->field, event);
     if (f->op == OP_NOT_EQUALS)
         return !(v && amp_value_equal(v, f->value));
@@ -301,9 +293,7 @@ static bool eval_rule(const amp_filter *f, const json_t *event)
     case OP_IN: {
         size_t i;
         json_t *x;
-        json_array_foreach (f->value, i, x)
-            if (amp_value_equal(v, x))
-                return true;
+        json_array_foreach(f->value, i, x) if (amp_value_equal(v, x)) return true;
         return false;
     }
     case OP_REGEX:
@@ -331,8 +321,7 @@ static bool eval_rule(const amp_filter *f, const json_t *event)
     return false;
 }
 
-bool amp_filter_eval(const amp_filter *f, const json_t *event)
-{
+bool amp_filter_eval(const amp_filter *f, const json_t *event) {
     switch (f->kind) {
     case F_ALL:
         for (size_t i = 0; i < f->nkids; i++)
@@ -354,14 +343,12 @@ bool amp_filter_eval(const amp_filter *f, const json_t *event)
 
 /* ---- explanation ----------------------------------------------------- */
 
-static void put(amp_buf *out, const char *s)
-{
+static void put(amp_buf *out, const char *s) {
     amp_buf_append(out, s, strlen(s));
 }
 
 /* `event_type equals "X"` — the rule as a reader would say it. */
-static void describe_rule(const amp_filter *f, amp_buf *out)
-{
+static void describe_rule(const amp_filter *f, amp_buf *out) {
     put(out, f->field.text);
     put(out, " ");
     put(out, op_names[f->op]);
@@ -381,8 +368,7 @@ static void describe_rule(const amp_filter *f, amp_buf *out)
     }
 }
 
-static void describe_node(const amp_filter *f, amp_buf *out)
-{
+static void describe_node(const amp_filter *f, amp_buf *out) {
     char n[64];
     switch (f->kind) {
     case F_ALL:
@@ -403,8 +389,7 @@ static void describe_node(const amp_filter *f, amp_buf *out)
 }
 
 /* "filter", then " <where>[.<what>]" when either is set, then ": ". */
-static void head(amp_buf *out, const char *where, const char *what)
-{
+static void head(amp_buf *out, const char *where, const char *what) {
     put(out, "filter");
     if (*where || *what)
         put(out, " ");
@@ -416,8 +401,7 @@ static void head(amp_buf *out, const char *where, const char *what)
 }
 
 static void explain_node(const amp_filter *f, const json_t *event, const char *where,
-                         amp_buf *out)
-{
+                         amp_buf *out) {
     char n[32];
     switch (f->kind) {
     case F_ALL:
@@ -454,8 +438,8 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
         } else if (f->op == OP_REGEX || f->op == OP_PREFIX || f->op == OP_GT || f->op == OP_GTE ||
                    f->op == OP_LT || f->op == OP_LTE) {
             /* Type mismatches are the usual surprise for these ops. */
-            bool typed = f->op == OP_REGEX || f->op == OP_PREFIX ? json_is_string(v)
-                                                                  : json_is_number(v);
+            bool typed =
+                f->op == OP_REGEX || f->op == OP_PREFIX ? json_is_string(v) : json_is_number(v);
             if (!typed) {
                 put(out, " (field is ");
                 put(out, amp_json_kind(v));
@@ -467,7 +451,6 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
     }
 }
 
-void amp_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out)
-{
+void amp_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out) {
     explain_node(f, event, "", out);
 }

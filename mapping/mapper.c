@@ -23,7 +23,7 @@ typedef struct rule {
 
 typedef struct route {
     char *name;
-    char *label; /* "routes[0] (name)", for apply-time messages */
+    char *label;        /* "routes[0] (name)", for apply-time messages */
     amp_filter *filter; /* NULL: every event matches */
     rule *rules;
     size_t nrules;
@@ -42,8 +42,7 @@ struct amp_mapper {
 
 static const char *const endpoint_names[] = {"chat", "completion", "workflow"};
 
-const char *amp_endpoint_path(amp_endpoint e)
-{
+const char *amp_endpoint_path(amp_endpoint e) {
     switch (e) {
     case AMP_ENDPOINT_CHAT:
         return "chat-messages";
@@ -55,8 +54,7 @@ const char *amp_endpoint_path(amp_endpoint e)
     return "chat-messages";
 }
 
-static void free_route(route *r)
-{
+static void free_route(route *r) {
     free(r->name);
     free(r->label);
     amp_filter_free(r->filter);
@@ -70,8 +68,7 @@ static void free_route(route *r)
     amp_tmpl_free(r->user);
 }
 
-void amp_mapper_destroy(amp_mapper *m)
-{
+void amp_mapper_destroy(amp_mapper *m) {
     if (!m)
         return;
     for (size_t i = 0; i < m->napps; i++) {
@@ -86,13 +83,11 @@ void amp_mapper_destroy(amp_mapper *m)
     free(m);
 }
 
-size_t amp_mapper_app_count(const amp_mapper *m)
-{
+size_t amp_mapper_app_count(const amp_mapper *m) {
     return m->napps;
 }
 
-const amp_app *amp_mapper_app(const amp_mapper *m, size_t i)
-{
+const amp_app *amp_mapper_app(const amp_mapper *m, size_t i) {
     return i < m->napps ? &m->apps[i] : NULL;
 }
 
@@ -100,12 +95,11 @@ const amp_app *amp_mapper_app(const amp_mapper *m, size_t i)
 
 /* Report every key of obj not in allowed (NULL-terminated). */
 static bool check_keys(const json_t *obj, const char *path, const char *const *allowed,
-                       const char *expected, amp_errs *errs)
-{
+                       const char *expected, amp_errs *errs) {
     bool ok = true;
     const char *key;
     json_t *v;
-    json_object_foreach ((json_t *)obj, key, v) {
+    json_object_foreach((json_t *)obj, key, v) {
         bool found = false;
         for (size_t i = 0; allowed[i] && !found; i++)
             found = !strcmp(key, allowed[i]);
@@ -121,8 +115,7 @@ static bool check_keys(const json_t *obj, const char *path, const char *const *a
 
 /* A string member: NULL when absent (and not required); errors otherwise. */
 static const char *get_string(const json_t *obj, const char *key, const char *path, bool required,
-                              bool *ok, amp_errs *errs)
-{
+                              bool *ok, amp_errs *errs) {
     json_t *v = json_object_get(obj, key);
     char *p = amp_jpath_key(path, key);
     const char *s = NULL;
@@ -146,8 +139,7 @@ static const char *get_string(const json_t *obj, const char *key, const char *pa
 
 /* Index of s in names, or -1 after reporting "unknown <what>". */
 static int pick(const char *s, const char *const *names, size_t n, const char *what,
-                const char *path, amp_errs *errs)
-{
+                const char *path, amp_errs *errs) {
     for (size_t i = 0; i < n; i++)
         if (!strcmp(s, names[i]))
             return (int)i;
@@ -163,8 +155,7 @@ static int pick(const char *s, const char *const *names, size_t n, const char *w
     return -1;
 }
 
-static bool env_name_ok(const char *s)
-{
+static bool env_name_ok(const char *s) {
     if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') || *s == '_'))
         return false;
     for (; *s; s++)
@@ -176,15 +167,15 @@ static bool env_name_ok(const char *s)
 
 /* An integer member in [min, max]; *out untouched when absent. */
 static void get_uint(const json_t *obj, const char *key, const char *path, json_int_t min,
-                     json_int_t max, unsigned *out, bool *ok, amp_errs *errs)
-{
+                     json_int_t max, unsigned *out, bool *ok, amp_errs *errs) {
     json_t *v = json_object_get(obj, key);
     if (!v)
         return;
     char *p = amp_jpath_key(path, key);
     if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
-        amp_errs_add(errs, p, "expected an integer from %" JSON_INTEGER_FORMAT
-                              " to %" JSON_INTEGER_FORMAT ", found %s",
+        amp_errs_add(errs, p,
+                     "expected an integer from %" JSON_INTEGER_FORMAT " to %" JSON_INTEGER_FORMAT
+                     ", found %s",
                      min, max, json_is_integer(v) ? "an integer out of range" : amp_json_kind(v));
         *ok = false;
     } else {
@@ -199,10 +190,10 @@ static void get_uint(const json_t *obj, const char *key, const char *path, json_
     "api_key_env, api_key_file, endpoint, response_mode, rate_per_sec, burst, max_in_flight"
 
 static void compile_app(amp_app *a, const char *name, const json_t *spec, const char *path,
-                        amp_errs *errs)
-{
-    static const char *const keys[] = {"api_key_env", "api_key_file",  "endpoint",      "response_mode",
-                                       "rate_per_sec", "burst",        "max_in_flight", NULL};
+                        amp_errs *errs) {
+    static const char *const keys[] = {
+        "api_key_env",  "api_key_file", "endpoint",      "response_mode",
+        "rate_per_sec", "burst",        "max_in_flight", NULL};
     static const char *const modes[] = {"blocking", "streaming"};
     bool ok = true;
     a->name = amp_xstrdup(name);
@@ -230,8 +221,9 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     if (has_env && has_file)
         amp_errs_add(errs, path, "set only one of api_key_env, api_key_file");
     else if (!has_env && !has_file)
-        amp_errs_add(errs, path, "missing api_key_env or api_key_file (where the Dify app key is "
-                                 "read from)");
+        amp_errs_add(errs, path,
+                     "missing api_key_env or api_key_file (where the Dify app key is "
+                     "read from)");
     a->api_key_env = amp_xstrdup(env);
     a->api_key_file = amp_xstrdup(file);
 
@@ -267,11 +259,11 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     get_uint(spec, "max_in_flight", path, 1, 10000, &a->max_in_flight, &ok, errs);
 }
 
-static void compile_apps(amp_mapper *m, const json_t *apps, amp_errs *errs)
-{
+static void compile_apps(amp_mapper *m, const json_t *apps, amp_errs *errs) {
     if (!apps) {
-        amp_errs_add(errs, "apps", "missing; expected an object of Dify apps, e.g. "
-                                   "{\"support\": {\"api_key_env\": \"DIFY_API_KEY\"}}");
+        amp_errs_add(errs, "apps",
+                     "missing; expected an object of Dify apps, e.g. "
+                     "{\"support\": {\"api_key_env\": \"DIFY_API_KEY\"}}");
         return;
     }
     if (!json_is_object(apps)) {
@@ -282,15 +274,14 @@ static void compile_apps(amp_mapper *m, const json_t *apps, amp_errs *errs)
     m->apps = amp_xcalloc(json_object_size(apps), sizeof(*m->apps));
     const char *name;
     json_t *spec;
-    json_object_foreach ((json_t *)apps, name, spec) {
+    json_object_foreach((json_t *)apps, name, spec) {
         char *p = amp_jpath_key("apps", name);
         compile_app(&m->apps[m->napps++], name, spec, p, errs);
         free(p);
     }
 }
 
-static int find_app(const amp_mapper *m, const char *name)
-{
+static int find_app(const amp_mapper *m, const char *name) {
     for (size_t i = 0; i < m->napps; i++)
         if (!strcmp(m->apps[i].name, name))
             return (int)i;
@@ -300,8 +291,7 @@ static int find_app(const amp_mapper *m, const char *name)
 /* ---- routes ---------------------------------------------------------- */
 
 /* Segment-wise: is a a prefix of (or equal to) b? */
-static bool path_prefix(const amp_path *a, const amp_path *b)
-{
+static bool path_prefix(const amp_path *a, const amp_path *b) {
     if (a->nsegs > b->nsegs)
         return false;
     for (size_t i = 0; i < a->nsegs; i++)
@@ -312,29 +302,30 @@ static bool path_prefix(const amp_path *a, const amp_path *b)
 
 /* Entry idx of "map" into r->rules[idx] (zeroed by the caller). */
 static void compile_rule(route *r, size_t idx, const json_t *spec, const char *path,
-                         amp_errs *errs)
-{
-    static const char *const keys[] = {"source",       "target",       "transform", "source_field",
-                                       "target_field", "transformer",  NULL};
+                         amp_errs *errs) {
+    static const char *const keys[] = {"source",       "target",      "transform", "source_field",
+                                       "target_field", "transformer", NULL};
     static const char *const std[] = {"source", "target", "transform"};
     static const char *const alt[] = {"source_field", "target_field", "transformer"};
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected a mapping object {\"source\", \"target\", "
-                                 "\"transform\"}, found %s",
+        amp_errs_add(errs, path,
+                     "expected a mapping object {\"source\", \"target\", "
+                     "\"transform\"}, found %s",
                      amp_json_kind(spec));
         return;
     }
-    bool ok = check_keys(spec, path, keys,
-                         "source, target, transform (or source_field, target_field, transformer)",
-                         errs);
+    bool ok =
+        check_keys(spec, path, keys,
+                   "source, target, transform (or source_field, target_field, transformer)", errs);
     bool has_std = false, has_alt = false;
     for (size_t k = 0; k < 3; k++) {
         has_std = has_std || json_object_get(spec, std[k]);
         has_alt = has_alt || json_object_get(spec, alt[k]);
     }
     if (has_std && has_alt) {
-        amp_errs_add(errs, path, "mixes source/target/transform with "
-                                 "source_field/target_field/transformer; use one spelling");
+        amp_errs_add(errs, path,
+                     "mixes source/target/transform with "
+                     "source_field/target_field/transformer; use one spelling");
         return;
     }
     const char *const *names = has_alt ? alt : std;
@@ -362,8 +353,9 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
         if (!o->nsegs)
             continue;
         if (path_prefix(o, &ru->target) || path_prefix(&ru->target, o)) {
-            amp_errs_add(errs, tp, "target '%s' collides with target '%s' of map[%zu]; each target "
-                                   "must be distinct and not inside another",
+            amp_errs_add(errs, tp,
+                         "target '%s' collides with target '%s' of map[%zu]; each target "
+                         "must be distinct and not inside another",
                          dst, o->text, i);
             ok = false;
         }
@@ -380,8 +372,7 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
 }
 
 static amp_tmpl *get_template(const json_t *spec, const char *key, const char *path,
-                              amp_errs *errs)
-{
+                              amp_errs *errs) {
     bool ok = true;
     json_t *v = json_object_get(spec, key);
     if (!v)
@@ -403,10 +394,9 @@ static amp_tmpl *get_template(const json_t *spec, const char *key, const char *p
 
 static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spec,
                           const json_t *all_routes, const json_t *apps, const char *path,
-                          amp_errs *errs)
-{
-    static const char *const keys[] = {"name", "filter", "map",          "app",
-                                       "query", "user",  "conversation", NULL};
+                          amp_errs *errs) {
+    static const char *const keys[] = {"name",  "filter", "map",          "app",
+                                       "query", "user",   "conversation", NULL};
     static const char *const convs[] = {"none", "per_user"};
     bool ok = true;
     r->app = SIZE_MAX;
@@ -422,8 +412,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
             json_t *other = json_object_get(json_array_get(all_routes, j), "name");
             if (json_is_string(other) && !strcmp(json_string_value(other), name)) {
                 char *p = amp_jpath_key(path, "name");
-                amp_errs_add(errs, p, "duplicate route name '%s' (also routes[%zu].name)", name,
-                             j);
+                amp_errs_add(errs, p, "duplicate route name '%s' (also routes[%zu].name)", name, j);
                 free(p);
                 break;
             }
@@ -449,7 +438,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
             json_t *e;
             r->nrules = json_array_size(map);
             r->rules = amp_xcalloc(r->nrules, sizeof(*r->rules));
-            json_array_foreach (map, i, e) {
+            json_array_foreach(map, i, e) {
                 char *ep = amp_jpath_index(p, i);
                 compile_rule(r, i, e, ep, errs);
                 free(ep);
@@ -473,15 +462,14 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
             const char *an;
             json_t *av;
             if (json_is_object(apps)) {
-                json_object_foreach ((json_t *)apps, an, av) {
+                json_object_foreach((json_t *)apps, an, av) {
                     if (list.len)
                         amp_buf_append(&list, ", ", 2);
                     amp_buf_append(&list, an, strlen(an));
                 }
             }
             if (list.len)
-                amp_errs_add(errs, p, "unknown app '%s'; expected one of %s", app_name,
-                             list.data);
+                amp_errs_add(errs, p, "unknown app '%s'; expected one of %s", app_name, list.data);
             else
                 amp_errs_add(errs, p, "unknown app '%s'; \"apps\" defines none", app_name);
             amp_buf_free(&list);
@@ -492,8 +480,9 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
     r->query = get_template(spec, "query", path, errs);
     if (app && app->endpoint == AMP_ENDPOINT_WORKFLOW && json_object_get(spec, "query")) {
         char *p = amp_jpath_key(path, "query");
-        amp_errs_add(errs, p, "app '%s' is a workflow, which takes no query; map the text into "
-                              "inputs instead",
+        amp_errs_add(errs, p,
+                     "app '%s' is a workflow, which takes no query; map the text into "
+                     "inputs instead",
                      app->name);
         free(p);
     }
@@ -515,8 +504,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
 }
 
 static void compile_routes(amp_mapper *m, const json_t *routes, const json_t *apps,
-                           amp_errs *errs)
-{
+                           amp_errs *errs) {
     if (!routes) {
         amp_errs_add(errs, "routes", "missing; expected an array of routes (it may be empty)");
         return;
@@ -529,15 +517,14 @@ static void compile_routes(amp_mapper *m, const json_t *routes, const json_t *ap
     m->routes = amp_xcalloc(json_array_size(routes), sizeof(*m->routes));
     size_t i;
     json_t *spec;
-    json_array_foreach (routes, i, spec) {
+    json_array_foreach(routes, i, spec) {
         char *p = amp_jpath_index("routes", i);
         compile_route(m, &m->routes[m->nroutes++], i, spec, routes, apps, p, errs);
         free(p);
     }
 }
 
-amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_errs *errs)
-{
+amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_errs *errs) {
     size_t before = amp_errs_count(errs);
     amp_mapper *m = amp_xcalloc(1, sizeof(*m));
     compile_apps(m, apps, errs);
@@ -556,8 +543,7 @@ typedef struct pending {
     json_t *body;
 } pending;
 
-static const char *default_user(const json_t *event)
-{
+static const char *default_user(const json_t *event) {
     json_t *u = json_object_get(event, "user_id");
     if (json_is_string(u) && json_string_length(u) > 0)
         return json_string_value(u);
@@ -567,16 +553,14 @@ static const char *default_user(const json_t *event)
     return "";
 }
 
-static void set_new(json_t *obj, const char *key, json_t *v)
-{
+static void set_new(json_t *obj, const char *key, json_t *v) {
     if (!v || json_object_set_new(obj, key, v) != 0)
         abort();
 }
 
 /* The body for one matching route; NULL with detail set on a required miss. */
 static json_t *build(const amp_mapper *m, const route *r, const json_t *event, amp_buf *buf,
-                     char *detail, size_t dlen)
-{
+                     char *detail, size_t dlen) {
     const amp_app *app = &m->apps[r->app];
     json_t *inputs = json_object();
     if (!inputs)
@@ -626,8 +610,7 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
 
 int amp_mapper_apply(const amp_mapper *m, const json_t *event, amp_map_emit_fn emit, void *ctx,
                      amp_map_explain_fn explain, void *explain_ctx, char *detail,
-                     size_t detail_len)
-{
+                     size_t detail_len) {
     pending local[16];
     pending *p = m->nroutes <= 16 ? local : amp_xcalloc(m->nroutes, sizeof(*p));
     size_t n = 0;

@@ -55,8 +55,8 @@ typedef struct amp_app {
     const char *api_key_env;  /* NULL when api_key_file is used */
     const char *api_key_file; /* NULL when api_key_env is used */
     amp_endpoint endpoint;
-    bool streaming;           /* response_mode "streaming" */
-    double rate_per_sec;      /* 0 = unlimited */
+    bool streaming;      /* response_mode "streaming" */
+    double rate_per_sec; /* 0 = unlimited */
     unsigned burst;
     unsigned max_in_flight;
 } amp_app;
@@ -80,14 +80,14 @@ const amp_app *amp_mapper_app(const amp_mapper *m, size_t i); /* borrowed */
 typedef struct amp_map_request {
     const char *route;
     const amp_app *app;
-    const char *user;       /* the body's "user" */
-    bool per_user;          /* route has "conversation": "per_user" */
-    json_t *body;           /* {"inputs","query"(chat/completion),"user","response_mode"} */
+    const char *user; /* the body's "user" */
+    bool per_user;    /* route has "conversation": "per_user" */
+    json_t *body;     /* {"inputs","query"(chat/completion),"user","response_mode"} */
 } amp_map_request;
 
 typedef void (*amp_map_emit_fn)(void *ctx, const amp_map_request *req);
 /* Called for each route that did not produce a request, with the reason
- * ("filter: event_type equals 'X' was false"). */
+ * ("filter all[0]: event_type equals "X" is false"). */
 typedef void (*amp_map_explain_fn)(void *ctx, const char *route, const char *reason);
 
 /* Apply every route to one event (borrowed). Returns the number of requests

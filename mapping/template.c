@@ -26,8 +26,7 @@ struct amp_tmpl {
     size_t nsegs;
 };
 
-void amp_tmpl_free(amp_tmpl *t)
-{
+void amp_tmpl_free(amp_tmpl *t) {
     if (!t)
         return;
     for (size_t i = 0; i < t->nsegs; i++) {
@@ -38,23 +37,20 @@ void amp_tmpl_free(amp_tmpl *t)
     free(t);
 }
 
-static tseg *add(amp_tmpl *t)
-{
+static tseg *add(amp_tmpl *t) {
     t->segs = amp_xrealloc(t->segs, (t->nsegs + 1) * sizeof(*t->segs));
     tseg *s = &t->segs[t->nsegs++];
     memset(s, 0, sizeof(*s));
     return s;
 }
 
-static bool blank(char c)
-{
+static bool blank(char c) {
     return c == ' ' || c == '\t';
 }
 
 /* The field inside {{...}} at offset `at`: inner[0..n). 0 on success. */
 static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const char *path,
-                     amp_errs *errs)
-{
+                     amp_errs *errs) {
     while (n > 0 && blank(*inner)) {
         inner++;
         n--;
@@ -67,27 +63,30 @@ static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const 
     }
     char *text = amp_xstrndup(inner, n);
     tseg *s = add(t);
-    const char *ptext = text;
     if (!strcmp(text, "inputs")) {
         s->from_inputs = true;
-        s->path.text = amp_xstrdup(text);
-        free(text);
+        s->path.text = text;
         return 0;
     }
+    char err[160];
+    if (amp_path_parse(&s->path, text, true, err, sizeof(err)) != 0) {
+        amp_errs_add(errs, path, "bad template: field path '%s' at offset %zu: %s", text, at, err);
+        free(text);
+        return -1;
+    }
+    /* Written as inputs.x or inputs[...]: drop the "inputs" step and read
+     * the mapped object. ["inputs"] stays a key of the event. */
     if (!strncmp(text, "inputs.", 7) || !strncmp(text, "inputs[", 7)) {
         s->from_inputs = true;
-        ptext = text + (text[6] == '.' ? 7 : 6);
+        free(s->path.segs[0].key);
+        memmove(s->path.segs, s->path.segs + 1, (s->path.nsegs - 1) * sizeof(*s->path.segs));
+        s->path.nsegs--;
     }
-    char err[160];
-    int rc = amp_path_parse(&s->path, ptext, true, err, sizeof(err));
-    if (rc != 0)
-        amp_errs_add(errs, path, "bad template: field path '%s' at offset %zu: %s", text, at, err);
     free(text);
-    return rc;
+    return 0;
 }
 
-amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs)
-{
+amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs) {
     amp_tmpl *t = amp_xcalloc(1, sizeof(*t));
     size_t len = strlen(text), i = 0, lit = 0;
     int bad = 0;
@@ -122,8 +121,7 @@ amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs)
     return t;
 }
 
-void amp_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs, amp_buf *out)
-{
+void amp_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs, amp_buf *out) {
     for (size_t i = 0; i < t->nsegs; i++) {
         const tseg *s = &t->segs[i];
         if (s->lit) {

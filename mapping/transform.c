@@ -23,8 +23,7 @@
 /* ---- values ---------------------------------------------------------- */
 
 /* Exact comparison of an integer with a double, also beyond 2^53. */
-static int cmp_int_real(json_int_t i, double r)
-{
+static int cmp_int_real(json_int_t i, double r) {
     if (r >= 9223372036854775808.0)
         return -1;
     if (r < -9223372036854775808.0)
@@ -37,8 +36,7 @@ static int cmp_int_real(json_int_t i, double r)
     return frac > 0 ? -1 : frac < 0 ? 1 : 0;
 }
 
-int amp_number_cmp(const json_t *a, const json_t *b)
-{
+int amp_number_cmp(const json_t *a, const json_t *b) {
     if (json_is_integer(a) && json_is_integer(b)) {
         json_int_t x = json_integer_value(a), y = json_integer_value(b);
         return x < y ? -1 : x > y;
@@ -51,8 +49,7 @@ int amp_number_cmp(const json_t *a, const json_t *b)
     return x < y ? -1 : x > y;
 }
 
-bool amp_value_equal(const json_t *a, const json_t *b)
-{
+bool amp_value_equal(const json_t *a, const json_t *b) {
     if (json_is_number(a) && json_is_number(b))
         return amp_number_cmp(a, b) == 0;
     if (json_typeof(a) != json_typeof(b))
@@ -74,7 +71,7 @@ bool amp_value_equal(const json_t *a, const json_t *b)
             return false;
         const char *k;
         json_t *x;
-        json_object_foreach ((json_t *)a, k, x) {
+        json_object_foreach((json_t *)a, k, x) {
             json_t *y = json_object_get(b, k);
             if (!y || !amp_value_equal(x, y))
                 return false;
@@ -86,8 +83,7 @@ bool amp_value_equal(const json_t *a, const json_t *b)
     }
 }
 
-void amp_real_format(double d, char *buf, size_t len)
-{
+void amp_real_format(double d, char *buf, size_t len) {
     /* %.15g is exact for every decimal of up to 15 digits; only values that
      * need more take the 16- or 17-digit forms. */
     for (int prec = 15; prec <= 17; prec++) {
@@ -114,8 +110,7 @@ void amp_real_format(double d, char *buf, size_t len)
 }
 
 /* Append at most what fits, cut at a UTF-8 code point boundary. */
-static int append_capped(amp_buf *out, const char *s, size_t n)
-{
+static int append_capped(amp_buf *out, const char *s, size_t n) {
     if (amp_buf_append(out, s, n) == 0)
         return 0;
     size_t room = out->max - out->len;
@@ -125,8 +120,7 @@ static int append_capped(amp_buf *out, const char *s, size_t n)
     return -1;
 }
 
-int amp_value_render(const json_t *v, amp_buf *out)
-{
+int amp_value_render(const json_t *v, amp_buf *out) {
     char num[40];
     switch (json_typeof(v)) {
     case JSON_STRING:
@@ -191,8 +185,7 @@ struct amp_xform {
     size_t nsteps;
 };
 
-void amp_xform_free(amp_xform *x)
-{
+void amp_xform_free(amp_xform *x) {
     if (!x)
         return;
     for (size_t i = 0; i < x->nsteps; i++)
@@ -201,15 +194,13 @@ void amp_xform_free(amp_xform *x)
     free(x);
 }
 
-static bool is_space(char c)
-{
+static bool is_space(char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
 }
 
 /* One step "name" or "name:arg" (s[0..n), surrounding blanks already
  * removed). 0 on success. */
-static int compile_step(amp_xform *x, const char *s, size_t n, const char *path, amp_errs *errs)
-{
+static int compile_step(amp_xform *x, const char *s, size_t n, const char *path, amp_errs *errs) {
     if (n == 0) {
         amp_errs_add(errs, path, "empty transform; expected one of " XLIST);
         return -1;
@@ -221,8 +212,8 @@ static int compile_step(amp_xform *x, const char *s, size_t n, const char *path,
         if (strlen(xnames[k]) == name_len && !memcmp(xnames[k], s, name_len))
             break;
     if (k == NXNAMES) {
-        amp_errs_add(errs, path, "unknown transform '%.*s'; expected one of " XLIST,
-                     (int)name_len, s);
+        amp_errs_add(errs, path, "unknown transform '%.*s'; expected one of " XLIST, (int)name_len,
+                     s);
         return -1;
     }
     xstep st = {.kind = (xkind)k};
@@ -256,8 +247,7 @@ static int compile_step(amp_xform *x, const char *s, size_t n, const char *path,
     return 0;
 }
 
-static int compile_item(amp_xform *x, const char *s, size_t n, const char *path, amp_errs *errs)
-{
+static int compile_item(amp_xform *x, const char *s, size_t n, const char *path, amp_errs *errs) {
     while (n > 0 && is_space(*s)) {
         s++;
         n--;
@@ -267,8 +257,7 @@ static int compile_item(amp_xform *x, const char *s, size_t n, const char *path,
     return compile_step(x, s, n, path, errs);
 }
 
-amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *errs)
-{
+amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *errs) {
     amp_xform *x = amp_xcalloc(1, sizeof(*x));
     int bad = 0;
     if (json_is_string(spec)) {
@@ -286,7 +275,7 @@ amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *err
     } else if (json_is_array(spec) && json_array_size(spec) > 0) {
         size_t i;
         json_t *item;
-        json_array_foreach (spec, i, item) {
+        json_array_foreach(spec, i, item) {
             char *ip = amp_jpath_index(path, i);
             if (!json_is_string(item)) {
                 amp_errs_add(errs, ip, "expected a transform string, found %s",
@@ -298,8 +287,9 @@ amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *err
             free(ip);
         }
     } else {
-        amp_errs_add(errs, path, "expected a string such as \"trim|lowercase\" or a non-empty "
-                                 "array of transform strings, found %s",
+        amp_errs_add(errs, path,
+                     "expected a string such as \"trim|lowercase\" or a non-empty "
+                     "array of transform strings, found %s",
                      json_is_array(spec) ? "an empty array" : amp_json_kind(spec));
         bad = -1;
     }
@@ -313,8 +303,7 @@ amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *err
 /* ---- steps ----------------------------------------------------------- */
 
 /* Replace v by a new string of s[0..n) (takes ownership of v). */
-static json_t *restring(json_t *v, const char *s, size_t n)
-{
+static json_t *restring(json_t *v, const char *s, size_t n) {
     json_t *r = json_stringn(s, n);
     json_decref(v);
     if (!r)
@@ -322,8 +311,7 @@ static json_t *restring(json_t *v, const char *s, size_t n)
     return r;
 }
 
-static json_t *do_trim(json_t *v)
-{
+static json_t *do_trim(json_t *v) {
     const char *s = json_string_value(v);
     size_t n = json_string_length(v), a = 0;
     while (a < n && is_space(s[a]))
@@ -336,8 +324,7 @@ static json_t *do_trim(json_t *v)
 }
 
 /* ASCII-only case mapping; other bytes (UTF-8 sequences) are kept as-is. */
-static json_t *do_case(json_t *v, bool upper)
-{
+static json_t *do_case(json_t *v, bool upper) {
     size_t n = json_string_length(v);
     char *c = amp_xstrndup(json_string_value(v), n);
     for (size_t i = 0; i < n; i++) {
@@ -350,8 +337,7 @@ static json_t *do_case(json_t *v, bool upper)
     return r;
 }
 
-static json_t *do_truncate(json_t *v, size_t max_cps)
-{
+static json_t *do_truncate(json_t *v, size_t max_cps) {
     const char *s = json_string_value(v);
     size_t n = json_string_length(v), cps = 0, i;
     for (i = 0; i < n; i++) {
@@ -364,8 +350,7 @@ static json_t *do_truncate(json_t *v, size_t max_cps)
     return i == n ? v : restring(v, s, i);
 }
 
-static json_t *do_iso8601(json_t *v)
-{
+static json_t *do_iso8601(json_t *v) {
     int64_t ms;
     bool ok = false;
     if (json_is_string(v)) {
@@ -393,8 +378,7 @@ static json_t *do_iso8601(json_t *v)
     return json_null();
 }
 
-static json_t *do_to_string(json_t *v)
-{
+static json_t *do_to_string(json_t *v) {
     if (json_is_string(v) || json_is_null(v))
         return v;
     amp_buf b;
@@ -406,8 +390,7 @@ static json_t *do_to_string(json_t *v)
 }
 
 /* JSON number syntax after trimming blanks: "42", "-1.5", "2e3". */
-static json_t *parse_number(const char *s, size_t n)
-{
+static json_t *parse_number(const char *s, size_t n) {
     while (n > 0 && is_space(*s)) {
         s++;
         n--;
@@ -453,8 +436,7 @@ static json_t *parse_number(const char *s, size_t n)
     return isfinite(d) ? json_real(d) : NULL;
 }
 
-static json_t *do_to_number(json_t *v)
-{
+static json_t *do_to_number(json_t *v) {
     json_t *r = NULL;
     if (json_is_number(v) || json_is_null(v))
         return v;
@@ -466,8 +448,7 @@ static json_t *do_to_number(json_t *v)
     return r ? r : json_null();
 }
 
-static json_t *do_sha256(json_t *v)
-{
+static json_t *do_sha256(json_t *v) {
     if (json_is_null(v))
         return v;
     amp_buf b;
@@ -488,8 +469,7 @@ static json_t *do_sha256(json_t *v)
     return restring(v, out, 64);
 }
 
-json_t *amp_xform_apply(const amp_xform *x, json_t *v, const char **required_failed)
-{
+json_t *amp_xform_apply(const amp_xform *x, json_t *v, const char **required_failed) {
     *required_failed = NULL;
     for (size_t i = 0; i < x->nsteps; i++) {
         const xstep *st = &x->steps[i];

@@ -3,8 +3,7 @@
 
 #include "commands.h"
 
-int amp_cmd_config_only(int argc, char **argv, const char **config)
-{
+int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;
     for (int i = 1; i < argc; i++) {
         if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
@@ -18,8 +17,7 @@ int amp_cmd_config_only(int argc, char **argv, const char **config)
     return 0;
 }
 
-void amp_cmd_print_errors(const char *file, const amp_errs *errs)
-{
+void amp_cmd_print_errors(const char *file, const amp_errs *errs) {
     for (size_t i = 0; i < amp_errs_count(errs); i++)
         fprintf(stderr, "%s: %s\n", file, amp_errs_get(errs, i));
 }

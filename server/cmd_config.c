@@ -7,8 +7,7 @@
 #include "commands.h"
 #include "config.h"
 
-int amp_cmd_check_config(int argc, char **argv)
-{
+int amp_cmd_check_config(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;

@@ -19,11 +19,11 @@
 #include "commands.h"
 #include "config.h"
 
-#define DLQ_USAGE                                                                              \
-    "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                    \
-    "       amp2dify dlq replay [-c FILE] (--all | ID... | filters)\n"                          \
-    "       amp2dify dlq purge  [-c FILE] (--all | ID... | filters)\n"                          \
-    "filters: --route R --app A --status N --code C --since T --until T\n"                      \
+#define DLQ_USAGE                                                                                  \
+    "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                        \
+    "       amp2dify dlq replay [-c FILE] (--all | ID... | filters)\n"                             \
+    "       amp2dify dlq purge  [-c FILE] (--all | ID... | filters)\n"                             \
+    "filters: --route R --app A --status N --code C --since T --until T\n"                         \
     "         (T: unix seconds or YYYY-MM-DDTHH:MM:SSZ)\n"
 
 typedef struct dlq_args {
@@ -34,8 +34,7 @@ typedef struct dlq_args {
     int64_t limit;
 } dlq_args;
 
-static int parse_time(const char *s, int64_t *ms)
-{
+static int parse_time(const char *s, int64_t *ms) {
     int64_t secs;
     if (amp_parse_i64(s, strlen(s), 0, 253402300799LL, &secs) == 0) {
         *ms = secs * 1000;
@@ -49,8 +48,7 @@ static int parse_time(const char *s, int64_t *ms)
     return 0;
 }
 
-__attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...)
-{
+__attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("amp2dify dlq: ", stderr);
@@ -60,8 +58,7 @@ __attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ..
     return -1;
 }
 
-static int parse_args(int argc, char **argv, dlq_args *a)
-{
+static int parse_args(int argc, char **argv, dlq_args *a) {
     a->limit = 1000;
     for (int i = 2; i < argc; i++) {
         const char *o = argv[i];
@@ -108,10 +105,9 @@ static int parse_args(int argc, char **argv, dlq_args *a)
     return 0;
 }
 
-static void print_table(const json_t *rows)
-{
-    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID", "DEAD_AT", "ROUTE", "APP",
-           "STATUS", "CODE", "ATTEMPTS", "MESSAGE");
+static void print_table(const json_t *rows) {
+    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID", "DEAD_AT", "ROUTE", "APP", "STATUS",
+           "CODE", "ATTEMPTS", "MESSAGE");
     size_t i;
     json_t *row;
     json_array_foreach(rows, i, row) {
@@ -131,8 +127,7 @@ static void print_table(const json_t *rows)
     }
 }
 
-int amp_cmd_dlq(int argc, char **argv)
-{
+int amp_cmd_dlq(int argc, char **argv) {
     if (argc < 2) {
         fputs(DLQ_USAGE, stderr);
         return 2;

@@ -21,8 +21,7 @@
 /* A dry run reads a file a person points it at; still, never unbounded. */
 #define MAP_INPUT_MAX ((size_t)256 * 1024 * 1024)
 
-static void usage(FILE *f)
-{
+static void usage(FILE *f) {
     fputs("usage: amp2dify map [-c FILE] [--explain] [EVENTS|-]\n"
           "  Print the Dify requests the config's routes make from EVENTS (a file,\n"
           "  or stdin when '-' or absent): one event, an array of events,\n"
@@ -33,8 +32,7 @@ static void usage(FILE *f)
 }
 
 /* 0 with the whole input in *out (caller owns), -1 after printing why. */
-static int read_all(FILE *f, const char *name, amp_buf *out)
-{
+static int read_all(FILE *f, const char *name, amp_buf *out) {
     char chunk[65536];
     amp_buf_init(out, MAP_INPUT_MAX);
     amp_buf_append(out, "", 0);
@@ -54,8 +52,7 @@ static int read_all(FILE *f, const char *name, amp_buf *out)
     }
 }
 
-static bool blank_line(const char *s, size_t n)
-{
+static bool blank_line(const char *s, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r')
             return false;
@@ -64,8 +61,7 @@ static bool blank_line(const char *s, size_t n)
 
 /* JSON lines: several non-blank lines, the first a JSON value on its own.
  * Returns 1 when the input has that shape. */
-static int looks_like_json_lines(const char *data, size_t len)
-{
+static int looks_like_json_lines(const char *data, size_t len) {
     size_t lines = 0, pos = 0;
     bool first_ok = false;
     while (pos < len && lines < 2) {
@@ -87,8 +83,7 @@ static int looks_like_json_lines(const char *data, size_t len)
 
 /* Decode every line into one array of events (caller owns). NULL after
  * printing each bad line. */
-static json_t *decode_lines(const char *data, size_t len, const char *name)
-{
+static json_t *decode_lines(const char *data, size_t len, const char *name) {
     json_t *all = json_array();
     if (!all)
         abort();
@@ -100,8 +95,8 @@ static json_t *decode_lines(const char *data, size_t len, const char *name)
         lineno++;
         if (!blank_line(data + pos, end - pos)) {
             json_error_t e;
-            json_t *v = json_loadb(data + pos, end - pos, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES,
-                                   &e);
+            json_t *v =
+                json_loadb(data + pos, end - pos, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &e);
             if (!v) {
                 fprintf(stderr, "%s: line %zu, column %d: %s\n", name, lineno, e.column, e.text);
                 bad = true;
@@ -133,8 +128,7 @@ typedef struct map_ctx {
     bool write_failed;
 } map_ctx;
 
-static void on_request(void *arg, const amp_map_request *req)
-{
+static void on_request(void *arg, const amp_map_request *req) {
     map_ctx *c = arg;
     json_t *line = json_object();
     if (!line)
@@ -152,14 +146,12 @@ static void on_request(void *arg, const amp_map_request *req)
     free(s);
 }
 
-static void on_explain(void *arg, const char *route, const char *reason)
-{
+static void on_explain(void *arg, const char *route, const char *reason) {
     map_ctx *c = arg;
     fprintf(stderr, "event %zu route %s: %s\n", c->event, route, reason);
 }
 
-int amp_cmd_map(int argc, char **argv)
-{
+int amp_cmd_map(int argc, char **argv) {
     const char *cfile = NULL, *input = NULL;
     bool explain = false, opts_done = false;
     for (int i = 1; i < argc; i++) {
@@ -195,8 +187,7 @@ int amp_cmd_map(int argc, char **argv)
     amp_errs *errs = amp_errs_create();
     amp_config *cfg = amp_config_load(cpath, 0, errs);
     if (!cfg) {
-        for (size_t i = 0; i < amp_errs_count(errs); i++)
-            fprintf(stderr, "%s: %s\n", cpath, amp_errs_get(errs, i));
+        amp_cmd_print_errors(cpath, errs);
         amp_errs_destroy(errs);
         return 2;
     }
@@ -239,7 +230,7 @@ int amp_cmd_map(int argc, char **argv)
     map_ctx ctx = {0};
     size_t i;
     json_t *ev;
-    json_array_foreach (events, i, ev) {
+    json_array_foreach(events, i, ev) {
         ctx.event = i;
         int n = amp_mapper_apply(cfg->mapper, ev, on_request, &ctx, explain ? on_explain : NULL,
                                  &ctx, detail, sizeof(detail));

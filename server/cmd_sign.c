@@ -14,8 +14,7 @@
 
 #define MAX_SIGN_BODY (64 * 1024 * 1024)
 
-static int read_all(FILE *f, amp_buf *b)
-{
+static int read_all(FILE *f, amp_buf *b) {
     char chunk[8192];
     size_t n;
     while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
@@ -24,8 +23,7 @@ static int read_all(FILE *f, amp_buf *b)
     return ferror(f) ? -1 : 0;
 }
 
-int amp_cmd_sign(int argc, char **argv)
-{
+int amp_cmd_sign(int argc, char **argv) {
     const char *secret_env = NULL, *ts_arg = NULL, *file = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--secret-env") == 0 && i + 1 < argc)
@@ -35,8 +33,9 @@ int amp_cmd_sign(int argc, char **argv)
         else if (!file && (argv[i][0] != '-' || strcmp(argv[i], "-") == 0))
             file = argv[i];
         else {
-            fprintf(stderr, "amp2dify sign: unexpected argument '%s'\n"
-                            "usage: amp2dify sign --secret-env VAR [--timestamp T] [FILE|-]\n",
+            fprintf(stderr,
+                    "amp2dify sign: unexpected argument '%s'\n"
+                    "usage: amp2dify sign --secret-env VAR [--timestamp T] [FILE|-]\n",
                     argv[i]);
             return 2;
         }

@@ -11,8 +11,7 @@
 #define DEFAULT_CONFIG_PATH "./amp2dify.json"
 #define MAX_SECRET_FILE 65536
 
-const char *amp_config_default_path(const char *from_cli)
-{
+const char *amp_config_default_path(const char *from_cli) {
     if (from_cli && *from_cli)
         return from_cli;
     const char *env = getenv("AMP2DIFY_CONFIG");
@@ -27,14 +26,12 @@ const char *amp_config_default_path(const char *from_cli)
  * default); a present key of the wrong type or range is an error at
  * "<path>.<key>". */
 
-static char *key_path(const char *path, const char *key)
-{
+static char *key_path(const char *path, const char *key) {
     return *path ? amp_xasprintf("%s.%s", path, key) : amp_xstrdup(key);
 }
 
 static void reject_unknown(const json_t *obj, const char *path, const char *const *allowed,
-                           amp_errs *errs)
-{
+                           amp_errs *errs) {
     const char *key;
     json_t *val;
     json_object_foreach((json_t *)obj, key, val) {
@@ -54,25 +51,30 @@ static void reject_unknown(const json_t *obj, const char *path, const char *cons
     }
 }
 
-static const char *json_type_name(const json_t *v)
-{
+static const char *json_type_name(const json_t *v) {
     switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a number";
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+        return "an integer";
+    case JSON_REAL:
+        return "a number";
     case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
+    case JSON_FALSE:
+        return "a boolean";
+    case JSON_NULL:
+        return "null";
     }
     return "a value";
 }
 
 /* Returns the section object (borrowed) or NULL when absent or invalid. */
 static const json_t *get_object(const json_t *obj, const char *key, const char *path,
-                                amp_errs *errs)
-{
+                                amp_errs *errs) {
     const json_t *v = json_object_get(obj, key);
     if (!v)
         return NULL;
@@ -86,8 +88,7 @@ static const json_t *get_object(const json_t *obj, const char *key, const char *
 }
 
 static void get_string(const json_t *obj, const char *key, const char *path, amp_errs *errs,
-                       char **out)
-{
+                       char **out) {
     const json_t *v = json_object_get(obj, key);
     if (!v)
         return;
@@ -103,9 +104,8 @@ static void get_string(const json_t *obj, const char *key, const char *path, amp
     *out = amp_xstrdup(json_string_value(v));
 }
 
-static void get_int(const json_t *obj, const char *key, const char *path, int64_t min,
-                    int64_t max, amp_errs *errs, int64_t *out)
-{
+static void get_int(const json_t *obj, const char *key, const char *path, int64_t min, int64_t max,
+                    amp_errs *errs, int64_t *out) {
     const json_t *v = json_object_get(obj, key);
     if (!v)
         return;
@@ -124,16 +124,14 @@ static void get_int(const json_t *obj, const char *key, const char *path, int64_
 }
 
 static void get_uint(const json_t *obj, const char *key, const char *path, unsigned min,
-                     unsigned max, amp_errs *errs, unsigned *out)
-{
+                     unsigned max, amp_errs *errs, unsigned *out) {
     int64_t v = *out;
     get_int(obj, key, path, min, max, errs, &v);
     *out = (unsigned)v;
 }
 
 static void get_bool(const json_t *obj, const char *key, const char *path, amp_errs *errs,
-                     bool *out)
-{
+                     bool *out) {
     const json_t *v = json_object_get(obj, key);
     if (!v)
         return;
@@ -147,8 +145,7 @@ static void get_bool(const json_t *obj, const char *key, const char *path, amp_e
 }
 
 /* "a.b.c.d/n" or "a:b::c/n"; a bare address means one host. */
-static int valid_cidr(const char *s)
-{
+static int valid_cidr(const char *s) {
     char addr[INET6_ADDRSTRLEN + 1];
     const char *slash = strchr(s, '/');
     size_t alen = slash ? (size_t)(slash - s) : strlen(s);
@@ -172,11 +169,17 @@ static int valid_cidr(const char *s)
 
 /* ---- sections ----------------------------------------------------------- */
 
-static void load_listen(amp_config *c, const json_t *root, amp_errs *errs)
-{
-    static const char *const keys[] = {"address", "port", "path", "max_body_bytes", "threads",
-                                       "connection_limit", "per_ip_connection_limit",
-                                       "connection_timeout_seconds", "trusted_proxies", NULL};
+static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
+    static const char *const keys[] = {"address",
+                                       "port",
+                                       "path",
+                                       "max_body_bytes",
+                                       "threads",
+                                       "connection_limit",
+                                       "per_ip_connection_limit",
+                                       "connection_timeout_seconds",
+                                       "trusted_proxies",
+                                       NULL};
     const json_t *o = get_object(root, "listen", "", errs);
     if (!o)
         return;
@@ -221,13 +224,11 @@ static void load_listen(amp_config *c, const json_t *root, amp_errs *errs)
                          json_is_string(v) ? "an invalid address" : json_type_name(v));
             continue;
         }
-        c->listen.trusted_proxies[c->listen.ntrusted_proxies++] =
-            amp_xstrdup(json_string_value(v));
+        c->listen.trusted_proxies[c->listen.ntrusted_proxies++] = amp_xstrdup(json_string_value(v));
     }
 }
 
-static void load_auth(amp_config *c, const json_t *root, amp_errs *errs)
-{
+static void load_auth(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {"scheme", "tolerance_seconds", "header",
                                        "allow_unauthenticated", NULL};
     const json_t *o = get_object(root, "auth", "", errs);
@@ -250,10 +251,9 @@ static void load_auth(amp_config *c, const json_t *root, amp_errs *errs)
                      "'none' accepts unsigned requests; it needs \"allow_unauthenticated\": true");
 }
 
-static void load_spool(amp_config *c, const json_t *root, amp_errs *errs)
-{
-    static const char *const keys[] = {"path", "dedupe_window_seconds", "max_pending",
-                                       "retention_seconds", "sync", NULL};
+static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
+    static const char *const keys[] = {
+        "path", "dedupe_window_seconds", "max_pending", "retention_seconds", "sync", NULL};
     const json_t *o = get_object(root, "spool", "", errs);
     if (!o)
         return;
@@ -262,8 +262,7 @@ static void load_spool(amp_config *c, const json_t *root, amp_errs *errs)
     get_int(o, "dedupe_window_seconds", "spool", 0, 10LL * 365 * 86400, errs,
             &c->spool.dedupe_window_s);
     get_int(o, "max_pending", "spool", 0, INT64_MAX, errs, &c->spool.max_pending);
-    get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs,
-            &c->spool.retention_s);
+    get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs, &c->spool.retention_s);
     char *sync = NULL;
     get_string(o, "sync", "spool", errs, &sync);
     if (sync && strcmp(sync, "full") != 0 && strcmp(sync, "normal") != 0)
@@ -272,10 +271,9 @@ static void load_spool(amp_config *c, const json_t *root, amp_errs *errs)
     free(sync);
 }
 
-static void load_dify(amp_config *c, const json_t *root, amp_errs *errs)
-{
+static void load_dify(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {"base_url", "timeout_seconds", "connect_timeout_seconds",
-                                       "workers", "retry", NULL};
+                                       "workers",  "retry",           NULL};
     static const char *const retry_keys[] = {"initial_ms", "max_ms", "max_age_seconds", NULL};
     const json_t *o = get_object(root, "dify", "", errs);
     if (!o)
@@ -291,12 +289,10 @@ static void load_dify(amp_config *c, const json_t *root, amp_errs *errs)
     reject_unknown(r, "dify.retry", retry_keys, errs);
     get_int(r, "initial_ms", "dify.retry", 1, 3600000, errs, &c->dify.retry_initial_ms);
     get_int(r, "max_ms", "dify.retry", 1, 86400000, errs, &c->dify.retry_max_ms);
-    get_int(r, "max_age_seconds", "dify.retry", 1, 30LL * 86400, errs,
-            &c->dify.retry_max_age_s);
+    get_int(r, "max_age_seconds", "dify.retry", 1, 30LL * 86400, errs, &c->dify.retry_max_age_s);
 }
 
-static void load_log(amp_config *c, const json_t *root, amp_errs *errs)
-{
+static void load_log(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {"level", NULL};
     const json_t *o = get_object(root, "log", "", errs);
     if (!o)
@@ -310,8 +306,7 @@ static void load_log(amp_config *c, const json_t *root, amp_errs *errs)
     free(level);
 }
 
-static void check_base_url(const char *url, const char *where, amp_errs *errs)
-{
+static void check_base_url(const char *url, const char *where, amp_errs *errs) {
     if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
         amp_errs_add(errs, where, "'%s' is not an http:// or https:// URL", url);
 }
@@ -319,8 +314,7 @@ static void check_base_url(const char *url, const char *where, amp_errs *errs)
 /* ---- environment ------------------------------------------------------- */
 
 static char *read_secret_file(const char *file, const char *what, const char *path,
-                              amp_errs *errs)
-{
+                              amp_errs *errs) {
     FILE *f = fopen(file, "rb");
     if (!f) {
         amp_errs_add(errs, path, "cannot read %s file '%s': %s", what, file, strerror(errno));
@@ -357,8 +351,7 @@ static char *read_secret_file(const char *file, const char *what, const char *pa
     return b.data;
 }
 
-int amp_config_secret_from_env(const char *name, char **out, const char *path, amp_errs *errs)
-{
+int amp_config_secret_from_env(const char *name, char **out, const char *path, amp_errs *errs) {
     char file_var[256];
     snprintf(file_var, sizeof file_var, "%s_FILE", name);
     const char *direct = getenv(name);
@@ -382,8 +375,7 @@ int amp_config_secret_from_env(const char *name, char **out, const char *path, a
 }
 
 /* "host:port", "[v6]:port" */
-static void apply_listen_env(amp_config *c, amp_errs *errs)
-{
+static void apply_listen_env(amp_config *c, amp_errs *errs) {
     const char *v = getenv("AMP2DIFY_LISTEN");
     if (!v || !*v)
         return;
@@ -404,8 +396,7 @@ static void apply_listen_env(amp_config *c, amp_errs *errs)
     c->listen.port = (uint16_t)port;
 }
 
-static void apply_env(amp_config *c, amp_errs *errs)
-{
+static void apply_env(amp_config *c, amp_errs *errs) {
     apply_listen_env(c, errs);
     const char *v;
     if ((v = getenv("AMP2DIFY_SPOOL")) && *v) {
@@ -422,8 +413,7 @@ static void apply_env(amp_config *c, amp_errs *errs)
                      "unknown level '%s'; expected debug, info, warn or error", v);
 }
 
-static void load_auth_secrets(amp_config *c, amp_errs *errs)
-{
+static void load_auth_secrets(amp_config *c, amp_errs *errs) {
     if (c->auth.scheme == AMP_AUTH_NONE)
         return;
     char *all = NULL;
@@ -447,8 +437,7 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs)
         char *end = comma ? comma : p + strlen(p);
         while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
             p++;
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' ||
-                           end[-1] == '\r'))
+        while (end > p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
             end--;
         if (end > p)
             c->auth.secrets[c->auth.nsecrets++] = amp_xstrndup(p, (size_t)(end - p));
@@ -460,15 +449,14 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs)
         return;
     }
     char err[256];
-    c->auth.verifier = amp_sig_create(c->auth.scheme, (const char *const *)c->auth.secrets,
-                                      c->auth.nsecrets, c->auth.tolerance_s, c->auth.header, err,
-                                      sizeof err);
+    c->auth.verifier =
+        amp_sig_create(c->auth.scheme, (const char *const *)c->auth.secrets, c->auth.nsecrets,
+                       c->auth.tolerance_s, c->auth.header, err, sizeof err);
     if (!c->auth.verifier)
         amp_errs_add(errs, "AMP2DIFY_SECRETS", "%s", err);
 }
 
-static void load_app_keys(amp_config *c, amp_errs *errs)
-{
+static void load_app_keys(amp_config *c, amp_errs *errs) {
     size_t n = amp_mapper_app_count(c->mapper);
     c->api_keys = amp_xcalloc(n + 1, sizeof(char *));
     for (size_t i = 0; i < n; i++) {
@@ -490,8 +478,7 @@ static void load_app_keys(amp_config *c, amp_errs *errs)
 
 /* ---- load --------------------------------------------------------------- */
 
-static amp_config *config_defaults(const char *path)
-{
+static amp_config *config_defaults(const char *path) {
     amp_config *c = amp_xcalloc(1, sizeof *c);
     c->file = amp_xstrdup(path);
     c->listen.address = amp_xstrdup("0.0.0.0");
@@ -523,8 +510,7 @@ static amp_config *config_defaults(const char *path)
     return c;
 }
 
-amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs)
-{
+amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     size_t errs_before = amp_errs_count(errs);
     json_error_t jerr;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
@@ -542,8 +528,8 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs)
         return NULL;
     }
 
-    static const char *const keys[] = {"listen", "auth", "spool", "dify",
-                                       "apps",   "routes", "log", NULL};
+    static const char *const keys[] = {"listen", "auth",   "spool", "dify",
+                                       "apps",   "routes", "log",   NULL};
     amp_config *c = config_defaults(path);
     reject_unknown(root, "", keys, errs);
     load_listen(c, root, errs);
@@ -579,8 +565,7 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs)
     return c;
 }
 
-amp_spool_opts amp_config_spool_opts(const amp_config *c)
-{
+amp_spool_opts amp_config_spool_opts(const amp_config *c) {
     return (amp_spool_opts){.path = c->spool.path,
                             .dedupe_window_s = c->spool.dedupe_window_s,
                             .max_pending = c->spool.max_pending,
@@ -588,8 +573,7 @@ amp_spool_opts amp_config_spool_opts(const amp_config *c)
                             .sync_normal = c->spool.sync_normal};
 }
 
-static void free_strv(char **v, size_t n)
-{
+static void free_strv(char **v, size_t n) {
     if (!v)
         return;
     for (size_t i = 0; i < n; i++)
@@ -597,8 +581,7 @@ static void free_strv(char **v, size_t n)
     free(v);
 }
 
-void amp_config_destroy(amp_config *c)
-{
+void amp_config_destroy(amp_config *c) {
     if (!c)
         return;
     free(c->file);

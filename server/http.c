@@ -14,8 +14,7 @@ struct amp_http {
     uint16_t port;
 };
 
-static void mhd_log(void *cls, const char *fmt, va_list ap)
-{
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
     (void)cls;
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
@@ -26,10 +25,8 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 }
 
 /* Resolve the numeric listen address (no DNS lookups at start). */
-static int resolve(const amp_config *cfg, struct sockaddr_storage *ss, char *err, size_t errlen)
-{
-    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE,
-                             .ai_socktype = SOCK_STREAM};
+static int resolve(const amp_config *cfg, struct sockaddr_storage *ss, char *err, size_t errlen) {
+    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE, .ai_socktype = SOCK_STREAM};
     struct addrinfo *ai = NULL;
     char port[8];
     snprintf(port, sizeof port, "%u", (unsigned)cfg->listen.port);
@@ -44,14 +41,11 @@ static int resolve(const amp_config *cfg, struct sockaddr_storage *ss, char *err
     return 0;
 }
 
-amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err,
-                         size_t errlen)
-{
+amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err, size_t errlen) {
     struct sockaddr_storage ss;
     if (resolve(cfg, &ss, err, errlen) != 0)
         return NULL;
-    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME |
-                     MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
 
@@ -59,13 +53,12 @@ amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *er
     http->daemon = MHD_start_daemon(
         flags, cfg->listen.port, NULL, NULL, amp_handlers_access, handlers,
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, /* first, so every message goes to our log */
-        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)cfg->listen.threads,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->listen.connection_limit,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)cfg->listen.per_ip_connection_limit,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->listen.connection_timeout_s,
-        MHD_OPTION_NOTIFY_COMPLETED, amp_handlers_completed, handlers,
-        MHD_OPTION_END);
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_THREAD_POOL_SIZE,
+        (unsigned int)cfg->listen.threads, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned int)cfg->listen.connection_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        (unsigned int)cfg->listen.per_ip_connection_limit, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)cfg->listen.connection_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
+        amp_handlers_completed, handlers, MHD_OPTION_END);
     if (!http->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%u (address in use or not permitted)",
                  cfg->listen.address, (unsigned)cfg->listen.port);
@@ -77,13 +70,11 @@ amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *er
     return http;
 }
 
-uint16_t amp_http_port(const amp_http *http)
-{
+uint16_t amp_http_port(const amp_http *http) {
     return http->port;
 }
 
-void amp_http_stop(amp_http *http)
-{
+void amp_http_stop(amp_http *http) {
     if (!http)
         return;
     MHD_stop_daemon(http->daemon);

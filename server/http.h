@@ -15,8 +15,7 @@ typedef struct amp_http amp_http;
 
 /* Bind listen.address:listen.port and start serving through handlers
  * (borrowed; must outlive the daemon). NULL and err on failure. */
-amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err,
-                         size_t errlen);
+amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err, size_t errlen);
 /* The bound port (useful with port 0). */
 uint16_t amp_http_port(const amp_http *http);
 /* Stop accepting, close every connection, join the threads. Every

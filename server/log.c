@@ -12,18 +12,15 @@ static atomic_int min_level = AMP_LOG_INFO;
 
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
-void amp_log_set_level(amp_log_level level)
-{
+void amp_log_set_level(amp_log_level level) {
     atomic_store(&min_level, (int)level);
 }
 
-int amp_log_enabled(amp_log_level level)
-{
+int amp_log_enabled(amp_log_level level) {
     return (int)level >= atomic_load(&min_level);
 }
 
-int amp_log_parse_level(const char *name, amp_log_level *out)
-{
+int amp_log_parse_level(const char *name, amp_log_level *out) {
     for (int i = 0; i < 4; i++) {
         if (strcmp(name, level_names[i]) == 0) {
             *out = (amp_log_level)i;
@@ -33,8 +30,7 @@ int amp_log_parse_level(const char *name, amp_log_level *out)
     return -1;
 }
 
-static void format_ts(char *out, size_t len)
-{
+static void format_ts(char *out, size_t len) {
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -44,8 +40,7 @@ static void format_ts(char *out, size_t len)
     snprintf(out, len, "%s.%03dZ", base, (int)(ts.tv_nsec / 1000000) % 1000);
 }
 
-void amp_log(amp_log_level level, const char *msg, const char *fmt, ...)
-{
+void amp_log(amp_log_level level, const char *msg, const char *fmt, ...) {
     if (!amp_log_enabled(level))
         return;
 

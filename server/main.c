@@ -23,8 +23,7 @@ static const char usage[] =
     "DIFY_BASE_URL, DIFY_API_KEY; secrets also as *_FILE.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.\n";
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') {
         if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
             fputs(usage, stdout);

@@ -18,7 +18,8 @@ static const struct family_def {
     const char *help;
 } families[] = {
     {"amp2dify_http_requests_total", COUNTER, "HTTP requests answered, by status code."},
-    {"amp2dify_auth_failures_total", COUNTER, "Webhook requests refused by authentication, by reason."},
+    {"amp2dify_auth_failures_total", COUNTER,
+     "Webhook requests refused by authentication, by reason."},
     {"amp2dify_events_total", COUNTER,
      "Events received, by outcome (accepted, duplicate, filtered, rejected)."},
     {"amp2dify_deliveries_total", COUNTER,
@@ -38,29 +39,26 @@ static const struct family_def {
 #define NFAMILIES (sizeof families / sizeof families[0])
 
 static const double buckets[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                 0.25,   0.5,   1,      2.5,   5,    10,    30,    120};
+                                 0.25,   0.5,   1,      2.5,   5,    10,    30,   120};
 #define NBUCKETS (sizeof buckets / sizeof buckets[0])
 
 /* A double updated atomically through its bit pattern. */
 typedef _Atomic uint64_t atomic_f64;
 
-static double f64_load(const atomic_f64 *a)
-{
+static double f64_load(const atomic_f64 *a) {
     uint64_t bits = atomic_load(a);
     double v;
     memcpy(&v, &bits, sizeof v);
     return v;
 }
 
-static void f64_store(atomic_f64 *a, double v)
-{
+static void f64_store(atomic_f64 *a, double v) {
     uint64_t bits;
     memcpy(&bits, &v, sizeof bits);
     atomic_store(a, bits);
 }
 
-static void f64_add(atomic_f64 *a, double v)
-{
+static void f64_add(atomic_f64 *a, double v) {
     uint64_t old = atomic_load(a), next;
     do {
         double cur;
@@ -86,15 +84,13 @@ struct amp_metrics {
     void *collect_ctx;
 };
 
-amp_metrics *amp_metrics_create(void)
-{
+amp_metrics *amp_metrics_create(void) {
     amp_metrics *m = amp_xcalloc(1, sizeof *m);
     pthread_mutex_init(&m->mu, NULL);
     return m;
 }
 
-void amp_metrics_destroy(amp_metrics *m)
-{
+void amp_metrics_destroy(amp_metrics *m) {
     if (!m)
         return;
     for (size_t f = 0; f < NFAMILIES; f++) {
@@ -108,8 +104,7 @@ void amp_metrics_destroy(amp_metrics *m)
     free(m);
 }
 
-void amp_metrics_set_collector(amp_metrics *m, void (*fn)(void *ctx, amp_metrics *m), void *ctx)
-{
+void amp_metrics_set_collector(amp_metrics *m, void (*fn)(void *ctx, amp_metrics *m), void *ctx) {
     pthread_mutex_lock(&m->mu);
     m->collect = fn;
     m->collect_ctx = ctx;
@@ -117,8 +112,7 @@ void amp_metrics_set_collector(amp_metrics *m, void (*fn)(void *ctx, amp_metrics
 }
 
 /* Label values escaped as the text format asks: backslash, quote, newline. */
-static void append_label(amp_buf *b, const char *name, const char *value)
-{
+static void append_label(amp_buf *b, const char *name, const char *value) {
     if (b->len)
         amp_buf_append(b, ",", 1);
     amp_buf_append(b, name, strlen(name));
@@ -134,8 +128,7 @@ static void append_label(amp_buf *b, const char *name, const char *value)
     amp_buf_append(b, "\"", 1);
 }
 
-amp_series *amp_metrics_series(amp_metrics *m, const char *family, ...)
-{
+amp_series *amp_metrics_series(amp_metrics *m, const char *family, ...) {
     size_t f = 0;
     while (f < NFAMILIES && strcmp(families[f].name, family) != 0)
         f++;
@@ -171,23 +164,19 @@ amp_series *amp_metrics_series(amp_metrics *m, const char *family, ...)
     return s;
 }
 
-void amp_series_inc(amp_series *s)
-{
+void amp_series_inc(amp_series *s) {
     f64_add(&s->value, 1);
 }
 
-void amp_series_add(amp_series *s, double v)
-{
+void amp_series_add(amp_series *s, double v) {
     f64_add(&s->value, v);
 }
 
-void amp_series_set(amp_series *s, double v)
-{
+void amp_series_set(amp_series *s, double v) {
     f64_store(&s->value, v);
 }
 
-void amp_series_observe(amp_series *s, double v)
-{
+void amp_series_observe(amp_series *s, double v) {
     size_t i = 0;
     while (i < NBUCKETS && v > buckets[i])
         i++;
@@ -197,13 +186,11 @@ void amp_series_observe(amp_series *s, double v)
     f64_add(&s->value, v);
 }
 
-double amp_series_value(const amp_series *s)
-{
+double amp_series_value(const amp_series *s) {
     return f64_load(&s->value);
 }
 
-static void put_number(amp_buf *b, double v)
-{
+static void put_number(amp_buf *b, double v) {
     char num[40];
     if (isinf(v))
         snprintf(num, sizeof num, v > 0 ? "+Inf" : "-Inf");
@@ -215,8 +202,7 @@ static void put_number(amp_buf *b, double v)
 }
 
 static void put_sample(amp_buf *b, const char *name, const char *suffix, const char *labels,
-                       const char *extra, double v)
-{
+                       const char *extra, double v) {
     char line[512];
     int has = labels[0] != '\0', ex = extra != NULL;
     snprintf(line, sizeof line, "%s%s%s%s%s%s%s ", name, suffix, has || ex ? "{" : "", labels,
@@ -226,8 +212,7 @@ static void put_sample(amp_buf *b, const char *name, const char *suffix, const c
     amp_buf_append(b, "\n", 1);
 }
 
-char *amp_metrics_render(amp_metrics *m)
-{
+char *amp_metrics_render(amp_metrics *m) {
     pthread_mutex_lock(&m->mu);
     void (*collect)(void *, amp_metrics *) = m->collect;
     void *ctx = m->collect_ctx;

@@ -19,15 +19,14 @@
 typedef struct amp_metrics amp_metrics;
 typedef struct amp_series amp_series;
 
-amp_metrics *amp_metrics_create(void);       /* caller owns */
-void amp_metrics_destroy(amp_metrics *m);    /* accepts NULL */
+amp_metrics *amp_metrics_create(void);    /* caller owns */
+void amp_metrics_destroy(amp_metrics *m); /* accepts NULL */
 
 /* The series of family with the given labels: pairs of name and value,
  * NULL-terminated ("app", "support", "status", "429", NULL). Values are
  * escaped when rendered. Aborts on a family missing from the table (a
  * programming error). The handle lives as long as m. */
-amp_series *amp_metrics_series(amp_metrics *m, const char *family, ...)
-    __attribute__((sentinel));
+amp_series *amp_metrics_series(amp_metrics *m, const char *family, ...) __attribute__((sentinel));
 
 void amp_series_inc(amp_series *s);               /* counter += 1 */
 void amp_series_add(amp_series *s, double v);     /* counter or gauge += v */
@@ -37,8 +36,7 @@ double amp_series_value(const amp_series *s);     /* counter/gauge value (tests)
 
 /* Called at the start of each render, to refresh gauges read from elsewhere
  * (spool depth, oldest pending age). */
-void amp_metrics_set_collector(amp_metrics *m, void (*fn)(void *ctx, amp_metrics *m),
-                               void *ctx);
+void amp_metrics_set_collector(amp_metrics *m, void (*fn)(void *ctx, amp_metrics *m), void *ctx);
 
 /* The whole exposition, caller owns. */
 char *amp_metrics_render(amp_metrics *m);

@@ -29,8 +29,7 @@
 #define DRAIN_MAX_MS 10000
 
 /* Gauges read from the spool at each scrape. */
-static void collect_spool(void *ctx, amp_metrics *m)
-{
+static void collect_spool(void *ctx, amp_metrics *m) {
     amp_spool *spool = ctx;
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_pending", NULL),
                    (double)amp_spool_depth(spool));
@@ -41,14 +40,12 @@ static void collect_spool(void *ctx, amp_metrics *m)
                    amp_spool_writable(spool) ? 1 : 0);
 }
 
-static void kick_forwarder(void *ctx)
-{
+static void kick_forwarder(void *ctx) {
     amp_forward_kick(ctx);
 }
 
 static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, char *err,
-                                    size_t errlen)
-{
+                                    size_t errlen) {
     size_t napps = amp_mapper_app_count(cfg->mapper);
     const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
     for (size_t i = 0; i < napps; i++)
@@ -70,14 +67,12 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, cha
     return f;
 }
 
-static void sleep_ms(long ms)
-{
+static void sleep_ms(long ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
-int amp_cmd_serve(int argc, char **argv)
-{
+int amp_cmd_serve(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;
@@ -118,8 +113,8 @@ int amp_cmd_serve(int argc, char **argv)
     amp_spool_opts sopts = amp_config_spool_opts(cfg);
     spool = amp_spool_open(&sopts, err, sizeof err);
     if (!spool) {
-        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", cfg->spool.path,
-                "error", err);
+        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", cfg->spool.path, "error",
+                err);
         goto out;
     }
     fwd = start_forwarder(cfg, spool, err, sizeof err);
@@ -138,14 +133,14 @@ int amp_cmd_serve(int argc, char **argv)
         goto out;
     }
     if (cfg->auth.scheme == AMP_AUTH_NONE)
-        amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned",
-                "{s:s}", "scheme", "none");
+        amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",
+                "scheme", "none");
     amp_spool_stats st;
     if (amp_spool_stats_get(spool, &st) != 0)
         st.pending = -1;
     amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
-            AMP_VERSION, "address", cfg->listen.address, "port", (int)amp_http_port(http),
-            "path", cfg->listen.path, "auth", amp_sig_scheme_name(cfg->auth.scheme), "spool",
+            AMP_VERSION, "address", cfg->listen.address, "port", (int)amp_http_port(http), "path",
+            cfg->listen.path, "auth", amp_sig_scheme_name(cfg->auth.scheme), "spool",
             cfg->spool.path, "pending", (json_int_t)st.pending);
 
     for (;;) {

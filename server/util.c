@@ -6,51 +6,44 @@
 #include <string.h>
 #include <time.h>
 
-static void oom(size_t n)
-{
+static void oom(size_t n) {
     fprintf(stderr, "{\"level\":\"error\",\"msg\":\"out of memory\",\"bytes\":%zu}\n", n);
     abort();
 }
 
-void *amp_xmalloc(size_t n)
-{
+void *amp_xmalloc(size_t n) {
     void *p = malloc(n ? n : 1);
     if (!p)
         oom(n);
     return p;
 }
 
-void *amp_xcalloc(size_t count, size_t size)
-{
+void *amp_xcalloc(size_t count, size_t size) {
     void *p = calloc(count ? count : 1, size ? size : 1);
     if (!p)
         oom(count * size);
     return p;
 }
 
-void *amp_xrealloc(void *p, size_t n)
-{
+void *amp_xrealloc(void *p, size_t n) {
     void *q = realloc(p, n ? n : 1);
     if (!q)
         oom(n);
     return q;
 }
 
-char *amp_xstrdup(const char *s)
-{
+char *amp_xstrdup(const char *s) {
     return s ? amp_xstrndup(s, strlen(s)) : NULL;
 }
 
-char *amp_xstrndup(const char *s, size_t n)
-{
+char *amp_xstrndup(const char *s, size_t n) {
     char *d = amp_xmalloc(n + 1);
     memcpy(d, s, n);
     d[n] = '\0';
     return d;
 }
 
-char *amp_xasprintf(const char *fmt, ...)
-{
+char *amp_xasprintf(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
@@ -64,25 +57,21 @@ char *amp_xasprintf(const char *fmt, ...)
     return s;
 }
 
-static int64_t clock_ms(clockid_t id)
-{
+static int64_t clock_ms(clockid_t id) {
     struct timespec ts;
     clock_gettime(id, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int64_t amp_now_ms(void)
-{
+int64_t amp_now_ms(void) {
     return clock_ms(CLOCK_REALTIME);
 }
 
-int64_t amp_mono_ms(void)
-{
+int64_t amp_mono_ms(void) {
     return clock_ms(CLOCK_MONOTONIC);
 }
 
-int amp_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *out)
-{
+int amp_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *out) {
     size_t i = 0;
     int neg = 0;
     if (len == 0)
@@ -116,16 +105,14 @@ int amp_parse_i64(const char *s, size_t len, int64_t min, int64_t max, int64_t *
     return 0;
 }
 
-void amp_buf_init(amp_buf *b, size_t max)
-{
+void amp_buf_init(amp_buf *b, size_t max) {
     b->data = NULL;
     b->len = 0;
     b->cap = 0;
     b->max = max;
 }
 
-int amp_buf_append(amp_buf *b, const void *p, size_t n)
-{
+int amp_buf_append(amp_buf *b, const void *p, size_t n) {
     if (n > b->max - b->len)
         return -1;
     if (b->len + n + 1 > b->cap) {
@@ -144,15 +131,13 @@ int amp_buf_append(amp_buf *b, const void *p, size_t n)
     return 0;
 }
 
-void amp_buf_reset(amp_buf *b)
-{
+void amp_buf_reset(amp_buf *b) {
     b->len = 0;
     if (b->data)
         b->data[0] = '\0';
 }
 
-void amp_buf_free(amp_buf *b)
-{
+void amp_buf_free(amp_buf *b) {
     free(b->data);
     amp_buf_init(b, b->max);
 }
@@ -163,13 +148,11 @@ struct amp_errs {
     size_t cap;
 };
 
-amp_errs *amp_errs_create(void)
-{
+amp_errs *amp_errs_create(void) {
     return amp_xcalloc(1, sizeof(amp_errs));
 }
 
-void amp_errs_destroy(amp_errs *e)
-{
+void amp_errs_destroy(amp_errs *e) {
     if (!e)
         return;
     for (size_t i = 0; i < e->n; i++)
@@ -178,8 +161,7 @@ void amp_errs_destroy(amp_errs *e)
     free(e);
 }
 
-void amp_errs_add(amp_errs *e, const char *path, const char *fmt, ...)
-{
+void amp_errs_add(amp_errs *e, const char *path, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
@@ -203,12 +185,10 @@ void amp_errs_add(amp_errs *e, const char *path, const char *fmt, ...)
     }
 }
 
-size_t amp_errs_count(const amp_errs *e)
-{
+size_t amp_errs_count(const amp_errs *e) {
     return e->n;
 }
 
-const char *amp_errs_get(const amp_errs *e, size_t i)
-{
+const char *amp_errs_get(const amp_errs *e, size_t i) {
     return i < e->n ? e->items[i] : NULL;
 }

@@ -17,9 +17,9 @@
 void *amp_xmalloc(size_t n);
 void *amp_xcalloc(size_t count, size_t size);
 void *amp_xrealloc(void *p, size_t n);
-char *amp_xstrdup(const char *s);              /* caller owns; NULL in, NULL out */
-char *amp_xstrndup(const char *s, size_t n);   /* caller owns */
-char *amp_xasprintf(const char *fmt, ...)      /* caller owns */
+char *amp_xstrdup(const char *s);            /* caller owns; NULL in, NULL out */
+char *amp_xstrndup(const char *s, size_t n); /* caller owns */
+char *amp_xasprintf(const char *fmt, ...)    /* caller owns */
     __attribute__((format(printf, 1, 2)));
 
 int64_t amp_now_ms(void);  /* wall clock, Unix epoch milliseconds */

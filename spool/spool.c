@@ -30,16 +30,14 @@ typedef struct idset {
     size_t n;
 } idset;
 
-static size_t idset_hash(int64_t id, size_t cap)
-{
+static size_t idset_hash(int64_t id, size_t cap) {
     uint64_t x = (uint64_t)id * 0x9E3779B97F4A7C15ull;
     return (size_t)(x >> 17) & (cap - 1);
 }
 
 static void idset_add(idset *s, int64_t id);
 
-static void idset_grow(idset *s)
-{
+static void idset_grow(idset *s) {
     idset old = *s;
     s->cap = old.cap ? old.cap * 2 : 256;
     s->slots = amp_xcalloc(s->cap, sizeof(int64_t));
@@ -50,8 +48,7 @@ static void idset_grow(idset *s)
     free(old.slots);
 }
 
-static void idset_add(idset *s, int64_t id)
-{
+static void idset_add(idset *s, int64_t id) {
     if ((s->n + 1) * 2 > s->cap)
         idset_grow(s);
     size_t i = idset_hash(id, s->cap);
@@ -63,8 +60,7 @@ static void idset_add(idset *s, int64_t id)
     }
 }
 
-static int idset_has(const idset *s, int64_t id)
-{
+static int idset_has(const idset *s, int64_t id) {
     if (!s->cap)
         return 0;
     size_t i = idset_hash(id, s->cap);
@@ -76,8 +72,7 @@ static int idset_has(const idset *s, int64_t id)
     return 0;
 }
 
-static void idset_del(idset *s, int64_t id)
-{
+static void idset_del(idset *s, int64_t id) {
     if (!s->cap)
         return;
     size_t mask = s->cap - 1, i = idset_hash(id, s->cap);
@@ -204,8 +199,7 @@ static const char schema_v1[] =
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
 static const char *const migrations[] = {schema_v1};
 
-static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen)
-{
+static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
     if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
         snprintf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(db));
@@ -215,8 +209,7 @@ static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen)
     return 0;
 }
 
-static int migrate(sqlite3 *db, char *err, size_t errlen)
-{
+static int migrate(sqlite3 *db, char *err, size_t errlen) {
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
         goto fail;
@@ -244,8 +237,7 @@ fail:
     return -1;
 }
 
-static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, size_t errlen)
-{
+static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, size_t errlen) {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
     if (sqlite3_open_v2(path, db, flags, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "cannot open spool '%s': %s", path,
@@ -262,8 +254,7 @@ static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, 
     return 0;
 }
 
-static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, size_t errlen)
-{
+static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, size_t errlen) {
     if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "spool: %s", sqlite3_errmsg(db));
         return -1;
@@ -271,8 +262,7 @@ static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, s
     return 0;
 }
 
-static int prepare_all(amp_spool *s, char *err, size_t errlen)
-{
+static int prepare_all(amp_spool *s, char *err, size_t errlen) {
     struct {
         sqlite3 *db;
         sqlite3_stmt **st;
@@ -338,15 +328,13 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen)
 static void *committer_main(void *arg);
 static int step_done(sqlite3_stmt *st);
 
-static void count_pending(amp_spool *s)
-{
+static void count_pending(amp_spool *s) {
     if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
         atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
     sqlite3_reset(s->st_count_pending);
 }
 
-amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen)
-{
+amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) {
     amp_spool *s = amp_xcalloc(1, sizeof *s);
     s->dedupe_window_ms = opts->dedupe_window_s * 1000;
     s->retention_ms = opts->retention_s * 1000;
@@ -364,8 +352,7 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen)
 
     if (open_db(opts->path, opts->sync_normal, &s->wdb, err, errlen) ||
         migrate(s->wdb, err, errlen) ||
-        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) ||
-        prepare_all(s, err, errlen))
+        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) || prepare_all(s, err, errlen))
         goto fail;
     count_pending(s);
     s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
@@ -380,13 +367,12 @@ fail:
     return NULL;
 }
 
-static void finalize_all(amp_spool *s)
-{
+static void finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,     &s->st_commit,    &s->st_rollback,   &s->st_savepoint,
-        &s->st_release,   &s->st_rollback_to, &s->st_dedupe,   &s->st_insert,
-        &s->st_delivered, &s->st_retry,     &s->st_dead,       &s->st_release_row,
-        &s->st_conv_set,  &s->st_conv_clear, &s->st_claim,     &s->st_next_due,
+        &s->st_begin,        &s->st_commit,          &s->st_rollback,      &s->st_savepoint,
+        &s->st_release,      &s->st_rollback_to,     &s->st_dedupe,        &s->st_insert,
+        &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
+        &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
         &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
@@ -395,8 +381,7 @@ static void finalize_all(amp_spool *s)
     }
 }
 
-void amp_spool_close(amp_spool *s)
-{
+void amp_spool_close(amp_spool *s) {
     if (!s)
         return;
     pthread_mutex_lock(&s->q_mu);
@@ -417,38 +402,32 @@ void amp_spool_close(amp_spool *s)
     free(s);
 }
 
-void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx)
-{
+void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx) {
     pthread_mutex_lock(&s->q_mu);
     s->notify = fn;
     s->notify_ctx = ctx;
     pthread_mutex_unlock(&s->q_mu);
 }
 
-bool amp_spool_writable(amp_spool *s)
-{
+bool amp_spool_writable(amp_spool *s) {
     return atomic_load(&s->writable);
 }
 
-int64_t amp_spool_depth(amp_spool *s)
-{
+int64_t amp_spool_depth(amp_spool *s) {
     return atomic_load(&s->depth);
 }
 
-bool amp_spool_full(amp_spool *s)
-{
+bool amp_spool_full(amp_spool *s) {
     return s->max_pending > 0 && atomic_load(&s->depth) >= s->max_pending;
 }
 
 /* ---- batch building ------------------------------------------------------ */
 
-amp_spool_batch *amp_spool_batch_create(void)
-{
+amp_spool_batch *amp_spool_batch_create(void) {
     return amp_xcalloc(1, sizeof(amp_spool_batch));
 }
 
-void amp_spool_batch_destroy(amp_spool_batch *b)
-{
+void amp_spool_batch_destroy(amp_spool_batch *b) {
     if (!b)
         return;
     for (size_t i = 0; i < b->nevents; i++)
@@ -464,8 +443,7 @@ void amp_spool_batch_destroy(amp_spool_batch *b)
     free(b);
 }
 
-void amp_spool_batch_event(amp_spool_batch *b, const char *dedupe_key)
-{
+void amp_spool_batch_event(amp_spool_batch *b, const char *dedupe_key) {
     if (b->nevents == b->cap_events) {
         b->cap_events = b->cap_events ? b->cap_events * 2 : 4;
         b->events = amp_xrealloc(b->events, b->cap_events * sizeof *b->events);
@@ -475,8 +453,7 @@ void amp_spool_batch_event(amp_spool_batch *b, const char *dedupe_key)
 }
 
 void amp_spool_batch_request(amp_spool_batch *b, const char *route, const char *app,
-                             const char *user, bool per_user, const char *body_json)
-{
+                             const char *user, bool per_user, const char *body_json) {
     if (b->nevents == 0)
         amp_spool_batch_event(b, NULL);
     if (b->nreqs == b->cap_reqs) {
@@ -493,8 +470,7 @@ void amp_spool_batch_request(amp_spool_batch *b, const char *route, const char *
 
 /* ---- queue --------------------------------------------------------------- */
 
-static void enqueue(amp_spool *s, work *w)
-{
+static void enqueue(amp_spool *s, work *w) {
     pthread_mutex_lock(&s->q_mu);
     if (s->q_tail)
         s->q_tail->next = w;
@@ -505,8 +481,7 @@ static void enqueue(amp_spool *s, work *w)
     pthread_mutex_unlock(&s->q_mu);
 }
 
-void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, void *ctx)
-{
+void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, void *ctx) {
     work *w = amp_xcalloc(1, sizeof *w);
     w->kind = WORK_BATCH;
     w->batch = b;
@@ -515,8 +490,7 @@ void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, 
     enqueue(s, w);
 }
 
-void amp_spool_ack(amp_spool *s, const amp_ack *ack)
-{
+void amp_spool_ack(amp_spool *s, const amp_ack *ack) {
     work *w = amp_xcalloc(1, sizeof *w);
     w->kind = WORK_ACK;
     w->ack = *ack;
@@ -527,8 +501,7 @@ void amp_spool_ack(amp_spool *s, const amp_ack *ack)
     enqueue(s, w);
 }
 
-void amp_spool_flush(amp_spool *s)
-{
+void amp_spool_flush(amp_spool *s) {
     work *w = amp_xcalloc(1, sizeof *w);
     w->kind = WORK_FLUSH;
     enqueue(s, w);
@@ -539,8 +512,7 @@ void amp_spool_flush(amp_spool *s)
     free(w);
 }
 
-static void free_ack_strings(amp_ack *a)
-{
+static void free_ack_strings(amp_ack *a) {
     free((char *)a->code);
     free((char *)a->message);
     free((char *)a->result_json);
@@ -549,16 +521,14 @@ static void free_ack_strings(amp_ack *a)
 
 /* ---- committer ----------------------------------------------------------- */
 
-static int step_done(sqlite3_stmt *st)
-{
+static int step_done(sqlite3_stmt *st) {
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
 
-static void bind_text(sqlite3_stmt *st, int i, const char *v)
-{
+static void bind_text(sqlite3_stmt *st, int i, const char *v) {
     if (v)
         sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
     else
@@ -567,8 +537,7 @@ static void bind_text(sqlite3_stmt *st, int i, const char *v)
 
 /* Store one batch inside the open transaction, under a savepoint so a
  * failing batch leaves the others intact. */
-static int write_batch(amp_spool *s, work *w, int64_t now)
-{
+static int write_batch(amp_spool *s, work *w, int64_t now) {
     amp_spool_batch *b = w->batch;
     if (step_done(s->st_savepoint))
         return -1;
@@ -611,8 +580,7 @@ fail:
     return -1;
 }
 
-static int write_ack(amp_spool *s, const amp_ack *a, int64_t now)
-{
+static int write_ack(amp_spool *s, const amp_ack *a, int64_t now) {
     sqlite3_stmt *st;
     switch (a->kind) {
     case AMP_ACK_DELIVERED:
@@ -661,8 +629,7 @@ static int write_ack(amp_spool *s, const amp_ack *a, int64_t now)
 }
 
 /* One group: everything queued so far, in one transaction. */
-static void commit_group(amp_spool *s, work *head)
-{
+static void commit_group(amp_spool *s, work *head) {
     int64_t now = amp_now_ms();
     int nbatches = 0, nacks = 0, ok = 1, new_work = 0;
     int64_t depth_change = 0;
@@ -740,8 +707,7 @@ static void commit_group(amp_spool *s, work *head)
 }
 
 /* Delete one bounded slice of expired rows; returns rows deleted. */
-static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms)
-{
+static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms) {
     sqlite3_bind_int64(st, 1, before_ms);
     sqlite3_bind_int(st, 2, PRUNE_BATCH);
     int64_t n = step_done(st) == 0 ? sqlite3_changes(s->wdb) : -1;
@@ -752,8 +718,7 @@ static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms)
 
 /* Runs between groups on the committer thread; each slice is its own short
  * transaction so ingest never waits long behind it. */
-static void maintain(amp_spool *s)
-{
+static void maintain(amp_spool *s) {
     int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
     if (s->dedupe_window_ms > 0)
         while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
@@ -765,13 +730,11 @@ static void maintain(amp_spool *s)
             ;
     count_pending(s);
     if (deduped || delivered)
-        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I}", "dedupe_keys",
-                (json_int_t)deduped, "delivered", (json_int_t)delivered, "pending",
-                (json_int_t)atomic_load(&s->depth));
+        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I}", "dedupe_keys", (json_int_t)deduped,
+                "delivered", (json_int_t)delivered, "pending", (json_int_t)atomic_load(&s->depth));
 }
 
-static void *committer_main(void *arg)
-{
+static void *committer_main(void *arg) {
     amp_spool *s = arg;
     pthread_mutex_lock(&s->q_mu);
     for (;;) {
@@ -808,8 +771,7 @@ static void *committer_main(void *arg)
 
 /* ---- delivery side ------------------------------------------------------- */
 
-void amp_spool_job_free(amp_spool_job *j)
-{
+void amp_spool_job_free(amp_spool_job *j) {
     if (!j)
         return;
     free(j->route);
@@ -821,15 +783,13 @@ void amp_spool_job_free(amp_spool_job *j)
     free(j);
 }
 
-static char *col_text(sqlite3_stmt *st, int i)
-{
+static char *col_text(sqlite3_stmt *st, int i) {
     const unsigned char *t = sqlite3_column_text(st, i);
     return t ? amp_xstrdup((const char *)t) : NULL;
 }
 
 int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t max,
-                    int64_t *next_due_ms)
-{
+                    int64_t *next_due_ms) {
     size_t n = 0;
     int rc = 0;
     *next_due_ms = INT64_MAX;
@@ -876,8 +836,7 @@ int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t m
     return rc < 0 && n == 0 ? -1 : (int)n;
 }
 
-int64_t amp_spool_oldest_pending_ms(amp_spool *s)
-{
+int64_t amp_spool_oldest_pending_ms(amp_spool *s) {
     int64_t v = 0;
     pthread_mutex_lock(&s->claim_mu);
     sqlite3_stmt *st = NULL;
@@ -892,18 +851,18 @@ int64_t amp_spool_oldest_pending_ms(amp_spool *s)
     return v;
 }
 
-int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
-{
+int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out) {
     memset(out, 0, sizeof *out);
     pthread_mutex_lock(&s->claim_mu);
     sqlite3_stmt *st = NULL;
     int rc = -1;
-    if (sqlite3_prepare_v2(s->rdb,
-                           "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
-                           " (SELECT count(*) FROM deliveries WHERE state = 1),"
-                           " (SELECT count(*) FROM deliveries WHERE state = 2),"
-                           " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
-                           -1, &st, NULL) == SQLITE_OK &&
+    if (sqlite3_prepare_v2(
+            s->rdb,
+            "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
+            " (SELECT count(*) FROM deliveries WHERE state = 1),"
+            " (SELECT count(*) FROM deliveries WHERE state = 2),"
+            " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
+            -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW) {
         out->pending = sqlite3_column_int64(st, 0);
         out->delivered = sqlite3_column_int64(st, 1);
@@ -921,15 +880,14 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out)
  * as NULL / 0. Runs on the reader connection (a CLI process, or beside a
  * running daemon: SQLite's locking and the busy timeout serialise writers). */
 
-#define DLQ_WHERE                                                                             \
-    " WHERE state = 2 AND (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR app = ?2)"             \
-    " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                     \
-    " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                      \
+#define DLQ_WHERE                                                                                  \
+    " WHERE state = 2 AND (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR app = ?2)"                 \
+    " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                         \
+    " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \
     " AND (?7 IS NULL OR id IN (SELECT value FROM json_each(?7)))"
 
 static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_dlq_filter *f,
-                                 char **ids_json)
-{
+                                 char **ids_json) {
     sqlite3_stmt *st;
     *ids_json = NULL;
     if (sqlite3_prepare_v2(s->rdb, sql, -1, &st, NULL) != SQLITE_OK) {
@@ -955,8 +913,7 @@ static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_dlq_fi
     return st;
 }
 
-json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit)
-{
+json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit) {
     char *ids;
     pthread_mutex_lock(&s->claim_mu);
     sqlite3_stmt *st = dlq_prepare(
@@ -973,19 +930,18 @@ json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit)
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
             json_t *row = json_pack(
                 "{s:I, s:s?, s:s?, s:s?, s:s?, s:i, s:s?, s:s?, s:i, s:I, s:I, s:s?}", "id",
-                (json_int_t)sqlite3_column_int64(st, 0), "route", sqlite3_column_text(st, 1),
-                "app", sqlite3_column_text(st, 2), "user", sqlite3_column_text(st, 3),
-                "dedupe_key", sqlite3_column_text(st, 4), "status", sqlite3_column_int(st, 5),
-                "code", sqlite3_column_text(st, 6), "message", sqlite3_column_text(st, 7),
-                "attempts", sqlite3_column_int(st, 8), "created_ms",
-                (json_int_t)sqlite3_column_int64(st, 9), "dead_ms",
-                (json_int_t)sqlite3_column_int64(st, 10), "body", sqlite3_column_text(st, 11));
+                (json_int_t)sqlite3_column_int64(st, 0), "route", sqlite3_column_text(st, 1), "app",
+                sqlite3_column_text(st, 2), "user", sqlite3_column_text(st, 3), "dedupe_key",
+                sqlite3_column_text(st, 4), "status", sqlite3_column_int(st, 5), "code",
+                sqlite3_column_text(st, 6), "message", sqlite3_column_text(st, 7), "attempts",
+                sqlite3_column_int(st, 8), "created_ms", (json_int_t)sqlite3_column_int64(st, 9),
+                "dead_ms", (json_int_t)sqlite3_column_int64(st, 10), "body",
+                sqlite3_column_text(st, 11));
             if (row)
                 json_array_append_new(rows, row);
         }
         if (rc != SQLITE_DONE) {
-            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error",
-                    sqlite3_errmsg(s->rdb));
+            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
             json_decref(rows);
             rows = NULL;
         }
@@ -996,8 +952,7 @@ json_t *amp_spool_dlq_list(amp_spool *s, const amp_dlq_filter *f, size_t limit)
     return rows;
 }
 
-static int64_t dlq_change(amp_spool *s, const char *sql, const amp_dlq_filter *f)
-{
+static int64_t dlq_change(amp_spool *s, const char *sql, const amp_dlq_filter *f) {
     char *ids;
     int64_t n = -1;
     pthread_mutex_lock(&s->claim_mu);
@@ -1007,8 +962,7 @@ static int64_t dlq_change(amp_spool *s, const char *sql, const amp_dlq_filter *f
         if (sqlite3_step(st) == SQLITE_DONE)
             n = sqlite3_changes(s->rdb);
         else
-            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error",
-                    sqlite3_errmsg(s->rdb));
+            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
         sqlite3_finalize(st);
     }
     pthread_mutex_unlock(&s->claim_mu);
@@ -1016,8 +970,7 @@ static int64_t dlq_change(amp_spool *s, const char *sql, const amp_dlq_filter *f
     return n;
 }
 
-int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f)
-{
+int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f) {
     int64_t n = dlq_change(s,
                            "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
                            "schedule_ms = ?8, finished_ms = NULL" DLQ_WHERE,
@@ -1027,8 +980,7 @@ int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f)
     return n;
 }
 
-int64_t amp_spool_dlq_purge(amp_spool *s, const amp_dlq_filter *f)
-{
+int64_t amp_spool_dlq_purge(amp_spool *s, const amp_dlq_filter *f) {
     /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
     return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
 }

@@ -82,8 +82,8 @@ typedef struct amp_spool_job {
     char *dedupe_key;      /* may be NULL */
     char *conversation_id; /* per (app, user); NULL when none stored */
     bool per_user;
-    int attempts;          /* attempts made before this one */
-    int64_t created_ms;    /* start of the current schedule: stored, or replayed */
+    int attempts;       /* attempts made before this one */
+    int64_t created_ms; /* start of the current schedule: stored, or replayed */
 } amp_spool_job;
 
 void amp_spool_job_free(amp_spool_job *j); /* accepts NULL */
@@ -150,9 +150,9 @@ typedef struct amp_dlq_filter {
     const char *route; /* NULL: any */
     const char *app;
     const char *code;
-    int status;       /* 0: any */
-    int64_t since_ms; /* dead-lettered at or after; 0: any */
-    int64_t until_ms; /* dead-lettered before; 0: any */
+    int status;         /* 0: any */
+    int64_t since_ms;   /* dead-lettered at or after; 0: any */
+    int64_t until_ms;   /* dead-lettered before; 0: any */
     const int64_t *ids; /* only these rows; NULL: any */
     size_t nids;
 } amp_dlq_filter;

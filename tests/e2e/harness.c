@@ -51,20 +51,17 @@ static h_server *live[H_MAX_LIVE];
 
 /* ---- small helpers ---------------------------------------------------------- */
 
-void h_sleep_ms(unsigned ms)
-{
+void h_sleep_ms(unsigned ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
 
-int64_t h_mono_ms(void)
-{
+int64_t h_mono_ms(void) {
     return amp_mono_ms();
 }
 
-static char *read_file(const char *path)
-{
+static char *read_file(const char *path) {
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return amp_xstrdup("");
@@ -79,8 +76,7 @@ static char *read_file(const char *path)
     return b.data ? b.data : amp_xstrdup("");
 }
 
-static int write_file(const char *path, const char *text)
-{
+static int write_file(const char *path, const char *text) {
     FILE *fp = fopen(path, "wb");
     if (!fp)
         return -1;
@@ -90,8 +86,7 @@ static int write_file(const char *path, const char *text)
 }
 
 /* Replace every occurrence of token in s; caller owns. */
-static char *replace_all(const char *s, const char *token, const char *value)
-{
+static char *replace_all(const char *s, const char *token, const char *value) {
     amp_buf b;
     amp_buf_init(&b, SIZE_MAX / 2);
     size_t tl = strlen(token);
@@ -107,8 +102,7 @@ static char *replace_all(const char *s, const char *token, const char *value)
     return b.data ? b.data : amp_xstrdup("");
 }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
     (void)st;
     (void)flag;
     (void)ftw;
@@ -116,13 +110,11 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
     return 0;
 }
 
-static void remove_tree(const char *dir)
-{
+static void remove_tree(const char *dir) {
     nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static void print_log_tail(const h_server *s, size_t max_lines)
-{
+static void print_log_tail(const h_server *s, size_t max_lines) {
     char *log = read_file(s->log_path);
     size_t len = strlen(log), lines = 0;
     const char *start = log;
@@ -139,8 +131,7 @@ static void print_log_tail(const h_server *s, size_t max_lines)
 
 /* ---- ports -------------------------------------------------------------------- */
 
-uint16_t h_free_port(void)
-{
+uint16_t h_free_port(void) {
     static uint16_t given[256];
     static size_t ngiven;
     for (int attempt = 0; attempt < 50; attempt++) {
@@ -172,8 +163,7 @@ uint16_t h_free_port(void)
 
 /* ---- child process ------------------------------------------------------------ */
 
-static void live_add(h_server *s)
-{
+static void live_add(h_server *s) {
     for (int i = 0; i < H_MAX_LIVE; i++)
         if (!live[i]) {
             live[i] = s;
@@ -181,8 +171,7 @@ static void live_add(h_server *s)
         }
 }
 
-static void live_remove(h_server *s)
-{
+static void live_remove(h_server *s) {
     for (int i = 0; i < H_MAX_LIVE; i++)
         if (live[i] == s)
             live[i] = NULL;
@@ -190,8 +179,7 @@ static void live_remove(h_server *s)
 
 /* A test that exits while its server runs has failed (or forgot to stop):
  * keep the evidence and do not leave the process behind. */
-static void at_exit(void)
-{
+static void at_exit(void) {
     for (int i = 0; i < H_MAX_LIVE; i++) {
         h_server *s = live[i];
         if (!s)
@@ -207,17 +195,15 @@ static void at_exit(void)
     }
 }
 
-static bool env_name_is(const char *entry, const char *name)
-{
+static bool env_name_is(const char *entry, const char *name) {
     size_t n = strlen(name);
     return strncmp(entry, name, n) == 0 && (entry[n] == '=' || entry[n] == '\0');
 }
 
-static bool overridden(const h_server *s, const char *entry)
-{
+static bool overridden(const h_server *s, const char *entry) {
     static const char *const ours[] = {
-        "AMP2DIFY_SECRETS", "AMP2DIFY_SECRETS_FILE", "DIFY_BASE_URL", "DIFY_API_KEY",
-        "DIFY_API_KEY_FILE", "AMP2DIFY_SPOOL", "AMP2DIFY_LISTEN", "AMP2DIFY_CONFIG"};
+        "AMP2DIFY_SECRETS",  "AMP2DIFY_SECRETS_FILE", "DIFY_BASE_URL",   "DIFY_API_KEY",
+        "DIFY_API_KEY_FILE", "AMP2DIFY_SPOOL",        "AMP2DIFY_LISTEN", "AMP2DIFY_CONFIG"};
     for (size_t i = 0; i < sizeof(ours) / sizeof(ours[0]); i++)
         if (env_name_is(entry, ours[i]))
             return true;
@@ -232,8 +218,7 @@ static bool overridden(const h_server *s, const char *entry)
 
 /* envp for the child, built before fork: after fork only async-signal-safe
  * calls are allowed, and the fake Dify's threads may hold malloc's lock. */
-static char **build_env(const h_server *s)
-{
+static char **build_env(const h_server *s) {
     size_t n = 0, cap = 16;
     for (char **e = environ; *e; e++)
         cap++;
@@ -255,8 +240,7 @@ static char **build_env(const h_server *s)
     return env;
 }
 
-static void free_strv(char **v)
-{
+static void free_strv(char **v) {
     if (!v)
         return;
     for (char **p = v; *p; p++)
@@ -264,8 +248,7 @@ static void free_strv(char **v)
     free(v);
 }
 
-static int write_config(h_server *s)
-{
+static int write_config(h_server *s) {
     char port[16], dport[16];
     snprintf(port, sizeof(port), "%u", s->port);
     snprintf(dport, sizeof(dport), "%u", s->dify_port);
@@ -279,8 +262,7 @@ static int write_config(h_server *s)
     return rc;
 }
 
-static int spawn(h_server *s)
-{
+static int spawn(h_server *s) {
     char **env = build_env(s);
     size_t nargs = 0;
     for (const char *const *a = s->extra_args; a && *a; a++)
@@ -335,8 +317,7 @@ static int spawn(h_server *s)
 }
 
 /* Returns the wait status once the child exited, -1 while it runs. */
-static int reap(h_server *s, bool block)
-{
+static int reap(h_server *s, bool block) {
     if (s->pid <= 0)
         return -1;
     int status;
@@ -352,8 +333,7 @@ static int reap(h_server *s, bool block)
 }
 
 /* 0 when /healthz answered 200; 1 when the child exited first; -1 on timeout. */
-static int wait_ready(h_server *s)
-{
+static int wait_ready(h_server *s) {
     int64_t deadline = h_mono_ms() + s->ready_timeout_ms;
     while (h_mono_ms() < deadline) {
         if (reap(s, false) != -1)
@@ -369,16 +349,14 @@ static int wait_ready(h_server *s)
     return -1;
 }
 
-static bool log_says_port_busy(const h_server *s)
-{
+static bool log_says_port_busy(const h_server *s) {
     char *log = read_file(s->log_path);
     bool busy = strstr(log, "in use") || strstr(log, "EADDRINUSE");
     free(log);
     return busy;
 }
 
-static void server_free(h_server *s)
-{
+static void server_free(h_server *s) {
     free(s->bin);
     free(s->dir);
     free(s->config_path);
@@ -391,8 +369,7 @@ static void server_free(h_server *s)
 
 /* ---- server lifecycle ------------------------------------------------------- */
 
-const char *h_default_config(void)
-{
+const char *h_default_config(void) {
     return "{\n"
            "  \"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@,\n"
            "             \"path\": \"/webhooks/amplitude\"},\n"
@@ -408,8 +385,7 @@ const char *h_default_config(void)
            "}\n";
 }
 
-h_server *h_server_start(const h_opts *opts)
-{
+h_server *h_server_start(const h_opts *opts) {
     static bool registered;
     if (!registered) {
         atexit(at_exit);
@@ -480,8 +456,7 @@ h_server *h_server_start(const h_opts *opts)
     return NULL;
 }
 
-int h_server_wait_exit(h_server *s, unsigned timeout_ms)
-{
+int h_server_wait_exit(h_server *s, unsigned timeout_ms) {
     int64_t deadline = h_mono_ms() + timeout_ms;
     for (;;) {
         int st = reap(s, false);
@@ -493,8 +468,7 @@ int h_server_wait_exit(h_server *s, unsigned timeout_ms)
     }
 }
 
-int h_server_kill(h_server *s, int sig, unsigned timeout_ms)
-{
+int h_server_kill(h_server *s, int sig, unsigned timeout_ms) {
     if (!s || s->pid <= 0)
         return -1;
     kill(s->pid, sig);
@@ -507,8 +481,7 @@ int h_server_kill(h_server *s, int sig, unsigned timeout_ms)
     return st;
 }
 
-int h_server_restart(h_server *s)
-{
+int h_server_restart(h_server *s) {
     if (s->pid > 0)
         h_server_kill(s, SIGKILL, 0);
     FILE *fp = fopen(s->log_path, "a");
@@ -528,8 +501,7 @@ int h_server_restart(h_server *s)
     return 0;
 }
 
-int h_server_stop(h_server *s)
-{
+int h_server_stop(h_server *s) {
     if (!s)
         return -1;
     int st = s->pid > 0 ? h_server_kill(s, SIGTERM, 15000) : -1;
@@ -539,44 +511,36 @@ int h_server_stop(h_server *s)
     return st;
 }
 
-bool h_server_running(h_server *s)
-{
+bool h_server_running(h_server *s) {
     reap(s, false);
     return s->pid > 0;
 }
 
-uint16_t h_server_port(const h_server *s)
-{
+uint16_t h_server_port(const h_server *s) {
     return s->port;
 }
 
-uint16_t h_server_dify_port(const h_server *s)
-{
+uint16_t h_server_dify_port(const h_server *s) {
     return s->dify_port;
 }
 
-const char *h_server_dir(const h_server *s)
-{
+const char *h_server_dir(const h_server *s) {
     return s->dir;
 }
 
-const char *h_server_secret(const h_server *s)
-{
+const char *h_server_secret(const h_server *s) {
     return s->secret;
 }
 
-int h_server_pid(const h_server *s)
-{
+int h_server_pid(const h_server *s) {
     return (int)s->pid;
 }
 
-char *h_server_log(const h_server *s)
-{
+char *h_server_log(const h_server *s) {
     return read_file(s->log_path);
 }
 
-bool h_server_log_wait(const h_server *s, const char *needle, unsigned timeout_ms)
-{
+bool h_server_log_wait(const h_server *s, const char *needle, unsigned timeout_ms) {
     int64_t deadline = h_mono_ms() + timeout_ms;
     for (;;) {
         char *log = read_file(s->log_path);
@@ -590,8 +554,22 @@ bool h_server_log_wait(const h_server *s, const char *needle, unsigned timeout_m
     }
 }
 
-json_t *h_server_log_lines(const h_server *s, const char *msg)
-{
+char *h_server_sanitizer_report(const h_server *s) {
+    static const char *const marks[] = {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                                        "runtime error:", "WARNING: ThreadSanitizer"};
+    char *log = read_file(s->log_path);
+    const char *first = NULL;
+    for (size_t i = 0; i < sizeof(marks) / sizeof(marks[0]); i++) {
+        const char *hit = strstr(log, marks[i]);
+        if (hit && (!first || hit < first))
+            first = hit;
+    }
+    char *out = first ? amp_xstrndup(first, strnlen(first, 2000)) : NULL;
+    free(log);
+    return out;
+}
+
+json_t *h_server_log_lines(const h_server *s, const char *msg) {
     json_t *out = json_array();
     char *log = read_file(s->log_path);
     for (char *line = log, *nl; line && *line; line = nl ? nl + 1 : NULL) {
@@ -611,8 +589,7 @@ json_t *h_server_log_lines(const h_server *s, const char *msg)
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
 
-static void curl_init(void)
-{
+static void curl_init(void) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         abort();
 }
@@ -622,15 +599,13 @@ typedef struct collect {
     h_resp *resp;
 } collect;
 
-static size_t on_body(char *p, size_t size, size_t n, void *ud)
-{
+static size_t on_body(char *p, size_t size, size_t n, void *ud) {
     collect *c = ud;
     c->resp->pieces++;
     return amp_buf_append(&c->body, p, size * n) == 0 ? size * n : 0;
 }
 
-static size_t on_header(char *p, size_t size, size_t n, void *ud)
-{
+static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     collect *c = ud;
     h_resp *r = c->resp;
     size_t len = size * n;
@@ -655,8 +630,7 @@ typedef struct upload {
     size_t left;
 } upload;
 
-static size_t on_read(char *buf, size_t size, size_t n, void *ud)
-{
+static size_t on_read(char *buf, size_t size, size_t n, void *ud) {
     upload *u = ud;
     size_t k = size * n < u->left ? size * n : u->left;
     /* Small pieces, so a chunked body really arrives in many chunks. */
@@ -668,8 +642,7 @@ static size_t on_read(char *buf, size_t size, size_t n, void *ud)
     return k;
 }
 
-static bool has_header(const char *const *headers, const char *name)
-{
+static bool has_header(const char *const *headers, const char *name) {
     size_t n = strlen(name);
     for (const char *const *h = headers; h && *h; h++)
         if (strncasecmp(*h, name, n) == 0 && (*h)[n] == ':')
@@ -677,13 +650,11 @@ static bool has_header(const char *const *headers, const char *name)
     return false;
 }
 
-h_resp *h_request(const h_server *s, const h_req *req)
-{
+h_resp *h_request(const h_server *s, const h_req *req) {
     return h_request_port(s->port, req);
 }
 
-h_resp *h_request_port(uint16_t port, const h_req *req)
-{
+h_resp *h_request_port(uint16_t port, const h_req *req) {
     pthread_once(&curl_once, curl_init);
     h_resp *r = amp_xcalloc(1, sizeof(h_resp));
     collect c = {.resp = r};
@@ -748,14 +719,12 @@ h_resp *h_request_port(uint16_t port, const h_req *req)
     return r;
 }
 
-h_resp *h_get(const h_server *s, const char *path)
-{
+h_resp *h_get(const h_server *s, const char *path) {
     h_req req = {.method = "GET", .path = path};
     return h_request(s, &req);
 }
 
-h_resp *h_post(const h_server *s, const char *path, const char *body, ...)
-{
+h_resp *h_post(const h_server *s, const char *path, const char *body, ...) {
     const char *headers[H_MAX_HEADERS + 1];
     size_t n = 0;
     va_list ap;
@@ -768,8 +737,7 @@ h_resp *h_post(const h_server *s, const char *path, const char *body, ...)
     return h_request(s, &req);
 }
 
-h_resp *h_post_signed_at(const h_server *s, const char *body, int64_t ts, const char *secret)
-{
+h_resp *h_post_signed_at(const h_server *s, const char *body, int64_t ts, const char *secret) {
     char *sig = h_sign(body, strlen(body), ts, secret);
     char *sig_h = amp_xasprintf("X-Amplitude-Sig: %s", sig);
     char *ts_h = amp_xasprintf("X-Amplitude-Timestamp: %lld", (long long)ts);
@@ -781,13 +749,11 @@ h_resp *h_post_signed_at(const h_server *s, const char *body, int64_t ts, const 
     return r;
 }
 
-h_resp *h_post_signed(const h_server *s, const char *body)
-{
+h_resp *h_post_signed(const h_server *s, const char *body) {
     return h_post_signed_at(s, body, (int64_t)time(NULL), s->secret);
 }
 
-void h_resp_free(h_resp *r)
-{
+void h_resp_free(h_resp *r) {
     if (!r)
         return;
     free(r->body);
@@ -798,8 +764,7 @@ void h_resp_free(h_resp *r)
     free(r);
 }
 
-const char *h_resp_header(const h_resp *r, const char *name)
-{
+const char *h_resp_header(const h_resp *r, const char *name) {
     size_t n = strlen(name);
     for (size_t i = 0; i < r->nheaders; i++) {
         const char *h = r->headers[i];
@@ -813,13 +778,11 @@ const char *h_resp_header(const h_resp *r, const char *name)
     return NULL;
 }
 
-const char *h_resp_error(const h_resp *r)
-{
+const char *h_resp_error(const h_resp *r) {
     return json_string_value(json_object_get(r->json, "error"));
 }
 
-char *h_sign(const char *body, size_t len, int64_t ts, const char *secret)
-{
+char *h_sign(const char *body, size_t len, int64_t ts, const char *secret) {
     char prefix[32];
     int plen = snprintf(prefix, sizeof(prefix), "%lld.", (long long)ts);
     size_t mlen = (size_t)plen + len;
@@ -840,11 +803,9 @@ char *h_sign(const char *body, size_t len, int64_t ts, const char *secret)
 
 /* ---- events ---------------------------------------------------------------------- */
 
-char *h_event(const char *event_type, const char *user_id, const char *insert_id)
-{
+char *h_event(const char *event_type, const char *user_id, const char *insert_id) {
     json_t *e = json_pack("{s:s, s:I, s:{s:s, s:i}}", "event_type", event_type, "time",
-                          (json_int_t)amp_now_ms(), "event_properties", "plan", "pro", "seats",
-                          3);
+                          (json_int_t)amp_now_ms(), "event_properties", "plan", "pro", "seats", 3);
     if (!e)
         abort();
     if (user_id)

@@ -90,6 +90,10 @@ int h_server_pid(const h_server *s);
 char *h_server_log(const h_server *s);
 /* Wait until the log contains needle; true if it did within timeout_ms. */
 bool h_server_log_wait(const h_server *s, const char *needle, unsigned timeout_ms);
+/* The first sanitizer report in the log (AddressSanitizer, LeakSanitizer,
+ * UndefinedBehaviorSanitizer "runtime error:"), up to 2000 bytes from where
+ * it starts; NULL when there is none. Caller owns. */
+char *h_server_sanitizer_report(const h_server *s);
 /* Log lines (JSON objects) whose "msg" equals msg, as a new array; lines
  * that are not JSON are skipped. Caller owns. */
 json_t *h_server_log_lines(const h_server *s, const char *msg);
@@ -97,21 +101,21 @@ json_t *h_server_log_lines(const h_server *s, const char *msg);
 /* ---- HTTP ----------------------------------------------------------------- */
 
 typedef struct h_resp {
-    long status;       /* 0 when no HTTP answer arrived */
-    char *body;        /* NUL-terminated; never NULL */
+    long status; /* 0 when no HTTP answer arrived */
+    char *body;  /* NUL-terminated; never NULL */
     size_t len;
     json_t *json;      /* body parsed, or NULL when it is not JSON */
     const char *error; /* libcurl's message when the exchange failed, else NULL */
     char **headers;    /* "Name: value" of the final response */
     size_t nheaders;
-    size_t pieces;     /* body writes libcurl made: shows how a stream arrived */
+    size_t pieces; /* body writes libcurl made: shows how a stream arrived */
 } h_resp;
 
 typedef struct h_req {
     const char *method; /* NULL: POST when body is set, else GET */
     const char *path;
-    const char *body;   /* may be NULL */
-    size_t body_len;    /* 0: strlen(body) */
+    const char *body; /* may be NULL */
+    size_t body_len;  /* 0: strlen(body) */
     /* "Name: value" entries, NULL-terminated. A body is sent as
      * application/json unless a Content-Type entry is given; "Name:" with
      * no value removes a header libcurl would add (e.g. "Expect:"). */

@@ -13,8 +13,7 @@
 
 #define KEY "app-fake-self-test"
 
-static fake_dify *start(void)
-{
+static fake_dify *start(void) {
     fake_dify *f = fake_dify_start(0, KEY);
     ck_assert_ptr_nonnull(f);
     ck_assert_uint_gt(fake_dify_port(f), 0);
@@ -22,8 +21,7 @@ static fake_dify *start(void)
 }
 
 /* POST JSON to the fake with a bearer key (NULL: no Authorization). */
-static h_resp *post_to(fake_dify *f, const char *path, const char *body, const char *key)
-{
+static h_resp *post_to(fake_dify *f, const char *path, const char *body, const char *key) {
     char auth[256];
     const char *headers[3] = {NULL, NULL, NULL};
     if (key) {
@@ -34,13 +32,11 @@ static h_resp *post_to(fake_dify *f, const char *path, const char *body, const c
     return h_request_port(fake_dify_port(f), &req);
 }
 
-static const char *jstr(const json_t *o, const char *key)
-{
+static const char *jstr(const json_t *o, const char *key) {
     return json_string_value(json_object_get(o, key));
 }
 
-static void assert_uuid(const char *s)
-{
+static void assert_uuid(const char *s) {
     ck_assert_ptr_nonnull(s);
     ck_assert_uint_eq(strlen(s), 36);
     for (int i = 0; i < 36; i++) {
@@ -51,8 +47,7 @@ static void assert_uuid(const char *s)
     }
 }
 
-static void assert_envelope(const h_resp *r, int status, const char *code, const char *message)
-{
+static void assert_envelope(const h_resp *r, int status, const char *code, const char *message) {
     ck_assert_int_eq(r->status, status);
     ck_assert_ptr_nonnull(r->json);
     ck_assert_str_eq(jstr(r->json, "code"), code);
@@ -63,8 +58,7 @@ static void assert_envelope(const h_resp *r, int status, const char *code, const
 }
 
 /* The data: frames of an SSE body, in order (pings as {"event":"ping"}). */
-static json_t *sse_events(const char *body)
-{
+static json_t *sse_events(const char *body) {
     json_t *out = json_array();
     const char *p = body;
     while (*p) {
@@ -84,8 +78,7 @@ static json_t *sse_events(const char *body)
     return out;
 }
 
-START_TEST(chat_blocking_success)
-{
+START_TEST(chat_blocking_success) {
     fake_dify *f = start();
     char auth[] = "Authorization: Bearer " KEY;
     const char *headers[] = {auth, "X-Trace-Id: ins-42", NULL};
@@ -113,8 +106,8 @@ START_TEST(chat_blocking_success)
     ck_assert_int_gt(ct, 0);
     ck_assert_int_eq(json_integer_value(json_object_get(usage, "total_tokens")), pt + ct);
     ck_assert_str_eq(jstr(usage, "currency"), "USD");
-    ck_assert(json_is_array(
-        json_object_get(json_object_get(j, "metadata"), "retriever_resources")));
+    ck_assert(
+        json_is_array(json_object_get(json_object_get(j, "metadata"), "retriever_resources")));
 
     ck_assert_uint_eq(fake_dify_wait_delivered(f, 1, 2000), 1);
     ck_assert_uint_eq(fake_dify_count(f), 1);
@@ -127,8 +120,7 @@ START_TEST(chat_blocking_success)
     ck_assert_str_eq(jstr(rec, "trace_id"), "ins-42");
     ck_assert_str_eq(jstr(rec, "content_type"), "application/json");
     ck_assert_str_eq(jstr(json_object_get(rec, "body"), "user"), "u1");
-    ck_assert_str_eq(jstr(json_object_get(json_object_get(rec, "body"), "inputs"), "plan"),
-                     "pro");
+    ck_assert_str_eq(jstr(json_object_get(json_object_get(rec, "body"), "inputs"), "plan"), "pro");
     ck_assert_int_eq(json_integer_value(json_object_get(rec, "status")), 200);
     ck_assert(json_is_true(json_object_get(rec, "delivered")));
     ck_assert_str_eq(jstr(rec, "response"), r->body);
@@ -138,11 +130,11 @@ START_TEST(chat_blocking_success)
 }
 END_TEST
 
-START_TEST(completion_and_workflow_blocking)
-{
+START_TEST(completion_and_workflow_blocking) {
     fake_dify *f = start();
     /* Without the /v1 prefix too. */
-    h_resp *r = post_to(f, "/completion-messages", "{\"inputs\":{\"a\":\"b\"},\"user\":\"u\"}", KEY);
+    h_resp *r =
+        post_to(f, "/completion-messages", "{\"inputs\":{\"a\":\"b\"},\"user\":\"u\"}", KEY);
     ck_assert_int_eq(r->status, 200);
     ck_assert_str_eq(jstr(r->json, "mode"), "completion");
     ck_assert_ptr_null(json_object_get(r->json, "conversation_id"));
@@ -182,8 +174,7 @@ START_TEST(completion_and_workflow_blocking)
 }
 END_TEST
 
-START_TEST(unauthorized)
-{
+START_TEST(unauthorized) {
     fake_dify *f = start();
     const char *body = "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}";
     h_resp *r = post_to(f, "/v1/chat-messages", body, "wrong-key");
@@ -198,12 +189,11 @@ START_TEST(unauthorized)
 }
 END_TEST
 
-START_TEST(invalid_bodies)
-{
+START_TEST(invalid_bodies) {
     fake_dify *f = start();
     static const char *const cases[][2] = {
-        {"/v1/chat-messages", "{\"inputs\":{},\"user\":\"u\"}"},             /* no query */
-        {"/v1/chat-messages", "{\"inputs\":{},\"query\":\"q\"}"},            /* no user */
+        {"/v1/chat-messages", "{\"inputs\":{},\"user\":\"u\"}"},                 /* no query */
+        {"/v1/chat-messages", "{\"inputs\":{},\"query\":\"q\"}"},                /* no user */
         {"/v1/chat-messages", "{\"inputs\":[],\"query\":\"q\",\"user\":\"u\"}"}, /* inputs */
         {"/v1/completion-messages", "{\"inputs\":{}}"},
         {"/v1/workflows/run", "{\"user\":\"u\"}"},
@@ -217,9 +207,8 @@ START_TEST(invalid_bodies)
         h_resp_free(r);
     }
     const char *headers[] = {"Authorization: Bearer " KEY, "Content-Type: text/plain", NULL};
-    h_req req = {.path = "/v1/workflows/run",
-                 .body = "{\"inputs\":{},\"user\":\"u\"}",
-                 .headers = headers};
+    h_req req = {
+        .path = "/v1/workflows/run", .body = "{\"inputs\":{},\"user\":\"u\"}", .headers = headers};
     h_resp *r = h_request_port(fake_dify_port(f), &req);
     assert_envelope(r, 415, "unsupported_media_type", NULL);
     h_resp_free(r);
@@ -237,8 +226,7 @@ START_TEST(invalid_bodies)
 }
 END_TEST
 
-START_TEST(scripted_statuses)
-{
+START_TEST(scripted_statuses) {
     fake_dify *f = start();
     const char *body = "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}";
     fake_dify_push_status(f, 500);
@@ -284,8 +272,7 @@ START_TEST(scripted_statuses)
 }
 END_TEST
 
-START_TEST(drop_and_delay)
-{
+START_TEST(drop_and_delay) {
     fake_dify *f = start();
     const char *body = "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}";
     fake_dify_behaviour drop = {.drop = true};
@@ -326,12 +313,11 @@ START_TEST(drop_and_delay)
 }
 END_TEST
 
-START_TEST(conversations)
-{
+START_TEST(conversations) {
     fake_dify *f = start();
-    h_resp *r = post_to(f, "/v1/chat-messages",
-                        "{\"inputs\":{},\"query\":\"q\",\"user\":\"u1\",\"conversation_id\":\"\"}",
-                        KEY);
+    h_resp *r =
+        post_to(f, "/v1/chat-messages",
+                "{\"inputs\":{},\"query\":\"q\",\"user\":\"u1\",\"conversation_id\":\"\"}", KEY);
     ck_assert_int_eq(r->status, 200);
     char conv[64];
     snprintf(conv, sizeof(conv), "%s", jstr(r->json, "conversation_id"));
@@ -370,8 +356,7 @@ END_TEST
 
 /* The stream arrives in pieces of at most `chunk` bytes and parses to the
  * whole answer: message chunks, a ping, message_end with usage. */
-static void check_stream(size_t chunk)
-{
+static void check_stream(size_t chunk) {
     fake_dify *f = start();
     fake_dify_behaviour b = {.stream_chunk = chunk, .stream_pause_ms = 1};
     fake_dify_push(f, &b);
@@ -417,15 +402,13 @@ static void check_stream(size_t chunk)
     fake_dify_stop(f);
 }
 
-START_TEST(sse_chunked)
-{
+START_TEST(sse_chunked) {
     static const size_t sizes[] = {1, 3, 7};
     check_stream(sizes[_i]);
 }
 END_TEST
 
-START_TEST(sse_error_and_workflow_stream)
-{
+START_TEST(sse_error_and_workflow_stream) {
     fake_dify *f = start();
     fake_dify_behaviour err = {.sse_error = true,
                                .code = "completion_request_error",
@@ -456,7 +439,8 @@ START_TEST(sse_error_and_workflow_stream)
     last = json_array_get(evs, json_array_size(evs) - 1);
     ck_assert_str_eq(jstr(last, "event"), "workflow_finished");
     ck_assert_str_eq(jstr(json_object_get(last, "data"), "status"), "succeeded");
-    ck_assert_str_eq(jstr(last, "workflow_run_id"), jstr(json_array_get(evs, 0), "workflow_run_id"));
+    ck_assert_str_eq(jstr(last, "workflow_run_id"),
+                     jstr(json_array_get(evs, 0), "workflow_run_id"));
     json_decref(evs);
     h_resp_free(r);
 
@@ -478,8 +462,7 @@ START_TEST(sse_error_and_workflow_stream)
 }
 END_TEST
 
-START_TEST(fail_rate_is_reproducible)
-{
+START_TEST(fail_rate_is_reproducible) {
     const char *body = "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}";
     char seq[2][41];
     for (int run = 0; run < 2; run++) {
@@ -513,13 +496,13 @@ START_TEST(fail_rate_is_reproducible)
 }
 END_TEST
 
-START_TEST(wait_is_bounded_and_reset)
-{
+START_TEST(wait_is_bounded_and_reset) {
     fake_dify *f = start();
     int64_t t0 = h_mono_ms();
     ck_assert_uint_eq(fake_dify_wait_delivered(f, 1, 200), 0);
     ck_assert_int_ge(h_mono_ms() - t0, 190);
-    h_resp *r = post_to(f, "/v1/chat-messages", "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}", KEY);
+    h_resp *r =
+        post_to(f, "/v1/chat-messages", "{\"inputs\":{},\"query\":\"q\",\"user\":\"u\"}", KEY);
     h_resp_free(r);
     ck_assert_uint_eq(fake_dify_wait_delivered(f, 1, 2000), 1);
     fake_dify_reset(f);
@@ -533,8 +516,7 @@ END_TEST
 
 /* Many connections at once, each answered after a delay: thread per
  * connection keeps them all in flight together. */
-START_TEST(many_concurrent_connections)
-{
+START_TEST(many_concurrent_connections) {
     enum { N = 200 };
     fake_dify *f = start();
     fake_dify_behaviour slow = {.delay_ms = 300};
@@ -583,8 +565,7 @@ START_TEST(many_concurrent_connections)
 }
 END_TEST
 
-static Suite *suite(void)
-{
+static Suite *suite(void) {
     Suite *s = suite_create("fake_dify");
     TCase *tc = tcase_create("fake_dify");
     tcase_set_timeout(tc, 60);
@@ -604,8 +585,7 @@ static Suite *suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -37,8 +37,7 @@ typedef struct env {
     h_server *srv;
 } env;
 
-static void up_with(env *e, const char *config)
-{
+static void up_with(env *e, const char *config) {
     e->fake = fake_dify_start(0, H_API_KEY);
     ck_assert_ptr_nonnull(e->fake);
     h_opts o = {.config_json = config, .dify_port = fake_dify_port(e->fake)};
@@ -46,24 +45,33 @@ static void up_with(env *e, const char *config)
     ck_assert_msg(e->srv != NULL, "amp2dify did not start (see its log above)");
 }
 
-static void up(env *e)
-{
+static void up(env *e) {
     up_with(e, NULL);
 }
 
-static void down(env *e)
-{
-    h_server_stop(e->srv);
+/* Stop the server the way operators do (SIGTERM): it must exit 0 and its
+ * log must hold no sanitizer report (sanitizer builds run these tests too). */
+static void stop_clean(h_server *srv) {
+    int st = h_server_running(srv) ? h_server_kill(srv, SIGTERM, 15000) : 0;
+    char *report = h_server_sanitizer_report(srv);
+    ck_assert_msg(report == NULL, "sanitizer report in %s/server.log:\n%s", h_server_dir(srv),
+                  report);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+                  "amp2dify did not exit 0 on SIGTERM (wait status %d); log in %s", st,
+                  h_server_dir(srv));
+    h_server_stop(srv);
+}
+
+static void down(env *e) {
+    stop_clean(e->srv);
     fake_dify_stop(e->fake);
 }
 
-static const char *jstr(const json_t *o, const char *key)
-{
+static const char *jstr(const json_t *o, const char *key) {
     return json_string_value(json_object_get(o, key));
 }
 
-static void assert_accepted(const h_resp *r, int accepted, int duplicates, int filtered)
-{
+static void assert_accepted(const h_resp *r, int accepted, int duplicates, int filtered) {
     ck_assert_msg(r->status == 202, "status %ld, body %s", r->status, r->body);
     json_t *want = json_pack("{s:i, s:i, s:i}", "accepted", accepted, "duplicates", duplicates,
                              "filtered", filtered);
@@ -71,8 +79,7 @@ static void assert_accepted(const h_resp *r, int accepted, int duplicates, int f
     json_decref(want);
 }
 
-static void assert_error(const h_resp *r, long status, const char *code)
-{
+static void assert_error(const h_resp *r, long status, const char *code) {
     ck_assert_msg(r->status == status, "status %ld (want %ld), body %s", r->status, status,
                   r->body);
     ck_assert_msg(r->json != NULL, "error body is not JSON: %s", r->body);
@@ -84,16 +91,14 @@ static void assert_error(const h_resp *r, long status, const char *code)
 }
 
 /* Nothing reached Dify, even after a while. */
-static void assert_nothing_delivered(env *e)
-{
+static void assert_nothing_delivered(env *e) {
     h_sleep_ms(QUIET_MS);
     ck_assert_uint_eq(fake_dify_count(e->fake), 0);
 }
 
 /* ---- HTTP surface --------------------------------------------------------- */
 
-START_TEST(health_and_routing)
-{
+START_TEST(health_and_routing) {
     env e;
     up(&e);
     h_resp *r = h_get(e.srv, "/healthz");
@@ -105,35 +110,34 @@ START_TEST(health_and_routing)
 
     r = h_get(e.srv, "/no/such/path");
     ck_assert_int_eq(r->status, 404);
-    ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s",
-                  r->body);
+    ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s", r->body);
     h_resp_free(r);
 
     r = h_get(e.srv, H_WEBHOOK);
     ck_assert_int_eq(r->status, 405);
     const char *allow = h_resp_header(r, "Allow");
     ck_assert_msg(allow && strstr(allow, "POST"), "Allow: %s", allow);
-    ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s",
-                  r->body);
+    ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s", r->body);
     h_resp_free(r);
     down(&e);
 }
 END_TEST
 
-START_TEST(sigterm_exits_zero)
-{
+START_TEST(sigterm_exits_zero) {
     env e;
     up(&e);
+    /* Idle, it must not need the whole grace period either. */
+    int64_t t0 = h_mono_ms();
     int st = h_server_kill(e.srv, SIGTERM, 10000);
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "wait status %d", st);
+    ck_assert_int_lt(h_mono_ms() - t0, 5000);
     down(&e);
 }
 END_TEST
 
 /* ---- delivery ----------------------------------------------------------------- */
 
-START_TEST(signed_event_reaches_dify)
-{
+START_TEST(signed_event_reaches_dify) {
     env e;
     up(&e);
     char *ev = h_event("signup", "user-1", "ins-0001");
@@ -165,8 +169,7 @@ START_TEST(signed_event_reaches_dify)
 }
 END_TEST
 
-START_TEST(array_of_three)
-{
+START_TEST(array_of_three) {
     env e;
     up(&e);
     char *a = h_event("signup", "user-a", "ins-a");
@@ -206,8 +209,7 @@ START_TEST(array_of_three)
 }
 END_TEST
 
-START_TEST(duplicate_insert_id_counted_once)
-{
+START_TEST(duplicate_insert_id_counted_once) {
     env e;
     up(&e);
     char *ev = h_event("signup", "user-1", "ins-dup");
@@ -227,8 +229,7 @@ END_TEST
 
 /* ---- authentication ------------------------------------------------------------- */
 
-START_TEST(bad_signatures_rejected)
-{
+START_TEST(bad_signatures_rejected) {
     env e;
     up(&e);
     char *ev = h_event("signup", "user-1", "ins-auth");
@@ -274,8 +275,7 @@ END_TEST
 
 /* ---- bad requests ----------------------------------------------------------------- */
 
-START_TEST(invalid_bodies_rejected)
-{
+START_TEST(invalid_bodies_rejected) {
     env e;
     up(&e);
     h_resp *r = h_post_signed(e.srv, "{\"event_type\": \"signup\",\n \"user_id\": ");
@@ -303,8 +303,7 @@ START_TEST(invalid_bodies_rejected)
     char sig_h[128], ts_h[64];
     snprintf(sig_h, sizeof(sig_h), "X-Amplitude-Sig: %s", sig);
     snprintf(ts_h, sizeof(ts_h), "X-Amplitude-Timestamp: %lld", (long long)now);
-    r = h_post(e.srv, H_WEBHOOK, good, ts_h, sig_h, "Content-Type: text/plain",
-               (const char *)NULL);
+    r = h_post(e.srv, H_WEBHOOK, good, ts_h, sig_h, "Content-Type: text/plain", (const char *)NULL);
     assert_error(r, 415, "unsupported_media_type");
     h_resp_free(r);
     free(sig);
@@ -318,8 +317,7 @@ END_TEST
 
 /* A body over max_body_bytes, announced by Content-Length or streamed
  * chunked (so its size is only known while reading). */
-START_TEST(body_too_large)
-{
+START_TEST(body_too_large) {
     env e;
     up_with(&e, CONFIG_SMALL_BODY);
     size_t n = 200 * 1024;
@@ -344,8 +342,8 @@ START_TEST(body_too_large)
                      .chunked = chunked != 0};
         h_resp *r = h_request(e.srv, &req);
         ck_assert_msg(r->status == 413, "%s: status %ld (%s), body %s",
-                      chunked ? "chunked" : "Content-Length", r->status,
-                      r->error ? r->error : "-", r->body);
+                      chunked ? "chunked" : "Content-Length", r->status, r->error ? r->error : "-",
+                      r->body);
         assert_error(r, 413, "body_too_large");
         h_resp_free(r);
     }
@@ -363,8 +361,7 @@ END_TEST
 
 /* ---- Dify failures --------------------------------------------------------------- */
 
-START_TEST(retries_until_success)
-{
+START_TEST(retries_until_success) {
     env e;
     up(&e);
     fake_dify_push_status(e.fake, 500);
@@ -392,8 +389,7 @@ START_TEST(retries_until_success)
 }
 END_TEST
 
-START_TEST(permanent_error_not_retried)
-{
+START_TEST(permanent_error_not_retried) {
     env e;
     up(&e);
     fake_dify_behaviour b = {.status = 400, .code = "app_unavailable"};
@@ -415,8 +411,7 @@ END_TEST
 /* Accepted while Dify is unreachable, then the server is killed without a
  * chance to clean up: the spool still has the event, and the restarted
  * server delivers it exactly once. */
-START_TEST(survives_kill_while_dify_down)
-{
+START_TEST(survives_kill_while_dify_down) {
     h_opts o = {.dify_port = 0}; /* a port where nothing listens yet */
     h_server *srv = h_server_start(&o);
     ck_assert_msg(srv != NULL, "amp2dify did not start (see its log above)");
@@ -440,13 +435,12 @@ START_TEST(survives_kill_while_dify_down)
     json_t *reqs = fake_dify_requests(fake);
     ck_assert_str_eq(jstr(json_array_get(reqs, 0), "trace_id"), "ins-crash");
     json_decref(reqs);
-    h_server_stop(srv);
+    stop_clean(srv);
     fake_dify_stop(fake);
 }
 END_TEST
 
-static Suite *suite(void)
-{
+static Suite *suite(void) {
     Suite *s = suite_create("foundation");
     TCase *tc = tcase_create("foundation");
     /* Each test starts a server and waits for deliveries; sanitizer builds
@@ -467,8 +461,7 @@ static Suite *suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -39,6 +39,9 @@ struct fake_dify {
 
     pthread_mutex_t mu;
     pthread_cond_t changed; /* counters moved, or stopping */
+    /* Only for stopping: delayed answers sleep on it, and waking hundreds of
+     * them on every counter change would burn the CPU a benchmark measures. */
+    pthread_cond_t stop_cv;
     bool stopping;
 
     beh_node *head, *tail;
@@ -70,13 +73,11 @@ typedef struct req_ctx {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static char *xstrdup_or_null(const char *s)
-{
+static char *xstrdup_or_null(const char *s) {
     return s ? amp_xstrdup(s) : NULL;
 }
 
-static void beh_copy(fake_dify_behaviour *dst, const fake_dify_behaviour *src)
-{
+static void beh_copy(fake_dify_behaviour *dst, const fake_dify_behaviour *src) {
     *dst = *src;
     dst->code = xstrdup_or_null(src->code);
     dst->message = xstrdup_or_null(src->message);
@@ -85,8 +86,7 @@ static void beh_copy(fake_dify_behaviour *dst, const fake_dify_behaviour *src)
     dst->html_body = xstrdup_or_null(src->html_body);
 }
 
-static void beh_free(fake_dify_behaviour *b)
-{
+static void beh_free(fake_dify_behaviour *b) {
     free((char *)b->code);
     free((char *)b->message);
     free((char *)b->retry_after);
@@ -96,8 +96,7 @@ static void beh_free(fake_dify_behaviour *b)
 }
 
 /* splitmix64: tiny, seedable, good enough for ids and a fail-rate coin. */
-static uint64_t rng_next(uint64_t *s)
-{
+static uint64_t rng_next(uint64_t *s) {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
@@ -105,25 +104,22 @@ static uint64_t rng_next(uint64_t *s)
 }
 
 /* A version-4 looking UUID; f->mu must be held. */
-static void make_uuid(fake_dify *f, char out[37])
-{
+static void make_uuid(fake_dify *f, char out[37]) {
     uint64_t hi = rng_next(&f->id_rng), lo = rng_next(&f->id_rng);
-    hi = (hi & ~0xf000ULL) | 0x4000ULL;             /* version 4 */
-    lo = (lo & ~(3ULL << 62)) | (2ULL << 62);       /* RFC 4122 variant */
+    hi = (hi & ~0xf000ULL) | 0x4000ULL;       /* version 4 */
+    lo = (lo & ~(3ULL << 62)) | (2ULL << 62); /* RFC 4122 variant */
     snprintf(out, 37, "%08x-%04x-%04x-%04x-%012llx", (unsigned)(hi >> 32),
              (unsigned)((hi >> 16) & 0xffff), (unsigned)(hi & 0xffff), (unsigned)(lo >> 48),
              (unsigned long long)(lo & 0xffffffffffffULL));
 }
 
-static void new_uuid(fake_dify *f, char out[37])
-{
+static void new_uuid(fake_dify *f, char out[37]) {
     pthread_mutex_lock(&f->mu);
     make_uuid(f, out);
     pthread_mutex_unlock(&f->mu);
 }
 
-static struct timespec deadline_after(unsigned ms)
-{
+static struct timespec deadline_after(unsigned ms) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     ts.tv_sec += ms / 1000;
@@ -137,14 +133,13 @@ static struct timespec deadline_after(unsigned ms)
 
 /* Sleep that fake_dify_stop cuts short, so stopping never waits for a
  * scripted delay. */
-static void pause_ms(fake_dify *f, unsigned ms)
-{
+static void pause_ms(fake_dify *f, unsigned ms) {
     if (!ms)
         return;
     struct timespec until = deadline_after(ms);
     pthread_mutex_lock(&f->mu);
     while (!f->stopping) {
-        if (pthread_cond_timedwait(&f->changed, &f->mu, &until) == ETIMEDOUT)
+        if (pthread_cond_timedwait(&f->stop_cv, &f->mu, &until) == ETIMEDOUT)
             break;
     }
     pthread_mutex_unlock(&f->mu);
@@ -152,16 +147,14 @@ static void pause_ms(fake_dify *f, unsigned ms)
 
 /* ---- conversations -------------------------------------------------------- */
 
-static size_t str_hash(const char *s)
-{
+static size_t str_hash(const char *s) {
     size_t h = 1469598103934665603ULL;
     for (; *s; s++)
         h = (h ^ (unsigned char)*s) * 1099511628211ULL;
     return h;
 }
 
-static conv_slot *conv_find(fake_dify *f, const char *id)
-{
+static conv_slot *conv_find(fake_dify *f, const char *id) {
     if (!f->conv_cap)
         return NULL;
     for (size_t i = str_hash(id) & (f->conv_cap - 1), n = 0; n < f->conv_cap;
@@ -174,8 +167,7 @@ static conv_slot *conv_find(fake_dify *f, const char *id)
     return NULL;
 }
 
-static void conv_insert_slot(conv_slot *tab, size_t cap, char *id, char *user)
-{
+static void conv_insert_slot(conv_slot *tab, size_t cap, char *id, char *user) {
     size_t i = str_hash(id) & (cap - 1);
     while (tab[i].id)
         i = (i + 1) & (cap - 1);
@@ -184,8 +176,7 @@ static void conv_insert_slot(conv_slot *tab, size_t cap, char *id, char *user)
 }
 
 /* Takes ownership of nothing: copies id and user. f->mu must be held. */
-static void conv_add(fake_dify *f, const char *id, const char *user)
-{
+static void conv_add(fake_dify *f, const char *id, const char *user) {
     if ((f->conv_len + 1) * 2 > f->conv_cap) {
         size_t cap = f->conv_cap ? f->conv_cap * 2 : 64;
         conv_slot *tab = amp_xcalloc(cap, sizeof(conv_slot));
@@ -202,62 +193,81 @@ static void conv_add(fake_dify *f, const char *id, const char *user)
 
 /* ---- answers ---------------------------------------------------------------- */
 
-static const char *default_code(int status)
-{
+static const char *default_code(int status) {
     switch (status) {
-    case 400: return "app_unavailable";
-    case 401: return "unauthorized";
-    case 403: return "forbidden";
-    case 404: return "not_found";
-    case 405: return "method_not_allowed";
-    case 408: return "request_timeout";
-    case 413: return "request_entity_too_large";
-    case 415: return "unsupported_media_type";
-    case 429: return "too_many_requests";
-    case 500: return "internal_server_error";
-    case 502: return "bad_gateway";
-    case 503: return "service_unavailable";
-    case 504: return "gateway_timeout";
-    default: return "error";
+    case 400:
+        return "app_unavailable";
+    case 401:
+        return "unauthorized";
+    case 403:
+        return "forbidden";
+    case 404:
+        return "not_found";
+    case 405:
+        return "method_not_allowed";
+    case 408:
+        return "request_timeout";
+    case 413:
+        return "request_entity_too_large";
+    case 415:
+        return "unsupported_media_type";
+    case 429:
+        return "too_many_requests";
+    case 500:
+        return "internal_server_error";
+    case 502:
+        return "bad_gateway";
+    case 503:
+        return "service_unavailable";
+    case 504:
+        return "gateway_timeout";
+    default:
+        return "error";
     }
 }
 
-static const char *default_message(int status)
-{
+static const char *default_message(int status) {
     switch (status) {
-    case 400: return "App unavailable, please check your app configurations.";
-    case 401: return "Access token is invalid";
+    case 400:
+        return "App unavailable, please check your app configurations.";
+    case 401:
+        return "Access token is invalid";
     case 403:
         return "You don't have the permission to access the requested resource. It is either "
                "read-protected or not readable by the server.";
-    case 404: return "Conversation Not Exists.";
-    case 405: return "The method is not allowed for the requested URL.";
+    case 404:
+        return "Conversation Not Exists.";
+    case 405:
+        return "The method is not allowed for the requested URL.";
     case 408:
         return "The server closed the network connection because the browser didn't finish the "
                "request within the specified time.";
-    case 413: return "The data value transmitted exceeds the capacity limit.";
+    case 413:
+        return "The data value transmitted exceeds the capacity limit.";
     case 415:
         return "Did not attempt to load JSON data because the request Content-Type was not "
                "'application/json'.";
-    case 429: return "Too many requests. Please try again later.";
+    case 429:
+        return "Too many requests. Please try again later.";
     case 500:
         return "The server encountered an internal error and was unable to complete your request. "
                "Either the server is overloaded or there is an error in the application.";
-    case 502: return "The proxy server received an invalid response from an upstream server.";
+    case 502:
+        return "The proxy server received an invalid response from an upstream server.";
     case 503:
         return "The server is temporarily unable to service your request due to maintenance "
                "downtime or capacity problems. Please try again later.";
-    case 504: return "The connection to an upstream server timed out.";
-    default: return "Unexpected error.";
+    case 504:
+        return "The connection to an upstream server timed out.";
+    default:
+        return "Unexpected error.";
     }
 }
 
 /* Dify's error envelope; caller owns. */
-static char *envelope(int status, const char *code, const char *message)
-{
-    json_t *o = json_pack("{s:s, s:s, s:i}", "code", code ? code : default_code(status),
-                          "message", message ? message : default_message(status), "status",
-                          status);
+static char *envelope(int status, const char *code, const char *message) {
+    json_t *o = json_pack("{s:s, s:s, s:i}", "code", code ? code : default_code(status), "message",
+                          message ? message : default_message(status), "status", status);
     if (!o)
         abort();
     char *s = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(6));
@@ -267,26 +277,24 @@ static char *envelope(int status, const char *code, const char *message)
     return s;
 }
 
-static json_t *usage_json(size_t body_len, size_t answer_len)
-{
+static json_t *usage_json(size_t body_len, size_t answer_len) {
     int prompt = 10 + (int)(body_len / 4), completion = 1 + (int)(answer_len / 4);
     char pp[32], cp[32], tp[32];
     snprintf(pp, sizeof(pp), "%.7f", prompt * 0.001 * 0.001);
     snprintf(cp, sizeof(cp), "%.7f", completion * 0.002 * 0.001);
     snprintf(tp, sizeof(tp), "%.7f", prompt * 0.001 * 0.001 + completion * 0.002 * 0.001);
-    json_t *u = json_pack("{s:i, s:s, s:s, s:s, s:i, s:s, s:s, s:s, s:i, s:s, s:s, s:f}",
-                          "prompt_tokens", prompt, "prompt_unit_price", "0.001",
-                          "prompt_price_unit", "0.001", "prompt_price", pp, "completion_tokens",
-                          completion, "completion_unit_price", "0.002", "completion_price_unit",
-                          "0.001", "completion_price", cp, "total_tokens", prompt + completion,
-                          "total_price", tp, "currency", "USD", "latency", 0.042);
+    json_t *u =
+        json_pack("{s:i, s:s, s:s, s:s, s:i, s:s, s:s, s:s, s:i, s:s, s:s, s:f}", "prompt_tokens",
+                  prompt, "prompt_unit_price", "0.001", "prompt_price_unit", "0.001",
+                  "prompt_price", pp, "completion_tokens", completion, "completion_unit_price",
+                  "0.002", "completion_price_unit", "0.001", "completion_price", cp, "total_tokens",
+                  prompt + completion, "total_price", tp, "currency", "USD", "latency", 0.042);
     if (!u)
         abort();
     return u;
 }
 
-static char *dump_compact(json_t *o)
-{
+static char *dump_compact(json_t *o) {
     if (!o)
         abort();
     char *s = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(6));
@@ -307,8 +315,7 @@ typedef struct answer_ctx {
     json_int_t now_s;
 } answer_ctx;
 
-static char *blocking_body(const answer_ctx *a)
-{
+static char *blocking_body(const answer_ctx *a) {
     json_t *o;
     size_t alen = strlen(a->answer);
     if (a->ep == EP_WORKFLOW) {
@@ -317,12 +324,12 @@ static char *blocking_body(const answer_ctx *a)
         json_t *error = failed ? json_string(a->b->message ? a->b->message
                                                            : "Node LLM run failed: model timeout")
                                : json_null();
-        o = json_pack("{s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}",
-                      "task_id", a->task_id, "workflow_run_id", a->run_id, "data", "id",
-                      a->run_id, "workflow_id", a->workflow_id, "status",
-                      failed ? "failed" : "succeeded", "outputs", outputs, "error", error,
-                      "elapsed_time", 0.042, "total_tokens", failed ? 0 : 10 + (int)(alen / 4),
-                      "total_steps", 3, "created_at", a->now_s, "finished_at", a->now_s);
+        o = json_pack("{s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}", "task_id",
+                      a->task_id, "workflow_run_id", a->run_id, "data", "id", a->run_id,
+                      "workflow_id", a->workflow_id, "status", failed ? "failed" : "succeeded",
+                      "outputs", outputs, "error", error, "elapsed_time", 0.042, "total_tokens",
+                      failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at", a->now_s,
+                      "finished_at", a->now_s);
     } else {
         o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:{s:o, s:[]}, s:I}", "event", "message",
                       "task_id", a->task_id, "id", a->message_id, "message_id", a->message_id,
@@ -337,8 +344,7 @@ static char *blocking_body(const answer_ctx *a)
     return s;
 }
 
-static void sse_data(amp_buf *out, json_t *ev)
-{
+static void sse_data(amp_buf *out, json_t *ev) {
     char *s = dump_compact(ev);
     json_decref(ev);
     if (amp_buf_append(out, "data: ", 6) || amp_buf_append(out, s, strlen(s)) ||
@@ -347,15 +353,13 @@ static void sse_data(amp_buf *out, json_t *ev)
     free(s);
 }
 
-static void sse_ping(amp_buf *out)
-{
+static void sse_ping(amp_buf *out) {
     if (amp_buf_append(out, "event: ping\n\n", 13))
         abort();
 }
 
 /* A message-like chat/completion event with the common fields. */
-static json_t *chat_event(const answer_ctx *a, const char *event)
-{
+static json_t *chat_event(const answer_ctx *a, const char *event) {
     json_t *o = json_pack("{s:s, s:s, s:s, s:I}", "event", event, "task_id", a->task_id,
                           "message_id", a->message_id, "created_at", a->now_s);
     if (!o)
@@ -365,13 +369,12 @@ static json_t *chat_event(const answer_ctx *a, const char *event)
     return o;
 }
 
-static json_t *error_event(const answer_ctx *a)
-{
+static json_t *error_event(const answer_ctx *a) {
     int st = a->b->status && a->b->status != 200 ? a->b->status : 500;
-    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:s}", "event", "error", "message_id",
-                          a->message_id, "status", st, "code",
-                          a->b->code ? a->b->code : default_code(st), "message",
-                          a->b->message ? a->b->message : default_message(st));
+    json_t *o =
+        json_pack("{s:s, s:s, s:i, s:s, s:s}", "event", "error", "message_id", a->message_id,
+                  "status", st, "code", a->b->code ? a->b->code : default_code(st), "message",
+                  a->b->message ? a->b->message : default_message(st));
     if (!o)
         abort();
     if (a->ep == EP_CHAT)
@@ -381,16 +384,14 @@ static json_t *error_event(const answer_ctx *a)
 
 /* The answer cut before each space, as Dify streams tokens (" I", "'m"...):
  * cutting only at ASCII spaces keeps every piece valid UTF-8. */
-static size_t next_piece(const char *s, size_t pos, size_t len)
-{
+static size_t next_piece(const char *s, size_t pos, size_t len) {
     size_t end = pos + 1;
     while (end < len && s[end] != ' ')
         end++;
     return end;
 }
 
-static char *stream_body(const answer_ctx *a)
-{
+static char *stream_body(const answer_ctx *a) {
     amp_buf out;
     amp_buf_init(&out, SIZE_MAX / 2);
     const char *ans = a->answer;
@@ -401,19 +402,19 @@ static char *stream_body(const answer_ctx *a)
         json_t *inputs = a->inputs ? json_deep_copy(a->inputs) : json_object();
         sse_data(&out, json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:o, s:I}}", "event",
                                  "workflow_started", "task_id", a->task_id, "workflow_run_id",
-                                 a->run_id, "data", "id", a->run_id, "workflow_id",
-                                 a->workflow_id, "inputs", inputs, "created_at", a->now_s));
-        sse_data(&out, json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:s, s:i, s:I}}", "event",
-                                 "node_started", "task_id", a->task_id, "workflow_run_id",
-                                 a->run_id, "data", "id", "node_exec_1", "node_id", "llm",
-                                 "node_type", "llm", "title", "LLM", "index", 1, "created_at",
-                                 a->now_s));
+                                 a->run_id, "data", "id", a->run_id, "workflow_id", a->workflow_id,
+                                 "inputs", inputs, "created_at", a->now_s));
+        sse_data(&out,
+                 json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:s, s:i, s:I}}", "event",
+                           "node_started", "task_id", a->task_id, "workflow_run_id", a->run_id,
+                           "data", "id", "node_exec_1", "node_id", "llm", "node_type", "llm",
+                           "title", "LLM", "index", 1, "created_at", a->now_s));
         for (size_t pos = 0, n = 0; pos < alen; n++) {
             size_t end = next_piece(ans, pos, alen);
             json_t *text = json_stringn(ans + pos, end - pos);
             sse_data(&out, json_pack("{s:s, s:s, s:s, s:{s:o, s:[s,s]}}", "event", "text_chunk",
-                                     "task_id", a->task_id, "workflow_run_id", a->run_id,
-                                     "data", "text", text ? text : json_string(""),
+                                     "task_id", a->task_id, "workflow_run_id", a->run_id, "data",
+                                     "text", text ? text : json_string(""),
                                      "from_variable_selector", "llm", "text"));
             pos = end;
             if (n == 0) {
@@ -427,20 +428,19 @@ static char *stream_body(const answer_ctx *a)
         } else {
             bool failed = a->b->workflow_failed;
             json_t *outputs = failed ? json_null() : json_pack("{s:s}", "result", ans);
-            json_t *error =
-                failed ? json_string(a->b->message ? a->b->message
-                                                   : "Node LLM run failed: model timeout")
-                       : json_null();
+            json_t *error = failed
+                                ? json_string(a->b->message ? a->b->message
+                                                            : "Node LLM run failed: model timeout")
+                                : json_null();
             sse_data(&out,
                      json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, "
                                "s:I, s:I}}",
                                "event", "workflow_finished", "task_id", a->task_id,
-                               "workflow_run_id", a->run_id, "data", "id", a->run_id,
-                               "workflow_id", a->workflow_id, "status",
-                               failed ? "failed" : "succeeded", "outputs", outputs, "error",
-                               error, "elapsed_time", 0.042, "total_tokens",
-                               failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3,
-                               "created_at", a->now_s, "finished_at", a->now_s));
+                               "workflow_run_id", a->run_id, "data", "id", a->run_id, "workflow_id",
+                               a->workflow_id, "status", failed ? "failed" : "succeeded", "outputs",
+                               outputs, "error", error, "elapsed_time", 0.042, "total_tokens",
+                               failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at",
+                               a->now_s, "finished_at", a->now_s));
         }
     } else {
         for (size_t pos = 0, n = 0; pos < alen; n++) {
@@ -478,12 +478,11 @@ typedef struct stream {
     fake_dify *f;
     char *data;
     size_t len;
-    size_t chunk;    /* 0: one SSE frame per write */
-    unsigned pause;  /* ms between writes */
+    size_t chunk;   /* 0: one SSE frame per write */
+    unsigned pause; /* ms between writes */
 } stream;
 
-static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
-{
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     stream *s = cls;
     if (pos >= s->len)
         return MHD_CONTENT_READER_END_OF_STREAM;
@@ -504,8 +503,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
     return (ssize_t)n;
 }
 
-static void stream_free(void *cls)
-{
+static void stream_free(void *cls) {
     stream *s = cls;
     free(s->data);
     free(s);
@@ -513,8 +511,7 @@ static void stream_free(void *cls)
 
 /* ---- the request handler ---------------------------------------------------- */
 
-static endpoint endpoint_of(const char *url)
-{
+static endpoint endpoint_of(const char *url) {
     if (strncmp(url, "/v1/", 4) == 0)
         url += 3;
     if (strcmp(url, "/chat-messages") == 0)
@@ -526,15 +523,13 @@ static endpoint endpoint_of(const char *url)
     return EP_NONE;
 }
 
-static json_t *str_or_null(const char *s)
-{
+static json_t *str_or_null(const char *s) {
     return s ? json_string(s) : json_null();
 }
 
 static void record(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn, const char *url,
                    const char *method, const json_t *body, int status, bool streaming,
-                   const char *response, bool api)
-{
+                   const char *response, bool api) {
     pthread_mutex_lock(&f->mu);
     f->seq++;
     if (api)
@@ -545,15 +540,15 @@ static void record(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn, cons
         json_object_set_new(r, "seq", json_integer((json_int_t)f->seq));
         json_object_set_new(r, "method", json_string(method));
         json_object_set_new(r, "path", json_string(url));
-        json_object_set_new(r, "authorization",
-                            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                                    "Authorization")));
-        json_object_set_new(r, "trace_id",
-                            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                                    "X-Trace-Id")));
-        json_object_set_new(r, "content_type",
-                            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                                    "Content-Type")));
+        json_object_set_new(
+            r, "authorization",
+            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization")));
+        json_object_set_new(
+            r, "trace_id",
+            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Trace-Id")));
+        json_object_set_new(
+            r, "content_type",
+            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type")));
         json_object_set_new(r, "body", body ? json_deep_copy(body) : json_null());
         /* Bodies that are not UTF-8 cannot be JSON strings; null says so. */
         json_object_set_new(r, "raw_body", raw ? raw : json_null());
@@ -572,8 +567,7 @@ static void record(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn, cons
 
 static enum MHD_Result queue_text(struct MHD_Connection *conn, unsigned status, const char *text,
                                   const char *content_type, const char *retry_after,
-                                  const char *allow)
-{
+                                  const char *allow) {
     struct MHD_Response *r =
         MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_MUST_COPY);
     if (!r)
@@ -592,8 +586,7 @@ static enum MHD_Result queue_text(struct MHD_Connection *conn, unsigned status, 
 static enum MHD_Result fail(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
                             const char *url, const char *method, const json_t *body, int status,
                             const char *code, const char *message, const char *retry_after,
-                            const char *allow, bool api)
-{
+                            const char *allow, bool api) {
     char *text = envelope(status, code, message);
     record(f, ctx, conn, url, method, body, status, false, text, api);
     enum MHD_Result ret =
@@ -604,8 +597,7 @@ static enum MHD_Result fail(fake_dify *f, req_ctx *ctx, struct MHD_Connection *c
 
 /* Take the next scripted behaviour, or the default one (possibly turned
  * into a 500 by the fail rate). Caller owns *out's strings. */
-static void take_behaviour(fake_dify *f, fake_dify_behaviour *out)
-{
+static void take_behaviour(fake_dify *f, fake_dify_behaviour *out) {
     pthread_mutex_lock(&f->mu);
     beh_node *n = f->head;
     if (n) {
@@ -626,8 +618,7 @@ static void take_behaviour(fake_dify *f, fake_dify_behaviour *out)
     pthread_mutex_unlock(&f->mu);
 }
 
-static bool content_type_is_json(const char *ct)
-{
+static bool content_type_is_json(const char *ct) {
     static const char want[] = "application/json";
     if (!ct || strncasecmp(ct, want, sizeof(want) - 1) != 0)
         return false;
@@ -637,8 +628,7 @@ static bool content_type_is_json(const char *ct)
 
 /* Validate the body against the endpoint's required fields; NULL when fine,
  * else Dify-like message (static). */
-static const char *check_body(endpoint ep, const json_t *body)
-{
+static const char *check_body(endpoint ep, const json_t *body) {
     if (!json_is_object(body))
         return "Request body must be a JSON object.";
     if (!json_is_object(json_object_get(body, "inputs")))
@@ -663,17 +653,19 @@ static const char *check_body(endpoint ep, const json_t *body)
 }
 
 static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
-                                  const char *url, const char *method, endpoint ep)
-{
+                                  const char *url, const char *method, endpoint ep) {
     fake_dify_behaviour b;
     take_behaviour(f, &b);
     enum MHD_Result ret;
     json_t *body = NULL;
     char *answer_owned = NULL;
 
+    /* Parsed up front so that every record, even a dropped one, shows it. */
+    if (!ctx->too_large && ctx->body.len)
+        body = json_loadb(ctx->body.data, ctx->body.len, 0, NULL);
     pause_ms(f, b.delay_ms);
     if (b.drop) {
-        record(f, ctx, conn, url, method, NULL, 0, false, NULL, true);
+        record(f, ctx, conn, url, method, body, 0, false, NULL, true);
         ret = MHD_NO; /* MHD closes the connection without a response */
         goto out;
     }
@@ -682,10 +674,6 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         ret = fail(f, ctx, conn, url, method, NULL, 401, "unauthorized", "Access token is invalid",
                    NULL, NULL, true);
         goto out;
-    }
-    if (!ctx->too_large && ctx->body.len) {
-        json_error_t jerr;
-        body = json_loadb(ctx->body.data, ctx->body.len, 0, &jerr);
     }
     if (b.status && b.status != 200 && !b.sse_error && b.html_body) {
         record(f, ctx, conn, url, method, body, b.status, false, b.html_body, true);
@@ -702,8 +690,7 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         ret = fail(f, ctx, conn, url, method, NULL, 413, NULL, NULL, NULL, NULL, true);
         goto out;
     }
-    if (!content_type_is_json(
-            MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type"))) {
+    if (!content_type_is_json(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type"))) {
         ret = fail(f, ctx, conn, url, method, body, 415, NULL, NULL, NULL, NULL, true);
         goto out;
     }
@@ -801,10 +788,8 @@ out:
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
-{
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls) {
     (void)version;
     fake_dify *f = cls;
     req_ctx *ctx = *con_cls;
@@ -830,14 +815,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                     "manually please check your spelling and try again.",
                     NULL, NULL, false);
     if (strcmp(method, "POST") != 0)
-        return fail(f, ctx, conn, url, method, NULL, 405, NULL, NULL, NULL, "POST, OPTIONS",
-                    false);
+        return fail(f, ctx, conn, url, method, NULL, 405, NULL, NULL, NULL, "POST, OPTIONS", false);
     return handle_api(f, ctx, conn, url, method, ep);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
-                         enum MHD_RequestTerminationCode toe)
-{
+                         enum MHD_RequestTerminationCode toe) {
     (void)conn;
     fake_dify *f = cls;
     req_ctx *ctx = *con_cls;
@@ -865,8 +848,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* ---- lifecycle and the test-facing API ---------------------------------- */
 
-static int listen_on(uint16_t port, uint16_t *bound)
-{
+static int listen_on(uint16_t port, uint16_t *bound) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
@@ -889,8 +871,7 @@ static int listen_on(uint16_t port, uint16_t *bound)
     return fd;
 }
 
-fake_dify *fake_dify_start(uint16_t port, const char *api_key)
-{
+fake_dify *fake_dify_start(uint16_t port, const char *api_key) {
     fake_dify *f = amp_xcalloc(1, sizeof(fake_dify));
     f->bearer = amp_xasprintf("Bearer %s", api_key ? api_key : "");
     pthread_mutex_init(&f->mu, NULL);
@@ -898,6 +879,7 @@ fake_dify *fake_dify_start(uint16_t port, const char *api_key)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&f->changed, &ca);
+    pthread_cond_init(&f->stop_cv, &ca);
     pthread_condattr_destroy(&ca);
     f->recording = true;
     f->records = json_array();
@@ -911,12 +893,12 @@ fake_dify *fake_dify_start(uint16_t port, const char *api_key)
         fprintf(stderr, "fake_dify: cannot listen on 127.0.0.1:%u: %s\n", port, strerror(errno));
         goto fail;
     }
-    f->daemon = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL_INTERNAL_THREAD, 0, NULL, NULL, on_request,
-        f, MHD_OPTION_LISTEN_SOCKET, f->listen_fd, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)FAKE_CONN_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(256 * 1024), MHD_OPTION_NOTIFY_COMPLETED,
-        on_completed, f, MHD_OPTION_END);
+    f->daemon = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL_INTERNAL_THREAD, 0,
+                                 NULL, NULL, on_request, f, MHD_OPTION_LISTEN_SOCKET, f->listen_fd,
+                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)FAKE_CONN_LIMIT,
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                                 MHD_OPTION_THREAD_STACK_SIZE, (size_t)(256 * 1024),
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, f, MHD_OPTION_END);
     if (!f->daemon) {
         fprintf(stderr, "fake_dify: cannot start the HTTP daemon on port %u\n", f->port);
         close(f->listen_fd);
@@ -926,19 +908,20 @@ fake_dify *fake_dify_start(uint16_t port, const char *api_key)
 fail:
     json_decref(f->records);
     pthread_cond_destroy(&f->changed);
+    pthread_cond_destroy(&f->stop_cv);
     pthread_mutex_destroy(&f->mu);
     free(f->bearer);
     free(f);
     return NULL;
 }
 
-void fake_dify_stop(fake_dify *f)
-{
+void fake_dify_stop(fake_dify *f) {
     if (!f)
         return;
     pthread_mutex_lock(&f->mu);
     f->stopping = true;
     pthread_cond_broadcast(&f->changed);
+    pthread_cond_broadcast(&f->stop_cv);
     pthread_mutex_unlock(&f->mu);
     MHD_stop_daemon(f->daemon); /* joins every connection thread */
     close(f->listen_fd);        /* MHD does not close a socket it was given */
@@ -955,18 +938,17 @@ void fake_dify_stop(fake_dify *f)
     free(f->convs);
     json_decref(f->records);
     pthread_cond_destroy(&f->changed);
+    pthread_cond_destroy(&f->stop_cv);
     pthread_mutex_destroy(&f->mu);
     free(f->bearer);
     free(f);
 }
 
-uint16_t fake_dify_port(const fake_dify *f)
-{
+uint16_t fake_dify_port(const fake_dify *f) {
     return f->port;
 }
 
-void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b)
-{
+void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b) {
     beh_node *n = amp_xcalloc(1, sizeof(beh_node));
     beh_copy(&n->b, b);
     pthread_mutex_lock(&f->mu);
@@ -979,30 +961,26 @@ void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b)
     pthread_mutex_unlock(&f->mu);
 }
 
-void fake_dify_push_n(fake_dify *f, const fake_dify_behaviour *b, unsigned n)
-{
+void fake_dify_push_n(fake_dify *f, const fake_dify_behaviour *b, unsigned n) {
     for (unsigned i = 0; i < n; i++)
         fake_dify_push(f, b);
 }
 
-void fake_dify_push_status(fake_dify *f, int status)
-{
+void fake_dify_push_status(fake_dify *f, int status) {
     fake_dify_behaviour b;
     memset(&b, 0, sizeof(b));
     b.status = status;
     fake_dify_push(f, &b);
 }
 
-size_t fake_dify_pending(fake_dify *f)
-{
+size_t fake_dify_pending(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     size_t n = f->npending;
     pthread_mutex_unlock(&f->mu);
     return n;
 }
 
-void fake_dify_set_default(fake_dify *f, const fake_dify_behaviour *b)
-{
+void fake_dify_set_default(fake_dify *f, const fake_dify_behaviour *b) {
     fake_dify_behaviour copy;
     beh_copy(&copy, b);
     pthread_mutex_lock(&f->mu);
@@ -1012,23 +990,20 @@ void fake_dify_set_default(fake_dify *f, const fake_dify_behaviour *b)
     beh_free(&old);
 }
 
-void fake_dify_set_fail_rate(fake_dify *f, double rate, uint64_t seed)
-{
+void fake_dify_set_fail_rate(fake_dify *f, double rate, uint64_t seed) {
     pthread_mutex_lock(&f->mu);
     f->fail_rate = rate < 0 ? 0 : rate > 1 ? 1 : rate;
     f->fail_rng = seed;
     pthread_mutex_unlock(&f->mu);
 }
 
-void fake_dify_set_recording(fake_dify *f, bool on)
-{
+void fake_dify_set_recording(fake_dify *f, bool on) {
     pthread_mutex_lock(&f->mu);
     f->recording = on;
     pthread_mutex_unlock(&f->mu);
 }
 
-json_t *fake_dify_requests(fake_dify *f)
-{
+json_t *fake_dify_requests(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     json_t *copy = json_deep_copy(f->records);
     pthread_mutex_unlock(&f->mu);
@@ -1037,24 +1012,21 @@ json_t *fake_dify_requests(fake_dify *f)
     return copy;
 }
 
-size_t fake_dify_count(fake_dify *f)
-{
+size_t fake_dify_count(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     size_t n = f->count;
     pthread_mutex_unlock(&f->mu);
     return n;
 }
 
-size_t fake_dify_delivered(fake_dify *f)
-{
+size_t fake_dify_delivered(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     size_t n = f->delivered;
     pthread_mutex_unlock(&f->mu);
     return n;
 }
 
-static size_t wait_for(fake_dify *f, const size_t *counter, size_t n, unsigned timeout_ms)
-{
+static size_t wait_for(fake_dify *f, const size_t *counter, size_t n, unsigned timeout_ms) {
     struct timespec until = deadline_after(timeout_ms);
     pthread_mutex_lock(&f->mu);
     while (*counter < n && !f->stopping) {
@@ -1066,18 +1038,15 @@ static size_t wait_for(fake_dify *f, const size_t *counter, size_t n, unsigned t
     return got;
 }
 
-size_t fake_dify_wait_delivered(fake_dify *f, size_t n, unsigned timeout_ms)
-{
+size_t fake_dify_wait_delivered(fake_dify *f, size_t n, unsigned timeout_ms) {
     return wait_for(f, &f->delivered, n, timeout_ms);
 }
 
-size_t fake_dify_wait_count(fake_dify *f, size_t n, unsigned timeout_ms)
-{
+size_t fake_dify_wait_count(fake_dify *f, size_t n, unsigned timeout_ms) {
     return wait_for(f, &f->count, n, timeout_ms);
 }
 
-void fake_dify_reset(fake_dify *f)
-{
+void fake_dify_reset(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     /* Requests in flight hold their own reference to their record. */
     json_t *old = f->records;

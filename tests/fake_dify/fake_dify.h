@@ -44,8 +44,8 @@ typedef struct fake_dify_behaviour {
     /* Error statuses: send this text as text/html instead of the envelope,
      * as a proxy in front of Dify would (e.g. a 502 page). */
     const char *html_body;
-    unsigned delay_ms;       /* wait this long before answering */
-    bool drop;               /* close the connection without any answer */
+    unsigned delay_ms; /* wait this long before answering */
+    bool drop;         /* close the connection without any answer */
     /* Streaming answers (request "response_mode":"streaming"): bytes per
      * write; 0 means one write per SSE frame. */
     size_t stream_chunk;

@@ -17,15 +17,13 @@
 #include "../../server/util.h"
 #include "fake_dify.h"
 
-static int usage(void)
-{
+static int usage(void) {
     fprintf(stderr, "usage: fake-dify --port P --key K [--delay-ms D] [--fail-rate R] "
                     "[--seed S] [--stream-chunk N] [--record]\n");
     return 2;
 }
 
-static int parse_num(const char *name, const char *s, int64_t max, int64_t *out)
-{
+static int parse_num(const char *name, const char *s, int64_t max, int64_t *out) {
     if (!s || amp_parse_i64(s, strlen(s), 0, max, out) != 0) {
         fprintf(stderr, "fake-dify: %s expects an integer in [0, %lld]\n", name, (long long)max);
         return -1;
@@ -33,8 +31,7 @@ static int parse_num(const char *name, const char *s, int64_t max, int64_t *out)
     return 0;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     int64_t port = 0, delay = 0, chunk = 0, seed = 1;
     double fail_rate = 0;
     const char *key = NULL;

@@ -12,37 +12,32 @@
 
 static char dir[64];
 
-static const char minimal_apps_routes[] =
-    "\"apps\": {\"a\": {\"api_key_env\": \"TEST_APP_KEY\"}},"
-    "\"routes\": [{\"name\": \"r\", \"app\": \"a\"}]";
+static const char minimal_apps_routes[] = "\"apps\": {\"a\": {\"api_key_env\": \"TEST_APP_KEY\"}},"
+                                          "\"routes\": [{\"name\": \"r\", \"app\": \"a\"}]";
 
-static void clear_env(void)
-{
-    static const char *const vars[] = {"AMP2DIFY_LISTEN", "AMP2DIFY_SECRETS",
-                                       "AMP2DIFY_SECRETS_FILE", "AMP2DIFY_SPOOL",
-                                       "DIFY_BASE_URL", "AMP2DIFY_LOG_LEVEL", "TEST_APP_KEY",
-                                       "TEST_APP_KEY_FILE", NULL};
+static void clear_env(void) {
+    static const char *const vars[] = {
+        "AMP2DIFY_LISTEN", "AMP2DIFY_SECRETS",  "AMP2DIFY_SECRETS_FILE",
+        "AMP2DIFY_SPOOL",  "DIFY_BASE_URL",     "AMP2DIFY_LOG_LEVEL",
+        "TEST_APP_KEY",    "TEST_APP_KEY_FILE", NULL};
     for (const char *const *v = vars; *v; v++)
         unsetenv(*v);
 }
 
-static void setup(void)
-{
+static void setup(void) {
     clear_env();
     snprintf(dir, sizeof dir, "/tmp/amp2dify-config-XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(dir));
 }
 
-static void teardown(void)
-{
+static void teardown(void) {
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     ck_assert_int_eq(system(cmd), 0);
     clear_env();
 }
 
-static char *write_file(const char *name, const char *text)
-{
+static char *write_file(const char *name, const char *text) {
     char *p = amp_xasprintf("%s/%s", dir, name);
     FILE *f = fopen(p, "w");
     ck_assert_ptr_nonnull(f);
@@ -52,8 +47,7 @@ static char *write_file(const char *name, const char *text)
 }
 
 /* Load text as a config; returns the config or NULL, errors in *errs_out. */
-static amp_config *load(const char *text, unsigned flags, amp_errs **errs_out)
-{
+static amp_config *load(const char *text, unsigned flags, amp_errs **errs_out) {
     char *p = write_file("c.json", text);
     *errs_out = amp_errs_create();
     amp_config *c = amp_config_load(p, flags, *errs_out);
@@ -61,16 +55,14 @@ static amp_config *load(const char *text, unsigned flags, amp_errs **errs_out)
     return c;
 }
 
-static int has_error(const amp_errs *e, const char *needle)
-{
+static int has_error(const amp_errs *e, const char *needle) {
     for (size_t i = 0; i < amp_errs_count(e); i++)
         if (strstr(amp_errs_get(e, i), needle))
             return 1;
     return 0;
 }
 
-static char *all_errors(const amp_errs *e)
-{
+static char *all_errors(const amp_errs *e) {
     amp_buf b;
     amp_buf_init(&b, 1 << 20);
     for (size_t i = 0; i < amp_errs_count(e); i++) {
@@ -80,16 +72,15 @@ static char *all_errors(const amp_errs *e)
     return b.data ? b.data : amp_xstrdup("");
 }
 
-#define ASSERT_ERROR(errs, needle)                                                               \
-    do {                                                                                         \
-        char *all_ = all_errors(errs);                                                           \
-        ck_assert_msg(has_error(errs, needle), "expected an error containing '%s'; got:\n%s",     \
-                      needle, all_);                                                             \
-        free(all_);                                                                              \
+#define ASSERT_ERROR(errs, needle)                                                                 \
+    do {                                                                                           \
+        char *all_ = all_errors(errs);                                                             \
+        ck_assert_msg(has_error(errs, needle), "expected an error containing '%s'; got:\n%s",      \
+                      needle, all_);                                                               \
+        free(all_);                                                                                \
     } while (0)
 
-START_TEST(defaults_apply)
-{
+START_TEST(defaults_apply) {
     amp_errs *errs;
     char text[512];
     snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
@@ -115,8 +106,7 @@ START_TEST(defaults_apply)
 }
 END_TEST
 
-START_TEST(environment_overrides)
-{
+START_TEST(environment_overrides) {
     setenv("AMP2DIFY_LISTEN", "127.0.0.1:9090", 1);
     setenv("AMP2DIFY_SPOOL", "/var/lib/amp2dify/spool.db", 1);
     setenv("DIFY_BASE_URL", "http://127.0.0.1:5001/v1", 1);
@@ -141,8 +131,7 @@ START_TEST(environment_overrides)
 }
 END_TEST
 
-START_TEST(ipv6_listen_override)
-{
+START_TEST(ipv6_listen_override) {
     setenv("AMP2DIFY_LISTEN", "[::1]:8081", 1);
     amp_errs *errs;
     char text[512];
@@ -156,8 +145,7 @@ START_TEST(ipv6_listen_override)
 }
 END_TEST
 
-START_TEST(secrets_from_files)
-{
+START_TEST(secrets_from_files) {
     char *sf = write_file("secrets", "from-file-secret\n");
     char *kf = write_file("key", "app-from-file\n");
     setenv("AMP2DIFY_SECRETS_FILE", sf, 1);
@@ -176,8 +164,7 @@ START_TEST(secrets_from_files)
 }
 END_TEST
 
-START_TEST(missing_secrets_are_errors)
-{
+START_TEST(missing_secrets_are_errors) {
     amp_errs *errs;
     char text[512];
     snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
@@ -189,8 +176,7 @@ START_TEST(missing_secrets_are_errors)
 }
 END_TEST
 
-START_TEST(both_secret_sources_is_an_error)
-{
+START_TEST(both_secret_sources_is_an_error) {
     char *sf = write_file("secrets", "s2\n");
     setenv("AMP2DIFY_SECRETS", "s1", 1);
     setenv("AMP2DIFY_SECRETS_FILE", sf, 1);
@@ -205,8 +191,7 @@ START_TEST(both_secret_sources_is_an_error)
 }
 END_TEST
 
-START_TEST(every_error_reported_with_path)
-{
+START_TEST(every_error_reported_with_path) {
     amp_errs *errs;
     char text[1024];
     snprintf(text, sizeof text,
@@ -230,8 +215,7 @@ START_TEST(every_error_reported_with_path)
 }
 END_TEST
 
-START_TEST(syntax_error_has_line_and_column)
-{
+START_TEST(syntax_error_has_line_and_column) {
     amp_errs *errs;
     ck_assert_ptr_null(load("{\n  \"listen\": {,}\n}", 0, &errs));
     ASSERT_ERROR(errs, "line 2, column");
@@ -239,8 +223,7 @@ START_TEST(syntax_error_has_line_and_column)
 }
 END_TEST
 
-START_TEST(missing_file_and_sections)
-{
+START_TEST(missing_file_and_sections) {
     amp_errs *errs = amp_errs_create();
     ck_assert_ptr_null(amp_config_load("/nonexistent/amp2dify.json", 0, errs));
     ck_assert_uint_eq(amp_errs_count(errs), 1);
@@ -257,8 +240,7 @@ START_TEST(missing_file_and_sections)
 }
 END_TEST
 
-START_TEST(none_scheme_needs_explicit_opt_in)
-{
+START_TEST(none_scheme_needs_explicit_opt_in) {
     amp_errs *errs;
     char text[512];
     snprintf(text, sizeof text, "{\"auth\": {\"scheme\": \"none\"}, %s}", minimal_apps_routes);
@@ -278,8 +260,7 @@ START_TEST(none_scheme_needs_explicit_opt_in)
 }
 END_TEST
 
-START_TEST(bad_env_values)
-{
+START_TEST(bad_env_values) {
     setenv("AMP2DIFY_LISTEN", "nonsense", 1);
     setenv("DIFY_BASE_URL", "api.dify.ai", 1);
     setenv("AMP2DIFY_LOG_LEVEL", "loud", 1);
@@ -294,8 +275,7 @@ START_TEST(bad_env_values)
 }
 END_TEST
 
-START_TEST(secrets_never_in_errors)
-{
+START_TEST(secrets_never_in_errors) {
     /* A standard-webhooks secret that is not base64: the error must not
      * repeat it. */
     setenv("AMP2DIFY_SECRETS", "whsec_%%%not-base64-SECRETVALUE%%%", 1);
@@ -313,8 +293,7 @@ START_TEST(secrets_never_in_errors)
 }
 END_TEST
 
-START_TEST(example_config_loads)
-{
+START_TEST(example_config_loads) {
     setenv("AMP2DIFY_SECRETS", "s", 1);
     setenv("DIFY_API_KEY", "app-x", 1);
     amp_errs *errs = amp_errs_create();
@@ -327,8 +306,7 @@ START_TEST(example_config_loads)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *su = suite_create("config");
     TCase *tc = tcase_create("config");
     tcase_add_checked_fixture(tc, setup, teardown);

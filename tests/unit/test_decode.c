@@ -8,14 +8,12 @@
 
 static char detail[512];
 
-static amp_decode_result dec(const char *body, json_t **events)
-{
+static amp_decode_result dec(const char *body, json_t **events) {
     return amp_decode_body(body, strlen(body), events, detail, sizeof(detail));
 }
 
 /* Decode expecting failure; returns the result and leaves detail set. */
-static amp_decode_result dec_fail(const char *body)
-{
+static amp_decode_result dec_fail(const char *body) {
     json_t *ev = (json_t *)1;
     amp_decode_result r = dec(body, &ev);
     ck_assert_ptr_null(ev);
@@ -24,8 +22,7 @@ static amp_decode_result dec_fail(const char *body)
 
 #define EV "{\"event_type\":\"e\",\"user_id\":\"u\"}"
 
-START_TEST(single_object)
-{
+START_TEST(single_object) {
     json_t *ev = NULL;
     ck_assert_int_eq(dec(EV, &ev), AMP_DECODE_OK);
     ck_assert(json_is_array(ev));
@@ -35,8 +32,7 @@ START_TEST(single_object)
 }
 END_TEST
 
-START_TEST(array_and_envelopes)
-{
+START_TEST(array_and_envelopes) {
     json_t *ev = NULL;
     ck_assert_int_eq(dec("[" EV "," EV "]", &ev), AMP_DECODE_OK);
     ck_assert_uint_eq(json_array_size(ev), 2);
@@ -47,9 +43,9 @@ START_TEST(array_and_envelopes)
     json_decref(ev);
 
     /* Amplitude HTTP V2 body: extra keys next to events are ignored. */
-    ck_assert_int_eq(dec("{\"api_key\":\"k\",\"events\":[" EV "],\"options\":{\"min_id_length\":5}}",
-                         &ev),
-                     AMP_DECODE_OK);
+    ck_assert_int_eq(
+        dec("{\"api_key\":\"k\",\"events\":[" EV "],\"options\":{\"min_id_length\":5}}", &ev),
+        AMP_DECODE_OK);
     ck_assert_uint_eq(json_array_size(ev), 1);
     ck_assert_ptr_null(json_object_get(json_array_get(ev, 0), "api_key"));
     json_decref(ev);
@@ -61,8 +57,7 @@ START_TEST(array_and_envelopes)
 }
 END_TEST
 
-START_TEST(no_events)
-{
+START_TEST(no_events) {
     ck_assert_int_eq(dec_fail("[]"), AMP_DECODE_INVALID_EVENT);
     ck_assert_str_eq(detail, "no events");
     ck_assert_int_eq(dec_fail("{\"events\":[]}"), AMP_DECODE_INVALID_EVENT);
@@ -70,8 +65,7 @@ START_TEST(no_events)
 }
 END_TEST
 
-START_TEST(invalid_json)
-{
+START_TEST(invalid_json) {
     ck_assert_int_eq(dec_fail("{\"event_type\": }"), AMP_DECODE_INVALID_JSON);
     ck_assert_str_eq(detail, "line 1, column 16: unexpected token near '}'");
     ck_assert_int_eq(dec_fail(""), AMP_DECODE_INVALID_JSON);
@@ -81,8 +75,9 @@ START_TEST(invalid_json)
     ck_assert_ptr_nonnull(strstr(detail, "duplicate object key"));
     ck_assert_int_eq(dec_fail(EV " " EV), AMP_DECODE_INVALID_JSON);
     /* Integers beyond 64 bits are not silently rounded. */
-    ck_assert_int_eq(dec_fail("{\"event_type\":\"e\",\"user_id\":\"u\",\"n\":99999999999999999999}"),
-                     AMP_DECODE_INVALID_JSON);
+    ck_assert_int_eq(
+        dec_fail("{\"event_type\":\"e\",\"user_id\":\"u\",\"n\":99999999999999999999}"),
+        AMP_DECODE_INVALID_JSON);
     ck_assert_ptr_nonnull(strstr(detail, "too big integer"));
     /* Embedded NUL in a string is refused. */
     ck_assert_int_eq(dec_fail("{\"event_type\":\"a\\u0000b\",\"user_id\":\"u\"}"),
@@ -90,8 +85,7 @@ START_TEST(invalid_json)
 }
 END_TEST
 
-START_TEST(not_events)
-{
+START_TEST(not_events) {
     ck_assert_int_eq(dec_fail("42"), AMP_DECODE_INVALID_EVENT);
     ck_assert_str_eq(detail, "body: expected an event object, an array of events or "
                              "{\"events\":[...]}, found number");
@@ -100,8 +94,7 @@ START_TEST(not_events)
 }
 END_TEST
 
-START_TEST(event_type_rules)
-{
+START_TEST(event_type_rules) {
     ck_assert_int_eq(dec_fail("{\"user_id\":\"u\"}"), AMP_DECODE_INVALID_EVENT);
     ck_assert_str_eq(detail, "events[0]: needs event_type");
     ck_assert_int_eq(dec_fail("[" EV ",{\"event_type\":\"\",\"user_id\":\"u\"}]"),
@@ -113,8 +106,7 @@ START_TEST(event_type_rules)
 }
 END_TEST
 
-START_TEST(identity_rules)
-{
+START_TEST(identity_rules) {
     json_t *ev = NULL;
     ck_assert_int_eq(dec_fail("[" EV "," EV ",{\"event_type\":\"e\"}]"), AMP_DECODE_INVALID_EVENT);
     ck_assert_str_eq(detail, "events[2]: needs user_id or device_id");
@@ -136,8 +128,7 @@ START_TEST(identity_rules)
 }
 END_TEST
 
-static amp_decode_result with_field(const char *field_json)
-{
+static amp_decode_result with_field(const char *field_json) {
     char body[256];
     snprintf(body, sizeof(body), "{\"event_type\":\"e\",\"user_id\":\"u\",%s}", field_json);
     json_t *ev = NULL;
@@ -146,8 +137,7 @@ static amp_decode_result with_field(const char *field_json)
     return r;
 }
 
-START_TEST(event_time_rules)
-{
+START_TEST(event_time_rules) {
     ck_assert_int_eq(with_field("\"event_time\":\"2026-11-21 10:15:42\""), AMP_DECODE_OK);
     ck_assert_int_eq(with_field("\"event_time\":\"2026-11-21 10:15:42.123\""), AMP_DECODE_OK);
     ck_assert_int_eq(with_field("\"event_time\":\"2026-11-21 10:15:42.123000\""), AMP_DECODE_OK);
@@ -171,8 +161,7 @@ START_TEST(event_time_rules)
 }
 END_TEST
 
-START_TEST(time_rules)
-{
+START_TEST(time_rules) {
     ck_assert_int_eq(with_field("\"time\":1795256142123"), AMP_DECODE_OK);
     ck_assert_int_eq(with_field("\"time\":0"), AMP_DECODE_OK);
     ck_assert_int_eq(with_field("\"time\":\"1795256142123\""), AMP_DECODE_INVALID_EVENT);
@@ -185,8 +174,7 @@ START_TEST(time_rules)
 END_TEST
 
 /* {"event_type":"e","user_id":"u","x":[[[...]]]} with the event at level 1. */
-static char *nested(int levels)
-{
+static char *nested(int levels) {
     size_t cap = (size_t)levels * 2 + 64;
     char *s = malloc(cap);
     ck_assert_ptr_nonnull(s);
@@ -200,8 +188,7 @@ static char *nested(int levels)
     return s;
 }
 
-START_TEST(depth_limit)
-{
+START_TEST(depth_limit) {
     json_t *ev = NULL;
     char *ok = nested(AMP_EVENT_MAX_DEPTH);
     ck_assert_int_eq(dec(ok, &ev), AMP_DECODE_OK);
@@ -214,8 +201,7 @@ START_TEST(depth_limit)
 }
 END_TEST
 
-START_TEST(dedupe_key)
-{
+START_TEST(dedupe_key) {
     json_t *e = json_loads("{\"uuid\":\"c\",\"$insert_id\":\"b\",\"insert_id\":\"a\"}", 0, NULL);
     ck_assert_str_eq(amp_event_dedupe_key(e), "a");
     json_object_set_new(e, "insert_id", json_string(""));
@@ -228,8 +214,7 @@ START_TEST(dedupe_key)
 }
 END_TEST
 
-START_TEST(time_parse_and_format)
-{
+START_TEST(time_parse_and_format) {
     int64_t ms;
     char buf[32];
     const char *s = "2026-11-21 10:15:42.123000";
@@ -262,8 +247,7 @@ START_TEST(time_parse_and_format)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("decode");
     tcase_add_test(tc, single_object);

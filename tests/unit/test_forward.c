@@ -8,6 +8,7 @@
 #include "../../forward/forward.h"
 #include "../../forward/forward_int.h"
 #include "../../server/log.h"
+#include "../../server/metrics.h"
 #include "../../server/util.h"
 #include "../../spool/spool.h"
 
@@ -81,7 +82,8 @@ static const classify_case classify_cases[] = {
      "current maximum concurrent requests allowed for app is 10.\"}",
      AMP_OUTCOME_RETRY, "invalid_param",
      "Too many requests. The current maximum concurrent requests allowed for app is 10."},
-    {0, 400, "{\"status\":400,\"code\":\"invalid_param\",\"message\":\"Arg user must be provided.\"}",
+    {0, 400,
+     "{\"status\":400,\"code\":\"invalid_param\",\"message\":\"Arg user must be provided.\"}",
      AMP_OUTCOME_PERMANENT, "invalid_param", "Arg user must be provided."},
     {0, 400, "{\"status\":400,\"code\":\"invalid_param\"}", AMP_OUTCOME_PERMANENT, "invalid_param",
      NULL},
@@ -120,13 +122,11 @@ static const classify_case classify_cases[] = {
 
 #define NCLASSIFY (sizeof classify_cases / sizeof classify_cases[0])
 
-static int str_eq_null(const char *a, const char *b)
-{
+static int str_eq_null(const char *a, const char *b) {
     return (!a && !b) || (a && b && strcmp(a, b) == 0);
 }
 
-START_TEST(test_classify_table)
-{
+START_TEST(test_classify_table) {
     const classify_case *c = &classify_cases[_i];
     json_t *body = NULL;
     if (c->body) {
@@ -153,21 +153,24 @@ END_TEST
  * ====================================================================== */
 
 /* Reference cap computed in long double: min(max, initial * 2^attempt). */
-static int64_t ref_cap(int64_t initial, int64_t max, int attempt)
-{
+static int64_t ref_cap(int64_t initial, int64_t max, int attempt) {
     long double v = (long double)initial * powl(2.0L, attempt < 0 ? 0 : attempt);
     if (v >= (long double)max)
         return max;
     return (int64_t)v;
 }
 
-START_TEST(test_backoff_bounds)
-{
+START_TEST(test_backoff_bounds) {
     const double rnds[] = {0.0, 1e-12, 0.25, 0.5, 0.75, 0.999, nextafter(1.0, 0.0)};
     const struct {
         int64_t initial, max;
-    } cfgs[] = {{1000, 300000}, {1, 1}, {7, 1000003}, {1000, INT64_MAX},
-                {INT64_MAX / 2, INT64_MAX}, {INT64_MAX, INT64_MAX}, {5000, 100}};
+    } cfgs[] = {{1000, 300000},
+                {1, 1},
+                {7, 1000003},
+                {1000, INT64_MAX},
+                {INT64_MAX / 2, INT64_MAX},
+                {INT64_MAX, INT64_MAX},
+                {5000, 100}};
     for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
         int64_t prev_top = 0;
         for (int attempt = 0; attempt <= 100; attempt++) {
@@ -176,8 +179,8 @@ START_TEST(test_backoff_bounds)
                 int64_t v = amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, rnds[r]);
                 ck_assert_msg(v >= 0 && v <= cap,
                               "initial %lld max %lld attempt %d rnd %g: %lld outside [0, %lld]",
-                              (long long)cfgs[c].initial, (long long)cfgs[c].max, attempt,
-                              rnds[r], (long long)v, (long long)cap);
+                              (long long)cfgs[c].initial, (long long)cfgs[c].max, attempt, rnds[r],
+                              (long long)v, (long long)cap);
             }
             /* rnd just below 1 reaches the cap (within double precision). */
             int64_t top =
@@ -187,8 +190,7 @@ START_TEST(test_backoff_bounds)
                           (long long)cap);
             ck_assert_int_ge(top, prev_top); /* the cap never shrinks */
             prev_top = top;
-            ck_assert_int_eq(amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, 0.0),
-                             0);
+            ck_assert_int_eq(amp_forward_backoff_ms(cfgs[c].initial, cfgs[c].max, attempt, 0.0), 0);
         }
     }
     /* The classic numbers: 1 s doubling, capped at 300 s. */
@@ -208,8 +210,7 @@ START_TEST(test_backoff_bounds)
 }
 END_TEST
 
-START_TEST(test_backoff_jitter_spreads)
-{
+START_TEST(test_backoff_jitter_spreads) {
     /* Full jitter: over a fine grid of rnd the values cover the range, not
      * a few points near the cap. */
     int low = 0, high = 0;
@@ -232,8 +233,7 @@ END_TEST
 /* Sun, 06 Nov 1994 08:49:37 GMT */
 #define T1994 ((int64_t)784111777)
 
-START_TEST(test_retry_after)
-{
+START_TEST(test_retry_after) {
     int64_t now = T1994 * 1000 - 30000; /* 30 s before that date */
     ck_assert_int_eq(amp_forward_retry_after_ms("120", now), 120000);
     ck_assert_int_eq(amp_forward_retry_after_ms("0", now), 0);
@@ -246,8 +246,7 @@ START_TEST(test_retry_after)
     ck_assert_int_eq(amp_forward_retry_after_ms("99999999999999999999999999999999", now), DAY_MS);
     /* Dates. */
     ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now), 30000);
-    ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now + 29500),
-                     500);
+    ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now + 29500), 500);
     ck_assert_int_eq(amp_forward_retry_after_ms(" Sun, 06 Nov 1994 08:49:37 GMT ", now), 30000);
     ck_assert_int_eq(amp_forward_retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", now + 60000),
                      0); /* in the past: no extra wait */
@@ -289,8 +288,7 @@ END_TEST
  * URL, body, result
  * ====================================================================== */
 
-START_TEST(test_join_url)
-{
+START_TEST(test_join_url) {
     const char *cases[][3] = {
         {"http://h/v1", "chat-messages", "http://h/v1/chat-messages"},
         {"http://h/v1/", "chat-messages", "http://h/v1/chat-messages"},
@@ -306,8 +304,7 @@ START_TEST(test_join_url)
 }
 END_TEST
 
-START_TEST(test_request_body)
-{
+START_TEST(test_request_body) {
     const char *body = "{\"inputs\":{\"a\":1},\"query\":\"q\",\"user\":\"u1\"}";
     char *out = amp_forward_request_body(body, NULL);
     ck_assert_str_eq(out, body); /* untouched bytes */
@@ -339,8 +336,7 @@ START_TEST(test_request_body)
 }
 END_TEST
 
-START_TEST(test_utf8_cut)
-{
+START_TEST(test_utf8_cut) {
     const char *s = "a\xc3\xa9"
                     "b\xf0\x9f\x98\x80"
                     "c"; /* a é b 😀 c : 1+2+1+4+1 = 9 bytes */
@@ -372,16 +368,14 @@ START_TEST(test_utf8_cut)
 }
 END_TEST
 
-static json_t *parse(const char *text)
-{
+static json_t *parse(const char *text) {
     json_error_t e;
     json_t *j = json_loads(text, 0, &e);
     ck_assert_msg(j != NULL, "bad test JSON: %s", e.text);
     return j;
 }
 
-START_TEST(test_result_chat)
-{
+START_TEST(test_result_chat) {
     json_t *body = parse("{\"event\":\"message\",\"task_id\":\"t\",\"id\":\"i\","
                          "\"message_id\":\"m-1\",\"conversation_id\":\"c-1\",\"mode\":\"chat\","
                          "\"answer\":\"Hello\",\"metadata\":{\"usage\":{\"prompt_tokens\":10,"
@@ -412,8 +406,7 @@ START_TEST(test_result_chat)
 }
 END_TEST
 
-START_TEST(test_result_answer_cap)
-{
+START_TEST(test_result_answer_cap) {
     /* 3000 two-byte characters = 6000 bytes, cut to <= 4096 on a boundary. */
     amp_buf b;
     amp_buf_init(&b, 1 << 16);
@@ -435,18 +428,18 @@ START_TEST(test_result_answer_cap)
 }
 END_TEST
 
-START_TEST(test_result_workflow)
-{
-    json_t *body = parse("{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":{\"id\":\"wr-1\","
-                         "\"status\":\"succeeded\",\"outputs\":{\"result\":\"Bonjour\"},"
-                         "\"error\":null,\"total_tokens\":150}}");
+START_TEST(test_result_workflow) {
+    json_t *body =
+        parse("{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":{\"id\":\"wr-1\","
+              "\"status\":\"succeeded\",\"outputs\":{\"result\":\"Bonjour\"},"
+              "\"error\":null,\"total_tokens\":150}}");
     json_t *r = amp_forward_result(AMP_ENDPOINT_WORKFLOW, 200, body, 7);
     ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_run_id")), "wr-1");
     ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_status")), "succeeded");
     ck_assert_int_eq(
         json_integer_value(json_object_get(json_object_get(r, "usage"), "total_tokens")), 150);
-    ck_assert_str_eq(
-        json_string_value(json_object_get(json_object_get(r, "outputs"), "result")), "Bonjour");
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(r, "outputs"), "result")),
+                     "Bonjour");
     ck_assert_ptr_null(json_object_get(r, "message_id"));
     json_decref(r);
     json_decref(body);
@@ -481,8 +474,7 @@ static const char chat_stream[] =
     "\"m1\", \"conversation_id\": \"c1\", \"metadata\": {\"usage\": {\"prompt_tokens\": 3, "
     "\"completion_tokens\": 4, \"total_tokens\": 7}}}\n\n";
 
-static void check_chat_fold(json_t *r, bool complete)
-{
+static void check_chat_fold(json_t *r, bool complete) {
     ck_assert(complete);
     ck_assert_ptr_nonnull(r);
     ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), " I'm \xc3\xa9");
@@ -494,8 +486,7 @@ static void check_chat_fold(json_t *r, bool complete)
 }
 
 /* Replace every "\n" of src by the line break br. */
-static char *with_breaks(const char *src, const char *br)
-{
+static char *with_breaks(const char *src, const char *br) {
     amp_buf b;
     amp_buf_init(&b, 1 << 20);
     for (const char *p = src; *p; p++) {
@@ -507,8 +498,7 @@ static char *with_breaks(const char *src, const char *br)
     return b.data;
 }
 
-START_TEST(test_sse_every_split)
-{
+START_TEST(test_sse_every_split) {
     const char *breaks[] = {"\n", "\r\n", "\r"};
     amp_forward_sse *p = amp_forward_sse_create();
     for (size_t k = 0; k < 3; k++) {
@@ -538,8 +528,7 @@ START_TEST(test_sse_every_split)
 }
 END_TEST
 
-static json_t *fold(const char *text, bool *complete)
-{
+static json_t *fold(const char *text, bool *complete) {
     amp_forward_sse *p = amp_forward_sse_create();
     ck_assert_int_eq(amp_forward_sse_feed(p, text, strlen(text)), 0);
     json_t *r = amp_forward_sse_finish(p, complete);
@@ -547,8 +536,7 @@ static json_t *fold(const char *text, bool *complete)
     return r;
 }
 
-START_TEST(test_sse_events)
-{
+START_TEST(test_sse_events) {
     bool complete;
     /* An error event inside a 200 stream. */
     json_t *r = fold("data: {\"event\":\"message\",\"answer\":\"par\",\"message_id\":\"m\"}\n\n"
@@ -565,11 +553,12 @@ START_TEST(test_sse_events)
     json_decref(r);
 
     /* Workflow: text chunks ignored, workflow_finished carries the result. */
-    r = fold("data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"wr\",\"data\":{}}\n\n"
-             "data: {\"event\":\"text_chunk\",\"workflow_run_id\":\"wr\",\"data\":{\"text\":\"B\"}}\n\n"
-             "data: {\"event\":\"workflow_finished\",\"workflow_run_id\":\"wr\",\"data\":"
-             "{\"status\":\"failed\",\"error\":\"node broke\",\"total_tokens\":9}}\n\n",
-             &complete);
+    r = fold(
+        "data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"wr\",\"data\":{}}\n\n"
+        "data: {\"event\":\"text_chunk\",\"workflow_run_id\":\"wr\",\"data\":{\"text\":\"B\"}}\n\n"
+        "data: {\"event\":\"workflow_finished\",\"workflow_run_id\":\"wr\",\"data\":"
+        "{\"status\":\"failed\",\"error\":\"node broke\",\"total_tokens\":9}}\n\n",
+        &complete);
     ck_assert(complete);
     ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_run_id")), "wr");
     ck_assert_int_eq(amp_forward_classify(0, 200, r, &code, &msg), AMP_OUTCOME_PERMANENT);
@@ -614,8 +603,7 @@ START_TEST(test_sse_events)
 }
 END_TEST
 
-START_TEST(test_sse_limits)
-{
+START_TEST(test_sse_limits) {
     /* The answer is capped whatever the stream's length. */
     amp_forward_sse *p = amp_forward_sse_create();
     const char *chunk = "data: {\"event\":\"message\",\"answer\":\"\\u00e9\\u00e9\\u00e9\"}\n\n";
@@ -658,9 +646,9 @@ typedef struct {
     const char *headers; /* extra "Name: value\r\n" lines, or NULL */
     const char *body;    /* NULL: the default chat answer */
     unsigned delay_ms;
-    bool drop;      /* close without answering */
-    size_t chunk;   /* write the body in pieces of this size (0: at once) */
-    size_t big;     /* send this many bytes of filler as body instead */
+    bool drop;    /* close without answering */
+    size_t chunk; /* write the body in pieces of this size (0: at once) */
+    size_t big;   /* send this many bytes of filler as body instead */
 } reply_t;
 
 typedef struct {
@@ -694,20 +682,17 @@ typedef struct {
     int idx;
 } conn_arg;
 
-static int64_t mono_ms(void)
-{
+static int64_t mono_ms(void) {
     return amp_mono_ms();
 }
 
-static void sleep_ms(unsigned ms)
-{
+static void sleep_ms(unsigned ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
 /* Read until "\r\n\r\n" plus Content-Length body; 0 ok, -1 closed/stop. */
-static int read_request(fake_t *f, int fd, amp_buf *in, size_t *hdr_len, size_t *body_len)
-{
+static int read_request(fake_t *f, int fd, amp_buf *in, size_t *hdr_len, size_t *body_len) {
     for (int spins = 0; spins < 3000; spins++) { /* <= 300 s */
         char *end = in->data ? strstr(in->data, "\r\n\r\n") : NULL;
         if (end) {
@@ -737,8 +722,7 @@ static int read_request(fake_t *f, int fd, amp_buf *in, size_t *hdr_len, size_t 
 }
 
 static void header_value(const char *req, size_t hdr_len, const char *name, char *out,
-                         size_t outlen)
-{
+                         size_t outlen) {
     out[0] = '\0';
     size_t nl = strlen(name);
     for (const char *p = strstr(req, "\r\n"); p && (size_t)(p - req) < hdr_len;
@@ -759,8 +743,7 @@ static void header_value(const char *req, size_t hdr_len, const char *name, char
     }
 }
 
-static int write_all(int fd, const char *p, size_t n)
-{
+static int write_all(int fd, const char *p, size_t n) {
     while (n) {
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w <= 0)
@@ -771,13 +754,11 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
-static const char *reason(int status)
-{
+static const char *reason(int status) {
     return status == 200 ? "OK" : "Status";
 }
 
-static void *conn_main(void *arg)
-{
+static void *conn_main(void *arg) {
     conn_arg *ca = arg;
     fake_t *f = ca->f;
     int fd = f->conn_fd[ca->idx];
@@ -846,8 +827,8 @@ static void *conn_main(void *arg)
         char head[512];
         int hn = snprintf(head, sizeof head,
                           "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s\r\n",
-                          r.status, reason(r.status), r.ctype ? r.ctype : "application/json",
-                          blen, r.headers ? r.headers : "");
+                          r.status, reason(r.status), r.ctype ? r.ctype : "application/json", blen,
+                          r.headers ? r.headers : "");
         int bad = write_all(fd, head, (size_t)hn);
         for (size_t off = 0; !bad && off < blen;) {
             size_t n = r.chunk ? r.chunk : blen;
@@ -867,8 +848,7 @@ static void *conn_main(void *arg)
     return NULL;
 }
 
-static void *accept_main(void *arg)
-{
+static void *accept_main(void *arg) {
     fake_t *f = arg;
     while (!atomic_load(&f->stop)) {
         struct pollfd p = {.fd = f->lfd, .events = POLLIN};
@@ -896,8 +876,7 @@ static void *accept_main(void *arg)
     return NULL;
 }
 
-static fake_t *fake_start(void)
-{
+static fake_t *fake_start(void) {
     fake_t *f = amp_xcalloc(1, sizeof *f);
     pthread_mutex_init(&f->mu, NULL);
     f->lfd = socket(AF_INET, SOCK_STREAM, 0);
@@ -915,24 +894,21 @@ static fake_t *fake_start(void)
     return f;
 }
 
-static void fake_push(fake_t *f, reply_t r)
-{
+static void fake_push(fake_t *f, reply_t r) {
     pthread_mutex_lock(&f->mu);
     ck_assert_uint_lt(f->nscript, MAX_SCRIPT);
     f->script[f->nscript++] = r;
     pthread_mutex_unlock(&f->mu);
 }
 
-static size_t fake_count(fake_t *f)
-{
+static size_t fake_count(fake_t *f) {
     pthread_mutex_lock(&f->mu);
     size_t n = f->nseen;
     pthread_mutex_unlock(&f->mu);
     return n;
 }
 
-static void fake_stop(fake_t *f)
-{
+static void fake_stop(fake_t *f) {
     atomic_store(&f->stop, true);
     pthread_join(f->accept_th, NULL);
     for (int i = 0; i < f->nconns; i++)
@@ -960,8 +936,7 @@ typedef struct {
     amp_forward_opts opts;
 } harness;
 
-static void harness_init(harness *h, unsigned workers)
-{
+static void harness_init(harness *h, unsigned workers) {
     memset(h, 0, sizeof *h);
     static int seq;
     snprintf(h->path, sizeof h->path, "/tmp/amp-test-forward-%d-%d.db", (int)getpid(), seq++);
@@ -993,15 +968,13 @@ static void harness_init(harness *h, unsigned workers)
                                  .api_keys = h->keys};
 }
 
-static void harness_start(harness *h)
-{
+static void harness_start(harness *h) {
     char err[256];
     h->fwd = amp_forward_start(&h->opts, h->spool, err, sizeof err);
     ck_assert_msg(h->fwd != NULL, "start: %s", err);
 }
 
-static void harness_done(harness *h)
-{
+static void harness_done(harness *h) {
     amp_forward_stop(h->fwd);
     h->fwd = NULL;
     fake_stop(h->fake);
@@ -1014,15 +987,13 @@ static void harness_done(harness *h)
     unlink(p);
 }
 
-static void on_done(void *ctx, const amp_spool_result *res)
-{
+static void on_done(void *ctx, const amp_spool_result *res) {
     atomic_int *st = ctx;
     atomic_store(st, res->status == 0 ? 1 : -1);
 }
 
-static void submit(harness *h, const char *dedupe, const char *app, const char *user,
-                   bool per_user, const char *body)
-{
+static void submit(harness *h, const char *dedupe, const char *app, const char *user, bool per_user,
+                   const char *body) {
     static atomic_int st;
     atomic_store(&st, 0);
     amp_spool_batch *b = amp_spool_batch_create();
@@ -1034,8 +1005,7 @@ static void submit(harness *h, const char *dedupe, const char *app, const char *
 }
 
 /* Wait (bounded) until delivered + dead reaches n. */
-static void wait_finished(harness *h, int64_t n, int timeout_ms)
-{
+static void wait_finished(harness *h, int64_t n, int timeout_ms) {
     amp_spool_stats s = {0};
     int64_t end = mono_ms() + timeout_ms;
     while (mono_ms() < end) {
@@ -1048,8 +1018,7 @@ static void wait_finished(harness *h, int64_t n, int timeout_ms)
                  (long long)s.delivered, (long long)s.dead, (long long)s.pending, (long long)n);
 }
 
-static void wait_requests(harness *h, size_t n, int timeout_ms)
-{
+static void wait_requests(harness *h, size_t n, int timeout_ms) {
     int64_t end = mono_ms() + timeout_ms;
     while (mono_ms() < end && fake_count(h->fake) < n)
         sleep_ms(5);
@@ -1063,8 +1032,7 @@ typedef struct {
     int64_t due_ms;
 } row_t;
 
-static row_t get_row(harness *h, int64_t id)
-{
+static row_t get_row(harness *h, int64_t id) {
     row_t r;
     memset(&r, 0, sizeof r);
     sqlite3 *db;
@@ -1094,8 +1062,7 @@ static row_t get_row(harness *h, int64_t id)
     return r;
 }
 
-static json_t *seen_body(harness *h, size_t i)
-{
+static json_t *seen_body(harness *h, size_t i) {
     pthread_mutex_lock(&h->fake->mu);
     ck_assert_uint_lt(i, h->fake->nseen);
     json_error_t e;
@@ -1105,14 +1072,14 @@ static json_t *seen_body(harness *h, size_t i)
     return j;
 }
 
-#define CHAT_BODY "{\"inputs\":{},\"query\":\"hello\",\"user\":\"u1\",\"response_mode\":\"blocking\"}"
+#define CHAT_BODY                                                                                  \
+    "{\"inputs\":{},\"query\":\"hello\",\"user\":\"u1\",\"response_mode\":\"blocking\"}"
 
 /* ======================================================================
  * engine tests
  * ====================================================================== */
 
-START_TEST(test_deliver_chat_per_user)
-{
+START_TEST(test_deliver_chat_per_user) {
     harness h;
     harness_init(&h, 1);
     harness_start(&h);
@@ -1151,16 +1118,14 @@ START_TEST(test_deliver_chat_per_user)
     ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c-1");
     ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), "ok 1");
     ck_assert_int_eq(
-        json_integer_value(json_object_get(json_object_get(r.result, "usage"), "total_tokens")),
-        3);
+        json_integer_value(json_object_get(json_object_get(r.result, "usage"), "total_tokens")), 3);
     ck_assert(json_is_integer(json_object_get(r.result, "latency_ms")));
     json_decref(r.result);
     harness_done(&h);
 }
 END_TEST
 
-START_TEST(test_not_per_user_sends_no_conversation)
-{
+START_TEST(test_not_per_user_sends_no_conversation) {
     harness h;
     harness_init(&h, 2);
     harness_start(&h);
@@ -1176,8 +1141,7 @@ START_TEST(test_not_per_user_sends_no_conversation)
 }
 END_TEST
 
-START_TEST(test_retry_statuses_then_deliver)
-{
+START_TEST(test_retry_statuses_then_deliver) {
     harness h;
     harness_init(&h, 1);
     /* The drop comes first, on a fresh connection: on a reused one curl
@@ -1204,8 +1168,7 @@ START_TEST(test_retry_statuses_then_deliver)
 }
 END_TEST
 
-START_TEST(test_retry_records_last_error)
-{
+START_TEST(test_retry_records_last_error) {
     harness h;
     harness_init(&h, 1);
     h.opts.retry_initial_ms = 60000; /* the retry lands far in the future */
@@ -1233,8 +1196,7 @@ START_TEST(test_retry_records_last_error)
 }
 END_TEST
 
-START_TEST(test_retry_after_honoured)
-{
+START_TEST(test_retry_after_honoured) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.status = 429, .headers = "Retry-After: 1\r\n", .body = "{}"});
@@ -1248,8 +1210,7 @@ START_TEST(test_retry_after_honoured)
 }
 END_TEST
 
-START_TEST(test_permanent_dead_letter)
-{
+START_TEST(test_permanent_dead_letter) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.status = 400,
@@ -1271,8 +1232,7 @@ START_TEST(test_permanent_dead_letter)
 }
 END_TEST
 
-START_TEST(test_workflow_failed_and_ok)
-{
+START_TEST(test_workflow_failed_and_ok) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.body = "{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":"
@@ -1300,15 +1260,13 @@ START_TEST(test_workflow_failed_and_ok)
     ck_assert_int_eq(r.state, 1);
     ck_assert_str_eq(json_string_value(json_object_get(r.result, "workflow_run_id")), "wr-2");
     ck_assert_str_eq(
-        json_string_value(json_object_get(json_object_get(r.result, "outputs"), "result")),
-        "fine");
+        json_string_value(json_object_get(json_object_get(r.result, "outputs"), "result")), "fine");
     json_decref(r.result);
     harness_done(&h);
 }
 END_TEST
 
-START_TEST(test_reset_conversation)
-{
+START_TEST(test_reset_conversation) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.body = "{\"message_id\":\"m1\",\"conversation_id\":\"c-old\","
@@ -1352,8 +1310,7 @@ START_TEST(test_reset_conversation)
 }
 END_TEST
 
-START_TEST(test_pause_on_rejected_key)
-{
+START_TEST(test_pause_on_rejected_key) {
     harness h;
     harness_init(&h, 2);
     h.opts.retry_initial_ms = 100; /* pause = max(1 s, ...) */
@@ -1387,8 +1344,7 @@ START_TEST(test_pause_on_rejected_key)
 }
 END_TEST
 
-START_TEST(test_expired)
-{
+START_TEST(test_expired) {
     harness h;
     harness_init(&h, 1);
     h.opts.retry_max_age_s = 1;
@@ -1413,8 +1369,7 @@ START_TEST(test_expired)
 }
 END_TEST
 
-START_TEST(test_unknown_app_and_bad_body)
-{
+START_TEST(test_unknown_app_and_bad_body) {
     harness h;
     harness_init(&h, 1);
     harness_start(&h);
@@ -1434,8 +1389,7 @@ START_TEST(test_unknown_app_and_bad_body)
 }
 END_TEST
 
-START_TEST(test_connect_refused_is_retried)
-{
+START_TEST(test_connect_refused_is_retried) {
     harness h;
     harness_init(&h, 1);
     /* A port nobody listens on: take one and close it. */
@@ -1467,8 +1421,7 @@ START_TEST(test_connect_refused_is_retried)
 }
 END_TEST
 
-START_TEST(test_timeout_is_retried)
-{
+START_TEST(test_timeout_is_retried) {
     harness h;
     harness_init(&h, 1);
     h.opts.timeout_s = 1;
@@ -1485,8 +1438,7 @@ START_TEST(test_timeout_is_retried)
 }
 END_TEST
 
-START_TEST(test_streaming_answer)
-{
+START_TEST(test_streaming_answer) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.ctype = "text/event-stream", .chunk = 7, .body = chat_stream});
@@ -1518,8 +1470,7 @@ START_TEST(test_streaming_answer)
 }
 END_TEST
 
-START_TEST(test_response_too_large)
-{
+START_TEST(test_response_too_large) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.status = 200, .big = AMP_FORWARD_MAX_RESPONSE + 4096});
@@ -1547,8 +1498,7 @@ START_TEST(test_response_too_large)
 }
 END_TEST
 
-START_TEST(test_stop_finishes_in_flight)
-{
+START_TEST(test_stop_finishes_in_flight) {
     harness h;
     harness_init(&h, 1);
     fake_push(h.fake, (reply_t){.delay_ms = 400});
@@ -1572,8 +1522,7 @@ START_TEST(test_stop_finishes_in_flight)
 }
 END_TEST
 
-START_TEST(test_parallel_workers)
-{
+START_TEST(test_parallel_workers) {
     harness h;
     harness_init(&h, 4);
     for (int i = 0; i < 4; i++)
@@ -1593,8 +1542,7 @@ START_TEST(test_parallel_workers)
 }
 END_TEST
 
-START_TEST(test_many_events_in_order)
-{
+START_TEST(test_many_events_in_order) {
     harness h;
     harness_init(&h, 3);
     harness_start(&h);
@@ -1616,8 +1564,7 @@ START_TEST(test_many_events_in_order)
 }
 END_TEST
 
-START_TEST(test_start_rejects_bad_options)
-{
+START_TEST(test_start_rejects_bad_options) {
     harness h;
     harness_init(&h, 1);
     char err[256];
@@ -1638,8 +1585,7 @@ START_TEST(test_start_rejects_bad_options)
 }
 END_TEST
 
-START_TEST(test_key_never_logged)
-{
+START_TEST(test_key_never_logged) {
     /* Capture stderr at debug level through a retry, a pause, a dead letter
      * and a delivery. */
     char logpath[] = "/tmp/amp-test-forward-log-XXXXXX";
@@ -1682,8 +1628,61 @@ START_TEST(test_key_never_logged)
 }
 END_TEST
 
-static Suite *forward_suite(void)
-{
+static double series_value(amp_metrics *m, const char *family, const char *app, const char *k2,
+                           const char *v2, const char *k3, const char *v3) {
+    return amp_series_value(amp_metrics_series(m, family, "app", app, k2, v2, k3, v3, NULL));
+}
+
+START_TEST(test_metrics) {
+    amp_metrics *m = amp_metrics_create();
+    harness h;
+    harness_init(&h, 1);
+    h.opts.metrics = m;
+    h.opts.retry_initial_ms = 10;
+    fake_push(h.fake,
+              (reply_t){.status = 503,
+                        .body = "{\"status\":503,\"code\":\"unavailable\",\"message\":\"x\"}"});
+    fake_push(h.fake, (reply_t){.status = 200});
+    fake_push(h.fake,
+              (reply_t){.status = 400, .body = "{\"status\":400,\"code\":\"app_unavailable\"}"});
+    fake_push(h.fake, (reply_t){.status = 401, .body = "{\"code\":\"Weird Code!\"}"});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    submit(&h, "ev2", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 2, 5000);
+    submit(&h, "ev3", "gone", "u1", false, CHAT_BODY);
+    wait_finished(&h, 3, 5000);
+    submit(&h, "ev4", "done", "u1", false, CHAT_BODY);
+    wait_requests(&h, 4, 5000);
+    sleep_ms(50);
+    ck_assert(series_value(m, "amp2dify_app_paused", "done", NULL, NULL, NULL, NULL) == 1);
+    ck_assert(series_value(m, "amp2dify_app_paused", "chat", NULL, NULL, NULL, NULL) == 0);
+    wait_finished(&h, 4, 5000); /* after the pause */
+    harness_done(&h);
+
+    const char *D = "amp2dify_deliveries_total";
+    ck_assert(series_value(m, D, "chat", "outcome", "delivered", NULL, NULL) == 1);
+    ck_assert(series_value(m, D, "chat", "outcome", "retried", NULL, NULL) == 1);
+    ck_assert(series_value(m, D, "chat", "outcome", "dead_lettered", NULL, NULL) == 1);
+    ck_assert(series_value(m, D, "gone", "outcome", "dead_lettered", NULL, NULL) == 1);
+    ck_assert(series_value(m, D, "done", "outcome", "delivered", NULL, NULL) == 1);
+    ck_assert(series_value(m, D, "done", "outcome", "retried", NULL, NULL) == 0);
+    const char *R = "amp2dify_dify_responses_total";
+    ck_assert(series_value(m, R, "chat", "status", "503", "code", "unavailable") == 1);
+    ck_assert(series_value(m, R, "chat", "status", "200", "code", "") == 1);
+    ck_assert(series_value(m, R, "chat", "status", "400", "code", "app_unavailable") == 1);
+    ck_assert(series_value(m, R, "done", "status", "401", "code", "other") == 1);
+    ck_assert(series_value(m, "amp2dify_app_paused", "done", NULL, NULL, NULL, NULL) == 0);
+    ck_assert(series_value(m, "amp2dify_in_flight", "chat", NULL, NULL, NULL, NULL) == 0);
+    char *text = amp_metrics_render(m);
+    ck_assert_ptr_nonnull(strstr(text, "amp2dify_delivery_duration_seconds_count{app=\"chat\"} 3"));
+    free(text);
+    amp_metrics_destroy(m);
+}
+END_TEST
+
+static Suite *forward_suite(void) {
     Suite *s = suite_create("forward");
     TCase *tc = tcase_create("pure");
     tcase_add_loop_test(tc, test_classify_table, 0, (int)NCLASSIFY);
@@ -1723,12 +1722,12 @@ static Suite *forward_suite(void)
     tcase_add_test(tc, test_many_events_in_order);
     tcase_add_test(tc, test_start_rejects_bad_options);
     tcase_add_test(tc, test_key_never_logged);
+    tcase_add_test(tc, test_metrics);
     suite_add_tcase(s, tc);
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         return 1;
     /* Retries and pauses warn by design; AMP_TEST_LOG=debug shows them. */

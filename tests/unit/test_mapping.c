@@ -9,8 +9,7 @@
 #include "../../mapping/mapping_int.h"
 
 /* JSON from single-quoted text (caller owns). */
-static json_t *j(const char *text)
-{
+static json_t *j(const char *text) {
     char *s = strdup(text);
     ck_assert_ptr_nonnull(s);
     for (char *p = s; *p; p++)
@@ -25,8 +24,7 @@ static json_t *j(const char *text)
 }
 
 /* Does errs hold exactly this line? Prints them all when it does not. */
-static bool has_err(const amp_errs *errs, const char *want)
-{
+static bool has_err(const amp_errs *errs, const char *want) {
     for (size_t i = 0; i < amp_errs_count(errs); i++)
         if (!strcmp(amp_errs_get(errs, i), want))
             return true;
@@ -36,15 +34,13 @@ static bool has_err(const amp_errs *errs, const char *want)
     return false;
 }
 
-static bool starts(const char *s, const char *prefix)
-{
+static bool starts(const char *s, const char *prefix) {
     return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
 /* ---- paths ----------------------------------------------------------- */
 
-START_TEST(path_parse_forms)
-{
+START_TEST(path_parse_forms) {
     amp_path p;
     char err[160];
     ck_assert_int_eq(amp_path_parse(&p, "user_properties.plan", true, err, sizeof(err)), 0);
@@ -72,8 +68,7 @@ START_TEST(path_parse_forms)
 }
 END_TEST
 
-START_TEST(path_parse_errors)
-{
+START_TEST(path_parse_errors) {
     amp_path p;
     char err[160];
     ck_assert_int_eq(amp_path_parse(&p, "", true, err, sizeof(err)), -1);
@@ -92,8 +87,7 @@ START_TEST(path_parse_errors)
 }
 END_TEST
 
-START_TEST(path_get_set)
-{
+START_TEST(path_get_set) {
     json_t *ev = j("{'a':{'b.c':{'d':[10,{'e':true}]}},'n':null}");
     amp_path p;
     char err[160];
@@ -127,8 +121,7 @@ END_TEST
 
 /* ---- values ---------------------------------------------------------- */
 
-START_TEST(value_equality)
-{
+START_TEST(value_equality) {
     json_t *one = json_integer(1), *onef = json_real(1.0), *s1 = json_string("1");
     ck_assert(amp_value_equal(one, onef));
     ck_assert(!amp_value_equal(one, s1));
@@ -156,8 +149,7 @@ START_TEST(value_equality)
 }
 END_TEST
 
-START_TEST(real_format)
-{
+START_TEST(real_format) {
     char buf[40];
     amp_real_format(0.1, buf, sizeof(buf));
     ck_assert_str_eq(buf, "0.1");
@@ -182,8 +174,7 @@ static const char *EVENT =
     "'up':{'plan':'pro','a.b':'dot'}}";
 
 /* Evaluate a filter given as single-quoted JSON against EVENT. */
-static bool ev_filter(const char *spec)
-{
+static bool ev_filter(const char *spec) {
     json_t *f = j(spec), *ev = j(EVENT);
     amp_errs *errs = amp_errs_create();
     amp_filter *flt = amp_filter_compile(f, "filter", errs);
@@ -197,8 +188,7 @@ static bool ev_filter(const char *spec)
     return r;
 }
 
-START_TEST(filter_ops)
-{
+START_TEST(filter_ops) {
     ck_assert(ev_filter("{'field':'event_type','op':'equals','value':'Signup'}"));
     ck_assert(!ev_filter("{'field':'event_type','op':'equals','value':'signup'}"));
     ck_assert(ev_filter("{'field':'n','op':'equals','value':5.0}"));
@@ -248,22 +238,22 @@ START_TEST(filter_ops)
 }
 END_TEST
 
-START_TEST(filter_combinators)
-{
+START_TEST(filter_combinators) {
     ck_assert(ev_filter("{'all':[{'field':'n','op':'gt','value':1},{'field':'b','op':'equals',"
                         "'value':true}]}"));
     ck_assert(!ev_filter("{'all':[{'field':'n','op':'gt','value':1},{'field':'b','op':'equals',"
                          "'value':false}]}"));
-    ck_assert(ev_filter("{'any':[{'field':'n','op':'gt','value':10},{'field':'b','op':'exists'}]}"));
-    ck_assert(!ev_filter("{'any':[{'field':'n','op':'gt','value':10},{'field':'q','op':'exists'}]}"));
+    ck_assert(
+        ev_filter("{'any':[{'field':'n','op':'gt','value':10},{'field':'b','op':'exists'}]}"));
+    ck_assert(
+        !ev_filter("{'any':[{'field':'n','op':'gt','value':10},{'field':'q','op':'exists'}]}"));
     ck_assert(ev_filter("{'not':{'field':'n','op':'gt','value':10}}"));
     ck_assert(!ev_filter("{'not':{'not':{'field':'n','op':'gt','value':10}}}"));
     ck_assert(ev_filter("{'all':[{'any':[{'not':{'field':'s','op':'prefix','value':'x'}}]}]}"));
 }
 END_TEST
 
-static void explain_is(const char *spec, const char *want)
-{
+static void explain_is(const char *spec, const char *want) {
     json_t *f = j(spec), *ev = j(EVENT);
     amp_errs *errs = amp_errs_create();
     amp_filter *flt = amp_filter_compile(f, "filter", errs);
@@ -280,8 +270,7 @@ static void explain_is(const char *spec, const char *want)
     json_decref(ev);
 }
 
-START_TEST(filter_explain)
-{
+START_TEST(filter_explain) {
     explain_is("{'field':'event_type','op':'equals','value':'X'}",
                "filter: event_type equals \"X\" is false");
     explain_is("{'all':[{'field':'n','op':'gt','value':1},{'field':'q','op':'exists'}]}",
@@ -297,8 +286,7 @@ START_TEST(filter_explain)
 }
 END_TEST
 
-static amp_errs *filter_errs(const char *spec)
-{
+static amp_errs *filter_errs(const char *spec) {
     json_t *f = j(spec);
     amp_errs *errs = amp_errs_create();
     amp_filter *flt = amp_filter_compile(f, "routes[1].filter", errs);
@@ -308,8 +296,7 @@ static amp_errs *filter_errs(const char *spec)
     return errs;
 }
 
-START_TEST(filter_compile_errors)
-{
+START_TEST(filter_compile_errors) {
     amp_errs *e = filter_errs("{'field':'event_type','op':'equal','value':'x'}");
     ck_assert(has_err(e, "routes[1].filter.op: unknown op 'equal'; expected one of equals, "
                          "not_equals, in, regex, exists, exclude_null, gt, gte, lt, lte, prefix"));
@@ -359,8 +346,7 @@ START_TEST(filter_compile_errors)
 }
 END_TEST
 
-START_TEST(filter_depth_cap)
-{
+START_TEST(filter_depth_cap) {
     /* 32 nested "not" levels compile, 33 do not. */
     char spec[2048] = "";
     for (int depth = 32; depth <= 33; depth++) {
@@ -391,8 +377,7 @@ END_TEST
 
 /* Run a chain on a value (single-quoted JSON, or NULL = missing) and
  * return the compact JSON of the result ("<missing>" when unset). */
-static char *xf(const char *chain, const char *value)
-{
+static char *xf(const char *chain, const char *value) {
     json_t *spec = json_string(chain);
     amp_errs *errs = amp_errs_create();
     amp_xform *x = amp_xform_compile(spec, "t", errs);
@@ -400,8 +385,8 @@ static char *xf(const char *chain, const char *value)
         ck_abort_msg("transform did not compile: %s", amp_errs_get(errs, 0));
     const char *why;
     json_t *out = amp_xform_apply(x, value ? j(value) : NULL, &why);
-    char *s = out ? json_dumps(out, JSON_ENCODE_ANY | JSON_COMPACT)
-                  : strdup(why ? why : "<missing>");
+    char *s =
+        out ? json_dumps(out, JSON_ENCODE_ANY | JSON_COMPACT) : strdup(why ? why : "<missing>");
     json_decref(out);
     amp_xform_free(x);
     amp_errs_destroy(errs);
@@ -416,8 +401,7 @@ static char *xf(const char *chain, const char *value)
         free(got_);                                                                                \
     } while (0)
 
-START_TEST(transform_text)
-{
+START_TEST(transform_text) {
     XF("trim", "'  a b \\t\\n'", "\"a b\"");
     XF("trim", "''", "\"\"");
     XF("trim", "5", "5");
@@ -435,8 +419,7 @@ START_TEST(transform_text)
 }
 END_TEST
 
-START_TEST(transform_conversions)
-{
+START_TEST(transform_conversions) {
     XF("iso8601", "'2026-11-21 10:15:42.123000'", "\"2026-11-21T10:15:42.123Z\"");
     XF("iso8601", "'2026-11-21 10:15:42.123'", "\"2026-11-21T10:15:42.123Z\"");
     XF("iso8601", "'2026-11-21 10:15:42'", "\"2026-11-21T10:15:42.000Z\"");
@@ -475,8 +458,7 @@ START_TEST(transform_conversions)
 }
 END_TEST
 
-START_TEST(transform_default_required)
-{
+START_TEST(transform_default_required) {
     XF("default:n/a", NULL, "\"n/a\"");
     XF("default:n/a", "null", "\"n/a\"");
     XF("default:n/a", "''", "\"\"");
@@ -493,8 +475,7 @@ START_TEST(transform_default_required)
 }
 END_TEST
 
-START_TEST(transform_array_form)
-{
+START_TEST(transform_array_form) {
     json_t *spec = j("['trim','default:a|b']");
     amp_errs *errs = amp_errs_create();
     amp_xform *x = amp_xform_compile(spec, "t", errs);
@@ -509,8 +490,7 @@ START_TEST(transform_array_form)
 }
 END_TEST
 
-static amp_errs *xform_errs(const char *spec_json)
-{
+static amp_errs *xform_errs(const char *spec_json) {
     json_t *spec = j(spec_json);
     amp_errs *errs = amp_errs_create();
     ck_assert_ptr_null(amp_xform_compile(spec, "routes[1].map[0].transform", errs));
@@ -518,8 +498,7 @@ static amp_errs *xform_errs(const char *spec_json)
     return errs;
 }
 
-START_TEST(transform_compile_errors)
-{
+START_TEST(transform_compile_errors) {
     amp_errs *e = xform_errs("'trim|upper'");
     ck_assert(has_err(e, "routes[1].map[0].transform: unknown transform 'upper'; expected one of "
                          "trim, lowercase, uppercase, iso8601, to_string, to_number, "
@@ -547,8 +526,7 @@ END_TEST
 
 /* ---- templates ------------------------------------------------------- */
 
-static char *render(const char *tmpl, const char *event, const char *inputs)
-{
+static char *render(const char *tmpl, const char *event, const char *inputs) {
     amp_errs *errs = amp_errs_create();
     amp_tmpl *t = amp_tmpl_compile(tmpl, "q", errs);
     if (!t)
@@ -574,15 +552,15 @@ static char *render(const char *tmpl, const char *event, const char *inputs)
         free(got_);                                                                                \
     } while (0)
 
-START_TEST(template_render)
-{
+START_TEST(template_render) {
     const char *ev = "{'event_type':'Buy','n':3,'f':0.1,'b':false,'z':null,'o':{'k':[1,'v']},"
                      "'inputs':{'x':'event-inputs'},'p':{'a.b':'dot'}}";
     const char *in = "{'name':'Ann','deep':{'x':'y'}}";
     RENDER("{{event_type}} by {{inputs.name}}", ev, in, "Buy by Ann");
     RENDER("n={{n}} f={{f}} b={{b}} z=[{{z}}] m=[{{missing}}]", ev, in,
            "n=3 f=0.1 b=false z=[] m=[]");
-    RENDER("{{o}}|{{inputs}}", ev, in, "{\"k\":[1,\"v\"]}|{\"name\":\"Ann\",\"deep\":{\"x\":\"y\"}}");
+    RENDER("{{o}}|{{inputs}}", ev, in,
+           "{\"k\":[1,\"v\"]}|{\"name\":\"Ann\",\"deep\":{\"x\":\"y\"}}");
     RENDER("{{ inputs.deep.x }} {{[\"inputs\"].x}} {{p[\"a.b\"]}}", ev, in, "y event-inputs dot");
     RENDER("no fields }} here", ev, in, "no fields }} here");
     RENDER("", ev, in, "");
@@ -590,8 +568,7 @@ START_TEST(template_render)
 }
 END_TEST
 
-START_TEST(template_errors)
-{
+START_TEST(template_errors) {
     amp_errs *e = amp_errs_create();
     ck_assert_ptr_null(amp_tmpl_compile("hi {{user_id", "routes[0].query", e));
     ck_assert(has_err(e, "routes[0].query: bad template: unclosed '{{' at offset 3"));
@@ -606,8 +583,7 @@ END_TEST
 
 /* ---- mapper ---------------------------------------------------------- */
 
-static amp_mapper *compile_cfg(const char *cfg, amp_errs *errs)
-{
+static amp_mapper *compile_cfg(const char *cfg, amp_errs *errs) {
     json_t *root = j(cfg);
     amp_mapper *m =
         amp_mapper_compile(json_object_get(root, "apps"), json_object_get(root, "routes"), errs);
@@ -619,22 +595,19 @@ typedef struct got {
     json_t *reqs; /* [{"route","app","user","per_user","body"}] */
 } got;
 
-static void collect(void *ctx, const amp_map_request *req)
-{
+static void collect(void *ctx, const amp_map_request *req) {
     got *g = ctx;
     json_array_append_new(g->reqs, json_pack("{s:s,s:s,s:s,s:b,s:O}", "route", req->route, "app",
                                              req->app->name, "user", req->user, "per_user",
                                              req->per_user, "body", req->body));
 }
 
-static void collect_explain(void *ctx, const char *route, const char *reason)
-{
+static void collect_explain(void *ctx, const char *route, const char *reason) {
     json_array_append_new(ctx, json_pack("[s,s]", route, reason));
 }
 
 /* Apply cfg to one event; returns the requests (caller owns). */
-static json_t *apply(const char *cfg, const char *event, int *rc, char *detail, size_t dlen)
-{
+static json_t *apply(const char *cfg, const char *event, int *rc, char *detail, size_t dlen) {
     amp_errs *errs = amp_errs_create();
     amp_mapper *m = compile_cfg(cfg, errs);
     if (!m)
@@ -648,8 +621,7 @@ static json_t *apply(const char *cfg, const char *event, int *rc, char *detail, 
     return g.reqs;
 }
 
-static void assert_json(const json_t *got_, const char *want_sq)
-{
+static void assert_json(const json_t *got_, const char *want_sq) {
     json_t *want = j(want_sq);
     if (!json_equal((json_t *)got_, want)) {
         char *a = json_dumps(got_, JSON_COMPACT | JSON_ENCODE_ANY);
@@ -659,8 +631,7 @@ static void assert_json(const json_t *got_, const char *want_sq)
     json_decref(want);
 }
 
-START_TEST(mapper_spec_example)
-{
+START_TEST(mapper_spec_example) {
     const char *cfg =
         "{'apps':{'support':{'api_key_env':'DIFY_API_KEY','endpoint':'chat','rate_per_sec':10,"
         "'burst':20,'max_in_flight':8}},"
@@ -695,8 +666,7 @@ START_TEST(mapper_spec_example)
 }
 END_TEST
 
-START_TEST(mapper_endpoints_and_defaults)
-{
+START_TEST(mapper_endpoints_and_defaults) {
     const char *cfg =
         "{'apps':{'c':{'api_key_env':'K1'},'p':{'api_key_file':'/run/k','endpoint':'completion',"
         "'response_mode':'streaming'},'w':{'api_key_env':'K3','endpoint':'workflow'}},"
@@ -707,8 +677,8 @@ START_TEST(mapper_endpoints_and_defaults)
         "'target_field':'t','transformer':'lowercase'}]}]}";
     int rc;
     char detail[256];
-    json_t *r = apply(cfg, "{'event_type':'Ev','device_id':'d9','n':1.5}", &rc, detail,
-                      sizeof(detail));
+    json_t *r =
+        apply(cfg, "{'event_type':'Ev','device_id':'d9','n':1.5}", &rc, detail, sizeof(detail));
     ck_assert_int_eq(rc, 4);
     assert_json(
         r, "[{'route':'r-chat','app':'c','user':'d9','per_user':false,'body':{'inputs':{},"
@@ -745,8 +715,7 @@ START_TEST(mapper_endpoints_and_defaults)
 }
 END_TEST
 
-START_TEST(mapper_burst_default)
-{
+START_TEST(mapper_burst_default) {
     amp_errs *errs = amp_errs_create();
     amp_mapper *m = compile_cfg("{'apps':{'a':{'api_key_env':'K','rate_per_sec':2.5},"
                                 "'b':{'api_key_env':'K','rate_per_sec':0.2,'burst':3,"
@@ -762,8 +731,7 @@ START_TEST(mapper_burst_default)
 }
 END_TEST
 
-START_TEST(mapper_required_rejects_all)
-{
+START_TEST(mapper_required_rejects_all) {
     const char *cfg =
         "{'apps':{'c':{'api_key_env':'K'}},'routes':[{'name':'first','app':'c'},"
         "{'name':'needs-email','app':'c','map':[{'source':'user_properties.email','target':'e',"
@@ -777,8 +745,8 @@ START_TEST(mapper_required_rejects_all)
                      "routes[1] (needs-email): required field user_properties.email is missing");
     json_decref(r);
 
-    r = apply(cfg, "{'event_type':'E','user_id':'u','user_properties':{'email':null}}", &rc,
-              detail, sizeof(detail));
+    r = apply(cfg, "{'event_type':'E','user_id':'u','user_properties':{'email':null}}", &rc, detail,
+              sizeof(detail));
     ck_assert_int_eq(rc, -1);
     ck_assert_str_eq(detail,
                      "routes[1] (needs-email): required field user_properties.email is null");
@@ -787,16 +755,15 @@ START_TEST(mapper_required_rejects_all)
     r = apply(cfg, "{'event_type':'E','user_id':'u','user_properties':{'email':' a@b '}}", &rc,
               detail, sizeof(detail));
     ck_assert_int_eq(rc, 2);
-    ck_assert_str_eq(json_string_value(json_object_get(
-                         json_object_get(json_object_get(json_array_get(r, 1), "body"), "inputs"),
-                         "e")),
-                     "a@b");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(
+            json_object_get(json_object_get(json_array_get(r, 1), "body"), "inputs"), "e")),
+        "a@b");
     json_decref(r);
 }
 END_TEST
 
-START_TEST(mapper_values_keep_types)
-{
+START_TEST(mapper_values_keep_types) {
     const char *cfg =
         "{'apps':{'c':{'api_key_env':'K'}},'routes':[{'name':'r','app':'c','map':["
         "{'source':'p.n','target':'n'},{'source':'p.f','target':'f'},{'source':'p.b','target':'b'},"
@@ -817,8 +784,7 @@ START_TEST(mapper_values_keep_types)
 }
 END_TEST
 
-START_TEST(mapper_explain_callback)
-{
+START_TEST(mapper_explain_callback) {
     const char *cfg = "{'apps':{'c':{'api_key_env':'K'}},'routes':[{'name':'r1','app':'c',"
                       "'filter':{'field':'event_type','op':'in','value':['A','B']}},"
                       "{'name':'r2','app':'c'}]}";
@@ -839,16 +805,14 @@ START_TEST(mapper_explain_callback)
 END_TEST
 
 /* Compile a config expecting failure; caller owns the errors. */
-static amp_errs *cfg_errs(const char *cfg)
-{
+static amp_errs *cfg_errs(const char *cfg) {
     amp_errs *errs = amp_errs_create();
     ck_assert_ptr_null(compile_cfg(cfg, errs));
     ck_assert_uint_gt(amp_errs_count(errs), 0);
     return errs;
 }
 
-START_TEST(mapper_app_errors)
-{
+START_TEST(mapper_app_errors) {
     amp_errs *e = cfg_errs("{'routes':[]}");
     ck_assert(has_err(e, "apps: missing; expected an object of Dify apps, e.g. {\"support\": "
                          "{\"api_key_env\": \"DIFY_API_KEY\"}}"));
@@ -886,8 +850,7 @@ START_TEST(mapper_app_errors)
 }
 END_TEST
 
-START_TEST(mapper_route_errors)
-{
+START_TEST(mapper_route_errors) {
     amp_errs *e = cfg_errs(
         "{'apps':{'c':{'api_key_env':'K'},'w':{'api_key_env':'K','endpoint':'workflow'}},"
         "'routes':[{'name':'a','app':'nope','maps':[]},"
@@ -929,8 +892,7 @@ START_TEST(mapper_route_errors)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *s = suite_create("mapping");
     TCase *tc = tcase_create("mapping");
     tcase_add_test(tc, path_parse_forms);

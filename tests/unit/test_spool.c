@@ -16,23 +16,20 @@
 static char dir[64];
 static char path[128];
 
-static void setup(void)
-{
+static void setup(void) {
     amp_log_set_level(AMP_LOG_ERROR);
     snprintf(dir, sizeof dir, "/tmp/amp2dify-spool-XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/spool.db", dir);
 }
 
-static void teardown(void)
-{
+static void teardown(void) {
     char cmd[160];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     ck_assert_int_eq(system(cmd), 0);
 }
 
-static amp_spool *open_spool(int64_t window_s)
-{
+static amp_spool *open_spool(int64_t window_s) {
     char err[256] = "";
     amp_spool_opts o = {.path = path, .dedupe_window_s = window_s};
     amp_spool *s = amp_spool_open(&o, err, sizeof err);
@@ -45,16 +42,14 @@ typedef struct {
     int calls;
 } done_box;
 
-static void on_done(void *ctx, const amp_spool_result *res)
-{
+static void on_done(void *ctx, const amp_spool_result *res) {
     done_box *b = ctx;
     b->res = *res;
     b->calls++;
 }
 
 /* Submit and wait for the commit; returns the result. */
-static amp_spool_result submit(amp_spool *s, amp_spool_batch *b)
-{
+static amp_spool_result submit(amp_spool *s, amp_spool_batch *b) {
     done_box box = {0};
     amp_spool_submit(s, b, on_done, &box);
     amp_spool_flush(s);
@@ -63,27 +58,23 @@ static amp_spool_result submit(amp_spool *s, amp_spool_batch *b)
 }
 
 static void add(amp_spool_batch *b, const char *key, const char *user, bool per_user,
-                const char *body)
-{
+                const char *body) {
     amp_spool_batch_event(b, key);
     amp_spool_batch_request(b, "r", "app", user, per_user, body);
 }
 
-static int claim_all(amp_spool *s, int64_t now, amp_spool_job **jobs, size_t max, int64_t *next)
-{
+static int claim_all(amp_spool *s, int64_t now, amp_spool_job **jobs, size_t max, int64_t *next) {
     int n = amp_spool_claim(s, now, jobs, max, next);
     ck_assert_int_ge(n, 0);
     return n;
 }
 
-static void free_jobs(amp_spool_job **jobs, int n)
-{
+static void free_jobs(amp_spool_job **jobs, int n) {
     for (int i = 0; i < n; i++)
         amp_spool_job_free(jobs[i]);
 }
 
-START_TEST(batch_stored_and_claimed)
-{
+START_TEST(batch_stored_and_claimed) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "k1", "u1", false, "{\"a\":1}");
@@ -112,8 +103,7 @@ START_TEST(batch_stored_and_claimed)
 }
 END_TEST
 
-START_TEST(dedupe_within_and_across_requests)
-{
+START_TEST(dedupe_within_and_across_requests) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "dup", "u", false, "{}");
@@ -143,8 +133,7 @@ START_TEST(dedupe_within_and_across_requests)
 }
 END_TEST
 
-START_TEST(dedupe_disabled_with_zero_window)
-{
+START_TEST(dedupe_disabled_with_zero_window) {
     amp_spool *s = open_spool(0);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "k", "u", false, "{}");
@@ -156,8 +145,7 @@ START_TEST(dedupe_disabled_with_zero_window)
 }
 END_TEST
 
-START_TEST(acks_delivered_retry_dead)
-{
+START_TEST(acks_delivered_retry_dead) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "a", "u1", false, "{}");
@@ -168,12 +156,20 @@ START_TEST(acks_delivered_retry_dead)
     int64_t now = amp_now_ms() + 1, next;
     amp_spool_job *jobs[8];
     ck_assert_int_eq(claim_all(s, now, jobs, 8, &next), 3);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
+                                .kind = AMP_ACK_DELIVERED,
+                                .http_status = 200,
                                 .result_json = "{\"status\":200}"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_RETRY, .due_ms = now + 60000,
-                                .http_status = 503, .code = "unavailable"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id, .kind = AMP_ACK_DEAD, .http_status = 400,
-                                .code = "app_unavailable", .message = "App unavailable"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
+                                .kind = AMP_ACK_RETRY,
+                                .due_ms = now + 60000,
+                                .http_status = 503,
+                                .code = "unavailable"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id,
+                                .kind = AMP_ACK_DEAD,
+                                .http_status = 400,
+                                .code = "app_unavailable",
+                                .message = "App unavailable"});
     int64_t retry_id = jobs[1]->id;
     free_jobs(jobs, 3);
     amp_spool_flush(s);
@@ -195,8 +191,7 @@ START_TEST(acks_delivered_retry_dead)
 }
 END_TEST
 
-START_TEST(per_user_rows_go_in_order)
-{
+START_TEST(per_user_rows_go_in_order) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "1", "alice", true, "{\"n\":1}");
@@ -214,7 +209,9 @@ START_TEST(per_user_rows_go_in_order)
 
     /* Alice's first is retried: her second still waits behind it. */
     amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now + 10});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
+                                .kind = AMP_ACK_DELIVERED,
+                                .http_status = 200,
                                 .conversation_id = "conv-bob"});
     free_jobs(jobs, n);
     amp_spool_flush(s);
@@ -223,7 +220,9 @@ START_TEST(per_user_rows_go_in_order)
     n = claim_all(s, now + 10, jobs, 8, &next);
     ck_assert_int_eq(n, 1);
     ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200,
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
+                                .kind = AMP_ACK_DELIVERED,
+                                .http_status = 200,
                                 .conversation_id = "conv-alice"});
     free_jobs(jobs, n);
     amp_spool_flush(s);
@@ -233,8 +232,9 @@ START_TEST(per_user_rows_go_in_order)
     ck_assert_str_eq(jobs[0]->body, "{\"n\":2}");
     ck_assert_str_eq(jobs[0]->conversation_id, "conv-alice");
     /* An empty conversation id clears the stored one. */
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now,
-                                .conversation_id = ""});
+    amp_spool_ack(
+        s,
+        &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now, .conversation_id = ""});
     free_jobs(jobs, n);
     amp_spool_flush(s);
     n = claim_all(s, now + 10, jobs, 8, &next);
@@ -245,8 +245,7 @@ START_TEST(per_user_rows_go_in_order)
 }
 END_TEST
 
-START_TEST(pending_rows_survive_reopen)
-{
+START_TEST(pending_rows_survive_reopen) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "x", "u", false, "{\"keep\":true}");
@@ -265,8 +264,7 @@ START_TEST(pending_rows_survive_reopen)
 }
 END_TEST
 
-START_TEST(claim_limit_and_next_due)
-{
+START_TEST(claim_limit_and_next_due) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     for (int i = 0; i < 10; i++) {
@@ -286,8 +284,7 @@ START_TEST(claim_limit_and_next_due)
 }
 END_TEST
 
-START_TEST(dead_letters_list_replay_purge)
-{
+START_TEST(dead_letters_list_replay_purge) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "d1", "u1", false, "{\"n\":1}");
@@ -297,10 +294,16 @@ START_TEST(dead_letters_list_replay_purge)
     int64_t now = amp_now_ms() + 1, next;
     amp_spool_job *jobs[4];
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 3);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DEAD, .http_status = 400,
-                                .code = "app_unavailable", .message = "App unavailable"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_DEAD, .http_status = 404,
-                                .code = "not_found", .message = "gone"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
+                                .kind = AMP_ACK_DEAD,
+                                .http_status = 400,
+                                .code = "app_unavailable",
+                                .message = "App unavailable"});
+    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
+                                .kind = AMP_ACK_DEAD,
+                                .http_status = 404,
+                                .code = "not_found",
+                                .message = "gone"});
     amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
     int64_t first = jobs[0]->id, second = jobs[1]->id;
     free_jobs(jobs, 3);
@@ -345,8 +348,7 @@ START_TEST(dead_letters_list_replay_purge)
 }
 END_TEST
 
-START_TEST(depth_tracks_pending_and_limit)
-{
+START_TEST(depth_tracks_pending_and_limit) {
     char err[256] = "";
     amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .max_pending = 3};
     amp_spool *s = amp_spool_open(&o, err, sizeof err);
@@ -382,8 +384,7 @@ START_TEST(depth_tracks_pending_and_limit)
 }
 END_TEST
 
-START_TEST(unwritable_path_fails_to_open)
-{
+START_TEST(unwritable_path_fails_to_open) {
     char err[256] = "";
     amp_spool_opts o = {.path = "/nonexistent-dir/x/spool.db", .dedupe_window_s = 0};
     ck_assert_ptr_null(amp_spool_open(&o, err, sizeof err));
@@ -391,8 +392,7 @@ START_TEST(unwritable_path_fails_to_open)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *su = suite_create("spool");
     TCase *tc = tcase_create("spool");
     tcase_add_checked_fixture(tc, setup, teardown);
