@@ -38,15 +38,15 @@ end
 
 local threads = {}
 local next_id = 0
-local barrier_addr = 0
+local shared_addr = 0 -- main state's copy; threads see it as the global barrier_addr
 
 function setup(thread)
-   if has_ffi and barrier_addr == 0 then
+   if has_ffi and shared_addr == 0 then
       -- Never freed: it must outlive every thread, and wrk exits after done().
-      barrier_addr = tonumber(ffi.cast("intptr_t", ffi.C.calloc(1, 8)))
+      shared_addr = tonumber(ffi.cast("intptr_t", ffi.C.calloc(1, 8)))
    end
    thread:set("id", next_id)
-   thread:set("barrier_addr", barrier_addr)
+   thread:set("barrier_addr", shared_addr)
    next_id = next_id + 1
    table.insert(threads, thread)
 end
@@ -75,7 +75,7 @@ function done(summary, latency, requests)
       summary.requests / (summary.duration / 1e6),
       latency:percentile(50), latency:percentile(99), total_non2xx,
       e.connect + e.read + e.write + e.timeout, total_wrapped,
-      barrier_addr ~= 0 and "on" or "off",
+      shared_addr ~= 0 and "on" or "off",
       #parts > 0 and table.concat(parts, ",") or "-",
       first ~= "" and first or "-"))
 end

@@ -11,7 +11,11 @@
 #include "../server/util.h"
 #include "handlers.h"
 
+typedef struct amp_cidr amp_cidr;
+
 struct amp_handlers {
+    amp_cidr *proxies; /* listen.trusted_proxies, parsed */
+    size_t nproxies;
     const amp_config *cfg;
     amp_spool *spool;
     amp_metrics *metrics;
@@ -32,8 +36,10 @@ struct amp_req {
     struct MHD_Connection *conn;
     amp_endpoint_fn endpoint;
     char request_id[64];
+    char client[64]; /* see client.c */
     int64_t start_ms; /* monotonic */
-    unsigned status;  /* the answer's status, once queued */
+    unsigned status;   /* the answer's status, once queued */
+    const char *error; /* its error code (static), for the access log */
     bool webhook;
     /* body (webhook) */
     amp_buf body;
@@ -54,6 +60,11 @@ enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *cod
 /* webhook.c */
 enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r);
 enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r);
+
+/* client.c */
+amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count); /* caller owns */
+void amp_client_address(const amp_handlers *h, struct MHD_Connection *conn, char *out,
+                        size_t len);
 
 /* metrics.c */
 enum MHD_Result amp_metrics_endpoint(amp_handlers *h, amp_req *r);

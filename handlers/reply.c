@@ -38,6 +38,7 @@ enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body) {
 enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
                                     const char *detail, const char *hname, const char *hvalue) {
     json_t *body = json_pack("{s:s, s:s}", "error", code, "detail", detail);
+    r->error = code;
     return reply_json_hdr(r, status, body, hname, hvalue);
 }
 

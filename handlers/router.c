@@ -30,6 +30,8 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
     h->cfg = cfg;
     h->spool = spool;
     h->metrics = metrics;
+    h->proxies = amp_client_parse_proxies(cfg->listen.trusted_proxies,
+                                          cfg->listen.ntrusted_proxies, &h->nproxies);
     h->ingest_seconds = amp_metrics_series(metrics, "amp2dify_ingest_duration_seconds", NULL);
     h->events_accepted =
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "accepted", NULL);
@@ -118,6 +120,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         amp_buf_init(&r->body, h->cfg->listen.max_body_bytes);
         atomic_init(&r->state, REQ_READING);
         set_request_id(r);
+        amp_client_address(h, conn, r->client, sizeof r->client);
         *req_cls = r;
         return first_call(h, r, url, method);
     }
@@ -142,18 +145,30 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
     amp_req *r = *req_cls;
     if (!r)
         return;
+    *req_cls = NULL;
     if (r->status) {
         char code[16];
         snprintf(code, sizeof code, "%u", r->status);
         amp_series_inc(
             amp_metrics_series(h->metrics, "amp2dify_http_requests_total", "code", code, NULL));
-        if (r->webhook)
-            amp_series_observe(h->ingest_seconds, (double)(amp_mono_ms() - r->start_ms) / 1e3);
     }
-    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
-        amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:i}", "request_id", r->request_id,
-                "reason", (int)toe);
+    if (r->webhook) {
+        int64_t ms = amp_mono_ms() - r->start_ms;
+        amp_series_observe(h->ingest_seconds, (double)ms / 1e3);
+        /* One access line per webhook request; the event bodies stay out. */
+        if (r->status == MHD_HTTP_ACCEPTED)
+            amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:i, s:i, s:i, s:I}", "request_id",
+                    r->request_id, "client", r->client, "status", (int)r->status, "accepted",
+                    (int)r->result.accepted, "duplicates", (int)r->result.duplicates,
+                    "filtered", (int)r->filtered, "ms", (json_int_t)ms);
+        else
+            amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:s?, s:i, s:I}", "request_id",
+                    r->request_id, "client", r->client, "status", (int)r->status, "error",
+                    r->error, "termination", (int)toe, "ms", (json_int_t)ms);
+    } else if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
+        amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:s, s:i}", "request_id",
+                r->request_id, "client", r->client, "reason", (int)toe);
+    }
     amp_buf_free(&r->body);
     free(r);
-    *req_cls = NULL;
 }

@@ -67,9 +67,6 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
         [AMP_SIG_STALE] = "stale_timestamp",
         [AMP_SIG_MISMATCH] = "invalid_signature",
     };
-    amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s, s:s}", "request_id",
-            r->request_id, "status", 401, "error", codes[res], "detail", detail, "scheme",
-            amp_sig_scheme_name(h->cfg->auth.scheme));
     static const char *const reasons[] = {
         [AMP_SIG_MISSING] = "missing",
         [AMP_SIG_MALFORMED] = "malformed",
@@ -123,9 +120,6 @@ static enum MHD_Result answer_stored(amp_req *r) {
     }
     amp_series_add(h->events_accepted, res->accepted);
     amp_series_add(h->events_duplicate, res->duplicates);
-    amp_log(AMP_LOG_DEBUG, "request stored", "{s:s, s:i, s:i, s:i, s:I}", "request_id",
-            r->request_id, "accepted", (int)res->accepted, "duplicates", (int)res->duplicates,
-            "filtered", (int)r->filtered, "ms", (json_int_t)(amp_mono_ms() - r->start_ms));
     return amp_reply_json(r, MHD_HTTP_ACCEPTED,
                           json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted, "duplicates",
                                     (int)res->duplicates, "filtered", (int)r->filtered));
@@ -171,8 +165,6 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
     amp_decode_result dr = amp_decode_body(body, r->body.len, &events, detail, sizeof detail);
     if (dr != AMP_DECODE_OK) {
         const char *code = dr == AMP_DECODE_INVALID_JSON ? "invalid_json" : "invalid_event";
-        amp_log(AMP_LOG_INFO, "request rejected", "{s:s, s:i, s:s, s:s}", "request_id",
-                r->request_id, "status", 400, "error", code, "detail", detail);
         amp_series_inc(h->events_rejected);
         return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }

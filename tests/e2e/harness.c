@@ -506,7 +506,11 @@ int h_server_stop(h_server *s) {
         return -1;
     int st = s->pid > 0 ? h_server_kill(s, SIGTERM, 15000) : -1;
     live_remove(s);
-    remove_tree(s->dir);
+    const char *keep = getenv("AMP2DIFY_E2E_KEEP");
+    if (keep && *keep && strcmp(keep, "0") != 0)
+        fprintf(stderr, "harness: kept %s\n", s->dir);
+    else
+        remove_tree(s->dir);
     server_free(s);
     return st;
 }

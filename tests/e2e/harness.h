@@ -64,7 +64,8 @@ uint16_t h_free_port(void);
 /* NULL on failure, after printing why and the server log on stderr. Caller
  * owns; release with h_server_stop. opts may be NULL. */
 h_server *h_server_start(const h_opts *opts);
-/* SIGTERM, wait (bounded, then SIGKILL), remove the directory, free.
+/* SIGTERM, wait (bounded, then SIGKILL), remove the directory (kept when
+ * $AMP2DIFY_E2E_KEEP is set and not "0"), free.
  * Returns the child's wait status (as waitpid), or -1 when it was not
  * running. Accepts NULL. */
 int h_server_stop(h_server *s);
