@@ -86,10 +86,11 @@ $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-e2e: $(BIN) $(E2E_BINS)
+e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	@set -e; for t in $(E2E_BINS); do echo "== $$t"; AMP2DIFY_BIN=$(BIN) $$t; done
 	bash tests/mapping/run.sh $(BIN)
 	bash tests/config/run.sh $(BIN)
+	bash tests/nginx/run.sh $(BUILD)
 
 test-run: unit e2e
 

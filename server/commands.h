@@ -12,6 +12,7 @@ int amp_cmd_check_config(int argc, char **argv); /* server/cmd_config.c */
 int amp_cmd_map(int argc, char **argv);          /* server/cmd_map.c */
 int amp_cmd_sign(int argc, char **argv);         /* server/cmd_sign.c */
 int amp_cmd_dlq(int argc, char **argv);          /* server/cmd_dlq.c */
+int amp_cmd_healthcheck(int argc, char **argv);  /* server/cmd_healthcheck.c */
 
 /* ---- shared by the commands (server/cmd_common.c) ---------------------- */
 

@@ -16,6 +16,7 @@ static const char usage[] =
     "  map          [-c FILE] [--explain] [EVENTS|-]  dry run: print the Dify requests\n"
     "  sign  --secret-env VAR [--timestamp T] [FILE|-]  print signature headers for a body\n"
     "  dlq list|replay|purge [-c FILE] [filters]      dead letters (amp2dify dlq for help)\n"
+    "  healthcheck  [-c FILE]                         exit 0 when the server's /healthz answers\n"
     "  version                                        print the version\n"
     "\n"
     "Config path: -c, else $AMP2DIFY_CONFIG, else ./amp2dify.json.\n"
@@ -46,6 +47,8 @@ int main(int argc, char **argv) {
         return amp_cmd_map(argc - 1, argv + 1);
     if (strcmp(cmd, "sign") == 0)
         return amp_cmd_sign(argc - 1, argv + 1);
+    if (strcmp(cmd, "healthcheck") == 0)
+        return amp_cmd_healthcheck(argc - 1, argv + 1);
     if (strcmp(cmd, "dlq") == 0)
         return amp_cmd_dlq(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0) {
