@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# /metrics is valid Prometheus text format (promtool check metrics), has the
+# families the README lists, counts what happened, and never shows a secret.
+#   tests/metrics/run.sh BUILD_DIR     (needs promtool: Debian package prometheus)
+set -euo pipefail
+BUILD=${1:-build}
+BIN=$BUILD/amp2dify
+FAKE=$BUILD/fake-dify
+PROMTOOL=$(command -v promtool || true)
+[ -n "$PROMTOOL" ] || { echo "metrics test: promtool missing (apt-get install prometheus)" >&2; exit 1; }
+
+tmp=$(mktemp -d /tmp/amp2dify-metrics-XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() { echo "metrics test FAILED: $*" >&2; cat "$tmp/amp2dify.log" >&2 || true; exit 1; }
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+        echo $((20000 + RANDOM % 20000))
+}
+
+dify_port=$(free_port)
+amp_port=$(free_port)
+secret='metrics-secret-5f3a'
+key='app-metrics-key-9c1d'
+"$FAKE" --port "$dify_port" --key "$key" > "$tmp/fake.out" 2>&1 &
+pids+=($!)
+AMP2DIFY_SECRETS=$secret DIFY_API_KEY=$key DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 \
+AMP2DIFY_LISTEN=127.0.0.1:$amp_port AMP2DIFY_SPOOL=$tmp/spool.db \
+    "$BIN" serve -c examples/amp2dify.json 2> "$tmp/amp2dify.log" &
+pids+=($!)
+base=http://127.0.0.1:$amp_port
+for _ in $(seq 1 100); do curl -fsS -o /dev/null "$base/healthz" 2>/dev/null && break; sleep 0.1; done
+
+printf '%s' '[{"event_type":"A","user_id":"u1","insert_id":"m1"},{"event_type":"B","user_id":"u2","insert_id":"m2"}]' > "$tmp/ev.json"
+mapfile -t sig < <(AMP2DIFY_SECRETS=$secret "$BIN" sign --secret-env AMP2DIFY_SECRETS "$tmp/ev.json")
+post() { curl -sS -o /dev/null -w '%{http_code}' "$base/webhooks/amplitude" -H 'Content-Type: application/json' "$@"; }
+[ "$(post -H "${sig[0]}" -H "${sig[1]}" --data-binary @"$tmp/ev.json")" = 202 ] || fail "signed post"
+[ "$(post -H "${sig[0]}" -H "${sig[1]}" --data-binary @"$tmp/ev.json")" = 202 ] || fail "replayed post"
+[ "$(post -H "${sig[0]}" -H 'X-Amplitude-Sig: sha256=00' --data-binary @"$tmp/ev.json")" = 401 ] || fail "bad sig"
+[ "$(post --data-binary '{}')" = 401 ] || fail "unsigned"
+sleep 0.5
+
+curl -fsS -D "$tmp/headers" "$base/metrics" > "$tmp/metrics.txt"
+grep -qi '^content-type: text/plain; version=0.0.4' "$tmp/headers" || fail "content type: $(cat "$tmp/headers")"
+"$PROMTOOL" check metrics < "$tmp/metrics.txt" || fail "promtool check metrics"
+expect() { grep -qF -- "$1" "$tmp/metrics.txt" || fail "missing line: $1"; }
+expect 'amp2dify_http_requests_total{code="202"} 2'
+expect 'amp2dify_http_requests_total{code="401"} 2'
+expect 'amp2dify_auth_failures_total{reason="malformed"} 1'
+expect 'amp2dify_auth_failures_total{reason="missing"} 1'
+expect 'amp2dify_events_total{outcome="accepted"} 2'
+expect 'amp2dify_events_total{outcome="duplicate"} 2'
+expect '# TYPE amp2dify_ingest_duration_seconds histogram'
+expect 'amp2dify_ingest_duration_seconds_count 4'
+expect '# TYPE amp2dify_spool_pending gauge'
+expect '# TYPE amp2dify_spool_oldest_pending_age_seconds gauge'
+if grep -qF -e "$secret" -e "$key" "$tmp/metrics.txt" "$tmp/amp2dify.log"; then fail "a secret leaked"; fi
+echo "metrics test: promtool ok, $(grep -c '^amp2dify_' "$tmp/metrics.txt") samples"
