@@ -10,13 +10,15 @@
  * or until the next row is due — at most MAX_WAIT_MS, so a wall-clock jump
  * cannot strand work.
  *
- * Per-app state lives in app_state. Today it carries the pause after a
- * rejected key (401/403): jobs of a paused app are released to the pause's
- * end without a request, and the first request after it is the probe.
- * Planned on the same structure (not built yet): token-bucket rate limits
+ * Per-app state lives in app_state: the URL, the auth header, metric
+ * series, and the pause after a rejected key (401/403): jobs of a paused
+ * app are released to the pause's end without a request (not counted as
+ * attempts, never expired), and the requests after it are the probes. Not
+ * built yet, planned on the same structure: token-bucket rate limits
  * (rate_per_sec, burst) and max_in_flight, enforced by the dispatcher
- * holding back claimed jobs per app; a paused-app metric; skipping paused
- * apps inside amp_spool_claim instead of claiming and releasing their rows.
+ * holding back claimed jobs per app; a single probe after a pause (today
+ * every worker may probe at once); skipping paused apps inside
+ * amp_spool_claim instead of claiming and releasing their rows.
  *
  * Locking: f->mu guards the queue, the counters and app_state's mutable
  * fields. Nothing blocking (spool calls, HTTP) runs under it.

@@ -40,12 +40,8 @@ static void collect_spool(void *ctx, amp_metrics *m) {
                    amp_spool_writable(spool) ? 1 : 0);
 }
 
-static void kick_forwarder(void *ctx) {
-    amp_forward_kick(ctx);
-}
-
-static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, char *err,
-                                    size_t errlen) {
+static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool,
+                                    amp_metrics *metrics, char *err, size_t errlen) {
     size_t napps = amp_mapper_app_count(cfg->mapper);
     const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
     for (size_t i = 0; i < napps; i++)
@@ -61,6 +57,7 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, cha
         .napps = napps,
         .apps = apps,
         .api_keys = (const char *const *)cfg->api_keys,
+        .metrics = metrics,
     };
     amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
     free(apps); /* the forwarder copies the app table it needs */
@@ -117,12 +114,11 @@ int amp_cmd_serve(int argc, char **argv) {
                 err);
         goto out;
     }
-    fwd = start_forwarder(cfg, spool, err, sizeof err);
+    fwd = start_forwarder(cfg, spool, metrics, err, sizeof err);
     if (!fwd) {
         amp_log(AMP_LOG_ERROR, "forwarder failed to start", "{s:s}", "error", err);
         goto out;
     }
-    amp_spool_set_notify(spool, kick_forwarder, fwd);
     amp_forward_kick(fwd); /* resume what a previous run left pending */
 
     amp_metrics_set_collector(metrics, collect_spool, spool);

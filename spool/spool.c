@@ -519,6 +519,16 @@ static void free_ack_strings(amp_ack *a) {
     free((char *)a->conversation_id);
 }
 
+/* The notify callback may be swapped at any time: read it under the lock. */
+static void notify_waiter(amp_spool *s) {
+    pthread_mutex_lock(&s->q_mu);
+    void (*fn)(void *) = s->notify;
+    void *ctx = s->notify_ctx;
+    pthread_mutex_unlock(&s->q_mu);
+    if (fn)
+        fn(ctx);
+}
+
 /* ---- committer ----------------------------------------------------------- */
 
 static int step_done(sqlite3_stmt *st) {
@@ -702,8 +712,8 @@ static void commit_group(amp_spool *s, work *head) {
         w = next;
     }
 
-    if ((new_work || nacks) && s->notify)
-        s->notify(s->notify_ctx);
+    if (new_work || nacks)
+        notify_waiter(s);
 }
 
 /* Delete one bounded slice of expired rows; returns rows deleted. */
@@ -975,8 +985,8 @@ int64_t amp_spool_dlq_replay(amp_spool *s, const amp_dlq_filter *f) {
                            "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
                            "schedule_ms = ?8, finished_ms = NULL" DLQ_WHERE,
                            f);
-    if (n > 0 && s->notify)
-        s->notify(s->notify_ctx);
+    if (n > 0)
+        notify_waiter(s);
     return n;
 }
 

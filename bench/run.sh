@@ -1,0 +1,378 @@
+#!/usr/bin/env bash
+# bench/run.sh BUILD_DIR — the ingest benchmark behind `make bench`.
+#
+# 1. mhd_baseline (a bare libmicrohttpd server configured like amp2dify's)
+#    under wrk: the ceiling of the HTTP layer on this machine.
+# 2. amp2dify (examples/amp2dify.json with delivery limits lifted, log level
+#    warn) delivering to build/fake-dify, under the same wrk load with
+#    freshly signed, unique ~600-byte Amplitude events.
+# 3. The delivery side, read from amp2dify's spool once it has drained.
+# 4. build/bench/bench_mapping, when it exists.
+# Everything listens on 127.0.0.1 only; every step is bounded in time, and
+# the processes this script starts are stopped on any exit.
+#
+# Prints a summary block, then the same figures as one JSON line (also kept
+# in BUILD_DIR/bench/last-run.json). bench/README.md explains each figure.
+#
+# Knobs (environment): BENCH_DURATION (s per wrk run, 10), BENCH_THREADS (2),
+# BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 300000),
+# BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
+# BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
+set -uo pipefail
+
+BUILD=${1:-build}
+DURATION=${BENCH_DURATION:-10}
+THREADS=${BENCH_THREADS:-2}
+CONNS=${BENCH_CONNECTIONS:-64}
+NREQ=${BENCH_REQUESTS:-300000}
+BODY_BYTES=${BENCH_BODY_BYTES:-600}
+DRAIN_S=${BENCH_DRAIN_SECONDS:-30}
+BASELINE_NREQ=20000 # the baseline checks nothing, so a short corpus repeated is enough
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+cd "$ROOT" || exit 1
+
+# ---- plumbing ---------------------------------------------------------------
+
+STARTED=() # pids of the processes this script started
+WORK=""
+
+log() { printf '%s\n' "$*" >&2; }
+die() {
+    log "bench: $*"
+    exit 1
+}
+
+# PID TIMEOUT_S: SIGTERM, wait up to TIMEOUT_S, then SIGKILL. Sets STOP_STATUS
+# to the exit status (not echoed: wait only works in this shell, not in $(...)).
+STOP_STATUS=0
+stop_pid() {
+    local pid=$1 limit=$(($2 * 20)) i=0
+    kill -TERM "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null && ((i < limit)); do
+        sleep 0.05
+        i=$((i + 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "bench: pid $pid ignored SIGTERM for $2 s; killing it"
+        kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    STOP_STATUS=$?
+}
+
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do
+        kill -0 "$pid" 2>/dev/null && stop_pid "$pid" 5
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+            log "bench: kept $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Wait (at most 10 s) for "listening <port>" on the first line of FILE while
+# PID runs; echoes the port.
+wait_listening() {
+    local pid=$1 file=$2 i=0 port
+    while ((i < 200)); do
+        port=$(sed -n 's/^listening \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
+        [[ -n $port ]] && {
+            echo "$port"
+            return 0
+        }
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.05
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# The port of PID's listening TCP socket, found through /proc (amp2dify binds
+# port 0 and, at log level warn, does not print the port it got).
+listen_port_of() {
+    local pid=$1 fd link inodes=" " hex
+    for fd in /proc/"$pid"/fd/*; do
+        link=$(readlink "$fd" 2>/dev/null) || continue
+        [[ $link == socket:\[*\] ]] && inodes+="${link:8:${#link}-9} "
+    done
+    [[ $inodes == " " ]] && return 1
+    hex=$(awk -v want="$inodes" '$4 == "0A" && index(want, " " $10 " ") {
+              n = split($2, a, ":"); print a[n]; exit }' /proc/net/tcp /proc/net/tcp6 2>/dev/null)
+    [[ -n $hex ]] || return 1
+    echo $((16#$hex))
+}
+
+# One GET over bash's /dev/tcp; succeeds on a 200 answer.
+http_get_ok() {
+    local port=$1 path=$2 status=""
+    { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || return 1
+    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
+    IFS= read -r -t 2 status <&3
+    exec 3<&- 3>&-
+    [[ $status == "HTTP/1."?" 200"* ]]
+}
+
+kv() { # LINE KEY: the value of KEY=VALUE in a BENCH/SPOOL line (values have no spaces)
+    sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<" $1"
+}
+
+json_str() { # escape for a JSON string: backslash, quote, control characters
+    printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\000-\037'
+}
+
+calc() { awk "BEGIN { printf \"$1\", $2 }"; }
+
+# Run wrk with ingest.lua; echoes the BENCH line. LABEL URL CORPUS OUTFILE
+run_wrk() {
+    local label=$1 url=$2 corpus=$3 out=$4 line
+    BENCH_LABEL=$label timeout $((DURATION + 120)) \
+        wrk -t "$THREADS" -c "$CONNS" -d "${DURATION}s" --timeout 10s \
+        -s "$HERE/ingest.lua" "$url" -- "$corpus" "$THREADS" >"$out" 2>&1
+    line=$(grep '^BENCH ' "$out" | tail -n 1)
+    if [[ -z $line ]]; then
+        log "bench: wrk against $label printed no result:"
+        sed 's/^/    /' "$out" >&2
+        return 1
+    fi
+    echo "$line"
+}
+
+# ---- checks -------------------------------------------------------------------
+
+for b in amp2dify fake-dify bench/mhd_baseline bench/sign_corpus bench/spool_stat; do
+    [[ -x $BUILD/$b ]] || die "$BUILD/$b is missing; run 'make bench'"
+done
+command -v wrk >/dev/null || die "wrk is not installed (Debian package wrk)"
+command -v timeout >/dev/null || die "timeout (coreutils) is not installed"
+[[ $THREADS =~ ^[1-9][0-9]*$ && $CONNS =~ ^[1-9][0-9]*$ && $DURATION =~ ^[1-9][0-9]*$ ]] ||
+    die "BENCH_THREADS, BENCH_CONNECTIONS and BENCH_DURATION must be positive integers"
+((CONNS >= THREADS)) || die "BENCH_CONNECTIONS must be at least BENCH_THREADS"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/amp2dify-bench.XXXXXX") || die "cannot create a work directory"
+CPUS=$(nproc 2>/dev/null || echo 0)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+SPOOL_FS=$(stat -f -c %T "$WORK" 2>/dev/null || echo unknown)
+T_START=$(date +%s)
+
+log "bench: work directory $WORK (filesystem $SPOOL_FS), $CPUS CPUs, load average $LOAD_BEFORE"
+log "bench: wrk -t $THREADS -c $CONNS -d ${DURATION}s, $NREQ signed requests of ~$BODY_BYTES bytes"
+
+# ---- corpus -------------------------------------------------------------------
+
+# Random per run; only this script and the amp2dify it starts know them.
+AMP2DIFY_SECRETS="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+DIFY_API_KEY="app-bench-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')"
+export AMP2DIFY_SECRETS
+
+CORPUS=$WORK/corpus.tsv
+corpus_info=$("$BUILD/bench/sign_corpus" --secret-env AMP2DIFY_SECRETS --count "$NREQ" \
+    --size "$BODY_BYTES" --out "$CORPUS") || die "sign_corpus failed"
+log "bench: corpus $corpus_info"
+head -n "$BASELINE_NREQ" "$CORPUS" >"$WORK/baseline.tsv"
+
+# The corpus's MAC must be the one amp2dify computes, or every request is a
+# 401 and the run measures the error path.
+IFS=$'\t' read -r ts0 sig0 body0 <"$CORPUS"
+printf '%s' "$body0" >"$WORK/first-body.json"
+want=$("$BUILD/amp2dify" sign --secret-env AMP2DIFY_SECRETS --timestamp "$ts0" \
+    "$WORK/first-body.json" | sed -n 's/^X-Amplitude-Sig: sha256=//p')
+[[ $want == "$sig0" ]] || die "sign_corpus's signature ($sig0) differs from amp2dify sign's ($want)"
+
+# ---- 1. baseline --------------------------------------------------------------------
+
+"$BUILD/bench/mhd_baseline" --port 0 --threads 2 >"$WORK/baseline.out" 2>"$WORK/baseline.err" &
+BASE_PID=$!
+STARTED+=("$BASE_PID")
+BASE_PORT=$(wait_listening "$BASE_PID" "$WORK/baseline.out") ||
+    die "mhd_baseline did not start: $(cat "$WORK/baseline.err")"
+
+log "bench: baseline on 127.0.0.1:$BASE_PORT ..."
+BASE_LINE=$(run_wrk baseline "http://127.0.0.1:$BASE_PORT/webhooks/amplitude" \
+    "$WORK/baseline.tsv" "$WORK/wrk-baseline.txt") || die "baseline run failed"
+log "    $BASE_LINE"
+stop_pid "$BASE_PID" 5
+
+# ---- 2. amp2dify --------------------------------------------------------------------
+
+"$BUILD/fake-dify" --port 0 --key "$DIFY_API_KEY" --delay-ms 0 >"$WORK/fake.out" 2>"$WORK/fake.err" &
+FAKE_PID=$!
+STARTED+=("$FAKE_PID")
+FAKE_PORT=$(wait_listening "$FAKE_PID" "$WORK/fake.out") ||
+    die "fake-dify did not start: $(cat "$WORK/fake.err")"
+
+# The example config, with the app's delivery limits lifted so delivered/s
+# measures amp2dify rather than the example's 10 requests/s (0 = unlimited).
+CONFIG=$WORK/amp2dify.json
+sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0/; s/"max_in_flight": *[0-9]+/"max_in_flight": 64/' \
+    examples/amp2dify.json >"$CONFIG"
+export DIFY_API_KEY DIFY_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1" \
+    AMP2DIFY_LISTEN=127.0.0.1:0 AMP2DIFY_SPOOL="$WORK/spool.db" AMP2DIFY_LOG_LEVEL=warn
+"$BUILD/amp2dify" check-config -c "$CONFIG" >"$WORK/check-config.txt" 2>&1 ||
+    die "the bench config does not validate: $(cat "$WORK/check-config.txt")"
+
+"$BUILD/amp2dify" serve -c "$CONFIG" 2>"$WORK/amp2dify.log" &
+AMP_PID=$!
+STARTED+=("$AMP_PID")
+AMP_PORT=""
+for ((i = 0; i < 200; i++)); do
+    kill -0 "$AMP_PID" 2>/dev/null || break
+    AMP_PORT=$(listen_port_of "$AMP_PID") && http_get_ok "$AMP_PORT" /readyz && break
+    AMP_PORT=""
+    sleep 0.05
+done
+[[ -n $AMP_PORT ]] || die "amp2dify did not become ready: $(tail -n 20 "$WORK/amp2dify.log")"
+
+log "bench: amp2dify on 127.0.0.1:$AMP_PORT (pid $AMP_PID), fake Dify on 127.0.0.1:$FAKE_PORT ..."
+AMP_LINE=$(run_wrk amp2dify "http://127.0.0.1:$AMP_PORT/webhooks/amplitude" \
+    "$CORPUS" "$WORK/wrk-amp2dify.txt") || die "amp2dify run failed"
+T_LOAD_END=$(date +%s%3N)
+log "    $AMP_LINE"
+
+AMP_ALIVE=1
+kill -0 "$AMP_PID" 2>/dev/null || AMP_ALIVE=0
+
+# ---- 3. delivery --------------------------------------------------------------------
+
+SPOOL_LINE=""
+if ((AMP_ALIVE)); then
+    log "bench: waiting up to ${DRAIN_S}s for delivery to drain ..."
+    SPOOL_LINE=$("$BUILD/bench/spool_stat" --db "$WORK/spool.db" --wait-drain "$DRAIN_S") ||
+        log "bench: spool_stat failed"
+    kill -0 "$AMP_PID" 2>/dev/null || AMP_ALIVE=0
+fi
+PEAK_RSS_KB=$(awk '/^VmHWM:/ { print $2 }' /proc/"$AMP_PID"/status 2>/dev/null)
+PEAK_RSS_KB=${PEAK_RSS_KB:-0}
+stop_pid "$AMP_PID" 20
+AMP_EXIT=$STOP_STATUS
+stop_pid "$FAKE_PID" 10
+FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
+[[ -n $SPOOL_LINE ]] || SPOOL_LINE=$("$BUILD/bench/spool_stat" --db "$WORK/spool.db" 2>/dev/null)
+
+# ---- 4. mapping ---------------------------------------------------------------------
+
+MAPPING_LINE=""
+if [[ -x $BUILD/bench/bench_mapping ]]; then
+    log "bench: $BUILD/bench/bench_mapping ..."
+    MAPPING_LINE=$(timeout 60 "$BUILD/bench/bench_mapping" 2>"$WORK/mapping.err" |
+        grep -v '^[[:space:]]*$' | tail -n 1)
+    [[ -n $MAPPING_LINE ]] || log "bench: bench_mapping printed nothing: $(tail -n 5 "$WORK/mapping.err")"
+fi
+
+# ---- figures ------------------------------------------------------------------------
+
+b_rps=$(kv "$BASE_LINE" rps)
+a_rps=$(kv "$AMP_LINE" rps)
+ratio=$(calc "%.3f" "($b_rps > 0) ? $a_rps / $b_rps : 0")
+b_p50=$(calc "%.2f" "$(kv "$BASE_LINE" p50_us) / 1000")
+b_p99=$(calc "%.2f" "$(kv "$BASE_LINE" p99_us) / 1000")
+a_p50=$(calc "%.2f" "$(kv "$AMP_LINE" p50_us) / 1000")
+a_p99=$(calc "%.2f" "$(kv "$AMP_LINE" p99_us) / 1000")
+b_non2xx=$(kv "$BASE_LINE" non2xx)
+a_non2xx=$(kv "$AMP_LINE" non2xx)
+b_sock=$(kv "$BASE_LINE" socket_errors)
+a_sock=$(kv "$AMP_LINE" socket_errors)
+a_req=$(kv "$AMP_LINE" requests)
+a_wrapped=$(kv "$AMP_LINE" wrapped)
+a_statuses=$(kv "$AMP_LINE" statuses)
+a_first_error=${AMP_LINE#* first_error=}
+
+pending=$(kv "$SPOOL_LINE" pending)
+delivered=$(kv "$SPOOL_LINE" delivered)
+dead=$(kv "$SPOOL_LINE" dead)
+first_created=$(kv "$SPOOL_LINE" first_created_ms)
+last_finished=$(kv "$SPOOL_LINE" last_finished_ms)
+lag50=$(kv "$SPOOL_LINE" lag_p50_ms)
+lag99=$(kv "$SPOOL_LINE" lag_p99_ms)
+: "${pending:=0}" "${delivered:=0}" "${dead:=0}" "${first_created:=0}" "${last_finished:=0}"
+: "${lag50:=0}" "${lag99:=0}"
+stored=$((pending + delivered + dead))
+deliver_ms=$((last_finished > first_created ? last_finished - first_created : 0))
+delivered_per_s=$(calc "%.1f" "($deliver_ms > 0) ? $delivered * 1000 / $deliver_ms : 0")
+# Time from the end of the load to the last delivery; 0 when delivery kept up.
+drain_after_ms=$((last_finished > T_LOAD_END ? last_finished - T_LOAD_END : 0))
+fake_requests=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
+fake_delivered=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
+: "${fake_requests:=0}" "${fake_delivered:=0}"
+peak_rss_mib=$(calc "%.1f" "$PEAK_RSS_KB / 1024")
+amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
+: "${amp_warnings:=0}"
+
+problems=()
+((AMP_ALIVE)) || problems+=("amp2dify exited during the run (exit status $AMP_EXIT)")
+((AMP_ALIVE)) && [[ $AMP_EXIT != 0 ]] && problems+=("amp2dify exited with status $AMP_EXIT on SIGTERM")
+((a_non2xx > 0)) && problems+=("amp2dify answered $a_non2xx non-2xx ($a_statuses); first: $a_first_error")
+((a_sock > 0)) && problems+=("$a_sock socket errors against amp2dify (connect/read/write/timeout)")
+((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
+((pending > 0)) && problems+=("$pending deliveries still pending after ${DRAIN_S}s")
+((dead > 0)) && problems+=("$dead deliveries dead-lettered")
+((a_wrapped > 0)) && problems+=("the corpus wrapped $a_wrapped times: raise BENCH_REQUESTS (repeats count as duplicates)")
+# Every 2xx answer promised a stored event; the spool may hold a few more
+# (requests still in flight when wrk stopped count on the server only).
+((a_wrapped == 0 && stored < a_req - a_non2xx)) &&
+    problems+=("only $stored events stored for $((a_req - a_non2xx)) accepted requests")
+((fake_delivered > 0 && fake_delivered < delivered)) &&
+    problems+=("fake Dify saw $fake_delivered deliveries, the spool says $delivered")
+((amp_warnings > 0)) && problems+=("amp2dify logged $amp_warnings warning/error lines (see below)")
+
+cat <<EOF
+
+==== amp2dify ingest benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ)) ====
+load          wrk -t $THREADS -c $CONNS -d ${DURATION}s, POST of ~$BODY_BYTES-byte signed events
+host          $CPUS CPUs, load average before $LOAD_BEFORE, spool on $SPOOL_FS
+                        requests/s     p50 ms     p99 ms    non-2xx
+baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99" "$b_non2xx")
+amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
+ratio amp2dify/baseline  $ratio
+delivery      $delivered delivered ($dead dead, $pending pending) of $stored stored; fake Dify saw $fake_delivered
+              $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
+              spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
+peak RSS      $peak_rss_mib MiB (amp2dify VmHWM)
+EOF
+[[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
+if ((${#problems[@]})); then
+    echo "problems:"
+    printf '  - %s\n' "${problems[@]}"
+fi
+if ((amp_warnings > 0)); then
+    echo "amp2dify log (first 20 of $amp_warnings lines):"
+    head -n 20 "$WORK/amp2dify.log" | sed 's/^/  /'
+fi
+echo "run time      $(($(date +%s) - T_START)) s"
+echo
+
+mapping_json=null
+if [[ -n $MAPPING_LINE ]]; then
+    if [[ $MAPPING_LINE == \{*\} ]]; then
+        mapping_json=$MAPPING_LINE
+    else
+        mapping_json="\"$(json_str "$MAPPING_LINE")\""
+    fi
+fi
+problems_json=""
+for p in "${problems[@]}"; do
+    problems_json+="${problems_json:+,}\"$(json_str "$p")\""
+done
+
+JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
+\"load\":{\"duration_s\":$DURATION,\"threads\":$THREADS,\"connections\":$CONNS,\"body_bytes\":$BODY_BYTES,\"corpus\":$NREQ},\
+\"host\":{\"cpus\":$CPUS,\"loadavg_before\":\"$LOAD_BEFORE\",\"spool_fs\":\"$(json_str "$SPOOL_FS")\"},\
+\"baseline\":{\"rps\":$b_rps,\"p50_ms\":$b_p50,\"p99_ms\":$b_p99,\"non2xx\":$b_non2xx,\"socket_errors\":$b_sock},\
+\"amp2dify\":{\"rps\":$a_rps,\"p50_ms\":$a_p50,\"p99_ms\":$a_p99,\"non2xx\":$a_non2xx,\"socket_errors\":$a_sock,\"requests\":$a_req,\"wrapped\":$a_wrapped},\
+\"ratio\":$ratio,\
+\"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
+\"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
+\"peak_rss_kb\":$PEAK_RSS_KB,\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
+echo "$JSON"
+mkdir -p "$BUILD/bench" && echo "$JSON" >"$BUILD/bench/last-run.json"
+
+((AMP_ALIVE)) || exit 1
+exit 0
