@@ -47,6 +47,9 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
 }
 
 void amp_handlers_destroy(amp_handlers *h) {
+    if (!h)
+        return;
+    free(h->proxies);
     free(h);
 }
 

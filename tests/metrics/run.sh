@@ -7,7 +7,12 @@ BUILD=${1:-build}
 BIN=$BUILD/amp2dify
 FAKE=$BUILD/fake-dify
 PROMTOOL=$(command -v promtool || true)
-[ -n "$PROMTOOL" ] || { echo "metrics test: promtool missing (apt-get install prometheus)" >&2; exit 1; }
+[ -n "$PROMTOOL" ] || { # A clean stop: exit 0 and, in sanitizer builds, no report.
+kill -TERM "$amp_pid"
+rc=0; wait "$amp_pid" || rc=$?
+[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
+if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
+echo "metrics test: promtool missing (apt-get install prometheus)" >&2; exit 1; }
 
 tmp=$(mktemp -d /tmp/amp2dify-metrics-XXXXXX)
 pids=()
@@ -33,6 +38,7 @@ AMP2DIFY_SECRETS=$secret DIFY_API_KEY=$key DIFY_BASE_URL=http://127.0.0.1:$dify_
 AMP2DIFY_LISTEN=127.0.0.1:$amp_port AMP2DIFY_SPOOL=$tmp/spool.db \
     "$BIN" serve -c examples/amp2dify.json 2> "$tmp/amp2dify.log" &
 pids+=($!)
+amp_pid=$!
 base=http://127.0.0.1:$amp_port
 for _ in $(seq 1 100); do curl -fsS -o /dev/null "$base/healthz" 2>/dev/null && break; sleep 0.1; done
 

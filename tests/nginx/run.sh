@@ -9,7 +9,12 @@ BIN=$BUILD/amp2dify
 FAKE=$BUILD/fake-dify
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [ ! -x "$NGINX" ]; then
-    echo "nginx test: nginx is not installed (apt-get install nginx-light)" >&2
+    # A clean stop: exit 0 and, in sanitizer builds, no report.
+kill -TERM "$amp_pid"
+rc=0; wait "$amp_pid" || rc=$?
+[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
+if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
+echo "nginx test: nginx is not installed (apt-get install nginx-light)" >&2
     exit 1
 fi
 
@@ -54,6 +59,7 @@ DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 AMP2DIFY_LISTEN=127.0.0.1:$amp_port
 AMP2DIFY_SPOOL=$tmp/spool.db \
     "$BIN" serve -c examples/amp2dify.json 2> "$tmp/amp2dify.log" &
 pids+=($!)
+amp_pid=$!
 wait_http "http://127.0.0.1:$amp_port/healthz" || fail "amp2dify did not start"
 
 # The checked-in template, with its two variables filled in, inside a
