@@ -9,12 +9,7 @@ BIN=$BUILD/amp2dify
 FAKE=$BUILD/fake-dify
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [ ! -x "$NGINX" ]; then
-    # A clean stop: exit 0 and, in sanitizer builds, no report.
-kill -TERM "$amp_pid"
-rc=0; wait "$amp_pid" || rc=$?
-[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
-if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
-echo "nginx test: nginx is not installed (apt-get install nginx-light)" >&2
+    echo "nginx test: nginx is not installed (apt-get install nginx-light)" >&2
     exit 1
 fi
 
@@ -115,4 +110,9 @@ done
 kill -TERM "$fake_pid"
 wait "$fake_pid" 2>/dev/null || true
 grep -q '"delivered":1' "$tmp/fake.out" || fail "fake Dify summary: $(cat "$tmp/fake.out")"
+# A clean stop: exit 0 and, in sanitizer builds, no report.
+kill -TERM "$amp_pid"
+rc=0; wait "$amp_pid" || rc=$?
+[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
+if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
 echo "nginx test: signed delivery through nginx ok, client address 127.0.0.2 logged, 413 from nginx"
