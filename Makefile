@@ -49,6 +49,8 @@ BENCH_SRCS := $(wildcard bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all test test-run unit e2e run deps clean bench format format-check
+# Keep test objects between runs (they are intermediate files to make).
+.SECONDARY:
 
 all: $(BIN)
 
