@@ -43,8 +43,7 @@ typedef struct req {
 } req;
 
 static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const char *body,
-                             size_t len)
-{
+                             size_t len) {
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_PERSISTENT);
     if (!resp)
@@ -60,10 +59,8 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
 }
 
 static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const char *url,
-                                 const char *method, const char *version,
-                                 const char *upload_data, size_t *upload_data_size,
-                                 void **req_cls)
-{
+                                 const char *method, const char *version, const char *upload_data,
+                                 size_t *upload_data_size, void **req_cls) {
     (void)url;
     (void)method;
     (void)version;
@@ -86,14 +83,12 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const c
     atomic_fetch_add(&c->requests, 1);
     atomic_fetch_add(&c->body_bytes, r->body.len);
     if (r->too_large)
-        return reply(conn, MHD_HTTP_CONTENT_TOO_LARGE, reply_too_large,
-                     sizeof reply_too_large - 1);
+        return reply(conn, MHD_HTTP_CONTENT_TOO_LARGE, reply_too_large, sizeof reply_too_large - 1);
     return reply(conn, MHD_HTTP_OK, reply_ok, sizeof reply_ok - 1);
 }
 
 static void completed_cb(void *cls, struct MHD_Connection *conn, void **req_cls,
-                         enum MHD_RequestTerminationCode toe)
-{
+                         enum MHD_RequestTerminationCode toe) {
     (void)cls;
     (void)conn;
     (void)toe;
@@ -105,14 +100,12 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **req_cls,
     *req_cls = NULL;
 }
 
-static int usage(void)
-{
+static int usage(void) {
     fprintf(stderr, "usage: mhd_baseline [--port P] [--threads N]\n");
     return 2;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     int64_t port = 0, threads = 2;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -169,7 +162,8 @@ int main(int argc, char **argv)
             sig = 0;
     } while (sig != SIGTERM && sig != SIGINT);
     MHD_stop_daemon(d);
-    printf("{\"requests\":%llu,\"body_bytes\":%llu}\n", (unsigned long long)atomic_load(&c.requests),
+    printf("{\"requests\":%llu,\"body_bytes\":%llu}\n",
+           (unsigned long long)atomic_load(&c.requests),
            (unsigned long long)atomic_load(&c.body_bytes));
     fflush(stdout);
     return 0;

@@ -77,7 +77,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'log "bench: interrupted"; exit 130' INT TERM
 
 # Wait (at most 10 s) for "listening <port>" on the first line of FILE while
 # PID runs; echoes the port.
@@ -119,6 +119,25 @@ http_get_ok() {
     IFS= read -r -t 2 status <&3
     exec 3<&- 3>&-
     [[ $status == "HTTP/1."?" 200"* ]]
+}
+
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# CPU time (user + system, ms) of PID: the whole process, or with a thread
+# name prefix only its live threads whose name starts with it (libmicrohttpd
+# names its threads "MHD-...").
+cpu_ms() {
+    local pid=$1 prefix=${2:-} file stat comm ticks=0 f
+    local files=("/proc/$pid/stat")
+    [[ -n $prefix ]] && files=(/proc/"$pid"/task/*/stat)
+    for file in "${files[@]}"; do
+        stat=$(cat "$file" 2>/dev/null) || continue
+        comm=${stat#*\(}
+        comm=${comm%\)*}
+        [[ -n $prefix && $comm != "$prefix"* ]] && continue
+        read -r -a f <<<"${stat##*) }" # f[0] is field 3 (state): utime is f[11], stime f[12]
+        ticks=$((ticks + f[11] + f[12]))
+    done
+    echo $((ticks * 1000 / CLK_TCK))
 }
 
 kv() { # LINE KEY: the value of KEY=VALUE in a BENCH/SPOOL line (values have no spaces)
@@ -199,6 +218,7 @@ log "bench: baseline on 127.0.0.1:$BASE_PORT ..."
 BASE_LINE=$(run_wrk baseline "http://127.0.0.1:$BASE_PORT/webhooks/amplitude" \
     "$WORK/baseline.tsv" "$WORK/wrk-baseline.txt") || die "baseline run failed"
 log "    $BASE_LINE"
+BASE_CPU_MS=$(cpu_ms "$BASE_PID")
 stop_pid "$BASE_PID" 5
 
 # ---- 2. amp2dify --------------------------------------------------------------------
@@ -251,6 +271,9 @@ if ((AMP_ALIVE)); then
 fi
 PEAK_RSS_KB=$(awk '/^VmHWM:/ { print $2 }' /proc/"$AMP_PID"/status 2>/dev/null)
 PEAK_RSS_KB=${PEAK_RSS_KB:-0}
+AMP_CPU_MS=$(cpu_ms "$AMP_PID")
+AMP_HTTP_CPU_MS=$(cpu_ms "$AMP_PID" MHD-)
+FAKE_CPU_MS=$(cpu_ms "$FAKE_PID")
 stop_pid "$AMP_PID" 20
 AMP_EXIT=$STOP_STATUS
 stop_pid "$FAKE_PID" 10
@@ -262,8 +285,9 @@ FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 MAPPING_LINE=""
 if [[ -x $BUILD/bench/bench_mapping ]]; then
     log "bench: $BUILD/bench/bench_mapping ..."
+    # Its lines, joined with "; " (or its one JSON line as it is).
     MAPPING_LINE=$(timeout 60 "$BUILD/bench/bench_mapping" 2>"$WORK/mapping.err" |
-        grep -v '^[[:space:]]*$' | tail -n 1)
+        awk 'NF { $1 = $1; out = out (out == "" ? "" : "; ") $0 } END { print out }')
     [[ -n $MAPPING_LINE ]] || log "bench: bench_mapping printed nothing: $(tail -n 5 "$WORK/mapping.err")"
 fi
 
@@ -303,16 +327,28 @@ fake_requests=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
 fake_delivered=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
 : "${fake_requests:=0}" "${fake_delivered:=0}"
 peak_rss_mib=$(calc "%.1f" "$PEAK_RSS_KB / 1024")
+b_req=$(kv "$BASE_LINE" requests)
+b_cpu_us=$(calc "%.1f" "($b_req > 0) ? $BASE_CPU_MS * 1000 / $b_req : 0")
+a_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_CPU_MS * 1000 / $stored : 0")
+a_http_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_HTTP_CPU_MS * 1000 / $stored : 0")
+a_other_cpu_us=$(calc "%.1f" "($stored > 0) ? ($AMP_CPU_MS - $AMP_HTTP_CPU_MS) * 1000 / $stored : 0")
+f_cpu_us=$(calc "%.1f" "($fake_requests > 0) ? $FAKE_CPU_MS * 1000 / $fake_requests : 0")
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
 problems=()
-((AMP_ALIVE)) || problems+=("amp2dify exited during the run (exit status $AMP_EXIT)")
+if ((!AMP_ALIVE)); then
+    if [[ $AMP_EXIT == 0 ]]; then
+        problems+=("amp2dify exited during the run with status 0: a clean shutdown, so something outside the benchmark sent it SIGTERM or SIGINT")
+    else
+        problems+=("amp2dify exited during the run (exit status $AMP_EXIT; above 128: killed by signal status-128)")
+    fi
+fi
 ((AMP_ALIVE)) && [[ $AMP_EXIT != 0 ]] && problems+=("amp2dify exited with status $AMP_EXIT on SIGTERM")
 ((a_non2xx > 0)) && problems+=("amp2dify answered $a_non2xx non-2xx ($a_statuses); first: $a_first_error")
 ((a_sock > 0)) && problems+=("$a_sock socket errors against amp2dify (connect/read/write/timeout)")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
-((pending > 0)) && problems+=("$pending deliveries still pending after ${DRAIN_S}s")
+((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
 ((a_wrapped > 0)) && problems+=("the corpus wrapped $a_wrapped times: raise BENCH_REQUESTS (repeats count as duplicates)")
 # Every 2xx answer promised a stored event; the spool may hold a few more
@@ -336,6 +372,8 @@ delivery      $delivered delivered ($dead dead, $pending pending) of $stored sto
               $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
               spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
 peak RSS      $peak_rss_mib MiB (amp2dify VmHWM)
+CPU           baseline $b_cpu_us us/request; amp2dify $a_cpu_us us/event stored and delivered
+              (HTTP threads $a_http_cpu_us, other threads $a_other_cpu_us); fake Dify $f_cpu_us us/request
 EOF
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
 if ((${#problems[@]})); then
@@ -370,7 +408,8 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"ratio\":$ratio,\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
-\"peak_rss_kb\":$PEAK_RSS_KB,\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
+\"peak_rss_kb\":$PEAK_RSS_KB,\
+\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"fake_dify_per_request\":$f_cpu_us},\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
 echo "$JSON"
 mkdir -p "$BUILD/bench" && echo "$JSON" >"$BUILD/bench/last-run.json"
 

@@ -61,8 +61,7 @@ static const char *const models[] = {"gpt-4o-mini", "claude-3-5-sonnet", "llama-
 
 /* splitmix64: a cheap, well-mixed stream from a counter; the corpus only
  * needs variety, and a fixed sequence keeps runs comparable. */
-static uint64_t mix(uint64_t x)
-{
+static uint64_t mix(uint64_t x) {
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -72,8 +71,7 @@ static uint64_t mix(uint64_t x)
 /* One event body into out[BODY_CAP]; returns its length, or -1 when the
  * fields alone exceed the buffer. pad is the number of filler characters in
  * event_properties.page_url. */
-static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, size_t pad)
-{
+static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, size_t pad) {
     static char filler[PAD_FIELD_MAX + 1];
     if (!filler[0]) {
         for (size_t k = 0; k < PAD_FIELD_MAX; k++)
@@ -107,15 +105,14 @@ static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, si
         (unsigned long long)(mix(dev) & 0xffffffffffffULL), run_id, (unsigned long long)i,
         (long long)ts * 1000, pf[0], pf[1], country, user % 256, (user / 256) % 256,
         (unsigned)(r >> 48) % 256, PICK(features, r >> 5), PICK(models, r >> 7), prompt_tokens,
-        completion_tokens, latency, (r >> 33) % 20 ? "true" : "false", user % 97, (int)pad,
-        filler, PICK(first_names, user), PICK(last_names, user >> 3), PICK(plans, user >> 5),
-        user % 500, 1 + user % 50);
+        completion_tokens, latency, (r >> 33) % 20 ? "true" : "false", user % 97, (int)pad, filler,
+        PICK(first_names, user), PICK(last_names, user >> 3), PICK(plans, user >> 5), user % 500,
+        1 + user % 50);
     return n < 0 || n >= BODY_CAP ? -1 : n;
 }
 
 static int sign(const char *secret, size_t secret_len, int64_t ts, const char *body, size_t len,
-                char hex[65])
-{
+                char hex[65]) {
     char msg[BODY_CAP + 32];
     int prefix = snprintf(msg, sizeof msg, "%lld.", (long long)ts);
     if (prefix < 0 || (size_t)prefix + len > sizeof msg)
@@ -136,15 +133,13 @@ static int sign(const char *secret, size_t secret_len, int64_t ts, const char *b
     return 0;
 }
 
-static int usage(void)
-{
+static int usage(void) {
     fprintf(stderr, "usage: sign_corpus --secret-env VAR --count N --out FILE [--size BYTES] "
                     "[--timestamp T] [--run-id ID]\n");
     return 2;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     const char *secret_env = NULL, *out_path = NULL, *run_id = NULL;
     int64_t count = -1, size = 600, ts = (int64_t)time(NULL);
     for (int i = 1; i < argc; i++) {

@@ -28,8 +28,7 @@
 
 #define POLL_MS 100
 
-static int query_i64(sqlite3 *db, const char *sql, int64_t *out)
-{
+static int query_i64(sqlite3 *db, const char *sql, int64_t *out) {
     sqlite3_stmt *st = NULL;
     int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
     if (rc == SQLITE_OK) {
@@ -49,8 +48,7 @@ static int query_i64(sqlite3 *db, const char *sql, int64_t *out)
 }
 
 /* The q-quantile (0..1) of finished_ms - created_ms over delivered rows. */
-static int lag_quantile(sqlite3 *db, int64_t delivered, double q, int64_t *out)
-{
+static int lag_quantile(sqlite3 *db, int64_t delivered, double q, int64_t *out) {
     *out = 0;
     if (delivered <= 0)
         return 0;
@@ -63,20 +61,17 @@ static int lag_quantile(sqlite3 *db, int64_t delivered, double q, int64_t *out)
     return query_i64(db, sql, out);
 }
 
-static void sleep_ms(long ms)
-{
+static void sleep_ms(long ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
 }
 
-static int usage(void)
-{
+static int usage(void) {
     fprintf(stderr, "usage: spool_stat --db PATH [--wait-drain SECONDS]\n");
     return 2;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     const char *path = NULL;
     int64_t wait_s = 0;
     for (int i = 1; i < argc; i++) {
@@ -128,8 +123,8 @@ int main(int argc, char **argv)
            "last_created_ms=%lld last_finished_ms=%lld drain_wait_ms=%lld lag_p50_ms=%lld "
            "lag_p99_ms=%lld\n",
            (long long)pending, (long long)delivered, (long long)dead, (long long)first_created,
-           (long long)last_created, (long long)last_finished, (long long)waited,
-           (long long)lag50, (long long)lag99);
+           (long long)last_created, (long long)last_finished, (long long)waited, (long long)lag50,
+           (long long)lag99);
     rc = 0;
 out:
     sqlite3_close(db);

@@ -18,8 +18,7 @@ struct amp_cidr {
     unsigned bits;
 };
 
-static int parse_cidr(const char *s, amp_cidr *out)
-{
+static int parse_cidr(const char *s, amp_cidr *out) {
     char host[INET6_ADDRSTRLEN + 1];
     const char *slash = strchr(s, '/');
     size_t n = slash ? (size_t)(slash - s) : strlen(s);
@@ -46,8 +45,7 @@ static int parse_cidr(const char *s, amp_cidr *out)
     return 0;
 }
 
-amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count)
-{
+amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count) {
     amp_cidr *out = amp_xcalloc(n + 1, sizeof *out);
     *count = 0;
     for (size_t i = 0; i < n; i++)
@@ -56,8 +54,7 @@ amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count)
     return out;
 }
 
-static int in_cidr(const amp_cidr *c, int family, const unsigned char *addr)
-{
+static int in_cidr(const amp_cidr *c, int family, const unsigned char *addr) {
     if (c->family != family)
         return 0;
     unsigned full = c->bits / 8, rest = c->bits % 8;
@@ -70,8 +67,7 @@ static int in_cidr(const amp_cidr *c, int family, const unsigned char *addr)
 }
 
 /* Parse a textual address; IPv4-mapped IPv6 peers count as IPv4. */
-static int parse_addr(const char *s, size_t len, int *family, unsigned char *addr)
-{
+static int parse_addr(const char *s, size_t len, int *family, unsigned char *addr) {
     char buf[INET6_ADDRSTRLEN + 1];
     while (len > 0 && (*s == ' ' || *s == '\t'))
         s++, len--;
@@ -88,23 +84,20 @@ static int parse_addr(const char *s, size_t len, int *family, unsigned char *add
     return -1;
 }
 
-static int trusted(const amp_handlers *h, int family, const unsigned char *addr)
-{
-    for (size_t i = 0; i < h->nproxies; i++)
-        if (in_cidr(&h->proxies[i], family, addr))
+static int trusted(const amp_handlers_gen *g, int family, const unsigned char *addr) {
+    for (size_t i = 0; i < g->nproxies; i++)
+        if (in_cidr(&g->proxies[i], family, addr))
             return 1;
     return 0;
 }
 
-static void format_addr(int family, const unsigned char *addr, char *out, size_t len)
-{
+static void format_addr(int family, const unsigned char *addr, char *out, size_t len) {
     if (!inet_ntop(family, addr, out, (socklen_t)len))
         snprintf(out, len, "unknown");
 }
 
-void amp_client_address(const amp_handlers *h, struct MHD_Connection *conn, char *out,
-                        size_t len)
-{
+void amp_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
+                        size_t len) {
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
     unsigned char addr[16] = {0};
@@ -126,7 +119,7 @@ void amp_client_address(const amp_handlers *h, struct MHD_Connection *conn, char
         return;
     }
     format_addr(family, addr, out, len);
-    if (!trusted(h, family, addr))
+    if (!trusted(g, family, addr))
         return;
 
     const char *real = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Real-IP");
@@ -148,7 +141,7 @@ void amp_client_address(const amp_handlers *h, struct MHD_Connection *conn, char
         if (parse_addr(start, (size_t)(end - start), &f, a) != 0)
             return; /* garbage: keep the last address we trust */
         format_addr(f, a, out, len);
-        if (!trusted(h, f, a))
+        if (!trusted(g, f, a))
             return;
         end = start > xff ? start - 1 : xff;
     }

@@ -31,6 +31,10 @@ typedef struct amp_handlers amp_handlers;
 amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics);
 void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
 
+/* Serve new requests under cfg (borrowed; it and every config given before
+ * must outlive the handlers: requests under way keep theirs). */
+void amp_handlers_set_config(amp_handlers *h, const amp_config *cfg);
+
 /* Draining: /readyz answers 503 and new webhook requests get 503
  * unavailable with Retry-After, while requests already accepted finish. */
 void amp_handlers_set_draining(amp_handlers *h, bool draining);

@@ -13,10 +13,18 @@
 
 typedef struct amp_cidr amp_cidr;
 
-struct amp_handlers {
+/* One loaded config and what is derived from it. Replaced on reload; old
+ * generations stay until amp_handlers_destroy, so a request keeps the one
+ * it started with. */
+typedef struct amp_handlers_gen {
+    const amp_config *cfg;
     amp_cidr *proxies; /* listen.trusted_proxies, parsed */
     size_t nproxies;
-    const amp_config *cfg;
+    struct amp_handlers_gen *older;
+} amp_handlers_gen;
+
+struct amp_handlers {
+    _Atomic(amp_handlers_gen *) gen;
     amp_spool *spool;
     amp_metrics *metrics;
     amp_series *ingest_seconds;
@@ -33,11 +41,12 @@ typedef enum { REQ_READING, REQ_WAITING, REQ_DONE } amp_req_state;
 /* One HTTP request; created on the first callback, freed on completion. */
 struct amp_req {
     amp_handlers *h;
+    const amp_handlers_gen *gen; /* the config this request runs under */
     struct MHD_Connection *conn;
     amp_endpoint_fn endpoint;
     char request_id[64];
-    char client[64]; /* see client.c */
-    int64_t start_ms; /* monotonic */
+    char client[64];   /* see client.c */
+    int64_t start_ms;  /* monotonic */
     unsigned status;   /* the answer's status, once queued */
     const char *error; /* its error code (static), for the access log */
     bool webhook;
@@ -63,7 +72,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r);
 
 /* client.c */
 amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count); /* caller owns */
-void amp_client_address(const amp_handlers *h, struct MHD_Connection *conn, char *out,
+void amp_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
                         size_t len);
 
 /* metrics.c */

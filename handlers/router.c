@@ -27,11 +27,10 @@ static const route routes[] = {
 
 amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics) {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
-    h->cfg = cfg;
+    atomic_init(&h->gen, NULL);
+    amp_handlers_set_config(h, cfg);
     h->spool = spool;
     h->metrics = metrics;
-    h->proxies = amp_client_parse_proxies(cfg->listen.trusted_proxies,
-                                          cfg->listen.ntrusted_proxies, &h->nproxies);
     h->ingest_seconds = amp_metrics_series(metrics, "amp2dify_ingest_duration_seconds", NULL);
     h->events_accepted =
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "accepted", NULL);
@@ -46,10 +45,23 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
     return h;
 }
 
+void amp_handlers_set_config(amp_handlers *h, const amp_config *cfg) {
+    amp_handlers_gen *g = amp_xcalloc(1, sizeof *g);
+    g->cfg = cfg;
+    g->proxies = amp_client_parse_proxies(cfg->listen.trusted_proxies, cfg->listen.ntrusted_proxies,
+                                          &g->nproxies);
+    g->older = atomic_load(&h->gen);
+    atomic_store(&h->gen, g);
+}
+
 void amp_handlers_destroy(amp_handlers *h) {
     if (!h)
         return;
-    free(h->proxies);
+    for (amp_handlers_gen *g = atomic_load(&h->gen), *older; g; g = older) {
+        older = g->older;
+        free(g->proxies);
+        free(g);
+    }
     free(h);
 }
 
@@ -81,9 +93,9 @@ static void set_request_id(amp_req *r) {
         snprintf(r->request_id + 2 * i, 3, "%02x", raw[i]);
 }
 
-static const route *match(const amp_handlers *h, const char *url) {
+static const route *match(const amp_config *cfg, const char *url) {
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
-        const char *path = routes[i].path ? routes[i].path : h->cfg->listen.path;
+        const char *path = routes[i].path ? routes[i].path : cfg->listen.path;
         if (strcmp(path, url) == 0)
             return &routes[i];
     }
@@ -92,7 +104,7 @@ static const route *match(const amp_handlers *h, const char *url) {
 
 static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
                                   const char *method) {
-    const route *rt = match(h, url);
+    const route *rt = match(r->gen->cfg, url);
     if (!rt)
         return amp_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
     if (strcmp(method, rt->method) != 0) {
@@ -118,12 +130,13 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
     if (!r) {
         r = amp_xcalloc(1, sizeof *r);
         r->h = h;
+        r->gen = atomic_load(&h->gen);
         r->conn = conn;
         r->start_ms = amp_mono_ms();
-        amp_buf_init(&r->body, h->cfg->listen.max_body_bytes);
+        amp_buf_init(&r->body, r->gen->cfg->listen.max_body_bytes);
         atomic_init(&r->state, REQ_READING);
         set_request_id(r);
-        amp_client_address(h, conn, r->client, sizeof r->client);
+        amp_client_address(r->gen, conn, r->client, sizeof r->client);
         *req_cls = r;
         return first_call(h, r, url, method);
     }
@@ -162,12 +175,12 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
         if (r->status == MHD_HTTP_ACCEPTED)
             amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:i, s:i, s:i, s:I}", "request_id",
                     r->request_id, "client", r->client, "status", (int)r->status, "accepted",
-                    (int)r->result.accepted, "duplicates", (int)r->result.duplicates,
-                    "filtered", (int)r->filtered, "ms", (json_int_t)ms);
+                    (int)r->result.accepted, "duplicates", (int)r->result.duplicates, "filtered",
+                    (int)r->filtered, "ms", (json_int_t)ms);
         else
             amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:s?, s:i, s:I}", "request_id",
-                    r->request_id, "client", r->client, "status", (int)r->status, "error",
-                    r->error, "termination", (int)toe, "ms", (json_int_t)ms);
+                    r->request_id, "client", r->client, "status", (int)r->status, "error", r->error,
+                    "termination", (int)toe, "ms", (json_int_t)ms);
     } else if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
         amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:s, s:i}", "request_id",
                 r->request_id, "client", r->client, "reason", (int)toe);

@@ -33,6 +33,7 @@ static bool is_json_type(const char *ct) {
 }
 
 enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r) {
+    (void)h; /* the config comes with the request (r->gen) */
     const char *ct =
         MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (!is_json_type(ct)) {
@@ -45,11 +46,11 @@ enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r) {
         MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     int64_t len;
     if (cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
-        (uint64_t)len > h->cfg->listen.max_body_bytes) {
+        (uint64_t)len > r->gen->cfg->listen.max_body_bytes) {
         r->endpoint = NULL;
         char detail[96];
         snprintf(detail, sizeof detail, "the body is larger than %zu bytes",
-                 h->cfg->listen.max_body_bytes);
+                 r->gen->cfg->listen.max_body_bytes);
         return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
     return MHD_YES;
@@ -135,7 +136,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         break;
     }
 
-    const amp_config *cfg = h->cfg;
+    const amp_config *cfg = r->gen->cfg;
     if (r->too_large) {
         char detail[96];
         snprintf(detail, sizeof detail, "the body is larger than %zu bytes",

@@ -6,10 +6,15 @@
  * SIGTERM/SIGINT: /readyz turns 503 and new webhooks get 503, the requests
  * already handed to the spool are committed and answered, then HTTP stops,
  * the workers finish or hand back their deliveries, and the spool closes.
+ * SIGHUP: the config file is loaded again; if it is valid and changes only
+ * what can change while running (auth, secrets, routes, log level, body
+ * limit, webhook path, trusted proxies), new requests use it at once, else
+ * the errors are logged and the running config stays.
  */
 #include <curl/curl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -28,6 +33,69 @@
 /* Upper bound on waiting for the spool to answer suspended requests. */
 #define DRAIN_MAX_MS 10000
 
+/* The first key whose change needs a restart: the listening socket, the
+ * spool, and what the forwarder holds (Dify settings, apps and their keys).
+ * NULL when none changed. */
+static const char *restart_only_change(const amp_config *a, const amp_config *b) {
+    if (strcmp(a->listen.address, b->listen.address) || a->listen.port != b->listen.port)
+        return "listen.address/port";
+    if (a->listen.threads != b->listen.threads ||
+        a->listen.connection_limit != b->listen.connection_limit ||
+        a->listen.per_ip_connection_limit != b->listen.per_ip_connection_limit ||
+        a->listen.connection_timeout_s != b->listen.connection_timeout_s)
+        return "listen (threads, connection limits, timeout)";
+    if (strcmp(a->spool.path, b->spool.path) || a->spool.sync_normal != b->spool.sync_normal ||
+        a->spool.dedupe_window_s != b->spool.dedupe_window_s ||
+        a->spool.max_pending != b->spool.max_pending ||
+        a->spool.retention_s != b->spool.retention_s)
+        return "spool";
+    if (strcmp(a->dify.base_url, b->dify.base_url) || a->dify.timeout_s != b->dify.timeout_s ||
+        a->dify.connect_timeout_s != b->dify.connect_timeout_s ||
+        a->dify.workers != b->dify.workers ||
+        a->dify.retry_initial_ms != b->dify.retry_initial_ms ||
+        a->dify.retry_max_ms != b->dify.retry_max_ms ||
+        a->dify.retry_max_age_s != b->dify.retry_max_age_s)
+        return "dify";
+    size_t n = amp_mapper_app_count(a->mapper);
+    if (n != amp_mapper_app_count(b->mapper))
+        return "apps";
+    for (size_t i = 0; i < n; i++) {
+        const amp_app *x = amp_mapper_app(a->mapper, i), *y = amp_mapper_app(b->mapper, i);
+        if (strcmp(x->name, y->name) || x->endpoint != y->endpoint ||
+            x->streaming != y->streaming || x->rate_per_sec != y->rate_per_sec ||
+            x->burst != y->burst || x->max_in_flight != y->max_in_flight ||
+            strcmp(a->api_keys[i], b->api_keys[i]))
+            return "apps";
+    }
+    return NULL;
+}
+
+/* Load the config again; on success it becomes *cfg and the old one joins
+ * the retired list (requests under way may still use it). */
+static void reload(const char *path, amp_config **cfg, amp_handlers *handlers,
+                   amp_config ***retired, size_t *nretired) {
+    amp_errs *errs = amp_errs_create();
+    amp_config *next = amp_config_load(path, AMP_CONFIG_SECRETS, errs);
+    const char *fixed = next ? restart_only_change(*cfg, next) : NULL;
+    if (!next) {
+        for (size_t i = 0; i < amp_errs_count(errs); i++)
+            amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s}", "file", path, "error",
+                    amp_errs_get(errs, i));
+    } else if (fixed) {
+        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", path, "changed", fixed,
+                "error", "this part of the config only changes with a restart");
+        amp_config_destroy(next);
+    } else {
+        amp_handlers_set_config(handlers, next);
+        amp_log_set_level(next->log_level);
+        *retired = amp_xrealloc(*retired, (*nretired + 1) * sizeof **retired);
+        (*retired)[(*nretired)++] = *cfg;
+        *cfg = next;
+        amp_log(AMP_LOG_INFO, "config reloaded", "{s:s}", "file", path);
+    }
+    amp_errs_destroy(errs);
+}
+
 /* Gauges read from the spool at each scrape. */
 static void collect_spool(void *ctx, amp_metrics *m) {
     amp_spool *spool = ctx;
@@ -40,8 +108,8 @@ static void collect_spool(void *ctx, amp_metrics *m) {
                    amp_spool_writable(spool) ? 1 : 0);
 }
 
-static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool,
-                                    amp_metrics *metrics, char *err, size_t errlen) {
+static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,
+                                    char *err, size_t errlen) {
     size_t napps = amp_mapper_app_count(cfg->mapper);
     const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
     for (size_t i = 0; i < napps; i++)
@@ -106,6 +174,8 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_handlers *handlers = NULL;
     amp_http *http = NULL;
     amp_metrics *metrics = amp_metrics_create();
+    amp_config **retired = NULL; /* configs replaced by SIGHUP, freed at exit */
+    size_t nretired = 0;
 
     amp_spool_opts sopts = amp_config_spool_opts(cfg);
     spool = amp_spool_open(&sopts, err, sizeof err);
@@ -148,7 +218,7 @@ int amp_cmd_serve(int argc, char **argv) {
             break;
         }
         if (sig == SIGHUP)
-            amp_log(AMP_LOG_WARN, "SIGHUP ignored: reload is not supported yet", NULL);
+            reload(path, &cfg, handlers, &retired, &nretired);
     }
 
     /* New webhooks now get 503; wait until every request handed to the
@@ -172,6 +242,9 @@ out:
     curl_global_cleanup();
     if (rc == 0)
         amp_log(AMP_LOG_INFO, "stopped", NULL);
+    for (size_t i = 0; i < nretired; i++)
+        amp_config_destroy(retired[i]);
+    free(retired);
     amp_config_destroy(cfg);
     return rc;
 }

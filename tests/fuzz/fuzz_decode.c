@@ -1,0 +1,93 @@
+/*
+ * fuzz_decode — request body decoding and validation (amp_decode_body in
+ * mapping/decode.c) and the calendar-time parser it uses.
+ *
+ * Input: a request body, verbatim.
+ *
+ * Properties checked:
+ *  - success gives a non-empty array of objects, each with a non-empty
+ *    string event_type and a user_id or device_id, serialisable as JSON;
+ *    failure gives no events and a non-empty reason;
+ *  - decoding is deterministic;
+ *  - time: whatever Amplitude's strict event_time format accepts, the
+ *    lenient format accepts with the same value, and a formatted time reads
+ *    back as the same instant.
+ */
+#include <jansson.h>
+#include <string.h>
+
+#include "../../mapping/mapping.h"
+#include "../../mapping/mapping_int.h"
+#include "fuzz.h"
+
+static bool nonempty_string(const json_t *v) {
+    return json_is_string(v) && json_string_length(v) > 0;
+}
+
+static void check_events(const json_t *events) {
+    FUZZ_CHECK(json_is_array(events) && json_array_size(events) > 0, "no events on success");
+    size_t i;
+    json_t *ev;
+    json_array_foreach(events, i, ev) {
+        FUZZ_CHECK(json_is_object(ev), "events[%zu] is not an object", i);
+        FUZZ_CHECK(nonempty_string(json_object_get(ev, "event_type")),
+                   "events[%zu] has no event_type", i);
+        FUZZ_CHECK(nonempty_string(json_object_get(ev, "user_id")) ||
+                       nonempty_string(json_object_get(ev, "device_id")),
+                   "events[%zu] has neither user_id nor device_id", i);
+        const char *key = amp_event_dedupe_key(ev);
+        FUZZ_CHECK(!key || *key, "empty dedupe key");
+    }
+    char *text = json_dumps(events, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    FUZZ_CHECK(text != NULL, "decoded events do not serialise");
+    free(text);
+}
+
+static void check_time(const char *s, size_t len) {
+    int64_t strict_ms = 0, lenient_ms = 0;
+    int strict = amp_time_parse(s, len, true, &strict_ms);
+    int lenient = amp_time_parse(s, len, false, &lenient_ms);
+    if (strict == 0)
+        FUZZ_CHECK(lenient == 0 && lenient_ms == strict_ms,
+                   "strict accepted (%lld) but lenient gave %d (%lld)", (long long)strict_ms,
+                   lenient, (long long)lenient_ms);
+    if (lenient != 0)
+        return;
+    char buf[32];
+    if (amp_time_format(lenient_ms, buf, sizeof buf) != 0)
+        return; /* outside 0000-9999 after a UTC offset: documented */
+    int64_t back = 0;
+    FUZZ_CHECK(amp_time_parse(buf, strlen(buf), false, &back) == 0 && back == lenient_ms,
+               "'%s' does not read back as %lld", buf, (long long)lenient_ms);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    const char *body = (const char *)data;
+    char detail[256];
+    json_t *events = (json_t *)1; /* must be overwritten */
+    amp_decode_result r = amp_decode_body(body, size, &events, detail, sizeof detail);
+    FUZZ_CHECK(r == AMP_DECODE_OK || r == AMP_DECODE_INVALID_JSON ||
+                   r == AMP_DECODE_INVALID_EVENT,
+               "result %d", (int)r);
+    if (r == AMP_DECODE_OK) {
+        check_events(events);
+    } else {
+        FUZZ_CHECK(events == NULL, "events set on failure");
+        FUZZ_CHECK(memchr(detail, '\0', sizeof detail) && detail[0], "no reason on failure");
+    }
+
+    char detail2[256];
+    json_t *again = NULL;
+    amp_decode_result r2 = amp_decode_body(body, size, &again, detail2, sizeof detail2);
+    FUZZ_CHECK(r2 == r, "decoded twice: %d then %d", (int)r, (int)r2);
+    FUZZ_CHECK(r != AMP_DECODE_OK || json_equal(events, again), "decoded twice differently");
+    FUZZ_CHECK(r == AMP_DECODE_OK || strcmp(detail, detail2) == 0, "two reasons: '%s', '%s'",
+               detail, detail2);
+    json_decref(again);
+    json_decref(events == (json_t *)1 ? NULL : events);
+
+    /* Short inputs double as calendar times. */
+    if (size <= 64)
+        check_time(body, size);
+    return 0;
+}
