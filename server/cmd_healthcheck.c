@@ -11,15 +11,13 @@
 #include "commands.h"
 #include "config.h"
 
-static size_t discard(char *p, size_t size, size_t n, void *ctx)
-{
+static size_t discard(char *p, size_t size, size_t n, void *ctx) {
     (void)p;
     (void)ctx;
     return size * n;
 }
 
-int amp_cmd_healthcheck(int argc, char **argv)
-{
+int amp_cmd_healthcheck(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;
