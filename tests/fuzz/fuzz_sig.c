@@ -284,6 +284,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         memcpy(body, p, len);
 
     amp_sig_result r = verify(s, &h, body, len, now);
+#ifdef FUZZ_DEBUG /* cc -DFUZZ_DEBUG: show what each corpus file yields */
+    fprintf(stderr, "result %d\n", (int)r);
+#endif
     if (s == v->none)
         FUZZ_CHECK(r == AMP_SIG_OK, "scheme none refused a request");
     /* Every scheme sees the same request too: none of them may crash. */

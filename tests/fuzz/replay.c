@@ -31,7 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv) __attribute__((weak));
 
 /* Corpus files are small; anything larger is a mistake in the corpus. */
-#define MAX_INPUT (16 * 1024 * 1024)
+#define REPLAY_MAX_INPUT (16 * 1024 * 1024)
 
 static int verbose;
 
@@ -44,13 +44,13 @@ static int read_file(const char *path, uint8_t **out, size_t *len) {
         return -1;
     }
     amp_buf b;
-    amp_buf_init(&b, MAX_INPUT);
+    amp_buf_init(&b, REPLAY_MAX_INPUT);
     char chunk[8192];
     size_t n;
     int rc = 0;
     while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
         if (amp_buf_append(&b, chunk, n) != 0) {
-            fprintf(stderr, "replay: %s is larger than %d bytes\n", path, MAX_INPUT);
+            fprintf(stderr, "replay: %s is larger than %d bytes\n", path, REPLAY_MAX_INPUT);
             rc = -1;
             break;
         }

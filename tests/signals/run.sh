@@ -121,4 +121,16 @@ q() { sqlite3 "$tmp/spool.db" "select json_extract(body, '$.query') from deliver
 [ "$(q after-reload)" = "second E" ] || fail "after reload: $(q after-reload)"
 [ "$(q after-bad-reload)" = "second E" ] || fail "after rejected reload: $(q after-bad-reload)"
 if grep -q 'Sanitizer' "$tmp"/amp2dify*.log; then fail "sanitizer report"; fi
+# Every log line is one JSON object with ts, level and msg, and no secret.
+python3 - "$tmp"/amp2dify*.log <<'PY' || fail "log lines are not all JSON objects with ts/level/msg"
+import json, sys
+n = 0
+for path in sys.argv[1:]:
+    for line in open(path, encoding="utf-8"):
+        obj = json.loads(line)
+        assert isinstance(obj, dict) and {"ts", "level", "msg"} <= obj.keys(), line
+        n += 1
+assert n > 10, n
+PY
+if grep -qF -e "$AMP2DIFY_SECRETS" -e "$DIFY_API_KEY" "$tmp"/amp2dify*.log; then fail "a secret is in the log"; fi
 echo "signals test: SIGHUP good/bad/restart-only ok; SIGTERM under load: $accepted accepted, $delivered delivered in total (>= $total)"
