@@ -53,6 +53,7 @@ struct amp_req {
     /* body (webhook) */
     amp_buf body;
     bool too_large;
+    size_t discarded; /* bytes dropped after the body outgrew the cap */
     /* the spool's answer, written by the committer before it resumes us */
     _Atomic amp_req_state state;
     amp_spool_result result;

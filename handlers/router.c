@@ -11,6 +11,10 @@
 #include "../server/log.h"
 #include "handlers_int.h"
 
+/* How much of an oversized body is read and dropped before the connection
+ * is cut, in multiples of listen.max_body_bytes. */
+#define DISCARD_LIMIT_FACTOR 4
+
 typedef struct route {
     const char *path; /* NULL: the configured webhook path */
     const char *method;
@@ -147,6 +151,18 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         if (!r->too_large && amp_buf_append(&r->body, upload_data, *upload_data_size) != 0) {
             r->too_large = true;
             amp_buf_free(&r->body);
+        }
+        if (r->too_large) {
+            /* A body without Content-Length that outgrows the cap: read and
+             * drop a little more so an honest sender still gets its 413,
+             * then cut the connection (libmicrohttpd cannot answer in the
+             * middle of an upload). */
+            r->discarded += *upload_data_size;
+            if (r->discarded > DISCARD_LIMIT_FACTOR * r->gen->cfg->listen.max_body_bytes) {
+                amp_log(AMP_LOG_INFO, "request cut", "{s:s, s:s, s:s}", "request_id",
+                        r->request_id, "client", r->client, "error", "body_too_large");
+                return MHD_NO;
+            }
         }
         *upload_data_size = 0;
         return MHD_YES;
