@@ -170,6 +170,14 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
+    if (json_array_size(events) > cfg->listen.max_events) {
+        snprintf(detail, sizeof detail, "%zu events; at most %zu per request",
+                 json_array_size(events), cfg->listen.max_events);
+        amp_series_add(h->events_rejected, (double)json_array_size(events));
+        json_decref(events);
+        return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
+    }
+
     amp_spool_batch *batch = amp_spool_batch_create();
     size_t i;
     json_t *ev;

@@ -174,6 +174,7 @@ static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
                                        "port",
                                        "path",
                                        "max_body_bytes",
+                                       "max_events_per_request",
                                        "threads",
                                        "connection_limit",
                                        "per_ip_connection_limit",
@@ -194,6 +195,9 @@ static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
     int64_t max_body = (int64_t)c->listen.max_body_bytes;
     get_int(o, "max_body_bytes", "listen", 64, 64 * 1024 * 1024, errs, &max_body);
     c->listen.max_body_bytes = (size_t)max_body;
+    int64_t max_events = (int64_t)c->listen.max_events;
+    get_int(o, "max_events_per_request", "listen", 1, 100000, errs, &max_events);
+    c->listen.max_events = (size_t)max_events;
     get_uint(o, "threads", "listen", 1, 64, errs, &c->listen.threads);
     get_uint(o, "connection_limit", "listen", 1, 65536, errs, &c->listen.connection_limit);
     get_uint(o, "per_ip_connection_limit", "listen", 0, 65536, errs,
@@ -485,6 +489,7 @@ static amp_config *config_defaults(const char *path) {
     c->listen.port = 8080;
     c->listen.path = amp_xstrdup("/webhooks/amplitude");
     c->listen.max_body_bytes = 1048576;
+    c->listen.max_events = 2000;
     c->listen.threads = 2;
     c->listen.connection_limit = 1024;
     c->listen.per_ip_connection_limit = 0;

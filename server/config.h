@@ -30,6 +30,7 @@ typedef struct amp_config {
         uint16_t port;
         char *path;
         size_t max_body_bytes;
+        size_t max_events; /* per request */
         unsigned threads;
         unsigned connection_limit;
         unsigned per_ip_connection_limit; /* 0 = unlimited */

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include "../../server/util.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 
@@ -315,6 +316,35 @@ START_TEST(invalid_bodies_rejected) {
 }
 END_TEST
 
+/* listen.max_events_per_request: one event over the limit rejects the
+ * request, at the limit it is accepted. */
+START_TEST(too_many_events_rejected) {
+    env e;
+    up_with(&e, "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@,"
+                " \"max_events_per_request\": 2},"
+                " \"spool\": {\"path\": \"@DIR@/spool.db\"},"
+                " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\"},"
+                " \"apps\": {\"a\": {\"api_key_env\": \"DIFY_API_KEY\"}},"
+                " \"routes\": [{\"name\": \"all\", \"app\": \"a\"}]}");
+    char *a = h_event("signup", "u1", "max-1"), *b = h_event("signup", "u2", "max-2"),
+         *c = h_event("signup", "u3", "max-3");
+    char *three = amp_xasprintf("[%s,%s,%s]", a, b, c), *two = amp_xasprintf("[%s,%s]", a, b);
+    h_resp *r = h_post_signed(e.srv, three);
+    assert_error(r, 400, "invalid_event");
+    ck_assert_msg(strstr(jstr(r->json, "detail"), "at most 2") != NULL, "detail: %s",
+                  jstr(r->json, "detail"));
+    h_resp_free(r);
+    r = h_post_signed(e.srv, two);
+    assert_accepted(r, 2, 0, 0);
+    h_resp_free(r);
+    ck_assert_uint_eq(fake_dify_wait_delivered(e.fake, 2, DELIVERY_TIMEOUT_MS), 2);
+    h_sleep_ms(QUIET_MS / 2);
+    ck_assert_uint_eq(fake_dify_count(e.fake), 2);
+    free(a), free(b), free(c), free(three), free(two);
+    down(&e);
+}
+END_TEST
+
 /* A body over max_body_bytes, announced by Content-Length or streamed
  * chunked (so its size is only known while reading). */
 START_TEST(body_too_large) {
@@ -454,6 +484,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, bad_signatures_rejected);
     tcase_add_test(tc, invalid_bodies_rejected);
     tcase_add_test(tc, body_too_large);
+    tcase_add_test(tc, too_many_events_rejected);
     tcase_add_test(tc, retries_until_success);
     tcase_add_test(tc, permanent_error_not_retried);
     tcase_add_test(tc, survives_kill_while_dify_down);
