@@ -160,6 +160,10 @@ int amp_cmd_serve(int argc, char **argv) {
     sigaddset(&sigs, SIGHUP);
     sigaddset(&sigs, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    /* Under a file-size limit (ulimit -f, systemd LimitFSIZE=) a spool write
+     * past it must fail with EFBIG, which the spool answers with 503, rather
+     * than kill the daemon. */
+    signal(SIGXFSZ, SIG_IGN);
 
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         amp_log(AMP_LOG_ERROR, "curl initialisation failed", NULL);

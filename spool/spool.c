@@ -13,9 +13,15 @@
 #include "../server/util.h"
 
 #define SCHEMA_VERSION 1
+#define AMP_STR_(x) #x
+#define AMP_STR(x) AMP_STR_(x)
 #define BUSY_TIMEOUT_MS 5000
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
 #define MAINTENANCE_INTERVAL_MS 60000
+/* After a failed commit: how often the committer retries the held
+ * acknowledgements or probes with a one-page write, so readiness comes back
+ * by itself once the cause (a full disk, say) is gone, even without traffic. */
+#define PROBE_INTERVAL_MS 1000
 #define PRUNE_BATCH 10000
 
 enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
@@ -137,6 +143,12 @@ struct amp_spool {
     int64_t max_pending;
     atomic_llong depth;
     int64_t next_maintenance_ms; /* committer only */
+    /* Committer only: acknowledgements whose commit failed. Their rows stay
+     * claimed (a worker must not deliver them again) until a later commit
+     * stores them; retried with the next group or every PROBE_INTERVAL_MS. */
+    work *held, *held_tail; /* in the order they were queued */
+    int64_t next_probe_ms;
+    bool closing; /* the last group: nothing is held any more */
 
     pthread_mutex_t q_mu;
     pthread_cond_t q_cond;    /* work queued or stop */
@@ -158,7 +170,7 @@ struct amp_spool {
     sqlite3_stmt *st_dedupe, *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
-    sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending;
+    sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
     /* reader statements */
     sqlite3_stmt *st_claim, *st_next_due;
 };
@@ -312,10 +324,15 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "ORDER BY d.due_ms, d.id LIMIT ?2"},
         {s->wdb, &s->st_prune_dedupe,
          "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
+        /* "state <> 0" repeats the partial index's condition, which SQLite
+         * does not infer from "state = 1": without it, every query on
+         * delivered or dead rows scans the whole table, pending rows too. */
         {s->wdb, &s->st_prune_delivered,
          "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
-         "finished_ms < ?1 LIMIT ?2)"},
+         "state <> 0 AND finished_ms < ?1 LIMIT ?2)"},
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
+        /* Rewrites page 1: the smallest real write, to probe writability. */
+        {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
         {s->rdb, &s->st_next_due,
          "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
     };
@@ -373,7 +390,7 @@ static void finalize_all(amp_spool *s) {
         &s->st_release,      &s->st_rollback_to,     &s->st_dedupe,        &s->st_insert,
         &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
         &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
-        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
+        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
@@ -638,11 +655,20 @@ static int write_ack(amp_spool *s, const amp_ack *a, int64_t now) {
     return 0;
 }
 
+/* Readiness, logged when it changes; a failure schedules the next probe. */
+static void set_writable(amp_spool *s, bool ok) {
+    if (!ok)
+        s->next_probe_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
+    if (atomic_exchange(&s->writable, ok) != ok && ok)
+        amp_log(AMP_LOG_INFO, "spool writable again", NULL);
+}
+
 /* One group: everything queued so far, in one transaction. */
 static void commit_group(amp_spool *s, work *head) {
     int64_t now = amp_now_ms();
-    int nbatches = 0, nacks = 0, ok = 1, new_work = 0;
+    int nbatches = 0, nacks = 0, ok = 1, new_work = 0, batch_failed = 0;
     int64_t depth_change = 0;
+    char why[256] = "";
 
     for (work *w = head; w; w = w->next)
         nbatches += w->kind == WORK_BATCH, nacks += w->kind == WORK_ACK;
@@ -650,10 +676,12 @@ static void commit_group(amp_spool *s, work *head) {
     if (nbatches + nacks > 0) {
         if (step_done(s->st_begin)) {
             ok = 0;
+            snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
         } else {
             for (work *w = head; w; w = w->next) {
                 if (w->kind == WORK_BATCH) {
                     w->result.status = write_batch(s, w, now);
+                    batch_failed |= w->result.status != 0;
                     new_work |= w->result.status == 0 && w->result.accepted > 0;
                     depth_change += w->rows;
                 } else if (w->kind == WORK_ACK) {
@@ -667,20 +695,24 @@ static void commit_group(amp_spool *s, work *head) {
             }
             if (step_done(s->st_commit)) {
                 ok = 0;
+                /* Before ROLLBACK replaces it with its own message. */
+                snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
                 step_done(s->st_rollback);
             }
         }
         if (!ok)
-            amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error",
-                    sqlite3_errmsg(s->wdb), "requests", nbatches, "acks", nacks);
-        atomic_store(&s->writable, ok);
+            amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error", why,
+                    "requests", nbatches, "acks", nacks);
+        set_writable(s, ok && !batch_failed);
         if (ok)
             atomic_fetch_add(&s->depth, depth_change);
     }
 
-    /* Unclaim acknowledged rows: committed or not, they are due again from
-     * what the database holds, which is never a loss (at-least-once). */
-    if (nacks) {
+    /* Unclaim acknowledged rows once committed. Acknowledgements that
+     * failed are held and their rows stay claimed: unclaimed, a row still
+     * due would be delivered again at once, over and over while the disk
+     * stays full. */
+    if (nacks && (ok || s->closing)) {
         pthread_mutex_lock(&s->claim_mu);
         for (work *w = head; w; w = w->next)
             if (w->kind == WORK_ACK)
@@ -700,6 +732,13 @@ static void commit_group(amp_spool *s, work *head) {
             w->done(w->ctx, &w->result);
             amp_spool_batch_destroy(w->batch);
             free(w);
+        } else if (w->kind == WORK_ACK && !ok && !s->closing) {
+            w->next = NULL;
+            if (s->held_tail)
+                s->held_tail->next = w;
+            else
+                s->held = w;
+            s->held_tail = w;
         } else if (w->kind == WORK_ACK) {
             free_ack_strings(&w->ack);
             free(w);
@@ -712,8 +751,33 @@ static void commit_group(amp_spool *s, work *head) {
         w = next;
     }
 
-    if (new_work || nacks)
+    if (ok && (new_work || nacks))
         notify_waiter(s);
+}
+
+/* The held acknowledgements go first in the next group. */
+static work *with_held(amp_spool *s, work *head) {
+    if (!s->held)
+        return head;
+    work *first = s->held;
+    s->held_tail->next = head;
+    s->held = s->held_tail = NULL;
+    return first;
+}
+
+/* Nothing queued, yet the spool is not known to be writable: retry the held
+ * acknowledgements, or write one page. */
+static void probe(amp_spool *s) {
+    if (s->held) {
+        commit_group(s, with_held(s, NULL));
+        return;
+    }
+    int ok = step_done(s->st_begin) == 0;
+    ok = ok && step_done(s->st_probe) == 0;
+    ok = ok && step_done(s->st_commit) == 0;
+    if (!ok)
+        step_done(s->st_rollback);
+    set_writable(s, ok);
 }
 
 /* Delete one bounded slice of expired rows; returns rows deleted. */
@@ -749,7 +813,17 @@ static void *committer_main(void *arg) {
     pthread_mutex_lock(&s->q_mu);
     for (;;) {
         while (!s->q_head && !s->stop) {
-            int64_t wait = s->next_maintenance_ms - amp_mono_ms();
+            int64_t now = amp_mono_ms();
+            bool stalled = s->held || !atomic_load(&s->writable);
+            if (stalled && now >= s->next_probe_ms) {
+                pthread_mutex_unlock(&s->q_mu);
+                probe(s);
+                pthread_mutex_lock(&s->q_mu);
+                continue;
+            }
+            int64_t wait = s->next_maintenance_ms - now;
+            if (stalled && s->next_probe_ms - now < wait)
+                wait = s->next_probe_ms - now;
             if (wait <= 0) {
                 pthread_mutex_unlock(&s->q_mu);
                 maintain(s);
@@ -772,10 +846,15 @@ static void *committer_main(void *arg) {
         work *head = s->q_head;
         s->q_head = s->q_tail = NULL;
         pthread_mutex_unlock(&s->q_mu);
-        commit_group(s, head);
+        commit_group(s, with_held(s, head));
         pthread_mutex_lock(&s->q_mu);
     }
     pthread_mutex_unlock(&s->q_mu);
+    /* A last try for held acknowledgements; if it fails too, their rows
+     * are simply delivered again after the next start (at-least-once). */
+    s->closing = true;
+    if (s->held)
+        commit_group(s, with_held(s, NULL));
     return NULL;
 }
 
@@ -869,8 +948,8 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out) {
     if (sqlite3_prepare_v2(
             s->rdb,
             "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
-            " (SELECT count(*) FROM deliveries WHERE state = 1),"
-            " (SELECT count(*) FROM deliveries WHERE state = 2),"
+            " (SELECT count(*) FROM deliveries WHERE state = 1 AND state <> 0),"
+            " (SELECT count(*) FROM deliveries WHERE state = 2 AND state <> 0),"
             " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
             -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW) {
@@ -887,11 +966,13 @@ int amp_spool_stats_get(amp_spool *s, amp_spool_stats *out) {
 
 /* ---- dead letters ---------------------------------------------------------
  * One WHERE clause serves list, replay and purge; unused filters are bound
- * as NULL / 0. Runs on the reader connection (a CLI process, or beside a
- * running daemon: SQLite's locking and the busy timeout serialise writers). */
+ * as NULL / 0; "state <> 0" lets it use the index of finished rows. Runs on
+ * the reader connection (a CLI process, or beside a running daemon: SQLite's
+ * locking and the busy timeout serialise writers). */
 
 #define DLQ_WHERE                                                                                  \
-    " WHERE state = 2 AND (?1 IS NULL OR route = ?1) AND (?2 IS NULL OR app = ?2)"                 \
+    " WHERE state = 2 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                               \
+    " AND (?2 IS NULL OR app = ?2)"                                                                \
     " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                         \
     " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \
     " AND (?7 IS NULL OR id IN (SELECT value FROM json_each(?7)))"
