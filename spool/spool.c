@@ -171,6 +171,8 @@ struct amp_spool {
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
+    sqlite3_stmt *st_data_version;
+    int64_t data_version; /* committer only; see external_write() */
     /* reader statements */
     sqlite3_stmt *st_claim, *st_next_due;
 };
@@ -331,6 +333,7 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
          "state <> 0 AND finished_ms < ?1 LIMIT ?2)"},
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
+        {s->wdb, &s->st_data_version, "PRAGMA data_version"},
         /* Rewrites page 1: the smallest real write, to probe writability. */
         {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
         {s->rdb, &s->st_next_due,
@@ -344,6 +347,19 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 static void *committer_main(void *arg);
 static int step_done(sqlite3_stmt *st);
+
+/* True when another connection (another process: the daemon's own reader
+ * only reads) committed since the last call. Costs one pragma. */
+static bool external_write(amp_spool *s) {
+    bool changed = false;
+    if (sqlite3_step(s->st_data_version) == SQLITE_ROW) {
+        int64_t v = sqlite3_column_int64(s->st_data_version, 0);
+        changed = s->data_version != 0 && v != s->data_version;
+        s->data_version = v;
+    }
+    sqlite3_reset(s->st_data_version);
+    return changed;
+}
 
 static void count_pending(amp_spool *s) {
     if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
@@ -391,6 +407,7 @@ static void finalize_all(amp_spool *s) {
         &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
         &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
         &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
+        &s->st_data_version,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
@@ -706,6 +723,8 @@ static void commit_group(amp_spool *s, work *head) {
         set_writable(s, ok && !batch_failed);
         if (ok)
             atomic_fetch_add(&s->depth, depth_change);
+        if (ok && external_write(s))
+            count_pending(s); /* e.g. `amp2dify dlq replay` from another process */
     }
 
     /* Unclaim acknowledged rows once committed. Acknowledgements that

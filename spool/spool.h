@@ -119,7 +119,9 @@ typedef struct amp_ack {
  * committed; amp_spool_flush waits for that. */
 void amp_spool_ack(amp_spool *s, const amp_ack *ack);
 
-/* Block until everything queued before this call is committed. */
+/* Block until everything queued before this call went through a commit
+ * attempt. An acknowledgement whose commit failed (disk full) is held and
+ * retried by the committer, so it may still be pending when this returns. */
 void amp_spool_flush(amp_spool *s);
 
 /* ---- inspection (tests, CLI) ---------------------------------------- */

@@ -384,6 +384,34 @@ START_TEST(depth_tracks_pending_and_limit) {
 }
 END_TEST
 
+/* A replay by another process (the dlq command) is counted by the daemon's
+ * spool at its next commit. */
+START_TEST(depth_follows_replay_from_another_process) {
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "r1", "u", false, "{}");
+    submit(s, b);
+    amp_spool_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
+    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DEAD, .http_status = 400});
+    free_jobs(jobs, 1);
+    amp_spool_flush(s);
+    ck_assert_int_eq(amp_spool_depth(s), 0);
+
+    amp_spool *cli = open_spool(3600);
+    amp_dlq_filter all = {0};
+    ck_assert_int_eq(amp_spool_dlq_replay(cli, &all), 1);
+    amp_spool_close(cli);
+
+    b = amp_spool_batch_create();
+    add(b, "r2", "u", false, "{}");
+    submit(s, b);
+    ck_assert_int_eq(amp_spool_depth(s), 2);
+    amp_spool_close(s);
+}
+END_TEST
+
 START_TEST(unwritable_path_fails_to_open) {
     char err[256] = "";
     amp_spool_opts o = {.path = "/nonexistent-dir/x/spool.db", .dedupe_window_s = 0};
@@ -406,6 +434,7 @@ int main(void) {
     tcase_add_test(tc, claim_limit_and_next_due);
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, depth_tracks_pending_and_limit);
+    tcase_add_test(tc, depth_follows_replay_from_another_process);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
