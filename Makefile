@@ -109,6 +109,7 @@ run: $(BIN)
 
 bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
+	bash bench/backlog.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -128,3 +129,51 @@ clean:
 	rm -rf build
 
 -include $(shell find build -name '*.d' 2>/dev/null)
+
+# ---- fuzzing (tests/fuzz) ----
+# Fuzz targets are tests/fuzz/fuzz_<name>.c, their corpora tests/fuzz/corpus/<name>/.
+#   make fuzz-replay             every corpus file once through its target, linked with
+#                                tests/fuzz/replay.c and built with $(CC) (no clang needed)
+#   make fuzz FUZZ_SECONDS=N     build each target with clang, libFuzzer, ASan and UBSan in
+#                                build/fuzz-clang/ and run it N seconds (FUZZ_JOBS at once);
+#                                new inputs and crashes stay under build/fuzz-clang/
+#   make matrix                  the end-to-end bad-input matrix (tests/matrix/)
+# test-run (so `make test`, plain and under ASan+UBSan) includes fuzz-replay and matrix.
+FUZZ_SRCS := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_NAMES := $(FUZZ_SRCS:tests/fuzz/fuzz_%.c=%)
+FUZZ_REPLAY_BINS := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
+FUZZ_BINS := $(FUZZ_NAMES:%=$(BUILD)/fuzz/fuzz_%)
+FUZZ_SECONDS ?= 60
+FUZZ_JOBS ?= 1
+FUZZ_CLANG ?= clang
+FUZZ_BUILD := build/fuzz-clang
+# Warnings stay on for the clang build but do not stop it: clang warns about
+# things gcc accepts, and fuzzing should not wait on them.
+FUZZ_WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes
+
+.PHONY: fuzz-replay fuzz fuzz-bins matrix
+
+$(BUILD)/fuzz/replay_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(BUILD)/obj/tests/fuzz/replay.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
+fuzz-replay: $(FUZZ_REPLAY_BINS)
+	@set -e; for n in $(FUZZ_NAMES); do $(BUILD)/fuzz/replay_$$n tests/fuzz/corpus/$$n; done
+
+# Built only by the clang sub-make of `fuzz`: libFuzzer supplies main().
+$(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
+fuzz-bins: $(FUZZ_BINS)
+
+fuzz:
+	$(MAKE) CC=$(FUZZ_CLANG) BUILD=$(FUZZ_BUILD) SANITIZER=fuzzer-no-link,address,undefined \
+	        WARN="$(FUZZ_WARN)" fuzz-bins
+	bash tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS) $(FUZZ_NAMES)
+
+matrix: $(BIN) $(FAKE_DIFY)
+	bash tests/matrix/run.sh $(BIN) $(FAKE_DIFY)
+
+test-run: fuzz-replay matrix
+# ---- end fuzzing ----
