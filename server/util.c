@@ -43,16 +43,22 @@ char *amp_xstrndup(const char *s, size_t n) {
     return d;
 }
 
-char *amp_xasprintf(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
+char *amp_xvasprintf(const char *fmt, va_list ap) {
+    va_list again;
+    va_copy(again, ap);
     int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
     if (n < 0)
         abort();
     char *s = amp_xmalloc((size_t)n + 1);
+    vsnprintf(s, (size_t)n + 1, fmt, again);
+    va_end(again);
+    return s;
+}
+
+char *amp_xasprintf(const char *fmt, ...) {
+    va_list ap;
     va_start(ap, fmt);
-    vsnprintf(s, (size_t)n + 1, fmt, ap);
+    char *s = amp_xvasprintf(fmt, ap);
     va_end(ap);
     return s;
 }
@@ -164,13 +170,7 @@ void amp_errs_destroy(amp_errs *e) {
 void amp_errs_add(amp_errs *e, const char *path, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        abort();
-    char *msg = amp_xmalloc((size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(msg, (size_t)n + 1, fmt, ap);
+    char *msg = amp_xvasprintf(fmt, ap);
     va_end(ap);
 
     if (e->n == e->cap) {

@@ -21,6 +21,8 @@ char *amp_xstrdup(const char *s);            /* caller owns; NULL in, NULL out *
 char *amp_xstrndup(const char *s, size_t n); /* caller owns */
 char *amp_xasprintf(const char *fmt, ...)    /* caller owns */
     __attribute__((format(printf, 1, 2)));
+char *amp_xvasprintf(const char *fmt, va_list ap) /* caller owns; ap is consumed */
+    __attribute__((format(printf, 1, 0)));
 
 int64_t amp_now_ms(void);  /* wall clock, Unix epoch milliseconds */
 int64_t amp_mono_ms(void); /* monotonic milliseconds, for intervals */
