@@ -9,33 +9,23 @@ FAKE=$BUILD/fake-dify
 PROMTOOL=$(command -v promtool || true)
 [ -n "$PROMTOOL" ] || { echo "metrics test: promtool missing (apt-get install prometheus)" >&2; exit 1; }
 
-tmp=$(mktemp -d /tmp/amp2dify-metrics-XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "metrics test FAILED: $*" >&2; cat "$tmp/amp2dify.log" >&2 || true; exit 1; }
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-        echo $((20000 + RANDOM % 20000))
-}
+source tests/lib.sh
+t_init metrics
+fail() { t_fail "$@"; }
 
-dify_port=$(free_port)
-amp_port=$(free_port)
+dify_port=$(t_free_port)
+amp_port=$(t_free_port)
 secret='metrics-secret-5f3a'
 key='app-metrics-key-9c1d'
 "$FAKE" --port "$dify_port" --key "$key" > "$tmp/fake.out" 2>&1 &
-pids+=($!)
+t_track $!
 AMP2DIFY_SECRETS=$secret DIFY_API_KEY=$key DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 \
 AMP2DIFY_LISTEN=127.0.0.1:$amp_port AMP2DIFY_SPOOL=$tmp/spool.db \
     "$BIN" serve -c examples/amp2dify.json 2> "$tmp/amp2dify.log" &
-pids+=($!)
 amp_pid=$!
+t_track $amp_pid
 base=http://127.0.0.1:$amp_port
-for _ in $(seq 1 100); do curl -fsS -o /dev/null "$base/healthz" 2>/dev/null && break; sleep 0.1; done
+t_wait_http "$base/healthz" || fail "amp2dify did not start"
 
 printf '%s' '[{"event_type":"A","user_id":"u1","insert_id":"m1"},{"event_type":"B","user_id":"u2","insert_id":"m2"}]' > "$tmp/ev.json"
 mapfile -t sig < <(AMP2DIFY_SECRETS=$secret "$BIN" sign --secret-env AMP2DIFY_SECRETS "$tmp/ev.json")
@@ -61,9 +51,5 @@ expect 'amp2dify_ingest_duration_seconds_count 4'
 expect '# TYPE amp2dify_spool_pending gauge'
 expect '# TYPE amp2dify_spool_oldest_pending_age_seconds gauge'
 if grep -qF -e "$secret" -e "$key" "$tmp/metrics.txt" "$tmp/amp2dify.log"; then fail "a secret leaked"; fi
-# A clean stop: exit 0 and, in sanitizer builds, no report.
-kill -TERM "$amp_pid"
-rc=0; wait "$amp_pid" || rc=$?
-[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
-if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
+t_stop_clean "$amp_pid" "$tmp/amp2dify.log"
 echo "metrics test: promtool ok, $(grep -c '^amp2dify_' "$tmp/metrics.txt") samples"

@@ -13,49 +13,26 @@ if [ ! -x "$NGINX" ]; then
     exit 1
 fi
 
-tmp=$(mktemp -d /tmp/amp2dify-nginx-XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$tmp/nginx.pid" ] && kill "$(cat "$tmp/nginx.pid")" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() {
-    echo "nginx test FAILED: $*" >&2
-    echo "--- amp2dify log" >&2; cat "$tmp/amp2dify.log" >&2 || true
-    echo "--- nginx error log" >&2; cat "$tmp/error.log" >&2 || true
-    exit 1
-}
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-        echo $((20000 + RANDOM % 20000))
-}
-wait_http() { # url
-    for _ in $(seq 1 100); do
-        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+source tests/lib.sh
+t_init nginx
+fail() { t_fail "$@"; }
 
-dify_port=$(free_port)
-amp_port=$(free_port)
-nginx_port=$(free_port)
+dify_port=$(t_free_port)
+amp_port=$(t_free_port)
+nginx_port=$(t_free_port)
 
 "$FAKE" --port "$dify_port" --key app-nginx-test > "$tmp/fake.out" 2>&1 &
-pids+=($!)
 fake_pid=$!
+t_track $fake_pid
 for _ in $(seq 1 50); do grep -q listening "$tmp/fake.out" && break; sleep 0.1; done
 
 AMP2DIFY_SECRETS=nginx-secret DIFY_API_KEY=app-nginx-test \
 DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 AMP2DIFY_LISTEN=127.0.0.1:$amp_port \
 AMP2DIFY_SPOOL=$tmp/spool.db \
     "$BIN" serve -c examples/amp2dify.json 2> "$tmp/amp2dify.log" &
-pids+=($!)
 amp_pid=$!
-wait_http "http://127.0.0.1:$amp_port/healthz" || fail "amp2dify did not start"
+t_track $amp_pid
+t_wait_http "http://127.0.0.1:$amp_port/healthz" || fail "amp2dify did not start"
 
 # The checked-in template, with its two variables filled in, inside a
 # minimal nginx.conf.
@@ -75,7 +52,7 @@ http {
 CONF
 "$NGINX" -p "$tmp" -c "$tmp/nginx.conf" -t 2> "$tmp/nginx-t.log" || { cat "$tmp/nginx-t.log"; fail "nginx -t"; }
 "$NGINX" -p "$tmp" -c "$tmp/nginx.conf"
-wait_http "http://127.0.0.1:$nginx_port/healthz" || fail "nginx did not proxy /healthz"
+t_wait_http "http://127.0.0.1:$nginx_port/healthz" || fail "nginx did not proxy /healthz"
 
 body='{"event_type":"Nginx_Test","user_id":"nginx-user","insert_id":"nginx-1","event_properties":{"via":"nginx"}}'
 printf '%s' "$body" > "$tmp/event.json"
@@ -110,9 +87,5 @@ done
 kill -TERM "$fake_pid"
 wait "$fake_pid" 2>/dev/null || true
 grep -q '"delivered":1' "$tmp/fake.out" || fail "fake Dify summary: $(cat "$tmp/fake.out")"
-# A clean stop: exit 0 and, in sanitizer builds, no report.
-kill -TERM "$amp_pid"
-rc=0; wait "$amp_pid" || rc=$?
-[ "$rc" = 0 ] || fail "amp2dify exited $rc after SIGTERM"
-if grep -q 'Sanitizer' "$tmp/amp2dify.log"; then fail "sanitizer report"; fi
+t_stop_clean "$amp_pid" "$tmp/amp2dify.log"
 echo "nginx test: signed delivery through nginx ok, client address 127.0.0.2 logged, 413 from nginx"

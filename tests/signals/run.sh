@@ -9,30 +9,20 @@ BUILD=${1:-build}
 BIN=$BUILD/amp2dify
 FAKE=$BUILD/fake-dify
 
-tmp=$(mktemp -d /tmp/amp2dify-signals-XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "signals test FAILED: $*" >&2; cat "$tmp"/amp2dify*.log >&2 || true; exit 1; }
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-        echo $((20000 + RANDOM % 20000))
-}
+source tests/lib.sh
+t_init signals
+fail() { t_fail "$@"; }
 
-dify_port=$(free_port)
-amp_port=$(free_port)
+dify_port=$(t_free_port)
+amp_port=$(t_free_port)
 base=http://127.0.0.1:$amp_port
 export AMP2DIFY_SECRETS=signals-secret DIFY_API_KEY=app-signals
 export DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 AMP2DIFY_LISTEN=127.0.0.1:$amp_port
 export AMP2DIFY_SPOOL=$tmp/spool.db
 
 "$FAKE" --port "$dify_port" --key app-signals > "$tmp/fake.out" 2>&1 &
-pids+=($!)
 fake_pid=$!
+t_track $fake_pid
 
 write_config() { # query-template
     cat > "$tmp/config.json" <<CONF
@@ -45,9 +35,8 @@ CONF
 start() { # log name
     "$BIN" serve -c "$tmp/config.json" 2>> "$tmp/$1" &
     amp_pid=$!
-    pids+=($amp_pid)
-    for _ in $(seq 1 100); do curl -fsS -o /dev/null "$base/healthz" 2>/dev/null && return 0; sleep 0.1; done
-    fail "amp2dify did not start"
+    t_track $amp_pid
+    t_wait_http "$base/healthz" || fail "amp2dify did not start"
 }
 post() { # insert-id ; prints the HTTP status
     local body="{\"event_type\":\"E\",\"user_id\":\"u\",\"insert_id\":\"$1\"}"
