@@ -109,6 +109,7 @@ run: $(BIN)
 
 bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
+	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
 
 deps:

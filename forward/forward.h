@@ -1,13 +1,16 @@
 /*
  * forward — delivery to Dify's Service API.
  *
- * A dispatcher thread claims due rows from the spool and hands them to a pool
- * of worker threads; each worker owns one reused curl easy handle
- * (keep-alive) and POSTs {base}/<endpoint> with "Authorization: Bearer <app
- * key>" and the event's dedupe key as X-Trace-Id. The answer is classified
- * (amp_forward_classify) and acknowledged to the spool: delivered, retry at
- * a backoff time (exponential, full jitter, capped), or dead-lettered with
- * Dify's status, code and message.
+ * A dispatcher thread claims due rows from the spool into per-app queues; a
+ * pool of worker threads takes them as each app's limits allow (token
+ * bucket rate_per_sec/burst, max_in_flight, a pause after a rejected key
+ * with one probe at a growing interval). Each worker owns one reused curl
+ * easy handle (keep-alive) and POSTs {base}/<endpoint> with "Authorization:
+ * Bearer <app key>" and the event's dedupe key as X-Trace-Id. The answer is
+ * classified (amp_forward_classify) and acknowledged to the spool:
+ * delivered, retry at a backoff time (exponential, full jitter, capped),
+ * or dead-lettered with Dify's status, code and message. forward.c's
+ * opening comment explains the scheduling and the measurements behind it.
  *
  * Threading: amp_forward_start/stop from one thread; the classification and
  * backoff helpers are pure and reentrant.
@@ -22,16 +25,19 @@
 #include "../server/metrics.h"
 #include "../spool/spool.h"
 
+/* Largest pool (dify.workers): one thread and one connection each. */
+#define AMP_FORWARD_MAX_WORKERS 1024u
+
 typedef struct amp_forward_opts {
-    const char *base_url;      /* e.g. "https://api.dify.ai/v1", no trailing slash needed */
+    const char *base_url; /* e.g. "https://api.dify.ai/v1", no trailing slash needed */
     long connect_timeout_s;
-    long timeout_s;            /* whole request */
-    unsigned workers;          /* worker threads */
+    long timeout_s;   /* whole request */
+    unsigned workers; /* worker threads, 1..AMP_FORWARD_MAX_WORKERS */
     int64_t retry_initial_ms;
     int64_t retry_max_ms;
-    int64_t retry_max_age_s;   /* older than this at a retry decision: dead, "expired" */
+    int64_t retry_max_age_s; /* older than this at a retry decision: dead, "expired" */
     size_t napps;
-    const amp_app *const *apps; /* array read during start; entries must outlive it */
+    const amp_app *const *apps;  /* array read during start; entries must outlive it */
     const char *const *api_keys; /* parallel to apps; read during start (copied) */
     amp_metrics *metrics;        /* may be NULL; borrowed, must outlive the forwarder */
 } amp_forward_opts;
@@ -60,7 +66,7 @@ typedef enum {
     AMP_OUTCOME_DELIVERED,
     AMP_OUTCOME_RETRY,
     AMP_OUTCOME_PERMANENT,
-    AMP_OUTCOME_PAUSE_APP,     /* 401 / 403: bad key or disabled app */
+    AMP_OUTCOME_PAUSE_APP,          /* 401 / 403: bad key or disabled app */
     AMP_OUTCOME_RESET_CONVERSATION, /* 404 "Conversation Not Exists." */
 } amp_outcome;
 

@@ -9,10 +9,14 @@
  *   sse.c       incremental parser of Dify's streaming answers
  *               (text/event-stream), folding the events into the same JSON
  *               shape a blocking answer has
- *   forward.c   dispatcher, worker pool, acknowledgements
+ *   pace.c      pure pacing arithmetic: token bucket, probe interval of a
+ *               paused app, due times of rows sent back to the spool
+ *   forward.c   dispatcher, per-app queues and limits, worker pool,
+ *               acknowledgements
  *
  * Threading: an amp_forward_http or amp_forward_sse belongs to one thread at
- * a time (one per worker); everything in classify.c is pure and reentrant.
+ * a time (one per worker); everything in classify.c and pace.c is pure and
+ * reentrant.
  */
 #ifndef AMP_FORWARD_INT_H
 #define AMP_FORWARD_INT_H
@@ -63,6 +67,43 @@ const char *amp_forward_answer_conversation(const json_t *body);
  * and "outputs"}. body (borrowed) may be NULL. Caller owns the result. */
 json_t *amp_forward_result(amp_endpoint endpoint, long http_status, const json_t *body,
                            int64_t latency_ms);
+
+/* ---- pace.c ---------------------------------------------------------- */
+
+/* First probe interval of a paused app; it doubles per rejected probe up to
+ * retry.max_ms, but never below AMP_FORWARD_PAUSE_MIN_MS (a tiny max_ms must
+ * not turn a bad key into a request storm). */
+#define AMP_FORWARD_PAUSE_FIRST_MS ((int64_t)1000)
+#define AMP_FORWARD_PAUSE_MIN_MS ((int64_t)100)
+/* Latency assumed for an app before its first answer (deferral estimates). */
+#define AMP_FORWARD_DEFAULT_LATENCY_MS 250.0
+/* Shortest delay given to a row sent back to the spool for pacing. */
+#define AMP_FORWARD_DEFER_MIN_MS ((int64_t)20)
+
+/* Token bucket (rate per second, burst tokens) kept as one "theoretical
+ * arrival time" tat in microseconds (start with 0). pace_wait: how long
+ * until one request may go (0: now; always 0 when rate <= 0). pace_take:
+ * the new tat after sending one at now_us; a request sent less than one
+ * interval late keeps the schedule (late wake-ups do not lower the rate). */
+int64_t amp_forward_pace_wait_us(int64_t tat_us, int64_t now_us, double rate, unsigned burst);
+int64_t amp_forward_pace_take(int64_t tat_us, int64_t now_us, double rate);
+
+/* Wait before the next probe of an app paused after `strikes` (>= 1)
+ * rejections in a row: 1 s, 2 s, 4 s ... capped at max(max_ms, 100 ms). */
+int64_t amp_forward_pause_interval_ms(int strikes, int64_t max_ms);
+
+/* Requests per second an app can complete: the rate limit, or what
+ * max_in_flight allows at the observed latency, whichever is lower; > 0.
+ * latency_ms <= 1 means unknown: the rate limit when there is one, else
+ * AMP_FORWARD_DEFAULT_LATENCY_MS is assumed. */
+double amp_forward_effective_rate(double rate_per_sec, unsigned max_in_flight, double latency_ms);
+
+/* Due time for a row that found its app's memory queue full: rows come back
+ * one per 1/rate after the queue (queued of queue_cap) is half drained, and
+ * at least AMP_FORWARD_DEFER_MIN_MS from now. *next_ms carries the app's
+ * schedule from call to call (start with 0). */
+int64_t amp_forward_defer_due_ms(int64_t *next_ms, int64_t now_ms, double rate, unsigned queued,
+                                 unsigned queue_cap);
 
 /* ---- dify.c: one connection ----------------------------------------- */
 

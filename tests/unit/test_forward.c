@@ -226,6 +226,106 @@ START_TEST(test_backoff_jitter_spreads) {
 END_TEST
 
 /* ======================================================================
+ * pacing: token bucket, probe interval, deferral
+ * ====================================================================== */
+
+START_TEST(test_pace_bucket) {
+    /* Unlimited: never waits, the state does not move. */
+    ck_assert_int_eq(amp_forward_pace_wait_us(5000000, 0, 0, 1), 0);
+    ck_assert_int_eq(amp_forward_pace_take(123, 456, 0), 123);
+    ck_assert_int_eq(amp_forward_pace_wait_us(5000000, 0, NAN, 1), 0);
+
+    /* 20/s, burst 1: one now, the next 50 ms later. */
+    int64_t now = 1000000000, tat = 0;
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now, 20, 1), 0);
+    tat = amp_forward_pace_take(tat, now, 20);
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now, 20, 1), 50000);
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now + 30000, 20, 1), 20000);
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now + 50000, 20, 1), 0);
+
+    /* Burst 3 at 10/s: three at once, then one per 100 ms. */
+    tat = 0;
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(amp_forward_pace_wait_us(tat, now, 10, 3), 0);
+        tat = amp_forward_pace_take(tat, now, 10);
+    }
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now, 10, 3), 100000);
+    /* Over a long run, n requests at the earliest allowed moments take
+     * (n - burst) intervals. */
+    int64_t t = now;
+    for (int i = 0; i < 100; i++) {
+        t += amp_forward_pace_wait_us(tat, t, 10, 3);
+        tat = amp_forward_pace_take(tat, t, 10);
+    }
+    ck_assert_int_eq(t - now, 100 * 100000);
+
+    /* A wake-up 7 ms late keeps the schedule: the next slot is still 50 ms
+     * after the previous one, not after the late send. */
+    tat = amp_forward_pace_take(0, now, 20); /* slot 1 at now + 50 ms */
+    tat = amp_forward_pace_take(tat, now + 57000, 20);
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now + 57000, 20, 1), 43000);
+    /* An app idle for a while starts afresh: no saved-up burst beyond burst. */
+    tat = amp_forward_pace_take(tat, now + 10000000, 20);
+    ck_assert_int_eq(amp_forward_pace_wait_us(tat, now + 10000000, 20, 1), 50000);
+
+    /* Tiny rates and huge bursts do not overflow. */
+    ck_assert_int_eq(amp_forward_pace_wait_us(0, now, 1e-9, 1000000), 0);
+    tat = amp_forward_pace_take(0, now, 1e-9);
+    ck_assert_int_gt(amp_forward_pace_wait_us(tat, now, 1e-9, 1), 0);
+    ck_assert_int_gt(tat, now);
+}
+END_TEST
+
+START_TEST(test_pause_interval) {
+    /* 1 s, 2 s, 4 s ... capped at retry.max_ms. */
+    ck_assert_int_eq(amp_forward_pause_interval_ms(1, 300000), 1000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(2, 300000), 2000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(3, 300000), 4000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(9, 300000), 256000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(10, 300000), 300000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(62, 300000), 300000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(INT32_MAX, INT64_MAX), INT64_MAX);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(0, 300000), 1000);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(3, 2500), 2500);
+    /* A tiny max_ms does not become a request storm. */
+    ck_assert_int_eq(amp_forward_pause_interval_ms(1, 1), 100);
+    ck_assert_int_eq(amp_forward_pause_interval_ms(5, 0), 100);
+    /* Growing, never shrinking. */
+    for (int k = 1; k < 80; k++)
+        ck_assert_int_le(amp_forward_pause_interval_ms(k, 86400000),
+                         amp_forward_pause_interval_ms(k + 1, 86400000));
+}
+END_TEST
+
+START_TEST(test_defer_schedule) {
+    /* The rate an app can keep: its limit, or max_in_flight / latency. */
+    ck_assert(fabs(amp_forward_effective_rate(20, 4, 0) - 20) < 1e-9);
+    ck_assert(fabs(amp_forward_effective_rate(20, 4, 1000) - 4) < 1e-9);
+    ck_assert(fabs(amp_forward_effective_rate(0, 8, 50) - 160) < 1e-9);
+    ck_assert(fabs(amp_forward_effective_rate(0, 8, 0) -
+                   8 * 1000.0 / AMP_FORWARD_DEFAULT_LATENCY_MS) < 1e-9);
+    ck_assert(amp_forward_effective_rate(0, 0, 1e12) > 0);
+
+    /* A full queue of 16 at 20/s: the first row comes back when half of it
+     * is gone (8 x 50 ms), the next ones 50 ms apart. */
+    int64_t next = 0, now = 1000000;
+    ck_assert_int_eq(amp_forward_defer_due_ms(&next, now, 20, 16, 16), now + 400);
+    ck_assert_int_eq(amp_forward_defer_due_ms(&next, now, 20, 16, 16), now + 450);
+    ck_assert_int_eq(amp_forward_defer_due_ms(&next, now + 10, 20, 16, 16), now + 500);
+    /* Later, with an older schedule already past, it starts afresh. */
+    ck_assert_int_eq(amp_forward_defer_due_ms(&next, now + 60000, 20, 8, 16),
+                     now + 60000 + AMP_FORWARD_DEFER_MIN_MS);
+    /* Never sooner than the minimum, never absurdly late. */
+    next = 0;
+    ck_assert_int_eq(amp_forward_defer_due_ms(&next, now, 1e9, 1000, 16), now + 20);
+    next = 0;
+    int64_t due = amp_forward_defer_due_ms(&next, now, 0, 1000000, 16);
+    ck_assert_int_le(due, now + 86400000);
+    ck_assert_int_gt(due, now);
+}
+END_TEST
+
+/* ======================================================================
  * Retry-After
  * ====================================================================== */
 
@@ -1313,7 +1413,7 @@ END_TEST
 START_TEST(test_pause_on_rejected_key) {
     harness h;
     harness_init(&h, 2);
-    h.opts.retry_initial_ms = 100; /* pause = max(1 s, ...) */
+    h.opts.retry_max_ms = 4000; /* probe intervals 1 s, 2 s, 4 s */
     fake_push(h.fake, (reply_t){.status = 401,
                                 .body = "{\"status\":401,\"code\":\"unauthorized\",\"message\":"
                                         "\"Access token is invalid\"}"});
@@ -1620,11 +1720,219 @@ START_TEST(test_key_never_logged) {
     unlink(logpath);
     ck_assert_ptr_nonnull(b.data);
     ck_assert_ptr_nonnull(strstr(b.data, "dify delivery retry"));
-    ck_assert_ptr_nonnull(strstr(b.data, "dify app paused: key rejected"));
+    ck_assert_ptr_nonnull(strstr(b.data, "\"msg\":\"dify app paused\""));
     ck_assert_ptr_nonnull(strstr(b.data, "dify delivery dead-lettered"));
     ck_assert_ptr_null(strstr(b.data, "SECRETKEY"));
     ck_assert_ptr_null(strstr(b.data, "hello")); /* the event body */
     amp_buf_free(&b);
+}
+END_TEST
+
+/* Arrival times (ms) of the requests the fake saw on path, in order. */
+static size_t arrivals(harness *h, const char *path, int64_t *at, size_t max) {
+    size_t n = 0;
+    pthread_mutex_lock(&h->fake->mu);
+    for (size_t i = 0; i < h->fake->nseen && n < max; i++)
+        if (!path || strcmp(h->fake->seen[i].path, path) == 0)
+            at[n++] = h->fake->seen[i].at_ms;
+    pthread_mutex_unlock(&h->fake->mu);
+    return n;
+}
+
+START_TEST(test_max_in_flight) {
+    harness h;
+    harness_init(&h, 4);
+    h.apps[0].max_in_flight = 2;
+    for (int i = 0; i < 6; i++)
+        fake_push(h.fake, (reply_t){.delay_ms = 200});
+    harness_start(&h);
+    for (int i = 0; i < 6; i++) {
+        char u[16];
+        snprintf(u, sizeof u, "u%d", i);
+        submit(&h, NULL, "chat", u, false, CHAT_BODY);
+    }
+    wait_finished(&h, 6, 5000);
+    int64_t at[8];
+    ck_assert_uint_eq(arrivals(&h, NULL, at, 8), 6);
+    /* Four workers, but never more than two requests of the app at once:
+     * three waves 200 ms apart. */
+    for (int i = 0; i < 6; i++) {
+        int near = 0;
+        for (int j = 0; j < 6; j++)
+            near += at[j] <= at[i] && at[j] > at[i] - 150;
+        ck_assert_msg(near <= 2, "%d requests within 150 ms of request %d", near, i);
+    }
+    ck_assert_int_ge(at[5] - at[0], 380);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_rate_limit) {
+    harness h;
+    harness_init(&h, 4);
+    h.apps[2].rate_per_sec = 10;
+    h.apps[2].burst = 2;
+    harness_start(&h);
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < 6; i++) {
+        amp_spool_batch_event(b, NULL);
+        amp_spool_batch_request(b, "r1", "done", "u1", false, CHAT_BODY);
+    }
+    static atomic_int st;
+    amp_spool_submit(h.spool, b, on_done, &st);
+    wait_finished(&h, 6, 5000);
+    int64_t at[8];
+    ck_assert_uint_eq(arrivals(&h, NULL, at, 8), 6);
+    /* Burst 2: two at once, then one per 100 ms. */
+    ck_assert_int_lt(at[1] - at[0], 50);
+    for (int i = 2; i < 6; i++)
+        ck_assert_msg(at[i] - at[i - 1] >= 85, "gap %d: %lld ms", i,
+                      (long long)(at[i] - at[i - 1]));
+    ck_assert_int_ge(at[5] - at[0], 360);
+    ck_assert_int_le(at[5] - at[0], 600);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_slow_app_does_not_block_others) {
+    harness h;
+    harness_init(&h, 2);
+    h.apps[0].rate_per_sec = 2; /* "chat": 2 requests a second */
+    h.apps[0].burst = 1;
+    harness_start(&h);
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < 30; i++) {
+        amp_spool_batch_event(b, NULL);
+        amp_spool_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
+    }
+    static atomic_int st;
+    amp_spool_submit(h.spool, b, on_done, &st);
+    amp_spool_flush(h.spool);
+    sleep_ms(100);
+    int64_t t0 = mono_ms();
+    for (int i = 0; i < 5; i++)
+        submit(&h, NULL, "done", "u2", false, CHAT_BODY);
+    /* The other app's events go out at once, past the 29 waiting ones. */
+    int64_t end = t0 + 3000;
+    int64_t at[64];
+    while (mono_ms() < end && arrivals(&h, "/v1/completion-messages", at, 64) < 5)
+        sleep_ms(5);
+    ck_assert_uint_eq(arrivals(&h, "/v1/completion-messages", at, 64), 5);
+    ck_assert_int_lt(mono_ms() - t0, 1000);
+    ck_assert_uint_le(arrivals(&h, "/v1/chat-messages", at, 64), 2);
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    /* What did not fit in memory went back to the spool, spread out at the
+     * app's rate; nothing was counted as an attempt. */
+    int64_t now = amp_now_ms(), latest = 0;
+    int pending = 0;
+    for (int64_t id = 1; id <= 30; id++) {
+        row_t r = get_row(&h, id);
+        if (r.state == 0) {
+            pending++;
+            ck_assert_int_eq(r.attempts, 0);
+            if (r.due_ms > latest)
+                latest = r.due_ms;
+        }
+        json_decref(r.result);
+    }
+    ck_assert_int_ge(pending, 27);
+    ck_assert_int_gt(latest, now + 3000);
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_single_probe) {
+    harness h;
+    harness_init(&h, 4);
+    h.opts.retry_max_ms = 300; /* probe interval capped at 300 ms */
+    for (int i = 0; i < 7; i++)
+        fake_push(h.fake, (reply_t){.status = 401, .body = "{\"code\":\"unauthorized\"}"});
+    harness_start(&h);
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < 8; i++) {
+        char u[16];
+        snprintf(u, sizeof u, "u%d", i);
+        amp_spool_batch_event(b, NULL);
+        amp_spool_batch_request(b, "r1", "chat", u, false, CHAT_BODY);
+    }
+    static atomic_int st;
+    amp_spool_submit(h.spool, b, on_done, &st);
+    wait_finished(&h, 8, 8000);
+    int64_t at[32];
+    ck_assert_uint_eq(arrivals(&h, NULL, at, 32), 15); /* 7 rejected + 8 delivered */
+    /* The first wave is what was on its way before the first 401; after
+     * it, one probe at a time, each 300 ms after the previous answer. */
+    size_t wave = 0;
+    while (wave < 7 && at[wave] - at[0] < 100)
+        wave++;
+    ck_assert_uint_ge(wave, 1);
+    ck_assert_uint_le(wave, 4);
+    for (size_t i = wave; i <= 7; i++)
+        ck_assert_msg(at[i] - at[i - 1] >= 270, "probe %zu came %lld ms after the previous request",
+                      i - wave + 1, (long long)(at[i] - at[i - 1]));
+    /* Not one event was spent on the rejections. */
+    for (int64_t id = 1; id <= 8; id++) {
+        row_t r = get_row(&h, id);
+        ck_assert_int_eq(r.state, 1);
+        ck_assert_int_eq(r.attempts, 1);
+        json_decref(r.result);
+    }
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_stop_keeps_pause) {
+    harness h;
+    harness_init(&h, 2);
+    h.apps[0].max_in_flight = 1;
+    h.opts.retry_max_ms = 60000; /* first probe after 1 s */
+    fake_push(h.fake, (reply_t){.status = 401, .body = "{}"});
+    harness_start(&h);
+    for (int i = 0; i < 3; i++)
+        submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 1, 5000);
+    sleep_ms(100);
+    int64_t stopped = amp_now_ms();
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    ck_assert_uint_eq(fake_count(h.fake), 1);
+    /* Every row is back in the spool, unspent, due when the probe would
+     * have gone: a restart does not hammer the rejected key. */
+    for (int64_t id = 1; id <= 3; id++) {
+        row_t r = get_row(&h, id);
+        ck_assert_int_eq(r.state, 0);
+        ck_assert_int_eq(r.attempts, 0);
+        ck_assert_int_ge(r.due_ms, stopped + 500);
+        ck_assert_int_le(r.due_ms, stopped + 1500);
+    }
+    harness_done(&h);
+}
+END_TEST
+
+START_TEST(test_rows_from_elsewhere) {
+    /* A row made due by another process (`amp2dify dlq replay` beside the
+     * daemon) sends no notification: the dispatcher still finds it. */
+    harness h;
+    harness_init(&h, 2);
+    fake_push(h.fake, (reply_t){.status = 400, .body = "{\"code\":\"bad\",\"message\":\"no\"}"});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_finished(&h, 1, 5000);
+    amp_spool_flush(h.spool);
+    ck_assert_int_eq(get_row(&h, 1).state, 2);
+    sleep_ms(300); /* the dispatcher has found the spool empty by now */
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(h.path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    ck_assert_int_eq(sqlite3_exec(db, "UPDATE deliveries SET state = 0, due_ms = 0 WHERE id = 1",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    int64_t t0 = mono_ms();
+    wait_requests(&h, 2, 3000);
+    ck_assert_int_lt(mono_ms() - t0, 2500);
+    harness_done(&h);
 }
 END_TEST
 
@@ -1688,6 +1996,9 @@ static Suite *forward_suite(void) {
     tcase_add_loop_test(tc, test_classify_table, 0, (int)NCLASSIFY);
     tcase_add_test(tc, test_backoff_bounds);
     tcase_add_test(tc, test_backoff_jitter_spreads);
+    tcase_add_test(tc, test_pace_bucket);
+    tcase_add_test(tc, test_pause_interval);
+    tcase_add_test(tc, test_defer_schedule);
     tcase_add_test(tc, test_retry_after);
     tcase_add_test(tc, test_join_url);
     tcase_add_test(tc, test_request_body);
@@ -1723,6 +2034,12 @@ static Suite *forward_suite(void) {
     tcase_add_test(tc, test_start_rejects_bad_options);
     tcase_add_test(tc, test_key_never_logged);
     tcase_add_test(tc, test_metrics);
+    tcase_add_test(tc, test_max_in_flight);
+    tcase_add_test(tc, test_rate_limit);
+    tcase_add_test(tc, test_slow_app_does_not_block_others);
+    tcase_add_test(tc, test_single_probe);
+    tcase_add_test(tc, test_stop_keeps_pause);
+    tcase_add_test(tc, test_rows_from_elsewhere);
     suite_add_tcase(s, tc);
     return s;
 }
