@@ -23,6 +23,10 @@
  * by itself once the cause (a full disk, say) is gone, even without traffic. */
 #define PROBE_INTERVAL_MS 1000
 #define PRUNE_BATCH 10000
+/* Acknowledgements wait up to this long for company before a commit, unless
+ * ACK_GROUP_MAX of them are queued or a request arrives. */
+#define ACK_GATHER_MS 2
+#define ACK_GROUP_MAX 256
 
 enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
 
@@ -154,6 +158,8 @@ struct amp_spool {
     pthread_cond_t q_cond;    /* work queued or stop */
     pthread_cond_t q_flushed; /* a flush marker was processed */
     work *q_head, *q_tail;
+    size_t q_len;    /* items queued */
+    size_t q_urgent; /* of those, requests and flushes (never kept waiting) */
     int stop;
     pthread_t committer;
 
@@ -511,8 +517,24 @@ static void enqueue(amp_spool *s, work *w) {
     else
         s->q_head = w;
     s->q_tail = w;
-    pthread_cond_signal(&s->q_cond);
+    s->q_len++;
+    if (w->kind != WORK_ACK)
+        s->q_urgent++;
+    /* An acknowledgement only wakes the committer to start gathering, or
+     * when the group is full; requests and flushes wake it at once. */
+    if (w->kind != WORK_ACK || s->q_len == 1 || s->q_len >= ACK_GROUP_MAX)
+        pthread_cond_signal(&s->q_cond);
     pthread_mutex_unlock(&s->q_mu);
+}
+
+static void deadline_in(struct timespec *ts, int64_t ms) {
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
 }
 
 void amp_spool_submit(amp_spool *s, amp_spool_batch *b, amp_spool_done_fn done, void *ctx) {
@@ -851,19 +873,24 @@ static void *committer_main(void *arg) {
                 continue;
             }
             struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_sec += wait / 1000;
-            ts.tv_nsec += (wait % 1000) * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            deadline_in(&ts, wait);
             pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts);
         }
         if (!s->q_head && s->stop)
             break;
+        /* Only acknowledgements so far: let more gather for a moment, so a
+         * high delivery rate costs one commit (and fsync) per group, not
+         * per delivery. */
+        if (!s->q_urgent && !s->stop && s->q_len < ACK_GROUP_MAX) {
+            struct timespec ts;
+            deadline_in(&ts, ACK_GATHER_MS);
+            while (!s->q_urgent && !s->stop && s->q_len < ACK_GROUP_MAX &&
+                   pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts) == 0)
+                ;
+        }
         work *head = s->q_head;
         s->q_head = s->q_tail = NULL;
+        s->q_len = s->q_urgent = 0;
         pthread_mutex_unlock(&s->q_mu);
         commit_group(s, with_held(s, head));
         pthread_mutex_lock(&s->q_mu);
