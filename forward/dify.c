@@ -75,8 +75,17 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ctx) {
     return n;
 }
 
-amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s, char *err,
-                                          size_t errlen) {
+/* Checked by libcurl about once a second and on every transfer step: a
+ * stopping forwarder past its deadline ends requests still under way. */
+static int on_progress(void *ctx, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                       curl_off_t ulnow) {
+    (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+    const atomic_bool *abort_flag = ctx;
+    return abort_flag && atomic_load(abort_flag) ? 1 : 0;
+}
+
+amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s,
+                                          const atomic_bool *abort_flag, char *err, size_t errlen) {
     amp_forward_http *h = amp_xcalloc(1, sizeof *h);
     amp_buf_init(&h->body, AMP_FORWARD_MAX_RESPONSE);
     h->sse = amp_forward_sse_create();
@@ -99,7 +108,10 @@ amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s
         curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_WRITEDATA, h) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_HEADERDATA, h) != CURLE_OK) {
+        curl_easy_setopt(c, CURLOPT_HEADERDATA, h) != CURLE_OK ||
+        curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L) != CURLE_OK ||
+        curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress) != CURLE_OK ||
+        curl_easy_setopt(c, CURLOPT_XFERINFODATA, (void *)abort_flag) != CURLE_OK) {
         snprintf(err, errlen, "libcurl rejected a required option");
         goto fail;
     }

@@ -178,6 +178,7 @@ struct amp_forward {
     bool wake;                  /* kicked, hungry or timer moved */
     bool dry;                   /* the last claim found nothing more due */
     bool stopping;
+    atomic_bool abort_requests; /* past the stop grace: end requests under way */
 };
 
 /* ---- small pieces ----------------------------------------------------- */
@@ -536,6 +537,16 @@ static sent deliver(worker *w, const qjob *q) {
     m_add(a->m_in_flight, -1);
     free(body);
     int64_t now = amp_now_ms();
+    if (r.transport_error == CURLE_ABORTED_BY_CALLBACK) {
+        /* Ended by amp_forward_stop past its grace: not an attempt; the row
+         * is due again at the next start. */
+        ack_release(f, job, now);
+        amp_log(AMP_LOG_INFO, "dify request abandoned at shutdown", "{s:I, s:s, s:I}", "id",
+                (json_int_t)job->id, "app", job->app, "after_ms", (json_int_t)r.latency_ms);
+        amp_forward_reply_clear(&r);
+        out.o = AMP_OUTCOME_RETRY;
+        return out;
+    }
     if (a->m_seconds)
         amp_series_observe(a->m_seconds, (double)r.latency_ms / 1e3);
 
@@ -977,6 +988,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
     f->opts.api_keys = NULL;
     f->spool = spool;
     f->metrics = opts->metrics;
+    atomic_init(&f->abort_requests, false);
     f->nworkers = opts->workers;
     f->prefetch = f->nworkers / 4 > 2 ? f->nworkers / 4 : 2;
     f->claim_min = f->prefetch / 2;
@@ -1025,7 +1037,8 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
         worker *w = &f->workers[i];
         w->f = f;
         w->rng = seed + i * 0x9E3779B97F4A7C15ULL;
-        w->http = amp_forward_http_create(opts->connect_timeout_s, opts->timeout_s, err, errlen);
+        w->http = amp_forward_http_create(opts->connect_timeout_s, opts->timeout_s,
+                                          &f->abort_requests, err, errlen);
         if (!w->http)
             goto fail_attr;
     }
@@ -1065,7 +1078,21 @@ void amp_forward_stop(amp_forward *f) {
     pthread_mutex_unlock(&f->mu);
     if (f->dispatcher_started)
         pthread_join(f->dispatcher, NULL);
-    /* Workers finish the request in hand (bounded by the request timeout). */
+    /* Workers finish the request in hand, for up to the grace; after it,
+     * requests still under way are ended (their rows released). */
+    if (f->opts.stop_grace_ms > 0) {
+        int64_t deadline = amp_mono_ms() + f->opts.stop_grace_ms;
+        for (;;) {
+            pthread_mutex_lock(&f->mu);
+            unsigned busy = f->busy;
+            pthread_mutex_unlock(&f->mu);
+            if (busy == 0 || amp_mono_ms() >= deadline)
+                break;
+            struct timespec ts = {.tv_sec = 0, .tv_nsec = 10 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        atomic_store(&f->abort_requests, true);
+    }
     for (unsigned i = 0; f->workers && i < f->nworkers; i++)
         if (f->workers[i].started)
             pthread_join(f->workers[i].thread, NULL);

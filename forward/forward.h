@@ -40,6 +40,8 @@ typedef struct amp_forward_opts {
     const amp_app *const *apps;  /* array read during start; entries must outlive it */
     const char *const *api_keys; /* parallel to apps; read during start (copied) */
     amp_metrics *metrics;        /* may be NULL; borrowed, must outlive the forwarder */
+    int64_t stop_grace_ms;       /* amp_forward_stop waits this long for requests under way,
+                                    then ends them; 0: as long as they take */
 } amp_forward_opts;
 
 typedef struct amp_forward amp_forward;
@@ -51,10 +53,12 @@ typedef struct amp_forward amp_forward;
  * non-empty key without control characters. NULL and err on failure. */
 amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
                                size_t errlen);
-/* Stop claiming, let workers finish their current request (each bounded by
- * the request timeout), release claimed rows not yet sent, join, remove the
- * spool notify callback and amp_spool_flush so every acknowledgement is
- * committed before the caller closes the spool. Accepts NULL. */
+/* Stop claiming, let workers finish their current request (for up to
+ * opts.stop_grace_ms; requests still under way then are ended and their rows
+ * released, not counted as attempts), release claimed rows not yet sent,
+ * join, remove the spool notify callback and amp_spool_flush so every
+ * acknowledgement is committed before the caller closes the spool. Accepts
+ * NULL. */
 void amp_forward_stop(amp_forward *f);
 
 /* Wake the dispatcher (new work was committed). Safe from any thread. */

@@ -22,6 +22,7 @@
 #define AMP_FORWARD_INT_H
 
 #include <curl/curl.h>
+#include <stdatomic.h>
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -110,9 +111,11 @@ int64_t amp_forward_defer_due_ms(int64_t *next_ms, int64_t now_ms, double rate, 
 typedef struct amp_forward_http amp_forward_http;
 
 /* One reused curl easy handle with timeouts, protocol limits and the
- * callbacks set once. NULL and err on failure. Caller owns. */
-amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s, char *err,
-                                          size_t errlen);
+ * callbacks set once. A request under way ends with CURLE_ABORTED_BY_CALLBACK
+ * soon after *abort_flag (borrowed, may be NULL) turns true. NULL and err on
+ * failure. Caller owns. */
+amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s,
+                                          const atomic_bool *abort_flag, char *err, size_t errlen);
 void amp_forward_http_destroy(amp_forward_http *h); /* accepts NULL */
 
 typedef struct amp_forward_reply {

@@ -512,6 +512,7 @@ static amp_config *config_defaults(const char *path) {
     c->dify.retry_max_ms = 300000;
     c->dify.retry_max_age_s = 86400;
     c->log_level = AMP_LOG_INFO;
+    c->shutdown_timeout_s = 25;
     return c;
 }
 
@@ -534,7 +535,8 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     }
 
     static const char *const keys[] = {"listen", "auth",   "spool", "dify",
-                                       "apps",   "routes", "log",   NULL};
+                                       "apps",   "routes", "log",   "shutdown_timeout_seconds",
+                                       NULL};
     amp_config *c = config_defaults(path);
     reject_unknown(root, "", keys, errs);
     load_listen(c, root, errs);
@@ -542,6 +544,7 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     load_spool(c, root, errs);
     load_dify(c, root, errs);
     load_log(c, root, errs);
+    get_uint(root, "shutdown_timeout_seconds", "", 2, 3600, errs, &c->shutdown_timeout_s);
     check_base_url(c->dify.base_url, "dify.base_url", errs);
     if (c->dify.retry_max_ms < c->dify.retry_initial_ms)
         amp_errs_add(errs, "dify.retry.max_ms", "%lld is below initial_ms %lld",

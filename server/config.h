@@ -64,6 +64,7 @@ typedef struct amp_config {
         int64_t retry_max_age_s;
     } dify;
     amp_log_level log_level;
+    unsigned shutdown_timeout_s; /* SIGTERM to exit, at most */
     amp_mapper *mapper;
     char **api_keys; /* parallel to the mapper's apps; entries NULL unless secrets resolved */
 } amp_config;

@@ -30,8 +30,17 @@
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200
-/* Upper bound on waiting for the spool to answer suspended requests. */
-#define DRAIN_MAX_MS 10000
+
+/* shutdown_timeout_seconds is shared out: a quarter for the spool to answer
+ * the requests it holds, half for Dify requests under way (then they are
+ * ended and their rows handed back), the rest for the last commits. */
+static int64_t drain_max_ms(const amp_config *cfg) {
+    return (int64_t)cfg->shutdown_timeout_s * 1000 / 4;
+}
+
+static int64_t forward_grace_ms(const amp_config *cfg) {
+    return (int64_t)cfg->shutdown_timeout_s * 1000 / 2;
+}
 
 /* The first key whose change needs a restart: the listening socket, the
  * spool, and what the forwarder holds (Dify settings, apps and their keys).
@@ -49,6 +58,8 @@ static const char *restart_only_change(const amp_config *a, const amp_config *b)
         a->spool.max_pending != b->spool.max_pending ||
         a->spool.retention_s != b->spool.retention_s)
         return "spool";
+    if (a->shutdown_timeout_s != b->shutdown_timeout_s)
+        return "shutdown_timeout_seconds";
     if (strcmp(a->dify.base_url, b->dify.base_url) || a->dify.timeout_s != b->dify.timeout_s ||
         a->dify.connect_timeout_s != b->dify.connect_timeout_s ||
         a->dify.workers != b->dify.workers ||
@@ -126,6 +137,7 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp
         .apps = apps,
         .api_keys = (const char *const *)cfg->api_keys,
         .metrics = metrics,
+        .stop_grace_ms = forward_grace_ms(cfg),
     };
     amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
     free(apps); /* the forwarder copies the app table it needs */
@@ -229,7 +241,7 @@ int amp_cmd_serve(int argc, char **argv) {
      * spool has its answer (a request past the draining check may still be
      * submitting, hence the loop), then give the answers time to leave. */
     amp_handlers_set_draining(handlers, true);
-    for (int i = 0; i < DRAIN_MAX_MS / 10; i++) {
+    for (int64_t i = 0; i < drain_max_ms(cfg) / 10; i++) {
         amp_spool_flush(spool);
         if (amp_handlers_suspended(handlers) == 0)
             break;

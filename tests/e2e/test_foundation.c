@@ -470,6 +470,44 @@ START_TEST(survives_kill_while_dify_down) {
 }
 END_TEST
 
+/* SIGTERM while Dify sits on a request: the server ends it after its share
+ * of shutdown_timeout_seconds, exits 0 well within the timeout, and the
+ * event is delivered once after the restart. */
+START_TEST(sigterm_bounded_while_dify_is_slow) {
+    env e;
+    up_with(&e, "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},"
+                " \"shutdown_timeout_seconds\": 4,"
+                " \"spool\": {\"path\": \"@DIR@/spool.db\"},"
+                " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\","
+                " \"timeout_seconds\": 600},"
+                " \"apps\": {\"a\": {\"api_key_env\": \"DIFY_API_KEY\"}},"
+                " \"routes\": [{\"name\": \"all\", \"app\": \"a\"}]}");
+    fake_dify_behaviour slow = {.delay_ms = 60000};
+    fake_dify_push(e.fake, &slow);
+    char *ev = h_event("signup", "user-1", "ins-slow");
+    h_resp *r = h_post_signed(e.srv, ev);
+    assert_accepted(r, 1, 0, 0);
+    h_resp_free(r);
+    free(ev);
+    h_sleep_ms(500); /* the request reaches the fake, which sits on it */
+
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int st = h_server_kill(e.srv, SIGTERM, 15000);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "wait status %d", st);
+    ck_assert_msg(ms < 4000, "exit took %ld ms (shutdown_timeout_seconds is 4)", ms);
+    ck_assert(h_server_log_wait(e.srv, "dify request abandoned at shutdown", 1000));
+
+    ck_assert_int_eq(h_server_restart(e.srv), 0);
+    ck_assert_uint_eq(fake_dify_wait_delivered(e.fake, 1, DELIVERY_TIMEOUT_MS), 1);
+    h_sleep_ms(QUIET_MS / 2);
+    ck_assert_uint_eq(fake_dify_delivered(e.fake), 1);
+    down(&e);
+}
+END_TEST
+
 static Suite *suite(void) {
     Suite *s = suite_create("foundation");
     TCase *tc = tcase_create("foundation");
@@ -488,6 +526,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, retries_until_success);
     tcase_add_test(tc, permanent_error_not_retried);
     tcase_add_test(tc, survives_kill_while_dify_down);
+    tcase_add_test(tc, sigterm_bounded_while_dify_is_slow);
     suite_add_tcase(s, tc);
     return s;
 }
