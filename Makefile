@@ -139,7 +139,9 @@ clean:
 #                                build/fuzz-clang/ and run it N seconds (FUZZ_JOBS at once);
 #                                new inputs and crashes stay under build/fuzz-clang/
 #   make matrix                  the end-to-end bad-input matrix (tests/matrix/)
-# test-run (so `make test`, plain and under ASan+UBSan) includes fuzz-replay and matrix.
+#   make limits                  connection, header, nesting, event-count and string limits,
+#                                and 1000 idle connections not blocking a valid sender
+# test-run (so `make test`, plain and under ASan+UBSan) includes fuzz-replay, matrix, limits.
 FUZZ_SRCS := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_NAMES := $(FUZZ_SRCS:tests/fuzz/fuzz_%.c=%)
 FUZZ_REPLAY_BINS := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay_%)
@@ -152,7 +154,7 @@ FUZZ_BUILD := build/fuzz-clang
 # things gcc accepts, and fuzzing should not wait on them.
 FUZZ_WARN := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes
 
-.PHONY: fuzz-replay fuzz fuzz-bins matrix
+.PHONY: fuzz-replay fuzz fuzz-bins matrix limits
 
 $(BUILD)/fuzz/replay_%: $(BUILD)/obj/tests/fuzz/fuzz_%.o $(BUILD)/obj/tests/fuzz/replay.o $(LIB)
 	@mkdir -p $(dir $@)
@@ -176,5 +178,8 @@ fuzz:
 matrix: $(BIN) $(FAKE_DIFY)
 	bash tests/matrix/run.sh $(BIN) $(FAKE_DIFY)
 
-test-run: fuzz-replay matrix
+limits: $(BIN)
+	bash tests/matrix/limits.sh $(BIN)
+
+test-run: fuzz-replay matrix limits
 # ---- end fuzzing ----

@@ -136,22 +136,106 @@ int amp_time_format(int64_t ms, char *buf, size_t len) {
 
 /* ---- body ------------------------------------------------------------ */
 
-/* Bounded recursion: never deeper than AMP_EVENT_MAX_DEPTH + 1 frames. */
-static bool depth_ok(const json_t *v, int depth) {
+/* Longest string value or object key accepted inside an event. A webhook
+ * body is capped as a whole (listen.max_body_bytes), but one string near
+ * that size would then flow whole into templates, the spool and every Dify
+ * request; Amplitude's own property values are far shorter. */
+#define EVENT_MAX_STRING_BYTES 65536
+
+typedef enum { SHAPE_OK, SHAPE_TOO_DEEP, SHAPE_TOO_LONG } shape_result;
+
+/* Where a walk stands, for naming an over-long string: ".key" and "[i]"
+ * segments, cut short (with "...") when the path itself is long. */
+typedef struct {
+    char text[160];
+    size_t len;
+} shape_path;
+
+static size_t path_push_key(shape_path *p, const char *key, size_t klen) {
+    size_t before = p->len;
+    size_t room = sizeof p->text - 1 - p->len;
+    if (room > 0) {
+        size_t n = klen > 32 ? 32 : klen;
+        int w = snprintf(p->text + p->len, room + 1, ".%.*s%s", (int)n, key, klen > n ? "..." : "");
+        p->len += w < 0 ? 0 : (size_t)w > room ? room : (size_t)w;
+    }
+    return before;
+}
+
+static size_t path_push_index(shape_path *p, size_t i) {
+    size_t before = p->len;
+    size_t room = sizeof p->text - 1 - p->len;
+    if (room > 0) {
+        int w = snprintf(p->text + p->len, room + 1, "[%zu]", i);
+        p->len += w < 0 ? 0 : (size_t)w > room ? room : (size_t)w;
+    }
+    return before;
+}
+
+static void path_pop(shape_path *p, size_t len) {
+    p->len = len;
+    p->text[len] = '\0';
+}
+
+/* Nesting within AMP_EVENT_MAX_DEPTH and every string and key within
+ * EVENT_MAX_STRING_BYTES. Bounded recursion: never deeper than
+ * AMP_EVENT_MAX_DEPTH + 1 frames. */
+static shape_result shape_ok(const json_t *v, int depth) {
+    if (json_is_string(v))
+        return json_string_length(v) > EVENT_MAX_STRING_BYTES ? SHAPE_TOO_LONG : SHAPE_OK;
     if (!json_is_object(v) && !json_is_array(v))
-        return true;
+        return SHAPE_OK;
     if (depth > AMP_EVENT_MAX_DEPTH)
-        return false;
+        return SHAPE_TOO_DEEP;
+    shape_result r;
     if (json_is_array(v)) {
         size_t i;
         json_t *x;
-        json_array_foreach(v, i, x) if (!depth_ok(x, depth + 1)) return false;
+        json_array_foreach(v, i, x) if ((r = shape_ok(x, depth + 1)) != SHAPE_OK) return r;
     } else {
         const char *k;
         json_t *x;
-        json_object_foreach((json_t *)v, k, x) if (!depth_ok(x, depth + 1)) return false;
+        json_object_foreach((json_t *)v, k, x) {
+            if (strlen(k) > EVENT_MAX_STRING_BYTES)
+                return SHAPE_TOO_LONG;
+            if ((r = shape_ok(x, depth + 1)) != SHAPE_OK)
+                return r;
+        }
     }
-    return true;
+    return SHAPE_OK;
+}
+
+/* After shape_ok found SHAPE_TOO_LONG in v (so the nesting is known to be
+ * bounded): the path of the first over-long string, or of the object
+ * holding the over-long key. Only runs on that error, so the common path
+ * builds no text. true when found. */
+static bool long_string_path(const json_t *v, shape_path *path) {
+    if (json_is_string(v))
+        return json_string_length(v) > EVENT_MAX_STRING_BYTES;
+    size_t mark;
+    if (json_is_array(v)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(v, i, x) {
+            mark = path_push_index(path, i);
+            if (long_string_path(x, path))
+                return true;
+            path_pop(path, mark);
+        }
+    } else if (json_is_object(v)) {
+        const char *k;
+        json_t *x;
+        json_object_foreach((json_t *)v, k, x) {
+            size_t klen = strlen(k);
+            if (klen > EVENT_MAX_STRING_BYTES)
+                return true;
+            mark = path_push_key(path, k, klen);
+            if (long_string_path(x, path))
+                return true;
+            path_pop(path, mark);
+        }
+    }
+    return false;
 }
 
 static bool nonempty_string(const json_t *v) {
@@ -209,9 +293,19 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
                  json_is_integer(t) ? "a negative number" : amp_json_kind(t));
         return -1;
     }
-    if (!depth_ok(ev, 1)) {
+    shape_path path = {.len = 0};
+    path.text[0] = '\0';
+    switch (shape_ok(ev, 1)) {
+    case SHAPE_OK:
+        break;
+    case SHAPE_TOO_DEEP:
         snprintf(detail, dlen, "events[%zu]: nested deeper than %d levels", idx,
                  AMP_EVENT_MAX_DEPTH);
+        return -1;
+    case SHAPE_TOO_LONG:
+        long_string_path(ev, &path);
+        snprintf(detail, dlen, "events[%zu]%s: a string or key longer than %d bytes", idx,
+                 path.text, EVENT_MAX_STRING_BYTES);
         return -1;
     }
     return 0;

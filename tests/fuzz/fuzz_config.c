@@ -24,9 +24,9 @@ static void clear_env(void) {
     static int done;
     if (done)
         return;
-    static const char *const vars[] = {"AMP2DIFY_CONFIG", "AMP2DIFY_LISTEN",    "AMP2DIFY_SPOOL",
-                                       "DIFY_BASE_URL",   "AMP2DIFY_LOG_LEVEL", "AMP2DIFY_SECRETS",
-                                       "AMP2DIFY_SECRETS_FILE"};
+    static const char *const vars[] = {
+        "AMP2DIFY_CONFIG",    "AMP2DIFY_LISTEN",  "AMP2DIFY_SPOOL",       "DIFY_BASE_URL",
+        "AMP2DIFY_LOG_LEVEL", "AMP2DIFY_SECRETS", "AMP2DIFY_SECRETS_FILE"};
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
         unsetenv(vars[i]);
     done = 1;
@@ -72,8 +72,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     amp_errs *a = load(path, &loaded);
     amp_errs *b = load(path, &loaded2);
     FUZZ_CHECK(loaded == loaded2, "loaded once but not twice");
-    FUZZ_CHECK(amp_errs_count(a) == amp_errs_count(b), "%zu errors, then %zu",
-               amp_errs_count(a), amp_errs_count(b));
+    FUZZ_CHECK(amp_errs_count(a) == amp_errs_count(b), "%zu errors, then %zu", amp_errs_count(a),
+               amp_errs_count(b));
     for (size_t i = 0; i < amp_errs_count(a); i++)
         FUZZ_CHECK(strcmp(amp_errs_get(a, i), amp_errs_get(b, i)) == 0, "error %zu differs", i);
     amp_errs_destroy(a);

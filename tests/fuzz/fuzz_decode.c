@@ -6,7 +6,9 @@
  *
  * Properties checked:
  *  - success gives a non-empty array of objects, each with a non-empty
- *    string event_type and a user_id or device_id, serialisable as JSON;
+ *    string event_type and a user_id or device_id, nested at most
+ *    AMP_EVENT_MAX_DEPTH levels, no string or key over MAX_STRING bytes,
+ *    serialisable as JSON;
  *    failure gives no events and a non-empty reason;
  *  - decoding is deterministic;
  *  - time: whatever Amplitude's strict event_time format accepts, the
@@ -20,8 +22,41 @@
 #include "../../mapping/mapping_int.h"
 #include "fuzz.h"
 
+/* decode.c's per-string cap (EVENT_MAX_STRING_BYTES). */
+#define MAX_STRING 65536
+
 static bool nonempty_string(const json_t *v) {
     return json_is_string(v) && json_string_length(v) > 0;
+}
+
+/* Depth of v (a scalar is 0, the event object 1) once every string and
+ * key is known to be within MAX_STRING. */
+static int check_shape(const json_t *v) {
+    if (json_is_string(v)) {
+        FUZZ_CHECK(json_string_length(v) <= MAX_STRING, "a string of %zu bytes",
+                   json_string_length(v));
+        return 0;
+    }
+    int deepest = 0;
+    size_t i;
+    const char *k;
+    json_t *x;
+    if (json_is_array(v)) {
+        json_array_foreach(v, i, x) {
+            int d = check_shape(x);
+            deepest = d > deepest ? d : deepest;
+        }
+        return deepest + 1;
+    }
+    if (json_is_object(v)) {
+        json_object_foreach((json_t *)v, k, x) {
+            FUZZ_CHECK(strlen(k) <= MAX_STRING, "a key of %zu bytes", strlen(k));
+            int d = check_shape(x);
+            deepest = d > deepest ? d : deepest;
+        }
+        return deepest + 1;
+    }
+    return 0;
 }
 
 static void check_events(const json_t *events) {
@@ -35,6 +70,7 @@ static void check_events(const json_t *events) {
         FUZZ_CHECK(nonempty_string(json_object_get(ev, "user_id")) ||
                        nonempty_string(json_object_get(ev, "device_id")),
                    "events[%zu] has neither user_id nor device_id", i);
+        FUZZ_CHECK(check_shape(ev) <= AMP_EVENT_MAX_DEPTH, "events[%zu] nested too deep", i);
         const char *key = amp_event_dedupe_key(ev);
         FUZZ_CHECK(!key || *key, "empty dedupe key");
     }
@@ -66,8 +102,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char detail[256];
     json_t *events = (json_t *)1; /* must be overwritten */
     amp_decode_result r = amp_decode_body(body, size, &events, detail, sizeof detail);
-    FUZZ_CHECK(r == AMP_DECODE_OK || r == AMP_DECODE_INVALID_JSON ||
-                   r == AMP_DECODE_INVALID_EVENT,
+    FUZZ_CHECK(r == AMP_DECODE_OK || r == AMP_DECODE_INVALID_JSON || r == AMP_DECODE_INVALID_EVENT,
                "result %d", (int)r);
     if (r == AMP_DECODE_OK) {
         check_events(events);

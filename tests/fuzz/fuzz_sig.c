@@ -87,16 +87,16 @@ static const verifiers *get_verifiers(void) {
     if (ready)
         return &v;
     char err[256];
-    v.amplitude = amp_sig_create(AMP_AUTH_AMPLITUDE_HMAC, amp_secrets, 2, TOLERANCE, NULL, err,
-                                 sizeof err);
+    v.amplitude =
+        amp_sig_create(AMP_AUTH_AMPLITUDE_HMAC, amp_secrets, 2, TOLERANCE, NULL, err, sizeof err);
     v.stat = amp_sig_create(AMP_AUTH_STATIC_HEADER, static_secrets, 2, TOLERANCE, "Authorization",
                             err, sizeof err);
-    v.standard = amp_sig_create(AMP_AUTH_STANDARD_WEBHOOKS, sw_secrets, 2, TOLERANCE, NULL, err,
-                                sizeof err);
+    v.standard =
+        amp_sig_create(AMP_AUTH_STANDARD_WEBHOOKS, sw_secrets, 2, TOLERANCE, NULL, err, sizeof err);
     v.none = amp_sig_create(AMP_AUTH_NONE, NULL, 0, TOLERANCE, NULL, err, sizeof err);
     FUZZ_CHECK(v.amplitude && v.stat && v.standard && v.none, "amp_sig_create: %s", err);
-    v.sw_keylen = EVP_DecodeBlock(v.sw_key, (const unsigned char *)sw_key0_b64,
-                                  (int)strlen(sw_key0_b64));
+    v.sw_keylen =
+        EVP_DecodeBlock(v.sw_key, (const unsigned char *)sw_key0_b64, (int)strlen(sw_key0_b64));
     FUZZ_CHECK(v.sw_keylen == 24, "reference secret decodes to %d bytes", v.sw_keylen);
     ready = true;
     return &v;
@@ -150,8 +150,7 @@ static void amplitude_roundtrip(const amp_sig *s, char *body, size_t len) {
     char tsbuf[24];
     int tslen = snprintf(tsbuf, sizeof tsbuf, "%lld", (long long)ts);
     unsigned char mac[32];
-    mac3(amp_secrets[1], (int)strlen(amp_secrets[1]), tsbuf, (size_t)tslen, ".", 1, body, len,
-         mac);
+    mac3(amp_secrets[1], (int)strlen(amp_secrets[1]), tsbuf, (size_t)tslen, ".", 1, body, len, mac);
     char hex[65];
     to_hex(mac, hex);
     char product_hex[65];

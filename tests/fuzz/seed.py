@@ -130,6 +130,10 @@ def decode_seeds():
         write("mapping", name, body)
     write("decode", "invalid_utf8", b'{"event_type":"A\xff\xfe","user_id":"u"}')
     write("decode", "overlong_utf8", b'{"event_type":"\xc0\xaf","user_id":"u"}')
+    # The per-string cap of decode.c (65536 bytes), at and past it.
+    for n in (65536, 65537):
+        write("decode", "string_%d" % n, '{"event_type":"A","user_id":"u","p":{"s":"%s"}}' % ("x" * n))
+        write("decode", "key_%d" % n, '{"event_type":"A","user_id":"u","p":{"%s":1}}' % ("k" * n))
 
 
 def config_seeds():
