@@ -169,6 +169,8 @@ static void field(amp_forward_sse *p, const char *line, size_t len, int *rc) {
 }
 
 int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len) {
+    if (len == 0)
+        return 0; /* keeps a pending CR: an empty chunk is no line break */
     int rc = 0;
     size_t i = 0;
     if (p->saw_cr && len > 0 && data[0] == '\n')

@@ -181,8 +181,19 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
     amp_spool_batch *batch = amp_spool_batch_create();
     size_t i;
     json_t *ev;
+    /* standard-webhooks: the message id dedupes a resent message; an
+     * event's own insert_id, when it has one, still comes first. */
+    const char *msg_id = cfg->auth.scheme == AMP_AUTH_STANDARD_WEBHOOKS
+                             ? MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "webhook-id")
+                             : NULL;
     json_array_foreach(events, i, ev) {
-        emit_ctx e = {.batch = batch, .dedupe_key = amp_event_dedupe_key(ev), .nreq = 0};
+        char msg_key[300];
+        const char *key = amp_event_dedupe_key(ev);
+        if (!key && msg_id && *msg_id && strlen(msg_id) < 256) {
+            snprintf(msg_key, sizeof msg_key, "webhook-id:%s#%zu", msg_id, i);
+            key = msg_key;
+        }
+        emit_ctx e = {.batch = batch, .dedupe_key = key, .nreq = 0};
         char why[200];
         if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
             snprintf(detail, sizeof detail, "events[%zu]: %s", i, why);

@@ -492,7 +492,7 @@ static amp_config *config_defaults(const char *path) {
     c->listen.max_events = 2000;
     c->listen.threads = 2;
     c->listen.connection_limit = 1024;
-    c->listen.per_ip_connection_limit = 0;
+    c->listen.per_ip_connection_limit = 256;
     c->listen.connection_timeout_s = 30;
     c->listen.trusted_proxies = amp_xcalloc(2, sizeof(char *));
     c->listen.trusted_proxies[0] = amp_xstrdup("127.0.0.1/32");
