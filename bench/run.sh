@@ -280,6 +280,36 @@ stop_pid "$FAKE_PID" 10
 FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 [[ -n $SPOOL_LINE ]] || SPOOL_LINE=$("$BUILD/bench/spool_stat" --db "$WORK/spool.db" 2>/dev/null)
 
+# ---- 3b. ingest only ----------------------------------------------------------------
+# The same load on a fresh spool with delivery held back (the app's rate set
+# near zero), so requests/s is the durable ingest path alone (signature,
+# decode, map, group commit with fsync) without the delivery threads and the
+# fake Dify taking the same two CPUs.
+
+INGEST_LINE=""
+INGEST_CONFIG=$WORK/ingest-only.json
+sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$INGEST_CONFIG"
+AMP2DIFY_SPOOL="$WORK/ingest-only.db" "$BUILD/amp2dify" serve -c "$INGEST_CONFIG" \
+    2>"$WORK/ingest-only.log" &
+ING_PID=$!
+STARTED+=("$ING_PID")
+ING_PORT=""
+for ((i = 0; i < 200; i++)); do
+    kill -0 "$ING_PID" 2>/dev/null || break
+    ING_PORT=$(listen_port_of "$ING_PID") && http_get_ok "$ING_PORT" /readyz && break
+    ING_PORT=""
+    sleep 0.05
+done
+if [[ -n $ING_PORT ]]; then
+    log "bench: amp2dify, ingest only, on 127.0.0.1:$ING_PORT ..."
+    INGEST_LINE=$(run_wrk ingest-only "http://127.0.0.1:$ING_PORT/webhooks/amplitude" \
+        "$CORPUS" "$WORK/wrk-ingest-only.txt") || log "bench: ingest-only run failed"
+    log "    $INGEST_LINE"
+else
+    log "bench: amp2dify (ingest only) did not become ready: $(tail -n 5 "$WORK/ingest-only.log")"
+fi
+stop_pid "$ING_PID" 20
+
 # ---- 4. mapping ---------------------------------------------------------------------
 
 MAPPING_LINE=""
@@ -308,6 +338,13 @@ a_req=$(kv "$AMP_LINE" requests)
 a_wrapped=$(kv "$AMP_LINE" wrapped)
 a_statuses=$(kv "$AMP_LINE" statuses)
 a_first_error=${AMP_LINE#* first_error=}
+i_rps=$(kv "$INGEST_LINE" rps)
+: "${i_rps:=0}"
+i_ratio=$(calc "%.3f" "($b_rps > 0) ? $i_rps / $b_rps : 0")
+i_p50=$(calc "%.2f" "0$(kv "$INGEST_LINE" p50_us) / 1000")
+i_p99=$(calc "%.2f" "0$(kv "$INGEST_LINE" p99_us) / 1000")
+i_non2xx=$(kv "$INGEST_LINE" non2xx)
+: "${i_non2xx:=0}"
 
 pending=$(kv "$SPOOL_LINE" pending)
 delivered=$(kv "$SPOOL_LINE" delivered)
@@ -347,6 +384,8 @@ fi
 ((AMP_ALIVE)) && [[ $AMP_EXIT != 0 ]] && problems+=("amp2dify exited with status $AMP_EXIT on SIGTERM")
 ((a_non2xx > 0)) && problems+=("amp2dify answered $a_non2xx non-2xx ($a_statuses); first: $a_first_error")
 ((a_sock > 0)) && problems+=("$a_sock socket errors against amp2dify (connect/read/write/timeout)")
+((i_non2xx > 0)) && problems+=("amp2dify (ingest only) answered $i_non2xx non-2xx")
+[[ -z $INGEST_LINE ]] && problems+=("the ingest-only run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
 ((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
@@ -367,7 +406,8 @@ host          $CPUS CPUs, load average before $LOAD_BEFORE, spool on $SPOOL_FS
                         requests/s     p50 ms     p99 ms    non-2xx
 baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99" "$b_non2xx")
 amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
-ratio amp2dify/baseline  $ratio
+amp2dify ingest only  $(printf '%12.1f %10s %10s %10s' "$i_rps" "$i_p50" "$i_p99" "$i_non2xx")
+ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only)
 delivery      $delivered delivered ($dead dead, $pending pending) of $stored stored; fake Dify saw $fake_delivered
               $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
               spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
@@ -406,6 +446,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"baseline\":{\"rps\":$b_rps,\"p50_ms\":$b_p50,\"p99_ms\":$b_p99,\"non2xx\":$b_non2xx,\"socket_errors\":$b_sock},\
 \"amp2dify\":{\"rps\":$a_rps,\"p50_ms\":$a_p50,\"p99_ms\":$a_p99,\"non2xx\":$a_non2xx,\"socket_errors\":$a_sock,\"requests\":$a_req,\"wrapped\":$a_wrapped},\
 \"ratio\":$ratio,\
+\"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio},\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
 \"peak_rss_kb\":$PEAK_RSS_KB,\
