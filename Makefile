@@ -95,6 +95,7 @@ e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	bash tests/nginx/run.sh $(BUILD)
 	bash tests/metrics/run.sh $(BUILD)
 	bash tests/signals/run.sh $(BUILD)
+	bash tests/docker/run.sh $(BUILD)
 
 test-run: unit e2e
 
