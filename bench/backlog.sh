@@ -34,73 +34,9 @@ PER_USER=${BACKLOG_PER_USER:-0}
 COLD=${BACKLOG_COLD:-0}
 FIRST_TARGET_MS=1000
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
-cd "$ROOT" || exit 1
-
-STARTED=()
-WORK=""
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "backlog: $*"
-    exit 1
-}
-
-# PID TIMEOUT_S: SIGTERM, wait up to TIMEOUT_S, then SIGKILL; STOP_STATUS gets
-# the exit status and STOP_MS the time it took.
-STOP_STATUS=0
-STOP_MS=0
-stop_pid() {
-    local pid=$1 limit=$(($2 * 20)) i=0 t0
-    t0=$(date +%s%3N)
-    kill -TERM "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null && ((i < limit)); do
-        sleep 0.05
-        i=$((i + 1))
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "backlog: pid $pid ignored SIGTERM for $2 s; killing it"
-        kill -KILL "$pid" 2>/dev/null
-    fi
-    wait "$pid" 2>/dev/null
-    STOP_STATUS=$?
-    STOP_MS=$(($(date +%s%3N) - t0))
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -0 "$pid" 2>/dev/null && stop_pid "$pid" 5
-    done
-    if [[ -n $WORK && -d $WORK ]]; then
-        if [[ ${BACKLOG_KEEP:-0} == 1 ]]; then
-            log "backlog: kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-}
-trap cleanup EXIT
-trap 'log "backlog: interrupted"; exit 130' INT TERM
-
-# Wait (at most 10 s) for "listening <port>" in FILE while PID runs; echoes it.
-wait_listening() {
-    local pid=$1 file=$2 i=0 port
-    while ((i < 200)); do
-        port=$(sed -n 's/^listening \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
-        [[ -n $port ]] && {
-            echo "$port"
-            return 0
-        }
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-        i=$((i + 1))
-    done
-    return 1
-}
-
-kv() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<" $1"; }
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh" || exit 1
+bench_init backlog "${BACKLOG_KEEP:-0}" # also moves to the repository root
 
 # Unix ms of the first log line whose msg is MSG, or empty.
 log_ms() {
@@ -132,12 +68,8 @@ spool_bytes=$(kv "$FILL_LINE" bytes)
 
 # ---- 2. fake Dify and amp2dify -------------------------------------------------
 
-DIFY_API_KEY="app-backlog-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')"
-"$BUILD/fake-dify" --port 0 --key "$DIFY_API_KEY" >"$WORK/fake.out" 2>"$WORK/fake.err" &
-FAKE_PID=$!
-STARTED+=("$FAKE_PID")
-FAKE_PORT=$(wait_listening "$FAKE_PID" "$WORK/fake.out") ||
-    die "fake-dify did not start: $(cat "$WORK/fake.err")"
+DIFY_API_KEY="app-backlog-$(rand_hex 8)"
+start_fake_dify "$WORK" --key "$DIFY_API_KEY"
 
 # The rows' route and app; no back-pressure limit (the default max_pending
 # equals this backlog and would turn /readyz to 503, which is not measured here).
@@ -153,7 +85,7 @@ cat >"$CONFIG" <<EOF
               "user": "{{user_id}}"$([[ $PER_USER == 1 ]] && echo ', "conversation": "per_user"')}]
 }
 EOF
-AMP2DIFY_SECRETS="backlog-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+AMP2DIFY_SECRETS="backlog-$(rand_hex 16)"
 export AMP2DIFY_SECRETS DIFY_API_KEY AMP2DIFY_LOG_LEVEL=info
 unset AMP2DIFY_SPOOL AMP2DIFY_LISTEN DIFY_BASE_URL
 "$BUILD/amp2dify" check-config -c "$CONFIG" >"$WORK/check-config.txt" 2>&1 ||
@@ -170,7 +102,7 @@ if [[ $COLD == 1 ]]; then
 fi
 
 log "backlog: starting amp2dify on the backlog, fake Dify on 127.0.0.1:$FAKE_PORT ..."
-T0=$(date +%s%3N)
+T0=$(now_ms)
 "$BUILD/amp2dify" serve -c "$CONFIG" 2>"$WORK/amp2dify.log" &
 AMP_PID=$!
 STARTED+=("$AMP_PID")
@@ -236,11 +168,7 @@ fi
 echo "run time       $(($(date +%s) - T_START)) s"
 echo
 
-problems_json=""
-for p in "${problems[@]}"; do
-    p=$(printf '%s' "$p" | sed 's/\\/\\\\/g; s/"/\\"/g')
-    problems_json+="${problems_json:+,}\"$p\""
-done
+problems_json=$(json_strings "${problems[@]}")
 JSON="{\"bench\":\"backlog\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"events\":$EVENTS,\
 \"users\":$USERS,\"per_user\":$([[ $PER_USER == 1 ]] && echo true || echo false),\
 \"cold\":$([[ $COLD == 1 ]] && echo true || echo false),\"spool_bytes\":$spool_bytes,\

@@ -35,114 +35,9 @@ INFLIGHT=${BENCH_DELIVERY_INFLIGHT:-256}
 DRAIN_S=${BENCH_DELIVERY_TIMEOUT_S:-40}
 BATCH=100
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
-cd "$ROOT" || exit 1
-
-STARTED=()
-WORK=""
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "bench/delivery: $*"
-    exit 1
-}
-
-# PID LIMIT_S: SIGTERM (and SIGCONT, in case it is stopped), wait up to
-# LIMIT_S, then SIGKILL.
-stop_pid() {
-    local pid=$1 limit=$(($2 * 20)) i=0
-    kill -TERM "$pid" 2>/dev/null
-    kill -CONT "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null && ((i < limit)); do
-        sleep 0.05
-        i=$((i + 1))
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "bench/delivery: pid $pid ignored SIGTERM for $2 s; killing it"
-        kill -KILL "$pid" 2>/dev/null
-    fi
-    wait "$pid" 2>/dev/null
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -0 "$pid" 2>/dev/null && stop_pid "$pid" 5
-    done
-    if [[ -n $WORK && -d $WORK ]]; then
-        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-            log "bench/delivery: kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-}
-trap cleanup EXIT
-trap 'log "bench/delivery: interrupted"; exit 130' INT TERM
-
-now_ms() { date +%s%3N; }
-calc() { awk "BEGIN { printf \"$1\", $2 }"; }
-
-CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
-cpu_ms() { # PID: user + system CPU time in ms
-    local stat f
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || {
-        echo 0
-        return
-    }
-    read -r -a f <<<"${stat##*) }" # f[0] is field 3: utime is f[11], stime f[12]
-    echo $(((f[11] + f[12]) * 1000 / CLK_TCK))
-}
-
-# "listening <port>" from the fake's stdout, waiting at most 10 s.
-wait_listening() {
-    local pid=$1 file=$2 i port
-    for ((i = 0; i < 200; i++)); do
-        port=$(sed -n 's/^listening \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
-        [[ -n $port ]] && {
-            echo "$port"
-            return 0
-        }
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-    done
-    return 1
-}
-
-# The TCP port PID listens on (amp2dify binds port 0), through /proc.
-listen_port_of() {
-    local pid=$1 fd link inodes=" " hex
-    for fd in /proc/"$pid"/fd/*; do
-        link=$(readlink "$fd" 2>/dev/null) || continue
-        [[ $link == socket:\[*\] ]] && inodes+="${link:8:${#link}-9} "
-    done
-    [[ $inodes == " " ]] && return 1
-    hex=$(awk -v want="$inodes" '$4 == "0A" && index(want, " " $10 " ") {
-              n = split($2, a, ":"); print a[n]; exit }' /proc/net/tcp /proc/net/tcp6 2>/dev/null)
-    [[ -n $hex ]] || return 1
-    echo $((16#$hex))
-}
-
-# GET PATH from 127.0.0.1:PORT over /dev/tcp; prints the body, fails unless 200.
-http_get() {
-    local port=$1 path=$2 line status="" body=0
-    { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || return 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
-    while IFS= read -r -t 2 line <&3; do
-        line=${line%$'\r'}
-        if [[ -z $status ]]; then
-            status=$line
-        elif ((body)); then
-            printf '%s\n' "$line"
-        elif [[ -z $line ]]; then
-            body=1
-        fi
-    done
-    exec 3<&- 3>&-
-    [[ $status == "HTTP/1."?" 200"* ]]
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh" || exit 1
+bench_init bench/delivery "${BENCH_KEEP:-0}" # also moves to the repository root
 
 # The value of the delivered-events counter of app "bench" in /metrics
 # (the fallback when BUILD_DIR/bench/spool_stat is not built).
@@ -164,8 +59,8 @@ command -v curl >/dev/null || die "curl (the command-line tool) is not installed
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/amp2dify-bench-delivery.XXXXXX") || die "cannot create a work directory"
 CPUS=$(nproc 2>/dev/null || echo 0)
 T_START=$(date +%s)
-AMP2DIFY_SECRETS="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-DIFY_API_KEY="app-bench-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')"
+AMP2DIFY_SECRETS="bench-$(rand_hex 16)"
+DIFY_API_KEY="app-bench-$(rand_hex 8)"
 export AMP2DIFY_SECRETS DIFY_API_KEY
 
 cat >"$WORK/amp2dify.json" <<EOF
@@ -206,29 +101,18 @@ awk -v n="$N" -v batch="$BATCH" -v dir="$WORK/bodies" -v run="$$" 'BEGIN {
 # (runs in this shell, not in $(...), so the EXIT trap sees what it started).
 RESULT=""
 run_phase() {
-    local phase=$1 delay=$2 dir="$WORK/$1" fake_pid amp_pid fake_port amp_port i
+    local phase=$1 delay=$2 dir="$WORK/$1" fake_pid amp_pid amp_port
     mkdir -p "$dir"
-    "$BUILD/fake-dify" --port 0 --key "$DIFY_API_KEY" --delay-ms "$delay" \
-        >"$dir/fake.out" 2>"$dir/fake.err" &
-    fake_pid=$!
-    STARTED+=("$fake_pid")
-    fake_port=$(wait_listening "$fake_pid" "$dir/fake.out") ||
-        die "fake-dify did not start: $(cat "$dir/fake.err")"
+    start_fake_dify "$dir" --key "$DIFY_API_KEY" --delay-ms "$delay"
+    fake_pid=$FAKE_PID
     kill -STOP "$fake_pid"
 
-    DIFY_BASE_URL="http://127.0.0.1:$fake_port/v1" AMP2DIFY_LISTEN=127.0.0.1:0 \
-        AMP2DIFY_SPOOL="$dir/spool.db" \
-        "$BUILD/amp2dify" serve -c "$WORK/amp2dify.json" 2>"$dir/amp2dify.log" &
-    amp_pid=$!
-    STARTED+=("$amp_pid")
-    amp_port=""
-    for ((i = 0; i < 200; i++)); do
-        kill -0 "$amp_pid" 2>/dev/null || break
-        amp_port=$(listen_port_of "$amp_pid") && http_get "$amp_port" /readyz >/dev/null && break
-        amp_port=""
-        sleep 0.05
-    done
-    [[ -n $amp_port ]] || die "amp2dify did not become ready: $(tail -n 20 "$dir/amp2dify.log")"
+    start_amp2dify "$dir/amp2dify.log" "$WORK/amp2dify.json" \
+        DIFY_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1" AMP2DIFY_LISTEN=127.0.0.1:0 \
+        AMP2DIFY_SPOOL="$dir/spool.db" ||
+        die "amp2dify did not become ready: $(tail -n 20 "$dir/amp2dify.log")"
+    amp_pid=$AMP_START_PID
+    amp_port=$AMP_START_PORT
 
     # Preload: sign each body and POST it, 4 at a time.
     local t0 t_preload
@@ -290,8 +174,6 @@ run_phase() {
     RESULT+=" threads=${threads:-0} preload_ms=$t_preload warnings=$(grep -c . "$dir/amp2dify.log")"
 }
 
-kv() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<" $1"; }
-
 log "bench/delivery: $N events, $INFLIGHT in flight, fake Dify delay $DELAY_MS ms then 0 ms, $CPUS CPUs"
 run_phase slow "$DELAY_MS"
 SLOW=$RESULT
@@ -330,10 +212,7 @@ if ((${#problems[@]})); then
 fi
 echo "run time    $(($(date +%s) - T_START)) s"
 echo
-problems_json=""
-for p in "${problems[@]}"; do
-    problems_json+="${problems_json:+,}\"${p//\"/\\\"}\""
-done
+problems_json=$(json_strings "${problems[@]}")
 echo "{\"bench\":\"delivery\",\"events\":$N,\"in_flight\":$INFLIGHT,\"cpus\":$CPUS,\
 \"slow\":{\"delay_ms\":$DELAY_MS,\"deliveries_per_s\":$s_rate,\"ideal_per_s\":$ideal,\"percent_of_ideal\":$s_pct,\"target_met\":$target_met,\
 \"elapsed_ms\":$(kv "$SLOW" elapsed_ms),\"cpu_us_per_delivery\":$s_cpu_us,\"peak_rss_kb\":$(kv "$SLOW" peak_rss_kb),\"fake_requests\":$(kv "$SLOW" fake_requests)},\

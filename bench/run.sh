@@ -29,126 +29,11 @@ BODY_BYTES=${BENCH_BODY_BYTES:-600}
 DRAIN_S=${BENCH_DRAIN_SECONDS:-30}
 BASELINE_NREQ=20000 # the baseline checks nothing, so a short corpus repeated is enough
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
-cd "$ROOT" || exit 1
-
 # ---- plumbing ---------------------------------------------------------------
 
-STARTED=() # pids of the processes this script started
-WORK=""
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-    log "bench: $*"
-    exit 1
-}
-
-# PID TIMEOUT_S: SIGTERM, wait up to TIMEOUT_S, then SIGKILL. Sets STOP_STATUS
-# to the exit status (not echoed: wait only works in this shell, not in $(...)).
-STOP_STATUS=0
-stop_pid() {
-    local pid=$1 limit=$(($2 * 20)) i=0
-    kill -TERM "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null && ((i < limit)); do
-        sleep 0.05
-        i=$((i + 1))
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "bench: pid $pid ignored SIGTERM for $2 s; killing it"
-        kill -KILL "$pid" 2>/dev/null
-    fi
-    wait "$pid" 2>/dev/null
-    STOP_STATUS=$?
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -0 "$pid" 2>/dev/null && stop_pid "$pid" 5
-    done
-    if [[ -n $WORK && -d $WORK ]]; then
-        if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-            log "bench: kept $WORK"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-}
-trap cleanup EXIT
-trap 'log "bench: interrupted"; exit 130' INT TERM
-
-# Wait (at most 10 s) for "listening <port>" on the first line of FILE while
-# PID runs; echoes the port.
-wait_listening() {
-    local pid=$1 file=$2 i=0 port
-    while ((i < 200)); do
-        port=$(sed -n 's/^listening \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
-        [[ -n $port ]] && {
-            echo "$port"
-            return 0
-        }
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.05
-        i=$((i + 1))
-    done
-    return 1
-}
-
-# The port of PID's listening TCP socket, found through /proc (amp2dify binds
-# port 0 and, at log level warn, does not print the port it got).
-listen_port_of() {
-    local pid=$1 fd link inodes=" " hex
-    for fd in /proc/"$pid"/fd/*; do
-        link=$(readlink "$fd" 2>/dev/null) || continue
-        [[ $link == socket:\[*\] ]] && inodes+="${link:8:${#link}-9} "
-    done
-    [[ $inodes == " " ]] && return 1
-    hex=$(awk -v want="$inodes" '$4 == "0A" && index(want, " " $10 " ") {
-              n = split($2, a, ":"); print a[n]; exit }' /proc/net/tcp /proc/net/tcp6 2>/dev/null)
-    [[ -n $hex ]] || return 1
-    echo $((16#$hex))
-}
-
-# One GET over bash's /dev/tcp; succeeds on a 200 answer.
-http_get_ok() {
-    local port=$1 path=$2 status=""
-    { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || return 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
-    IFS= read -r -t 2 status <&3
-    exec 3<&- 3>&-
-    [[ $status == "HTTP/1."?" 200"* ]]
-}
-
-CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# CPU time (user + system, ms) of PID: the whole process, or with a thread
-# name prefix only its live threads whose name starts with it (libmicrohttpd
-# names its threads "MHD-...").
-cpu_ms() {
-    local pid=$1 prefix=${2:-} file stat comm ticks=0 f
-    local files=("/proc/$pid/stat")
-    [[ -n $prefix ]] && files=(/proc/"$pid"/task/*/stat)
-    for file in "${files[@]}"; do
-        stat=$(cat "$file" 2>/dev/null) || continue
-        comm=${stat#*\(}
-        comm=${comm%\)*}
-        [[ -n $prefix && $comm != "$prefix"* ]] && continue
-        read -r -a f <<<"${stat##*) }" # f[0] is field 3 (state): utime is f[11], stime f[12]
-        ticks=$((ticks + f[11] + f[12]))
-    done
-    echo $((ticks * 1000 / CLK_TCK))
-}
-
-kv() { # LINE KEY: the value of KEY=VALUE in a BENCH/SPOOL line (values have no spaces)
-    sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<" $1"
-}
-
-json_str() { # escape for a JSON string: backslash, quote, control characters
-    printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\000-\037'
-}
-
-calc() { awk "BEGIN { printf \"$1\", $2 }"; }
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh" || exit 1
+bench_init bench "${BENCH_KEEP:-0}" # also moves to the repository root
 
 # Run wrk with ingest.lua; echoes the BENCH line. LABEL URL CORPUS OUTFILE
 run_wrk() {
@@ -188,8 +73,8 @@ log "bench: wrk -t $THREADS -c $CONNS -d ${DURATION}s, $NREQ signed requests of 
 # ---- corpus -------------------------------------------------------------------
 
 # Random per run; only this script and the amp2dify it starts know them.
-AMP2DIFY_SECRETS="bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-DIFY_API_KEY="app-bench-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')"
+AMP2DIFY_SECRETS="bench-$(rand_hex 16)"
+DIFY_API_KEY="app-bench-$(rand_hex 8)"
 export AMP2DIFY_SECRETS
 
 CORPUS=$WORK/corpus.tsv
@@ -223,11 +108,7 @@ stop_pid "$BASE_PID" 5
 
 # ---- 2. amp2dify --------------------------------------------------------------------
 
-"$BUILD/fake-dify" --port 0 --key "$DIFY_API_KEY" --delay-ms 0 >"$WORK/fake.out" 2>"$WORK/fake.err" &
-FAKE_PID=$!
-STARTED+=("$FAKE_PID")
-FAKE_PORT=$(wait_listening "$FAKE_PID" "$WORK/fake.out") ||
-    die "fake-dify did not start: $(cat "$WORK/fake.err")"
+start_fake_dify "$WORK" --key "$DIFY_API_KEY" --delay-ms 0
 
 # The example config, with the app's delivery limits lifted so delivered/s
 # measures amp2dify rather than the example's 10 requests/s (0 = unlimited).
@@ -239,17 +120,10 @@ export DIFY_API_KEY DIFY_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1" \
 "$BUILD/amp2dify" check-config -c "$CONFIG" >"$WORK/check-config.txt" 2>&1 ||
     die "the bench config does not validate: $(cat "$WORK/check-config.txt")"
 
-"$BUILD/amp2dify" serve -c "$CONFIG" 2>"$WORK/amp2dify.log" &
-AMP_PID=$!
-STARTED+=("$AMP_PID")
-AMP_PORT=""
-for ((i = 0; i < 200; i++)); do
-    kill -0 "$AMP_PID" 2>/dev/null || break
-    AMP_PORT=$(listen_port_of "$AMP_PID") && http_get_ok "$AMP_PORT" /readyz && break
-    AMP_PORT=""
-    sleep 0.05
-done
-[[ -n $AMP_PORT ]] || die "amp2dify did not become ready: $(tail -n 20 "$WORK/amp2dify.log")"
+start_amp2dify "$WORK/amp2dify.log" "$CONFIG" ||
+    die "amp2dify did not become ready: $(tail -n 20 "$WORK/amp2dify.log")"
+AMP_PID=$AMP_START_PID
+AMP_PORT=$AMP_START_PORT
 
 log "bench: amp2dify on 127.0.0.1:$AMP_PORT (pid $AMP_PID), fake Dify on 127.0.0.1:$FAKE_PORT ..."
 AMP_LINE=$(run_wrk amp2dify "http://127.0.0.1:$AMP_PORT/webhooks/amplitude" \
@@ -289,17 +163,9 @@ FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 INGEST_LINE=""
 INGEST_CONFIG=$WORK/ingest-only.json
 sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$INGEST_CONFIG"
-AMP2DIFY_SPOOL="$WORK/ingest-only.db" "$BUILD/amp2dify" serve -c "$INGEST_CONFIG" \
-    2>"$WORK/ingest-only.log" &
-ING_PID=$!
-STARTED+=("$ING_PID")
-ING_PORT=""
-for ((i = 0; i < 200; i++)); do
-    kill -0 "$ING_PID" 2>/dev/null || break
-    ING_PORT=$(listen_port_of "$ING_PID") && http_get_ok "$ING_PORT" /readyz && break
-    ING_PORT=""
-    sleep 0.05
-done
+start_amp2dify "$WORK/ingest-only.log" "$INGEST_CONFIG" AMP2DIFY_SPOOL="$WORK/ingest-only.db"
+ING_PID=$AMP_START_PID
+ING_PORT=$AMP_START_PORT
 if [[ -n $ING_PORT ]]; then
     log "bench: amp2dify, ingest only, on 127.0.0.1:$ING_PORT ..."
     INGEST_LINE=$(run_wrk ingest-only "http://127.0.0.1:$ING_PORT/webhooks/amplitude" \
@@ -435,10 +301,7 @@ if [[ -n $MAPPING_LINE ]]; then
         mapping_json="\"$(json_str "$MAPPING_LINE")\""
     fi
 fi
-problems_json=""
-for p in "${problems[@]}"; do
-    problems_json+="${problems_json:+,}\"$(json_str "$p")\""
-done
+problems_json=$(json_strings "${problems[@]}")
 
 JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"load\":{\"duration_s\":$DURATION,\"threads\":$THREADS,\"connections\":$CONNS,\"body_bytes\":$BODY_BYTES,\"corpus\":$NREQ},\

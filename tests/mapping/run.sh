@@ -14,29 +14,12 @@
 # cases run.
 set -u
 
-if [ $# -ne 1 ]; then
-    echo "usage: $0 BINARY" >&2
-    exit 2
-fi
-bin=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
-if [ ! -x "$bin" ]; then
-    echo "$0: $1 is not an executable" >&2
-    exit 2
-fi
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-cd "$root" || exit 2
+# shellcheck source=tests/lib.sh
+source "$(dirname "$0")/../lib.sh"
+t_cases_init mapping "$@"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-
-pass=0
-fail=0
-failed=()
-for dir in tests/mapping/*/; do
-    dir=${dir%/}
-    name=$(basename "$dir")
-    [ -f "$dir/config.json" ] || continue
+run_case() { # dir name
+    local dir=$1 input args want_exit got_exit want_err want_out
     input=$dir/events.json
     [ -f "$input" ] || input=$dir/events.jsonl
     args=(map -c "$dir/config.json")
@@ -62,33 +45,9 @@ for dir in tests/mapping/*/; do
     want_out=$dir/expected.jsonl
     [ -f "$want_out" ] || want_out=/dev/null
 
-    ok=1
-    if [ "$got_exit" != "$want_exit" ]; then
-        echo "FAIL $name: exit $got_exit, expected $want_exit"
-        ok=0
-    fi
-    if ! diff -u "$want_out" "$tmp/out" >"$tmp/diff"; then
-        echo "FAIL $name: stdout differs"
-        sed 's/^/    /' "$tmp/diff"
-        ok=0
-    fi
-    if ! diff -u "$want_err" "$tmp/err" >"$tmp/diff"; then
-        echo "FAIL $name: stderr differs"
-        sed 's/^/    /' "$tmp/diff"
-        ok=0
-    fi
-    if [ $ok = 1 ]; then
-        pass=$((pass + 1))
-    else
-        fail=$((fail + 1))
-        failed+=("$name")
-    fi
-done
+    t_case_exit "$2" "$got_exit" "$want_exit"
+    t_case_diff "$2" stdout "$want_out" "$tmp/out"
+    t_case_diff "$2" stderr "$want_err" "$tmp/err"
+}
 
-echo "mapping cases: $pass passed, $fail failed"
-if [ $((pass + fail)) = 0 ]; then
-    echo "no cases found" >&2
-    exit 1
-fi
-[ $fail = 0 ] || { echo "failed: ${failed[*]}"; exit 1; }
-exit 0
+t_cases_run tests/mapping
