@@ -126,6 +126,44 @@ static enum MHD_Result answer_stored(amp_req *r) {
                                     (int)res->duplicates, "filtered", (int)r->filtered));
 }
 
+/* Every route applied to every event, into one batch (caller owns); events
+ * no route takes are counted in r->filtered. NULL and detail when there are
+ * too many events or a route finds one invalid: the whole request is then
+ * rejected. */
+static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
+                                   char *detail, size_t detail_len) {
+    /* standard-webhooks: the message id dedupes a resent message; an
+     * event's own insert_id, when it has one, still comes first. */
+    const char *msg_id = cfg->auth.scheme == AMP_AUTH_STANDARD_WEBHOOKS
+                             ? MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "webhook-id")
+                             : NULL;
+    if (json_array_size(events) > cfg->listen.max_events) {
+        snprintf(detail, detail_len, "%zu events; at most %zu per request", json_array_size(events),
+                 cfg->listen.max_events);
+        return NULL;
+    }
+    amp_spool_batch *batch = amp_spool_batch_create();
+    size_t i;
+    json_t *ev;
+    json_array_foreach(events, i, ev) {
+        char msg_key[300];
+        const char *key = amp_event_dedupe_key(ev);
+        if (!key && msg_id && *msg_id && strlen(msg_id) < 256) {
+            snprintf(msg_key, sizeof msg_key, "webhook-id:%s#%zu", msg_id, i);
+            key = msg_key;
+        }
+        emit_ctx e = {.batch = batch, .dedupe_key = key, .nreq = 0};
+        char why[200];
+        if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
+            snprintf(detail, detail_len, "events[%zu]: %s", i, why);
+            amp_spool_batch_destroy(batch);
+            return NULL;
+        }
+        r->filtered += e.nreq == 0;
+    }
+    return batch;
+}
+
 enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
     switch (atomic_load(&r->state)) {
     case REQ_WAITING:
@@ -170,39 +208,11 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
-    if (json_array_size(events) > cfg->listen.max_events) {
-        snprintf(detail, sizeof detail, "%zu events; at most %zu per request",
-                 json_array_size(events), cfg->listen.max_events);
+    amp_spool_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
+    if (!batch) {
         amp_series_add(h->events_rejected, (double)json_array_size(events));
         json_decref(events);
         return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
-    }
-
-    amp_spool_batch *batch = amp_spool_batch_create();
-    size_t i;
-    json_t *ev;
-    /* standard-webhooks: the message id dedupes a resent message; an
-     * event's own insert_id, when it has one, still comes first. */
-    const char *msg_id = cfg->auth.scheme == AMP_AUTH_STANDARD_WEBHOOKS
-                             ? MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "webhook-id")
-                             : NULL;
-    json_array_foreach(events, i, ev) {
-        char msg_key[300];
-        const char *key = amp_event_dedupe_key(ev);
-        if (!key && msg_id && *msg_id && strlen(msg_id) < 256) {
-            snprintf(msg_key, sizeof msg_key, "webhook-id:%s#%zu", msg_id, i);
-            key = msg_key;
-        }
-        emit_ctx e = {.batch = batch, .dedupe_key = key, .nreq = 0};
-        char why[200];
-        if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
-            snprintf(detail, sizeof detail, "events[%zu]: %s", i, why);
-            amp_series_add(h->events_rejected, (double)json_array_size(events));
-            amp_spool_batch_destroy(batch);
-            json_decref(events);
-            return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
-        }
-        r->filtered += e.nreq == 0;
     }
     size_t nevents = json_array_size(events);
     json_decref(events);
