@@ -217,13 +217,10 @@ int amp_cmd_serve(int argc, char **argv) {
     if (cfg->auth.scheme == AMP_AUTH_NONE)
         amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",
                 "scheme", "none");
-    amp_spool_stats st;
-    if (amp_spool_stats_get(spool, &st) != 0)
-        st.pending = -1;
     amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
             AMP_VERSION, "address", cfg->listen.address, "port", (int)amp_http_port(http), "path",
             cfg->listen.path, "auth", amp_sig_scheme_name(cfg->auth.scheme), "spool",
-            cfg->spool.path, "pending", (json_int_t)st.pending);
+            cfg->spool.path, "pending", (json_int_t)amp_spool_depth(spool));
 
     for (;;) {
         int sig = 0;
