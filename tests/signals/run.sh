@@ -44,7 +44,7 @@ post() { # insert-id ; prints the HTTP status
     mapfile -t sig < <("$BIN" sign --secret-env AMP2DIFY_SECRETS "$tmp/ev-$1.json")
     curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "$base/webhooks/amplitude" \
         -H 'Content-Type: application/json' -H "${sig[0]}" -H "${sig[1]}" \
-        --data-binary @"$tmp/ev-$1.json" 2>/dev/null || echo 000
+        --data-binary @"$tmp/ev-$1.json" 2>/dev/null || true # -w prints 000 on failure
 }
 
 write_config "first {{event_type}}"
