@@ -13,7 +13,8 @@
 #
 # Reports: BUILD_DIR/valgrind/logs/amp2dify.<pid>.log, added up at the end by
 # tests/valgrind/summary.sh. VALGRIND_SUITES (space-separated, default all
-# of: e2e mapping config matrix limits nginx metrics signals) picks a subset.
+# of: e2e mapping config matrix limits nginx metrics signals) picks a subset;
+# "foundation" is the first e2e file alone (what CI runs).
 # Exit 1 when a test failed or a report holds an error or a definite leak.
 set -u
 BUILD=${1:-build}
@@ -46,6 +47,7 @@ for s in $SUITES; do
         for t in test_foundation test_delivery test_durability; do
             run "$t" env AMP2DIFY_BIN="$BINDIR/amp2dify" "$BUILD/tests/e2e/$t"
         done ;;
+    foundation) run test_foundation env AMP2DIFY_BIN="$BINDIR/amp2dify" "$BUILD/tests/e2e/test_foundation" ;;
     mapping | config) run "$s" bash "tests/$s/run.sh" "$WRAP" ;;
     matrix) run matrix bash tests/matrix/run.sh "$WRAP" "$BUILD/fake-dify" ;;
     limits) run limits bash tests/matrix/limits.sh "$WRAP" ;;
