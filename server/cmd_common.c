@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "commands.h"
+#include "config.h"
 
 int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;
@@ -20,4 +21,14 @@ int amp_cmd_config_only(int argc, char **argv, const char **config) {
 void amp_cmd_print_errors(const char *file, const amp_errs *errs) {
     for (size_t i = 0; i < amp_errs_count(errs); i++)
         fprintf(stderr, "%s: %s\n", file, amp_errs_get(errs, i));
+}
+
+amp_config *amp_cmd_load_config(const char *cfile, unsigned flags) {
+    const char *path = amp_config_default_path(cfile);
+    amp_errs *errs = amp_errs_create();
+    amp_config *c = amp_config_load(path, flags, errs);
+    if (!c)
+        amp_cmd_print_errors(path, errs);
+    amp_errs_destroy(errs);
+    return c;
 }

@@ -149,16 +149,11 @@ int amp_cmd_dlq(int argc, char **argv) {
         return 2;
     }
 
-    const char *path = amp_config_default_path(a.config);
-    amp_errs *errs = amp_errs_create();
-    amp_config *cfg = amp_config_load(path, 0, errs);
+    amp_config *cfg = amp_cmd_load_config(a.config, 0);
     if (!cfg) {
-        amp_cmd_print_errors(path, errs);
-        amp_errs_destroy(errs);
         free(a.ids);
         return 2;
     }
-    amp_errs_destroy(errs);
 
     char err[512];
     amp_spool_opts so = amp_config_spool_opts(cfg);

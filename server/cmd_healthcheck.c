@@ -21,15 +21,9 @@ int amp_cmd_healthcheck(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;
-    const char *path = amp_config_default_path(cfile);
-    amp_errs *errs = amp_errs_create();
-    amp_config *cfg = amp_config_load(path, 0, errs);
-    if (!cfg) {
-        amp_cmd_print_errors(path, errs);
-        amp_errs_destroy(errs);
+    amp_config *cfg = amp_cmd_load_config(cfile, 0);
+    if (!cfg)
         return 2;
-    }
-    amp_errs_destroy(errs);
 
     const char *host = cfg->listen.address;
     int v6 = strchr(host, ':') != NULL;

@@ -183,15 +183,9 @@ int amp_cmd_map(int argc, char **argv) {
         }
     }
 
-    const char *cpath = amp_config_default_path(cfile);
-    amp_errs *errs = amp_errs_create();
-    amp_config *cfg = amp_config_load(cpath, 0, errs);
-    if (!cfg) {
-        amp_cmd_print_errors(cpath, errs);
-        amp_errs_destroy(errs);
+    amp_config *cfg = amp_cmd_load_config(cfile, 0);
+    if (!cfg)
         return 2;
-    }
-    amp_errs_destroy(errs);
 
     bool from_stdin = !input || !strcmp(input, "-");
     const char *name = from_stdin ? "stdin" : input;

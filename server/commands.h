@@ -25,4 +25,9 @@ int amp_cmd_config_only(int argc, char **argv, const char **config);
 /* Print each error as "<file>: <error>" on stderr. */
 void amp_cmd_print_errors(const char *file, const amp_errs *errs);
 
+/* Load the config named by -c (cfile, may be NULL: $AMP2DIFY_CONFIG, else
+ * ./amp2dify.json) with amp_config_load flags; on errors print them all and
+ * return NULL (exit code 2 for the command). Caller owns the result. */
+struct amp_config *amp_cmd_load_config(const char *cfile, unsigned flags);
+
 #endif

@@ -153,15 +153,10 @@ int amp_cmd_serve(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;
-    const char *path = amp_config_default_path(cfile);
-    amp_errs *errs = amp_errs_create();
-    amp_config *cfg = amp_config_load(path, AMP_CONFIG_SECRETS, errs);
-    if (!cfg) {
-        amp_cmd_print_errors(path, errs);
-        amp_errs_destroy(errs);
+    amp_config *cfg = amp_cmd_load_config(cfile, AMP_CONFIG_SECRETS);
+    if (!cfg)
         return 2;
-    }
-    amp_errs_destroy(errs);
+    const char *path = amp_config_default_path(cfile); /* reloaded from here on SIGHUP */
     amp_log_set_level(cfg->log_level);
 
     /* Before any thread exists: every thread inherits the blocked set. */
