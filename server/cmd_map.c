@@ -33,23 +33,14 @@ static void usage(FILE *f) {
 
 /* 0 with the whole input in *out (caller owns), -1 after printing why. */
 static int read_all(FILE *f, const char *name, amp_buf *out) {
-    char chunk[65536];
     amp_buf_init(out, MAP_INPUT_MAX);
     amp_buf_append(out, "", 0);
-    for (;;) {
-        size_t n = fread(chunk, 1, sizeof(chunk), f);
-        if (n && amp_buf_append(out, chunk, n) != 0) {
-            fprintf(stderr, "%s: input larger than %zu bytes\n", name, MAP_INPUT_MAX);
-            return -1;
-        }
-        if (n < sizeof(chunk)) {
-            if (ferror(f)) {
-                fprintf(stderr, "%s: read failed: %s\n", name, strerror(errno));
-                return -1;
-            }
-            return 0;
-        }
-    }
+    int rc = amp_buf_read(out, f);
+    if (rc == -1)
+        fprintf(stderr, "%s: input larger than %zu bytes\n", name, MAP_INPUT_MAX);
+    else if (rc == -2)
+        fprintf(stderr, "%s: read failed: %s\n", name, strerror(errno));
+    return rc == 0 ? 0 : -1;
 }
 
 static bool blank_line(const char *s, size_t n) {

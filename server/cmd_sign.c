@@ -14,15 +14,6 @@
 
 #define MAX_SIGN_BODY (64 * 1024 * 1024)
 
-static int read_all(FILE *f, amp_buf *b) {
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        if (amp_buf_append(b, chunk, n) != 0)
-            return -1;
-    return ferror(f) ? -1 : 0;
-}
-
 int amp_cmd_sign(int argc, char **argv) {
     const char *secret_env = NULL, *ts_arg = NULL, *file = NULL;
     for (int i = 1; i < argc; i++) {
@@ -79,7 +70,7 @@ int amp_cmd_sign(int argc, char **argv) {
     }
     amp_buf body;
     amp_buf_init(&body, MAX_SIGN_BODY);
-    int read_rc = read_all(in, &body);
+    int read_rc = amp_buf_read(&body, in);
     if (in != stdin)
         fclose(in);
     if (read_rc != 0) {

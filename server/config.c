@@ -326,20 +326,11 @@ static char *read_secret_file(const char *file, const char *what, const char *pa
     }
     amp_buf b;
     amp_buf_init(&b, MAX_SECRET_FILE);
-    char chunk[4096];
-    size_t n;
-    int too_big = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        if (amp_buf_append(&b, chunk, n) != 0) {
-            too_big = 1;
-            break;
-        }
-    }
-    int failed = ferror(f);
+    int rc = amp_buf_read(&b, f);
     fclose(f);
-    if (too_big || failed) {
+    if (rc != 0) {
         amp_errs_add(errs, path, "cannot read %s file '%s': %s", what, file,
-                     too_big ? "larger than 64 KiB" : "read error");
+                     rc == -1 ? "larger than 64 KiB" : "read error");
         amp_buf_free(&b);
         return NULL;
     }

@@ -137,6 +137,15 @@ int amp_buf_append(amp_buf *b, const void *p, size_t n) {
     return 0;
 }
 
+int amp_buf_read(amp_buf *b, FILE *f) {
+    char chunk[16384];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        if (amp_buf_append(b, chunk, n) != 0)
+            return -1;
+    return ferror(f) ? -2 : 0;
+}
+
 void amp_buf_reset(amp_buf *b) {
     b->len = 0;
     if (b->data)

@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* Allocation failure is not recoverable in a relay: these abort. */
 void *amp_xmalloc(size_t n);
@@ -43,6 +44,9 @@ typedef struct amp_buf {
 void amp_buf_init(amp_buf *b, size_t max);
 /* 0 on success; -1 when the result would exceed max (buffer unchanged). */
 int amp_buf_append(amp_buf *b, const void *p, size_t n);
+/* Append everything f holds until end of file. 0; -1 when it would exceed
+ * max (b keeps what fitted); -2 on a read error (errno says which). */
+int amp_buf_read(amp_buf *b, FILE *f);
 void amp_buf_reset(amp_buf *b);
 void amp_buf_free(amp_buf *b);
 

@@ -45,20 +45,12 @@ static int read_file(const char *path, uint8_t **out, size_t *len) {
     }
     amp_buf b;
     amp_buf_init(&b, REPLAY_MAX_INPUT);
-    char chunk[8192];
-    size_t n;
-    int rc = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        if (amp_buf_append(&b, chunk, n) != 0) {
-            fprintf(stderr, "replay: %s is larger than %d bytes\n", path, REPLAY_MAX_INPUT);
-            rc = -1;
-            break;
-        }
-    }
-    if (ferror(f)) {
+    int rc = amp_buf_read(&b, f);
+    if (rc == -1)
+        fprintf(stderr, "replay: %s is larger than %d bytes\n", path, REPLAY_MAX_INPUT);
+    else if (rc == -2)
         fprintf(stderr, "replay: cannot read %s\n", path);
-        rc = -1;
-    }
+    rc = rc == 0 ? 0 : -1;
     fclose(f);
     if (rc == 0) {
         *len = b.len;
