@@ -12,7 +12,7 @@
 #include "../server/log.h"
 #include "../server/util.h"
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 #define BUSY_TIMEOUT_MS 5000
@@ -27,6 +27,14 @@
  * ACK_GROUP_MAX of them are queued or a request arrives. */
 #define ACK_GATHER_MS 2
 #define ACK_GROUP_MAX 256
+/* WAL frames after which the checkpointer copies the log back into the
+ * database (SQLite's own automatic checkpoint also uses 1000). Under a
+ * steady stream of commits it may never catch up with the log's end, and
+ * only a checkpoint that does lets the next commit restart the log from its
+ * start; past CHECKPOINT_FRAMES_MAX the committer checkpoints itself, which
+ * bounds the log (~32 MiB of 4 KiB pages). */
+#define CHECKPOINT_FRAMES 1000
+#define CHECKPOINT_FRAMES_MAX 8000
 
 enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
 
@@ -163,6 +171,15 @@ struct amp_spool {
     int stop;
     pthread_t committer;
 
+    /* Checkpoints run on their own thread and connection, so the committer
+     * never copies the log into the database between two groups. */
+    sqlite3 *cdb; /* checkpointer thread only */
+    pthread_t checkpointer;
+    bool checkpointer_running;
+    pthread_mutex_t ck_mu;
+    pthread_cond_t ck_cond; /* a checkpoint is due, or stop */
+    bool ck_due, ck_stop;
+
     pthread_mutex_t claim_mu;
     idset claimed;
 
@@ -216,8 +233,14 @@ static const char schema_v1[] =
     "  app TEXT NOT NULL, user TEXT NOT NULL, conversation_id TEXT NOT NULL,"
     "  updated_ms INTEGER NOT NULL, PRIMARY KEY (app, user)) WITHOUT ROWID;";
 
+/* v2: only conversation rows are ordered per user, so only they need the
+ * (app, user) index; every other row skipped a random-page write for it. */
+static const char schema_v2[] =
+    "DROP INDEX deliveries_user;"
+    "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0 AND per_user = 1;";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1};
+static const char *const migrations[] = {schema_v1, schema_v2};
 
 static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
@@ -321,13 +344,16 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "DELETE FROM conversations WHERE (app, user) IN "
          "(SELECT app, user FROM deliveries WHERE id = ?1)"},
         /* Oldest due first; a per_user row only when it is the oldest pending
-         * row of its (app, user), so one user's events go out in order. */
+         * conversation row of its (app, user), so one user's conversation
+         * goes out in order. The subquery repeats deliveries_user's
+         * condition so that it can use the index. */
         {s->rdb, &s->st_claim,
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
          "d.per_user, d.attempts, d.schedule_ms FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
-         "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.app = d.app AND e.user = d.user "
+         "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "
+         "  AND e.user = d.user "
          "  AND e.id < d.id)) "
          "ORDER BY d.due_ms, d.id LIMIT ?2"},
         {s->wdb, &s->st_prune_dedupe,
@@ -367,6 +393,73 @@ static bool external_write(amp_spool *s) {
     return changed;
 }
 
+/* ---- checkpoints --------------------------------------------------------- */
+
+/* After each commit of the committer's connection: frames is the size of the
+ * log. Asks the checkpointer, unless the log outgrew the bound. */
+static int wal_hook(void *ctx, sqlite3 *db, const char *name, int frames) {
+    amp_spool *s = ctx;
+    if (frames >= CHECKPOINT_FRAMES_MAX) {
+        sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    } else if (frames >= CHECKPOINT_FRAMES) {
+        pthread_mutex_lock(&s->ck_mu);
+        if (!s->ck_due) {
+            s->ck_due = true;
+            pthread_cond_signal(&s->ck_cond);
+        }
+        pthread_mutex_unlock(&s->ck_mu);
+    }
+    return SQLITE_OK;
+}
+
+/* PASSIVE: copies what no reader still needs without blocking the
+ * committer, which restarts the log from its start once all of it is in the
+ * database. A failure (the disk is full, say) is retried at the next
+ * request; the log only grows meanwhile. */
+static void *checkpointer_main(void *arg) {
+    amp_spool *s = arg;
+    pthread_mutex_lock(&s->ck_mu);
+    for (;;) {
+        while (!s->ck_due && !s->ck_stop)
+            pthread_cond_wait(&s->ck_cond, &s->ck_mu);
+        if (s->ck_stop)
+            break;
+        s->ck_due = false;
+        pthread_mutex_unlock(&s->ck_mu);
+        int rc = sqlite3_wal_checkpoint_v2(s->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY)
+            amp_log(AMP_LOG_WARN, "spool checkpoint failed", "{s:s}", "error",
+                    sqlite3_errmsg(s->cdb));
+        pthread_mutex_lock(&s->ck_mu);
+    }
+    pthread_mutex_unlock(&s->ck_mu);
+    return NULL;
+}
+
+static int start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err,
+                              size_t errlen) {
+    if (open_db(opts->path, opts->sync_normal, &s->cdb, err, errlen))
+        return -1;
+    sqlite3_wal_hook(s->wdb, wal_hook, s); /* replaces the automatic checkpoint */
+    if (pthread_create(&s->checkpointer, NULL, checkpointer_main, s) != 0) {
+        snprintf(err, errlen, "spool: cannot start the checkpoint thread");
+        return -1;
+    }
+    s->checkpointer_running = true;
+    return 0;
+}
+
+static void stop_checkpointer(amp_spool *s) {
+    if (!s->checkpointer_running)
+        return;
+    pthread_mutex_lock(&s->ck_mu);
+    s->ck_stop = true;
+    pthread_cond_signal(&s->ck_cond);
+    pthread_mutex_unlock(&s->ck_mu);
+    pthread_join(s->checkpointer, NULL);
+    s->checkpointer_running = false;
+}
+
 static void count_pending(amp_spool *s) {
     if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
         atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
@@ -387,11 +480,14 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&s->q_flushed, NULL);
     pthread_mutex_init(&s->claim_mu, NULL);
+    pthread_mutex_init(&s->ck_mu, NULL);
+    pthread_cond_init(&s->ck_cond, NULL);
     atomic_init(&s->writable, true);
 
     if (open_db(opts->path, opts->sync_normal, &s->wdb, err, errlen) ||
         migrate(s->wdb, err, errlen) ||
-        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) || prepare_all(s, err, errlen))
+        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) ||
+        prepare_all(s, err, errlen) || start_checkpointer(s, opts, err, errlen))
         goto fail;
     count_pending(s);
     s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
@@ -431,14 +527,18 @@ void amp_spool_close(amp_spool *s) {
     pthread_mutex_unlock(&s->q_mu);
     if (running)
         pthread_join(s->committer, NULL);
+    stop_checkpointer(s);
     finalize_all(s);
+    sqlite3_close(s->cdb);
     sqlite3_close(s->rdb);
-    sqlite3_close(s->wdb);
+    sqlite3_close(s->wdb); /* the last one: checkpoints and removes the log */
     free(s->claimed.slots);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cond);
     pthread_cond_destroy(&s->q_flushed);
     pthread_mutex_destroy(&s->claim_mu);
+    pthread_mutex_destroy(&s->ck_mu);
+    pthread_cond_destroy(&s->ck_cond);
     free(s);
 }
 

@@ -4,9 +4,11 @@
  * conversations, and what a reopen (restart) sees.
  */
 #include <check.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../../server/log.h"
@@ -245,6 +247,130 @@ START_TEST(per_user_rows_go_in_order) {
 }
 END_TEST
 
+/* Only conversation rows wait for the user's earlier rows, and only for
+ * earlier conversation rows. */
+START_TEST(per_user_order_is_per_conversation) {
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "1", "alice", false, "{\"n\":1}");
+    add(b, "2", "alice", true, "{\"n\":2}");
+    add(b, "3", "alice", false, "{\"n\":3}");
+    add(b, "4", "alice", true, "{\"n\":4}");
+    submit(s, b);
+
+    int64_t now = amp_now_ms() + 1, next;
+    amp_spool_job *jobs[8];
+    int n = claim_all(s, now, jobs, 8, &next);
+    ck_assert_int_eq(n, 3); /* all but the second conversation row */
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    ck_assert_str_eq(jobs[1]->body, "{\"n\":2}");
+    ck_assert_str_eq(jobs[2]->body, "{\"n\":3}");
+    for (int i = 0; i < n; i++)
+        amp_spool_ack(s, &(amp_ack){.id = jobs[i]->id, .kind = AMP_ACK_DELIVERED,
+                                    .http_status = 200});
+    free_jobs(jobs, n);
+    amp_spool_flush(s);
+    n = claim_all(s, now, jobs, 8, &next);
+    ck_assert_int_eq(n, 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":4}");
+    free_jobs(jobs, n);
+    amp_spool_close(s);
+}
+END_TEST
+
+static int user_version(sqlite3 *db) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    int v = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* A spool left by the first schema is migrated in place on open. */
+START_TEST(version_1_spool_is_migrated) {
+    amp_spool *s = open_spool(3600);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "old", "alice", true, "{\"from\":1}");
+    submit(s, b);
+    amp_spool_close(s);
+
+    /* Back to version 1: its (app, user) index covered every pending row. */
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db,
+                                  "DROP INDEX deliveries_user;"
+                                  "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
+                                  "WHERE state = 0;"
+                                  "PRAGMA user_version = 1;",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+
+    s = open_spool(3600);
+    amp_spool_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"from\":1}");
+    free_jobs(jobs, 1);
+    amp_spool_close(s);
+
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(user_version(db), 2);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db,
+                                        "SELECT sql FROM sqlite_schema WHERE name = "
+                                        "'deliveries_user'",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_ptr_nonnull(strstr((const char *)sqlite3_column_text(st, 0), "per_user = 1"));
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+}
+END_TEST
+
+static off_t file_size(const char *suffix) {
+    char p[160];
+    snprintf(p, sizeof p, "%s%s", path, suffix);
+    struct stat st;
+    return stat(p, &st) == 0 ? st.st_size : 0;
+}
+
+/* Checkpoints run beside the committer: while the spool stays open, the
+ * rows reach the database file and the log stays bounded (8000 frames of
+ * 4 KiB pages, plus what one group adds). */
+START_TEST(log_is_checkpointed_and_bounded) {
+    char err[256] = "";
+    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .sync_normal = true};
+    amp_spool *s = amp_spool_open(&o, err, sizeof err);
+    ck_assert_msg(s != NULL, "open: %s", err);
+    char body[1100];
+    memset(body, 'x', sizeof body - 1);
+    body[sizeof body - 1] = '\0';
+    off_t wal_max = 0;
+    for (int g = 0; g < 3000; g++) {
+        amp_spool_batch *b = amp_spool_batch_create();
+        for (int i = 0; i < 10; i++) {
+            char key[32], user[32];
+            snprintf(key, sizeof key, "k%d-%d", g, i);
+            snprintf(user, sizeof user, "u%d", (g * 7 + i) % 1000);
+            add(b, key, user, false, body);
+        }
+        ck_assert_int_eq(submit(s, b).accepted, 10);
+        off_t w = file_size("-wal");
+        wal_max = w > wal_max ? w : wal_max;
+    }
+    off_t db_size = file_size("");
+    amp_spool_close(s);
+    ck_assert_msg(wal_max <= (off_t)(8000 + 200) * (4096 + 24), "log grew to %lld bytes",
+                  (long long)wal_max);
+    /* 30,000 rows of ~1.1 KB: most of them in the database file already. */
+    ck_assert_msg(db_size > 20 * 1000 * 1000, "database file %lld bytes while open",
+                  (long long)db_size);
+}
+END_TEST
+
 START_TEST(pending_rows_survive_reopen) {
     amp_spool *s = open_spool(3600);
     amp_spool_batch *b = amp_spool_batch_create();
@@ -430,6 +556,9 @@ int main(void) {
     tcase_add_test(tc, dedupe_disabled_with_zero_window);
     tcase_add_test(tc, acks_delivered_retry_dead);
     tcase_add_test(tc, per_user_rows_go_in_order);
+    tcase_add_test(tc, per_user_order_is_per_conversation);
+    tcase_add_test(tc, version_1_spool_is_migrated);
+    tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
     tcase_add_test(tc, dead_letters_list_replay_purge);
