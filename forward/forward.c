@@ -26,8 +26,10 @@
  *
  * Over-limit rows: wait in memory, bounded, or go back to the spool. Each
  * app's queue holds min(max_in_flight, nworkers) + prefetch rows (16 ..
- * 1024; a rate-limited app at most ~2 s of its rate). A claimed row that
- * finds its queue full is released (AMP_ACK_RELEASE: not an attempt) with
+ * 1024; a rate-limited app at most ~2 s of its rate). A claim asks for no
+ * more rows than the queues have room for, so while every queue is full
+ * nothing is claimed and new rows simply wait in the spool. A claimed row
+ * that finds its own queue full (another app had the room) is released (AMP_ACK_RELEASE: not an attempt) with
  * a due time projected at the app's rate: one row per 1/rate after the
  * queue is half drained (rate = rate_per_sec, or max_in_flight / observed
  * latency). So a backlog of a slow app is rewritten once, spread over time,
@@ -449,12 +451,20 @@ static void wake_workers(amp_forward *f, unsigned n) {
 }
 
 /* Rows the pool could use beyond what it has: nworkers + prefetch minus
- * jobs being sent, ready, or queued for apps that are not waiting for time. */
+ * jobs being sent, ready, or queued for apps that are not waiting for time;
+ * and never more than the apps' queues have room for. A claimed row that
+ * finds no room is written back to the spool, so while every queue is full
+ * (one slow or paused app, say) claiming would rewrite each new row once
+ * for nothing: the rows wait in the spool instead, due, until room frees. */
 static unsigned claim_want(const amp_forward *f) {
     unsigned flowing = f->held_total > f->held_blocked ? f->held_total - f->held_blocked : 0;
     unsigned have = f->busy + f->ready.len + flowing;
     unsigned target = f->nworkers + f->prefetch;
-    return target > have ? target - have : 0;
+    unsigned want = target > have ? target - have : 0;
+    unsigned room = 0;
+    for (size_t i = 0; i < f->napps && room < want; i++)
+        room += f->apps[i].held.cap - f->apps[i].held.len;
+    return want < room ? want : room;
 }
 
 /* Workers call this (under mu) as they take a job or go idle. */

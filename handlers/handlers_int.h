@@ -31,6 +31,9 @@ struct amp_handlers {
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
     atomic_bool draining;
     atomic_int suspended; /* connections waiting for the spool's answer */
+    /* Generated request ids: a random prefix drawn at start, then a count. */
+    uint64_t id_prefix;
+    atomic_uint_fast64_t id_next;
 };
 
 typedef struct amp_req amp_req;

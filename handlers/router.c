@@ -46,6 +46,11 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "rejected", NULL);
     atomic_init(&h->draining, false);
     atomic_init(&h->suspended, 0);
+    /* Unique ids need no randomness per request; without OpenSSL's random
+     * bytes the ids are still unique within this process. */
+    if (RAND_bytes((unsigned char *)&h->id_prefix, sizeof h->id_prefix) != 1)
+        h->id_prefix = (uint64_t)amp_now_ms();
+    atomic_init(&h->id_next, 0);
     return h;
 }
 
@@ -90,11 +95,13 @@ static void set_request_id(amp_req *r) {
             return;
         }
     }
-    unsigned char raw[16];
-    if (RAND_bytes(raw, sizeof raw) != 1)
-        memset(raw, 0, sizeof raw);
-    for (size_t i = 0; i < sizeof raw; i++)
-        snprintf(r->request_id + 2 * i, 3, "%02x", raw[i]);
+    static const char hex[] = "0123456789abcdef";
+    uint64_t v[2] = {r->h->id_prefix, atomic_fetch_add(&r->h->id_next, 1)};
+    char *out = r->request_id;
+    for (int w = 0; w < 2; w++)
+        for (int shift = 60; shift >= 0; shift -= 4)
+            *out++ = hex[(v[w] >> shift) & 0xf];
+    *out = '\0';
 }
 
 static const route *match(const amp_config *cfg, const char *url) {

@@ -114,6 +114,23 @@ START_TEST(health_and_routing) {
     ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s", r->body);
     h_resp_free(r);
 
+    /* Request ids: a printable one is echoed, else each answer gets its own
+     * 32 hex digits. */
+    char ids[2][64];
+    for (int i = 0; i < 2; i++) {
+        r = h_get(e.srv, "/healthz");
+        const char *id = h_resp_header(r, "X-Request-Id");
+        ck_assert_ptr_nonnull(id);
+        ck_assert_msg(strlen(id) == 32 && strspn(id, "0123456789abcdef") == 32, "id %s", id);
+        snprintf(ids[i], sizeof ids[i], "%s", id);
+        h_resp_free(r);
+    }
+    ck_assert_str_ne(ids[0], ids[1]);
+    r = h_request(e.srv, &(h_req){.path = "/healthz",
+                                  .headers = (const char *const[]){"X-Request-Id: abc-1", NULL}});
+    ck_assert_str_eq(h_resp_header(r, "X-Request-Id"), "abc-1");
+    h_resp_free(r);
+
     r = h_get(e.srv, H_WEBHOOK);
     ck_assert_int_eq(r->status, 405);
     const char *allow = h_resp_header(r, "Allow");

@@ -1842,6 +1842,47 @@ START_TEST(test_slow_app_does_not_block_others) {
 }
 END_TEST
 
+/* One app, rate-limited: what does not fit its queue is not claimed at all
+ * (claiming it would only write it back to the spool), so those rows keep
+ * their original due time and nothing is counted as an attempt. */
+START_TEST(test_full_queue_claims_nothing_more) {
+    harness h;
+    harness_init(&h, 2);
+    h.opts.napps = 1;           /* "chat" only */
+    h.apps[0].rate_per_sec = 2; /* 2 requests a second */
+    h.apps[0].burst = 1;
+    int64_t before = amp_now_ms();
+    harness_start(&h);
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < 60; i++) {
+        amp_spool_batch_event(b, NULL);
+        amp_spool_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
+    }
+    static atomic_int st;
+    amp_spool_submit(h.spool, b, on_done, &st);
+    amp_spool_flush(h.spool);
+    sleep_ms(600);
+    int64_t at[64];
+    ck_assert_uint_le(arrivals(&h, NULL, at, 64), 3);
+    amp_forward_stop(h.fwd); /* gives back what it held: due now */
+    h.fwd = NULL;
+    int64_t after = amp_now_ms();
+    int pending = 0;
+    for (int64_t id = 1; id <= 60; id++) {
+        row_t r = get_row(&h, id);
+        if (r.state == 0) {
+            pending++;
+            ck_assert_int_eq(r.attempts, 0);
+            ck_assert_msg(r.due_ms >= before && r.due_ms <= after, "row %lld due %lld",
+                          (long long)id, (long long)r.due_ms);
+        }
+        json_decref(r.result);
+    }
+    ck_assert_int_ge(pending, 57);
+    harness_done(&h);
+}
+END_TEST
+
 START_TEST(test_single_probe) {
     harness h;
     harness_init(&h, 4);
@@ -2037,6 +2078,7 @@ static Suite *forward_suite(void) {
     tcase_add_test(tc, test_max_in_flight);
     tcase_add_test(tc, test_rate_limit);
     tcase_add_test(tc, test_slow_app_does_not_block_others);
+    tcase_add_test(tc, test_full_queue_claims_nothing_more);
     tcase_add_test(tc, test_single_probe);
     tcase_add_test(tc, test_stop_keeps_pause);
     tcase_add_test(tc, test_rows_from_elsewhere);
