@@ -6,7 +6,9 @@
 # 2. amp2dify (examples/amp2dify.json with delivery limits lifted, log level
 #    warn) delivering to build/fake-dify, under the same wrk load with
 #    freshly signed, unique ~600-byte Amplitude events.
-# 3. The delivery side, read from amp2dify's spool once it has drained.
+# 3. The delivery side, read from amp2dify's spool once it has drained;
+#    3b. the same load with delivery held back (ingest only); 3c. with a
+#    route filter that stores nothing (the HTTP + JSON path's ceiling).
 # 4. build/bench/bench_mapping, when it exists.
 # Everything listens on 127.0.0.1 only; every step is bounded in time, and
 # the processes this script starts are stopped on any exit.
@@ -154,27 +156,44 @@ stop_pid "$FAKE_PID" 10
 FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 [[ -n $SPOOL_LINE ]] || SPOOL_LINE=$("$BUILD/bench/spool_stat" --db "$WORK/spool.db" 2>/dev/null)
 
-# ---- 3b. ingest only ----------------------------------------------------------------
-# The same load on a fresh spool with delivery held back (the app's rate set
-# near zero), so requests/s is the durable ingest path alone (signature,
-# decode, map, group commit with fsync) without the delivery threads and the
-# fake Dify taking the same two CPUs.
+# ---- 3b. ingest only, 3c. nothing stored --------------------------------------------
+# 3b: the same load on a fresh spool with delivery held back (the app's rate
+# set near zero; the dispatcher claims no more than the app's queue holds),
+# so requests/s is the durable ingest path alone (signature, decode, map,
+# group commit with fsync) without the delivery threads and the fake Dify
+# taking the same two CPUs.
+# 3c: the same again with a route filter that matches no event: signature,
+# decode and mapping run, the answer is 202 {"filtered":1}, nothing is
+# stored. Its requests/s is the ceiling of this HTTP + JSON path on this
+# machine, whatever the spool does.
 
-INGEST_LINE=""
-INGEST_CONFIG=$WORK/ingest-only.json
-sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$INGEST_CONFIG"
-start_amp2dify "$WORK/ingest-only.log" "$INGEST_CONFIG" AMP2DIFY_SPOOL="$WORK/ingest-only.db"
-ING_PID=$AMP_START_PID
-ING_PORT=$AMP_START_PORT
-if [[ -n $ING_PORT ]]; then
-    log "bench: amp2dify, ingest only, on 127.0.0.1:$ING_PORT ..."
-    INGEST_LINE=$(run_wrk ingest-only "http://127.0.0.1:$ING_PORT/webhooks/amplitude" \
-        "$CORPUS" "$WORK/wrk-ingest-only.txt") || log "bench: ingest-only run failed"
-    log "    $INGEST_LINE"
-else
-    log "bench: amp2dify (ingest only) did not become ready: $(tail -n 5 "$WORK/ingest-only.log")"
-fi
-stop_pid "$ING_PID" 20
+# LABEL CONFIG: amp2dify on CONFIG with its own spool under the wrk load;
+# sets VARIANT_LINE to wrk's BENCH line (empty on failure).
+VARIANT_LINE=""
+run_variant() {
+    local label=$1 config=$2
+    VARIANT_LINE=""
+    start_amp2dify "$WORK/$label.log" "$config" AMP2DIFY_SPOOL="$WORK/$label.db"
+    if [[ -n $AMP_START_PORT ]]; then
+        log "bench: amp2dify, $label, on 127.0.0.1:$AMP_START_PORT ..."
+        VARIANT_LINE=$(run_wrk "$label" "http://127.0.0.1:$AMP_START_PORT/webhooks/amplitude" \
+            "$CORPUS" "$WORK/wrk-$label.txt") || log "bench: the $label run failed"
+        log "    $VARIANT_LINE"
+    else
+        log "bench: amp2dify ($label) did not become ready: $(tail -n 5 "$WORK/$label.log")"
+    fi
+    stop_pid "$AMP_START_PID" 20
+}
+
+sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$WORK/ingest-only.json"
+run_variant ingest-only "$WORK/ingest-only.json"
+INGEST_LINE=$VARIANT_LINE
+
+sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
+    examples/amp2dify.json >"$WORK/no-store.json"
+grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the no-store config"
+run_variant no-store "$WORK/no-store.json"
+NOSTORE_LINE=$VARIANT_LINE
 
 # ---- 4. mapping ---------------------------------------------------------------------
 
@@ -211,6 +230,13 @@ i_p50=$(calc "%.2f" "0$(kv "$INGEST_LINE" p50_us) / 1000")
 i_p99=$(calc "%.2f" "0$(kv "$INGEST_LINE" p99_us) / 1000")
 i_non2xx=$(kv "$INGEST_LINE" non2xx)
 : "${i_non2xx:=0}"
+n_rps=$(kv "$NOSTORE_LINE" rps)
+: "${n_rps:=0}"
+n_ratio=$(calc "%.3f" "($b_rps > 0) ? $n_rps / $b_rps : 0")
+n_p50=$(calc "%.2f" "0$(kv "$NOSTORE_LINE" p50_us) / 1000")
+n_p99=$(calc "%.2f" "0$(kv "$NOSTORE_LINE" p99_us) / 1000")
+n_non2xx=$(kv "$NOSTORE_LINE" non2xx)
+: "${n_non2xx:=0}"
 
 pending=$(kv "$SPOOL_LINE" pending)
 delivered=$(kv "$SPOOL_LINE" delivered)
@@ -252,6 +278,8 @@ fi
 ((a_sock > 0)) && problems+=("$a_sock socket errors against amp2dify (connect/read/write/timeout)")
 ((i_non2xx > 0)) && problems+=("amp2dify (ingest only) answered $i_non2xx non-2xx")
 [[ -z $INGEST_LINE ]] && problems+=("the ingest-only run did not complete")
+((n_non2xx > 0)) && problems+=("amp2dify (nothing stored) answered $n_non2xx non-2xx")
+[[ -z $NOSTORE_LINE ]] && problems+=("the no-store run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
 ((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
@@ -273,7 +301,8 @@ host          $CPUS CPUs, load average before $LOAD_BEFORE, spool on $SPOOL_FS
 baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99" "$b_non2xx")
 amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
 amp2dify ingest only  $(printf '%12.1f %10s %10s %10s' "$i_rps" "$i_p50" "$i_p99" "$i_non2xx")
-ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only)
+nothing stored        $(printf '%12.1f %10s %10s %10s' "$n_rps" "$n_p50" "$n_p99" "$n_non2xx")
+ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only), $n_ratio (nothing stored)
 delivery      $delivered delivered ($dead dead, $pending pending) of $stored stored; fake Dify saw $fake_delivered
               $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
               spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
@@ -310,6 +339,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"amp2dify\":{\"rps\":$a_rps,\"p50_ms\":$a_p50,\"p99_ms\":$a_p99,\"non2xx\":$a_non2xx,\"socket_errors\":$a_sock,\"requests\":$a_req,\"wrapped\":$a_wrapped},\
 \"ratio\":$ratio,\
 \"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio},\
+\"no_store\":{\"rps\":$n_rps,\"p50_ms\":$n_p50,\"p99_ms\":$n_p99,\"non2xx\":$n_non2xx,\"ratio\":$n_ratio},\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
 \"peak_rss_kb\":$PEAK_RSS_KB,\
