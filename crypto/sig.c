@@ -55,6 +55,10 @@
 typedef struct {
     unsigned char *key; /* owned; raw HMAC key (decoded for standard-webhooks) */
     size_t len;
+    /* owned; HMAC-SHA256 keyed with key, never updated itself: each MAC
+     * runs on a copy, which skips the digest lookup and the key schedule
+     * (about half the cost of a MAC over a 600-byte body) */
+    EVP_MAC_CTX *keyed;
     unsigned char cmp[MAC_LEN]; /* static-header: HMAC(cmp_key, secret) */
 } sig_secret;
 
@@ -65,6 +69,7 @@ struct amp_sig {
     sig_secret *secrets;
     size_t nsecrets;
     unsigned char cmp_key[MAC_LEN]; /* static-header comparison key */
+    EVP_MAC_CTX *cmp_keyed;         /* owned; static-header: keyed with cmp_key */
     EVP_MAC *mac;                   /* fetched once; safe to share */
 };
 
@@ -105,9 +110,9 @@ const char *amp_sig_scheme_name(amp_auth_scheme scheme) {
     return "unknown";
 }
 
-/* HMAC-SHA256 over the concatenation of parts, without copying the body. */
-static int hmac_parts(EVP_MAC *mac, const unsigned char *key, size_t keylen, const part *parts,
-                      size_t nparts, unsigned char out[MAC_LEN]) {
+/* An HMAC-SHA256 context keyed with key (caller frees); NULL when OpenSSL
+ * fails. */
+static EVP_MAC_CTX *hmac_keyed(EVP_MAC *mac, const unsigned char *key, size_t keylen) {
     /* OpenSSL treats a NULL key as "keep the previous key"; an empty key
      * needs a real pointer. */
     static const unsigned char empty_key[1] = {0};
@@ -116,13 +121,23 @@ static int hmac_parts(EVP_MAC *mac, const unsigned char *key, size_t keylen, con
         OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
         OSSL_PARAM_construct_end(),
     };
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
+    if (ctx && EVP_MAC_init(ctx, keylen ? key : empty_key, keylen, params) != 1) {
+        EVP_MAC_CTX_free(ctx);
+        ctx = NULL;
+    }
+    return ctx;
+}
+
+/* The MAC of the concatenation of parts (no copy of the body) under a keyed
+ * context, which is left as it was: the work runs on a copy. */
+static int hmac_with(const EVP_MAC_CTX *keyed, const part *parts, size_t nparts,
+                     unsigned char out[MAC_LEN]) {
     size_t outlen = 0;
     int ok = 0;
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_dup(keyed);
     if (!ctx)
         return -1;
-    if (EVP_MAC_init(ctx, keylen ? key : empty_key, keylen, params) != 1)
-        goto done;
     for (size_t i = 0; i < nparts; i++) {
         if (parts[i].len && EVP_MAC_update(ctx, parts[i].p, parts[i].len) != 1)
             goto done;
@@ -133,6 +148,15 @@ static int hmac_parts(EVP_MAC *mac, const unsigned char *key, size_t keylen, con
 done:
     EVP_MAC_CTX_free(ctx);
     return ok ? 0 : -1;
+}
+
+/* A one-off MAC under key. */
+static int hmac_parts(EVP_MAC *mac, const unsigned char *key, size_t keylen, const part *parts,
+                      size_t nparts, unsigned char out[MAC_LEN]) {
+    EVP_MAC_CTX *keyed = hmac_keyed(mac, key, keylen);
+    int rc = keyed ? hmac_with(keyed, parts, nparts, out) : -1;
+    EVP_MAC_CTX_free(keyed);
+    return rc;
 }
 
 void amp_sig_amplitude_hex(const char *secret, size_t secret_len, int64_t ts, const char *body,
@@ -355,6 +379,11 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
             set_err(err, errlen, "OpenSSL could not generate random bytes");
             goto fail;
         }
+        s->cmp_keyed = hmac_keyed(s->mac, s->cmp_key, sizeof(s->cmp_key));
+        if (!s->cmp_keyed) {
+            set_err(err, errlen, "HMAC-SHA256 failed");
+            goto fail;
+        }
     }
 
     s->secrets = amp_xcalloc(nsecrets, sizeof(*s->secrets));
@@ -380,6 +409,11 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
             memcpy(out->key, sec, out->len);
         }
         s->nsecrets = i + 1; /* from here on destroy cleans this one */
+        if (scheme != AMP_AUTH_STATIC_HEADER &&
+            !(out->keyed = hmac_keyed(s->mac, out->key, out->len))) {
+            set_err(err, errlen, "HMAC-SHA256 failed");
+            goto fail;
+        }
         if (scheme == AMP_AUTH_STATIC_HEADER) {
             if (is_ows(sec[0]) || is_ows(sec[out->len - 1])) {
                 set_err(err, errlen,
@@ -389,7 +423,7 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
                 goto fail;
             }
             part p = {out->key, out->len};
-            if (hmac_parts(s->mac, s->cmp_key, sizeof(s->cmp_key), &p, 1, out->cmp) != 0) {
+            if (hmac_with(s->cmp_keyed, &p, 1, out->cmp) != 0) {
                 set_err(err, errlen, "HMAC-SHA256 failed");
                 goto fail;
             }
@@ -409,9 +443,11 @@ void amp_sig_destroy(amp_sig *sig) {
             OPENSSL_cleanse(sig->secrets[i].key, sig->secrets[i].len);
             free(sig->secrets[i].key);
         }
+        EVP_MAC_CTX_free(sig->secrets[i].keyed);
     }
     free(sig->secrets);
     free(sig->header_name);
+    EVP_MAC_CTX_free(sig->cmp_keyed);
     EVP_MAC_free(sig->mac);
     OPENSSL_cleanse(sig, sizeof(*sig));
     free(sig);
@@ -427,7 +463,7 @@ static int any_match(const amp_sig *s, const part *parts, size_t nparts,
     unsigned char mac[MAC_LEN];
     int match = 0;
     for (size_t i = 0; i < s->nsecrets; i++) {
-        if (hmac_parts(s->mac, s->secrets[i].key, s->secrets[i].len, parts, nparts, mac) != 0) {
+        if (hmac_with(s->secrets[i].keyed, parts, nparts, mac) != 0) {
             OPENSSL_cleanse(mac, sizeof(mac));
             return -1;
         }
@@ -576,7 +612,7 @@ static amp_sig_result verify_static(const amp_sig *s, amp_sig_header_fn header, 
     unsigned char mac[MAC_LEN];
     part p = {val, vlen};
     int match = 0;
-    if (hmac_parts(s->mac, s->cmp_key, sizeof(s->cmp_key), &p, 1, mac) != 0)
+    if (hmac_with(s->cmp_keyed, &p, 1, mac) != 0)
         return finish(-1, detail);
     for (size_t i = 0; i < s->nsecrets; i++)
         match |= CRYPTO_memcmp(mac, s->secrets[i].cmp, MAC_LEN) == 0;
