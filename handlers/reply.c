@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../server/jsonw.h"
 #include "handlers_int.h"
 
 static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char *hname,
@@ -24,7 +25,7 @@ static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char
 
 static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body, const char *hname,
                                       const char *hvalue) {
-    char *text = body ? json_dumps(body, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    char *text = body ? amp_json_dumps(body) : NULL;
     json_decref(body);
     if (!text)
         return MHD_NO;

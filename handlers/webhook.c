@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "../mapping/mapping.h"
+#include "../server/jsonw.h"
 #include "../server/log.h"
 #include "handlers_int.h"
 
@@ -89,7 +90,7 @@ typedef struct emit_ctx {
 
 static void emit(void *ctx, const amp_map_request *req) {
     emit_ctx *e = ctx;
-    char *body = json_dumps(req->body, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    char *body = amp_json_dumps(req->body);
     if (!body)
         abort(); /* only allocation can fail here */
     if (e->nreq++ == 0)

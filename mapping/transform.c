@@ -18,6 +18,7 @@
 
 #include <openssl/evp.h>
 
+#include "../server/jsonw.h"
 #include "mapping_int.h"
 
 /* ---- values ---------------------------------------------------------- */
@@ -139,7 +140,11 @@ int amp_value_render(const json_t *v, amp_buf *out) {
         return 0;
     case JSON_OBJECT:
     case JSON_ARRAY: {
-        char *s = json_dumps(v, JSON_COMPACT);
+        /* Straight into out when the whole value fits (out is left as it
+         * was when not); a longer one is cut at the cap like any text. */
+        if (amp_json_write(out, v) == 0)
+            return 0;
+        char *s = amp_json_dumps(v);
         if (!s)
             abort();
         int rc = append_capped(out, s, strlen(s));
