@@ -29,15 +29,16 @@
  * 1024; a rate-limited app at most ~2 s of its rate). A claim asks for no
  * more rows than the queues have room for, so while every queue is full
  * nothing is claimed and new rows simply wait in the spool. A claimed row
- * that finds its own queue full (another app had the room) is released (AMP_ACK_RELEASE: not an attempt) with
- * a due time projected at the app's rate: one row per 1/rate after the
- * queue is half drained (rate = rate_per_sec, or max_in_flight / observed
- * latency). So a backlog of a slow app is rewritten once, spread over time,
- * and drops out of the claim query instead of being re-claimed over and
- * over; order among an app's rows is kept (FIFO queue, increasing due
- * times), and a per-user row stays the head of its conversation. Measured
- * (tests/e2e/test_delivery.c, rate 20/s burst 1, 100 events posted at
- * once): 100 requests in 4950 ms, 20.0/s, every gap 46..53 ms.
+ * that finds its own queue full (another app had the room) is released
+ * (AMP_ACK_RELEASE: not an attempt) with a due time projected at the app's
+ * rate: one row per 1/rate after the queue is half drained (rate =
+ * rate_per_sec, or max_in_flight / observed latency). So a backlog of a
+ * slow app is rewritten once, spread over time, and drops out of the claim
+ * query instead of being re-claimed over and over; order among an app's
+ * rows is kept (FIFO queue, increasing due times), and a per-user row stays
+ * the head of its conversation. Measured (tests/e2e/test_delivery.c, rate
+ * 20/s burst 1, 100 events posted at once): 100 requests in 4950 ms,
+ * 20.0/s, every gap 46..53 ms.
  *
  * Pause: a 401/403 means a bad key or a disabled app, so the event is not
  * spent (no attempt, no ack): the job goes back to the front of its queue

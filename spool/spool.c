@@ -1,13 +1,17 @@
 #include "spool.h"
 
-#include <pthread.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
+#include <libgen.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../server/log.h"
 #include "../server/util.h"
@@ -171,13 +175,27 @@ struct amp_spool {
     int stop;
     pthread_t committer;
 
+    /* With spool.sync "full" the committer does not wait for the disk: it
+     * commits with synchronous=NORMAL (the log is written, not yet synced)
+     * and hands the group's requests to the syncer, which fdatasyncs the
+     * log and only then answers them; meanwhile the committer writes the
+     * next group. A sync covers every group committed before it started. */
+    int wal_fd; /* the log, opened by us; -1 when nothing is synced here */
+    pthread_t syncer;
+    bool syncer_running;
+    pthread_mutex_t sync_mu;
+    pthread_cond_t sync_cond; /* work to sync, or stop */
+    work *sync_head, *sync_tail;
+    bool sync_stop;
+
     /* Checkpoints run on their own thread and connection, so the committer
      * never copies the log into the database between two groups. */
     sqlite3 *cdb; /* checkpointer thread only */
     pthread_t checkpointer;
     bool checkpointer_running;
     pthread_mutex_t ck_mu;
-    pthread_cond_t ck_cond; /* a checkpoint is due, or stop */
+    pthread_cond_t ck_cond;    /* a checkpoint is due, or stop */
+    pthread_mutex_t ck_run_mu; /* held while either thread checkpoints */
     bool ck_due, ck_stop;
 
     pthread_mutex_t claim_mu;
@@ -280,7 +298,12 @@ fail:
     return -1;
 }
 
-static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, size_t errlen) {
+/* synchronous=NORMAL on every connection: SQLite syncs the log only when it
+ * checkpoints, and the database file after each checkpoint. Commits are
+ * made durable by the syncer (spool.sync "full", the default), or not at
+ * all (spool.sync "normal": a crash of the process loses nothing, a power
+ * cut may lose the last commits). */
+static int open_db(const char *path, sqlite3 **db, char *err, size_t errlen) {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
     if (sqlite3_open_v2(path, db, flags, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "cannot open spool '%s': %s", path,
@@ -288,13 +311,10 @@ static int open_db(const char *path, bool sync_normal, sqlite3 **db, char *err, 
         return -1;
     }
     sqlite3_busy_timeout(*db, BUSY_TIMEOUT_MS);
-    /* FULL: a 202 answered after COMMIT survives power loss. NORMAL (opt-in)
-     * survives a crash of the process but not of the machine. */
-    if (exec(*db, "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = OFF;", err, errlen) ||
-        exec(*db, sync_normal ? "PRAGMA synchronous = NORMAL" : "PRAGMA synchronous = FULL", err,
-             errlen))
-        return -1;
-    return 0;
+    return exec(*db,
+                "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = OFF; "
+                "PRAGMA synchronous = NORMAL;",
+                err, errlen);
 }
 
 static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, size_t errlen) {
@@ -379,6 +399,8 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 static void *committer_main(void *arg);
 static int step_done(sqlite3_stmt *st);
+static int start_syncer(amp_spool *s, char *err, size_t errlen);
+static void stop_syncer(amp_spool *s);
 
 /* True when another connection (another process: the daemon's own reader
  * only reads) committed since the last call. Costs one pragma. */
@@ -400,7 +422,12 @@ static bool external_write(amp_spool *s) {
 static int wal_hook(void *ctx, sqlite3 *db, const char *name, int frames) {
     amp_spool *s = ctx;
     if (frames >= CHECKPOINT_FRAMES_MAX) {
+        /* After the checkpointer's pass, if one is under way (a second
+         * checkpoint would only get SQLITE_BUSY); no commit can come in
+         * between, so this one reaches the log's end. */
+        pthread_mutex_lock(&s->ck_run_mu);
         sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        pthread_mutex_unlock(&s->ck_run_mu);
     } else if (frames >= CHECKPOINT_FRAMES) {
         pthread_mutex_lock(&s->ck_mu);
         if (!s->ck_due) {
@@ -426,7 +453,9 @@ static void *checkpointer_main(void *arg) {
             break;
         s->ck_due = false;
         pthread_mutex_unlock(&s->ck_mu);
+        pthread_mutex_lock(&s->ck_run_mu);
         int rc = sqlite3_wal_checkpoint_v2(s->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        pthread_mutex_unlock(&s->ck_run_mu);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY)
             amp_log(AMP_LOG_WARN, "spool checkpoint failed", "{s:s}", "error",
                     sqlite3_errmsg(s->cdb));
@@ -436,9 +465,8 @@ static void *checkpointer_main(void *arg) {
     return NULL;
 }
 
-static int start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err,
-                              size_t errlen) {
-    if (open_db(opts->path, opts->sync_normal, &s->cdb, err, errlen))
+static int start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err, size_t errlen) {
+    if (open_db(opts->path, &s->cdb, err, errlen))
         return -1;
     sqlite3_wal_hook(s->wdb, wal_hook, s); /* replaces the automatic checkpoint */
     if (pthread_create(&s->checkpointer, NULL, checkpointer_main, s) != 0) {
@@ -482,12 +510,16 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     pthread_mutex_init(&s->claim_mu, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
     pthread_cond_init(&s->ck_cond, NULL);
+    pthread_mutex_init(&s->ck_run_mu, NULL);
+    pthread_mutex_init(&s->sync_mu, NULL);
+    pthread_cond_init(&s->sync_cond, NULL);
+    s->wal_fd = -1;
     atomic_init(&s->writable, true);
 
-    if (open_db(opts->path, opts->sync_normal, &s->wdb, err, errlen) ||
-        migrate(s->wdb, err, errlen) ||
-        open_db(opts->path, opts->sync_normal, &s->rdb, err, errlen) ||
-        prepare_all(s, err, errlen) || start_checkpointer(s, opts, err, errlen))
+    if (open_db(opts->path, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
+        open_db(opts->path, &s->rdb, err, errlen) || prepare_all(s, err, errlen) ||
+        start_checkpointer(s, opts, err, errlen) ||
+        (!opts->sync_normal && start_syncer(s, err, errlen)))
         goto fail;
     count_pending(s);
     s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
@@ -527,6 +559,7 @@ void amp_spool_close(amp_spool *s) {
     pthread_mutex_unlock(&s->q_mu);
     if (running)
         pthread_join(s->committer, NULL);
+    stop_syncer(s); /* after the committer: it answers the last groups */
     stop_checkpointer(s);
     finalize_all(s);
     sqlite3_close(s->cdb);
@@ -539,6 +572,11 @@ void amp_spool_close(amp_spool *s) {
     pthread_mutex_destroy(&s->claim_mu);
     pthread_mutex_destroy(&s->ck_mu);
     pthread_cond_destroy(&s->ck_cond);
+    pthread_mutex_destroy(&s->ck_run_mu);
+    pthread_mutex_destroy(&s->sync_mu);
+    pthread_cond_destroy(&s->sync_cond);
+    if (s->wal_fd >= 0)
+        close(s->wal_fd);
     free(s);
 }
 
@@ -794,6 +832,119 @@ static int write_ack(amp_spool *s, const amp_ack *a, int64_t now) {
     return 0;
 }
 
+/* ---- answers and the syncer ------------------------------------------------ */
+
+/* Answers a request batch (and frees it), or releases a flush marker (its
+ * flusher frees it). */
+static void answer(amp_spool *s, work *w) {
+    if (w->kind == WORK_FLUSH) {
+        pthread_mutex_lock(&s->q_mu);
+        w->flushed = 1;
+        pthread_cond_broadcast(&s->q_flushed);
+        pthread_mutex_unlock(&s->q_mu);
+        return;
+    }
+    if (w->result.status != 0 && !w->result.error)
+        w->result.error = "the spool could not store the events";
+    w->done(w->ctx, &w->result);
+    amp_spool_batch_destroy(w->batch);
+    free(w);
+}
+
+static void hand_to_syncer(amp_spool *s, work *head, work *tail) {
+    pthread_mutex_lock(&s->sync_mu);
+    if (s->sync_tail)
+        s->sync_tail->next = head;
+    else
+        s->sync_head = head;
+    s->sync_tail = tail;
+    pthread_cond_signal(&s->sync_cond);
+    pthread_mutex_unlock(&s->sync_mu);
+}
+
+/* Takes everything committed so far, makes it durable with one fdatasync of
+ * the log (which covers every write before it, whichever descriptor made
+ * it), then answers it. Groups committed during a sync wait for the next
+ * one, so under load each sync serves several groups. */
+static void *syncer_main(void *arg) {
+    amp_spool *s = arg;
+    pthread_mutex_lock(&s->sync_mu);
+    for (;;) {
+        while (!s->sync_head && !s->sync_stop)
+            pthread_cond_wait(&s->sync_cond, &s->sync_mu);
+        if (!s->sync_head)
+            break; /* stopping, and nothing left */
+        work *head = s->sync_head;
+        s->sync_head = s->sync_tail = NULL;
+        pthread_mutex_unlock(&s->sync_mu);
+
+        bool stored = false;
+        for (work *w = head; w; w = w->next)
+            stored |= w->kind == WORK_BATCH && w->result.status == 0;
+        if (stored && fdatasync(s->wal_fd) != 0) {
+            amp_log(AMP_LOG_ERROR, "spool sync failed", "{s:s}", "error", strerror(errno));
+            atomic_store(&s->writable, false); /* the committer probes until it works */
+            for (work *w = head; w; w = w->next) {
+                if (w->kind == WORK_BATCH && w->result.status == 0) {
+                    w->result.status = -1;
+                    w->result.accepted = w->result.duplicates = 0;
+                    w->result.error = "the spool could not sync its log to disk";
+                }
+            }
+        }
+        for (work *w = head, *next; w; w = next) {
+            next = w->next;
+            answer(s, w);
+        }
+        pthread_mutex_lock(&s->sync_mu);
+    }
+    pthread_mutex_unlock(&s->sync_mu);
+    return NULL;
+}
+
+/* Opens the log for the syncer and makes the spool's directory entries
+ * durable once (SQLite itself would only at its first checkpoint). */
+static int start_syncer(amp_spool *s, char *err, size_t errlen) {
+    const char *db = sqlite3_db_filename(s->wdb, "main");
+    char *wal = amp_xasprintf("%s-wal", db ? db : "");
+    s->wal_fd = open(wal, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (s->wal_fd < 0) {
+        snprintf(err, errlen, "spool: cannot open '%s': %s", wal, strerror(errno));
+        free(wal);
+        return -1;
+    }
+    char *dir = amp_xstrdup(wal);
+    int dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int synced = dfd >= 0 && fsync(dfd) == 0;
+    if (dfd >= 0)
+        close(dfd);
+    free(dir);
+    free(wal);
+    if (!synced || fdatasync(s->wal_fd) != 0) {
+        snprintf(err, errlen, "spool: cannot sync the spool's directory or log: %s",
+                 strerror(errno));
+        return -1;
+    }
+    if (pthread_create(&s->syncer, NULL, syncer_main, s) != 0) {
+        snprintf(err, errlen, "spool: cannot start the sync thread");
+        return -1;
+    }
+    s->syncer_running = true;
+    return 0;
+}
+
+/* Answers what is still waiting for a sync, then stops the thread. */
+static void stop_syncer(amp_spool *s) {
+    if (!s->syncer_running)
+        return;
+    pthread_mutex_lock(&s->sync_mu);
+    s->sync_stop = true;
+    pthread_cond_signal(&s->sync_cond);
+    pthread_mutex_unlock(&s->sync_mu);
+    pthread_join(s->syncer, NULL);
+    s->syncer_running = false;
+}
+
 /* Readiness, logged when it changes; a failure schedules the next probe. */
 static void set_writable(amp_spool *s, bool ok) {
     if (!ok)
@@ -861,19 +1012,17 @@ static void commit_group(amp_spool *s, work *head) {
         pthread_mutex_unlock(&s->claim_mu);
     }
 
+    /* Requests and flush markers are answered here, or, when the syncer
+     * makes commits durable, by the syncer after its next fdatasync (in
+     * order, so a flush still follows everything queued before it). */
+    work *to_sync = NULL, **sync_tail = &to_sync;
     for (work *w = head; w;) {
         work *next = w->next;
-        if (w->kind == WORK_BATCH) {
-            if (!ok) {
-                w->result.status = -1;
-                w->result.accepted = w->result.duplicates = 0;
-            }
-            if (w->result.status != 0)
-                w->result.error = "the spool could not store the events";
-            w->done(w->ctx, &w->result);
-            amp_spool_batch_destroy(w->batch);
-            free(w);
-        } else if (w->kind == WORK_ACK && !ok && !s->closing) {
+        if (w->kind == WORK_BATCH && !ok) {
+            w->result.status = -1;
+            w->result.accepted = w->result.duplicates = 0;
+        }
+        if (w->kind == WORK_ACK && !ok && !s->closing) {
             w->next = NULL;
             if (s->held_tail)
                 s->held_tail->next = w;
@@ -883,14 +1032,17 @@ static void commit_group(amp_spool *s, work *head) {
         } else if (w->kind == WORK_ACK) {
             free_ack_strings(&w->ack);
             free(w);
+        } else if (s->wal_fd >= 0) {
+            w->next = NULL;
+            *sync_tail = w;
+            sync_tail = &w->next;
         } else {
-            pthread_mutex_lock(&s->q_mu);
-            w->flushed = 1; /* the flusher frees it */
-            pthread_cond_broadcast(&s->q_flushed);
-            pthread_mutex_unlock(&s->q_mu);
+            answer(s, w);
         }
         w = next;
     }
+    if (to_sync)
+        hand_to_syncer(s, to_sync, (work *)((char *)sync_tail - offsetof(work, next)));
 
     if (ok && (new_work || nacks))
         notify_waiter(s);
@@ -918,6 +1070,8 @@ static void probe(amp_spool *s) {
     ok = ok && step_done(s->st_commit) == 0;
     if (!ok)
         step_done(s->st_rollback);
+    if (ok && s->wal_fd >= 0)
+        ok = fdatasync(s->wal_fd) == 0;
     set_writable(s, ok);
 }
 
