@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../server/jsonr.h"
 #include "mapping.h"
 #include "mapping_int.h"
 
@@ -317,9 +318,12 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
     *events = NULL;
     if (detail_len)
         detail[0] = '\0';
-    /* JSON_DECODE_ANY so a bare scalar is reported as "not an event"
-     * rather than as a syntax error. */
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    /* The fast reader first; when it declines, jansson decides and gives
+     * the error message. JSON_DECODE_ANY so a bare scalar is reported as
+     * "not an event" rather than as a syntax error. */
+    json_t *root = amp_json_parse(body, len);
+    if (!root)
+        root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
     if (!root) {
         snprintf(detail, detail_len, "line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
         return AMP_DECODE_INVALID_JSON;
