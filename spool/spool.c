@@ -32,13 +32,17 @@
 #define ACK_GATHER_MS 2
 #define ACK_GROUP_MAX 256
 /* WAL frames after which the checkpointer copies the log back into the
- * database (SQLite's own automatic checkpoint also uses 1000). Under a
- * steady stream of commits it may never catch up with the log's end, and
- * only a checkpoint that does lets the next commit restart the log from its
- * start; past CHECKPOINT_FRAMES_MAX the committer checkpoints itself, which
- * bounds the log (~32 MiB of 4 KiB pages). */
-#define CHECKPOINT_FRAMES 1000
-#define CHECKPOINT_FRAMES_MAX 8000
+ * database. SQLite's own automatic checkpoint uses 1000; every commit
+ * rewrites the last page of the table and of each index into the log, and
+ * a checkpoint copies each page once however often it was rewritten, so a
+ * longer log writes less: measured with the ingest benchmark, 4000 frames
+ * wrote 7.7 KB per event instead of 9.8 KB and took ~12% more requests/s.
+ * Under a steady stream of commits the checkpointer may never catch up with
+ * the log's end, and only a checkpoint that does lets the next commit
+ * restart the log from its start; past CHECKPOINT_FRAMES_MAX the committer
+ * checkpoints itself, which bounds the log (~64 MiB of 4 KiB pages). */
+#define CHECKPOINT_FRAMES 4000
+#define CHECKPOINT_FRAMES_MAX 16000
 
 enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
 
