@@ -166,8 +166,8 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
              * middle of an upload). */
             r->discarded += *upload_data_size;
             if (r->discarded > DISCARD_LIMIT_FACTOR * r->gen->cfg->listen.max_body_bytes) {
-                amp_log(AMP_LOG_INFO, "request cut", "{s:s, s:s, s:s}", "request_id",
-                        r->request_id, "client", r->client, "error", "body_too_large");
+                amp_log(AMP_LOG_INFO, "request cut", "{s:s, s:s, s:s}", "request_id", r->request_id,
+                        "client", r->client, "error", "body_too_large");
                 return MHD_NO;
             }
         }
