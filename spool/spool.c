@@ -1019,7 +1019,7 @@ static void commit_group(amp_spool *s, work *head) {
     /* Requests and flush markers are answered here, or, when the syncer
      * makes commits durable, by the syncer after its next fdatasync (in
      * order, so a flush still follows everything queued before it). */
-    work *to_sync = NULL, **sync_tail = &to_sync;
+    work *to_sync = NULL, *sync_last = NULL;
     for (work *w = head; w;) {
         work *next = w->next;
         if (w->kind == WORK_BATCH && !ok) {
@@ -1038,15 +1038,18 @@ static void commit_group(amp_spool *s, work *head) {
             free(w);
         } else if (s->wal_fd >= 0) {
             w->next = NULL;
-            *sync_tail = w;
-            sync_tail = &w->next;
+            if (sync_last)
+                sync_last->next = w;
+            else
+                to_sync = w;
+            sync_last = w;
         } else {
             answer(s, w);
         }
         w = next;
     }
     if (to_sync)
-        hand_to_syncer(s, to_sync, (work *)((char *)sync_tail - offsetof(work, next)));
+        hand_to_syncer(s, to_sync, sync_last);
 
     if (ok && (new_work || nacks))
         notify_waiter(s);
