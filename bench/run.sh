@@ -17,7 +17,7 @@
 # in BUILD_DIR/bench/last-run.json). bench/README.md explains each figure.
 #
 # Knobs (environment): BENCH_DURATION (s per wrk run, 10), BENCH_THREADS (2),
-# BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 300000),
+# BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 400000),
 # BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
 # BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
 set -uo pipefail
@@ -26,7 +26,7 @@ BUILD=${1:-build}
 DURATION=${BENCH_DURATION:-10}
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
-NREQ=${BENCH_REQUESTS:-300000}
+NREQ=${BENCH_REQUESTS:-400000}
 BODY_BYTES=${BENCH_BODY_BYTES:-600}
 DRAIN_S=${BENCH_DRAIN_SECONDS:-30}
 BASELINE_NREQ=20000 # the baseline checks nothing, so a short corpus repeated is enough
@@ -230,6 +230,8 @@ i_p50=$(calc "%.2f" "0$(kv "$INGEST_LINE" p50_us) / 1000")
 i_p99=$(calc "%.2f" "0$(kv "$INGEST_LINE" p99_us) / 1000")
 i_non2xx=$(kv "$INGEST_LINE" non2xx)
 : "${i_non2xx:=0}"
+i_wrapped=$(kv "$INGEST_LINE" wrapped)
+: "${i_wrapped:=0}"
 n_rps=$(kv "$NOSTORE_LINE" rps)
 : "${n_rps:=0}"
 n_ratio=$(calc "%.3f" "($b_rps > 0) ? $n_rps / $b_rps : 0")
@@ -284,6 +286,7 @@ fi
 ((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
 ((a_wrapped > 0)) && problems+=("the corpus wrapped $a_wrapped times: raise BENCH_REQUESTS (repeats count as duplicates)")
+((i_wrapped > 0)) && problems+=("the corpus wrapped $i_wrapped times in the ingest-only run: raise BENCH_REQUESTS")
 # Every 2xx answer promised a stored event; the spool may hold a few more
 # (requests still in flight when wrk stopped count on the server only).
 ((a_wrapped == 0 && stored < a_req - a_non2xx)) &&
