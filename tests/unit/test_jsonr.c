@@ -7,70 +7,20 @@
  * The reader is also expected to decline nothing jansson accepts except
  * texts with a NUL byte, so every comparison here checks both directions. */
 #include <check.h>
-#include <dirent.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 
 #include "../../server/jsonr.h"
 #include "../../server/util.h"
+#include "../json_support.h"
 
 #define LOAD_FLAGS (JSON_REJECT_DUPLICATES | JSON_DECODE_ANY)
 #define DEPTH 2048 /* JSON_PARSER_MAX_DEPTH */
 
-/* Where two trees differ, or NULL when they are the same: json_equal does
- * not look at key order and json_equal(1, 1.0) is false but
- * json_equal(0.0, -0.0) true, so this walks the trees itself. */
-static const char *tree_diff(const json_t *a, const json_t *b) {
-    if (json_typeof(a) != json_typeof(b))
-        return "types differ";
-    switch (json_typeof(a)) {
-    case JSON_INTEGER:
-        return json_integer_value(a) == json_integer_value(b) ? NULL : "integers differ";
-    case JSON_REAL: {
-        double x = json_real_value(a), y = json_real_value(b);
-        return memcmp(&x, &y, sizeof x) == 0 ? NULL : "reals differ";
-    }
-    case JSON_STRING:
-        if (json_string_length(a) != json_string_length(b))
-            return "string lengths differ";
-        return memcmp(json_string_value(a), json_string_value(b), json_string_length(a)) == 0
-                   ? NULL
-                   : "string bytes differ";
-    case JSON_ARRAY:
-        if (json_array_size(a) != json_array_size(b))
-            return "array sizes differ";
-        for (size_t i = 0; i < json_array_size(a); i++) {
-            const char *d = tree_diff(json_array_get(a, i), json_array_get(b, i));
-            if (d)
-                return d;
-        }
-        return NULL;
-    case JSON_OBJECT: {
-        json_t *oa = (json_t *)a, *ob = (json_t *)b;
-        if (json_object_size(oa) != json_object_size(ob))
-            return "object sizes differ";
-        void *ia = json_object_iter(oa), *ib = json_object_iter(ob);
-        for (; ia && ib; ia = json_object_iter_next(oa, ia), ib = json_object_iter_next(ob, ib)) {
-            size_t ka = json_object_iter_key_len(ia), kb = json_object_iter_key_len(ib);
-            if (ka != kb || memcmp(json_object_iter_key(ia), json_object_iter_key(ib), ka) != 0)
-                return "keys or key order differ";
-            const char *d = tree_diff(json_object_iter_value(ia), json_object_iter_value(ib));
-            if (d)
-                return d;
-        }
-        return ia || ib ? "object iteration lengths differ" : NULL;
-    }
-    default:
-        return NULL; /* true, false, null: the type says it all */
-    }
-}
-
-/* The input, printable, for failure messages (at most 120 bytes of it). */
 static const char *shown(const char *s, size_t len) {
     static char out[512];
     size_t o = 0;
@@ -99,7 +49,7 @@ static bool compare(const char *s, size_t len) {
     if (got) {
         ck_assert_msg(want != NULL, "reader accepted what jansson rejects (%s): %s", err.text,
                       shown(s, len));
-        const char *d = tree_diff(got, want);
+        const char *d = json_tree_diff(got, want);
         ck_assert_msg(d == NULL, "%s: %s", d, shown(s, len));
     } else {
         /* jansson skips a NUL byte right after a number or literal ("1\0"
@@ -603,31 +553,13 @@ static void add_file(file_set *fs, const char *path) {
     amp_buf_free(&b);
 }
 
-/* Every regular file one level below each directory under root
- * (root/<case>/<file>). */
+static void add_one(const char *path, void *ctx) {
+    add_file(ctx, path);
+}
+
 static void add_tree(file_set *fs, const char *root) {
-    DIR *d = opendir(root);
-    ck_assert_msg(d != NULL, "cannot open %s (run from the repository root)", root);
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        char *sub = amp_xasprintf("%s/%s", root, e->d_name);
-        DIR *sd = opendir(sub);
-        if (sd) {
-            struct dirent *f;
-            while ((f = readdir(sd))) {
-                char *path = amp_xasprintf("%s/%s", sub, f->d_name);
-                struct stat st;
-                if (f->d_name[0] != '.' && stat(path, &st) == 0 && S_ISREG(st.st_mode))
-                    add_file(fs, path);
-                free(path);
-            }
-            closedir(sd);
-        }
-        free(sub);
-    }
-    closedir(d);
+    ck_assert_msg(json_case_files(root, add_one, fs) >= 0,
+                  "cannot open %s (run from the repository root)", root);
 }
 
 static void free_files(file_set *fs) {

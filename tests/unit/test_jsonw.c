@@ -3,16 +3,15 @@
  * on hand-picked strings and numbers, and on random trees — fails where
  * json_dumps fails, and keeps within its buffer's cap. */
 #include <check.h>
-#include <dirent.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "../../server/jsonw.h"
+#include "../json_support.h"
 
 #define DUMP_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY)
 
@@ -148,36 +147,15 @@ static void check_file(const char *path, tally *t) {
     amp_buf_free(&b);
 }
 
-/* Every regular file one level below dir/<subdir>/; returns the file count. */
+static void check_one(const char *path, void *ctx) {
+    check_file(path, ctx);
+}
+
+/* Every case file under dir (see json_case_files); returns the file count. */
 static size_t check_tree(const char *dir, tally *t) {
-    size_t files = 0;
-    DIR *d = opendir(dir);
-    ck_assert_msg(d != NULL, "cannot open %s (run from the repo root)", dir);
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        char *sub = amp_xasprintf("%s/%s", dir, e->d_name);
-        DIR *sd = opendir(sub);
-        if (sd) {
-            struct dirent *fe;
-            while ((fe = readdir(sd))) {
-                if (fe->d_name[0] == '.')
-                    continue;
-                char *path = amp_xasprintf("%s/%s", sub, fe->d_name);
-                struct stat st;
-                if (stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
-                    check_file(path, t);
-                    files++;
-                }
-                free(path);
-            }
-            closedir(sd);
-        }
-        free(sub);
-    }
-    closedir(d);
-    return files;
+    long files = json_case_files(dir, check_one, t);
+    ck_assert_msg(files >= 0, "cannot open %s (run from the repo root)", dir);
+    return (size_t)files;
 }
 
 START_TEST(mapping_files) {
