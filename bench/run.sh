@@ -223,22 +223,22 @@ a_req=$(kv "$AMP_LINE" requests)
 a_wrapped=$(kv "$AMP_LINE" wrapped)
 a_statuses=$(kv "$AMP_LINE" statuses)
 a_first_error=${AMP_LINE#* first_error=}
-i_rps=$(kv "$INGEST_LINE" rps)
-: "${i_rps:=0}"
-i_ratio=$(calc "%.3f" "($b_rps > 0) ? $i_rps / $b_rps : 0")
-i_p50=$(calc "%.2f" "0$(kv "$INGEST_LINE" p50_us) / 1000")
-i_p99=$(calc "%.2f" "0$(kv "$INGEST_LINE" p99_us) / 1000")
-i_non2xx=$(kv "$INGEST_LINE" non2xx)
-: "${i_non2xx:=0}"
-i_wrapped=$(kv "$INGEST_LINE" wrapped)
-: "${i_wrapped:=0}"
-n_rps=$(kv "$NOSTORE_LINE" rps)
-: "${n_rps:=0}"
-n_ratio=$(calc "%.3f" "($b_rps > 0) ? $n_rps / $b_rps : 0")
-n_p50=$(calc "%.2f" "0$(kv "$NOSTORE_LINE" p50_us) / 1000")
-n_p99=$(calc "%.2f" "0$(kv "$NOSTORE_LINE" p99_us) / 1000")
-n_non2xx=$(kv "$NOSTORE_LINE" non2xx)
-: "${n_non2xx:=0}"
+# PREFIX LINE: sets PREFIX_rps, _ratio (to the baseline), _p50, _p99 (ms),
+# _non2xx and _wrapped from a variant's BENCH line; 0 where it has none.
+variant_figures() {
+    local p=$1 line=$2 rps
+    rps=$(kv "$line" rps)
+    : "${rps:=0}"
+    printf -v "${p}_rps" '%s' "$rps"
+    printf -v "${p}_ratio" '%s' "$(calc "%.3f" "($b_rps > 0) ? $rps / $b_rps : 0")"
+    printf -v "${p}_p50" '%s' "$(calc "%.2f" "0$(kv "$line" p50_us) / 1000")"
+    printf -v "${p}_p99" '%s' "$(calc "%.2f" "0$(kv "$line" p99_us) / 1000")"
+    printf -v "${p}_non2xx" '%s' "$(kv "$line" non2xx)"
+    printf -v "${p}_wrapped" '%s' "$(kv "$line" wrapped)"
+}
+variant_figures i "$INGEST_LINE"
+variant_figures n "$NOSTORE_LINE"
+: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}"
 
 pending=$(kv "$SPOOL_LINE" pending)
 delivered=$(kv "$SPOOL_LINE" delivered)

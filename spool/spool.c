@@ -481,15 +481,22 @@ static int start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *er
     return 0;
 }
 
-static void stop_checkpointer(amp_spool *s) {
-    if (!s->checkpointer_running)
+/* Sets *stop under mu, wakes the thread waiting on cond and joins it;
+ * nothing when it never started. */
+static void stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthread_cond_t *cond,
+                        bool *stop) {
+    if (!*running)
         return;
-    pthread_mutex_lock(&s->ck_mu);
-    s->ck_stop = true;
-    pthread_cond_signal(&s->ck_cond);
-    pthread_mutex_unlock(&s->ck_mu);
-    pthread_join(s->checkpointer, NULL);
-    s->checkpointer_running = false;
+    pthread_mutex_lock(mu);
+    *stop = true;
+    pthread_cond_signal(cond);
+    pthread_mutex_unlock(mu);
+    pthread_join(t, NULL);
+    *running = false;
+}
+
+static void stop_checkpointer(amp_spool *s) {
+    stop_thread(s->checkpointer, &s->checkpointer_running, &s->ck_mu, &s->ck_cond, &s->ck_stop);
 }
 
 static void count_pending(amp_spool *s) {
@@ -939,14 +946,7 @@ static int start_syncer(amp_spool *s, char *err, size_t errlen) {
 
 /* Answers what is still waiting for a sync, then stops the thread. */
 static void stop_syncer(amp_spool *s) {
-    if (!s->syncer_running)
-        return;
-    pthread_mutex_lock(&s->sync_mu);
-    s->sync_stop = true;
-    pthread_cond_signal(&s->sync_cond);
-    pthread_mutex_unlock(&s->sync_mu);
-    pthread_join(s->syncer, NULL);
-    s->syncer_running = false;
+    stop_thread(s->syncer, &s->syncer_running, &s->sync_mu, &s->sync_cond, &s->sync_stop);
 }
 
 /* Readiness, logged when it changes; a failure schedules the next probe. */
