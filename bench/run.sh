@@ -20,6 +20,7 @@
 # BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 400000),
 # BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
 # BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
+# shellcheck disable=SC2154 # i_* and n_* are set by variant_figures (printf -v)
 set -uo pipefail
 
 BUILD=${1:-build}
