@@ -750,11 +750,14 @@ static void bind_text(sqlite3_stmt *st, int i, const char *v) {
         sqlite3_bind_null(st, i);
 }
 
-/* Store one batch inside the open transaction, under a savepoint so a
- * failing batch leaves the others intact. */
-static int write_batch(amp_spool *s, work *w, int64_t now) {
+/* Store one batch inside the open transaction. Guarded, it runs under a
+ * savepoint, so a failing batch is undone alone and the others stay; the
+ * savepoint costs a copy of every page the batch touches that the group
+ * already changed, so the first try of a group goes without (see
+ * write_group). -1 when a statement failed; the batch's counts are then 0. */
+static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
     amp_spool_batch *b = w->batch;
-    if (step_done(s->st_savepoint))
+    if (guarded && step_done(s->st_savepoint))
         return -1;
     for (size_t e = 0; e < b->nevents; e++) {
         const event_item *ev = &b->events[e];
@@ -784,12 +787,14 @@ static int write_batch(amp_spool *s, work *w, int64_t now) {
         }
         w->result.accepted++;
     }
-    if (step_done(s->st_release))
+    if (guarded && step_done(s->st_release))
         goto fail;
     return 0;
 fail:
-    step_done(s->st_rollback_to);
-    step_done(s->st_release);
+    if (guarded) {
+        step_done(s->st_rollback_to);
+        step_done(s->st_release);
+    }
     w->result.accepted = w->result.duplicates = 0;
     w->rows = 0;
     return -1;
@@ -957,49 +962,76 @@ static void set_writable(amp_spool *s, bool ok) {
         amp_log(AMP_LOG_INFO, "spool writable again", NULL);
 }
 
+/* What a group's writes change once committed. */
+typedef struct group_tally {
+    int64_t depth_change; /* pending rows added, minus rows finished */
+    bool new_work;        /* something for the dispatcher to claim */
+    bool batch_failed;    /* a request could not be stored */
+} group_tally;
+
+/* Every request and acknowledgement of the group, inside the open
+ * transaction. Unguarded, the first failing request stops it: its earlier
+ * statements are in the transaction, so the caller rolls back and writes
+ * the group again guarded, where only that request is refused. Failed
+ * acknowledgements are logged and left out either way. -1 only unguarded. */
+static int write_group(amp_spool *s, work *head, int64_t now, bool guarded, group_tally *t) {
+    *t = (group_tally){0};
+    for (work *w = head; w; w = w->next) {
+        if (w->kind == WORK_BATCH) {
+            w->result = (amp_spool_result){0};
+            w->rows = 0;
+            w->result.status = write_batch(s, w, now, guarded);
+            if (w->result.status != 0 && !guarded)
+                return -1;
+            t->batch_failed |= w->result.status != 0;
+            t->new_work |= w->result.status == 0 && w->result.accepted > 0;
+            t->depth_change += w->rows;
+        } else if (w->kind == WORK_ACK) {
+            if (write_ack(s, &w->ack, now) != 0)
+                amp_log(AMP_LOG_ERROR, "spool ack failed", "{s:I, s:s}", "id",
+                        (json_int_t)w->ack.id, "error", sqlite3_errmsg(s->wdb));
+            else if (w->ack.kind == AMP_ACK_DELIVERED || w->ack.kind == AMP_ACK_DEAD)
+                t->depth_change--;
+            t->new_work |= w->ack.kind != AMP_ACK_DEAD;
+        }
+    }
+    return 0;
+}
+
 /* One group: everything queued so far, in one transaction. */
 static void commit_group(amp_spool *s, work *head) {
     int64_t now = amp_now_ms();
-    int nbatches = 0, nacks = 0, ok = 1, new_work = 0, batch_failed = 0;
-    int64_t depth_change = 0;
+    int nbatches = 0, nacks = 0, ok = 1;
+    group_tally t = {0};
     char why[256] = "";
 
     for (work *w = head; w; w = w->next)
         nbatches += w->kind == WORK_BATCH, nacks += w->kind == WORK_ACK;
 
     if (nbatches + nacks > 0) {
-        if (step_done(s->st_begin)) {
-            ok = 0;
-            snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
-        } else {
-            for (work *w = head; w; w = w->next) {
-                if (w->kind == WORK_BATCH) {
-                    w->result.status = write_batch(s, w, now);
-                    batch_failed |= w->result.status != 0;
-                    new_work |= w->result.status == 0 && w->result.accepted > 0;
-                    depth_change += w->rows;
-                } else if (w->kind == WORK_ACK) {
-                    if (write_ack(s, &w->ack, now) != 0)
-                        amp_log(AMP_LOG_ERROR, "spool ack failed", "{s:I, s:s}", "id",
-                                (json_int_t)w->ack.id, "error", sqlite3_errmsg(s->wdb));
-                    else if (w->ack.kind == AMP_ACK_DELIVERED || w->ack.kind == AMP_ACK_DEAD)
-                        depth_change--;
-                    new_work |= w->ack.kind != AMP_ACK_DEAD;
-                }
-            }
-            if (step_done(s->st_commit)) {
-                ok = 0;
-                /* Before ROLLBACK replaces it with its own message. */
-                snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
+        ok = step_done(s->st_begin) == 0;
+        if (ok && write_group(s, head, now, false, &t) != 0) {
+            /* A failure may already have ended the transaction. */
+            if (sqlite3_get_autocommit(s->wdb) == 0)
                 step_done(s->st_rollback);
-            }
+            ok = step_done(s->st_begin) == 0;
+            if (ok)
+                write_group(s, head, now, true, &t);
+        }
+        if (ok && step_done(s->st_commit)) {
+            ok = 0;
+            /* Before ROLLBACK replaces it with its own message. */
+            snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
+            step_done(s->st_rollback);
+        } else if (!ok) {
+            snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
         }
         if (!ok)
             amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error", why,
                     "requests", nbatches, "acks", nacks);
-        set_writable(s, ok && !batch_failed);
+        set_writable(s, ok && !t.batch_failed);
         if (ok)
-            atomic_fetch_add(&s->depth, depth_change);
+            atomic_fetch_add(&s->depth, t.depth_change);
         if (ok && external_write(s))
             count_pending(s); /* e.g. `amp2dify dlq replay` from another process */
     }
@@ -1051,7 +1083,7 @@ static void commit_group(amp_spool *s, work *head) {
     if (to_sync)
         hand_to_syncer(s, to_sync, sync_last);
 
-    if (ok && (new_work || nacks))
+    if (ok && (t.new_work || nacks))
         notify_waiter(s);
 }
 

@@ -278,6 +278,61 @@ START_TEST(per_user_order_is_per_conversation) {
 }
 END_TEST
 
+/* A request whose second event cannot be stored is refused whole, and the
+ * requests committed with it are stored all the same (the first try of a
+ * group has no savepoints; the committer rolls back and writes the group
+ * again with one per request). */
+START_TEST(failing_request_is_refused_alone) {
+    amp_spool *s = open_spool(3600);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db,
+                                  "CREATE TRIGGER poison BEFORE INSERT ON deliveries "
+                                  "WHEN NEW.body = '\"poison\"' BEGIN SELECT RAISE(ABORT, "
+                                  "'poisoned'); END;",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+
+    done_box box[3];
+    memset(box, 0, sizeof box);
+    const char *bodies[3][2] = {
+        {"{\"a\":1}", NULL}, {"{\"b\":1}", "\"poison\""}, {"{\"c\":1}", NULL}};
+    for (int i = 0; i < 3; i++) {
+        amp_spool_batch *b = amp_spool_batch_create();
+        for (int j = 0; j < 2 && bodies[i][j]; j++) {
+            char key[16];
+            snprintf(key, sizeof key, "k%d%d", i, j);
+            add(b, key, "u", false, bodies[i][j]);
+        }
+        amp_spool_submit(s, b, on_done, &box[i]);
+    }
+    amp_spool_flush(s);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(box[i].calls, 1);
+    ck_assert_int_eq(box[0].res.status, 0);
+    ck_assert_int_eq(box[0].res.accepted, 1);
+    ck_assert_int_ne(box[1].res.status, 0);
+    ck_assert_int_eq(box[1].res.accepted, 0);
+    ck_assert_int_eq(box[2].res.status, 0);
+    ck_assert_int_eq(box[2].res.accepted, 1);
+
+    amp_spool_job *jobs[8];
+    int64_t next;
+    int n = claim_all(s, amp_now_ms() + 1, jobs, 8, &next);
+    ck_assert_int_eq(n, 2); /* not even the refused request's first event */
+    ck_assert_str_eq(jobs[0]->body, "{\"a\":1}");
+    ck_assert_str_eq(jobs[1]->body, "{\"c\":1}");
+    free_jobs(jobs, n);
+    ck_assert_int_eq(amp_spool_depth(s), 2);
+    /* The refused request's keys were not kept: sent again, it is new. */
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "k10", "u", false, "{\"b\":1}");
+    ck_assert_int_eq(submit(s, b).accepted, 1);
+    amp_spool_close(s);
+}
+END_TEST
+
 static int user_version(sqlite3 *db) {
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL), SQLITE_OK);
@@ -558,6 +613,7 @@ int main(void) {
     tcase_add_test(tc, acks_delivered_retry_dead);
     tcase_add_test(tc, per_user_rows_go_in_order);
     tcase_add_test(tc, per_user_order_is_per_conversation);
+    tcase_add_test(tc, failing_request_is_refused_alone);
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
