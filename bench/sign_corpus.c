@@ -19,9 +19,13 @@
  * The secret comes from the environment (the first of a comma-separated
  * list), never from the command line. The timestamp defaults to now, so the
  * corpus passes amp2dify's freshness check for auth.tolerance_seconds
- * (300 s by default) after it is written. --run-id (default: the timestamp
- * and the process id) prefixes every insert_id, so corpora from different
- * runs never collide in one spool's dedupe window.
+ * (300 s by default) after it is written. Each insert_id is UUID-shaped
+ * and random-looking, as the Amplitude SDKs send them, so that each new key
+ * lands on its own page of the spool's dedupe index as in real traffic
+ * (sequential ids would share pages and flatter the benchmark). They are
+ * unique within a corpus (see insert_id()), and --run-id (default: the
+ * timestamp and the process id) seeds them, so corpora from different runs
+ * do not collide in one spool's dedupe window.
  */
 #include <errno.h>
 #include <openssl/evp.h>
@@ -68,10 +72,21 @@ static uint64_t mix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+/* The i-th insert_id of the run seeded by seed, into out[37]. mix() is a
+ * bijection, so distinct i give distinct hi, and all 64 bits of hi are in
+ * the text: no two ids of one corpus are equal. */
+static void insert_id(char out[37], uint64_t seed, uint64_t i) {
+    uint64_t hi = mix(seed ^ i), lo = mix(hi);
+    snprintf(out, 37, "%08x-%04x-4%03x-%04x-%012llx", (unsigned)(hi >> 32),
+             (unsigned)(hi >> 16) & 0xffff, (unsigned)hi & 0xfff,
+             0x8000u | (((unsigned)(hi >> 12) & 0xf) << 10) | ((unsigned)(lo >> 54) & 0x3ff),
+             (unsigned long long)(lo & 0xffffffffffffULL));
+}
+
 /* One event body into out[BODY_CAP]; returns its length, or -1 when the
  * fields alone exceed the buffer. pad is the number of filler characters in
  * event_properties.page_url. */
-static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, size_t pad) {
+static int format_body(char *out, uint64_t seed, uint64_t i, int64_t ts, size_t pad) {
     static char filler[PAD_FIELD_MAX + 1];
     if (!filler[0]) {
         for (size_t k = 0; k < PAD_FIELD_MAX; k++)
@@ -81,6 +96,8 @@ static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, si
         pad = PAD_FIELD_MAX;
 
     uint64_t r = mix(i);
+    char id[37];
+    insert_id(id, seed, i);
     unsigned user = (unsigned)(mix(r) % NUSERS);
     uint64_t dev = mix(user + 0x5eedULL);
     const char *const *pf = platforms[r % (sizeof platforms / sizeof platforms[0])];
@@ -92,7 +109,7 @@ static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, si
     int n = snprintf(
         out, BODY_CAP,
         "{\"event_type\":\"%s\",\"user_id\":\"user-%06u\","
-        "\"device_id\":\"%08x-%04x-4%03x-a%03x-%012llx\",\"insert_id\":\"%s-%llu\","
+        "\"device_id\":\"%08x-%04x-4%03x-a%03x-%012llx\",\"insert_id\":\"%s\","
         "\"event_time\":\"2026-11-21 10:15:42.123000\",\"session_id\":%lld,"
         "\"platform\":\"%s\",\"os_name\":\"%s\",\"country\":\"%s\",\"ip\":\"10.%u.%u.%u\","
         "\"event_properties\":{\"feature\":\"%s\",\"model\":\"%s\",\"prompt_tokens\":%u,"
@@ -102,12 +119,11 @@ static int format_body(char *out, const char *run_id, uint64_t i, int64_t ts, si
         "\"company\":\"Org %u\",\"seats\":%u}}",
         PICK(event_types, r >> 3), user, (unsigned)(dev >> 32), (unsigned)(dev >> 16) & 0xffff,
         (unsigned)(dev >> 4) & 0xfff, (unsigned)(dev >> 20) & 0xfff,
-        (unsigned long long)(mix(dev) & 0xffffffffffffULL), run_id, (unsigned long long)i,
-        (long long)ts * 1000, pf[0], pf[1], country, user % 256, (user / 256) % 256,
-        (unsigned)(r >> 48) % 256, PICK(features, r >> 5), PICK(models, r >> 7), prompt_tokens,
-        completion_tokens, latency, (r >> 33) % 20 ? "true" : "false", user % 97, (int)pad, filler,
-        PICK(first_names, user), PICK(last_names, user >> 3), PICK(plans, user >> 5), user % 500,
-        1 + user % 50);
+        (unsigned long long)(mix(dev) & 0xffffffffffffULL), id, (long long)ts * 1000, pf[0], pf[1],
+        country, user % 256, (user / 256) % 256, (unsigned)(r >> 48) % 256, PICK(features, r >> 5),
+        PICK(models, r >> 7), prompt_tokens, completion_tokens, latency,
+        (r >> 33) % 20 ? "true" : "false", user % 97, (int)pad, filler, PICK(first_names, user),
+        PICK(last_names, user >> 3), PICK(plans, user >> 5), user % 500, 1 + user % 50);
     return n < 0 || n >= BODY_CAP ? -1 : n;
 }
 
@@ -199,12 +215,17 @@ int main(int argc, char **argv) {
     static char iobuf[1 << 20];
     setvbuf(out, iobuf, _IOFBF, sizeof iobuf);
 
+    /* FNV-1a of the run id: the seed of its insert_ids. */
+    uint64_t seed = 0xcbf29ce484222325ULL;
+    for (const char *c = run_id; *c; c++)
+        seed = (seed ^ (unsigned char)*c) * 0x100000001b3ULL;
+
     char body[BODY_CAP], hex[65];
     size_t total = 0;
     for (int64_t i = 0; i < count; i++) {
-        int len = format_body(body, run_id, (uint64_t)i, ts, 0);
+        int len = format_body(body, seed, (uint64_t)i, ts, 0);
         if (len > 0 && len < size)
-            len = format_body(body, run_id, (uint64_t)i, ts, (size_t)(size - len));
+            len = format_body(body, seed, (uint64_t)i, ts, (size_t)(size - len));
         if (len < 0 || sign(all, secret_len, ts, body, (size_t)len, hex) != 0) {
             fprintf(stderr, "sign_corpus: cannot build request %lld\n", (long long)i);
             fclose(out);
