@@ -333,6 +333,33 @@ START_TEST(failing_request_is_refused_alone) {
 }
 END_TEST
 
+/* Once a request is answered, its rows are in the log for every other
+ * connection, a plain read-only one included, while the spool is still
+ * open: the answer comes after the commit, not at the next checkpoint. */
+START_TEST(answered_rows_visible_to_other_connections) {
+    amp_spool *s = open_spool(3600);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    for (int i = 0; i < 50; i++) {
+        amp_spool_batch *b = amp_spool_batch_create();
+        char key[16], body[64];
+        snprintf(key, sizeof key, "v%d", i);
+        snprintf(body, sizeof body, "{\"n\":%d}", i);
+        add(b, key, "u", false, body);
+        ck_assert_int_eq(submit(s, b).accepted, 1);
+        sqlite3_stmt *st;
+        ck_assert_int_eq(
+            sqlite3_prepare_v2(db, "SELECT count(*), max(body) FROM deliveries", -1, &st, NULL),
+            SQLITE_OK);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        ck_assert_int_eq(sqlite3_column_int(st, 0), i + 1);
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(db);
+    amp_spool_close(s);
+}
+END_TEST
+
 static int user_version(sqlite3 *db) {
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL), SQLITE_OK);
@@ -614,6 +641,7 @@ int main(void) {
     tcase_add_test(tc, per_user_rows_go_in_order);
     tcase_add_test(tc, per_user_order_is_per_conversation);
     tcase_add_test(tc, failing_request_is_refused_alone);
+    tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
