@@ -31,6 +31,7 @@
 #include "../../server/util.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
+#include "../check_run.h"
 
 #define USERS 50
 #define EVENTS_PER_USER 10
@@ -821,10 +822,7 @@ static Suite *delivery_suite(void) {
 int main(void) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         return 1;
-    SRunner *sr = srunner_create(delivery_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int rc = amp_check_run(delivery_suite());
     curl_global_cleanup();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return rc;
 }

@@ -10,6 +10,7 @@
 
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
+#include "../check_run.h"
 
 #define KEY "app-fake-self-test"
 
@@ -586,9 +587,5 @@ static Suite *suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(suite());
 }

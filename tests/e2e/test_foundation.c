@@ -15,6 +15,7 @@
 #include "../../server/util.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
+#include "../check_run.h"
 
 #define DELIVERY_TIMEOUT_MS 10000
 /* How long "nothing else happens" is watched for. */
@@ -549,9 +550,5 @@ static Suite *suite(void) {
 }
 
 int main(void) {
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(suite());
 }

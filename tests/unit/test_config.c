@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "../../server/config.h"
+#include "../check_run.h"
 
 static char dir[64];
 
@@ -324,9 +325,5 @@ int main(void) {
     tcase_add_test(tc, secrets_never_in_errors);
     tcase_add_test(tc, example_config_loads);
     suite_add_tcase(su, tc);
-    SRunner *sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return amp_check_run(su);
 }

@@ -5,6 +5,7 @@
 
 #include "../../mapping/mapping.h"
 #include "../../mapping/mapping_int.h"
+#include "../check_run.h"
 
 static char detail[512];
 
@@ -263,9 +264,5 @@ int main(void) {
     tcase_add_test(tc, dedupe_key);
     tcase_add_test(tc, time_parse_and_format);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(s);
 }

@@ -11,6 +11,7 @@
 #include "../../server/metrics.h"
 #include "../../server/util.h"
 #include "../../spool/spool.h"
+#include "../check_run.h"
 
 #include <arpa/inet.h>
 #include <check.h>
@@ -2095,10 +2096,7 @@ int main(void) {
     if (env)
         amp_log_parse_level(env, &lvl);
     amp_log_set_level(lvl);
-    SRunner *sr = srunner_create(forward_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int rc = amp_check_run(forward_suite());
     curl_global_cleanup();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return rc;
 }

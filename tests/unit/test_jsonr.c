@@ -17,6 +17,7 @@
 #include "../../server/jsonr.h"
 #include "../../server/util.h"
 #include "../json_support.h"
+#include "../check_run.h"
 
 #define LOAD_FLAGS (JSON_REJECT_DUPLICATES | JSON_DECODE_ANY)
 #define DEPTH 2048 /* JSON_PARSER_MAX_DEPTH */
@@ -709,9 +710,5 @@ int main(void) {
     tcase_add_test(tc, project_files);
     tcase_add_test(tc, random_mutations);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(s);
 }

@@ -12,6 +12,7 @@
 
 #include "../../server/jsonw.h"
 #include "../json_support.h"
+#include "../check_run.h"
 
 #define DUMP_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY)
 
@@ -640,9 +641,5 @@ int main(void) {
     tcase_add_test(tc, cap);
     tcase_add_test(tc, random_trees);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(s);
 }

@@ -7,6 +7,7 @@
 
 #include "../../mapping/mapping.h"
 #include "../../mapping/mapping_int.h"
+#include "../check_run.h"
 
 /* JSON from single-quoted text (caller owns). */
 static json_t *j(const char *text) {
@@ -921,9 +922,5 @@ int main(void) {
     tcase_add_test(tc, mapper_app_errors);
     tcase_add_test(tc, mapper_route_errors);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return amp_check_run(s);
 }

@@ -11,6 +11,7 @@
  */
 #include "../../crypto/sig.h"
 #include "../../server/util.h"
+#include "../check_run.h"
 
 #include <check.h>
 #include <jansson.h>
@@ -488,10 +489,7 @@ int main(void) {
         json_decref(vectors);
         return 1;
     }
-    SRunner *sr = srunner_create(sig_suite(json_array_size(vectors)));
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int rc = amp_check_run(sig_suite(json_array_size(vectors)));
     json_decref(vectors);
-    return failed ? 1 : 0;
+    return rc;
 }

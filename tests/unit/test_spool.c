@@ -14,6 +14,7 @@
 #include "../../server/log.h"
 #include "../../server/util.h"
 #include "../../spool/spool.h"
+#include "../check_run.h"
 
 static char dir[64];
 static char path[128];
@@ -651,9 +652,5 @@ int main(void) {
     tcase_add_test(tc, depth_follows_replay_from_another_process);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
-    SRunner *sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return amp_check_run(su);
 }
