@@ -257,7 +257,8 @@ static void load_auth(amp_config *c, const json_t *root, amp_errs *errs) {
 
 static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {
-        "path", "dedupe_window_seconds", "max_pending", "retention_seconds", "sync", NULL};
+        "path", "dedupe_window_seconds", "max_pending", "retention_seconds", "sync", "lock_timeout_ms",
+        NULL};
     const json_t *o = get_object(root, "spool", "", errs);
     if (!o)
         return;
@@ -267,6 +268,7 @@ static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
             &c->spool.dedupe_window_s);
     get_int(o, "max_pending", "spool", 0, INT64_MAX, errs, &c->spool.max_pending);
     get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs, &c->spool.retention_s);
+    get_int(o, "lock_timeout_ms", "spool", 1, 600000, errs, &c->spool.lock_timeout_ms);
     char *sync = NULL;
     get_string(o, "sync", "spool", errs, &sync);
     if (sync && strcmp(sync, "full") != 0 && strcmp(sync, "normal") != 0)
@@ -495,6 +497,7 @@ static amp_config *config_defaults(const char *path) {
     c->spool.dedupe_window_s = 604800;
     c->spool.max_pending = 1000000;
     c->spool.retention_s = 604800;
+    c->spool.lock_timeout_ms = AMP_SPOOL_LOCK_TIMEOUT_MS;
     c->dify.base_url = amp_xstrdup("https://api.dify.ai/v1");
     c->dify.timeout_s = 120;
     c->dify.connect_timeout_s = 10;
@@ -569,7 +572,8 @@ amp_spool_opts amp_config_spool_opts(const amp_config *c) {
                             .dedupe_window_s = c->spool.dedupe_window_s,
                             .max_pending = c->spool.max_pending,
                             .retention_s = c->spool.retention_s,
-                            .sync_normal = c->spool.sync_normal};
+                            .sync_normal = c->spool.sync_normal,
+                            .lock_timeout_ms = c->spool.lock_timeout_ms};
 }
 
 static void free_strv(char **v, size_t n) {

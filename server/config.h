@@ -52,6 +52,7 @@ typedef struct amp_config {
         int64_t dedupe_window_s;
         int64_t max_pending;
         int64_t retention_s;
+        int64_t lock_timeout_ms;
         bool sync_normal;
     } spool;
     struct {

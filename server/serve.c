@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../forward/forward.h"
 #include "../handlers/handlers.h"
@@ -56,7 +57,8 @@ static const char *restart_only_change(const amp_config *a, const amp_config *b)
     if (strcmp(a->spool.path, b->spool.path) || a->spool.sync_normal != b->spool.sync_normal ||
         a->spool.dedupe_window_s != b->spool.dedupe_window_s ||
         a->spool.max_pending != b->spool.max_pending ||
-        a->spool.retention_s != b->spool.retention_s)
+        a->spool.retention_s != b->spool.retention_s ||
+        a->spool.lock_timeout_ms != b->spool.lock_timeout_ms)
         return "spool";
     if (a->shutdown_timeout_s != b->shutdown_timeout_s)
         return "shutdown_timeout_seconds";
@@ -233,11 +235,21 @@ int amp_cmd_serve(int argc, char **argv) {
      * spool has its answer (a request past the draining check may still be
      * submitting, hence the loop), then give the answers time to leave. */
     amp_handlers_set_draining(handlers, true);
-    for (int64_t i = 0; i < drain_max_ms(cfg) / 10; i++) {
-        amp_spool_flush(spool);
-        if (amp_handlers_suspended(handlers) == 0)
-            break;
+    int64_t drain_end = amp_mono_ms() + drain_max_ms(cfg);
+    while (amp_spool_flush_until(spool, drain_end) && amp_handlers_suspended(handlers) > 0 &&
+           amp_mono_ms() < drain_end)
         sleep_ms(10);
+    int waiting = amp_handlers_suspended(handlers);
+    if (waiting > 0) {
+        /* The spool did not answer in time (its disk hangs, say). Stopping
+         * the HTTP server would free connections the spool must still
+         * resume, and closing the spool would wait for the disk: leave at
+         * once instead. None of the waiting requests got a 2xx, so their
+         * senders retry them; dedupe absorbs any that were stored. */
+        amp_log(AMP_LOG_ERROR, "the spool did not answer in time; exiting without waiting",
+                "{s:i, s:I}", "requests_waiting", waiting, "waited_ms",
+                (json_int_t)drain_max_ms(cfg));
+        _exit(1);
     }
     sleep_ms(DRAIN_GRACE_MS);
     rc = 0;

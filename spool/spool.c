@@ -19,7 +19,6 @@
 #define SCHEMA_VERSION 2
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
-#define BUSY_TIMEOUT_MS 5000
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
 #define MAINTENANCE_INTERVAL_MS 60000
 /* After a failed commit: how often the committer retries the held
@@ -151,8 +150,9 @@ typedef struct work {
     int64_t rows; /* deliveries inserted */
     /* WORK_ACK: owned copies */
     amp_ack ack;
-    /* WORK_FLUSH */
-    int flushed;
+    /* WORK_FLUSH: both under q_mu */
+    bool flushed;
+    bool abandoned; /* its flusher gave up waiting: whoever answers frees it */
 } work;
 
 struct amp_spool {
@@ -307,14 +307,15 @@ fail:
  * made durable by the syncer (spool.sync "full", the default), or not at
  * all (spool.sync "normal": a crash of the process loses nothing, a power
  * cut may lose the last commits). */
-static int open_db(const char *path, sqlite3 **db, char *err, size_t errlen) {
+static int open_db(const amp_spool_opts *opts, sqlite3 **db, char *err, size_t errlen) {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
-    if (sqlite3_open_v2(path, db, flags, NULL) != SQLITE_OK) {
-        snprintf(err, errlen, "cannot open spool '%s': %s", path,
+    if (sqlite3_open_v2(opts->path, db, flags, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot open spool '%s': %s", opts->path,
                  *db ? sqlite3_errmsg(*db) : "out of memory");
         return -1;
     }
-    sqlite3_busy_timeout(*db, BUSY_TIMEOUT_MS);
+    int64_t lock_ms = opts->lock_timeout_ms > 0 ? opts->lock_timeout_ms : AMP_SPOOL_LOCK_TIMEOUT_MS;
+    sqlite3_busy_timeout(*db, lock_ms > INT32_MAX ? INT32_MAX : (int)lock_ms);
     return exec(*db,
                 "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = OFF; "
                 "PRAGMA synchronous = NORMAL;",
@@ -470,7 +471,7 @@ static void *checkpointer_main(void *arg) {
 }
 
 static int start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err, size_t errlen) {
-    if (open_db(opts->path, &s->cdb, err, errlen))
+    if (open_db(opts, &s->cdb, err, errlen))
         return -1;
     sqlite3_wal_hook(s->wdb, wal_hook, s); /* replaces the automatic checkpoint */
     if (pthread_create(&s->checkpointer, NULL, checkpointer_main, s) != 0) {
@@ -516,8 +517,8 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->q_cond, &ca);
+    pthread_cond_init(&s->q_flushed, &ca); /* both wait with deadline_in() */
     pthread_condattr_destroy(&ca);
-    pthread_cond_init(&s->q_flushed, NULL);
     pthread_mutex_init(&s->claim_mu, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
     pthread_cond_init(&s->ck_cond, NULL);
@@ -527,8 +528,8 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     s->wal_fd = -1;
     atomic_init(&s->writable, true);
 
-    if (open_db(opts->path, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
-        open_db(opts->path, &s->rdb, err, errlen) || prepare_all(s, err, errlen) ||
+    if (open_db(opts, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
+        open_db(opts, &s->rdb, err, errlen) || prepare_all(s, err, errlen) ||
         start_checkpointer(s, opts, err, errlen) ||
         (!opts->sync_normal && start_syncer(s, err, errlen)))
         goto fail;
@@ -707,14 +708,32 @@ void amp_spool_ack(amp_spool *s, const amp_ack *ack) {
 }
 
 void amp_spool_flush(amp_spool *s) {
+    amp_spool_flush_until(s, INT64_MAX);
+}
+
+bool amp_spool_flush_until(amp_spool *s, int64_t deadline_ms) {
     work *w = amp_xcalloc(1, sizeof *w);
     w->kind = WORK_FLUSH;
     enqueue(s, w);
     pthread_mutex_lock(&s->q_mu);
-    while (!w->flushed)
-        pthread_cond_wait(&s->q_flushed, &s->q_mu);
+    while (!w->flushed) {
+        if (deadline_ms == INT64_MAX) {
+            pthread_cond_wait(&s->q_flushed, &s->q_mu);
+            continue;
+        }
+        int64_t left = deadline_ms - amp_mono_ms();
+        if (left <= 0)
+            break;
+        struct timespec ts;
+        deadline_in(&ts, left);
+        pthread_cond_timedwait(&s->q_flushed, &s->q_mu, &ts);
+    }
+    bool flushed = w->flushed;
+    w->abandoned = !flushed;
     pthread_mutex_unlock(&s->q_mu);
-    free(w);
+    if (flushed)
+        free(w);
+    return flushed;
 }
 
 static void free_ack_strings(amp_ack *a) {
@@ -851,13 +870,16 @@ static int write_ack(amp_spool *s, const amp_ack *a, int64_t now) {
 /* ---- answers and the syncer ------------------------------------------------ */
 
 /* Answers a request batch (and frees it), or releases a flush marker (its
- * flusher frees it). */
+ * flusher frees it, unless it gave up waiting). */
 static void answer(amp_spool *s, work *w) {
     if (w->kind == WORK_FLUSH) {
         pthread_mutex_lock(&s->q_mu);
-        w->flushed = 1;
+        bool abandoned = w->abandoned;
+        w->flushed = true;
         pthread_cond_broadcast(&s->q_flushed);
         pthread_mutex_unlock(&s->q_mu);
+        if (abandoned)
+            free(w);
         return;
     }
     if (w->result.status != 0 && !w->result.error)

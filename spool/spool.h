@@ -32,7 +32,13 @@ typedef struct amp_spool_opts {
     int64_t max_pending;     /* amp_spool_full() above this many pending rows; 0: no limit */
     int64_t retention_s;     /* delivered rows older than this are pruned; 0: kept */
     bool sync_normal;        /* PRAGMA synchronous=NORMAL instead of FULL (see README) */
+    /* How long a write waits for a lock another process holds (a `dlq`
+     * command, a backup) before it fails: the requests of that group get
+     * 503. 0: AMP_SPOOL_LOCK_TIMEOUT_MS. */
+    int64_t lock_timeout_ms;
 } amp_spool_opts;
+
+#define AMP_SPOOL_LOCK_TIMEOUT_MS 5000
 
 /* Open (creating and migrating as needed). NULL and err filled on failure. */
 amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen);
@@ -123,6 +129,9 @@ void amp_spool_ack(amp_spool *s, const amp_ack *ack);
  * attempt. An acknowledgement whose commit failed (disk full) is held and
  * retried by the committer, so it may still be pending when this returns. */
 void amp_spool_flush(amp_spool *s);
+/* The same, but it gives up at deadline_ms (amp_mono_ms() time): false when
+ * the spool has not got that far by then, a disk that hangs for instance. */
+bool amp_spool_flush_until(amp_spool *s, int64_t deadline_ms);
 
 /* ---- inspection (tests, CLI) ---------------------------------------- */
 

@@ -334,6 +334,53 @@ START_TEST(failing_request_is_refused_alone) {
 }
 END_TEST
 
+/* Another process holds the write lock (a sqlite3 shell, a backup) for longer
+ * than spool.lock_timeout_ms: the request waiting behind it is refused, not
+ * half stored, and the spool is not writable; once the lock is gone the
+ * committer's probe makes it writable again by itself, with no traffic, and
+ * the next request is stored. */
+START_TEST(locked_beyond_deadline_then_recovers) {
+    char err[256] = "";
+    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .lock_timeout_ms = 200};
+    amp_spool *s = amp_spool_open(&o, err, sizeof err);
+    ck_assert_msg(s != NULL, "open: %s", err);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "locked", "u", false, "{\"a\":1}");
+    int64_t t0 = amp_mono_ms();
+    amp_spool_result r = submit(s, b);
+    int64_t waited = amp_mono_ms() - t0;
+    ck_assert_int_ne(r.status, 0);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_msg(waited >= 150 && waited < 3000, "refused after %lld ms", (long long)waited);
+    ck_assert(!amp_spool_writable(s));
+
+    ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    t0 = amp_mono_ms();
+    while (!amp_spool_writable(s) && amp_mono_ms() - t0 < 5000)
+        usleep(20000);
+    ck_assert_msg(amp_spool_writable(s), "still not writable %lld ms after the lock went",
+                  (long long)(amp_mono_ms() - t0));
+
+    b = amp_spool_batch_create();
+    add(b, "locked", "u", false, "{\"b\":1}"); /* the refused key was not kept */
+    r = submit(s, b);
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.accepted, 1);
+    amp_spool_job *jobs[4];
+    int64_t next;
+    int n = claim_all(s, amp_now_ms() + 1, jobs, 4, &next);
+    ck_assert_int_eq(n, 1);
+    ck_assert_str_eq(jobs[0]->body, "{\"b\":1}");
+    free_jobs(jobs, n);
+    amp_spool_close(s);
+}
+END_TEST
+
 /* Once a request is answered, its rows are in the log for every other
  * connection, a plain read-only one included, while the spool is still
  * open: the answer comes after the commit, not at the next checkpoint. */
@@ -642,6 +689,7 @@ int main(void) {
     tcase_add_test(tc, per_user_rows_go_in_order);
     tcase_add_test(tc, per_user_order_is_per_conversation);
     tcase_add_test(tc, failing_request_is_refused_alone);
+    tcase_add_test(tc, locked_beyond_deadline_then_recovers);
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
