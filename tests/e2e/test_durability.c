@@ -12,6 +12,10 @@
  *   dedupe_*                    inside one request, across requests, after
  *                               a restart; delivered once
  *   dlq_list_replay_purge       `amp2dify dlq` against a running daemon
+ *   shutdown_bounded_when_spool_hangs
+ *                               SIGTERM while the spool cannot answer: a
+ *                               bounded exit 1, no 202 for the waiting
+ *                               request
  *
  * Sanitizer builds ($AMP2DIFY_BIN under build/san-...) run the crash test
  * for fewer seconds; $AMP2DIFY_E2E_CRASH_SECONDS and $AMP2DIFY_E2E_SEED
@@ -19,6 +23,7 @@
  */
 #include <check.h>
 #include <errno.h>
+#include <sqlite3.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -1058,6 +1063,101 @@ START_TEST(dlq_list_replay_purge) {
 }
 END_TEST
 
+/* ---- a spool that stops answering ------------------------------------------ */
+
+typedef struct waiting_post {
+    uint16_t port;
+    const char *secret;
+    h_resp *resp;
+} waiting_post;
+
+static void *post_one(void *arg) {
+    waiting_post *p = arg;
+    char *ev = h_event("hung_spool", "user-hung", "hung-1");
+    char *body = amp_xasprintf("[%s]", ev);
+    p->resp = post_signed_port(p->port, p->secret, body, 20000);
+    free(body);
+    free(ev);
+    return NULL;
+}
+
+/* SIGTERM while a request waits for a spool that does not answer (another
+ * process holds its lock, as a hung disk would hold the committer): the
+ * server must not stop the HTTP side under a connection the spool still
+ * has to resume, nor wait for the spool forever. It leaves after the drain
+ * time with exit 1, says why, and the waiting request never got a 202; sent
+ * again after a restart, it is stored as new. */
+START_TEST(shutdown_bounded_when_spool_hangs) {
+    fake_dify *fake = fake_dify_start(0, H_API_KEY);
+    ck_assert_ptr_nonnull(fake);
+    /* The default config, with a 1 s drain (a quarter of the shutdown
+     * timeout) and a commit that waits for the lock as long as it is held. */
+    const char *def = h_default_config(), *spool = "\"spool\": {";
+    const char *at = strstr(def, spool);
+    ck_assert_ptr_nonnull(at);
+    at += strlen(spool);
+    char *text = amp_xasprintf("{\"shutdown_timeout_seconds\": 4,%.*s\"lock_timeout_ms\": 600000, %s",
+                               (int)(at - def - 1), def + 1, at);
+    h_server *srv = start_with(fake, text);
+    free(text);
+
+    char *ev = h_event("before", "user-hung", "hung-0");
+    char *body = amp_xasprintf("[%s]", ev);
+    h_resp *r = h_post_signed(srv, body);
+    assert_accepted(r, 1, 0);
+    h_resp_free(r);
+    free(body);
+    free(ev);
+
+    char *db_path = amp_xasprintf("%s/spool.db", h_server_dir(srv));
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(db_path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 10000);
+    ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+
+    waiting_post p = {.port = h_server_port(srv), .secret = h_server_secret(srv)};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, post_one, &p), 0);
+    h_sleep_ms(500);
+    ck_assert_msg(p.resp == NULL, "the request was answered while the spool was locked");
+
+    int64_t t0 = h_mono_ms();
+    int st = h_server_kill(srv, SIGTERM, 15000);
+    int64_t took = h_mono_ms() - t0;
+    pthread_join(t, NULL);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "wait status %d after %lld ms", st,
+                  (long long)took);
+    ck_assert_msg(took >= 900 && took < 8000, "exited %lld ms after SIGTERM", (long long)took);
+    ck_assert_msg(p.resp->status != 202, "the waiting request got a 202: %s", p.resp->body);
+    json_t *lines =
+        h_server_log_lines(srv, "the spool did not answer in time; exiting without waiting");
+    ck_assert_uint_eq(json_array_size(lines), 1);
+    ck_assert_int_eq(jint(json_array_get(lines, 0), "requests_waiting"), 1);
+    json_decref(lines);
+    printf("hung spool: SIGTERM with 1 request waiting: exit 1 after %lld ms, the client got "
+           "status %ld\n",
+           (long long)took, p.resp->status);
+    fflush(stdout);
+    h_resp_free(p.resp);
+
+    ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    free(db_path);
+
+    ck_assert_int_eq(h_server_restart(srv), 0);
+    ev = h_event("hung_spool", "user-hung", "hung-1");
+    body = amp_xasprintf("[%s]", ev);
+    r = h_post_signed(srv, body);
+    assert_accepted(r, 1, 0);
+    h_resp_free(r);
+    free(body);
+    free(ev);
+    ck_assert_uint_eq(fake_dify_wait_delivered(fake, 2, DELIVERY_TIMEOUT_MS), 2);
+    stop_clean(srv);
+    fake_dify_stop(fake);
+}
+END_TEST
+
 static Suite *suite(void) {
     Suite *s = suite_create("durability");
     TCase *tc = tcase_create("crash");
@@ -1076,6 +1176,11 @@ static Suite *suite(void) {
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, dedupe_within_across_and_after_restart);
     tcase_add_test(tc, dlq_list_replay_purge);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("hung_spool");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, shutdown_bounded_when_spool_hangs);
     suite_add_tcase(s, tc);
     return s;
 }
