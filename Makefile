@@ -78,6 +78,15 @@ $(BUILD)/tests/e2e/%: $(BUILD)/obj/tests/e2e/%.o $(E2E_SUPPORT_OBJS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+# A test tool test_io_errors preloads into amp2dify (tests/faults/fail_io.c):
+# never sanitized, since it is loaded before the sanitizer runtimes. Order-only,
+# so it is built first but not linked into the test.
+FAIL_IO := $(BUILD)/tests/libfail_io.so
+$(FAIL_IO): tests/faults/fail_io.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) -shared -fPIC -o $@ $< -ldl
+$(BUILD)/tests/e2e/test_io_errors: | $(FAIL_IO)
+
 $(FAKE_DIFY): $(BUILD)/obj/tests/fake_dify/main.o $(E2E_SUPPORT_OBJS) $(LIB)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
