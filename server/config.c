@@ -257,8 +257,8 @@ static void load_auth(amp_config *c, const json_t *root, amp_errs *errs) {
 
 static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {
-        "path", "dedupe_window_seconds", "max_pending", "retention_seconds", "sync", "lock_timeout_ms",
-        NULL};
+        "path", "dedupe_window_seconds", "max_pending", "retention_seconds",
+        "sync", "lock_timeout_ms",       NULL};
     const json_t *o = get_object(root, "spool", "", errs);
     if (!o)
         return;

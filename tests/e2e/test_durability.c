@@ -1096,18 +1096,15 @@ START_TEST(shutdown_bounded_when_spool_hangs) {
     const char *at = strstr(def, spool);
     ck_assert_ptr_nonnull(at);
     at += strlen(spool);
-    char *text = amp_xasprintf("{\"shutdown_timeout_seconds\": 4,%.*s\"lock_timeout_ms\": 600000, %s",
-                               (int)(at - def - 1), def + 1, at);
+    char *text =
+        amp_xasprintf("{\"shutdown_timeout_seconds\": 4,%.*s\"lock_timeout_ms\": 600000, %s",
+                      (int)(at - def - 1), def + 1, at);
     h_server *srv = start_with(fake, text);
     free(text);
 
-    char *ev = h_event("before", "user-hung", "hung-0");
-    char *body = amp_xasprintf("[%s]", ev);
-    h_resp *r = h_post_signed(srv, body);
+    h_resp *r = post_events(srv, json_pack("[o]", keyed_event("insert_id", "hung-0", "user-hung")));
     assert_accepted(r, 1, 0);
     h_resp_free(r);
-    free(body);
-    free(ev);
 
     char *db_path = amp_xasprintf("%s/spool.db", h_server_dir(srv));
     sqlite3 *db;
@@ -1145,13 +1142,9 @@ START_TEST(shutdown_bounded_when_spool_hangs) {
     free(db_path);
 
     ck_assert_int_eq(h_server_restart(srv), 0);
-    ev = h_event("hung_spool", "user-hung", "hung-1");
-    body = amp_xasprintf("[%s]", ev);
-    r = h_post_signed(srv, body);
+    r = post_events(srv, json_pack("[o]", keyed_event("insert_id", "hung-1", "user-hung")));
     assert_accepted(r, 1, 0);
     h_resp_free(r);
-    free(body);
-    free(ev);
     ck_assert_uint_eq(fake_dify_wait_delivered(fake, 2, DELIVERY_TIMEOUT_MS), 2);
     stop_clean(srv);
     fake_dify_stop(fake);
