@@ -1068,7 +1068,8 @@ END_TEST
 typedef struct waiting_post {
     uint16_t port;
     const char *secret;
-    h_resp *resp;
+    h_resp *resp;         /* read after the join */
+    atomic_bool answered; /* read while the thread runs */
 } waiting_post;
 
 static void *post_one(void *arg) {
@@ -1076,6 +1077,7 @@ static void *post_one(void *arg) {
     char *ev = h_event("hung_spool", "user-hung", "hung-1");
     char *body = amp_xasprintf("[%s]", ev);
     p->resp = post_signed_port(p->port, p->secret, body, 20000);
+    atomic_store(&p->answered, true);
     free(body);
     free(ev);
     return NULL;
@@ -1117,10 +1119,11 @@ START_TEST(shutdown_bounded_when_spool_hangs) {
     ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
 
     waiting_post p = {.port = h_server_port(srv), .secret = h_server_secret(srv)};
+    atomic_init(&p.answered, false);
     pthread_t t;
     ck_assert_int_eq(pthread_create(&t, NULL, post_one, &p), 0);
     h_sleep_ms(500);
-    ck_assert_msg(p.resp == NULL, "the request was answered while the spool was locked");
+    ck_assert_msg(!atomic_load(&p.answered), "the request was answered while the spool was locked");
 
     int64_t t0 = h_mono_ms();
     int st = h_server_kill(srv, SIGTERM, 15000);
