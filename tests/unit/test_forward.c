@@ -1448,16 +1448,18 @@ END_TEST
 START_TEST(test_expired) {
     harness h;
     harness_init(&h, 1);
-    h.opts.retry_max_age_s = 1;
+    /* Retries every 200 ms for 3 s: a few attempts even when a loaded
+     * machine (sanitizers, CI) delays the first one by a second or more. */
+    h.opts.retry_max_age_s = 3;
     h.opts.retry_initial_ms = 200;
     h.opts.retry_max_ms = 200;
-    for (int i = 0; i < 20; i++)
+    for (int i = 0; i < 30; i++) /* the fake's script holds 32 */
         fake_push(h.fake, (reply_t){.status = 500,
                                     .body = "{\"status\":500,\"code\":\"internal_server_error\","
                                             "\"message\":\"boom\"}"});
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
-    wait_finished(&h, 1, 6000);
+    wait_finished(&h, 1, 15000);
     amp_forward_stop(h.fwd);
     h.fwd = NULL;
     row_t r = get_row(&h, 1);
