@@ -1448,12 +1448,14 @@ END_TEST
 START_TEST(test_expired) {
     harness h;
     harness_init(&h, 1);
-    /* Retries every 200 ms for 3 s: a few attempts even when a loaded
-     * machine (sanitizers, CI) delays the first one by a second or more. */
+    /* Retries for 3 s, each after a jittered 0-1000 ms: a few attempts
+     * even when a loaded machine (sanitizers, CI) delays the first one by a
+     * second or more, and fewer than the 30 failures scripted (the fake's
+     * script holds 32; past it, it answers with success). */
     h.opts.retry_max_age_s = 3;
-    h.opts.retry_initial_ms = 200;
-    h.opts.retry_max_ms = 200;
-    for (int i = 0; i < 30; i++) /* the fake's script holds 32 */
+    h.opts.retry_initial_ms = 1000;
+    h.opts.retry_max_ms = 1000;
+    for (int i = 0; i < 30; i++)
         fake_push(h.fake, (reply_t){.status = 500,
                                     .body = "{\"status\":500,\"code\":\"internal_server_error\","
                                             "\"message\":\"boom\"}"});
