@@ -236,16 +236,19 @@ int amp_cmd_serve(int argc, char **argv) {
      * submitting, hence the loop), then give the answers time to leave. */
     amp_handlers_set_draining(handlers, true);
     int64_t drain_end = amp_mono_ms() + drain_max_ms(cfg);
-    while (amp_spool_flush_until(spool, drain_end) && amp_handlers_suspended(handlers) > 0 &&
-           amp_mono_ms() < drain_end)
+    bool answered;
+    while ((answered = amp_spool_flush_until(spool, drain_end)) &&
+           amp_handlers_suspended(handlers) > 0 && amp_mono_ms() < drain_end)
         sleep_ms(10);
     int waiting = amp_handlers_suspended(handlers);
-    if (waiting > 0) {
+    if (!answered || waiting > 0) {
         /* The spool did not answer in time (its disk hangs, say). Stopping
          * the HTTP server would free connections the spool must still
-         * resume, and closing the spool would wait for the disk: leave at
-         * once instead. None of the waiting requests got a 2xx, so their
-         * senders retry them; dedupe absorbs any that were stored. */
+         * resume, and stopping the workers or closing the spool would wait
+         * for the disk: leave at once instead. None of the waiting requests
+         * got a 2xx, so their senders retry them, and dedupe absorbs any
+         * that were stored; acknowledgements not yet committed mean those
+         * deliveries are made again after the next start. */
         amp_log(AMP_LOG_ERROR, "the spool did not answer in time; exiting without waiting",
                 "{s:i, s:I}", "requests_waiting", waiting, "waited_ms",
                 (json_int_t)drain_max_ms(cfg));
