@@ -147,7 +147,9 @@ typedef struct work {
     amp_spool_done_fn done;
     void *ctx;
     amp_spool_result result;
-    int64_t rows; /* deliveries inserted */
+    int64_t rows;    /* deliveries inserted */
+    int64_t last_id; /* the highest of their ids; 0: none */
+    int64_t epoch;   /* s->epoch when committed (see recover()) */
     /* WORK_ACK: owned copies */
     amp_ack ack;
     /* WORK_FLUSH: both under q_mu */
@@ -209,6 +211,18 @@ struct amp_spool {
     void *notify_ctx;
     atomic_bool writable;
 
+    /* A row is claimed only once it is on disk: synced_max is the highest
+     * row id known to be synced, committed_max the highest committed. After
+     * a failed sync the rows above synced_max are not trusted (their senders
+     * got 503, and the kernel may have dropped the pages it could not
+     * write): `failed` makes the committer delete them (recover()) before it
+     * stores anything else, and `epoch`, which recover() advances, tells the
+     * syncer which of the groups it still holds were undone. */
+    atomic_llong synced_max, committed_max, epoch;
+    atomic_bool failed;
+    bool refusing;        /* committer only: failed, and recover() did not work */
+    int64_t rows_dropped; /* committer only: by recover() attempts since the failure */
+
     /* committer statements */
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
@@ -216,6 +230,7 @@ struct amp_spool {
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
+    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id;
     sqlite3_stmt *st_data_version;
     int64_t data_version; /* committer only; see external_write() */
     /* reader statements */
@@ -379,7 +394,7 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "
          "  AND e.user = d.user "
-         "  AND e.id < d.id)) "
+         "  AND e.id < d.id)) AND d.id <= ?3 "
          "ORDER BY d.due_ms, d.id LIMIT ?2"},
         {s->wdb, &s->st_prune_dedupe,
          "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
@@ -390,6 +405,12 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
          "state <> 0 AND finished_ms < ?1 LIMIT ?2)"},
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
+        /* recover(): what was committed after the last good sync. */
+        {s->wdb, &s->st_drop_keys,
+         "DELETE FROM dedupe WHERE key IN (SELECT dedupe_key FROM deliveries WHERE id > ?1 AND "
+         "dedupe_key IS NOT NULL)"},
+        {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
+        {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
         {s->wdb, &s->st_data_version, "PRAGMA data_version"},
         /* Rewrites page 1: the smallest real write, to probe writability. */
         {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
@@ -527,6 +548,10 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     pthread_cond_init(&s->sync_cond, NULL);
     s->wal_fd = -1;
     atomic_init(&s->writable, true);
+    atomic_init(&s->synced_max, 0);
+    atomic_init(&s->committed_max, 0);
+    atomic_init(&s->epoch, 0);
+    atomic_init(&s->failed, false);
 
     if (open_db(opts, &s->wdb, err, errlen) || migrate(s->wdb, err, errlen) ||
         open_db(opts, &s->rdb, err, errlen) || prepare_all(s, err, errlen) ||
@@ -534,6 +559,12 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         (!opts->sync_normal && start_syncer(s, err, errlen)))
         goto fail;
     count_pending(s);
+    /* What a previous run left is on disk as far as anyone can know. */
+    if (sqlite3_step(s->st_max_id) == SQLITE_ROW) {
+        atomic_store(&s->synced_max, sqlite3_column_int64(s->st_max_id, 0));
+        atomic_store(&s->committed_max, atomic_load(&s->synced_max));
+    }
+    sqlite3_reset(s->st_max_id);
     s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
     if (pthread_create(&s->committer, NULL, committer_main, s) != 0) {
         snprintf(err, errlen, "spool: cannot start the committer thread");
@@ -553,7 +584,7 @@ static void finalize_all(amp_spool *s) {
         &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
         &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
         &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
-        &s->st_data_version,
+        &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,     &s->st_max_id,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
@@ -803,6 +834,7 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
             if (step_done(s->st_insert))
                 goto fail;
             w->rows++;
+            w->last_id = sqlite3_last_insert_rowid(s->wdb);
         }
         w->result.accepted++;
     }
@@ -815,7 +847,7 @@ fail:
         step_done(s->st_release);
     }
     w->result.accepted = w->result.duplicates = 0;
-    w->rows = 0;
+    w->rows = w->last_id = 0;
     return -1;
 }
 
@@ -919,15 +951,29 @@ static void *syncer_main(void *arg) {
         bool stored = false;
         for (work *w = head; w; w = w->next)
             stored |= w->kind == WORK_BATCH && w->result.status == 0;
-        if (stored && fdatasync(s->wal_fd) != 0) {
+        /* Read before the sync, which covers every commit made before it. */
+        int64_t upto = atomic_load(&s->committed_max), epoch = atomic_load(&s->epoch);
+        bool synced = !stored || fdatasync(s->wal_fd) == 0;
+        if (!synced) {
             amp_log(AMP_LOG_ERROR, "spool sync failed", "{s:s}", "error", strerror(errno));
-            atomic_store(&s->writable, false); /* the committer probes until it works */
-            for (work *w = head; w; w = w->next) {
-                if (w->kind == WORK_BATCH && w->result.status == 0) {
-                    w->result.status = -1;
-                    w->result.accepted = w->result.duplicates = 0;
-                    w->result.error = "the spool could not sync its log to disk";
-                }
+            atomic_store(&s->failed, true); /* the committer recovers, see recover() */
+            atomic_store(&s->writable, false);
+        }
+        /* A group is answered 202 only if it was synced and no failed sync
+         * since has made the committer undo it (failed first, then epoch:
+         * recover() advances the epoch before it clears failed). */
+        bool trusted = synced && !atomic_load(&s->failed);
+        int64_t epoch_now = atomic_load(&s->epoch);
+        if (stored && trusted && epoch_now == epoch && upto > atomic_load(&s->synced_max)) {
+            atomic_store(&s->synced_max, upto);
+            notify_waiter(s); /* the new rows are claimable now */
+        }
+        for (work *w = head; w; w = w->next) {
+            if (w->kind == WORK_BATCH && w->result.status == 0 &&
+                (!trusted || w->epoch != epoch_now)) {
+                w->result.status = -1;
+                w->result.accepted = w->result.duplicates = 0;
+                w->result.error = "the spool could not sync its log to disk";
             }
         }
         for (work *w = head, *next; w; w = next) {
@@ -1001,7 +1047,13 @@ static int write_group(amp_spool *s, work *head, int64_t now, bool guarded, grou
     for (work *w = head; w; w = w->next) {
         if (w->kind == WORK_BATCH) {
             w->result = (amp_spool_result){0};
-            w->rows = 0;
+            w->rows = w->last_id = 0;
+            if (s->refusing) { /* nothing new until recover() works */
+                w->result.status = -1;
+                w->result.error = "the spool is recovering from a failed sync";
+                t->batch_failed = true;
+                continue;
+            }
             w->result.status = write_batch(s, w, now, guarded);
             if (w->result.status != 0 && !guarded)
                 return -1;
@@ -1020,6 +1072,61 @@ static int write_group(amp_spool *s, work *head, int64_t now, bool guarded, grou
     return 0;
 }
 
+/* After a commit: the group's rows are in the log. Without a syncer that is
+ * all the spool waits for, so they are claimable at once. */
+static void committed(amp_spool *s, work *head) {
+    int64_t epoch = atomic_load(&s->epoch), top = atomic_load(&s->committed_max);
+    for (work *w = head; w; w = w->next) {
+        w->epoch = epoch;
+        if (w->kind == WORK_BATCH && w->result.status == 0 && w->last_id > top)
+            top = w->last_id;
+    }
+    atomic_store(&s->committed_max, top);
+    if (s->wal_fd < 0)
+        atomic_store(&s->synced_max, top);
+}
+
+/* After a failed sync (the syncer set s->failed): the rows committed since
+ * the last good sync were answered 503 and may not be on disk, the kernel
+ * having perhaps dropped the pages it could not write. Delete them and
+ * their dedupe keys, so that their senders' retries are stored as new,
+ * then copy the whole log into the database with a TRUNCATE checkpoint,
+ * which syncs the database file: once that works, everything the spool
+ * holds is on disk again. False (and retried by the next group or probe)
+ * while the disk still fails. Committer thread. */
+static bool recover(amp_spool *s) {
+    int64_t synced = atomic_load(&s->synced_max);
+    sqlite3_bind_int64(s->st_drop_keys, 1, synced);
+    sqlite3_bind_int64(s->st_drop_rows, 1, synced);
+    bool ok = step_done(s->st_begin) == 0 && step_done(s->st_drop_keys) == 0 &&
+              step_done(s->st_drop_rows) == 0;
+    int64_t dropped = ok ? sqlite3_changes(s->wdb) : 0;
+    ok = ok && step_done(s->st_commit) == 0;
+    if (ok)
+        s->rows_dropped += dropped; /* gone even if the checkpoint fails below */
+    if (!ok && sqlite3_get_autocommit(s->wdb) == 0)
+        step_done(s->st_rollback);
+    if (ok) {
+        pthread_mutex_lock(&s->ck_run_mu);
+        ok = sqlite3_wal_checkpoint_v2(s->wdb, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL) ==
+             SQLITE_OK;
+        pthread_mutex_unlock(&s->ck_run_mu);
+    }
+    if (!ok) {
+        amp_log(AMP_LOG_WARN, "spool recovery after a failed sync did not work yet", "{s:s}",
+                "error", sqlite3_errmsg(s->wdb));
+        return false;
+    }
+    atomic_store(&s->committed_max, synced);
+    atomic_fetch_add(&s->epoch, 1);
+    atomic_store(&s->failed, false);
+    count_pending(s);
+    amp_log(AMP_LOG_INFO, "spool recovered from a failed sync", "{s:I}", "rows_dropped",
+            (json_int_t)s->rows_dropped);
+    s->rows_dropped = 0;
+    return true;
+}
+
 /* One group: everything queued so far, in one transaction. */
 static void commit_group(amp_spool *s, work *head) {
     int64_t now = amp_now_ms();
@@ -1030,6 +1137,8 @@ static void commit_group(amp_spool *s, work *head) {
     for (work *w = head; w; w = w->next)
         nbatches += w->kind == WORK_BATCH, nacks += w->kind == WORK_ACK;
 
+    /* After a failed sync nothing new is stored before recover() worked. */
+    s->refusing = nbatches > 0 && atomic_load(&s->failed) && !recover(s);
     if (nbatches + nacks > 0) {
         ok = step_done(s->st_begin) == 0;
         if (ok && write_group(s, head, now, false, &t) != 0) {
@@ -1052,8 +1161,10 @@ static void commit_group(amp_spool *s, work *head) {
             amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error", why,
                     "requests", nbatches, "acks", nacks);
         set_writable(s, ok && !t.batch_failed);
-        if (ok)
+        if (ok) {
             atomic_fetch_add(&s->depth, t.depth_change);
+            committed(s, head);
+        }
         if (ok && external_write(s))
             count_pending(s); /* e.g. `amp2dify dlq replay` from another process */
     }
@@ -1122,6 +1233,10 @@ static work *with_held(amp_spool *s, work *head) {
 /* Nothing queued, yet the spool is not known to be writable: retry the held
  * acknowledgements, or write one page. */
 static void probe(amp_spool *s) {
+    if (atomic_load(&s->failed)) {
+        set_writable(s, recover(s));
+        return;
+    }
     if (s->held) {
         commit_group(s, with_held(s, NULL));
         return;
@@ -1248,6 +1363,7 @@ int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t m
      * to see past them. */
     sqlite3_bind_int64(s->st_claim, 1, now_ms);
     sqlite3_bind_int64(s->st_claim, 2, (sqlite3_int64)(max + s->claimed.n));
+    sqlite3_bind_int64(s->st_claim, 3, atomic_load(&s->synced_max));
     int step = SQLITE_DONE;
     while (n < max && (step = sqlite3_step(s->st_claim)) == SQLITE_ROW) {
         int64_t id = sqlite3_column_int64(s->st_claim, 0);

@@ -14,7 +14,8 @@
  * pending row is due again.
  *
  * Threading: every function is safe from any thread. Done callbacks and the
- * notify callback run on the committer thread and must not block.
+ * notify callback run on the spool's own threads (the committer, or the
+ * thread that syncs the log) and must not block.
  */
 #ifndef AMP_SPOOL_H
 #define AMP_SPOOL_H
@@ -46,7 +47,9 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen);
  * Accepts NULL. */
 void amp_spool_close(amp_spool *s);
 
-/* Called on the committer thread after a commit that added due work. */
+/* Called on a spool thread once new due work is claimable: after the sync
+ * of new rows (at their commit with spool.sync "normal"), or after a commit
+ * of acknowledgements. */
 void amp_spool_set_notify(amp_spool *s, void (*fn)(void *ctx), void *ctx);
 
 /* ---- ingest ---------------------------------------------------------- */
@@ -95,7 +98,7 @@ typedef struct amp_spool_job {
 void amp_spool_job_free(amp_spool_job *j); /* accepts NULL */
 
 /* Claim up to max due rows (due_ms <= now_ms), oldest first, skipping rows
- * already claimed; for per_user rows only the oldest pending row of its
+ * already claimed and rows whose commit is not synced yet; for per_user rows only the oldest pending row of its
  * (app, user) is eligible, and only while no other row of it is claimed.
  * Fills jobs[] (caller owns each) and returns the count, or -1 on error.
  * *next_due_ms receives the earliest due time of an unclaimed pending row
