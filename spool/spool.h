@@ -98,11 +98,12 @@ typedef struct amp_spool_job {
 void amp_spool_job_free(amp_spool_job *j); /* accepts NULL */
 
 /* Claim up to max due rows (due_ms <= now_ms), oldest first, skipping rows
- * already claimed and rows whose commit is not synced yet; for per_user rows only the oldest
- * pending row of its (app, user) is eligible, and only while no other row of it is claimed. Fills
- * jobs[] (caller owns each) and returns the count, or -1 on error. *next_due_ms receives the
- * earliest due time of an unclaimed pending row after this claim, or INT64_MAX when there is none.
- */
+ * already claimed and rows whose commit is not synced yet. For per_user
+ * rows only the oldest pending row of its (app, user) is eligible, and only
+ * while no other row of it is claimed. Fills jobs[] (caller owns each) and
+ * returns the count, or -1 on error. *next_due_ms receives the earliest due
+ * time of an unclaimed pending row after this claim, or INT64_MAX when
+ * there is none. */
 int amp_spool_claim(amp_spool *s, int64_t now_ms, amp_spool_job **jobs, size_t max,
                     int64_t *next_due_ms);
 
