@@ -1024,7 +1024,9 @@ static void stop_syncer(amp_spool *s) {
 
 /* Readiness, logged when it changes; a failure schedules the next probe. */
 static void set_writable(amp_spool *s, bool ok) {
-    if (!ok)
+    /* Only when readiness is lost: a steady stream of failing groups must
+     * not keep postponing the probe. */
+    if (!ok && (atomic_load(&s->writable) || s->next_probe_ms <= amp_mono_ms()))
         s->next_probe_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
     if (atomic_exchange(&s->writable, ok) != ok && ok)
         amp_log(AMP_LOG_INFO, "spool writable again", NULL);
@@ -1160,7 +1162,7 @@ static void commit_group(amp_spool *s, work *head) {
         if (!ok)
             amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error", why,
                     "requests", nbatches, "acks", nacks);
-        set_writable(s, ok && !t.batch_failed);
+        set_writable(s, ok && !t.batch_failed && !atomic_load(&s->failed));
         if (ok) {
             atomic_fetch_add(&s->depth, t.depth_change);
             committed(s, head);
@@ -1285,7 +1287,7 @@ static void *committer_main(void *arg) {
     for (;;) {
         while (!s->q_head && !s->stop) {
             int64_t now = amp_mono_ms();
-            bool stalled = s->held || !atomic_load(&s->writable);
+            bool stalled = s->held || !atomic_load(&s->writable) || atomic_load(&s->failed);
             if (stalled && now >= s->next_probe_ms) {
                 pthread_mutex_unlock(&s->q_mu);
                 probe(s);

@@ -108,13 +108,21 @@ static void run(const char *what, const char *log_msg) {
         for (int i = 0; i < N; i++)
             snprintf(keys[p][i], sizeof keys[p][i], "%s-%d-%d", what, p, i);
 
-    /* Before: normal service. */
+    /* Before: normal service. Dify answers the last of these events slowly,
+     * so that its acknowledgement is committed while the disk fails. */
     for (int i = 0; i < N; i++) {
+        if (i == N - 1) {
+            ck_assert_uint_eq(fake_dify_wait_delivered(fake, N - 1, DELIVERY_TIMEOUT_MS), N - 1);
+            fake_dify_push(fake, &(fake_dify_behaviour){.delay_ms = 1500});
+        }
         h_resp *r = post_event(srv, keys[0][i]);
         ck_assert_msg(r->status == 202, "status %ld: %s", r->status, r->body);
         h_resp_free(r);
     }
-    ck_assert_uint_eq(fake_dify_wait_delivered(fake, N, DELIVERY_TIMEOUT_MS), N);
+    /* The slow answer has begun once the request took its behaviour. */
+    for (int64_t t = h_mono_ms(); fake_dify_pending(fake) > 0 && h_mono_ms() - t < 10000;)
+        h_sleep_ms(10);
+    ck_assert_uint_eq(fake_dify_pending(fake), 0);
 
     /* The disk fails: 503 with Retry-After for every request, not ready. */
     write_file(control, what);
@@ -126,7 +134,17 @@ static void run(const char *what, const char *log_msg) {
         ck_assert_ptr_nonnull(json_string_value(json_object_get(r->json, "detail")));
         h_resp_free(r);
     }
-    ck_assert_int_eq(readyz(srv), 503);
+    /* Not ready for as long as the disk fails, the acknowledgement of the
+     * slow delivery committed meanwhile included. */
+    int64_t until = h_mono_ms() + 2500;
+    int samples = 0;
+    while (h_mono_ms() < until) {
+        long st = readyz(srv);
+        ck_assert_msg(st == 503, "/readyz %ld while the disk fails (sample %d)", st, samples);
+        samples++;
+        h_sleep_ms(100);
+    }
+    ck_assert_uint_eq(fake_dify_wait_delivered(fake, N, DELIVERY_TIMEOUT_MS), N);
     json_t *lines = h_server_log_lines(srv, log_msg);
     ck_assert_msg(json_array_size(lines) > 0, "no '%s' log line", log_msg);
     const char *why = json_string_value(json_object_get(json_array_get(lines, 0), "error"));
