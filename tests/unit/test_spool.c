@@ -32,12 +32,17 @@ static void teardown(void) {
     ck_assert_int_eq(system(cmd), 0);
 }
 
-static amp_spool *open_spool(int64_t window_s) {
+/* Open with o (its path is set to the test's spool), or fail the test. */
+static amp_spool *open_opts(amp_spool_opts o) {
     char err[256] = "";
-    amp_spool_opts o = {.path = path, .dedupe_window_s = window_s};
+    o.path = path;
     amp_spool *s = amp_spool_open(&o, err, sizeof err);
     ck_assert_msg(s != NULL, "open: %s", err);
     return s;
+}
+
+static amp_spool *open_spool(int64_t window_s) {
+    return open_opts((amp_spool_opts){.dedupe_window_s = window_s});
 }
 
 typedef struct {
@@ -340,10 +345,7 @@ END_TEST
  * committer's probe makes it writable again by itself, with no traffic, and
  * the next request is stored. */
 START_TEST(locked_beyond_deadline_then_recovers) {
-    char err[256] = "";
-    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .lock_timeout_ms = 200};
-    amp_spool *s = amp_spool_open(&o, err, sizeof err);
-    ck_assert_msg(s != NULL, "open: %s", err);
+    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .lock_timeout_ms = 200});
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
@@ -472,10 +474,7 @@ static off_t file_size(const char *suffix) {
  * 4 KiB pages, plus what one group adds; the 88 MB written here would not
  * fit). */
 START_TEST(log_is_checkpointed_and_bounded) {
-    char err[256] = "";
-    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .sync_normal = true};
-    amp_spool *s = amp_spool_open(&o, err, sizeof err);
-    ck_assert_msg(s != NULL, "open: %s", err);
+    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .sync_normal = true});
     char body[1100];
     memset(body, 'x', sizeof body - 1);
     body[sizeof body - 1] = '\0';
@@ -606,10 +605,8 @@ START_TEST(dead_letters_list_replay_purge) {
 END_TEST
 
 START_TEST(depth_tracks_pending_and_limit) {
-    char err[256] = "";
-    amp_spool_opts o = {.path = path, .dedupe_window_s = 3600, .max_pending = 3};
-    amp_spool *s = amp_spool_open(&o, err, sizeof err);
-    ck_assert_ptr_nonnull(s);
+    amp_spool_opts o = {.dedupe_window_s = 3600, .max_pending = 3};
+    amp_spool *s = open_opts(o);
     amp_spool_batch *b = amp_spool_batch_create();
     add(b, "a", "u", false, "{}");
     add(b, "b", "u", false, "{}");
@@ -635,7 +632,7 @@ START_TEST(depth_tracks_pending_and_limit) {
     amp_spool_close(s);
 
     /* Counted again from the file on open. */
-    s = amp_spool_open(&o, err, sizeof err);
+    s = open_opts(o);
     ck_assert_int_eq(amp_spool_depth(s), 2);
     amp_spool_close(s);
 }
