@@ -515,6 +515,22 @@ int h_server_stop(h_server *s) {
     return st;
 }
 
+char *h_server_stop_clean(h_server *s) {
+    int st = h_server_running(s) ? h_server_kill(s, SIGTERM, 15000) : 0;
+    char *report = h_server_sanitizer_report(s);
+    char *why = NULL;
+    if (report)
+        why = amp_xasprintf("sanitizer report in %s/server.log:\n%s", s->dir, report);
+    else if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        why = amp_xasprintf("amp2dify did not exit 0 on SIGTERM (wait status %d); log in "
+                            "%s/server.log",
+                            st, s->dir);
+    free(report);
+    if (!why)
+        h_server_stop(s);
+    return why;
+}
+
 bool h_server_running(h_server *s) {
     reap(s, false);
     return s->pid > 0;

@@ -69,6 +69,11 @@ h_server *h_server_start(const h_opts *opts);
  * Returns the child's wait status (as waitpid), or -1 when it was not
  * running. Accepts NULL. */
 int h_server_stop(h_server *s);
+/* Stop the way operators do (SIGTERM, when it still runs) and check what a
+ * clean stop means: exit status 0 and no sanitizer report in the log. NULL
+ * when so, after h_server_stop; otherwise a message naming the problem and
+ * the log (caller owns), and the directory is kept for a look. */
+char *h_server_stop_clean(h_server *s);
 /* Send sig (e.g. SIGKILL or SIGTERM) and wait for the exit, bounded by
  * timeout_ms (0: 15000; then SIGKILL). Returns the wait status, or -1. The
  * directory and config stay for h_server_restart. */

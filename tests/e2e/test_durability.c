@@ -88,14 +88,8 @@ static json_int_t jint(const json_t *o, const char *key) {
 
 /* Stop with SIGTERM: exit 0 and no sanitizer report in the log. */
 static void stop_clean(h_server *srv) {
-    int st = h_server_running(srv) ? h_server_kill(srv, SIGTERM, 15000) : 0;
-    char *report = h_server_sanitizer_report(srv);
-    ck_assert_msg(report == NULL, "sanitizer report in %s/server.log:\n%s", h_server_dir(srv),
-                  report);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-                  "amp2dify did not exit 0 on SIGTERM (wait status %d); log in %s", st,
-                  h_server_dir(srv));
-    h_server_stop(srv);
+    char *why = h_server_stop_clean(srv);
+    ck_assert_msg(why == NULL, "%s", why);
 }
 
 static h_server *start_with(fake_dify *fake, const char *config) {

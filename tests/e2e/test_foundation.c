@@ -54,14 +54,8 @@ static void up(env *e) {
 /* Stop the server the way operators do (SIGTERM): it must exit 0 and its
  * log must hold no sanitizer report (sanitizer builds run these tests too). */
 static void stop_clean(h_server *srv) {
-    int st = h_server_running(srv) ? h_server_kill(srv, SIGTERM, 15000) : 0;
-    char *report = h_server_sanitizer_report(srv);
-    ck_assert_msg(report == NULL, "sanitizer report in %s/server.log:\n%s", h_server_dir(srv),
-                  report);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-                  "amp2dify did not exit 0 on SIGTERM (wait status %d); log in %s", st,
-                  h_server_dir(srv));
-    h_server_stop(srv);
+    char *why = h_server_stop_clean(srv);
+    ck_assert_msg(why == NULL, "%s", why);
 }
 
 static void down(env *e) {

@@ -22,7 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../../server/util.h"
@@ -212,12 +211,8 @@ static void run(const char *what, const char *log_msg) {
            what, N, (long long)recovered_ms, 3 * N);
     fflush(stdout);
 
-    int st = h_server_kill(srv, SIGTERM, 15000);
-    char *report = h_server_sanitizer_report(srv);
-    ck_assert_msg(report == NULL, "sanitizer report in %s/server.log:\n%s", h_server_dir(srv),
-                  report);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "wait status %d", st);
-    h_server_stop(srv);
+    char *unclean = h_server_stop_clean(srv);
+    ck_assert_msg(unclean == NULL, "%s", unclean);
     fake_dify_stop(fake);
     rmdir(tmp);
     free(asan_env);
