@@ -14,8 +14,9 @@ enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r) {
     if (!amp_spool_writable(h->spool))
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
                                    "the spool cannot be written", "Retry-After", "5");
-    if (amp_spool_full(h->spool))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "the spool holds spool.max_pending events", "Retry-After", "30");
+    const char *full = amp_spool_full(h->spool);
+    if (full)
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", full,
+                                   "Retry-After", "30");
     return amp_reply_json(r, MHD_HTTP_OK, json_pack("{s:s}", "status", "ready"));
 }

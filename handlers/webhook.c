@@ -186,9 +186,9 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
                                    "Retry-After", "5");
 
-    if (amp_spool_full(h->spool))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "the spool holds spool.max_pending events; retry later",
+    const char *full = amp_spool_full(h->spool);
+    if (full)
+        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", full,
                                    "Retry-After", "30");
 
     const char *body = r->body.data ? r->body.data : "";

@@ -255,9 +255,13 @@ static void load_auth(amp_config *c, const json_t *root, amp_errs *errs) {
                      "'none' accepts unsigned requests; it needs \"allow_unauthenticated\": true");
 }
 
+/* spool.max_bytes, when set: an empty spool's schema alone takes tens of
+ * kilobytes, so a smaller limit would refuse everything from the start. */
+#define SPOOL_MIN_BYTES (1 << 20)
+
 static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
     static const char *const keys[] = {
-        "path", "dedupe_window_seconds", "max_pending", "retention_seconds",
+        "path", "dedupe_window_seconds", "max_pending", "max_bytes", "retention_seconds",
         "sync", "lock_timeout_ms",       NULL};
     const json_t *o = get_object(root, "spool", "", errs);
     if (!o)
@@ -267,6 +271,10 @@ static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
     get_int(o, "dedupe_window_seconds", "spool", 0, 10LL * 365 * 86400, errs,
             &c->spool.dedupe_window_s);
     get_int(o, "max_pending", "spool", 0, INT64_MAX, errs, &c->spool.max_pending);
+    get_int(o, "max_bytes", "spool", 0, INT64_MAX, errs, &c->spool.max_bytes);
+    if (c->spool.max_bytes > 0 && c->spool.max_bytes < SPOOL_MIN_BYTES)
+        amp_errs_add(errs, "spool.max_bytes", "found %lld; expected 0 (no limit) or at least %d",
+                     (long long)c->spool.max_bytes, SPOOL_MIN_BYTES);
     get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs, &c->spool.retention_s);
     get_int(o, "lock_timeout_ms", "spool", 1, 600000, errs, &c->spool.lock_timeout_ms);
     char *sync = NULL;
@@ -571,6 +579,7 @@ amp_spool_opts amp_config_spool_opts(const amp_config *c) {
     return (amp_spool_opts){.path = c->spool.path,
                             .dedupe_window_s = c->spool.dedupe_window_s,
                             .max_pending = c->spool.max_pending,
+                            .max_bytes = c->spool.max_bytes,
                             .retention_s = c->spool.retention_s,
                             .sync_normal = c->spool.sync_normal,
                             .lock_timeout_ms = c->spool.lock_timeout_ms};

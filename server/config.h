@@ -51,6 +51,7 @@ typedef struct amp_config {
         char *path;
         int64_t dedupe_window_s;
         int64_t max_pending;
+        int64_t max_bytes; /* 0: no limit */
         int64_t retention_s;
         int64_t lock_timeout_ms;
         bool sync_normal;

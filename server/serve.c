@@ -56,7 +56,7 @@ static const char *restart_only_change(const amp_config *a, const amp_config *b)
         return "listen (threads, connection limits, timeout)";
     if (strcmp(a->spool.path, b->spool.path) || a->spool.sync_normal != b->spool.sync_normal ||
         a->spool.dedupe_window_s != b->spool.dedupe_window_s ||
-        a->spool.max_pending != b->spool.max_pending ||
+        a->spool.max_pending != b->spool.max_pending || a->spool.max_bytes != b->spool.max_bytes ||
         a->spool.retention_s != b->spool.retention_s ||
         a->spool.lock_timeout_ms != b->spool.lock_timeout_ms)
         return "spool";
@@ -119,6 +119,10 @@ static void collect_spool(void *ctx, amp_metrics *m) {
                    oldest ? (double)(amp_now_ms() - oldest) / 1e3 : 0);
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_writable", NULL),
                    amp_spool_writable(spool) ? 1 : 0);
+    amp_series_set(amp_metrics_series(m, "amp2dify_spool_bytes", NULL),
+                   (double)amp_spool_bytes(spool));
+    amp_series_set(amp_metrics_series(m, "amp2dify_spool_full", NULL),
+                   amp_spool_full(spool) ? 1 : 0);
 }
 
 static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,

@@ -162,8 +162,10 @@ struct amp_spool {
     sqlite3 *rdb; /* under claim_mu */
     int64_t dedupe_window_ms;
     int64_t retention_ms;
-    int64_t max_pending;
+    int64_t max_pending, max_bytes;
     atomic_llong depth;
+    atomic_llong bytes;          /* pages in use, measured by check_limits() */
+    _Atomic(const char *) full;  /* amp_spool_full(); set by check_limits() */
     int64_t next_maintenance_ms; /* committer only */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
@@ -230,7 +232,7 @@ struct amp_spool {
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
-    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id;
+    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_bytes;
     sqlite3_stmt *st_data_version;
     int64_t data_version; /* committer only; see external_write() */
     /* reader statements */
@@ -411,6 +413,9 @@ static int prepare_all(amp_spool *s, char *err, size_t errlen) {
          "dedupe_key IS NOT NULL)"},
         {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
         {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
+        {s->wdb, &s->st_bytes,
+         "SELECT (p.page_count - f.freelist_count) * z.page_size "
+         "FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() z"},
         {s->wdb, &s->st_data_version, "PRAGMA data_version"},
         /* Rewrites page 1: the smallest real write, to probe writability. */
         {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
@@ -521,10 +526,45 @@ static void stop_checkpointer(amp_spool *s) {
     stop_thread(s->checkpointer, &s->checkpointer_running, &s->ck_mu, &s->ck_cond, &s->ck_stop);
 }
 
+static const char full_pending[] = "the spool holds spool.max_pending events";
+static const char full_bytes[] = "the spool reached spool.max_bytes";
+
+/* A limit reached holds until a tenth of it is free again, so that a
+ * spool at its limit does not flip (and log) with every delivery. */
+static bool over(int64_t value, int64_t limit, bool was_over) {
+    return limit > 0 && value >= (was_over ? limit - limit / 10 : limit);
+}
+
+/* Back-pressure, measured again after anything that changes the depth or
+ * the size: a commit, a recount. Logs each change. While the size limit
+ * holds, maintain() runs every PROBE_INTERVAL_MS, as it is what frees room.
+ * Committer thread (or amp_spool_open, before it starts). */
+static void check_limits(amp_spool *s) {
+    if (sqlite3_step(s->st_bytes) == SQLITE_ROW)
+        atomic_store(&s->bytes, sqlite3_column_int64(s->st_bytes, 0));
+    sqlite3_reset(s->st_bytes);
+    int64_t depth = atomic_load(&s->depth), bytes = atomic_load(&s->bytes);
+    const char *was = atomic_load(&s->full);
+    const char *why = over(depth, s->max_pending, was == full_pending) ? full_pending
+                      : over(bytes, s->max_bytes, was == full_bytes)   ? full_bytes
+                                                                       : NULL;
+    atomic_store(&s->full, why);
+    if (why && why != was)
+        amp_log(AMP_LOG_WARN, "spool full: new events get 503", "{s:s, s:I, s:I}", "reason", why,
+                "pending", (json_int_t)depth, "bytes", (json_int_t)bytes);
+    else if (!why && was)
+        amp_log(AMP_LOG_INFO, "spool takes new events again", "{s:I, s:I}", "pending",
+                (json_int_t)depth, "bytes", (json_int_t)bytes);
+    int64_t soon = amp_mono_ms() + PROBE_INTERVAL_MS;
+    if (why == full_bytes && s->next_maintenance_ms > soon)
+        s->next_maintenance_ms = soon;
+}
+
 static void count_pending(amp_spool *s) {
     if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
         atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
     sqlite3_reset(s->st_count_pending);
+    check_limits(s);
 }
 
 amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) {
@@ -532,7 +572,10 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     s->dedupe_window_ms = opts->dedupe_window_s * 1000;
     s->retention_ms = opts->retention_s * 1000;
     s->max_pending = opts->max_pending;
+    s->max_bytes = opts->max_bytes;
     atomic_init(&s->depth, 0);
+    atomic_init(&s->bytes, 0);
+    atomic_init(&s->full, NULL);
     pthread_mutex_init(&s->q_mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -558,6 +601,7 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         start_checkpointer(s, opts, err, errlen) ||
         (!opts->sync_normal && start_syncer(s, err, errlen)))
         goto fail;
+    s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
     count_pending(s);
     /* What a previous run left is on disk as far as anyone can know. */
     if (sqlite3_step(s->st_max_id) == SQLITE_ROW) {
@@ -565,7 +609,6 @@ amp_spool *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         atomic_store(&s->committed_max, atomic_load(&s->synced_max));
     }
     sqlite3_reset(s->st_max_id);
-    s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
     if (pthread_create(&s->committer, NULL, committer_main, s) != 0) {
         snprintf(err, errlen, "spool: cannot start the committer thread");
         goto fail;
@@ -585,6 +628,7 @@ static void finalize_all(amp_spool *s) {
         &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
         &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
         &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,     &s->st_max_id,
+        &s->st_bytes,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
@@ -638,8 +682,12 @@ int64_t amp_spool_depth(amp_spool *s) {
     return atomic_load(&s->depth);
 }
 
-bool amp_spool_full(amp_spool *s) {
-    return s->max_pending > 0 && atomic_load(&s->depth) >= s->max_pending;
+int64_t amp_spool_bytes(amp_spool *s) {
+    return atomic_load(&s->bytes);
+}
+
+const char *amp_spool_full(amp_spool *s) {
+    return atomic_load(&s->full);
 }
 
 /* ---- batch building ------------------------------------------------------ */
@@ -1165,6 +1213,7 @@ static void commit_group(amp_spool *s, work *head) {
         set_writable(s, ok && !t.batch_failed && !atomic_load(&s->failed));
         if (ok) {
             atomic_fetch_add(&s->depth, t.depth_change);
+            check_limits(s);
             committed(s, head);
         }
         if (ok && external_write(s))
@@ -1271,14 +1320,18 @@ static void maintain(amp_spool *s) {
         while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
                (deduped += n) < 100 * PRUNE_BATCH)
             ;
-    if (s->retention_ms > 0)
-        while ((n = prune(s, s->st_prune_delivered, now - s->retention_ms)) > 0 &&
+    /* Over spool.max_bytes, delivered rows go before their retention. */
+    bool pressed = atomic_load(&s->full) == full_bytes;
+    if (s->retention_ms > 0 || pressed)
+        while ((n = prune(s, s->st_prune_delivered, pressed ? now + 1 : now - s->retention_ms)) >
+                   0 &&
                (delivered += n) < 100 * PRUNE_BATCH)
             ;
     count_pending(s);
     if (deduped || delivered)
-        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I}", "dedupe_keys", (json_int_t)deduped,
-                "delivered", (json_int_t)delivered, "pending", (json_int_t)atomic_load(&s->depth));
+        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I, s:b}", "dedupe_keys",
+                (json_int_t)deduped, "delivered", (json_int_t)delivered, "pending",
+                (json_int_t)atomic_load(&s->depth), "before_retention", pressed);
 }
 
 static void *committer_main(void *arg) {

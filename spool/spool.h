@@ -30,9 +30,14 @@ typedef struct amp_spool amp_spool;
 typedef struct amp_spool_opts {
     const char *path;
     int64_t dedupe_window_s; /* 0 disables dedupe */
-    int64_t max_pending;     /* amp_spool_full() above this many pending rows; 0: no limit */
-    int64_t retention_s;     /* delivered rows older than this are pruned; 0: kept */
-    bool sync_normal;        /* PRAGMA synchronous=NORMAL instead of FULL (see README) */
+    int64_t max_pending;     /* amp_spool_full() at this many pending rows; 0: no limit */
+    /* amp_spool_full() at this many bytes of database pages in use (rows,
+     * dedupe keys, indexes; neither free pages nor the log count); 0: no
+     * limit. While it is reached, delivered rows are pruned before their
+     * retention, so a drained backlog gives its room back. */
+    int64_t max_bytes;
+    int64_t retention_s; /* delivered rows older than this are pruned; 0: kept */
+    bool sync_normal;    /* PRAGMA synchronous=NORMAL instead of FULL (see README) */
     /* How long a write waits for a lock another process holds (a `dlq`
      * command, a backup) before it fails: the requests of that group get
      * 503. 0: AMP_SPOOL_LOCK_TIMEOUT_MS. */
@@ -156,8 +161,14 @@ bool amp_spool_writable(amp_spool *s);
 
 /* Pending rows (kept in memory, recounted in the background). */
 int64_t amp_spool_depth(amp_spool *s);
-/* Whether the pending rows reached opts.max_pending (back-pressure). */
-bool amp_spool_full(amp_spool *s);
+/* Bytes of database pages in use (see opts.max_bytes), as of the last
+ * commit. */
+int64_t amp_spool_bytes(amp_spool *s);
+/* Back-pressure: why the spool takes nothing new now, a static sentence
+ * naming the limit reached (opts.max_pending or opts.max_bytes); NULL when
+ * it takes new events. A limit reached holds until a tenth of it is free
+ * again. Each change is logged. */
+const char *amp_spool_full(amp_spool *s);
 
 /* ---- dead letters (the `dlq` command) ------------------------------- */
 

@@ -9,6 +9,9 @@
  *   disk_full_back_pressure     the spool on a full filesystem: 503 with
  *                               Retry-After, /readyz 503, no 202 for
  *                               anything not stored, service returns
+ *   spool_limits_back_pressure  spool.max_pending and spool.max_bytes
+ *                               reached while Dify is down: the same, and
+ *                               the spool recovers once Dify is back
  *   dedupe_*                    inside one request, across requests, after
  *                               a restart; delivered once
  *   dlq_list_replay_purge       `amp2dify dlq` against a running daemon
@@ -503,18 +506,24 @@ static void unlimit_file_size(const h_server *srv) {
                   strerror(errno));
 }
 
-/* One event of about 2 KB, so a few commits use up any slack. */
-static char *big_event(const char *insert_id) {
-    char pad[2048];
-    memset(pad, 'p', sizeof pad - 1);
-    pad[sizeof pad - 1] = '\0';
-    json_t *e = json_pack("{s:s, s:s, s:s, s:I, s:{s:s}}", "event_type", "disk_full", "user_id",
+/* One event with pad_bytes of padding in event_properties.pad. */
+static char *padded_event(const char *insert_id, size_t pad_bytes) {
+    char *pad = amp_xmalloc(pad_bytes + 1);
+    memset(pad, 'p', pad_bytes);
+    pad[pad_bytes] = '\0';
+    json_t *e = json_pack("{s:s, s:s, s:s, s:I, s:{s:s}}", "event_type", "padded", "user_id",
                           "user-full", "insert_id", insert_id, "time", (json_int_t)amp_now_ms(),
                           "event_properties", "pad", pad);
+    free(pad);
     char *s = json_dumps(e, JSON_COMPACT);
     json_decref(e);
     ck_assert_ptr_nonnull(s);
     return s;
+}
+
+/* About 2 KB, so a few commits use up any slack. */
+static char *big_event(const char *insert_id) {
+    return padded_event(insert_id, 2048);
 }
 
 /* One test's state across the full periods. */
@@ -724,6 +733,135 @@ START_TEST(disk_full_back_pressure) {
     json_decref(c.acked);
     json_decref(c.refused);
     fake_dify_stop(c.fake);
+}
+END_TEST
+
+/* ---- spool limits ------------------------------------------------------------ */
+
+/* A config with extra spool keys; the route's query carries the event's
+ * properties, so a padded event makes a row of its size. Caller frees. */
+static char *limits_config(const char *spool_keys) {
+    return amp_xasprintf(
+        "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@, "
+        "\"path\": \"/webhooks/amplitude\"},\n"
+        " \"spool\": {\"path\": \"@DIR@/spool.db\", %s},\n"
+        " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\", \"timeout_seconds\": 10,\n"
+        "          \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
+        " \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\"}},\n"
+        " \"routes\": [{\"name\": \"all\", \"app\": \"support\",\n"
+        "   \"query\": \"{{event_type}} {{event_properties}}\", \"user\": \"{{user_id}}\"}]}\n",
+        spool_keys);
+}
+
+static double metric(const h_server *srv, const char *name) {
+    h_resp *r = h_get(srv, "/metrics");
+    char *needle = amp_xasprintf("\n%s ", name);
+    const char *line = r->status == 200 ? strstr(r->body, needle) : NULL;
+    double v = line ? strtod(line + strlen(needle), NULL) : -1;
+    free(needle);
+    h_resp_free(r);
+    return v;
+}
+
+/* Dify is down, so everything stored stays pending until the limit is
+ * reached: then 503 `unavailable` with Retry-After naming the limit, the
+ * same on /readyz, a log line and the gauge. Dify comes back: the spool
+ * drains (and, for the size, prunes what it delivered) and takes events
+ * again by itself. Every 202 is delivered, no refused event is. */
+static void limit_reached_then_recovers(const char *label, const char *spool_keys, size_t pad,
+                                        const char *reason) {
+    char *config = limits_config(spool_keys);
+    h_opts o = {.config_json = config}; /* nothing listens on the Dify port yet */
+    h_server *srv = h_server_start(&o);
+    ck_assert_msg(srv != NULL, "amp2dify did not start (see its log above)");
+    ck_assert_int_eq(readyz(srv), 200);
+    json_t *acked = json_object(), *refused = json_object();
+
+    h_resp *first = NULL;
+    int n = 0;
+    int64_t deadline = h_mono_ms() + 30000;
+    while (!first && n < 2000 && h_mono_ms() < deadline) {
+        char id[64];
+        snprintf(id, sizeof id, "%s-%d", label, n++);
+        char *ev = padded_event(id, pad);
+        h_resp *r = h_post_signed(srv, ev);
+        free(ev);
+        if (r->status == 202) {
+            json_object_set_new(acked, id, json_true());
+            h_resp_free(r);
+        } else {
+            json_object_set_new(refused, id, json_true());
+            first = r;
+        }
+    }
+    ck_assert_msg(first != NULL, "%s: no refusal after %d events", label, n);
+    ck_assert_msg(first->status == 503, "%s: status %ld, body %s", label, first->status,
+                  first->body);
+    ck_assert_str_eq(h_resp_error(first), "unavailable");
+    ck_assert_str_eq(jstr(first->json, "detail"), reason);
+    ck_assert_ptr_nonnull(h_resp_header(first, "Retry-After"));
+    h_resp_free(first);
+    h_resp *rz = h_get(srv, "/readyz");
+    ck_assert_int_eq(rz->status, 503);
+    ck_assert_str_eq(jstr(rz->json, "detail"), reason);
+    h_resp_free(rz);
+    ck_assert(metric(srv, "amp2dify_spool_full") == 1);
+    json_t *lines = h_server_log_lines(srv, "spool full: new events get 503");
+    ck_assert_uint_eq(json_array_size(lines), 1);
+    ck_assert_str_eq(jstr(json_array_get(lines, 0), "reason"), reason);
+    json_decref(lines);
+    size_t nacked = json_object_size(acked);
+
+    /* Dify comes back: ready again without any new event. */
+    fake_dify *fake = fake_dify_start(h_server_dify_port(srv), H_API_KEY);
+    ck_assert_ptr_nonnull(fake);
+    int64_t back = h_mono_ms();
+    long ready;
+    while ((ready = readyz(srv)) != 200 && h_mono_ms() - back < 20000)
+        h_sleep_ms(50);
+    int64_t recovered_ms = h_mono_ms() - back;
+    ck_assert_msg(ready == 200, "%s: /readyz still %ld after %lld ms", label, ready,
+                  (long long)recovered_ms);
+    ck_assert(metric(srv, "amp2dify_spool_full") == 0);
+    ck_assert_msg(h_server_log_wait(srv, "spool takes new events again", 1000), "no log line");
+    char id[64];
+    snprintf(id, sizeof id, "%s-after", label);
+    char *ev = padded_event(id, pad);
+    h_resp *r = h_post_signed(srv, ev);
+    free(ev);
+    ck_assert_msg(r->status == 202, "%s: status %ld after recovery", label, r->status);
+    h_resp_free(r);
+    json_object_set_new(acked, id, json_true());
+
+    json_t *delivered;
+    json_t *missing = wait_all_delivered(fake, acked, DELIVERY_TIMEOUT_MS, &delivered);
+    char *miss = dump_head(missing, 10);
+    ck_assert_msg(json_array_size(missing) == 0, "%s: acknowledged, never delivered: %s", label,
+                  miss);
+    free(miss);
+    json_decref(missing);
+    const char *key;
+    json_t *v;
+    json_object_foreach(refused, key, v)
+        ck_assert_msg(!json_object_get(delivered, key), "%s was refused, yet delivered", key);
+    printf("spool limit (%s): %zu events of ~%zu bytes accepted, then 503 \"%s\"; ready again "
+           "%lld ms after Dify returned; all %zu delivered, the refused one not\n",
+           label, nacked, pad, reason, (long long)recovered_ms, json_object_size(acked));
+    fflush(stdout);
+    json_decref(delivered);
+    json_decref(acked);
+    json_decref(refused);
+    stop_clean(srv);
+    fake_dify_stop(fake);
+    free(config);
+}
+
+START_TEST(spool_limits_back_pressure) {
+    limit_reached_then_recovers("depth", "\"max_pending\": 20", 100,
+                                "the spool holds spool.max_pending events");
+    /* 1 MiB, the smallest limit, in rows of about 8 KiB. */
+    limit_reached_then_recovers("size", "\"max_bytes\": 1048576", 8192,
+                                "the spool reached spool.max_bytes");
 }
 END_TEST
 
@@ -1166,6 +1304,11 @@ static Suite *suite(void) {
     tcase_add_unchecked_fixture(tc, tmpfs_setup, tmpfs_teardown);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, disk_full_back_pressure);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("limits");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, spool_limits_back_pressure);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("dedupe_dlq");

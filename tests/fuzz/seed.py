@@ -154,6 +154,7 @@ def config_seeds():
         "auth": {"scheme": "standard-webhooks", "tolerance_seconds": 60,
                  "header": "X-Token", "allow_unauthenticated": False},
         "spool": {"path": "/tmp/s.db", "dedupe_window_seconds": 0, "max_pending": 5,
+                  "max_bytes": 1048576,
                   "retention_seconds": 60, "sync": "normal"},
         "dify": {"base_url": "http://127.0.0.1:1/v1", "timeout_seconds": 1,
                  "connect_timeout_seconds": 1, "workers": 1,

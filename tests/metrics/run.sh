@@ -50,6 +50,8 @@ expect '# TYPE amp2dify_ingest_duration_seconds histogram'
 expect 'amp2dify_ingest_duration_seconds_count 4'
 expect '# TYPE amp2dify_spool_pending gauge'
 expect '# TYPE amp2dify_spool_oldest_pending_age_seconds gauge'
+expect 'amp2dify_spool_full 0'
+grep -qE '^amp2dify_spool_bytes [1-9][0-9]*$' "$tmp/metrics.txt" || fail "amp2dify_spool_bytes missing or 0"
 if grep -qF -e "$secret" -e "$key" "$tmp/metrics.txt" "$tmp/amp2dify.log"; then fail "a secret leaked"; fi
 t_stop_clean "$amp_pid" "$tmp/amp2dify.log"
 echo "metrics test: promtool ok, $(grep -c '^amp2dify_' "$tmp/metrics.txt") samples"

@@ -71,6 +71,17 @@ static void add(amp_spool_batch *b, const char *key, const char *user, bool per_
     amp_spool_batch_request(b, "r", "app", user, per_user, body);
 }
 
+/* n events "k0".."k<n-1>", one row each. */
+static amp_spool_batch *keyed_batch(int n) {
+    amp_spool_batch *b = amp_spool_batch_create();
+    for (int i = 0; i < n; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "k%d", i);
+        add(b, key, "u", false, "{}");
+    }
+    return b;
+}
+
 static int claim_all(amp_spool *s, int64_t now, amp_spool_job **jobs, size_t max, int64_t *next) {
     int n = amp_spool_claim(s, now, jobs, max, next);
     ck_assert_int_ge(n, 0);
@@ -522,13 +533,7 @@ END_TEST
 
 START_TEST(claim_limit_and_next_due) {
     amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
-    for (int i = 0; i < 10; i++) {
-        char key[8];
-        snprintf(key, sizeof key, "k%d", i);
-        add(b, key, "u", false, "{}");
-    }
-    submit(s, b);
+    submit(s, keyed_batch(10));
     amp_spool_job *jobs[10];
     int64_t now = amp_now_ms() + 1, next;
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
@@ -618,7 +623,7 @@ START_TEST(depth_tracks_pending_and_limit) {
     add(b, "a", "u", false, "{}"); /* duplicate: no row */
     submit(s, b);
     ck_assert_int_eq(amp_spool_depth(s), 3);
-    ck_assert(amp_spool_full(s));
+    ck_assert_str_eq(amp_spool_full(s), "the spool holds spool.max_pending events");
 
     amp_spool_job *jobs[4];
     int64_t next;
@@ -634,6 +639,85 @@ START_TEST(depth_tracks_pending_and_limit) {
     /* Counted again from the file on open. */
     s = open_opts(o);
     ck_assert_int_eq(amp_spool_depth(s), 2);
+    amp_spool_close(s);
+}
+END_TEST
+
+/* A limit reached holds until a tenth of it is free: no flip per delivery. */
+START_TEST(limit_holds_until_a_tenth_is_free) {
+    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_pending = 20});
+    submit(s, keyed_batch(20));
+    ck_assert_ptr_nonnull(amp_spool_full(s));
+    amp_spool_job *jobs[20];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 20, &next), 20);
+    int acked = 0;
+    for (; acked < 2; acked++) /* 18 pending: still full */
+        amp_spool_ack(s, &(amp_ack){.id = jobs[acked]->id, .kind = AMP_ACK_DELIVERED});
+    amp_spool_flush(s);
+    ck_assert_int_eq(amp_spool_depth(s), 18);
+    ck_assert_ptr_nonnull(amp_spool_full(s));
+    amp_spool_ack(s, &(amp_ack){.id = jobs[acked++]->id, .kind = AMP_ACK_DELIVERED});
+    amp_spool_flush(s);
+    ck_assert_int_eq(amp_spool_depth(s), 17);
+    ck_assert_ptr_null(amp_spool_full(s));
+    free_jobs(jobs, 20);
+    amp_spool_close(s);
+}
+END_TEST
+
+/* spool.max_bytes: full once the rows take that much room; the delivered
+ * rows then go before their retention (dead letters stay), and the spool
+ * takes new events again by itself. */
+START_TEST(size_limit_prunes_delivered_rows_then_recovers) {
+    amp_spool *s = open_spool(3600);
+    int64_t empty = amp_spool_bytes(s);
+    ck_assert_int_gt(empty, 0);
+    amp_spool_close(s);
+    s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_bytes = empty + (256 << 10)});
+    ck_assert_ptr_null(amp_spool_full(s));
+
+    char body[4096];
+    memset(body, 'x', sizeof body - 1);
+    body[sizeof body - 1] = '\0';
+    int stored = 0;
+    while (!amp_spool_full(s) && stored < 400) { /* ~64 rows of 4 KiB fill it */
+        char key[32];
+        snprintf(key, sizeof key, "big-%d", stored);
+        amp_spool_batch *b = amp_spool_batch_create();
+        add(b, key, "u", false, body);
+        ck_assert_int_eq(submit(s, b).accepted, 1);
+        stored++;
+    }
+    ck_assert_str_eq(amp_spool_full(s), "the spool reached spool.max_bytes");
+    ck_assert_int_ge(amp_spool_bytes(s), empty + (256 << 10));
+    ck_assert_int_gt(stored, 32);
+
+    /* Delivered (all but one dead letter): still full until pruned. */
+    amp_spool_job *jobs[400];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 400, &next), stored);
+    for (int i = 0; i < stored; i++)
+        amp_spool_ack(s, &(amp_ack){.id = jobs[i]->id,
+                                    .kind = i == 0 ? AMP_ACK_DEAD : AMP_ACK_DELIVERED,
+                                    .http_status = i == 0 ? 400 : 200});
+    free_jobs(jobs, stored);
+    amp_spool_flush(s);
+    ck_assert_int_eq(amp_spool_depth(s), 0);
+
+    /* Maintenance runs every second while the size limit holds. */
+    int64_t deadline = amp_mono_ms() + 5000;
+    while (amp_spool_full(s) && amp_mono_ms() < deadline)
+        usleep(20 * 1000);
+    ck_assert_ptr_null(amp_spool_full(s));
+    ck_assert_int_lt(amp_spool_bytes(s), empty + (256 << 10));
+    amp_spool_stats st;
+    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.delivered, 0);
+    ck_assert_int_eq(st.dead, 1);
+    amp_spool_batch *b = amp_spool_batch_create();
+    add(b, "after", "u", false, "{}");
+    ck_assert_int_eq(submit(s, b).accepted, 1);
     amp_spool_close(s);
 }
 END_TEST
@@ -694,6 +778,8 @@ int main(void) {
     tcase_add_test(tc, claim_limit_and_next_due);
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, depth_tracks_pending_and_limit);
+    tcase_add_test(tc, limit_holds_until_a_tenth_is_free);
+    tcase_add_test(tc, size_limit_prunes_delivered_rows_then_recovers);
     tcase_add_test(tc, depth_follows_replay_from_another_process);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
