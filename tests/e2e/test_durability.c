@@ -95,6 +95,17 @@ static void stop_clean(h_server *srv) {
     ck_assert_msg(why == NULL, "%s", why);
 }
 
+/* The harness's default config with more keys, each a run of `"key":
+ * value,` pairs (or ""): top_keys at the top level, spool_keys in "spool".
+ * Caller frees. */
+static char *default_config_with(const char *top_keys, const char *spool_keys) {
+    const char *def = h_default_config(), *spool = "\"spool\": {";
+    const char *at = strstr(def, spool);
+    ck_assert_ptr_nonnull(at);
+    at += strlen(spool);
+    return amp_xasprintf("{%s%.*s%s%s", top_keys, (int)(at - def - 1), def + 1, spool_keys, at);
+}
+
 static h_server *start_with(fake_dify *fake, const char *config) {
     h_opts o = {.config_json = config, .dify_port = fake_dify_port(fake)};
     h_server *srv = h_server_start(&o);
@@ -506,24 +517,18 @@ static void unlimit_file_size(const h_server *srv) {
                   strerror(errno));
 }
 
-/* One event with pad_bytes of padding in event_properties.pad. */
-static char *padded_event(const char *insert_id, size_t pad_bytes) {
-    char *pad = amp_xmalloc(pad_bytes + 1);
-    memset(pad, 'p', pad_bytes);
-    pad[pad_bytes] = '\0';
-    json_t *e = json_pack("{s:s, s:s, s:s, s:I, s:{s:s}}", "event_type", "padded", "user_id",
+/* One event of about 2 KB, so a few commits use up any slack. */
+static char *big_event(const char *insert_id) {
+    char pad[2048];
+    memset(pad, 'p', sizeof pad - 1);
+    pad[sizeof pad - 1] = '\0';
+    json_t *e = json_pack("{s:s, s:s, s:s, s:I, s:{s:s}}", "event_type", "disk_full", "user_id",
                           "user-full", "insert_id", insert_id, "time", (json_int_t)amp_now_ms(),
                           "event_properties", "pad", pad);
-    free(pad);
     char *s = json_dumps(e, JSON_COMPACT);
     json_decref(e);
     ck_assert_ptr_nonnull(s);
     return s;
-}
-
-/* About 2 KB, so a few commits use up any slack. */
-static char *big_event(const char *insert_id) {
-    return padded_event(insert_id, 2048);
 }
 
 /* One test's state across the full periods. */
@@ -738,21 +743,6 @@ END_TEST
 
 /* ---- spool limits ------------------------------------------------------------ */
 
-/* A config with extra spool keys; the route's query carries the event's
- * properties, so a padded event makes a row of its size. Caller frees. */
-static char *limits_config(const char *spool_keys) {
-    return amp_xasprintf(
-        "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@, "
-        "\"path\": \"/webhooks/amplitude\"},\n"
-        " \"spool\": {\"path\": \"@DIR@/spool.db\", %s},\n"
-        " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\", \"timeout_seconds\": 10,\n"
-        "          \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
-        " \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\"}},\n"
-        " \"routes\": [{\"name\": \"all\", \"app\": \"support\",\n"
-        "   \"query\": \"{{event_type}} {{event_properties}}\", \"user\": \"{{user_id}}\"}]}\n",
-        spool_keys);
-}
-
 static double metric(const h_server *srv, const char *name) {
     h_resp *r = h_get(srv, "/metrics");
     char *needle = amp_xasprintf("\n%s ", name);
@@ -770,8 +760,13 @@ static double metric(const h_server *srv, const char *name) {
  * again by itself. Every 202 is delivered, no refused event is. */
 static void limit_reached_then_recovers(const char *label, const char *spool_keys, size_t pad,
                                         const char *reason) {
-    char *config = limits_config(spool_keys);
+    char *config = default_config_with("", spool_keys);
     h_opts o = {.config_json = config}; /* nothing listens on the Dify port yet */
+    /* The default route's query carries the event type: a long one makes
+     * a row of about pad bytes. */
+    char *type = amp_xmalloc(pad + 1);
+    memset(type, 't', pad);
+    type[pad] = '\0';
     h_server *srv = h_server_start(&o);
     ck_assert_msg(srv != NULL, "amp2dify did not start (see its log above)");
     ck_assert_int_eq(readyz(srv), 200);
@@ -783,7 +778,7 @@ static void limit_reached_then_recovers(const char *label, const char *spool_key
     while (!first && n < 2000 && h_mono_ms() < deadline) {
         char id[64];
         snprintf(id, sizeof id, "%s-%d", label, n++);
-        char *ev = padded_event(id, pad);
+        char *ev = h_event(type, "user-limit", id);
         h_resp *r = h_post_signed(srv, ev);
         free(ev);
         if (r->status == 202) {
@@ -826,7 +821,7 @@ static void limit_reached_then_recovers(const char *label, const char *spool_key
     ck_assert_msg(h_server_log_wait(srv, "spool takes new events again", 1000), "no log line");
     char id[64];
     snprintf(id, sizeof id, "%s-after", label);
-    char *ev = padded_event(id, pad);
+    char *ev = h_event(type, "user-limit", id);
     h_resp *r = h_post_signed(srv, ev);
     free(ev);
     ck_assert_msg(r->status == 202, "%s: status %ld after recovery", label, r->status);
@@ -853,14 +848,15 @@ static void limit_reached_then_recovers(const char *label, const char *spool_key
     json_decref(refused);
     stop_clean(srv);
     fake_dify_stop(fake);
+    free(type);
     free(config);
 }
 
 START_TEST(spool_limits_back_pressure) {
-    limit_reached_then_recovers("depth", "\"max_pending\": 20", 100,
+    limit_reached_then_recovers("depth", "\"max_pending\": 20, ", 100,
                                 "the spool holds spool.max_pending events");
     /* 1 MiB, the smallest limit, in rows of about 8 KiB. */
-    limit_reached_then_recovers("size", "\"max_bytes\": 1048576", 8192,
+    limit_reached_then_recovers("size", "\"max_bytes\": 1048576, ", 8192,
                                 "the spool reached spool.max_bytes");
 }
 END_TEST
@@ -1226,13 +1222,8 @@ START_TEST(shutdown_bounded_when_spool_hangs) {
     ck_assert_ptr_nonnull(fake);
     /* The default config, with a 1 s drain (a quarter of the shutdown
      * timeout) and a commit that waits for the lock as long as it is held. */
-    const char *def = h_default_config(), *spool = "\"spool\": {";
-    const char *at = strstr(def, spool);
-    ck_assert_ptr_nonnull(at);
-    at += strlen(spool);
     char *text =
-        amp_xasprintf("{\"shutdown_timeout_seconds\": 4,%.*s\"lock_timeout_ms\": 600000, %s",
-                      (int)(at - def - 1), def + 1, at);
+        default_config_with("\"shutdown_timeout_seconds\": 4,", "\"lock_timeout_ms\": 600000, ");
     h_server *srv = start_with(fake, text);
     free(text);
 
