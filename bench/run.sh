@@ -2,7 +2,10 @@
 # bench/run.sh BUILD_DIR — the ingest benchmark behind `make bench`.
 #
 # 1. mhd_baseline (a bare libmicrohttpd server configured like amp2dify's)
-#    under wrk: the ceiling of the HTTP layer on this machine.
+#    under wrk: the ceiling of the HTTP layer on this machine; then the same
+#    server handing each request to a thread that resumes it (hand-off), and
+#    one that also writes the bodies to a log and fdatasyncs it before
+#    resuming (the durable floor).
 # 2. amp2dify (examples/amp2dify.json with delivery limits lifted, log level
 #    warn) delivering to build/fake-dify, under the same wrk load with
 #    freshly signed, unique ~600-byte Amplitude events.
@@ -20,7 +23,7 @@
 # BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 400000),
 # BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
 # BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
-# shellcheck disable=SC2154 # i_* and n_* are set by variant_figures (printf -v)
+# shellcheck disable=SC2154 # i_*, n_*, h_* and d_* are set by variant_figures (printf -v)
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -94,20 +97,35 @@ want=$("$BUILD/amp2dify" sign --secret-env AMP2DIFY_SECRETS --timestamp "$ts0" \
     "$WORK/first-body.json" | sed -n 's/^X-Amplitude-Sig: sha256=//p')
 [[ $want == "$sig0" ]] || die "sign_corpus's signature ($sig0) differs from amp2dify sign's ($want)"
 
-# ---- 1. baseline --------------------------------------------------------------------
+# ---- 1. baseline and its references --------------------------------------------------
 
-"$BUILD/bench/mhd_baseline" --port 0 --threads 2 >"$WORK/baseline.out" 2>"$WORK/baseline.err" &
-BASE_PID=$!
-STARTED+=("$BASE_PID")
-BASE_PORT=$(wait_listening "$BASE_PID" "$WORK/baseline.out") ||
-    die "mhd_baseline did not start: $(cat "$WORK/baseline.err")"
+# MODE LABEL: mhd_baseline in MODE under the wrk load; sets REF_LINE to wrk's
+# BENCH line and REF_CPU_MS to the server's CPU time.
+REF_LINE=""
+REF_CPU_MS=0
+run_reference() {
+    local mode=$1 label=$2 pid port
+    "$BUILD/bench/mhd_baseline" --port 0 --threads 2 --mode "$mode" --log "$WORK/$label.log" \
+        >"$WORK/$label.out" 2>"$WORK/$label.err" &
+    pid=$!
+    STARTED+=("$pid")
+    port=$(wait_listening "$pid" "$WORK/$label.out") ||
+        die "mhd_baseline --mode $mode did not start: $(cat "$WORK/$label.err")"
+    log "bench: mhd_baseline --mode $mode on 127.0.0.1:$port ..."
+    REF_LINE=$(run_wrk "$label" "http://127.0.0.1:$port/webhooks/amplitude" \
+        "$WORK/baseline.tsv" "$WORK/wrk-$label.txt") || die "the $label run failed"
+    log "    $REF_LINE"
+    REF_CPU_MS=$(cpu_ms "$pid")
+    stop_pid "$pid" 5
+}
 
-log "bench: baseline on 127.0.0.1:$BASE_PORT ..."
-BASE_LINE=$(run_wrk baseline "http://127.0.0.1:$BASE_PORT/webhooks/amplitude" \
-    "$WORK/baseline.tsv" "$WORK/wrk-baseline.txt") || die "baseline run failed"
-log "    $BASE_LINE"
-BASE_CPU_MS=$(cpu_ms "$BASE_PID")
-stop_pid "$BASE_PID" 5
+run_reference plain baseline
+BASE_LINE=$REF_LINE
+BASE_CPU_MS=$REF_CPU_MS
+run_reference handoff handoff
+HANDOFF_LINE=$REF_LINE
+run_reference durable durable-floor
+FLOOR_LINE=$REF_LINE
 
 # ---- 2. amp2dify --------------------------------------------------------------------
 
@@ -239,7 +257,17 @@ variant_figures() {
 }
 variant_figures i "$INGEST_LINE"
 variant_figures n "$NOSTORE_LINE"
-: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}"
+variant_figures h "$HANDOFF_LINE"
+variant_figures d "$FLOOR_LINE"
+: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}"
+# Inverse throughput (us per request at 64 connections): what each step adds.
+usper() { calc "%.1f" "($1 > 0) ? 1000000 / $1 : 0"; }
+b_us=$(usper "$b_rps")
+h_us=$(usper "$h_rps")
+d_us=$(usper "$d_rps")
+n_us=$(usper "$n_rps")
+i_us=$(usper "$i_rps")
+i_floor_ratio=$(calc "%.3f" "($d_rps > 0) ? $i_rps / $d_rps : 0")
 
 pending=$(kv "$SPOOL_LINE" pending)
 delivered=$(kv "$SPOOL_LINE" delivered)
@@ -284,6 +312,7 @@ fi
 ((n_non2xx > 0)) && problems+=("amp2dify (nothing stored) answered $n_non2xx non-2xx")
 [[ -z $NOSTORE_LINE ]] && problems+=("the no-store run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
+((h_non2xx + d_non2xx > 0)) && problems+=("references: $h_non2xx non-2xx (handoff), $d_non2xx (durable floor)")
 ((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
 ((a_wrapped > 0)) && problems+=("the corpus wrapped $a_wrapped times: raise BENCH_REQUESTS (repeats count as duplicates)")
@@ -303,10 +332,14 @@ load          wrk -t $THREADS -c $CONNS -d ${DURATION}s, POST of ~$BODY_BYTES-by
 host          $CPUS CPUs, load average before $LOAD_BEFORE, spool on $SPOOL_FS
                         requests/s     p50 ms     p99 ms    non-2xx
 baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99" "$b_non2xx")
+  + hand-off          $(printf '%12.1f %10s %10s %10s' "$h_rps" "$h_p50" "$h_p99" "$h_non2xx")
+  + fdatasync floor   $(printf '%12.1f %10s %10s %10s' "$d_rps" "$d_p50" "$d_p99" "$d_non2xx")
 amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
 amp2dify ingest only  $(printf '%12.1f %10s %10s %10s' "$i_rps" "$i_p50" "$i_p99" "$i_non2xx")
 nothing stored        $(printf '%12.1f %10s %10s %10s' "$n_rps" "$n_p50" "$n_p99" "$n_non2xx")
 ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only), $n_ratio (nothing stored)
+ratio to baseline     hand-off $h_ratio, durable floor $d_ratio; amp2dify ingest only / durable floor $i_floor_ratio
+us/request (1/rps)    baseline $b_us, hand-off $h_us, durable floor $d_us, nothing stored $n_us, ingest only $i_us
 delivery      $delivered delivered ($dead dead, $pending pending) of $stored stored; fake Dify saw $fake_delivered
               $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
               spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
@@ -342,7 +375,9 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"baseline\":{\"rps\":$b_rps,\"p50_ms\":$b_p50,\"p99_ms\":$b_p99,\"non2xx\":$b_non2xx,\"socket_errors\":$b_sock},\
 \"amp2dify\":{\"rps\":$a_rps,\"p50_ms\":$a_p50,\"p99_ms\":$a_p99,\"non2xx\":$a_non2xx,\"socket_errors\":$a_sock,\"requests\":$a_req,\"wrapped\":$a_wrapped},\
 \"ratio\":$ratio,\
-\"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio},\
+\"references\":{\"handoff\":{\"rps\":$h_rps,\"p50_ms\":$h_p50,\"p99_ms\":$h_p99,\"non2xx\":$h_non2xx,\"ratio\":$h_ratio},\
+\"durable_floor\":{\"rps\":$d_rps,\"p50_ms\":$d_p50,\"p99_ms\":$d_p99,\"non2xx\":$d_non2xx,\"ratio\":$d_ratio}},\
+\"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio,\"ratio_to_floor\":$i_floor_ratio},\
 \"no_store\":{\"rps\":$n_rps,\"p50_ms\":$n_p50,\"p99_ms\":$n_p99,\"non2xx\":$n_non2xx,\"ratio\":$n_ratio},\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
