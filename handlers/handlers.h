@@ -35,12 +35,18 @@ void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
  * must outlive the handlers: requests under way keep theirs). */
 void amp_handlers_set_config(amp_handlers *h, const amp_config *cfg);
 
-/* Draining: /readyz answers 503 and new webhook requests get 503
- * unavailable with Retry-After, while requests already accepted finish. */
+/* Draining: /readyz answers 503 and webhook requests begun from now on get
+ * 503 unavailable with Retry-After, while requests begun before (even if
+ * their body is still arriving) finish normally. */
 void amp_handlers_set_draining(amp_handlers *h, bool draining);
 
-/* Connections still suspended, waiting for the spool (shutdown waits for
- * zero before stopping the daemon). */
+/* Requests begun before draining and not yet completed (answered and
+ * sent, or ended by the client): shutdown waits for zero, within its
+ * bound. */
+int amp_handlers_open(amp_handlers *h);
+
+/* Of those, connections suspended waiting for the spool: the daemon must
+ * not be stopped while any is. */
 int amp_handlers_suspended(amp_handlers *h);
 
 /* libmicrohttpd callbacks; cls is the amp_handlers. */

@@ -30,7 +30,8 @@ struct amp_handlers {
     amp_series *ingest_seconds;
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
     atomic_bool draining;
-    atomic_int suspended; /* connections waiting for the spool's answer */
+    atomic_int open;      /* requests admitted (begun before draining), not yet completed */
+    atomic_int suspended; /* of those, connections waiting for the spool's answer */
     /* Generated request ids: a random prefix drawn at start, then a count. */
     uint64_t id_prefix;
     atomic_uint_fast64_t id_next;
@@ -53,6 +54,7 @@ struct amp_req {
     unsigned status;   /* the answer's status, once queued */
     const char *error; /* its error code (static), for the access log */
     bool webhook;
+    bool admitted; /* begun before shutdown: answered normally, counted in h->open */
     /* body (webhook) */
     amp_buf body;
     bool too_large;

@@ -29,6 +29,17 @@ static const route routes[] = {
     {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_metrics_endpoint},
 };
 
+/* A GET endpoint answers HEAD too (libmicrohttpd then sends the headers
+ * without the body), so probes such as `wget --spider` work. */
+static bool is_get(const route *rt) {
+    return strcmp(rt->method, MHD_HTTP_METHOD_GET) == 0;
+}
+
+static bool allowed(const route *rt, const char *method) {
+    return strcmp(method, rt->method) == 0 ||
+           (is_get(rt) && strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
+}
+
 amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics) {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
     atomic_init(&h->gen, NULL);
@@ -45,6 +56,7 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
     h->events_rejected =
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "rejected", NULL);
     atomic_init(&h->draining, false);
+    atomic_init(&h->open, 0);
     atomic_init(&h->suspended, 0);
     /* Unique ids need no randomness per request; without OpenSSL's random
      * bytes the ids are still unique within this process. */
@@ -78,8 +90,23 @@ void amp_handlers_set_draining(amp_handlers *h, bool draining) {
     atomic_store(&h->draining, draining);
 }
 
+int amp_handlers_open(amp_handlers *h) {
+    return atomic_load(&h->open);
+}
+
 int amp_handlers_suspended(amp_handlers *h) {
     return atomic_load(&h->suspended);
+}
+
+/* A request begun before shutdown is admitted: it finishes normally (a
+ * webhook is stored and answered 202), and shutdown waits for it. Counted
+ * before draining is read, so that shutdown, which sets draining and then
+ * reads the count, either sees this request or is seen by it. */
+static void admit(amp_handlers *h, amp_req *r) {
+    atomic_fetch_add(&h->open, 1);
+    r->admitted = !atomic_load(&h->draining);
+    if (!r->admitted)
+        atomic_fetch_sub(&h->open, 1);
 }
 
 /* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
@@ -118,12 +145,13 @@ static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
     const route *rt = match(r->gen->cfg, url);
     if (!rt)
         return amp_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
-    if (strcmp(method, rt->method) != 0) {
+    if (!allowed(rt, method)) {
+        const char *allow = is_get(rt) ? MHD_HTTP_METHOD_GET ", " MHD_HTTP_METHOD_HEAD : rt->method;
         char detail[64];
         snprintf(detail, sizeof detail, "%s only accepts %s", rt->path ? rt->path : "this path",
-                 rt->method);
+                 allow);
         return amp_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", detail,
-                                   MHD_HTTP_HEADER_ALLOW, rt->method);
+                                   MHD_HTTP_HEADER_ALLOW, allow);
     }
     r->endpoint = rt->finish;
     r->webhook = rt->path == NULL;
@@ -146,6 +174,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         r->start_ms = amp_mono_ms();
         amp_buf_init(&r->body, r->gen->cfg->listen.max_body_bytes);
         atomic_init(&r->state, REQ_READING);
+        admit(h, r);
         set_request_id(r);
         amp_client_address(r->gen, conn, r->client, sizeof r->client);
         *req_cls = r;
@@ -185,6 +214,8 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
     if (!r)
         return;
     *req_cls = NULL;
+    if (r->admitted)
+        atomic_fetch_sub(&h->open, 1);
     if (r->status) {
         char code[16];
         snprintf(code, sizeof code, "%u", r->status);

@@ -182,7 +182,7 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
                  cfg->listen.max_body_bytes);
         return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
-    if (atomic_load(&h->draining))
+    if (!r->admitted) /* begun after shutdown started */
         return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
                                    "Retry-After", "5");
 

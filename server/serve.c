@@ -235,16 +235,22 @@ int amp_cmd_serve(int argc, char **argv) {
             reload(path, &cfg, handlers, &retired, &nretired);
     }
 
-    /* New webhooks now get 503; wait until every request handed to the
-     * spool has its answer (a request past the draining check may still be
-     * submitting, hence the loop), then give the answers time to leave. */
+    /* Webhooks begun from now on get 503. Those begun before finish: wait
+     * until each has been answered and sent (one may still be reading its
+     * body or handing its events to the spool, hence the loop), then give
+     * the last answers time to leave. */
     amp_handlers_set_draining(handlers, true);
     int64_t drain_end = amp_mono_ms() + drain_max_ms(cfg);
     bool answered;
     while ((answered = amp_spool_flush_until(spool, drain_end)) &&
-           amp_handlers_suspended(handlers) > 0 && amp_mono_ms() < drain_end)
+           amp_handlers_open(handlers) > 0 && amp_mono_ms() < drain_end)
         sleep_ms(10);
     int waiting = amp_handlers_suspended(handlers);
+    if (answered && waiting == 0 && amp_handlers_open(handlers) > 0)
+        /* Still sending their bodies at the bound: their connections are
+         * closed without an answer, so their senders retry. */
+        amp_log(AMP_LOG_WARN, "requests unfinished at shutdown", "{s:i}", "requests",
+                amp_handlers_open(handlers));
     if (!answered || waiting > 0) {
         /* The spool did not answer in time (its disk hangs, say). Stopping
          * the HTTP server would free connections the spool must still

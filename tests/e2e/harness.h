@@ -149,6 +149,15 @@ const char *h_resp_header(const h_resp *r, const char *name);
 /* The "error" member of a JSON error body, borrowed, or NULL. */
 const char *h_resp_error(const h_resp *r);
 
+/* A raw TCP connection to 127.0.0.1:port, for requests sent in pieces:
+ * the descriptor (caller closes), or -1. Reads time out after timeout_ms. */
+int h_connect(uint16_t port, unsigned timeout_ms);
+/* Writes all len bytes of data: 0, or -1. */
+int h_send_all(int fd, const char *data, size_t len);
+/* Everything read until the peer closes, or up to the read timeout; caller
+ * owns, NUL-terminated, never NULL. */
+char *h_recv_all(int fd);
+
 /* "sha256=<64 hex>" = HMAC-SHA256(secret, "<ts>.<body>"); caller owns. */
 char *h_sign(const char *body, size_t len, int64_t ts, const char *secret);
 

@@ -103,6 +103,11 @@ START_TEST(health_and_routing) {
     r = h_get(e.srv, "/readyz");
     ck_assert_int_eq(r->status, 200);
     h_resp_free(r);
+    /* HEAD on a GET endpoint: the headers without the body. */
+    r = h_request(e.srv, &(h_req){.method = "HEAD", .path = "/readyz"});
+    ck_assert_int_eq(r->status, 200);
+    ck_assert_uint_eq(r->len, 0);
+    h_resp_free(r);
 
     r = h_get(e.srv, "/no/such/path");
     ck_assert_int_eq(r->status, 404);
@@ -132,6 +137,11 @@ START_TEST(health_and_routing) {
     ck_assert_msg(allow && strstr(allow, "POST"), "Allow: %s", allow);
     ck_assert_msg(r->json && json_is_string(json_object_get(r->json, "error")), "body %s", r->body);
     h_resp_free(r);
+    r = h_request(e.srv, &(h_req){.method = "DELETE", .path = "/healthz"});
+    ck_assert_int_eq(r->status, 405);
+    allow = h_resp_header(r, "Allow");
+    ck_assert_msg(allow && strcmp(allow, "GET, HEAD") == 0, "Allow: %s", allow);
+    h_resp_free(r);
     down(&e);
 }
 END_TEST
@@ -144,6 +154,64 @@ START_TEST(sigterm_exits_zero) {
     int st = h_server_kill(e.srv, SIGTERM, 10000);
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "wait status %d", st);
     ck_assert_int_lt(h_mono_ms() - t0, 5000);
+    down(&e);
+}
+END_TEST
+
+/* SPEC: on SIGTERM "in-flight HTTP requests finish". A webhook whose headers
+ * arrived before the signal and whose body arrives after it is stored and
+ * answered 202; one begun after the signal gets 503 with Retry-After; the
+ * server then exits 0, and the admitted event is delivered. */
+START_TEST(sigterm_lets_requests_in_flight_finish) {
+    env e;
+    up(&e);
+    char *body = h_event("signup", "user-1", "ins-in-flight");
+    int64_t ts = time(NULL);
+    char *sig = h_sign(body, strlen(body), ts, h_server_secret(e.srv));
+    char *head = amp_xasprintf("POST " H_WEBHOOK " HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               "Content-Type: application/json\r\nContent-Length: %zu\r\n"
+                               "X-Amplitude-Timestamp: %lld\r\nX-Amplitude-Sig: %s\r\n"
+                               "Connection: close\r\n\r\n",
+                               strlen(body), (long long)ts, sig);
+    int fd = h_connect(h_server_port(e.srv), 10000);
+    ck_assert_int_ge(fd, 0);
+    size_t half = strlen(body) / 2;
+    ck_assert_int_eq(h_send_all(fd, head, strlen(head)), 0);
+    ck_assert_int_eq(h_send_all(fd, body, half), 0);
+    h_sleep_ms(300); /* the server has the headers: the request has begun */
+
+    ck_assert_int_eq(kill(h_server_pid(e.srv), SIGTERM), 0);
+    ck_assert(h_server_log_wait(e.srv, "shutting down", 5000));
+    h_resp *r = h_get(e.srv, "/readyz");
+    ck_assert_int_eq(r->status, 503);
+    h_resp_free(r);
+    char *late = h_event("signup", "user-2", "ins-late");
+    r = h_post_signed(e.srv, late);
+    assert_error(r, 503, "unavailable");
+    ck_assert_ptr_nonnull(h_resp_header(r, "Retry-After"));
+    h_resp_free(r);
+    free(late);
+
+    ck_assert_int_eq(h_send_all(fd, body + half, strlen(body) - half), 0);
+    char *answer = h_recv_all(fd);
+    close(fd);
+    ck_assert_msg(strncmp(answer, "HTTP/1.1 202", 12) == 0, "answer: %s", answer);
+    ck_assert_msg(strstr(answer, "{\"accepted\":1,\"duplicates\":0,\"filtered\":0}"), "answer: %s",
+                  answer);
+    free(answer);
+    int st = h_server_wait_exit(e.srv, 10000);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "wait status %d", st);
+    char *why = h_server_sanitizer_report(e.srv);
+    ck_assert_msg(why == NULL, "%s", why);
+
+    /* Delivered before the exit or after the restart; the late one never. */
+    ck_assert_int_eq(h_server_restart(e.srv), 0);
+    ck_assert_uint_eq(fake_dify_wait_delivered(e.fake, 1, DELIVERY_TIMEOUT_MS), 1);
+    h_sleep_ms(QUIET_MS);
+    ck_assert_uint_eq(fake_dify_delivered(e.fake), 1);
+    free(head);
+    free(sig);
+    free(body);
     down(&e);
 }
 END_TEST
@@ -528,6 +596,7 @@ static Suite *suite(void) {
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, health_and_routing);
     tcase_add_test(tc, sigterm_exits_zero);
+    tcase_add_test(tc, sigterm_lets_requests_in_flight_finish);
     tcase_add_test(tc, signed_event_reaches_dify);
     tcase_add_test(tc, array_of_three);
     tcase_add_test(tc, duplicate_insert_id_counted_once);
