@@ -220,11 +220,8 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     bool has_file = json_object_get(spec, "api_key_file") != NULL;
     if (has_env && has_file)
         amp_errs_add(errs, path, "set only one of api_key_env, api_key_file");
-    else if (!has_env && !has_file)
-        amp_errs_add(errs, path,
-                     "missing api_key_env or api_key_file (where the Dify app key is "
-                     "read from)");
-    a->api_key_env = amp_xstrdup(env);
+    /* Neither: the default app key, DIFY_API_KEY (or DIFY_API_KEY_FILE). */
+    a->api_key_env = amp_xstrdup(has_env || has_file ? env : AMP_DEFAULT_API_KEY_ENV);
     a->api_key_file = amp_xstrdup(file);
 
     const char *s = get_string(spec, "endpoint", path, false, &ok, errs);

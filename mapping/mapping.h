@@ -49,10 +49,14 @@ typedef enum {
 /* "chat-messages", "completion-messages", "workflows/run" */
 const char *amp_endpoint_path(amp_endpoint e);
 
+/* The variable an app reads its key from when it names neither
+ * api_key_env nor api_key_file: the default Dify app's key. */
+#define AMP_DEFAULT_API_KEY_ENV "DIFY_API_KEY"
+
 /* One entry of "apps", read-only, owned by the mapper. */
 typedef struct amp_app {
     const char *name;
-    const char *api_key_env;  /* NULL when api_key_file is used */
+    const char *api_key_env;  /* NULL when api_key_file is used; see above */
     const char *api_key_file; /* NULL when api_key_env is used */
     amp_endpoint endpoint;
     bool streaming;      /* response_mode "streaming" */

@@ -2,12 +2,14 @@
  * dlq — inspect and act on dead letters in the spool named by the config.
  *
  *   amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]
- *   amp2dify dlq replay [-c FILE] (--all | ID... | filters)
- *   amp2dify dlq purge  [-c FILE] (--all | ID... | filters)
+ *   amp2dify dlq replay [-c FILE] [--all | ID... | filters]
+ *   amp2dify dlq purge  [-c FILE] [--all | ID... | filters]
  *
  * Filters: --route R --app A --status N --code C --since T --until T, where
- * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". replay and purge refuse
- * to touch everything unless --all says so. Safe beside a running daemon.
+ * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". Without IDs or filters
+ * an action takes every dead letter (--all says so explicitly), as the
+ * contract's "dlq list|replay|purge [filters]" reads. Safe beside a running
+ * daemon.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -21,8 +23,8 @@
 
 #define DLQ_USAGE                                                                                  \
     "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                        \
-    "       amp2dify dlq replay [-c FILE] (--all | ID... | filters)\n"                             \
-    "       amp2dify dlq purge  [-c FILE] (--all | ID... | filters)\n"                             \
+    "       amp2dify dlq replay [-c FILE] [--all | ID... | filters]\n"                             \
+    "       amp2dify dlq purge  [-c FILE] [--all | ID... | filters]\n"                             \
     "filters: --route R --app A --status N --code C --since T --until T\n"                         \
     "         (T: unix seconds or YYYY-MM-DDTHH:MM:SSZ)\n"
 
@@ -30,7 +32,7 @@ typedef struct dlq_args {
     const char *config;
     amp_dlq_filter f;
     int64_t *ids;
-    bool all, json, filtered;
+    bool all, json;
     int64_t limit;
 } dlq_args;
 
@@ -100,8 +102,10 @@ static int parse_args(int argc, char **argv, dlq_args *a) {
         }
     }
     a->f.ids = a->ids;
-    a->filtered = a->f.route || a->f.app || a->f.code || a->f.status || a->f.since_ms ||
-                  a->f.until_ms || a->f.nids;
+    bool filtered = a->f.route || a->f.app || a->f.code || a->f.status || a->f.since_ms ||
+                    a->f.until_ms || a->f.nids;
+    if (a->all && filtered)
+        return usage_error("--all takes no IDs or filters");
     return 0;
 }
 
@@ -143,12 +147,6 @@ int amp_cmd_dlq(int argc, char **argv) {
         free(a.ids);
         return 2;
     }
-    if (action[0] != 'l' && !a.all && !a.filtered) {
-        usage_error("%s needs --all, IDs or filters", action);
-        free(a.ids);
-        return 2;
-    }
-
     amp_config *cfg = amp_cmd_load_config(a.config, 0);
     if (!cfg) {
         free(a.ids);

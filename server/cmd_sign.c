@@ -55,9 +55,18 @@ int amp_cmd_sign(int argc, char **argv) {
         return 2;
     }
     amp_errs_destroy(errs);
-    char *comma = strchr(secret, ',');
-    if (comma)
-        *comma = '\0';
+    /* The first of the list, read as serve reads it. */
+    size_t nsecrets;
+    char **secrets = amp_config_split_secrets(secret, &nsecrets);
+    free(secret);
+    secret = secrets[0];
+    for (size_t i = 1; i < nsecrets; i++)
+        free(secrets[i]);
+    free(secrets);
+    if (!secret) {
+        fprintf(stderr, "amp2dify sign: %s holds no secret\n", secret_env);
+        return 2;
+    }
 
     FILE *in = stdin;
     if (file && strcmp(file, "-") != 0) {

@@ -418,6 +418,30 @@ static void apply_env(amp_config *c, amp_errs *errs) {
                      "unknown level '%s'; expected debug, info, warn or error", v);
 }
 
+static bool is_blank(char ch) {
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r';
+}
+
+char **amp_config_split_secrets(const char *all, size_t *n) {
+    size_t cap = 1;
+    for (const char *p = all; *p; p++)
+        cap += *p == ',';
+    char **out = amp_xcalloc(cap + 1, sizeof(char *));
+    *n = 0;
+    for (const char *p = all; p;) {
+        const char *comma = strchr(p, ',');
+        const char *end = comma ? comma : p + strlen(p);
+        while (p < end && is_blank(*p))
+            p++;
+        while (end > p && is_blank(end[-1]))
+            end--;
+        if (end > p)
+            out[(*n)++] = amp_xstrndup(p, (size_t)(end - p));
+        p = comma ? comma + 1 : NULL;
+    }
+    return out;
+}
+
 static void load_auth_secrets(amp_config *c, amp_errs *errs) {
     if (c->auth.scheme == AMP_AUTH_NONE)
         return;
@@ -432,22 +456,7 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs) {
                      amp_sig_scheme_name(c->auth.scheme));
         return;
     }
-    /* Comma-separated; surrounding blanks trimmed; empty entries ignored. */
-    size_t cap = 1;
-    for (const char *p = all; *p; p++)
-        cap += *p == ',';
-    c->auth.secrets = amp_xcalloc(cap, sizeof(char *));
-    for (char *p = all; p;) {
-        char *comma = strchr(p, ',');
-        char *end = comma ? comma : p + strlen(p);
-        while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
-            p++;
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
-            end--;
-        if (end > p)
-            c->auth.secrets[c->auth.nsecrets++] = amp_xstrndup(p, (size_t)(end - p));
-        p = comma ? comma + 1 : NULL;
-    }
+    c->auth.secrets = amp_config_split_secrets(all, &c->auth.nsecrets);
     free(all);
     if (c->auth.nsecrets == 0) {
         amp_errs_add(errs, "AMP2DIFY_SECRETS", "holds no secret");

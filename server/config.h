@@ -94,4 +94,9 @@ amp_spool_opts amp_config_spool_opts(const amp_config *c);
  * cannot be read or both are set. */
 int amp_config_secret_from_env(const char *name, char **out, const char *path, amp_errs *errs);
 
+/* A secrets list as AMP2DIFY_SECRETS holds it: comma-separated, blanks
+ * around each entry trimmed, empty entries skipped. A NULL-terminated
+ * array of *n strings; caller owns the array and each string. */
+char **amp_config_split_secrets(const char *all, size_t *n);
+
 #endif

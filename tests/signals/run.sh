@@ -16,7 +16,9 @@ fail() { t_fail "$@"; }
 dify_port=$(t_free_port)
 amp_port=$(t_free_port)
 base=http://127.0.0.1:$amp_port
-export AMP2DIFY_SECRETS=signals-secret DIFY_API_KEY=app-signals
+# A rotation list written loosely: `sign` must read it as `serve` does
+# (blanks trimmed; it signs with the first secret).
+export AMP2DIFY_SECRETS=" signals-secret , signals-old" DIFY_API_KEY=app-signals
 export DIFY_BASE_URL=http://127.0.0.1:$dify_port/v1 AMP2DIFY_LISTEN=127.0.0.1:$amp_port
 export AMP2DIFY_SPOOL=$tmp/spool.db
 

@@ -836,17 +836,32 @@ START_TEST(mapper_app_errors) {
                          "out of range"));
     ck_assert(has_err(e, "apps.a.max_in_flight: expected an integer from 1 to 10000, found "
                          "number"));
-    ck_assert(has_err(e, "apps.b: missing api_key_env or api_key_file (where the Dify app key is "
-                         "read from)"));
     ck_assert(has_err(e, "apps[\"x.y\"].api_key_env: expected an environment variable name "
                          "([A-Za-z_][A-Za-z0-9_]*)"));
     ck_assert(has_err(e, "apps[\"\"]: app names must not be empty"));
-    ck_assert_uint_eq(amp_errs_count(e), 10);
+    ck_assert_uint_eq(amp_errs_count(e), 9);
     amp_errs_destroy(e);
 
     e = cfg_errs("{'apps':[],'routes':{}}");
     ck_assert(has_err(e, "apps: expected an object of Dify apps, found array"));
     ck_assert(has_err(e, "routes: expected an array of routes, found object"));
+    amp_errs_destroy(e);
+}
+END_TEST
+
+/* SPEC: DIFY_API_KEY is "the key of the default Dify app": an app that names
+ * no key source reads it (or DIFY_API_KEY_FILE). */
+START_TEST(mapper_app_default_key) {
+    amp_errs *e = amp_errs_create();
+    amp_mapper *m = compile_cfg("{'apps':{'a':{},'b':{'api_key_file':'/run/k'}},"
+                                "'routes':[{'name':'r','app':'a'}]}",
+                                e);
+    ck_assert_msg(m != NULL, "%s", amp_errs_count(e) ? amp_errs_get(e, 0) : "");
+    ck_assert_str_eq(amp_mapper_app(m, 0)->api_key_env, "DIFY_API_KEY");
+    ck_assert_ptr_null(amp_mapper_app(m, 0)->api_key_file);
+    ck_assert_ptr_null(amp_mapper_app(m, 1)->api_key_env);
+    ck_assert_str_eq(amp_mapper_app(m, 1)->api_key_file, "/run/k");
+    amp_mapper_destroy(m);
     amp_errs_destroy(e);
 }
 END_TEST
@@ -920,6 +935,7 @@ int main(void) {
     tcase_add_test(tc, mapper_values_keep_types);
     tcase_add_test(tc, mapper_explain_callback);
     tcase_add_test(tc, mapper_app_errors);
+    tcase_add_test(tc, mapper_app_default_key);
     tcase_add_test(tc, mapper_route_errors);
     suite_add_tcase(s, tc);
     return amp_check_run(s);
