@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,6 +168,36 @@ static int valid_cidr(const char *s) {
     return amp_parse_i64(slash + 1, strlen(slash + 1), 0, max_bits, &bits) == 0;
 }
 
+int amp_config_listen_addr(const char *address, uint16_t port, struct sockaddr_storage *ss,
+                           char *err, size_t errlen) {
+    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai = NULL;
+    char service[8];
+    snprintf(service, sizeof service, "%u", (unsigned)port);
+    const char *host = strcmp(address, "localhost") == 0 ? "127.0.0.1" : address;
+    int rc = getaddrinfo(host, service, &hints, &ai);
+    if (rc != 0 || !ai) {
+        snprintf(err, errlen,
+                 "'%s' is not a numeric IPv4 or IPv6 address or localhost (names are not "
+                 "looked up)",
+                 address);
+        return -1;
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    return 0;
+}
+
+/* path: the address was found in the config (listen.address) or in
+ * AMP2DIFY_LISTEN. */
+static void check_listen_addr(const amp_config *c, const char *path, amp_errs *errs) {
+    struct sockaddr_storage ss;
+    char err[256];
+    if (amp_config_listen_addr(c->listen.address, c->listen.port, &ss, err, sizeof err) != 0)
+        amp_errs_add(errs, path, "%s", err);
+}
+
 /* ---- sections ----------------------------------------------------------- */
 
 static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
@@ -186,6 +217,7 @@ static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
         return;
     reject_unknown(o, "listen", keys, errs);
     get_string(o, "address", "listen", errs, &c->listen.address);
+    check_listen_addr(c, "listen.address", errs);
     int64_t port = c->listen.port;
     get_int(o, "port", "listen", 0, 65535, errs, &port);
     c->listen.port = (uint16_t)port;
@@ -386,7 +418,7 @@ static void apply_listen_env(amp_config *c, amp_errs *errs) {
         return;
     const char *colon = strrchr(v, ':');
     int64_t port;
-    if (!colon || colon == v || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &port)) {
+    if (!colon || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &port)) {
         amp_errs_add(errs, "AMP2DIFY_LISTEN", "'%s' is not host:port", v);
         return;
     }
@@ -397,8 +429,9 @@ static void apply_listen_env(amp_config *c, amp_errs *errs) {
         hlen -= 2;
     }
     free(c->listen.address);
-    c->listen.address = amp_xstrndup(host, hlen);
+    c->listen.address = hlen ? amp_xstrndup(host, hlen) : amp_xstrdup("0.0.0.0"); /* ":8080" */
     c->listen.port = (uint16_t)port;
+    check_listen_addr(c, "AMP2DIFY_LISTEN", errs);
 }
 
 static void apply_env(amp_config *c, amp_errs *errs) {
@@ -572,9 +605,12 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     json_decref(root);
 
     apply_env(c, errs);
-    if (c->mapper && (flags & AMP_CONFIG_SECRETS)) {
+    /* The auth secrets are checked even when the routes did not compile,
+     * so that check-config prints every error at once. */
+    if (flags & AMP_CONFIG_SECRETS) {
         load_auth_secrets(c, errs);
-        load_app_keys(c, errs);
+        if (c->mapper)
+            load_app_keys(c, errs);
     }
 
     if (amp_errs_count(errs) > errs_before) {

@@ -26,7 +26,7 @@
 typedef struct amp_config {
     char *file; /* the path it was loaded from */
     struct {
-        char *address;
+        char *address; /* numeric IPv4/IPv6, or "localhost"; see amp_config_listen_addr */
         uint16_t port;
         char *path;
         size_t max_body_bytes;
@@ -93,6 +93,14 @@ amp_spool_opts amp_config_spool_opts(const amp_config *c);
  * neither is set; -1 with a message in errs (under path) when the file
  * cannot be read or both are set. */
 int amp_config_secret_from_env(const char *name, char **out, const char *path, amp_errs *errs);
+
+/* The socket address to listen on: listen.address, a numeric IPv4 or IPv6
+ * address (no name lookups at start), or "localhost" for 127.0.0.1, with
+ * listen.port. 0; -1 with a message in err (naming neither path nor
+ * variable: the caller knows which). */
+struct sockaddr_storage;
+int amp_config_listen_addr(const char *address, uint16_t port, struct sockaddr_storage *ss,
+                           char *err, size_t errlen);
 
 /* A secrets list as AMP2DIFY_SECRETS holds it: comma-separated, blanks
  * around each entry trimmed, empty entries skipped. A NULL-terminated

@@ -24,26 +24,9 @@ __attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char 
     amp_log(AMP_LOG_WARN, "http server", "{s:s}", "detail", msg);
 }
 
-/* Resolve the numeric listen address (no DNS lookups at start). */
-static int resolve(const amp_config *cfg, struct sockaddr_storage *ss, char *err, size_t errlen) {
-    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_PASSIVE, .ai_socktype = SOCK_STREAM};
-    struct addrinfo *ai = NULL;
-    char port[8];
-    snprintf(port, sizeof port, "%u", (unsigned)cfg->listen.port);
-    int rc = getaddrinfo(cfg->listen.address, port, &hints, &ai);
-    if (rc != 0 || !ai) {
-        snprintf(err, errlen, "listen.address '%s' is not a numeric IPv4 or IPv6 address: %s",
-                 cfg->listen.address, gai_strerror(rc));
-        return -1;
-    }
-    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
-    freeaddrinfo(ai);
-    return 0;
-}
-
 amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *err, size_t errlen) {
-    struct sockaddr_storage ss;
-    if (resolve(cfg, &ss, err, errlen) != 0)
+    struct sockaddr_storage ss; /* checked when the config was loaded */
+    if (amp_config_listen_addr(cfg->listen.address, cfg->listen.port, &ss, err, errlen) != 0)
         return NULL;
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)

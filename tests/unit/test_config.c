@@ -132,6 +132,33 @@ START_TEST(environment_overrides) {
 }
 END_TEST
 
+/* AMP2DIFY_LISTEN is host:port: "localhost" and an empty host (":8080",
+ * every IPv4 address) are taken; a name that would need a lookup is a
+ * config error naming the variable, caught by check-config, not at start. */
+START_TEST(listen_override_hosts) {
+    static const struct {
+        const char *env, *address;
+    } good[] = {{"localhost:9090", "localhost"}, {":9091", "0.0.0.0"}};
+    char text[512];
+    snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        setenv("AMP2DIFY_LISTEN", good[i].env, 1);
+        amp_errs *errs;
+        amp_config *c = load(text, 0, &errs);
+        ck_assert_msg(c != NULL, "%s refused", good[i].env);
+        ck_assert_str_eq(c->listen.address, good[i].address);
+        amp_config_destroy(c);
+        amp_errs_destroy(errs);
+    }
+    setenv("AMP2DIFY_LISTEN", "relay.internal:9092", 1);
+    amp_errs *errs;
+    ck_assert_ptr_null(load(text, 0, &errs));
+    ASSERT_ERROR(errs, "AMP2DIFY_LISTEN: 'relay.internal' is not a numeric IPv4 or IPv6 address "
+                       "or localhost");
+    amp_errs_destroy(errs);
+}
+END_TEST
+
 START_TEST(ipv6_listen_override) {
     setenv("AMP2DIFY_LISTEN", "[::1]:8081", 1);
     amp_errs *errs;
@@ -189,6 +216,19 @@ START_TEST(both_secret_sources_is_an_error) {
     ASSERT_ERROR(errs, "both AMP2DIFY_SECRETS and AMP2DIFY_SECRETS_FILE are set");
     amp_errs_destroy(errs);
     free(sf);
+}
+END_TEST
+
+/* check-config prints every error: a missing signing secret is reported
+ * even when the routes do not compile. */
+START_TEST(missing_secret_reported_beside_route_errors) {
+    amp_errs *errs;
+    ck_assert_ptr_null(load("{\"apps\": {\"a\": {}}, \"routes\": [{\"name\": \"r\", "
+                            "\"app\": \"nope\"}]}",
+                            AMP_CONFIG_SECRETS, &errs));
+    ASSERT_ERROR(errs, "routes[0].app: unknown app 'nope'");
+    ASSERT_ERROR(errs, "AMP2DIFY_SECRETS: not set");
+    amp_errs_destroy(errs);
 }
 END_TEST
 
@@ -314,6 +354,8 @@ int main(void) {
     tcase_add_test(tc, defaults_apply);
     tcase_add_test(tc, environment_overrides);
     tcase_add_test(tc, ipv6_listen_override);
+    tcase_add_test(tc, listen_override_hosts);
+    tcase_add_test(tc, missing_secret_reported_beside_route_errors);
     tcase_add_test(tc, secrets_from_files);
     tcase_add_test(tc, missing_secrets_are_errors);
     tcase_add_test(tc, both_secret_sources_is_an_error);
