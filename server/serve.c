@@ -3,13 +3,15 @@
  *
  * Start: config (secrets resolved) -> spool -> forwarder -> HTTP. Signals
  * are blocked in every thread and taken by the main thread with sigwait.
- * SIGTERM/SIGINT: /readyz turns 503 and new webhooks get 503, the requests
- * already handed to the spool are committed and answered, then HTTP stops,
+ * SIGTERM/SIGINT: /readyz turns 503 and webhooks begun after it get 503,
+ * the requests begun before finish (stored and answered), then HTTP stops,
  * the workers finish or hand back their deliveries, and the spool closes.
- * SIGHUP: the config file is loaded again; if it is valid and changes only
- * what can change while running (auth, secrets, routes, log level, body
- * limit, webhook path, trusted proxies), new requests use it at once, else
- * the errors are logged and the running config stays.
+ * SIGHUP: the config file is loaded again; if it is valid and leaves the
+ * listening socket and the spool as they are, new requests use it at once
+ * (auth, secrets, routes, log level, limits, path, proxies), and when it
+ * changes delivery (apps, keys, dify, shutdown timeout) the forwarder is
+ * restarted under it; else the errors are logged and the running config
+ * stays, whole.
  */
 #include <curl/curl.h>
 #include <signal.h>
@@ -43,9 +45,8 @@ static int64_t forward_grace_ms(const amp_config *cfg) {
     return (int64_t)cfg->shutdown_timeout_s * 1000 / 2;
 }
 
-/* The first key whose change needs a restart: the listening socket, the
- * spool, and what the forwarder holds (Dify settings, apps and their keys).
- * NULL when none changed. */
+/* The first key whose change needs a restart: the listening socket and the
+ * spool. NULL when none changed. */
 static const char *restart_only_change(const amp_config *a, const amp_config *b) {
     if (strcmp(a->listen.address, b->listen.address) || a->listen.port != b->listen.port)
         return "listen.address/port";
@@ -60,6 +61,13 @@ static const char *restart_only_change(const amp_config *a, const amp_config *b)
         a->spool.retention_s != b->spool.retention_s ||
         a->spool.lock_timeout_ms != b->spool.lock_timeout_ms)
         return "spool";
+    return NULL;
+}
+
+/* The first key whose change the running forwarder cannot take (what it
+ * copied at start: Dify settings, apps and their keys, its stop grace): a
+ * reload then restarts delivery. NULL when none changed. */
+static const char *delivery_change(const amp_config *a, const amp_config *b) {
     if (a->shutdown_timeout_s != b->shutdown_timeout_s)
         return "shutdown_timeout_seconds";
     if (strcmp(a->dify.base_url, b->dify.base_url) || a->dify.timeout_s != b->dify.timeout_s ||
@@ -83,28 +91,69 @@ static const char *restart_only_change(const amp_config *a, const amp_config *b)
     return NULL;
 }
 
-/* Load the config again; on success it becomes *cfg and the old one joins
- * the retired list (requests under way may still use it). */
-static void reload(const char *path, amp_config **cfg, amp_handlers *handlers,
-                   amp_config ***retired, size_t *nretired) {
+static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,
+                                    char *err, size_t errlen);
+
+/* What a reload replaces. The configs replaced stay allocated until exit
+ * (requests under way may still use theirs). */
+typedef struct running {
+    const char *path; /* the config file, reloaded on SIGHUP */
+    amp_config *cfg;
+    amp_config **retired;
+    size_t nretired;
+    amp_handlers *handlers;
+    amp_spool *spool;
+    amp_metrics *metrics;
+    amp_forward *fwd;
+} running;
+
+/* Delivery under next: the forwarder is stopped (requests under way finish
+ * within its grace, then are ended and their rows handed back, as at
+ * shutdown) and started again. If the new one cannot start, the old
+ * config's is started again and the reload is refused. */
+static bool restart_delivery(running *rs, const amp_config *next, const char *changed) {
+    char err[512];
+    amp_forward_stop(rs->fwd);
+    rs->fwd = start_forwarder(next, rs->spool, rs->metrics, err, sizeof err);
+    if (!rs->fwd) {
+        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
+                changed, "error", err);
+        rs->fwd = start_forwarder(rs->cfg, rs->spool, rs->metrics, err, sizeof err);
+        if (!rs->fwd) { /* what started once does not fail again but for resources */
+            amp_log(AMP_LOG_ERROR, "delivery could not be restarted", "{s:s}", "error", err);
+            abort();
+        }
+        amp_forward_kick(rs->fwd);
+        return false;
+    }
+    amp_forward_kick(rs->fwd);
+    return true;
+}
+
+/* Load the config again; on success it becomes rs->cfg. */
+static void reload(running *rs) {
     amp_errs *errs = amp_errs_create();
-    amp_config *next = amp_config_load(path, AMP_CONFIG_SECRETS, errs);
-    const char *fixed = next ? restart_only_change(*cfg, next) : NULL;
+    amp_config *next = amp_config_load(rs->path, AMP_CONFIG_SECRETS, errs);
+    const char *fixed = next ? restart_only_change(rs->cfg, next) : NULL;
+    const char *delivery = next && !fixed ? delivery_change(rs->cfg, next) : NULL;
     if (!next) {
         for (size_t i = 0; i < amp_errs_count(errs); i++)
-            amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s}", "file", path, "error",
+            amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s}", "file", rs->path, "error",
                     amp_errs_get(errs, i));
     } else if (fixed) {
-        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", path, "changed", fixed,
-                "error", "this part of the config only changes with a restart");
+        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
+                fixed, "error", "this part of the config only changes with a restart");
+        amp_config_destroy(next);
+    } else if (delivery && !restart_delivery(rs, next, delivery)) {
         amp_config_destroy(next);
     } else {
-        amp_handlers_set_config(handlers, next);
+        amp_handlers_set_config(rs->handlers, next);
         amp_log_set_level(next->log_level);
-        *retired = amp_xrealloc(*retired, (*nretired + 1) * sizeof **retired);
-        (*retired)[(*nretired)++] = *cfg;
-        *cfg = next;
-        amp_log(AMP_LOG_INFO, "config reloaded", "{s:s}", "file", path);
+        rs->retired = amp_xrealloc(rs->retired, (rs->nretired + 1) * sizeof *rs->retired);
+        rs->retired[rs->nretired++] = rs->cfg;
+        rs->cfg = next;
+        amp_log(AMP_LOG_INFO, "config reloaded", "{s:s, s:s?}", "file", rs->path,
+                "delivery_restarted", delivery);
     }
     amp_errs_destroy(errs);
 }
@@ -159,11 +208,11 @@ int amp_cmd_serve(int argc, char **argv) {
     const char *cfile;
     if (amp_cmd_config_only(argc, argv, &cfile) != 0)
         return 2;
-    amp_config *cfg = amp_cmd_load_config(cfile, AMP_CONFIG_SECRETS);
-    if (!cfg)
+    running rs = {.cfg = amp_cmd_load_config(cfile, AMP_CONFIG_SECRETS)};
+    if (!rs.cfg)
         return 2;
-    const char *path = amp_config_default_path(cfile); /* reloaded from here on SIGHUP */
-    amp_log_set_level(cfg->log_level);
+    rs.path = amp_config_default_path(cfile); /* reloaded from here on SIGHUP */
+    amp_log_set_level(rs.cfg->log_level);
 
     /* Before any thread exists: every thread inherits the blocked set. */
     sigset_t sigs;
@@ -180,48 +229,43 @@ int amp_cmd_serve(int argc, char **argv) {
 
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         amp_log(AMP_LOG_ERROR, "curl initialisation failed", NULL);
-        amp_config_destroy(cfg);
+        amp_config_destroy(rs.cfg);
         return 1;
     }
 
     int rc = 1;
     char err[512] = "";
-    amp_spool *spool = NULL;
-    amp_forward *fwd = NULL;
-    amp_handlers *handlers = NULL;
     amp_http *http = NULL;
-    amp_metrics *metrics = amp_metrics_create();
-    amp_config **retired = NULL; /* configs replaced by SIGHUP, freed at exit */
-    size_t nretired = 0;
+    rs.metrics = amp_metrics_create();
 
-    amp_spool_opts sopts = amp_config_spool_opts(cfg);
-    spool = amp_spool_open(&sopts, err, sizeof err);
-    if (!spool) {
-        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", cfg->spool.path, "error",
-                err);
+    amp_spool_opts sopts = amp_config_spool_opts(rs.cfg);
+    rs.spool = amp_spool_open(&sopts, err, sizeof err);
+    if (!rs.spool) {
+        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", rs.cfg->spool.path,
+                "error", err);
         goto out;
     }
-    fwd = start_forwarder(cfg, spool, metrics, err, sizeof err);
-    if (!fwd) {
+    rs.fwd = start_forwarder(rs.cfg, rs.spool, rs.metrics, err, sizeof err);
+    if (!rs.fwd) {
         amp_log(AMP_LOG_ERROR, "forwarder failed to start", "{s:s}", "error", err);
         goto out;
     }
-    amp_forward_kick(fwd); /* resume what a previous run left pending */
+    amp_forward_kick(rs.fwd); /* resume what a previous run left pending */
 
-    amp_metrics_set_collector(metrics, collect_spool, spool);
-    handlers = amp_handlers_create(cfg, spool, metrics);
-    http = amp_http_start(cfg, handlers, err, sizeof err);
+    amp_metrics_set_collector(rs.metrics, collect_spool, rs.spool);
+    rs.handlers = amp_handlers_create(rs.cfg, rs.spool, rs.metrics);
+    http = amp_http_start(rs.cfg, rs.handlers, err, sizeof err);
     if (!http) {
         amp_log(AMP_LOG_ERROR, "http server failed to start", "{s:s}", "error", err);
         goto out;
     }
-    if (cfg->auth.scheme == AMP_AUTH_NONE)
+    if (rs.cfg->auth.scheme == AMP_AUTH_NONE)
         amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",
                 "scheme", "none");
     amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
-            AMP_VERSION, "address", cfg->listen.address, "port", (int)amp_http_port(http), "path",
-            cfg->listen.path, "auth", amp_sig_scheme_name(cfg->auth.scheme), "spool",
-            cfg->spool.path, "pending", (json_int_t)amp_spool_depth(spool));
+            AMP_VERSION, "address", rs.cfg->listen.address, "port", (int)amp_http_port(http),
+            "path", rs.cfg->listen.path, "auth", amp_sig_scheme_name(rs.cfg->auth.scheme), "spool",
+            rs.cfg->spool.path, "pending", (json_int_t)amp_spool_depth(rs.spool));
 
     for (;;) {
         int sig = 0;
@@ -232,25 +276,25 @@ int amp_cmd_serve(int argc, char **argv) {
             break;
         }
         if (sig == SIGHUP)
-            reload(path, &cfg, handlers, &retired, &nretired);
+            reload(&rs);
     }
 
     /* Webhooks begun from now on get 503. Those begun before finish: wait
      * until each has been answered and sent (one may still be reading its
      * body or handing its events to the spool, hence the loop), then give
      * the last answers time to leave. */
-    amp_handlers_set_draining(handlers, true);
-    int64_t drain_end = amp_mono_ms() + drain_max_ms(cfg);
+    amp_handlers_set_draining(rs.handlers, true);
+    int64_t drain_end = amp_mono_ms() + drain_max_ms(rs.cfg);
     bool answered;
-    while ((answered = amp_spool_flush_until(spool, drain_end)) &&
-           amp_handlers_open(handlers) > 0 && amp_mono_ms() < drain_end)
+    while ((answered = amp_spool_flush_until(rs.spool, drain_end)) &&
+           amp_handlers_open(rs.handlers) > 0 && amp_mono_ms() < drain_end)
         sleep_ms(10);
-    int waiting = amp_handlers_suspended(handlers);
-    if (answered && waiting == 0 && amp_handlers_open(handlers) > 0)
+    int waiting = amp_handlers_suspended(rs.handlers);
+    if (answered && waiting == 0 && amp_handlers_open(rs.handlers) > 0)
         /* Still sending their bodies at the bound: their connections are
          * closed without an answer, so their senders retry. */
         amp_log(AMP_LOG_WARN, "requests unfinished at shutdown", "{s:i}", "requests",
-                amp_handlers_open(handlers));
+                amp_handlers_open(rs.handlers));
     if (!answered || waiting > 0) {
         /* The spool did not answer in time (its disk hangs, say). Stopping
          * the HTTP server would free connections the spool must still
@@ -261,23 +305,23 @@ int amp_cmd_serve(int argc, char **argv) {
          * deliveries are made again after the next start. */
         amp_log(AMP_LOG_ERROR, "the spool did not answer in time; exiting without waiting",
                 "{s:i, s:I}", "requests_waiting", waiting, "waited_ms",
-                (json_int_t)drain_max_ms(cfg));
+                (json_int_t)drain_max_ms(rs.cfg));
         _exit(1);
     }
     sleep_ms(DRAIN_GRACE_MS);
     rc = 0;
 out:
     amp_http_stop(http);
-    amp_forward_stop(fwd);
-    amp_spool_close(spool);
-    amp_handlers_destroy(handlers);
-    amp_metrics_destroy(metrics);
+    amp_forward_stop(rs.fwd);
+    amp_spool_close(rs.spool);
+    amp_handlers_destroy(rs.handlers);
+    amp_metrics_destroy(rs.metrics);
     curl_global_cleanup();
     if (rc == 0)
         amp_log(AMP_LOG_INFO, "stopped", NULL);
-    for (size_t i = 0; i < nretired; i++)
-        amp_config_destroy(retired[i]);
-    free(retired);
-    amp_config_destroy(cfg);
+    for (size_t i = 0; i < rs.nretired; i++)
+        amp_config_destroy(rs.retired[i]);
+    free(rs.retired);
+    amp_config_destroy(rs.cfg);
     return rc;
 }

@@ -23,6 +23,7 @@
 #include <check.h>
 #include <curl/curl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -803,6 +804,71 @@ START_TEST(outcomes) {
 }
 END_TEST
 
+/* The reload test's config: RELOAD_HEAD's printf arguments are the listen
+ * port, the server's directory and the fake's port; CHAT_ROUTE sends
+ * events to app "a" (chat), and is left open for a filter. */
+#define RELOAD_HEAD                                                                                \
+    "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": %u},"                                     \
+    " \"spool\": {\"path\": \"%s/spool.db\"},"                                                     \
+    " \"dify\": {\"base_url\": \"http://127.0.0.1:%u/v1\"},"
+#define CHAT_ROUTE                                                                                 \
+    "{\"name\": \"chat\", \"app\": \"a\", \"query\": \"{{event_type}} {{insert_id}}\""
+
+/* SPEC: "SIGHUP reloads the config atomically". A reload that adds an app
+ * and a route to it restarts delivery under the new config: the new
+ * route's events reach the new app's endpoint, the others still reach the
+ * old one, and nothing posted around the reload is lost. */
+START_TEST(reload_adds_an_app) {
+    fake_dify *f = fake_start();
+    h_server *s = server_start("{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},"
+                               " \"spool\": {\"path\": \"@DIR@/spool.db\"},"
+                               " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\"},"
+                               " \"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}",
+                               f);
+    char *ev = h_event("E", "user-1", "ins-before");
+    post_one(s, ev);
+    free(ev);
+    json_decref(wait_delivered(f, "ins-before", 10000));
+
+    char *path = amp_xasprintf("%s/amp2dify.json", h_server_dir(s));
+    FILE *out = fopen(path, "w");
+    ck_assert_ptr_nonnull(out);
+    fprintf(out,
+            RELOAD_HEAD " \"apps\": {\"a\": {}, \"b\": {\"endpoint\": \"completion\"}},"
+                        " \"routes\": [" CHAT_ROUTE ", \"filter\": {\"field\": \"event_type\","
+                        " \"op\": \"not_equals\", \"value\": \"F\"}},"
+                        " {\"name\": \"compl\", \"app\": \"b\", \"filter\": {\"field\":"
+                        " \"event_type\", \"op\": \"equals\", \"value\": \"F\"},"
+                        " \"map\": [{\"source\": \"insert_id\", \"target\": \"id\"}]}]}",
+            (unsigned)h_server_port(s), h_server_dir(s), (unsigned)h_server_dify_port(s));
+    ck_assert_int_eq(fclose(out), 0);
+    free(path);
+    ck_assert_int_eq(kill(h_server_pid(s), SIGHUP), 0);
+    ck_assert_msg(h_server_log_wait(s, "config reloaded", 15000), "no 'config reloaded' line");
+    json_t *lines = h_server_log_lines(s, "config reloaded");
+    ck_assert_str_eq(jstr(json_array_get(lines, 0), "delivery_restarted"), "apps");
+    json_decref(lines);
+
+    ev = h_event("F", "user-1", "ins-after-f");
+    post_one(s, ev);
+    free(ev);
+    ev = h_event("E", "user-1", "ins-after-e");
+    post_one(s, ev);
+    free(ev);
+    json_t *recs = wait_delivered(f, "ins-after-f", 10000);
+    ck_assert_uint_eq(json_array_size(recs), 1);
+    ck_assert_str_eq(jstr(json_array_get(recs, 0), "path"), "/v1/completion-messages");
+    json_decref(recs);
+    recs = wait_delivered(f, "ins-after-e", 10000);
+    ck_assert_uint_eq(json_array_size(recs), 1);
+    ck_assert_str_eq(jstr(json_array_get(recs, 0), "path"), "/v1/chat-messages");
+    json_decref(recs);
+    ck_assert_uint_eq(fake_dify_delivered(f), 3);
+    server_stop(s);
+    fake_dify_stop(f);
+}
+END_TEST
+
 static Suite *delivery_suite(void) {
     Suite *s = suite_create("delivery");
     TCase *tc = tcase_create("delivery");
@@ -813,6 +879,7 @@ static Suite *delivery_suite(void) {
     tcase_add_test(tc, rate_limit);
     tcase_add_test(tc, pause_and_resume);
     tcase_add_test(tc, outcomes);
+    tcase_add_test(tc, reload_adds_an_app);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -123,5 +123,5 @@ for path in sys.argv[1:]:
         n += 1
 assert n > 10, n
 PY
-if grep -qF -e "$AMP2DIFY_SECRETS" -e "$DIFY_API_KEY" "$tmp"/amp2dify*.log; then fail "a secret is in the log"; fi
+if grep -qF -e signals-secret -e signals-old -e "$DIFY_API_KEY" "$tmp"/amp2dify*.log; then fail "a secret is in the log"; fi
 echo "signals test: SIGHUP good/bad/restart-only ok; SIGTERM under load: $accepted accepted, $delivered delivered in total (>= $total)"
