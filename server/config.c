@@ -217,10 +217,10 @@ static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
         return;
     reject_unknown(o, "listen", keys, errs);
     get_string(o, "address", "listen", errs, &c->listen.address);
-    check_listen_addr(c, "listen.address", errs);
     int64_t port = c->listen.port;
     get_int(o, "port", "listen", 0, 65535, errs, &port);
     c->listen.port = (uint16_t)port;
+    check_listen_addr(c, "listen.address", errs);
     get_string(o, "path", "listen", errs, &c->listen.path);
     if (c->listen.path[0] != '/')
         amp_errs_add(errs, "listen.path", "'%s' must start with '/'", c->listen.path);

@@ -33,6 +33,8 @@
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200
+/* How long a reload that restarts delivery waits for the spool to answer. */
+#define RELOAD_SPOOL_WAIT_MS 2000
 
 /* shutdown_timeout_seconds is shared out: a quarter for the spool to answer
  * the requests it holds, half for Dify requests under way (then they are
@@ -92,7 +94,29 @@ static const char *delivery_change(const amp_config *a, const amp_config *b) {
 }
 
 static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,
-                                    char *err, size_t errlen);
+                                    char *err, size_t errlen) {
+    size_t napps = amp_mapper_app_count(cfg->mapper);
+    const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
+    for (size_t i = 0; i < napps; i++)
+        apps[i] = amp_mapper_app(cfg->mapper, i);
+    amp_forward_opts opts = {
+        .base_url = cfg->dify.base_url,
+        .connect_timeout_s = cfg->dify.connect_timeout_s,
+        .timeout_s = cfg->dify.timeout_s,
+        .workers = cfg->dify.workers,
+        .retry_initial_ms = cfg->dify.retry_initial_ms,
+        .retry_max_ms = cfg->dify.retry_max_ms,
+        .retry_max_age_s = cfg->dify.retry_max_age_s,
+        .napps = napps,
+        .apps = apps,
+        .api_keys = (const char *const *)cfg->api_keys,
+        .metrics = metrics,
+        .stop_grace_ms = forward_grace_ms(cfg),
+    };
+    amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
+    free(apps); /* the forwarder copies the app table it needs */
+    return f;
+}
 
 /* What a reload replaces. The configs replaced stay allocated until exit
  * (requests under way may still use theirs). */
@@ -109,10 +133,18 @@ typedef struct running {
 
 /* Delivery under next: the forwarder is stopped (requests under way finish
  * within its grace, then are ended and their rows handed back, as at
- * shutdown) and started again. If the new one cannot start, the old
- * config's is started again and the reload is refused. */
+ * shutdown) and started again. Refused, with the forwarder left running,
+ * while the spool does not answer (stopping waits for its last
+ * acknowledgements to commit, and this thread must stay free for SIGTERM);
+ * if the new one cannot start, the old config's is started again and the
+ * reload is refused. */
 static bool restart_delivery(running *rs, const amp_config *next, const char *changed) {
     char err[512];
+    if (!amp_spool_flush_until(rs->spool, amp_mono_ms() + RELOAD_SPOOL_WAIT_MS)) {
+        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
+                changed, "error", "the spool is not answering; delivery was not restarted");
+        return false;
+    }
     amp_forward_stop(rs->fwd);
     rs->fwd = start_forwarder(next, rs->spool, rs->metrics, err, sizeof err);
     if (!rs->fwd) {
@@ -172,31 +204,6 @@ static void collect_spool(void *ctx, amp_metrics *m) {
                    (double)amp_spool_bytes(spool));
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_full", NULL),
                    amp_spool_full(spool) ? 1 : 0);
-}
-
-static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,
-                                    char *err, size_t errlen) {
-    size_t napps = amp_mapper_app_count(cfg->mapper);
-    const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
-    for (size_t i = 0; i < napps; i++)
-        apps[i] = amp_mapper_app(cfg->mapper, i);
-    amp_forward_opts opts = {
-        .base_url = cfg->dify.base_url,
-        .connect_timeout_s = cfg->dify.connect_timeout_s,
-        .timeout_s = cfg->dify.timeout_s,
-        .workers = cfg->dify.workers,
-        .retry_initial_ms = cfg->dify.retry_initial_ms,
-        .retry_max_ms = cfg->dify.retry_max_ms,
-        .retry_max_age_s = cfg->dify.retry_max_age_s,
-        .napps = napps,
-        .apps = apps,
-        .api_keys = (const char *const *)cfg->api_keys,
-        .metrics = metrics,
-        .stop_grace_ms = forward_grace_ms(cfg),
-    };
-    amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
-    free(apps); /* the forwarder copies the app table it needs */
-    return f;
 }
 
 static void sleep_ms(long ms) {
