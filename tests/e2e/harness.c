@@ -171,6 +171,22 @@ char *h_recv_all(int fd) {
     return b.data ? b.data : amp_xstrdup("");
 }
 
+char *h_recv_head(int fd) {
+    char buf[4096];
+    size_t n = 0;
+    while (n + 1 < sizeof buf) {
+        ssize_t got = recv(fd, buf + n, 1, 0); /* a byte at a time: stop at the head's end */
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        n++;
+        if (n >= 4 && memcmp(buf + n - 4, "\r\n\r\n", 4) == 0)
+            break;
+    }
+    return amp_xstrndup(buf, n);
+}
+
 uint16_t h_free_port(void) {
     static uint16_t given[256];
     static size_t ngiven;

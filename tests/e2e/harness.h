@@ -157,6 +157,9 @@ int h_send_all(int fd, const char *data, size_t len);
 /* Everything read until the peer closes, or up to the read timeout; caller
  * owns, NUL-terminated, never NULL. */
 char *h_recv_all(int fd);
+/* One response head: read up to its blank line (or the read timeout), and
+ * no further; caller owns, never NULL. For interim answers (100 Continue). */
+char *h_recv_head(int fd);
 
 /* "sha256=<64 hex>" = HMAC-SHA256(secret, "<ts>.<body>"); caller owns. */
 char *h_sign(const char *body, size_t len, int64_t ts, const char *secret);
