@@ -711,6 +711,7 @@ static void report(const qjob *q, const after *n) {
 static void *worker_main(void *arg) {
     worker *w = arg;
     amp_forward *f = w->f;
+    pthread_setname_np(pthread_self(), "amp-worker");
     pthread_mutex_lock(&f->mu);
     while (!f->stopping) {
         if (f->ready.len == 0) {
@@ -809,6 +810,7 @@ static struct timespec mono_timespec(int64_t us) {
 
 static void *dispatcher_main(void *arg) {
     amp_forward *f = arg;
+    pthread_setname_np(pthread_self(), "amp-dispatch");
     amp_spool_job **jobs = amp_xcalloc(f->claim_cap, sizeof *jobs);
     int64_t *dues = amp_xcalloc(f->claim_cap, sizeof *dues);
     /* Monotonic end of "dry": when the spool's next due row is expected,

@@ -476,6 +476,7 @@ static int wal_hook(void *ctx, sqlite3 *db, const char *name, int frames) {
  * request; the log only grows meanwhile. */
 static void *checkpointer_main(void *arg) {
     amp_spool *s = arg;
+    pthread_setname_np(pthread_self(), "amp-checkpoint");
     pthread_mutex_lock(&s->ck_mu);
     for (;;) {
         while (!s->ck_due && !s->ck_stop)
@@ -986,6 +987,7 @@ static void hand_to_syncer(amp_spool *s, work *head, work *tail) {
  * one, so under load each sync serves several groups. */
 static void *syncer_main(void *arg) {
     amp_spool *s = arg;
+    pthread_setname_np(pthread_self(), "amp-sync");
     pthread_mutex_lock(&s->sync_mu);
     for (;;) {
         while (!s->sync_head && !s->sync_stop)
@@ -1336,6 +1338,7 @@ static void maintain(amp_spool *s) {
 
 static void *committer_main(void *arg) {
     amp_spool *s = arg;
+    pthread_setname_np(pthread_self(), "amp-commit");
     pthread_mutex_lock(&s->q_mu);
     for (;;) {
         while (!s->q_head && !s->stop) {
