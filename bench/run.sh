@@ -124,8 +124,10 @@ BASE_LINE=$REF_LINE
 BASE_CPU_MS=$REF_CPU_MS
 run_reference handoff handoff
 HANDOFF_LINE=$REF_LINE
+HANDOFF_CPU_MS=$REF_CPU_MS
 run_reference durable durable-floor
 FLOOR_LINE=$REF_LINE
+FLOOR_CPU_MS=$REF_CPU_MS
 
 # ---- 2. amp2dify --------------------------------------------------------------------
 
@@ -166,8 +168,11 @@ if ((AMP_ALIVE)); then
 fi
 PEAK_RSS_KB=$(awk '/^VmHWM:/ { print $2 }' /proc/"$AMP_PID"/status 2>/dev/null)
 PEAK_RSS_KB=${PEAK_RSS_KB:-0}
+# The spool's threads: amp-commit, amp-sync and amp-checkpoint.
+spool_cpu_ms() { echo $(($(cpu_ms "$1" amp-commit) + $(cpu_ms "$1" amp-sync) + $(cpu_ms "$1" amp-checkpoint))); }
 AMP_CPU_MS=$(cpu_ms "$AMP_PID")
 AMP_HTTP_CPU_MS=$(cpu_ms "$AMP_PID" MHD-)
+AMP_SPOOL_CPU_MS=$(spool_cpu_ms "$AMP_PID")
 FAKE_CPU_MS=$(cpu_ms "$FAKE_PID")
 stop_pid "$AMP_PID" 20
 AMP_EXIT=$STOP_STATUS
@@ -187,17 +192,21 @@ FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 # machine, whatever the spool does.
 
 # LABEL CONFIG: amp2dify on CONFIG with its own spool under the wrk load;
-# sets VARIANT_LINE to wrk's BENCH line (empty on failure).
+# sets VARIANT_LINE to wrk's BENCH line (empty on failure) and VARIANT_CPU
+# to "total http spool" CPU ms.
 VARIANT_LINE=""
+VARIANT_CPU="0 0 0"
 run_variant() {
     local label=$1 config=$2
     VARIANT_LINE=""
+    VARIANT_CPU="0 0 0"
     start_amp2dify "$WORK/$label.log" "$config" AMP2DIFY_SPOOL="$WORK/$label.db"
     if [[ -n $AMP_START_PORT ]]; then
         log "bench: amp2dify, $label, on 127.0.0.1:$AMP_START_PORT ..."
         VARIANT_LINE=$(run_wrk "$label" "http://127.0.0.1:$AMP_START_PORT/webhooks/amplitude" \
             "$CORPUS" "$WORK/wrk-$label.txt") || log "bench: the $label run failed"
         log "    $VARIANT_LINE"
+        VARIANT_CPU="$(cpu_ms "$AMP_START_PID") $(cpu_ms "$AMP_START_PID" MHD-) $(spool_cpu_ms "$AMP_START_PID")"
     else
         log "bench: amp2dify ($label) did not become ready: $(tail -n 5 "$WORK/$label.log")"
     fi
@@ -207,12 +216,14 @@ run_variant() {
 sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$WORK/ingest-only.json"
 run_variant ingest-only "$WORK/ingest-only.json"
 INGEST_LINE=$VARIANT_LINE
+read -r INGEST_CPU_MS INGEST_HTTP_CPU_MS INGEST_SPOOL_CPU_MS <<<"$VARIANT_CPU"
 
 sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
     examples/amp2dify.json >"$WORK/no-store.json"
 grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the no-store config"
 run_variant no-store "$WORK/no-store.json"
 NOSTORE_LINE=$VARIANT_LINE
+read -r NOSTORE_CPU_MS NOSTORE_HTTP_CPU_MS _ <<<"$VARIANT_CPU"
 
 # ---- 4. mapping ---------------------------------------------------------------------
 
@@ -289,9 +300,24 @@ fake_delivered=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
 peak_rss_mib=$(calc "%.1f" "$PEAK_RSS_KB / 1024")
 b_req=$(kv "$BASE_LINE" requests)
 b_cpu_us=$(calc "%.1f" "($b_req > 0) ? $BASE_CPU_MS * 1000 / $b_req : 0")
+h_req=$(kv "$HANDOFF_LINE" requests)
+h_cpu_us=$(calc "%.1f" "(0$h_req > 0) ? $HANDOFF_CPU_MS * 1000 / $h_req : 0")
+d_req=$(kv "$FLOOR_LINE" requests)
+d_cpu_us=$(calc "%.1f" "(0$d_req > 0) ? $FLOOR_CPU_MS * 1000 / $d_req : 0")
 a_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_CPU_MS * 1000 / $stored : 0")
 a_http_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_HTTP_CPU_MS * 1000 / $stored : 0")
-a_other_cpu_us=$(calc "%.1f" "($stored > 0) ? ($AMP_CPU_MS - $AMP_HTTP_CPU_MS) * 1000 / $stored : 0")
+a_spool_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_SPOOL_CPU_MS * 1000 / $stored : 0")
+a_other_cpu_us=$(calc "%.1f" "($stored > 0) ? ($AMP_CPU_MS - $AMP_HTTP_CPU_MS - $AMP_SPOOL_CPU_MS) * 1000 / $stored : 0")
+# Ingest only, per request wrk completed (each stored one event).
+i_req=$(kv "$INGEST_LINE" requests)
+: "${i_req:=0}"
+i_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_CPU_MS * 1000 / $i_req : 0")
+i_http_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_HTTP_CPU_MS * 1000 / $i_req : 0")
+i_spool_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_SPOOL_CPU_MS * 1000 / $i_req : 0")
+n_req=$(kv "$NOSTORE_LINE" requests)
+: "${n_req:=0}"
+n_cpu_us=$(calc "%.1f" "($n_req > 0) ? $NOSTORE_CPU_MS * 1000 / $n_req : 0")
+n_http_cpu_us=$(calc "%.1f" "($n_req > 0) ? $NOSTORE_HTTP_CPU_MS * 1000 / $n_req : 0")
 f_cpu_us=$(calc "%.1f" "($fake_requests > 0) ? $FAKE_CPU_MS * 1000 / $fake_requests : 0")
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
@@ -344,8 +370,10 @@ delivery      $delivered delivered ($dead dead, $pending pending) of $stored sto
               $delivered_per_s delivered/s over ${deliver_ms} ms; last delivery ${drain_after_ms} ms after the load ended
               spool-to-Dify lag p50 ${lag50} ms, p99 ${lag99} ms
 peak RSS      $peak_rss_mib MiB (amp2dify VmHWM)
-CPU           baseline $b_cpu_us us/request; amp2dify $a_cpu_us us/event stored and delivered
-              (HTTP threads $a_http_cpu_us, other threads $a_other_cpu_us); fake Dify $f_cpu_us us/request
+CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $d_cpu_us); amp2dify $a_cpu_us us/event stored and delivered
+              (HTTP threads $a_http_cpu_us, spool threads $a_spool_cpu_us, delivery and other $a_other_cpu_us); fake Dify $f_cpu_us us/request
+              ingest only: $i_cpu_us us/event (HTTP threads $i_http_cpu_us, spool threads $i_spool_cpu_us)
+              nothing stored: $n_cpu_us us/request (HTTP threads $n_http_cpu_us)
 EOF
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
 if ((${#problems[@]})); then
@@ -382,7 +410,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
 \"peak_rss_kb\":$PEAK_RSS_KB,\
-\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"fake_dify_per_request\":$f_cpu_us},\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
+\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"handoff_per_request\":$h_cpu_us,\"durable_floor_per_request\":$d_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_spool_per_event\":$a_spool_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"ingest_only_per_event\":$i_cpu_us,\"ingest_only_http_per_event\":$i_http_cpu_us,\"ingest_only_spool_per_event\":$i_spool_cpu_us,\"no_store_per_request\":$n_cpu_us,\"no_store_http_per_request\":$n_http_cpu_us,\"fake_dify_per_request\":$f_cpu_us},\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
 echo "$JSON"
 mkdir -p "$BUILD/bench" && echo "$JSON" >"$BUILD/bench/last-run.json"
 
