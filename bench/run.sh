@@ -298,27 +298,23 @@ fake_requests=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
 fake_delivered=$(sed -n 's/.*"delivered":\([0-9]*\).*/\1/p' <<<"$FAKE_SUMMARY")
 : "${fake_requests:=0}" "${fake_delivered:=0}"
 peak_rss_mib=$(calc "%.1f" "$PEAK_RSS_KB / 1024")
-b_req=$(kv "$BASE_LINE" requests)
-b_cpu_us=$(calc "%.1f" "($b_req > 0) ? $BASE_CPU_MS * 1000 / $b_req : 0")
-h_req=$(kv "$HANDOFF_LINE" requests)
-h_cpu_us=$(calc "%.1f" "(0$h_req > 0) ? $HANDOFF_CPU_MS * 1000 / $h_req : 0")
-d_req=$(kv "$FLOOR_LINE" requests)
-d_cpu_us=$(calc "%.1f" "(0$d_req > 0) ? $FLOOR_CPU_MS * 1000 / $d_req : 0")
-a_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_CPU_MS * 1000 / $stored : 0")
-a_http_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_HTTP_CPU_MS * 1000 / $stored : 0")
-a_spool_cpu_us=$(calc "%.1f" "($stored > 0) ? $AMP_SPOOL_CPU_MS * 1000 / $stored : 0")
-a_other_cpu_us=$(calc "%.1f" "($stored > 0) ? ($AMP_CPU_MS - $AMP_HTTP_CPU_MS - $AMP_SPOOL_CPU_MS) * 1000 / $stored : 0")
-# Ingest only, per request wrk completed (each stored one event).
-i_req=$(kv "$INGEST_LINE" requests)
-: "${i_req:=0}"
-i_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_CPU_MS * 1000 / $i_req : 0")
-i_http_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_HTTP_CPU_MS * 1000 / $i_req : 0")
-i_spool_cpu_us=$(calc "%.1f" "($i_req > 0) ? $INGEST_SPOOL_CPU_MS * 1000 / $i_req : 0")
-n_req=$(kv "$NOSTORE_LINE" requests)
-: "${n_req:=0}"
-n_cpu_us=$(calc "%.1f" "($n_req > 0) ? $NOSTORE_CPU_MS * 1000 / $n_req : 0")
-n_http_cpu_us=$(calc "%.1f" "($n_req > 0) ? $NOSTORE_HTTP_CPU_MS * 1000 / $n_req : 0")
-f_cpu_us=$(calc "%.1f" "($fake_requests > 0) ? $FAKE_CPU_MS * 1000 / $fake_requests : 0")
+# CPU_MS COUNT: microseconds of CPU per unit; 0 without units.
+per_us() { calc "%.1f" "(${2:-0} > 0) ? ${1:-0} * 1000 / ${2:-0} : 0"; }
+# Per request wrk completed (in the ingest-only run each stored one event).
+reqs() { kv "$1" requests; }
+b_cpu_us=$(per_us "$BASE_CPU_MS" "$(reqs "$BASE_LINE")")
+h_cpu_us=$(per_us "$HANDOFF_CPU_MS" "$(reqs "$HANDOFF_LINE")")
+d_cpu_us=$(per_us "$FLOOR_CPU_MS" "$(reqs "$FLOOR_LINE")")
+a_cpu_us=$(per_us "$AMP_CPU_MS" "$stored")
+a_http_cpu_us=$(per_us "$AMP_HTTP_CPU_MS" "$stored")
+a_spool_cpu_us=$(per_us "$AMP_SPOOL_CPU_MS" "$stored")
+a_other_cpu_us=$(per_us $((AMP_CPU_MS - AMP_HTTP_CPU_MS - AMP_SPOOL_CPU_MS)) "$stored")
+i_cpu_us=$(per_us "$INGEST_CPU_MS" "$(reqs "$INGEST_LINE")")
+i_http_cpu_us=$(per_us "$INGEST_HTTP_CPU_MS" "$(reqs "$INGEST_LINE")")
+i_spool_cpu_us=$(per_us "$INGEST_SPOOL_CPU_MS" "$(reqs "$INGEST_LINE")")
+n_cpu_us=$(per_us "$NOSTORE_CPU_MS" "$(reqs "$NOSTORE_LINE")")
+n_http_cpu_us=$(per_us "$NOSTORE_HTTP_CPU_MS" "$(reqs "$NOSTORE_LINE")")
+f_cpu_us=$(per_us "$FAKE_CPU_MS" "$fake_requests")
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
