@@ -68,9 +68,14 @@ struct amp_req {
 /* reply.c — each queues a JSON response and returns MHD's result. */
 enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body /* takes ownership */);
 enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail);
-/* Like amp_reply_error, with one extra header (e.g. Allow, Retry-After). */
+/* Like amp_reply_error, with one extra header (e.g. Allow). */
 enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
                                     const char *detail, const char *hname, const char *hvalue);
+/* 503 unavailable with Retry-After: RETRY_SOON_S while shutting down or
+ * while the spool fails, RETRY_FULL_S when it is full (it drains slower). */
+#define RETRY_SOON_S 5
+#define RETRY_FULL_S 30
+enum MHD_Result amp_reply_unavailable(amp_req *r, const char *detail, unsigned retry_after_s);
 
 /* webhook.c */
 enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r);

@@ -9,14 +9,11 @@ enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r) {
 
 enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r) {
     if (atomic_load(&h->draining))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
-                                   "Retry-After", "5");
+        return amp_reply_unavailable(r, "shutting down", RETRY_SOON_S);
     if (!amp_spool_writable(h->spool))
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   "the spool cannot be written", "Retry-After", "5");
+        return amp_reply_unavailable(r, "the spool cannot be written", RETRY_SOON_S);
     const char *full = amp_spool_full(h->spool);
     if (full)
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", full,
-                                   "Retry-After", "30");
+        return amp_reply_unavailable(r, full, RETRY_FULL_S);
     return amp_reply_json(r, MHD_HTTP_OK, json_pack("{s:s}", "status", "ready"));
 }

@@ -1,4 +1,5 @@
 #include <jansson.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -41,6 +42,13 @@ enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *cod
     json_t *body = json_pack("{s:s, s:s}", "error", code, "detail", detail);
     r->error = code;
     return reply_json_hdr(r, status, body, hname, hvalue);
+}
+
+enum MHD_Result amp_reply_unavailable(amp_req *r, const char *detail, unsigned retry_after_s) {
+    char seconds[16];
+    snprintf(seconds, sizeof seconds, "%u", retry_after_s);
+    return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", detail,
+                               "Retry-After", seconds);
 }
 
 enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail) {

@@ -116,9 +116,8 @@ static enum MHD_Result answer_stored(amp_req *r) {
     if (res->status != 0) {
         amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
                 "error", res->error ? res->error : "unknown");
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
-                                   res->error ? res->error : "the spool is unavailable",
-                                   "Retry-After", "5");
+        return amp_reply_unavailable(r, res->error ? res->error : "the spool is unavailable",
+                                     RETRY_SOON_S);
     }
     amp_series_add(h->events_accepted, res->accepted);
     amp_series_add(h->events_duplicate, res->duplicates);
@@ -183,13 +182,11 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
     if (!r->admitted) /* begun after shutdown started */
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "shutting down",
-                                   "Retry-After", "5");
+        return amp_reply_unavailable(r, "shutting down", RETRY_SOON_S);
 
     const char *full = amp_spool_full(h->spool);
     if (full)
-        return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", full,
-                                   "Retry-After", "30");
+        return amp_reply_unavailable(r, full, RETRY_FULL_S);
 
     const char *body = r->body.data ? r->body.data : "";
     if (cfg->auth.verifier) {
