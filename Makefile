@@ -30,8 +30,8 @@ LDLIBS_ALL = $(shell pkg-config --libs $(PKGS)) -lpthread -lm $(LDLIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS = $(shell pkg-config --libs check)
 
-MODULES := server handlers crypto mapping spool forward
-LIB_SRCS := $(filter-out server/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
+MODULES := base json crypto mapping spool forward config handlers cmd
+LIB_SRCS := $(filter-out cmd/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 LIB := $(BUILD)/libamp.a
 BIN := $(BUILD)/amp2dify
@@ -48,7 +48,7 @@ FAKE_DIFY := $(BUILD)/fake-dify
 BENCH_SRCS := $(wildcard bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all test test-run unit e2e run deps clean bench format format-check
+.PHONY: all test test-run unit e2e layers run deps clean bench format format-check
 # Keep test objects between runs (they are intermediate files to make).
 .SECONDARY:
 
@@ -67,7 +67,7 @@ $(LIB): $(LIB_OBJS)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BIN): $(BUILD)/obj/server/main.o $(LIB)
+$(BIN): $(BUILD)/obj/cmd/main.o $(LIB)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
 
 $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
@@ -106,7 +106,12 @@ e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	bash tests/signals/run.sh $(BUILD)
 	bash tests/docker/run.sh $(BUILD)
 
-test-run: unit e2e
+# Includes only down the layers of tests/layers/edges; symbols with their
+# folder's prefix (tests/layers/prefixes).
+layers: $(LIB)
+	bash tests/layers/check.sh $(BUILD)/obj
+
+test-run: layers unit e2e
 
 # The plain build first (fast feedback), then the same suite under
 # AddressSanitizer + UndefinedBehaviorSanitizer.

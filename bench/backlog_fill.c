@@ -23,7 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 #include "../spool/spool.h"
 
 static int usage(void) {

@@ -24,7 +24,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 
 #define POLL_MS 2
 

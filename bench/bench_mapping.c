@@ -6,7 +6,7 @@
  *   bench_mapping [SECONDS]     default 2; prints events/s for
  *                               apply alone and for decode + apply
  *
- * Link with libamp.a (or the mapping sources and server/util.c), jansson and
+ * Link with libamp.a (or the mapping sources and base/util.c), jansson and
  * libcrypto.
  */
 #include <stdio.h>
@@ -67,7 +67,7 @@ static double run(const amp_mapper *m, const json_t *event, bool decode, double 
             json_t *evs = NULL;
             const json_t *ev = event;
             if (decode) {
-                if (amp_decode_body(EVENT, sizeof(EVENT) - 1, &evs, detail, sizeof(detail)) !=
+                if (amp_map_decode_body(EVENT, sizeof(EVENT) - 1, &evs, detail, sizeof(detail)) !=
                     AMP_DECODE_OK) {
                     fprintf(stderr, "decode failed: %s\n", detail);
                     exit(1);

@@ -1,6 +1,6 @@
 /*
  * mhd_baseline — the reference servers for `make bench`: a libmicrohttpd
- * server set up like amp2dify's (server/http.c: epoll internal thread, a
+ * server set up like amp2dify's (handlers/http.c: epoll internal thread, a
  * thread pool, suspend/resume allowed, connection limit 1024, 30 s idle
  * timeout) that collects the POST body into a capped buffer, as the
  * product's router does, and answers with a small JSON body. It checks no
@@ -40,7 +40,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 
 #define MAX_BODY (1024 * 1024) /* amp2dify's default listen.max_body_bytes */
 #define CONNECTION_LIMIT 1024

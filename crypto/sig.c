@@ -33,7 +33,7 @@
  */
 #include "sig.h"
 
-#include "../server/util.h"
+#include "../base/util.h"
 
 #include <inttypes.h>
 #include <stdarg.h>

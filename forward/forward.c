@@ -88,7 +88,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../server/log.h"
+#include "../base/log.h"
 
 #define MAX_WAIT_MS 1000
 /* Floor between claims when rows are due but none could be claimed (a
@@ -1026,7 +1026,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
         const char *key = opts->api_keys[i];
         app_state *a = &f->apps[i];
         a->app = app;
-        a->url = amp_forward_join_url(opts->base_url, amp_endpoint_path(app->endpoint));
+        a->url = amp_forward_join_url(opts->base_url, amp_map_endpoint_path(app->endpoint));
         if (!key || !*key || has_ctl(key)) {
             /* Never print the key, not even a broken one. */
             snprintf(err, errlen, "apps.%s: API key %s", app->name,

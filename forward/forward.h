@@ -22,7 +22,7 @@
 #include <stdint.h>
 
 #include "../mapping/mapping.h"
-#include "../server/metrics.h"
+#include "../base/metrics.h"
 #include "../spool/spool.h"
 
 /* Largest pool (dify.workers): one thread and one connection each. */

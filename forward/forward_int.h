@@ -29,8 +29,8 @@
 #include <stdint.h>
 
 #include "../mapping/mapping.h"
-#include "../server/util.h"
-#include "../server/version.h"
+#include "../base/util.h"
+#include "../base/version.h"
 
 /* Fallback for builds that leave version.h out. */
 #ifndef AMP_VERSION

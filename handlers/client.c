@@ -45,7 +45,7 @@ static int parse_cidr(const char *s, amp_cidr *out) {
     return 0;
 }
 
-amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count) {
+amp_cidr *amp_handlers_client_parse_proxies(char *const *cidrs, size_t n, size_t *count) {
     amp_cidr *out = amp_xcalloc(n + 1, sizeof *out);
     *count = 0;
     for (size_t i = 0; i < n; i++)
@@ -96,8 +96,8 @@ static void format_addr(int family, const unsigned char *addr, char *out, size_t
         snprintf(out, len, "unknown");
 }
 
-void amp_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
-                        size_t len) {
+void amp_handlers_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
+                                 size_t len) {
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
     unsigned char addr[16] = {0};

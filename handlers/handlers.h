@@ -21,8 +21,8 @@
 #include <microhttpd.h>
 #include <stdbool.h>
 
-#include "../server/config.h"
-#include "../server/metrics.h"
+#include "../config/config.h"
+#include "../base/metrics.h"
 #include "../spool/spool.h"
 
 typedef struct amp_handlers amp_handlers;

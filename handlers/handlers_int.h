@@ -8,7 +8,7 @@
 
 #include <stdatomic.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 #include "handlers.h"
 
 typedef struct amp_cidr amp_cidr;
@@ -66,31 +66,36 @@ struct amp_req {
 };
 
 /* reply.c — each queues a JSON response and returns MHD's result. */
-enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body /* takes ownership */);
-enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail);
-/* Like amp_reply_error, with one extra header (e.g. Allow). */
-enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
-                                    const char *detail, const char *hname, const char *hvalue);
+enum MHD_Result amp_handlers_reply_json(amp_req *r, unsigned status,
+                                        json_t *body /* takes ownership */);
+enum MHD_Result amp_handlers_reply_error(amp_req *r, unsigned status, const char *code,
+                                         const char *detail);
+/* Like amp_handlers_reply_error, with one extra header (e.g. Allow). */
+enum MHD_Result amp_handlers_reply_error_hdr(amp_req *r, unsigned status, const char *code,
+                                             const char *detail, const char *hname,
+                                             const char *hvalue);
 /* 503 unavailable with Retry-After: RETRY_SOON_S while shutting down or
  * while the spool fails, RETRY_FULL_S when it is full (it drains slower). */
 #define RETRY_SOON_S 5
 #define RETRY_FULL_S 30
-enum MHD_Result amp_reply_unavailable(amp_req *r, const char *detail, unsigned retry_after_s);
+enum MHD_Result amp_handlers_reply_unavailable(amp_req *r, const char *detail,
+                                               unsigned retry_after_s);
 
 /* webhook.c */
-enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r);
-enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r);
 
 /* client.c */
-amp_cidr *amp_client_parse_proxies(char *const *cidrs, size_t n, size_t *count); /* caller owns */
-void amp_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
-                        size_t len);
+amp_cidr *amp_handlers_client_parse_proxies(char *const *cidrs, size_t n,
+                                            size_t *count); /* caller owns */
+void amp_handlers_client_address(const amp_handlers_gen *g, struct MHD_Connection *conn, char *out,
+                                 size_t len);
 
 /* metrics.c */
-enum MHD_Result amp_metrics_endpoint(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_metrics_endpoint(amp_handlers *h, amp_req *r);
 
 /* health.c */
-enum MHD_Result amp_health_healthz(amp_handlers *h, amp_req *r);
-enum MHD_Result amp_health_readyz(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_health_healthz(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_health_readyz(amp_handlers *h, amp_req *r);
 
 #endif

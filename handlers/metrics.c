@@ -3,7 +3,7 @@
 
 #include "handlers_int.h"
 
-enum MHD_Result amp_metrics_endpoint(amp_handlers *h, amp_req *r) {
+enum MHD_Result amp_handlers_metrics_endpoint(amp_handlers *h, amp_req *r) {
     char *text = amp_metrics_render(h->metrics);
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../server/jsonw.h"
+#include "../json/jsonw.h"
 #include "handlers_int.h"
 
 static enum MHD_Result queue(amp_req *r, unsigned status, char *text, const char *hname,
@@ -33,24 +33,27 @@ static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body,
     return queue(r, status, text, hname, hvalue);
 }
 
-enum MHD_Result amp_reply_json(amp_req *r, unsigned status, json_t *body) {
+enum MHD_Result amp_handlers_reply_json(amp_req *r, unsigned status, json_t *body) {
     return reply_json_hdr(r, status, body, NULL, NULL);
 }
 
-enum MHD_Result amp_reply_error_hdr(amp_req *r, unsigned status, const char *code,
-                                    const char *detail, const char *hname, const char *hvalue) {
+enum MHD_Result amp_handlers_reply_error_hdr(amp_req *r, unsigned status, const char *code,
+                                             const char *detail, const char *hname,
+                                             const char *hvalue) {
     json_t *body = json_pack("{s:s, s:s}", "error", code, "detail", detail);
     r->error = code;
     return reply_json_hdr(r, status, body, hname, hvalue);
 }
 
-enum MHD_Result amp_reply_unavailable(amp_req *r, const char *detail, unsigned retry_after_s) {
+enum MHD_Result amp_handlers_reply_unavailable(amp_req *r, const char *detail,
+                                               unsigned retry_after_s) {
     char seconds[16];
     snprintf(seconds, sizeof seconds, "%u", retry_after_s);
-    return amp_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", detail,
-                               "Retry-After", seconds);
+    return amp_handlers_reply_error_hdr(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", detail,
+                                        "Retry-After", seconds);
 }
 
-enum MHD_Result amp_reply_error(amp_req *r, unsigned status, const char *code, const char *detail) {
-    return amp_reply_error_hdr(r, status, code, detail, NULL, NULL);
+enum MHD_Result amp_handlers_reply_error(amp_req *r, unsigned status, const char *code,
+                                         const char *detail) {
+    return amp_handlers_reply_error_hdr(r, status, code, detail, NULL, NULL);
 }

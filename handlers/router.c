@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../server/log.h"
+#include "../base/log.h"
 #include "handlers_int.h"
 
 /* How much of an oversized body is read and dropped before the connection
@@ -23,10 +23,10 @@ typedef struct route {
 } route;
 
 static const route routes[] = {
-    {NULL, MHD_HTTP_METHOD_POST, amp_webhook_begin, amp_webhook_finish},
-    {"/healthz", MHD_HTTP_METHOD_GET, NULL, amp_health_healthz},
-    {"/readyz", MHD_HTTP_METHOD_GET, NULL, amp_health_readyz},
-    {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_metrics_endpoint},
+    {NULL, MHD_HTTP_METHOD_POST, amp_handlers_webhook_begin, amp_handlers_webhook_finish},
+    {"/healthz", MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_healthz},
+    {"/readyz", MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_readyz},
+    {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_handlers_metrics_endpoint},
 };
 
 /* A GET endpoint answers HEAD too (libmicrohttpd then sends the headers
@@ -69,8 +69,8 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_m
 void amp_handlers_set_config(amp_handlers *h, const amp_config *cfg) {
     amp_handlers_gen *g = amp_xcalloc(1, sizeof *g);
     g->cfg = cfg;
-    g->proxies = amp_client_parse_proxies(cfg->listen.trusted_proxies, cfg->listen.ntrusted_proxies,
-                                          &g->nproxies);
+    g->proxies = amp_handlers_client_parse_proxies(cfg->listen.trusted_proxies,
+                                                   cfg->listen.ntrusted_proxies, &g->nproxies);
     g->older = atomic_load(&h->gen);
     atomic_store(&h->gen, g);
 }
@@ -144,14 +144,14 @@ static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
                                   const char *method) {
     const route *rt = match(r->gen->cfg, url);
     if (!rt)
-        return amp_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
+        return amp_handlers_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
     if (!allowed(rt, method)) {
         const char *allow = is_get(rt) ? MHD_HTTP_METHOD_GET ", " MHD_HTTP_METHOD_HEAD : rt->method;
         char detail[64];
         snprintf(detail, sizeof detail, "%s only accepts %s", rt->path ? rt->path : "this path",
                  allow);
-        return amp_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", detail,
-                                   MHD_HTTP_HEADER_ALLOW, allow);
+        return amp_handlers_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                                            detail, MHD_HTTP_HEADER_ALLOW, allow);
     }
     r->endpoint = rt->finish;
     r->webhook = rt->path == NULL;
@@ -176,7 +176,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         atomic_init(&r->state, REQ_READING);
         admit(h, r);
         set_request_id(r);
-        amp_client_address(r->gen, conn, r->client, sizeof r->client);
+        amp_handlers_client_address(r->gen, conn, r->client, sizeof r->client);
         *req_cls = r;
         return first_call(h, r, url, method);
     }

@@ -14,8 +14,8 @@
 #include <time.h>
 
 #include "../mapping/mapping.h"
-#include "../server/jsonw.h"
-#include "../server/log.h"
+#include "../json/jsonw.h"
+#include "../base/log.h"
 #include "handlers_int.h"
 
 /* application/json, with optional parameters (charset). */
@@ -33,14 +33,15 @@ static bool is_json_type(const char *ct) {
     return *ct == '\0' || *ct == ';';
 }
 
-enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r) {
+enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r) {
     (void)h; /* the config comes with the request (r->gen) */
     const char *ct =
         MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (!is_json_type(ct)) {
         r->endpoint = NULL;
-        return amp_reply_error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
-                               "Content-Type must be application/json");
+        return amp_handlers_reply_error(r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                        "unsupported_media_type",
+                                        "Content-Type must be application/json");
     }
     /* Refuse a declared oversize body before reading any of it. */
     const char *cl =
@@ -52,7 +53,7 @@ enum MHD_Result amp_webhook_begin(amp_handlers *h, amp_req *r) {
         char detail[96];
         snprintf(detail, sizeof detail, "the body is larger than %zu bytes",
                  r->gen->cfg->listen.max_body_bytes);
-        return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
+        return amp_handlers_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
     return MHD_YES;
 }
@@ -77,7 +78,7 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
     };
     amp_series_inc(amp_metrics_series(h->metrics, "amp2dify_auth_failures_total", "reason",
                                       reasons[res], NULL));
-    return amp_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
+    return amp_handlers_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
 }
 
 /* Collects the requests one event produces into the batch; the event is
@@ -116,14 +117,15 @@ static enum MHD_Result answer_stored(amp_req *r) {
     if (res->status != 0) {
         amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
                 "error", res->error ? res->error : "unknown");
-        return amp_reply_unavailable(r, res->error ? res->error : "the spool is unavailable",
-                                     RETRY_SOON_S);
+        return amp_handlers_reply_unavailable(
+            r, res->error ? res->error : "the spool is unavailable", RETRY_SOON_S);
     }
     amp_series_add(h->events_accepted, res->accepted);
     amp_series_add(h->events_duplicate, res->duplicates);
-    return amp_reply_json(r, MHD_HTTP_ACCEPTED,
-                          json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted, "duplicates",
-                                    (int)res->duplicates, "filtered", (int)r->filtered));
+    return amp_handlers_reply_json(r, MHD_HTTP_ACCEPTED,
+                                   json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
+                                             "duplicates", (int)res->duplicates, "filtered",
+                                             (int)r->filtered));
 }
 
 /* Every route applied to every event, into one batch (caller owns); events
@@ -147,7 +149,7 @@ static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json
     json_t *ev;
     json_array_foreach(events, i, ev) {
         char msg_key[300];
-        const char *key = amp_event_dedupe_key(ev);
+        const char *key = amp_map_dedupe_key(ev);
         if (!key && msg_id && *msg_id && strlen(msg_id) < 256) {
             snprintf(msg_key, sizeof msg_key, "webhook-id:%s#%zu", msg_id, i);
             key = msg_key;
@@ -164,7 +166,7 @@ static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json
     return batch;
 }
 
-enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
+enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     switch (atomic_load(&r->state)) {
     case REQ_WAITING:
         return MHD_YES; /* resumed before the answer: keep waiting */
@@ -179,14 +181,14 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
         char detail[96];
         snprintf(detail, sizeof detail, "the body is larger than %zu bytes",
                  cfg->listen.max_body_bytes);
-        return amp_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
+        return amp_handlers_reply_error(r, MHD_HTTP_CONTENT_TOO_LARGE, "body_too_large", detail);
     }
     if (!r->admitted) /* begun after shutdown started */
-        return amp_reply_unavailable(r, "shutting down", RETRY_SOON_S);
+        return amp_handlers_reply_unavailable(r, "shutting down", RETRY_SOON_S);
 
     const char *full = amp_spool_full(h->spool);
     if (full)
-        return amp_reply_unavailable(r, full, RETRY_FULL_S);
+        return amp_handlers_reply_unavailable(r, full, RETRY_FULL_S);
 
     const char *body = r->body.data ? r->body.data : "";
     if (cfg->auth.verifier) {
@@ -199,18 +201,18 @@ enum MHD_Result amp_webhook_finish(amp_handlers *h, amp_req *r) {
 
     char detail[256];
     json_t *events = NULL;
-    amp_decode_result dr = amp_decode_body(body, r->body.len, &events, detail, sizeof detail);
+    amp_decode_result dr = amp_map_decode_body(body, r->body.len, &events, detail, sizeof detail);
     if (dr != AMP_DECODE_OK) {
         const char *code = dr == AMP_DECODE_INVALID_JSON ? "invalid_json" : "invalid_event";
         amp_series_inc(h->events_rejected);
-        return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
+        return amp_handlers_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
     amp_spool_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
     if (!batch) {
         amp_series_add(h->events_rejected, (double)json_array_size(events));
         json_decref(events);
-        return amp_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
+        return amp_handlers_reply_error(r, MHD_HTTP_BAD_REQUEST, "invalid_event", detail);
     }
     size_t nevents = json_array_size(events);
     json_decref(events);

@@ -6,7 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "../server/jsonr.h"
+#include "../json/jsonr.h"
 #include "mapping.h"
 #include "mapping_int.h"
 
@@ -67,7 +67,7 @@ static bool expect(const char *s, size_t len, size_t *i, char c) {
     return true;
 }
 
-int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms) {
+int amp_map_time_parse(const char *s, size_t len, bool strict, int64_t *ms) {
     size_t i = 0;
     unsigned y, mo, d, h, mi, sec, frac_ms = 0;
     if (!digits(s, len, &i, 4, &y) || !expect(s, len, &i, '-') || !digits(s, len, &i, 2, &mo) ||
@@ -113,7 +113,7 @@ int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms) {
     return 0;
 }
 
-int amp_time_format(int64_t ms, char *buf, size_t len) {
+int amp_map_time_format(int64_t ms, char *buf, size_t len) {
     /* Floor division so times before 1970 keep a positive millisecond part. */
     int64_t secs = ms / 1000, rem = ms % 1000;
     if (rem < 0) {
@@ -246,7 +246,8 @@ static bool nonempty_string(const json_t *v) {
 /* 0, or -1 with detail set. */
 static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) {
     if (!json_is_object(ev)) {
-        snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx, amp_json_kind(ev));
+        snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx,
+                 amp_map_json_kind(ev));
         return -1;
     }
     json_t *et = json_object_get(ev, "event_type");
@@ -256,7 +257,7 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     }
     if (!nonempty_string(et)) {
         snprintf(detail, dlen, "events[%zu].event_type: expected a non-empty string, found %s", idx,
-                 json_is_string(et) ? "an empty string" : amp_json_kind(et));
+                 json_is_string(et) ? "an empty string" : amp_map_json_kind(et));
         return -1;
     }
     /* user_id / device_id: absent, null or a string. Amplitude sends strings;
@@ -267,7 +268,7 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
         json_t *v = json_object_get(ev, ids[k]);
         if (v && !json_is_null(v) && !json_is_string(v)) {
             snprintf(detail, dlen, "events[%zu].%s: expected a string or null, found %s", idx,
-                     ids[k], amp_json_kind(v));
+                     ids[k], amp_map_json_kind(v));
             return -1;
         }
         have_id = have_id || nonempty_string(v);
@@ -280,18 +281,18 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     int64_t ms;
     if (t && !json_is_null(t) &&
         (!json_is_string(t) ||
-         amp_time_parse(json_string_value(t), json_string_length(t), true, &ms) != 0)) {
+         amp_map_time_parse(json_string_value(t), json_string_length(t), true, &ms) != 0)) {
         snprintf(detail, dlen,
                  "events[%zu].event_time: expected \"YYYY-MM-DD HH:MM:SS\" with 0, 3 or 6 "
                  "fraction digits (UTC), found %s",
-                 idx, json_is_string(t) ? "another format" : amp_json_kind(t));
+                 idx, json_is_string(t) ? "another format" : amp_map_json_kind(t));
         return -1;
     }
     t = json_object_get(ev, "time");
     if (t && !json_is_null(t) && (!json_is_integer(t) || json_integer_value(t) < 0)) {
         snprintf(detail, dlen,
                  "events[%zu].time: expected an integer >= 0 (epoch milliseconds), found %s", idx,
-                 json_is_integer(t) ? "a negative number" : amp_json_kind(t));
+                 json_is_integer(t) ? "a negative number" : amp_map_json_kind(t));
         return -1;
     }
     shape_path path = {.len = 0};
@@ -312,8 +313,8 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     return 0;
 }
 
-amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events, char *detail,
-                                  size_t detail_len) {
+amp_decode_result amp_map_decode_body(const char *body, size_t len, json_t **events, char *detail,
+                                      size_t detail_len) {
     json_error_t jerr;
     *events = NULL;
     if (detail_len)
@@ -336,7 +337,7 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
         list = json_object_get(root, "events");
         if (!json_is_array(list)) {
             snprintf(detail, detail_len, "events: expected an array, found %s",
-                     amp_json_kind(list));
+                     amp_map_json_kind(list));
             json_decref(root);
             return AMP_DECODE_INVALID_EVENT;
         }
@@ -349,7 +350,7 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
         snprintf(detail, detail_len,
                  "body: expected an event object, an array of events or {\"events\":[...]}, "
                  "found %s",
-                 amp_json_kind(root));
+                 amp_map_json_kind(root));
         json_decref(root);
         return AMP_DECODE_INVALID_EVENT;
     }
@@ -372,7 +373,7 @@ amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events,
     return AMP_DECODE_OK;
 }
 
-const char *amp_event_dedupe_key(const json_t *event) {
+const char *amp_map_dedupe_key(const json_t *event) {
     static const char *const keys[] = {"insert_id", "$insert_id", "uuid"};
     for (size_t k = 0; k < 3; k++) {
         json_t *v = json_object_get(event, keys[k]);

@@ -54,13 +54,13 @@ struct amp_filter {
     regex_t re;
 };
 
-void amp_filter_free(amp_filter *f) {
+void amp_map_filter_free(amp_filter *f) {
     if (!f)
         return;
     for (size_t i = 0; i < f->nkids; i++)
-        amp_filter_free(f->kids[i]);
+        amp_map_filter_free(f->kids[i]);
     free(f->kids);
-    amp_path_free(&f->field);
+    amp_map_path_free(&f->field);
     json_decref(f->value);
     if (f->has_re)
         regfree(&f->re);
@@ -86,7 +86,7 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
                 which = key;
             }
         } else {
-            char *p = amp_jpath_key(path, key);
+            char *p = amp_map_jpath_key(path, key);
             amp_errs_add(errs, p, "unknown key; an object with all, any or not has no other keys");
             free(p);
             ok = false;
@@ -96,7 +96,7 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
         return NULL;
 
     amp_filter *f = amp_xcalloc(1, sizeof(*f));
-    char *cpath = amp_jpath_key(path, which);
+    char *cpath = amp_map_jpath_key(path, which);
     val = json_object_get(spec, which);
     if (!strcmp(which, "not")) {
         f->kind = F_NOT;
@@ -108,13 +108,13 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
         f->kind = !strcmp(which, "all") ? F_ALL : F_ANY;
         if (!json_is_array(val) || json_array_size(val) == 0) {
             amp_errs_add(errs, cpath, "expected a non-empty array of filters, found %s",
-                         json_is_array(val) ? "an empty array" : amp_json_kind(val));
+                         json_is_array(val) ? "an empty array" : amp_map_json_kind(val));
             ok = false;
         } else {
             f->nkids = json_array_size(val);
             f->kids = amp_xcalloc(f->nkids, sizeof(*f->kids));
             for (size_t i = 0; i < f->nkids; i++) {
-                char *ip = amp_jpath_index(cpath, i);
+                char *ip = amp_map_jpath_index(cpath, i);
                 f->kids[i] = compile_node(json_array_get(val, i), ip, depth + 1, errs);
                 ok = ok && f->kids[i];
                 free(ip);
@@ -123,7 +123,7 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
     }
     free(cpath);
     if (!ok) {
-        amp_filter_free(f);
+        amp_map_filter_free(f);
         return NULL;
     }
     return f;
@@ -142,13 +142,14 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
     case OP_IN:
         if (!json_is_array(value) || json_array_size(value) == 0) {
             amp_errs_add(errs, vpath, "op 'in' needs a non-empty array, found %s",
-                         json_is_array(value) ? "an empty array" : amp_json_kind(value));
+                         json_is_array(value) ? "an empty array" : amp_map_json_kind(value));
             return false;
         }
         return true;
     case OP_REGEX: {
         if (!json_is_string(value)) {
-            amp_errs_add(errs, vpath, "op 'regex' needs a string, found %s", amp_json_kind(value));
+            amp_errs_add(errs, vpath, "op 'regex' needs a string, found %s",
+                         amp_map_json_kind(value));
             return false;
         }
         int rc = regcomp(&f->re, json_string_value(value), REG_EXTENDED | REG_NOSUB);
@@ -167,13 +168,14 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
     case OP_LTE:
         if (!json_is_number(value)) {
             amp_errs_add(errs, vpath, "op '%s' needs a number, found %s", op_names[f->op],
-                         amp_json_kind(value));
+                         amp_map_json_kind(value));
             return false;
         }
         return true;
     case OP_PREFIX:
         if (!json_is_string(value)) {
-            amp_errs_add(errs, vpath, "op 'prefix' needs a string, found %s", amp_json_kind(value));
+            amp_errs_add(errs, vpath, "op 'prefix' needs a string, found %s",
+                         amp_map_json_kind(value));
             return false;
         }
         return true;
@@ -190,7 +192,7 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     json_t *val;
     json_object_foreach((json_t *)spec, key, val) {
         if (strcmp(key, "field") && strcmp(key, "op") && strcmp(key, "value")) {
-            char *p = amp_jpath_key(path, key);
+            char *p = amp_map_jpath_key(path, key);
             amp_errs_add(errs, p, "unknown key; expected one of field, op, value, all, any, not");
             free(p);
             ok = false;
@@ -199,20 +201,20 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
 
     amp_filter *f = amp_xcalloc(1, sizeof(*f));
     f->kind = F_RULE;
-    char *fpath = amp_jpath_key(path, "field");
-    char *opath = amp_jpath_key(path, "op");
-    char *vpath = amp_jpath_key(path, "value");
+    char *fpath = amp_map_jpath_key(path, "field");
+    char *opath = amp_map_jpath_key(path, "op");
+    char *vpath = amp_map_jpath_key(path, "value");
 
     json_t *field = json_object_get(spec, "field");
     if (!field) {
         amp_errs_add(errs, fpath, "missing; expected a field path such as \"event_type\"");
         ok = false;
     } else if (!json_is_string(field)) {
-        amp_errs_add(errs, fpath, "expected a string, found %s", amp_json_kind(field));
+        amp_errs_add(errs, fpath, "expected a string, found %s", amp_map_json_kind(field));
         ok = false;
     } else {
         char err[160];
-        if (amp_path_parse(&f->field, json_string_value(field), true, err, sizeof(err)) != 0) {
+        if (amp_map_path_parse(&f->field, json_string_value(field), true, err, sizeof(err)) != 0) {
             amp_errs_add(errs, fpath, "bad field path '%s': %s", json_string_value(field), err);
             ok = false;
         }
@@ -223,7 +225,7 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     if (!op) {
         amp_errs_add(errs, opath, "missing; expected one of " OPS_LIST);
     } else if (!json_is_string(op)) {
-        amp_errs_add(errs, opath, "expected a string, found %s", amp_json_kind(op));
+        amp_errs_add(errs, opath, "expected a string, found %s", amp_map_json_kind(op));
     } else {
         for (size_t i = 0; i < NOPS; i++) {
             if (!strcmp(json_string_value(op), op_names[i])) {
@@ -254,7 +256,7 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     free(opath);
     free(vpath);
     if (!ok) {
-        amp_filter_free(f);
+        amp_map_filter_free(f);
         return NULL;
     }
     return f;
@@ -262,7 +264,7 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
 
 static amp_filter *compile_node(const json_t *spec, const char *path, int depth, amp_errs *errs) {
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected a filter object, found %s", amp_json_kind(spec));
+        amp_errs_add(errs, path, "expected a filter object, found %s", amp_map_json_kind(spec));
         return NULL;
     }
     if (depth > AMP_FILTER_MAX_DEPTH) {
@@ -275,25 +277,25 @@ static amp_filter *compile_node(const json_t *spec, const char *path, int depth,
     return compile_rule(spec, path, errs);
 }
 
-amp_filter *amp_filter_compile(const json_t *spec, const char *path, amp_errs *errs) {
+amp_filter *amp_map_filter_compile(const json_t *spec, const char *path, amp_errs *errs) {
     return compile_node(spec, path, 1, errs);
 }
 
 /* ---- evaluation ------------------------------------------------------ */
 
 static bool eval_rule(const amp_filter *f, const json_t *event) {
-    const json_t *v = amp_path_get(&f->field, event);
+    const json_t *v = amp_map_path_get(&f->field, event);
     if (f->op == OP_NOT_EQUALS)
-        return !(v && amp_value_equal(v, f->value));
+        return !(v && amp_map_value_equal(v, f->value));
     if (!v)
         return false;
     switch (f->op) {
     case OP_EQUALS:
-        return amp_value_equal(v, f->value);
+        return amp_map_value_equal(v, f->value);
     case OP_IN: {
         size_t i;
         json_t *x;
-        json_array_foreach(f->value, i, x) if (amp_value_equal(v, x)) return true;
+        json_array_foreach(f->value, i, x) if (amp_map_value_equal(v, x)) return true;
         return false;
     }
     case OP_REGEX:
@@ -303,13 +305,13 @@ static bool eval_rule(const amp_filter *f, const json_t *event) {
     case OP_EXCLUDE_NULL:
         return !json_is_null(v);
     case OP_GT:
-        return json_is_number(v) && amp_number_cmp(v, f->value) > 0;
+        return json_is_number(v) && amp_map_number_cmp(v, f->value) > 0;
     case OP_GTE:
-        return json_is_number(v) && amp_number_cmp(v, f->value) >= 0;
+        return json_is_number(v) && amp_map_number_cmp(v, f->value) >= 0;
     case OP_LT:
-        return json_is_number(v) && amp_number_cmp(v, f->value) < 0;
+        return json_is_number(v) && amp_map_number_cmp(v, f->value) < 0;
     case OP_LTE:
-        return json_is_number(v) && amp_number_cmp(v, f->value) <= 0;
+        return json_is_number(v) && amp_map_number_cmp(v, f->value) <= 0;
     case OP_PREFIX: {
         size_t n = json_string_length(f->value);
         return json_is_string(v) && json_string_length(v) >= n &&
@@ -321,20 +323,20 @@ static bool eval_rule(const amp_filter *f, const json_t *event) {
     return false;
 }
 
-bool amp_filter_eval(const amp_filter *f, const json_t *event) {
+bool amp_map_filter_eval(const amp_filter *f, const json_t *event) {
     switch (f->kind) {
     case F_ALL:
         for (size_t i = 0; i < f->nkids; i++)
-            if (!amp_filter_eval(f->kids[i], event))
+            if (!amp_map_filter_eval(f->kids[i], event))
                 return false;
         return true;
     case F_ANY:
         for (size_t i = 0; i < f->nkids; i++)
-            if (amp_filter_eval(f->kids[i], event))
+            if (amp_map_filter_eval(f->kids[i], event))
                 return true;
         return false;
     case F_NOT:
-        return !amp_filter_eval(f->kids[0], event);
+        return !amp_map_filter_eval(f->kids[0], event);
     case F_RULE:
         return eval_rule(f, event);
     }
@@ -406,7 +408,7 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
     switch (f->kind) {
     case F_ALL:
         for (size_t i = 0; i < f->nkids; i++) {
-            if (!amp_filter_eval(f->kids[i], event)) {
+            if (!amp_map_filter_eval(f->kids[i], event)) {
                 char *child = amp_xasprintf("%s%sall[%zu]", where, *where ? "." : "", i);
                 explain_node(f->kids[i], event, child, out);
                 free(child);
@@ -432,7 +434,7 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
         head(out, where, "");
         describe_rule(f, out);
         put(out, " is false");
-        const json_t *v = amp_path_get(&f->field, event);
+        const json_t *v = amp_map_path_get(&f->field, event);
         if (!v) {
             put(out, " (field is missing)");
         } else if (f->op == OP_REGEX || f->op == OP_PREFIX || f->op == OP_GT || f->op == OP_GTE ||
@@ -442,7 +444,7 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
                 f->op == OP_REGEX || f->op == OP_PREFIX ? json_is_string(v) : json_is_number(v);
             if (!typed) {
                 put(out, " (field is ");
-                put(out, amp_json_kind(v));
+                put(out, amp_map_json_kind(v));
                 put(out, ")");
             }
         }
@@ -451,6 +453,6 @@ static void explain_node(const amp_filter *f, const json_t *event, const char *w
     }
 }
 
-void amp_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out) {
+void amp_map_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out) {
     explain_node(f, event, "", out);
 }

@@ -42,7 +42,7 @@ struct amp_mapper {
 
 static const char *const endpoint_names[] = {"chat", "completion", "workflow"};
 
-const char *amp_endpoint_path(amp_endpoint e) {
+const char *amp_map_endpoint_path(amp_endpoint e) {
     switch (e) {
     case AMP_ENDPOINT_CHAT:
         return "chat-messages";
@@ -57,15 +57,15 @@ const char *amp_endpoint_path(amp_endpoint e) {
 static void free_route(route *r) {
     free(r->name);
     free(r->label);
-    amp_filter_free(r->filter);
+    amp_map_filter_free(r->filter);
     for (size_t i = 0; i < r->nrules; i++) {
-        amp_path_free(&r->rules[i].source);
-        amp_path_free(&r->rules[i].target);
-        amp_xform_free(r->rules[i].xf);
+        amp_map_path_free(&r->rules[i].source);
+        amp_map_path_free(&r->rules[i].target);
+        amp_map_xform_free(r->rules[i].xf);
     }
     free(r->rules);
-    amp_tmpl_free(r->query);
-    amp_tmpl_free(r->user);
+    amp_map_tmpl_free(r->query);
+    amp_map_tmpl_free(r->user);
 }
 
 void amp_mapper_destroy(amp_mapper *m) {
@@ -104,7 +104,7 @@ static bool check_keys(const json_t *obj, const char *path, const char *const *a
         for (size_t i = 0; allowed[i] && !found; i++)
             found = !strcmp(key, allowed[i]);
         if (!found) {
-            char *p = amp_jpath_key(path, key);
+            char *p = amp_map_jpath_key(path, key);
             amp_errs_add(errs, p, "unknown key; expected one of %s", expected);
             free(p);
             ok = false;
@@ -117,7 +117,7 @@ static bool check_keys(const json_t *obj, const char *path, const char *const *a
 static const char *get_string(const json_t *obj, const char *key, const char *path, bool required,
                               bool *ok, amp_errs *errs) {
     json_t *v = json_object_get(obj, key);
-    char *p = amp_jpath_key(path, key);
+    char *p = amp_map_jpath_key(path, key);
     const char *s = NULL;
     if (!v) {
         if (required) {
@@ -125,7 +125,7 @@ static const char *get_string(const json_t *obj, const char *key, const char *pa
             *ok = false;
         }
     } else if (!json_is_string(v)) {
-        amp_errs_add(errs, p, "expected a string, found %s", amp_json_kind(v));
+        amp_errs_add(errs, p, "expected a string, found %s", amp_map_json_kind(v));
         *ok = false;
     } else if (json_string_length(v) == 0) {
         amp_errs_add(errs, p, "expected a non-empty string, found an empty string");
@@ -171,12 +171,13 @@ static void get_uint(const json_t *obj, const char *key, const char *path, json_
     json_t *v = json_object_get(obj, key);
     if (!v)
         return;
-    char *p = amp_jpath_key(path, key);
+    char *p = amp_map_jpath_key(path, key);
     if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
         amp_errs_add(errs, p,
                      "expected an integer from %" JSON_INTEGER_FORMAT " to %" JSON_INTEGER_FORMAT
                      ", found %s",
-                     min, max, json_is_integer(v) ? "an integer out of range" : amp_json_kind(v));
+                     min, max,
+                     json_is_integer(v) ? "an integer out of range" : amp_map_json_kind(v));
         *ok = false;
     } else {
         *out = (unsigned)json_integer_value(v);
@@ -204,7 +205,7 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
         ok = false;
     }
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected an app object, found %s", amp_json_kind(spec));
+        amp_errs_add(errs, path, "expected an app object, found %s", amp_map_json_kind(spec));
         return;
     }
     check_keys(spec, path, keys, APP_KEYS, errs);
@@ -212,7 +213,7 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     const char *env = get_string(spec, "api_key_env", path, false, &ok, errs);
     const char *file = get_string(spec, "api_key_file", path, false, &ok, errs);
     if (env && !env_name_ok(env)) {
-        char *p = amp_jpath_key(path, "api_key_env");
+        char *p = amp_map_jpath_key(path, "api_key_env");
         amp_errs_add(errs, p, "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
         free(p);
     }
@@ -226,7 +227,7 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
 
     const char *s = get_string(spec, "endpoint", path, false, &ok, errs);
     if (s) {
-        char *p = amp_jpath_key(path, "endpoint");
+        char *p = amp_map_jpath_key(path, "endpoint");
         int k = pick(s, endpoint_names, 3, "endpoint", p, errs);
         if (k >= 0)
             a->endpoint = (amp_endpoint)k;
@@ -234,7 +235,7 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     }
     s = get_string(spec, "response_mode", path, false, &ok, errs);
     if (s) {
-        char *p = amp_jpath_key(path, "response_mode");
+        char *p = amp_map_jpath_key(path, "response_mode");
         a->streaming = pick(s, modes, 2, "response_mode", p, errs) == 1;
         free(p);
     }
@@ -242,9 +243,9 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     if (rate) {
         double r = json_number_value(rate);
         if (!json_is_number(rate) || !(r >= 0 && r <= 1000000)) {
-            char *p = amp_jpath_key(path, "rate_per_sec");
+            char *p = amp_map_jpath_key(path, "rate_per_sec");
             amp_errs_add(errs, p, "expected a number from 0 (unlimited) to 1000000, found %s",
-                         json_is_number(rate) ? "a number out of range" : amp_json_kind(rate));
+                         json_is_number(rate) ? "a number out of range" : amp_map_json_kind(rate));
             free(p);
         } else {
             a->rate_per_sec = r;
@@ -265,14 +266,14 @@ static void compile_apps(amp_mapper *m, const json_t *apps, amp_errs *errs) {
     }
     if (!json_is_object(apps)) {
         amp_errs_add(errs, "apps", "expected an object of Dify apps, found %s",
-                     amp_json_kind(apps));
+                     amp_map_json_kind(apps));
         return;
     }
     m->apps = amp_xcalloc(json_object_size(apps), sizeof(*m->apps));
     const char *name;
     json_t *spec;
     json_object_foreach((json_t *)apps, name, spec) {
-        char *p = amp_jpath_key("apps", name);
+        char *p = amp_map_jpath_key("apps", name);
         compile_app(&m->apps[m->napps++], name, spec, p, errs);
         free(p);
     }
@@ -308,7 +309,7 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
         amp_errs_add(errs, path,
                      "expected a mapping object {\"source\", \"target\", "
                      "\"transform\"}, found %s",
-                     amp_json_kind(spec));
+                     amp_map_json_kind(spec));
         return;
     }
     bool ok =
@@ -331,14 +332,14 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
     char err[160];
     const char *src = get_string(spec, names[0], path, true, &ok, errs);
     const char *dst = get_string(spec, names[1], path, true, &ok, errs);
-    char *sp = amp_jpath_key(path, names[0]);
-    char *tp = amp_jpath_key(path, names[1]);
-    char *xp = amp_jpath_key(path, names[2]);
-    if (src && amp_path_parse(&ru->source, src, true, err, sizeof(err)) != 0) {
+    char *sp = amp_map_jpath_key(path, names[0]);
+    char *tp = amp_map_jpath_key(path, names[1]);
+    char *xp = amp_map_jpath_key(path, names[2]);
+    if (src && amp_map_path_parse(&ru->source, src, true, err, sizeof(err)) != 0) {
         amp_errs_add(errs, sp, "bad field path '%s': %s", src, err);
         ok = false;
     }
-    if (dst && amp_path_parse(&ru->target, dst, false, err, sizeof(err)) != 0) {
+    if (dst && amp_map_path_parse(&ru->target, dst, false, err, sizeof(err)) != 0) {
         amp_errs_add(errs, tp, "bad field path '%s': %s", dst, err);
         ok = false;
         dst = NULL;
@@ -359,7 +360,7 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
     }
     json_t *xf = json_object_get(spec, names[2]);
     if (xf) {
-        ru->xf = amp_xform_compile(xf, xp, errs);
+        ru->xf = amp_map_xform_compile(xf, xp, errs);
         ok = ok && ru->xf;
     }
     free(sp);
@@ -374,15 +375,15 @@ static amp_tmpl *get_template(const json_t *spec, const char *key, const char *p
     json_t *v = json_object_get(spec, key);
     if (!v)
         return NULL;
-    char *p = amp_jpath_key(path, key);
+    char *p = amp_map_jpath_key(path, key);
     amp_tmpl *t = NULL;
     if (!json_is_string(v)) {
         amp_errs_add(errs, p, "expected a template string such as \"{{event_type}}\", found %s",
-                     amp_json_kind(v));
+                     amp_map_json_kind(v));
         ok = false;
     }
     if (ok)
-        t = amp_tmpl_compile(json_string_value(v), p, errs);
+        t = amp_map_tmpl_compile(json_string_value(v), p, errs);
     free(p);
     return t;
 }
@@ -398,7 +399,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
     bool ok = true;
     r->app = SIZE_MAX;
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected a route object, found %s", amp_json_kind(spec));
+        amp_errs_add(errs, path, "expected a route object, found %s", amp_map_json_kind(spec));
         return;
     }
     check_keys(spec, path, keys, ROUTE_KEYS, errs);
@@ -408,7 +409,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
         for (size_t j = 0; j < idx; j++) {
             json_t *other = json_object_get(json_array_get(all_routes, j), "name");
             if (json_is_string(other) && !strcmp(json_string_value(other), name)) {
-                char *p = amp_jpath_key(path, "name");
+                char *p = amp_map_jpath_key(path, "name");
                 amp_errs_add(errs, p, "duplicate route name '%s' (also routes[%zu].name)", name, j);
                 free(p);
                 break;
@@ -420,23 +421,24 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
 
     json_t *filter = json_object_get(spec, "filter");
     if (filter) {
-        char *p = amp_jpath_key(path, "filter");
-        r->filter = amp_filter_compile(filter, p, errs);
+        char *p = amp_map_jpath_key(path, "filter");
+        r->filter = amp_map_filter_compile(filter, p, errs);
         free(p);
     }
 
     json_t *map = json_object_get(spec, "map");
     if (map) {
-        char *p = amp_jpath_key(path, "map");
+        char *p = amp_map_jpath_key(path, "map");
         if (!json_is_array(map)) {
-            amp_errs_add(errs, p, "expected an array of mappings, found %s", amp_json_kind(map));
+            amp_errs_add(errs, p, "expected an array of mappings, found %s",
+                         amp_map_json_kind(map));
         } else {
             size_t i;
             json_t *e;
             r->nrules = json_array_size(map);
             r->rules = amp_xcalloc(r->nrules, sizeof(*r->rules));
             json_array_foreach(map, i, e) {
-                char *ep = amp_jpath_index(p, i);
+                char *ep = amp_map_jpath_index(p, i);
                 compile_rule(r, i, e, ep, errs);
                 free(ep);
             }
@@ -452,7 +454,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
             r->app = (size_t)k;
             app = &m->apps[k];
         } else {
-            char *p = amp_jpath_key(path, "app");
+            char *p = amp_map_jpath_key(path, "app");
             amp_buf list;
             amp_buf_init(&list, 4096);
             amp_buf_append(&list, "", 0);
@@ -476,7 +478,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
 
     r->query = get_template(spec, "query", path, errs);
     if (app && app->endpoint == AMP_ENDPOINT_WORKFLOW && json_object_get(spec, "query")) {
-        char *p = amp_jpath_key(path, "query");
+        char *p = amp_map_jpath_key(path, "query");
         amp_errs_add(errs, p,
                      "app '%s' is a workflow, which takes no query; map the text into "
                      "inputs instead",
@@ -487,7 +489,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
 
     const char *conv = get_string(spec, "conversation", path, false, &ok, errs);
     if (conv) {
-        char *p = amp_jpath_key(path, "conversation");
+        char *p = amp_map_jpath_key(path, "conversation");
         r->per_user = pick(conv, convs, 2, "conversation mode", p, errs) == 1;
         if (r->per_user && app && app->endpoint != AMP_ENDPOINT_CHAT)
             amp_errs_add(errs, p, "per_user needs a chat app; app '%s' has endpoint '%s'",
@@ -497,7 +499,7 @@ static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spe
     /* Chat requires a query; without a template the event type is the
      * message. Completion only sends one when the route asks for it. */
     if (!r->query && app && app->endpoint == AMP_ENDPOINT_CHAT)
-        r->query = amp_tmpl_compile("{{event_type}}", path, errs);
+        r->query = amp_map_tmpl_compile("{{event_type}}", path, errs);
 }
 
 static void compile_routes(amp_mapper *m, const json_t *routes, const json_t *apps,
@@ -508,14 +510,14 @@ static void compile_routes(amp_mapper *m, const json_t *routes, const json_t *ap
     }
     if (!json_is_array(routes)) {
         amp_errs_add(errs, "routes", "expected an array of routes, found %s",
-                     amp_json_kind(routes));
+                     amp_map_json_kind(routes));
         return;
     }
     m->routes = amp_xcalloc(json_array_size(routes), sizeof(*m->routes));
     size_t i;
     json_t *spec;
     json_array_foreach(routes, i, spec) {
-        char *p = amp_jpath_index("routes", i);
+        char *p = amp_map_jpath_index("routes", i);
         compile_route(m, &m->routes[m->nroutes++], i, spec, routes, apps, p, errs);
         free(p);
     }
@@ -564,13 +566,13 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
         abort();
     for (size_t i = 0; i < r->nrules; i++) {
         const rule *ru = &r->rules[i];
-        json_t *v = amp_path_get(&ru->source, event);
+        json_t *v = amp_map_path_get(&ru->source, event);
         /* Containers are copied so a body never shares state with the event. */
         if (v)
             v = json_is_object(v) || json_is_array(v) ? json_deep_copy(v) : json_incref(v);
         if (ru->xf) {
             const char *why;
-            v = amp_xform_apply(ru->xf, v, &why);
+            v = amp_map_xform_apply(ru->xf, v, &why);
             if (why) {
                 snprintf(detail, dlen, "%s: required field %s is %s", r->label, ru->source.text,
                          why);
@@ -579,7 +581,7 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
             }
         }
         if (v)
-            amp_path_set(&ru->target, inputs, v);
+            amp_map_path_set(&ru->target, inputs, v);
     }
 
     json_t *body = json_object();
@@ -589,14 +591,14 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
     if (r->query) {
         amp_buf_reset(buf);
         amp_buf_append(buf, "", 0);
-        amp_tmpl_render(r->query, event, inputs, buf);
+        amp_map_tmpl_render(r->query, event, inputs, buf);
         set_new(body, "query", json_stringn(buf->data, buf->len));
     }
     const char *user = "";
     if (r->user) {
         amp_buf_reset(buf);
         amp_buf_append(buf, "", 0);
-        amp_tmpl_render(r->user, event, inputs, buf);
+        amp_map_tmpl_render(r->user, event, inputs, buf);
         user = buf->data;
     }
     /* An explicit template that renders empty falls back like no template. */
@@ -619,10 +621,10 @@ int amp_mapper_apply(const amp_mapper *m, const json_t *event, amp_map_emit_fn e
 
     for (size_t i = 0; i < m->nroutes; i++) {
         const route *r = &m->routes[i];
-        if (r->filter && !amp_filter_eval(r->filter, event)) {
+        if (r->filter && !amp_map_filter_eval(r->filter, event)) {
             if (explain) {
                 amp_buf_reset(&buf);
-                amp_filter_explain(r->filter, event, &buf);
+                amp_map_filter_explain(r->filter, event, &buf);
                 explain(explain_ctx, r->name, buf.data ? buf.data : "filter");
             }
             continue;

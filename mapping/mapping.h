@@ -17,7 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 
 /* ---- decode ---------------------------------------------------------- */
 
@@ -31,12 +31,12 @@ typedef enum {
  * array of event objects (caller owns). Otherwise *events is NULL and detail
  * holds a human-readable reason ("line 1, column 17: ..." or
  * "events[2]: needs user_id or device_id"). */
-amp_decode_result amp_decode_body(const char *body, size_t len, json_t **events, char *detail,
-                                  size_t detail_len);
+amp_decode_result amp_map_decode_body(const char *body, size_t len, json_t **events, char *detail,
+                                      size_t detail_len);
 
 /* Dedupe key of an event: insert_id, else $insert_id, else uuid (non-empty
  * strings only). Borrowed from the event, or NULL. */
-const char *amp_event_dedupe_key(const json_t *event);
+const char *amp_map_dedupe_key(const json_t *event);
 
 /* ---- apps ------------------------------------------------------------ */
 
@@ -47,7 +47,7 @@ typedef enum {
 } amp_endpoint;
 
 /* "chat-messages", "completion-messages", "workflows/run" */
-const char *amp_endpoint_path(amp_endpoint e);
+const char *amp_map_endpoint_path(amp_endpoint e);
 
 /* The variable an app reads its key from when it names neither
  * api_key_env nor api_key_file: the default Dify app's key. */

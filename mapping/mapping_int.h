@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../server/util.h"
+#include "../base/util.h"
 
 /* Deepest container nesting accepted inside one event (the event object
  * itself is level 1). Keeps every later recursive walk shallow. */
@@ -27,12 +27,12 @@
 /* ---- messages -------------------------------------------------------- */
 
 /* "object", "array", "string", "number", "boolean", "null". */
-const char *amp_json_kind(const json_t *v);
+const char *amp_map_json_kind(const json_t *v);
 
 /* Child JSON paths for error messages: "base.key" (or base["key"] when the
  * key is not a plain identifier) and "base[i]". Caller owns. */
-char *amp_jpath_key(const char *base, const char *key);
-char *amp_jpath_index(const char *base, size_t i);
+char *amp_map_jpath_key(const char *base, const char *key);
+char *amp_map_jpath_index(const char *base, size_t i);
 
 /* ---- field paths ----------------------------------------------------- */
 
@@ -49,28 +49,28 @@ typedef struct amp_path {
 
 /* Parse `a.b["c.d"][0]`. allow_index permits [N] array steps (sources);
  * targets only name object keys. 0 on success; -1 with a message in err. */
-int amp_path_parse(amp_path *p, const char *text, bool allow_index, char *err, size_t errlen);
-void amp_path_free(amp_path *p); /* accepts a zeroed path */
+int amp_map_path_parse(amp_path *p, const char *text, bool allow_index, char *err, size_t errlen);
+void amp_map_path_free(amp_path *p); /* accepts a zeroed path */
 /* The value at p inside root (borrowed), or NULL when any step is missing. */
-json_t *amp_path_get(const amp_path *p, const json_t *root);
+json_t *amp_map_path_get(const amp_path *p, const json_t *root);
 /* Set root.<p> = value, creating intermediate objects (takes ownership of
  * value). -1 when an intermediate step exists and is not an object. */
-int amp_path_set(const amp_path *p, json_t *root, json_t *value);
+int amp_map_path_set(const amp_path *p, json_t *root, json_t *value);
 
 /* ---- values ---------------------------------------------------------- */
 
 /* Type-aware equality: numbers compare by value (1 == 1.0), a number never
  * equals a string; arrays and objects compare element-wise. */
-bool amp_value_equal(const json_t *a, const json_t *b);
+bool amp_map_value_equal(const json_t *a, const json_t *b);
 /* Compare two numbers exactly (integers beyond 2^53 included): <0, 0, >0. */
-int amp_number_cmp(const json_t *a, const json_t *b);
+int amp_map_number_cmp(const json_t *a, const json_t *b);
 /* Append the text form of v to out: strings as-is, numbers and booleans as
  * JSON text, objects and arrays as compact JSON, null appends nothing.
  * -1 when out's maximum was reached (out then holds a prefix). */
-int amp_value_render(const json_t *v, amp_buf *out);
+int amp_map_value_render(const json_t *v, amp_buf *out);
 /* Shortest text that reads back as the same double; JSON-style ("1.0",
  * "1e22"). buf must hold 32 bytes. */
-void amp_real_format(double d, char *buf, size_t len);
+void amp_map_real_format(double d, char *buf, size_t len);
 
 /* ---- time ------------------------------------------------------------ */
 
@@ -78,10 +78,10 @@ void amp_real_format(double d, char *buf, size_t len);
  * "YYYY-MM-DD HH:MM:SS" with no fraction, or 3 or 6 fraction digits, UTC.
  * Not strict: also 'T' as separator, 1-9 fraction digits, and a trailing
  * "Z" or "+HH:MM"/"-HH:MM". 0 and *ms (Unix epoch milliseconds) on success. */
-int amp_time_parse(const char *s, size_t len, bool strict, int64_t *ms);
+int amp_map_time_parse(const char *s, size_t len, bool strict, int64_t *ms);
 /* RFC 3339 UTC with milliseconds, "2026-11-21T10:15:42.123Z". buf must
  * hold 25 bytes. -1 when the year is outside 0000-9999. */
-int amp_time_format(int64_t ms, char *buf, size_t len);
+int amp_map_time_format(int64_t ms, char *buf, size_t len);
 
 /* ---- filters --------------------------------------------------------- */
 
@@ -89,12 +89,12 @@ typedef struct amp_filter amp_filter;
 
 /* Compile spec (borrowed) found at JSON path `path`. NULL after adding
  * every problem to errs. */
-amp_filter *amp_filter_compile(const json_t *spec, const char *path, amp_errs *errs);
-void amp_filter_free(amp_filter *f); /* accepts NULL */
-bool amp_filter_eval(const amp_filter *f, const json_t *event);
+amp_filter *amp_map_filter_compile(const json_t *spec, const char *path, amp_errs *errs);
+void amp_map_filter_free(amp_filter *f); /* accepts NULL */
+bool amp_map_filter_eval(const amp_filter *f, const json_t *event);
 /* Why f is false for event: appends "filter all[0]: event_type equals "X"
- * is false" to out. Only meaningful when amp_filter_eval returned false. */
-void amp_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out);
+ * is false" to out. Only meaningful when amp_map_filter_eval returned false. */
+void amp_map_filter_explain(const amp_filter *f, const json_t *event, amp_buf *out);
 
 /* ---- transforms ------------------------------------------------------ */
 
@@ -102,13 +102,13 @@ typedef struct amp_xform amp_xform;
 
 /* Compile a "trim|lowercase" chain (a string, or an array of transform
  * strings) found at `path`. NULL after adding problems to errs. */
-amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *errs);
-void amp_xform_free(amp_xform *x); /* accepts NULL */
+amp_xform *amp_map_xform_compile(const json_t *spec, const char *path, amp_errs *errs);
+void amp_map_xform_free(amp_xform *x); /* accepts NULL */
 /* Run the chain on v (takes ownership; NULL = the source is missing).
  * Returns the result (caller owns; NULL = missing, target left unset). When
  * a "required" step finds nothing, returns NULL and sets *required_failed to
  * "missing" or "null". */
-json_t *amp_xform_apply(const amp_xform *x, json_t *v, const char **required_failed);
+json_t *amp_map_xform_apply(const amp_xform *x, json_t *v, const char **required_failed);
 
 /* ---- templates ------------------------------------------------------- */
 
@@ -116,10 +116,11 @@ typedef struct amp_tmpl amp_tmpl;
 
 /* Compile "{{event_type}} by {{inputs.username}}" found at `path`. NULL
  * after adding problems to errs. */
-amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs);
-void amp_tmpl_free(amp_tmpl *t); /* accepts NULL */
+amp_tmpl *amp_map_tmpl_compile(const char *text, const char *path, amp_errs *errs);
+void amp_map_tmpl_free(amp_tmpl *t); /* accepts NULL */
 /* Append the rendering to out (reset by the caller). {{path}} reads event,
  * {{inputs.path}} reads inputs; missing or null values render as "". */
-void amp_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs, amp_buf *out);
+void amp_map_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs,
+                         amp_buf *out);
 
 #endif

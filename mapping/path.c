@@ -9,7 +9,7 @@
 
 #include "mapping_int.h"
 
-const char *amp_json_kind(const json_t *v) {
+const char *amp_map_json_kind(const json_t *v) {
     switch (json_typeof(v)) {
     case JSON_OBJECT:
         return "object";
@@ -39,7 +39,7 @@ static bool plain_key(const char *k) {
     return true;
 }
 
-char *amp_jpath_key(const char *base, const char *key) {
+char *amp_map_jpath_key(const char *base, const char *key) {
     if (plain_key(key))
         return *base ? amp_xasprintf("%s.%s", base, key) : amp_xstrdup(key);
     json_t *s = json_string(key);
@@ -52,7 +52,7 @@ char *amp_jpath_key(const char *base, const char *key) {
     return r;
 }
 
-char *amp_jpath_index(const char *base, size_t i) {
+char *amp_map_jpath_index(const char *base, size_t i) {
     return amp_xasprintf("%s[%zu]", base, i);
 }
 
@@ -118,7 +118,7 @@ static int parse_bracket(amp_path *p, const char *text, size_t *i, bool allow_in
     return -1;
 }
 
-int amp_path_parse(amp_path *p, const char *text, bool allow_index, char *err, size_t errlen) {
+int amp_map_path_parse(amp_path *p, const char *text, bool allow_index, char *err, size_t errlen) {
     memset(p, 0, sizeof(*p));
     p->text = amp_xstrdup(text);
     size_t i = 0;
@@ -152,11 +152,11 @@ int amp_path_parse(amp_path *p, const char *text, bool allow_index, char *err, s
     }
     return 0;
 fail:
-    amp_path_free(p);
+    amp_map_path_free(p);
     return -1;
 }
 
-void amp_path_free(amp_path *p) {
+void amp_map_path_free(amp_path *p) {
     for (size_t i = 0; i < p->nsegs; i++)
         free(p->segs[i].key);
     free(p->segs);
@@ -164,7 +164,7 @@ void amp_path_free(amp_path *p) {
     memset(p, 0, sizeof(*p));
 }
 
-json_t *amp_path_get(const amp_path *p, const json_t *root) {
+json_t *amp_map_path_get(const amp_path *p, const json_t *root) {
     json_t *cur = (json_t *)root;
     for (size_t i = 0; i < p->nsegs && cur; i++) {
         const amp_path_seg *s = &p->segs[i];
@@ -176,7 +176,7 @@ json_t *amp_path_get(const amp_path *p, const json_t *root) {
     return cur;
 }
 
-int amp_path_set(const amp_path *p, json_t *root, json_t *value) {
+int amp_map_path_set(const amp_path *p, json_t *root, json_t *value) {
     json_t *cur = root;
     for (size_t i = 0; i + 1 < p->nsegs; i++) {
         json_t *next = json_object_get(cur, p->segs[i].key);

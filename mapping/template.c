@@ -26,12 +26,12 @@ struct amp_tmpl {
     size_t nsegs;
 };
 
-void amp_tmpl_free(amp_tmpl *t) {
+void amp_map_tmpl_free(amp_tmpl *t) {
     if (!t)
         return;
     for (size_t i = 0; i < t->nsegs; i++) {
         free(t->segs[i].lit);
-        amp_path_free(&t->segs[i].path);
+        amp_map_path_free(&t->segs[i].path);
     }
     free(t->segs);
     free(t);
@@ -69,7 +69,7 @@ static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const 
         return 0;
     }
     char err[160];
-    if (amp_path_parse(&s->path, text, true, err, sizeof(err)) != 0) {
+    if (amp_map_path_parse(&s->path, text, true, err, sizeof(err)) != 0) {
         amp_errs_add(errs, path, "bad template: field path '%s' at offset %zu: %s", text, at, err);
         free(text);
         return -1;
@@ -86,7 +86,7 @@ static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const 
     return 0;
 }
 
-amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs) {
+amp_tmpl *amp_map_tmpl_compile(const char *text, const char *path, amp_errs *errs) {
     amp_tmpl *t = amp_xcalloc(1, sizeof(*t));
     size_t len = strlen(text), i = 0, lit = 0;
     int bad = 0;
@@ -115,13 +115,14 @@ amp_tmpl *amp_tmpl_compile(const char *text, const char *path, amp_errs *errs) {
         s->lit_len = len - lit;
     }
     if (bad) {
-        amp_tmpl_free(t);
+        amp_map_tmpl_free(t);
         return NULL;
     }
     return t;
 }
 
-void amp_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs, amp_buf *out) {
+void amp_map_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs,
+                         amp_buf *out) {
     for (size_t i = 0; i < t->nsegs; i++) {
         const tseg *s = &t->segs[i];
         if (s->lit) {
@@ -131,8 +132,8 @@ void amp_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *input
         }
         const json_t *v = s->from_inputs && s->path.nsegs == 0
                               ? inputs
-                              : amp_path_get(&s->path, s->from_inputs ? inputs : event);
-        if (v && amp_value_render(v, out) != 0)
+                              : amp_map_path_get(&s->path, s->from_inputs ? inputs : event);
+        if (v && amp_map_value_render(v, out) != 0)
             return;
     }
 }

@@ -18,7 +18,7 @@
 
 #include <openssl/evp.h>
 
-#include "../server/jsonw.h"
+#include "../json/jsonw.h"
 #include "mapping_int.h"
 
 /* ---- values ---------------------------------------------------------- */
@@ -37,7 +37,7 @@ static int cmp_int_real(json_int_t i, double r) {
     return frac > 0 ? -1 : frac < 0 ? 1 : 0;
 }
 
-int amp_number_cmp(const json_t *a, const json_t *b) {
+int amp_map_number_cmp(const json_t *a, const json_t *b) {
     if (json_is_integer(a) && json_is_integer(b)) {
         json_int_t x = json_integer_value(a), y = json_integer_value(b);
         return x < y ? -1 : x > y;
@@ -50,9 +50,9 @@ int amp_number_cmp(const json_t *a, const json_t *b) {
     return x < y ? -1 : x > y;
 }
 
-bool amp_value_equal(const json_t *a, const json_t *b) {
+bool amp_map_value_equal(const json_t *a, const json_t *b) {
     if (json_is_number(a) && json_is_number(b))
-        return amp_number_cmp(a, b) == 0;
+        return amp_map_number_cmp(a, b) == 0;
     if (json_typeof(a) != json_typeof(b))
         return false;
     switch (json_typeof(a)) {
@@ -63,7 +63,7 @@ bool amp_value_equal(const json_t *a, const json_t *b) {
         if (json_array_size(a) != json_array_size(b))
             return false;
         for (size_t i = 0; i < json_array_size(a); i++)
-            if (!amp_value_equal(json_array_get(a, i), json_array_get(b, i)))
+            if (!amp_map_value_equal(json_array_get(a, i), json_array_get(b, i)))
                 return false;
         return true;
     }
@@ -74,7 +74,7 @@ bool amp_value_equal(const json_t *a, const json_t *b) {
         json_t *x;
         json_object_foreach((json_t *)a, k, x) {
             json_t *y = json_object_get(b, k);
-            if (!y || !amp_value_equal(x, y))
+            if (!y || !amp_map_value_equal(x, y))
                 return false;
         }
         return true;
@@ -84,7 +84,7 @@ bool amp_value_equal(const json_t *a, const json_t *b) {
     }
 }
 
-void amp_real_format(double d, char *buf, size_t len) {
+void amp_map_real_format(double d, char *buf, size_t len) {
     /* %.15g is exact for every decimal of up to 15 digits; only values that
      * need more take the 16- or 17-digit forms. */
     for (int prec = 15; prec <= 17; prec++) {
@@ -121,7 +121,7 @@ static int append_capped(amp_buf *out, const char *s, size_t n) {
     return -1;
 }
 
-int amp_value_render(const json_t *v, amp_buf *out) {
+int amp_map_value_render(const json_t *v, amp_buf *out) {
     char num[40];
     switch (json_typeof(v)) {
     case JSON_STRING:
@@ -130,7 +130,7 @@ int amp_value_render(const json_t *v, amp_buf *out) {
         snprintf(num, sizeof(num), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
         return append_capped(out, num, strlen(num));
     case JSON_REAL:
-        amp_real_format(json_real_value(v), num, sizeof(num));
+        amp_map_real_format(json_real_value(v), num, sizeof(num));
         return append_capped(out, num, strlen(num));
     case JSON_TRUE:
         return append_capped(out, "true", 4);
@@ -190,7 +190,7 @@ struct amp_xform {
     size_t nsteps;
 };
 
-void amp_xform_free(amp_xform *x) {
+void amp_map_xform_free(amp_xform *x) {
     if (!x)
         return;
     for (size_t i = 0; i < x->nsteps; i++)
@@ -262,7 +262,7 @@ static int compile_item(amp_xform *x, const char *s, size_t n, const char *path,
     return compile_step(x, s, n, path, errs);
 }
 
-amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *errs) {
+amp_xform *amp_map_xform_compile(const json_t *spec, const char *path, amp_errs *errs) {
     amp_xform *x = amp_xcalloc(1, sizeof(*x));
     int bad = 0;
     if (json_is_string(spec)) {
@@ -281,10 +281,10 @@ amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *err
         size_t i;
         json_t *item;
         json_array_foreach(spec, i, item) {
-            char *ip = amp_jpath_index(path, i);
+            char *ip = amp_map_jpath_index(path, i);
             if (!json_is_string(item)) {
                 amp_errs_add(errs, ip, "expected a transform string, found %s",
-                             amp_json_kind(item));
+                             amp_map_json_kind(item));
                 bad = -1;
             } else {
                 bad |= compile_item(x, json_string_value(item), json_string_length(item), ip, errs);
@@ -295,11 +295,11 @@ amp_xform *amp_xform_compile(const json_t *spec, const char *path, amp_errs *err
         amp_errs_add(errs, path,
                      "expected a string such as \"trim|lowercase\" or a non-empty "
                      "array of transform strings, found %s",
-                     json_is_array(spec) ? "an empty array" : amp_json_kind(spec));
+                     json_is_array(spec) ? "an empty array" : amp_map_json_kind(spec));
         bad = -1;
     }
     if (bad) {
-        amp_xform_free(x);
+        amp_map_xform_free(x);
         return NULL;
     }
     return x;
@@ -359,7 +359,7 @@ static json_t *do_iso8601(json_t *v) {
     int64_t ms;
     bool ok = false;
     if (json_is_string(v)) {
-        ok = amp_time_parse(json_string_value(v), json_string_length(v), false, &ms) == 0;
+        ok = amp_map_time_parse(json_string_value(v), json_string_length(v), false, &ms) == 0;
     } else if (json_is_integer(v)) {
         ms = json_integer_value(v);
         ok = true;
@@ -372,7 +372,7 @@ static json_t *do_iso8601(json_t *v) {
     /* Only years 0000-9999 have an RFC 3339 form; |ms| < 1e15 keeps the
      * date arithmetic far from overflow before that check. */
     if (ok && ms > -1000000000000000LL && ms < 1000000000000000LL &&
-        amp_time_format(ms, buf, sizeof(buf)) == 0) {
+        amp_map_time_format(ms, buf, sizeof(buf)) == 0) {
         json_decref(v);
         json_t *r = json_string(buf);
         if (!r)
@@ -388,7 +388,7 @@ static json_t *do_to_string(json_t *v) {
         return v;
     amp_buf b;
     amp_buf_init(&b, SIZE_MAX / 2);
-    amp_value_render(v, &b);
+    amp_map_value_render(v, &b);
     json_t *r = restring(v, b.data ? b.data : "", b.len);
     amp_buf_free(&b);
     return r;
@@ -459,7 +459,7 @@ static json_t *do_sha256(json_t *v) {
     amp_buf b;
     amp_buf_init(&b, SIZE_MAX / 2);
     amp_buf_append(&b, "", 0);
-    amp_value_render(v, &b);
+    amp_map_value_render(v, &b);
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
     if (EVP_Digest(b.data, b.len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32)
@@ -474,7 +474,7 @@ static json_t *do_sha256(json_t *v) {
     return restring(v, out, 64);
 }
 
-json_t *amp_xform_apply(const amp_xform *x, json_t *v, const char **required_failed) {
+json_t *amp_map_xform_apply(const amp_xform *x, json_t *v, const char **required_failed) {
     *required_failed = NULL;
     for (size_t i = 0; i < x->nsteps; i++) {
         const xstep *st = &x->steps[i];

@@ -13,8 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../server/log.h"
-#include "../server/util.h"
+#include "../base/log.h"
+#include "../base/util.h"
 
 #define SCHEMA_VERSION 2
 #define AMP_STR_(x) #x

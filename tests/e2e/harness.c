@@ -23,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 
 extern char **environ;
 

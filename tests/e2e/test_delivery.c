@@ -29,7 +29,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 #include "../check_run.h"

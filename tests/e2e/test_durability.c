@@ -43,7 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 #include "../check_run.h"

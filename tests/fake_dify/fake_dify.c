@@ -13,7 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 
 /* Large enough for any event the relay could produce; a fake needs no tight cap. */
 #define FAKE_MAX_BODY (16u * 1024 * 1024)

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 #include "fake_dify.h"
 
 static int usage(void) {

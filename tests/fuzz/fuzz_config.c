@@ -1,5 +1,5 @@
 /*
- * fuzz_config — the config loader (server/config.c, and through it the
+ * fuzz_config — the config loader (config/config.c, and through it the
  * mapper compiler: filters, regexes, paths, transforms, templates).
  *
  * Input: the config file's bytes. They go into an anonymous in-memory file
@@ -17,7 +17,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../../server/config.h"
+#include "../../config/config.h"
 #include "fuzz.h"
 
 static void clear_env(void) {

@@ -1,5 +1,5 @@
 /*
- * fuzz_decode — request body decoding and validation (amp_decode_body in
+ * fuzz_decode — request body decoding and validation (amp_map_decode_body in
  * mapping/decode.c) and the calendar-time parser it uses.
  *
  * Input: a request body, verbatim.
@@ -71,7 +71,7 @@ static void check_events(const json_t *events) {
                        nonempty_string(json_object_get(ev, "device_id")),
                    "events[%zu] has neither user_id nor device_id", i);
         FUZZ_CHECK(check_shape(ev) <= AMP_EVENT_MAX_DEPTH, "events[%zu] nested too deep", i);
-        const char *key = amp_event_dedupe_key(ev);
+        const char *key = amp_map_dedupe_key(ev);
         FUZZ_CHECK(!key || *key, "empty dedupe key");
     }
     char *text = json_dumps(events, JSON_COMPACT | JSON_PRESERVE_ORDER);
@@ -81,8 +81,8 @@ static void check_events(const json_t *events) {
 
 static void check_time(const char *s, size_t len) {
     int64_t strict_ms = 0, lenient_ms = 0;
-    int strict = amp_time_parse(s, len, true, &strict_ms);
-    int lenient = amp_time_parse(s, len, false, &lenient_ms);
+    int strict = amp_map_time_parse(s, len, true, &strict_ms);
+    int lenient = amp_map_time_parse(s, len, false, &lenient_ms);
     if (strict == 0)
         FUZZ_CHECK(lenient == 0 && lenient_ms == strict_ms,
                    "strict accepted (%lld) but lenient gave %d (%lld)", (long long)strict_ms,
@@ -90,10 +90,10 @@ static void check_time(const char *s, size_t len) {
     if (lenient != 0)
         return;
     char buf[32];
-    if (amp_time_format(lenient_ms, buf, sizeof buf) != 0)
+    if (amp_map_time_format(lenient_ms, buf, sizeof buf) != 0)
         return; /* outside 0000-9999 after a UTC offset: documented */
     int64_t back = 0;
-    FUZZ_CHECK(amp_time_parse(buf, strlen(buf), false, &back) == 0 && back == lenient_ms,
+    FUZZ_CHECK(amp_map_time_parse(buf, strlen(buf), false, &back) == 0 && back == lenient_ms,
                "'%s' does not read back as %lld", buf, (long long)lenient_ms);
 }
 
@@ -101,7 +101,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *body = (const char *)data;
     char detail[256];
     json_t *events = (json_t *)1; /* must be overwritten */
-    amp_decode_result r = amp_decode_body(body, size, &events, detail, sizeof detail);
+    amp_decode_result r = amp_map_decode_body(body, size, &events, detail, sizeof detail);
     FUZZ_CHECK(r == AMP_DECODE_OK || r == AMP_DECODE_INVALID_JSON || r == AMP_DECODE_INVALID_EVENT,
                "result %d", (int)r);
     if (r == AMP_DECODE_OK) {
@@ -113,7 +113,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     char detail2[256];
     json_t *again = NULL;
-    amp_decode_result r2 = amp_decode_body(body, size, &again, detail2, sizeof detail2);
+    amp_decode_result r2 = amp_map_decode_body(body, size, &again, detail2, sizeof detail2);
     FUZZ_CHECK(r2 == r, "decoded twice: %d then %d", (int)r, (int)r2);
     FUZZ_CHECK(r != AMP_DECODE_OK || json_equal(events, again), "decoded twice differently");
     FUZZ_CHECK(r == AMP_DECODE_OK || strcmp(detail, detail2) == 0, "two reasons: '%s', '%s'",

@@ -1,5 +1,5 @@
 /*
- * fuzz_jsonr — the fast JSON reader (server/jsonr.c) against jansson.
+ * fuzz_jsonr — the fast JSON reader (json/jsonr.c) against jansson.
  *
  * Input: any bytes, read as one JSON text.
  *
@@ -16,7 +16,7 @@
 #include <jansson.h>
 #include <string.h>
 
-#include "../../server/jsonr.h"
+#include "../../json/jsonr.h"
 #include "../json_support.h"
 #include "fuzz.h"
 

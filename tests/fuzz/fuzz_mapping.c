@@ -6,7 +6,7 @@
  * mapped inputs, the three endpoints and per-user conversations.
  *
  * Input: a request body. As in the webhook handler it is decoded and
- * validated first (amp_decode_body), so the mapper only ever sees events
+ * validated first (amp_map_decode_body), so the mapper only ever sees events
  * the server would hand it.
  *
  * Properties checked per event:
@@ -150,7 +150,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const amp_mapper *m = get_mapper();
     char detail[256];
     json_t *events = NULL;
-    if (amp_decode_body((const char *)data, size, &events, detail, sizeof detail) != AMP_DECODE_OK)
+    if (amp_map_decode_body((const char *)data, size, &events, detail, sizeof detail) !=
+        AMP_DECODE_OK)
         return 0;
     size_t i;
     json_t *ev;

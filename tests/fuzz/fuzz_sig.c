@@ -28,7 +28,7 @@
 #include <strings.h>
 
 #include "../../crypto/sig.h"
-#include "../../server/util.h"
+#include "../../base/util.h"
 #include "fuzz.h"
 
 #define MAX_HEADERS 16

@@ -24,7 +24,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../../server/util.h"
+#include "../../base/util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* Optional in a target; libFuzzer calls it once before the first input. */

@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../../server/config.h"
+#include "../../config/config.h"
 #include "../check_run.h"
 
 static char dir[64];

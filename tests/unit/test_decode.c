@@ -10,7 +10,7 @@
 static char detail[512];
 
 static amp_decode_result dec(const char *body, json_t **events) {
-    return amp_decode_body(body, strlen(body), events, detail, sizeof(detail));
+    return amp_map_decode_body(body, strlen(body), events, detail, sizeof(detail));
 }
 
 /* Decode expecting failure; returns the result and leaves detail set. */
@@ -204,13 +204,13 @@ END_TEST
 
 START_TEST(dedupe_key) {
     json_t *e = json_loads("{\"uuid\":\"c\",\"$insert_id\":\"b\",\"insert_id\":\"a\"}", 0, NULL);
-    ck_assert_str_eq(amp_event_dedupe_key(e), "a");
+    ck_assert_str_eq(amp_map_dedupe_key(e), "a");
     json_object_set_new(e, "insert_id", json_string(""));
-    ck_assert_str_eq(amp_event_dedupe_key(e), "b");
+    ck_assert_str_eq(amp_map_dedupe_key(e), "b");
     json_object_set_new(e, "$insert_id", json_integer(5));
-    ck_assert_str_eq(amp_event_dedupe_key(e), "c");
+    ck_assert_str_eq(amp_map_dedupe_key(e), "c");
     json_object_del(e, "uuid");
-    ck_assert_ptr_null(amp_event_dedupe_key(e));
+    ck_assert_ptr_null(amp_map_dedupe_key(e));
     json_decref(e);
 }
 END_TEST
@@ -219,32 +219,32 @@ START_TEST(time_parse_and_format) {
     int64_t ms;
     char buf[32];
     const char *s = "2026-11-21 10:15:42.123000";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), true, &ms), 0);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), true, &ms), 0);
     ck_assert_int_eq(ms, 1795256142123LL);
-    ck_assert_int_eq(amp_time_format(ms, buf, sizeof(buf)), 0);
+    ck_assert_int_eq(amp_map_time_format(ms, buf, sizeof(buf)), 0);
     ck_assert_str_eq(buf, "2026-11-21T10:15:42.123Z");
 
     s = "1970-01-01 00:00:00";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), true, &ms), 0);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), true, &ms), 0);
     ck_assert_int_eq(ms, 0);
 
     /* Loose forms for the iso8601 transform. */
     s = "2026-11-21T12:15:42.1239+02:00";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), false, &ms), 0);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), false, &ms), 0);
     ck_assert_int_eq(ms, 1795256142123LL);
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), true, &ms), -1);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), true, &ms), -1);
     s = "2000-02-29T00:00:00Z";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), false, &ms), 0);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), false, &ms), 0);
     s = "1900-02-29T00:00:00Z";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), false, &ms), -1);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), false, &ms), -1);
     s = "2026-11-21 10:15";
-    ck_assert_int_eq(amp_time_parse(s, strlen(s), false, &ms), -1);
+    ck_assert_int_eq(amp_map_time_parse(s, strlen(s), false, &ms), -1);
 
-    ck_assert_int_eq(amp_time_format(-500, buf, sizeof(buf)), 0);
+    ck_assert_int_eq(amp_map_time_format(-500, buf, sizeof(buf)), 0);
     ck_assert_str_eq(buf, "1969-12-31T23:59:59.500Z");
-    ck_assert_int_eq(amp_time_format(1709164800000LL, buf, sizeof(buf)), 0);
+    ck_assert_int_eq(amp_map_time_format(1709164800000LL, buf, sizeof(buf)), 0);
     ck_assert_str_eq(buf, "2024-02-29T00:00:00.000Z");
-    ck_assert_int_eq(amp_time_format(253402300800000LL, buf, sizeof(buf)), -1); /* year 10000 */
+    ck_assert_int_eq(amp_map_time_format(253402300800000LL, buf, sizeof(buf)), -1); /* year 10000 */
 }
 END_TEST
 

@@ -7,9 +7,9 @@
  */
 #include "../../forward/forward.h"
 #include "../../forward/forward_int.h"
-#include "../../server/log.h"
-#include "../../server/metrics.h"
-#include "../../server/util.h"
+#include "../../base/log.h"
+#include "../../base/metrics.h"
+#include "../../base/util.h"
 #include "../../spool/spool.h"
 #include "../check_run.h"
 
@@ -401,7 +401,7 @@ START_TEST(test_join_url) {
         ck_assert_str_eq(u, cases[i][2]);
         free(u);
     }
-    ck_assert_str_eq(amp_endpoint_path(AMP_ENDPOINT_CHAT), "chat-messages");
+    ck_assert_str_eq(amp_map_endpoint_path(AMP_ENDPOINT_CHAT), "chat-messages");
 }
 END_TEST
 

@@ -14,8 +14,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "../../server/jsonr.h"
-#include "../../server/util.h"
+#include "../../json/jsonr.h"
+#include "../../base/util.h"
 #include "../json_support.h"
 #include "../check_run.h"
 

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../server/jsonw.h"
+#include "../../json/jsonw.h"
 #include "../json_support.h"
 #include "../check_run.h"
 

@@ -44,46 +44,47 @@ static bool starts(const char *s, const char *prefix) {
 START_TEST(path_parse_forms) {
     amp_path p;
     char err[160];
-    ck_assert_int_eq(amp_path_parse(&p, "user_properties.plan", true, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_parse(&p, "user_properties.plan", true, err, sizeof(err)), 0);
     ck_assert_uint_eq(p.nsegs, 2);
     ck_assert_str_eq(p.segs[1].key, "plan");
-    amp_path_free(&p);
+    amp_map_path_free(&p);
 
-    ck_assert_int_eq(amp_path_parse(&p, "user_properties[\"a.b\"].c", true, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_parse(&p, "user_properties[\"a.b\"].c", true, err, sizeof(err)),
+                     0);
     ck_assert_uint_eq(p.nsegs, 3);
     ck_assert_str_eq(p.segs[1].key, "a.b");
     ck_assert_str_eq(p.segs[2].key, "c");
-    amp_path_free(&p);
+    amp_map_path_free(&p);
 
-    ck_assert_int_eq(amp_path_parse(&p, "[\"x.y\"]", true, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_parse(&p, "[\"x.y\"]", true, err, sizeof(err)), 0);
     ck_assert_uint_eq(p.nsegs, 1);
     ck_assert_str_eq(p.segs[0].key, "x.y");
-    amp_path_free(&p);
+    amp_map_path_free(&p);
 
-    ck_assert_int_eq(amp_path_parse(&p, "a[\"q\\\"t\"][2]", true, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[\"q\\\"t\"][2]", true, err, sizeof(err)), 0);
     ck_assert_str_eq(p.segs[1].key, "q\"t");
     ck_assert_ptr_null(p.segs[2].key);
     ck_assert_uint_eq(p.segs[2].index, 2);
     ck_assert_str_eq(p.text, "a[\"q\\\"t\"][2]");
-    amp_path_free(&p);
+    amp_map_path_free(&p);
 }
 END_TEST
 
 START_TEST(path_parse_errors) {
     amp_path p;
     char err[160];
-    ck_assert_int_eq(amp_path_parse(&p, "", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "", true, err, sizeof(err)), -1);
     ck_assert_str_eq(err, "empty field path");
-    ck_assert_int_eq(amp_path_parse(&p, "a..b", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a..b", true, err, sizeof(err)), -1);
     ck_assert_str_eq(err, "empty key at offset 2");
-    ck_assert_int_eq(amp_path_parse(&p, "a.", true, err, sizeof(err)), -1);
-    ck_assert_int_eq(amp_path_parse(&p, ".a", true, err, sizeof(err)), -1);
-    ck_assert_int_eq(amp_path_parse(&p, "a[\"b\"", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a.", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, ".a", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[\"b\"", true, err, sizeof(err)), -1);
     ck_assert_str_eq(err, "unclosed [\"...\"] at offset 1");
-    ck_assert_int_eq(amp_path_parse(&p, "a[x]", true, err, sizeof(err)), -1);
-    ck_assert_int_eq(amp_path_parse(&p, "a[\"b\"]c", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[x]", true, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[\"b\"]c", true, err, sizeof(err)), -1);
     ck_assert_str_eq(err, "expected '.' or '[' at offset 6");
-    ck_assert_int_eq(amp_path_parse(&p, "a[0]", false, err, sizeof(err)), -1);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[0]", false, err, sizeof(err)), -1);
     ck_assert_str_eq(err, "array index at offset 1; a target names object keys only");
 }
 END_TEST
@@ -92,26 +93,26 @@ START_TEST(path_get_set) {
     json_t *ev = j("{'a':{'b.c':{'d':[10,{'e':true}]}},'n':null}");
     amp_path p;
     char err[160];
-    ck_assert_int_eq(amp_path_parse(&p, "a[\"b.c\"].d[1].e", true, err, sizeof(err)), 0);
-    ck_assert(json_is_true(amp_path_get(&p, ev)));
-    amp_path_free(&p);
-    ck_assert_int_eq(amp_path_parse(&p, "a[\"b.c\"].d[2]", true, err, sizeof(err)), 0);
-    ck_assert_ptr_null(amp_path_get(&p, ev));
-    amp_path_free(&p);
-    ck_assert_int_eq(amp_path_parse(&p, "n.x", true, err, sizeof(err)), 0);
-    ck_assert_ptr_null(amp_path_get(&p, ev));
-    amp_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[\"b.c\"].d[1].e", true, err, sizeof(err)), 0);
+    ck_assert(json_is_true(amp_map_path_get(&p, ev)));
+    amp_map_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "a[\"b.c\"].d[2]", true, err, sizeof(err)), 0);
+    ck_assert_ptr_null(amp_map_path_get(&p, ev));
+    amp_map_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "n.x", true, err, sizeof(err)), 0);
+    ck_assert_ptr_null(amp_map_path_get(&p, ev));
+    amp_map_path_free(&p);
 
     json_t *obj = json_object();
-    ck_assert_int_eq(amp_path_parse(&p, "profile.phone", false, err, sizeof(err)), 0);
-    ck_assert_int_eq(amp_path_set(&p, obj, json_string("123")), 0);
-    amp_path_free(&p);
-    ck_assert_int_eq(amp_path_parse(&p, "profile.name", false, err, sizeof(err)), 0);
-    ck_assert_int_eq(amp_path_set(&p, obj, json_string("x")), 0);
-    amp_path_free(&p);
-    ck_assert_int_eq(amp_path_parse(&p, "profile.phone.cc", false, err, sizeof(err)), 0);
-    ck_assert_int_eq(amp_path_set(&p, obj, json_string("y")), -1);
-    amp_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "profile.phone", false, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_set(&p, obj, json_string("123")), 0);
+    amp_map_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "profile.name", false, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_set(&p, obj, json_string("x")), 0);
+    amp_map_path_free(&p);
+    ck_assert_int_eq(amp_map_path_parse(&p, "profile.phone.cc", false, err, sizeof(err)), 0);
+    ck_assert_int_eq(amp_map_path_set(&p, obj, json_string("y")), -1);
+    amp_map_path_free(&p);
     json_t *want = j("{'profile':{'phone':'123','name':'x'}}");
     ck_assert(json_equal(obj, want));
     json_decref(want);
@@ -124,20 +125,20 @@ END_TEST
 
 START_TEST(value_equality) {
     json_t *one = json_integer(1), *onef = json_real(1.0), *s1 = json_string("1");
-    ck_assert(amp_value_equal(one, onef));
-    ck_assert(!amp_value_equal(one, s1));
-    ck_assert(!amp_value_equal(json_true(), one));
+    ck_assert(amp_map_value_equal(one, onef));
+    ck_assert(!amp_map_value_equal(one, s1));
+    ck_assert(!amp_map_value_equal(json_true(), one));
     json_t *big = json_integer(9007199254740993LL), *bigf = json_real(9007199254740992.0);
-    ck_assert(!amp_value_equal(big, bigf)); /* 2^53 + 1 is not 2^53 */
-    ck_assert_int_gt(amp_number_cmp(big, bigf), 0);
-    ck_assert_int_lt(amp_number_cmp(bigf, big), 0);
+    ck_assert(!amp_map_value_equal(big, bigf)); /* 2^53 + 1 is not 2^53 */
+    ck_assert_int_gt(amp_map_number_cmp(big, bigf), 0);
+    ck_assert_int_lt(amp_map_number_cmp(bigf, big), 0);
     json_t *a = j("[1,{'x':2.0}]"), *b = j("[1.0,{'x':2}]"), *c = j("[1,{'x':'2'}]");
-    ck_assert(amp_value_equal(a, b));
-    ck_assert(!amp_value_equal(a, c));
+    ck_assert(amp_map_value_equal(a, b));
+    ck_assert(!amp_map_value_equal(a, c));
     json_t *half = json_real(0.5), *zero = json_integer(0);
-    ck_assert_int_lt(amp_number_cmp(zero, half), 0);
+    ck_assert_int_lt(amp_map_number_cmp(zero, half), 0);
     json_decref(zero);
-    ck_assert_int_gt(amp_number_cmp(one, half), 0);
+    ck_assert_int_gt(amp_map_number_cmp(one, half), 0);
     json_decref(half);
     json_decref(one);
     json_decref(onef);
@@ -152,17 +153,17 @@ END_TEST
 
 START_TEST(real_format) {
     char buf[40];
-    amp_real_format(0.1, buf, sizeof(buf));
+    amp_map_real_format(0.1, buf, sizeof(buf));
     ck_assert_str_eq(buf, "0.1");
-    amp_real_format(100.0, buf, sizeof(buf));
+    amp_map_real_format(100.0, buf, sizeof(buf));
     ck_assert_str_eq(buf, "100.0");
-    amp_real_format(1e22, buf, sizeof(buf));
+    amp_map_real_format(1e22, buf, sizeof(buf));
     ck_assert_str_eq(buf, "1e22");
-    amp_real_format(1e-7, buf, sizeof(buf));
+    amp_map_real_format(1e-7, buf, sizeof(buf));
     ck_assert_str_eq(buf, "1e-7");
-    amp_real_format(-2.5, buf, sizeof(buf));
+    amp_map_real_format(-2.5, buf, sizeof(buf));
     ck_assert_str_eq(buf, "-2.5");
-    amp_real_format(1.0 / 3, buf, sizeof(buf));
+    amp_map_real_format(1.0 / 3, buf, sizeof(buf));
     ck_assert_str_eq(buf, "0.3333333333333333");
 }
 END_TEST
@@ -178,11 +179,11 @@ static const char *EVENT =
 static bool ev_filter(const char *spec) {
     json_t *f = j(spec), *ev = j(EVENT);
     amp_errs *errs = amp_errs_create();
-    amp_filter *flt = amp_filter_compile(f, "filter", errs);
+    amp_filter *flt = amp_map_filter_compile(f, "filter", errs);
     if (!flt)
         ck_abort_msg("filter did not compile: %s", amp_errs_get(errs, 0));
-    bool r = amp_filter_eval(flt, ev);
-    amp_filter_free(flt);
+    bool r = amp_map_filter_eval(flt, ev);
+    amp_map_filter_free(flt);
     amp_errs_destroy(errs);
     json_decref(f);
     json_decref(ev);
@@ -257,15 +258,15 @@ END_TEST
 static void explain_is(const char *spec, const char *want) {
     json_t *f = j(spec), *ev = j(EVENT);
     amp_errs *errs = amp_errs_create();
-    amp_filter *flt = amp_filter_compile(f, "filter", errs);
+    amp_filter *flt = amp_map_filter_compile(f, "filter", errs);
     ck_assert_ptr_nonnull(flt);
-    ck_assert(!amp_filter_eval(flt, ev));
+    ck_assert(!amp_map_filter_eval(flt, ev));
     amp_buf b;
     amp_buf_init(&b, 4096);
-    amp_filter_explain(flt, ev, &b);
+    amp_map_filter_explain(flt, ev, &b);
     ck_assert_str_eq(b.data, want);
     amp_buf_free(&b);
-    amp_filter_free(flt);
+    amp_map_filter_free(flt);
     amp_errs_destroy(errs);
     json_decref(f);
     json_decref(ev);
@@ -290,7 +291,7 @@ END_TEST
 static amp_errs *filter_errs(const char *spec) {
     json_t *f = j(spec);
     amp_errs *errs = amp_errs_create();
-    amp_filter *flt = amp_filter_compile(f, "routes[1].filter", errs);
+    amp_filter *flt = amp_map_filter_compile(f, "routes[1].filter", errs);
     ck_assert_ptr_null(flt);
     ck_assert_uint_gt(amp_errs_count(errs), 0);
     json_decref(f);
@@ -359,7 +360,7 @@ START_TEST(filter_depth_cap) {
             strcat(spec, "}");
         json_t *f = j(spec);
         amp_errs *errs = amp_errs_create();
-        amp_filter *flt = amp_filter_compile(f, "filter", errs);
+        amp_filter *flt = amp_map_filter_compile(f, "filter", errs);
         if (depth == 32) {
             ck_assert_ptr_nonnull(flt);
         } else {
@@ -367,7 +368,7 @@ START_TEST(filter_depth_cap) {
             ck_assert_uint_eq(amp_errs_count(errs), 1);
             ck_assert_ptr_nonnull(strstr(amp_errs_get(errs, 0), "nested deeper than 32 levels"));
         }
-        amp_filter_free(flt);
+        amp_map_filter_free(flt);
         amp_errs_destroy(errs);
         json_decref(f);
     }
@@ -381,15 +382,15 @@ END_TEST
 static char *xf(const char *chain, const char *value) {
     json_t *spec = json_string(chain);
     amp_errs *errs = amp_errs_create();
-    amp_xform *x = amp_xform_compile(spec, "t", errs);
+    amp_xform *x = amp_map_xform_compile(spec, "t", errs);
     if (!x)
         ck_abort_msg("transform did not compile: %s", amp_errs_get(errs, 0));
     const char *why;
-    json_t *out = amp_xform_apply(x, value ? j(value) : NULL, &why);
+    json_t *out = amp_map_xform_apply(x, value ? j(value) : NULL, &why);
     char *s =
         out ? json_dumps(out, JSON_ENCODE_ANY | JSON_COMPACT) : strdup(why ? why : "<missing>");
     json_decref(out);
-    amp_xform_free(x);
+    amp_map_xform_free(x);
     amp_errs_destroy(errs);
     json_decref(spec);
     return s;
@@ -479,13 +480,13 @@ END_TEST
 START_TEST(transform_array_form) {
     json_t *spec = j("['trim','default:a|b']");
     amp_errs *errs = amp_errs_create();
-    amp_xform *x = amp_xform_compile(spec, "t", errs);
+    amp_xform *x = amp_map_xform_compile(spec, "t", errs);
     ck_assert_ptr_nonnull(x);
     const char *why;
-    json_t *out = amp_xform_apply(x, NULL, &why);
+    json_t *out = amp_map_xform_apply(x, NULL, &why);
     ck_assert_str_eq(json_string_value(out), "a|b");
     json_decref(out);
-    amp_xform_free(x);
+    amp_map_xform_free(x);
     amp_errs_destroy(errs);
     json_decref(spec);
 }
@@ -494,7 +495,7 @@ END_TEST
 static amp_errs *xform_errs(const char *spec_json) {
     json_t *spec = j(spec_json);
     amp_errs *errs = amp_errs_create();
-    ck_assert_ptr_null(amp_xform_compile(spec, "routes[1].map[0].transform", errs));
+    ck_assert_ptr_null(amp_map_xform_compile(spec, "routes[1].map[0].transform", errs));
     json_decref(spec);
     return errs;
 }
@@ -529,19 +530,19 @@ END_TEST
 
 static char *render(const char *tmpl, const char *event, const char *inputs) {
     amp_errs *errs = amp_errs_create();
-    amp_tmpl *t = amp_tmpl_compile(tmpl, "q", errs);
+    amp_tmpl *t = amp_map_tmpl_compile(tmpl, "q", errs);
     if (!t)
         ck_abort_msg("template did not compile: %s", amp_errs_get(errs, 0));
     json_t *ev = j(event), *in = j(inputs);
     amp_buf b;
     amp_buf_init(&b, AMP_TEMPLATE_MAX_BYTES);
     amp_buf_append(&b, "", 0);
-    amp_tmpl_render(t, ev, in, &b);
+    amp_map_tmpl_render(t, ev, in, &b);
     char *s = strdup(b.data);
     amp_buf_free(&b);
     json_decref(ev);
     json_decref(in);
-    amp_tmpl_free(t);
+    amp_map_tmpl_free(t);
     amp_errs_destroy(errs);
     return s;
 }
@@ -571,11 +572,11 @@ END_TEST
 
 START_TEST(template_errors) {
     amp_errs *e = amp_errs_create();
-    ck_assert_ptr_null(amp_tmpl_compile("hi {{user_id", "routes[0].query", e));
+    ck_assert_ptr_null(amp_map_tmpl_compile("hi {{user_id", "routes[0].query", e));
     ck_assert(has_err(e, "routes[0].query: bad template: unclosed '{{' at offset 3"));
-    ck_assert_ptr_null(amp_tmpl_compile("{{ }}", "routes[0].user", e));
+    ck_assert_ptr_null(amp_map_tmpl_compile("{{ }}", "routes[0].user", e));
     ck_assert(has_err(e, "routes[0].user: bad template: empty {{}} at offset 0"));
-    ck_assert_ptr_null(amp_tmpl_compile("x{{a..b}}", "routes[0].user", e));
+    ck_assert_ptr_null(amp_map_tmpl_compile("x{{a..b}}", "routes[0].user", e));
     ck_assert(has_err(e, "routes[0].user: bad template: field path 'a..b' at offset 1: empty key "
                          "at offset 2"));
     amp_errs_destroy(e);
@@ -709,7 +710,7 @@ START_TEST(mapper_endpoints_and_defaults) {
     ck_assert_str_eq(a->api_key_file, "/run/k");
     ck_assert_ptr_null(a->api_key_env);
     ck_assert(a->streaming);
-    ck_assert_str_eq(amp_endpoint_path(amp_mapper_app(m, 2)->endpoint), "workflows/run");
+    ck_assert_str_eq(amp_map_endpoint_path(amp_mapper_app(m, 2)->endpoint), "workflows/run");
     ck_assert_ptr_null(amp_mapper_app(m, 3));
     amp_mapper_destroy(m);
     amp_errs_destroy(errs);

@@ -10,7 +10,7 @@
  * checked independently of that helper.
  */
 #include "../../crypto/sig.h"
-#include "../../server/util.h"
+#include "../../base/util.h"
 #include "../check_run.h"
 
 #include <check.h>

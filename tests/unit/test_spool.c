@@ -11,8 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../../server/log.h"
-#include "../../server/util.h"
+#include "../../base/log.h"
+#include "../../base/util.h"
 #include "../../spool/spool.h"
 #include "../check_run.h"
 

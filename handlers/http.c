@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
+#include "../base/log.h"
 
 struct amp_http {
     struct MHD_Daemon *daemon;

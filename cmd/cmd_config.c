@@ -5,7 +5,7 @@
 #include <stdio.h>
 
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 int amp_cmd_check_config(int argc, char **argv) {
     const char *cfile;

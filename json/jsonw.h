@@ -19,7 +19,7 @@
 
 #include <jansson.h>
 
-#include "util.h"
+#include "../base/util.h"
 
 /* Deepest container nesting written; deeper values (and values that contain
  * themselves) fail. The same as jansson's parser limit, so anything

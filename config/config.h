@@ -20,8 +20,8 @@
 #include "../crypto/sig.h"
 #include "../mapping/mapping.h"
 #include "../spool/spool.h"
-#include "log.h"
-#include "util.h"
+#include "../base/log.h"
+#include "../base/util.h"
 
 typedef struct amp_config {
     char *file; /* the path it was loaded from */

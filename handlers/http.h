@@ -8,8 +8,8 @@
 #ifndef AMP_HTTP_H
 #define AMP_HTTP_H
 
-#include "../handlers/handlers.h"
-#include "config.h"
+#include "handlers.h"
+#include "../config/config.h"
 
 typedef struct amp_http amp_http;
 

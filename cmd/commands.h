@@ -7,16 +7,16 @@
 #ifndef AMP_COMMANDS_H
 #define AMP_COMMANDS_H
 
-int amp_cmd_serve(int argc, char **argv);        /* server/serve.c */
-int amp_cmd_check_config(int argc, char **argv); /* server/cmd_config.c */
-int amp_cmd_map(int argc, char **argv);          /* server/cmd_map.c */
-int amp_cmd_sign(int argc, char **argv);         /* server/cmd_sign.c */
-int amp_cmd_dlq(int argc, char **argv);          /* server/cmd_dlq.c */
-int amp_cmd_healthcheck(int argc, char **argv);  /* server/cmd_healthcheck.c */
+int amp_cmd_serve(int argc, char **argv);        /* cmd/serve.c */
+int amp_cmd_check_config(int argc, char **argv); /* cmd/cmd_config.c */
+int amp_cmd_map(int argc, char **argv);          /* cmd/cmd_map.c */
+int amp_cmd_sign(int argc, char **argv);         /* cmd/cmd_sign.c */
+int amp_cmd_dlq(int argc, char **argv);          /* cmd/cmd_dlq.c */
+int amp_cmd_healthcheck(int argc, char **argv);  /* cmd/cmd_healthcheck.c */
 
-/* ---- shared by the commands (server/cmd_common.c) ---------------------- */
+/* ---- shared by the commands (cmd/cmd_common.c) ---------------------- */
 
-#include "util.h"
+#include "../base/util.h"
 
 /* Parse argv for only "-c FILE" / "--config FILE". 0 and *config (borrowed
  * from argv, NULL when absent) on success; -1 after printing a usage error. */

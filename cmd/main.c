@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "commands.h"
-#include "version.h"
+#include "../base/version.h"
 
 static const char usage[] =
     "usage: amp2dify [command] [options]\n"

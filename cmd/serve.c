@@ -25,11 +25,11 @@
 #include "../handlers/handlers.h"
 #include "../spool/spool.h"
 #include "commands.h"
-#include "config.h"
-#include "http.h"
-#include "log.h"
-#include "metrics.h"
-#include "version.h"
+#include "../config/config.h"
+#include "../handlers/http.h"
+#include "../base/log.h"
+#include "../base/metrics.h"
+#include "../base/version.h"
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200

@@ -228,7 +228,7 @@ __attribute__((noinline)) static int write_integer(jw *w, json_int_t v) {
 }
 
 /* jansson's real format: 17 significant digits, so every double reads back
- * exactly (not the shortest form; amp_real_format is that). */
+ * exactly (not the shortest form; amp_map_real_format is that). */
 __attribute__((noinline)) static int write_real(jw *w, double d) {
     if (!isfinite(d))
         return -1; /* JSON has no spelling; jansson cannot hold one either */

@@ -10,7 +10,7 @@
 
 #include "../crypto/sig.h"
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 #define MAX_SIGN_BODY (64 * 1024 * 1024)
 

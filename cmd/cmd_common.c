@@ -2,7 +2,7 @@
 #include <string.h>
 
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;

@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 static size_t discard(char *p, size_t size, size_t n, void *ctx) {
     (void)p;

@@ -16,7 +16,7 @@
 #include <string.h>
 
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 /* A dry run reads a file a person points it at; still, never unbounded. */
 #define MAP_INPUT_MAX ((size_t)256 * 1024 * 1024)
@@ -95,7 +95,7 @@ static json_t *decode_lines(const char *data, size_t len, const char *name) {
                 json_decref(v);
                 json_t *events;
                 char detail[512];
-                if (amp_decode_body(data + pos, end - pos, &events, detail, sizeof(detail)) !=
+                if (amp_map_decode_body(data + pos, end - pos, &events, detail, sizeof(detail)) !=
                     AMP_DECODE_OK) {
                     fprintf(stderr, "%s: line %zu: %s\n", name, lineno, detail);
                     bad = true;
@@ -126,7 +126,7 @@ static void on_request(void *arg, const amp_map_request *req) {
         abort();
     json_object_set_new(line, "route", json_string(req->route));
     json_object_set_new(line, "app", json_string(req->app->name));
-    json_object_set_new(line, "endpoint", json_string(amp_endpoint_path(req->app->endpoint)));
+    json_object_set_new(line, "endpoint", json_string(amp_map_endpoint_path(req->app->endpoint)));
     json_object_set(line, "body", req->body);
     char *s = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(line);
@@ -198,7 +198,8 @@ int amp_cmd_map(int argc, char **argv) {
 
     json_t *events = NULL;
     char detail[512];
-    amp_decode_result dr = amp_decode_body(data.data, data.len, &events, detail, sizeof(detail));
+    amp_decode_result dr =
+        amp_map_decode_body(data.data, data.len, &events, detail, sizeof(detail));
     if (dr == AMP_DECODE_INVALID_JSON && looks_like_json_lines(data.data, data.len)) {
         events = decode_lines(data.data, data.len, name);
         dr = events ? AMP_DECODE_OK : AMP_DECODE_INVALID_EVENT;

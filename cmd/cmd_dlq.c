@@ -19,7 +19,7 @@
 
 #include "../spool/spool.h"
 #include "commands.h"
-#include "config.h"
+#include "../config/config.h"
 
 #define DLQ_USAGE                                                                                  \
     "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                        \
