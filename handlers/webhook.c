@@ -14,7 +14,7 @@
 #include <time.h>
 
 #include "../mapping/mapping.h"
-#include "../json/jsonw.h"
+#include "../sources/source.h"
 #include "../base/log.h"
 #include "handlers_int.h"
 
@@ -81,25 +81,6 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
     return amp_handlers_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
 }
 
-/* Collects the requests one event produces into the batch; the event is
- * added on its first request, so a filtered event leaves no trace. */
-typedef struct emit_ctx {
-    amp_spool_batch *batch;
-    const char *dedupe_key;
-    unsigned nreq;
-} emit_ctx;
-
-static void emit(void *ctx, const amp_map_request *req) {
-    emit_ctx *e = ctx;
-    char *body = amp_json_dumps(req->body);
-    if (!body)
-        abort(); /* only allocation can fail here */
-    if (e->nreq++ == 0)
-        amp_spool_batch_event(e->batch, e->dedupe_key);
-    amp_spool_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
-    free(body);
-}
-
 /* Runs on the committer thread: record the answer and wake the connection. */
 static void stored(void *ctx, const amp_spool_result *res) {
     amp_req *r = ctx;
@@ -128,10 +109,10 @@ static enum MHD_Result answer_stored(amp_req *r) {
                                              (int)r->filtered));
 }
 
-/* Every route applied to every event, into one batch (caller owns); events
- * no route takes are counted in r->filtered. NULL and detail when there are
- * too many events or a route finds one invalid: the whole request is then
- * rejected. */
+/* The webhook as a source: its events through every route into one batch
+ * (caller owns); events no route takes are counted in r->filtered. NULL and
+ * detail when there are too many events or a route finds one invalid: the
+ * whole request is then rejected. */
 static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
                                    char *detail, size_t detail_len) {
     /* standard-webhooks: the message id dedupes a resent message; an
@@ -139,31 +120,16 @@ static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json
     const char *msg_id = cfg->auth.scheme == AMP_AUTH_STANDARD_WEBHOOKS
                              ? MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "webhook-id")
                              : NULL;
-    if (json_array_size(events) > cfg->listen.max_events) {
-        snprintf(detail, detail_len, "%zu events; at most %zu per request", json_array_size(events),
-                 cfg->listen.max_events);
-        return NULL;
-    }
-    amp_spool_batch *batch = amp_spool_batch_create();
-    size_t i;
-    json_t *ev;
-    json_array_foreach(events, i, ev) {
-        char msg_key[300];
-        const char *key = amp_map_dedupe_key(ev);
-        if (!key && msg_id && *msg_id && strlen(msg_id) < 256) {
-            snprintf(msg_key, sizeof msg_key, "webhook-id:%s#%zu", msg_id, i);
-            key = msg_key;
-        }
-        emit_ctx e = {.batch = batch, .dedupe_key = key, .nreq = 0};
-        char why[200];
-        if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
-            snprintf(detail, detail_len, "events[%zu]: %s", i, why);
-            amp_spool_batch_destroy(batch);
-            return NULL;
-        }
-        r->filtered += e.nreq == 0;
-    }
-    return batch;
+    char stem[300] = "";
+    if (msg_id && *msg_id && strlen(msg_id) < 256)
+        snprintf(stem, sizeof stem, "webhook-id:%s", msg_id);
+    amp_source_input in = {
+        .events = events,
+        .mapper = cfg->mapper,
+        .max_events = cfg->listen.max_events,
+        .message_key = stem,
+    };
+    return amp_source_batch(&in, &r->filtered, detail, detail_len);
 }
 
 enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {

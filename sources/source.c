@@ -1,0 +1,67 @@
+/*
+ * source — decoded events to one queue batch (see source.h).
+ */
+#include "source.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../json/jsonw.h"
+
+/* Longest message_key stem used; a longer one is ignored (no sender's
+ * message id is that long: the webhook passes ids under 256 bytes). */
+#define MESSAGE_KEY_MAX 288
+
+/* Collects the requests one event produces into the batch; the event is
+ * added on its first request, so a filtered event leaves no trace. */
+typedef struct emit_ctx {
+    amp_spool_batch *batch;
+    const char *dedupe_key;
+    unsigned nreq;
+} emit_ctx;
+
+static void emit(void *ctx, const amp_map_request *req) {
+    emit_ctx *e = ctx;
+    char *body = amp_json_dumps(req->body);
+    if (!body)
+        abort(); /* only allocation can fail here */
+    if (e->nreq++ == 0)
+        amp_spool_batch_event(e->batch, e->dedupe_key);
+    amp_spool_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
+    free(body);
+}
+
+amp_spool_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
+                                  size_t detail_len) {
+    size_t n = json_array_size(in->events);
+    *filtered = 0;
+    if (n > in->max_events) {
+        snprintf(detail, detail_len, "%zu events; at most %zu per request", n, in->max_events);
+        return NULL;
+    }
+    const char *stem = in->message_key && *in->message_key &&
+                               strlen(in->message_key) <= MESSAGE_KEY_MAX
+                           ? in->message_key
+                           : NULL;
+    amp_spool_batch *batch = amp_spool_batch_create();
+    size_t i;
+    json_t *ev;
+    json_array_foreach(in->events, i, ev) {
+        char msg_key[MESSAGE_KEY_MAX + 32];
+        const char *key = amp_map_dedupe_key(ev);
+        if (!key && stem) {
+            snprintf(msg_key, sizeof msg_key, "%s#%zu", stem, i);
+            key = msg_key;
+        }
+        emit_ctx e = {.batch = batch, .dedupe_key = key, .nreq = 0};
+        char why[200];
+        if (amp_mapper_apply(in->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
+            snprintf(detail, detail_len, "events[%zu]: %s", i, why);
+            amp_spool_batch_destroy(batch);
+            return NULL;
+        }
+        *filtered += e.nreq == 0;
+    }
+    return batch;
+}
