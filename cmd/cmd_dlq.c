@@ -9,7 +9,9 @@
  * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". Without IDs or filters
  * an action takes every dead letter (--all says so explicitly), as the
  * contract's "dlq list|replay|purge [filters]" reads. Safe beside a running
- * daemon.
+ * daemon: the spool is opened with amp_spool_open_admin (one connection, no
+ * threads, no migrations), which refuses a missing spool or one of another
+ * schema version (exit 1).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -155,7 +157,8 @@ int amp_cmd_dlq(int argc, char **argv) {
 
     char err[512];
     amp_spool_opts so = amp_config_spool_opts(cfg);
-    amp_queue *s = amp_spool_open(&so, err, sizeof err);
+    /* One connection and no spool threads: the daemon may own the spool. */
+    amp_queue *s = amp_spool_open_admin(&so, err, sizeof err);
     int rc = 1;
     if (!s) {
         fprintf(stderr, "amp2dify dlq: %s\n", err);

@@ -46,8 +46,8 @@ void amp_queue_submit(amp_queue *q, amp_queue_batch *b, amp_queue_done_fn done, 
     amp_queue_batch_destroy(b);
 }
 
-int amp_queue_claim_shard(amp_queue *q, int shard, int64_t now_ms, amp_queue_job **jobs,
-                          size_t max, int64_t *next_due_ms) {
+int amp_queue_claim_shard(amp_queue *q, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                          int64_t *next_due_ms) {
     *next_due_ms = INT64_MAX;
     return q->ops->claim ? q->ops->claim(q->e, shard, now_ms, jobs, max, next_due_ms) : -1;
 }

@@ -107,8 +107,8 @@ int amp_queue_claim(amp_queue *q, int64_t now_ms, amp_queue_job **jobs, size_t m
                     int64_t *next_due_ms);
 /* The same from one shard (0..amp_queue_shards()-1), or AMP_QUEUE_SHARD_ANY.
  * A hint: an engine with one shard ignores it. */
-int amp_queue_claim_shard(amp_queue *q, int shard, int64_t now_ms, amp_queue_job **jobs,
-                          size_t max, int64_t *next_due_ms);
+int amp_queue_claim_shard(amp_queue *q, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                          int64_t *next_due_ms);
 
 typedef enum {
     AMP_QUEUE_ACK_DELIVERED, /* done; result_json kept for inspection */
@@ -131,9 +131,9 @@ typedef struct amp_queue_ack {
 } amp_queue_ack;
 
 typedef enum {
-    AMP_QUEUE_ACK_TAKEN = 0, /* it lands (the SQLite engine: at its next commit) */
-    AMP_QUEUE_ACK_LOST = 1,  /* the claim was lost (lease expired, another consumer owns the
-                                job): nothing changed; forget the job */
+    AMP_QUEUE_ACK_TAKEN = 0,   /* it lands (the SQLite engine: at its next commit) */
+    AMP_QUEUE_ACK_LOST = 1,    /* the claim was lost (lease expired, another consumer owns the
+                                  job): nothing changed; forget the job */
     AMP_QUEUE_ACK_FAILED = -1, /* not stored; the job comes back when its claim ends */
 } amp_queue_ack_status;
 

@@ -67,7 +67,8 @@ static void *checkpointer_main(void *arg) {
     return NULL;
 }
 
-int amp_spool_start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err, size_t errlen) {
+int amp_spool_start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err,
+                                 size_t errlen) {
     if (amp_spool_open_db(opts, true, &s->cdb, err, errlen))
         return -1;
     sqlite3_wal_hook(s->wdb, wal_hook, s); /* replaces the automatic checkpoint */
@@ -82,7 +83,7 @@ int amp_spool_start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char 
 /* Sets *stop under mu, wakes the thread waiting on cond and joins it;
  * nothing when it never started. */
 void amp_spool_stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthread_cond_t *cond,
-                        bool *stop) {
+                           bool *stop) {
     if (!*running)
         return;
     pthread_mutex_lock(mu);
@@ -94,5 +95,6 @@ void amp_spool_stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthr
 }
 
 void amp_spool_stop_checkpointer(amp_spool *s) {
-    amp_spool_stop_thread(s->checkpointer, &s->checkpointer_running, &s->ck_mu, &s->ck_cond, &s->ck_stop);
+    amp_spool_stop_thread(s->checkpointer, &s->checkpointer_running, &s->ck_mu, &s->ck_cond,
+                          &s->ck_stop);
 }

@@ -15,7 +15,6 @@ static size_t idset_hash(int64_t id, size_t cap) {
     return (size_t)(x >> 17) & (cap - 1);
 }
 
-
 static void idset_grow(idset *s) {
     idset old = *s;
     s->cap = old.cap ? old.cap * 2 : 256;

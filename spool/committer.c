@@ -368,8 +368,6 @@ static void probe(amp_spool *s) {
     set_writable(s, ok);
 }
 
-
-
 void *amp_spool_committer_main(void *arg) {
     amp_spool *s = arg;
     pthread_setname_np(pthread_self(), "amp-commit");

@@ -134,4 +134,3 @@ int amp_spool_start_syncer(amp_spool *s, char *err, size_t errlen) {
 void amp_spool_stop_syncer(amp_spool *s) {
     amp_spool_stop_thread(s->syncer, &s->syncer_running, &s->sync_mu, &s->sync_cond, &s->sync_stop);
 }
-

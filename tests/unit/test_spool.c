@@ -4,6 +4,7 @@
  * conversations, and what a reopen (restart) sees.
  */
 #include <check.h>
+#include <dirent.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -742,7 +743,9 @@ START_TEST(depth_follows_replay_from_another_process) {
     amp_queue_flush(s);
     ck_assert_int_eq(amp_queue_depth(s), 0);
 
-    amp_queue *cli = open_spool(3600);
+    char err[256] = "";
+    amp_queue *cli = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
+    ck_assert_msg(cli != NULL, "admin open: %s", err);
     amp_queue_dlq_filter all = {0};
     ck_assert_int_eq(amp_queue_dlq_replay(cli, &all), 1);
     amp_queue_close(cli);
@@ -752,6 +755,105 @@ START_TEST(depth_follows_replay_from_another_process) {
     submit(s, b);
     ck_assert_int_eq(amp_queue_depth(s), 2);
     amp_queue_close(s);
+}
+END_TEST
+
+/* Threads of this process, from /proc/self/task. */
+static int thread_count(void) {
+    DIR *d = opendir("/proc/self/task");
+    ck_assert_ptr_nonnull(d);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+/* The `dlq` command's handle: one connection, no spool threads, and only
+ * inspection and dead letters. */
+START_TEST(admin_handle_has_no_threads) {
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, "dead", "u", false, "{}");
+    submit(s, b);
+    amp_queue_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DEAD, .http_status = 400});
+    free_jobs(jobs, 1);
+    amp_queue_close(s);
+
+    int before = thread_count();
+    char err[256] = "";
+    amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
+    ck_assert_msg(a != NULL, "admin open: %s", err);
+    ck_assert_int_eq(thread_count(), before);
+
+    amp_queue_dlq_filter all = {0};
+    json_t *rows = amp_queue_dlq_list(a, &all, 10);
+    ck_assert_int_eq(json_array_size(rows), 1);
+    json_decref(rows);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(a, &st), 0);
+    ck_assert_int_eq(st.dead, 1);
+    /* It takes no events, claims nothing and says so. */
+    done_box box = {0};
+    b = amp_queue_batch_create();
+    add(b, "new", "u", false, "{}");
+    amp_queue_submit(a, b, on_done, &box);
+    ck_assert_int_eq(box.calls, 1);
+    ck_assert_int_eq(box.res.status, -1);
+    ck_assert_ptr_nonnull(amp_queue_full(a));
+    ck_assert_int_eq(amp_queue_claim(a, amp_now_ms(), jobs, 2, &next), -1);
+    ck_assert_int_eq(amp_queue_dlq_purge(a, &all), 1);
+    amp_queue_close(a);
+}
+END_TEST
+
+/* Sets the spool's user_version, as another amp2dify would have left it. */
+static void set_user_version(int v) {
+    sqlite3 *db;
+    char sql[64];
+    snprintf(sql, sizeof sql, "PRAGMA user_version = %d", v);
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+}
+
+START_TEST(admin_open_refuses_other_schema_version) {
+    amp_queue_close(open_spool(3600));
+    const struct {
+        int version;
+        const char *found;
+    } cases[] = {{1, "schema version 1,"}, {3, "schema version 3,"}, {0, "schema version 0,"}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        set_user_version(cases[i].version);
+        char err[256] = "";
+        ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 2") &&
+                          strstr(err, path),
+                      "err: %s", err);
+        /* Refused before anything was written: the version is as found. */
+        sqlite3 *db;
+        ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+        ck_assert_int_eq(user_version(db), cases[i].version);
+        sqlite3_close(db);
+    }
+    set_user_version(2);
+    char err[256] = "";
+    amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
+    ck_assert_msg(a != NULL, "admin open: %s", err);
+    amp_queue_close(a);
+}
+END_TEST
+
+START_TEST(admin_open_refuses_missing_spool) {
+    char err[256] = "";
+    ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
+    ck_assert_msg(strstr(err, path) != NULL, "err: %s", err);
+    struct stat st;
+    ck_assert_int_ne(stat(path, &st), 0); /* not created */
 }
 END_TEST
 
@@ -786,6 +888,9 @@ int main(void) {
     tcase_add_test(tc, limit_holds_until_a_tenth_is_free);
     tcase_add_test(tc, size_limit_prunes_delivered_rows_then_recovers);
     tcase_add_test(tc, depth_follows_replay_from_another_process);
+    tcase_add_test(tc, admin_handle_has_no_threads);
+    tcase_add_test(tc, admin_open_refuses_other_schema_version);
+    tcase_add_test(tc, admin_open_refuses_missing_spool);
     tcase_add_test(tc, unwritable_path_fails_to_open);
     suite_add_tcase(su, tc);
     return amp_check_run(su);
