@@ -114,11 +114,12 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         atomic_store(&s->committed_max, atomic_load(&s->synced_max));
     }
     sqlite3_reset(s->st_max_id);
+    s->stop = 0; /* before the committer reads it */
     if (pthread_create(&s->committer, NULL, amp_spool_committer_main, s) != 0) {
+        s->stop = 1;
         snprintf(err, errlen, "spool: cannot start the committer thread");
         goto fail;
     }
-    s->stop = 0;
     return amp_queue_create(&spool_ops, s, 1);
 fail:
     engine_close(s);
