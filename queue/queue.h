@@ -203,7 +203,8 @@ void amp_queue_close(amp_queue *q);
 /* ---- for engines ------------------------------------------------------
  * An engine fills a static amp_queue_ops and wraps its state with
  * amp_queue_create. Every operation gets the engine state e (borrowed) and
- * has the contract of the amp_queue_ function of the same name. An engine
+ * has the contract of the amp_queue_ function of the same name (claim: of
+ * amp_queue_claim_shard, which sets *next_due_ms to INT64_MAX first). An engine
  * may leave an operation NULL when its handle cannot do it (an admin handle
  * that only inspects): submit then answers status -1, claim and the
  * dead-letter operations return -1 (list NULL), acknowledge FAILED, flush

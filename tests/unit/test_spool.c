@@ -758,6 +758,32 @@ START_TEST(depth_follows_replay_from_another_process) {
 }
 END_TEST
 
+/* The engine interface as the SQLite engine fills it: one shard, whatever
+ * the hint; acknowledgements always taken. */
+START_TEST(one_shard_and_acks_taken) {
+    amp_queue *s = open_spool(3600);
+    ck_assert_int_eq(amp_queue_shards(s), 1);
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, "k1", "u", false, "{}");
+    submit(s, b);
+    amp_queue_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(amp_queue_claim_shard(s, 0, amp_now_ms() + 1, jobs, 2, &next), 1);
+    ck_assert_int_eq(jobs[0]->shard, 0);
+    ck_assert_int_eq(amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[0]->id,
+                                                               .shard = jobs[0]->shard,
+                                                               .kind = AMP_QUEUE_ACK_DELIVERED,
+                                                               .http_status = 200}),
+                     AMP_QUEUE_ACK_TAKEN);
+    free_jobs(jobs, 1);
+    amp_queue_flush(s);
+    ck_assert_int_eq(
+        amp_queue_claim_shard(s, AMP_QUEUE_SHARD_ANY, amp_now_ms() + 1, jobs, 2, &next), 0);
+    ck_assert_int_eq(next, INT64_MAX);
+    amp_queue_close(s);
+}
+END_TEST
+
 /* Threads of this process, from /proc/self/task. */
 static int thread_count(void) {
     DIR *d = opendir("/proc/self/task");
@@ -888,6 +914,7 @@ int main(void) {
     tcase_add_test(tc, limit_holds_until_a_tenth_is_free);
     tcase_add_test(tc, size_limit_prunes_delivered_rows_then_recovers);
     tcase_add_test(tc, depth_follows_replay_from_another_process);
+    tcase_add_test(tc, one_shard_and_acks_taken);
     tcase_add_test(tc, admin_handle_has_no_threads);
     tcase_add_test(tc, admin_open_refuses_other_schema_version);
     tcase_add_test(tc, admin_open_refuses_missing_spool);
