@@ -15,7 +15,7 @@
  *   WATCH first_delivery_ms=F delivered=N sample_ms=S vmrss_kb=R vmhwm_kb=H
  *
  * F is -1 when nothing was delivered within the timeout (exit status 1),
- * and R and H are -1 when PID is gone. Mirrors spool/spool.c's schema
+ * and R and H are -1 when PID is gone. Mirrors spool/schema.c's schema
  * (state 1 = delivered, finished_ms); a change there must be mirrored here.
  */
 #include <sqlite3.h>

@@ -14,7 +14,7 @@
  * lag is finished_ms - created_ms of delivered rows: how long an event sat
  * in the spool between its 202 and Dify's answer.
  *
- * It reads the deliveries table of spool/spool.c's schema (state 0 pending,
+ * It reads the deliveries table of spool/schema.c's schema (state 0 pending,
  * 1 delivered, 2 dead; created_ms and finished_ms in Unix milliseconds)
  * through a read-only connection; WAL mode lets it read while amp2dify
  * writes. A schema change there must be mirrored here.

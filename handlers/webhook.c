@@ -82,7 +82,7 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
 }
 
 /* Runs on the committer thread: record the answer and wake the connection. */
-static void stored(void *ctx, const amp_spool_result *res) {
+static void stored(void *ctx, const amp_queue_result *res) {
     amp_req *r = ctx;
     amp_handlers *h = r->h; /* r may be gone once resumed */
     r->result = *res;
@@ -92,7 +92,7 @@ static void stored(void *ctx, const amp_spool_result *res) {
 }
 
 static enum MHD_Result answer_stored(amp_req *r) {
-    const amp_spool_result *res = &r->result;
+    const amp_queue_result *res = &r->result;
     amp_handlers *h = r->h;
     amp_series_add(h->events_filtered, r->filtered);
     if (res->status != 0) {
@@ -113,7 +113,7 @@ static enum MHD_Result answer_stored(amp_req *r) {
  * (caller owns); events no route takes are counted in r->filtered. NULL and
  * detail when there are too many events or a route finds one invalid: the
  * whole request is then rejected. */
-static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
+static amp_queue_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
                                    char *detail, size_t detail_len) {
     /* standard-webhooks: the message id dedupes a resent message; an
      * event's own insert_id, when it has one, still comes first. */
@@ -152,7 +152,7 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     if (!r->admitted) /* begun after shutdown started */
         return amp_handlers_reply_unavailable(r, "shutting down", RETRY_SOON_S);
 
-    const char *full = amp_spool_full(h->spool);
+    const char *full = amp_queue_full(h->spool);
     if (full)
         return amp_handlers_reply_unavailable(r, full, RETRY_FULL_S);
 
@@ -174,7 +174,7 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_handlers_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
-    amp_spool_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
+    amp_queue_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
     if (!batch) {
         amp_series_add(h->events_rejected, (double)json_array_size(events));
         json_decref(events);
@@ -184,13 +184,13 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     json_decref(events);
 
     if (r->filtered == nevents) { /* nothing to store */
-        amp_spool_batch_destroy(batch);
-        r->result = (amp_spool_result){0};
+        amp_queue_batch_destroy(batch);
+        r->result = (amp_queue_result){0};
         return answer_stored(r);
     }
     atomic_store(&r->state, REQ_WAITING);
     atomic_fetch_add(&h->suspended, 1);
     MHD_suspend_connection(r->conn);
-    amp_spool_submit(h->spool, batch, stored, r);
+    amp_queue_submit(h->spool, batch, stored, r);
     return MHD_YES;
 }

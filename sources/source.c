@@ -16,7 +16,7 @@
 /* Collects the requests one event produces into the batch; the event is
  * added on its first request, so a filtered event leaves no trace. */
 typedef struct emit_ctx {
-    amp_spool_batch *batch;
+    amp_queue_batch *batch;
     const char *dedupe_key;
     unsigned nreq;
 } emit_ctx;
@@ -27,12 +27,12 @@ static void emit(void *ctx, const amp_map_request *req) {
     if (!body)
         abort(); /* only allocation can fail here */
     if (e->nreq++ == 0)
-        amp_spool_batch_event(e->batch, e->dedupe_key);
-    amp_spool_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
+        amp_queue_batch_event(e->batch, e->dedupe_key);
+    amp_queue_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
     free(body);
 }
 
-amp_spool_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
+amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
                                   size_t detail_len) {
     size_t n = json_array_size(in->events);
     *filtered = 0;
@@ -40,11 +40,11 @@ amp_spool_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered
         snprintf(detail, detail_len, "%zu events; at most %zu per request", n, in->max_events);
         return NULL;
     }
-    const char *stem = in->message_key && *in->message_key &&
-                               strlen(in->message_key) <= MESSAGE_KEY_MAX
-                           ? in->message_key
-                           : NULL;
-    amp_spool_batch *batch = amp_spool_batch_create();
+    const char *stem =
+        in->message_key && *in->message_key && strlen(in->message_key) <= MESSAGE_KEY_MAX
+            ? in->message_key
+            : NULL;
+    amp_queue_batch *batch = amp_queue_batch_create();
     size_t i;
     json_t *ev;
     json_array_foreach(in->events, i, ev) {
@@ -58,7 +58,7 @@ amp_spool_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered
         char why[200];
         if (amp_mapper_apply(in->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
             snprintf(detail, detail_len, "events[%zu]: %s", i, why);
-            amp_spool_batch_destroy(batch);
+            amp_queue_batch_destroy(batch);
             return NULL;
         }
         *filtered += e.nreq == 0;

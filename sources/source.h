@@ -22,12 +22,12 @@
 #include <stddef.h>
 
 #include "../mapping/mapping.h"
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 
 typedef struct amp_source_input {
-    const json_t *events;      /* array of decoded events; borrowed */
-    const amp_mapper *mapper;  /* borrowed */
-    size_t max_events;         /* more events than this: the whole input is refused */
+    const json_t *events;     /* array of decoded events; borrowed */
+    const amp_mapper *mapper; /* borrowed */
+    size_t max_events;        /* more events than this: the whole input is refused */
     /* Dedupe key stem for events without their own key (insert_id,
      * $insert_id, uuid): "<stem>#<index>", e.g. a sender's message id
      * ("webhook-id:msg_1"). NULL or "": such events are never duplicates.
@@ -40,7 +40,7 @@ typedef struct amp_source_input {
  * route took. NULL, with detail naming the event ("events[3]: ...") when
  * there are too many events or a route finds one invalid: the caller then
  * refuses the whole input, so nothing is half stored. */
-amp_spool_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
+amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
                                   size_t detail_len);
 
 #endif

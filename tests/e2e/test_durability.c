@@ -15,6 +15,9 @@
  *   dedupe_*                    inside one request, across requests, after
  *                               a restart; delivered once
  *   dlq_list_replay_purge       `amp2dify dlq` against a running daemon
+ *   dlq_is_one_thread_beside_a_busy_daemon
+ *                               `dlq list` holds the spool open with one
+ *                               thread while the daemon is busy
  *   shutdown_bounded_when_spool_hangs
  *                               SIGTERM while the spool cannot answer: a
  *                               bounded exit 1, no 202 for the waiting
@@ -25,6 +28,7 @@
  * override the length and the kill schedule.
  */
 #include <check.h>
+#include <dirent.h>
 #include <errno.h>
 #include <sqlite3.h>
 #include <fcntl.h>
@@ -975,14 +979,14 @@ static char *slurp(const char *path) {
     return b.data ? b.data : amp_xstrdup("");
 }
 
-/* Run `amp2dify dlq ARGS... -c DIR/amp2dify.json` beside the daemon. The
- * environment is ours without the variables that would point it elsewhere. */
-static cli_out run_dlq(const h_server *srv, const char *const *args) {
+/* Start `amp2dify dlq ARGS... -c DIR/amp2dify.json` beside the daemon, its
+ * stdout on out_fd when it is not -1, else in out_path. The environment is
+ * ours without the variables that would point it elsewhere. */
+static pid_t spawn_dlq(const h_server *srv, const char *const *args, int out_fd,
+                       const char *out_path, const char *err_path) {
     const char *bin = getenv("AMP2DIFY_BIN");
     bin = bin && *bin ? bin : "build/amp2dify";
     char *config = amp_xasprintf("%s/amp2dify.json", h_server_dir(srv));
-    char *out_path = amp_xasprintf("%s/cli.out", h_server_dir(srv));
-    char *err_path = amp_xasprintf("%s/cli.err", h_server_dir(srv));
     const char *argv[32];
     size_t n = 0;
     argv[n++] = bin;
@@ -1005,15 +1009,27 @@ static cli_out run_dlq(const h_server *srv, const char *const *args) {
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
-                                     0600);
+    if (out_fd >= 0)
+        posix_spawn_file_actions_adddup2(&fa, out_fd, STDOUT_FILENO);
+    else
+        posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
+                                         0600);
     posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, err_path, O_WRONLY | O_CREAT | O_TRUNC,
                                      0600);
     pid_t pid;
     int rc = posix_spawn(&pid, bin, &fa, NULL, (char *const *)argv, env);
     posix_spawn_file_actions_destroy(&fa);
     free(env);
+    free(config);
     ck_assert_msg(rc == 0, "posix_spawn %s: %s", bin, strerror(rc));
+    return pid;
+}
+
+/* Run `amp2dify dlq ARGS... -c DIR/amp2dify.json` beside the daemon. */
+static cli_out run_dlq(const h_server *srv, const char *const *args) {
+    char *out_path = amp_xasprintf("%s/cli.out", h_server_dir(srv));
+    char *err_path = amp_xasprintf("%s/cli.err", h_server_dir(srv));
+    pid_t pid = spawn_dlq(srv, args, -1, out_path, err_path);
 
     cli_out o = {.status = -1};
     int64_t deadline = h_mono_ms() + 20000;
@@ -1032,7 +1048,6 @@ static cli_out run_dlq(const h_server *srv, const char *const *args) {
     o.err = slurp(err_path);
     ck_assert_msg(!strstr(o.err, "Sanitizer") && !strstr(o.err, "runtime error:"),
                   "sanitizer report from amp2dify dlq:\n%s", o.err);
-    free(config);
     free(out_path);
     free(err_path);
     return o;
@@ -1193,6 +1208,155 @@ START_TEST(dlq_list_replay_purge) {
 }
 END_TEST
 
+/* Threads of process pid (entries of /proc/<pid>/task); -1 once it is gone. */
+static int task_count(pid_t pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+/* Posts one event after another until told to stop. */
+typedef struct busy_poster {
+    uint16_t port;
+    const char *secret;
+    atomic_bool stop;
+    atomic_int accepted;
+} busy_poster;
+
+static void *busy_post_main(void *arg) {
+    busy_poster *p = arg;
+    for (unsigned i = 0; !atomic_load(&p->stop); i++) {
+        char key[32], user[32];
+        snprintf(key, sizeof key, "busy-%u", i);
+        snprintf(user, sizeof user, "busy-user-%u", i % 8);
+        char *ev = h_event("busy", user, key);
+        h_resp *r = post_signed_port(p->port, p->secret, ev, 5000);
+        if (r && r->status == 202)
+            atomic_fetch_add(&p->accepted, 1);
+        h_resp_free(r);
+        free(ev);
+    }
+    return NULL;
+}
+
+/* `dlq` opens the spool without the daemon's threads: sampled while it
+ * holds the spool open beside a daemon that is taking and delivering
+ * events, the process has exactly one thread. Its listing (more than a
+ * pipe holds) goes into a pipe nobody reads for a while, so the command
+ * waits in the middle of its work with the spool open. */
+START_TEST(dlq_is_one_thread_beside_a_busy_daemon) {
+    enum { DEAD = 400, PER_POST = 50, HOLD_MS = 1500 };
+    fake_dify *fake = fake_dify_start(0, H_API_KEY);
+    ck_assert_ptr_nonnull(fake);
+    h_server *srv = start_with(fake, NULL);
+    fake_dify_behaviour bad = {.status = 400,
+                               .code = "invalid_param",
+                               .message = "query is required and must be a string"};
+    fake_dify_push_n(fake, &bad, DEAD);
+    for (int b = 0; b < DEAD / PER_POST; b++) {
+        amp_buf body;
+        amp_buf_init(&body, (size_t)1 << 20);
+        amp_buf_append(&body, "[", 1);
+        for (int i = 0; i < PER_POST; i++) {
+            char key[32], user[32];
+            snprintf(key, sizeof key, "dead-%d", b * PER_POST + i);
+            snprintf(user, sizeof user, "dead-user-%d", i);
+            char *ev = h_event("dlq_threads", user, key);
+            if (i)
+                amp_buf_append(&body, ",", 1);
+            amp_buf_append(&body, ev, strlen(ev));
+            free(ev);
+        }
+        amp_buf_append(&body, "]", 2); /* with the terminating NUL */
+        h_resp *r = h_post_signed(srv, body.data);
+        assert_accepted(r, PER_POST, 0);
+        h_resp_free(r);
+        amp_buf_free(&body);
+    }
+    json_t *rows = wait_dead(srv, DEAD);
+    ck_assert_uint_eq(json_array_size(rows), DEAD);
+    json_decref(rows);
+
+    /* Busy: events arrive and are delivered (the script is empty: 200). */
+    busy_poster p = {.port = h_server_port(srv), .secret = h_server_secret(srv)};
+    atomic_init(&p.stop, false);
+    atomic_init(&p.accepted, 0);
+    pthread_t poster;
+    ck_assert_int_eq(pthread_create(&poster, NULL, busy_post_main, &p), 0);
+    int64_t deadline = h_mono_ms() + 10000;
+    while (atomic_load(&p.accepted) < 5 && h_mono_ms() < deadline)
+        h_sleep_ms(10);
+    ck_assert_int_ge(atomic_load(&p.accepted), 5);
+    size_t delivered_before = fake_dify_delivered(fake);
+    int accepted_before = atomic_load(&p.accepted);
+
+    int fds[2];
+    ck_assert_int_eq(pipe2(fds, O_CLOEXEC), 0);
+    char *err_path = amp_xasprintf("%s/cli.err", h_server_dir(srv));
+    pid_t pid = spawn_dlq(srv, (const char *[]){"list", "--json", NULL}, fds[1], NULL, err_path);
+    close(fds[1]);
+    int samples = 0, lo = 1 << 30, hi = 0;
+    int64_t hold_end = h_mono_ms() + HOLD_MS;
+    while (h_mono_ms() < hold_end) {
+        int n = task_count(pid);
+        if (n > 0) {
+            samples++;
+            lo = n < lo ? n : lo;
+            hi = n > hi ? n : hi;
+        }
+        h_sleep_ms(2);
+    }
+    int status, daemon_threads = task_count(h_server_pid(srv));
+    bool held = waitpid(pid, &status, WNOHANG) == 0; /* still in its listing */
+    int accepted_meanwhile = atomic_load(&p.accepted) - accepted_before;
+    size_t delivered_meanwhile = fake_dify_delivered(fake) - delivered_before;
+
+    amp_buf out;
+    amp_buf_init(&out, (size_t)64 << 20);
+    char chunk[65536];
+    ssize_t got;
+    while ((got = read(fds[0], chunk, sizeof chunk)) > 0)
+        amp_buf_append(&out, chunk, (size_t)got);
+    close(fds[0]);
+    if (held)
+        ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    char *err = slurp(err_path);
+    free(err_path);
+    atomic_store(&p.stop, true);
+    pthread_join(poster, NULL);
+
+    fprintf(stderr,
+            "dlq list beside a busy daemon: %d samples of /proc/%d/task over %d ms, threads "
+            "min %d max %d (daemon: %d threads); %d events accepted and %zu delivered "
+            "meanwhile; %zu bytes listed\n",
+            samples, (int)pid, HOLD_MS, lo, hi, daemon_threads, accepted_meanwhile,
+            delivered_meanwhile, out.len);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "dlq list: %s", err);
+    size_t lines = 0;
+    for (size_t i = 0; i < out.len; i++)
+        lines += out.data[i] == '\n';
+    ck_assert_uint_eq(lines, DEAD);
+    ck_assert_msg(held, "dlq list finished before the samples were taken");
+    ck_assert_int_ge(samples, 100);
+    ck_assert_int_eq(lo, 1);
+    ck_assert_int_eq(hi, 1);
+    ck_assert_int_gt(daemon_threads, 1);
+    ck_assert_int_gt(accepted_meanwhile, 0);
+    ck_assert_uint_gt(delivered_meanwhile, 0);
+    free(err);
+    amp_buf_free(&out);
+    stop_clean(srv);
+    fake_dify_stop(fake);
+}
+END_TEST
+
 /* ---- a spool that stops answering ------------------------------------------ */
 
 typedef struct waiting_post {
@@ -1308,6 +1472,7 @@ static Suite *suite(void) {
     tcase_set_timeout(tc, 90);
     tcase_add_test(tc, dedupe_within_across_and_after_restart);
     tcase_add_test(tc, dlq_list_replay_purge);
+    tcase_add_test(tc, dlq_is_one_thread_beside_a_busy_daemon);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("hung_spool");

@@ -1,0 +1,192 @@
+#include "queue.h"
+
+#include <stdlib.h>
+
+#include "../base/util.h"
+
+struct amp_queue {
+    const amp_queue_ops *ops;
+    void *e;
+    int nshards;
+};
+
+static const char no_events[] = "this queue handle takes no events";
+
+amp_queue *amp_queue_create(const amp_queue_ops *ops, void *e, int nshards) {
+    amp_queue *q = amp_xcalloc(1, sizeof *q);
+    q->ops = ops;
+    q->e = e;
+    q->nshards = nshards > 0 ? nshards : 1;
+    return q;
+}
+
+void amp_queue_close(amp_queue *q) {
+    if (!q)
+        return;
+    q->ops->close(q->e);
+    free(q);
+}
+
+int amp_queue_shards(const amp_queue *q) {
+    return q->nshards;
+}
+
+void amp_queue_set_notify(amp_queue *q, amp_queue_notify_fn fn, void *ctx) {
+    if (q->ops->set_notify)
+        q->ops->set_notify(q->e, fn, ctx);
+}
+
+void amp_queue_submit(amp_queue *q, amp_queue_batch *b, amp_queue_done_fn done, void *ctx) {
+    if (q->ops->submit) {
+        q->ops->submit(q->e, b, done, ctx);
+        return;
+    }
+    amp_queue_result res = {.status = -1, .error = no_events};
+    done(ctx, &res);
+    amp_queue_batch_destroy(b);
+}
+
+int amp_queue_claim_shard(amp_queue *q, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                          int64_t *next_due_ms) {
+    *next_due_ms = INT64_MAX;
+    return q->ops->claim ? q->ops->claim(q->e, shard, now_ms, jobs, max, next_due_ms) : -1;
+}
+
+int amp_queue_claim(amp_queue *q, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                    int64_t *next_due_ms) {
+    return amp_queue_claim_shard(q, AMP_QUEUE_SHARD_ANY, now_ms, jobs, max, next_due_ms);
+}
+
+amp_queue_ack_status amp_queue_acknowledge(amp_queue *q, const amp_queue_ack *ack) {
+    return q->ops->acknowledge ? q->ops->acknowledge(q->e, ack) : AMP_QUEUE_ACK_FAILED;
+}
+
+void amp_queue_flush(amp_queue *q) {
+    amp_queue_flush_until(q, INT64_MAX);
+}
+
+bool amp_queue_flush_until(amp_queue *q, int64_t deadline_ms) {
+    return q->ops->flush_until ? q->ops->flush_until(q->e, deadline_ms) : true;
+}
+
+int amp_queue_stats_get(amp_queue *q, amp_queue_stats *out) {
+    *out = (amp_queue_stats){0};
+    return q->ops->stats_get ? q->ops->stats_get(q->e, out) : -1;
+}
+
+int64_t amp_queue_oldest_pending_ms(amp_queue *q) {
+    return q->ops->oldest_pending_ms ? q->ops->oldest_pending_ms(q->e) : 0;
+}
+
+int64_t amp_queue_depth(amp_queue *q) {
+    return q->ops->depth ? q->ops->depth(q->e) : 0;
+}
+
+int64_t amp_queue_bytes(amp_queue *q) {
+    return q->ops->bytes ? q->ops->bytes(q->e) : 0;
+}
+
+bool amp_queue_writable(amp_queue *q) {
+    return q->ops->writable ? q->ops->writable(q->e) : false;
+}
+
+const char *amp_queue_full(amp_queue *q) {
+    return q->ops->full ? q->ops->full(q->e) : q->ops->submit ? NULL : no_events;
+}
+
+json_t *amp_queue_dlq_list(amp_queue *q, const amp_queue_dlq_filter *f, size_t limit) {
+    return q->ops->dlq_list ? q->ops->dlq_list(q->e, f, limit) : NULL;
+}
+
+int64_t amp_queue_dlq_replay(amp_queue *q, const amp_queue_dlq_filter *f) {
+    return q->ops->dlq_replay ? q->ops->dlq_replay(q->e, f) : -1;
+}
+
+int64_t amp_queue_dlq_purge(amp_queue *q, const amp_queue_dlq_filter *f) {
+    return q->ops->dlq_purge ? q->ops->dlq_purge(q->e, f) : -1;
+}
+
+/* ---- jobs ----------------------------------------------------------------- */
+
+void amp_queue_job_free(amp_queue_job *j) {
+    if (!j)
+        return;
+    free(j->route);
+    free(j->app);
+    free(j->user);
+    free(j->body);
+    free(j->dedupe_key);
+    free(j->conversation_id);
+    free(j);
+}
+
+/* ---- batches -------------------------------------------------------------- */
+
+typedef struct event_item {
+    char *dedupe_key;
+    size_t first_req, nreq;
+} event_item;
+
+struct amp_queue_batch {
+    event_item *events;
+    size_t nevents, cap_events;
+    amp_queue_request *reqs; /* strings owned */
+    size_t nreqs, cap_reqs;
+};
+
+amp_queue_batch *amp_queue_batch_create(void) {
+    return amp_xcalloc(1, sizeof(amp_queue_batch));
+}
+
+void amp_queue_batch_destroy(amp_queue_batch *b) {
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->nevents; i++)
+        free(b->events[i].dedupe_key);
+    for (size_t i = 0; i < b->nreqs; i++) {
+        free((char *)b->reqs[i].route);
+        free((char *)b->reqs[i].app);
+        free((char *)b->reqs[i].user);
+        free((char *)b->reqs[i].body);
+    }
+    free(b->events);
+    free(b->reqs);
+    free(b);
+}
+
+void amp_queue_batch_event(amp_queue_batch *b, const char *dedupe_key) {
+    if (b->nevents == b->cap_events) {
+        b->cap_events = b->cap_events ? b->cap_events * 2 : 4;
+        b->events = amp_xrealloc(b->events, b->cap_events * sizeof *b->events);
+    }
+    b->events[b->nevents++] =
+        (event_item){.dedupe_key = amp_xstrdup(dedupe_key), .first_req = b->nreqs, .nreq = 0};
+}
+
+void amp_queue_batch_request(amp_queue_batch *b, const char *route, const char *app,
+                             const char *user, bool per_user, const char *body_json) {
+    if (b->nevents == 0)
+        amp_queue_batch_event(b, NULL);
+    if (b->nreqs == b->cap_reqs) {
+        b->cap_reqs = b->cap_reqs ? b->cap_reqs * 2 : 4;
+        b->reqs = amp_xrealloc(b->reqs, b->cap_reqs * sizeof *b->reqs);
+    }
+    b->reqs[b->nreqs++] = (amp_queue_request){.route = amp_xstrdup(route),
+                                              .app = amp_xstrdup(app),
+                                              .user = amp_xstrdup(user),
+                                              .body = amp_xstrdup(body_json),
+                                              .per_user = per_user};
+    b->events[b->nevents - 1].nreq++;
+}
+
+size_t amp_queue_batch_events(const amp_queue_batch *b) {
+    return b->nevents;
+}
+
+const char *amp_queue_batch_event_at(const amp_queue_batch *b, size_t i,
+                                     const amp_queue_request **reqs, size_t *nreqs) {
+    const event_item *ev = &b->events[i];
+    *reqs = b->reqs + ev->first_req;
+    *nreqs = ev->nreq;
+    return ev->dedupe_key;
+}

@@ -1,0 +1,165 @@
+/* Statistics and dead letters, on the reader connection: the parts of the
+ * engine an admin handle (amp_spool_open_admin) has too. */
+#include "spool_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/log.h"
+#include "../base/util.h"
+
+int64_t amp_spool_oldest_pending_ms(void *e) {
+    amp_spool *s = e;
+    int64_t v = 0;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(s->rdb,
+                           "SELECT created_ms FROM deliveries INDEXED BY deliveries_pending "
+                           "WHERE state = 0 ORDER BY id LIMIT 1",
+                           -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    return v;
+}
+
+int amp_spool_stats_get(void *e, amp_queue_stats *out) {
+    amp_spool *s = e;
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = NULL;
+    int rc = -1;
+    if (sqlite3_prepare_v2(
+            s->rdb,
+            "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
+            " (SELECT count(*) FROM deliveries WHERE state = 1 AND state <> 0),"
+            " (SELECT count(*) FROM deliveries WHERE state = 2 AND state <> 0),"
+            " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
+            -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW) {
+        out->pending = sqlite3_column_int64(st, 0);
+        out->delivered = sqlite3_column_int64(st, 1);
+        out->dead = sqlite3_column_int64(st, 2);
+        out->oldest_pending_ms = sqlite3_column_int64(st, 3);
+        rc = 0;
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    return rc;
+}
+
+/* ---- dead letters ---------------------------------------------------------
+ * One WHERE clause serves list, replay and purge; unused filters are bound
+ * as NULL / 0; "state <> 0" lets it use the index of finished rows. Runs on
+ * the reader connection (a CLI process, or beside a running daemon: SQLite's
+ * locking and the busy timeout serialise writers). */
+
+#define DLQ_WHERE                                                                                  \
+    " WHERE state = 2 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                               \
+    " AND (?2 IS NULL OR app = ?2)"                                                                \
+    " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                         \
+    " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \
+    " AND (?7 IS NULL OR id IN (SELECT value FROM json_each(?7)))"
+
+static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_queue_dlq_filter *f,
+                                 char **ids_json) {
+    sqlite3_stmt *st;
+    *ids_json = NULL;
+    if (sqlite3_prepare_v2(s->rdb, sql, -1, &st, NULL) != SQLITE_OK) {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        return NULL;
+    }
+    amp_spool_bind_text(st, 1, f->route);
+    amp_spool_bind_text(st, 2, f->app);
+    amp_spool_bind_text(st, 3, f->code);
+    sqlite3_bind_int(st, 4, f->status);
+    sqlite3_bind_int64(st, 5, f->since_ms);
+    sqlite3_bind_int64(st, 6, f->until_ms);
+    if (f->ids) {
+        json_t *arr = json_array();
+        for (size_t i = 0; i < f->nids; i++)
+            json_array_append_new(arr, json_integer(f->ids[i]));
+        *ids_json = json_dumps(arr, JSON_COMPACT);
+        json_decref(arr);
+        amp_spool_bind_text(st, 7, *ids_json);
+    } else {
+        sqlite3_bind_null(st, 7);
+    }
+    return st;
+}
+
+json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit) {
+    amp_spool *s = e;
+    char *ids;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = dlq_prepare(
+        s,
+        "SELECT id, route, app, user, dedupe_key, last_status, last_code, last_message, "
+        "attempts, created_ms, finished_ms, body FROM deliveries" DLQ_WHERE
+        " ORDER BY finished_ms, id LIMIT ?8",
+        f, &ids);
+    json_t *rows = NULL;
+    if (st) {
+        sqlite3_bind_int64(st, 8, (sqlite3_int64)(limit > INT64_MAX ? INT64_MAX : limit));
+        rows = json_array();
+        int rc;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            json_t *row = json_pack(
+                "{s:I, s:s?, s:s?, s:s?, s:s?, s:i, s:s?, s:s?, s:i, s:I, s:I, s:s?}", "id",
+                (json_int_t)sqlite3_column_int64(st, 0), "route", sqlite3_column_text(st, 1), "app",
+                sqlite3_column_text(st, 2), "user", sqlite3_column_text(st, 3), "dedupe_key",
+                sqlite3_column_text(st, 4), "status", sqlite3_column_int(st, 5), "code",
+                sqlite3_column_text(st, 6), "message", sqlite3_column_text(st, 7), "attempts",
+                sqlite3_column_int(st, 8), "created_ms", (json_int_t)sqlite3_column_int64(st, 9),
+                "dead_ms", (json_int_t)sqlite3_column_int64(st, 10), "body",
+                sqlite3_column_text(st, 11));
+            if (row)
+                json_array_append_new(rows, row);
+        }
+        if (rc != SQLITE_DONE) {
+            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+            json_decref(rows);
+            rows = NULL;
+        }
+        sqlite3_finalize(st);
+    }
+    pthread_mutex_unlock(&s->claim_mu);
+    free(ids);
+    return rows;
+}
+
+static int64_t dlq_change(amp_spool *s, const char *sql, const amp_queue_dlq_filter *f) {
+    char *ids;
+    int64_t n = -1;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = dlq_prepare(s, sql, f, &ids);
+    if (st) {
+        sqlite3_bind_int64(st, 8, amp_now_ms());
+        if (sqlite3_step(st) == SQLITE_DONE)
+            n = sqlite3_changes(s->rdb);
+        else
+            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        sqlite3_finalize(st);
+    }
+    pthread_mutex_unlock(&s->claim_mu);
+    free(ids);
+    return n;
+}
+
+int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f) {
+    amp_spool *s = e;
+    int64_t n = dlq_change(s,
+                           "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
+                           "schedule_ms = ?8, finished_ms = NULL" DLQ_WHERE,
+                           f);
+    if (n > 0)
+        amp_spool_notify_waiter(s);
+    return n;
+}
+
+int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f) {
+    amp_spool *s = e;
+    /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
+    return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
+}

@@ -1,0 +1,235 @@
+/* The schema and its migrations, the connections and their statements. */
+#include "spool_int.h"
+
+#include <stdio.h>
+
+static const char schema_v1[] =
+    "CREATE TABLE deliveries ("
+    "  id INTEGER PRIMARY KEY,"
+    "  created_ms INTEGER NOT NULL,"
+    "  schedule_ms INTEGER NOT NULL," /* start of the current schedule (max age) */
+    "  dedupe_key TEXT,"
+    "  route TEXT NOT NULL,"
+    "  app TEXT NOT NULL,"
+    "  user TEXT NOT NULL,"
+    "  per_user INTEGER NOT NULL DEFAULT 0,"
+    "  body TEXT NOT NULL,"
+    "  state INTEGER NOT NULL DEFAULT 0," /* 0 pending, 1 delivered, 2 dead */
+    "  attempts INTEGER NOT NULL DEFAULT 0,"
+    "  due_ms INTEGER NOT NULL,"
+    "  last_status INTEGER,"
+    "  last_code TEXT,"
+    "  last_message TEXT,"
+    "  result TEXT,"
+    "  finished_ms INTEGER);"
+    /* next due event */
+    "CREATE INDEX deliveries_due ON deliveries(due_ms, id) WHERE state = 0;"
+    /* next event of this (app, user) */
+    "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0;"
+    /* oldest pending row (ids grow with time) */
+    "CREATE INDEX deliveries_pending ON deliveries(id) WHERE state = 0;"
+    /* dead letters and retention, by time */
+    "CREATE INDEX deliveries_finished ON deliveries(state, finished_ms) WHERE state <> 0;"
+    "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+    "CREATE TABLE conversations ("
+    "  app TEXT NOT NULL, user TEXT NOT NULL, conversation_id TEXT NOT NULL,"
+    "  updated_ms INTEGER NOT NULL, PRIMARY KEY (app, user)) WITHOUT ROWID;";
+
+/* v2: only conversation rows are ordered per user, so only they need the
+ * (app, user) index; every other row skipped a random-page write for it. */
+static const char schema_v2[] =
+    "DROP INDEX deliveries_user;"
+    "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0 AND per_user = 1;";
+
+/* Migrations, in order: migrations[v] brings a database from version v to v+1. */
+static const char *const migrations[] = {schema_v1, schema_v2};
+
+static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
+    char *msg = NULL;
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(db));
+        sqlite3_free(msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* PRAGMA user_version: the schema version, or -1 (err filled). */
+static int schema_version(sqlite3 *db, char *err, size_t errlen) {
+    sqlite3_stmt *st;
+    int version = -1;
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) == SQLITE_OK) {
+        version = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : -1;
+        sqlite3_finalize(st);
+    }
+    if (version < 0)
+        snprintf(err, errlen, "%s", sqlite3_errmsg(db));
+    return version;
+}
+
+int amp_spool_migrate(sqlite3 *db, char *err, size_t errlen) {
+    int version = schema_version(db, err, errlen);
+    if (version < 0)
+        return -1;
+    if (version > SCHEMA_VERSION) {
+        snprintf(err, errlen, "spool schema version %d is newer than this amp2dify (%d)", version,
+                 SCHEMA_VERSION);
+        return -1;
+    }
+    for (int v = version; v < SCHEMA_VERSION; v++) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA user_version = %d", v + 1);
+        if (exec(db, "BEGIN IMMEDIATE", err, errlen) || exec(db, migrations[v], err, errlen) ||
+            exec(db, sql, err, errlen) || exec(db, "COMMIT", err, errlen)) {
+            sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* synchronous=NORMAL on every connection: SQLite syncs the log only when it
+ * checkpoints, and the database file after each checkpoint. Commits are
+ * made durable by the syncer (spool.sync "full", the default), or not at
+ * all (spool.sync "normal": a crash of the process loses nothing, a power
+ * cut may lose the last commits). */
+int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
+                      size_t errlen) {
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+    if (sqlite3_open_v2(opts->path, db, flags, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot open spool '%s': %s", opts->path,
+                 *db ? sqlite3_errmsg(*db) : "out of memory");
+        return -1;
+    }
+    int64_t lock_ms = opts->lock_timeout_ms > 0 ? opts->lock_timeout_ms : AMP_SPOOL_LOCK_TIMEOUT_MS;
+    sqlite3_busy_timeout(*db, lock_ms > INT32_MAX ? INT32_MAX : (int)lock_ms);
+    if (!create) {
+        /* Before the pragmas: journal_mode would already write to a file
+         * this build does not own. */
+        char why[256];
+        int version = schema_version(*db, why, sizeof why);
+        if (version < 0) {
+            snprintf(err, errlen, "cannot read spool '%s': %s", opts->path, why);
+            return -1;
+        }
+        if (version != SCHEMA_VERSION) {
+            snprintf(err, errlen,
+                     "spool '%s' has schema version %d, this amp2dify expects version %d%s",
+                     opts->path, version, SCHEMA_VERSION,
+                     version < SCHEMA_VERSION ? " (`amp2dify serve` migrates it)" : "");
+            return -1;
+        }
+    }
+    return exec(*db,
+                "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = OFF; "
+                "PRAGMA synchronous = NORMAL;",
+                err, errlen);
+}
+
+static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, size_t errlen) {
+    if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "spool: %s", sqlite3_errmsg(db));
+        return -1;
+    }
+    return 0;
+}
+
+/* Statements of a connection s does not have open (an admin handle's
+ * committer connection) stay NULL. */
+int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
+    struct {
+        sqlite3 *db;
+        sqlite3_stmt **st;
+        const char *sql;
+    } const stmts[] = {
+        {s->wdb, &s->st_begin, "BEGIN IMMEDIATE"},
+        {s->wdb, &s->st_commit, "COMMIT"},
+        {s->wdb, &s->st_rollback, "ROLLBACK"},
+        {s->wdb, &s->st_savepoint, "SAVEPOINT batch"},
+        {s->wdb, &s->st_release, "RELEASE batch"},
+        {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
+        /* Insert the key, or refresh it when its previous sighting left the
+         * window; no change means a duplicate. */
+        {s->wdb, &s->st_dedupe,
+         "INSERT INTO dedupe(key, seen_ms) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET "
+         "seen_ms = excluded.seen_ms WHERE dedupe.seen_ms < ?3"},
+        {s->wdb, &s->st_insert,
+         "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
+         "body, due_ms) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
+        {s->wdb, &s->st_delivered,
+         "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
+         "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
+        {s->wdb, &s->st_retry,
+         "UPDATE deliveries SET attempts = attempts + 1, due_ms = ?2, last_status = ?3, "
+         "last_code = ?4, last_message = ?5 WHERE id = ?1"},
+        {s->wdb, &s->st_dead,
+         "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?2, "
+         "last_code = ?3, last_message = ?4, finished_ms = ?5 WHERE id = ?1"},
+        {s->wdb, &s->st_release_row, "UPDATE deliveries SET due_ms = ?2 WHERE id = ?1"},
+        {s->wdb, &s->st_conv_set,
+         "INSERT INTO conversations(app, user, conversation_id, updated_ms) "
+         "SELECT app, user, ?2, ?3 FROM deliveries WHERE id = ?1 "
+         "ON CONFLICT(app, user) DO UPDATE SET conversation_id = excluded.conversation_id, "
+         "updated_ms = excluded.updated_ms"},
+        {s->wdb, &s->st_conv_clear,
+         "DELETE FROM conversations WHERE (app, user) IN "
+         "(SELECT app, user FROM deliveries WHERE id = ?1)"},
+        /* Oldest due first; a per_user row only when it is the oldest pending
+         * conversation row of its (app, user), so one user's conversation
+         * goes out in order. The subquery repeats deliveries_user's
+         * condition so that it can use the index. */
+        {s->rdb, &s->st_claim,
+         "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
+         "d.per_user, d.attempts, d.schedule_ms FROM deliveries d "
+         "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
+         "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
+         "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "
+         "  AND e.user = d.user "
+         "  AND e.id < d.id)) AND d.id <= ?3 "
+         "ORDER BY d.due_ms, d.id LIMIT ?2"},
+        {s->wdb, &s->st_prune_dedupe,
+         "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
+        /* "state <> 0" repeats the partial index's condition, which SQLite
+         * does not infer from "state = 1": without it, every query on
+         * delivered or dead rows scans the whole table, pending rows too. */
+        {s->wdb, &s->st_prune_delivered,
+         "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
+         "state <> 0 AND finished_ms < ?1 LIMIT ?2)"},
+        {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
+        /* recover(): what was committed after the last good sync. */
+        {s->wdb, &s->st_drop_keys,
+         "DELETE FROM dedupe WHERE key IN (SELECT dedupe_key FROM deliveries WHERE id > ?1 AND "
+         "dedupe_key IS NOT NULL)"},
+        {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
+        {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
+        {s->wdb, &s->st_bytes,
+         "SELECT (p.page_count - f.freelist_count) * z.page_size "
+         "FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() z"},
+        {s->wdb, &s->st_data_version, "PRAGMA data_version"},
+        /* Rewrites page 1: the smallest real write, to probe writability. */
+        {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
+        {s->rdb, &s->st_next_due,
+         "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
+    };
+    for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++)
+        if (stmts[i].db && prepare(stmts[i].db, stmts[i].st, stmts[i].sql, err, errlen))
+            return -1;
+    return 0;
+}
+
+void amp_spool_finalize_all(amp_spool *s) {
+    sqlite3_stmt **all[] = {
+        &s->st_begin,        &s->st_commit,          &s->st_rollback,      &s->st_savepoint,
+        &s->st_release,      &s->st_rollback_to,     &s->st_dedupe,        &s->st_insert,
+        &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
+        &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
+        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
+        &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,     &s->st_max_id,
+        &s->st_bytes,
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        sqlite3_finalize(*all[i]);
+        *all[i] = NULL;
+    }
+}

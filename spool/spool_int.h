@@ -1,0 +1,213 @@
+/*
+ * spool_int.h — the SQLite engine's shared state, for the files of spool/
+ * only. Who touches what:
+ *
+ *   spool.c       open (full or admin) and close, the engine's operation tables
+ *   schema.c      the schema, its migrations, connections and statements
+ *   submit.c      the committer's queue: batches, acknowledgements, flushes
+ *   committer.c   the committer thread: group commit, held acks, recovery
+ *   syncer.c      the syncer thread: one fdatasync answers many groups
+ *   checkpoint.c  the checkpointer thread, and the WAL hook that wakes it
+ *   upkeep.c      back-pressure limits, pending count, pruning
+ *   claim.c       claims for delivery and the claimed-id set
+ *   admin.c       statistics and dead letters (also on an admin handle)
+ *
+ * Each field's comment says which thread or lock owns it.
+ */
+#ifndef AMP_SPOOL_INT_H
+#define AMP_SPOOL_INT_H
+
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "spool.h"
+
+#define SCHEMA_VERSION 2
+#define AMP_STR_(x) #x
+#define AMP_STR(x) AMP_STR_(x)
+/* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
+#define MAINTENANCE_INTERVAL_MS 60000
+/* After a failed commit: how often the committer retries the held
+ * acknowledgements or probes with a one-page write, so readiness comes back
+ * by itself once the cause (a full disk, say) is gone, even without traffic. */
+#define PROBE_INTERVAL_MS 1000
+/* Acknowledgements wait up to this long for company before a commit, unless
+ * ACK_GROUP_MAX of them are queued or a request arrives. */
+#define ACK_GATHER_MS 2
+#define ACK_GROUP_MAX 256
+
+enum { STATE_PENDING = 0, STATE_DELIVERED = 1, STATE_DEAD = 2 };
+
+/* Claimed row ids: open addressing (claim.c); only touched under claim_mu. */
+typedef struct idset {
+    int64_t *slots;
+    size_t cap; /* power of two */
+    size_t n;
+} idset;
+
+typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
+
+typedef struct work {
+    struct work *next;
+    work_kind kind;
+    /* WORK_BATCH */
+    amp_queue_batch *batch;
+    amp_queue_done_fn done;
+    void *ctx;
+    amp_queue_result result;
+    int64_t rows;    /* deliveries inserted */
+    int64_t last_id; /* the highest of their ids; 0: none */
+    int64_t epoch;   /* s->epoch when committed (see recover()) */
+    /* WORK_ACK: owned copies */
+    amp_queue_ack ack;
+    /* WORK_FLUSH: both under q_mu */
+    bool flushed;
+    bool abandoned; /* its flusher gave up waiting: whoever answers frees it */
+} work;
+
+typedef struct amp_spool amp_spool;
+
+struct amp_spool {
+    sqlite3 *wdb; /* committer thread only */
+    sqlite3 *rdb; /* under claim_mu */
+    int64_t dedupe_window_ms;
+    int64_t retention_ms;
+    int64_t max_pending, max_bytes;
+    atomic_llong depth;
+    atomic_llong bytes;          /* pages in use, measured by check_limits() */
+    _Atomic(const char *) full;  /* amp_queue_full(); set by check_limits() */
+    int64_t next_maintenance_ms; /* committer only */
+    /* Committer only: acknowledgements whose commit failed. Their rows stay
+     * claimed (a worker must not deliver them again) until a later commit
+     * stores them; retried with the next group or every PROBE_INTERVAL_MS. */
+    work *held, *held_tail; /* in the order they were queued */
+    int64_t next_probe_ms;
+    bool closing; /* the last group: nothing is held any more */
+
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_cond;    /* work queued or stop */
+    pthread_cond_t q_flushed; /* a flush marker was processed */
+    work *q_head, *q_tail;
+    size_t q_len;    /* items queued */
+    size_t q_urgent; /* of those, requests and flushes (never kept waiting) */
+    int stop;
+    pthread_t committer;
+
+    /* With spool.sync "full" the committer does not wait for the disk: it
+     * commits with synchronous=NORMAL (the log is written, not yet synced)
+     * and hands the group's requests to the syncer, which fdatasyncs the
+     * log and only then answers them; meanwhile the committer writes the
+     * next group. A sync covers every group committed before it started. */
+    int wal_fd; /* the log, opened by us; -1 when nothing is synced here */
+    pthread_t syncer;
+    bool syncer_running;
+    pthread_mutex_t sync_mu;
+    pthread_cond_t sync_cond; /* work to sync, or stop */
+    work *sync_head, *sync_tail;
+    bool sync_stop;
+
+    /* Checkpoints run on their own thread and connection, so the committer
+     * never copies the log into the database between two groups. */
+    sqlite3 *cdb; /* checkpointer thread only */
+    pthread_t checkpointer;
+    bool checkpointer_running;
+    pthread_mutex_t ck_mu;
+    pthread_cond_t ck_cond;    /* a checkpoint is due, or stop */
+    pthread_mutex_t ck_run_mu; /* held while either thread checkpoints */
+    bool ck_due, ck_stop;
+
+    pthread_mutex_t claim_mu;
+    idset claimed;
+
+    void (*notify)(void *);
+    void *notify_ctx;
+    atomic_bool writable;
+
+    /* A row is claimed only once it is on disk: synced_max is the highest
+     * row id known to be synced, committed_max the highest committed. After
+     * a failed sync the rows above synced_max are not trusted (their senders
+     * got 503, and the kernel may have dropped the pages it could not
+     * write): `failed` makes the committer delete them (recover()) before it
+     * stores anything else, and `epoch`, which recover() advances, tells the
+     * syncer which of the groups it still holds were undone. */
+    atomic_llong synced_max, committed_max, epoch;
+    atomic_bool failed;
+    bool refusing;        /* committer only: failed, and recover() did not work */
+    int64_t rows_dropped; /* committer only: by recover() attempts since the failure */
+
+    /* committer statements */
+    sqlite3_stmt *st_begin, *st_commit, *st_rollback;
+    sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
+    sqlite3_stmt *st_dedupe, *st_insert;
+    sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
+    sqlite3_stmt *st_conv_set, *st_conv_clear;
+    sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
+    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_bytes;
+    sqlite3_stmt *st_data_version;
+    int64_t data_version; /* committer only; see external_write() */
+    /* reader statements */
+    sqlite3_stmt *st_claim, *st_next_due;
+};
+
+/* ---- schema.c ---- */
+/* Opens a connection with the spool's pragmas; create: also a new file. An
+ * admin connection (create false) first checks the schema version and
+ * refuses any other than SCHEMA_VERSION, changing nothing. */
+int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
+                      size_t errlen);
+int amp_spool_migrate(sqlite3 *db, char *err, size_t errlen);
+/* Prepares the statements of each connection s has open. */
+int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen);
+void amp_spool_finalize_all(amp_spool *s);
+
+/* ---- submit.c ---- */
+void amp_spool_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx);
+amp_queue_ack_status amp_spool_acknowledge(void *e, const amp_queue_ack *ack);
+bool amp_spool_flush_until(void *e, int64_t deadline_ms);
+void amp_spool_deadline_in(struct timespec *ts, int64_t ms);
+void amp_spool_free_ack_strings(amp_queue_ack *a);
+void amp_spool_notify_waiter(amp_spool *s);
+
+/* ---- committer.c ---- */
+void *amp_spool_committer_main(void *arg);
+/* Steps st to its end and resets it: 0, or -1 on error. */
+int amp_spool_step_done(sqlite3_stmt *st);
+/* Binds v, or NULL; v borrowed until the statement is reset. */
+void amp_spool_bind_text(sqlite3_stmt *st, int i, const char *v);
+
+/* ---- syncer.c ---- */
+int amp_spool_start_syncer(amp_spool *s, char *err, size_t errlen);
+void amp_spool_stop_syncer(amp_spool *s);
+void amp_spool_hand_to_syncer(amp_spool *s, work *head, work *tail);
+void amp_spool_answer(amp_spool *s, work *w);
+
+/* ---- checkpoint.c ---- */
+int amp_spool_start_checkpointer(amp_spool *s, const amp_spool_opts *opts, char *err,
+                                 size_t errlen);
+void amp_spool_stop_checkpointer(amp_spool *s);
+void amp_spool_stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthread_cond_t *cond,
+                           bool *stop);
+
+/* ---- upkeep.c ---- */
+void amp_spool_check_limits(amp_spool *s);
+void amp_spool_count_pending(amp_spool *s);
+void amp_spool_maintain(amp_spool *s);
+
+/* ---- claim.c ---- */
+int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                    int64_t *next_due_ms);
+void amp_spool_idset_add(idset *s, int64_t id);
+void amp_spool_idset_del(idset *s, int64_t id);
+
+/* ---- admin.c ---- */
+int amp_spool_stats_get(void *e, amp_queue_stats *out);
+int64_t amp_spool_oldest_pending_ms(void *e);
+json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit);
+int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f);
+int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f);
+
+#endif

@@ -1,0 +1,80 @@
+/* Back-pressure limits, the pending count, and pruning (committer thread). */
+#include "spool_int.h"
+
+#include "../base/log.h"
+#include "../base/util.h"
+
+#define PRUNE_BATCH 10000
+
+static const char full_pending[] = "the spool holds spool.max_pending events";
+static const char full_bytes[] = "the spool reached spool.max_bytes";
+
+/* A limit reached holds until a tenth of it is free again, so that a
+ * spool at its limit does not flip (and log) with every delivery. */
+static bool over(int64_t value, int64_t limit, bool was_over) {
+    return limit > 0 && value >= (was_over ? limit - limit / 10 : limit);
+}
+
+/* Back-pressure, measured again after anything that changes the depth or
+ * the size: a commit, a recount. Logs each change. While the size limit
+ * holds, amp_spool_maintain() runs every PROBE_INTERVAL_MS, as it is what frees room.
+ * Committer thread (or amp_spool_open, before it starts). */
+void amp_spool_check_limits(amp_spool *s) {
+    if (sqlite3_step(s->st_bytes) == SQLITE_ROW)
+        atomic_store(&s->bytes, sqlite3_column_int64(s->st_bytes, 0));
+    sqlite3_reset(s->st_bytes);
+    int64_t depth = atomic_load(&s->depth), bytes = atomic_load(&s->bytes);
+    const char *was = atomic_load(&s->full);
+    const char *why = over(depth, s->max_pending, was == full_pending) ? full_pending
+                      : over(bytes, s->max_bytes, was == full_bytes)   ? full_bytes
+                                                                       : NULL;
+    atomic_store(&s->full, why);
+    if (why && why != was)
+        amp_log(AMP_LOG_WARN, "spool full: new events get 503", "{s:s, s:I, s:I}", "reason", why,
+                "pending", (json_int_t)depth, "bytes", (json_int_t)bytes);
+    else if (!why && was)
+        amp_log(AMP_LOG_INFO, "spool takes new events again", "{s:I, s:I}", "pending",
+                (json_int_t)depth, "bytes", (json_int_t)bytes);
+    int64_t soon = amp_mono_ms() + PROBE_INTERVAL_MS;
+    if (why == full_bytes && s->next_maintenance_ms > soon)
+        s->next_maintenance_ms = soon;
+}
+
+void amp_spool_count_pending(amp_spool *s) {
+    if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
+        atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
+    sqlite3_reset(s->st_count_pending);
+    amp_spool_check_limits(s);
+}
+
+/* Delete one bounded slice of expired rows; returns rows deleted. */
+static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms) {
+    sqlite3_bind_int64(st, 1, before_ms);
+    sqlite3_bind_int(st, 2, PRUNE_BATCH);
+    int64_t n = amp_spool_step_done(st) == 0 ? sqlite3_changes(s->wdb) : -1;
+    if (n < 0)
+        amp_log(AMP_LOG_WARN, "spool pruning failed", "{s:s}", "error", sqlite3_errmsg(s->wdb));
+    return n;
+}
+
+/* Runs between groups on the committer thread; each slice is its own short
+ * transaction so ingest never waits long behind it. */
+void amp_spool_maintain(amp_spool *s) {
+    int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
+    if (s->dedupe_window_ms > 0)
+        while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
+               (deduped += n) < 100 * PRUNE_BATCH)
+            ;
+    /* Over spool.max_bytes, delivered rows go before their retention. */
+    bool pressed = atomic_load(&s->full) == full_bytes;
+    if (s->retention_ms > 0 || pressed)
+        while ((n = prune(s, s->st_prune_delivered, pressed ? now + 1 : now - s->retention_ms)) >
+                   0 &&
+               (delivered += n) < 100 * PRUNE_BATCH)
+            ;
+    amp_spool_count_pending(s);
+    if (deduped || delivered)
+        amp_log(AMP_LOG_INFO, "spool pruned", "{s:I, s:I, s:I, s:b}", "dedupe_keys",
+                (json_int_t)deduped, "delivered", (json_int_t)delivered, "pending",
+                (json_int_t)atomic_load(&s->depth), "before_retention", pressed);
+}
