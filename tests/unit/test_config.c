@@ -153,8 +153,9 @@ START_TEST(listen_override_hosts) {
     setenv("AMP2DIFY_LISTEN", "relay.internal:9092", 1);
     amp_errs *errs;
     ck_assert_ptr_null(load(text, 0, &errs));
-    ASSERT_ERROR(errs, "AMP2DIFY_LISTEN: 'relay.internal' is not a numeric IPv4 or IPv6 address "
-                       "or localhost");
+    ASSERT_ERROR(errs,
+                 "AMP2DIFY_LISTEN: found 'relay.internal'; expected a numeric IPv4 or IPv6 address "
+                 "or localhost");
     amp_errs_destroy(errs);
 }
 END_TEST
@@ -198,8 +199,8 @@ START_TEST(missing_secrets_are_errors) {
     snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
     amp_config *c = load(text, AMP_CONFIG_SECRETS, &errs);
     ck_assert_ptr_null(c);
-    ASSERT_ERROR(errs, "AMP2DIFY_SECRETS: not set");
-    ASSERT_ERROR(errs, "apps.a.api_key_env: environment variable TEST_APP_KEY");
+    ASSERT_ERROR(errs, "AMP2DIFY_SECRETS: found nothing");
+    ASSERT_ERROR(errs, "apps.a.api_key_env: found nothing in TEST_APP_KEY or TEST_APP_KEY_FILE");
     amp_errs_destroy(errs);
 }
 END_TEST
@@ -213,7 +214,8 @@ START_TEST(both_secret_sources_is_an_error) {
     char text[512];
     snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
     ck_assert_ptr_null(load(text, AMP_CONFIG_SECRETS, &errs));
-    ASSERT_ERROR(errs, "both AMP2DIFY_SECRETS and AMP2DIFY_SECRETS_FILE are set");
+    ASSERT_ERROR(errs,
+                 "found both AMP2DIFY_SECRETS and AMP2DIFY_SECRETS_FILE set; expected only one");
     amp_errs_destroy(errs);
     free(sf);
 }
@@ -226,8 +228,8 @@ START_TEST(missing_secret_reported_beside_route_errors) {
     ck_assert_ptr_null(load("{\"apps\": {\"a\": {}}, \"routes\": [{\"name\": \"r\", "
                             "\"app\": \"nope\"}]}",
                             AMP_CONFIG_SECRETS, &errs));
-    ASSERT_ERROR(errs, "routes[0].app: unknown app 'nope'");
-    ASSERT_ERROR(errs, "AMP2DIFY_SECRETS: not set");
+    ASSERT_ERROR(errs, "routes[0].app: found 'nope'; expected one of a");
+    ASSERT_ERROR(errs, "AMP2DIFY_SECRETS: found nothing");
     amp_errs_destroy(errs);
 }
 END_TEST
@@ -243,14 +245,14 @@ START_TEST(every_error_reported_with_path) {
              minimal_apps_routes);
     ck_assert_ptr_null(load(text, 0, &errs));
     ASSERT_ERROR(errs, "listen.port: found a string; expected an integer from 0 to 65535");
-    ASSERT_ERROR(errs, "listen.path: 'hooks' must start with '/'");
-    ASSERT_ERROR(errs, "listen.colour: unknown key");
-    ASSERT_ERROR(errs, "auth.scheme: unknown scheme 'magic'");
+    ASSERT_ERROR(errs, "listen.path: found 'hooks'; expected a path starting with '/'");
+    ASSERT_ERROR(errs, "listen.colour: found an unknown key");
+    ASSERT_ERROR(errs, "auth.scheme: found 'magic'; expected one of amplitude-hmac, static-header");
     ASSERT_ERROR(errs, "auth.tolerance_seconds: found -5");
-    ASSERT_ERROR(errs, "dify.base_url: 'ftp://x' is not an http:// or https:// URL");
+    ASSERT_ERROR(errs, "dify.base_url: found 'ftp://x'; expected an http:// or https:// URL");
     ASSERT_ERROR(errs, "dify.retry.initial_ms: found 0");
     ASSERT_ERROR(errs, "spool: found an integer; expected an object");
-    ASSERT_ERROR(errs, "extra: unknown key");
+    ASSERT_ERROR(errs, "extra: found an unknown key");
     ck_assert_uint_ge(amp_errs_count(errs), 9);
     amp_errs_destroy(errs);
 }
@@ -271,8 +273,8 @@ START_TEST(missing_file_and_sections) {
     amp_errs_destroy(errs);
 
     ck_assert_ptr_null(load("{}", 0, &errs));
-    ASSERT_ERROR(errs, "apps: missing");
-    ASSERT_ERROR(errs, "routes: missing");
+    ASSERT_ERROR(errs, "apps: found nothing; expected an object of Dify apps");
+    ASSERT_ERROR(errs, "routes: found nothing; expected an array of routes");
     amp_errs_destroy(errs);
 
     ck_assert_ptr_null(load("[]", 0, &errs));
@@ -309,9 +311,10 @@ START_TEST(bad_env_values) {
     char text[512];
     snprintf(text, sizeof text, "{%s}", minimal_apps_routes);
     ck_assert_ptr_null(load(text, 0, &errs));
-    ASSERT_ERROR(errs, "AMP2DIFY_LISTEN: 'nonsense' is not host:port");
-    ASSERT_ERROR(errs, "DIFY_BASE_URL: 'api.dify.ai' is not");
-    ASSERT_ERROR(errs, "AMP2DIFY_LOG_LEVEL: unknown level 'loud'");
+    ASSERT_ERROR(errs, "AMP2DIFY_LISTEN: found 'nonsense'; expected host:port");
+    ASSERT_ERROR(errs, "DIFY_BASE_URL: found 'api.dify.ai'; expected an http");
+    ASSERT_ERROR(errs,
+                 "AMP2DIFY_LOG_LEVEL: found 'loud'; expected one of debug, info, warn, error");
     amp_errs_destroy(errs);
 }
 END_TEST
