@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
-#include <math.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -485,16 +484,18 @@ static bool same_apps(const amp_config *a, const amp_config *b) {
 amp_json_schema_reload amp_config_diff(const amp_config *a, const amp_config *b,
                                        const char **first_key) {
     const char *first;
-    amp_json_schema_reload cls = amp_json_schema_diff(config_rows, a, b, &first);
-    for (const amp_json_schema_row *r = config_rows; r->key; r++) {
-        if (strcmp(r->key, "apps") || r->reload <= cls || same_apps(a, b))
-            continue;
-        cls = r->reload;
-        first = r->key;
+    amp_json_schema_reload how = amp_json_schema_diff(config_rows, a, b, &first);
+    /* The "apps" row has no field of its own: its class covers every app. */
+    const amp_json_schema_row *apps = config_rows;
+    while (strcmp(apps->key, "apps"))
+        apps++;
+    if (apps->reload > how && !same_apps(a, b)) {
+        how = apps->reload;
+        first = apps->key;
     }
     if (first_key)
         *first_key = first;
-    return cls;
+    return how;
 }
 
 amp_spool_opts amp_config_spool_opts(const amp_config *c) {

@@ -504,8 +504,7 @@ void amp_json_schema_read(const amp_json_schema_row *rows, const json_t *obj, co
     walk(rows, "", 0, obj, base, target, ctx, errs);
 }
 
-void amp_json_schema_env(const amp_json_schema_row *rows, void *target, void *ctx,
-                         amp_errs *errs) {
+void amp_json_schema_env(const amp_json_schema_row *rows, void *target, void *ctx, amp_errs *errs) {
     for (const amp_json_schema_row *r = rows; r->key; r++) {
         const char *text = r->env ? getenv(r->env) : NULL;
         if (!text || !*text)

@@ -27,15 +27,15 @@
 #include "../base/util.h"
 
 typedef enum {
-    AMP_JSON_SCHEMA_STRING, /* char *, caller of amp_json_schema_free owns it */
-    AMP_JSON_SCHEMA_INT,    /* any integer field (size 1, 2, 4 or 8) in [min, max] */
-    AMP_JSON_SCHEMA_NUMBER, /* double in [min, max] */
-    AMP_JSON_SCHEMA_BOOL,   /* bool */
-    AMP_JSON_SCHEMA_ENUM,   /* integer field (an enum or bool): the index of the name */
+    AMP_JSON_SCHEMA_STRING,  /* char *, caller of amp_json_schema_free owns it */
+    AMP_JSON_SCHEMA_INT,     /* any integer field (size 1, 2, 4 or 8) in [min, max] */
+    AMP_JSON_SCHEMA_NUMBER,  /* double in [min, max] */
+    AMP_JSON_SCHEMA_BOOL,    /* bool */
+    AMP_JSON_SCHEMA_ENUM,    /* integer field (an enum or bool): the index of the name */
     AMP_JSON_SCHEMA_STRLIST, /* char ** NULL-terminated, its count in the size_t at offset2 */
-    AMP_JSON_SCHEMA_OBJECT, /* any object; no field: read by the row's setter or later */
-    AMP_JSON_SCHEMA_ARRAY,  /* any array; as OBJECT */
-    AMP_JSON_SCHEMA_ANY,    /* any JSON value, for the setter to judge */
+    AMP_JSON_SCHEMA_OBJECT,  /* any object; no field: read by the row's setter or later */
+    AMP_JSON_SCHEMA_ARRAY,   /* any array; as OBJECT */
+    AMP_JSON_SCHEMA_ANY,     /* any JSON value, for the setter to judge */
 } amp_json_schema_type;
 
 /* How a running server takes a change of the key on reload. 0 is no class,
@@ -48,12 +48,12 @@ typedef enum {
 
 /* Where a row is being read, for setters and checks. */
 typedef struct amp_json_schema_at {
-    void *target;          /* the struct being filled */
-    void *ctx;             /* the reader's own context, passed through */
-    const json_t *parent;  /* the object holding the key; NULL for an environment value */
-    const json_t *value;   /* the key's value; NULL when absent */
-    const char *base;      /* JSON path of parent ("apps.support"); "" at the top */
-    const char *path;      /* JSON path of the key, or the environment variable */
+    void *target;         /* the struct being filled */
+    void *ctx;            /* the reader's own context, passed through */
+    const json_t *parent; /* the object holding the key; NULL for an environment value */
+    const json_t *value;  /* the key's value; NULL when absent */
+    const char *base;     /* JSON path of parent ("apps.support"); "" at the top */
+    const char *path;     /* JSON path of the key, or the environment variable */
     amp_errs *errs;
 } amp_json_schema_at;
 
@@ -109,8 +109,7 @@ void amp_json_schema_read(const amp_json_schema_row *rows, const json_t *obj, co
                           void *target, void *ctx, amp_errs *errs);
 /* Apply the environment variables of rows that are set and not empty;
  * errors name the variable. */
-void amp_json_schema_env(const amp_json_schema_row *rows, void *target, void *ctx,
-                         amp_errs *errs);
+void amp_json_schema_env(const amp_json_schema_row *rows, void *target, void *ctx, amp_errs *errs);
 /* Free what the rows stored in target (strings, lists); target itself is
  * the caller's. Accepts fields left NULL. */
 void amp_json_schema_free(const amp_json_schema_row *rows, void *target);
