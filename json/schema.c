@@ -337,7 +337,7 @@ static bool type_ok(const amp_json_schema_row *r, const json_t *v, const char *p
     case AMP_JSON_SCHEMA_ENUM:
         if (!json_is_string(v))
             break;
-        if (enum_index(r, json_string_value(v)) < 0) {
+        if (!clean_string(v) || enum_index(r, json_string_value(v)) < 0) {
             char *q = amp_xasprintf("'%s'", json_string_value(v));
             error_expect(r, errs, path, q);
             free(q);

@@ -365,11 +365,6 @@ static void set_filter(const amp_json_schema_at *at) {
 
 static void set_map(const amp_json_schema_at *at) {
     route *r = at->target;
-    if (!json_is_array(at->value)) {
-        amp_json_schema_error(at->errs, at->path, amp_json_schema_kind(at->value),
-                              "an array of mappings");
-        return;
-    }
     size_t i;
     json_t *e;
     r->nrules = json_array_size(at->value);
@@ -464,7 +459,11 @@ static const amp_json_schema_row route_rows[] = {
      ROUTE_FIELD(name),
      .check = check_unique_name},
     {.key = "filter", .type = AMP_JSON_SCHEMA_ANY, .reload = LIVE, .set = set_filter},
-    {.key = "map", .type = AMP_JSON_SCHEMA_ANY, .reload = LIVE, .set = set_map},
+    {.key = "map",
+     .type = AMP_JSON_SCHEMA_ARRAY,
+     .reload = LIVE,
+     .expect = "an array of mappings",
+     .set = set_map},
     {.key = "app",
      .type = AMP_JSON_SCHEMA_STRING,
      .required = true,
