@@ -250,10 +250,6 @@ static bool clean_string(const json_t *v) {
     return strlen(json_string_value(v)) == json_string_length(v);
 }
 
-static void quoted(char *buf, size_t len, const char *s) {
-    snprintf(buf, len, "'%s'", s);
-}
-
 static bool accepted(const amp_json_schema_row *r, const char *s, const char *path,
                      amp_errs *errs) {
     if (!r->accept || r->accept(s))
@@ -518,9 +514,9 @@ void amp_json_schema_env(const amp_json_schema_row *rows, void *target, void *ct
         if (r->type == AMP_JSON_SCHEMA_STRING && !accepted(r, text, r->env, errs))
             continue;
         if (amp_json_schema_parse_text(r, text, target) != 0) {
-            char found[256];
-            quoted(found, sizeof found, text);
+            char *found = amp_xasprintf("'%s'", text);
             error_expect(r, errs, r->env, found);
+            free(found);
         }
     }
 }

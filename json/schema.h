@@ -64,7 +64,8 @@ typedef struct amp_json_schema_row {
     double dmin, dmax;        /* NUMBER */
     const char *const *names; /* ENUM: NULL-terminated, index = stored value */
     const char *def;          /* default as text (STRLIST: comma-separated); NULL: none */
-    const char *env;          /* variable that overrides the file; NULL: none */
+    const char *env;          /* variable that overrides the file (its value is quoted in errors, so
+                                 never a secret's); NULL: none */
     amp_json_schema_reload reload;
     size_t offset, size; /* the field in the target; size 0: no field */
     size_t offset2;      /* STRLIST: the size_t count */
@@ -82,7 +83,7 @@ typedef struct amp_json_schema_row {
     void (*set)(const amp_json_schema_at *at);
     /* Runs after the row is read, present or not (rules across keys). */
     void (*check)(const amp_json_schema_at *at);
-    const char *doc; /* one line for the reference: what it is for */
+    const char *doc; /* def NULL and the reader computes the default: how */
 } amp_json_schema_row;
 
 /* offset and size of member m of struct type T, for a row. */
