@@ -11,7 +11,8 @@
  * (auth, secrets, routes, log level, limits, path, proxies), and when it
  * changes delivery (apps, keys, dify, shutdown timeout) the forwarder is
  * restarted under it; else the errors are logged and the running config
- * stays, whole.
+ * stays, whole. Which key is which is the reload class of its row in the
+ * config table (amp_config_diff).
  */
 #include <curl/curl.h>
 #include <signal.h>
@@ -45,52 +46,6 @@ static int64_t drain_max_ms(const amp_config *cfg) {
 
 static int64_t forward_grace_ms(const amp_config *cfg) {
     return (int64_t)cfg->shutdown_timeout_s * 1000 / 2;
-}
-
-/* The first key whose change needs a restart: the listening socket and the
- * spool. NULL when none changed. */
-static const char *restart_only_change(const amp_config *a, const amp_config *b) {
-    if (strcmp(a->listen.address, b->listen.address) || a->listen.port != b->listen.port)
-        return "listen.address/port";
-    if (a->listen.threads != b->listen.threads ||
-        a->listen.connection_limit != b->listen.connection_limit ||
-        a->listen.per_ip_connection_limit != b->listen.per_ip_connection_limit ||
-        a->listen.connection_timeout_s != b->listen.connection_timeout_s)
-        return "listen (threads, connection limits, timeout)";
-    if (strcmp(a->spool.path, b->spool.path) || a->spool.sync_normal != b->spool.sync_normal ||
-        a->spool.dedupe_window_s != b->spool.dedupe_window_s ||
-        a->spool.max_pending != b->spool.max_pending || a->spool.max_bytes != b->spool.max_bytes ||
-        a->spool.retention_s != b->spool.retention_s ||
-        a->spool.lock_timeout_ms != b->spool.lock_timeout_ms)
-        return "spool";
-    return NULL;
-}
-
-/* The first key whose change the running forwarder cannot take (what it
- * copied at start: Dify settings, apps and their keys, its stop grace): a
- * reload then restarts delivery. NULL when none changed. */
-static const char *delivery_change(const amp_config *a, const amp_config *b) {
-    if (a->shutdown_timeout_s != b->shutdown_timeout_s)
-        return "shutdown_timeout_seconds";
-    if (strcmp(a->dify.base_url, b->dify.base_url) || a->dify.timeout_s != b->dify.timeout_s ||
-        a->dify.connect_timeout_s != b->dify.connect_timeout_s ||
-        a->dify.workers != b->dify.workers ||
-        a->dify.retry_initial_ms != b->dify.retry_initial_ms ||
-        a->dify.retry_max_ms != b->dify.retry_max_ms ||
-        a->dify.retry_max_age_s != b->dify.retry_max_age_s)
-        return "dify";
-    size_t n = amp_mapper_app_count(a->mapper);
-    if (n != amp_mapper_app_count(b->mapper))
-        return "apps";
-    for (size_t i = 0; i < n; i++) {
-        const amp_app *x = amp_mapper_app(a->mapper, i), *y = amp_mapper_app(b->mapper, i);
-        if (strcmp(x->name, y->name) || x->endpoint != y->endpoint ||
-            x->streaming != y->streaming || x->rate_per_sec != y->rate_per_sec ||
-            x->burst != y->burst || x->max_in_flight != y->max_in_flight ||
-            strcmp(a->api_keys[i], b->api_keys[i]))
-            return "apps";
-    }
-    return NULL;
 }
 
 static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics,
@@ -166,8 +121,11 @@ static bool restart_delivery(running *rs, const amp_config *next, const char *ch
 static void reload(running *rs) {
     amp_errs *errs = amp_errs_create();
     amp_config *next = amp_config_load(rs->path, AMP_CONFIG_SECRETS, errs);
-    const char *fixed = next ? restart_only_change(rs->cfg, next) : NULL;
-    const char *delivery = next && !fixed ? delivery_change(rs->cfg, next) : NULL;
+    /* The config table says, per key, how a change is taken. */
+    const char *changed = NULL;
+    amp_json_schema_reload how = next ? amp_config_diff(rs->cfg, next, &changed) : 0;
+    const char *fixed = how == AMP_JSON_SCHEMA_RESTART ? changed : NULL;
+    const char *delivery = how == AMP_JSON_SCHEMA_RESTART_DELIVERY ? changed : NULL;
     if (!next) {
         for (size_t i = 0; i < amp_errs_count(errs); i++)
             amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s}", "file", rs->path, "error",

@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
-#include <math.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,137 +20,15 @@ const char *amp_config_default_path(const char *from_cli) {
     return DEFAULT_CONFIG_PATH;
 }
 
-/* ---- schema helpers ---------------------------------------------------- */
-
-/* Each helper reads one optional key of obj. A missing key keeps *out (the
- * default); a present key of the wrong type or range is an error at
- * "<path>.<key>". */
-
-static char *key_path(const char *path, const char *key) {
-    return *path ? amp_xasprintf("%s.%s", path, key) : amp_xstrdup(key);
-}
-
-static void reject_unknown(const json_t *obj, const char *path, const char *const *allowed,
-                           amp_errs *errs) {
-    const char *key;
-    json_t *val;
-    json_object_foreach((json_t *)obj, key, val) {
-        int known = 0;
-        for (const char *const *a = allowed; *a; a++)
-            known |= strcmp(*a, key) == 0;
-        if (known)
-            continue;
-        char list[512] = "";
-        size_t off = 0;
-        for (const char *const *a = allowed; *a && off < sizeof list; a++)
-            off += (size_t)snprintf(list + off, sizeof list - off, "%s%s", a == allowed ? "" : ", ",
-                                    *a);
-        char *kp = key_path(path, key);
-        amp_errs_add(errs, kp, "unknown key; expected one of %s", list);
-        free(kp);
-    }
-}
-
-static const char *json_type_name(const json_t *v) {
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "an object";
-    case JSON_ARRAY:
-        return "an array";
-    case JSON_STRING:
-        return "a string";
-    case JSON_INTEGER:
-        return "an integer";
-    case JSON_REAL:
-        return "a number";
-    case JSON_TRUE:
-    case JSON_FALSE:
-        return "a boolean";
-    case JSON_NULL:
-        return "null";
-    }
-    return "a value";
-}
-
-/* Returns the section object (borrowed) or NULL when absent or invalid. */
-static const json_t *get_object(const json_t *obj, const char *key, const char *path,
-                                amp_errs *errs) {
-    const json_t *v = json_object_get(obj, key);
-    if (!v)
-        return NULL;
-    if (!json_is_object(v)) {
-        char *kp = key_path(path, key);
-        amp_errs_add(errs, kp, "found %s; expected an object", json_type_name(v));
-        free(kp);
-        return NULL;
-    }
-    return v;
-}
-
-static void get_string(const json_t *obj, const char *key, const char *path, amp_errs *errs,
-                       char **out) {
-    const json_t *v = json_object_get(obj, key);
-    if (!v)
-        return;
-    if (!json_is_string(v) || json_string_length(v) == 0 ||
-        strlen(json_string_value(v)) != json_string_length(v)) {
-        char *kp = key_path(path, key);
-        amp_errs_add(errs, kp, "found %s; expected a non-empty string",
-                     json_is_string(v) ? "an empty string" : json_type_name(v));
-        free(kp);
-        return;
-    }
-    free(*out);
-    *out = amp_xstrdup(json_string_value(v));
-}
-
-static void get_int(const json_t *obj, const char *key, const char *path, int64_t min, int64_t max,
-                    amp_errs *errs, int64_t *out) {
-    const json_t *v = json_object_get(obj, key);
-    if (!v)
-        return;
-    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
-        char *kp = key_path(path, key);
-        if (json_is_integer(v))
-            amp_errs_add(errs, kp, "found %lld; expected an integer from %lld to %lld",
-                         (long long)json_integer_value(v), (long long)min, (long long)max);
-        else
-            amp_errs_add(errs, kp, "found %s; expected an integer from %lld to %lld",
-                         json_type_name(v), (long long)min, (long long)max);
-        free(kp);
-        return;
-    }
-    *out = json_integer_value(v);
-}
-
-static void get_uint(const json_t *obj, const char *key, const char *path, unsigned min,
-                     unsigned max, amp_errs *errs, unsigned *out) {
-    int64_t v = *out;
-    get_int(obj, key, path, min, max, errs, &v);
-    *out = (unsigned)v;
-}
-
-static void get_bool(const json_t *obj, const char *key, const char *path, amp_errs *errs,
-                     bool *out) {
-    const json_t *v = json_object_get(obj, key);
-    if (!v)
-        return;
-    if (!json_is_boolean(v)) {
-        char *kp = key_path(path, key);
-        amp_errs_add(errs, kp, "found %s; expected true or false", json_type_name(v));
-        free(kp);
-        return;
-    }
-    *out = json_is_true(v);
-}
+/* ---- checks attached to rows ------------------------------------------- */
 
 /* "a.b.c.d/n" or "a:b::c/n"; a bare address means one host. */
-static int valid_cidr(const char *s) {
+static bool valid_cidr(const char *s) {
     char addr[INET6_ADDRSTRLEN + 1];
     const char *slash = strchr(s, '/');
     size_t alen = slash ? (size_t)(slash - s) : strlen(s);
     if (alen == 0 || alen >= sizeof addr)
-        return 0;
+        return false;
     memcpy(addr, s, alen);
     addr[alen] = '\0';
     unsigned char buf[16];
@@ -161,12 +38,15 @@ static int valid_cidr(const char *s) {
     else if (inet_pton(AF_INET6, addr, buf) == 1)
         max_bits = 128;
     else
-        return 0;
+        return false;
     if (!slash)
-        return 1;
+        return true;
     int64_t bits;
     return amp_parse_i64(slash + 1, strlen(slash + 1), 0, max_bits, &bits) == 0;
 }
+
+#define LISTEN_ADDRESS_EXPECT                                                                      \
+    "a numeric IPv4 or IPv6 address or localhost (names are not looked up)"
 
 int amp_config_listen_addr(const char *address, uint16_t port, struct sockaddr_storage *ss,
                            char *err, size_t errlen) {
@@ -178,10 +58,7 @@ int amp_config_listen_addr(const char *address, uint16_t port, struct sockaddr_s
     const char *host = strcmp(address, "localhost") == 0 ? "127.0.0.1" : address;
     int rc = getaddrinfo(host, service, &hints, &ai);
     if (rc != 0 || !ai) {
-        snprintf(err, errlen,
-                 "'%s' is not a numeric IPv4 or IPv6 address or localhost (names are not "
-                 "looked up)",
-                 address);
+        snprintf(err, errlen, "found '%s'; expected " LISTEN_ADDRESS_EXPECT, address);
         return -1;
     }
     memcpy(ss, ai->ai_addr, ai->ai_addrlen);
@@ -189,181 +66,233 @@ int amp_config_listen_addr(const char *address, uint16_t port, struct sockaddr_s
     return 0;
 }
 
-/* path: the address was found in the config (listen.address) or in
- * AMP2DIFY_LISTEN. */
-static void check_listen_addr(const amp_config *c, const char *path, amp_errs *errs) {
+static bool valid_listen_address(const char *s) {
     struct sockaddr_storage ss;
     char err[256];
-    if (amp_config_listen_addr(c->listen.address, c->listen.port, &ss, err, sizeof err) != 0)
-        amp_errs_add(errs, path, "%s", err);
+    return amp_config_listen_addr(s, 0, &ss, err, sizeof err) == 0;
 }
 
-/* ---- sections ----------------------------------------------------------- */
+static bool valid_url_path(const char *s) {
+    return s[0] == '/';
+}
 
-static void load_listen(amp_config *c, const json_t *root, amp_errs *errs) {
-    static const char *const keys[] = {"address",
-                                       "port",
-                                       "path",
-                                       "max_body_bytes",
-                                       "max_events_per_request",
-                                       "threads",
-                                       "connection_limit",
-                                       "per_ip_connection_limit",
-                                       "connection_timeout_seconds",
-                                       "trusted_proxies",
-                                       NULL};
-    const json_t *o = get_object(root, "listen", "", errs);
-    if (!o)
-        return;
-    reject_unknown(o, "listen", keys, errs);
-    get_string(o, "address", "listen", errs, &c->listen.address);
-    int64_t port = c->listen.port;
-    get_int(o, "port", "listen", 0, 65535, errs, &port);
+static bool valid_base_url(const char *s) {
+    return strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0;
+}
+
+/* AMP2DIFY_LISTEN: "host:port", "[v6]:port" or ":port" (every IPv4 address). */
+static int listen_env(const amp_json_schema_at *at, const char *v) {
+    amp_config *c = at->target;
+    const char *colon = strrchr(v, ':');
+    int64_t port;
+    if (!colon || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &port)) {
+        char *found = amp_xasprintf("'%s'", v);
+        amp_json_schema_error(at->errs, at->path, found, "host:port, [v6]:port or :port");
+        free(found);
+        return -1;
+    }
+    const char *host = v;
+    size_t hlen = (size_t)(colon - v);
+    if (host[0] == '[' && hlen >= 2 && host[hlen - 1] == ']') {
+        host++;
+        hlen -= 2;
+    }
+    char *address = hlen ? amp_xstrndup(host, hlen) : amp_xstrdup("0.0.0.0");
+    if (!valid_listen_address(address)) {
+        char *found = amp_xasprintf("'%s'", address);
+        amp_json_schema_error(at->errs, at->path, found, LISTEN_ADDRESS_EXPECT);
+        free(found);
+        free(address);
+        return -1;
+    }
+    free(c->listen.address);
+    c->listen.address = address;
     c->listen.port = (uint16_t)port;
-    check_listen_addr(c, "listen.address", errs);
-    get_string(o, "path", "listen", errs, &c->listen.path);
-    if (c->listen.path[0] != '/')
-        amp_errs_add(errs, "listen.path", "'%s' must start with '/'", c->listen.path);
-    int64_t max_body = (int64_t)c->listen.max_body_bytes;
-    get_int(o, "max_body_bytes", "listen", 64, 64 * 1024 * 1024, errs, &max_body);
-    c->listen.max_body_bytes = (size_t)max_body;
-    int64_t max_events = (int64_t)c->listen.max_events;
-    get_int(o, "max_events_per_request", "listen", 1, 100000, errs, &max_events);
-    c->listen.max_events = (size_t)max_events;
-    get_uint(o, "threads", "listen", 1, 64, errs, &c->listen.threads);
-    get_uint(o, "connection_limit", "listen", 1, 65536, errs, &c->listen.connection_limit);
-    get_uint(o, "per_ip_connection_limit", "listen", 0, 65536, errs,
-             &c->listen.per_ip_connection_limit);
-    get_uint(o, "connection_timeout_seconds", "listen", 1, 3600, errs,
-             &c->listen.connection_timeout_s);
-
-    const json_t *tp = json_object_get(o, "trusted_proxies");
-    if (!tp)
-        return;
-    if (!json_is_array(tp)) {
-        amp_errs_add(errs, "listen.trusted_proxies", "found %s; expected an array of CIDR strings",
-                     json_type_name(tp));
-        return;
-    }
-    for (size_t i = 0; i < c->listen.ntrusted_proxies; i++)
-        free(c->listen.trusted_proxies[i]);
-    free(c->listen.trusted_proxies);
-    c->listen.trusted_proxies = amp_xcalloc(json_array_size(tp) + 1, sizeof(char *));
-    c->listen.ntrusted_proxies = 0;
-    size_t i;
-    json_t *v;
-    json_array_foreach(tp, i, v) {
-        if (!json_is_string(v) || !valid_cidr(json_string_value(v))) {
-            char p[64];
-            snprintf(p, sizeof p, "listen.trusted_proxies[%zu]", i);
-            amp_errs_add(errs, p, "found %s; expected an address or CIDR like \"10.0.0.0/8\"",
-                         json_is_string(v) ? "an invalid address" : json_type_name(v));
-            continue;
-        }
-        c->listen.trusted_proxies[c->listen.ntrusted_proxies++] = amp_xstrdup(json_string_value(v));
-    }
+    return 0;
 }
 
-static void load_auth(amp_config *c, const json_t *root, amp_errs *errs) {
-    static const char *const keys[] = {"scheme", "tolerance_seconds", "header",
-                                       "allow_unauthenticated", NULL};
-    const json_t *o = get_object(root, "auth", "", errs);
-    if (!o)
-        return;
-    reject_unknown(o, "auth", keys, errs);
-    char *scheme = NULL;
-    get_string(o, "scheme", "auth", errs, &scheme);
-    if (scheme && amp_sig_parse_scheme(scheme, &c->auth.scheme) != 0)
-        amp_errs_add(errs, "auth.scheme",
-                     "unknown scheme '%s'; expected one of amplitude-hmac, static-header, "
-                     "standard-webhooks, none",
-                     scheme);
-    free(scheme);
-    get_int(o, "tolerance_seconds", "auth", 1, 86400, errs, &c->auth.tolerance_s);
-    get_string(o, "header", "auth", errs, &c->auth.header);
-    get_bool(o, "allow_unauthenticated", "auth", errs, &c->auth.allow_unauthenticated);
+/* auth.scheme none only with allow_unauthenticated (read after scheme). */
+static void check_unauthenticated(const amp_json_schema_at *at) {
+    const amp_config *c = at->target;
     if (c->auth.scheme == AMP_AUTH_NONE && !c->auth.allow_unauthenticated)
-        amp_errs_add(errs, "auth.scheme",
-                     "'none' accepts unsigned requests; it needs \"allow_unauthenticated\": true");
+        amp_json_schema_error(at->errs, "auth.scheme", "'none', which accepts unsigned requests",
+                              "it beside \"allow_unauthenticated\": true");
 }
 
 /* spool.max_bytes, when set: an empty spool's schema alone takes tens of
  * kilobytes, so a smaller limit would refuse everything from the start. */
 #define SPOOL_MIN_BYTES (1 << 20)
 
-static void load_spool(amp_config *c, const json_t *root, amp_errs *errs) {
-    static const char *const keys[] = {
-        "path", "dedupe_window_seconds", "max_pending", "max_bytes", "retention_seconds",
-        "sync", "lock_timeout_ms",       NULL};
-    const json_t *o = get_object(root, "spool", "", errs);
-    if (!o)
-        return;
-    reject_unknown(o, "spool", keys, errs);
-    get_string(o, "path", "spool", errs, &c->spool.path);
-    get_int(o, "dedupe_window_seconds", "spool", 0, 10LL * 365 * 86400, errs,
-            &c->spool.dedupe_window_s);
-    get_int(o, "max_pending", "spool", 0, INT64_MAX, errs, &c->spool.max_pending);
-    get_int(o, "max_bytes", "spool", 0, INT64_MAX, errs, &c->spool.max_bytes);
-    if (c->spool.max_bytes > 0 && c->spool.max_bytes < SPOOL_MIN_BYTES)
-        amp_errs_add(errs, "spool.max_bytes", "found %lld; expected 0 (no limit) or at least %d",
-                     (long long)c->spool.max_bytes, SPOOL_MIN_BYTES);
-    get_int(o, "retention_seconds", "spool", 0, 10LL * 365 * 86400, errs, &c->spool.retention_s);
-    get_int(o, "lock_timeout_ms", "spool", 1, 600000, errs, &c->spool.lock_timeout_ms);
-    char *sync = NULL;
-    get_string(o, "sync", "spool", errs, &sync);
-    if (sync && strcmp(sync, "full") != 0 && strcmp(sync, "normal") != 0)
-        amp_errs_add(errs, "spool.sync", "found '%s'; expected \"full\" or \"normal\"", sync);
-    c->spool.sync_normal = sync && strcmp(sync, "normal") == 0;
-    free(sync);
+static void check_max_bytes(const amp_json_schema_at *at) {
+    const amp_config *c = at->target;
+    if (c->spool.max_bytes > 0 && c->spool.max_bytes < SPOOL_MIN_BYTES) {
+        char found[32];
+        snprintf(found, sizeof found, "%lld", (long long)c->spool.max_bytes);
+        amp_json_schema_error(at->errs, at->path, found, "0 (no limit) or at least %d",
+                              SPOOL_MIN_BYTES);
+    }
 }
 
-static void load_dify(amp_config *c, const json_t *root, amp_errs *errs) {
-    static const char *const keys[] = {"base_url", "timeout_seconds", "connect_timeout_seconds",
-                                       "workers",  "retry",           NULL};
-    static const char *const retry_keys[] = {"initial_ms", "max_ms", "max_age_seconds", NULL};
-    const json_t *o = get_object(root, "dify", "", errs);
-    if (!o)
-        return;
-    reject_unknown(o, "dify", keys, errs);
-    get_string(o, "base_url", "dify", errs, &c->dify.base_url);
-    get_uint(o, "timeout_seconds", "dify", 1, 1200, errs, &c->dify.timeout_s);
-    get_uint(o, "connect_timeout_seconds", "dify", 1, 300, errs, &c->dify.connect_timeout_s);
-    get_uint(o, "workers", "dify", 1, 1024, errs, &c->dify.workers);
-    const json_t *r = get_object(o, "retry", "dify", errs);
-    if (!r)
-        return;
-    reject_unknown(r, "dify.retry", retry_keys, errs);
-    get_int(r, "initial_ms", "dify.retry", 1, 3600000, errs, &c->dify.retry_initial_ms);
-    get_int(r, "max_ms", "dify.retry", 1, 86400000, errs, &c->dify.retry_max_ms);
-    get_int(r, "max_age_seconds", "dify.retry", 1, 30LL * 86400, errs, &c->dify.retry_max_age_s);
+static void check_retry_max(const amp_json_schema_at *at) {
+    const amp_config *c = at->target;
+    if (c->dify.retry_max_ms < c->dify.retry_initial_ms) {
+        char found[32];
+        snprintf(found, sizeof found, "%lld", (long long)c->dify.retry_max_ms);
+        amp_json_schema_error(at->errs, at->path, found, "at least initial_ms, %lld",
+                              (long long)c->dify.retry_initial_ms);
+    }
 }
 
-static void load_log(amp_config *c, const json_t *root, amp_errs *errs) {
-    static const char *const keys[] = {"level", NULL};
-    const json_t *o = get_object(root, "log", "", errs);
-    if (!o)
-        return;
-    reject_unknown(o, "log", keys, errs);
-    char *level = NULL;
-    get_string(o, "level", "log", errs, &level);
-    if (level && amp_log_parse_level(level, &c->log_level) != 0)
-        amp_errs_add(errs, "log.level", "unknown level '%s'; expected debug, info, warn or error",
-                     level);
-    free(level);
-}
+/* ---- the table ----------------------------------------------------------- */
 
-static void check_base_url(const char *url, const char *where, amp_errs *errs) {
-    if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
-        amp_errs_add(errs, where, "'%s' is not an http:// or https:// URL", url);
+/* Names in the order of their enums (the unit test checks them against
+ * amp_sig_scheme_name and amp_log_parse_level). */
+static const char *const scheme_names[] = {"amplitude-hmac", "static-header", "standard-webhooks",
+                                           "none", NULL};
+static const char *const sync_names[] = {"full", "normal", NULL};
+static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+
+#define F(m) AMP_JSON_SCHEMA_FIELD(amp_config, m)
+#define INT_ROW(k, lo, hi, d, cls, m)                                                              \
+    .key = k, .type = AMP_JSON_SCHEMA_INT, .min = lo, .max = hi, .def = d, .reload = cls, F(m)
+#define LIVE AMP_JSON_SCHEMA_LIVE
+#define DELIVERY AMP_JSON_SCHEMA_RESTART_DELIVERY
+#define RESTART AMP_JSON_SCHEMA_RESTART
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define TEN_YEARS (10LL * 365 * 86400)
+
+/* Every key of the config file. A new key is one row here plus its use. */
+static const amp_json_schema_row config_rows[] = {
+    {.key = "listen.address",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "0.0.0.0",
+     .env = "AMP2DIFY_LISTEN",
+     .reload = RESTART,
+     F(listen.address),
+     .accept = valid_listen_address,
+     .item_expect = LISTEN_ADDRESS_EXPECT,
+     .env_set = listen_env},
+    {INT_ROW("listen.port", 0, 65535, "8080", RESTART, listen.port)},
+    {.key = "listen.path",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "/webhooks/amplitude",
+     .reload = LIVE,
+     F(listen.path),
+     .accept = valid_url_path,
+     .item_expect = "a path starting with '/'"},
+    {INT_ROW("listen.max_body_bytes", 64, 64 * 1024 * 1024, "1048576", LIVE,
+             listen.max_body_bytes)},
+    {INT_ROW("listen.max_events_per_request", 1, 100000, "2000", LIVE, listen.max_events)},
+    {INT_ROW("listen.threads", 1, 64, "2", RESTART, listen.threads)},
+    {INT_ROW("listen.connection_limit", 1, 65536, "1024", RESTART, listen.connection_limit)},
+    {INT_ROW("listen.per_ip_connection_limit", 0, 65536, "256", RESTART,
+             listen.per_ip_connection_limit)},
+    {INT_ROW("listen.connection_timeout_seconds", 1, 3600, "30", RESTART,
+             listen.connection_timeout_s)},
+    {.key = "listen.trusted_proxies",
+     .type = AMP_JSON_SCHEMA_STRLIST,
+     .def = "127.0.0.1/32",
+     .reload = LIVE,
+     F(listen.trusted_proxies),
+     .offset2 = offsetof(amp_config, listen.ntrusted_proxies),
+     .expect = "an array of addresses or CIDRs",
+     .accept = valid_cidr,
+     .item_expect = "an address or CIDR like \"10.0.0.0/8\""},
+    {.key = "auth.scheme",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = scheme_names,
+     .def = "amplitude-hmac",
+     .reload = LIVE,
+     F(auth.scheme)},
+    {INT_ROW("auth.tolerance_seconds", 1, 86400, "300", LIVE, auth.tolerance_s)},
+    {.key = "auth.header",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "Authorization",
+     .reload = LIVE,
+     F(auth.header)},
+    {.key = "auth.allow_unauthenticated",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = LIVE,
+     F(auth.allow_unauthenticated),
+     .check = check_unauthenticated},
+    {.key = "spool.path",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "amp2dify-spool.db",
+     .env = "AMP2DIFY_SPOOL",
+     .reload = RESTART,
+     F(spool.path)},
+    {INT_ROW("spool.dedupe_window_seconds", 0, TEN_YEARS, "604800", RESTART,
+             spool.dedupe_window_s)},
+    {INT_ROW("spool.max_pending", 0, INT64_MAX, "1000000", RESTART, spool.max_pending)},
+    {INT_ROW("spool.max_bytes", 0, INT64_MAX, "0", RESTART, spool.max_bytes),
+     .check = check_max_bytes},
+    {INT_ROW("spool.retention_seconds", 0, TEN_YEARS, "604800", RESTART, spool.retention_s)},
+    {.key = "spool.sync",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = sync_names,
+     .def = "full",
+     .reload = RESTART,
+     F(spool.sync_normal)},
+    {INT_ROW("spool.lock_timeout_ms", 1, 600000, STR(AMP_SPOOL_LOCK_TIMEOUT_MS), RESTART,
+             spool.lock_timeout_ms)},
+    {.key = "dify.base_url",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "https://api.dify.ai/v1",
+     .env = "DIFY_BASE_URL",
+     .reload = DELIVERY,
+     F(dify.base_url),
+     .accept = valid_base_url,
+     .item_expect = "an http:// or https:// URL"},
+    {INT_ROW("dify.timeout_seconds", 1, 1200, "120", DELIVERY, dify.timeout_s)},
+    {INT_ROW("dify.connect_timeout_seconds", 1, 300, "10", DELIVERY, dify.connect_timeout_s)},
+    {INT_ROW("dify.workers", 1, 1024, "16", DELIVERY, dify.workers)},
+    {INT_ROW("dify.retry.initial_ms", 1, 3600000, "1000", DELIVERY, dify.retry_initial_ms)},
+    {INT_ROW("dify.retry.max_ms", 1, 86400000, "300000", DELIVERY, dify.retry_max_ms),
+     .check = check_retry_max},
+    {INT_ROW("dify.retry.max_age_seconds", 1, 30LL * 86400, "86400", DELIVERY,
+             dify.retry_max_age_s)},
+    /* Compiled by the mapper (its own tables); the reader only requires them. */
+    {.key = "apps",
+     .type = AMP_JSON_SCHEMA_ANY,
+     .required = true,
+     .reload = DELIVERY,
+     .expect = AMP_MAP_APPS_EXPECT},
+    {.key = "routes",
+     .type = AMP_JSON_SCHEMA_ANY,
+     .required = true,
+     .reload = LIVE,
+     .expect = AMP_MAP_ROUTES_EXPECT},
+    {.key = "log.level",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = level_names,
+     .def = "info",
+     .env = "AMP2DIFY_LOG_LEVEL",
+     .reload = LIVE,
+     F(log_level)},
+    {INT_ROW("shutdown_timeout_seconds", 2, 3600, "25", DELIVERY, shutdown_timeout_s)},
+    {.key = NULL},
+};
+
+const amp_json_schema_row *amp_config_schema(void) {
+    return config_rows;
 }
 
 /* ---- environment ------------------------------------------------------- */
+
+static void unreadable(amp_errs *errs, const char *path, const char *what, const char *file,
+                       const char *why) {
+    char *found = amp_xasprintf("%s file '%s' unreadable (%s)", what, file, why);
+    amp_json_schema_error(errs, path, found, "a readable file holding the secret");
+    free(found);
+}
 
 static char *read_secret_file(const char *file, const char *what, const char *path,
                               amp_errs *errs) {
     FILE *f = fopen(file, "rb");
     if (!f) {
-        amp_errs_add(errs, path, "cannot read %s file '%s': %s", what, file, strerror(errno));
+        unreadable(errs, path, what, file, strerror(errno));
         return NULL;
     }
     amp_buf b;
@@ -371,8 +300,7 @@ static char *read_secret_file(const char *file, const char *what, const char *pa
     int rc = amp_buf_read(&b, f);
     fclose(f);
     if (rc != 0) {
-        amp_errs_add(errs, path, "cannot read %s file '%s': %s", what, file,
-                     rc == -1 ? "larger than 64 KiB" : "read error");
+        unreadable(errs, path, what, file, rc == -1 ? "larger than 64 KiB" : "read error");
         amp_buf_free(&b);
         return NULL;
     }
@@ -381,7 +309,9 @@ static char *read_secret_file(const char *file, const char *what, const char *pa
     if (b.len > 0 && b.data[b.len - 1] == '\r')
         b.data[--b.len] = '\0';
     if (b.len == 0) {
-        amp_errs_add(errs, path, "%s file '%s' is empty", what, file);
+        char *found = amp_xasprintf("%s file '%s' empty", what, file);
+        amp_json_schema_error(errs, path, found, "a file holding the secret");
+        free(found);
         amp_buf_free(&b);
         return NULL;
     }
@@ -398,7 +328,9 @@ int amp_config_secret_from_env(const char *name, char **out, const char *path, a
     if (file && !*file)
         file = NULL;
     if (direct && file) {
-        amp_errs_add(errs, path, "both %s and %s are set; set only one", name, file_var);
+        char *found = amp_xasprintf("both %s and %s set", name, file_var);
+        amp_json_schema_error(errs, path, found, "only one of them");
+        free(found);
         return -1;
     }
     if (direct) {
@@ -409,46 +341,6 @@ int amp_config_secret_from_env(const char *name, char **out, const char *path, a
         return 1;
     *out = read_secret_file(file, file_var, path, errs);
     return *out ? 0 : -1;
-}
-
-/* "host:port", "[v6]:port" */
-static void apply_listen_env(amp_config *c, amp_errs *errs) {
-    const char *v = getenv("AMP2DIFY_LISTEN");
-    if (!v || !*v)
-        return;
-    const char *colon = strrchr(v, ':');
-    int64_t port;
-    if (!colon || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &port)) {
-        amp_errs_add(errs, "AMP2DIFY_LISTEN", "'%s' is not host:port", v);
-        return;
-    }
-    const char *host = v;
-    size_t hlen = (size_t)(colon - v);
-    if (host[0] == '[' && hlen >= 2 && host[hlen - 1] == ']') {
-        host++;
-        hlen -= 2;
-    }
-    free(c->listen.address);
-    c->listen.address = hlen ? amp_xstrndup(host, hlen) : amp_xstrdup("0.0.0.0"); /* ":8080" */
-    c->listen.port = (uint16_t)port;
-    check_listen_addr(c, "AMP2DIFY_LISTEN", errs);
-}
-
-static void apply_env(amp_config *c, amp_errs *errs) {
-    apply_listen_env(c, errs);
-    const char *v;
-    if ((v = getenv("AMP2DIFY_SPOOL")) && *v) {
-        free(c->spool.path);
-        c->spool.path = amp_xstrdup(v);
-    }
-    if ((v = getenv("DIFY_BASE_URL")) && *v) {
-        free(c->dify.base_url);
-        c->dify.base_url = amp_xstrdup(v);
-        check_base_url(v, "DIFY_BASE_URL", errs);
-    }
-    if ((v = getenv("AMP2DIFY_LOG_LEVEL")) && *v && amp_log_parse_level(v, &c->log_level) != 0)
-        amp_errs_add(errs, "AMP2DIFY_LOG_LEVEL",
-                     "unknown level '%s'; expected debug, info, warn or error", v);
 }
 
 static bool is_blank(char ch) {
@@ -483,16 +375,15 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs) {
     if (rc < 0)
         return;
     if (rc > 0) {
-        amp_errs_add(errs, "AMP2DIFY_SECRETS",
-                     "not set; the %s scheme needs at least one secret "
-                     "(AMP2DIFY_SECRETS or AMP2DIFY_SECRETS_FILE)",
-                     amp_sig_scheme_name(c->auth.scheme));
+        amp_json_schema_error(
+            errs, "AMP2DIFY_SECRETS", "nothing in AMP2DIFY_SECRETS or AMP2DIFY_SECRETS_FILE",
+            "at least one secret for the %s scheme", amp_sig_scheme_name(c->auth.scheme));
         return;
     }
     c->auth.secrets = amp_config_split_secrets(all, &c->auth.nsecrets);
     free(all);
     if (c->auth.nsecrets == 0) {
-        amp_errs_add(errs, "AMP2DIFY_SECRETS", "holds no secret");
+        amp_json_schema_error(errs, "AMP2DIFY_SECRETS", "no secret", "comma-separated secrets");
         return;
     }
     char err[256];
@@ -500,7 +391,8 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs) {
         amp_sig_create(c->auth.scheme, (const char *const *)c->auth.secrets, c->auth.nsecrets,
                        c->auth.tolerance_s, c->auth.header, err, sizeof err);
     if (!c->auth.verifier)
-        amp_errs_add(errs, "AMP2DIFY_SECRETS", "%s", err);
+        amp_json_schema_error(errs, "AMP2DIFY_SECRETS", err, "secrets the %s scheme accepts",
+                              amp_sig_scheme_name(c->auth.scheme));
 }
 
 static void load_app_keys(amp_config *c, amp_errs *errs) {
@@ -515,50 +407,18 @@ static void load_app_keys(amp_config *c, amp_errs *errs) {
         } else {
             path = amp_xasprintf("apps.%s.api_key_env", app->name);
             int rc = amp_config_secret_from_env(app->api_key_env, &c->api_keys[i], path, errs);
-            if (rc > 0)
-                amp_errs_add(errs, path, "environment variable %s (or %s_FILE) is not set",
-                             app->api_key_env, app->api_key_env);
+            if (rc > 0) {
+                char *found =
+                    amp_xasprintf("nothing in %s or %s_FILE", app->api_key_env, app->api_key_env);
+                amp_json_schema_error(errs, path, found, "the app's Dify API key");
+                free(found);
+            }
         }
         free(path);
     }
 }
 
 /* ---- load --------------------------------------------------------------- */
-
-static amp_config *config_defaults(const char *path) {
-    amp_config *c = amp_xcalloc(1, sizeof *c);
-    c->file = amp_xstrdup(path);
-    c->listen.address = amp_xstrdup("0.0.0.0");
-    c->listen.port = 8080;
-    c->listen.path = amp_xstrdup("/webhooks/amplitude");
-    c->listen.max_body_bytes = 1048576;
-    c->listen.max_events = 2000;
-    c->listen.threads = 2;
-    c->listen.connection_limit = 1024;
-    c->listen.per_ip_connection_limit = 256;
-    c->listen.connection_timeout_s = 30;
-    c->listen.trusted_proxies = amp_xcalloc(2, sizeof(char *));
-    c->listen.trusted_proxies[0] = amp_xstrdup("127.0.0.1/32");
-    c->listen.ntrusted_proxies = 1;
-    c->auth.scheme = AMP_AUTH_AMPLITUDE_HMAC;
-    c->auth.tolerance_s = 300;
-    c->auth.header = amp_xstrdup("Authorization");
-    c->spool.path = amp_xstrdup("amp2dify-spool.db");
-    c->spool.dedupe_window_s = 604800;
-    c->spool.max_pending = 1000000;
-    c->spool.retention_s = 604800;
-    c->spool.lock_timeout_ms = AMP_SPOOL_LOCK_TIMEOUT_MS;
-    c->dify.base_url = amp_xstrdup("https://api.dify.ai/v1");
-    c->dify.timeout_s = 120;
-    c->dify.connect_timeout_s = 10;
-    c->dify.workers = 16;
-    c->dify.retry_initial_ms = 1000;
-    c->dify.retry_max_ms = 300000;
-    c->dify.retry_max_age_s = 86400;
-    c->log_level = AMP_LOG_INFO;
-    c->shutdown_timeout_s = 25;
-    return c;
-}
 
 amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     size_t errs_before = amp_errs_count(errs);
@@ -572,39 +432,22 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
         return NULL;
     }
     if (!json_is_object(root)) {
-        amp_errs_add(errs, "", "found %s at the top level; expected an object",
-                     json_type_name(root));
+        amp_json_schema_error(errs, "", amp_json_schema_kind(root), "an object at the top level");
         json_decref(root);
         return NULL;
     }
 
-    static const char *const keys[] = {"listen", "auth",   "spool", "dify",
-                                       "apps",   "routes", "log",   "shutdown_timeout_seconds",
-                                       NULL};
-    amp_config *c = config_defaults(path);
-    reject_unknown(root, "", keys, errs);
-    load_listen(c, root, errs);
-    load_auth(c, root, errs);
-    load_spool(c, root, errs);
-    load_dify(c, root, errs);
-    load_log(c, root, errs);
-    get_uint(root, "shutdown_timeout_seconds", "", 2, 3600, errs, &c->shutdown_timeout_s);
-    check_base_url(c->dify.base_url, "dify.base_url", errs);
-    if (c->dify.retry_max_ms < c->dify.retry_initial_ms)
-        amp_errs_add(errs, "dify.retry.max_ms", "%lld is below initial_ms %lld",
-                     (long long)c->dify.retry_max_ms, (long long)c->dify.retry_initial_ms);
-
+    amp_config *c = amp_xcalloc(1, sizeof *c);
+    c->file = amp_xstrdup(path);
+    amp_json_schema_defaults(config_rows, c);
+    amp_json_schema_read(config_rows, root, "", c, NULL, errs);
     const json_t *apps = json_object_get(root, "apps");
     const json_t *routes = json_object_get(root, "routes");
-    if (!apps)
-        amp_errs_add(errs, "apps", "missing; expected an object of Dify apps");
-    if (!routes)
-        amp_errs_add(errs, "routes", "missing; expected an array of routes");
     if (apps && routes)
         c->mapper = amp_mapper_compile(apps, routes, errs);
     json_decref(root);
 
-    apply_env(c, errs);
+    amp_json_schema_env(config_rows, c, NULL, errs);
     /* The auth secrets are checked even when the routes did not compile,
      * so that check-config prints every error at once. */
     if (flags & AMP_CONFIG_SECRETS) {
@@ -618,6 +461,41 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
         return NULL;
     }
     return c;
+}
+
+/* The apps, their settings (the mapper's table) and their keys. */
+static bool same_apps(const amp_config *a, const amp_config *b) {
+    size_t n = amp_mapper_app_count(a->mapper);
+    if (n != amp_mapper_app_count(b->mapper))
+        return false;
+    const amp_json_schema_row *rows = amp_map_app_schema();
+    for (size_t i = 0; i < n; i++) {
+        const amp_app *x = amp_mapper_app(a->mapper, i), *y = amp_mapper_app(b->mapper, i);
+        if (strcmp(x->name, y->name) || amp_json_schema_diff(rows, x, y, NULL) != 0)
+            return false;
+        const char *kx = a->api_keys ? a->api_keys[i] : NULL;
+        const char *ky = b->api_keys ? b->api_keys[i] : NULL;
+        if (kx != ky && (!kx || !ky || strcmp(kx, ky)))
+            return false;
+    }
+    return true;
+}
+
+amp_json_schema_reload amp_config_diff(const amp_config *a, const amp_config *b,
+                                       const char **first_key) {
+    const char *first;
+    amp_json_schema_reload how = amp_json_schema_diff(config_rows, a, b, &first);
+    /* The "apps" row has no field of its own: its class covers every app. */
+    const amp_json_schema_row *apps = config_rows;
+    while (strcmp(apps->key, "apps"))
+        apps++;
+    if (apps->reload > how && !same_apps(a, b)) {
+        how = apps->reload;
+        first = apps->key;
+    }
+    if (first_key)
+        *first_key = first;
+    return how;
 }
 
 amp_spool_opts amp_config_spool_opts(const amp_config *c) {
@@ -642,14 +520,9 @@ void amp_config_destroy(amp_config *c) {
     if (!c)
         return;
     free(c->file);
-    free(c->listen.address);
-    free(c->listen.path);
-    free_strv(c->listen.trusted_proxies, c->listen.ntrusted_proxies);
-    free(c->auth.header);
+    amp_json_schema_free(config_rows, c);
     free_strv(c->auth.secrets, c->auth.nsecrets);
     amp_sig_destroy(c->auth.verifier);
-    free(c->spool.path);
-    free(c->dify.base_url);
     if (c->api_keys) {
         size_t n = c->mapper ? amp_mapper_app_count(c->mapper) : 0;
         free_strv(c->api_keys, n);

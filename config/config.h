@@ -2,8 +2,10 @@
  * config — the JSON config file (SPEC "Config file") plus the environment
  * overrides (SPEC "Environment"), parsed once into a read-only struct.
  *
- * Unknown keys, wrong types and out-of-range values are errors naming their
- * JSON path; every error is collected, not only the first. Secrets come only
+ * Every key is a row of one table (amp_config_schema), read by the schema
+ * walker of json/schema.h: unknown keys, wrong types and out-of-range values
+ * are errors "json.path: found X; expected Y"; every error is collected, not
+ * only the first. Secrets come only
  * from the environment or from files (*_FILE variables, api_key_file) and
  * never appear in error messages.
  *
@@ -18,6 +20,7 @@
 #include <stdint.h>
 
 #include "../crypto/sig.h"
+#include "../json/schema.h"
 #include "../mapping/mapping.h"
 #include "../spool/spool.h"
 #include "../base/log.h"
@@ -84,6 +87,18 @@ const char *amp_config_default_path(const char *from_cli);
  * (caller owns errs). Caller owns the result. */
 amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs);
 void amp_config_destroy(amp_config *c); /* accepts NULL */
+
+/* The table of every config file key (static, ended by a NULL key): type,
+ * range, default, environment variable and reload class. apps and routes
+ * are compiled by the mapper from its own tables. */
+const amp_json_schema_row *amp_config_schema(void);
+
+/* How a running server takes b in place of a: the strongest reload class
+ * among the keys that differ (apps compared app by app, keys included), 0
+ * when none does. *first_key (may be NULL) is the first such key of that
+ * class ("listen.threads", "apps"), static, NULL when none. */
+amp_json_schema_reload amp_config_diff(const amp_config *a, const amp_config *b,
+                                       const char **first_key);
 
 /* The spool options of a loaded config (strings borrowed from c). */
 amp_spool_opts amp_config_spool_opts(const amp_config *c);

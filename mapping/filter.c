@@ -40,6 +40,7 @@ static const char *const op_names[] = {
 };
 #define NOPS (sizeof(op_names) / sizeof(op_names[0]))
 #define OPS_LIST "equals, not_equals, in, regex, exists, exclude_null, gt, gte, lt, lte, prefix"
+#define FIELD_EXPECT "a field path such as \"event_type\""
 
 struct amp_filter {
     fkind kind;
@@ -78,16 +79,17 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
     json_object_foreach((json_t *)spec, key, val) {
         if (!strcmp(key, "all") || !strcmp(key, "any") || !strcmp(key, "not")) {
             if (which) {
-                amp_errs_add(errs, path,
-                             "has both '%s' and '%s'; use one of all, any, not per object", which,
-                             key);
+                char found[64];
+                snprintf(found, sizeof found, "both '%s' and '%s'", which, key);
+                amp_json_schema_error(errs, path, found, "one of all, any, not per object");
                 ok = false;
             } else {
                 which = key;
             }
         } else {
-            char *p = amp_map_jpath_key(path, key);
-            amp_errs_add(errs, p, "unknown key; an object with all, any or not has no other keys");
+            char *p = amp_json_path_key(path, key);
+            amp_json_schema_error(errs, p, "an unknown key",
+                                  "no other key in an object with all, any or not");
             free(p);
             ok = false;
         }
@@ -96,7 +98,7 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
         return NULL;
 
     amp_filter *f = amp_xcalloc(1, sizeof(*f));
-    char *cpath = amp_map_jpath_key(path, which);
+    char *cpath = amp_json_path_key(path, which);
     val = json_object_get(spec, which);
     if (!strcmp(which, "not")) {
         f->kind = F_NOT;
@@ -107,14 +109,14 @@ static amp_filter *compile_combinator(const json_t *spec, const char *path, int 
     } else {
         f->kind = !strcmp(which, "all") ? F_ALL : F_ANY;
         if (!json_is_array(val) || json_array_size(val) == 0) {
-            amp_errs_add(errs, cpath, "expected a non-empty array of filters, found %s",
-                         json_is_array(val) ? "an empty array" : amp_map_json_kind(val));
+            amp_json_schema_error(errs, cpath, amp_json_schema_kind(val),
+                                  "a non-empty array of filters");
             ok = false;
         } else {
             f->nkids = json_array_size(val);
             f->kids = amp_xcalloc(f->nkids, sizeof(*f->kids));
             for (size_t i = 0; i < f->nkids; i++) {
-                char *ip = amp_map_jpath_index(cpath, i);
+                char *ip = amp_json_path_index(cpath, i);
                 f->kids[i] = compile_node(json_array_get(val, i), ip, depth + 1, errs);
                 ok = ok && f->kids[i];
                 free(ip);
@@ -141,22 +143,24 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
         return true;
     case OP_IN:
         if (!json_is_array(value) || json_array_size(value) == 0) {
-            amp_errs_add(errs, vpath, "op 'in' needs a non-empty array, found %s",
-                         json_is_array(value) ? "an empty array" : amp_map_json_kind(value));
+            amp_json_schema_error(errs, vpath, amp_json_schema_kind(value),
+                                  "a non-empty array for op 'in'");
             return false;
         }
         return true;
     case OP_REGEX: {
         if (!json_is_string(value)) {
-            amp_errs_add(errs, vpath, "op 'regex' needs a string, found %s",
-                         amp_map_json_kind(value));
+            amp_json_schema_error(errs, vpath, amp_json_schema_kind(value),
+                                  "a string for op 'regex'");
             return false;
         }
         int rc = regcomp(&f->re, json_string_value(value), REG_EXTENDED | REG_NOSUB);
         if (rc != 0) {
             char msg[256];
             regerror(rc, &f->re, msg, sizeof(msg));
-            amp_errs_add(errs, vpath, "invalid regex '%s': %s", json_string_value(value), msg);
+            char *found = amp_xasprintf("'%s' (%s)", json_string_value(value), msg);
+            amp_json_schema_error(errs, vpath, found, "a POSIX extended regular expression");
+            free(found);
             return false;
         }
         f->has_re = true;
@@ -167,15 +171,15 @@ static bool compile_value(amp_filter *f, const json_t *value, const char *vpath,
     case OP_LT:
     case OP_LTE:
         if (!json_is_number(value)) {
-            amp_errs_add(errs, vpath, "op '%s' needs a number, found %s", op_names[f->op],
-                         amp_map_json_kind(value));
+            amp_json_schema_error(errs, vpath, amp_json_schema_kind(value), "a number for op '%s'",
+                                  op_names[f->op]);
             return false;
         }
         return true;
     case OP_PREFIX:
         if (!json_is_string(value)) {
-            amp_errs_add(errs, vpath, "op 'prefix' needs a string, found %s",
-                         amp_map_json_kind(value));
+            amp_json_schema_error(errs, vpath, amp_json_schema_kind(value),
+                                  "a string for op 'prefix'");
             return false;
         }
         return true;
@@ -192,8 +196,9 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     json_t *val;
     json_object_foreach((json_t *)spec, key, val) {
         if (strcmp(key, "field") && strcmp(key, "op") && strcmp(key, "value")) {
-            char *p = amp_map_jpath_key(path, key);
-            amp_errs_add(errs, p, "unknown key; expected one of field, op, value, all, any, not");
+            char *p = amp_json_path_key(path, key);
+            amp_json_schema_error(errs, p, "an unknown key",
+                                  "one of field, op, value, all, any, not");
             free(p);
             ok = false;
         }
@@ -201,21 +206,23 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
 
     amp_filter *f = amp_xcalloc(1, sizeof(*f));
     f->kind = F_RULE;
-    char *fpath = amp_map_jpath_key(path, "field");
-    char *opath = amp_map_jpath_key(path, "op");
-    char *vpath = amp_map_jpath_key(path, "value");
+    char *fpath = amp_json_path_key(path, "field");
+    char *opath = amp_json_path_key(path, "op");
+    char *vpath = amp_json_path_key(path, "value");
 
     json_t *field = json_object_get(spec, "field");
     if (!field) {
-        amp_errs_add(errs, fpath, "missing; expected a field path such as \"event_type\"");
+        amp_json_schema_error(errs, fpath, "nothing", FIELD_EXPECT);
         ok = false;
     } else if (!json_is_string(field)) {
-        amp_errs_add(errs, fpath, "expected a string, found %s", amp_map_json_kind(field));
+        amp_json_schema_error(errs, fpath, amp_json_schema_kind(field), FIELD_EXPECT);
         ok = false;
     } else {
         char err[160];
         if (amp_map_path_parse(&f->field, json_string_value(field), true, err, sizeof(err)) != 0) {
-            amp_errs_add(errs, fpath, "bad field path '%s': %s", json_string_value(field), err);
+            char *found = amp_xasprintf("'%s' (%s)", json_string_value(field), err);
+            amp_json_schema_error(errs, fpath, found, FIELD_EXPECT);
+            free(found);
             ok = false;
         }
     }
@@ -223,9 +230,9 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
     json_t *op = json_object_get(spec, "op");
     bool op_ok = false;
     if (!op) {
-        amp_errs_add(errs, opath, "missing; expected one of " OPS_LIST);
+        amp_json_schema_error(errs, opath, "nothing", "one of " OPS_LIST);
     } else if (!json_is_string(op)) {
-        amp_errs_add(errs, opath, "expected a string, found %s", amp_map_json_kind(op));
+        amp_json_schema_error(errs, opath, amp_json_schema_kind(op), "one of " OPS_LIST);
     } else {
         for (size_t i = 0; i < NOPS; i++) {
             if (!strcmp(json_string_value(op), op_names[i])) {
@@ -233,19 +240,21 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
                 op_ok = true;
             }
         }
-        if (!op_ok)
-            amp_errs_add(errs, opath, "unknown op '%s'; expected one of " OPS_LIST,
-                         json_string_value(op));
+        if (!op_ok) {
+            char *found = amp_xasprintf("'%s'", json_string_value(op));
+            amp_json_schema_error(errs, opath, found, "one of " OPS_LIST);
+            free(found);
+        }
     }
     ok = ok && op_ok;
 
     json_t *value = json_object_get(spec, "value");
     if (op_ok) {
         if (op_takes_value(f->op) && !value) {
-            amp_errs_add(errs, vpath, "missing; op '%s' needs a value", op_names[f->op]);
+            amp_json_schema_error(errs, vpath, "nothing", "a value for op '%s'", op_names[f->op]);
             ok = false;
         } else if (!op_takes_value(f->op) && value) {
-            amp_errs_add(errs, vpath, "op '%s' takes no value", op_names[f->op]);
+            amp_json_schema_error(errs, vpath, "a value", "none for op '%s'", op_names[f->op]);
             ok = false;
         } else if (value) {
             ok = compile_value(f, value, vpath, errs) && ok;
@@ -264,11 +273,12 @@ static amp_filter *compile_rule(const json_t *spec, const char *path, amp_errs *
 
 static amp_filter *compile_node(const json_t *spec, const char *path, int depth, amp_errs *errs) {
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected a filter object, found %s", amp_map_json_kind(spec));
+        amp_json_schema_error(errs, path, amp_json_schema_kind(spec), "a filter object");
         return NULL;
     }
     if (depth > AMP_FILTER_MAX_DEPTH) {
-        amp_errs_add(errs, path, "filter nested deeper than %d levels", AMP_FILTER_MAX_DEPTH);
+        amp_json_schema_error(errs, path, "a filter nested deeper", "at most %d levels",
+                              AMP_FILTER_MAX_DEPTH);
         return NULL;
     }
     if (json_object_get(spec, "all") || json_object_get(spec, "any") ||

@@ -104,8 +104,8 @@ static bool check_keys(const json_t *obj, const char *path, const char *const *a
         for (size_t i = 0; allowed[i] && !found; i++)
             found = !strcmp(key, allowed[i]);
         if (!found) {
-            char *p = amp_map_jpath_key(path, key);
-            amp_errs_add(errs, p, "unknown key; expected one of %s", expected);
+            char *p = amp_json_path_key(path, key);
+            amp_json_schema_error(errs, p, "an unknown key", "one of %s", expected);
             free(p);
             ok = false;
         }
@@ -113,46 +113,22 @@ static bool check_keys(const json_t *obj, const char *path, const char *const *a
     return ok;
 }
 
-/* A string member: NULL when absent (and not required); errors otherwise. */
-static const char *get_string(const json_t *obj, const char *key, const char *path, bool required,
-                              bool *ok, amp_errs *errs) {
+/* A required non-empty string member of a mapping entry; NULL after an error. */
+static const char *get_string(const json_t *obj, const char *key, const char *path,
+                              amp_errs *errs) {
     json_t *v = json_object_get(obj, key);
-    char *p = amp_map_jpath_key(path, key);
+    char *p = amp_json_path_key(path, key);
     const char *s = NULL;
-    if (!v) {
-        if (required) {
-            amp_errs_add(errs, p, "missing; expected a non-empty string");
-            *ok = false;
-        }
-    } else if (!json_is_string(v)) {
-        amp_errs_add(errs, p, "expected a string, found %s", amp_map_json_kind(v));
-        *ok = false;
-    } else if (json_string_length(v) == 0) {
-        amp_errs_add(errs, p, "expected a non-empty string, found an empty string");
-        *ok = false;
-    } else {
+    if (!v)
+        amp_json_schema_error(errs, p, "nothing", "a non-empty string");
+    else if (!json_is_string(v))
+        amp_json_schema_error(errs, p, amp_json_schema_kind(v), "a non-empty string");
+    else if (json_string_length(v) == 0)
+        amp_json_schema_error(errs, p, "an empty string", "a non-empty string");
+    else
         s = json_string_value(v);
-    }
     free(p);
     return s;
-}
-
-/* Index of s in names, or -1 after reporting "unknown <what>". */
-static int pick(const char *s, const char *const *names, size_t n, const char *what,
-                const char *path, amp_errs *errs) {
-    for (size_t i = 0; i < n; i++)
-        if (!strcmp(s, names[i]))
-            return (int)i;
-    amp_buf list;
-    amp_buf_init(&list, 4096);
-    for (size_t i = 0; i < n; i++) {
-        if (i)
-            amp_buf_append(&list, ", ", 2);
-        amp_buf_append(&list, names[i], strlen(names[i]));
-    }
-    amp_errs_add(errs, path, "unknown %s '%s'; expected one of %s", what, s, list.data);
-    amp_buf_free(&list);
-    return -1;
 }
 
 static bool env_name_ok(const char *s) {
@@ -165,115 +141,105 @@ static bool env_name_ok(const char *s) {
     return true;
 }
 
-/* An integer member in [min, max]; *out untouched when absent. */
-static void get_uint(const json_t *obj, const char *key, const char *path, json_int_t min,
-                     json_int_t max, unsigned *out, bool *ok, amp_errs *errs) {
-    json_t *v = json_object_get(obj, key);
-    if (!v)
-        return;
-    char *p = amp_map_jpath_key(path, key);
-    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
-        amp_errs_add(errs, p,
-                     "expected an integer from %" JSON_INTEGER_FORMAT " to %" JSON_INTEGER_FORMAT
-                     ", found %s",
-                     min, max,
-                     json_is_integer(v) ? "an integer out of range" : amp_map_json_kind(v));
-        *ok = false;
-    } else {
-        *out = (unsigned)json_integer_value(v);
-    }
-    free(p);
-}
-
 /* ---- apps ------------------------------------------------------------ */
 
-#define APP_KEYS                                                                                   \
-    "api_key_env, api_key_file, endpoint, response_mode, rate_per_sec, burst, max_in_flight"
+static void check_one_key_source(const amp_json_schema_at *at) {
+    if (json_object_get(at->parent, "api_key_env") && json_object_get(at->parent, "api_key_file"))
+        amp_json_schema_error(at->errs, at->base, "both api_key_env and api_key_file",
+                              "only one of them");
+}
+
+static const char *const endpoint_enum[] = {"chat", "completion", "workflow", NULL};
+static const char *const mode_names[] = {"blocking", "streaming", NULL};
+
+#define APP_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_app, m)
+#define DELIVERY AMP_JSON_SCHEMA_RESTART_DELIVERY
+
+/* The keys of one app. A new key is one row here plus its use. */
+static const amp_json_schema_row app_rows[] = {
+    {.key = "api_key_env",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .reload = DELIVERY,
+     APP_FIELD(api_key_env),
+     .accept = env_name_ok,
+     .item_expect = "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+     .doc = "neither this nor api_key_file: " AMP_DEFAULT_API_KEY_ENV},
+    {.key = "api_key_file",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .reload = DELIVERY,
+     APP_FIELD(api_key_file),
+     .check = check_one_key_source},
+    {.key = "endpoint",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = endpoint_enum,
+     .def = "chat",
+     .reload = DELIVERY,
+     APP_FIELD(endpoint)},
+    {.key = "response_mode",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = mode_names,
+     .def = "blocking",
+     .reload = DELIVERY,
+     APP_FIELD(streaming)},
+    {.key = "rate_per_sec",
+     .type = AMP_JSON_SCHEMA_NUMBER,
+     .dmin = 0,
+     .dmax = 1000000,
+     .def = "0",
+     .reload = DELIVERY,
+     APP_FIELD(rate_per_sec),
+     .expect = "a number from 0 (unlimited) to 1000000"},
+    {.key = "burst",
+     .type = AMP_JSON_SCHEMA_INT,
+     .min = 1,
+     .max = 1000000,
+     .reload = DELIVERY,
+     APP_FIELD(burst),
+     .doc = "default max(1, rate_per_sec)"},
+    {.key = "max_in_flight",
+     .type = AMP_JSON_SCHEMA_INT,
+     .min = 1,
+     .max = 10000,
+     .def = "8",
+     .reload = DELIVERY,
+     APP_FIELD(max_in_flight)},
+    {.key = NULL},
+};
+
+const amp_json_schema_row *amp_map_app_schema(void) {
+    return app_rows;
+}
 
 static void compile_app(amp_app *a, const char *name, const json_t *spec, const char *path,
                         amp_errs *errs) {
-    static const char *const keys[] = {
-        "api_key_env",  "api_key_file", "endpoint",      "response_mode",
-        "rate_per_sec", "burst",        "max_in_flight", NULL};
-    static const char *const modes[] = {"blocking", "streaming"};
-    bool ok = true;
     a->name = amp_xstrdup(name);
-    a->endpoint = AMP_ENDPOINT_CHAT;
-    a->max_in_flight = 8;
-    if (!*name) {
-        amp_errs_add(errs, path, "app names must not be empty");
-        ok = false;
-    }
+    amp_json_schema_defaults(app_rows, a);
+    if (!*name)
+        amp_json_schema_error(errs, path, "an empty name", "a non-empty app name");
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected an app object, found %s", amp_map_json_kind(spec));
+        amp_json_schema_error(errs, path, amp_json_schema_kind(spec), "an app object");
         return;
     }
-    check_keys(spec, path, keys, APP_KEYS, errs);
-
-    const char *env = get_string(spec, "api_key_env", path, false, &ok, errs);
-    const char *file = get_string(spec, "api_key_file", path, false, &ok, errs);
-    if (env && !env_name_ok(env)) {
-        char *p = amp_map_jpath_key(path, "api_key_env");
-        amp_errs_add(errs, p, "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
-        free(p);
-    }
-    bool has_env = json_object_get(spec, "api_key_env") != NULL;
-    bool has_file = json_object_get(spec, "api_key_file") != NULL;
-    if (has_env && has_file)
-        amp_errs_add(errs, path, "set only one of api_key_env, api_key_file");
-    /* Neither: the default app key, DIFY_API_KEY (or DIFY_API_KEY_FILE). */
-    a->api_key_env = amp_xstrdup(has_env || has_file ? env : AMP_DEFAULT_API_KEY_ENV);
-    a->api_key_file = amp_xstrdup(file);
-
-    const char *s = get_string(spec, "endpoint", path, false, &ok, errs);
-    if (s) {
-        char *p = amp_map_jpath_key(path, "endpoint");
-        int k = pick(s, endpoint_names, 3, "endpoint", p, errs);
-        if (k >= 0)
-            a->endpoint = (amp_endpoint)k;
-        free(p);
-    }
-    s = get_string(spec, "response_mode", path, false, &ok, errs);
-    if (s) {
-        char *p = amp_map_jpath_key(path, "response_mode");
-        a->streaming = pick(s, modes, 2, "response_mode", p, errs) == 1;
-        free(p);
-    }
-    json_t *rate = json_object_get(spec, "rate_per_sec");
-    if (rate) {
-        double r = json_number_value(rate);
-        if (!json_is_number(rate) || !(r >= 0 && r <= 1000000)) {
-            char *p = amp_map_jpath_key(path, "rate_per_sec");
-            amp_errs_add(errs, p, "expected a number from 0 (unlimited) to 1000000, found %s",
-                         json_is_number(rate) ? "a number out of range" : amp_map_json_kind(rate));
-            free(p);
-        } else {
-            a->rate_per_sec = r;
-        }
-    }
+    amp_json_schema_read(app_rows, spec, path, a, NULL, errs);
+    /* Neither key source: the default app key, DIFY_API_KEY (or _FILE). */
+    if (!json_object_get(spec, "api_key_env") && !json_object_get(spec, "api_key_file"))
+        a->api_key_env = amp_xstrdup(AMP_DEFAULT_API_KEY_ENV);
     /* Default burst: one second's worth of tokens, at least one. */
-    a->burst = a->rate_per_sec > 1 ? (unsigned)ceil(a->rate_per_sec) : 1;
-    get_uint(spec, "burst", path, 1, 1000000, &a->burst, &ok, errs);
-    get_uint(spec, "max_in_flight", path, 1, 10000, &a->max_in_flight, &ok, errs);
+    if (!json_object_get(spec, "burst"))
+        a->burst = a->rate_per_sec > 1 ? (unsigned)ceil(a->rate_per_sec) : 1;
 }
 
 static void compile_apps(amp_mapper *m, const json_t *apps, amp_errs *errs) {
-    if (!apps) {
-        amp_errs_add(errs, "apps",
-                     "missing; expected an object of Dify apps, e.g. "
-                     "{\"support\": {\"api_key_env\": \"DIFY_API_KEY\"}}");
-        return;
-    }
-    if (!json_is_object(apps)) {
-        amp_errs_add(errs, "apps", "expected an object of Dify apps, found %s",
-                     amp_map_json_kind(apps));
+    if (!apps || !json_is_object(apps)) {
+        amp_json_schema_error(errs, "apps", apps ? amp_json_schema_kind(apps) : "nothing",
+                              AMP_MAP_APPS_EXPECT);
         return;
     }
     m->apps = amp_xcalloc(json_object_size(apps), sizeof(*m->apps));
     const char *name;
     json_t *spec;
     json_object_foreach((json_t *)apps, name, spec) {
-        char *p = amp_map_jpath_key("apps", name);
+        char *p = amp_json_path_key("apps", name);
         compile_app(&m->apps[m->napps++], name, spec, p, errs);
         free(p);
     }
@@ -298,6 +264,13 @@ static bool path_prefix(const amp_path *a, const amp_path *b) {
     return true;
 }
 
+/* A field path that did not parse: "found 'a..b' (empty key at offset 2)". */
+static void bad_path(amp_errs *errs, const char *path, const char *text, const char *why) {
+    char *found = amp_xasprintf("'%s' (%s)", text, why);
+    amp_json_schema_error(errs, path, found, "a field path such as \"user_properties.plan\"");
+    free(found);
+}
+
 /* Entry idx of "map" into r->rules[idx] (zeroed by the caller). */
 static void compile_rule(route *r, size_t idx, const json_t *spec, const char *path,
                          amp_errs *errs) {
@@ -306,42 +279,37 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
     static const char *const std[] = {"source", "target", "transform"};
     static const char *const alt[] = {"source_field", "target_field", "transformer"};
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path,
-                     "expected a mapping object {\"source\", \"target\", "
-                     "\"transform\"}, found %s",
-                     amp_map_json_kind(spec));
+        amp_json_schema_error(errs, path, amp_json_schema_kind(spec),
+                              "a mapping object {\"source\", \"target\", \"transform\"}");
         return;
     }
-    bool ok =
-        check_keys(spec, path, keys,
-                   "source, target, transform (or source_field, target_field, transformer)", errs);
+    check_keys(spec, path, keys,
+               "source, target, transform (or source_field, target_field, transformer)", errs);
     bool has_std = false, has_alt = false;
     for (size_t k = 0; k < 3; k++) {
         has_std = has_std || json_object_get(spec, std[k]);
         has_alt = has_alt || json_object_get(spec, alt[k]);
     }
     if (has_std && has_alt) {
-        amp_errs_add(errs, path,
-                     "mixes source/target/transform with "
-                     "source_field/target_field/transformer; use one spelling");
+        amp_json_schema_error(errs, path,
+                              "both source/target/transform and "
+                              "source_field/target_field/transformer",
+                              "one spelling");
         return;
     }
     const char *const *names = has_alt ? alt : std;
 
     rule *ru = &r->rules[idx];
     char err[160];
-    const char *src = get_string(spec, names[0], path, true, &ok, errs);
-    const char *dst = get_string(spec, names[1], path, true, &ok, errs);
-    char *sp = amp_map_jpath_key(path, names[0]);
-    char *tp = amp_map_jpath_key(path, names[1]);
-    char *xp = amp_map_jpath_key(path, names[2]);
-    if (src && amp_map_path_parse(&ru->source, src, true, err, sizeof(err)) != 0) {
-        amp_errs_add(errs, sp, "bad field path '%s': %s", src, err);
-        ok = false;
-    }
+    const char *src = get_string(spec, names[0], path, errs);
+    const char *dst = get_string(spec, names[1], path, errs);
+    char *sp = amp_json_path_key(path, names[0]);
+    char *tp = amp_json_path_key(path, names[1]);
+    char *xp = amp_json_path_key(path, names[2]);
+    if (src && amp_map_path_parse(&ru->source, src, true, err, sizeof(err)) != 0)
+        bad_path(errs, sp, src, err);
     if (dst && amp_map_path_parse(&ru->target, dst, false, err, sizeof(err)) != 0) {
-        amp_errs_add(errs, tp, "bad field path '%s': %s", dst, err);
-        ok = false;
+        bad_path(errs, tp, dst, err);
         dst = NULL;
     }
     /* Two targets where one contains the other would overwrite each other
@@ -351,173 +319,214 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
         if (!o->nsegs)
             continue;
         if (path_prefix(o, &ru->target) || path_prefix(&ru->target, o)) {
-            amp_errs_add(errs, tp,
-                         "target '%s' collides with target '%s' of map[%zu]; each target "
-                         "must be distinct and not inside another",
-                         dst, o->text, i);
-            ok = false;
+            char *found =
+                amp_xasprintf("'%s', which collides with target '%s' of map[%zu]", dst, o->text, i);
+            amp_json_schema_error(errs, tp, found,
+                                  "a distinct target, not inside another nor holding one");
+            free(found);
         }
     }
     json_t *xf = json_object_get(spec, names[2]);
-    if (xf) {
+    if (xf)
         ru->xf = amp_map_xform_compile(xf, xp, errs);
-        ok = ok && ru->xf;
-    }
     free(sp);
     free(tp);
     free(xp);
-    (void)ok;
 }
 
-static amp_tmpl *get_template(const json_t *spec, const char *key, const char *path,
-                              amp_errs *errs) {
-    bool ok = true;
-    json_t *v = json_object_get(spec, key);
-    if (!v)
-        return NULL;
-    char *p = amp_map_jpath_key(path, key);
-    amp_tmpl *t = NULL;
-    if (!json_is_string(v)) {
-        amp_errs_add(errs, p, "expected a template string such as \"{{event_type}}\", found %s",
-                     amp_map_json_kind(v));
-        ok = false;
+/* ---- route keys -------------------------------------------------------- */
+
+/* What the route rows' setters and checks need besides the route. */
+typedef struct route_ctx {
+    amp_mapper *m;
+    const json_t *routes; /* every route, for duplicate names */
+    const json_t *apps;
+    size_t idx;
+} route_ctx;
+
+static void check_unique_name(const amp_json_schema_at *at) {
+    const route_ctx *rc = at->ctx;
+    const route *r = at->target;
+    for (size_t j = 0; r->name && j < rc->idx; j++) {
+        json_t *other = json_object_get(json_array_get(rc->routes, j), "name");
+        if (json_is_string(other) && !strcmp(json_string_value(other), r->name)) {
+            char *found = amp_xasprintf("'%s', also routes[%zu].name", r->name, j);
+            amp_json_schema_error(at->errs, at->path, found, "a route name used once");
+            free(found);
+            break;
+        }
     }
-    if (ok)
-        t = amp_map_tmpl_compile(json_string_value(v), p, errs);
-    free(p);
-    return t;
 }
 
-#define ROUTE_KEYS "name, filter, map, app, query, user, conversation"
+static void set_filter(const amp_json_schema_at *at) {
+    route *r = at->target;
+    r->filter = amp_map_filter_compile(at->value, at->path, at->errs);
+}
+
+static void set_map(const amp_json_schema_at *at) {
+    route *r = at->target;
+    size_t i;
+    json_t *e;
+    r->nrules = json_array_size(at->value);
+    r->rules = amp_xcalloc(r->nrules, sizeof(*r->rules));
+    json_array_foreach(at->value, i, e) {
+        char *ep = amp_json_path_index(at->path, i);
+        compile_rule(r, i, e, ep, at->errs);
+        free(ep);
+    }
+}
+
+static void set_app(const amp_json_schema_at *at) {
+    const route_ctx *rc = at->ctx;
+    route *r = at->target;
+    const char *name = json_string_value(at->value);
+    int k = find_app(rc->m, name);
+    if (k >= 0) {
+        r->app = (size_t)k;
+        return;
+    }
+    amp_buf list;
+    amp_buf_init(&list, 4096);
+    amp_buf_append(&list, "", 0);
+    const char *an;
+    json_t *av;
+    if (json_is_object(rc->apps)) {
+        json_object_foreach((json_t *)rc->apps, an, av) {
+            if (list.len)
+                amp_buf_append(&list, ", ", 2);
+            amp_buf_append(&list, an, strlen(an));
+        }
+    }
+    char *found = amp_xasprintf("'%s'", name);
+    if (list.len)
+        amp_json_schema_error(at->errs, at->path, found, "one of %s", list.data);
+    else
+        amp_json_schema_error(at->errs, at->path, found, "an app of \"apps\", which has none");
+    free(found);
+    amp_buf_free(&list);
+}
+
+static void set_query(const amp_json_schema_at *at) {
+    route *r = at->target;
+    r->query = amp_map_tmpl_compile(json_string_value(at->value), at->path, at->errs);
+}
+
+static void set_user(const amp_json_schema_at *at) {
+    route *r = at->target;
+    r->user = amp_map_tmpl_compile(json_string_value(at->value), at->path, at->errs);
+}
+
+static const amp_app *route_app(const amp_json_schema_at *at) {
+    const route_ctx *rc = at->ctx;
+    const route *r = at->target;
+    return r->app < rc->m->napps ? &rc->m->apps[r->app] : NULL;
+}
+
+static void check_query(const amp_json_schema_at *at) {
+    const amp_app *app = route_app(at);
+    if (at->value && app && app->endpoint == AMP_ENDPOINT_WORKFLOW) {
+        char *found = amp_xasprintf("a query for app '%s', a workflow", app->name);
+        amp_json_schema_error(at->errs, at->path, found,
+                              "no query (a workflow takes none; map the text into inputs)");
+        free(found);
+    }
+}
+
+static void check_conversation(const amp_json_schema_at *at) {
+    const amp_app *app = route_app(at);
+    const route *r = at->target;
+    if (r->per_user && app && app->endpoint != AMP_ENDPOINT_CHAT) {
+        char *found = amp_xasprintf("per_user for app '%s' (endpoint '%s')", app->name,
+                                    endpoint_names[app->endpoint]);
+        amp_json_schema_error(at->errs, at->path, found, "a chat app for per_user");
+        free(found);
+    }
+}
+
+static const char *const conv_names[] = {"none", "per_user", NULL};
+
+#define ROUTE_FIELD(m) AMP_JSON_SCHEMA_FIELD(route, m)
+#define TEMPLATE_EXPECT "a template string such as \"{{event_type}}\""
+#define LIVE AMP_JSON_SCHEMA_LIVE
+
+/* The keys of one route, in the order they are read (app before the
+ * templates and conversation, which depend on its endpoint). */
+static const amp_json_schema_row route_rows[] = {
+    {.key = "name",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .required = true,
+     .reload = LIVE,
+     ROUTE_FIELD(name),
+     .check = check_unique_name},
+    {.key = "filter", .type = AMP_JSON_SCHEMA_ANY, .reload = LIVE, .set = set_filter},
+    {.key = "map",
+     .type = AMP_JSON_SCHEMA_ARRAY,
+     .reload = LIVE,
+     .expect = "an array of mappings",
+     .set = set_map},
+    {.key = "app",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .required = true,
+     .reload = LIVE,
+     .set = set_app},
+    {.key = "query",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .allow_empty = true,
+     .reload = LIVE,
+     .expect = TEMPLATE_EXPECT,
+     .set = set_query,
+     .check = check_query},
+    {.key = "user",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .allow_empty = true,
+     .reload = LIVE,
+     .expect = TEMPLATE_EXPECT,
+     .set = set_user},
+    {.key = "conversation",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = conv_names,
+     .def = "none",
+     .reload = LIVE,
+     ROUTE_FIELD(per_user),
+     .check = check_conversation},
+    {.key = NULL},
+};
 
 static void compile_route(amp_mapper *m, route *r, size_t idx, const json_t *spec,
                           const json_t *all_routes, const json_t *apps, const char *path,
                           amp_errs *errs) {
-    static const char *const keys[] = {"name",  "filter", "map",          "app",
-                                       "query", "user",   "conversation", NULL};
-    static const char *const convs[] = {"none", "per_user"};
-    bool ok = true;
     r->app = SIZE_MAX;
     if (!json_is_object(spec)) {
-        amp_errs_add(errs, path, "expected a route object, found %s", amp_map_json_kind(spec));
+        amp_json_schema_error(errs, path, amp_json_schema_kind(spec), "a route object");
+        r->name = amp_xstrdup("");
+        r->label = amp_xasprintf("%s ()", path);
         return;
     }
-    check_keys(spec, path, keys, ROUTE_KEYS, errs);
-
-    const char *name = get_string(spec, "name", path, true, &ok, errs);
-    if (name) {
-        for (size_t j = 0; j < idx; j++) {
-            json_t *other = json_object_get(json_array_get(all_routes, j), "name");
-            if (json_is_string(other) && !strcmp(json_string_value(other), name)) {
-                char *p = amp_map_jpath_key(path, "name");
-                amp_errs_add(errs, p, "duplicate route name '%s' (also routes[%zu].name)", name, j);
-                free(p);
-                break;
-            }
-        }
-    }
-    r->name = amp_xstrdup(name ? name : "");
+    route_ctx rc = {.m = m, .routes = all_routes, .apps = apps, .idx = idx};
+    amp_json_schema_defaults(route_rows, r);
+    amp_json_schema_read(route_rows, spec, path, r, &rc, errs);
+    if (!r->name)
+        r->name = amp_xstrdup("");
     r->label = amp_xasprintf("%s (%s)", path, r->name);
-
-    json_t *filter = json_object_get(spec, "filter");
-    if (filter) {
-        char *p = amp_map_jpath_key(path, "filter");
-        r->filter = amp_map_filter_compile(filter, p, errs);
-        free(p);
-    }
-
-    json_t *map = json_object_get(spec, "map");
-    if (map) {
-        char *p = amp_map_jpath_key(path, "map");
-        if (!json_is_array(map)) {
-            amp_errs_add(errs, p, "expected an array of mappings, found %s",
-                         amp_map_json_kind(map));
-        } else {
-            size_t i;
-            json_t *e;
-            r->nrules = json_array_size(map);
-            r->rules = amp_xcalloc(r->nrules, sizeof(*r->rules));
-            json_array_foreach(map, i, e) {
-                char *ep = amp_map_jpath_index(p, i);
-                compile_rule(r, i, e, ep, errs);
-                free(ep);
-            }
-        }
-        free(p);
-    }
-
-    const amp_app *app = NULL;
-    const char *app_name = get_string(spec, "app", path, true, &ok, errs);
-    if (app_name) {
-        int k = find_app(m, app_name);
-        if (k >= 0) {
-            r->app = (size_t)k;
-            app = &m->apps[k];
-        } else {
-            char *p = amp_map_jpath_key(path, "app");
-            amp_buf list;
-            amp_buf_init(&list, 4096);
-            amp_buf_append(&list, "", 0);
-            const char *an;
-            json_t *av;
-            if (json_is_object(apps)) {
-                json_object_foreach((json_t *)apps, an, av) {
-                    if (list.len)
-                        amp_buf_append(&list, ", ", 2);
-                    amp_buf_append(&list, an, strlen(an));
-                }
-            }
-            if (list.len)
-                amp_errs_add(errs, p, "unknown app '%s'; expected one of %s", app_name, list.data);
-            else
-                amp_errs_add(errs, p, "unknown app '%s'; \"apps\" defines none", app_name);
-            amp_buf_free(&list);
-            free(p);
-        }
-    }
-
-    r->query = get_template(spec, "query", path, errs);
-    if (app && app->endpoint == AMP_ENDPOINT_WORKFLOW && json_object_get(spec, "query")) {
-        char *p = amp_map_jpath_key(path, "query");
-        amp_errs_add(errs, p,
-                     "app '%s' is a workflow, which takes no query; map the text into "
-                     "inputs instead",
-                     app->name);
-        free(p);
-    }
-    r->user = get_template(spec, "user", path, errs);
-
-    const char *conv = get_string(spec, "conversation", path, false, &ok, errs);
-    if (conv) {
-        char *p = amp_map_jpath_key(path, "conversation");
-        r->per_user = pick(conv, convs, 2, "conversation mode", p, errs) == 1;
-        if (r->per_user && app && app->endpoint != AMP_ENDPOINT_CHAT)
-            amp_errs_add(errs, p, "per_user needs a chat app; app '%s' has endpoint '%s'",
-                         app->name, endpoint_names[app->endpoint]);
-        free(p);
-    }
     /* Chat requires a query; without a template the event type is the
      * message. Completion only sends one when the route asks for it. */
+    const amp_app *app = r->app < m->napps ? &m->apps[r->app] : NULL;
     if (!r->query && app && app->endpoint == AMP_ENDPOINT_CHAT)
         r->query = amp_map_tmpl_compile("{{event_type}}", path, errs);
 }
 
 static void compile_routes(amp_mapper *m, const json_t *routes, const json_t *apps,
                            amp_errs *errs) {
-    if (!routes) {
-        amp_errs_add(errs, "routes", "missing; expected an array of routes (it may be empty)");
-        return;
-    }
-    if (!json_is_array(routes)) {
-        amp_errs_add(errs, "routes", "expected an array of routes, found %s",
-                     amp_map_json_kind(routes));
+    if (!routes || !json_is_array(routes)) {
+        amp_json_schema_error(errs, "routes", routes ? amp_json_schema_kind(routes) : "nothing",
+                              AMP_MAP_ROUTES_EXPECT);
         return;
     }
     m->routes = amp_xcalloc(json_array_size(routes), sizeof(*m->routes));
     size_t i;
     json_t *spec;
     json_array_foreach(routes, i, spec) {
-        char *p = amp_map_jpath_index("routes", i);
+        char *p = amp_json_path_index("routes", i);
         compile_route(m, &m->routes[m->nroutes++], i, spec, routes, apps, p, errs);
         free(p);
     }

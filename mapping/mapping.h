@@ -18,6 +18,7 @@
 #include <stddef.h>
 
 #include "../base/util.h"
+#include "../json/schema.h"
 
 /* ---- decode ---------------------------------------------------------- */
 
@@ -64,6 +65,15 @@ typedef struct amp_app {
     unsigned burst;
     unsigned max_in_flight;
 } amp_app;
+
+/* The keys of one app (static table, ended by a NULL key), read into an
+ * amp_app; amp_config_diff compares apps with it. */
+const amp_json_schema_row *amp_map_app_schema(void);
+
+/* What the config's "apps" and "routes" must be, for the error wording. */
+#define AMP_MAP_APPS_EXPECT                                                                        \
+    "an object of Dify apps, e.g. {\"support\": {\"api_key_env\": \"DIFY_API_KEY\"}}"
+#define AMP_MAP_ROUTES_EXPECT "an array of routes (it may be empty)"
 
 /* ---- mapper ---------------------------------------------------------- */
 

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "../base/util.h"
+#include "../json/schema.h"
 
 /* Deepest container nesting accepted inside one event (the event object
  * itself is level 1). Keeps every later recursive walk shallow. */
@@ -28,11 +29,6 @@
 
 /* "object", "array", "string", "number", "boolean", "null". */
 const char *amp_map_json_kind(const json_t *v);
-
-/* Child JSON paths for error messages: "base.key" (or base["key"] when the
- * key is not a plain identifier) and "base[i]". Caller owns. */
-char *amp_map_jpath_key(const char *base, const char *key);
-char *amp_map_jpath_index(const char *base, size_t i);
 
 /* ---- field paths ----------------------------------------------------- */
 

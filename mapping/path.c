@@ -29,33 +29,6 @@ const char *amp_map_json_kind(const json_t *v) {
     return "unknown";
 }
 
-static bool plain_key(const char *k) {
-    if (!*k || !((*k >= 'a' && *k <= 'z') || (*k >= 'A' && *k <= 'Z') || *k == '_'))
-        return false;
-    for (; *k; k++)
-        if (!((*k >= 'a' && *k <= 'z') || (*k >= 'A' && *k <= 'Z') || (*k >= '0' && *k <= '9') ||
-              *k == '_' || *k == '-'))
-            return false;
-    return true;
-}
-
-char *amp_map_jpath_key(const char *base, const char *key) {
-    if (plain_key(key))
-        return *base ? amp_xasprintf("%s.%s", base, key) : amp_xstrdup(key);
-    json_t *s = json_string(key);
-    char *q = s ? json_dumps(s, JSON_ENCODE_ANY) : NULL;
-    json_decref(s);
-    if (!q)
-        abort();
-    char *r = amp_xasprintf("%s[%s]", base, q);
-    free(q);
-    return r;
-}
-
-char *amp_map_jpath_index(const char *base, size_t i) {
-    return amp_xasprintf("%s[%zu]", base, i);
-}
-
 /* ---- field paths ----------------------------------------------------- */
 
 static void add_seg(amp_path *p, char *key, size_t index) {

@@ -14,6 +14,9 @@
 
 #include "mapping_int.h"
 
+/* What every template error says is expected. */
+#define TEMPLATE_EXPECT "a template of text and {{field.path}} or {{inputs.path}} fields"
+
 typedef struct tseg {
     char *lit; /* literal text, or NULL for a field */
     size_t lit_len;
@@ -58,7 +61,9 @@ static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const 
     while (n > 0 && blank(inner[n - 1]))
         n--;
     if (n == 0) {
-        amp_errs_add(errs, path, "bad template: empty {{}} at offset %zu", at);
+        char found[64];
+        snprintf(found, sizeof found, "an empty {{}} at offset %zu", at);
+        amp_json_schema_error(errs, path, found, TEMPLATE_EXPECT);
         return -1;
     }
     char *text = amp_xstrndup(inner, n);
@@ -70,7 +75,9 @@ static int add_field(amp_tmpl *t, const char *inner, size_t n, size_t at, const 
     }
     char err[160];
     if (amp_map_path_parse(&s->path, text, true, err, sizeof(err)) != 0) {
-        amp_errs_add(errs, path, "bad template: field path '%s' at offset %zu: %s", text, at, err);
+        char *found = amp_xasprintf("field path '%s' at offset %zu (%s)", text, at, err);
+        amp_json_schema_error(errs, path, found, TEMPLATE_EXPECT);
+        free(found);
         free(text);
         return -1;
     }
@@ -97,7 +104,9 @@ amp_tmpl *amp_map_tmpl_compile(const char *text, const char *path, amp_errs *err
         size_t at = (size_t)(open - text);
         const char *close = strstr(open + 2, "}}");
         if (!close) {
-            amp_errs_add(errs, path, "bad template: unclosed '{{' at offset %zu", at);
+            char found[64];
+            snprintf(found, sizeof found, "an unclosed '{{' at offset %zu", at);
+            amp_json_schema_error(errs, path, found, TEMPLATE_EXPECT);
             bad = -1;
             break;
         }

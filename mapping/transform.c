@@ -207,7 +207,7 @@ static bool is_space(char c) {
  * removed). 0 on success. */
 static int compile_step(amp_xform *x, const char *s, size_t n, const char *path, amp_errs *errs) {
     if (n == 0) {
-        amp_errs_add(errs, path, "empty transform; expected one of " XLIST);
+        amp_json_schema_error(errs, path, "an empty transform", "one of " XLIST);
         return -1;
     }
     const char *colon = memchr(s, ':', n);
@@ -217,34 +217,37 @@ static int compile_step(amp_xform *x, const char *s, size_t n, const char *path,
         if (strlen(xnames[k]) == name_len && !memcmp(xnames[k], s, name_len))
             break;
     if (k == NXNAMES) {
-        amp_errs_add(errs, path, "unknown transform '%.*s'; expected one of " XLIST, (int)name_len,
-                     s);
+        char *found = amp_xasprintf("'%.*s'", (int)name_len, s);
+        amp_json_schema_error(errs, path, found, "one of " XLIST);
+        free(found);
         return -1;
     }
     xstep st = {.kind = (xkind)k};
     if (st.kind == X_DEFAULT) {
         if (!colon) {
-            amp_errs_add(errs, path, "transform 'default' needs a value: default:<value>");
+            amp_json_schema_error(errs, path, "'default' without a value", "default:<value>");
             return -1;
         }
         st.dflt = json_stringn(colon + 1, n - name_len - 1);
         if (!st.dflt) {
-            amp_errs_add(errs, path, "transform 'default': value is not valid UTF-8");
+            amp_json_schema_error(errs, path, "a 'default' value that is not valid UTF-8",
+                                  "default:<value> in UTF-8");
             return -1;
         }
     } else if (st.kind == X_TRUNCATE) {
         int64_t v;
         if (!colon || amp_parse_i64(colon + 1, n - name_len - 1, 0, 100000000, &v) != 0) {
-            amp_errs_add(errs, path,
-                         "transform 'truncate' needs a number of code points: truncate:<n> "
-                         "with n from 0 to 100000000, found '%.*s'",
-                         (int)n, s);
+            char *found = amp_xasprintf("'%.*s'", (int)n, s);
+            amp_json_schema_error(errs, path, found,
+                                  "truncate:<n>, n code points from 0 to 100000000");
+            free(found);
             return -1;
         }
         st.max_cps = (size_t)v;
     } else if (colon) {
-        amp_errs_add(errs, path, "transform '%s' takes no argument, found '%.*s'", xnames[k],
-                     (int)n, s);
+        char *found = amp_xasprintf("'%.*s'", (int)n, s);
+        amp_json_schema_error(errs, path, found, "'%s' without an argument", xnames[k]);
+        free(found);
         return -1;
     }
     x->steps = amp_xrealloc(x->steps, (x->nsteps + 1) * sizeof(*x->steps));
@@ -281,10 +284,9 @@ amp_xform *amp_map_xform_compile(const json_t *spec, const char *path, amp_errs 
         size_t i;
         json_t *item;
         json_array_foreach(spec, i, item) {
-            char *ip = amp_map_jpath_index(path, i);
+            char *ip = amp_json_path_index(path, i);
             if (!json_is_string(item)) {
-                amp_errs_add(errs, ip, "expected a transform string, found %s",
-                             amp_map_json_kind(item));
+                amp_json_schema_error(errs, ip, amp_json_schema_kind(item), "a transform string");
                 bad = -1;
             } else {
                 bad |= compile_item(x, json_string_value(item), json_string_length(item), ip, errs);
@@ -292,10 +294,9 @@ amp_xform *amp_map_xform_compile(const json_t *spec, const char *path, amp_errs 
             free(ip);
         }
     } else {
-        amp_errs_add(errs, path,
-                     "expected a string such as \"trim|lowercase\" or a non-empty "
-                     "array of transform strings, found %s",
-                     json_is_array(spec) ? "an empty array" : amp_map_json_kind(spec));
+        amp_json_schema_error(errs, path, amp_json_schema_kind(spec),
+                              "a string such as \"trim|lowercase\" or a non-empty array of "
+                              "transform strings");
         bad = -1;
     }
     if (bad) {

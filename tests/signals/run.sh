@@ -64,7 +64,7 @@ grep -q '"msg":"config reloaded"' "$tmp/amp2dify.log" || fail "no 'config reload
 printf '{"apps": {"a": {"api_key_env": "DIFY_API_KEY"}}, "routes": [{"name": "x", "app": "missing"}], "bogus": 1}' > "$tmp/config.json"
 kill -HUP "$amp_pid"
 for _ in $(seq 1 50); do grep -q '"msg":"reload rejected"' "$tmp/amp2dify.log" && break; sleep 0.1; done
-grep -q '"msg":"reload rejected".*bogus: unknown key' "$tmp/amp2dify.log" || fail "bad config not rejected with its path"
+grep -q '"msg":"reload rejected".*bogus: found an unknown key' "$tmp/amp2dify.log" || fail "bad config not rejected with its path"
 grep -q '"msg":"reload rejected".*routes\[0\]' "$tmp/amp2dify.log" || fail "route error not logged"
 [ "$(post after-bad-reload)" = 202 ] || fail "post after rejected reload"
 # A change that needs a restart is refused too.
