@@ -3,6 +3,7 @@
 
 #include "commands.h"
 #include "../config/config.h"
+#include "../spool/spool.h"
 
 int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;
@@ -31,4 +32,19 @@ amp_config *amp_cmd_load_config(const char *cfile, unsigned flags) {
         amp_cmd_print_errors(path, errs);
     amp_errs_destroy(errs);
     return c;
+}
+
+static amp_queue *open_sqlite(const amp_config *cfg, int how, char *err, size_t errlen) {
+    amp_spool_opts so = amp_config_spool_opts(cfg);
+    return how == AMP_CMD_QUEUE_ADMIN ? amp_spool_open_admin(&so, err, errlen)
+                                      : amp_spool_open(&so, err, errlen);
+}
+
+/* One entry per queue.engine value, in the order of amp_config_queue_engine. */
+static amp_queue *(*const engines[])(const amp_config *, int, char *, size_t) = {
+    [AMP_CONFIG_QUEUE_SQLITE] = open_sqlite,
+};
+
+amp_queue *amp_cmd_open_queue(const amp_config *cfg, int how, char *err, size_t errlen) {
+    return engines[cfg->queue.engine](cfg, how, err, errlen);
 }

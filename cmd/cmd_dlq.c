@@ -19,7 +19,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 #include "commands.h"
 #include "../config/config.h"
 
@@ -156,9 +156,8 @@ int amp_cmd_dlq(int argc, char **argv) {
     }
 
     char err[512];
-    amp_spool_opts so = amp_config_spool_opts(cfg);
     /* One connection and no spool threads: the daemon may own the spool. */
-    amp_queue *s = amp_spool_open_admin(&so, err, sizeof err);
+    amp_queue *s = amp_cmd_open_queue(cfg, AMP_CMD_QUEUE_ADMIN, err, sizeof err);
     int rc = 1;
     if (!s) {
         fprintf(stderr, "amp2dify dlq: %s\n", err);

@@ -16,6 +16,8 @@ int amp_cmd_healthcheck(int argc, char **argv);  /* cmd/cmd_healthcheck.c */
 
 /* ---- shared by the commands (cmd/cmd_common.c) ---------------------- */
 
+#include <stddef.h>
+
 #include "../base/util.h"
 
 /* Parse argv for only "-c FILE" / "--config FILE". 0 and *config (borrowed
@@ -29,5 +31,16 @@ void amp_cmd_print_errors(const char *file, const amp_errs *errs);
  * ./amp2dify.json) with amp_config_load flags; on errors print them all and
  * return NULL (exit code 2 for the command). Caller owns the result. */
 struct amp_config *amp_cmd_load_config(const char *cfile, unsigned flags);
+
+/* How the commands open the queue named by queue.engine. */
+enum {
+    AMP_CMD_QUEUE_SERVE, /* the engine with its threads: serve */
+    AMP_CMD_QUEUE_ADMIN, /* inspection and dead letters only, beside a running daemon: dlq */
+};
+
+/* Open cfg's queue engine (cfg borrowed; the handle does not keep it).
+ * Caller owns the handle (amp_queue_close); NULL and err on failure. */
+struct amp_queue *amp_cmd_open_queue(const struct amp_config *cfg, int how, char *err,
+                                     size_t errlen);
 
 #endif

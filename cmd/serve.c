@@ -24,7 +24,7 @@
 
 #include "../forward/forward.h"
 #include "../handlers/handlers.h"
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 #include "commands.h"
 #include "../config/config.h"
 #include "../handlers/http.h"
@@ -203,8 +203,7 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_http *http = NULL;
     rs.metrics = amp_metrics_create();
 
-    amp_spool_opts sopts = amp_config_spool_opts(rs.cfg);
-    rs.spool = amp_spool_open(&sopts, err, sizeof err);
+    rs.spool = amp_cmd_open_queue(rs.cfg, AMP_CMD_QUEUE_SERVE, err, sizeof err);
     if (!rs.spool) {
         amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", rs.cfg->spool.path,
                 "error", err);

@@ -150,6 +150,7 @@ static void check_retry_max(const amp_json_schema_at *at) {
 static const char *const scheme_names[] = {"amplitude-hmac", "static-header", "standard-webhooks",
                                            "none", NULL};
 static const char *const sync_names[] = {"full", "normal", NULL};
+static const char *const engine_names[] = {"sqlite", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 
 #define F(m) AMP_JSON_SCHEMA_FIELD(amp_config, m)
@@ -217,6 +218,12 @@ static const amp_json_schema_row config_rows[] = {
      .reload = LIVE,
      F(auth.allow_unauthenticated),
      .check = check_unauthenticated},
+    {.key = "queue.engine",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = engine_names,
+     .def = "sqlite",
+     .reload = RESTART,
+     F(queue.engine)},
     {.key = "spool.path",
      .type = AMP_JSON_SCHEMA_STRING,
      .def = "amp2dify-spool.db",

@@ -26,6 +26,11 @@
 #include "../base/log.h"
 #include "../base/util.h"
 
+/* queue.engine: where events wait for delivery. */
+typedef enum {
+    AMP_CONFIG_QUEUE_SQLITE, /* the embedded spool (spool/) */
+} amp_config_queue_engine;
+
 typedef struct amp_config {
     char *file; /* the path it was loaded from */
     struct {
@@ -50,6 +55,9 @@ typedef struct amp_config {
         size_t nsecrets;
         amp_sig *verifier; /* built when secrets are resolved, else NULL */
     } auth;
+    struct {
+        amp_config_queue_engine engine;
+    } queue;
     struct {
         char *path;
         int64_t dedupe_window_s;
