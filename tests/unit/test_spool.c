@@ -94,6 +94,20 @@ static void free_jobs(amp_queue_job **jobs, int n) {
         amp_queue_job_free(jobs[i]);
 }
 
+/* One event on route, claimed and dead-lettered (400), committed. */
+static void add_dead_letter(amp_queue *s, const char *route) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, route, "u", false, "{}");
+    submit(s, b);
+    amp_queue_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DEAD, .http_status = 400});
+    free_jobs(jobs, 1);
+    amp_queue_flush(s);
+}
+
 /* Claims what is due at now: exactly one row, with this body. */
 static void claim_one(amp_queue *s, int64_t now, const char *body) {
     amp_queue_job *jobs[2];
@@ -731,16 +745,7 @@ END_TEST
  * spool at its next commit. */
 START_TEST(depth_follows_replay_from_another_process) {
     amp_queue *s = open_spool(3600);
-    amp_queue_batch *b = amp_queue_batch_create();
-    add(b, "r1", "u", false, "{}");
-    submit(s, b);
-    amp_queue_job *jobs[2];
-    int64_t next;
-    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
-    amp_queue_acknowledge(
-        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DEAD, .http_status = 400});
-    free_jobs(jobs, 1);
-    amp_queue_flush(s);
+    add_dead_letter(s, "r1");
     ck_assert_int_eq(amp_queue_depth(s), 0);
 
     char err[256] = "";
@@ -750,7 +755,7 @@ START_TEST(depth_follows_replay_from_another_process) {
     ck_assert_int_eq(amp_queue_dlq_replay(cli, &all), 1);
     amp_queue_close(cli);
 
-    b = amp_queue_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "r2", "u", false, "{}");
     submit(s, b);
     ck_assert_int_eq(amp_queue_depth(s), 2);
@@ -799,15 +804,7 @@ static int thread_count(void) {
  * inspection and dead letters. */
 START_TEST(admin_handle_has_no_threads) {
     amp_queue *s = open_spool(3600);
-    amp_queue_batch *b = amp_queue_batch_create();
-    add(b, "dead", "u", false, "{}");
-    submit(s, b);
-    amp_queue_job *jobs[2];
-    int64_t next;
-    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
-    amp_queue_acknowledge(
-        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DEAD, .http_status = 400});
-    free_jobs(jobs, 1);
+    add_dead_letter(s, "dead");
     amp_queue_close(s);
 
     int before = thread_count();
