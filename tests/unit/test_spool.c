@@ -822,12 +822,14 @@ START_TEST(admin_handle_has_no_threads) {
     ck_assert_int_eq(st.dead, 1);
     /* It takes no events, claims nothing and says so. */
     done_box box = {0};
-    b = amp_queue_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "new", "u", false, "{}");
     amp_queue_submit(a, b, on_done, &box);
     ck_assert_int_eq(box.calls, 1);
     ck_assert_int_eq(box.res.status, -1);
     ck_assert_ptr_nonnull(amp_queue_full(a));
+    amp_queue_job *jobs[2];
+    int64_t next;
     ck_assert_int_eq(amp_queue_claim(a, amp_now_ms(), jobs, 2, &next), -1);
     ck_assert_int_eq(amp_queue_dlq_purge(a, &all), 1);
     amp_queue_close(a);
