@@ -15,6 +15,12 @@
  * queues run low (prefetch = nworkers / 4 rows, claimed in batches of at
  * least prefetch / 2) or a worker idles.
  *
+ * One delivery is three steps (deliver()): send, through the sink (sink.h;
+ * dify.c builds the request and reads the answer into an exchange);
+ * decide, in the pure amp_forward_decide (decide.c: the ack, the
+ * conversation, the verdict on the app's key); apply, here: the ack, its
+ * log line and counters, and under the lock the app's pause (finish()).
+ *
  * Per-app limits are applied when a job leaves its queue for a worker
  * (admit()): max_in_flight (requests of the app being sent), the token
  * bucket (rate_per_sec, burst; kept as GCRA, see pace.c; 0 = unlimited)
