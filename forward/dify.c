@@ -150,7 +150,7 @@ static char *result(void *p, const void *target) {
     return text;
 }
 
-const amp_forward_sink amp_forward_dify_sink = {
+static const amp_forward_sink dify_sink = {
     .name = "dify",
     .app_create = app_create,
     .app_destroy = app_destroy,
@@ -160,3 +160,7 @@ const amp_forward_sink amp_forward_dify_sink = {
     .result = result,
     .release = release,
 };
+
+const amp_forward_sink *amp_forward_dify_sink(void) {
+    return &dify_sink;
+}

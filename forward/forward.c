@@ -929,7 +929,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
     f->opts.base_url = NULL;
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
-    f->sink = &amp_forward_dify_sink;
+    f->sink = amp_forward_dify_sink();
     f->spool = spool;
     f->metrics = opts->metrics;
     atomic_init(&f->abort_requests, false);

@@ -49,7 +49,7 @@ typedef struct amp_forward_sink {
     void (*release)(void *conn);
 } amp_forward_sink;
 
-/* The Dify Service API sink (dify.c). */
-extern const amp_forward_sink amp_forward_dify_sink;
+/* The Dify Service API sink (dify.c): a static table, never freed. */
+const amp_forward_sink *amp_forward_dify_sink(void);
 
 #endif
