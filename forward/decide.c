@@ -100,6 +100,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
     }
     out->outcome = o;
     out->answer_code = code;
+    out->answered = !in->transport_error && in->status > 0;
 
     switch (o) {
     case AMP_OUTCOME_DELIVERED:
@@ -142,8 +143,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
     }
 
     /* An answer other than "try again" got past the key check. */
-    bool answered = !in->transport_error && in->status > 0;
-    if (answered && o != AMP_OUTCOME_RETRY)
+    if (out->answered && o != AMP_OUTCOME_RETRY)
         out->pause = AMP_FORWARD_PAUSE_RESUME;
     else
         out->pause = in->probe ? AMP_FORWARD_PAUSE_PROBE_AGAIN : AMP_FORWARD_PAUSE_NONE;

@@ -554,8 +554,7 @@ static sent deliver(worker *w, const qjob *q) {
     f->sink->release(w->conn);
     return (sent){.pause = v.pause,
                   .hold = v.hold,
-                  .answered =
-                      !ex.refused_code && !ex.aborted && !ex.transport_error && ex.status > 0,
+                  .answered = v.answered,
                   .status = ex.status,
                   .latency_ms = ex.latency_ms};
 }

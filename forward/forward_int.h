@@ -153,6 +153,7 @@ typedef struct amp_forward_verdict {
     bool reset;                  /* RETRY now as a new conversation (404) */
     bool expired;                /* DEAD because the job outlived max_age */
     amp_forward_pause pause;
+    bool answered; /* a whole HTTP answer arrived (its latency tells the app's pace) */
     char text[AMP_FORWARD_VERDICT_TEXT]; /* room for a composed message */
 } amp_forward_verdict;
 

@@ -149,6 +149,9 @@ static int check_row(char **c, int line, seen_t *seen) {
     EXPECT(same(opt(c[25]), v.answer_code), "responses code '%s', want '%s'",
            v.answer_code ? v.answer_code : "-", c[25]);
     EXPECT((int)v.pause == want_pause, "pause %s, want %s", pauses[v.pause], c[26]);
+    /* Every HTTP answer (401/403 too) feeds the app's latency estimate. */
+    EXPECT(v.answered == (!refused && !in.aborted && !transport && in.status > 0), "answered %d",
+           v.answered);
     EXPECT((int)v.conversation == want_conv, "conversation %s, want %s", convs[v.conversation],
            c[27]);
     if (v.conversation == AMP_FORWARD_CONV_STORE)
