@@ -77,7 +77,23 @@ static int split(char *line, char **f, int max) {
 
 typedef struct {
     bool kind[NKINDS], pause[NPAUSES], outcome[NOUTCOMES];
+    bool pair[NOUTCOMES][NKINDS];
 } seen_t;
+
+/* Every (outcome, ack kind) pair the rules can produce; the table must
+ * reach each one. */
+static const struct {
+    const char *outcome, *kind;
+} pairs[] = {
+    {"delivered", "DELIVERED"},      /* 2xx */
+    {"retry", "RETRY"},              /* 429, 5xx, no answer */
+    {"retry", "DEAD"},               /* ... past retry.max_age: expired */
+    {"retry", "RELEASE"},            /* ended by a stop */
+    {"permanent", "DEAD"},           /* other 4xx, failed workflow, bad stored body */
+    {"pause_app", "HOLD"},           /* 401/403 */
+    {"reset_conversation", "RETRY"}, /* 404 of a sent conversation */
+    {"reset_conversation", "DEAD"},  /* 404 "Conversation Not Exists." without one */
+};
 
 /* Check one row; the number of mismatches (each printed). */
 static int check_row(char **c, int line, seen_t *seen) {
@@ -124,6 +140,7 @@ static int check_row(char **c, int line, seen_t *seen) {
     ck_assert_msg(want_outcome >= 0 && want_kind >= 0 && want_pause >= 0 && want_conv >= 0,
                   "%s:%d: unknown outcome, kind, pause or conversation name", TABLE, line);
     seen->outcome[want_outcome] = seen->kind[want_kind] = seen->pause[want_pause] = true;
+    seen->pair[want_outcome][want_kind] = true;
 
     amp_forward_verdict v;
     amp_forward_decide(&in, &v);
@@ -207,6 +224,10 @@ START_TEST(test_decide_table) {
         ck_assert_msg(seen.kind[i], "no row with ack kind %s", kinds[i]);
     for (size_t i = 0; i < NPAUSES; i++)
         ck_assert_msg(seen.pause[i], "no row with pause verdict %s", pauses[i]);
+    for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
+        ck_assert_msg(seen.pair[lookup(outcomes, NOUTCOMES, pairs[i].outcome)]
+                               [lookup(kinds, NKINDS, pairs[i].kind)],
+                      "no row with outcome %s and ack kind %s", pairs[i].outcome, pairs[i].kind);
 }
 END_TEST
 
