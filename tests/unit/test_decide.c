@@ -3,8 +3,9 @@
  * is one exchange with Dify (what came back, the job, the settings) and the
  * verdict amp_forward_decide must reach (ack kind, stored status, code and
  * message, the code counted in metrics, pause verdict, conversation action,
- * due time). The table must also reach every outcome, every ack kind and
- * every pause verdict, so a rule cannot drop out of it unnoticed.
+ * due time). The table must also reach every outcome, every ack kind,
+ * every pause verdict and every (outcome, kind) pair the rules produce, so
+ * a rule cannot drop out of it unnoticed.
  */
 #include "../../forward/forward.h"
 #include "../../forward/forward_int.h"
