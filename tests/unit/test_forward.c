@@ -1748,9 +1748,11 @@ START_TEST(test_stop_keeps_pause) {
     h.apps[0].max_in_flight = 1;
     h.opts.retry_max_ms = 60000; /* first probe after 1 s */
     fake_dify_push_status(h.fake, 401);
-    harness_start(&h);
+    /* Stored before the start, so the first claim takes all three: on a
+     * loaded machine a later claim could miss the stop. */
     for (int i = 0; i < 3; i++)
         submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    harness_start(&h);
     wait_requests(&h, 1, 5000);
     sleep_ms(100);
     int64_t stopped = amp_now_ms();
