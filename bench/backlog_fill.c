@@ -87,12 +87,12 @@ int main(int argc, char **argv) {
     int64_t t0 = amp_mono_ms();
     char err[512];
     amp_spool_opts so = {.path = path, .dedupe_window_s = 604800};
-    amp_spool *spool = amp_spool_open(&so, err, sizeof err);
+    amp_queue *spool = amp_spool_open(&so, err, sizeof err);
     if (!spool) {
         fprintf(stderr, "backlog_fill: %s\n", err);
         return 1;
     }
-    amp_spool_close(spool);
+    amp_queue_close(spool);
 
     sqlite3 *db = NULL;
     if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL) != SQLITE_OK)

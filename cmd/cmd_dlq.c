@@ -30,7 +30,7 @@
 
 typedef struct dlq_args {
     const char *config;
-    amp_dlq_filter f;
+    amp_queue_dlq_filter f;
     int64_t *ids;
     bool all, json;
     int64_t limit;
@@ -155,12 +155,12 @@ int amp_cmd_dlq(int argc, char **argv) {
 
     char err[512];
     amp_spool_opts so = amp_config_spool_opts(cfg);
-    amp_spool *s = amp_spool_open(&so, err, sizeof err);
+    amp_queue *s = amp_spool_open(&so, err, sizeof err);
     int rc = 1;
     if (!s) {
         fprintf(stderr, "amp2dify dlq: %s\n", err);
     } else if (action[0] == 'l') {
-        json_t *rows = amp_spool_dlq_list(s, &a.f, (size_t)a.limit);
+        json_t *rows = amp_queue_dlq_list(s, &a.f, (size_t)a.limit);
         if (rows) {
             if (a.json) {
                 size_t i;
@@ -178,14 +178,14 @@ int amp_cmd_dlq(int argc, char **argv) {
             rc = 0;
         }
     } else {
-        int64_t n = action[0] == 'r' ? amp_spool_dlq_replay(s, &a.f) : amp_spool_dlq_purge(s, &a.f);
+        int64_t n = action[0] == 'r' ? amp_queue_dlq_replay(s, &a.f) : amp_queue_dlq_purge(s, &a.f);
         if (n >= 0) {
             printf("%s %lld dead letter%s\n", action[0] == 'r' ? "replayed" : "purged",
                    (long long)n, n == 1 ? "" : "s");
             rc = 0;
         }
     }
-    amp_spool_close(s);
+    amp_queue_close(s);
     amp_config_destroy(cfg);
     free(a.ids);
     return rc;

@@ -93,7 +93,7 @@ static const char *delivery_change(const amp_config *a, const amp_config *b) {
     return NULL;
 }
 
-static amp_forward *start_forwarder(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics,
+static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics,
                                     char *err, size_t errlen) {
     size_t napps = amp_mapper_app_count(cfg->mapper);
     const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
@@ -126,7 +126,7 @@ typedef struct running {
     amp_config **retired;
     size_t nretired;
     amp_handlers *handlers;
-    amp_spool *spool;
+    amp_queue *spool;
     amp_metrics *metrics;
     amp_forward *fwd;
 } running;
@@ -140,7 +140,7 @@ typedef struct running {
  * reload is refused. */
 static bool restart_delivery(running *rs, const amp_config *next, const char *changed) {
     char err[512];
-    if (!amp_spool_flush_until(rs->spool, amp_mono_ms() + RELOAD_SPOOL_WAIT_MS)) {
+    if (!amp_queue_flush_until(rs->spool, amp_mono_ms() + RELOAD_SPOOL_WAIT_MS)) {
         amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
                 changed, "error", "the spool is not answering; delivery was not restarted");
         return false;
@@ -192,18 +192,18 @@ static void reload(running *rs) {
 
 /* Gauges read from the spool at each scrape. */
 static void collect_spool(void *ctx, amp_metrics *m) {
-    amp_spool *spool = ctx;
+    amp_queue *spool = ctx;
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_pending", NULL),
-                   (double)amp_spool_depth(spool));
-    int64_t oldest = amp_spool_oldest_pending_ms(spool);
+                   (double)amp_queue_depth(spool));
+    int64_t oldest = amp_queue_oldest_pending_ms(spool);
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_oldest_pending_age_seconds", NULL),
                    oldest ? (double)(amp_now_ms() - oldest) / 1e3 : 0);
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_writable", NULL),
-                   amp_spool_writable(spool) ? 1 : 0);
+                   amp_queue_writable(spool) ? 1 : 0);
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_bytes", NULL),
-                   (double)amp_spool_bytes(spool));
+                   (double)amp_queue_bytes(spool));
     amp_series_set(amp_metrics_series(m, "amp2dify_spool_full", NULL),
-                   amp_spool_full(spool) ? 1 : 0);
+                   amp_queue_full(spool) ? 1 : 0);
 }
 
 static void sleep_ms(long ms) {
@@ -272,7 +272,7 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
             AMP_VERSION, "address", rs.cfg->listen.address, "port", (int)amp_http_port(http),
             "path", rs.cfg->listen.path, "auth", amp_sig_scheme_name(rs.cfg->auth.scheme), "spool",
-            rs.cfg->spool.path, "pending", (json_int_t)amp_spool_depth(rs.spool));
+            rs.cfg->spool.path, "pending", (json_int_t)amp_queue_depth(rs.spool));
 
     for (;;) {
         int sig = 0;
@@ -293,7 +293,7 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_handlers_set_draining(rs.handlers, true);
     int64_t drain_end = amp_mono_ms() + drain_max_ms(rs.cfg);
     bool answered;
-    while ((answered = amp_spool_flush_until(rs.spool, drain_end)) &&
+    while ((answered = amp_queue_flush_until(rs.spool, drain_end)) &&
            amp_handlers_open(rs.handlers) > 0 && amp_mono_ms() < drain_end)
         sleep_ms(10);
     int waiting = amp_handlers_suspended(rs.handlers);
@@ -320,7 +320,7 @@ int amp_cmd_serve(int argc, char **argv) {
 out:
     amp_http_stop(http);
     amp_forward_stop(rs.fwd);
-    amp_spool_close(rs.spool);
+    amp_queue_close(rs.spool);
     amp_handlers_destroy(rs.handlers);
     amp_metrics_destroy(rs.metrics);
     curl_global_cleanup();

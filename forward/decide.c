@@ -35,7 +35,7 @@ static void trim_partial_utf8(char *text) {
 }
 
 static void dead(amp_forward_verdict *out, long status, const char *code, const char *message) {
-    out->kind = AMP_ACK_DEAD;
+    out->kind = AMP_QUEUE_ACK_DEAD;
     out->status = status;
     out->code = code;
     out->message = message;
@@ -58,7 +58,7 @@ static void retry(const amp_forward_exchange *in, amp_forward_verdict *out, cons
      * is the server saying when it can take the request. */
     if (in->retry_after_ms > delay)
         delay = in->retry_after_ms;
-    out->kind = AMP_ACK_RETRY;
+    out->kind = AMP_QUEUE_ACK_RETRY;
     out->delay_ms = delay;
     out->due_ms = in->now_ms + delay;
     out->status = in->status;
@@ -83,7 +83,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
         /* Ended by a stop past its grace: not an attempt; due again at the
          * next start. */
         out->outcome = AMP_OUTCOME_RETRY;
-        out->kind = AMP_ACK_RELEASE;
+        out->kind = AMP_QUEUE_ACK_RELEASE;
         out->due_ms = in->now_ms;
         out->pause = in->probe ? AMP_FORWARD_PAUSE_PROBE_AGAIN : AMP_FORWARD_PAUSE_NONE;
         return;
@@ -104,7 +104,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
 
     switch (o) {
     case AMP_OUTCOME_DELIVERED:
-        out->kind = AMP_ACK_DELIVERED;
+        out->kind = AMP_QUEUE_ACK_DELIVERED;
         if (in->per_user && in->conversation_id) {
             out->conversation = AMP_FORWARD_CONV_STORE;
             out->conversation_id = in->conversation_id;
@@ -116,7 +116,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
     case AMP_OUTCOME_PAUSE_APP:
         /* A bad key or a disabled app: the event is not to blame, so it is
          * not spent. It waits for the app's next probe. */
-        out->kind = AMP_ACK_RELEASE;
+        out->kind = AMP_QUEUE_ACK_RELEASE;
         out->hold = true;
         out->code = code;
         out->message = message;
@@ -126,7 +126,7 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
         if (in->per_user && in->had_conversation) {
             /* Dify forgot the conversation (deleted, expired): start a new
              * one right away, without waiting for a backoff. */
-            out->kind = AMP_ACK_RETRY;
+            out->kind = AMP_QUEUE_ACK_RETRY;
             out->due_ms = in->now_ms;
             out->code = code;
             out->message = message;

@@ -96,7 +96,7 @@ static void trace_header(char *out, size_t outlen, const char *key) {
     out[n] = '\0';
 }
 
-static void send_job(void *p, const void *target, const amp_spool_job *job,
+static void send_job(void *p, const void *target, const amp_queue_job *job,
                      amp_forward_exchange *ex) {
     dify_conn *c = p;
     const dify_app *a = target;

@@ -36,7 +36,7 @@
  * more rows than the queues have room for, so while every queue is full
  * nothing is claimed and new rows simply wait in the spool. A claimed row
  * that finds its own queue full (another app had the room) is released
- * (AMP_ACK_RELEASE: not an attempt) with a due time projected at the app's
+ * (AMP_QUEUE_ACK_RELEASE: not an attempt) with a due time projected at the app's
  * rate: one row per 1/rate after the queue is half drained (rate =
  * rate_per_sec, or max_in_flight / observed latency). So a backlog of a
  * slow app is rewritten once, spread over time, and drops out of the claim
@@ -116,7 +116,7 @@ typedef struct app_state app_state;
 
 /* A claimed row on its way: its app, and whether it is a paused app's probe. */
 typedef struct qjob {
-    amp_spool_job *job;
+    amp_queue_job *job;
     app_state *app;
     bool probe;
 } qjob;
@@ -161,7 +161,7 @@ typedef struct worker {
 struct amp_forward {
     amp_forward_opts opts;
     const amp_forward_sink *sink;
-    amp_spool *spool;
+    amp_queue *spool;
     app_state *apps;
     size_t napps;
     amp_metrics *metrics; /* may be NULL */
@@ -269,7 +269,7 @@ static void count_response(amp_forward *f, const app_state *a, long status, cons
                                       a->app->name, "status", st, "code", code_label(code), NULL));
 }
 
-static void count_dead(amp_forward *f, const app_state *a, const amp_spool_job *job) {
+static void count_dead(amp_forward *f, const app_state *a, const amp_queue_job *job) {
     if (a)
         m_add(a->m_dead, 1);
     else if (f->metrics && job->app)
@@ -295,19 +295,19 @@ static const char *outcome_name(amp_outcome o) {
 
 /* ---- acknowledgements ------------------------------------------------- */
 
-static void ack_release(amp_forward *f, const amp_spool_job *job, int64_t due_ms) {
-    amp_ack a = {.id = job->id, .kind = AMP_ACK_RELEASE, .due_ms = due_ms};
-    amp_spool_ack(f->spool, &a);
+static void ack_release(amp_forward *f, const amp_queue_job *job, int64_t due_ms) {
+    amp_queue_ack a = {.id = job->id, .kind = AMP_QUEUE_ACK_RELEASE, .due_ms = due_ms};
+    amp_queue_acknowledge(f->spool, &a);
 }
 
-static void ack_dead(amp_forward *f, const app_state *a, const amp_spool_job *job, long status,
+static void ack_dead(amp_forward *f, const app_state *a, const amp_queue_job *job, long status,
                      const char *code, const char *message) {
-    amp_ack ack = {.id = job->id,
-                   .kind = AMP_ACK_DEAD,
-                   .http_status = (int)status,
-                   .code = code,
-                   .message = message};
-    amp_spool_ack(f->spool, &ack);
+    amp_queue_ack ack = {.id = job->id,
+                         .kind = AMP_QUEUE_ACK_DEAD,
+                         .http_status = (int)status,
+                         .code = code,
+                         .message = message};
+    amp_queue_acknowledge(f->spool, &ack);
     count_dead(f, a, job);
     amp_log(AMP_LOG_INFO, "dify delivery dead-lettered", "{s:I, s:s, s:s, s:i, s:s*, s:s*, s:i}",
             "id", (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
@@ -315,19 +315,20 @@ static void ack_dead(amp_forward *f, const app_state *a, const amp_spool_job *jo
 }
 
 /* The verdict's ack, for DELIVERED (with the sink's result) and RETRY. */
-static void ack_verdict(amp_forward *f, const amp_spool_job *job, const amp_forward_verdict *v,
+static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forward_verdict *v,
                         const char *result_json) {
-    amp_ack ack = {.id = job->id,
-                   .kind = v->kind,
-                   .due_ms = v->due_ms,
-                   .http_status = (int)v->status,
-                   .code = v->code,
-                   .message = v->message,
-                   .result_json = result_json,
-                   .conversation_id = v->conversation == AMP_FORWARD_CONV_STORE ? v->conversation_id
-                                      : v->conversation == AMP_FORWARD_CONV_CLEAR ? ""
-                                                                                  : NULL};
-    amp_spool_ack(f->spool, &ack);
+    amp_queue_ack ack = {.id = job->id,
+                         .kind = v->kind,
+                         .due_ms = v->due_ms,
+                         .http_status = (int)v->status,
+                         .code = v->code,
+                         .message = v->message,
+                         .result_json = result_json,
+                         .conversation_id = v->conversation == AMP_FORWARD_CONV_STORE
+                                                ? v->conversation_id
+                                            : v->conversation == AMP_FORWARD_CONV_CLEAR ? ""
+                                                                                        : NULL};
+    amp_queue_acknowledge(f->spool, &ack);
 }
 
 /* ---- admission ----------------------------------------------------------
@@ -482,17 +483,17 @@ typedef struct sent {
 
 /* Apply a verdict: the ack, its log line and counters. A held job (key
  * rejected) is not acknowledged: finish() puts it back. */
-static void apply(amp_forward *f, worker *w, const app_state *a, const amp_spool_job *job,
+static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue_job *job,
                   const amp_forward_verdict *v) {
     switch (v->kind) {
-    case AMP_ACK_DELIVERED: {
+    case AMP_QUEUE_ACK_DELIVERED: {
         char *text = f->sink->result(w->conn, a->target);
         ack_verdict(f, job, v, text);
         free(text);
         m_add(a->m_delivered, 1);
         break;
     }
-    case AMP_ACK_RETRY:
+    case AMP_QUEUE_ACK_RETRY:
         ack_verdict(f, job, v, NULL);
         m_add(a->m_retried, 1);
         if (v->reset)
@@ -504,10 +505,10 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_spool
                     v->code, "message", v->message, "attempt", job->attempts + 1, "retry_in_ms",
                     (json_int_t)v->delay_ms);
         break;
-    case AMP_ACK_DEAD:
+    case AMP_QUEUE_ACK_DEAD:
         ack_dead(f, a, job, v->status, v->code, v->message);
         break;
-    case AMP_ACK_RELEASE:
+    case AMP_QUEUE_ACK_RELEASE:
         if (!v->hold)
             ack_release(f, job, v->due_ms);
         break;
@@ -518,7 +519,7 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_spool
  * apply the verdict. */
 static sent deliver(worker *w, const qjob *q) {
     amp_forward *f = w->f;
-    amp_spool_job *job = q->job;
+    amp_queue_job *job = q->job;
     app_state *a = q->app;
 
     amp_forward_exchange ex = {.retry_after_ms = -1};
@@ -675,7 +676,7 @@ static void *worker_main(void *arg) {
                 int64_t due = amp_now_ms() + (q.app->pause_until_us - mono_us()) / 1000;
                 pthread_mutex_unlock(&f->mu);
                 ack_release(f, q.job, due);
-                amp_spool_job_free(q.job);
+                amp_queue_job_free(q.job);
                 pthread_mutex_lock(&f->mu);
             }
             continue;
@@ -694,7 +695,7 @@ static void *worker_main(void *arg) {
         if (n.release_due_ms > 0)
             ack_release(f, q.job, n.release_due_ms);
         if (!n.keep_job)
-            amp_spool_job_free(q.job);
+            amp_queue_job_free(q.job);
         pthread_mutex_lock(&f->mu);
     }
     pthread_mutex_unlock(&f->mu);
@@ -711,7 +712,7 @@ static app_state *find_app(amp_forward *f, const char *name) {
 /* Under mu: queue claimed jobs with their apps. dues[i] becomes 0 when job
  * i is queued (ownership moved), -1 for an unknown app, else the due time
  * to release it to (its app's queue is full). */
-static void place(amp_forward *f, amp_spool_job **jobs, int64_t *dues, int n, int64_t now_ms,
+static void place(amp_forward *f, amp_queue_job **jobs, int64_t *dues, int n, int64_t now_ms,
                   int64_t now_us) {
     for (int i = 0; i < n; i++) {
         app_state *a = find_app(f, jobs[i]->app);
@@ -728,7 +729,7 @@ static void place(amp_forward *f, amp_spool_job **jobs, int64_t *dues, int n, in
 }
 
 /* Outside mu: acknowledge what place() could not queue. */
-static void settle(amp_forward *f, amp_spool_job **jobs, const int64_t *dues, int n) {
+static void settle(amp_forward *f, amp_queue_job **jobs, const int64_t *dues, int n) {
     for (int i = 0; i < n; i++) {
         if (dues[i] == 0)
             continue;
@@ -738,7 +739,7 @@ static void settle(amp_forward *f, amp_spool_job **jobs, const int64_t *dues, in
                      "the row's app is not in the configuration");
         else
             ack_release(f, jobs[i], dues[i]);
-        amp_spool_job_free(jobs[i]);
+        amp_queue_job_free(jobs[i]);
     }
 }
 
@@ -752,7 +753,7 @@ static struct timespec mono_timespec(int64_t us) {
 static void *dispatcher_main(void *arg) {
     amp_forward *f = arg;
     pthread_setname_np(pthread_self(), "amp-dispatch");
-    amp_spool_job **jobs = amp_xcalloc(f->claim_cap, sizeof *jobs);
+    amp_queue_job **jobs = amp_xcalloc(f->claim_cap, sizeof *jobs);
     int64_t *dues = amp_xcalloc(f->claim_cap, sizeof *dues);
     /* Monotonic end of "dry": when the spool's next due row is expected,
      * at most MAX_WAIT_MS away, so that rows written by another process
@@ -773,7 +774,7 @@ static void *dispatcher_main(void *arg) {
         if (!f->dry && ask > 0 && (ask >= f->claim_min || f->idle > f->ready.len)) {
             pthread_mutex_unlock(&f->mu);
             int64_t nd = INT64_MAX;
-            int n = amp_spool_claim(f->spool, now_ms, jobs, ask, &nd);
+            int n = amp_queue_claim(f->spool, now_ms, jobs, ask, &nd);
             if (n < 0)
                 amp_log(AMP_LOG_ERROR, "spool claim failed", NULL);
             pthread_mutex_lock(&f->mu);
@@ -847,7 +848,7 @@ static void release_all(amp_forward *f) {
     while (f->ready.len) {
         qjob q = ring_pop(&f->ready);
         ack_release(f, q.job, now_ms);
-        amp_spool_job_free(q.job);
+        amp_queue_job_free(q.job);
     }
     for (size_t i = 0; i < f->napps; i++) {
         app_state *a = &f->apps[i];
@@ -859,7 +860,7 @@ static void release_all(amp_forward *f) {
         while (a->held.v && a->held.len) {
             qjob q = ring_pop(&a->held);
             ack_release(f, q.job, due);
-            amp_spool_job_free(q.job);
+            amp_queue_job_free(q.job);
         }
     }
     f->held_total = 0;
@@ -913,7 +914,7 @@ static void setup_metrics(amp_forward *f, app_state *a) {
     m_set(a->m_paused, 0);
 }
 
-amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
+amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, char *err,
                                size_t errlen) {
     if (!opts || !spool || !opts->base_url || opts->workers == 0 ||
         opts->workers > AMP_FORWARD_MAX_WORKERS || opts->timeout_s <= 0 ||
@@ -993,7 +994,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, c
     }
     pthread_attr_destroy(&ta);
     f->dispatcher_started = true;
-    amp_spool_set_notify(spool, notify_cb, f);
+    amp_queue_set_notify(spool, notify_cb, f);
     amp_log(AMP_LOG_INFO, "forwarder started", "{s:i, s:i}", "workers", (int)f->nworkers, "apps",
             (int)f->napps);
     return f;
@@ -1008,7 +1009,7 @@ void amp_forward_stop(amp_forward *f) {
     if (!f)
         return;
     if (f->dispatcher_started)
-        amp_spool_set_notify(f->spool, NULL, NULL);
+        amp_queue_set_notify(f->spool, NULL, NULL);
     pthread_mutex_lock(&f->mu);
     f->stopping = true;
     pthread_cond_broadcast(&f->dispatch_cv);
@@ -1038,6 +1039,6 @@ void amp_forward_stop(amp_forward *f) {
     /* Acknowledgements are committed asynchronously: make them durable
      * before the caller closes the spool. This also waits out a notify
      * callback the committer may still be running with f. */
-    amp_spool_flush(f->spool);
+    amp_queue_flush(f->spool);
     destroy(f);
 }

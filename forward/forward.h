@@ -25,7 +25,7 @@
 
 #include "../mapping/mapping.h"
 #include "../base/metrics.h"
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 
 /* Largest pool (dify.workers): one thread and one connection each. */
 #define AMP_FORWARD_MAX_WORKERS 1024u
@@ -53,12 +53,12 @@ typedef struct amp_forward amp_forward;
  * borrowed and must outlive the forwarder. Installs amp_forward_kick as the
  * spool's notify callback (amp_forward_stop removes it). Every app needs a
  * non-empty key without control characters. NULL and err on failure. */
-amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_spool *spool, char *err,
+amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, char *err,
                                size_t errlen);
 /* Stop claiming, let workers finish their current request (for up to
  * opts.stop_grace_ms; requests still under way then are ended and their rows
  * released, not counted as attempts), release claimed rows not yet sent,
- * join, remove the spool notify callback and amp_spool_flush so every
+ * join, remove the spool notify callback and amp_queue_flush so every
  * acknowledgement is committed before the caller closes the spool. Accepts
  * NULL. */
 void amp_forward_stop(amp_forward *f);

@@ -35,7 +35,7 @@
 #include "../mapping/mapping.h"
 #include "../base/util.h"
 #include "../base/version.h"
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 #include "forward.h"
 
 /* Fallback for builds that leave version.h out. */
@@ -140,7 +140,7 @@ typedef struct amp_forward_exchange {
  * text, or to text[] (do not copy a verdict by value while using them). */
 typedef struct amp_forward_verdict {
     amp_outcome outcome;        /* what the answer meant (logs) */
-    amp_ack_kind kind;          /* DELIVERED, RETRY, DEAD, or RELEASE (not an attempt) */
+    amp_queue_ack_kind kind;    /* DELIVERED, RETRY, DEAD, or RELEASE (not an attempt) */
     bool hold;                  /* RELEASE of a paused app's job: back to its queue,
                                    due_ms is left to the pause (forward.c) */
     int64_t due_ms;             /* RETRY and RELEASE (not hold): when due again */

@@ -41,7 +41,7 @@ typedef struct amp_forward_sink {
      * when the answer arrived); its strings are borrowed from conn until
      * release. Never fails
      * otherwise: every problem is described in *ex. */
-    void (*send)(void *conn, const void *app, const amp_spool_job *job, amp_forward_exchange *ex);
+    void (*send)(void *conn, const void *app, const amp_queue_job *job, amp_forward_exchange *ex);
     /* The delivery result to keep for a job decided DELIVERED, from the
      * last answer. Caller owns (free); NULL for none. */
     char *(*result)(void *conn, const void *app);

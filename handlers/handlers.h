@@ -23,12 +23,12 @@
 
 #include "../config/config.h"
 #include "../base/metrics.h"
-#include "../spool/spool.h"
+#include "../queue/queue.h"
 
 typedef struct amp_handlers amp_handlers;
 
 /* cfg, spool and metrics are borrowed. Caller owns the result. */
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics);
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics);
 void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
 
 /* Serve new requests under cfg (borrowed; it and every config given before

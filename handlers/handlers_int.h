@@ -25,7 +25,7 @@ typedef struct amp_handlers_gen {
 
 struct amp_handlers {
     _Atomic(amp_handlers_gen *) gen;
-    amp_spool *spool;
+    amp_queue *spool;
     amp_metrics *metrics;
     amp_series *ingest_seconds;
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
@@ -61,7 +61,7 @@ struct amp_req {
     size_t discarded; /* bytes dropped after the body outgrew the cap */
     /* the spool's answer, written by the committer before it resumes us */
     _Atomic amp_req_state state;
-    amp_spool_result result;
+    amp_queue_result result;
     unsigned filtered;
 };
 

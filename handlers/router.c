@@ -40,7 +40,7 @@ static bool allowed(const route *rt, const char *method) {
            (is_get(rt) && strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
 }
 
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_spool *spool, amp_metrics *metrics) {
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics) {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
     atomic_init(&h->gen, NULL);
     amp_handlers_set_config(h, cfg);

@@ -84,7 +84,7 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
 /* Collects the requests one event produces into the batch; the event is
  * added on its first request, so a filtered event leaves no trace. */
 typedef struct emit_ctx {
-    amp_spool_batch *batch;
+    amp_queue_batch *batch;
     const char *dedupe_key;
     unsigned nreq;
 } emit_ctx;
@@ -95,13 +95,13 @@ static void emit(void *ctx, const amp_map_request *req) {
     if (!body)
         abort(); /* only allocation can fail here */
     if (e->nreq++ == 0)
-        amp_spool_batch_event(e->batch, e->dedupe_key);
-    amp_spool_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
+        amp_queue_batch_event(e->batch, e->dedupe_key);
+    amp_queue_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
     free(body);
 }
 
 /* Runs on the committer thread: record the answer and wake the connection. */
-static void stored(void *ctx, const amp_spool_result *res) {
+static void stored(void *ctx, const amp_queue_result *res) {
     amp_req *r = ctx;
     amp_handlers *h = r->h; /* r may be gone once resumed */
     r->result = *res;
@@ -111,7 +111,7 @@ static void stored(void *ctx, const amp_spool_result *res) {
 }
 
 static enum MHD_Result answer_stored(amp_req *r) {
-    const amp_spool_result *res = &r->result;
+    const amp_queue_result *res = &r->result;
     amp_handlers *h = r->h;
     amp_series_add(h->events_filtered, r->filtered);
     if (res->status != 0) {
@@ -132,7 +132,7 @@ static enum MHD_Result answer_stored(amp_req *r) {
  * no route takes are counted in r->filtered. NULL and detail when there are
  * too many events or a route finds one invalid: the whole request is then
  * rejected. */
-static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
+static amp_queue_batch *map_events(amp_req *r, const amp_config *cfg, const json_t *events,
                                    char *detail, size_t detail_len) {
     /* standard-webhooks: the message id dedupes a resent message; an
      * event's own insert_id, when it has one, still comes first. */
@@ -144,7 +144,7 @@ static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json
                  cfg->listen.max_events);
         return NULL;
     }
-    amp_spool_batch *batch = amp_spool_batch_create();
+    amp_queue_batch *batch = amp_queue_batch_create();
     size_t i;
     json_t *ev;
     json_array_foreach(events, i, ev) {
@@ -158,7 +158,7 @@ static amp_spool_batch *map_events(amp_req *r, const amp_config *cfg, const json
         char why[200];
         if (amp_mapper_apply(cfg->mapper, ev, emit, &e, NULL, NULL, why, sizeof why) < 0) {
             snprintf(detail, detail_len, "events[%zu]: %s", i, why);
-            amp_spool_batch_destroy(batch);
+            amp_queue_batch_destroy(batch);
             return NULL;
         }
         r->filtered += e.nreq == 0;
@@ -186,7 +186,7 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     if (!r->admitted) /* begun after shutdown started */
         return amp_handlers_reply_unavailable(r, "shutting down", RETRY_SOON_S);
 
-    const char *full = amp_spool_full(h->spool);
+    const char *full = amp_queue_full(h->spool);
     if (full)
         return amp_handlers_reply_unavailable(r, full, RETRY_FULL_S);
 
@@ -208,7 +208,7 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
         return amp_handlers_reply_error(r, MHD_HTTP_BAD_REQUEST, code, detail);
     }
 
-    amp_spool_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
+    amp_queue_batch *batch = map_events(r, cfg, events, detail, sizeof detail);
     if (!batch) {
         amp_series_add(h->events_rejected, (double)json_array_size(events));
         json_decref(events);
@@ -218,13 +218,13 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     json_decref(events);
 
     if (r->filtered == nevents) { /* nothing to store */
-        amp_spool_batch_destroy(batch);
-        r->result = (amp_spool_result){0};
+        amp_queue_batch_destroy(batch);
+        r->result = (amp_queue_result){0};
         return answer_stored(r);
     }
     atomic_store(&r->state, REQ_WAITING);
     atomic_fetch_add(&h->suspended, 1);
     MHD_suspend_connection(r->conn);
-    amp_spool_submit(h->spool, batch, stored, r);
+    amp_queue_submit(h->spool, batch, stored, r);
     return MHD_YES;
 }

@@ -177,8 +177,8 @@ static int check_row(char **c, int line, seen_t *seen) {
                v.conversation_id ? v.conversation_id : "-");
     else
         EXPECT(!v.conversation_id, "conversation id set without STORE");
-    EXPECT(v.reset ==
-               (want_outcome == AMP_OUTCOME_RESET_CONVERSATION && want_kind == (int)AMP_ACK_RETRY),
+    EXPECT(v.reset == (want_outcome == AMP_OUTCOME_RESET_CONVERSATION &&
+                       want_kind == (int)AMP_QUEUE_ACK_RETRY),
            "reset %d", v.reset);
     EXPECT(v.expired == (same("expired", opt(c[23]))), "expired %d", v.expired);
     if (strcmp(c[28], "-") == 0) {
@@ -189,7 +189,7 @@ static int check_row(char **c, int line, seen_t *seen) {
         int64_t d = v.due_ms - NOW_MS;
         EXPECT(d >= lo && d <= hi, "due %lld ms after now, want %lld..%lld", (long long)d,
                (long long)lo, (long long)hi);
-        if (v.kind == AMP_ACK_RETRY)
+        if (v.kind == AMP_QUEUE_ACK_RETRY)
             EXPECT(v.delay_ms == d, "delay %lld, due - now %lld", (long long)v.delay_ms,
                    (long long)d);
     }
@@ -252,7 +252,7 @@ START_TEST(test_expired_message_cut) {
                                    .retry_max_age_s = 86400};
         amp_forward_verdict v;
         amp_forward_decide(&in, &v);
-        ck_assert_int_eq(v.kind, AMP_ACK_DEAD);
+        ck_assert_int_eq(v.kind, AMP_QUEUE_ACK_DEAD);
         ck_assert(v.expired);
         ck_assert_str_eq(v.code, "expired");
         size_t len = strlen(v.message);

@@ -744,7 +744,7 @@ static void sleep_ms(unsigned ms) {
 
 typedef struct {
     char path[256];
-    amp_spool *spool;
+    amp_queue *spool;
     fake_dify *fake;
     amp_forward *fwd;
     amp_app apps[3];
@@ -800,7 +800,7 @@ static void harness_done(harness *h) {
     amp_forward_stop(h->fwd);
     h->fwd = NULL;
     fake_dify_stop(h->fake);
-    amp_spool_close(h->spool);
+    amp_queue_close(h->spool);
     char p[300];
     unlink(h->path);
     snprintf(p, sizeof p, "%s-wal", h->path);
@@ -809,7 +809,7 @@ static void harness_done(harness *h) {
     unlink(p);
 }
 
-static void on_done(void *ctx, const amp_spool_result *res) {
+static void on_done(void *ctx, const amp_queue_result *res) {
     atomic_int *st = ctx;
     atomic_store(st, res->status == 0 ? 1 : -1);
 }
@@ -818,20 +818,20 @@ static void submit(harness *h, const char *dedupe, const char *app, const char *
                    const char *body) {
     static atomic_int st;
     atomic_store(&st, 0);
-    amp_spool_batch *b = amp_spool_batch_create();
-    amp_spool_batch_event(b, dedupe);
-    amp_spool_batch_request(b, "r1", app, user, per_user, body);
-    amp_spool_submit(h->spool, b, on_done, &st);
-    amp_spool_flush(h->spool);
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, dedupe);
+    amp_queue_batch_request(b, "r1", app, user, per_user, body);
+    amp_queue_submit(h->spool, b, on_done, &st);
+    amp_queue_flush(h->spool);
     ck_assert_int_eq(atomic_load(&st), 1);
 }
 
 /* Wait (bounded) until delivered + dead reaches n. */
 static void wait_finished(harness *h, int64_t n, int timeout_ms) {
-    amp_spool_stats s = {0};
+    amp_queue_stats s = {0};
     int64_t end = mono_ms() + timeout_ms;
     while (mono_ms() < end) {
-        ck_assert_int_eq(amp_spool_stats_get(h->spool, &s), 0);
+        ck_assert_int_eq(amp_queue_stats_get(h->spool, &s), 0);
         if (s.delivered + s.dead >= n)
             return;
         sleep_ms(10);
@@ -1292,7 +1292,7 @@ START_TEST(test_connect_refused_is_retried) {
     int64_t end = mono_ms() + 5000;
     do {
         sleep_ms(20);
-        amp_spool_flush(h.spool);
+        amp_queue_flush(h.spool);
         r = get_row(&h, 1);
     } while (r.attempts == 0 && mono_ms() < end);
     ck_assert_int_eq(r.state, 0);
@@ -1421,8 +1421,8 @@ START_TEST(test_stop_finishes_in_flight) {
     amp_forward_stop(h.fwd); /* the slow request completes, the rest waits */
     h.fwd = NULL;
     ck_assert_int_lt(mono_ms() - t0, 3000);
-    amp_spool_stats s;
-    ck_assert_int_eq(amp_spool_stats_get(h.spool, &s), 0);
+    amp_queue_stats s;
+    ck_assert_int_eq(amp_queue_stats_get(h.spool, &s), 0);
     ck_assert_int_eq(s.delivered, 1);
     ck_assert_int_eq(s.pending, 1);
     ck_assert_uint_eq(fake_count(h.fake), 1);
@@ -1593,13 +1593,13 @@ START_TEST(test_rate_limit) {
     h.apps[2].rate_per_sec = 10;
     h.apps[2].burst = 2;
     harness_start(&h);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 6; i++) {
-        amp_spool_batch_event(b, NULL);
-        amp_spool_batch_request(b, "r1", "done", "u1", false, CHAT_BODY);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", "done", "u1", false, CHAT_BODY);
     }
     static atomic_int st;
-    amp_spool_submit(h.spool, b, on_done, &st);
+    amp_queue_submit(h.spool, b, on_done, &st);
     wait_finished(&h, 6, 5000);
     int64_t at[8];
     ck_assert_uint_eq(arrivals(&h, NULL, at, 8), 6);
@@ -1620,14 +1620,14 @@ START_TEST(test_slow_app_does_not_block_others) {
     h.apps[0].rate_per_sec = 2; /* "chat": 2 requests a second */
     h.apps[0].burst = 1;
     harness_start(&h);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 30; i++) {
-        amp_spool_batch_event(b, NULL);
-        amp_spool_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
     }
     static atomic_int st;
-    amp_spool_submit(h.spool, b, on_done, &st);
-    amp_spool_flush(h.spool);
+    amp_queue_submit(h.spool, b, on_done, &st);
+    amp_queue_flush(h.spool);
     sleep_ms(100);
     int64_t t0 = mono_ms();
     for (int i = 0; i < 5; i++)
@@ -1673,14 +1673,14 @@ START_TEST(test_full_queue_claims_nothing_more) {
     h.apps[0].burst = 1;
     int64_t before = amp_now_ms();
     harness_start(&h);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 60; i++) {
-        amp_spool_batch_event(b, NULL);
-        amp_spool_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
     }
     static atomic_int st;
-    amp_spool_submit(h.spool, b, on_done, &st);
-    amp_spool_flush(h.spool);
+    amp_queue_submit(h.spool, b, on_done, &st);
+    amp_queue_flush(h.spool);
     sleep_ms(600);
     int64_t at[64];
     ck_assert_uint_le(arrivals(&h, NULL, at, 64), 3);
@@ -1709,15 +1709,15 @@ START_TEST(test_single_probe) {
     h.opts.retry_max_ms = 300; /* probe interval capped at 300 ms */
     fake_dify_push_n(h.fake, &(fake_dify_behaviour){.status = 401, .code = "unauthorized"}, 7);
     harness_start(&h);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 8; i++) {
         char u[16];
         snprintf(u, sizeof u, "u%d", i);
-        amp_spool_batch_event(b, NULL);
-        amp_spool_batch_request(b, "r1", "chat", u, false, CHAT_BODY);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", "chat", u, false, CHAT_BODY);
     }
     static atomic_int st;
-    amp_spool_submit(h.spool, b, on_done, &st);
+    amp_queue_submit(h.spool, b, on_done, &st);
     wait_finished(&h, 8, 8000);
     int64_t at[32];
     ck_assert_uint_eq(arrivals(&h, NULL, at, 32), 15); /* 7 rejected + 8 delivered */
@@ -1781,7 +1781,7 @@ START_TEST(test_rows_from_elsewhere) {
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
-    amp_spool_flush(h.spool);
+    amp_queue_flush(h.spool);
     ck_assert_int_eq(get_row(&h, 1).state, 2);
     sleep_ms(300); /* the dispatcher has found the spool empty by now */
     sqlite3 *db;

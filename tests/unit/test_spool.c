@@ -33,47 +33,47 @@ static void teardown(void) {
 }
 
 /* Open with o (its path is set to the test's spool), or fail the test. */
-static amp_spool *open_opts(amp_spool_opts o) {
+static amp_queue *open_opts(amp_spool_opts o) {
     char err[256] = "";
     o.path = path;
-    amp_spool *s = amp_spool_open(&o, err, sizeof err);
+    amp_queue *s = amp_spool_open(&o, err, sizeof err);
     ck_assert_msg(s != NULL, "open: %s", err);
     return s;
 }
 
-static amp_spool *open_spool(int64_t window_s) {
+static amp_queue *open_spool(int64_t window_s) {
     return open_opts((amp_spool_opts){.dedupe_window_s = window_s});
 }
 
 typedef struct {
-    amp_spool_result res;
+    amp_queue_result res;
     int calls;
 } done_box;
 
-static void on_done(void *ctx, const amp_spool_result *res) {
+static void on_done(void *ctx, const amp_queue_result *res) {
     done_box *b = ctx;
     b->res = *res;
     b->calls++;
 }
 
 /* Submit and wait for the commit; returns the result. */
-static amp_spool_result submit(amp_spool *s, amp_spool_batch *b) {
+static amp_queue_result submit(amp_queue *s, amp_queue_batch *b) {
     done_box box = {0};
-    amp_spool_submit(s, b, on_done, &box);
-    amp_spool_flush(s);
+    amp_queue_submit(s, b, on_done, &box);
+    amp_queue_flush(s);
     ck_assert_int_eq(box.calls, 1);
     return box.res;
 }
 
-static void add(amp_spool_batch *b, const char *key, const char *user, bool per_user,
+static void add(amp_queue_batch *b, const char *key, const char *user, bool per_user,
                 const char *body) {
-    amp_spool_batch_event(b, key);
-    amp_spool_batch_request(b, "r", "app", user, per_user, body);
+    amp_queue_batch_event(b, key);
+    amp_queue_batch_request(b, "r", "app", user, per_user, body);
 }
 
 /* n events "k0".."k<n-1>", one row each. */
-static amp_spool_batch *keyed_batch(int n) {
-    amp_spool_batch *b = amp_spool_batch_create();
+static amp_queue_batch *keyed_batch(int n) {
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < n; i++) {
         char key[16];
         snprintf(key, sizeof key, "k%d", i);
@@ -82,20 +82,20 @@ static amp_spool_batch *keyed_batch(int n) {
     return b;
 }
 
-static int claim_all(amp_spool *s, int64_t now, amp_spool_job **jobs, size_t max, int64_t *next) {
-    int n = amp_spool_claim(s, now, jobs, max, next);
+static int claim_all(amp_queue *s, int64_t now, amp_queue_job **jobs, size_t max, int64_t *next) {
+    int n = amp_queue_claim(s, now, jobs, max, next);
     ck_assert_int_ge(n, 0);
     return n;
 }
 
-static void free_jobs(amp_spool_job **jobs, int n) {
+static void free_jobs(amp_queue_job **jobs, int n) {
     for (int i = 0; i < n; i++)
-        amp_spool_job_free(jobs[i]);
+        amp_queue_job_free(jobs[i]);
 }
 
 /* Claims what is due at now: exactly one row, with this body. */
-static void claim_one(amp_spool *s, int64_t now, const char *body) {
-    amp_spool_job *jobs[2];
+static void claim_one(amp_queue *s, int64_t now, const char *body) {
+    amp_queue_job *jobs[2];
     int64_t next;
     int n = claim_all(s, now, jobs, 2, &next);
     ck_assert_int_eq(n, 1);
@@ -104,16 +104,16 @@ static void claim_one(amp_spool *s, int64_t now, const char *body) {
 }
 
 START_TEST(batch_stored_and_claimed) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "k1", "u1", false, "{\"a\":1}");
     add(b, NULL, "u2", false, "{\"a\":2}");
-    amp_spool_result r = submit(s, b);
+    amp_queue_result r = submit(s, b);
     ck_assert_int_eq(r.status, 0);
     ck_assert_uint_eq(r.accepted, 2);
     ck_assert_uint_eq(r.duplicates, 0);
 
-    amp_spool_job *jobs[8];
+    amp_queue_job *jobs[8];
     int64_t next;
     int n = claim_all(s, amp_now_ms() + 1, jobs, 8, &next);
     ck_assert_int_eq(n, 2);
@@ -125,83 +125,83 @@ START_TEST(batch_stored_and_claimed) {
     ck_assert_int_eq(next, INT64_MAX);
 
     /* Claimed rows are not handed out twice. */
-    amp_spool_job *again[8];
+    amp_queue_job *again[8];
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, again, 8, &next), 0);
     free_jobs(jobs, n);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(dedupe_within_and_across_requests) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "dup", "u", false, "{}");
     add(b, "dup", "u", false, "{}");
     add(b, "other", "u", false, "{}");
-    amp_spool_result r = submit(s, b);
+    amp_queue_result r = submit(s, b);
     ck_assert_uint_eq(r.accepted, 2);
     ck_assert_uint_eq(r.duplicates, 1);
 
-    b = amp_spool_batch_create();
+    b = amp_queue_batch_create();
     add(b, "dup", "u", false, "{}");
     r = submit(s, b);
     ck_assert_uint_eq(r.accepted, 0);
     ck_assert_uint_eq(r.duplicates, 1);
-    amp_spool_close(s);
+    amp_queue_close(s);
 
     /* Still a duplicate after a restart. */
     s = open_spool(3600);
-    b = amp_spool_batch_create();
+    b = amp_queue_batch_create();
     add(b, "other", "u", false, "{}");
     r = submit(s, b);
     ck_assert_uint_eq(r.duplicates, 1);
-    amp_spool_stats st;
-    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
     ck_assert_int_eq(st.pending, 2);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(dedupe_disabled_with_zero_window) {
-    amp_spool *s = open_spool(0);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(0);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "k", "u", false, "{}");
     add(b, "k", "u", false, "{}");
-    amp_spool_result r = submit(s, b);
+    amp_queue_result r = submit(s, b);
     ck_assert_uint_eq(r.accepted, 2);
     ck_assert_uint_eq(r.duplicates, 0);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(acks_delivered_retry_dead) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "a", "u1", false, "{}");
     add(b, "b", "u2", false, "{}");
     add(b, "c", "u3", false, "{}");
     submit(s, b);
 
     int64_t now = amp_now_ms() + 1, next;
-    amp_spool_job *jobs[8];
+    amp_queue_job *jobs[8];
     ck_assert_int_eq(claim_all(s, now, jobs, 8, &next), 3);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
-                                .kind = AMP_ACK_DELIVERED,
-                                .http_status = 200,
-                                .result_json = "{\"status\":200}"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
-                                .kind = AMP_ACK_RETRY,
-                                .due_ms = now + 60000,
-                                .http_status = 503,
-                                .code = "unavailable"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id,
-                                .kind = AMP_ACK_DEAD,
-                                .http_status = 400,
-                                .code = "app_unavailable",
-                                .message = "App unavailable"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[0]->id,
+                                              .kind = AMP_QUEUE_ACK_DELIVERED,
+                                              .http_status = 200,
+                                              .result_json = "{\"status\":200}"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[1]->id,
+                                              .kind = AMP_QUEUE_ACK_RETRY,
+                                              .due_ms = now + 60000,
+                                              .http_status = 503,
+                                              .code = "unavailable"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[2]->id,
+                                              .kind = AMP_QUEUE_ACK_DEAD,
+                                              .http_status = 400,
+                                              .code = "app_unavailable",
+                                              .message = "App unavailable"});
     int64_t retry_id = jobs[1]->id;
     free_jobs(jobs, 3);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
 
     /* Only the retried row is pending, and it is not due yet. */
     ck_assert_int_eq(claim_all(s, now, jobs, 8, &next), 0);
@@ -211,25 +211,25 @@ START_TEST(acks_delivered_retry_dead) {
     ck_assert_int_eq(jobs[0]->attempts, 1);
     free_jobs(jobs, 1);
 
-    amp_spool_stats st;
-    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
     ck_assert_int_eq(st.pending, 1);
     ck_assert_int_eq(st.delivered, 1);
     ck_assert_int_eq(st.dead, 1);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(per_user_rows_go_in_order) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "1", "alice", true, "{\"n\":1}");
     add(b, "2", "alice", true, "{\"n\":2}");
     add(b, "3", "bob", true, "{\"n\":3}");
     submit(s, b);
 
     int64_t now = amp_now_ms() + 1, next;
-    amp_spool_job *jobs[8];
+    amp_queue_job *jobs[8];
     int n = claim_all(s, now, jobs, 8, &next);
     ck_assert_int_eq(n, 2); /* alice's first and bob's; alice's second waits */
     ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
@@ -237,48 +237,50 @@ START_TEST(per_user_rows_go_in_order) {
     ck_assert_ptr_null(jobs[0]->conversation_id);
 
     /* Alice's first is retried: her second still waits behind it. */
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now + 10});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
-                                .kind = AMP_ACK_DELIVERED,
-                                .http_status = 200,
-                                .conversation_id = "conv-bob"});
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_RETRY, .due_ms = now + 10});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[1]->id,
+                                              .kind = AMP_QUEUE_ACK_DELIVERED,
+                                              .http_status = 200,
+                                              .conversation_id = "conv-bob"});
     free_jobs(jobs, n);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
     ck_assert_int_eq(claim_all(s, now + 5, jobs, 8, &next), 0);
 
     n = claim_all(s, now + 10, jobs, 8, &next);
     ck_assert_int_eq(n, 1);
     ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
-                                .kind = AMP_ACK_DELIVERED,
-                                .http_status = 200,
-                                .conversation_id = "conv-alice"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[0]->id,
+                                              .kind = AMP_QUEUE_ACK_DELIVERED,
+                                              .http_status = 200,
+                                              .conversation_id = "conv-alice"});
     free_jobs(jobs, n);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
 
     n = claim_all(s, now + 10, jobs, 8, &next);
     ck_assert_int_eq(n, 1);
     ck_assert_str_eq(jobs[0]->body, "{\"n\":2}");
     ck_assert_str_eq(jobs[0]->conversation_id, "conv-alice");
     /* An empty conversation id clears the stored one. */
-    amp_spool_ack(
-        s,
-        &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_RETRY, .due_ms = now, .conversation_id = ""});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[0]->id,
+                                              .kind = AMP_QUEUE_ACK_RETRY,
+                                              .due_ms = now,
+                                              .conversation_id = ""});
     free_jobs(jobs, n);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
     n = claim_all(s, now + 10, jobs, 8, &next);
     ck_assert_int_eq(n, 1);
     ck_assert_ptr_null(jobs[0]->conversation_id);
     free_jobs(jobs, n);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 /* Only conversation rows wait for the user's earlier rows, and only for
  * earlier conversation rows. */
 START_TEST(per_user_order_is_per_conversation) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "1", "alice", false, "{\"n\":1}");
     add(b, "2", "alice", true, "{\"n\":2}");
     add(b, "3", "alice", false, "{\"n\":3}");
@@ -286,19 +288,20 @@ START_TEST(per_user_order_is_per_conversation) {
     submit(s, b);
 
     int64_t now = amp_now_ms() + 1, next;
-    amp_spool_job *jobs[8];
+    amp_queue_job *jobs[8];
     int n = claim_all(s, now, jobs, 8, &next);
     ck_assert_int_eq(n, 3); /* all but the second conversation row */
     ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
     ck_assert_str_eq(jobs[1]->body, "{\"n\":2}");
     ck_assert_str_eq(jobs[2]->body, "{\"n\":3}");
     for (int i = 0; i < n; i++)
-        amp_spool_ack(s,
-                      &(amp_ack){.id = jobs[i]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
+        amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[i]->id,
+                                                  .kind = AMP_QUEUE_ACK_DELIVERED,
+                                                  .http_status = 200});
     free_jobs(jobs, n);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
     claim_one(s, now, "{\"n\":4}");
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -307,7 +310,7 @@ END_TEST
  * group has no savepoints; the committer rolls back and writes the group
  * again with one per request). */
 START_TEST(failing_request_is_refused_alone) {
-    amp_spool *s = open_spool(3600);
+    amp_queue *s = open_spool(3600);
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
@@ -323,15 +326,15 @@ START_TEST(failing_request_is_refused_alone) {
     const char *bodies[3][2] = {
         {"{\"a\":1}", NULL}, {"{\"b\":1}", "\"poison\""}, {"{\"c\":1}", NULL}};
     for (int i = 0; i < 3; i++) {
-        amp_spool_batch *b = amp_spool_batch_create();
+        amp_queue_batch *b = amp_queue_batch_create();
         for (int j = 0; j < 2 && bodies[i][j]; j++) {
             char key[16];
             snprintf(key, sizeof key, "k%d%d", i, j);
             add(b, key, "u", false, bodies[i][j]);
         }
-        amp_spool_submit(s, b, on_done, &box[i]);
+        amp_queue_submit(s, b, on_done, &box[i]);
     }
-    amp_spool_flush(s);
+    amp_queue_flush(s);
     for (int i = 0; i < 3; i++)
         ck_assert_int_eq(box[i].calls, 1);
     ck_assert_int_eq(box[0].res.status, 0);
@@ -341,19 +344,19 @@ START_TEST(failing_request_is_refused_alone) {
     ck_assert_int_eq(box[2].res.status, 0);
     ck_assert_int_eq(box[2].res.accepted, 1);
 
-    amp_spool_job *jobs[8];
+    amp_queue_job *jobs[8];
     int64_t next;
     int n = claim_all(s, amp_now_ms() + 1, jobs, 8, &next);
     ck_assert_int_eq(n, 2); /* not even the refused request's first event */
     ck_assert_str_eq(jobs[0]->body, "{\"a\":1}");
     ck_assert_str_eq(jobs[1]->body, "{\"c\":1}");
     free_jobs(jobs, n);
-    ck_assert_int_eq(amp_spool_depth(s), 2);
+    ck_assert_int_eq(amp_queue_depth(s), 2);
     /* The refused request's keys were not kept: sent again, it is new. */
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "k10", "u", false, "{\"b\":1}");
     ck_assert_int_eq(submit(s, b).accepted, 1);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -363,36 +366,36 @@ END_TEST
  * committer's probe makes it writable again by itself, with no traffic, and
  * the next request is stored. */
 START_TEST(locked_beyond_deadline_then_recovers) {
-    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .lock_timeout_ms = 200});
+    amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .lock_timeout_ms = 200});
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
 
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "locked", "u", false, "{\"a\":1}");
     int64_t t0 = amp_mono_ms();
-    amp_spool_result r = submit(s, b);
+    amp_queue_result r = submit(s, b);
     int64_t waited = amp_mono_ms() - t0;
     ck_assert_int_ne(r.status, 0);
     ck_assert_uint_eq(r.accepted, 0);
     ck_assert_msg(waited >= 150 && waited < 3000, "refused after %lld ms", (long long)waited);
-    ck_assert(!amp_spool_writable(s));
+    ck_assert(!amp_queue_writable(s));
 
     ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
     sqlite3_close(db);
     t0 = amp_mono_ms();
-    while (!amp_spool_writable(s) && amp_mono_ms() - t0 < 5000)
+    while (!amp_queue_writable(s) && amp_mono_ms() - t0 < 5000)
         usleep(20000);
-    ck_assert_msg(amp_spool_writable(s), "still not writable %lld ms after the lock went",
+    ck_assert_msg(amp_queue_writable(s), "still not writable %lld ms after the lock went",
                   (long long)(amp_mono_ms() - t0));
 
-    b = amp_spool_batch_create();
+    b = amp_queue_batch_create();
     add(b, "locked", "u", false, "{\"b\":1}"); /* the refused key was not kept */
     r = submit(s, b);
     ck_assert_int_eq(r.status, 0);
     ck_assert_uint_eq(r.accepted, 1);
     claim_one(s, amp_now_ms() + 1, "{\"b\":1}");
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -400,11 +403,11 @@ END_TEST
  * connection, a plain read-only one included, while the spool is still
  * open: the answer comes after the commit, not at the next checkpoint. */
 START_TEST(answered_rows_visible_to_other_connections) {
-    amp_spool *s = open_spool(3600);
+    amp_queue *s = open_spool(3600);
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
     for (int i = 0; i < 50; i++) {
-        amp_spool_batch *b = amp_spool_batch_create();
+        amp_queue_batch *b = amp_queue_batch_create();
         char key[16], body[64];
         snprintf(key, sizeof key, "v%d", i);
         snprintf(body, sizeof body, "{\"n\":%d}", i);
@@ -419,7 +422,7 @@ START_TEST(answered_rows_visible_to_other_connections) {
         sqlite3_finalize(st);
     }
     sqlite3_close(db);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -434,11 +437,11 @@ static int user_version(sqlite3 *db) {
 
 /* A spool left by the first schema is migrated in place on open. */
 START_TEST(version_1_spool_is_migrated) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "old", "alice", true, "{\"from\":1}");
     submit(s, b);
-    amp_spool_close(s);
+    amp_queue_close(s);
 
     /* Back to version 1: its (app, user) index covered every pending row. */
     sqlite3 *db;
@@ -454,7 +457,7 @@ START_TEST(version_1_spool_is_migrated) {
 
     s = open_spool(3600);
     claim_one(s, amp_now_ms() + 1, "{\"from\":1}");
-    amp_spool_close(s);
+    amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(user_version(db), 2);
@@ -483,13 +486,13 @@ static off_t file_size(const char *suffix) {
  * 4 KiB pages, plus what one group adds; the 88 MB written here would not
  * fit). */
 START_TEST(log_is_checkpointed_and_bounded) {
-    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .sync_normal = true});
+    amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .sync_normal = true});
     char body[1100];
     memset(body, 'x', sizeof body - 1);
     body[sizeof body - 1] = '\0';
     off_t wal_max = 0;
     for (int g = 0; g < 8000; g++) {
-        amp_spool_batch *b = amp_spool_batch_create();
+        amp_queue_batch *b = amp_queue_batch_create();
         for (int i = 0; i < 10; i++) {
             char key[32], user[32];
             snprintf(key, sizeof key, "k%d-%d", g, i);
@@ -501,7 +504,7 @@ START_TEST(log_is_checkpointed_and_bounded) {
         wal_max = w > wal_max ? w : wal_max;
     }
     off_t db_size = file_size("");
-    amp_spool_close(s);
+    amp_queue_close(s);
     ck_assert_msg(wal_max <= (off_t)(16000 + 200) * (4096 + 24), "log grew to %lld bytes",
                   (long long)wal_max);
     /* 80,000 rows of ~1.1 KB: most of them in the database file already. */
@@ -511,60 +514,62 @@ START_TEST(log_is_checkpointed_and_bounded) {
 END_TEST
 
 START_TEST(pending_rows_survive_reopen) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "x", "u", false, "{\"keep\":true}");
     submit(s, b);
     claim_one(s, amp_now_ms() + 1, "{\"keep\":true}");
-    amp_spool_close(s); /* claimed but never acknowledged, as in a crash */
+    amp_queue_close(s); /* claimed but never acknowledged, as in a crash */
 
     s = open_spool(3600);
     claim_one(s, amp_now_ms() + 1, "{\"keep\":true}");
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(claim_limit_and_next_due) {
-    amp_spool *s = open_spool(3600);
+    amp_queue *s = open_spool(3600);
     submit(s, keyed_batch(10));
-    amp_spool_job *jobs[10];
+    amp_queue_job *jobs[10];
     int64_t now = amp_now_ms() + 1, next;
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
     ck_assert_int_eq(next, now); /* more are due now */
     free_jobs(jobs, 4);
     ck_assert_int_eq(claim_all(s, now, jobs, 10, &next), 6);
     free_jobs(jobs, 6);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(dead_letters_list_replay_purge) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "d1", "u1", false, "{\"n\":1}");
     add(b, "d2", "u2", false, "{\"n\":2}");
     add(b, "d3", "u3", false, "{\"n\":3}");
     submit(s, b);
     int64_t now = amp_now_ms() + 1, next;
-    amp_spool_job *jobs[4];
+    amp_queue_job *jobs[4];
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 3);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id,
-                                .kind = AMP_ACK_DEAD,
-                                .http_status = 400,
-                                .code = "app_unavailable",
-                                .message = "App unavailable"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id,
-                                .kind = AMP_ACK_DEAD,
-                                .http_status = 404,
-                                .code = "not_found",
-                                .message = "gone"});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[2]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[0]->id,
+                                              .kind = AMP_QUEUE_ACK_DEAD,
+                                              .http_status = 400,
+                                              .code = "app_unavailable",
+                                              .message = "App unavailable"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[1]->id,
+                                              .kind = AMP_QUEUE_ACK_DEAD,
+                                              .http_status = 404,
+                                              .code = "not_found",
+                                              .message = "gone"});
+    amp_queue_acknowledge(
+        s,
+        &(amp_queue_ack){.id = jobs[2]->id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
     int64_t first = jobs[0]->id, second = jobs[1]->id;
     free_jobs(jobs, 3);
-    amp_spool_flush(s);
+    amp_queue_flush(s);
 
-    amp_dlq_filter all = {0};
-    json_t *rows = amp_spool_dlq_list(s, &all, 100);
+    amp_queue_dlq_filter all = {0};
+    json_t *rows = amp_queue_dlq_list(s, &all, 100);
     ck_assert_uint_eq(json_array_size(rows), 2);
     json_t *r0 = json_array_get(rows, 0);
     ck_assert_str_eq(json_string_value(json_object_get(r0, "code")), "app_unavailable");
@@ -572,19 +577,19 @@ START_TEST(dead_letters_list_replay_purge) {
     ck_assert_str_eq(json_string_value(json_object_get(r0, "body")), "{\"n\":1}");
     json_decref(rows);
 
-    amp_dlq_filter by_status = {.status = 404};
-    rows = amp_spool_dlq_list(s, &by_status, 100);
+    amp_queue_dlq_filter by_status = {.status = 404};
+    rows = amp_queue_dlq_list(s, &by_status, 100);
     ck_assert_uint_eq(json_array_size(rows), 1);
     ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(rows, 0), "id")), second);
     json_decref(rows);
-    amp_dlq_filter by_code = {.code = "nothing-like-this"};
-    rows = amp_spool_dlq_list(s, &by_code, 100);
+    amp_queue_dlq_filter by_code = {.code = "nothing-like-this"};
+    rows = amp_queue_dlq_list(s, &by_code, 100);
     ck_assert_uint_eq(json_array_size(rows), 0);
     json_decref(rows);
 
     /* Replay one by id: pending again, due now, attempts reset. */
-    amp_dlq_filter one = {.ids = &first, .nids = 1};
-    ck_assert_int_eq(amp_spool_dlq_replay(s, &one), 1);
+    amp_queue_dlq_filter one = {.ids = &first, .nids = 1};
+    ck_assert_int_eq(amp_queue_dlq_replay(s, &one), 1);
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 1);
     ck_assert_int_eq(jobs[0]->id, first);
     ck_assert_int_eq(jobs[0]->attempts, 0);
@@ -592,70 +597,75 @@ START_TEST(dead_letters_list_replay_purge) {
     free_jobs(jobs, 1);
 
     /* Purge removes only dead letters. */
-    ck_assert_int_eq(amp_spool_dlq_purge(s, &all), 1);
-    amp_spool_stats st;
-    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &all), 1);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
     ck_assert_int_eq(st.dead, 0);
     ck_assert_int_eq(st.pending, 1);
     ck_assert_int_eq(st.delivered, 1);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 START_TEST(depth_tracks_pending_and_limit) {
     amp_spool_opts o = {.dedupe_window_s = 3600, .max_pending = 3};
-    amp_spool *s = open_opts(o);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_opts(o);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "a", "u", false, "{}");
     add(b, "b", "u", false, "{}");
     submit(s, b);
-    ck_assert_int_eq(amp_spool_depth(s), 2);
-    ck_assert(!amp_spool_full(s));
-    b = amp_spool_batch_create();
+    ck_assert_int_eq(amp_queue_depth(s), 2);
+    ck_assert(!amp_queue_full(s));
+    b = amp_queue_batch_create();
     add(b, "c", "u", false, "{}");
     add(b, "a", "u", false, "{}"); /* duplicate: no row */
     submit(s, b);
-    ck_assert_int_eq(amp_spool_depth(s), 3);
-    ck_assert_str_eq(amp_spool_full(s), "the spool holds spool.max_pending events");
+    ck_assert_int_eq(amp_queue_depth(s), 3);
+    ck_assert_str_eq(amp_queue_full(s), "the spool holds spool.max_pending events");
 
-    amp_spool_job *jobs[4];
+    amp_queue_job *jobs[4];
     int64_t next;
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DELIVERED, .http_status = 200});
-    amp_spool_ack(s, &(amp_ack){.id = jobs[1]->id, .kind = AMP_ACK_RETRY, .due_ms = 1});
+    amp_queue_acknowledge(
+        s,
+        &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[1]->id, .kind = AMP_QUEUE_ACK_RETRY, .due_ms = 1});
     free_jobs(jobs, 3);
-    amp_spool_flush(s);
-    ck_assert_int_eq(amp_spool_depth(s), 2);
-    ck_assert(!amp_spool_full(s));
-    amp_spool_close(s);
+    amp_queue_flush(s);
+    ck_assert_int_eq(amp_queue_depth(s), 2);
+    ck_assert(!amp_queue_full(s));
+    amp_queue_close(s);
 
     /* Counted again from the file on open. */
     s = open_opts(o);
-    ck_assert_int_eq(amp_spool_depth(s), 2);
-    amp_spool_close(s);
+    ck_assert_int_eq(amp_queue_depth(s), 2);
+    amp_queue_close(s);
 }
 END_TEST
 
 /* A limit reached holds until a tenth of it is free: no flip per delivery. */
 START_TEST(limit_holds_until_a_tenth_is_free) {
-    amp_spool *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_pending = 20});
+    amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_pending = 20});
     submit(s, keyed_batch(20));
-    ck_assert_ptr_nonnull(amp_spool_full(s));
-    amp_spool_job *jobs[20];
+    ck_assert_ptr_nonnull(amp_queue_full(s));
+    amp_queue_job *jobs[20];
     int64_t next;
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 20, &next), 20);
     int acked = 0;
     for (; acked < 2; acked++) /* 18 pending: still full */
-        amp_spool_ack(s, &(amp_ack){.id = jobs[acked]->id, .kind = AMP_ACK_DELIVERED});
-    amp_spool_flush(s);
-    ck_assert_int_eq(amp_spool_depth(s), 18);
-    ck_assert_ptr_nonnull(amp_spool_full(s));
-    amp_spool_ack(s, &(amp_ack){.id = jobs[acked++]->id, .kind = AMP_ACK_DELIVERED});
-    amp_spool_flush(s);
-    ck_assert_int_eq(amp_spool_depth(s), 17);
-    ck_assert_ptr_null(amp_spool_full(s));
+        amp_queue_acknowledge(
+            s, &(amp_queue_ack){.id = jobs[acked]->id, .kind = AMP_QUEUE_ACK_DELIVERED});
+    amp_queue_flush(s);
+    ck_assert_int_eq(amp_queue_depth(s), 18);
+    ck_assert_ptr_nonnull(amp_queue_full(s));
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[acked++]->id, .kind = AMP_QUEUE_ACK_DELIVERED});
+    amp_queue_flush(s);
+    ck_assert_int_eq(amp_queue_depth(s), 17);
+    ck_assert_ptr_null(amp_queue_full(s));
     free_jobs(jobs, 20);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -663,83 +673,85 @@ END_TEST
  * rows then go before their retention (dead letters stay), and the spool
  * takes new events again by itself. */
 START_TEST(size_limit_prunes_delivered_rows_then_recovers) {
-    amp_spool *s = open_spool(3600);
-    int64_t empty = amp_spool_bytes(s);
+    amp_queue *s = open_spool(3600);
+    int64_t empty = amp_queue_bytes(s);
     ck_assert_int_gt(empty, 0);
-    amp_spool_close(s);
+    amp_queue_close(s);
     s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_bytes = empty + (256 << 10)});
-    ck_assert_ptr_null(amp_spool_full(s));
+    ck_assert_ptr_null(amp_queue_full(s));
 
     char body[4096];
     memset(body, 'x', sizeof body - 1);
     body[sizeof body - 1] = '\0';
     int stored = 0;
-    while (!amp_spool_full(s) && stored < 400) { /* ~64 rows of 4 KiB fill it */
+    while (!amp_queue_full(s) && stored < 400) { /* ~64 rows of 4 KiB fill it */
         char key[32];
         snprintf(key, sizeof key, "big-%d", stored);
-        amp_spool_batch *b = amp_spool_batch_create();
+        amp_queue_batch *b = amp_queue_batch_create();
         add(b, key, "u", false, body);
         ck_assert_int_eq(submit(s, b).accepted, 1);
         stored++;
     }
-    ck_assert_str_eq(amp_spool_full(s), "the spool reached spool.max_bytes");
-    ck_assert_int_ge(amp_spool_bytes(s), empty + (256 << 10));
+    ck_assert_str_eq(amp_queue_full(s), "the spool reached spool.max_bytes");
+    ck_assert_int_ge(amp_queue_bytes(s), empty + (256 << 10));
     ck_assert_int_gt(stored, 32);
 
     /* Delivered (all but one dead letter): still full until pruned. */
-    amp_spool_job *jobs[400];
+    amp_queue_job *jobs[400];
     int64_t next;
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 400, &next), stored);
     for (int i = 0; i < stored; i++)
-        amp_spool_ack(s, &(amp_ack){.id = jobs[i]->id,
-                                    .kind = i == 0 ? AMP_ACK_DEAD : AMP_ACK_DELIVERED,
-                                    .http_status = i == 0 ? 400 : 200});
+        amp_queue_acknowledge(
+            s, &(amp_queue_ack){.id = jobs[i]->id,
+                                .kind = i == 0 ? AMP_QUEUE_ACK_DEAD : AMP_QUEUE_ACK_DELIVERED,
+                                .http_status = i == 0 ? 400 : 200});
     free_jobs(jobs, stored);
-    amp_spool_flush(s);
-    ck_assert_int_eq(amp_spool_depth(s), 0);
+    amp_queue_flush(s);
+    ck_assert_int_eq(amp_queue_depth(s), 0);
 
     /* Maintenance runs every second while the size limit holds. */
     int64_t deadline = amp_mono_ms() + 5000;
-    while (amp_spool_full(s) && amp_mono_ms() < deadline)
+    while (amp_queue_full(s) && amp_mono_ms() < deadline)
         usleep(20 * 1000);
-    ck_assert_ptr_null(amp_spool_full(s));
-    ck_assert_int_lt(amp_spool_bytes(s), empty + (256 << 10));
-    amp_spool_stats st;
-    ck_assert_int_eq(amp_spool_stats_get(s, &st), 0);
+    ck_assert_ptr_null(amp_queue_full(s));
+    ck_assert_int_lt(amp_queue_bytes(s), empty + (256 << 10));
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
     ck_assert_int_eq(st.delivered, 0);
     ck_assert_int_eq(st.dead, 1);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "after", "u", false, "{}");
     ck_assert_int_eq(submit(s, b).accepted, 1);
-    amp_spool_close(s);
+    amp_queue_close(s);
 }
 END_TEST
 
 /* A replay by another process (the dlq command) is counted by the daemon's
  * spool at its next commit. */
 START_TEST(depth_follows_replay_from_another_process) {
-    amp_spool *s = open_spool(3600);
-    amp_spool_batch *b = amp_spool_batch_create();
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
     add(b, "r1", "u", false, "{}");
     submit(s, b);
-    amp_spool_job *jobs[2];
+    amp_queue_job *jobs[2];
     int64_t next;
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
-    amp_spool_ack(s, &(amp_ack){.id = jobs[0]->id, .kind = AMP_ACK_DEAD, .http_status = 400});
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DEAD, .http_status = 400});
     free_jobs(jobs, 1);
-    amp_spool_flush(s);
-    ck_assert_int_eq(amp_spool_depth(s), 0);
+    amp_queue_flush(s);
+    ck_assert_int_eq(amp_queue_depth(s), 0);
 
-    amp_spool *cli = open_spool(3600);
-    amp_dlq_filter all = {0};
-    ck_assert_int_eq(amp_spool_dlq_replay(cli, &all), 1);
-    amp_spool_close(cli);
+    amp_queue *cli = open_spool(3600);
+    amp_queue_dlq_filter all = {0};
+    ck_assert_int_eq(amp_queue_dlq_replay(cli, &all), 1);
+    amp_queue_close(cli);
 
-    b = amp_spool_batch_create();
+    b = amp_queue_batch_create();
     add(b, "r2", "u", false, "{}");
     submit(s, b);
-    ck_assert_int_eq(amp_spool_depth(s), 2);
-    amp_spool_close(s);
+    ck_assert_int_eq(amp_queue_depth(s), 2);
+    amp_queue_close(s);
 }
 END_TEST
 
