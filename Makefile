@@ -74,6 +74,12 @@ $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+# The forward engine's tests talk to the same fake Dify as the end-to-end ones.
+FAKE_DIFY_OBJS := $(BUILD)/obj/tests/fake_dify/fake_dify.o
+$(BUILD)/tests/unit/test_forward: $(BUILD)/obj/tests/unit/test_forward.o $(FAKE_DIFY_OBJS) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
 $(BUILD)/tests/e2e/%: $(BUILD)/obj/tests/e2e/%.o $(E2E_SUPPORT_OBJS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)

@@ -20,13 +20,23 @@ static int has_prefix(const char *s, const char *prefix) {
     return s && strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
-amp_outcome amp_forward_classify(int transport_error, long http_status, const json_t *body,
-                                 const char **code, const char **message) {
-    const char *c = str_member(body, "code");
-    const char *m = str_member(body, "message");
+void amp_forward_exchange_answer(amp_forward_exchange *ex, const json_t *body) {
+    ex->code = str_member(body, "code");
+    ex->message = str_member(body, "message");
+    const json_t *data = json_is_object(body) ? json_object_get(body, "data") : NULL;
+    ex->workflow_status = str_member(data, "status");
+    ex->workflow_error = str_member(data, "error");
+    ex->conversation_id = amp_forward_answer_conversation(body);
+}
+
+amp_outcome amp_forward_outcome(const amp_forward_exchange *in, const char **code,
+                                const char **message) {
+    const char *c = in->code;
+    const char *m = in->message;
+    long http_status = in->status;
     amp_outcome out;
 
-    if (transport_error) {
+    if (in->transport_error) {
         /* No answer at all: Dify may not have seen the request, or may have
          * and we lost the reply. Either way trying again is the only way to
          * keep at-least-once. */
@@ -35,12 +45,10 @@ amp_outcome amp_forward_classify(int transport_error, long http_status, const js
         out = AMP_OUTCOME_DELIVERED;
         /* A workflow run answers 200 even when it failed; the verdict is in
          * data.status. Trying it again would run the same failing graph. */
-        const json_t *data = json_is_object(body) ? json_object_get(body, "data") : NULL;
-        const char *status = str_member(data, "status");
-        if (status && strcmp(status, "failed") == 0) {
+        if (in->workflow_status && strcmp(in->workflow_status, "failed") == 0) {
             out = AMP_OUTCOME_PERMANENT;
             c = "workflow_failed";
-            m = str_member(data, "error");
+            m = in->workflow_error;
         }
     } else if (http_status == 408 || http_status == 429 || http_status >= 500) {
         out = AMP_OUTCOME_RETRY;
@@ -66,6 +74,13 @@ amp_outcome amp_forward_classify(int transport_error, long http_status, const js
     if (message)
         *message = m;
     return out;
+}
+
+amp_outcome amp_forward_classify(int transport_error, long http_status, const json_t *body,
+                                 const char **code, const char **message) {
+    amp_forward_exchange ex = {.transport_error = transport_error, .status = http_status};
+    amp_forward_exchange_answer(&ex, body);
+    return amp_forward_outcome(&ex, code, message);
 }
 
 /* ---- backoff ---------------------------------------------------------- */

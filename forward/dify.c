@@ -1,261 +1,166 @@
 /*
- * One connection to Dify: a curl easy handle that lives as long as its
- * worker, so consecutive requests reuse the TCP/TLS connection. Options that
- * never change are set once; a request only sets URL, headers and body.
- *
- * The answer goes into a buffer with a hard maximum. A blocking answer is
- * parsed as JSON once complete; a streaming one (text/event-stream) is fed
- * to the SSE parser as it arrives and folded into the same JSON shape, so
- * classification does not care which mode the app uses.
+ * The Dify sink: a stored job becomes POST {base}/<endpoint> with
+ * "Authorization: Bearer <app key>" and the event's dedupe key as
+ * X-Trace-Id (the conversation id added for per-user routes), and Dify's
+ * answer (blocking JSON or a folded SSE stream, see http.c) becomes an
+ * exchange: status, {"code","message"}, a workflow's data.status,
+ * conversation id, Retry-After. What that means is decide.c's business.
  */
-#include "forward_int.h"
+#include "sink.h"
 
 #include <string.h>
-#include <strings.h>
 
-struct amp_forward_http {
-    CURL *curl;
-    amp_buf body;
-    amp_forward_sse *sse;
-    /* Per request: */
-    int mode; /* 0 undecided, 1 buffer, 2 stream */
-    bool too_large;
-    bool sse_broken;
-    char retry_after[64];
+#define TRACE_ID_MAX 256
+
+typedef struct dify_app {
+    const amp_app *app;
+    char *url;
+    char *auth; /* "Authorization: Bearer <key>" — never logged */
+} dify_app;
+
+typedef struct dify_conn {
+    amp_forward_http *http;
+    amp_forward_reply reply;
+} dify_conn;
+
+static void app_destroy(void *p) {
+    dify_app *a = p;
+    if (!a)
+        return;
+    free(a->url);
+    if (a->auth) {
+        /* The key should not linger in freed heap memory. */
+        memset(a->auth, 0, strlen(a->auth));
+        free(a->auth);
+    }
+    free(a);
+}
+
+static int has_ctl(const char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return 1;
+    return 0;
+}
+
+static void *app_create(const char *base_url, const amp_app *app, const char *key, char *err,
+                        size_t errlen) {
+    if (!key || !*key || has_ctl(key)) {
+        /* Never print the key, not even a broken one. */
+        snprintf(err, errlen, "apps.%s: API key %s", app->name,
+                 !key || !*key ? "is missing" : "contains control characters");
+        return NULL;
+    }
+    dify_app *a = amp_xcalloc(1, sizeof *a);
+    a->app = app;
+    a->url = amp_forward_join_url(base_url, amp_map_endpoint_path(app->endpoint));
+    a->auth = amp_xasprintf("Authorization: Bearer %s", key);
+    return a;
+}
+
+static void *conn_create(long connect_timeout_s, long timeout_s, const atomic_bool *abort_flag,
+                         char *err, size_t errlen) {
+    amp_forward_http *h =
+        amp_forward_http_create(connect_timeout_s, timeout_s, abort_flag, err, errlen);
+    if (!h)
+        return NULL;
+    dify_conn *c = amp_xcalloc(1, sizeof *c);
+    c->http = h;
+    return c;
+}
+
+static void release(void *p) {
+    dify_conn *c = p;
+    amp_forward_reply_clear(&c->reply);
+}
+
+static void conn_destroy(void *p) {
+    dify_conn *c = p;
+    if (!c)
+        return;
+    release(c);
+    amp_forward_http_destroy(c->http);
+    free(c);
+}
+
+/* The dedupe key comes from the event, i.e. from the sender: keep it from
+ * smuggling header lines or megabytes into the request. */
+static void trace_header(char *out, size_t outlen, const char *key) {
+    static const char prefix[] = "X-Trace-Id: ";
+    size_t n = sizeof prefix - 1;
+    memcpy(out, prefix, n);
+    for (size_t i = 0; key[i] && i < TRACE_ID_MAX && n + 1 < outlen; i++) {
+        unsigned char c = (unsigned char)key[i];
+        out[n++] = (c < 0x20 || c == 0x7f) ? '_' : (char)c;
+    }
+    out[n] = '\0';
+}
+
+static void send_job(void *p, const void *target, const amp_queue_job *job,
+                     amp_forward_exchange *ex) {
+    dify_conn *c = p;
+    const dify_app *a = target;
+    amp_forward_reply *r = &c->reply;
+
+    const char *conversation = job->per_user ? job->conversation_id : NULL;
+    ex->had_conversation = conversation && *conversation;
+    char *body = amp_forward_request_body(job->body, conversation);
+    if (!body) {
+        ex->refused_code = "invalid_body";
+        ex->refused_message = "stored request body is not a JSON object";
+        ex->now_ms = amp_now_ms();
+        return;
+    }
+    char trace[sizeof "X-Trace-Id: " + TRACE_ID_MAX];
+    const char *headers[4];
+    size_t nh = 0;
+    headers[nh++] = "Content-Type: application/json";
+    headers[nh++] = a->auth;
+    if (job->dedupe_key && *job->dedupe_key) {
+        trace_header(trace, sizeof trace, job->dedupe_key);
+        headers[nh++] = trace;
+    }
+    headers[nh] = NULL;
+
+    amp_forward_http_post(c->http, a->url, headers, body, strlen(body), r);
+    free(body);
+    ex->now_ms = amp_now_ms();
+    ex->latency_ms = r->latency_ms;
+    ex->streamed = r->streamed;
+    ex->aborted = r->transport_error == CURLE_ABORTED_BY_CALLBACK;
+    ex->transport_error = r->transport_error;
+    ex->transport_code = r->transport_code;
+    ex->transport_message = r->error;
+    ex->status = r->status;
+    ex->too_large = r->too_large;
+    amp_forward_exchange_answer(ex, r->body);
+    ex->retry_after_ms =
+        r->retry_after[0] ? amp_forward_retry_after_ms(r->retry_after, ex->now_ms) : -1;
+}
+
+static char *result(void *p, const void *target) {
+    const dify_conn *c = p;
+    const dify_app *a = target;
+    const amp_forward_reply *r = &c->reply;
+    json_t *res = amp_forward_result(a->app->endpoint, r->status, r->body, r->latency_ms);
+    if (res && r->too_large)
+        json_object_set_new(res, "response_truncated", json_true());
+    char *text = res ? json_dumps(res, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(res);
+    return text;
+}
+
+static const amp_forward_sink dify_sink = {
+    .name = "dify",
+    .app_create = app_create,
+    .app_destroy = app_destroy,
+    .conn_create = conn_create,
+    .conn_destroy = conn_destroy,
+    .send = send_job,
+    .result = result,
+    .release = release,
 };
 
-enum { MODE_UNDECIDED, MODE_BUFFER, MODE_STREAM };
-
-static size_t on_body(char *data, size_t size, size_t nmemb, void *ctx) {
-    amp_forward_http *h = ctx;
-    size_t n = size * nmemb;
-    if (h->mode == MODE_UNDECIDED) {
-        const char *ct = NULL;
-        h->mode = MODE_BUFFER;
-        if (curl_easy_getinfo(h->curl, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct &&
-            strncasecmp(ct, "text/event-stream", 17) == 0)
-            h->mode = MODE_STREAM;
-    }
-    if (h->mode == MODE_STREAM) {
-        if (amp_forward_sse_feed(h->sse, data, n) != 0) {
-            h->sse_broken = true;
-            return 0; /* a line over the cap: not Dify, stop reading */
-        }
-        return n;
-    }
-    /* Over the cap we keep reading and drop the rest instead of aborting:
-     * the status line already arrived, and a 2xx means Dify did the work,
-     * so the delivery must count as done (retrying would run the event
-     * twice). Reading to the end also keeps the connection reusable. The
-     * total is still bounded by CURLOPT_TIMEOUT. */
-    if (!h->too_large && amp_buf_append(&h->body, data, n) != 0)
-        h->too_large = true;
-    return n;
-}
-
-static size_t on_header(char *data, size_t size, size_t nmemb, void *ctx) {
-    amp_forward_http *h = ctx;
-    size_t n = size * nmemb;
-    static const char name[] = "retry-after:";
-    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
-        /* A new response (e.g. after 100 Continue): forget earlier headers. */
-        h->retry_after[0] = '\0';
-    } else if (n > sizeof name - 1 && strncasecmp(data, name, sizeof name - 1) == 0) {
-        const char *v = data + sizeof name - 1;
-        size_t len = n - (sizeof name - 1);
-        while (len && (*v == ' ' || *v == '\t'))
-            v++, len--;
-        while (len && (v[len - 1] == '\r' || v[len - 1] == '\n' || v[len - 1] == ' '))
-            len--;
-        if (len >= sizeof h->retry_after)
-            len = sizeof h->retry_after - 1; /* no valid value is this long */
-        memcpy(h->retry_after, v, len);
-        h->retry_after[len] = '\0';
-    }
-    return n;
-}
-
-/* Checked by libcurl about once a second and on every transfer step: a
- * stopping forwarder past its deadline ends requests still under way. */
-static int on_progress(void *ctx, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
-                       curl_off_t ulnow) {
-    (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
-    const atomic_bool *abort_flag = ctx;
-    return abort_flag && atomic_load(abort_flag) ? 1 : 0;
-}
-
-amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s,
-                                          const atomic_bool *abort_flag, char *err, size_t errlen) {
-    amp_forward_http *h = amp_xcalloc(1, sizeof *h);
-    amp_buf_init(&h->body, AMP_FORWARD_MAX_RESPONSE);
-    h->sse = amp_forward_sse_create();
-    h->curl = curl_easy_init();
-    if (!h->curl) {
-        snprintf(err, errlen, "curl_easy_init failed");
-        goto fail;
-    }
-    CURL *c = h->curl;
-    /* Every option is checked: a libcurl built without one of these would
-     * silently run without the timeout or protocol limit. */
-    if (curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, connect_timeout_s) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_TIMEOUT, timeout_s) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https") != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_USERAGENT, "amp2dify/" AMP_VERSION) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_POST, 1L) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_WRITEDATA, h) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_HEADERDATA, h) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_XFERINFODATA, (void *)abort_flag) != CURLE_OK) {
-        snprintf(err, errlen, "libcurl rejected a required option");
-        goto fail;
-    }
-    /* Compressed answers are welcome; the cap applies to decoded bytes. A
-     * libcurl without zlib just does not offer it. */
-    curl_easy_setopt(c, CURLOPT_ACCEPT_ENCODING, "");
-    return h;
-fail:
-    amp_forward_http_destroy(h);
-    return NULL;
-}
-
-void amp_forward_http_destroy(amp_forward_http *h) {
-    if (!h)
-        return;
-    if (h->curl)
-        curl_easy_cleanup(h->curl);
-    amp_buf_free(&h->body);
-    amp_forward_sse_destroy(h->sse);
-    free(h);
-}
-
-static const char *transport_code(CURLcode rc) {
-    switch (rc) {
-    case CURLE_OPERATION_TIMEDOUT:
-        return "timeout";
-    case CURLE_COULDNT_CONNECT:
-        return "connect_failed";
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
-        return "resolve_failed";
-    case CURLE_GOT_NOTHING:
-    case CURLE_RECV_ERROR:
-    case CURLE_SEND_ERROR:
-    case CURLE_PARTIAL_FILE:
-        return "connection_dropped";
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_PEER_FAILED_VERIFICATION:
-        return "tls_failed";
-    default:
-        return "transport_error";
-    }
-}
-
-void amp_forward_reply_clear(amp_forward_reply *r) {
-    json_decref(r->body);
-    memset(r, 0, sizeof *r);
-}
-
-static void set_transport(amp_forward_reply *r, int rc, const char *code, const char *text) {
-    r->transport_error = rc ? rc : -1;
-    r->transport_code = code;
-    snprintf(r->error, sizeof r->error, "%s", text);
-}
-
-/* Fold a finished stream into the reply. */
-static void finish_stream(amp_forward_http *h, amp_forward_reply *r) {
-    bool complete = false;
-    r->streamed = true;
-    r->body = amp_forward_sse_finish(h->sse, &complete);
-    const json_t *ev = json_is_object(r->body) ? json_object_get(r->body, "event") : NULL;
-    if (json_is_string(ev) && strcmp(json_string_value(ev), "error") == 0) {
-        /* Dify reports failures inside a 200 stream; its "status" is what
-         * a blocking request would have answered. */
-        const json_t *st = json_object_get(r->body, "status");
-        json_int_t s = json_is_integer(st) ? json_integer_value(st) : 500;
-        r->status = (s >= 100 && s <= 599) ? (long)s : 500;
-    } else if (!complete && r->status >= 200 && r->status < 300) {
-        set_transport(r, CURLE_PARTIAL_FILE, "stream_incomplete",
-                      "stream ended before its closing event");
-    }
-}
-
-void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
-                           const char *body, size_t body_len, amp_forward_reply *reply) {
-    memset(reply, 0, sizeof *reply);
-    amp_buf_reset(&h->body);
-    amp_forward_sse_reset(h->sse);
-    h->mode = MODE_UNDECIDED;
-    h->too_large = false;
-    h->sse_broken = false;
-    h->retry_after[0] = '\0';
-
-    struct curl_slist *list = NULL;
-    for (size_t i = 0; headers && headers[i]; i++) {
-        struct curl_slist *next = curl_slist_append(list, headers[i]);
-        if (!next) {
-            curl_slist_free_all(list);
-            set_transport(reply, CURLE_OUT_OF_MEMORY, "transport_error", "out of memory");
-            return;
-        }
-        list = next;
-    }
-    /* No "Expect: 100-continue" round trip for bodies over 1 KiB. */
-    struct curl_slist *next = curl_slist_append(list, "Expect:");
-    if (!next) {
-        curl_slist_free_all(list);
-        set_transport(reply, CURLE_OUT_OF_MEMORY, "transport_error", "out of memory");
-        return;
-    }
-    list = next;
-
-    char errbuf[CURL_ERROR_SIZE];
-    errbuf[0] = '\0';
-    CURL *c = h->curl;
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, list);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-
-    int64_t t0 = amp_mono_ms();
-    CURLcode rc = curl_easy_perform(c);
-    reply->latency_ms = amp_mono_ms() - t0;
-
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-    reply->status = status;
-    memcpy(reply->retry_after, h->retry_after, sizeof reply->retry_after);
-
-    /* The handle outlives these: do not leave pointers to them behind. */
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, NULL);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDS, NULL);
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, NULL);
-    curl_slist_free_all(list);
-
-    if (rc != CURLE_OK) {
-        if (h->sse_broken)
-            set_transport(reply, rc, "response_too_large", "stream line over the size cap");
-        else
-            set_transport(reply, rc, transport_code(rc),
-                          errbuf[0] ? errbuf : curl_easy_strerror(rc));
-        return;
-    }
-    if (h->mode == MODE_STREAM) {
-        finish_stream(h, reply);
-        return;
-    }
-    reply->too_large = h->too_large;
-    if (!h->too_large && h->body.len > 0) {
-        json_error_t jerr;
-        reply->body = json_loadb(h->body.data, h->body.len, 0, &jerr);
-    }
-    /* A big buffer from one odd answer should not stay with the worker. */
-    if (h->body.cap > 64 * 1024)
-        amp_buf_free(&h->body);
+const amp_forward_sink *amp_forward_dify_sink(void) {
+    return &dify_sink;
 }

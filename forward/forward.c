@@ -15,6 +15,12 @@
  * queues run low (prefetch = nworkers / 4 rows, claimed in batches of at
  * least prefetch / 2) or a worker idles.
  *
+ * One delivery is three steps (deliver()): send, through the sink (sink.h;
+ * dify.c builds the request and reads the answer into an exchange);
+ * decide, in the pure amp_forward_decide (decide.c: the ack, the
+ * conversation, the verdict on the app's key); apply, here: the ack, its
+ * log line and counters, and under the lock the app's pause (finish()).
+ *
  * Per-app limits are applied when a job leaves its queue for a worker
  * (admit()): max_in_flight (requests of the app being sent), the token
  * bucket (rate_per_sec, burst; kept as GCRA, see pace.c; 0 = unlimited)
@@ -80,6 +86,7 @@
  */
 #include "forward.h"
 #include "forward_int.h"
+#include "sink.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -98,7 +105,6 @@
 /* Full claims in a row before the dispatcher waits for the spool to commit
  * what it sent back (rows of apps whose queue was full). */
 #define CLAIM_ROUNDS 8
-#define TRACE_ID_MAX 256
 /* Per-app memory queue bounds (claimed rows waiting for their turn). */
 #define HOLD_MIN 16u
 #define HOLD_MAX 1024u
@@ -123,8 +129,7 @@ typedef struct jring {
 
 struct app_state {
     const amp_app *app;
-    char *url;
-    char *auth;             /* "Authorization: Bearer <key>" — never logged */
+    void *target;           /* the sink's handle for this app (URL, credentials) */
     unsigned max_in_flight; /* 0 in amp_app means no cap: the pool size */
     unsigned hold_cap;      /* capacity of held */
     /* Metric series, all NULL without a registry: */
@@ -147,7 +152,7 @@ struct app_state {
 
 typedef struct worker {
     amp_forward *f;
-    amp_forward_http *http;
+    void *conn; /* the sink's connection, one per worker */
     pthread_t thread;
     bool started;
     uint64_t rng;
@@ -155,6 +160,7 @@ typedef struct worker {
 
 struct amp_forward {
     amp_forward_opts opts;
+    const amp_forward_sink *sink;
     amp_queue *spool;
     app_state *apps;
     size_t napps;
@@ -287,19 +293,6 @@ static const char *outcome_name(amp_outcome o) {
     return "unknown";
 }
 
-/* The dedupe key comes from the event, i.e. from the sender: keep it from
- * smuggling header lines or megabytes into the request. */
-static void trace_header(char *out, size_t outlen, const char *key) {
-    static const char prefix[] = "X-Trace-Id: ";
-    size_t n = sizeof prefix - 1;
-    memcpy(out, prefix, n);
-    for (size_t i = 0; key[i] && i < TRACE_ID_MAX && n + 1 < outlen; i++) {
-        unsigned char c = (unsigned char)key[i];
-        out[n++] = (c < 0x20 || c == 0x7f) ? '_' : (char)c;
-    }
-    out[n] = '\0';
-}
-
 /* ---- acknowledgements ------------------------------------------------- */
 
 static void ack_release(amp_forward *f, const amp_queue_job *job, int64_t due_ms) {
@@ -321,52 +314,21 @@ static void ack_dead(amp_forward *f, const app_state *a, const amp_queue_job *jo
             "status", (int)status, "code", code, "message", message, "attempt", job->attempts + 1);
 }
 
-static void on_retry(amp_forward *f, worker *w, const app_state *a, const amp_queue_job *job,
-                     const amp_forward_reply *r, const char *code, const char *message,
-                     int64_t now) {
-    int64_t max_age_s = f->opts.retry_max_age_s;
-    if (max_age_s > 0 && max_age_s < INT64_MAX / 1000 && now - job->created_ms > max_age_s * 1000) {
-        char *msg = amp_xasprintf("gave up after %" PRId64 " s; last: %ld %s%s%s",
-                                  (now - job->created_ms) / 1000, r->status, code ? code : "",
-                                  message ? " " : "", message ? message : "");
-        ack_dead(f, a, job, r->status, "expired", msg);
-        free(msg);
-        return;
-    }
-    int64_t delay = amp_forward_backoff_ms(f->opts.retry_initial_ms, f->opts.retry_max_ms,
-                                           job->attempts, next_rnd(&w->rng));
-    int64_t ra = amp_forward_retry_after_ms(r->retry_after[0] ? r->retry_after : NULL, now);
-    if (ra > delay)
-        delay = ra;
+/* The verdict's ack, for DELIVERED (with the sink's result) and RETRY. */
+static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forward_verdict *v,
+                        const char *result_json) {
     amp_queue_ack ack = {.id = job->id,
-                         .kind = AMP_QUEUE_ACK_RETRY,
-                         .due_ms = now + delay,
-                         .http_status = (int)r->status,
-                         .code = code,
-                         .message = message};
+                         .kind = v->kind,
+                         .due_ms = v->due_ms,
+                         .http_status = (int)v->status,
+                         .code = v->code,
+                         .message = v->message,
+                         .result_json = result_json,
+                         .conversation_id = v->conversation == AMP_FORWARD_CONV_STORE
+                                                ? v->conversation_id
+                                            : v->conversation == AMP_FORWARD_CONV_CLEAR ? ""
+                                                                                        : NULL};
     amp_queue_acknowledge(f->spool, &ack);
-    m_add(a->m_retried, 1);
-    amp_log(AMP_LOG_WARN, "dify delivery retry", "{s:I, s:s, s:i, s:s*, s:s*, s:i, s:I}", "id",
-            (json_int_t)job->id, "app", job->app, "status", (int)r->status, "code", code, "message",
-            message, "attempt", job->attempts + 1, "retry_in_ms", (json_int_t)delay);
-}
-
-static void on_delivered(amp_forward *f, app_state *a, const amp_queue_job *job,
-                         const amp_forward_reply *r) {
-    json_t *res = amp_forward_result(a->app->endpoint, r->status, r->body, r->latency_ms);
-    if (res && r->too_large)
-        json_object_set_new(res, "response_truncated", json_true());
-    char *text = res ? json_dumps(res, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-    json_decref(res);
-    amp_queue_ack ack = {.id = job->id,
-                         .kind = AMP_QUEUE_ACK_DELIVERED,
-                         .http_status = (int)r->status,
-                         .result_json = text,
-                         .conversation_id =
-                             job->per_user ? amp_forward_answer_conversation(r->body) : NULL};
-    amp_queue_acknowledge(f->spool, &ack);
-    free(text);
-    m_add(a->m_delivered, 1);
 }
 
 /* ---- admission ----------------------------------------------------------
@@ -512,109 +474,90 @@ static int64_t defer_due(amp_forward *f, app_state *a, int64_t now_ms, int64_t n
 /* ---- one delivery ----------------------------------------------------- */
 
 typedef struct sent {
-    amp_outcome o;
-    bool answered; /* an HTTP answer arrived (the key was checked) */
+    amp_forward_pause pause; /* the verdict about the app's key */
+    bool hold;               /* not spent (key rejected): the caller puts it back */
+    bool answered;           /* an HTTP answer arrived */
     long status;
     int64_t latency_ms;
 } sent;
 
-/* Send one job and acknowledge it, except for PAUSE_APP: that job is not
- * spent, the caller puts it back. */
+/* Apply a verdict: the ack, its log line and counters. A held job (key
+ * rejected) is not acknowledged: finish() puts it back. */
+static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue_job *job,
+                  const amp_forward_verdict *v) {
+    switch (v->kind) {
+    case AMP_QUEUE_ACK_DELIVERED: {
+        char *text = f->sink->result(w->conn, a->target);
+        ack_verdict(f, job, v, text);
+        free(text);
+        m_add(a->m_delivered, 1);
+        break;
+    }
+    case AMP_QUEUE_ACK_RETRY:
+        ack_verdict(f, job, v, NULL);
+        m_add(a->m_retried, 1);
+        if (v->reset)
+            amp_log(AMP_LOG_INFO, "dify conversation reset", "{s:I, s:s}", "id",
+                    (json_int_t)job->id, "app", job->app);
+        else
+            amp_log(AMP_LOG_WARN, "dify delivery retry", "{s:I, s:s, s:i, s:s*, s:s*, s:i, s:I}",
+                    "id", (json_int_t)job->id, "app", job->app, "status", (int)v->status, "code",
+                    v->code, "message", v->message, "attempt", job->attempts + 1, "retry_in_ms",
+                    (json_int_t)v->delay_ms);
+        break;
+    case AMP_QUEUE_ACK_DEAD:
+        ack_dead(f, a, job, v->status, v->code, v->message);
+        break;
+    case AMP_QUEUE_ACK_RELEASE:
+        if (!v->hold)
+            ack_release(f, job, v->due_ms);
+        break;
+    }
+}
+
+/* Send one job (the sink), decide what the exchange means (pure), and
+ * apply the verdict. */
 static sent deliver(worker *w, const qjob *q) {
     amp_forward *f = w->f;
     amp_queue_job *job = q->job;
     app_state *a = q->app;
-    sent out = {.o = AMP_OUTCOME_PERMANENT};
 
-    char *body = amp_forward_request_body(job->body, job->per_user ? job->conversation_id : NULL);
-    if (!body) {
-        ack_dead(f, a, job, 0, "invalid_body", "stored request body is not a JSON object");
-        return out;
-    }
-    char trace[sizeof "X-Trace-Id: " + TRACE_ID_MAX];
-    const char *headers[4];
-    size_t nh = 0;
-    headers[nh++] = "Content-Type: application/json";
-    headers[nh++] = a->auth;
-    if (job->dedupe_key && *job->dedupe_key) {
-        trace_header(trace, sizeof trace, job->dedupe_key);
-        headers[nh++] = trace;
-    }
-    headers[nh] = NULL;
-
-    amp_forward_reply r;
+    amp_forward_exchange ex = {.retry_after_ms = -1};
     m_add(a->m_in_flight, 1);
-    amp_forward_http_post(w->http, a->url, headers, body, strlen(body), &r);
+    f->sink->send(w->conn, a->target, job, &ex);
     m_add(a->m_in_flight, -1);
-    free(body);
-    int64_t now = amp_now_ms();
-    if (r.transport_error == CURLE_ABORTED_BY_CALLBACK) {
-        /* Ended by amp_forward_stop past its grace: not an attempt; the row
-         * is due again at the next start. */
-        ack_release(f, job, now);
+    ex.attempts = job->attempts;
+    ex.created_ms = job->created_ms;
+    ex.per_user = job->per_user;
+    ex.probe = q->probe;
+    ex.retry_initial_ms = f->opts.retry_initial_ms;
+    ex.retry_max_ms = f->opts.retry_max_ms;
+    ex.retry_max_age_s = f->opts.retry_max_age_s;
+    ex.rnd = next_rnd(&w->rng);
+
+    amp_forward_verdict v;
+    amp_forward_decide(&ex, &v);
+
+    if (ex.aborted)
         amp_log(AMP_LOG_INFO, "dify request abandoned at shutdown", "{s:I, s:s, s:I}", "id",
-                (json_int_t)job->id, "app", job->app, "after_ms", (json_int_t)r.latency_ms);
-        amp_forward_reply_clear(&r);
-        out.o = AMP_OUTCOME_RETRY;
-        return out;
+                (json_int_t)job->id, "app", job->app, "after_ms", (json_int_t)ex.latency_ms);
+    if (!ex.aborted && !ex.refused_code) {
+        if (a->m_seconds)
+            amp_series_observe(a->m_seconds, (double)ex.latency_ms / 1e3);
+        count_response(f, a, ex.status, v.answer_code);
+        amp_log(AMP_LOG_DEBUG, "dify delivery", "{s:I, s:s, s:s, s:i, s:s, s:I, s:i, s:b, s:b}",
+                "id", (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
+                "status", (int)ex.status, "outcome", outcome_name(v.outcome), "latency_ms",
+                (json_int_t)ex.latency_ms, "attempt", job->attempts + 1, "streamed", ex.streamed,
+                "probe", q->probe);
     }
-    if (a->m_seconds)
-        amp_series_observe(a->m_seconds, (double)r.latency_ms / 1e3);
-
-    const char *code = NULL, *message = NULL;
-    amp_outcome o = amp_forward_classify(r.transport_error, r.status, r.body, &code, &message);
-    if (r.transport_error) {
-        code = r.transport_code;
-        message = r.error;
-    } else if (r.too_large && o != AMP_OUTCOME_DELIVERED) {
-        code = "response_too_large";
-        message = "Dify's answer exceeded the size cap";
-    }
-    count_response(f, a, r.status, r.transport_error ? r.transport_code : code);
-    amp_log(AMP_LOG_DEBUG, "dify delivery", "{s:I, s:s, s:s, s:i, s:s, s:I, s:i, s:b, s:b}", "id",
-            (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "", "status",
-            (int)r.status, "outcome", outcome_name(o), "latency_ms", (json_int_t)r.latency_ms,
-            "attempt", job->attempts + 1, "streamed", r.streamed, "probe", q->probe);
-    out.o = o;
-    out.answered = !r.transport_error && r.status > 0;
-    out.status = r.status;
-    out.latency_ms = r.latency_ms;
-
-    switch (o) {
-    case AMP_OUTCOME_DELIVERED:
-        on_delivered(f, a, job, &r);
-        break;
-    case AMP_OUTCOME_RETRY:
-        on_retry(f, w, a, job, &r, code, message, now);
-        break;
-    case AMP_OUTCOME_PAUSE_APP:
-        break; /* not spent: see finish() */
-    case AMP_OUTCOME_RESET_CONVERSATION:
-        if (job->per_user && job->conversation_id && *job->conversation_id) {
-            /* Dify forgot the conversation (deleted, expired): start a new
-             * one right away, without waiting for a backoff. */
-            amp_queue_ack ack = {.id = job->id,
-                                 .kind = AMP_QUEUE_ACK_RETRY,
-                                 .due_ms = now,
-                                 .http_status = (int)r.status,
-                                 .code = code,
-                                 .message = message,
-                                 .conversation_id = ""};
-            amp_queue_acknowledge(f->spool, &ack);
-            m_add(a->m_retried, 1);
-            amp_log(AMP_LOG_INFO, "dify conversation reset", "{s:I, s:s}", "id",
-                    (json_int_t)job->id, "app", job->app);
-            break;
-        }
-        /* We sent no conversation, so this 404 is about something else. */
-        ack_dead(f, a, job, r.status, code, message);
-        break;
-    case AMP_OUTCOME_PERMANENT:
-        ack_dead(f, a, job, r.status, code, message);
-        break;
-    }
-    amp_forward_reply_clear(&r);
-    return out;
+    apply(f, w, a, job, &v);
+    f->sink->release(w->conn);
+    return (sent){.pause = v.pause,
+                  .hold = v.hold,
+                  .answered = v.answered,
+                  .status = ex.status,
+                  .latency_ms = ex.latency_ms};
 }
 
 /* What finish() decided, to log and count once the lock is released. */
@@ -636,7 +579,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
     if (s->answered)
         a->latency_ms = a->latency_ms > 0 ? 0.8 * a->latency_ms + 0.2 * (double)s->latency_ms
                                           : (double)s->latency_ms;
-    if (s->o == AMP_OUTCOME_PAUSE_APP) {
+    if (s->hold) {
         if (!a->paused) {
             /* (Also a probe whose app another answer resumed meanwhile.) */
             a->paused = true;
@@ -644,7 +587,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
             a->strikes = 1;
             a->paused_since_us = now_us;
             n.what = AFTER_PAUSED;
-        } else if (q->probe) {
+        } else if (s->pause == AMP_FORWARD_PAUSE_PROBE_REJECTED) {
             a->probing = false;
             if (a->strikes < 62)
                 a->strikes++;
@@ -665,14 +608,13 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
     if (q->probe)
         a->probing = false;
     if (a->paused) {
-        bool key_ok = s->answered && s->o != AMP_OUTCOME_RETRY;
-        if (key_ok) {
+        if (s->pause == AMP_FORWARD_PAUSE_RESUME) {
             n.what = AFTER_RESUMED;
             n.paused_ms = (now_us - a->paused_since_us) / 1000;
             a->paused = false;
             a->probing = false;
             a->strikes = 0;
-        } else if (q->probe) {
+        } else if (s->pause == AMP_FORWARD_PAUSE_PROBE_AGAIN) {
             /* 429, 5xx, a timeout: nothing learnt about the key. Probe again
              * after the same interval. */
             a->pause_until_us =
@@ -926,30 +868,18 @@ static void release_all(amp_forward *f) {
 
 static void destroy(amp_forward *f) {
     for (size_t i = 0; i < f->napps; i++) {
-        free(f->apps[i].url);
-        if (f->apps[i].auth) {
-            /* The key should not linger in freed heap memory. */
-            memset(f->apps[i].auth, 0, strlen(f->apps[i].auth));
-            free(f->apps[i].auth);
-        }
+        f->sink->app_destroy(f->apps[i].target);
         free(f->apps[i].held.v);
     }
     free(f->apps);
     for (unsigned i = 0; f->workers && i < f->nworkers; i++)
-        amp_forward_http_destroy(f->workers[i].http);
+        f->sink->conn_destroy(f->workers[i].conn);
     free(f->workers);
     free(f->ready.v);
     pthread_cond_destroy(&f->work_cv);
     pthread_cond_destroy(&f->dispatch_cv);
     pthread_mutex_destroy(&f->mu);
     free(f);
-}
-
-static int has_ctl(const char *s) {
-    for (; *s; s++)
-        if ((unsigned char)*s < 0x20 || *s == 0x7f)
-            return 1;
-    return 0;
 }
 
 /* Memory queue of an app: enough for its share of the pool plus the
@@ -999,6 +929,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, c
     f->opts.base_url = NULL;
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
+    f->sink = amp_forward_dify_sink();
     f->spool = spool;
     f->metrics = opts->metrics;
     atomic_init(&f->abort_requests, false);
@@ -1026,14 +957,9 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, c
         const char *key = opts->api_keys[i];
         app_state *a = &f->apps[i];
         a->app = app;
-        a->url = amp_forward_join_url(opts->base_url, amp_map_endpoint_path(app->endpoint));
-        if (!key || !*key || has_ctl(key)) {
-            /* Never print the key, not even a broken one. */
-            snprintf(err, errlen, "apps.%s: API key %s", app->name,
-                     !key || !*key ? "is missing" : "contains control characters");
+        a->target = f->sink->app_create(opts->base_url, app, key, err, errlen);
+        if (!a->target)
             goto fail;
-        }
-        a->auth = amp_xasprintf("Authorization: Bearer %s", key);
         a->max_in_flight = app->max_in_flight ? app->max_in_flight : f->nworkers;
         a->hold_cap = hold_capacity(f, app, a->max_in_flight);
         ring_init(&a->held, a->hold_cap);
@@ -1050,9 +976,9 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, c
         worker *w = &f->workers[i];
         w->f = f;
         w->rng = seed + i * 0x9E3779B97F4A7C15ULL;
-        w->http = amp_forward_http_create(opts->connect_timeout_s, opts->timeout_s,
-                                          &f->abort_requests, err, errlen);
-        if (!w->http)
+        w->conn = f->sink->conn_create(opts->connect_timeout_s, opts->timeout_s, &f->abort_requests,
+                                       err, errlen);
+        if (!w->conn)
             goto fail_attr;
     }
     for (unsigned i = 0; i < f->nworkers; i++) {

@@ -6,11 +6,13 @@
  * bucket rate_per_sec/burst, max_in_flight, a pause after a rejected key
  * with one probe at a growing interval). Each worker owns one reused curl
  * easy handle (keep-alive) and POSTs {base}/<endpoint> with "Authorization:
- * Bearer <app key>" and the event's dedupe key as X-Trace-Id. The answer is
- * classified (amp_forward_classify) and acknowledged to the spool:
+ * Bearer <app key>" and the event's dedupe key as X-Trace-Id (the Dify
+ * sink, dify.c, behind the seam of sink.h). Each exchange is decided in one
+ * pure function (amp_forward_decide, decide.c) and the verdict applied:
  * delivered, retry at a backoff time (exponential, full jitter, capped),
- * or dead-lettered with Dify's status, code and message. forward.c's
- * opening comment explains the scheduling and the measurements behind it.
+ * dead-lettered with Dify's status, code and message, or released without
+ * spending an attempt; plus the app's pause. forward.c's opening comment
+ * explains the scheduling and the measurements behind it.
  *
  * Threading: amp_forward_start/stop from one thread; the classification and
  * backoff helpers are pure and reentrant.

@@ -4,8 +4,12 @@
  *   classify.c  pure helpers: outcome, backoff, Retry-After, URL joining,
  *               the stored delivery result (forward.h declares the public
  *               ones, the rest are here so unit tests can reach them)
- *   dify.c      one HTTP connection to Dify: a reused curl easy handle, a
- *               capped response buffer, Retry-After capture
+ *   decide.c    pure: what one exchange with a sink means (the ack, the
+ *               conversation, the app's pause)
+ *   sink.h      the seam between the engine and a destination API
+ *   dify.c      the Dify sink: request, headers, answer -> exchange
+ *   http.c      one HTTP connection: a reused curl easy handle, a capped
+ *               response buffer, Retry-After capture
  *   sse.c       incremental parser of Dify's streaming answers
  *               (text/event-stream), folding the events into the same JSON
  *               shape a blocking answer has
@@ -15,8 +19,8 @@
  *               acknowledgements
  *
  * Threading: an amp_forward_http or amp_forward_sse belongs to one thread at
- * a time (one per worker); everything in classify.c and pace.c is pure and
- * reentrant.
+ * a time (one per worker); everything in classify.c, decide.c and pace.c is
+ * pure and reentrant.
  */
 #ifndef AMP_FORWARD_INT_H
 #define AMP_FORWARD_INT_H
@@ -31,6 +35,8 @@
 #include "../mapping/mapping.h"
 #include "../base/util.h"
 #include "../base/version.h"
+#include "../queue/queue.h"
+#include "forward.h"
 
 /* Fallback for builds that leave version.h out. */
 #ifndef AMP_VERSION
@@ -69,6 +75,101 @@ const char *amp_forward_answer_conversation(const json_t *body);
 json_t *amp_forward_result(amp_endpoint endpoint, long http_status, const json_t *body,
                            int64_t latency_ms);
 
+/* ---- decide.c: one exchange, one verdict ------------------------------
+ * A delivery is: send (the sink), decide (pure, here), apply (forward.c:
+ * ack, logs, metrics, pause bookkeeping). Everything the decision depends
+ * on is in the exchange, so a table of exchanges tests every rule. */
+
+/* What the ack does to the conversation stored for (app, user). */
+typedef enum {
+    AMP_FORWARD_CONV_KEEP,  /* leave it as it is */
+    AMP_FORWARD_CONV_STORE, /* store verdict.conversation_id (per_user answers) */
+    AMP_FORWARD_CONV_CLEAR, /* forget it: the next attempt starts a new one */
+} amp_forward_conv;
+
+/* What the exchange says about the app's key. forward.c applies it to the
+ * app's pause state (which only it knows): PAUSE and PROBE_REJECTED pause
+ * an app that is not paused; PROBE_REJECTED of a paused app doubles the
+ * probe interval; PROBE_AGAIN keeps a paused app paused for the same
+ * interval; RESUME ends a pause. */
+typedef enum {
+    AMP_FORWARD_PAUSE_NONE,           /* nothing learnt about the key */
+    AMP_FORWARD_PAUSE_APP,            /* a request's key was rejected (401/403) */
+    AMP_FORWARD_PAUSE_PROBE_REJECTED, /* the probe's key was rejected */
+    AMP_FORWARD_PAUSE_PROBE_AGAIN,    /* the probe got no verdict (429, 5xx, no answer) */
+    AMP_FORWARD_PAUSE_RESUME,         /* an answer got past the key check */
+} amp_forward_pause;
+
+/* One exchange with a sink, and the job and settings around it. Strings
+ * are borrowed (from the sink's reply or the job) for as long as the
+ * verdict is used. */
+typedef struct amp_forward_exchange {
+    /* What happened; the sink fills these. */
+    const char *refused_code; /* non-NULL: nothing was sent (the job cannot make a
+                                 request): dead letter with this code */
+    const char *refused_message;
+    bool aborted;               /* ended by amp_forward_stop past its grace */
+    int transport_error;        /* non-zero: no whole answer (connect, timeout, cut stream) */
+    const char *transport_code; /* "timeout", "connect_failed", ... */
+    const char *transport_message;
+    long status;                 /* HTTP status; 0 when none arrived */
+    const char *code, *message;  /* Dify's {"code","message"} when present */
+    const char *workflow_status; /* a workflow answer's data.status, or NULL */
+    const char *workflow_error;  /* its data.error, or NULL */
+    const char *conversation_id; /* the answer's conversation id (non-empty), or NULL */
+    bool too_large;              /* the answer exceeded AMP_FORWARD_MAX_RESPONSE */
+    int64_t retry_after_ms;      /* Retry-After, parsed; -1 when absent */
+    int64_t latency_ms;          /* reported, not decided on */
+    bool streamed;               /* reported, not decided on */
+    /* The job. */
+    int attempts;          /* made before this one */
+    int64_t created_ms;    /* start of its schedule (wall clock) */
+    bool per_user;         /* its (app, user) keeps a conversation */
+    bool had_conversation; /* the request carried a conversation id */
+    bool probe;            /* it was its paused app's probe */
+    /* Settings, clock, chance. */
+    int64_t now_ms; /* wall clock when the answer arrived */
+    int64_t retry_initial_ms, retry_max_ms;
+    int64_t retry_max_age_s; /* <= 0: no expiry */
+    double rnd;              /* uniform in [0, 1): backoff jitter */
+} amp_forward_exchange;
+
+#define AMP_FORWARD_VERDICT_TEXT 512
+
+/* The decision. code and message may point into the exchange, to static
+ * text, or to text[] (do not copy a verdict by value while using them). */
+typedef struct amp_forward_verdict {
+    amp_outcome outcome;        /* what the answer meant (logs) */
+    amp_queue_ack_kind kind;    /* DELIVERED, RETRY, DEAD, or RELEASE (not an attempt) */
+    bool hold;                  /* RELEASE of a paused app's job: back to its queue,
+                                   due_ms is left to the pause (forward.c) */
+    int64_t due_ms;             /* RETRY and RELEASE (not hold): when due again */
+    int64_t delay_ms;           /* RETRY: due_ms - now_ms */
+    long status;                /* stored as the row's last status */
+    const char *code, *message; /* stored with a RETRY or DEAD */
+    const char *answer_code;    /* the code counted in responses_total */
+    amp_forward_conv conversation;
+    const char *conversation_id; /* STORE: borrowed from the exchange */
+    bool reset;                  /* RETRY now as a new conversation (404) */
+    bool expired;                /* DEAD because the job outlived max_age */
+    amp_forward_pause pause;
+    bool answered; /* a whole HTTP answer arrived (its latency tells the app's pace) */
+    char text[AMP_FORWARD_VERDICT_TEXT]; /* room for a composed message */
+} amp_forward_verdict;
+
+/* Decide one exchange. Pure: reads only *in, writes only *out. */
+void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out);
+
+/* The outcome rules (amp_forward_classify reads them from a JSON body):
+ * the class of in's answer, with the code and message to report. */
+amp_outcome amp_forward_outcome(const amp_forward_exchange *in, const char **code,
+                                const char **message);
+
+/* Fill the answer fields of ex (code, message, workflow_status,
+ * workflow_error, conversation_id) from Dify's parsed body (borrowed; may
+ * be NULL). */
+void amp_forward_exchange_answer(amp_forward_exchange *ex, const json_t *body);
+
 /* ---- pace.c ---------------------------------------------------------- */
 
 /* First probe interval of a paused app; it doubles per rejected probe up to
@@ -106,7 +207,7 @@ double amp_forward_effective_rate(double rate_per_sec, unsigned max_in_flight, d
 int64_t amp_forward_defer_due_ms(int64_t *next_ms, int64_t now_ms, double rate, unsigned queued,
                                  unsigned queue_cap);
 
-/* ---- dify.c: one connection ----------------------------------------- */
+/* ---- http.c: one connection ----------------------------------------- */
 
 typedef struct amp_forward_http amp_forward_http;
 

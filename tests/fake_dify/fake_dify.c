@@ -35,7 +35,8 @@ struct fake_dify {
     struct MHD_Daemon *daemon;
     int listen_fd;
     uint16_t port;
-    char *bearer; /* "Bearer <key>" */
+    char **bearers; /* "Bearer <key>", one per accepted key; guarded by mu */
+    size_t nbearers;
 
     pthread_mutex_t mu;
     pthread_cond_t changed; /* counters moved, or stopping */
@@ -55,7 +56,9 @@ struct fake_dify {
     json_t *records;
     uint64_t seq;
     size_t count;
+    size_t arrived;
     size_t delivered;
+    size_t connections;
 
     conv_slot *convs;
     size_t conv_cap, conv_len;
@@ -425,7 +428,7 @@ static char *stream_body(const answer_ctx *a) {
         }
         if (err) {
             sse_data(&out, error_event(a));
-        } else {
+        } else if (!a->b->sse_unfinished) {
             bool failed = a->b->workflow_failed;
             json_t *outputs = failed ? json_null() : json_pack("{s:s}", "result", ans);
             json_t *error = failed
@@ -458,7 +461,7 @@ static char *stream_body(const answer_ctx *a) {
         }
         if (err) {
             sse_data(&out, error_event(a));
-        } else {
+        } else if (!a->b->sse_unfinished) {
             json_t *end = chat_event(a, "message_end");
             json_object_set_new(end, "id", json_string(a->message_id));
             json_t *meta = json_pack("{s:o, s:[]}", "usage", usage_json(a->body_len, alen),
@@ -549,6 +552,13 @@ static void record(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn, cons
         json_object_set_new(
             r, "content_type",
             str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type")));
+        json_object_set_new(
+            r, "user_agent",
+            str_or_null(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "User-Agent")));
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        json_object_set_new(r, "connection",
+                            json_integer(ci ? (json_int_t)(uintptr_t)ci->socket_context : 0));
         json_object_set_new(r, "body", body ? json_deep_copy(body) : json_null());
         /* Bodies that are not UTF-8 cannot be JSON strings; null says so. */
         json_object_set_new(r, "raw_body", raw ? raw : json_null());
@@ -652,10 +662,23 @@ static const char *check_body(endpoint ep, const json_t *body) {
     return NULL;
 }
 
+static bool key_ok(fake_dify *f, const char *auth) {
+    bool ok = false;
+    pthread_mutex_lock(&f->mu);
+    for (size_t i = 0; auth && !ok && i < f->nbearers; i++)
+        ok = strcmp(auth, f->bearers[i]) == 0;
+    pthread_mutex_unlock(&f->mu);
+    return ok;
+}
+
 static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
                                   const char *url, const char *method, endpoint ep) {
     fake_dify_behaviour b;
     take_behaviour(f, &b);
+    pthread_mutex_lock(&f->mu);
+    f->arrived++;
+    pthread_cond_broadcast(&f->changed);
+    pthread_mutex_unlock(&f->mu);
     enum MHD_Result ret;
     json_t *body = NULL;
     char *answer_owned = NULL;
@@ -670,7 +693,7 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         goto out;
     }
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (!auth || strcmp(auth, f->bearer) != 0) {
+    if (!key_ok(f, auth)) {
         ret = fail(f, ctx, conn, url, method, NULL, 401, "unauthorized", "Access token is invalid",
                    NULL, NULL, true);
         goto out;
@@ -754,7 +777,8 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
 
     const char *mode = json_string_value(json_object_get(body, "response_mode"));
     bool streaming = mode && strcmp(mode, "streaming") == 0;
-    ctx->success = !b.sse_error && !(ep == EP_WORKFLOW && b.workflow_failed);
+    ctx->success = !b.sse_error && !(streaming && b.sse_unfinished) &&
+                   !(ep == EP_WORKFLOW && b.workflow_failed);
     if (streaming) {
         stream *s = amp_xcalloc(1, sizeof(stream));
         s->f = f;
@@ -846,6 +870,18 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
 }
 
+/* Number each connection as it opens; records carry the number. */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe) {
+    (void)conn;
+    fake_dify *f = cls;
+    if (toe != MHD_CONNECTION_NOTIFY_STARTED)
+        return;
+    pthread_mutex_lock(&f->mu);
+    *socket_context = (void *)(uintptr_t)++f->connections;
+    pthread_mutex_unlock(&f->mu);
+}
+
 /* ---- lifecycle and the test-facing API ---------------------------------- */
 
 static int listen_on(uint16_t port, uint16_t *bound) {
@@ -871,9 +907,15 @@ static int listen_on(uint16_t port, uint16_t *bound) {
     return fd;
 }
 
+static void free_keys(fake_dify *f) {
+    for (size_t i = 0; i < f->nbearers; i++)
+        free(f->bearers[i]);
+    free(f->bearers);
+}
+
 fake_dify *fake_dify_start(uint16_t port, const char *api_key) {
     fake_dify *f = amp_xcalloc(1, sizeof(fake_dify));
-    f->bearer = amp_xasprintf("Bearer %s", api_key ? api_key : "");
+    fake_dify_add_key(f, api_key ? api_key : "");
     pthread_mutex_init(&f->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -893,12 +935,12 @@ fake_dify *fake_dify_start(uint16_t port, const char *api_key) {
         fprintf(stderr, "fake_dify: cannot listen on 127.0.0.1:%u: %s\n", port, strerror(errno));
         goto fail;
     }
-    f->daemon = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL_INTERNAL_THREAD, 0,
-                                 NULL, NULL, on_request, f, MHD_OPTION_LISTEN_SOCKET, f->listen_fd,
-                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)FAKE_CONN_LIMIT,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-                                 MHD_OPTION_THREAD_STACK_SIZE, (size_t)(256 * 1024),
-                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, f, MHD_OPTION_END);
+    f->daemon = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL_INTERNAL_THREAD, 0, NULL, NULL, on_request, f,
+        MHD_OPTION_LISTEN_SOCKET, f->listen_fd, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)FAKE_CONN_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+        MHD_OPTION_THREAD_STACK_SIZE, (size_t)(256 * 1024), MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, f, MHD_OPTION_NOTIFY_CONNECTION, on_connection, f, MHD_OPTION_END);
     if (!f->daemon) {
         fprintf(stderr, "fake_dify: cannot start the HTTP daemon on port %u\n", f->port);
         close(f->listen_fd);
@@ -910,7 +952,7 @@ fail:
     pthread_cond_destroy(&f->changed);
     pthread_cond_destroy(&f->stop_cv);
     pthread_mutex_destroy(&f->mu);
-    free(f->bearer);
+    free_keys(f);
     free(f);
     return NULL;
 }
@@ -940,12 +982,20 @@ void fake_dify_stop(fake_dify *f) {
     pthread_cond_destroy(&f->changed);
     pthread_cond_destroy(&f->stop_cv);
     pthread_mutex_destroy(&f->mu);
-    free(f->bearer);
+    free_keys(f);
     free(f);
 }
 
 uint16_t fake_dify_port(const fake_dify *f) {
     return f->port;
+}
+
+void fake_dify_add_key(fake_dify *f, const char *api_key) {
+    char *bearer = amp_xasprintf("Bearer %s", api_key);
+    pthread_mutex_lock(&f->mu);
+    f->bearers = amp_xrealloc(f->bearers, (f->nbearers + 1) * sizeof *f->bearers);
+    f->bearers[f->nbearers++] = bearer;
+    pthread_mutex_unlock(&f->mu);
 }
 
 void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b) {
@@ -1019,6 +1069,20 @@ size_t fake_dify_count(fake_dify *f) {
     return n;
 }
 
+size_t fake_dify_arrived(fake_dify *f) {
+    pthread_mutex_lock(&f->mu);
+    size_t n = f->arrived;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+size_t fake_dify_connections(fake_dify *f) {
+    pthread_mutex_lock(&f->mu);
+    size_t n = f->connections;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
 size_t fake_dify_delivered(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     size_t n = f->delivered;
@@ -1046,6 +1110,10 @@ size_t fake_dify_wait_count(fake_dify *f, size_t n, unsigned timeout_ms) {
     return wait_for(f, &f->count, n, timeout_ms);
 }
 
+size_t fake_dify_wait_arrived(fake_dify *f, size_t n, unsigned timeout_ms) {
+    return wait_for(f, &f->arrived, n, timeout_ms);
+}
+
 void fake_dify_reset(fake_dify *f) {
     pthread_mutex_lock(&f->mu);
     /* Requests in flight hold their own reference to their record. */
@@ -1054,6 +1122,7 @@ void fake_dify_reset(fake_dify *f) {
     if (!f->records)
         abort();
     f->count = 0;
+    f->arrived = 0;
     f->delivered = 0;
     /* Records live elsewhere only through in-flight requests' references,
      * which are also dropped under this lock. */

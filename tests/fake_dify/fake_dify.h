@@ -8,15 +8,17 @@
  *     POST [/v1]/workflows/run        WorkflowBlockingResponse / SSE
  *
  * with the bodies and error envelopes ({"code","message","status"}) of
- * shared/dify/openapi_service.json. It checks "Authorization: Bearer <key>",
+ * shared/dify/openapi_service.json. It checks "Authorization: Bearer <key>"
+ * (one key per app: fake_dify_add_key accepts more than the first),
  * the required body fields, and conversation ids (an id it never issued is
  * 404 "Conversation Not Exists.").
  *
  * Tests script it: each request to an API endpoint takes the next behaviour
  * from a FIFO (status, Retry-After, delay, dropped connection, SSE chunking,
- * in-stream error, failed workflow); an empty FIFO means the default
- * behaviour (success, plus the optional global delay and fail rate). Every
- * request is recorded and can be read back as JSON.
+ * in-stream error, cut stream, failed workflow); an empty FIFO means the
+ * default behaviour (success, plus the optional global delay and fail
+ * rate). Every request is recorded and can be read back as JSON, with the
+ * number of the connection it came on (keep-alive shows as one number).
  *
  * Threading: every function is safe from any thread while the server runs;
  * fake_dify_stop must not race with other calls on the same instance.
@@ -53,6 +55,9 @@ typedef struct fake_dify_behaviour {
     /* A 200 stream that ends with an `error` event instead of finishing.
      * The event carries status (when not 0/200, else 500), code and message. */
     bool sse_error;
+    /* A 200 stream that stops before its closing event (message_end,
+     * workflow_finished), as when Dify's worker dies mid-answer. */
+    bool sse_unfinished;
     /* Workflows: 200 with data.status "failed" and data.error = message (or a
      * default). Ignored by chat and completion endpoints. */
     bool workflow_failed;
@@ -67,6 +72,9 @@ fake_dify *fake_dify_start(uint16_t port, const char *api_key);
 void fake_dify_stop(fake_dify *f);
 
 uint16_t fake_dify_port(const fake_dify *f);
+
+/* Accept "Bearer <api_key>" too (copied): Dify has one key per app. */
+void fake_dify_add_key(fake_dify *f, const char *api_key);
 
 /* Append a scripted behaviour (copied) to the FIFO. */
 void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b);
@@ -86,24 +94,31 @@ void fake_dify_set_fail_rate(fake_dify *f, double rate, uint64_t seed);
  * memory stays flat; counters are kept either way. */
 void fake_dify_set_recording(fake_dify *f, bool on);
 
-/* Snapshot of the recorded requests in arrival order; caller owns. Each is
+/* Snapshot of the recorded requests in the order they were answered (a
+ * scripted delay answers later); caller owns. Each is
  *   {"seq", "method", "path", "authorization" (or null), "trace_id" (or
- *    null), "content_type" (or null), "body" (parsed JSON or null),
+ *    null), "content_type" (or null), "user_agent" (or null), "connection"
+ *    (number of the TCP connection, from 1), "body" (parsed JSON or null),
  *    "raw_body", "arrived_ms" (wall clock), "status" (the HTTP status
  *    answered; 0 for a dropped connection), "delivered" (bool: a success
  *    the product must count as delivered), "streaming" (bool),
  *    "response" (the bytes sent, or null)}                               */
 json_t *fake_dify_requests(fake_dify *f);
 
-size_t fake_dify_count(fake_dify *f);     /* API requests answered or dropped */
-size_t fake_dify_delivered(fake_dify *f); /* of which successful deliveries */
+size_t fake_dify_count(fake_dify *f);       /* API requests answered or dropped */
+size_t fake_dify_arrived(fake_dify *f);     /* API requests received (before any delay) */
+size_t fake_dify_connections(fake_dify *f); /* TCP connections accepted so far */
+size_t fake_dify_delivered(fake_dify *f);   /* of which successful deliveries */
 /* Wait until at least n successful deliveries happened or timeout_ms passed;
  * returns the number reached. */
 size_t fake_dify_wait_delivered(fake_dify *f, size_t n, unsigned timeout_ms);
 /* Wait until at least n API requests were answered (any status). */
 size_t fake_dify_wait_count(fake_dify *f, size_t n, unsigned timeout_ms);
+/* Wait until at least n API requests arrived (answered or not yet). */
+size_t fake_dify_wait_arrived(fake_dify *f, size_t n, unsigned timeout_ms);
 
-/* Forget recorded requests and counters (scripted behaviours stay). */
+/* Forget recorded requests and counters (scripted behaviours stay; the
+ * connection count goes on, so connection numbers stay unique). */
 void fake_dify_reset(fake_dify *f);
 
 #endif

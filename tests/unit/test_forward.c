@@ -1,9 +1,10 @@
 /*
  * Unit tests for forward/: the pure helpers (classification, backoff,
  * Retry-After, URL and body building, the stored result, the SSE folder),
- * then the engine itself against the real spool and a small scripted HTTP
- * server on 127.0.0.1 defined here, so every ack the forwarder writes can
- * be read back from the SQLite file.
+ * then the engine itself against the real spool and the one fake Dify every
+ * test uses (tests/fake_dify/, on 127.0.0.1, scripted per request), so every
+ * ack the forwarder writes can be read back from the SQLite file.
+ * (amp_forward_decide's rules are tabled in test_decide.c.)
  */
 #include "../../forward/forward.h"
 #include "../../forward/forward_int.h"
@@ -12,24 +13,19 @@
 #include "../../base/util.h"
 #include "../../spool/spool.h"
 #include "../check_run.h"
+#include "../fake_dify/fake_dify.h"
 
 #include <arpa/inet.h>
 #include <check.h>
 #include <curl/curl.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <pthread.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -733,56 +729,6 @@ START_TEST(test_sse_limits) {
 }
 END_TEST
 
-/* ======================================================================
- * A scripted HTTP server on 127.0.0.1
- * ====================================================================== */
-
-#define MAX_SCRIPT 32
-#define MAX_SEEN 64
-#define MAX_CONNS 16
-
-typedef struct {
-    int status;
-    const char *ctype;   /* NULL: application/json */
-    const char *headers; /* extra "Name: value\r\n" lines, or NULL */
-    const char *body;    /* NULL: the default chat answer */
-    unsigned delay_ms;
-    bool drop;    /* close without answering */
-    size_t chunk; /* write the body in pieces of this size (0: at once) */
-    size_t big;   /* send this many bytes of filler as body instead */
-} reply_t;
-
-typedef struct {
-    char path[128];
-    char auth[128];
-    char trace[300];
-    char ua[64];
-    char ctype[64];
-    char *body;
-    int conn;
-    int64_t at_ms;
-} seen_t;
-
-typedef struct {
-    int lfd;
-    uint16_t port;
-    pthread_t accept_th;
-    atomic_bool stop;
-    pthread_mutex_t mu;
-    reply_t script[MAX_SCRIPT];
-    size_t nscript, next;
-    seen_t seen[MAX_SEEN];
-    size_t nseen;
-    int nconns;
-    pthread_t conn_th[MAX_CONNS];
-    int conn_fd[MAX_CONNS];
-} fake_t;
-
-typedef struct {
-    fake_t *f;
-    int idx;
-} conn_arg;
-
 static int64_t mono_ms(void) {
     return amp_mono_ms();
 }
@@ -792,235 +738,6 @@ static void sleep_ms(unsigned ms) {
     nanosleep(&ts, NULL);
 }
 
-/* Read until "\r\n\r\n" plus Content-Length body; 0 ok, -1 closed/stop. */
-static int read_request(fake_t *f, int fd, amp_buf *in, size_t *hdr_len, size_t *body_len) {
-    for (int spins = 0; spins < 3000; spins++) { /* <= 300 s */
-        char *end = in->data ? strstr(in->data, "\r\n\r\n") : NULL;
-        if (end) {
-            *hdr_len = (size_t)(end - in->data) + 4;
-            const char *cl = strcasestr(in->data, "\r\nContent-Length:");
-            size_t n = 0;
-            if (cl && cl < end)
-                n = strtoul(cl + 17, NULL, 10);
-            *body_len = n;
-            if (in->len >= *hdr_len + n)
-                return 0;
-        }
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        int pr = poll(&p, 1, 100);
-        if (atomic_load(&f->stop))
-            return -1;
-        if (pr <= 0)
-            continue;
-        char buf[65536];
-        ssize_t r = read(fd, buf, sizeof buf);
-        if (r <= 0)
-            return -1;
-        if (amp_buf_append(in, buf, (size_t)r) != 0)
-            return -1;
-    }
-    return -1;
-}
-
-static void header_value(const char *req, size_t hdr_len, const char *name, char *out,
-                         size_t outlen) {
-    out[0] = '\0';
-    size_t nl = strlen(name);
-    for (const char *p = strstr(req, "\r\n"); p && (size_t)(p - req) < hdr_len;
-         p = strstr(p + 2, "\r\n")) {
-        const char *line = p + 2;
-        if (strncasecmp(line, name, nl) == 0 && line[nl] == ':') {
-            const char *v = line + nl + 1;
-            while (*v == ' ')
-                v++;
-            const char *e = strstr(v, "\r\n");
-            size_t n = e ? (size_t)(e - v) : strlen(v);
-            if (n >= outlen)
-                n = outlen - 1;
-            memcpy(out, v, n);
-            out[n] = '\0';
-            return;
-        }
-    }
-}
-
-static int write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-static const char *reason(int status) {
-    return status == 200 ? "OK" : "Status";
-}
-
-static void *conn_main(void *arg) {
-    conn_arg *ca = arg;
-    fake_t *f = ca->f;
-    int fd = f->conn_fd[ca->idx];
-    int idx = ca->idx;
-    free(ca);
-    amp_buf in;
-    amp_buf_init(&in, 8 << 20);
-    for (int reqs = 0; reqs < 1000; reqs++) {
-        size_t hl, bl;
-        if (read_request(f, fd, &in, &hl, &bl) != 0)
-            break;
-        pthread_mutex_lock(&f->mu);
-        seen_t *s = f->nseen < MAX_SEEN ? &f->seen[f->nseen++] : NULL;
-        int number = (int)f->nseen;
-        reply_t r = {.status = 200};
-        if (f->next < f->nscript)
-            r = f->script[f->next++];
-        if (r.status == 0)
-            r.status = 200;
-        if (s) {
-            memset(s, 0, sizeof *s);
-            sscanf(in.data, "POST %127s", s->path);
-            header_value(in.data, hl, "Authorization", s->auth, sizeof s->auth);
-            header_value(in.data, hl, "X-Trace-Id", s->trace, sizeof s->trace);
-            header_value(in.data, hl, "User-Agent", s->ua, sizeof s->ua);
-            header_value(in.data, hl, "Content-Type", s->ctype, sizeof s->ctype);
-            s->body = amp_xstrndup(in.data + hl, bl);
-            s->conn = idx;
-            s->at_ms = mono_ms();
-        }
-        pthread_mutex_unlock(&f->mu);
-
-        /* Keep what followed this request (pipelining never happens with
-         * curl here, but do not lose bytes). */
-        size_t used = hl + bl;
-        memmove(in.data, in.data + used, in.len - used);
-        in.len -= used;
-        in.data[in.len] = '\0';
-
-        if (r.delay_ms)
-            sleep_ms(r.delay_ms);
-        if (r.drop)
-            break;
-        char defbody[256];
-        const char *body = r.body;
-        char *filler = NULL;
-        size_t blen;
-        if (r.big) {
-            filler = amp_xmalloc(r.big);
-            memset(filler, ' ', r.big);
-            filler[0] = '{';
-            filler[r.big - 1] = '}';
-            body = filler;
-            blen = r.big;
-        } else {
-            if (!body) {
-                snprintf(defbody, sizeof defbody,
-                         "{\"event\":\"message\",\"message_id\":\"m-%d\",\"conversation_id\":"
-                         "\"c-1\",\"answer\":\"ok %d\",\"metadata\":{\"usage\":{"
-                         "\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}}",
-                         number, number);
-                body = defbody;
-            }
-            blen = strlen(body);
-        }
-        char head[512];
-        int hn = snprintf(head, sizeof head,
-                          "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s\r\n",
-                          r.status, reason(r.status), r.ctype ? r.ctype : "application/json", blen,
-                          r.headers ? r.headers : "");
-        int bad = write_all(fd, head, (size_t)hn);
-        for (size_t off = 0; !bad && off < blen;) {
-            size_t n = r.chunk ? r.chunk : blen;
-            if (n > blen - off)
-                n = blen - off;
-            bad = write_all(fd, body + off, n);
-            off += n;
-            if (r.chunk)
-                sleep_ms(2);
-        }
-        free(filler);
-        if (bad)
-            break;
-    }
-    amp_buf_free(&in);
-    close(fd);
-    return NULL;
-}
-
-static void *accept_main(void *arg) {
-    fake_t *f = arg;
-    while (!atomic_load(&f->stop)) {
-        struct pollfd p = {.fd = f->lfd, .events = POLLIN};
-        if (poll(&p, 1, 50) <= 0)
-            continue;
-        int fd = accept(f->lfd, NULL, NULL);
-        if (fd < 0)
-            continue;
-        pthread_mutex_lock(&f->mu);
-        if (f->nconns >= MAX_CONNS) {
-            pthread_mutex_unlock(&f->mu);
-            close(fd);
-            continue;
-        }
-        int one = 1; /* head and body go in separate writes */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        int idx = f->nconns++;
-        f->conn_fd[idx] = fd;
-        pthread_mutex_unlock(&f->mu);
-        conn_arg *ca = amp_xmalloc(sizeof *ca);
-        ca->f = f;
-        ca->idx = idx;
-        pthread_create(&f->conn_th[idx], NULL, conn_main, ca);
-    }
-    return NULL;
-}
-
-static fake_t *fake_start(void) {
-    fake_t *f = amp_xcalloc(1, sizeof *f);
-    pthread_mutex_init(&f->mu, NULL);
-    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
-    ck_assert_int_ge(f->lfd, 0);
-    int one = 1;
-    setsockopt(f->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
-    ck_assert_int_eq(listen(f->lfd, 16), 0);
-    socklen_t al = sizeof a;
-    getsockname(f->lfd, (struct sockaddr *)&a, &al);
-    f->port = ntohs(a.sin_port);
-    pthread_create(&f->accept_th, NULL, accept_main, f);
-    return f;
-}
-
-static void fake_push(fake_t *f, reply_t r) {
-    pthread_mutex_lock(&f->mu);
-    ck_assert_uint_lt(f->nscript, MAX_SCRIPT);
-    f->script[f->nscript++] = r;
-    pthread_mutex_unlock(&f->mu);
-}
-
-static size_t fake_count(fake_t *f) {
-    pthread_mutex_lock(&f->mu);
-    size_t n = f->nseen;
-    pthread_mutex_unlock(&f->mu);
-    return n;
-}
-
-static void fake_stop(fake_t *f) {
-    atomic_store(&f->stop, true);
-    pthread_join(f->accept_th, NULL);
-    for (int i = 0; i < f->nconns; i++)
-        pthread_join(f->conn_th[i], NULL);
-    close(f->lfd);
-    for (size_t i = 0; i < f->nseen; i++)
-        free(f->seen[i].body);
-    pthread_mutex_destroy(&f->mu);
-    free(f);
-}
-
 /* ======================================================================
  * engine harness: spool + forwarder + fake
  * ====================================================================== */
@@ -1028,7 +745,7 @@ static void fake_stop(fake_t *f) {
 typedef struct {
     char path[256];
     amp_queue *spool;
-    fake_t *fake;
+    fake_dify *fake;
     amp_forward *fwd;
     amp_app apps[3];
     const amp_app *app_ptrs[3];
@@ -1046,8 +763,6 @@ static void harness_init(harness *h, unsigned workers) {
     amp_spool_opts so = {.path = h->path, .dedupe_window_s = 0};
     h->spool = amp_spool_open(&so, err, sizeof err);
     ck_assert_msg(h->spool != NULL, "spool: %s", err);
-    h->fake = fake_start();
-    snprintf(h->base, sizeof h->base, "http://127.0.0.1:%u/v1/", (unsigned)h->fake->port);
 
     h->apps[0] = (amp_app){.name = "chat", .endpoint = AMP_ENDPOINT_CHAT};
     h->apps[1] = (amp_app){.name = "flow", .endpoint = AMP_ENDPOINT_WORKFLOW};
@@ -1057,6 +772,12 @@ static void harness_init(harness *h, unsigned workers) {
     h->keys[0] = "app-SECRETKEY-chat";
     h->keys[1] = "app-SECRETKEY-flow";
     h->keys[2] = "app-SECRETKEY-done";
+    /* One fake Dify with a key per app, as a real workspace has. */
+    h->fake = fake_dify_start(0, h->keys[0]);
+    ck_assert_ptr_nonnull(h->fake);
+    fake_dify_add_key(h->fake, h->keys[1]);
+    fake_dify_add_key(h->fake, h->keys[2]);
+    snprintf(h->base, sizeof h->base, "http://127.0.0.1:%u/v1/", (unsigned)fake_dify_port(h->fake));
     h->opts = (amp_forward_opts){.base_url = h->base,
                                  .connect_timeout_s = 2,
                                  .timeout_s = 5,
@@ -1078,7 +799,7 @@ static void harness_start(harness *h) {
 static void harness_done(harness *h) {
     amp_forward_stop(h->fwd);
     h->fwd = NULL;
-    fake_stop(h->fake);
+    fake_dify_stop(h->fake);
     amp_queue_close(h->spool);
     char p[300];
     unlink(h->path);
@@ -1119,11 +840,13 @@ static void wait_finished(harness *h, int64_t n, int timeout_ms) {
                  (long long)s.delivered, (long long)s.dead, (long long)s.pending, (long long)n);
 }
 
+/* Requests that reached the fake Dify: answered, still delayed, or dropped. */
+static size_t fake_count(fake_dify *f) {
+    return fake_dify_arrived(f);
+}
+
 static void wait_requests(harness *h, size_t n, int timeout_ms) {
-    int64_t end = mono_ms() + timeout_ms;
-    while (mono_ms() < end && fake_count(h->fake) < n)
-        sleep_ms(5);
-    ck_assert_uint_ge(fake_count(h->fake), n);
+    ck_assert_uint_ge(fake_dify_wait_arrived(h->fake, n, (unsigned)timeout_ms), n);
 }
 
 typedef struct {
@@ -1163,14 +886,38 @@ static row_t get_row(harness *h, int64_t id) {
     return r;
 }
 
+/* What the fake Dify recorded of request i (in the order answered; every
+ * test reading these sends one request at a time). Caller owns. */
+static json_t *seen(harness *h, size_t i) {
+    json_t *all = fake_dify_requests(h->fake);
+    ck_assert_uint_lt(i, json_array_size(all));
+    json_t *r = json_incref(json_array_get(all, i));
+    json_decref(all);
+    return r;
+}
+
+/* A string field of request i; "" for null (a header not sent). */
+static const char *seen_str(json_t *r, const char *key) {
+    const char *v = json_string_value(json_object_get(r, key));
+    return v ? v : "";
+}
+
 static json_t *seen_body(harness *h, size_t i) {
-    pthread_mutex_lock(&h->fake->mu);
-    ck_assert_uint_lt(i, h->fake->nseen);
+    json_t *r = seen(h, i);
+    json_t *b = json_incref(json_object_get(r, "body"));
+    json_decref(r);
+    ck_assert_ptr_nonnull(b);
+    return b;
+}
+
+/* The JSON of Dify's blocking answer to request i. Caller owns. */
+static json_t *seen_answer(harness *h, size_t i) {
+    json_t *r = seen(h, i);
     json_error_t e;
-    json_t *j = json_loads(h->fake->seen[i].body, 0, &e);
-    pthread_mutex_unlock(&h->fake->mu);
-    ck_assert_ptr_nonnull(j);
-    return j;
+    json_t *a = json_loads(seen_str(r, "response"), 0, &e);
+    json_decref(r);
+    ck_assert_ptr_nonnull(a);
+    return a;
 }
 
 #define CHAT_BODY                                                                                  \
@@ -1189,23 +936,30 @@ START_TEST(test_deliver_chat_per_user) {
     wait_finished(&h, 2, 5000);
 
     ck_assert_uint_eq(fake_count(h.fake), 2);
-    seen_t *s0 = &h.fake->seen[0], *s1 = &h.fake->seen[1];
-    ck_assert_str_eq(s0->path, "/v1/chat-messages");
-    ck_assert_str_eq(s0->auth, "Bearer app-SECRETKEY-chat");
-    ck_assert_str_eq(s0->trace, "ev-1");
-    ck_assert_str_eq(s0->ctype, "application/json");
-    ck_assert_str_eq(s0->ua, "amp2dify/" AMP_VERSION);
+    json_t *s0 = seen(&h, 0), *s1 = seen(&h, 1);
+    ck_assert_str_eq(seen_str(s0, "path"), "/v1/chat-messages");
+    ck_assert_str_eq(seen_str(s0, "authorization"), "Bearer app-SECRETKEY-chat");
+    ck_assert_str_eq(seen_str(s0, "trace_id"), "ev-1");
+    ck_assert_str_eq(seen_str(s0, "content_type"), "application/json");
+    ck_assert_str_eq(seen_str(s0, "user_agent"), "amp2dify/" AMP_VERSION);
     /* A dedupe key cannot inject header lines. */
-    ck_assert_str_eq(s1->trace, "ev-2__X-Evil: 1");
+    ck_assert_str_eq(seen_str(s1, "trace_id"), "ev-2__X-Evil: 1");
     /* Same connection: keep-alive. */
-    ck_assert_int_eq(s0->conn, s1->conn);
-    ck_assert_int_eq(h.fake->nconns, 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(s0, "connection")), 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(s1, "connection")), 1);
+    ck_assert_uint_eq(fake_dify_connections(h.fake), 1);
+    json_decref(s0);
+    json_decref(s1);
 
-    /* First request has no conversation; the second continues c-1. */
+    /* First request has no conversation; the second continues the one
+     * Dify's first answer started. */
+    json_t *a0 = seen_answer(&h, 0);
+    const char *conv = json_string_value(json_object_get(a0, "conversation_id"));
+    ck_assert_ptr_nonnull(conv);
     json_t *b0 = seen_body(&h, 0), *b1 = seen_body(&h, 1);
     ck_assert_ptr_null(json_object_get(b0, "conversation_id"));
     ck_assert_str_eq(json_string_value(json_object_get(b0, "query")), "hello");
-    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), "c-1");
+    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), conv);
     json_decref(b0);
     json_decref(b1);
 
@@ -1215,13 +969,19 @@ START_TEST(test_deliver_chat_per_user) {
     ck_assert_int_eq(r.last_status, 200);
     ck_assert_ptr_nonnull(r.result);
     ck_assert_int_eq(json_integer_value(json_object_get(r.result, "status")), 200);
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "message_id")), "m-1");
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c-1");
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), "ok 1");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "message_id")),
+                     json_string_value(json_object_get(a0, "message_id")));
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), conv);
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), "Echo: hello");
+    json_int_t tokens = json_integer_value(
+        json_object_get(json_object_get(json_object_get(a0, "metadata"), "usage"), "total_tokens"));
+    ck_assert_int_gt(tokens, 0);
     ck_assert_int_eq(
-        json_integer_value(json_object_get(json_object_get(r.result, "usage"), "total_tokens")), 3);
+        json_integer_value(json_object_get(json_object_get(r.result, "usage"), "total_tokens")),
+        tokens);
     ck_assert(json_is_integer(json_object_get(r.result, "latency_ms")));
     json_decref(r.result);
+    json_decref(a0);
     harness_done(&h);
 }
 END_TEST
@@ -1237,7 +997,9 @@ START_TEST(test_not_per_user_sends_no_conversation) {
     json_t *b1 = seen_body(&h, 1);
     ck_assert_ptr_null(json_object_get(b1, "conversation_id"));
     json_decref(b1);
-    ck_assert_str_eq(h.fake->seen[0].trace, ""); /* no dedupe key, no header */
+    json_t *s0 = seen(&h, 0);
+    ck_assert(json_is_null(json_object_get(s0, "trace_id"))); /* no dedupe key, no header */
+    json_decref(s0);
     harness_done(&h);
 }
 END_TEST
@@ -1247,16 +1009,17 @@ START_TEST(test_retry_statuses_then_deliver) {
     harness_init(&h, 1);
     /* The drop comes first, on a fresh connection: on a reused one curl
      * itself resends once, which would hide it. */
-    fake_push(h.fake, (reply_t){.drop = true});
-    fake_push(h.fake, (reply_t){.status = 429,
-                                .body = "{\"status\":429,\"code\":\"too_many_requests\","
-                                        "\"message\":\"Too many requests.\"}"});
-    fake_push(h.fake, (reply_t){.status = 502, .ctype = "text/html", .body = "<html>bad</html>"});
-    fake_push(h.fake, (reply_t){.status = 400,
-                                .body = "{\"status\":400,\"code\":\"invalid_param\",\"message\":"
-                                        "\"Too many requests. The current maximum concurrent "
-                                        "requests allowed for x is 10.\"}"});
-    fake_push(h.fake, (reply_t){.status = 408, .body = "{}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.drop = true});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 429,
+                                                  .code = "too_many_requests",
+                                                  .message = "Too many requests."});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 502, .html_body = "<html>bad</html>"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 400,
+                                                  .code = "invalid_param",
+                                                  .message = "Too many requests. The current "
+                                                             "maximum concurrent requests allowed "
+                                                             "for x is 10."});
+    fake_dify_push_status(h.fake, 408);
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 10000);
@@ -1274,10 +1037,10 @@ START_TEST(test_retry_records_last_error) {
     harness_init(&h, 1);
     h.opts.retry_initial_ms = 60000; /* the retry lands far in the future */
     h.opts.retry_max_ms = 60000;
-    fake_push(h.fake, (reply_t){.status = 503,
-                                .headers = "Retry-After: 120\r\n",
-                                .body = "{\"status\":503,\"code\":\"unavailable\",\"message\":"
-                                        "\"later\"}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 503,
+                                                  .retry_after = "120",
+                                                  .code = "unavailable",
+                                                  .message = "later"});
     harness_start(&h);
     int64_t before = amp_now_ms();
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
@@ -1300,12 +1063,16 @@ END_TEST
 START_TEST(test_retry_after_honoured) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.status = 429, .headers = "Retry-After: 1\r\n", .body = "{}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 429, .retry_after = "1"});
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
     ck_assert_uint_eq(fake_count(h.fake), 2);
-    int64_t gap = h.fake->seen[1].at_ms - h.fake->seen[0].at_ms;
+    json_t *s0 = seen(&h, 0), *s1 = seen(&h, 1);
+    int64_t gap = json_integer_value(json_object_get(s1, "arrived_ms")) -
+                  json_integer_value(json_object_get(s0, "arrived_ms"));
+    json_decref(s0);
+    json_decref(s1);
     ck_assert_msg(gap >= 950, "second attempt after %lld ms, Retry-After was 1 s", (long long)gap);
     harness_done(&h);
 }
@@ -1314,10 +1081,10 @@ END_TEST
 START_TEST(test_permanent_dead_letter) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.status = 400,
-                                .body = "{\"status\":400,\"code\":\"app_unavailable\",\"message\":"
-                                        "\"App unavailable, please check your app "
-                                        "configurations.\"}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 400,
+                                                  .code = "app_unavailable",
+                                                  .message = "App unavailable, please check your "
+                                                             "app configurations."});
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
@@ -1336,12 +1103,9 @@ END_TEST
 START_TEST(test_workflow_failed_and_ok) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.body = "{\"task_id\":\"t\",\"workflow_run_id\":\"wr-1\",\"data\":"
-                                        "{\"id\":\"wr-1\",\"status\":\"failed\",\"error\":"
-                                        "\"Variable x is required\",\"outputs\":null}}"});
-    fake_push(h.fake, (reply_t){.body = "{\"task_id\":\"t\",\"workflow_run_id\":\"wr-2\",\"data\":"
-                                        "{\"id\":\"wr-2\",\"status\":\"succeeded\",\"outputs\":"
-                                        "{\"result\":\"fine\"},\"total_tokens\":12}}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.workflow_failed = true,
+                                                  .message = "Variable x is required"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.answer = "fine"});
     harness_start(&h);
     const char *body = "{\"inputs\":{\"x\":1},\"user\":\"u1\",\"response_mode\":\"blocking\"}";
     submit(&h, "ev1", "flow", "u1", false, body);
@@ -1350,8 +1114,11 @@ START_TEST(test_workflow_failed_and_ok) {
     wait_finished(&h, 2, 5000);
     amp_forward_stop(h.fwd);
     h.fwd = NULL;
-    ck_assert_str_eq(h.fake->seen[0].path, "/v1/workflows/run");
-    ck_assert_str_eq(h.fake->seen[0].auth, "Bearer app-SECRETKEY-flow");
+    json_t *s0 = seen(&h, 0);
+    ck_assert_str_eq(seen_str(s0, "path"), "/v1/workflows/run");
+    ck_assert_str_eq(seen_str(s0, "authorization"), "Bearer app-SECRETKEY-flow");
+    json_decref(s0);
+    json_t *a1 = seen_answer(&h, 1);
     row_t r = get_row(&h, 1);
     ck_assert_int_eq(r.state, 2);
     ck_assert_int_eq(r.last_status, 200);
@@ -1359,10 +1126,12 @@ START_TEST(test_workflow_failed_and_ok) {
     ck_assert_str_eq(r.last_message, "Variable x is required");
     r = get_row(&h, 2);
     ck_assert_int_eq(r.state, 1);
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "workflow_run_id")), "wr-2");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "workflow_run_id")),
+                     json_string_value(json_object_get(a1, "workflow_run_id")));
     ck_assert_str_eq(
         json_string_value(json_object_get(json_object_get(r.result, "outputs"), "result")), "fine");
     json_decref(r.result);
+    json_decref(a1);
     harness_done(&h);
 }
 END_TEST
@@ -1370,13 +1139,12 @@ END_TEST
 START_TEST(test_reset_conversation) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.body = "{\"message_id\":\"m1\",\"conversation_id\":\"c-old\","
-                                        "\"answer\":\"a\"}"});
-    fake_push(h.fake, (reply_t){.status = 404,
-                                .body = "{\"status\":404,\"code\":\"not_found\",\"message\":"
-                                        "\"Conversation Not Exists.\"}"});
-    fake_push(h.fake, (reply_t){.body = "{\"message_id\":\"m3\",\"conversation_id\":\"c-new\","
-                                        "\"answer\":\"b\"}"});
+    /* The first answer starts a conversation; Dify then forgets it (404
+     * "Conversation Not Exists."), and the resend starts a new one. */
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 200});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 404,
+                                                  .code = "not_found",
+                                                  .message = "Conversation Not Exists."});
     h.opts.retry_initial_ms = 60000; /* a reset must not wait for a backoff */
     h.opts.retry_max_ms = 60000;
     harness_start(&h);
@@ -1384,22 +1152,30 @@ START_TEST(test_reset_conversation) {
     submit(&h, "ev2", "chat", "u1", true, CHAT_BODY);
     wait_finished(&h, 2, 5000);
     ck_assert_uint_eq(fake_count(h.fake), 3);
+    json_t *a0 = seen_answer(&h, 0), *a2 = seen_answer(&h, 2);
+    const char *old = json_string_value(json_object_get(a0, "conversation_id"));
+    const char *fresh = json_string_value(json_object_get(a2, "conversation_id"));
+    ck_assert_ptr_nonnull(old);
+    ck_assert_ptr_nonnull(fresh);
+    ck_assert_str_ne(old, fresh);
     json_t *b1 = seen_body(&h, 1), *b2 = seen_body(&h, 2);
-    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), "c-old");
+    ck_assert_str_eq(json_string_value(json_object_get(b1, "conversation_id")), old);
     ck_assert_ptr_null(json_object_get(b2, "conversation_id")); /* a new conversation */
     json_decref(b1);
     json_decref(b2);
     row_t r = get_row(&h, 2);
     ck_assert_int_eq(r.state, 1);
     ck_assert_int_eq(r.attempts, 2);
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c-new");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), fresh);
     json_decref(r.result);
+    json_decref(a0);
+    json_decref(a2);
 
     /* A 404 "Conversation Not Exists." for a request that carried no
      * conversation cannot be fixed by a reset: dead letter. */
-    fake_push(h.fake, (reply_t){.status = 404,
-                                .body = "{\"status\":404,\"code\":\"not_found\",\"message\":"
-                                        "\"Conversation Not Exists.\"}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 404,
+                                                  .code = "not_found",
+                                                  .message = "Conversation Not Exists."});
     submit(&h, "ev3", "chat", "u2", true, CHAT_BODY);
     wait_finished(&h, 3, 5000);
     amp_forward_stop(h.fwd);
@@ -1415,9 +1191,9 @@ START_TEST(test_pause_on_rejected_key) {
     harness h;
     harness_init(&h, 2);
     h.opts.retry_max_ms = 4000; /* probe intervals 1 s, 2 s, 4 s */
-    fake_push(h.fake, (reply_t){.status = 401,
-                                .body = "{\"status\":401,\"code\":\"unauthorized\",\"message\":"
-                                        "\"Access token is invalid\"}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 401,
+                                                  .code = "unauthorized",
+                                                  .message = "Access token is invalid"});
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_requests(&h, 1, 5000);
@@ -1433,7 +1209,9 @@ START_TEST(test_pause_on_rejected_key) {
     /* Other apps are not paused. */
     submit(&h, "ev4", "done", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 3000);
-    ck_assert_str_eq(h.fake->seen[1].path, "/v1/completion-messages");
+    json_t *s1 = seen(&h, 1);
+    ck_assert_str_eq(seen_str(s1, "path"), "/v1/completion-messages");
+    json_decref(s1);
     /* After the pause everything goes out. */
     wait_finished(&h, 4, 5000);
     ck_assert_uint_eq(fake_count(h.fake), 5);
@@ -1450,15 +1228,15 @@ START_TEST(test_expired) {
     harness_init(&h, 1);
     /* Retries for 3 s, each after a jittered 0-1000 ms: a few attempts
      * even when a loaded machine (sanitizers, CI) delays the first one by a
-     * second or more, and fewer than the 30 failures scripted (the fake's
-     * script holds 32; past it, it answers with success). */
+     * second or more, and fewer than the 30 failures scripted (past them,
+     * the fake answers with success). */
     h.opts.retry_max_age_s = 3;
     h.opts.retry_initial_ms = 1000;
     h.opts.retry_max_ms = 1000;
-    for (int i = 0; i < 30; i++)
-        fake_push(h.fake, (reply_t){.status = 500,
-                                    .body = "{\"status\":500,\"code\":\"internal_server_error\","
-                                            "\"message\":\"boom\"}"});
+    fake_dify_push_n(
+        h.fake,
+        &(fake_dify_behaviour){.status = 500, .code = "internal_server_error", .message = "boom"},
+        30);
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 15000);
@@ -1530,7 +1308,7 @@ START_TEST(test_timeout_is_retried) {
     harness h;
     harness_init(&h, 1);
     h.opts.timeout_s = 1;
-    fake_push(h.fake, (reply_t){.delay_ms = 1500, .body = "{}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 1500});
     harness_start(&h);
     submit(&h, "ev", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 8000);
@@ -1543,26 +1321,44 @@ START_TEST(test_timeout_is_retried) {
 }
 END_TEST
 
+#define STREAM_BODY                                                                                \
+    "{\"inputs\":{},\"query\":\"hello\",\"user\":\"u1\",\"response_mode\":\"streaming\"}"
+
 START_TEST(test_streaming_answer) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.ctype = "text/event-stream", .chunk = 7, .body = chat_stream});
-    fake_push(h.fake, (reply_t){.ctype = "text/event-stream; charset=utf-8",
-                                .body = "data: {\"event\":\"message\",\"answer\":\"x\"}\n\n"});
-    fake_push(h.fake, (reply_t){.ctype = "text/event-stream",
-                                .body = "data: {\"event\":\"error\",\"status\":400,\"code\":"
-                                        "\"provider_quota_exceeded\",\"message\":\"quota\"}\n\n"});
+    /* Dify's SSE cut into 7-byte writes; then a stream that stops before
+     * message_end; then an `error` event inside a 200 stream. */
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.answer = " I'm \xc3\xa9", .stream_chunk = 7});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.sse_unfinished = true});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.sse_error = true,
+                                                  .status = 400,
+                                                  .code = "provider_quota_exceeded",
+                                                  .message = "quota"});
     harness_start(&h);
-    submit(&h, "ev1", "chat", "u1", true, CHAT_BODY);
+    submit(&h, "ev1", "chat", "u1", true, STREAM_BODY);
     wait_finished(&h, 1, 5000);
-    submit(&h, "ev2", "chat", "u2", false, CHAT_BODY);
+    submit(&h, "ev2", "chat", "u2", false, STREAM_BODY);
     wait_finished(&h, 2, 5000);
     amp_forward_stop(h.fwd);
     h.fwd = NULL;
+    json_t *s0 = seen(&h, 0);
+    ck_assert(json_is_true(json_object_get(s0, "streaming")));
+    /* The conversation Dify announced in the stream's events. */
+    const char *resp = seen_str(s0, "response");
+    const char *cid = strstr(resp, "\"conversation_id\":\"");
+    ck_assert_ptr_nonnull(cid);
+    cid += strlen("\"conversation_id\":\"");
+    char conv[64];
+    size_t n = strcspn(cid, "\"");
+    ck_assert_uint_lt(n, sizeof conv);
+    memcpy(conv, cid, n);
+    conv[n] = '\0';
+    json_decref(s0);
     row_t r = get_row(&h, 1);
     ck_assert_int_eq(r.state, 1);
     ck_assert_str_eq(json_string_value(json_object_get(r.result, "answer")), " I'm \xc3\xa9");
-    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), "c1");
+    ck_assert_str_eq(json_string_value(json_object_get(r.result, "conversation_id")), conv);
     json_decref(r.result);
     /* Stream 2 stopped without a closing event (retried), then the third
      * answer was an in-stream error: permanent with Dify's status. */
@@ -1578,8 +1374,18 @@ END_TEST
 START_TEST(test_response_too_large) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.status = 200, .big = AMP_FORWARD_MAX_RESPONSE + 4096});
-    fake_push(h.fake, (reply_t){.status = 500, .big = AMP_FORWARD_MAX_RESPONSE * 2});
+    /* A 200 whose answer text alone is over the cap, and a 500 proxy page
+     * twice the cap. */
+    char *huge = amp_xmalloc(AMP_FORWARD_MAX_RESPONSE + 4097);
+    memset(huge, 'a', AMP_FORWARD_MAX_RESPONSE + 4096);
+    huge[AMP_FORWARD_MAX_RESPONSE + 4096] = '\0';
+    char *page = amp_xmalloc(AMP_FORWARD_MAX_RESPONSE * 2 + 1);
+    memset(page, ' ', AMP_FORWARD_MAX_RESPONSE * 2);
+    page[AMP_FORWARD_MAX_RESPONSE * 2] = '\0';
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.answer = huge});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 500, .html_body = page});
+    free(huge);
+    free(page);
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
@@ -1598,7 +1404,7 @@ START_TEST(test_response_too_large) {
     ck_assert_int_eq(r.attempts, 2); /* the oversized 500 was retried */
     json_decref(r.result);
     /* The connection survived both oversized answers. */
-    ck_assert_int_eq(h.fake->nconns, 1);
+    ck_assert_uint_eq(fake_dify_connections(h.fake), 1);
     harness_done(&h);
 }
 END_TEST
@@ -1606,7 +1412,7 @@ END_TEST
 START_TEST(test_stop_finishes_in_flight) {
     harness h;
     harness_init(&h, 1);
-    fake_push(h.fake, (reply_t){.delay_ms = 400});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 400});
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     submit(&h, "ev2", "chat", "u1", false, CHAT_BODY);
@@ -1631,7 +1437,7 @@ START_TEST(test_parallel_workers) {
     harness h;
     harness_init(&h, 4);
     for (int i = 0; i < 4; i++)
-        fake_push(h.fake, (reply_t){.delay_ms = 300});
+        fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 300});
     harness_start(&h);
     int64_t t0 = mono_ms();
     for (int i = 0; i < 4; i++) {
@@ -1642,7 +1448,7 @@ START_TEST(test_parallel_workers) {
     wait_finished(&h, 4, 5000);
     /* Four users, four workers: in parallel, not 4 x 300 ms. */
     ck_assert_int_lt(mono_ms() - t0, 1100);
-    ck_assert_int_eq(h.fake->nconns, 4);
+    ck_assert_uint_eq(fake_dify_connections(h.fake), 4);
     harness_done(&h);
 }
 END_TEST
@@ -1703,9 +1509,9 @@ START_TEST(test_key_never_logged) {
     harness h;
     harness_init(&h, 1);
     h.opts.retry_initial_ms = 10;
-    fake_push(h.fake, (reply_t){.status = 503, .body = "{}"});
-    fake_push(h.fake, (reply_t){.status = 401, .body = "{}"});
-    fake_push(h.fake, (reply_t){.status = 400, .body = "{\"code\":\"bad\",\"message\":\"no\"}"});
+    fake_dify_push_status(h.fake, 503);
+    fake_dify_push_status(h.fake, 401);
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 400, .code = "bad", .message = "no"});
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 8000);
@@ -1733,14 +1539,23 @@ START_TEST(test_key_never_logged) {
 }
 END_TEST
 
-/* Arrival times (ms) of the requests the fake saw on path, in order. */
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Arrival times (ms) of the requests the fake answered on path (NULL: any),
+ * in arrival order. */
 static size_t arrivals(harness *h, const char *path, int64_t *at, size_t max) {
     size_t n = 0;
-    pthread_mutex_lock(&h->fake->mu);
-    for (size_t i = 0; i < h->fake->nseen && n < max; i++)
-        if (!path || strcmp(h->fake->seen[i].path, path) == 0)
-            at[n++] = h->fake->seen[i].at_ms;
-    pthread_mutex_unlock(&h->fake->mu);
+    json_t *all = fake_dify_requests(h->fake);
+    for (size_t i = 0; i < json_array_size(all) && n < max; i++) {
+        const json_t *r = json_array_get(all, i);
+        if (!path || strcmp(seen_str((json_t *)r, "path"), path) == 0)
+            at[n++] = json_integer_value(json_object_get(r, "arrived_ms"));
+    }
+    json_decref(all);
+    qsort(at, n, sizeof *at, cmp_i64);
     return n;
 }
 
@@ -1749,7 +1564,7 @@ START_TEST(test_max_in_flight) {
     harness_init(&h, 4);
     h.apps[0].max_in_flight = 2;
     for (int i = 0; i < 6; i++)
-        fake_push(h.fake, (reply_t){.delay_ms = 200});
+        fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 200});
     harness_start(&h);
     for (int i = 0; i < 6; i++) {
         char u[16];
@@ -1892,8 +1707,7 @@ START_TEST(test_single_probe) {
     harness h;
     harness_init(&h, 4);
     h.opts.retry_max_ms = 300; /* probe interval capped at 300 ms */
-    for (int i = 0; i < 7; i++)
-        fake_push(h.fake, (reply_t){.status = 401, .body = "{\"code\":\"unauthorized\"}"});
+    fake_dify_push_n(h.fake, &(fake_dify_behaviour){.status = 401, .code = "unauthorized"}, 7);
     harness_start(&h);
     amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 8; i++) {
@@ -1933,10 +1747,12 @@ START_TEST(test_stop_keeps_pause) {
     harness_init(&h, 2);
     h.apps[0].max_in_flight = 1;
     h.opts.retry_max_ms = 60000; /* first probe after 1 s */
-    fake_push(h.fake, (reply_t){.status = 401, .body = "{}"});
-    harness_start(&h);
+    fake_dify_push_status(h.fake, 401);
+    /* Stored before the start, so the first claim takes all three: on a
+     * loaded machine a later claim could miss the stop. */
     for (int i = 0; i < 3; i++)
         submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    harness_start(&h);
     wait_requests(&h, 1, 5000);
     sleep_ms(100);
     int64_t stopped = amp_now_ms();
@@ -1961,7 +1777,7 @@ START_TEST(test_rows_from_elsewhere) {
      * daemon) sends no notification: the dispatcher still finds it. */
     harness h;
     harness_init(&h, 2);
-    fake_push(h.fake, (reply_t){.status = 400, .body = "{\"code\":\"bad\",\"message\":\"no\"}"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 400, .code = "bad", .message = "no"});
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
@@ -1993,13 +1809,11 @@ START_TEST(test_metrics) {
     harness_init(&h, 1);
     h.opts.metrics = m;
     h.opts.retry_initial_ms = 10;
-    fake_push(h.fake,
-              (reply_t){.status = 503,
-                        .body = "{\"status\":503,\"code\":\"unavailable\",\"message\":\"x\"}"});
-    fake_push(h.fake, (reply_t){.status = 200});
-    fake_push(h.fake,
-              (reply_t){.status = 400, .body = "{\"status\":400,\"code\":\"app_unavailable\"}"});
-    fake_push(h.fake, (reply_t){.status = 401, .body = "{\"code\":\"Weird Code!\"}"});
+    fake_dify_push(h.fake,
+                   &(fake_dify_behaviour){.status = 503, .code = "unavailable", .message = "x"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 200});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 400, .code = "app_unavailable"});
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.status = 401, .code = "Weird Code!"});
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_finished(&h, 1, 5000);
