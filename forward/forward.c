@@ -295,19 +295,31 @@ static const char *outcome_name(amp_outcome o) {
 
 /* ---- acknowledgements ------------------------------------------------- */
 
+/* Every acknowledgement goes through here: it names the job and its shard.
+ * An engine may not take it (a lease lost to another consumer): the job is
+ * then someone else's, or comes back when its claim ends, so nothing is lost
+ * and nothing more is done here than saying so. */
+static void acknowledge(amp_forward *f, const amp_queue_job *job, amp_queue_ack *ack) {
+    ack->id = job->id;
+    ack->shard = job->shard;
+    amp_queue_ack_status st = amp_queue_acknowledge(f->spool, ack);
+    if (st != AMP_QUEUE_ACK_TAKEN)
+        amp_log(AMP_LOG_WARN,
+                st == AMP_QUEUE_ACK_LOST ? "acknowledgement lost: another consumer owns the job"
+                                         : "acknowledgement not stored: the job comes back",
+                "{s:I, s:i, s:s}", "id", (json_int_t)job->id, "shard", job->shard, "app", job->app);
+}
+
 static void ack_release(amp_forward *f, const amp_queue_job *job, int64_t due_ms) {
-    amp_queue_ack a = {.id = job->id, .kind = AMP_QUEUE_ACK_RELEASE, .due_ms = due_ms};
-    amp_queue_acknowledge(f->spool, &a);
+    amp_queue_ack a = {.kind = AMP_QUEUE_ACK_RELEASE, .due_ms = due_ms};
+    acknowledge(f, job, &a);
 }
 
 static void ack_dead(amp_forward *f, const app_state *a, const amp_queue_job *job, long status,
                      const char *code, const char *message) {
-    amp_queue_ack ack = {.id = job->id,
-                         .kind = AMP_QUEUE_ACK_DEAD,
-                         .http_status = (int)status,
-                         .code = code,
-                         .message = message};
-    amp_queue_acknowledge(f->spool, &ack);
+    amp_queue_ack ack = {
+        .kind = AMP_QUEUE_ACK_DEAD, .http_status = (int)status, .code = code, .message = message};
+    acknowledge(f, job, &ack);
     count_dead(f, a, job);
     amp_log(AMP_LOG_INFO, "dify delivery dead-lettered", "{s:I, s:s, s:s, s:i, s:s*, s:s*, s:i}",
             "id", (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
@@ -317,8 +329,7 @@ static void ack_dead(amp_forward *f, const app_state *a, const amp_queue_job *jo
 /* The verdict's ack, for DELIVERED (with the sink's result) and RETRY. */
 static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forward_verdict *v,
                         const char *result_json) {
-    amp_queue_ack ack = {.id = job->id,
-                         .kind = v->kind,
+    amp_queue_ack ack = {.kind = v->kind,
                          .due_ms = v->due_ms,
                          .http_status = (int)v->status,
                          .code = v->code,
@@ -328,7 +339,7 @@ static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forw
                                                 ? v->conversation_id
                                             : v->conversation == AMP_FORWARD_CONV_CLEAR ? ""
                                                                                         : NULL};
-    amp_queue_acknowledge(f->spool, &ack);
+    acknowledge(f, job, &ack);
 }
 
 /* ---- admission ----------------------------------------------------------
