@@ -8,7 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "util.h"
+#include "alloc.h"
+#include "buf.h"
 
 typedef enum { COUNTER, GAUGE, HISTOGRAM } family_type;
 

@@ -23,7 +23,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
+#include "../base/parse.h"
 #include "../spool/spool.h"
 
 static int usage(void) {

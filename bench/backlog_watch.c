@@ -24,7 +24,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "../base/util.h"
+#include "../base/clock.h"
+#include "../base/parse.h"
 
 #define POLL_MS 2
 

@@ -6,7 +6,7 @@
  *   bench_mapping [SECONDS]     default 2; prints events/s for
  *                               apply alone and for decode + apply
  *
- * Link with libamp.a (or the mapping sources and base/util.c), jansson and
+ * Link with libamp.a (or the mapping, json and base sources), jansson and
  * libcrypto.
  */
 #include <stdio.h>
@@ -14,6 +14,8 @@
 #include <string.h>
 
 #include "../mapping/mapping.h"
+#include "../base/clock.h"
+#include "../base/errs.h"
 
 static const char CONFIG[] =
     "{\"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\"}},"

@@ -40,7 +40,9 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/parse.h"
 
 #define MAX_BODY (1024 * 1024) /* amp2dify's default listen.max_body_bytes */
 #define CONNECTION_LIMIT 1024

@@ -36,7 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../base/parse.h"
 
 #define MAX_SIZE 3500 /* bodies larger than this gain nothing for an ingest benchmark */
 #define BODY_CAP 4096

@@ -4,6 +4,7 @@
 #include "commands.h"
 #include "../config/config.h"
 #include "../spool/spool.h"
+#include "../base/errs.h"
 
 int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;

@@ -22,6 +22,8 @@
 #include "../queue/queue.h"
 #include "commands.h"
 #include "../config/config.h"
+#include "../base/alloc.h"
+#include "../base/parse.h"
 
 #define DLQ_USAGE                                                                                  \
     "usage: amp2dify dlq list   [-c FILE] [filters] [--json] [--limit N]\n"                        \

@@ -17,6 +17,7 @@
 
 #include "commands.h"
 #include "../config/config.h"
+#include "../base/buf.h"
 
 /* A dry run reads a file a person points it at; still, never unbounded. */
 #define MAP_INPUT_MAX ((size_t)256 * 1024 * 1024)

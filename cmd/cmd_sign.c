@@ -11,6 +11,9 @@
 #include "../crypto/sig.h"
 #include "commands.h"
 #include "../config/config.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
+#include "../base/parse.h"
 
 #define MAX_SIGN_BODY (64 * 1024 * 1024)
 

@@ -18,7 +18,7 @@ int amp_cmd_healthcheck(int argc, char **argv);  /* cmd/cmd_healthcheck.c */
 
 #include <stddef.h>
 
-#include "../base/util.h"
+#include "../base/errs.h"
 
 /* Parse argv for only "-c FILE" / "--config FILE". 0 and *config (borrowed
  * from argv, NULL when absent) on success; -1 after printing a usage error. */

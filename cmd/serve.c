@@ -31,6 +31,9 @@
 #include "../base/log.h"
 #include "../base/metrics.h"
 #include "../base/version.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
+#include "../base/errs.h"
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200

@@ -1,4 +1,8 @@
 #include "config.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
+#include "../base/parse.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

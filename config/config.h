@@ -24,7 +24,7 @@
 #include "../mapping/mapping.h"
 #include "../spool/spool.h"
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/errs.h"
 
 /* queue.engine: where events wait for delivery. */
 typedef enum {

@@ -33,7 +33,8 @@
  */
 #include "sig.h"
 
-#include "../base/util.h"
+#include "../base/alloc.h"
+#include "../base/parse.h"
 
 #include <inttypes.h>
 #include <stdarg.h>

@@ -4,6 +4,7 @@
  */
 #include "forward.h"
 #include "forward_int.h"
+#include "../base/alloc.h"
 
 #include <math.h>
 #include <string.h>

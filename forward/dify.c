@@ -7,6 +7,8 @@
  * conversation id, Retry-After. What that means is decide.c's business.
  */
 #include "sink.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
 
 #include <string.h>
 

@@ -96,6 +96,8 @@
 #include <time.h>
 
 #include "../base/log.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
 
 #define MAX_WAIT_MS 1000
 /* Floor between claims when rows are due but none could be claimed (a

@@ -33,7 +33,6 @@
 #include <stdint.h>
 
 #include "../mapping/mapping.h"
-#include "../base/util.h"
 #include "../base/version.h"
 #include "../queue/queue.h"
 #include "forward.h"

@@ -9,6 +9,9 @@
  * classification does not care which mode the app uses.
  */
 #include "forward_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/clock.h"
 
 #include <string.h>
 #include <strings.h>

@@ -15,6 +15,8 @@
  * answer cap plus one event, whatever the stream's length.
  */
 #include "forward_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
 
 #include <string.h>
 

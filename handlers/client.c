@@ -11,6 +11,8 @@
 #include <string.h>
 
 #include "handlers_int.h"
+#include "../base/alloc.h"
+#include "../base/parse.h"
 
 struct amp_cidr {
     int family;

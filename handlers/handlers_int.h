@@ -8,7 +8,7 @@
 
 #include <stdatomic.h>
 
-#include "../base/util.h"
+#include "../base/buf.h"
 #include "handlers.h"
 
 typedef struct amp_cidr amp_cidr;

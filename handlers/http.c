@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "../base/log.h"
+#include "../base/alloc.h"
 
 struct amp_http {
     struct MHD_Daemon *daemon;

@@ -10,6 +10,9 @@
 
 #include "../base/log.h"
 #include "handlers_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/clock.h"
 
 /* How much of an oversized body is read and dropped before the connection
  * is cut, in multiples of listen.max_body_bytes. */

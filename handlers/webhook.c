@@ -17,6 +17,7 @@
 #include "../sources/source.h"
 #include "../base/log.h"
 #include "handlers_int.h"
+#include "../base/parse.h"
 
 /* application/json, with optional parameters (charset). */
 static bool is_json_type(const char *ct) {

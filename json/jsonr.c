@@ -32,7 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
 
 #ifdef JSON_PARSER_MAX_DEPTH
 #define MAX_DEPTH JSON_PARSER_MAX_DEPTH

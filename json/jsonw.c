@@ -1,4 +1,6 @@
 #include "jsonw.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
 
 #include <math.h>
 #include <stdint.h>

@@ -19,7 +19,7 @@
 
 #include <jansson.h>
 
-#include "../base/util.h"
+#include "../base/buf.h"
 
 /* Deepest container nesting written; deeper values (and values that contain
  * themselves) fail. The same as jansson's parser limit, so anything

@@ -1,4 +1,8 @@
 #include "schema.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
+#include "../base/parse.h"
 
 #include <stdarg.h>
 #include <stdio.h>

@@ -24,7 +24,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../base/util.h"
+#include "../base/errs.h"
 
 typedef enum {
     AMP_JSON_SCHEMA_STRING,  /* char *, caller of amp_json_schema_free owns it */

@@ -17,6 +17,9 @@
 #include <string.h>
 
 #include "mapping_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
 
 typedef enum { F_ALL, F_ANY, F_NOT, F_RULE } fkind;
 

@@ -14,6 +14,9 @@
 
 #include "mapping.h"
 #include "mapping_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
 
 typedef struct rule {
     amp_path source;

@@ -17,7 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "../base/util.h"
+#include "../base/errs.h"
 #include "../json/schema.h"
 
 /* ---- decode ---------------------------------------------------------- */

@@ -13,7 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../base/util.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
 #include "../json/schema.h"
 
 /* Deepest container nesting accepted inside one event (the event object

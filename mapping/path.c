@@ -8,6 +8,9 @@
 #include <string.h>
 
 #include "mapping_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/parse.h"
 
 const char *amp_map_json_kind(const json_t *v) {
     switch (json_typeof(v)) {

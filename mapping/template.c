@@ -13,6 +13,9 @@
 #include <string.h>
 
 #include "mapping_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
 
 /* What every template error says is expected. */
 #define TEMPLATE_EXPECT "a template of text and {{field.path}} or {{inputs.path}} fields"

@@ -20,6 +20,10 @@
 
 #include "../json/jsonw.h"
 #include "mapping_int.h"
+#include "../base/alloc.h"
+#include "../base/buf.h"
+#include "../base/errs.h"
+#include "../base/parse.h"
 
 /* ---- values ---------------------------------------------------------- */
 

@@ -2,7 +2,7 @@
 
 #include <stdlib.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
 
 struct amp_queue {
     const amp_queue_ops *ops;

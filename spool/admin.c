@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/clock.h"
 
 int64_t amp_spool_oldest_pending_ms(void *e) {
     amp_spool *s = e;

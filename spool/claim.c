@@ -4,7 +4,7 @@
 #include <stdlib.h>
 
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/alloc.h"
 
 /* ---- claimed-id set ------------------------------------------------------
  * Open addressing with linear probing and backward-shift deletion; ids are

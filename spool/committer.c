@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/clock.h"
 
 /* True when another connection (another process: the daemon's own reader
  * only reads) committed since the last call. Costs one pragma. */

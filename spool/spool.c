@@ -8,7 +8,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
 
 static void engine_close(void *e);
 

@@ -4,7 +4,8 @@
 
 #include <stdlib.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
+#include "../base/clock.h"
 
 static void enqueue(amp_spool *s, work *w) {
     pthread_mutex_lock(&s->q_mu);

@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/alloc.h"
 
 /* Answers a request batch (and frees it), or releases a flush marker (its
  * flusher frees it, unless it gave up waiting). */

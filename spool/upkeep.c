@@ -2,7 +2,7 @@
 #include "spool_int.h"
 
 #include "../base/log.h"
-#include "../base/util.h"
+#include "../base/clock.h"
 
 #define PRUNE_BATCH 10000
 

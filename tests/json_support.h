@@ -15,7 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../base/util.h"
+#include "../base/alloc.h"
 
 /* Where two trees differ, or NULL when they are the same: json_equal does
  * not look at key order and json_equal(1, 1.0) is false but

@@ -23,7 +23,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/clock.h"
 
 extern char **environ;
 

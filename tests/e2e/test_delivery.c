@@ -29,7 +29,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/clock.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 #include "../check_run.h"

@@ -47,7 +47,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/clock.h"
+#include "../../base/parse.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 #include "../check_run.h"

@@ -12,7 +12,7 @@
 #include <sys/wait.h>
 #include <time.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"
 #include "../check_run.h"

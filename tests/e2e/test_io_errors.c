@@ -24,7 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
 #include "../check_run.h"
 #include "../fake_dify/fake_dify.h"
 #include "harness.h"

@@ -13,7 +13,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/clock.h"
 
 /* Large enough for any event the relay could produce; a fake needs no tight cap. */
 #define FAKE_MAX_BODY (16u * 1024 * 1024)

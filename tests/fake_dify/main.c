@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../base/util.h"
+#include "../../base/parse.h"
 #include "fake_dify.h"
 
 static int usage(void) {

@@ -19,6 +19,7 @@
 
 #include "../../config/config.h"
 #include "fuzz.h"
+#include "../../base/errs.h"
 
 static void clear_env(void) {
     static int done;

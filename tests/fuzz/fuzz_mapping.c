@@ -22,6 +22,7 @@
 
 #include "../../mapping/mapping.h"
 #include "fuzz.h"
+#include "../../base/errs.h"
 
 static const char config_apps[] =
     "{\"chat\": {\"api_key_env\": \"K1\", \"endpoint\": \"chat\", \"response_mode\": "

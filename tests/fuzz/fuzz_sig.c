@@ -28,7 +28,7 @@
 #include <strings.h>
 
 #include "../../crypto/sig.h"
-#include "../../base/util.h"
+#include "../../base/alloc.h"
 #include "fuzz.h"
 
 #define MAX_HEADERS 16

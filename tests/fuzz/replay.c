@@ -24,7 +24,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* Optional in a target; libFuzzer calls it once before the first input. */

@@ -10,6 +10,9 @@
 
 #include "../../config/config.h"
 #include "../check_run.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/errs.h"
 
 static char dir[64];
 

@@ -15,7 +15,9 @@
 #include <time.h>
 
 #include "../../json/jsonr.h"
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/clock.h"
 #include "../json_support.h"
 #include "../check_run.h"
 

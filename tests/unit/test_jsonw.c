@@ -13,6 +13,7 @@
 #include "../../json/jsonw.h"
 #include "../json_support.h"
 #include "../check_run.h"
+#include "../../base/buf.h"
 
 #define DUMP_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY)
 

@@ -8,6 +8,8 @@
 #include "../../mapping/mapping.h"
 #include "../../mapping/mapping_int.h"
 #include "../check_run.h"
+#include "../../base/buf.h"
+#include "../../base/errs.h"
 
 /* JSON from single-quoted text (caller owns). */
 static json_t *j(const char *text) {

@@ -10,7 +10,9 @@
  * checked independently of that helper.
  */
 #include "../../crypto/sig.h"
-#include "../../base/util.h"
+#include "../../base/alloc.h"
+#include "../../base/buf.h"
+#include "../../base/parse.h"
 #include "../check_run.h"
 
 #include <check.h>

@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 #include "../../base/log.h"
-#include "../../base/util.h"
+#include "../../base/clock.h"
 #include "../../spool/spool.h"
 #include "../check_run.h"
 
