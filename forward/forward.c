@@ -163,7 +163,7 @@ typedef struct worker {
 struct amp_forward {
     amp_forward_opts opts;
     const amp_forward_sink *sink;
-    amp_queue *spool;
+    amp_queue *queue;
     app_state *apps;
     size_t napps;
     amp_metrics *metrics; /* may be NULL */
@@ -304,7 +304,7 @@ static const char *outcome_name(amp_outcome o) {
 static void acknowledge(amp_forward *f, const amp_queue_job *job, amp_queue_ack *ack) {
     ack->id = job->id;
     ack->shard = job->shard;
-    amp_queue_ack_status st = amp_queue_acknowledge(f->spool, ack);
+    amp_queue_ack_status st = amp_queue_acknowledge(f->queue, ack);
     if (st != AMP_QUEUE_ACK_TAKEN)
         amp_log(AMP_LOG_WARN,
                 st == AMP_QUEUE_ACK_LOST ? "acknowledgement lost: another consumer owns the job"
@@ -787,7 +787,7 @@ static void *dispatcher_main(void *arg) {
         if (!f->dry && ask > 0 && (ask >= f->claim_min || f->idle > f->ready.len)) {
             pthread_mutex_unlock(&f->mu);
             int64_t nd = INT64_MAX;
-            int n = amp_queue_claim(f->spool, now_ms, jobs, ask, &nd);
+            int n = amp_queue_claim(f->queue, now_ms, jobs, ask, &nd);
             if (n < 0)
                 amp_log(AMP_LOG_ERROR, "spool claim failed", NULL);
             pthread_mutex_lock(&f->mu);
@@ -927,9 +927,9 @@ static void setup_metrics(amp_forward *f, app_state *a) {
     m_set(a->m_paused, 0);
 }
 
-amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, char *err,
+amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, char *err,
                                size_t errlen) {
-    if (!opts || !spool || !opts->base_url || opts->workers == 0 ||
+    if (!opts || !queue || !opts->base_url || opts->workers == 0 ||
         opts->workers > AMP_FORWARD_MAX_WORKERS || opts->timeout_s <= 0 ||
         opts->connect_timeout_s <= 0 || (opts->napps && (!opts->apps || !opts->api_keys))) {
         snprintf(err, errlen, "forward: invalid options");
@@ -943,7 +943,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, c
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
     f->sink = amp_forward_dify_sink();
-    f->spool = spool;
+    f->queue = queue;
     f->metrics = opts->metrics;
     atomic_init(&f->abort_requests, false);
     f->nworkers = opts->workers;
@@ -1007,7 +1007,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, c
     }
     pthread_attr_destroy(&ta);
     f->dispatcher_started = true;
-    amp_queue_set_notify(spool, notify_cb, f);
+    amp_queue_set_notify(queue, notify_cb, f);
     amp_log(AMP_LOG_INFO, "forwarder started", "{s:i, s:i}", "workers", (int)f->nworkers, "apps",
             (int)f->napps);
     return f;
@@ -1022,7 +1022,7 @@ void amp_forward_stop(amp_forward *f) {
     if (!f)
         return;
     if (f->dispatcher_started)
-        amp_queue_set_notify(f->spool, NULL, NULL);
+        amp_queue_set_notify(f->queue, NULL, NULL);
     pthread_mutex_lock(&f->mu);
     f->stopping = true;
     pthread_cond_broadcast(&f->dispatch_cv);
@@ -1052,6 +1052,6 @@ void amp_forward_stop(amp_forward *f) {
     /* Acknowledgements are committed asynchronously: make them durable
      * before the caller closes the spool. This also waits out a notify
      * callback the committer may still be running with f. */
-    amp_queue_flush(f->spool);
+    amp_queue_flush(f->queue);
     destroy(f);
 }

@@ -1,7 +1,7 @@
 /*
  * forward — delivery to Dify's Service API.
  *
- * A dispatcher thread claims due rows from the spool into per-app queues; a
+ * A dispatcher thread claims due rows from the queue into per-app queues; a
  * pool of worker threads takes them as each app's limits allow (token
  * bucket rate_per_sec/burst, max_in_flight, a pause after a rejected key
  * with one probe at a growing interval). Each worker owns one reused curl
@@ -50,16 +50,17 @@ typedef struct amp_forward amp_forward;
 
 /* Start the dispatcher and workers. opts, base_url, the apps array and the
  * keys are only read during the call (copied); the amp_app entries are
- * borrowed and must outlive the forwarder. Installs amp_forward_kick as the
- * spool's notify callback (amp_forward_stop removes it). Every app needs a
+ * borrowed and must outlive the forwarder; so must queue. Installs
+ * amp_forward_kick as the queue's notify callback (amp_forward_stop removes
+ * it). Every app needs a
  * non-empty key without control characters. NULL and err on failure. */
-amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *spool, char *err,
+amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, char *err,
                                size_t errlen);
 /* Stop claiming, let workers finish their current request (for up to
  * opts.stop_grace_ms; requests still under way then are ended and their rows
  * released, not counted as attempts), release claimed rows not yet sent,
- * join, remove the spool notify callback and amp_queue_flush so every
- * acknowledgement is committed before the caller closes the spool. Accepts
+ * join, remove the queue's notify callback and amp_queue_flush so every
+ * acknowledgement is stored before the caller closes the queue. Accepts
  * NULL. */
 void amp_forward_stop(amp_forward *f);
 

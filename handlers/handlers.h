@@ -2,9 +2,10 @@
  * handlers — the HTTP endpoints (SPEC "HTTP interface"), behind one
  * libmicrohttpd access handler with a static route table:
  *
- *   POST {listen.path}   webhook.c: authenticate, decode, map, hand the
- *                        events to the spool's committer, suspend the
- *                        connection; the committer resumes it with 202 or 503
+ *   POST {listen.path}   webhook.c: authenticate, decode, map (sources/),
+ *                        submit the batch to the queue, suspend the
+ *                        connection; the queue's done callback resumes it
+ *                        with 202 or 503
  *   GET  /healthz        health.c
  *   GET  /readyz         health.c
  *   GET  /metrics        metrics.c: Prometheus text format 0.0.4
@@ -12,7 +13,7 @@
  * Errors are JSON {"error":"<code>","detail":"<text>"}.
  *
  * Threading: the access and completion callbacks run on libmicrohttpd's
- * threads and never block on disk or network. The config and spool passed to
+ * threads and never block on disk or network. The config and queue passed to
  * amp_handlers_create are borrowed and must outlive the handlers.
  */
 #ifndef AMP_HANDLERS_H
@@ -27,8 +28,8 @@
 
 typedef struct amp_handlers amp_handlers;
 
-/* cfg, spool and metrics are borrowed. Caller owns the result. */
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics);
+/* cfg, queue and metrics are borrowed. Caller owns the result. */
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *queue, amp_metrics *metrics);
 void amp_handlers_destroy(amp_handlers *h); /* accepts NULL */
 
 /* Serve new requests under cfg (borrowed; it and every config given before
@@ -45,7 +46,7 @@ void amp_handlers_set_draining(amp_handlers *h, bool draining);
  * bound. */
 int amp_handlers_open(amp_handlers *h);
 
-/* Of those, connections suspended waiting for the spool: the daemon must
+/* Of those, connections suspended waiting for the queue: the daemon must
  * not be stopped while any is. */
 int amp_handlers_suspended(amp_handlers *h);
 

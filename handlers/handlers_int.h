@@ -25,7 +25,7 @@ typedef struct amp_handlers_gen {
 
 struct amp_handlers {
     _Atomic(amp_handlers_gen *) gen;
-    amp_queue *spool;
+    amp_queue *queue;
     amp_metrics *metrics;
     amp_series *ingest_seconds;
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;

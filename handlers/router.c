@@ -43,11 +43,11 @@ static bool allowed(const route *rt, const char *method) {
            (is_get(rt) && strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
 }
 
-amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics) {
+amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *queue, amp_metrics *metrics) {
     amp_handlers *h = amp_xcalloc(1, sizeof *h);
     atomic_init(&h->gen, NULL);
     amp_handlers_set_config(h, cfg);
-    h->spool = spool;
+    h->queue = queue;
     h->metrics = metrics;
     h->ingest_seconds = amp_metrics_series(metrics, "amp2dify_ingest_duration_seconds", NULL);
     h->events_accepted =

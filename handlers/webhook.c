@@ -153,7 +153,7 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     if (!r->admitted) /* begun after shutdown started */
         return amp_handlers_reply_unavailable(r, "shutting down", RETRY_SOON_S);
 
-    const char *full = amp_queue_full(h->spool);
+    const char *full = amp_queue_full(h->queue);
     if (full)
         return amp_handlers_reply_unavailable(r, full, RETRY_FULL_S);
 
@@ -192,6 +192,6 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
     atomic_store(&r->state, REQ_WAITING);
     atomic_fetch_add(&h->suspended, 1);
     MHD_suspend_connection(r->conn);
-    amp_queue_submit(h->spool, batch, stored, r);
+    amp_queue_submit(h->queue, batch, stored, r);
     return MHD_YES;
 }
