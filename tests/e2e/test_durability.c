@@ -1099,6 +1099,11 @@ static json_t *wait_dead(const h_server *srv, size_t n) {
     }
 }
 
+/* Dify's answer to a request it will never take: a dead letter after one
+ * attempt. */
+static const fake_dify_behaviour dead_400 = {
+    .status = 400, .code = "invalid_param", .message = "query is required and must be a string"};
+
 static size_t count_rows(const h_server *srv, const char *const *filters) {
     json_t *rows = dlq_list(srv, filters);
     size_t n = json_array_size(rows);
@@ -1112,10 +1117,7 @@ START_TEST(dlq_list_replay_purge) {
     h_server *srv = start_with(fake, NULL);
 
     /* A permanent 400 makes a dead letter after one attempt. */
-    fake_dify_behaviour bad = {.status = 400,
-                               .code = "invalid_param",
-                               .message = "query is required and must be a string"};
-    fake_dify_push(fake, &bad);
+    fake_dify_push(fake, &dead_400);
     char *ev = h_event("dlq_test", "user-dlq", "dlq-1");
     h_resp *r = h_post_signed(srv, ev);
     assert_accepted(r, 1, 0);
@@ -1183,7 +1185,7 @@ START_TEST(dlq_list_replay_purge) {
     ck_assert_uint_eq(count_rows(srv, NULL), 0);
 
     /* A second dead letter, purged: gone for good. */
-    fake_dify_push(fake, &bad);
+    fake_dify_push(fake, &dead_400);
     ev = h_event("dlq_test", "user-dlq", "dlq-2");
     r = h_post_signed(srv, ev);
     assert_accepted(r, 1, 0);
@@ -1259,10 +1261,7 @@ START_TEST(dlq_is_one_thread_beside_a_busy_daemon) {
     fake_dify *fake = fake_dify_start(0, H_API_KEY);
     ck_assert_ptr_nonnull(fake);
     h_server *srv = start_with(fake, NULL);
-    fake_dify_behaviour bad = {.status = 400,
-                               .code = "invalid_param",
-                               .message = "query is required and must be a string"};
-    fake_dify_push_n(fake, &bad, DEAD);
+    fake_dify_push_n(fake, &dead_400, DEAD);
     for (int b = 0; b < DEAD / PER_POST; b++) {
         amp_buf body;
         amp_buf_init(&body, (size_t)1 << 20);

@@ -21,7 +21,8 @@ static const char config[] =
     "   \"query\": \"{{event_type}}\"},"
     "  {\"name\": \"plan\", \"app\": \"done\","
     "   \"filter\": {\"field\": \"event_properties.plan\", \"op\": \"exists\"},"
-    "   \"map\": [{\"source\": \"event_properties.plan\", \"target\": \"plan\", \"transform\": \"required\"}],"
+    "   \"map\": [{\"source\": \"event_properties.plan\", \"target\": \"plan\", \"transform\": "
+    "\"required\"}],"
     "   \"query\": \"{{event_type}}\"}]}";
 
 static amp_mapper *mapper;
@@ -58,11 +59,12 @@ static amp_queue_batch *batch_of(const char *events, const char *message_key, si
 
 START_TEST(routes_fan_out_and_filtered_events_leave_no_trace) {
     unsigned filtered = 99;
-    amp_queue_batch *b = batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\",\"insert_id\":\"a\","
-                                  "  \"event_properties\":{\"plan\":\"pro\"}},"
-                                  " {\"event_type\":\"Other\",\"user_id\":\"u2\",\"insert_id\":\"b\"},"
-                                  " {\"event_type\":\"Signed_Up\",\"user_id\":\"u3\",\"uuid\":\"c\"}]",
-                                  NULL, 10, &filtered);
+    amp_queue_batch *b =
+        batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\",\"insert_id\":\"a\","
+                 "  \"event_properties\":{\"plan\":\"pro\"}},"
+                 " {\"event_type\":\"Other\",\"user_id\":\"u2\",\"insert_id\":\"b\"},"
+                 " {\"event_type\":\"Signed_Up\",\"user_id\":\"u3\",\"uuid\":\"c\"}]",
+                 NULL, 10, &filtered);
     ck_assert_ptr_nonnull(b);
     ck_assert_uint_eq(filtered, 1);
     /* The filtered event is not in the batch at all: two events, not three. */
@@ -90,10 +92,11 @@ END_TEST
 
 START_TEST(message_key_dedupes_events_without_their_own) {
     unsigned filtered;
-    amp_queue_batch *b = batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\"},"
-                                  " {\"event_type\":\"Signed_Up\",\"user_id\":\"u2\",\"insert_id\":\"own\"},"
-                                  " {\"event_type\":\"Signed_Up\",\"user_id\":\"u3\"}]",
-                                  "webhook-id:msg_1", 10, &filtered);
+    amp_queue_batch *b =
+        batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\"},"
+                 " {\"event_type\":\"Signed_Up\",\"user_id\":\"u2\",\"insert_id\":\"own\"},"
+                 " {\"event_type\":\"Signed_Up\",\"user_id\":\"u3\"}]",
+                 "webhook-id:msg_1", 10, &filtered);
     ck_assert_ptr_nonnull(b);
     const amp_queue_request *reqs;
     size_t n;
@@ -111,10 +114,9 @@ END_TEST
 
 START_TEST(too_many_events_refuse_the_whole_input) {
     unsigned filtered;
-    amp_queue_batch *b =
-        batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\"},"
-                 " {\"event_type\":\"Signed_Up\",\"user_id\":\"u2\"}]",
-                 NULL, 1, &filtered);
+    amp_queue_batch *b = batch_of("[{\"event_type\":\"Signed_Up\",\"user_id\":\"u1\"},"
+                                  " {\"event_type\":\"Signed_Up\",\"user_id\":\"u2\"}]",
+                                  NULL, 1, &filtered);
     ck_assert_ptr_null(b);
     ck_assert_str_eq(detail, "2 events; at most 1 per request");
 }
