@@ -41,8 +41,14 @@ done
 
 if [[ -n $objdir ]]; then
     for folder in "${!prefixes[@]}"; do
-        compgen -G "$objdir/$folder/*.o" >/dev/null || continue
-        for sym in $(nm -g --defined-only "$objdir/$folder"/*.o | awk 'NF == 3 { print $3 }'); do
+        # The objects of the folder's sources only: a build directory may
+        # still hold the object of a file since removed.
+        objs=()
+        for src in "$folder"/*.c; do
+            [[ -e $src && -e $objdir/${src%.c}.o ]] && objs+=("$objdir/${src%.c}.o")
+        done
+        [[ ${#objs[@]} -gt 0 ]] || continue
+        for sym in $(nm -g --defined-only "${objs[@]}" | awk 'NF == 3 { print $3 }'); do
             ok=0
             for p in ${prefixes[$folder]}; do
                 [[ $sym == "$p"* ]] && { ok=1; break; }
