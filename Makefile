@@ -216,6 +216,9 @@ test-run: fuzz-replay matrix limits
 # Neither is part of `make test`.
 TSAN_UNIT := test_spool test_forward
 TSAN_E2E ?= test_foundation test_delivery test_durability
+# The unit tests' timeouts guard against hangs; ThreadSanitizer runs code 5 to
+# 15 times slower, and more on a busy machine, so they stretch under it.
+TSAN_TIMEOUT_MULTIPLIER ?= 6
 # GCC's TSan needs the address layout it was built for; kernels with more mmap
 # randomisation (vm.mmap_rnd_bits > 28) break it, so ASLR is off for the run
 # when setarch may turn it off (children, the server included, inherit that).
@@ -227,7 +230,8 @@ tsan:
 	$(MAKE) SANITIZER=thread tsan-run
 
 tsan-run: $(TSAN_UNIT:%=$(BUILD)/tests/unit/%) $(BIN) $(FAKE_DIFY) $(TSAN_E2E:%=$(BUILD)/tests/e2e/%)
-	@set -e; for t in $(TSAN_UNIT); do \
+	@set -e; export CK_TIMEOUT_MULTIPLIER=$(TSAN_TIMEOUT_MULTIPLIER); \
+	for t in $(TSAN_UNIT); do \
 	  echo "== tsan $$t"; $(TSAN_RUN) $(BUILD)/tests/unit/$$t; \
 	  echo "== tsan $$t (CK_FORK=no)"; CK_FORK=no $(TSAN_RUN) $(BUILD)/tests/unit/$$t; done; \
 	for t in $(TSAN_E2E); do \

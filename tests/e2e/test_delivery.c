@@ -503,14 +503,20 @@ START_TEST(rate_limit) {
             "rate_limit: %d requests over %.0f ms = %.2f/s (limit %.0f/s); %d gaps over 60 ms, "
             "longest %lld ms\n",
             RATE_EVENTS, span, rate, RATE, slow_gaps, (long long)max_gap);
-    ck_assert_msg(span >= ideal * 0.9 && span <= ideal * 1.1,
-                  "100 requests took %.0f ms; at %.0f/s that is %.0f ms (+-10%%)", span, RATE,
-                  ideal);
-    /* No window runs ahead of the limit either: any 21 consecutive
-     * requests span at least 20 intervals, less 10%. */
-    for (int i = 0; i + 20 < RATE_EVENTS; i++)
-        ck_assert_msg(t[i + 20] - t[i] >= (int64_t)(20 * 1000.0 / RATE * 0.9),
-                      "requests %d..%d within %lld ms", i, i + 20, (long long)(t[i + 20] - t[i]));
+    /* The limit is what a request may not run ahead of; a busy machine may
+     * only make the whole run slower, so the upper bound is loose (it still
+     * catches a limit applied twice). */
+    ck_assert_msg(span >= ideal * 0.9 && span <= ideal * 1.5,
+                  "100 requests took %.0f ms; at %.0f/s that is %.0f ms (-10%%, +50%%)", span,
+                  RATE, ideal);
+    /* No window runs ahead of the limit either: any 41 consecutive
+     * requests span at least 40 intervals, less 200 ms. A request sent late
+     * does not delay the next one's slot, so a window whose first request
+     * was late (a busy machine) is that much shorter; 200 ms is a generous
+     * bound on that lateness, and a limit over 22.2/s still fails. */
+    for (int i = 0; i + 40 < RATE_EVENTS; i++)
+        ck_assert_msg(t[i + 40] - t[i] >= (int64_t)(40 * 1000.0 / RATE) - 200,
+                      "requests %d..%d within %lld ms", i, i + 40, (long long)(t[i + 40] - t[i]));
     server_stop(s);
     fake_dify_stop(f);
 }

@@ -63,6 +63,9 @@ extern char **environ;
 #define CRASH_KILLS 3
 /* Events per client at most, whatever the speed: bounds memory and time. */
 #define CRASH_MAX_PER_CLIENT 200000
+/* How long the load may go on past the run's duration, waiting for the
+ * last restarted server's first 202. */
+#define CRASH_AFTER_RESTART_MS 30000
 /* A duplicate must have been delivered at most this long before a kill:
  * its acknowledgement was still waiting for the committer. */
 #define IN_FLIGHT_WINDOW_MS 2000
@@ -250,7 +253,8 @@ typedef struct client {
     uint16_t port;
     const char *secret;
     unsigned run;
-    int64_t deadline_ms; /* monotonic */
+    int64_t deadline_ms;  /* monotonic: a bound in case the test stops early */
+    atomic_bool *running; /* cleared by the test when the load has run long enough */
     atomic_size_t *accepted_total;
     /* results, read after join */
     json_t *acked;  /* ids answered 202 */
@@ -263,7 +267,9 @@ static void *client_main(void *arg) {
     client *c = arg;
     c->acked = json_object();
     c->failed = json_object();
-    for (size_t n = 0; n < CRASH_MAX_PER_CLIENT && h_mono_ms() < c->deadline_ms; n++) {
+    for (size_t n = 0;
+         n < CRASH_MAX_PER_CLIENT && atomic_load(c->running) && h_mono_ms() < c->deadline_ms;
+         n++) {
         char id[64], user[32];
         snprintf(id, sizeof id, "crash-%u-%d-%zu", c->run, c->index, n);
         snprintf(user, sizeof user, "user-%d-%zu", c->index, n % 40);
@@ -313,6 +319,8 @@ START_TEST(crash_kill9_loses_nothing) {
 
     atomic_size_t accepted_total;
     atomic_init(&accepted_total, 0);
+    atomic_bool running;
+    atomic_init(&running, true);
     int64_t t0 = h_mono_ms();
     client clients[CRASH_CLIENTS];
     memset(clients, 0, sizeof clients);
@@ -321,7 +329,8 @@ START_TEST(crash_kill9_loses_nothing) {
                               .port = h_server_port(srv),
                               .secret = h_server_secret(srv),
                               .run = seed,
-                              .deadline_ms = t0 + dur_ms,
+                              .deadline_ms = t0 + dur_ms + CRASH_AFTER_RESTART_MS,
+                              .running = &running,
                               .accepted_total = &accepted_total};
         ck_assert_int_eq(pthread_create(&clients[i].thread, NULL, client_main, &clients[i]), 0);
     }
@@ -343,6 +352,16 @@ START_TEST(crash_kill9_loses_nothing) {
         fprintf(stderr, "crash: kill %d at %.1f s after %zu acknowledged; back in %lld ms\n", k,
                 (double)(down - t0) / 1e3, accepted_at_kill[k], (long long)(h_mono_ms() - down));
     }
+    /* The load runs for the whole duration and, however long the last
+     * restart took on a busy machine, until the restarted server has
+     * answered 202 again (or CRASH_AFTER_RESTART_MS have passed). */
+    int64_t wait = t0 + dur_ms - h_mono_ms();
+    if (wait > 0)
+        h_sleep_ms((unsigned)wait);
+    for (int64_t end = h_mono_ms() + CRASH_AFTER_RESTART_MS;
+         atomic_load(&accepted_total) == accepted_at_kill[CRASH_KILLS - 1] && h_mono_ms() < end;)
+        h_sleep_ms(20);
+    atomic_store(&running, false);
     for (int i = 0; i < CRASH_CLIENTS; i++)
         pthread_join(clients[i].thread, NULL);
     accepted_at_kill[CRASH_KILLS] = atomic_load(&accepted_total);
