@@ -187,6 +187,7 @@ static void notify_connection(void *cls, struct MHD_Connection *conn, void **soc
  * since_ms and each has one deadline, so only expired heads are visited. */
 static void *sweep(void *arg) {
     amp_http *http = arg;
+    pthread_setname_np(pthread_self(), "amp-sweep");
     pthread_mutex_lock(&http->mu);
     while (!http->stopping) {
         int64_t now = amp_mono_ms();
