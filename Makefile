@@ -244,3 +244,14 @@ valgrind:
 valgrind-run: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	bash tests/valgrind/run.sh $(BUILD)
 # ---- end ThreadSanitizer and valgrind ----
+
+# ---- container image (issue 18) ----
+#   make image-test  build docker/Dockerfile with podman (no Docker daemon) on a
+#                    debootstrapped Debian base cached in build/image/, and run it:
+#                    unprivileged user, secrets files, spool volume, HEALTHCHECK,
+#                    delivery, SIGTERM, restart on the same volume, nginx in front
+#                    (tests/docker/image.sh). Not part of `make test`; .ci/run runs it.
+.PHONY: image-test
+image-test: $(BIN) $(FAKE_DIFY)
+	bash tests/docker/image.sh $(BUILD)
+# ---- end container image ----

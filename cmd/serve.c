@@ -37,6 +37,8 @@
 
 /* Time given to answered requests to leave the socket before HTTP stops. */
 #define DRAIN_GRACE_MS 200
+/* How long a shutdown flush may take once the drain bound has passed. */
+#define FLUSH_GRACE_MS 250
 /* How long a reload that restarts delivery waits for the spool to answer. */
 #define RELOAD_SPOOL_WAIT_MS 2000
 
@@ -253,7 +255,12 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_handlers_set_draining(rs.handlers, true);
     int64_t drain_end = amp_mono_ms() + drain_max_ms(rs.cfg);
     bool answered;
-    while ((answered = amp_queue_flush_until(rs.spool, drain_end)) &&
+    /* A flush asked for at the bound still gets FLUSH_GRACE_MS: a request
+     * open until then (a body still arriving) must not make a healthy
+     * spool look hung. */
+    while ((answered = amp_queue_flush_until(rs.spool, drain_end > amp_mono_ms() + FLUSH_GRACE_MS
+                                                           ? drain_end
+                                                           : amp_mono_ms() + FLUSH_GRACE_MS)) &&
            amp_handlers_open(rs.handlers) > 0 && amp_mono_ms() < drain_end)
         sleep_ms(10);
     int waiting = amp_handlers_suspended(rs.handlers);

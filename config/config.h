@@ -43,6 +43,9 @@ typedef struct amp_config {
         unsigned connection_limit;
         unsigned per_ip_connection_limit; /* 0 = unlimited */
         unsigned connection_timeout_s;
+        unsigned header_timeout_s; /* a request's headers, from the connection's idle start */
+        unsigned body_timeout_s;   /* its body, from the end of its headers */
+        size_t max_header_bytes;
         char **trusted_proxies;
         size_t ntrusted_proxies;
     } listen;

@@ -13,6 +13,10 @@
  * - Signature headers are lists separated by spaces or tabs. Entries that
  *   are not well formed are skipped; a header without a single well-formed
  *   entry is MALFORMED.
+ * - standard-webhooks: Svix's names (svix-id, svix-timestamp,
+ *   svix-signature) are accepted as the Standard Webhooks libraries do, one
+ *   family per request: a request with webhook-id is read by the webhook-*
+ *   names only, one with svix-id and no webhook-id by the svix-* names only.
  * - standard-webhooks: entries "vN,<base64>" of a version other than v1 are
  *   ignored as the specification asks. A header whose well-formed entries
  *   are all of other versions is MISMATCH (it is valid, we just cannot check
@@ -37,6 +41,7 @@
 #include "../base/parse.h"
 
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -541,29 +546,41 @@ static amp_sig_result verify_amplitude(const amp_sig *s, amp_sig_header_fn heade
     return r;
 }
 
+const char *amp_sig_message_id(amp_sig_header_fn header, void *ctx) {
+    const char *id = header(ctx, "webhook-id");
+    return id ? id : header(ctx, "svix-id");
+}
+
 static amp_sig_result verify_standard(const amp_sig *s, amp_sig_header_fn header, void *ctx,
                                       const char *body, size_t len, int64_t now_s,
                                       const char **detail) {
-    const char *idv = header(ctx, "webhook-id");
-    const char *tsv = header(ctx, "webhook-timestamp");
-    const char *sigv = header(ctx, "webhook-signature");
+    /* One family of names for all three headers, chosen by the id. */
+    bool svix = !header(ctx, "webhook-id") && header(ctx, "svix-id");
+    const char *idv = header(ctx, svix ? "svix-id" : "webhook-id");
+    const char *tsv = header(ctx, svix ? "svix-timestamp" : "webhook-timestamp");
+    const char *sigv = header(ctx, svix ? "svix-signature" : "webhook-signature");
     if (!idv)
-        return fail_with(detail, AMP_SIG_MISSING, "webhook-id header is missing");
+        return fail_with(detail, AMP_SIG_MISSING, "webhook-id (or svix-id) header is missing");
     if (!tsv)
-        return fail_with(detail, AMP_SIG_MISSING, "webhook-timestamp header is missing");
+        return fail_with(detail, AMP_SIG_MISSING,
+                         svix ? "svix-timestamp header is missing (svix-id was sent)"
+                              : "webhook-timestamp header is missing");
     if (!sigv)
-        return fail_with(detail, AMP_SIG_MISSING, "webhook-signature header is missing");
+        return fail_with(detail, AMP_SIG_MISSING,
+                         svix ? "svix-signature header is missing (svix-id was sent)"
+                              : "webhook-signature header is missing");
 
     const char *id, *ts;
     size_t idlen, tslen;
     int64_t tsval;
     trim(idv, &id, &idlen);
     if (idlen == 0)
-        return fail_with(detail, AMP_SIG_MALFORMED, "webhook-id: empty");
+        return fail_with(detail, AMP_SIG_MALFORMED, svix ? "svix-id: empty" : "webhook-id: empty");
     trim(tsv, &ts, &tslen);
     if (parse_ts(ts, tslen, &tsval) != 0)
         return fail_with(detail, AMP_SIG_MALFORMED,
-                         "webhook-timestamp: not a unix time in seconds");
+                         svix ? "svix-timestamp: not a unix time in seconds"
+                              : "webhook-timestamp: not a unix time in seconds");
 
     unsigned char(*cand)[MAC_LEN] = amp_xmalloc(max_entries(sigv) * MAC_LEN);
     size_t ncand = 0, nother = 0, nbad = 0;
@@ -589,11 +606,16 @@ static amp_sig_result verify_standard(const amp_sig *s, amp_sig_header_fn header
     amp_sig_result r;
     if (ncand == 0 && (nbad > 0 || nother == 0)) {
         r = fail_with(detail, AMP_SIG_MALFORMED,
-                      "webhook-signature: expected one or more v1,<base64> entries");
+                      svix ? "svix-signature: expected one or more v1,<base64> entries"
+                           : "webhook-signature: expected one or more v1,<base64> entries");
     } else if (!within_tolerance(tsval, now_s, s->tolerance_s)) {
-        r = fail_with(detail, AMP_SIG_STALE, "webhook-timestamp: outside the accepted tolerance");
+        r = fail_with(detail, AMP_SIG_STALE,
+                      svix ? "svix-timestamp: outside the accepted tolerance"
+                           : "webhook-timestamp: outside the accepted tolerance");
     } else if (ncand == 0) {
-        r = fail_with(detail, AMP_SIG_MISMATCH, "webhook-signature: no v1 entry to check");
+        r = fail_with(detail, AMP_SIG_MISMATCH,
+                      svix ? "svix-signature: no v1 entry to check"
+                           : "webhook-signature: no v1 entry to check");
     } else {
         part parts[] = {{id, idlen}, {".", 1}, {ts, tslen}, {".", 1}, {body, len}};
         r = finish(any_match(s, parts, 5, (const unsigned char(*)[MAC_LEN])cand, ncand), detail);

@@ -7,7 +7,9 @@
  *   static-header      a configured header's whole value equals a secret.
  *   standard-webhooks  webhook-id / webhook-timestamp / webhook-signature
  *                      "v1,<base64>" list over "id.timestamp.body";
- *                      whsec_ base64 secrets.
+ *                      whsec_ base64 secrets. Svix's svix-id /
+ *                      svix-timestamp / svix-signature are read when
+ *                      webhook-id is absent and svix-id present.
  *   none               always OK (config only allows it explicitly).
  *
  * Every comparison is constant time (CRYPTO_memcmp on equal-length decoded
@@ -61,6 +63,10 @@ typedef const char *(*amp_sig_header_fn)(void *ctx, const char *name);
  * reason on failure, e.g. "X-Amplitude-Sig: expected sha256=<64 hex>". */
 amp_sig_result amp_sig_verify(const amp_sig *sig, amp_sig_header_fn header, void *ctx,
                               const char *body, size_t len, int64_t now_s, const char **detail);
+
+/* standard-webhooks: the request's message id, webhook-id or else svix-id
+ * (the name verification reads); borrowed from header, NULL when absent. */
+const char *amp_sig_message_id(amp_sig_header_fn header, void *ctx);
 
 /* HMAC-SHA256(secret, "<ts>.<body>") as 64 lowercase hex digits + NUL. */
 void amp_sig_amplitude_hex(const char *secret, size_t secret_len, int64_t ts, const char *body,

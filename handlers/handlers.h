@@ -50,7 +50,11 @@ int amp_handlers_open(amp_handlers *h);
  * not be stopped while any is. */
 int amp_handlers_suspended(amp_handlers *h);
 
-/* libmicrohttpd callbacks; cls is the amp_handlers. */
+/* libmicrohttpd callbacks; cls is the amp_handlers. amp_handlers_uri (the
+ * URI log callback) creates the request state as soon as the request line
+ * is in, so a request libmicrohttpd answers by itself (headers beyond its
+ * buffer) still gets an access-log line and is counted. */
+void *amp_handlers_uri(void *cls, const char *uri, struct MHD_Connection *conn);
 enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
                                     const char *method, const char *version,
                                     const char *upload_data, size_t *upload_data_size,

@@ -55,6 +55,7 @@ struct amp_req {
     const char *error; /* its error code (static), for the access log */
     bool webhook;
     bool admitted; /* begun before shutdown: answered normally, counted in h->open */
+    bool routed;   /* the access handler has seen it (headers complete) */
     /* body (webhook) */
     amp_buf body;
     bool too_large;

@@ -10,6 +10,7 @@
 
 #include "../base/log.h"
 #include "handlers_int.h"
+#include "http.h"
 #include "../base/alloc.h"
 #include "../base/buf.h"
 #include "../base/clock.h"
@@ -145,6 +146,16 @@ static const route *match(const amp_config *cfg, const char *url) {
 
 static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
                                   const char *method) {
+    size_t max_header = r->gen->cfg->listen.max_header_bytes;
+    const union MHD_ConnectionInfo *hs =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+    if (hs && hs->header_size > max_header) {
+        char detail[128];
+        snprintf(detail, sizeof detail, "the request line and headers are %zu bytes; at most %zu",
+                 hs->header_size, max_header);
+        return amp_handlers_reply_error(r, MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                        "headers_too_large", detail);
+    }
     const route *rt = match(r->gen->cfg, url);
     if (!rt)
         return amp_handlers_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
@@ -161,6 +172,22 @@ static enum MHD_Result first_call(amp_handlers *h, amp_req *r, const char *url,
     return rt->begin ? rt->begin(h, r) : MHD_YES;
 }
 
+static amp_req *req_new(amp_handlers *h, struct MHD_Connection *conn) {
+    amp_req *r = amp_xcalloc(1, sizeof *r);
+    r->h = h;
+    r->gen = atomic_load(&h->gen);
+    r->conn = conn;
+    r->start_ms = amp_mono_ms();
+    amp_buf_init(&r->body, r->gen->cfg->listen.max_body_bytes);
+    atomic_init(&r->state, REQ_READING);
+    return r;
+}
+
+void *amp_handlers_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
+    (void)uri;
+    return req_new(cls, conn);
+}
+
 enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, const char *url,
                                     const char *method, const char *version,
                                     const char *upload_data, size_t *upload_data_size,
@@ -169,19 +196,18 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
     amp_handlers *h = cls;
     amp_req *r = *req_cls;
 
-    if (!r) {
-        r = amp_xcalloc(1, sizeof *r);
-        r->h = h;
-        r->gen = atomic_load(&h->gen);
-        r->conn = conn;
-        r->start_ms = amp_mono_ms();
-        amp_buf_init(&r->body, r->gen->cfg->listen.max_body_bytes);
-        atomic_init(&r->state, REQ_READING);
+    if (!r) /* no URI log callback (not started by amp_http_start) */
+        r = *req_cls = req_new(h, conn);
+    if (!r->routed) {
+        r->routed = true;
+        r->start_ms = amp_mono_ms(); /* the headers are in */
         admit(h, r);
         set_request_id(r);
         amp_handlers_client_address(r->gen, conn, r->client, sizeof r->client);
-        *req_cls = r;
-        return first_call(h, r, url, method);
+        enum MHD_Result ret = first_call(h, r, url, method);
+        /* Answered at once: being sent. Else its body (if any) is due. */
+        amp_http_conn_phase(conn, r->status ? AMP_HTTP_CONN_BUSY : AMP_HTTP_CONN_BODY);
+        return ret;
     }
     if (!r->endpoint) /* answered on the first call; discard any body */
         return *upload_data_size = 0, MHD_YES;
@@ -206,17 +232,36 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         *upload_data_size = 0;
         return MHD_YES;
     }
+    amp_http_conn_phase(conn, AMP_HTTP_CONN_BUSY);
     return r->endpoint(h, r);
+}
+
+/* A request libmicrohttpd answered by itself before our handler saw it:
+ * its headers outgrew the buffer (431), or the request line or a header did
+ * not parse (400). Logged and counted like our own answers. */
+static void answered_by_library(amp_req *r) {
+    const union MHD_ConnectionInfo *st =
+        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_HTTP_STATUS);
+    r->status = st ? st->http_status : 0;
+    if (!r->status)
+        return;
+    r->error = r->status == MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE ? "headers_too_large"
+               : r->status == MHD_HTTP_URI_TOO_LONG                  ? "uri_too_long"
+                                                                     : "bad_request";
+    set_request_id(r);
+    amp_handlers_client_address(r->gen, r->conn, r->client, sizeof r->client);
 }
 
 void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                             enum MHD_RequestTerminationCode toe) {
-    (void)conn;
     amp_handlers *h = cls;
     amp_req *r = *req_cls;
     if (!r)
         return;
     *req_cls = NULL;
+    amp_http_conn_phase(conn, AMP_HTTP_CONN_IDLE);
+    if (!r->routed)
+        answered_by_library(r);
     if (r->admitted)
         atomic_fetch_sub(&h->open, 1);
     if (r->status) {
@@ -238,6 +283,11 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
             amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:s?, s:i, s:I}", "request_id",
                     r->request_id, "client", r->client, "status", (int)r->status, "error", r->error,
                     "termination", (int)toe, "ms", (json_int_t)ms);
+    } else if (r->status == MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE || (!r->routed && r->status)) {
+        /* Oversized or unparsable headers: one access line, whatever the path. */
+        amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:s?, s:I}", "request_id", r->request_id,
+                "client", r->client, "status", (int)r->status, "error", r->error, "ms",
+                (json_int_t)(amp_mono_ms() - r->start_ms));
     } else if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
         amp_log(AMP_LOG_DEBUG, "request ended early", "{s:s, s:s, s:i}", "request_id",
                 r->request_id, "client", r->client, "reason", (int)toe);

@@ -119,7 +119,7 @@ static amp_queue_batch *map_events(amp_req *r, const amp_config *cfg, const json
     /* standard-webhooks: the message id dedupes a resent message; an
      * event's own insert_id, when it has one, still comes first. */
     const char *msg_id = cfg->auth.scheme == AMP_AUTH_STANDARD_WEBHOOKS
-                             ? MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "webhook-id")
+                             ? amp_sig_message_id(header_lookup, r->conn)
                              : NULL;
     char stem[300] = "";
     if (msg_id && *msg_id && strlen(msg_id) < 256)

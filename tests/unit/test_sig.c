@@ -465,6 +465,21 @@ START_TEST(test_shared_between_threads) {
 }
 END_TEST
 
+/* The dedupe key's message id comes from the same header verification
+ * reads: webhook-id, else Svix's svix-id. */
+START_TEST(test_message_id) {
+    hdrs h = {0};
+    ck_assert_ptr_null(amp_sig_message_id(hdr_get, &h));
+    h.name[h.n] = "Svix-Id";
+    h.value[h.n++] = strdup("msg_svix");
+    ck_assert_str_eq(amp_sig_message_id(hdr_get, &h), "msg_svix");
+    h.name[h.n] = "webhook-id";
+    h.value[h.n++] = strdup("msg_std");
+    ck_assert_str_eq(amp_sig_message_id(hdr_get, &h), "msg_std");
+    hdrs_free(&h);
+}
+END_TEST
+
 static Suite *sig_suite(size_t ncases) {
     Suite *s = suite_create("sig");
     TCase *tc = tcase_create("vectors");
@@ -473,6 +488,7 @@ static Suite *sig_suite(size_t ncases) {
     tc = tcase_create("api");
     tcase_add_test(tc, test_scheme_names);
     tcase_add_test(tc, test_create_errors);
+    tcase_add_test(tc, test_message_id);
     tcase_add_test(tc, test_secrets_are_copied);
     tcase_add_test(tc, test_amplitude_hex);
     tcase_add_test(tc, test_many_entries);
