@@ -12,7 +12,6 @@
 
 #include <string.h>
 
-#define TRACE_ID_MAX 256
 
 typedef struct dify_app {
     const amp_app *app;
@@ -85,19 +84,6 @@ static void conn_destroy(void *p) {
     free(c);
 }
 
-/* The dedupe key comes from the event, i.e. from the sender: keep it from
- * smuggling header lines or megabytes into the request. */
-static void trace_header(char *out, size_t outlen, const char *key) {
-    static const char prefix[] = "X-Trace-Id: ";
-    size_t n = sizeof prefix - 1;
-    memcpy(out, prefix, n);
-    for (size_t i = 0; key[i] && i < TRACE_ID_MAX && n + 1 < outlen; i++) {
-        unsigned char c = (unsigned char)key[i];
-        out[n++] = (c < 0x20 || c == 0x7f) ? '_' : (char)c;
-    }
-    out[n] = '\0';
-}
-
 static void send_job(void *p, const void *target, const amp_queue_job *job,
                      amp_forward_exchange *ex) {
     dify_conn *c = p;
@@ -113,13 +99,16 @@ static void send_job(void *p, const void *target, const amp_queue_job *job,
         ex->now_ms = amp_now_ms();
         return;
     }
-    char trace[sizeof "X-Trace-Id: " + TRACE_ID_MAX];
+    char trace[sizeof "X-Trace-Id: " + AMP_FORWARD_TRACE_ID_MAX];
     const char *headers[4];
     size_t nh = 0;
     headers[nh++] = "Content-Type: application/json";
     headers[nh++] = a->auth;
     if (job->dedupe_key && *job->dedupe_key) {
-        trace_header(trace, sizeof trace, job->dedupe_key);
+        /* The key comes from the sender; Dify takes only this form. */
+        char id[AMP_FORWARD_TRACE_ID_MAX + 1];
+        amp_forward_trace_id(job->dedupe_key, id);
+        snprintf(trace, sizeof trace, "X-Trace-Id: %s", id);
         headers[nh++] = trace;
     }
     headers[nh] = NULL;
