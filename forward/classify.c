@@ -202,8 +202,11 @@ char *amp_forward_join_url(const char *base, const char *path) {
     return amp_xasprintf("%.*s/%s", (int)n, base, path);
 }
 
-char *amp_forward_request_body(const char *body_json, const char *conversation_id) {
-    if (!conversation_id || !*conversation_id) {
+char *amp_forward_request_body(const char *body_json, const char *conversation_id,
+                               const char *workflow_id) {
+    bool has_conv = conversation_id && *conversation_id;
+    bool has_wf = workflow_id && *workflow_id;
+    if (!has_conv && !has_wf) {
         /* Nothing to add: send the stored bytes untouched, but still refuse
          * what is not an object so a corrupt row is dead-lettered once
          * instead of being rejected by Dify forever. */
@@ -218,10 +221,14 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
         json_decref(obj);
         return NULL;
     }
-    json_t *cid = json_string(conversation_id);
-    if (!cid || json_object_set_new(obj, "conversation_id", cid) != 0) {
-        json_decref(obj);
-        return NULL;
+    const char *keys[] = {"conversation_id", "workflow_id"};
+    const char *vals[] = {has_conv ? conversation_id : NULL, has_wf ? workflow_id : NULL};
+    for (size_t i = 0; i < 2; i++) {
+        json_t *v = vals[i] ? json_string(vals[i]) : NULL;
+        if (vals[i] && (!v || json_object_set_new(obj, keys[i], v) != 0)) {
+            json_decref(obj);
+            return NULL;
+        }
     }
     char *text = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(obj);

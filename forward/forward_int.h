@@ -59,10 +59,11 @@ size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max);
 /* "{base}/{path}" with any trailing slashes of base dropped. Caller owns. */
 char *amp_forward_join_url(const char *base, const char *path);
 
-/* Request body to send: body_json as is, or with "conversation_id" set when
- * conversation_id is non-NULL and non-empty. Caller owns; NULL when
- * body_json is not a JSON object (only then). */
-char *amp_forward_request_body(const char *body_json, const char *conversation_id);
+/* Request body to send: body_json as is, or with "conversation_id" and
+ * "workflow_id" set for those that are non-NULL and non-empty. Caller owns;
+ * NULL when body_json is not a JSON object (only then). */
+char *amp_forward_request_body(const char *body_json, const char *conversation_id,
+                               const char *workflow_id);
 
 /* The X-Trace-Id Dify accepts is ^[A-Za-z0-9_-]{1,128}$. A dedupe key of
  * that form is sent as it is; any other (longer, dots, colons, spaces...)
@@ -250,6 +251,14 @@ typedef struct amp_forward_reply {
  * transport error in the reply. */
 void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
                            const char *body, size_t body_len, amp_forward_reply *reply);
+/* The same as a GET (Dify's /info, /parameters, a run's events or detail).
+ * A text/event-stream answer is folded as for a POST; when the transfer
+ * breaks, reply->body still holds what the stream showed so far. */
+void amp_forward_http_get(amp_forward_http *h, const char *url, const char *const *headers,
+                          amp_forward_reply *reply);
+/* s percent-encoded for a URL's query or path. Caller owns; NULL when out of
+ * memory. */
+char *amp_forward_http_escape(amp_forward_http *h, const char *s);
 void amp_forward_reply_clear(amp_forward_reply *r);
 
 /* ---- sse.c: streaming answers ---------------------------------------- */

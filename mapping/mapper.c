@@ -78,6 +78,7 @@ void amp_mapper_destroy(amp_mapper *m) {
         free((char *)m->apps[i].name);
         free((char *)m->apps[i].api_key_env);
         free((char *)m->apps[i].api_key_file);
+        free((char *)m->apps[i].workflow_id);
     }
     free(m->apps);
     for (size_t i = 0; i < m->nroutes; i++)
@@ -153,6 +154,30 @@ static void check_one_key_source(const amp_json_schema_at *at) {
 }
 
 static const char *const endpoint_enum[] = {"chat", "completion", "workflow", NULL};
+
+/* Dify's workflow ids are UUIDs; anything else is its 400 bad_request. */
+static bool uuid_ok(const char *s) {
+    size_t n = 0;
+    for (; s[n]; n++) {
+        char c = s[n];
+        bool dash = n == 8 || n == 13 || n == 18 || n == 23;
+        if (dash ? c != '-'
+                 : !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')))
+            return false;
+    }
+    return n == 36;
+}
+
+/* A version can be pinned for workflows and chatflows only. */
+static void check_workflow_id(const amp_json_schema_at *at) {
+    const json_t *ep = json_object_get(at->parent, "endpoint");
+    const char *e = json_is_string(ep) ? json_string_value(ep) : "chat";
+    if (strcmp(e, "completion") == 0)
+        amp_json_schema_error(at->errs, at->path, "a workflow_id for endpoint 'completion'",
+                              "workflow_id only with endpoint 'workflow' or 'chat' (a chatflow)");
+}
+
+
 static const char *const mode_names[] = {"blocking", "streaming", NULL};
 
 #define APP_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_app, m)
@@ -206,6 +231,14 @@ static const amp_json_schema_row app_rows[] = {
      .def = "8",
      .reload = DELIVERY,
      APP_FIELD(max_in_flight)},
+    {.key = "workflow_id",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .reload = DELIVERY,
+     APP_FIELD(workflow_id),
+     .accept = uuid_ok,
+     .item_expect = "a workflow version id (a UUID, from the app's published versions)",
+     .check = check_workflow_id,
+     .doc = "none: the latest published version"},
     {.key = NULL},
 };
 

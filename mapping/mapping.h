@@ -64,6 +64,9 @@ typedef struct amp_app {
     double rate_per_sec; /* 0 = unlimited */
     unsigned burst;
     unsigned max_in_flight;
+    const char *workflow_id; /* a published version to run (workflow: POST
+                                {base}/workflows/{id}/run; chat: the chatflow body's
+                                "workflow_id"), or NULL for the latest */
 } amp_app;
 
 /* The keys of one app (static table, ended by a NULL key), read into an

@@ -439,14 +439,14 @@ END_TEST
 
 START_TEST(test_request_body) {
     const char *body = "{\"inputs\":{\"a\":1},\"query\":\"q\",\"user\":\"u1\"}";
-    char *out = amp_forward_request_body(body, NULL);
+    char *out = amp_forward_request_body(body, NULL, NULL);
     ck_assert_str_eq(out, body); /* untouched bytes */
     free(out);
-    out = amp_forward_request_body(body, "");
+    out = amp_forward_request_body(body, "", NULL);
     ck_assert_str_eq(out, body);
     free(out);
 
-    out = amp_forward_request_body(body, "conv-9");
+    out = amp_forward_request_body(body, "conv-9", NULL);
     json_error_t e;
     json_t *j = json_loads(out, 0, &e);
     ck_assert_ptr_nonnull(j);
@@ -457,15 +457,15 @@ START_TEST(test_request_body) {
     free(out);
 
     /* A stored conversation id replaces one already in the body. */
-    out = amp_forward_request_body("{\"conversation_id\":\"old\",\"user\":\"u\"}", "new");
+    out = amp_forward_request_body("{\"conversation_id\":\"old\",\"user\":\"u\"}", "new", NULL);
     ck_assert_ptr_nonnull(strstr(out, "\"new\""));
     ck_assert_ptr_null(strstr(out, "old"));
     free(out);
 
-    ck_assert_ptr_null(amp_forward_request_body("[1]", NULL));
-    ck_assert_ptr_null(amp_forward_request_body("", NULL));
-    ck_assert_ptr_null(amp_forward_request_body("[1]", "c"));
-    ck_assert_ptr_null(amp_forward_request_body("{broken", "c"));
+    ck_assert_ptr_null(amp_forward_request_body("[1]", NULL, NULL));
+    ck_assert_ptr_null(amp_forward_request_body("", NULL, NULL));
+    ck_assert_ptr_null(amp_forward_request_body("[1]", "c", NULL));
+    ck_assert_ptr_null(amp_forward_request_body("{broken", "c", NULL));
 }
 END_TEST
 
