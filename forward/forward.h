@@ -67,6 +67,15 @@ void amp_forward_stop(amp_forward *f);
 /* Wake the dispatcher (new work was committed). Safe from any thread. */
 void amp_forward_kick(amp_forward *f);
 
+/* What Dify says about one app (appinfo.c): GET {base}/info and
+ * {base}/parameters with its key (borrowed). 0 with *mode (caller owns) and
+ * *form (the user_input_form array, caller owns); -1 with err when Dify did
+ * not answer both with 200 JSON (unreachable, a rejected key...).
+ * curl_global_init must have run. */
+int amp_forward_app_describe(const char *base_url, const char *key, long connect_timeout_s,
+                             long timeout_s, char **mode, json_t **form, char *err,
+                             size_t errlen);
+
 /* ---- pure helpers, exposed for tests ---------------------------------- */
 
 typedef enum {
