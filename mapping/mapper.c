@@ -172,6 +172,8 @@ static bool uuid_ok(const char *s) {
 
 /* A version can be pinned for workflows and chatflows only. */
 static void check_workflow_id(const amp_json_schema_at *at) {
+    if (!at->value)
+        return;
     const json_t *ep = json_object_get(at->parent, "endpoint");
     const char *e = json_is_string(ep) ? json_string_value(ep) : "chat";
     if (strcmp(e, "completion") == 0)
