@@ -462,6 +462,12 @@ START_TEST(test_request_body) {
     ck_assert_ptr_null(strstr(out, "old"));
     free(out);
 
+    out = amp_forward_request_body("{\"user\":\"u\"}", "c1", "wf-1");
+    ck_assert_str_eq(out, "{\"user\":\"u\",\"conversation_id\":\"c1\",\"workflow_id\":\"wf-1\"}");
+    free(out);
+    out = amp_forward_request_body("{\"user\":\"u\"}", NULL, "wf-1");
+    ck_assert_str_eq(out, "{\"user\":\"u\",\"workflow_id\":\"wf-1\"}");
+    free(out);
     ck_assert_ptr_null(amp_forward_request_body("[1]", NULL, NULL));
     ck_assert_ptr_null(amp_forward_request_body("", NULL, NULL));
     ck_assert_ptr_null(amp_forward_request_body("[1]", "c", NULL));
@@ -727,6 +733,45 @@ START_TEST(test_sse_events) {
              "data: {\"event\":\"message_end\",\"metadata\":{}}\n\n",
              &complete);
     ck_assert_str_eq(json_string_value(json_object_get(r, "answer")), "Hello!");
+    json_decref(r);
+
+    /* A workflow paused for human input: complete, no result, its run id
+     * kept; the exchange says it waits. */
+    amp_forward_exchange ex = {0};
+    r = fold("data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"wr2\",\"data\":{}}\n\n"
+             "data: {\"event\":\"human_input_required\",\"workflow_run_id\":\"wr2\","
+             "\"data\":{\"form_token\":\"t\"}}\n\n"
+             "data: {\"event\":\"workflow_paused\",\"workflow_run_id\":\"wr2\","
+             "\"data\":{\"status\":\"paused\"}}\n\n",
+             &complete);
+    ck_assert(complete);
+    ex.status = 200;
+    amp_forward_exchange_answer(&ex, r);
+    ck_assert(ex.waiting_input);
+    ck_assert_str_eq(ex.run_id, "wr2");
+    ck_assert_int_eq(amp_forward_outcome(&ex, &code, &msg), AMP_OUTCOME_WAITING_INPUT);
+    ck_assert_str_eq(code, "waiting_input");
+    json_decref(r);
+    /* human_input_required alone (a chatflow whose stream ends there). */
+    r = fold("data: {\"event\":\"message\",\"answer\":\"Draft\",\"workflow_run_id\":\"w3\"}\n\n"
+             "data: {\"event\":\"human_input_required\",\"workflow_run_id\":\"w3\"}\n\n",
+             &complete);
+    ck_assert(complete);
+    ck_assert_int_eq(amp_forward_classify(0, 200, r, NULL, NULL), AMP_OUTCOME_WAITING_INPUT);
+    json_decref(r);
+    /* A resumed stream: the form was filled, the run goes on to its end. */
+    r = fold("data: {\"event\":\"human_input_form_filled\",\"workflow_run_id\":\"w4\"}\n\n"
+             "data: {\"event\":\"workflow_finished\",\"workflow_run_id\":\"w4\","
+             "\"data\":{\"status\":\"succeeded\"}}\n\n",
+             &complete);
+    ck_assert(complete);
+    ck_assert_int_eq(amp_forward_classify(0, 200, r, NULL, NULL), AMP_OUTCOME_DELIVERED);
+    json_decref(r);
+    /* A stream cut after its first event still tells the run id. */
+    r = fold("data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"w5\",\"data\":{}}\n\n",
+             &complete);
+    ck_assert(!complete);
+    ck_assert_str_eq(json_string_value(json_object_get(r, "workflow_run_id")), "w5");
     json_decref(r);
 
     /* Garbage data lines are skipped, not fatal. */
