@@ -415,6 +415,10 @@ START_TEST(resume_after_drop) {
     ck_assert_ptr_nonnull(strstr(resp, run));
     ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(resumes, 0), "status")),
                      200);
+    /* Followed within the same attempt: no retry was needed. */
+    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") <= 0);
+    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"delivered\"}") ==
+              1);
     json_decref(posts);
     json_decref(resumes);
 
