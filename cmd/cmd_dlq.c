@@ -33,7 +33,7 @@
     "       amp2dify dlq replay [-c FILE] [--all | ID... | filters]\n"                             \
     "       amp2dify dlq purge  [-c FILE] [--all | ID... | filters]\n"                             \
     "filters: --route R --app A --status N --code C --since T --until T\n"                         \
-    "         --waiting: the events waiting for human input instead of dead letters\n"            \
+    "         --waiting: the events waiting for human input instead of dead letters\n"             \
     "         (T: unix seconds or YYYY-MM-DDTHH:MM:SSZ)\n"
 
 typedef struct dlq_args {
@@ -120,8 +120,9 @@ static int parse_args(int argc, char **argv, dlq_args *a) {
 }
 
 static void print_table(const json_t *rows, bool waiting) {
-    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID", waiting ? "WAITING_SINCE" : "DEAD_AT",
-           "ROUTE", "APP", "STATUS", "CODE", "ATTEMPTS", waiting ? "WORKFLOW_RUN_ID" : "MESSAGE");
+    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID",
+           waiting ? "WAITING_SINCE" : "DEAD_AT", "ROUTE", "APP", "STATUS", "CODE", "ATTEMPTS",
+           waiting ? "WORKFLOW_RUN_ID" : "MESSAGE");
     size_t i;
     json_t *row;
     json_array_foreach(rows, i, row) {

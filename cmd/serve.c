@@ -234,8 +234,10 @@ int amp_cmd_serve(int argc, char **argv) {
     rs.metrics = amp_metrics_create();
 
     if (!validate_apps(rs.cfg, "start")) {
-        amp_log(AMP_LOG_ERROR, "not starting: dify.validate is strict and an app does not fit "
-                               "the config", "{s:s}", "file", rs.cfg->file);
+        amp_log(AMP_LOG_ERROR,
+                "not starting: dify.validate is strict and an app does not fit "
+                "the config",
+                "{s:s}", "file", rs.cfg->file);
         rc = 2;
         goto out;
     }

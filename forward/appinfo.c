@@ -32,8 +32,7 @@ static json_t *get_json(amp_forward_http *h, const char *base_url, const char *p
 }
 
 int amp_forward_app_describe(const char *base_url, const char *key, long connect_timeout_s,
-                             long timeout_s, char **mode, json_t **form, char *err,
-                             size_t errlen) {
+                             long timeout_s, char **mode, json_t **form, char *err, size_t errlen) {
     *mode = NULL;
     *form = NULL;
     amp_forward_http *h = amp_forward_http_create(connect_timeout_s, timeout_s, NULL, err, errlen);

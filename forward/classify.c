@@ -249,9 +249,8 @@ void amp_forward_trace_id(const char *key, char out[AMP_FORWARD_TRACE_ID_MAX + 1
     bool plain = true;
     for (; key[n] && plain; n++) {
         char c = key[n];
-        plain = n < AMP_FORWARD_TRACE_ID_MAX &&
-                ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                 c == '_' || c == '-');
+        plain = n < AMP_FORWARD_TRACE_ID_MAX && ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                                                 (c >= '0' && c <= '9') || c == '_' || c == '-');
     }
     if (plain) {
         memcpy(out, key, n);

@@ -21,7 +21,6 @@
 
 #include <string.h>
 
-
 /* Resumes of one run within one attempt; the retry's resumes come after. */
 #define RESUME_TRIES 2
 

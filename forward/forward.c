@@ -620,8 +620,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
         }
         /* else: sent before the pause began; the pause already counts it. */
         if (n.what != AFTER_NONE)
-            a->pause_until_us =
-                now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
+            a->pause_until_us = now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
         n.strikes = a->strikes;
         n.next_probe_ms = (a->pause_until_us - now_us) / 1000;
         if (requeue_front(f, *q) == 0)
@@ -642,8 +641,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
         } else if (s->pause == AMP_FORWARD_PAUSE_PROBE_AGAIN) {
             /* 429, 5xx, a timeout: nothing learnt about the key. Probe again
              * after the same interval. */
-            a->pause_until_us =
-                now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
+            a->pause_until_us = now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
         }
     }
     return n;

@@ -73,8 +73,7 @@ void amp_forward_kick(amp_forward *f);
  * not answer both with 200 JSON (unreachable, a rejected key...).
  * curl_global_init must have run. */
 int amp_forward_app_describe(const char *base_url, const char *key, long connect_timeout_s,
-                             long timeout_s, char **mode, json_t **form, char *err,
-                             size_t errlen);
+                             long timeout_s, char **mode, json_t **form, char *err, size_t errlen);
 
 /* ---- pure helpers, exposed for tests ---------------------------------- */
 

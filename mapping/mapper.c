@@ -181,7 +181,6 @@ static void check_workflow_id(const amp_json_schema_at *at) {
                               "workflow_id only with endpoint 'workflow' or 'chat' (a chatflow)");
 }
 
-
 static const char *const mode_names[] = {"blocking", "streaming", NULL};
 
 #define APP_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_app, m)
@@ -612,7 +611,7 @@ static bool mode_fits(amp_endpoint e, const char *mode) {
 }
 
 static bool mode_known(const char *mode) {
-    static const char *const modes[] = {"completion", "chat",     "agent-chat",
+    static const char *const modes[] = {"completion",    "chat",     "agent-chat",
                                         "advanced-chat", "workflow", "agent"};
     for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
         if (!strcmp(mode, modes[i]))
@@ -752,8 +751,8 @@ void amp_mapper_check_app(const amp_mapper *m, size_t i, const char *mode, const
     if (mode && mode_known(mode)) {
         if (!mode_fits(app->endpoint, mode)) {
             char *ep = amp_json_path_key(ap, "endpoint");
-            char *found =
-                amp_xasprintf("'%s' for a Dify app of mode '%s'", endpoint_names[app->endpoint], mode);
+            char *found = amp_xasprintf("'%s' for a Dify app of mode '%s'",
+                                        endpoint_names[app->endpoint], mode);
             amp_json_schema_error(errs, ep, found, "'%s'",
                                   !strcmp(mode, "completion") ? "completion"
                                   : !strcmp(mode, "workflow") ? "workflow"
@@ -822,8 +821,7 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
             v = amp_map_xform_apply(ru->xf, v, &why);
             if (why) {
                 snprintf(detail, dlen, "%s: required field %s is %s", r->label,
-                         ru->source.text ? ru->source.text : "value",
-                         why);
+                         ru->source.text ? ru->source.text : "value", why);
                 json_decref(inputs);
                 return NULL;
             }

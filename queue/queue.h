@@ -88,8 +88,8 @@ typedef struct amp_queue_job {
     char *dedupe_key;      /* may be NULL */
     char *conversation_id; /* per (app, user); NULL when none stored */
     bool per_user;
-    char *run_id;          /* a Dify workflow run an earlier attempt started and lost the
-                              connection to (set by a RETRY ack's run_id), or NULL */
+    char *run_id;       /* a Dify workflow run an earlier attempt started and lost the
+                           connection to (set by a RETRY ack's run_id), or NULL */
     int attempts;       /* attempts made before this one */
     int64_t created_ms; /* start of the current schedule: stored, or replayed */
 } amp_queue_job;
@@ -162,7 +162,7 @@ typedef struct amp_queue_stats {
     int64_t pending;
     int64_t delivered;
     int64_t dead;
-    int64_t waiting; /* AMP_QUEUE_ACK_WAITING rows */
+    int64_t waiting;           /* AMP_QUEUE_ACK_WAITING rows */
     int64_t oldest_pending_ms; /* created_ms of the oldest pending job, 0 when none */
 } amp_queue_stats;
 

@@ -58,7 +58,7 @@ int amp_spool_stats_get(void *e, amp_queue_stats *out) {
  * locking and the busy timeout serialise writers). */
 
 #define DLQ_WHERE                                                                                  \
-    " WHERE state = ?9 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                               \
+    " WHERE state = ?9 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                              \
     " AND (?2 IS NULL OR app = ?2)"                                                                \
     " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                         \
     " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \

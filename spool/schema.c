@@ -228,13 +228,13 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,        &s->st_commit,          &s->st_rollback,      &s->st_savepoint,
-        &s->st_release,      &s->st_rollback_to,     &s->st_dedupe,        &s->st_insert,
-        &s->st_waiting, &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
-        &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
-        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
-        &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,     &s->st_max_id,
-        &s->st_bytes,
+        &s->st_begin,       &s->st_commit,       &s->st_rollback,        &s->st_savepoint,
+        &s->st_release,     &s->st_rollback_to,  &s->st_dedupe,          &s->st_insert,
+        &s->st_waiting,     &s->st_delivered,    &s->st_retry,           &s->st_dead,
+        &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
+        &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
+        &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
+        &s->st_max_id,      &s->st_bytes,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -162,7 +162,7 @@ static void wait_delivered(fake_dify *f, size_t n, unsigned ms) {
 /* ---- check-config --online ------------------------------------------------- */
 
 #define FORM                                                                                       \
-    "[{\"text-input\": {\"label\": \"City\", \"variable\": \"city\", \"required\": true,"           \
+    "[{\"text-input\": {\"label\": \"City\", \"variable\": \"city\", \"required\": true,"          \
     " \"max_length\": 48, \"default\": \"\"}},"                                                    \
     " {\"select\": {\"label\": \"Tier\", \"variable\": \"tier\", \"required\": false,"             \
     " \"options\": [\"bronze\", \"silver\"], \"default\": \"\"}},"                                 \
@@ -282,8 +282,8 @@ START_TEST(online_check) {
     char *longer = fill(good_config, "\"value\": \"bronze\", \"target\": \"tier\"",
                         "\"value\": \"0123456789012345678901234567890123456789012345678\", "
                         "\"target\": \"city\"");
-    char *nocity = fill(longer, "{\"source\": \"event_properties.city\", \"target\": \"city\"},",
-                        "");
+    char *nocity =
+        fill(longer, "{\"source\": \"event_properties.city\", \"target\": \"city\"},", "");
     rc = check_online(nocity, fake_dify_port(f), &out);
     ck_assert_msg(rc == 2 && strstr(out, "routes[0].map[0].value: found 49 characters; expected "
                                          "at most 48 (max_length of 'city')"),
@@ -295,8 +295,8 @@ START_TEST(online_check) {
     /* Nobody there: --online cannot vouch for the config. */
     uint16_t nobody = h_free_port();
     rc = check_online(good_config, nobody, &out);
-    ck_assert_msg(rc == 2 && strstr(out, "apps.flow: GET http://127.0.0.1:"),
-                  "exit %d: %s", rc, out);
+    ck_assert_msg(rc == 2 && strstr(out, "apps.flow: GET http://127.0.0.1:"), "exit %d: %s", rc,
+                  out);
     free(out);
     fake_dify_stop(f);
 }
@@ -488,14 +488,14 @@ START_TEST(waiting_for_input) {
     ck_assert_uint_eq(json_array_size(dead), 0);
     json_decref(dead);
     ck_assert_uint_eq(fake_dify_count(f), 2);
-    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"waiting_input\"}") ==
-              1);
-    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"block\",outcome=\"waiting_input\"}") ==
-              1);
+    ck_assert(
+        metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"waiting_input\"}") == 1);
+    ck_assert(
+        metric_value(s, "amp2dify_deliveries_total{app=\"block\",outcome=\"waiting_input\"}") == 1);
     ck_assert(metric_value(s, "amp2dify_spool_pending") == 0);
     /* The table form says so too. */
-    char *cmd = amp_xasprintf("%s dlq list --waiting -c %s/amp2dify.json 2>&1", bin(),
-                              h_server_dir(s));
+    char *cmd =
+        amp_xasprintf("%s dlq list --waiting -c %s/amp2dify.json 2>&1", bin(), h_server_dir(s));
     char *out;
     ck_assert_int_eq(run(cmd, &out), 0);
     ck_assert_msg(strstr(out, "WAITING_SINCE") && strstr(out, "waiting_input"), "%s", out);
@@ -537,25 +537,26 @@ START_TEST(outcomes_2026) {
      * event goes again as a new one. */
     post_event(s, "Chat", "u-conv", "conv-1");
     wait_delivered(f, 1, 10000);
-    fake_dify_push(f, &(fake_dify_behaviour){
-                          .status = 400,
-                          .code = "conversation_completed",
-                          .message = "The conversation has ended. Please start a new conversation."});
+    fake_dify_push(f,
+                   &(fake_dify_behaviour){
+                       .status = 400,
+                       .code = "conversation_completed",
+                       .message = "The conversation has ended. Please start a new conversation."});
     post_event(s, "Chat", "u-conv", "conv-2");
     wait_delivered(f, 2, 10000);
     json_t *recs = records(f, "/v1/chat-messages", "conv-2");
     ck_assert_uint_eq(json_array_size(recs), 2);
     ck_assert_ptr_nonnull(
         jstr(json_object_get(json_array_get(recs, 0), "body"), "conversation_id"));
-    ck_assert_ptr_null(json_object_get(json_object_get(json_array_get(recs, 1), "body"),
-                                       "conversation_id"));
+    ck_assert_ptr_null(
+        json_object_get(json_object_get(json_array_get(recs, 1), "body"), "conversation_id"));
     json_decref(recs);
 
     /* Retried: 429 too_many_requests, a 429 page from a cloud edge, the
      * 400 "Too many requests" concurrency limit, a 500. */
     fake_dify_push(f, &(fake_dify_behaviour){.status = 429, .code = "too_many_requests"});
-    fake_dify_push(f, &(fake_dify_behaviour){.status = 429,
-                                             .html_body = "<html>Too Many Requests</html>"});
+    fake_dify_push(
+        f, &(fake_dify_behaviour){.status = 429, .html_body = "<html>Too Many Requests</html>"});
     fake_dify_push(f, &(fake_dify_behaviour){
                           .status = 400,
                           .code = "invalid_param",
@@ -577,8 +578,8 @@ START_TEST(outcomes_2026) {
                                        "Thursday", "Friday", "Saturday"};
     static const char *const mons[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
                                        "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-    snprintf(when, sizeof when, "%s, %02d-%s-%02d %02d:%02d:%02d GMT", days[tm.tm_wday],
-             tm.tm_mday, mons[tm.tm_mon], tm.tm_year % 100, tm.tm_hour, tm.tm_min, tm.tm_sec);
+    snprintf(when, sizeof when, "%s, %02d-%s-%02d %02d:%02d:%02d GMT", days[tm.tm_wday], tm.tm_mday,
+             mons[tm.tm_mon], tm.tm_year % 100, tm.tm_hour, tm.tm_min, tm.tm_sec);
     fake_dify_push(f, &(fake_dify_behaviour){.status = 503, .retry_after = when});
     post_event(s, "Chat", "u-ra", "ra-1");
     wait_delivered(f, 4, 10000);
@@ -588,17 +589,17 @@ START_TEST(outcomes_2026) {
 
     /* 429 rate_limit_error: the plan's quota is gone; the app pauses and
      * probes 1 s, then 2 s apart, though retry.max_ms is 100. */
-    fake_dify_push_n(f, &(fake_dify_behaviour){.status = 429, .code = "rate_limit_error",
-                                               .message = "Rate Limit Error"},
+    fake_dify_push_n(f,
+                     &(fake_dify_behaviour){
+                         .status = 429, .code = "rate_limit_error", .message = "Rate Limit Error"},
                      2);
     post_event(s, "Chat", "u-quota", "quota-1");
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 5000));
     ck_assert(metric_value(s, "amp2dify_app_paused{app=\"chat\"}") == 1);
     wait_delivered(f, 5, 15000);
     ck_assert_uint_eq(arrivals(f, "quota-1", at, 16), 3);
-    ck_assert_msg(at[1] - at[0] >= 900 && at[2] - at[1] >= 1800,
-                  "probes after %lld and %lld ms", (long long)(at[1] - at[0]),
-                  (long long)(at[2] - at[1]));
+    ck_assert_msg(at[1] - at[0] >= 900 && at[2] - at[1] >= 1800, "probes after %lld and %lld ms",
+                  (long long)(at[1] - at[0]), (long long)(at[2] - at[1]));
     json_t *dead = dlq_list(s, false);
     ck_assert_uint_eq(json_array_size(dead), 0); /* nothing spent on the pause */
     json_decref(dead);

@@ -395,14 +395,13 @@ static char *blocking_body(const answer_ctx *a) {
         json_t *error = failed ? json_string(a->b->message ? a->b->message
                                                            : "Node LLM run failed: model timeout")
                                : json_null();
-        const char *status =
-            failed ? "failed" : a->b->human_input ? "paused" : "succeeded";
+        const char *status = failed ? "failed" : a->b->human_input ? "paused" : "succeeded";
         if (a->b->human_input)
             outputs = (json_decref(outputs), json_object());
         o = json_pack("{s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}", "task_id",
                       a->task_id, "workflow_run_id", a->run_id, "data", "id", a->run_id,
-                      "workflow_id", a->workflow_id, "status", status,
-                      "outputs", outputs, "error", error, "elapsed_time", 0.042, "total_tokens",
+                      "workflow_id", a->workflow_id, "status", status, "outputs", outputs, "error",
+                      error, "elapsed_time", 0.042, "total_tokens",
                       failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at", a->now_s,
                       "finished_at", a->now_s);
     } else {
@@ -476,30 +475,31 @@ static size_t next_piece(const char *s, size_t pos, size_t len) {
 static json_t *finished_event(const answer_ctx *a) {
     bool failed = a->b->workflow_failed;
     size_t alen = strlen(a->answer);
-    json_t *outputs = failed ? json_null() : json_pack("{s:s}", a->chatflow ? "answer" : "result", a->answer);
-    json_t *error = failed ? json_string(a->b->message ? a->b->message
-                                                       : "Node LLM run failed: model timeout")
-                           : json_null();
-    json_t *o = json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}",
-                          "event", "workflow_finished", "task_id", a->task_id, "workflow_run_id",
-                          a->run_id, "data", "id", a->run_id, "workflow_id", a->workflow_id,
-                          "status", failed ? "failed" : "succeeded", "outputs", outputs, "error",
-                          error, "elapsed_time", 0.042, "total_tokens",
-                          failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at",
-                          a->now_s, "finished_at", a->now_s);
+    json_t *outputs =
+        failed ? json_null() : json_pack("{s:s}", a->chatflow ? "answer" : "result", a->answer);
+    json_t *error =
+        failed ? json_string(a->b->message ? a->b->message : "Node LLM run failed: model timeout")
+               : json_null();
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}", "event",
+                  "workflow_finished", "task_id", a->task_id, "workflow_run_id", a->run_id, "data",
+                  "id", a->run_id, "workflow_id", a->workflow_id, "status",
+                  failed ? "failed" : "succeeded", "outputs", outputs, "error", error,
+                  "elapsed_time", 0.042, "total_tokens", failed ? 0 : 10 + (int)(alen / 4),
+                  "total_steps", 3, "created_at", a->now_s, "finished_at", a->now_s);
     if (!o)
         abort();
     return o;
 }
 
 static json_t *human_input_event(const answer_ctx *a) {
-    json_t *o = json_pack(
-        "{s:s, s:s, s:s, s:I, s:{s:s, s:s, s:s, s:s, s:s, s:[], s:[{s:s, s:s}], s:I}}", "event",
-        "human_input_required", "task_id", a->task_id, "workflow_run_id", a->run_id, "created_at",
-        a->now_s, "data", "form_id", a->message_id, "form_token", "tok_fake", "node_id",
-        "approval_node", "node_title", "Approval", "form_content", "Please review the draft.",
-        "inputs", "actions", "id", "approve", "title", "Approve", "expiration_time",
-        a->now_s + 3600);
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:I, s:{s:s, s:s, s:s, s:s, s:s, s:[], s:[{s:s, s:s}], s:I}}",
+                  "event", "human_input_required", "task_id", a->task_id, "workflow_run_id",
+                  a->run_id, "created_at", a->now_s, "data", "form_id", a->message_id, "form_token",
+                  "tok_fake", "node_id", "approval_node", "node_title", "Approval", "form_content",
+                  "Please review the draft.", "inputs", "actions", "id", "approve", "title",
+                  "Approve", "expiration_time", a->now_s + 3600);
     if (!o)
         abort();
     if (a->ep == EP_CHAT) {
@@ -510,13 +510,13 @@ static json_t *human_input_event(const answer_ctx *a) {
 }
 
 static json_t *paused_event(const answer_ctx *a) {
-    json_t *o = json_pack("{s:s, s:s, s:s, s:{s:s, s:[s], s:{}, s:[{s:s}], s:s, s:I, s:f, s:i, "
-                          "s:i}}",
-                          "event", "workflow_paused", "task_id", a->task_id, "workflow_run_id",
-                          a->run_id, "data", "workflow_run_id", a->run_id, "paused_nodes",
-                          "approval_node", "outputs", "reasons", "type", "human_input_required",
-                          "status", "paused", "created_at", a->now_s, "elapsed_time", 0.042,
-                          "total_tokens", 0, "total_steps", 2);
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:{s:s, s:[s], s:{}, s:[{s:s}], s:s, s:I, s:f, s:i, "
+                  "s:i}}",
+                  "event", "workflow_paused", "task_id", a->task_id, "workflow_run_id", a->run_id,
+                  "data", "workflow_run_id", a->run_id, "paused_nodes", "approval_node", "outputs",
+                  "reasons", "type", "human_input_required", "status", "paused", "created_at",
+                  a->now_s, "elapsed_time", 0.042, "total_tokens", 0, "total_steps", 2);
     if (!o)
         abort();
     if (a->ep == EP_CHAT)
@@ -530,8 +530,11 @@ static json_t *run_detail(const answer_ctx *a) {
     char *inputs = dump_compact(a->inputs ? (json_t *)a->inputs : json_object());
     json_t *o = json_pack(
         "{s:s, s:s, s:s, s:s, s:o, s:o, s:i, s:i, s:I, s:o, s:f}", "id", a->run_id, "workflow_id",
-        a->workflow_id, "status", failed ? "failed" : paused ? "paused" : "succeeded", "inputs",
-        inputs, "outputs",
+        a->workflow_id, "status",
+        failed   ? "failed"
+        : paused ? "paused"
+                 : "succeeded",
+        "inputs", inputs, "outputs",
         failed || paused ? json_object() : json_pack("{s:s}", "result", a->answer), "error",
         failed ? json_string(a->b->message ? a->b->message : "Node LLM run failed: model timeout")
                : json_null(),
@@ -612,10 +615,10 @@ static char *stream_body(const answer_ctx *a) {
         }
     } else {
         if (a->chatflow)
-            sse_data(&out, json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:I}}", "event",
-                                     "workflow_started", "task_id", a->task_id, "workflow_run_id",
-                                     a->run_id, "data", "id", a->run_id, "workflow_id",
-                                     a->workflow_id, "created_at", a->now_s));
+            sse_data(&out,
+                     json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:I}}", "event", "workflow_started",
+                               "task_id", a->task_id, "workflow_run_id", a->run_id, "data", "id",
+                               a->run_id, "workflow_id", a->workflow_id, "created_at", a->now_s));
         for (size_t pos = 0, n = 0; pos < alen; n++) {
             size_t end = next_piece(ans, pos, alen);
             json_t *ev = chat_event(a, "message");
@@ -656,9 +659,9 @@ typedef struct stream {
     fake_dify *f;
     char *data;
     size_t len;
-    size_t chunk;   /* 0: one SSE frame per write */
-    unsigned pause; /* ms between writes */
-    size_t drop_at; /* close the connection here, without the closing chunk; 0: never */
+    size_t chunk;          /* 0: one SSE frame per write */
+    unsigned pause;        /* ms between writes */
+    size_t drop_at;        /* close the connection here, without the closing chunk; 0: never */
     int64_t wait_until_ms; /* a resumed running run: send nothing before this (wall clock) */
 } stream;
 
@@ -1004,7 +1007,7 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         s->drop_at = b.stream_drop_after ? frame_end(s->data, b.stream_drop_after) : 0;
         if (has_run)
             ctx->run = run_keep(f, &a, user, amp_xstrdup(s->drop_at ? s->data + s->drop_at : ""),
-                               b.run_ms);
+                                b.run_ms);
         record(f, ctx, conn, url, method, body, 200, true, s->data, true);
         struct MHD_Response *r = MHD_create_response_from_callback(
             MHD_SIZE_UNKNOWN, s->chunk ? s->chunk : 4096, stream_read, s, stream_free);
@@ -1038,8 +1041,8 @@ static enum MHD_Result handle_get(fake_dify *f, req_ctx *ctx, struct MHD_Connect
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
     bool meta = strcmp(path, "/info") == 0 || strcmp(path, "/parameters") == 0;
     if (!key_ok(f, auth))
-        return fail(f, ctx, conn, url, "GET", NULL, 401, "unauthorized",
-                    "Access token is invalid", NULL, NULL, !meta);
+        return fail(f, ctx, conn, url, "GET", NULL, 401, "unauthorized", "Access token is invalid",
+                    NULL, NULL, !meta);
     if (meta) {
         pthread_mutex_lock(&f->mu);
         f->meta_count++;
@@ -1050,16 +1053,15 @@ static enum MHD_Result handle_get(fake_dify *f, req_ctx *ctx, struct MHD_Connect
                           "A fake Dify app.", "tags", "mode", m ? m->mode : "chat", "author_name",
                           "amp2dify tests");
         } else {
-            o = json_pack("{s:s, s:[], s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:O, s:{}, "
-                          "s:{s:i, s:i, s:i, s:i, s:i}}",
-                          "opening_statement", "", "suggested_questions",
-                          "suggested_questions_after_answer", "enabled", 0, "speech_to_text",
-                          "enabled", 0, "retriever_resource", "enabled", 0, "annotation_reply",
-                          "enabled", 0, "more_like_this", "enabled", 0, "user_input_form",
-                          m && m->form ? m->form : json_array(), "file_upload",
-                          "system_parameters", "file_size_limit", 15, "image_file_size_limit", 10,
-                          "audio_file_size_limit", 50, "video_file_size_limit", 100,
-                          "workflow_file_upload_limit", 10);
+            o = json_pack(
+                "{s:s, s:[], s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:O, s:{}, "
+                "s:{s:i, s:i, s:i, s:i, s:i}}",
+                "opening_statement", "", "suggested_questions", "suggested_questions_after_answer",
+                "enabled", 0, "speech_to_text", "enabled", 0, "retriever_resource", "enabled", 0,
+                "annotation_reply", "enabled", 0, "more_like_this", "enabled", 0, "user_input_form",
+                m && m->form ? m->form : json_array(), "file_upload", "system_parameters",
+                "file_size_limit", 15, "image_file_size_limit", 10, "audio_file_size_limit", 50,
+                "video_file_size_limit", 100, "workflow_file_upload_limit", 10);
             if (!(m && m->form))
                 json_decref(json_object_get(o, "user_input_form")); /* the [] made above */
         }
@@ -1075,8 +1077,8 @@ static enum MHD_Result handle_get(fake_dify *f, req_ctx *ctx, struct MHD_Connect
     /* A run: its id is the path segment after the prefix. */
     bool events = strncmp(path, "/workflow/", 10) == 0;
     const char *id = path + (events ? 10 : 15);
-    size_t idlen = events ? (size_t)(strstr(id, "/events") ? strstr(id, "/events") - id : 0)
-                          : strlen(id);
+    size_t idlen =
+        events ? (size_t)(strstr(id, "/events") ? strstr(id, "/events") - id : 0) : strlen(id);
     if (events && (idlen == 0 || strcmp(id + idlen, "/events") != 0))
         return fail(f, ctx, conn, url, "GET", NULL, 404, "not_found",
                     "The requested URL was not found on the server.", NULL, NULL, false);

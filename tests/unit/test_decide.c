@@ -25,8 +25,8 @@ static const char *const kinds[] = {"DELIVERED", "RETRY", "DEAD", "RELEASE", "WA
 #define HOLD_INDEX 5 /* not an ack kind: RELEASE with hold */
 static const char *const pauses[] = {"NONE", "APP", "PROBE_REJECTED", "PROBE_AGAIN", "RESUME"};
 static const char *const convs[] = {"KEEP", "STORE", "CLEAR"};
-static const char *const outcomes[] = {"delivered", "retry", "permanent", "pause_app",
-                                       "reset_conversation", "waiting_input"};
+static const char *const outcomes[] = {
+    "delivered", "retry", "permanent", "pause_app", "reset_conversation", "waiting_input"};
 
 #define NKINDS (sizeof kinds / sizeof kinds[0])
 #define NPAUSES (sizeof pauses / sizeof pauses[0])
