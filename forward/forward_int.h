@@ -7,7 +7,9 @@
  *   decide.c    pure: what one exchange with a sink means (the ack, the
  *               conversation, the app's pause)
  *   sink.h      the seam between the engine and a destination API
- *   dify.c      the Dify sink: request, headers, answer -> exchange
+ *   dify.c      the Dify sink: request, headers, answer -> exchange; a
+ *               dropped workflow stream resumed by its run id
+ *   appinfo.c   GET /info and /parameters of an app, for config checks
  *   http.c      one HTTP connection: a reused curl easy handle, a capped
  *               response buffer, Retry-After capture
  *   sse.c       incremental parser of Dify's streaming answers
