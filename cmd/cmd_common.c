@@ -5,6 +5,10 @@
 #include "../config/config.h"
 #include "../spool/spool.h"
 #include "../base/errs.h"
+#include "../forward/forward.h"
+#include "../json/schema.h"
+
+#include <stdlib.h>
 
 int amp_cmd_config_only(int argc, char **argv, const char **config) {
     *config = NULL;
@@ -33,6 +37,29 @@ amp_config *amp_cmd_load_config(const char *cfile, unsigned flags) {
         amp_cmd_print_errors(path, errs);
     amp_errs_destroy(errs);
     return c;
+}
+
+void amp_cmd_check_apps(const amp_config *cfg, amp_errs *findings, amp_errs *unreachable) {
+    size_t napps = amp_mapper_app_count(cfg->mapper);
+    for (size_t i = 0; i < napps; i++) {
+        const amp_app *app = amp_mapper_app(cfg->mapper, i);
+        char err[512], *mode;
+        json_t *form;
+        /* Short timeouts: this runs before the first event, and an
+         * unreachable Dify must not hold up a start. */
+        long connect_s = cfg->dify.connect_timeout_s < 5 ? (long)cfg->dify.connect_timeout_s : 5;
+        long total_s = cfg->dify.timeout_s < 10 ? (long)cfg->dify.timeout_s : 10;
+        if (amp_forward_app_describe(cfg->dify.base_url, cfg->api_keys ? cfg->api_keys[i] : NULL,
+                                     connect_s, total_s, &mode, &form, err, sizeof err) != 0) {
+            char *path = amp_json_path_key("apps", app->name);
+            amp_errs_add(unreachable, path, "%s", err);
+            free(path);
+            continue;
+        }
+        amp_mapper_check_app(cfg->mapper, i, mode, form, findings);
+        free(mode);
+        json_decref(form);
+    }
 }
 
 static amp_queue *open_sqlite(const amp_config *cfg, int how, char *err, size_t errlen) {

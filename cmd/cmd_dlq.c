@@ -5,6 +5,9 @@
  *   amp2dify dlq replay [-c FILE] [--all | ID... | filters]
  *   amp2dify dlq purge  [-c FILE] [--all | ID... | filters]
  *
+ * --waiting acts on the events whose workflow paused for human input
+ * (state waiting_input: neither pending nor dead) instead of dead letters.
+ *
  * Filters: --route R --app A --status N --code C --since T --until T, where
  * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". Without IDs or filters
  * an action takes every dead letter (--all says so explicitly), as the
@@ -30,6 +33,7 @@
     "       amp2dify dlq replay [-c FILE] [--all | ID... | filters]\n"                             \
     "       amp2dify dlq purge  [-c FILE] [--all | ID... | filters]\n"                             \
     "filters: --route R --app A --status N --code C --since T --until T\n"                         \
+    "         --waiting: the events waiting for human input instead of dead letters\n"             \
     "         (T: unix seconds or YYYY-MM-DDTHH:MM:SSZ)\n"
 
 typedef struct dlq_args {
@@ -74,6 +78,8 @@ static int parse_args(int argc, char **argv, dlq_args *a) {
             a->all = true;
         } else if (strcmp(o, "--json") == 0) {
             a->json = true;
+        } else if (strcmp(o, "--waiting") == 0) {
+            a->f.waiting = true;
         } else if (!v && o[0] == '-') {
             return usage_error("%s needs a value", o);
         } else if (strcmp(o, "-c") == 0 || strcmp(o, "--config") == 0) {
@@ -113,9 +119,10 @@ static int parse_args(int argc, char **argv, dlq_args *a) {
     return 0;
 }
 
-static void print_table(const json_t *rows) {
-    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID", "DEAD_AT", "ROUTE", "APP", "STATUS",
-           "CODE", "ATTEMPTS", "MESSAGE");
+static void print_table(const json_t *rows, bool waiting) {
+    printf("%-8s %-20s %-16s %-12s %-6s %-24s %-8s %s\n", "ID",
+           waiting ? "WAITING_SINCE" : "DEAD_AT", "ROUTE", "APP", "STATUS", "CODE", "ATTEMPTS",
+           waiting ? "WORKFLOW_RUN_ID" : "MESSAGE");
     size_t i;
     json_t *row;
     json_array_foreach(rows, i, row) {
@@ -126,6 +133,9 @@ static void print_table(const json_t *rows) {
         strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
         const char *code = json_string_value(json_object_get(row, "code"));
         const char *msg = json_string_value(json_object_get(row, "message"));
+        if (waiting)
+            msg = json_string_value(
+                json_object_get(json_object_get(row, "result"), "workflow_run_id"));
         printf("%-8lld %-20s %-16s %-12s %-6lld %-24s %-8lld %.80s\n",
                (long long)json_integer_value(json_object_get(row, "id")), when,
                json_string_value(json_object_get(row, "route")),
@@ -176,7 +186,7 @@ int amp_cmd_dlq(int argc, char **argv) {
                     free(line);
                 }
             } else {
-                print_table(rows);
+                print_table(rows, a.f.waiting);
             }
             json_decref(rows);
             rc = 0;
@@ -184,8 +194,8 @@ int amp_cmd_dlq(int argc, char **argv) {
     } else {
         int64_t n = action[0] == 'r' ? amp_queue_dlq_replay(s, &a.f) : amp_queue_dlq_purge(s, &a.f);
         if (n >= 0) {
-            printf("%s %lld dead letter%s\n", action[0] == 'r' ? "replayed" : "purged",
-                   (long long)n, n == 1 ? "" : "s");
+            printf("%s %lld %s%s\n", action[0] == 'r' ? "replayed" : "purged", (long long)n,
+                   a.f.waiting ? "waiting event" : "dead letter", n == 1 ? "" : "s");
             rc = 0;
         }
     }

@@ -32,6 +32,14 @@ void amp_cmd_print_errors(const char *file, const amp_errs *errs);
  * return NULL (exit code 2 for the command). Caller owns the result. */
 struct amp_config *amp_cmd_load_config(const char *cfile, unsigned flags);
 
+/* Check every app of cfg (borrowed; its keys resolved) against the live
+ * Dify: GET {base}/info and /parameters, compared with the routes
+ * (amp_mapper_check_app). What does not fit goes to findings, with its JSON
+ * path; an app Dify did not describe (unreachable, key rejected) is one
+ * entry of unreachable, "apps.<name>: <why>". curl_global_init must have
+ * run. */
+void amp_cmd_check_apps(const struct amp_config *cfg, amp_errs *findings, amp_errs *unreachable);
+
 /* How the commands open the queue named by queue.engine. */
 enum {
     AMP_CMD_QUEUE_SERVE, /* the engine with its threads: serve */

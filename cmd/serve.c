@@ -122,6 +122,29 @@ static bool restart_delivery(running *rs, const amp_config *next, const char *ch
     return true;
 }
 
+/* dify.validate: check cfg's apps against Dify (GET /info, /parameters) and
+ * log what does not fit. false when it is "strict" and something does not
+ * fit: the caller refuses the config. An unreachable Dify is a warning
+ * whatever the setting: it must never keep the relay from starting. */
+static bool validate_apps(const amp_config *cfg, const char *when) {
+    if (cfg->dify.validate == AMP_CONFIG_VALIDATE_OFF)
+        return true;
+    amp_errs *findings = amp_errs_create(), *unreachable = amp_errs_create();
+    amp_cmd_check_apps(cfg, findings, unreachable);
+    bool strict = cfg->dify.validate == AMP_CONFIG_VALIDATE_STRICT;
+    for (size_t i = 0; i < amp_errs_count(unreachable); i++)
+        amp_log(AMP_LOG_WARN, "dify app not checked", "{s:s, s:s}", "when", when, "error",
+                amp_errs_get(unreachable, i));
+    for (size_t i = 0; i < amp_errs_count(findings); i++)
+        amp_log(strict ? AMP_LOG_ERROR : AMP_LOG_WARN, "dify app does not fit the config",
+                "{s:s, s:s, s:s}", "when", when, "file", cfg->file, "error",
+                amp_errs_get(findings, i));
+    bool ok = !strict || amp_errs_count(findings) == 0;
+    amp_errs_destroy(findings);
+    amp_errs_destroy(unreachable);
+    return ok;
+}
+
 /* Load the config again; on success it becomes rs->cfg. */
 static void reload(running *rs) {
     amp_errs *errs = amp_errs_create();
@@ -138,6 +161,10 @@ static void reload(running *rs) {
     } else if (fixed) {
         amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
                 fixed, "error", "this part of the config only changes with a restart");
+        amp_config_destroy(next);
+    } else if (!validate_apps(next, "reload")) {
+        amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s}", "file", rs->path, "error",
+                "dify.validate is strict and an app does not fit the config");
         amp_config_destroy(next);
     } else if (delivery && !restart_delivery(rs, next, delivery)) {
         amp_config_destroy(next);
@@ -208,6 +235,14 @@ int amp_cmd_serve(int argc, char **argv) {
     amp_http *http = NULL;
     rs.metrics = amp_metrics_create();
 
+    if (!validate_apps(rs.cfg, "start")) {
+        amp_log(AMP_LOG_ERROR,
+                "not starting: dify.validate is strict and an app does not fit "
+                "the config",
+                "{s:s}", "file", rs.cfg->file);
+        rc = 2;
+        goto out;
+    }
     rs.spool = amp_cmd_open_queue(rs.cfg, AMP_CMD_QUEUE_SERVE, err, sizeof err);
     if (!rs.spool) {
         amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", rs.cfg->spool.path,

@@ -156,6 +156,7 @@ static const char *const scheme_names[] = {"amplitude-hmac", "static-header", "s
 static const char *const sync_names[] = {"full", "normal", NULL};
 static const char *const engine_names[] = {"sqlite", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+static const char *const validate_names[] = {"warn", "strict", "off", NULL};
 
 #define F(m) AMP_JSON_SCHEMA_FIELD(amp_config, m)
 #define INT_ROW(k, lo, hi, d, cls, m)                                                              \
@@ -268,6 +269,12 @@ static const amp_json_schema_row config_rows[] = {
      .check = check_retry_max},
     {INT_ROW("dify.retry.max_age_seconds", 1, 30LL * 86400, "86400", DELIVERY,
              dify.retry_max_age_s)},
+    {.key = "dify.validate",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = validate_names,
+     .def = "warn",
+     .reload = LIVE,
+     F(dify.validate)},
     /* Compiled by the mapper (its own tables); the reader only requires them. */
     {.key = "apps",
      .type = AMP_JSON_SCHEMA_ANY,

@@ -31,6 +31,15 @@ typedef enum {
     AMP_CONFIG_QUEUE_SQLITE, /* the embedded spool (spool/) */
 } amp_config_queue_engine;
 
+/* dify.validate: what start and SIGHUP do when an app does not fit its
+ * routes (GET /info, /parameters): log a warning, refuse, or not ask. An
+ * unreachable Dify is a warning in every case. */
+typedef enum {
+    AMP_CONFIG_VALIDATE_WARN,
+    AMP_CONFIG_VALIDATE_STRICT,
+    AMP_CONFIG_VALIDATE_OFF,
+} amp_config_validate;
+
 typedef struct amp_config {
     char *file; /* the path it was loaded from */
     struct {
@@ -78,6 +87,7 @@ typedef struct amp_config {
         int64_t retry_initial_ms;
         int64_t retry_max_ms;
         int64_t retry_max_age_s;
+        amp_config_validate validate; /* dify.validate: the apps checked against Dify */
     } dify;
     amp_log_level log_level;
     unsigned shutdown_timeout_s; /* SIGTERM to exit, at most */

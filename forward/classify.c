@@ -7,6 +7,7 @@
 #include "../base/alloc.h"
 
 #include <math.h>
+#include <openssl/sha.h>
 #include <string.h>
 #include <time.h>
 
@@ -28,6 +29,14 @@ void amp_forward_exchange_answer(amp_forward_exchange *ex, const json_t *body) {
     ex->workflow_status = str_member(data, "status");
     ex->workflow_error = str_member(data, "error");
     ex->conversation_id = amp_forward_answer_conversation(body);
+    /* A paused run: the folded stream says so (sse.c), or a blocking
+     * answer's data.status does. */
+    const char *event = str_member(body, "event");
+    ex->waiting_input = event && (strcmp(event, "workflow_paused") == 0 ||
+                                  strcmp(event, "human_input_required") == 0);
+    const char *run = str_member(body, "workflow_run_id");
+    if (run && *run)
+        ex->run_id = run;
 }
 
 amp_outcome amp_forward_outcome(const amp_forward_exchange *in, const char **code,
@@ -50,7 +59,19 @@ amp_outcome amp_forward_outcome(const amp_forward_exchange *in, const char **cod
             out = AMP_OUTCOME_PERMANENT;
             c = "workflow_failed";
             m = in->workflow_error;
+        } else if (in->waiting_input ||
+                   (in->workflow_status && strcmp(in->workflow_status, "paused") == 0)) {
+            /* Dify keeps the run until a person fills the form (or it times
+             * out); posting again would start a second run. */
+            out = AMP_OUTCOME_WAITING_INPUT;
+            c = "waiting_input";
+            m = "the workflow paused for human input";
         }
+    } else if (http_status == 429 && c && strcmp(c, "rate_limit_error") == 0) {
+        /* The workspace's plan quota is used up: no event will get through
+         * until someone upgrades or the quota renews, so the app pauses
+         * like a rejected key instead of burning every event's retries. */
+        out = AMP_OUTCOME_PAUSE_APP;
     } else if (http_status == 408 || http_status == 429 || http_status >= 500) {
         out = AMP_OUTCOME_RETRY;
     } else if (http_status == 400 && c && strcmp(c, "invalid_param") == 0 &&
@@ -60,7 +81,10 @@ amp_outcome amp_forward_outcome(const amp_forward_exchange *in, const char **cod
         out = AMP_OUTCOME_RETRY;
     } else if (http_status == 401 || http_status == 403) {
         out = AMP_OUTCOME_PAUSE_APP;
-    } else if (http_status == 404 && has_prefix(m, "Conversation Not Exists")) {
+    } else if ((http_status == 404 && has_prefix(m, "Conversation Not Exists")) ||
+               (http_status == 400 && c && strcmp(c, "conversation_completed") == 0)) {
+        /* Dify forgot the conversation, or ended it: either way the next
+         * event starts a new one. */
         out = AMP_OUTCOME_RESET_CONVERSATION;
     } else if (http_status >= 400 && http_status < 500) {
         out = AMP_OUTCOME_PERMANENT;
@@ -108,56 +132,6 @@ int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, 
 
 /* ---- Retry-After ------------------------------------------------------ */
 
-static int parse_digits(const char *s, size_t n, int *out) {
-    int v = 0;
-    if (n == 0)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
-        v = v * 10 + (s[i] - '0');
-    }
-    *out = v;
-    return 0;
-}
-
-/* IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT" (RFC 9110 5.6.7), parsed by
- * hand so the process locale cannot change what month names mean. */
-static int parse_imf_fixdate(const char *s, size_t n, time_t *out) {
-    static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-    static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                         "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-    if (n != 29 || s[3] != ',' || s[4] != ' ' || s[7] != ' ' || s[11] != ' ' || s[16] != ' ' ||
-        s[19] != ':' || s[22] != ':' || s[25] != ' ' || memcmp(s + 26, "GMT", 3) != 0)
-        return -1;
-    int day_ok = 0;
-    for (int i = 0; i < 7; i++)
-        day_ok |= memcmp(s, days[i], 3) == 0;
-    int mon = -1;
-    for (int i = 0; i < 12; i++)
-        if (memcmp(s + 8, months[i], 3) == 0)
-            mon = i;
-    int mday, year, hh, mm, ss;
-    if (!day_ok || mon < 0 || parse_digits(s + 5, 2, &mday) || parse_digits(s + 12, 4, &year) ||
-        parse_digits(s + 17, 2, &hh) || parse_digits(s + 20, 2, &mm) ||
-        parse_digits(s + 23, 2, &ss))
-        return -1;
-    if (mday < 1 || mday > 31 || hh > 23 || mm > 59 || ss > 60)
-        return -1;
-    struct tm tm = {0};
-    tm.tm_year = year - 1900;
-    tm.tm_mon = mon;
-    tm.tm_mday = mday;
-    tm.tm_hour = hh;
-    tm.tm_min = mm;
-    tm.tm_sec = ss;
-    time_t t = timegm(&tm);
-    if (t == (time_t)-1)
-        return -1;
-    *out = t;
-    return 0;
-}
-
 int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms) {
     if (!value)
         return -1;
@@ -184,8 +158,16 @@ int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms) {
         return ms > AMP_FORWARD_RETRY_AFTER_CAP_MS ? AMP_FORWARD_RETRY_AFTER_CAP_MS : ms;
     }
 
-    time_t t;
-    if (parse_imf_fixdate(s, n, &t) != 0)
+    /* An HTTP date: IMF-fixdate, or the obsolete RFC 850 and asctime forms
+     * that RFC 9110 5.6.7 says a recipient must accept. curl_getdate reads
+     * all three without the process locale; it wants a terminated copy. */
+    char date[64];
+    if (n >= sizeof date)
+        return -1;
+    memcpy(date, s, n);
+    date[n] = '\0';
+    time_t t = curl_getdate(date, NULL);
+    if (t == (time_t)-1)
         return -1;
     /* Compare in seconds first: a date far in the future must not overflow
      * when scaled to milliseconds. */
@@ -220,8 +202,11 @@ char *amp_forward_join_url(const char *base, const char *path) {
     return amp_xasprintf("%.*s/%s", (int)n, base, path);
 }
 
-char *amp_forward_request_body(const char *body_json, const char *conversation_id) {
-    if (!conversation_id || !*conversation_id) {
+char *amp_forward_request_body(const char *body_json, const char *conversation_id,
+                               const char *workflow_id) {
+    bool has_conv = conversation_id && *conversation_id;
+    bool has_wf = workflow_id && *workflow_id;
+    if (!has_conv && !has_wf) {
         /* Nothing to add: send the stored bytes untouched, but still refuse
          * what is not an object so a corrupt row is dead-lettered once
          * instead of being rejected by Dify forever. */
@@ -236,10 +221,14 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
         json_decref(obj);
         return NULL;
     }
-    json_t *cid = json_string(conversation_id);
-    if (!cid || json_object_set_new(obj, "conversation_id", cid) != 0) {
-        json_decref(obj);
-        return NULL;
+    const char *keys[] = {"conversation_id", "workflow_id"};
+    const char *vals[] = {has_conv ? conversation_id : NULL, has_wf ? workflow_id : NULL};
+    for (size_t i = 0; i < 2; i++) {
+        json_t *v = vals[i] ? json_string(vals[i]) : NULL;
+        if (vals[i] && (!v || json_object_set_new(obj, keys[i], v) != 0)) {
+            json_decref(obj);
+            return NULL;
+        }
     }
     char *text = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(obj);
@@ -250,6 +239,32 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
     char *out = amp_xstrdup(text);
     free(text);
     return out;
+}
+
+void amp_forward_trace_id(const char *key, char out[AMP_FORWARD_TRACE_ID_MAX + 1]) {
+    out[0] = '\0';
+    if (!key || !*key)
+        return;
+    size_t n = 0;
+    bool plain = true;
+    for (; key[n] && plain; n++) {
+        char c = key[n];
+        plain = n < AMP_FORWARD_TRACE_ID_MAX && ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                                                 (c >= '0' && c <= '9') || c == '_' || c == '-');
+    }
+    if (plain) {
+        memcpy(out, key, n);
+        out[n] = '\0';
+        return;
+    }
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)key, strlen(key), md);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof md; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[2 * sizeof md] = '\0';
 }
 
 const char *amp_forward_answer_conversation(const json_t *body) {

@@ -59,6 +59,9 @@ static void retry(const amp_forward_exchange *in, amp_forward_verdict *out, cons
     if (in->retry_after_ms > delay)
         delay = in->retry_after_ms;
     out->kind = AMP_QUEUE_ACK_RETRY;
+    /* A run Dify started keeps going after our connection dropped: the
+     * next attempt resumes it instead of posting the event again. */
+    out->run_id = in->run_id;
     out->delay_ms = delay;
     out->due_ms = in->now_ms + delay;
     out->status = in->status;
@@ -139,6 +142,19 @@ void amp_forward_decide(const amp_forward_exchange *in, amp_forward_verdict *out
         break;
     case AMP_OUTCOME_PERMANENT:
         dead(out, in->status, code, message);
+        break;
+    case AMP_OUTCOME_WAITING_INPUT:
+        /* Not delivered and not dead: the run waits for a person. Nothing
+         * to retry (Dify holds the run); `amp2dify dlq list --waiting`
+         * shows it with its run id. */
+        out->kind = AMP_QUEUE_ACK_WAITING;
+        out->code = code;
+        out->message = message;
+        out->run_id = in->run_id;
+        if (in->per_user && in->conversation_id) {
+            out->conversation = AMP_FORWARD_CONV_STORE;
+            out->conversation_id = in->conversation_id;
+        }
         break;
     }
 

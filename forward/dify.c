@@ -5,6 +5,15 @@
  * answer (blocking JSON or a folded SSE stream, see http.c) becomes an
  * exchange: status, {"code","message"}, a workflow's data.status,
  * conversation id, Retry-After. What that means is decide.c's business.
+ *
+ * Workflow and chatflow runs go on inside Dify when our connection drops.
+ * So once a stream has shown its workflow_run_id, a dropped connection or a
+ * timeout is followed by GET {base}/workflow/{run}/events?user=... (the
+ * rest of the run's stream), and when that endpoint does not know the run,
+ * GET {base}/workflows/run/{run} (its outcome), instead of posting the
+ * event again; the run id also travels with a retry (the job's run_id), so
+ * the next attempt resumes too. The event is posted again only when no run
+ * id was seen, or Dify says the run does not exist.
  */
 #include "sink.h"
 #include "../base/alloc.h"
@@ -12,10 +21,12 @@
 
 #include <string.h>
 
-#define TRACE_ID_MAX 256
+/* Resumes of one run within one attempt; the retry's resumes come after. */
+#define RESUME_TRIES 2
 
 typedef struct dify_app {
     const amp_app *app;
+    char *base; /* base_url without trailing slashes */
     char *url;
     char *auth; /* "Authorization: Bearer <key>" — never logged */
 } dify_app;
@@ -23,6 +34,7 @@ typedef struct dify_app {
 typedef struct dify_conn {
     amp_forward_http *http;
     amp_forward_reply reply;
+    char run_id[80]; /* the run the last exchange started or resumed, "" when none */
 } dify_conn;
 
 static void app_destroy(void *p) {
@@ -30,6 +42,7 @@ static void app_destroy(void *p) {
     if (!a)
         return;
     free(a->url);
+    free(a->base);
     if (a->auth) {
         /* The key should not linger in freed heap memory. */
         memset(a->auth, 0, strlen(a->auth));
@@ -55,7 +68,16 @@ static void *app_create(const char *base_url, const amp_app *app, const char *ke
     }
     dify_app *a = amp_xcalloc(1, sizeof *a);
     a->app = app;
-    a->url = amp_forward_join_url(base_url, amp_map_endpoint_path(app->endpoint));
+    a->base = amp_forward_join_url(base_url, "");
+    a->base[strlen(a->base) - 1] = '\0'; /* join_url's "/" */
+    if (app->endpoint == AMP_ENDPOINT_WORKFLOW && app->workflow_id) {
+        /* A pinned published version. */
+        char *path = amp_xasprintf("workflows/%s/run", app->workflow_id);
+        a->url = amp_forward_join_url(base_url, path);
+        free(path);
+    } else {
+        a->url = amp_forward_join_url(base_url, amp_map_endpoint_path(app->endpoint));
+    }
     a->auth = amp_xasprintf("Authorization: Bearer %s", key);
     return a;
 }
@@ -74,6 +96,7 @@ static void *conn_create(long connect_timeout_s, long timeout_s, const atomic_bo
 static void release(void *p) {
     dify_conn *c = p;
     amp_forward_reply_clear(&c->reply);
+    c->run_id[0] = '\0';
 }
 
 static void conn_destroy(void *p) {
@@ -85,17 +108,87 @@ static void conn_destroy(void *p) {
     free(c);
 }
 
-/* The dedupe key comes from the event, i.e. from the sender: keep it from
- * smuggling header lines or megabytes into the request. */
-static void trace_header(char *out, size_t outlen, const char *key) {
-    static const char prefix[] = "X-Trace-Id: ";
-    size_t n = sizeof prefix - 1;
-    memcpy(out, prefix, n);
-    for (size_t i = 0; key[i] && i < TRACE_ID_MAX && n + 1 < outlen; i++) {
-        unsigned char c = (unsigned char)key[i];
-        out[n++] = (c < 0x20 || c == 0x7f) ? '_' : (char)c;
+/* Keep the run id the answer showed (a stream shows it in its first event). */
+static void note_run(dify_conn *c) {
+    const json_t *v =
+        json_is_object(c->reply.body) ? json_object_get(c->reply.body, "workflow_run_id") : NULL;
+    const char *id = json_is_string(v) ? json_string_value(v) : NULL;
+    if (id && *id && strlen(id) < sizeof c->run_id)
+        snprintf(c->run_id, sizeof c->run_id, "%s", id);
+}
+
+/* The answer ended before its outcome: no answer at all, or a 2xx stream
+ * without its closing event. Anything else is an outcome to decide on. */
+static bool cut_short(const amp_forward_reply *r) {
+    return r->transport_error && r->transport_error != CURLE_ABORTED_BY_CALLBACK;
+}
+
+/* A run's detail (GET /workflows/run/{id}) in the shape of a blocking
+ * workflow answer, so that decide and the stored result read it alike. */
+static void detail_as_answer(amp_forward_reply *r) {
+    json_t *d = r->body;
+    if (!json_is_object(d) || !json_is_string(json_object_get(d, "status")))
+        return;
+    json_t *body = json_pack("{s:O?, s:O}", "workflow_run_id", json_object_get(d, "id"), "data", d);
+    if (!body)
+        return;
+    json_decref(d);
+    r->body = body;
+}
+
+/* Follow run_id: its remaining events, or its outcome. Returns false when
+ * Dify does not know the run (the event must be posted again). */
+static bool resume(dify_conn *c, const dify_app *a, const amp_queue_job *job, const char *run_id,
+                   const char *const *headers) {
+    amp_forward_reply *r = &c->reply;
+    char run[sizeof c->run_id];
+    snprintf(run, sizeof run, "%s", run_id);
+    char *erun = amp_forward_http_escape(c->http, run);
+    char *euser = amp_forward_http_escape(c->http, job->user ? job->user : "");
+    if (!erun || !euser) {
+        free(erun);
+        free(euser);
+        return true; /* out of memory: keep the run, retry later */
     }
-    out[n] = '\0';
+    char *events = amp_xasprintf("%s/workflow/%s/events?user=%s", a->base, erun, euser);
+    char *detail = amp_xasprintf("%s/workflows/run/%s", a->base, erun);
+    bool known = true;
+    for (int i = 0; i < RESUME_TRIES; i++) {
+        amp_forward_reply_clear(r);
+        amp_forward_http_get(c->http, events, headers, r);
+        if (r->transport_error == CURLE_ABORTED_BY_CALLBACK)
+            break;
+        if (!r->transport_error && r->status >= 200 && r->status < 300)
+            break; /* the rest of the stream, to its closing event */
+        if (cut_short(r) && r->status >= 200 && r->status < 300)
+            continue; /* dropped again: resume again */
+        /* The events endpoint has no stream for it (an older Dify, a run
+         * finished long ago): ask for the run's outcome. */
+        amp_forward_reply_clear(r);
+        amp_forward_http_get(c->http, detail, headers, r);
+        if (!r->transport_error && r->status == 404) {
+            known = false;
+        } else if (!r->transport_error && r->status >= 200 && r->status < 300) {
+            detail_as_answer(r);
+            const json_t *st = json_object_get(json_object_get(r->body, "data"), "status");
+            const char *status = json_string_value(st);
+            if (status && strcmp(status, "running") == 0) {
+                /* Still going: come back later, to the same run. */
+                amp_forward_reply_clear(r);
+                r->transport_error = -1;
+                r->transport_code = "run_in_progress";
+                snprintf(r->error, sizeof r->error, "workflow run %s is still running", run);
+            }
+        }
+        break;
+    }
+    free(events);
+    free(detail);
+    free(erun);
+    free(euser);
+    if (known)
+        snprintf(c->run_id, sizeof c->run_id, "%s", run);
+    return known;
 }
 
 static void send_job(void *p, const void *target, const amp_queue_job *job,
@@ -103,31 +196,62 @@ static void send_job(void *p, const void *target, const amp_queue_job *job,
     dify_conn *c = p;
     const dify_app *a = target;
     amp_forward_reply *r = &c->reply;
+    c->run_id[0] = '\0';
 
     const char *conversation = job->per_user ? job->conversation_id : NULL;
     ex->had_conversation = conversation && *conversation;
-    char *body = amp_forward_request_body(job->body, conversation);
+    /* A chatflow runs a pinned version through the body's workflow_id. */
+    const char *version = a->app->endpoint == AMP_ENDPOINT_CHAT ? a->app->workflow_id : NULL;
+    char *body = amp_forward_request_body(job->body, conversation, version);
     if (!body) {
         ex->refused_code = "invalid_body";
         ex->refused_message = "stored request body is not a JSON object";
         ex->now_ms = amp_now_ms();
         return;
     }
-    char trace[sizeof "X-Trace-Id: " + TRACE_ID_MAX];
+    char trace[sizeof "X-Trace-Id: " + AMP_FORWARD_TRACE_ID_MAX];
     const char *headers[4];
     size_t nh = 0;
     headers[nh++] = "Content-Type: application/json";
     headers[nh++] = a->auth;
     if (job->dedupe_key && *job->dedupe_key) {
-        trace_header(trace, sizeof trace, job->dedupe_key);
+        /* The key comes from the sender; Dify takes only this form. */
+        char id[AMP_FORWARD_TRACE_ID_MAX + 1];
+        amp_forward_trace_id(job->dedupe_key, id);
+        snprintf(trace, sizeof trace, "X-Trace-Id: %s", id);
         headers[nh++] = trace;
     }
     headers[nh] = NULL;
+    const char *get_headers[] = {a->auth, nh > 2 ? trace : NULL, NULL};
 
-    amp_forward_http_post(c->http, a->url, headers, body, strlen(body), r);
+    int64_t t0 = amp_mono_ms();
+    bool posted = false;
+    if (!(job->run_id && *job->run_id && resume(c, a, job, job->run_id, get_headers))) {
+        amp_forward_http_post(c->http, a->url, headers, body, strlen(body), r);
+        posted = true;
+    }
     free(body);
+    if (posted) {
+        note_run(c);
+        if (cut_short(r) && c->run_id[0]) {
+            /* Dify keeps running what it started: follow the run. */
+            char run[sizeof c->run_id];
+            snprintf(run, sizeof run, "%s", c->run_id);
+            if (!resume(c, a, job, run, get_headers)) {
+                /* Dify forgot the run it just named: posting again is all
+                 * that is left. */
+                c->run_id[0] = '\0';
+                amp_forward_reply_clear(r);
+                r->transport_error = -1;
+                r->transport_code = "run_not_found";
+                snprintf(r->error, sizeof r->error, "workflow run %s not found after a drop", run);
+            }
+        }
+    } else {
+        note_run(c);
+    }
     ex->now_ms = amp_now_ms();
-    ex->latency_ms = r->latency_ms;
+    ex->latency_ms = amp_mono_ms() - t0;
     ex->streamed = r->streamed;
     ex->aborted = r->transport_error == CURLE_ABORTED_BY_CALLBACK;
     ex->transport_error = r->transport_error;
@@ -136,6 +260,8 @@ static void send_job(void *p, const void *target, const amp_queue_job *job,
     ex->status = r->status;
     ex->too_large = r->too_large;
     amp_forward_exchange_answer(ex, r->body);
+    if (c->run_id[0])
+        ex->run_id = c->run_id;
     ex->retry_after_ms =
         r->retry_after[0] ? amp_forward_retry_after_ms(r->retry_after, ex->now_ms) : -1;
 }

@@ -135,7 +135,7 @@ struct app_state {
     unsigned max_in_flight; /* 0 in amp_app means no cap: the pool size */
     unsigned hold_cap;      /* capacity of held */
     /* Metric series, all NULL without a registry: */
-    amp_series *m_delivered, *m_retried, *m_dead;
+    amp_series *m_delivered, *m_retried, *m_dead, *m_waiting;
     amp_series *m_in_flight, *m_paused, *m_seconds;
     amp_series *m_ok; /* dify_responses_total{status="200",code=""} */
     /* Guarded by amp_forward.mu: */
@@ -291,6 +291,8 @@ static const char *outcome_name(amp_outcome o) {
         return "pause_app";
     case AMP_OUTCOME_RESET_CONVERSATION:
         return "reset_conversation";
+    case AMP_OUTCOME_WAITING_INPUT:
+        return "waiting_input";
     }
     return "unknown";
 }
@@ -337,6 +339,7 @@ static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forw
                          .code = v->code,
                          .message = v->message,
                          .result_json = result_json,
+                         .run_id = v->run_id,
                          .conversation_id = v->conversation == AMP_FORWARD_CONV_STORE
                                                 ? v->conversation_id
                                             : v->conversation == AMP_FORWARD_CONV_CLEAR ? ""
@@ -521,6 +524,15 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
     case AMP_QUEUE_ACK_DEAD:
         ack_dead(f, a, job, v->status, v->code, v->message);
         break;
+    case AMP_QUEUE_ACK_WAITING: {
+        char *text = f->sink->result(w->conn, a->target);
+        ack_verdict(f, job, v, text);
+        free(text);
+        m_add(a->m_waiting, 1);
+        amp_log(AMP_LOG_INFO, "dify run waiting for human input", "{s:I, s:s, s:s*}", "id",
+                (json_int_t)job->id, "app", job->app, "workflow_run_id", v->run_id);
+        break;
+    }
     case AMP_QUEUE_ACK_RELEASE:
         if (!v->hold)
             ack_release(f, job, v->due_ms);
@@ -608,8 +620,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
         }
         /* else: sent before the pause began; the pause already counts it. */
         if (n.what != AFTER_NONE)
-            a->pause_until_us =
-                now_us + amp_forward_pause_interval_ms(a->strikes, f->opts.retry_max_ms) * 1000;
+            a->pause_until_us = now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
         n.strikes = a->strikes;
         n.next_probe_ms = (a->pause_until_us - now_us) / 1000;
         if (requeue_front(f, *q) == 0)
@@ -630,8 +641,7 @@ static after finish(amp_forward *f, qjob *q, const sent *s, int64_t now_us) {
         } else if (s->pause == AMP_FORWARD_PAUSE_PROBE_AGAIN) {
             /* 429, 5xx, a timeout: nothing learnt about the key. Probe again
              * after the same interval. */
-            a->pause_until_us =
-                now_us + amp_forward_pause_interval_ms(a->strikes, f->opts.retry_max_ms) * 1000;
+            a->pause_until_us = now_us + amp_forward_pause_interval_ms(a->strikes) * 1000;
         }
     }
     return n;
@@ -919,6 +929,7 @@ static void setup_metrics(amp_forward *f, app_state *a) {
     a->m_delivered = amp_metrics_series(m, fam, "app", name, "outcome", "delivered", NULL);
     a->m_retried = amp_metrics_series(m, fam, "app", name, "outcome", "retried", NULL);
     a->m_dead = amp_metrics_series(m, fam, "app", name, "outcome", "dead_lettered", NULL);
+    a->m_waiting = amp_metrics_series(m, fam, "app", name, "outcome", "waiting_input", NULL);
     a->m_in_flight = amp_metrics_series(m, "amp2dify_in_flight", "app", name, NULL);
     a->m_paused = amp_metrics_series(m, "amp2dify_app_paused", "app", name, NULL);
     a->m_seconds = amp_metrics_series(m, "amp2dify_delivery_duration_seconds", "app", name, NULL);

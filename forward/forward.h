@@ -67,6 +67,14 @@ void amp_forward_stop(amp_forward *f);
 /* Wake the dispatcher (new work was committed). Safe from any thread. */
 void amp_forward_kick(amp_forward *f);
 
+/* What Dify says about one app (appinfo.c): GET {base}/info and
+ * {base}/parameters with its key (borrowed). 0 with *mode (caller owns) and
+ * *form (the user_input_form array, caller owns); -1 with err when Dify did
+ * not answer both with 200 JSON (unreachable, a rejected key...).
+ * curl_global_init must have run. */
+int amp_forward_app_describe(const char *base_url, const char *key, long connect_timeout_s,
+                             long timeout_s, char **mode, json_t **form, char *err, size_t errlen);
+
 /* ---- pure helpers, exposed for tests ---------------------------------- */
 
 typedef enum {
@@ -74,7 +82,9 @@ typedef enum {
     AMP_OUTCOME_RETRY,
     AMP_OUTCOME_PERMANENT,
     AMP_OUTCOME_PAUSE_APP,          /* 401 / 403: bad key or disabled app */
-    AMP_OUTCOME_RESET_CONVERSATION, /* 404 "Conversation Not Exists." */
+    AMP_OUTCOME_RESET_CONVERSATION, /* 404 "Conversation Not Exists.", 400 conversation_completed */
+    AMP_OUTCOME_WAITING_INPUT,      /* a workflow paused for human input (workflow_paused,
+                                       human_input_required): no result yet, nothing to retry */
 } amp_outcome;
 
 /* Classify one exchange. transport_error is non-zero when no HTTP answer
@@ -88,8 +98,10 @@ amp_outcome amp_forward_classify(int transport_error, long http_status, const js
  * 2^attempt)], using rnd (uniform in [0, 1)). attempt counts from 0. */
 int64_t amp_forward_backoff_ms(int64_t initial_ms, int64_t max_ms, int attempt, double rnd);
 
-/* Parse a Retry-After header value (delta seconds or an HTTP date) into
- * milliseconds from now_ms; -1 when absent or unparsable. */
+/* Parse a Retry-After header value (delta seconds or an HTTP date in any of
+ * RFC 9110 5.6.7's three forms: IMF-fixdate, RFC 850, asctime; libcurl's
+ * curl_getdate reads them) into milliseconds from now_ms; -1 when absent or
+ * unparsable. */
 int64_t amp_forward_retry_after_ms(const char *value, int64_t now_ms);
 
 #endif

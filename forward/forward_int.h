@@ -7,7 +7,9 @@
  *   decide.c    pure: what one exchange with a sink means (the ack, the
  *               conversation, the app's pause)
  *   sink.h      the seam between the engine and a destination API
- *   dify.c      the Dify sink: request, headers, answer -> exchange
+ *   dify.c      the Dify sink: request, headers, answer -> exchange; a
+ *               dropped workflow stream resumed by its run id
+ *   appinfo.c   GET /info and /parameters of an app, for config checks
  *   http.c      one HTTP connection: a reused curl easy handle, a capped
  *               response buffer, Retry-After capture
  *   sse.c       incremental parser of Dify's streaming answers
@@ -59,10 +61,18 @@ size_t amp_forward_utf8_cut(const char *s, size_t len, size_t max);
 /* "{base}/{path}" with any trailing slashes of base dropped. Caller owns. */
 char *amp_forward_join_url(const char *base, const char *path);
 
-/* Request body to send: body_json as is, or with "conversation_id" set when
- * conversation_id is non-NULL and non-empty. Caller owns; NULL when
- * body_json is not a JSON object (only then). */
-char *amp_forward_request_body(const char *body_json, const char *conversation_id);
+/* Request body to send: body_json as is, or with "conversation_id" and
+ * "workflow_id" set for those that are non-NULL and non-empty. Caller owns;
+ * NULL when body_json is not a JSON object (only then). */
+char *amp_forward_request_body(const char *body_json, const char *conversation_id,
+                               const char *workflow_id);
+
+/* The X-Trace-Id Dify accepts is ^[A-Za-z0-9_-]{1,128}$. A dedupe key of
+ * that form is sent as it is; any other (longer, dots, colons, spaces...)
+ * as the lowercase hex SHA-256 of the key, so one event always gets the
+ * same id. out receives a terminated string; NULL or "" key: "". */
+#define AMP_FORWARD_TRACE_ID_MAX 128
+void amp_forward_trace_id(const char *key, char out[AMP_FORWARD_TRACE_ID_MAX + 1]);
 
 /* The conversation id in a Dify answer (borrowed from body), or NULL. */
 const char *amp_forward_answer_conversation(const json_t *body);
@@ -117,6 +127,10 @@ typedef struct amp_forward_exchange {
     const char *workflow_error;  /* its data.error, or NULL */
     const char *conversation_id; /* the answer's conversation id (non-empty), or NULL */
     bool too_large;              /* the answer exceeded AMP_FORWARD_MAX_RESPONSE */
+    bool waiting_input;          /* the run paused for human input (workflow_paused,
+                                    human_input_required, or data.status "paused") */
+    const char *run_id;          /* the workflow run the request started (streams show it
+                                    early), or NULL: a retry resumes it instead of posting */
     int64_t retry_after_ms;      /* Retry-After, parsed; -1 when absent */
     int64_t latency_ms;          /* reported, not decided on */
     bool streamed;               /* reported, not decided on */
@@ -149,6 +163,7 @@ typedef struct amp_forward_verdict {
     const char *answer_code;    /* the code counted in responses_total */
     amp_forward_conv conversation;
     const char *conversation_id; /* STORE: borrowed from the exchange */
+    const char *run_id;          /* RETRY: the run to resume next time (from the exchange) */
     bool reset;                  /* RETRY now as a new conversation (404) */
     bool expired;                /* DEAD because the job outlived max_age */
     amp_forward_pause pause;
@@ -172,10 +187,12 @@ void amp_forward_exchange_answer(amp_forward_exchange *ex, const json_t *body);
 /* ---- pace.c ---------------------------------------------------------- */
 
 /* First probe interval of a paused app; it doubles per rejected probe up to
- * retry.max_ms, but never below AMP_FORWARD_PAUSE_MIN_MS (a tiny max_ms must
- * not turn a bad key into a request storm). */
+ * AMP_FORWARD_PAUSE_MAX_MS. retry.max_ms plays no part: it paces one
+ * event's retries, while a revoked key or an exhausted plan quota is fixed
+ * by a person, in minutes (a 400 ms max_ms must not probe a dead key 2.5
+ * times a second). */
 #define AMP_FORWARD_PAUSE_FIRST_MS ((int64_t)1000)
-#define AMP_FORWARD_PAUSE_MIN_MS ((int64_t)100)
+#define AMP_FORWARD_PAUSE_MAX_MS ((int64_t)5 * 60 * 1000)
 /* Latency assumed for an app before its first answer (deferral estimates). */
 #define AMP_FORWARD_DEFAULT_LATENCY_MS 250.0
 /* Shortest delay given to a row sent back to the spool for pacing. */
@@ -190,8 +207,8 @@ int64_t amp_forward_pace_wait_us(int64_t tat_us, int64_t now_us, double rate, un
 int64_t amp_forward_pace_take(int64_t tat_us, int64_t now_us, double rate);
 
 /* Wait before the next probe of an app paused after `strikes` (>= 1)
- * rejections in a row: 1 s, 2 s, 4 s ... capped at max(max_ms, 100 ms). */
-int64_t amp_forward_pause_interval_ms(int strikes, int64_t max_ms);
+ * rejections in a row: 1 s, 2 s, 4 s ... capped at AMP_FORWARD_PAUSE_MAX_MS. */
+int64_t amp_forward_pause_interval_ms(int strikes);
 
 /* Requests per second an app can complete: the rate limit, or what
  * max_in_flight allows at the observed latency, whichever is lower; > 0.
@@ -236,6 +253,14 @@ typedef struct amp_forward_reply {
  * transport error in the reply. */
 void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
                            const char *body, size_t body_len, amp_forward_reply *reply);
+/* The same as a GET (Dify's /info, /parameters, a run's events or detail).
+ * A text/event-stream answer is folded as for a POST; when the transfer
+ * breaks, reply->body still holds what the stream showed so far. */
+void amp_forward_http_get(amp_forward_http *h, const char *url, const char *const *headers,
+                          amp_forward_reply *reply);
+/* s percent-encoded for a URL's query or path. Caller owns; NULL when out of
+ * memory. */
+char *amp_forward_http_escape(amp_forward_http *h, const char *s);
 void amp_forward_reply_clear(amp_forward_reply *r);
 
 /* ---- sse.c: streaming answers ---------------------------------------- */

@@ -107,7 +107,6 @@ amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s
         curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_USERAGENT, "amp2dify/" AMP_VERSION) != CURLE_OK ||
-        curl_easy_setopt(c, CURLOPT_POST, 1L) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_WRITEDATA, h) != CURLE_OK ||
         curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header) != CURLE_OK ||
@@ -188,8 +187,9 @@ static void finish_stream(amp_forward_http *h, amp_forward_reply *r) {
     }
 }
 
-void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
-                           const char *body, size_t body_len, amp_forward_reply *reply) {
+/* One request: POST body, or GET when body is NULL. */
+static void perform(amp_forward_http *h, const char *url, const char *const *headers,
+                    const char *body, size_t body_len, amp_forward_reply *reply) {
     memset(reply, 0, sizeof *reply);
     amp_buf_reset(&h->body);
     amp_forward_sse_reset(h->sse);
@@ -223,8 +223,13 @@ void amp_forward_http_post(amp_forward_http *h, const char *url, const char *con
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, list);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    if (body) {
+        curl_easy_setopt(c, CURLOPT_POST, 1L);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    } else {
+        curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+    }
 
     int64_t t0 = amp_mono_ms();
     CURLcode rc = curl_easy_perform(c);
@@ -247,6 +252,14 @@ void amp_forward_http_post(amp_forward_http *h, const char *url, const char *con
         else
             set_transport(reply, rc, transport_code(rc),
                           errbuf[0] ? errbuf : curl_easy_strerror(rc));
+        if (h->mode == MODE_STREAM && !h->sse_broken) {
+            /* What the stream showed before it broke: the workflow run id
+             * lets the next request resume the run instead of posting the
+             * event again. */
+            bool complete;
+            reply->streamed = true;
+            reply->body = amp_forward_sse_finish(h->sse, &complete);
+        }
         return;
     }
     if (h->mode == MODE_STREAM) {
@@ -261,4 +274,23 @@ void amp_forward_http_post(amp_forward_http *h, const char *url, const char *con
     /* A big buffer from one odd answer should not stay with the worker. */
     if (h->body.cap > 64 * 1024)
         amp_buf_free(&h->body);
+}
+
+void amp_forward_http_post(amp_forward_http *h, const char *url, const char *const *headers,
+                           const char *body, size_t body_len, amp_forward_reply *reply) {
+    perform(h, url, headers, body ? body : "", body_len, reply);
+}
+
+void amp_forward_http_get(amp_forward_http *h, const char *url, const char *const *headers,
+                          amp_forward_reply *reply) {
+    perform(h, url, headers, NULL, 0, reply);
+}
+
+char *amp_forward_http_escape(amp_forward_http *h, const char *s) {
+    char *e = curl_easy_escape(h->curl, s, 0);
+    if (!e)
+        return NULL;
+    char *out = amp_xstrdup(e);
+    curl_free(e);
+    return out;
 }

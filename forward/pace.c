@@ -44,8 +44,8 @@ int64_t amp_forward_pace_take(int64_t tat_us, int64_t now_us, double rate) {
 
 /* ---- pause ------------------------------------------------------------- */
 
-int64_t amp_forward_pause_interval_ms(int strikes, int64_t max_ms) {
-    int64_t cap = max_ms > AMP_FORWARD_PAUSE_MIN_MS ? max_ms : AMP_FORWARD_PAUSE_MIN_MS;
+int64_t amp_forward_pause_interval_ms(int strikes) {
+    const int64_t cap = AMP_FORWARD_PAUSE_MAX_MS;
     int64_t v = AMP_FORWARD_PAUSE_FIRST_MS;
     for (int i = 1; i < strikes && v < cap; i++)
         v = v > cap / 2 ? cap : v * 2;

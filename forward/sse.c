@@ -7,7 +7,9 @@
  *   message_replace                  -> "answer" replaced
  *   message_end                      -> "metadata" (usage); closes
  *   workflow_finished                -> "workflow_run_id", "data"; closes
- *   workflow_paused                  -> "data"; closes
+ *   workflow_paused                  -> "data", "event":"workflow_paused"; closes
+ *   human_input_required             -> "event":"workflow_paused"; closes (Dify
+ *                                       sends workflow_paused next and ends)
  *   error                            -> {"event":"error","status","code","message"}; closes
  *   ping and everything else         -> ignored
  *
@@ -28,6 +30,7 @@ struct amp_forward_sse {
     bool saw_agent; /* an agent_message arrived: a later message is the whole answer */
     bool complete;
     bool error;
+    bool paused; /* workflow_paused or human_input_required: waits for a person */
     amp_buf answer;
     json_t *ids;     /* message_id, conversation_id, task_id, workflow_run_id */
     json_t *meta;    /* message_end metadata */
@@ -48,7 +51,7 @@ void amp_forward_sse_reset(amp_forward_sse *p) {
     amp_buf_reset(&p->data);
     amp_buf_reset(&p->answer);
     p->event[0] = '\0';
-    p->saw_cr = p->saw_agent = p->complete = p->error = false;
+    p->saw_cr = p->saw_agent = p->complete = p->error = p->paused = false;
     json_decref(p->ids);
     json_decref(p->meta);
     json_decref(p->wf_data);
@@ -132,9 +135,19 @@ static void dispatch(amp_forward_sse *p) {
     } else if (strcmp(name, "message_end") == 0) {
         replace(&p->meta, json_object_get(ev, "metadata"));
         p->complete = true;
-    } else if (strcmp(name, "workflow_finished") == 0 || strcmp(name, "workflow_paused") == 0) {
+    } else if (strcmp(name, "workflow_finished") == 0) {
         replace(&p->wf_data, json_object_get(ev, "data"));
         p->complete = true;
+        p->paused = false; /* a resumed stream runs on to its end */
+    } else if (strcmp(name, "workflow_paused") == 0) {
+        replace(&p->wf_data, json_object_get(ev, "data"));
+        p->complete = p->paused = true;
+    } else if (strcmp(name, "human_input_required") == 0) {
+        p->complete = p->paused = true;
+    } else if (strcmp(name, "human_input_form_filled") == 0 ||
+               strcmp(name, "human_input_form_timeout") == 0) {
+        /* A resumed run goes on: its end is still to come. */
+        p->complete = p->paused = false;
     } else if (strcmp(name, "error") == 0) {
         replace(&p->err, ev);
         p->error = true;
@@ -225,7 +238,7 @@ json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete) {
         }
         return e;
     }
-    if (!p->ids && !p->meta && !p->wf_data && p->answer.len == 0)
+    if (!p->ids && !p->meta && !p->wf_data && p->answer.len == 0 && !p->paused)
         return NULL;
     json_t *r = json_object();
     if (!r)
@@ -241,5 +254,7 @@ json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete) {
         json_object_set(r, "metadata", p->meta);
     if (p->wf_data)
         json_object_set(r, "data", p->wf_data);
+    if (p->paused)
+        json_object_set_new(r, "event", json_string("workflow_paused"));
     return r;
 }

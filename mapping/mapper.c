@@ -19,6 +19,7 @@
 #include "../base/errs.h"
 
 typedef struct rule {
+    json_t *value; /* a constant ("value" instead of "source"), or NULL */
     amp_path source;
     amp_path target;
     amp_xform *xf; /* NULL: value copied as-is */
@@ -62,6 +63,7 @@ static void free_route(route *r) {
     free(r->label);
     amp_map_filter_free(r->filter);
     for (size_t i = 0; i < r->nrules; i++) {
+        json_decref(r->rules[i].value);
         amp_map_path_free(&r->rules[i].source);
         amp_map_path_free(&r->rules[i].target);
         amp_map_xform_free(r->rules[i].xf);
@@ -78,6 +80,7 @@ void amp_mapper_destroy(amp_mapper *m) {
         free((char *)m->apps[i].name);
         free((char *)m->apps[i].api_key_env);
         free((char *)m->apps[i].api_key_file);
+        free((char *)m->apps[i].workflow_id);
     }
     free(m->apps);
     for (size_t i = 0; i < m->nroutes; i++)
@@ -153,6 +156,31 @@ static void check_one_key_source(const amp_json_schema_at *at) {
 }
 
 static const char *const endpoint_enum[] = {"chat", "completion", "workflow", NULL};
+
+/* Dify's workflow ids are UUIDs; anything else is its 400 bad_request. */
+static bool uuid_ok(const char *s) {
+    size_t n = 0;
+    for (; s[n]; n++) {
+        char c = s[n];
+        bool dash = n == 8 || n == 13 || n == 18 || n == 23;
+        if (dash ? c != '-'
+                 : !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')))
+            return false;
+    }
+    return n == 36;
+}
+
+/* A version can be pinned for workflows and chatflows only. */
+static void check_workflow_id(const amp_json_schema_at *at) {
+    if (!at->value)
+        return;
+    const json_t *ep = json_object_get(at->parent, "endpoint");
+    const char *e = json_is_string(ep) ? json_string_value(ep) : "chat";
+    if (strcmp(e, "completion") == 0)
+        amp_json_schema_error(at->errs, at->path, "a workflow_id for endpoint 'completion'",
+                              "workflow_id only with endpoint 'workflow' or 'chat' (a chatflow)");
+}
+
 static const char *const mode_names[] = {"blocking", "streaming", NULL};
 
 #define APP_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_app, m)
@@ -206,6 +234,14 @@ static const amp_json_schema_row app_rows[] = {
      .def = "8",
      .reload = DELIVERY,
      APP_FIELD(max_in_flight)},
+    {.key = "workflow_id",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .reload = DELIVERY,
+     APP_FIELD(workflow_id),
+     .accept = uuid_ok,
+     .item_expect = "a workflow version id (a UUID, from the app's published versions)",
+     .check = check_workflow_id,
+     .doc = "none: the latest published version"},
     {.key = NULL},
 };
 
@@ -278,7 +314,7 @@ static void bad_path(amp_errs *errs, const char *path, const char *text, const c
 static void compile_rule(route *r, size_t idx, const json_t *spec, const char *path,
                          amp_errs *errs) {
     static const char *const keys[] = {"source",       "target",      "transform", "source_field",
-                                       "target_field", "transformer", NULL};
+                                       "target_field", "transformer", "value",     NULL};
     static const char *const std[] = {"source", "target", "transform"};
     static const char *const alt[] = {"source_field", "target_field", "transformer"};
     if (!json_is_object(spec)) {
@@ -287,7 +323,8 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
         return;
     }
     check_keys(spec, path, keys,
-               "source, target, transform (or source_field, target_field, transformer)", errs);
+               "source or value, target, transform (or source_field, target_field, transformer)",
+               errs);
     bool has_std = false, has_alt = false;
     for (size_t k = 0; k < 3; k++) {
         has_std = has_std || json_object_get(spec, std[k]);
@@ -304,7 +341,17 @@ static void compile_rule(route *r, size_t idx, const json_t *spec, const char *p
 
     rule *ru = &r->rules[idx];
     char err[160];
-    const char *src = get_string(spec, names[0], path, errs);
+    /* "value": a constant instead of a field of the event. */
+    const json_t *value = json_object_get(spec, "value");
+    if (value && json_object_get(spec, names[0])) {
+        char *vp = amp_json_path_key(path, "value");
+        amp_json_schema_error(errs, vp, "both value and source", "one of them");
+        free(vp);
+        return;
+    }
+    if (value)
+        ru->value = json_deep_copy(value);
+    const char *src = value ? NULL : get_string(spec, names[0], path, errs);
     const char *dst = get_string(spec, names[1], path, errs);
     char *sp = amp_json_path_key(path, names[0]);
     char *tp = amp_json_path_key(path, names[1]);
@@ -547,6 +594,187 @@ amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_err
     return m;
 }
 
+/* ---- checks against the live app ------------------------------------- */
+
+/* Which Dify app modes each endpoint serves (Service API routes). */
+static bool mode_fits(amp_endpoint e, const char *mode) {
+    switch (e) {
+    case AMP_ENDPOINT_CHAT:
+        return !strcmp(mode, "chat") || !strcmp(mode, "agent-chat") ||
+               !strcmp(mode, "advanced-chat") || !strcmp(mode, "agent");
+    case AMP_ENDPOINT_COMPLETION:
+        return !strcmp(mode, "completion");
+    case AMP_ENDPOINT_WORKFLOW:
+        return !strcmp(mode, "workflow");
+    }
+    return false;
+}
+
+static bool mode_known(const char *mode) {
+    static const char *const modes[] = {"completion",    "chat",     "agent-chat",
+                                        "advanced-chat", "workflow", "agent"};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
+        if (!strcmp(mode, modes[i]))
+            return true;
+    return false;
+}
+
+/* The settings of one user_input_form item ({"<type>": {...}}), or NULL. */
+static const json_t *form_item(const json_t *item) {
+    if (!json_is_object(item) || json_object_size(item) != 1)
+        return NULL;
+    const char *k;
+    json_t *v;
+    json_object_foreach((json_t *)item, k, v) return json_is_object(v) ? v : NULL;
+    return NULL;
+}
+
+static const char *form_var(const json_t *item) {
+    const json_t *v = json_object_get(form_item(item), "variable");
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* Form item of variable name, or NULL. */
+static const json_t *form_find(const json_t *form, const char *name) {
+    size_t i;
+    json_t *item;
+    json_array_foreach((json_t *)form, i, item) {
+        const char *v = form_var(item);
+        if (v && !strcmp(v, name))
+            return form_item(item);
+    }
+    return NULL;
+}
+
+/* "a, b, c" of strings from an array of them (or of form variables). */
+static void join_names(amp_buf *b, const json_t *arr, bool vars) {
+    amp_buf_append(b, "", 0);
+    size_t i;
+    json_t *item;
+    json_array_foreach((json_t *)arr, i, item) {
+        const char *n = vars ? form_var(item) : json_string_value(item);
+        if (!n)
+            continue;
+        if (b->len)
+            amp_buf_append(b, ", ", 2);
+        amp_buf_append(b, n, strlen(n));
+    }
+}
+
+static void check_route(const route *r, size_t ri, const json_t *form, amp_errs *errs) {
+    char *rp = amp_json_path_index("routes", ri);
+    char *mp = amp_json_path_key(rp, "map");
+    amp_buf names;
+    amp_buf_init(&names, 1 << 16);
+    join_names(&names, form, true);
+    for (size_t j = 0; j < r->nrules; j++) {
+        const rule *ru = &r->rules[j];
+        if (!ru->target.nsegs || !ru->target.segs[0].key)
+            continue;
+        const char *key = ru->target.segs[0].key;
+        char *jp = amp_json_path_index(mp, j);
+        const json_t *item = form_find(form, key);
+        if (!item) {
+            char *tp = amp_json_path_key(jp, "target");
+            char *found = amp_xasprintf("'%s', an input the app does not have", key);
+            if (names.len)
+                amp_json_schema_error(errs, tp, found, "one of the app's variables: %s",
+                                      names.data);
+            else
+                amp_json_schema_error(errs, tp, found, "no inputs: the app's form has none");
+            free(found);
+            free(tp);
+        } else if (json_is_string(ru->value) && ru->target.nsegs == 1 && !ru->xf) {
+            /* A constant is known now: check it as Dify will. */
+            const char *v = json_string_value(ru->value);
+            const json_t *opts = json_object_get(item, "options");
+            const json_t *maxl = json_object_get(item, "max_length");
+            char *vp = amp_json_path_key(jp, "value");
+            bool listed = !json_is_array(opts) || json_array_size(opts) == 0;
+            size_t k;
+            json_t *o;
+            json_array_foreach((json_t *)opts, k, o) listed |=
+                json_is_string(o) && !strcmp(json_string_value(o), v);
+            if (!listed) {
+                amp_buf ob;
+                amp_buf_init(&ob, 1 << 16);
+                join_names(&ob, opts, false);
+                char *found = amp_xasprintf("'%s'", v);
+                amp_json_schema_error(errs, vp, found, "one of the options of '%s': %s", key,
+                                      ob.data ? ob.data : "");
+                free(found);
+                amp_buf_free(&ob);
+            } else if (json_is_integer(maxl) && json_integer_value(maxl) > 0) {
+                size_t cps = 0;
+                for (const char *c = v; *c; c++)
+                    cps += ((unsigned char)*c & 0xC0) != 0x80;
+                if ((json_int_t)cps > json_integer_value(maxl)) {
+                    char *found = amp_xasprintf("%zu characters", cps);
+                    amp_json_schema_error(errs, vp, found, "at most %lld (max_length of '%s')",
+                                          (long long)json_integer_value(maxl), key);
+                    free(found);
+                }
+            }
+            free(vp);
+        }
+        free(jp);
+    }
+    /* Required variables every request of the route must carry. */
+    size_t i;
+    json_t *item;
+    json_array_foreach((json_t *)form, i, item) {
+        const char *var = form_var(item);
+        const json_t *req = json_object_get(form_item(item), "required");
+        if (!var || !json_is_true(req))
+            continue;
+        bool mapped = false;
+        for (size_t j = 0; j < r->nrules && !mapped; j++)
+            mapped = r->rules[j].target.nsegs && r->rules[j].target.segs[0].key &&
+                     !strcmp(r->rules[j].target.segs[0].key, var);
+        if (!mapped) {
+            char *found = amp_xasprintf("no mapping for the required variable '%s'", var);
+            amp_json_schema_error(errs, mp, found, "a mapping with target '%s'", var);
+            free(found);
+        }
+    }
+    amp_buf_free(&names);
+    free(mp);
+    free(rp);
+}
+
+void amp_mapper_check_app(const amp_mapper *m, size_t i, const char *mode, const json_t *form,
+                          amp_errs *errs) {
+    if (i >= m->napps)
+        return;
+    const amp_app *app = &m->apps[i];
+    char *ap = amp_json_path_key("apps", app->name);
+    if (mode && mode_known(mode)) {
+        if (!mode_fits(app->endpoint, mode)) {
+            char *ep = amp_json_path_key(ap, "endpoint");
+            char *found = amp_xasprintf("'%s' for a Dify app of mode '%s'",
+                                        endpoint_names[app->endpoint], mode);
+            amp_json_schema_error(errs, ep, found, "'%s'",
+                                  !strcmp(mode, "completion") ? "completion"
+                                  : !strcmp(mode, "workflow") ? "workflow"
+                                                              : "chat");
+            free(found);
+            free(ep);
+        } else if (!app->streaming && (!strcmp(mode, "agent-chat") || !strcmp(mode, "agent"))) {
+            /* Agent apps answer in streaming mode only. */
+            char *rp = amp_json_path_key(ap, "response_mode");
+            char *found = amp_xasprintf("'blocking' for a Dify app of mode '%s'", mode);
+            amp_json_schema_error(errs, rp, found, "'streaming'");
+            free(found);
+            free(rp);
+        }
+    }
+    if (json_is_array(form))
+        for (size_t r = 0; r < m->nroutes; r++)
+            if (m->routes[r].app == i)
+                check_route(&m->routes[r], r, form, errs);
+    free(ap);
+}
+
 /* ---- apply ----------------------------------------------------------- */
 
 typedef struct pending {
@@ -578,16 +806,22 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
         abort();
     for (size_t i = 0; i < r->nrules; i++) {
         const rule *ru = &r->rules[i];
-        json_t *v = amp_map_path_get(&ru->source, event);
-        /* Containers are copied so a body never shares state with the event. */
-        if (v)
-            v = json_is_object(v) || json_is_array(v) ? json_deep_copy(v) : json_incref(v);
+        json_t *v;
+        if (ru->value) {
+            /* A copy per body: the mapper is shared by every HTTP thread. */
+            v = json_deep_copy(ru->value);
+        } else {
+            v = amp_map_path_get(&ru->source, event);
+            /* Containers are copied so a body never shares state with the event. */
+            if (v)
+                v = json_is_object(v) || json_is_array(v) ? json_deep_copy(v) : json_incref(v);
+        }
         if (ru->xf) {
             const char *why;
             v = amp_map_xform_apply(ru->xf, v, &why);
             if (why) {
-                snprintf(detail, dlen, "%s: required field %s is %s", r->label, ru->source.text,
-                         why);
+                snprintf(detail, dlen, "%s: required field %s is %s", r->label,
+                         ru->source.text ? ru->source.text : "value", why);
                 json_decref(inputs);
                 return NULL;
             }

@@ -64,6 +64,9 @@ typedef struct amp_app {
     double rate_per_sec; /* 0 = unlimited */
     unsigned burst;
     unsigned max_in_flight;
+    const char *workflow_id; /* a published version to run (workflow: POST
+                                {base}/workflows/{id}/run; chat: the chatflow body's
+                                "workflow_id"), or NULL for the latest */
 } amp_app;
 
 /* The keys of one app (static table, ended by a NULL key), read into an
@@ -88,6 +91,20 @@ void amp_mapper_destroy(amp_mapper *m); /* accepts NULL */
 
 size_t amp_mapper_app_count(const amp_mapper *m);
 const amp_app *amp_mapper_app(const amp_mapper *m, size_t i); /* borrowed */
+
+/* Check app i's routes against what Dify says about the app: mode (GET
+ * {base}/info "mode": completion, chat, agent-chat, advanced-chat, workflow,
+ * agent) and form (GET {base}/parameters "user_input_form", each item
+ * {"<type>": {"variable", "required", "options", "max_length", ...}}), both
+ * borrowed; mode may be NULL (not known), form may be NULL (not known).
+ * Appends to errs, with the JSON path of the config it is about: an
+ * endpoint that does not fit the mode (apps.<name>.endpoint), a streaming
+ * only app set to blocking, a mapped inputs key the app does not have
+ * (routes[i].map[j].target), a required variable no mapping provides
+ * (routes[i].map), and a constant ("value") that is not among a select's
+ * options or is longer than max_length (routes[i].map[j].value). */
+void amp_mapper_check_app(const amp_mapper *m, size_t i, const char *mode, const json_t *form,
+                          amp_errs *errs);
 
 /* One Dify request produced by a route. Everything is borrowed and valid
  * only during the emit callback; json_incref(body) to keep it. */

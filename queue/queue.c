@@ -117,6 +117,7 @@ void amp_queue_job_free(amp_queue_job *j) {
     free(j->body);
     free(j->dedupe_key);
     free(j->conversation_id);
+    free(j->run_id);
     free(j);
 }
 

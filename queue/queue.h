@@ -88,6 +88,8 @@ typedef struct amp_queue_job {
     char *dedupe_key;      /* may be NULL */
     char *conversation_id; /* per (app, user); NULL when none stored */
     bool per_user;
+    char *run_id;       /* a Dify workflow run an earlier attempt started and lost the
+                           connection to (set by a RETRY ack's run_id), or NULL */
     int attempts;       /* attempts made before this one */
     int64_t created_ms; /* start of the current schedule: stored, or replayed */
 } amp_queue_job;
@@ -116,6 +118,9 @@ typedef enum {
     AMP_QUEUE_ACK_DEAD,      /* dead letter with status, code, message */
     AMP_QUEUE_ACK_RELEASE,   /* not attempted (paused app, shutdown): pending at due_ms,
                                 attempts unchanged */
+    AMP_QUEUE_ACK_WAITING,   /* done for now, no result: the destination waits for a person
+                                (a workflow paused for human input). Neither pending nor
+                                dead; code, message and result_json kept */
 } amp_queue_ack_kind;
 
 typedef struct amp_queue_ack {
@@ -126,7 +131,8 @@ typedef struct amp_queue_ack {
     int http_status;             /* 0 when no HTTP answer */
     const char *code;            /* Dify code or local reason; may be NULL */
     const char *message;         /* may be NULL */
-    const char *result_json;     /* DELIVERED: stored result; may be NULL */
+    const char *result_json;     /* DELIVERED, WAITING: stored result; may be NULL */
+    const char *run_id;          /* RETRY: handed back as the job's run_id; may be NULL */
     const char *conversation_id; /* when non-NULL, stored for (app, user); "" clears it */
 } amp_queue_ack;
 
@@ -156,6 +162,7 @@ typedef struct amp_queue_stats {
     int64_t pending;
     int64_t delivered;
     int64_t dead;
+    int64_t waiting;           /* AMP_QUEUE_ACK_WAITING rows */
     int64_t oldest_pending_ms; /* created_ms of the oldest pending job, 0 when none */
 } amp_queue_stats;
 
@@ -184,11 +191,13 @@ typedef struct amp_queue_dlq_filter {
     int64_t until_ms;   /* dead-lettered before; 0: any */
     const int64_t *ids; /* only these jobs; NULL: any */
     size_t nids;
+    bool waiting; /* the waiting rows (AMP_QUEUE_ACK_WAITING) instead of dead letters */
 } amp_queue_dlq_filter;
 
 /* Dead letters matching f (borrowed), oldest first, at most limit: a JSON
  * array of {id, route, app, user, dedupe_key, status, code, message,
- * attempts, created_ms, dead_ms, body}. Caller owns; NULL on error. */
+ * attempts, created_ms, dead_ms, body, state ("dead" or, with f->waiting,
+ * "waiting_input" plus its "result")}. Caller owns; NULL on error. */
 json_t *amp_queue_dlq_list(amp_queue *q, const amp_queue_dlq_filter *f, size_t limit);
 /* Back to pending with a fresh schedule (due now, attempts 0, max age
  * counted from now). Returns the number of jobs, or -1. */

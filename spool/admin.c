@@ -35,13 +35,15 @@ int amp_spool_stats_get(void *e, amp_queue_stats *out) {
             "SELECT (SELECT count(*) FROM deliveries WHERE state = 0),"
             " (SELECT count(*) FROM deliveries WHERE state = 1 AND state <> 0),"
             " (SELECT count(*) FROM deliveries WHERE state = 2 AND state <> 0),"
+            " (SELECT count(*) FROM deliveries WHERE state = 3 AND state <> 0),"
             " (SELECT created_ms FROM deliveries WHERE state = 0 ORDER BY id LIMIT 1)",
             -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW) {
         out->pending = sqlite3_column_int64(st, 0);
         out->delivered = sqlite3_column_int64(st, 1);
         out->dead = sqlite3_column_int64(st, 2);
-        out->oldest_pending_ms = sqlite3_column_int64(st, 3);
+        out->waiting = sqlite3_column_int64(st, 3);
+        out->oldest_pending_ms = sqlite3_column_int64(st, 4);
         rc = 0;
     }
     sqlite3_finalize(st);
@@ -56,7 +58,7 @@ int amp_spool_stats_get(void *e, amp_queue_stats *out) {
  * locking and the busy timeout serialise writers). */
 
 #define DLQ_WHERE                                                                                  \
-    " WHERE state = 2 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                               \
+    " WHERE state = ?9 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                              \
     " AND (?2 IS NULL OR app = ?2)"                                                                \
     " AND (?3 IS NULL OR last_code = ?3) AND (?4 = 0 OR last_status = ?4)"                         \
     " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \
@@ -76,6 +78,7 @@ static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_queue_
     sqlite3_bind_int(st, 4, f->status);
     sqlite3_bind_int64(st, 5, f->since_ms);
     sqlite3_bind_int64(st, 6, f->until_ms);
+    sqlite3_bind_int(st, 9, f->waiting ? 3 : 2); /* waiting for input, or dead */
     if (f->ids) {
         json_t *arr = json_array();
         for (size_t i = 0; i < f->nids; i++)
@@ -96,7 +99,7 @@ json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit)
     sqlite3_stmt *st = dlq_prepare(
         s,
         "SELECT id, route, app, user, dedupe_key, last_status, last_code, last_message, "
-        "attempts, created_ms, finished_ms, body FROM deliveries" DLQ_WHERE
+        "attempts, created_ms, finished_ms, body, state, result FROM deliveries" DLQ_WHERE
         " ORDER BY finished_ms, id LIMIT ?8",
         f, &ids);
     json_t *rows = NULL;
@@ -114,6 +117,14 @@ json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit)
                 sqlite3_column_int(st, 8), "created_ms", (json_int_t)sqlite3_column_int64(st, 9),
                 "dead_ms", (json_int_t)sqlite3_column_int64(st, 10), "body",
                 sqlite3_column_text(st, 11));
+            if (row && sqlite3_column_int(st, 12) == 3) {
+                json_object_set_new(row, "state", json_string("waiting_input"));
+                const char *res = (const char *)sqlite3_column_text(st, 13);
+                json_t *rj = res ? json_loads(res, 0, NULL) : NULL;
+                json_object_set_new(row, "result", rj ? rj : json_null());
+            } else if (row) {
+                json_object_set_new(row, "state", json_string("dead"));
+            }
             if (row)
                 json_array_append_new(rows, row);
         }
@@ -151,7 +162,7 @@ int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f) {
     amp_spool *s = e;
     int64_t n = dlq_change(s,
                            "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
-                           "schedule_ms = ?8, finished_ms = NULL" DLQ_WHERE,
+                           "schedule_ms = ?8, finished_ms = NULL, result = NULL" DLQ_WHERE,
                            f);
     if (n > 0)
         amp_spool_notify_waiter(s);

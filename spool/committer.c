@@ -106,6 +106,16 @@ static int write_ack(amp_spool *s, const amp_queue_ack *a, int64_t now) {
         sqlite3_bind_int(st, 3, a->http_status);
         amp_spool_bind_text(st, 4, a->code);
         amp_spool_bind_text(st, 5, a->message);
+        amp_spool_bind_text(st, 6, a->run_id);
+        break;
+    case AMP_QUEUE_ACK_WAITING:
+        st = s->st_waiting;
+        sqlite3_bind_int64(st, 1, a->id);
+        sqlite3_bind_int(st, 2, a->http_status);
+        amp_spool_bind_text(st, 3, a->code);
+        amp_spool_bind_text(st, 4, a->message);
+        amp_spool_bind_text(st, 5, a->result_json);
+        sqlite3_bind_int64(st, 6, now);
         break;
     case AMP_QUEUE_ACK_DEAD:
         st = s->st_dead;
@@ -180,7 +190,8 @@ static int write_group(amp_spool *s, work *head, int64_t now, bool guarded, grou
             if (write_ack(s, &w->ack, now) != 0)
                 amp_log(AMP_LOG_ERROR, "spool ack failed", "{s:I, s:s}", "id",
                         (json_int_t)w->ack.id, "error", sqlite3_errmsg(s->wdb));
-            else if (w->ack.kind == AMP_QUEUE_ACK_DELIVERED || w->ack.kind == AMP_QUEUE_ACK_DEAD)
+            else if (w->ack.kind == AMP_QUEUE_ACK_DELIVERED || w->ack.kind == AMP_QUEUE_ACK_DEAD ||
+                     w->ack.kind == AMP_QUEUE_ACK_WAITING)
                 t->depth_change--;
             t->new_work |= w->ack.kind != AMP_QUEUE_ACK_DEAD;
         }

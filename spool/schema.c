@@ -14,7 +14,7 @@ static const char schema_v1[] =
     "  user TEXT NOT NULL,"
     "  per_user INTEGER NOT NULL DEFAULT 0,"
     "  body TEXT NOT NULL,"
-    "  state INTEGER NOT NULL DEFAULT 0," /* 0 pending, 1 delivered, 2 dead */
+    "  state INTEGER NOT NULL DEFAULT 0," /* 0 pending, 1 delivered, 2 dead, 3 waiting */
     "  attempts INTEGER NOT NULL DEFAULT 0,"
     "  due_ms INTEGER NOT NULL,"
     "  last_status INTEGER,"
@@ -160,9 +160,17 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_delivered,
          "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
          "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
+        /* A pending row's result column holds the workflow run a lost
+         * connection left running (the next claim hands it back), and is
+         * the delivery result once delivered or waiting. */
         {s->wdb, &s->st_retry,
          "UPDATE deliveries SET attempts = attempts + 1, due_ms = ?2, last_status = ?3, "
-         "last_code = ?4, last_message = ?5 WHERE id = ?1"},
+         "last_code = ?4, last_message = ?5, result = ?6 WHERE id = ?1"},
+        /* Waiting for human input: finished for now, neither pending nor
+         * dead (state 3); listed by `dlq list --waiting`. */
+        {s->wdb, &s->st_waiting,
+         "UPDATE deliveries SET state = 3, attempts = attempts + 1, last_status = ?2, "
+         "last_code = ?3, last_message = ?4, result = ?5, finished_ms = ?6 WHERE id = ?1"},
         {s->wdb, &s->st_dead,
          "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?2, "
          "last_code = ?3, last_message = ?4, finished_ms = ?5 WHERE id = ?1"},
@@ -181,7 +189,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          * condition so that it can use the index. */
         {s->rdb, &s->st_claim,
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
-         "d.per_user, d.attempts, d.schedule_ms FROM deliveries d "
+         "d.per_user, d.attempts, d.schedule_ms, d.result FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "
@@ -220,13 +228,13 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,        &s->st_commit,          &s->st_rollback,      &s->st_savepoint,
-        &s->st_release,      &s->st_rollback_to,     &s->st_dedupe,        &s->st_insert,
-        &s->st_delivered,    &s->st_retry,           &s->st_dead,          &s->st_release_row,
-        &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,         &s->st_next_due,
-        &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
-        &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,     &s->st_max_id,
-        &s->st_bytes,
+        &s->st_begin,       &s->st_commit,       &s->st_rollback,        &s->st_savepoint,
+        &s->st_release,     &s->st_rollback_to,  &s->st_dedupe,          &s->st_insert,
+        &s->st_waiting,     &s->st_delivered,    &s->st_retry,           &s->st_dead,
+        &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
+        &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
+        &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
+        &s->st_max_id,      &s->st_bytes,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -143,7 +143,7 @@ struct amp_spool {
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
     sqlite3_stmt *st_dedupe, *st_insert;
-    sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_release_row;
+    sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
     sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_bytes;

@@ -54,6 +54,7 @@ amp_queue_ack_status amp_spool_acknowledge(void *e, const amp_queue_ack *ack) {
     w->ack.message = amp_xstrdup(ack->message);
     w->ack.result_json = amp_xstrdup(ack->result_json);
     w->ack.conversation_id = amp_xstrdup(ack->conversation_id);
+    w->ack.run_id = amp_xstrdup(ack->run_id);
     enqueue(s, w);
     return AMP_QUEUE_ACK_TAKEN;
 }
@@ -89,6 +90,7 @@ void amp_spool_free_ack_strings(amp_queue_ack *a) {
     free((char *)a->message);
     free((char *)a->result_json);
     free((char *)a->conversation_id);
+    free((char *)a->run_id);
 }
 
 /* The notify callback may be swapped at any time: read it under the lock. */

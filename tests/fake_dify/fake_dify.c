@@ -23,6 +23,25 @@
 
 typedef enum { EP_NONE, EP_CHAT, EP_COMPLETION, EP_WORKFLOW } endpoint;
 
+/* What /info and /parameters say about one key's app. */
+typedef struct app_meta {
+    char *bearer; /* "Bearer <key>" */
+    char *mode;
+    json_t *form; /* user_input_form */
+} app_meta;
+
+/* A workflow or chatflow run, kept after its request so that it can be
+ * resumed or read, as Dify keeps running what it started. */
+typedef struct run_rec {
+    char id[37];
+    char *user;
+    char *tail;        /* SSE frames after the point where the stream dropped ("" none) */
+    char *final_frame; /* the one event a resume of a finished run sends */
+    json_t *detail;    /* WorkflowRunDetailResponse once finished */
+    int64_t finish_ms; /* wall clock when the run is over */
+    bool delivered;    /* its outcome reached the client once */
+} run_rec;
+
 typedef struct beh_node {
     fake_dify_behaviour b; /* strings owned */
     struct beh_node *next;
@@ -64,6 +83,14 @@ struct fake_dify {
 
     conv_slot *convs;
     size_t conv_cap, conv_len;
+
+    app_meta *metas;
+    size_t nmetas;
+    char **versions;
+    size_t nversions;
+    size_t meta_count;
+    run_rec *runs;
+    size_t nruns;
 };
 
 /* Per-request state, from MHD's first callback to its completion notice. */
@@ -74,6 +101,7 @@ typedef struct req_ctx {
     int64_t arrived_ms;
     bool success;   /* counts as a delivery once fully sent */
     json_t *record; /* borrowed reference into f->records, or NULL */
+    long run;       /* index in f->runs of the run this answer hands over, or -1 */
 } req_ctx;
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -89,6 +117,39 @@ static void beh_copy(fake_dify_behaviour *dst, const fake_dify_behaviour *src) {
     dst->retry_after = xstrdup_or_null(src->retry_after);
     dst->answer = xstrdup_or_null(src->answer);
     dst->html_body = xstrdup_or_null(src->html_body);
+}
+
+/* The app of an Authorization header; NULL when it has none set. f->mu held. */
+static const app_meta *meta_of(fake_dify *f, const char *auth) {
+    for (size_t i = 0; auth && i < f->nmetas; i++)
+        if (strcmp(f->metas[i].bearer, auth) == 0)
+            return &f->metas[i];
+    return NULL;
+}
+
+static bool is_chatflow(fake_dify *f, const char *auth) {
+    pthread_mutex_lock(&f->mu);
+    const app_meta *m = meta_of(f, auth);
+    bool yes = m && strcmp(m->mode, "advanced-chat") == 0;
+    pthread_mutex_unlock(&f->mu);
+    return yes;
+}
+
+static bool version_known(fake_dify *f, const char *id) {
+    bool yes = false;
+    pthread_mutex_lock(&f->mu);
+    for (size_t i = 0; i < f->nversions && !yes; i++)
+        yes = strcmp(f->versions[i], id) == 0;
+    pthread_mutex_unlock(&f->mu);
+    return yes;
+}
+
+/* Index of run id, or -1. f->mu held. */
+static long run_find(fake_dify *f, const char *id) {
+    for (size_t i = 0; i < f->nruns; i++)
+        if (strcmp(f->runs[i].id, id) == 0)
+            return (long)i;
+    return -1;
 }
 
 static void beh_free(fake_dify_behaviour *b) {
@@ -318,7 +379,12 @@ typedef struct answer_ctx {
     const fake_dify_behaviour *b;
     char task_id[37], message_id[37], run_id[37], workflow_id[37];
     json_int_t now_s;
+    bool chatflow; /* a chat request to an "advanced-chat" app: a workflow runs it */
 } answer_ctx;
+
+static json_t *finished_event(const answer_ctx *a);
+static json_t *paused_event(const answer_ctx *a);
+static json_t *human_input_event(const answer_ctx *a);
 
 static char *blocking_body(const answer_ctx *a) {
     json_t *o;
@@ -329,10 +395,13 @@ static char *blocking_body(const answer_ctx *a) {
         json_t *error = failed ? json_string(a->b->message ? a->b->message
                                                            : "Node LLM run failed: model timeout")
                                : json_null();
+        const char *status = failed ? "failed" : a->b->human_input ? "paused" : "succeeded";
+        if (a->b->human_input)
+            outputs = (json_decref(outputs), json_object());
         o = json_pack("{s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}", "task_id",
                       a->task_id, "workflow_run_id", a->run_id, "data", "id", a->run_id,
-                      "workflow_id", a->workflow_id, "status", failed ? "failed" : "succeeded",
-                      "outputs", outputs, "error", error, "elapsed_time", 0.042, "total_tokens",
+                      "workflow_id", a->workflow_id, "status", status, "outputs", outputs, "error",
+                      error, "elapsed_time", 0.042, "total_tokens",
                       failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at", a->now_s,
                       "finished_at", a->now_s);
     } else {
@@ -343,6 +412,11 @@ static char *blocking_body(const answer_ctx *a) {
                       "created_at", a->now_s);
         if (o && a->ep == EP_CHAT)
             json_object_set_new(o, "conversation_id", json_string(a->conversation_id));
+        if (o && a->chatflow) {
+            json_object_set_new(o, "workflow_run_id", json_string(a->run_id));
+            if (a->b->human_input)
+                json_object_set_new(o, "event", json_string("workflow_paused"));
+        }
     }
     char *s = dump_compact(o);
     json_decref(o);
@@ -371,6 +445,8 @@ static json_t *chat_event(const answer_ctx *a, const char *event) {
         abort();
     if (a->ep == EP_CHAT)
         json_object_set_new(o, "conversation_id", json_string(a->conversation_id));
+    if (a->chatflow)
+        json_object_set_new(o, "workflow_run_id", json_string(a->run_id));
     return o;
 }
 
@@ -396,6 +472,107 @@ static size_t next_piece(const char *s, size_t pos, size_t len) {
     return end;
 }
 
+static json_t *finished_event(const answer_ctx *a) {
+    bool failed = a->b->workflow_failed;
+    size_t alen = strlen(a->answer);
+    json_t *outputs =
+        failed ? json_null() : json_pack("{s:s}", a->chatflow ? "answer" : "result", a->answer);
+    json_t *error =
+        failed ? json_string(a->b->message ? a->b->message : "Node LLM run failed: model timeout")
+               : json_null();
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, s:I, s:I}}", "event",
+                  "workflow_finished", "task_id", a->task_id, "workflow_run_id", a->run_id, "data",
+                  "id", a->run_id, "workflow_id", a->workflow_id, "status",
+                  failed ? "failed" : "succeeded", "outputs", outputs, "error", error,
+                  "elapsed_time", 0.042, "total_tokens", failed ? 0 : 10 + (int)(alen / 4),
+                  "total_steps", 3, "created_at", a->now_s, "finished_at", a->now_s);
+    if (!o)
+        abort();
+    return o;
+}
+
+static json_t *human_input_event(const answer_ctx *a) {
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:I, s:{s:s, s:s, s:s, s:s, s:s, s:[], s:[{s:s, s:s}], s:I}}",
+                  "event", "human_input_required", "task_id", a->task_id, "workflow_run_id",
+                  a->run_id, "created_at", a->now_s, "data", "form_id", a->message_id, "form_token",
+                  "tok_fake", "node_id", "approval_node", "node_title", "Approval", "form_content",
+                  "Please review the draft.", "inputs", "actions", "id", "approve", "title",
+                  "Approve", "expiration_time", a->now_s + 3600);
+    if (!o)
+        abort();
+    if (a->ep == EP_CHAT) {
+        json_object_set_new(o, "conversation_id", json_string(a->conversation_id));
+        json_object_set_new(o, "message_id", json_string(a->message_id));
+    }
+    return o;
+}
+
+static json_t *paused_event(const answer_ctx *a) {
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:{s:s, s:[s], s:{}, s:[{s:s}], s:s, s:I, s:f, s:i, "
+                  "s:i}}",
+                  "event", "workflow_paused", "task_id", a->task_id, "workflow_run_id", a->run_id,
+                  "data", "workflow_run_id", a->run_id, "paused_nodes", "approval_node", "outputs",
+                  "reasons", "type", "human_input_required", "status", "paused", "created_at",
+                  a->now_s, "elapsed_time", 0.042, "total_tokens", 0, "total_steps", 2);
+    if (!o)
+        abort();
+    if (a->ep == EP_CHAT)
+        json_object_set_new(o, "conversation_id", json_string(a->conversation_id));
+    return o;
+}
+
+/* The run's detail, as GET /workflows/run/{id} answers once it is over. */
+static json_t *run_detail(const answer_ctx *a) {
+    bool failed = a->b->workflow_failed, paused = a->b->human_input;
+    char *inputs = dump_compact(a->inputs ? (json_t *)a->inputs : json_object());
+    json_t *o = json_pack(
+        "{s:s, s:s, s:s, s:s, s:o, s:o, s:i, s:i, s:I, s:o, s:f}", "id", a->run_id, "workflow_id",
+        a->workflow_id, "status",
+        failed   ? "failed"
+        : paused ? "paused"
+                 : "succeeded",
+        "inputs", inputs, "outputs",
+        failed || paused ? json_object() : json_pack("{s:s}", "result", a->answer), "error",
+        failed ? json_string(a->b->message ? a->b->message : "Node LLM run failed: model timeout")
+               : json_null(),
+        "total_steps", 3, "total_tokens", failed ? 0 : 10 + (int)(strlen(a->answer) / 4),
+        "created_at", a->now_s, "finished_at", paused ? json_null() : json_integer(a->now_s),
+        "elapsed_time", 0.042);
+    free(inputs);
+    if (!o)
+        abort();
+    return o;
+}
+
+/* Keep the run (f->mu not held); its index. tail is the part of the stream
+ * the client did not get (taken over), or NULL. */
+static long run_keep(fake_dify *f, const answer_ctx *a, const char *user, char *tail,
+                     unsigned run_ms) {
+    run_rec r;
+    memset(&r, 0, sizeof r);
+    memcpy(r.id, a->run_id, sizeof r.id);
+    r.user = amp_xstrdup(user ? user : "");
+    r.tail = tail ? tail : amp_xstrdup("");
+    amp_buf fb;
+    amp_buf_init(&fb, SIZE_MAX / 2);
+    if (a->b->human_input)
+        sse_data(&fb, paused_event(a));
+    else
+        sse_data(&fb, finished_event(a));
+    r.final_frame = fb.data;
+    r.detail = run_detail(a);
+    r.finish_ms = amp_now_ms() + run_ms;
+    pthread_mutex_lock(&f->mu);
+    f->runs = amp_xrealloc(f->runs, (f->nruns + 1) * sizeof *f->runs);
+    f->runs[f->nruns] = r;
+    long idx = (long)f->nruns++;
+    pthread_mutex_unlock(&f->mu);
+    return idx;
+}
+
 static char *stream_body(const answer_ctx *a) {
     amp_buf out;
     amp_buf_init(&out, SIZE_MAX / 2);
@@ -414,7 +591,7 @@ static char *stream_body(const answer_ctx *a) {
                            "node_started", "task_id", a->task_id, "workflow_run_id", a->run_id,
                            "data", "id", "node_exec_1", "node_id", "llm", "node_type", "llm",
                            "title", "LLM", "index", 1, "created_at", a->now_s));
-        for (size_t pos = 0, n = 0; pos < alen; n++) {
+        for (size_t pos = 0, n = 0; pos < alen && !a->b->human_input; n++) {
             size_t end = next_piece(ans, pos, alen);
             json_t *text = json_stringn(ans + pos, end - pos);
             sse_data(&out, json_pack("{s:s, s:s, s:s, s:{s:o, s:[s,s]}}", "event", "text_chunk",
@@ -430,24 +607,18 @@ static char *stream_body(const answer_ctx *a) {
         }
         if (err) {
             sse_data(&out, error_event(a));
+        } else if (a->b->human_input) {
+            sse_data(&out, human_input_event(a));
+            sse_data(&out, paused_event(a));
         } else if (!a->b->sse_unfinished) {
-            bool failed = a->b->workflow_failed;
-            json_t *outputs = failed ? json_null() : json_pack("{s:s}", "result", ans);
-            json_t *error = failed
-                                ? json_string(a->b->message ? a->b->message
-                                                            : "Node LLM run failed: model timeout")
-                                : json_null();
-            sse_data(&out,
-                     json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:s, s:o, s:o, s:f, s:i, s:i, "
-                               "s:I, s:I}}",
-                               "event", "workflow_finished", "task_id", a->task_id,
-                               "workflow_run_id", a->run_id, "data", "id", a->run_id, "workflow_id",
-                               a->workflow_id, "status", failed ? "failed" : "succeeded", "outputs",
-                               outputs, "error", error, "elapsed_time", 0.042, "total_tokens",
-                               failed ? 0 : 10 + (int)(alen / 4), "total_steps", 3, "created_at",
-                               a->now_s, "finished_at", a->now_s));
+            sse_data(&out, finished_event(a));
         }
     } else {
+        if (a->chatflow)
+            sse_data(&out,
+                     json_pack("{s:s, s:s, s:s, s:{s:s, s:s, s:I}}", "event", "workflow_started",
+                               "task_id", a->task_id, "workflow_run_id", a->run_id, "data", "id",
+                               a->run_id, "workflow_id", a->workflow_id, "created_at", a->now_s));
         for (size_t pos = 0, n = 0; pos < alen; n++) {
             size_t end = next_piece(ans, pos, alen);
             json_t *ev = chat_event(a, "message");
@@ -457,12 +628,15 @@ static char *stream_body(const answer_ctx *a) {
             pos = end;
             if (n == 0) {
                 sse_ping(&out);
-                if (err)
+                if (err || (a->chatflow && a->b->human_input))
                     break;
             }
         }
         if (err) {
             sse_data(&out, error_event(a));
+        } else if (a->chatflow && a->b->human_input) {
+            sse_data(&out, human_input_event(a));
+            sse_data(&out, paused_event(a));
         } else if (!a->b->sse_unfinished) {
             json_t *end = chat_event(a, "message_end");
             json_object_set_new(end, "id", json_string(a->message_id));
@@ -472,6 +646,8 @@ static char *stream_body(const answer_ctx *a) {
                 abort();
             json_object_set_new(end, "metadata", meta);
             sse_data(&out, end);
+            if (a->chatflow)
+                sse_data(&out, finished_event(a));
         }
     }
     return out.data; /* caller owns */
@@ -483,14 +659,35 @@ typedef struct stream {
     fake_dify *f;
     char *data;
     size_t len;
-    size_t chunk;   /* 0: one SSE frame per write */
-    unsigned pause; /* ms between writes */
+    size_t chunk;          /* 0: one SSE frame per write */
+    unsigned pause;        /* ms between writes */
+    size_t drop_at;        /* close the connection here, without the closing chunk; 0: never */
+    int64_t wait_until_ms; /* a resumed running run: send nothing before this (wall clock) */
 } stream;
+
+/* Offset just past the n-th SSE frame of text, or 0 when it has fewer. */
+static size_t frame_end(const char *text, unsigned n) {
+    const char *p = text;
+    for (unsigned i = 0; i < n; i++) {
+        const char *e = strstr(p, "\n\n");
+        if (!e)
+            return 0;
+        p = e + 2;
+    }
+    return (size_t)(p - text);
+}
 
 static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     stream *s = cls;
+    if (s->drop_at && pos >= s->drop_at)
+        return MHD_CONTENT_READER_END_WITH_ERROR; /* cut: the client sees a broken stream */
     if (pos >= s->len)
         return MHD_CONTENT_READER_END_OF_STREAM;
+    if (pos == 0 && s->wait_until_ms) {
+        int64_t left = s->wait_until_ms - amp_now_ms();
+        if (left > 0)
+            pause_ms(s->f, (unsigned)left);
+    }
     if (pos > 0)
         pause_ms(s->f, s->pause);
     size_t n;
@@ -502,6 +699,8 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
     }
     if (n > s->len - pos)
         n = s->len - pos;
+    if (s->drop_at && n > s->drop_at - pos)
+        n = s->drop_at - pos;
     if (n > max)
         n = max;
     memcpy(buf, s->data + pos, n);
@@ -674,7 +873,8 @@ static bool key_ok(fake_dify *f, const char *auth) {
 }
 
 static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
-                                  const char *url, const char *method, endpoint ep) {
+                                  const char *url, const char *method, endpoint ep,
+                                  const char *version) {
     fake_dify_behaviour b;
     take_behaviour(f, &b);
     pthread_mutex_lock(&f->mu);
@@ -725,9 +925,21 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         goto out;
     }
 
+    const char *body_version =
+        ep == EP_CHAT ? json_string_value(json_object_get(body, "workflow_id")) : NULL;
+    if (body_version)
+        version = body_version;
+    if (version && !version_known(f, version)) {
+        char *m = amp_xasprintf("Workflow not found with id: %s", version);
+        ret = fail(f, ctx, conn, url, method, body, 404, "not_found", m, NULL, NULL, true);
+        free(m);
+        goto out;
+    }
+
     answer_ctx a;
     memset(&a, 0, sizeof(a));
     a.ep = ep;
+    a.chatflow = ep == EP_CHAT && is_chatflow(f, auth);
     a.b = &b;
     a.body_len = ctx->body.len;
     a.inputs = json_object_get(body, "inputs");
@@ -736,6 +948,8 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
     new_uuid(f, a.message_id);
     new_uuid(f, a.run_id);
     new_uuid(f, a.workflow_id);
+    if (version)
+        snprintf(a.workflow_id, sizeof a.workflow_id, "%s", version);
 
     const char *user = json_string_value(json_object_get(body, "user"));
     char conv[37] = "";
@@ -779,8 +993,10 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
 
     const char *mode = json_string_value(json_object_get(body, "response_mode"));
     bool streaming = mode && strcmp(mode, "streaming") == 0;
+    bool has_run = ep == EP_WORKFLOW || a.chatflow;
     ctx->success = !b.sse_error && !(streaming && b.sse_unfinished) &&
-                   !(ep == EP_WORKFLOW && b.workflow_failed);
+                   !(ep == EP_WORKFLOW && b.workflow_failed) && !b.human_input &&
+                   !(streaming && b.stream_drop_after);
     if (streaming) {
         stream *s = amp_xcalloc(1, sizeof(stream));
         s->f = f;
@@ -788,6 +1004,10 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         s->len = strlen(s->data);
         s->chunk = b.stream_chunk;
         s->pause = b.stream_pause_ms;
+        s->drop_at = b.stream_drop_after ? frame_end(s->data, b.stream_drop_after) : 0;
+        if (has_run)
+            ctx->run = run_keep(f, &a, user, amp_xstrdup(s->drop_at ? s->data + s->drop_at : ""),
+                                b.run_ms);
         record(f, ctx, conn, url, method, body, 200, true, s->data, true);
         struct MHD_Response *r = MHD_create_response_from_callback(
             MHD_SIZE_UNKNOWN, s->chunk ? s->chunk : 4096, stream_read, s, stream_free);
@@ -802,6 +1022,8 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
         MHD_destroy_response(r);
     } else {
         char *text = blocking_body(&a);
+        if (has_run)
+            ctx->run = run_keep(f, &a, user, NULL, b.run_ms);
         record(f, ctx, conn, url, method, body, 200, false, text, true);
         ret = queue_text(conn, MHD_HTTP_OK, text, "application/json", NULL, NULL);
         free(text);
@@ -810,6 +1032,113 @@ out:
     free(answer_owned);
     json_decref(body);
     beh_free(&b);
+    return ret;
+}
+
+/* GET /info, /parameters, /workflow/{run}/events, /workflows/run/{run}. */
+static enum MHD_Result handle_get(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
+                                  const char *url, const char *path) {
+    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    bool meta = strcmp(path, "/info") == 0 || strcmp(path, "/parameters") == 0;
+    if (!key_ok(f, auth))
+        return fail(f, ctx, conn, url, "GET", NULL, 401, "unauthorized", "Access token is invalid",
+                    NULL, NULL, !meta);
+    if (meta) {
+        pthread_mutex_lock(&f->mu);
+        f->meta_count++;
+        const app_meta *m = meta_of(f, auth);
+        json_t *o;
+        if (path[1] == 'i') {
+            o = json_pack("{s:s, s:s, s:[], s:s, s:s}", "name", "Fake App", "description",
+                          "A fake Dify app.", "tags", "mode", m ? m->mode : "chat", "author_name",
+                          "amp2dify tests");
+        } else {
+            o = json_pack(
+                "{s:s, s:[], s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:{s:b}, s:O, s:{}, "
+                "s:{s:i, s:i, s:i, s:i, s:i}}",
+                "opening_statement", "", "suggested_questions", "suggested_questions_after_answer",
+                "enabled", 0, "speech_to_text", "enabled", 0, "retriever_resource", "enabled", 0,
+                "annotation_reply", "enabled", 0, "more_like_this", "enabled", 0, "user_input_form",
+                m && m->form ? m->form : json_array(), "file_upload", "system_parameters",
+                "file_size_limit", 15, "image_file_size_limit", 10, "audio_file_size_limit", 50,
+                "video_file_size_limit", 100, "workflow_file_upload_limit", 10);
+            if (!(m && m->form))
+                json_decref(json_object_get(o, "user_input_form")); /* the [] made above */
+        }
+        pthread_cond_broadcast(&f->changed);
+        pthread_mutex_unlock(&f->mu);
+        char *text = dump_compact(o);
+        json_decref(o);
+        enum MHD_Result ret = queue_text(conn, MHD_HTTP_OK, text, "application/json", NULL, NULL);
+        free(text);
+        return ret;
+    }
+
+    /* A run: its id is the path segment after the prefix. */
+    bool events = strncmp(path, "/workflow/", 10) == 0;
+    const char *id = path + (events ? 10 : 15);
+    size_t idlen =
+        events ? (size_t)(strstr(id, "/events") ? strstr(id, "/events") - id : 0) : strlen(id);
+    if (events && (idlen == 0 || strcmp(id + idlen, "/events") != 0))
+        return fail(f, ctx, conn, url, "GET", NULL, 404, "not_found",
+                    "The requested URL was not found on the server.", NULL, NULL, false);
+    char rid[64];
+    snprintf(rid, sizeof rid, "%.*s", (int)(idlen < sizeof rid ? idlen : sizeof rid - 1), id);
+    const char *user = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "user");
+    pthread_mutex_lock(&f->mu);
+    f->arrived++;
+    long k = run_find(f, rid);
+    bool mine = k >= 0 && (!events || (user && strcmp(user, f->runs[k].user) == 0));
+    if (!mine) {
+        pthread_mutex_unlock(&f->mu);
+        if (events && !user)
+            return fail(f, ctx, conn, url, "GET", NULL, 400, "invalid_param",
+                        "user is required in query", NULL, NULL, true);
+        return fail(f, ctx, conn, url, "GET", NULL, 404, "not_found", "Workflow run not found.",
+                    NULL, NULL, true);
+    }
+    run_rec *r = &f->runs[k];
+    bool running = amp_now_ms() < r->finish_ms;
+    const char *status = json_string_value(json_object_get(r->detail, "status"));
+    bool succeeded = status && strcmp(status, "succeeded") == 0;
+    ctx->run = k;
+    enum MHD_Result ret;
+    if (!events) {
+        json_t *d = json_deep_copy(r->detail);
+        if (running) {
+            json_object_set_new(d, "status", json_string("running"));
+            json_object_set_new(d, "outputs", json_object());
+            json_object_set_new(d, "finished_at", json_null());
+        }
+        pthread_mutex_unlock(&f->mu);
+        ctx->success = !running && succeeded;
+        char *text = dump_compact(d);
+        json_decref(d);
+        record(f, ctx, conn, url, "GET", NULL, 200, false, text, true);
+        ret = queue_text(conn, MHD_HTTP_OK, text, "application/json", NULL, NULL);
+        free(text);
+        return ret;
+    }
+    /* A run still going streams what it has left once it gets there; one
+     * already over sends its single closing event. */
+    stream *s = amp_xcalloc(1, sizeof(stream));
+    s->f = f;
+    s->data = amp_xstrdup(running && r->tail[0] ? r->tail : r->final_frame);
+    s->len = strlen(s->data);
+    s->wait_until_ms = running ? r->finish_ms : 0;
+    pthread_mutex_unlock(&f->mu);
+    ctx->success = succeeded;
+    record(f, ctx, conn, url, "GET", NULL, 200, true, s->data, true);
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, stream_read, s, stream_free);
+    if (!resp) {
+        stream_free(s);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    ret = MHD_queue_response(conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
     return ret;
 }
 
@@ -824,6 +1153,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         ctx->f = f;
         amp_buf_init(&ctx->body, FAKE_MAX_BODY);
         ctx->arrived_ms = amp_now_ms();
+        ctx->run = -1;
         *con_cls = ctx;
         return MHD_YES;
     }
@@ -834,7 +1164,26 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
 
-    endpoint ep = endpoint_of(url);
+    const char *path = strncmp(url, "/v1/", 4) == 0 ? url + 3 : url;
+    if (strcmp(path, "/info") == 0 || strcmp(path, "/parameters") == 0 ||
+        strncmp(path, "/workflow/", 10) == 0 ||
+        (strncmp(path, "/workflows/run/", 15) == 0 && path[15])) {
+        if (strcmp(method, "GET") != 0)
+            return fail(f, ctx, conn, url, method, NULL, 405, NULL, NULL, NULL, "GET, OPTIONS",
+                        false);
+        return handle_get(f, ctx, conn, url, path);
+    }
+    /* A published version: /workflows/{id}/run. */
+    char pinned[64] = "";
+    size_t plen = strlen(path);
+    if (strncmp(path, "/workflows/", 11) == 0 && plen > 15 && plen - 15 < sizeof pinned &&
+        strcmp(path + plen - 4, "/run") == 0 && strcmp(path, "/workflows/run") != 0) {
+        memcpy(pinned, path + 11, plen - 15);
+        pinned[plen - 15] = '\0';
+        if (strchr(pinned, '/'))
+            pinned[0] = '\0';
+    }
+    endpoint ep = pinned[0] ? EP_WORKFLOW : endpoint_of(url);
     if (ep == EP_NONE)
         return fail(f, ctx, conn, url, method, NULL, 404, "not_found",
                     "The requested URL was not found on the server. If you entered the URL "
@@ -842,7 +1191,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                     NULL, NULL, false);
     if (strcmp(method, "POST") != 0)
         return fail(f, ctx, conn, url, method, NULL, 405, NULL, NULL, NULL, "POST, OPTIONS", false);
-    return handle_api(f, ctx, conn, url, method, ep);
+    return handle_api(f, ctx, conn, url, method, ep, pinned[0] ? pinned : NULL);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -856,8 +1205,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
      * the client is not one. */
     if (ctx->success && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK) {
         pthread_mutex_lock(&f->mu);
-        f->delivered++;
-        if (ctx->record)
+        /* A run's outcome counts once, however it reached the client: its
+         * own answer, a resumed stream or its detail. */
+        bool again = ctx->run >= 0 && f->runs[ctx->run].delivered;
+        if (ctx->run >= 0)
+            f->runs[ctx->run].delivered = true;
+        if (!again)
+            f->delivered++;
+        if (ctx->record && !again)
             json_object_set_new(ctx->record, "delivered", json_true());
         pthread_cond_broadcast(&f->changed);
         pthread_mutex_unlock(&f->mu);
@@ -980,6 +1335,22 @@ void fake_dify_stop(fake_dify *f) {
         free(f->convs[i].user);
     }
     free(f->convs);
+    for (size_t i = 0; i < f->nmetas; i++) {
+        free(f->metas[i].bearer);
+        free(f->metas[i].mode);
+        json_decref(f->metas[i].form);
+    }
+    free(f->metas);
+    for (size_t i = 0; i < f->nversions; i++)
+        free(f->versions[i]);
+    free(f->versions);
+    for (size_t i = 0; i < f->nruns; i++) {
+        free(f->runs[i].user);
+        free(f->runs[i].tail);
+        free(f->runs[i].final_frame);
+        json_decref(f->runs[i].detail);
+    }
+    free(f->runs);
     json_decref(f->records);
     pthread_cond_destroy(&f->changed);
     pthread_cond_destroy(&f->stop_cv);
@@ -998,6 +1369,44 @@ void fake_dify_add_key(fake_dify *f, const char *api_key) {
     f->bearers = amp_xrealloc(f->bearers, (f->nbearers + 1) * sizeof *f->bearers);
     f->bearers[f->nbearers++] = bearer;
     pthread_mutex_unlock(&f->mu);
+}
+
+void fake_dify_set_app(fake_dify *f, const char *api_key, const char *mode,
+                       const char *user_input_form_json) {
+    json_t *form = user_input_form_json ? json_loads(user_input_form_json, 0, NULL) : json_array();
+    if (!json_is_array(form)) {
+        fprintf(stderr, "fake_dify_set_app: user_input_form is not a JSON array\n");
+        abort();
+    }
+    char *bearer = amp_xasprintf("Bearer %s", api_key);
+    pthread_mutex_lock(&f->mu);
+    app_meta *m = (app_meta *)meta_of(f, bearer);
+    if (m) {
+        free(bearer);
+        free(m->mode);
+        json_decref(m->form);
+    } else {
+        f->metas = amp_xrealloc(f->metas, (f->nmetas + 1) * sizeof *f->metas);
+        m = &f->metas[f->nmetas++];
+        m->bearer = bearer;
+    }
+    m->mode = amp_xstrdup(mode);
+    m->form = form;
+    pthread_mutex_unlock(&f->mu);
+}
+
+void fake_dify_add_workflow_version(fake_dify *f, const char *workflow_id) {
+    pthread_mutex_lock(&f->mu);
+    f->versions = amp_xrealloc(f->versions, (f->nversions + 1) * sizeof *f->versions);
+    f->versions[f->nversions++] = amp_xstrdup(workflow_id);
+    pthread_mutex_unlock(&f->mu);
+}
+
+size_t fake_dify_meta_count(fake_dify *f) {
+    pthread_mutex_lock(&f->mu);
+    size_t n = f->meta_count;
+    pthread_mutex_unlock(&f->mu);
+    return n;
 }
 
 void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b) {

@@ -6,6 +6,12 @@
  *     POST [/v1]/chat-messages        ChatCompletionResponse / SSE
  *     POST [/v1]/completion-messages  CompletionResponse / SSE
  *     POST [/v1]/workflows/run        WorkflowBlockingResponse / SSE
+ *     POST [/v1]/workflows/{id}/run   the same, for a published version
+ *                                     (fake_dify_add_workflow_version)
+ *     GET  [/v1]/info                 AppInfoResponse (mode per key)
+ *     GET  [/v1]/parameters           AppParametersResponse (user_input_form)
+ *     GET  [/v1]/workflow/{run}/events?user=U   the run's stream, resumed
+ *     GET  [/v1]/workflows/run/{run}  WorkflowRunDetailResponse
  *
  * with the bodies and error envelopes ({"code","message","status"}) of
  * shared/dify/openapi_service.json. It checks "Authorization: Bearer <key>"
@@ -19,6 +25,11 @@
  * default behaviour (success, plus the optional global delay and fail
  * rate). Every request is recorded and can be read back as JSON, with the
  * number of the connection it came on (keep-alive shows as one number).
+ * Workflow runs (and chatflow runs: keys whose mode is "advanced-chat") are
+ * kept, so a stream dropped after N events (stream_drop_after) can be
+ * resumed from /workflow/{run}/events or read from /workflows/run/{run}, as
+ * Dify keeps running what it started. /info and /parameters are counted
+ * apart (fake_dify_meta_count) and not recorded with the API requests.
  *
  * Threading: every function is safe from any thread while the server runs;
  * fake_dify_stop must not race with other calls on the same instance.
@@ -62,6 +73,16 @@ typedef struct fake_dify_behaviour {
      * default). Ignored by chat and completion endpoints. */
     bool workflow_failed;
     const char *answer; /* NULL: "Echo: <query>" (workflows: outputs.result) */
+    /* Streams: close the connection (no closing chunk) after this many SSE
+     * events; the run goes on and finishes inside the fake. 0: never. */
+    unsigned stream_drop_after;
+    /* The run stays "running" this long after the POST: a resume waits for
+     * it, a run detail says "running" meanwhile. */
+    unsigned run_ms;
+    /* Workflows and chatflows: the run reaches a Human Input node and
+     * pauses (human_input_required, then workflow_paused; a blocking
+     * workflow answers data.status "paused"). */
+    bool human_input;
 } fake_dify_behaviour;
 
 /* Start listening on 127.0.0.1:port (0 = an ephemeral port). api_key is the
@@ -75,6 +96,18 @@ uint16_t fake_dify_port(const fake_dify *f);
 
 /* Accept "Bearer <api_key>" too (copied): Dify has one key per app. */
 void fake_dify_add_key(fake_dify *f, const char *api_key);
+
+/* What /info and /parameters answer for api_key (all copied): mode
+ * ("chat", "completion", "agent-chat", "advanced-chat", "workflow",
+ * "agent") and the user_input_form array as JSON text (NULL: []). A key
+ * without this answers mode "chat" and an empty form. */
+void fake_dify_set_app(fake_dify *f, const char *api_key, const char *mode,
+                       const char *user_input_form_json);
+/* A published workflow version that /workflows/{id}/run and a chatflow's
+ * "workflow_id" accept (copied); any other id is 404 "Workflow not found". */
+void fake_dify_add_workflow_version(fake_dify *f, const char *workflow_id);
+/* GET /info and /parameters requests answered so far. */
+size_t fake_dify_meta_count(fake_dify *f);
 
 /* Append a scripted behaviour (copied) to the FIFO. */
 void fake_dify_push(fake_dify *f, const fake_dify_behaviour *b);

@@ -21,11 +21,12 @@
 #define NCOLS 30
 #define NOW_MS ((int64_t)1700000000000)
 
-static const char *const kinds[] = {"DELIVERED", "RETRY", "DEAD", "RELEASE", "HOLD"};
+static const char *const kinds[] = {"DELIVERED", "RETRY", "DEAD", "RELEASE", "WAITING", "HOLD"};
+#define HOLD_INDEX 5 /* not an ack kind: RELEASE with hold */
 static const char *const pauses[] = {"NONE", "APP", "PROBE_REJECTED", "PROBE_AGAIN", "RESUME"};
 static const char *const convs[] = {"KEEP", "STORE", "CLEAR"};
-static const char *const outcomes[] = {"delivered", "retry", "permanent", "pause_app",
-                                       "reset_conversation"};
+static const char *const outcomes[] = {
+    "delivered", "retry", "permanent", "pause_app", "reset_conversation", "waiting_input"};
 
 #define NKINDS (sizeof kinds / sizeof kinds[0])
 #define NPAUSES (sizeof pauses / sizeof pauses[0])
@@ -94,6 +95,7 @@ static const struct {
     {"pause_app", "HOLD"},           /* 401/403 */
     {"reset_conversation", "RETRY"}, /* 404 of a sent conversation */
     {"reset_conversation", "DEAD"},  /* 404 "Conversation Not Exists." without one */
+    {"waiting_input", "WAITING"},    /* workflow_paused, human_input_required */
 };
 
 /* Check one row; the number of mismatches (each printed). */
@@ -146,7 +148,7 @@ static int check_row(char **c, int line, seen_t *seen) {
     amp_forward_verdict v;
     amp_forward_decide(&in, &v);
 
-    int got_kind = v.hold ? 4 : (int)v.kind;
+    int got_kind = v.hold ? HOLD_INDEX : (int)v.kind;
     int bad = 0;
 #define EXPECT(cond, ...)                                                                          \
     do {                                                                                           \
@@ -159,7 +161,7 @@ static int check_row(char **c, int line, seen_t *seen) {
     } while (0)
     EXPECT((int)v.outcome == want_outcome, "outcome %s, want %s", outcomes[v.outcome], c[20]);
     EXPECT(got_kind == want_kind, "kind %s, want %s", kinds[got_kind], c[21]);
-    EXPECT(v.hold == (want_kind == 4), "hold %d", v.hold);
+    EXPECT(v.hold == (want_kind == HOLD_INDEX), "hold %d", v.hold);
     EXPECT(v.status == (long)num(c[22], line), "status %ld, want %s", v.status, c[22]);
     EXPECT(same(opt(c[23]), v.code), "code '%s', want '%s'", v.code ? v.code : "-", c[23]);
     EXPECT(same(opt(c[24]), v.message), "message '%s', want '%s'", v.message ? v.message : "-",

@@ -556,6 +556,81 @@ START_TEST(claim_limit_and_next_due) {
 }
 END_TEST
 
+/* The engine contract of the waiting state and of a retry's run id (what
+ * any engine behind queue.h keeps): a RETRY's run_id comes back with the
+ * job; a WAITING row is neither pending nor dead, is counted apart, listed
+ * with f.waiting only, and a replay of it is a fresh schedule without the
+ * old run. */
+START_TEST(waiting_rows_and_retry_run_ids) {
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, "w1", "u1", false, "{\"n\":1}");
+    add(b, "w2", "u2", false, "{\"n\":2}");
+    submit(s, b);
+    int64_t now = amp_now_ms() + 1, next;
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 2);
+    ck_assert_ptr_null(jobs[0]->run_id);
+    int64_t waiting_id = jobs[0]->id, retry_id = jobs[1]->id;
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = waiting_id,
+                                              .kind = AMP_QUEUE_ACK_WAITING,
+                                              .http_status = 200,
+                                              .code = "waiting_input",
+                                              .message = "paused",
+                                              .result_json = "{\"workflow_run_id\":\"run-w\"}"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = retry_id,
+                                              .kind = AMP_QUEUE_ACK_RETRY,
+                                              .due_ms = now,
+                                              .http_status = 200,
+                                              .code = "timeout",
+                                              .run_id = "run-r"});
+    free_jobs(jobs, 2);
+    amp_queue_flush(s);
+
+    /* The retried job comes back with its run; the waiting one does not. */
+    ck_assert_int_eq(claim_all(s, now + 1, jobs, 4, &next), 1);
+    ck_assert_int_eq(jobs[0]->id, retry_id);
+    ck_assert_str_eq(jobs[0]->run_id, "run-r");
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = retry_id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
+    free_jobs(jobs, 1);
+    amp_queue_flush(s);
+
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.dead, 0);
+    ck_assert_int_eq(st.waiting, 1);
+    ck_assert_int_eq(st.delivered, 1);
+    ck_assert_int_eq(amp_queue_depth(s), 0);
+
+    amp_queue_dlq_filter dead = {0}, waiting = {.waiting = true};
+    json_t *rows = amp_queue_dlq_list(s, &dead, 10);
+    ck_assert_uint_eq(json_array_size(rows), 0);
+    json_decref(rows);
+    rows = amp_queue_dlq_list(s, &waiting, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    json_t *r0 = json_array_get(rows, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "state")), "waiting_input");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "code")), "waiting_input");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(r0, "result"), "workflow_run_id")),
+        "run-w");
+    json_decref(rows);
+
+    /* A dead-letter purge leaves it; a replay of waiting rows starts it
+     * afresh, without the old run. */
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &dead), 0);
+    ck_assert_int_eq(amp_queue_dlq_replay(s, &waiting), 1);
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 1);
+    ck_assert_int_eq(jobs[0]->id, waiting_id);
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ck_assert_ptr_null(jobs[0]->run_id);
+    free_jobs(jobs, 1);
+    amp_queue_close(s);
+}
+END_TEST
+
 START_TEST(dead_letters_list_replay_purge) {
     amp_queue *s = open_spool(3600);
     amp_queue_batch *b = amp_queue_batch_create();
@@ -896,6 +971,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, batch_stored_and_claimed);
+    tcase_add_test(tc, waiting_rows_and_retry_run_ids);
     tcase_add_test(tc, dedupe_within_and_across_requests);
     tcase_add_test(tc, dedupe_disabled_with_zero_window);
     tcase_add_test(tc, acks_delivered_retry_dead);
