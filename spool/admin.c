@@ -163,3 +163,115 @@ int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f) {
     /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
     return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
 }
+
+/* ---- operators ------------------------------------------------------------ */
+
+static const char *state_name(int state) {
+    return state == STATE_PENDING ? "pending" : state == STATE_DELIVERED ? "delivered" : "dead";
+}
+
+/* Column i as a JSON value: null, an integer or a string. */
+static json_t *column(sqlite3_stmt *st, int i) {
+    switch (sqlite3_column_type(st, i)) {
+    case SQLITE_NULL:
+        return json_null();
+    case SQLITE_INTEGER:
+        return json_integer((json_int_t)sqlite3_column_int64(st, i));
+    default: {
+        const char *t = (const char *)sqlite3_column_text(st, i);
+        return t ? json_string(t) : json_null();
+    }
+    }
+}
+
+/* "deliveries_key" (schema v3) finds the rows; the answer excerpt is cut by
+ * substr(), which counts characters, so a UTF-8 sequence is never split. */
+json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
+    amp_spool *s = e;
+    pthread_mutex_lock(&s->claim_mu);
+    json_t *out = NULL, *jobs = json_array();
+    json_t *seen = json_null();
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(s->rdb, "SELECT seen_ms FROM dedupe WHERE key = ?1", -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        amp_spool_bind_text(st, 1, dedupe_key);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            json_decref(seen);
+            seen = json_integer((json_int_t)sqlite3_column_int64(st, 0));
+            rc = SQLITE_DONE;
+        }
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc == SQLITE_DONE)
+        rc = sqlite3_prepare_v2(
+            s->rdb,
+            "SELECT d.id, d.route, d.app, d.user, d.state, d.attempts, d.last_status, d.last_code,"
+            " d.last_message, d.created_ms, d.due_ms, d.finished_ms,"
+            " substr(coalesce(json_extract(d.result, '$.answer'),"
+            "   json_extract(d.result, '$.outputs')), 1, ?2),"
+            " coalesce(json_extract(d.result, '$.conversation_id'), c.conversation_id)"
+            " FROM deliveries d LEFT JOIN conversations c"
+            "   ON d.per_user AND c.app = d.app AND c.user = d.user"
+            " WHERE d.dedupe_key = ?1 AND d.dedupe_key IS NOT NULL ORDER BY d.id",
+            -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        amp_spool_bind_text(st, 1, dedupe_key);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)(answer_chars > INT32_MAX ? INT32_MAX
+                                                                           : answer_chars));
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            int state = sqlite3_column_int(st, 4);
+            json_t *job = json_pack(
+                "{s:I, s:i, s:o, s:o, s:o, s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "id",
+                (json_int_t)sqlite3_column_int64(st, 0), "shard", 0, "route", column(st, 1), "app",
+                column(st, 2), "user", column(st, 3), "state", state_name(state), "attempts",
+                sqlite3_column_int(st, 5), "last_status", column(st, 6), "last_code",
+                column(st, 7), "last_message", column(st, 8), "created_ms", column(st, 9),
+                "due_ms", state == STATE_PENDING ? column(st, 10) : json_null(), "finished_ms",
+                column(st, 11), "answer", column(st, 12), "conversation_id", column(st, 13));
+            if (job)
+                json_array_append_new(jobs, job);
+        }
+    }
+    if (rc == SQLITE_DONE) {
+        out = json_pack("{s:o, s:O}", "seen_ms", seen, "jobs", jobs);
+    } else {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        json_decref(seen);
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    json_decref(jobs);
+    return out;
+}
+
+json_t *amp_spool_app_depths(void *e) {
+    amp_spool *s = e;
+    pthread_mutex_lock(&s->claim_mu);
+    sqlite3_stmt *st = NULL;
+    json_t *out = NULL;
+    int rc = sqlite3_prepare_v2(
+        s->rdb,
+        "SELECT app, sum(state = 0), sum(state = 2), coalesce(min(CASE WHEN state = 0 THEN"
+        " created_ms END), 0) FROM deliveries WHERE state <> 1 GROUP BY app ORDER BY app",
+        -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        out = json_object();
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+            json_object_set_new(out, (const char *)sqlite3_column_text(st, 0),
+                                json_pack("{s:I, s:I, s:I}", "pending",
+                                          (json_int_t)sqlite3_column_int64(st, 1), "dead",
+                                          (json_int_t)sqlite3_column_int64(st, 2),
+                                          "oldest_pending_ms",
+                                          (json_int_t)sqlite3_column_int64(st, 3)));
+    }
+    if (rc != SQLITE_DONE) {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+        json_decref(out);
+        out = NULL;
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&s->claim_mu);
+    return out;
+}

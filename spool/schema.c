@@ -42,8 +42,12 @@ static const char schema_v2[] =
     "DROP INDEX deliveries_user;"
     "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0 AND per_user = 1;";
 
+/* v3: the admin API finds an event's rows by its dedupe key (insert_id). */
+static const char schema_v3[] =
+    "CREATE INDEX deliveries_key ON deliveries(dedupe_key) WHERE dedupe_key IS NOT NULL;";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1, schema_v2};
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3};
 
 static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;

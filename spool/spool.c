@@ -53,6 +53,8 @@ static const amp_queue_ops spool_ops = {
     .dlq_list = amp_spool_dlq_list,
     .dlq_replay = amp_spool_dlq_replay,
     .dlq_purge = amp_spool_dlq_purge,
+    .event = amp_spool_event,
+    .app_depths = amp_spool_app_depths,
 };
 
 /* Inspection and dead letters only: nothing here needs a spool thread. */
@@ -63,6 +65,8 @@ static const amp_queue_ops admin_ops = {
     .dlq_list = amp_spool_dlq_list,
     .dlq_replay = amp_spool_dlq_replay,
     .dlq_purge = amp_spool_dlq_purge,
+    .event = amp_spool_event,
+    .app_depths = amp_spool_app_depths,
 };
 
 /* The state before any connection or thread; engine_close undoes it. */

@@ -26,7 +26,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 2
+#define SCHEMA_VERSION 3
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -209,5 +209,7 @@ int64_t amp_spool_oldest_pending_ms(void *e);
 json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit);
 int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f);
 int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f);
+json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars);
+json_t *amp_spool_app_depths(void *e);
 
 #endif
