@@ -56,6 +56,12 @@ typedef struct amp_config {
         amp_sig *verifier; /* built when secrets are resolved, else NULL */
     } auth;
     struct {
+        char *listen;  /* admin.listen: NULL or "" when the admin API is off */
+        char *address; /* listen split: host (NULL when off) */
+        uint16_t port; /* and port */
+        char *token;   /* AMP2DIFY_ADMIN_TOKEN(_FILE), read with the secrets when listen is set */
+    } admin;
+    struct {
         amp_config_queue_engine engine;
     } queue;
     struct {
