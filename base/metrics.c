@@ -37,6 +37,8 @@ static const struct family_def {
      "1 while spool.max_pending or spool.max_bytes is reached (new events get 503)."},
     {"amp2dify_in_flight", GAUGE, "Requests to Dify under way, by app."},
     {"amp2dify_app_paused", GAUGE, "1 while deliveries to the app are paused (key rejected)."},
+    {"amp2dify_app_paused_by_operator", GAUGE,
+     "1 while an operator has paused the app (admin API)."},
     {"amp2dify_ingest_duration_seconds", HISTOGRAM,
      "Webhook requests, from the headers to the answer (includes the spool commit)."},
     {"amp2dify_delivery_duration_seconds", HISTOGRAM, "Requests to Dify, by app."},

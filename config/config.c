@@ -448,9 +448,23 @@ static void load_admin_token(amp_config *c, amp_errs *errs) {
                               "nothing in AMP2DIFY_ADMIN_TOKEN or AMP2DIFY_ADMIN_TOKEN_FILE",
                               "a bearer token of at least %d characters, since admin.listen is set",
                               ADMIN_TOKEN_MIN);
-    else if (rc == 0 && strlen(c->admin.token) < ADMIN_TOKEN_MIN)
+    if (rc != 0)
+        return;
+    if (strlen(c->admin.token) < ADMIN_TOKEN_MIN) {
         amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN", "a shorter token",
                               "a bearer token of at least %d characters", ADMIN_TOKEN_MIN);
+        return;
+    }
+    /* "Authorization: Bearer <token>", compared as static-header compares
+     * (keyed HMAC, then CRYPTO_memcmp: the time does not depend on the
+     * value sent). */
+    char *expected = amp_xasprintf("Bearer %s", c->admin.token);
+    char err[256];
+    c->admin.verifier = amp_sig_create(AMP_AUTH_STATIC_HEADER, (const char *const *)&expected, 1,
+                                       0, "Authorization", err, sizeof err);
+    free(expected);
+    if (!c->admin.verifier)
+        amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN", err, "a usable bearer token");
 }
 
 static void load_app_keys(amp_config *c, amp_errs *errs) {
@@ -586,6 +600,7 @@ void amp_config_destroy(amp_config *c) {
     amp_sig_destroy(c->auth.verifier);
     free(c->admin.address);
     free(c->admin.token);
+    amp_sig_destroy(c->admin.verifier);
     if (c->api_keys) {
         size_t n = c->mapper ? amp_mapper_app_count(c->mapper) : 0;
         free_strv(c->api_keys, n);

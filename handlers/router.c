@@ -112,8 +112,7 @@ static void admit(amp_handlers *h, amp_req *r) {
         atomic_fetch_sub(&h->open, 1);
 }
 
-/* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
-static void set_request_id(amp_req *r) {
+void amp_handlers_request_id(amp_req *r) {
     const char *given = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
     if (given) {
         size_t n = strlen(given);
@@ -178,7 +177,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         amp_buf_init(&r->body, r->gen->cfg->listen.max_body_bytes);
         atomic_init(&r->state, REQ_READING);
         admit(h, r);
-        set_request_id(r);
+        amp_handlers_request_id(r);
         amp_handlers_client_address(r->gen, conn, r->client, sizeof r->client);
         *req_cls = r;
         return first_call(h, r, url, method);

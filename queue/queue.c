@@ -110,6 +110,18 @@ int64_t amp_queue_dlq_purge(amp_queue *q, const amp_queue_dlq_filter *f) {
     return q->ops->dlq_purge ? q->ops->dlq_purge(q->e, f) : -1;
 }
 
+bool amp_queue_offers(const amp_queue *q, amp_queue_offer what) {
+    switch (what) {
+    case AMP_QUEUE_OFFERS_EVENT:
+        return q->ops->event != NULL;
+    case AMP_QUEUE_OFFERS_APP_DEPTHS:
+        return q->ops->app_depths != NULL;
+    case AMP_QUEUE_OFFERS_DLQ:
+        return q->ops->dlq_list && q->ops->dlq_replay && q->ops->dlq_purge;
+    }
+    return false;
+}
+
 json_t *amp_queue_event(amp_queue *q, const char *dedupe_key, size_t answer_chars) {
     return q->ops->event ? q->ops->event(q->e, dedupe_key, answer_chars) : NULL;
 }

@@ -214,6 +214,15 @@ int64_t amp_queue_dlq_purge(amp_queue *q, const amp_queue_dlq_filter *f);
  * An engine may leave these out (NULL in its ops): the functions then
  * return NULL and the admin API answers 501 for the endpoint. */
 
+/* The operations an engine may leave out, by what the admin API asks. */
+typedef enum {
+    AMP_QUEUE_OFFERS_EVENT,      /* amp_queue_event */
+    AMP_QUEUE_OFFERS_APP_DEPTHS, /* amp_queue_app_depths */
+    AMP_QUEUE_OFFERS_DLQ,        /* amp_queue_dlq_list, _replay and _purge, all three */
+} amp_queue_offer;
+/* Whether the engine behind q implements what. */
+bool amp_queue_offers(const amp_queue *q, amp_queue_offer what);
+
 /* The jobs stored for one event, found by its dedupe key (the event's
  * insert_id): {"seen_ms": when the key was last seen by dedupe, or null,
  * "jobs": [{id, shard, route, app, user, state ("pending", "delivered",
