@@ -102,8 +102,8 @@ typedef struct running {
  * (NULL on failure). */
 static void start_delivery(running *rs, const amp_config *cfg, char *err, size_t errlen) {
     pthread_mutex_lock(&rs->delivery_mu);
-    rs->fwd = start_forwarder(cfg, rs->spool, rs->metrics, (const char *const *)rs->paused, err,
-                              errlen);
+    rs->fwd =
+        start_forwarder(cfg, rs->spool, rs->metrics, (const char *const *)rs->paused, err, errlen);
     pthread_mutex_unlock(&rs->delivery_mu);
 }
 
@@ -292,8 +292,8 @@ int amp_cmd_serve(int argc, char **argv) {
             amp_log(AMP_LOG_ERROR, "admin API failed to start", "{s:s}", "error", err);
             goto out;
         }
-        amp_log(AMP_LOG_INFO, "admin API listening", "{s:s, s:i}", "address",
-                rs.cfg->admin.address, "port", (int)amp_http_admin_port(admin));
+        amp_log(AMP_LOG_INFO, "admin API listening", "{s:s, s:i}", "address", rs.cfg->admin.address,
+                "port", (int)amp_http_admin_port(admin));
     }
     if (rs.cfg->auth.scheme == AMP_AUTH_NONE)
         amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",

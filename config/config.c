@@ -460,8 +460,8 @@ static void load_admin_token(amp_config *c, amp_errs *errs) {
      * value sent). */
     char *expected = amp_xasprintf("Bearer %s", c->admin.token);
     char err[256];
-    c->admin.verifier = amp_sig_create(AMP_AUTH_STATIC_HEADER, (const char *const *)&expected, 1,
-                                       0, "Authorization", err, sizeof err);
+    c->admin.verifier = amp_sig_create(AMP_AUTH_STATIC_HEADER, (const char *const *)&expected, 1, 0,
+                                       "Authorization", err, sizeof err);
     free(expected);
     if (!c->admin.verifier)
         amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN", err, "a usable bearer token");

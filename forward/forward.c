@@ -876,8 +876,9 @@ int amp_forward_set_paused(amp_forward *f, const char *app, bool paused) {
     }
     pthread_mutex_unlock(&f->mu);
     if (a)
-        amp_log(AMP_LOG_INFO, paused ? "dify app paused by operator" : "dify app resumed by operator",
-                "{s:s}", "app", app);
+        amp_log(AMP_LOG_INFO,
+                paused ? "dify app paused by operator" : "dify app resumed by operator", "{s:s}",
+                "app", app);
     return a ? 0 : -1;
 }
 
@@ -887,9 +888,9 @@ json_t *amp_forward_apps(amp_forward *f) {
     for (size_t i = 0; i < f->napps; i++) {
         const app_state *a = &f->apps[i];
         json_object_set_new(out, a->app->name,
-                            json_pack("{s:b, s:b, s:i, s:i}", "paused", a->on_hold,
-                                      "key_rejected", a->paused, "in_flight", (int)a->in_flight,
-                                      "queued_in_memory", (int)a->held.len));
+                            json_pack("{s:b, s:b, s:i, s:i}", "paused", a->on_hold, "key_rejected",
+                                      a->paused, "in_flight", (int)a->in_flight, "queued_in_memory",
+                                      (int)a->held.len));
     }
     pthread_mutex_unlock(&f->mu);
     return out;

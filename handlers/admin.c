@@ -132,8 +132,8 @@ static enum MHD_Result dlq(amp_http_admin *a, amp_req *r, const params *p, dlq_a
         char err[160];
         if (act == DLQ_LIST && strcmp(name, "limit") == 0) {
             if (amp_parse_i64(v, strlen(v), 1, ADMIN_LIST_MAX, &limit) != 0) {
-                ret = bad_request(r, "invalid_parameter", "limit: found '%.32s'; expected 1..%d",
-                                  v, ADMIN_LIST_MAX);
+                ret = bad_request(r, "invalid_parameter", "limit: found '%.32s'; expected 1..%d", v,
+                                  ADMIN_LIST_MAX);
                 goto out;
             }
         } else if (act != DLQ_LIST && strcmp(name, "all") == 0) {
@@ -181,13 +181,15 @@ static enum MHD_Result dlq(amp_http_admin *a, amp_req *r, const params *p, dlq_a
         int64_t n = act == DLQ_REPLAY ? amp_queue_dlq_replay(a->h->queue, &f)
                                       : amp_queue_dlq_purge(a->h->queue, &f);
         if (n >= 0)
-            amp_log(AMP_LOG_INFO, act == DLQ_REPLAY ? "dead letters replayed" : "dead letters purged",
+            amp_log(AMP_LOG_INFO,
+                    act == DLQ_REPLAY ? "dead letters replayed" : "dead letters purged",
                     "{s:s, s:I}", "request_id", r->request_id, "count", (json_int_t)n);
-        ret = n < 0 ? queue_failed(r)
-                    : amp_handlers_reply_json(
-                          r, MHD_HTTP_OK,
-                          json_pack("{s:I}", act == DLQ_REPLAY ? "replayed" : "purged",
-                                    (json_int_t)n));
+        ret =
+            n < 0
+                ? queue_failed(r)
+                : amp_handlers_reply_json(
+                      r, MHD_HTTP_OK,
+                      json_pack("{s:I}", act == DLQ_REPLAY ? "replayed" : "purged", (json_int_t)n));
     }
 out:
     amp_queue_dlq_filter_clear(&f);
@@ -222,8 +224,8 @@ static enum MHD_Result get_apps(amp_http_admin *a, amp_req *r, const params *p) 
     size_t n = amp_mapper_app_count(cfg->mapper);
     for (size_t i = 0; i < n; i++)
         json_object_set_new(apps, amp_mapper_app(cfg->mapper, i)->name,
-                            json_pack("{s:b, s:i, s:i, s:i}", "configured", 1, "pending", 0,
-                                      "dead", 0, "oldest_pending_ms", 0));
+                            json_pack("{s:b, s:i, s:i, s:i}", "configured", 1, "pending", 0, "dead",
+                                      0, "oldest_pending_ms", 0));
     const char *name;
     json_t *d;
     json_object_foreach(depths, name, d) {
@@ -269,15 +271,15 @@ static const char *header_lookup(void *ctx, const char *name) {
 static enum MHD_Result wrong_method(amp_req *r, const char *allow) {
     char detail[64];
     snprintf(detail, sizeof detail, "this path only accepts %s", allow);
-    return amp_handlers_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed", detail,
-                                        MHD_HTTP_HEADER_ALLOW, allow);
+    return amp_handlers_reply_error_hdr(r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                                        detail, MHD_HTTP_HEADER_ALLOW, allow);
 }
 
 static bool has_body(struct MHD_Connection *conn) {
-    const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                 MHD_HTTP_HEADER_CONTENT_LENGTH);
-    const char *te = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                 MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    const char *cl =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *te =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     return te || (cl && strcmp(cl, "0") != 0);
 }
 
@@ -387,15 +389,16 @@ amp_http_admin *amp_http_admin_start(const amp_config *cfg, amp_handlers *handle
     a->h = handlers;
     a->ops = ops;
     a->ctx = ctx;
-    a->daemon = MHD_start_daemon(
-        flags, cfg->admin.port, NULL, NULL, access_cb, a, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
-        NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned int)ADMIN_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_NOTIFY_COMPLETED, completed_cb, a,
-        MHD_OPTION_END);
+    a->daemon = MHD_start_daemon(flags, cfg->admin.port, NULL, NULL, access_cb, a,
+                                 MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
+                                 (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT,
+                                 (unsigned int)ADMIN_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
+                                 (unsigned int)ADMIN_TIMEOUT_S, MHD_OPTION_NOTIFY_COMPLETED,
+                                 completed_cb, a, MHD_OPTION_END);
     if (!a->daemon) {
-        snprintf(err, errlen, "cannot listen on %s:%u for the admin API (address in use or not "
-                              "permitted)",
+        snprintf(err, errlen,
+                 "cannot listen on %s:%u for the admin API (address in use or not "
+                 "permitted)",
                  cfg->admin.address, (unsigned)cfg->admin.port);
         free(a);
         return NULL;

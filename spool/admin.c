@@ -218,17 +218,17 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
             -1, &st, NULL);
     if (rc == SQLITE_OK) {
         amp_spool_bind_text(st, 1, dedupe_key);
-        sqlite3_bind_int64(st, 2, (sqlite3_int64)(answer_chars > INT32_MAX ? INT32_MAX
-                                                                           : answer_chars));
+        sqlite3_bind_int64(st, 2,
+                           (sqlite3_int64)(answer_chars > INT32_MAX ? INT32_MAX : answer_chars));
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
             int state = sqlite3_column_int(st, 4);
             json_t *job = json_pack(
                 "{s:I, s:i, s:o, s:o, s:o, s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "id",
                 (json_int_t)sqlite3_column_int64(st, 0), "shard", 0, "route", column(st, 1), "app",
                 column(st, 2), "user", column(st, 3), "state", state_name(state), "attempts",
-                sqlite3_column_int(st, 5), "last_status", column(st, 6), "last_code",
-                column(st, 7), "last_message", column(st, 8), "created_ms", column(st, 9),
-                "due_ms", state == STATE_PENDING ? column(st, 10) : json_null(), "finished_ms",
+                sqlite3_column_int(st, 5), "last_status", column(st, 6), "last_code", column(st, 7),
+                "last_message", column(st, 8), "created_ms", column(st, 9), "due_ms",
+                state == STATE_PENDING ? column(st, 10) : json_null(), "finished_ms",
                 column(st, 11), "answer", column(st, 12), "conversation_id", column(st, 13));
             if (job)
                 json_array_append_new(jobs, job);
@@ -259,12 +259,11 @@ json_t *amp_spool_app_depths(void *e) {
     if (rc == SQLITE_OK) {
         out = json_object();
         while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-            json_object_set_new(out, (const char *)sqlite3_column_text(st, 0),
-                                json_pack("{s:I, s:I, s:I}", "pending",
-                                          (json_int_t)sqlite3_column_int64(st, 1), "dead",
-                                          (json_int_t)sqlite3_column_int64(st, 2),
-                                          "oldest_pending_ms",
-                                          (json_int_t)sqlite3_column_int64(st, 3)));
+            json_object_set_new(
+                out, (const char *)sqlite3_column_text(st, 0),
+                json_pack("{s:I, s:I, s:I}", "pending", (json_int_t)sqlite3_column_int64(st, 1),
+                          "dead", (json_int_t)sqlite3_column_int64(st, 2), "oldest_pending_ms",
+                          (json_int_t)sqlite3_column_int64(st, 3)));
     }
     if (rc != SQLITE_DONE) {
         amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));

@@ -161,8 +161,7 @@ static json_t *event_in_state(const admin_srv *a, const char *id, const char *st
                 return out;
             }
         }
-        ck_assert_msg(h_mono_ms() < end, "event %s not %s: %ld %s", id, state, r->status,
-                      r->body);
+        ck_assert_msg(h_mono_ms() < end, "event %s not %s: %ld %s", id, state, r->status, r->body);
         h_resp_free(r);
         h_sleep_ms(50);
     }
@@ -205,9 +204,8 @@ START_TEST(token_or_nothing) {
     for (size_t i = 0; i < sizeof bad_auth / sizeof bad_auth[0]; i++)
         for (size_t j = 0; j < sizeof calls / sizeof calls[0]; j++) {
             h_resp *r = admin(&a, calls[j].method, calls[j].path, bad_auth[i]);
-            ck_assert_msg(r->status == 401, "%s %s with %s: %ld %s", calls[j].method,
-                          calls[j].path, bad_auth[i] ? bad_auth[i] : "no header", r->status,
-                          r->body);
+            ck_assert_msg(r->status == 401, "%s %s with %s: %ld %s", calls[j].method, calls[j].path,
+                          bad_auth[i] ? bad_auth[i] : "no header", r->status, r->body);
             /* Nothing else: the error and its detail, no data. */
             ck_assert_ptr_nonnull(r->json);
             ck_assert_uint_eq(json_object_size(r->json), 2);
@@ -271,7 +269,8 @@ START_TEST(where_is_my_event) {
 
     /* Retried, then dead: status, code and message of the last answer. */
     fake_dify_push(a.f, &(fake_dify_behaviour){.status = 500});
-    fake_dify_push(a.f, &(fake_dify_behaviour){.status = 400, .code = "invalid_param",
+    fake_dify_push(a.f, &(fake_dify_behaviour){.status = 400,
+                                               .code = "invalid_param",
                                                .message = "query is required"});
     post_event(&a, "broken", "bob", "where-2");
     ev = event_in_state(&a, "where-2", "dead");
@@ -305,8 +304,8 @@ END_TEST
 
 /* `amp2dify dlq list --json ARGS` beside the daemon: one JSON row a line. */
 static json_t *cli_list(const admin_srv *a, const char *args) {
-    char *cmd = amp_xasprintf("%s dlq list --json -c %s/amp2dify.json %s", bin(),
-                              h_server_dir(a->s), args);
+    char *cmd =
+        amp_xasprintf("%s dlq list --json -c %s/amp2dify.json %s", bin(), h_server_dir(a->s), args);
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);
     json_t *rows = json_array();
@@ -481,7 +480,9 @@ START_TEST(pause_resume_depth) {
     h_resp_free(r);
     /* A body is refused, not ignored. */
     const char *headers[] = {AUTH, NULL};
-    h_req rq = {.method = "POST", .path = "/admin/apps/support/pause", .body = "{\"x\":1}",
+    h_req rq = {.method = "POST",
+                .path = "/admin/apps/support/pause",
+                .body = "{\"x\":1}",
                 .headers = headers};
     r = h_request_port(a.port, &rq);
     ck_assert_int_eq(r->status, 400);

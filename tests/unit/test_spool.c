@@ -549,8 +549,7 @@ START_TEST(event_lookup_and_app_depths) {
     ev = amp_queue_event(s, "ev-2", 100);
     js = json_object_get(ev, "jobs");
     ck_assert_uint_eq(json_array_size(js), 1);
-    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(js, 0), "state")),
-                     "pending");
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(js, 0), "state")), "pending");
     ck_assert(json_is_null(json_object_get(json_array_get(js, 0), "last_status")));
     json_decref(ev);
 
@@ -563,8 +562,7 @@ START_TEST(event_lookup_and_app_depths) {
     ck_assert_ptr_nonnull(d);
     ck_assert_ptr_null(json_object_get(d, "alpha")); /* only delivered rows */
     ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(d, "beta"), "dead")), 1);
-    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(d, "beta"), "pending")),
-                     0);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(d, "beta"), "pending")), 0);
     json_t *app = json_object_get(d, "app");
     ck_assert_int_eq(json_integer_value(json_object_get(app, "pending")), 1);
     ck_assert_int_gt(json_integer_value(json_object_get(app, "oldest_pending_ms")), 0);
@@ -583,8 +581,8 @@ START_TEST(dlq_filters_by_name) {
     ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "code", "c", err, sizeof err), 0);
     ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "status", "404", err, sizeof err), 0);
     ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "since", "1700000000", err, sizeof err), 0);
-    ck_assert_int_eq(
-        amp_queue_dlq_filter_set(&f, "until", "2024-01-02T03:04:05Z", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "until", "2024-01-02T03:04:05Z", err, sizeof err),
+                     0);
     ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "id", "7", err, sizeof err), 0);
     ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "id", "9", err, sizeof err), 0);
     ck_assert_str_eq(f.route, "r");
