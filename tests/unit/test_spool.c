@@ -607,6 +607,29 @@ START_TEST(dlq_filters_by_name) {
 }
 END_TEST
 
+/* An engine that leaves the operator operations out: the queue says so
+ * (the admin API answers 501) and the calls return NULL. */
+static void null_close(void *e) {
+    (void)e;
+}
+
+START_TEST(engine_may_leave_operator_ops_out) {
+    static const amp_queue_ops bare = {.close = null_close};
+    amp_queue *q = amp_queue_create(&bare, NULL, 1);
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_EVENT));
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_APP_DEPTHS));
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_DLQ));
+    ck_assert_ptr_null(amp_queue_event(q, "k", 10));
+    ck_assert_ptr_null(amp_queue_app_depths(q));
+    amp_queue_close(q);
+    amp_queue *s = open_spool(3600);
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_EVENT));
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_APP_DEPTHS));
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_DLQ));
+    amp_queue_close(s);
+}
+END_TEST
+
 static off_t file_size(const char *suffix) {
     char p[160];
     snprintf(p, sizeof p, "%s%s", path, suffix);
@@ -1029,6 +1052,7 @@ int main(void) {
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, event_lookup_and_app_depths);
     tcase_add_test(tc, dlq_filters_by_name);
+    tcase_add_test(tc, engine_may_leave_operator_ops_out);
     tcase_add_test(tc, depth_tracks_pending_and_limit);
     tcase_add_test(tc, limit_holds_until_a_tenth_is_free);
     tcase_add_test(tc, size_limit_prunes_delivered_rows_then_recovers);
