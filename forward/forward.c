@@ -147,6 +147,7 @@ struct app_state {
     double latency_ms;      /* moving average of answered requests; 0: none yet */
     bool paused;            /* the key was rejected (401/403) */
     bool on_hold;           /* paused by an operator (amp_forward_set_paused) */
+    int64_t hold_since_us;  /* monotonic: when on_hold began */
     bool probing;           /* the one probe request is out */
     int strikes;            /* rejections in a row; grows the probe interval */
     int64_t pause_until_us; /* monotonic: when the next probe may go */
@@ -473,8 +474,15 @@ static int requeue_front(amp_forward *f, qjob q) {
 
 /* Wall-clock due time for a row that has no room in memory. */
 static int64_t defer_due(amp_forward *f, app_state *a, int64_t now_ms, int64_t now_us) {
-    if (a->on_hold)
-        return now_ms + AMP_FORWARD_HOLD_DEFER_MS;
+    if (a->on_hold) {
+        /* Back after as long as the pause has lasted, 2 s .. 30 s: a short
+         * pause ends without much wait, and a long one rewrites each
+         * waiting row about twice a minute, not continuously. */
+        int64_t age = (now_us - a->hold_since_us) / 1000;
+        return now_ms + (age < AMP_FORWARD_HOLD_DEFER_MIN_MS   ? AMP_FORWARD_HOLD_DEFER_MIN_MS
+                         : age > AMP_FORWARD_HOLD_DEFER_MAX_MS ? AMP_FORWARD_HOLD_DEFER_MAX_MS
+                                                               : age);
+    }
     if (a->paused) {
         if (a->probing) {
             /* Back soon after the probe's answer is likely in; doubling
@@ -866,6 +874,7 @@ int amp_forward_set_paused(amp_forward *f, const char *app, bool paused) {
     app_state *a = find_app(f, app);
     if (a && a->on_hold != paused) {
         a->on_hold = paused;
+        a->hold_since_us = mono_us();
         m_set(a->m_hold, paused ? 1 : 0);
         /* Resumed: its queue may go at once, and the dispatcher may claim
          * again for it. Paused: admit() recounts its jobs as waiting. */
@@ -1024,6 +1033,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
         ring_init(&a->held, a->hold_cap);
         for (const char *const *p = opts->paused_apps; p && *p; p++)
             a->on_hold = a->on_hold || strcmp(*p, app->name) == 0;
+        a->hold_since_us = mono_us();
         if (f->metrics)
             setup_metrics(f, a);
     }

@@ -73,13 +73,15 @@ void amp_forward_kick(amp_forward *f);
 
 /* ---- operators (the admin API, through cmd/serve.c) -------------------
  * Pause or resume an app. A paused app sends nothing new (requests under
- * way finish); its rows wait, in its memory queue or in the queue with a
- * due time AMP_FORWARD_HOLD_DEFER_MS ahead (so after a resume they come
- * back within that), and other apps go on. Gauge
+ * way finish); its rows wait, in its memory queue or, when that is full,
+ * in the queue with a due time as far ahead as the pause has lasted,
+ * between AMP_FORWARD_HOLD_DEFER_MIN_MS and _MAX_MS (so after a resume they
+ * come back within that), and other apps go on. Gauge
  * amp2dify_app_paused_by_operator{app}. The pause lives in this forwarder:
  * whoever starts the next one passes it in opts.paused_apps. 0, or -1 for
  * an app this forwarder does not know. Safe from any thread. */
-#define AMP_FORWARD_HOLD_DEFER_MS ((int64_t)2000)
+#define AMP_FORWARD_HOLD_DEFER_MIN_MS ((int64_t)2000)
+#define AMP_FORWARD_HOLD_DEFER_MAX_MS ((int64_t)30000)
 int amp_forward_set_paused(amp_forward *f, const char *app, bool paused);
 /* Every app's state: {"<app>": {"paused" (by an operator), "key_rejected"
  * (Dify refused its key: paused until a probe gets through), "in_flight",

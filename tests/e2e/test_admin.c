@@ -18,6 +18,9 @@
  *                         (queue depth per app), resume delivers them; 404
  *                         for an unknown app, 405 for a wrong method, 400
  *                         for a body
+ *   pause_one_app_others_go_on  more events of a paused app than its memory
+ *                         queue holds, beside a second app: that one's are
+ *                         delivered, the paused app's wait, then all go out
  *   start_needs_token     admin.listen without a token: exit 2 naming the
  *                         variable; without admin.listen no admin listener
  */
@@ -50,8 +53,9 @@ typedef struct admin_srv {
 } admin_srv;
 
 /* amp2dify with the admin API on a free port; the token from the
- * environment, or from a file when token_file. */
-static void start(admin_srv *a, bool token_file) {
+ * environment, or from a file when token_file; config NULL: the harness's
+ * default; extra: one more environment entry or NULL. */
+static void start_with(admin_srv *a, bool token_file, const char *config, const char *extra) {
     memset(a, 0, sizeof *a);
     a->f = fake_dify_start(0, H_API_KEY);
     ck_assert_ptr_nonnull(a->f);
@@ -68,11 +72,15 @@ static void start(admin_srv *a, bool token_file) {
     } else {
         a->token_env = amp_xasprintf("AMP2DIFY_ADMIN_TOKEN=%s", TOKEN);
     }
-    const char *env[] = {a->listen_env, a->token_env, NULL};
-    h_opts o = {.dify_port = fake_dify_port(a->f), .env = env};
+    const char *env[] = {a->listen_env, a->token_env, extra, NULL};
+    h_opts o = {.config_json = config, .dify_port = fake_dify_port(a->f), .env = env};
     a->s = h_server_start(&o);
     ck_assert_msg(a->s != NULL, "amp2dify did not start");
     ck_assert(h_server_log_wait(a->s, "admin API listening", 5000));
+}
+
+static void start(admin_srv *a, bool token_file) {
+    start_with(a, token_file, NULL, NULL);
 }
 
 static void stop(admin_srv *a) {
@@ -495,6 +503,85 @@ START_TEST(pause_resume_depth) {
 }
 END_TEST
 
+#define BETA_KEY "app-e2e-beta-key"
+
+static const char two_apps_config[] =
+    "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},\n"
+    " \"spool\": {\"path\": \"@DIR@/spool.db\"},\n"
+    " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\", \"timeout_seconds\": 10,\n"
+    "          \"workers\": 4, \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
+    " \"apps\": {\"alpha\": {\"api_key_env\": \"DIFY_API_KEY\", \"max_in_flight\": 4},\n"
+    "          \"beta\": {\"api_key_env\": \"BETA_KEY\", \"max_in_flight\": 4}},\n"
+    " \"routes\": [{\"name\": \"to-alpha\", \"app\": \"alpha\",\n"
+    "              \"filter\": {\"field\": \"event_type\", \"op\": \"equals\", \"value\": "
+    "\"a\"}},\n"
+    "             {\"name\": \"to-beta\", \"app\": \"beta\",\n"
+    "              \"filter\": {\"field\": \"event_type\", \"op\": \"equals\", \"value\": "
+    "\"b\"}}]}\n";
+
+/* Requests Dify got with app's key. */
+static size_t requests_with_key(fake_dify *f, const char *key) {
+    json_t *all = fake_dify_requests(f);
+    char *want = amp_xasprintf("Bearer %s", key);
+    size_t n = 0, i;
+    json_t *r;
+    json_array_foreach(all, i, r) {
+        const char *auth = json_string_value(json_object_get(r, "authorization"));
+        n += auth && strcmp(auth, want) == 0;
+    }
+    free(want);
+    json_decref(all);
+    return n;
+}
+
+/* More events of a paused app than its memory queue holds (16), beside a
+ * second app: the other app's go out, the paused app's wait (some written
+ * back to the queue), and all of them go out after the resume. */
+START_TEST(pause_one_app_others_go_on) {
+    admin_srv a;
+    start_with(&a, false, two_apps_config, "BETA_KEY=" BETA_KEY);
+    fake_dify_add_key(a.f, BETA_KEY);
+    h_resp *r = admin_ok(&a, "POST", "/admin/apps/alpha/pause", 200);
+    h_resp_free(r);
+    for (int i = 0; i < 40; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "alpha-%d", i);
+        post_event(&a, "a", "u", id);
+        if (i % 4 == 0) {
+            snprintf(id, sizeof id, "beta-%d", i);
+            post_event(&a, "b", "u", id);
+        }
+    }
+    ck_assert_uint_eq(fake_dify_wait_delivered(a.f, 10, 10000), 10);
+    ck_assert_uint_eq(requests_with_key(a.f, BETA_KEY), 10);
+    ck_assert_uint_eq(requests_with_key(a.f, H_API_KEY), 0);
+    json_t *st = app_state(&a, "alpha");
+    ck_assert_int_eq(int_at(st, "pending"), 40);
+    ck_assert(json_is_true(json_object_get(st, "paused")));
+    json_decref(st);
+    st = app_state(&a, "beta");
+    ck_assert_int_eq(int_at(st, "pending"), 0);
+    ck_assert(json_is_false(json_object_get(st, "paused")));
+    json_decref(st);
+    /* Still nothing of alpha a moment later. */
+    h_sleep_ms(500);
+    ck_assert_uint_eq(requests_with_key(a.f, H_API_KEY), 0);
+
+    int64_t resumed = h_mono_ms();
+    r = admin_ok(&a, "POST", "/admin/apps/alpha/resume", 200);
+    h_resp_free(r);
+    /* Rows written back come due within as long as the pause lasted
+     * (2..30 s); the bound leaves room for a slow machine. */
+    ck_assert_uint_eq(fake_dify_wait_delivered(a.f, 50, 40000), 50);
+    ck_assert_uint_eq(requests_with_key(a.f, H_API_KEY), 40);
+    fprintf(stderr,
+            "pause_one_app_others_go_on: 40 events of the paused app delivered %lld ms "
+            "after the resume\n",
+            (long long)(h_mono_ms() - resumed));
+    stop(&a);
+}
+END_TEST
+
 START_TEST(start_needs_token) {
     uint16_t port = h_free_port();
     char *listen = amp_xasprintf("AMP2DIFY_ADMIN_LISTEN=127.0.0.1:%u", port);
@@ -531,6 +618,7 @@ static Suite *admin_suite(void) {
     tcase_add_test(tc, where_is_my_event);
     tcase_add_test(tc, dead_letters);
     tcase_add_test(tc, pause_resume_depth);
+    tcase_add_test(tc, pause_one_app_others_go_on);
     tcase_add_test(tc, start_needs_token);
     suite_add_tcase(s, tc);
     return s;
