@@ -108,8 +108,12 @@ static enum MHD_Result get_event(amp_http_admin *a, amp_req *r, const params *p)
     json_t *jobs = json_object_get(ev, "jobs");
     if (json_array_size(jobs) == 0 && json_is_null(json_object_get(ev, "seen_ms"))) {
         json_decref(ev);
-        char detail[200];
-        snprintf(detail, sizeof detail, "no stored event has insert_id '%.100s'", id);
+        char detail[256];
+        snprintf(detail, sizeof detail, "no stored event has insert_id '%.100s'%s", id,
+                 r->gen->cfg->spool.dedupe_window_s == 0
+                     ? " (events are found through dedupe, which spool.dedupe_window_seconds 0 "
+                       "turns off)"
+                     : "");
         return amp_handlers_reply_error(r, MHD_HTTP_NOT_FOUND, "not_found", detail);
     }
     /* Known to dedupe without jobs: stored, delivered and pruned since. */

@@ -224,7 +224,9 @@ typedef enum {
 bool amp_queue_offers(const amp_queue *q, amp_queue_offer what);
 
 /* The jobs stored for one event, found by its dedupe key (the event's
- * insert_id): {"seen_ms": when the key was last seen by dedupe, or null,
+ * insert_id), for as long as the engine's dedupe remembers the key (the
+ * SQLite engine: not at all with dedupe off): {"seen_ms": when the key was
+ * last seen by dedupe, or null,
  * "jobs": [{id, shard, route, app, user, state ("pending", "delivered",
  * "dead"), attempts, last_status (null before an answer), last_code,
  * last_message, created_ms, due_ms (pending), finished_ms (delivered or

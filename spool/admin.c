@@ -184,27 +184,35 @@ static json_t *column(sqlite3_stmt *st, int i) {
     }
 }
 
-/* "deliveries_key" (schema v3) finds the rows; the answer excerpt is cut by
- * substr(), which counts characters, so a UTF-8 sequence is never split. */
+/* Rows one event may fan out to (one per route) that a lookup reads. */
+#define EVENT_ROWS_MAX 4096
+
+/* The dedupe row (schema v3) gives the id of the event's first row; its
+ * rows follow it (one committer inserts them one after the other). The
+ * answer excerpt is cut by substr(), which counts characters, so a UTF-8
+ * sequence is never split. */
 json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
     amp_spool *s = e;
     pthread_mutex_lock(&s->claim_mu);
     json_t *out = NULL, *jobs = json_array();
     json_t *seen = json_null();
+    int64_t first = 0;
     sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(s->rdb, "SELECT seen_ms FROM dedupe WHERE key = ?1", -1, &st, NULL);
+    int rc = sqlite3_prepare_v2(s->rdb, "SELECT seen_ms, first_id FROM dedupe WHERE key = ?1", -1,
+                                &st, NULL);
     if (rc == SQLITE_OK) {
         amp_spool_bind_text(st, 1, dedupe_key);
         rc = sqlite3_step(st);
         if (rc == SQLITE_ROW) {
             json_decref(seen);
             seen = json_integer((json_int_t)sqlite3_column_int64(st, 0));
+            first = sqlite3_column_int64(st, 1); /* 0 (NULL): stored before v3 */
             rc = SQLITE_DONE;
         }
     }
     sqlite3_finalize(st);
     st = NULL;
-    if (rc == SQLITE_DONE)
+    if (rc == SQLITE_DONE && first > 0)
         rc = sqlite3_prepare_v2(
             s->rdb,
             "SELECT d.id, d.route, d.app, d.user, d.state, d.attempts, d.last_status, d.last_code,"
@@ -214,12 +222,15 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
             " coalesce(json_extract(d.result, '$.conversation_id'), c.conversation_id)"
             " FROM deliveries d LEFT JOIN conversations c"
             "   ON d.per_user AND c.app = d.app AND c.user = d.user"
-            " WHERE d.dedupe_key = ?1 AND d.dedupe_key IS NOT NULL ORDER BY d.id",
+            " WHERE d.id BETWEEN ?3 AND ?3 + " AMP_STR(
+                EVENT_ROWS_MAX) " - 1"
+                                " AND d.dedupe_key = ?1 ORDER BY d.id",
             -1, &st, NULL);
-    if (rc == SQLITE_OK) {
+    if (rc == SQLITE_OK && st) {
         amp_spool_bind_text(st, 1, dedupe_key);
         sqlite3_bind_int64(st, 2,
                            (sqlite3_int64)(answer_chars > INT32_MAX ? INT32_MAX : answer_chars));
+        sqlite3_bind_int64(st, 3, first);
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
             int state = sqlite3_column_int(st, 4);
             json_t *job = json_pack(

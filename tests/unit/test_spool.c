@@ -459,11 +459,11 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     /* Back to version 1: its (app, user) index covered every pending row,
-     * and it had no index of dedupe keys (version 3). */
+     * and its dedupe rows had no first row id (version 3). */
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
-                                  "DROP INDEX deliveries_key;"
+                                  "ALTER TABLE dedupe DROP COLUMN first_id;"
                                   "DROP INDEX deliveries_user;"
                                   "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
                                   "WHERE state = 0;"
@@ -487,13 +487,9 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_ptr_nonnull(strstr((const char *)sqlite3_column_text(st, 0), "per_user = 1"));
     sqlite3_finalize(st);
-    /* Version 3's index of dedupe keys came with the migration. */
-    ck_assert_int_eq(sqlite3_prepare_v2(db,
-                                        "SELECT sql FROM sqlite_schema WHERE name = "
-                                        "'deliveries_key'",
-                                        -1, &st, NULL),
+    /* Version 3's first row id of a dedupe entry came with the migration. */
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT first_id FROM dedupe", -1, &st, NULL),
                      SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     sqlite3_finalize(st);
     sqlite3_close(db);
 }
@@ -525,6 +521,7 @@ START_TEST(event_lookup_and_app_depths) {
                                               .http_status = 400,
                                               .code = "invalid_param",
                                               .message = "bad"});
+    int64_t ev2 = jobs[2]->id; /* stays claimed, pending */
     free_jobs(jobs, 3);
     amp_queue_flush(s);
 
@@ -567,6 +564,44 @@ START_TEST(event_lookup_and_app_depths) {
     ck_assert_int_eq(json_integer_value(json_object_get(app, "pending")), 1);
     ck_assert_int_gt(json_integer_value(json_object_get(app, "oldest_pending_ms")), 0);
     json_decref(d);
+
+    /* The newest rows purged: SQLite gives their ids again, and the next
+     * events' rows are still found from their dedupe entries. */
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = ev2, .kind = AMP_QUEUE_ACK_DEAD});
+    amp_queue_flush(s);
+    amp_queue_dlq_filter all = {0};
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &all), 2);
+    b = amp_queue_batch_create();
+    add(b, "ev-3", "u3", false, "{\"n\":4}");
+    add(b, "ev-4", "u4", false, "{\"n\":5}");
+    submit(s, b);
+    for (int i = 3; i <= 4; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "ev-%d", i);
+        ev = amp_queue_event(s, key, 100);
+        js = json_object_get(ev, "jobs");
+        ck_assert_uint_eq(json_array_size(js), 1);
+        ck_assert_str_eq(json_string_value(json_object_get(json_array_get(js, 0), "user")),
+                         i == 3 ? "u3" : "u4");
+        ck_assert_int_le(json_integer_value(json_object_get(json_array_get(js, 0), "id")), ev2);
+        json_decref(ev);
+    }
+    /* Purged: known to dedupe, no rows. */
+    ev = amp_queue_event(s, "ev-2", 100);
+    ck_assert(json_is_integer(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
+    amp_queue_close(s);
+
+    /* Without dedupe there is no entry to start from. */
+    s = open_spool(0);
+    b = amp_queue_batch_create();
+    add(b, "nodedupe", "u", false, "{}");
+    submit(s, b);
+    ev = amp_queue_event(s, "nodedupe", 100);
+    ck_assert(json_is_null(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
     amp_queue_close(s);
 }
 END_TEST
