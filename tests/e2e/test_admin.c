@@ -21,10 +21,13 @@
  *   pause_one_app_others_go_on  more events of a paused app than its memory
  *                         queue holds, beside a second app: that one's are
  *                         delivered, the paused app's wait, then all go out
+ *   token_follows_reload  a SIGHUP after the token file changed: the new
+ *                         token works at once, the old one gets 401
  *   start_needs_token     admin.listen without a token: exit 2 naming the
  *                         variable; without admin.listen no admin listener
  */
 #include <check.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -582,6 +585,28 @@ START_TEST(pause_one_app_others_go_on) {
 }
 END_TEST
 
+/* The token is read with the config: a SIGHUP after the file changed
+ * takes the new one at once, and the old one gets 401. */
+START_TEST(token_follows_reload) {
+    admin_srv a;
+    start(&a, true);
+    const char *file = strchr(a.token_env, '=') + 1;
+    FILE *f = fopen(file, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("admin-e2e-token-rotated-42\n", f);
+    fclose(f);
+    kill(h_server_pid(a.s), SIGHUP);
+    ck_assert(h_server_log_wait(a.s, "config reloaded", 5000));
+    h_resp *r = admin(&a, "GET", "/admin/apps", AUTH);
+    ck_assert_int_eq(r->status, 401);
+    h_resp_free(r);
+    r = admin(&a, "GET", "/admin/apps", "Authorization: Bearer admin-e2e-token-rotated-42");
+    ck_assert_msg(r->status == 200, "%ld %s", r->status, r->body);
+    h_resp_free(r);
+    stop(&a);
+}
+END_TEST
+
 START_TEST(start_needs_token) {
     uint16_t port = h_free_port();
     char *listen = amp_xasprintf("AMP2DIFY_ADMIN_LISTEN=127.0.0.1:%u", port);
@@ -619,6 +644,7 @@ static Suite *admin_suite(void) {
     tcase_add_test(tc, dead_letters);
     tcase_add_test(tc, pause_resume_depth);
     tcase_add_test(tc, pause_one_app_others_go_on);
+    tcase_add_test(tc, token_follows_reload);
     tcase_add_test(tc, start_needs_token);
     suite_add_tcase(s, tc);
     return s;
