@@ -10,7 +10,9 @@
  *   checkpoint.c  the checkpointer thread, and the WAL hook that wakes it
  *   upkeep.c      back-pressure limits, pending count, pruning
  *   claim.c       claims for delivery and the claimed-id set
- *   admin.c       statistics and dead letters (also on an admin handle)
+ *   admin.c       statistics (on the reader); dead letters and the admin
+ *                 API's lookups (on a connection of their own; an admin
+ *                 handle: the reader)
  *
  * Each field's comment says which thread or lock owns it.
  */
@@ -122,6 +124,12 @@ struct amp_spool {
 
     pthread_mutex_t claim_mu;
     idset claimed;
+
+    /* Dead letters and the admin API's lookups (admin.c): their own
+     * connection, so a long scan never holds up claims. NULL on an admin
+     * handle, which uses rdb. */
+    sqlite3 *adb; /* under admin_mu */
+    pthread_mutex_t admin_mu;
 
     void (*notify)(void *);
     void *notify_ctx;
