@@ -42,6 +42,8 @@ static const struct family_def {
     {"amp2dify_connections_closed_total", COUNTER,
      "HTTP connections closed by the server before the client was done, by reason "
      "(idle_evicted, body_evicted, header_timeout, body_timeout)."},
+    {"amp2dify_app_paused_by_operator", GAUGE,
+     "1 while an operator has paused the app (admin API)."},
     {"amp2dify_ingest_duration_seconds", HISTOGRAM,
      "Webhook requests, from the headers to the answer (includes the spool commit)."},
     {"amp2dify_delivery_duration_seconds", HISTOGRAM, "Requests to Dify, by app."},

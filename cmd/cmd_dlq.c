@@ -8,7 +8,8 @@
  * --waiting acts on the events whose workflow paused for human input
  * (state waiting_input: neither pending nor dead) instead of dead letters.
  *
- * Filters: --route R --app A --status N --code C --since T --until T, where
+ * Filters: --route R --app A --status N --code C --since T --until T (and
+ * --id N, the same as a bare ID), read by amp_queue_dlq_filter_set, where
  * T is Unix seconds or UTC "YYYY-MM-DDTHH:MM:SSZ". Without IDs or filters
  * an action takes every dead letter (--all says so explicitly), as the
  * contract's "dlq list|replay|purge [filters]" reads. Safe beside a running
@@ -38,25 +39,10 @@
 
 typedef struct dlq_args {
     const char *config;
-    amp_queue_dlq_filter f;
-    int64_t *ids;
+    amp_queue_dlq_filter f; /* its ids owned (amp_queue_dlq_filter_clear) */
     bool all, json;
     int64_t limit;
 } dlq_args;
-
-static int parse_time(const char *s, int64_t *ms) {
-    int64_t secs;
-    if (amp_parse_i64(s, strlen(s), 0, 253402300799LL, &secs) == 0) {
-        *ms = secs * 1000;
-        return 0;
-    }
-    struct tm tm = {0};
-    const char *end = strptime(s, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    if (!end || *end)
-        return -1;
-    *ms = (int64_t)timegm(&tm) * 1000;
-    return 0;
-}
 
 __attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...) {
     va_list ap;
@@ -68,12 +54,14 @@ __attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ..
     return -1;
 }
 
+/* Filters are --NAME VALUE with the names amp_queue_dlq_filter_set reads
+ * (the admin API's query parameters), and bare IDs. */
 static int parse_args(int argc, char **argv, dlq_args *a) {
     a->limit = 1000;
     for (int i = 2; i < argc; i++) {
         const char *o = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int64_t n;
+        char err[160];
         if (strcmp(o, "--all") == 0) {
             a->all = true;
         } else if (strcmp(o, "--json") == 0) {
@@ -84,37 +72,22 @@ static int parse_args(int argc, char **argv, dlq_args *a) {
             return usage_error("%s needs a value", o);
         } else if (strcmp(o, "-c") == 0 || strcmp(o, "--config") == 0) {
             a->config = argv[++i];
-        } else if (strcmp(o, "--route") == 0) {
-            a->f.route = argv[++i];
-        } else if (strcmp(o, "--app") == 0) {
-            a->f.app = argv[++i];
-        } else if (strcmp(o, "--code") == 0) {
-            a->f.code = argv[++i];
-        } else if (strcmp(o, "--status") == 0) {
-            if (amp_parse_i64(v, strlen(v), 100, 599, &n) != 0)
-                return usage_error("--status '%s' is not an HTTP status", v);
-            a->f.status = (int)n;
-            i++;
         } else if (strcmp(o, "--limit") == 0) {
             if (amp_parse_i64(v, strlen(v), 1, INT64_MAX, &a->limit) != 0)
                 return usage_error("--limit '%s' is not a positive number", v);
             i++;
-        } else if (strcmp(o, "--since") == 0 || strcmp(o, "--until") == 0) {
-            int64_t *dst = o[2] == 's' ? &a->f.since_ms : &a->f.until_ms;
-            if (parse_time(v, dst) != 0)
-                return usage_error("'%s' is not unix seconds or YYYY-MM-DDTHH:MM:SSZ", v);
+        } else if (strncmp(o, "--", 2) == 0) {
+            int rc = amp_queue_dlq_filter_set(&a->f, o + 2, v, err, sizeof err);
+            if (rc > 0)
+                return usage_error("unexpected argument '%s'", o);
+            if (rc < 0)
+                return usage_error("%s: %s", o, err);
             i++;
-        } else if (amp_parse_i64(o, strlen(o), 1, INT64_MAX, &n) == 0) {
-            a->ids = amp_xrealloc(a->ids, (a->f.nids + 1) * sizeof *a->ids);
-            a->ids[a->f.nids++] = n;
-        } else {
+        } else if (amp_queue_dlq_filter_set(&a->f, "id", o, err, sizeof err) != 0) {
             return usage_error("unexpected argument '%s'", o);
         }
     }
-    a->f.ids = a->ids;
-    bool filtered = a->f.route || a->f.app || a->f.code || a->f.status || a->f.since_ms ||
-                    a->f.until_ms || a->f.nids;
-    if (a->all && filtered)
+    if (a->all && amp_queue_dlq_filter_any(&a->f))
         return usage_error("--all takes no IDs or filters");
     return 0;
 }
@@ -158,12 +131,12 @@ int amp_cmd_dlq(int argc, char **argv) {
     }
     dlq_args a = {0};
     if (parse_args(argc, argv, &a) != 0) {
-        free(a.ids);
+        amp_queue_dlq_filter_clear(&a.f);
         return 2;
     }
     amp_config *cfg = amp_cmd_load_config(a.config, 0);
     if (!cfg) {
-        free(a.ids);
+        amp_queue_dlq_filter_clear(&a.f);
         return 2;
     }
 
@@ -201,6 +174,6 @@ int amp_cmd_dlq(int argc, char **argv) {
     }
     amp_queue_close(s);
     amp_config_destroy(cfg);
-    free(a.ids);
+    amp_queue_dlq_filter_clear(&a.f);
     return rc;
 }

@@ -15,6 +15,7 @@
  * config table (amp_config_diff).
  */
 #include <curl/curl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,7 @@
 #include "../queue/queue.h"
 #include "commands.h"
 #include "../config/config.h"
+#include "../handlers/admin.h"
 #include "../handlers/http.h"
 #include "../base/log.h"
 #include "../base/metrics.h"
@@ -54,7 +56,7 @@ static int64_t forward_grace_ms(const amp_config *cfg) {
 }
 
 static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp_metrics *metrics,
-                                    char *err, size_t errlen) {
+                                    const char *const *paused, char *err, size_t errlen) {
     size_t napps = amp_mapper_app_count(cfg->mapper);
     const amp_app **apps = amp_xcalloc(napps + 1, sizeof *apps);
     for (size_t i = 0; i < napps; i++)
@@ -72,6 +74,7 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp
         .api_keys = (const char *const *)cfg->api_keys,
         .metrics = metrics,
         .stop_grace_ms = forward_grace_ms(cfg),
+        .paused_apps = paused,
     };
     amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
     free(apps); /* the forwarder copies the app table it needs */
@@ -88,8 +91,63 @@ typedef struct running {
     amp_handlers *handlers;
     amp_queue *spool;
     amp_metrics *metrics;
+    /* The forwarder and the apps an operator paused (the admin API, on its
+     * own thread), under delivery_mu; the pauses outlive a forwarder that a
+     * reload restarts. fwd is NULL while it restarts. */
+    pthread_mutex_t delivery_mu;
     amp_forward *fwd;
+    char **paused; /* NULL-terminated */
+    size_t npaused;
 } running;
+
+/* (Re)start delivery under cfg with the operator's pauses; rs->fwd is set
+ * (NULL on failure). */
+static void start_delivery(running *rs, const amp_config *cfg, char *err, size_t errlen) {
+    pthread_mutex_lock(&rs->delivery_mu);
+    rs->fwd =
+        start_forwarder(cfg, rs->spool, rs->metrics, (const char *const *)rs->paused, err, errlen);
+    pthread_mutex_unlock(&rs->delivery_mu);
+}
+
+static void stop_delivery(running *rs) {
+    pthread_mutex_lock(&rs->delivery_mu);
+    amp_forward *f = rs->fwd;
+    rs->fwd = NULL;
+    pthread_mutex_unlock(&rs->delivery_mu);
+    amp_forward_stop(f);
+}
+
+/* ---- the admin API's hooks into delivery (admin thread) ---- */
+
+static int admin_set_paused(void *ctx, const char *app, bool paused) {
+    running *rs = ctx;
+    pthread_mutex_lock(&rs->delivery_mu);
+    int rc = rs->fwd ? amp_forward_set_paused(rs->fwd, app, paused) : 0;
+    size_t i = 0;
+    while (i < rs->npaused && strcmp(rs->paused[i], app) != 0)
+        i++;
+    if (rc == 0 && paused && i == rs->npaused) {
+        rs->paused = amp_xrealloc(rs->paused, (rs->npaused + 2) * sizeof *rs->paused);
+        rs->paused[rs->npaused++] = amp_xstrdup(app);
+        rs->paused[rs->npaused] = NULL;
+    } else if (rc == 0 && !paused && i < rs->npaused) {
+        free(rs->paused[i]);
+        rs->paused[i] = rs->paused[--rs->npaused];
+        rs->paused[rs->npaused] = NULL;
+    }
+    pthread_mutex_unlock(&rs->delivery_mu);
+    return rc;
+}
+
+static json_t *admin_apps(void *ctx) {
+    running *rs = ctx;
+    pthread_mutex_lock(&rs->delivery_mu);
+    json_t *apps = rs->fwd ? amp_forward_apps(rs->fwd) : NULL;
+    pthread_mutex_unlock(&rs->delivery_mu);
+    return apps;
+}
+
+static const amp_http_admin_ops admin_ops = {.set_paused = admin_set_paused, .apps = admin_apps};
 
 /* Delivery under next: the forwarder is stopped (requests under way finish
  * within its grace, then are ended and their rows handed back, as at
@@ -105,12 +163,12 @@ static bool restart_delivery(running *rs, const amp_config *next, const char *ch
                 changed, "error", "the spool is not answering; delivery was not restarted");
         return false;
     }
-    amp_forward_stop(rs->fwd);
-    rs->fwd = start_forwarder(next, rs->spool, rs->metrics, err, sizeof err);
+    stop_delivery(rs);
+    start_delivery(rs, next, err, sizeof err);
     if (!rs->fwd) {
         amp_log(AMP_LOG_ERROR, "reload rejected", "{s:s, s:s, s:s}", "file", rs->path, "changed",
                 changed, "error", err);
-        rs->fwd = start_forwarder(rs->cfg, rs->spool, rs->metrics, err, sizeof err);
+        start_delivery(rs, rs->cfg, err, sizeof err);
         if (!rs->fwd) { /* what started once does not fail again but for resources */
             amp_log(AMP_LOG_ERROR, "delivery could not be restarted", "{s:s}", "error", err);
             abort();
@@ -208,6 +266,7 @@ int amp_cmd_serve(int argc, char **argv) {
     running rs = {.cfg = amp_cmd_load_config(cfile, AMP_CONFIG_SECRETS)};
     if (!rs.cfg)
         return 2;
+    pthread_mutex_init(&rs.delivery_mu, NULL);
     rs.path = amp_config_default_path(cfile); /* reloaded from here on SIGHUP */
     amp_log_set_level(rs.cfg->log_level);
 
@@ -233,6 +292,7 @@ int amp_cmd_serve(int argc, char **argv) {
     int rc = 1;
     char err[512] = "";
     amp_http *http = NULL;
+    amp_http_admin *admin = NULL;
     rs.metrics = amp_metrics_create();
 
     if (!validate_apps(rs.cfg, "start")) {
@@ -249,7 +309,7 @@ int amp_cmd_serve(int argc, char **argv) {
                 "error", err);
         goto out;
     }
-    rs.fwd = start_forwarder(rs.cfg, rs.spool, rs.metrics, err, sizeof err);
+    start_delivery(&rs, rs.cfg, err, sizeof err);
     if (!rs.fwd) {
         amp_log(AMP_LOG_ERROR, "forwarder failed to start", "{s:s}", "error", err);
         goto out;
@@ -262,6 +322,15 @@ int amp_cmd_serve(int argc, char **argv) {
     if (!http) {
         amp_log(AMP_LOG_ERROR, "http server failed to start", "{s:s}", "error", err);
         goto out;
+    }
+    if (rs.cfg->admin.address) {
+        admin = amp_http_admin_start(rs.cfg, rs.handlers, &admin_ops, &rs, err, sizeof err);
+        if (!admin) {
+            amp_log(AMP_LOG_ERROR, "admin API failed to start", "{s:s}", "error", err);
+            goto out;
+        }
+        amp_log(AMP_LOG_INFO, "admin API listening", "{s:s, s:i}", "address", rs.cfg->admin.address,
+                "port", (int)amp_http_admin_port(admin));
     }
     if (rs.cfg->auth.scheme == AMP_AUTH_NONE)
         amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",
@@ -320,14 +389,19 @@ int amp_cmd_serve(int argc, char **argv) {
     sleep_ms(DRAIN_GRACE_MS);
     rc = 0;
 out:
+    amp_http_admin_stop(admin);
     amp_http_stop(http);
-    amp_forward_stop(rs.fwd);
+    stop_delivery(&rs);
     amp_queue_close(rs.spool);
     amp_handlers_destroy(rs.handlers);
     amp_metrics_destroy(rs.metrics);
     curl_global_cleanup();
     if (rc == 0)
         amp_log(AMP_LOG_INFO, "stopped", NULL);
+    for (size_t i = 0; i < rs.npaused; i++)
+        free(rs.paused[i]);
+    free(rs.paused);
+    pthread_mutex_destroy(&rs.delivery_mu);
     for (size_t i = 0; i < rs.nretired; i++)
         amp_config_destroy(rs.retired[i]);
     free(rs.retired);

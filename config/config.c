@@ -84,35 +84,56 @@ static bool valid_base_url(const char *s) {
     return strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0;
 }
 
-/* AMP2DIFY_LISTEN: "host:port", "[v6]:port" or ":port" (every IPv4 address). */
-static int listen_env(const amp_json_schema_at *at, const char *v) {
-    amp_config *c = at->target;
+#define HOSTPORT_EXPECT "host:port, [v6]:port or :port"
+
+/* "host:port", "[v6]:port" or ":port" (every IPv4 address) into *address
+ * (caller owns) and *port. 0; -1 when it is not of that form; -2 when the
+ * host is not an address listen.address accepts (*address then set). */
+static int split_hostport(const char *v, char **address, uint16_t *port) {
     const char *colon = strrchr(v, ':');
-    int64_t port;
-    if (!colon || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &port)) {
-        char *found = amp_xasprintf("'%s'", v);
-        amp_json_schema_error(at->errs, at->path, found, "host:port, [v6]:port or :port");
-        free(found);
+    int64_t p;
+    *address = NULL;
+    if (!colon || amp_parse_i64(colon + 1, strlen(colon + 1), 0, 65535, &p))
         return -1;
-    }
     const char *host = v;
     size_t hlen = (size_t)(colon - v);
     if (host[0] == '[' && hlen >= 2 && host[hlen - 1] == ']') {
         host++;
         hlen -= 2;
     }
-    char *address = hlen ? amp_xstrndup(host, hlen) : amp_xstrdup("0.0.0.0");
-    if (!valid_listen_address(address)) {
-        char *found = amp_xasprintf("'%s'", address);
-        amp_json_schema_error(at->errs, at->path, found, LISTEN_ADDRESS_EXPECT);
+    *address = hlen ? amp_xstrndup(host, hlen) : amp_xstrdup("0.0.0.0");
+    *port = (uint16_t)p;
+    return valid_listen_address(*address) ? 0 : -2;
+}
+
+/* AMP2DIFY_LISTEN: listen.address and listen.port at once. */
+static int listen_env(const amp_json_schema_at *at, const char *v) {
+    amp_config *c = at->target;
+    char *address;
+    uint16_t port;
+    int rc = split_hostport(v, &address, &port);
+    if (rc != 0) {
+        char *found = amp_xasprintf("'%s'", rc == -1 ? v : address);
+        amp_json_schema_error(at->errs, at->path, found,
+                              rc == -1 ? HOSTPORT_EXPECT : LISTEN_ADDRESS_EXPECT);
         free(found);
         free(address);
         return -1;
     }
     free(c->listen.address);
     c->listen.address = address;
-    c->listen.port = (uint16_t)port;
+    c->listen.port = port;
     return 0;
+}
+
+/* admin.listen: "" (off) or host:port, the address as listen.address. */
+static bool valid_admin_listen(const char *v) {
+    char *address;
+    uint16_t port;
+    int rc = v[0] ? split_hostport(v, &address, &port) : 0;
+    if (v[0])
+        free(address);
+    return rc == 0;
 }
 
 /* auth.scheme none only with allow_unauthenticated (read after scheme). */
@@ -227,6 +248,14 @@ static const amp_json_schema_row config_rows[] = {
      .reload = LIVE,
      F(auth.allow_unauthenticated),
      .check = check_unauthenticated},
+    {.key = "admin.listen", /* absent or "": off */
+     .type = AMP_JSON_SCHEMA_STRING,
+     .allow_empty = true,
+     .env = "AMP2DIFY_ADMIN_LISTEN",
+     .reload = RESTART,
+     F(admin.listen),
+     .accept = valid_admin_listen,
+     .item_expect = "\"\" (off) or " HOSTPORT_EXPECT " with a numeric address"},
     {.key = "queue.engine",
      .type = AMP_JSON_SCHEMA_ENUM,
      .names = engine_names,
@@ -417,6 +446,38 @@ static void load_auth_secrets(amp_config *c, amp_errs *errs) {
                               amp_sig_scheme_name(c->auth.scheme));
 }
 
+/* The admin API's bearer token, needed once admin.listen is set. */
+#define ADMIN_TOKEN_MIN 16
+
+static void load_admin_token(amp_config *c, amp_errs *errs) {
+    if (!c->admin.listen || !c->admin.listen[0])
+        return;
+    int rc = amp_config_secret_from_env("AMP2DIFY_ADMIN_TOKEN", &c->admin.token,
+                                        "AMP2DIFY_ADMIN_TOKEN", errs);
+    if (rc > 0)
+        amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN",
+                              "nothing in AMP2DIFY_ADMIN_TOKEN or AMP2DIFY_ADMIN_TOKEN_FILE",
+                              "a bearer token of at least %d characters, since admin.listen is set",
+                              ADMIN_TOKEN_MIN);
+    if (rc != 0)
+        return;
+    if (strlen(c->admin.token) < ADMIN_TOKEN_MIN) {
+        amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN", "a shorter token",
+                              "a bearer token of at least %d characters", ADMIN_TOKEN_MIN);
+        return;
+    }
+    /* "Authorization: Bearer <token>", compared as static-header compares
+     * (keyed HMAC, then CRYPTO_memcmp: the time does not depend on the
+     * value sent). */
+    char *expected = amp_xasprintf("Bearer %s", c->admin.token);
+    char err[256];
+    c->admin.verifier = amp_sig_create(AMP_AUTH_STATIC_HEADER, (const char *const *)&expected, 1, 0,
+                                       "Authorization", err, sizeof err);
+    free(expected);
+    if (!c->admin.verifier)
+        amp_json_schema_error(errs, "AMP2DIFY_ADMIN_TOKEN", err, "a usable bearer token");
+}
+
 static void load_app_keys(amp_config *c, amp_errs *errs) {
     size_t n = amp_mapper_app_count(c->mapper);
     c->api_keys = amp_xcalloc(n + 1, sizeof(char *));
@@ -472,8 +533,11 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
     amp_json_schema_env(config_rows, c, NULL, errs);
     /* The auth secrets are checked even when the routes did not compile,
      * so that check-config prints every error at once. */
+    if (c->admin.listen && c->admin.listen[0])
+        split_hostport(c->admin.listen, &c->admin.address, &c->admin.port); /* accepted above */
     if (flags & AMP_CONFIG_SECRETS) {
         load_auth_secrets(c, errs);
+        load_admin_token(c, errs);
         if (c->mapper)
             load_app_keys(c, errs);
     }
@@ -545,6 +609,9 @@ void amp_config_destroy(amp_config *c) {
     amp_json_schema_free(config_rows, c);
     free_strv(c->auth.secrets, c->auth.nsecrets);
     amp_sig_destroy(c->auth.verifier);
+    free(c->admin.address);
+    free(c->admin.token);
+    amp_sig_destroy(c->admin.verifier);
     if (c->api_keys) {
         size_t n = c->mapper ? amp_mapper_app_count(c->mapper) : 0;
         free_strv(c->api_keys, n);

@@ -68,6 +68,13 @@ typedef struct amp_config {
         amp_sig *verifier; /* built when secrets are resolved, else NULL */
     } auth;
     struct {
+        char *listen;  /* admin.listen: NULL or "" when the admin API is off */
+        char *address; /* listen split: host (NULL when off) */
+        uint16_t port; /* and port */
+        char *token;   /* AMP2DIFY_ADMIN_TOKEN(_FILE), read with the secrets when listen is set */
+        amp_sig *verifier; /* checks "Authorization: Bearer <token>"; built with the token */
+    } admin;
+    struct {
         amp_config_queue_engine engine;
     } queue;
     struct {

@@ -137,7 +137,8 @@ struct app_state {
     /* Metric series, all NULL without a registry: */
     amp_series *m_delivered, *m_retried, *m_dead, *m_waiting;
     amp_series *m_in_flight, *m_paused, *m_seconds;
-    amp_series *m_ok; /* dify_responses_total{status="200",code=""} */
+    amp_series *m_ok;   /* dify_responses_total{status="200",code=""} */
+    amp_series *m_hold; /* amp2dify_app_paused_by_operator */
     /* Guarded by amp_forward.mu: */
     jring held;             /* claimed, waiting for a worker, a token or a probe */
     unsigned in_flight;     /* handed to a worker (ready queue or on the wire) */
@@ -145,6 +146,8 @@ struct app_state {
     int64_t defer_next_ms;  /* due time schedule of rows sent back to the spool */
     double latency_ms;      /* moving average of answered requests; 0: none yet */
     bool paused;            /* the key was rejected (401/403) */
+    bool on_hold;           /* paused by an operator (amp_forward_set_paused) */
+    int64_t hold_since_us;  /* monotonic: when on_hold began */
     bool probing;           /* the one probe request is out */
     int strikes;            /* rejections in a row; grows the probe interval */
     int64_t pause_until_us; /* monotonic: when the next probe may go */
@@ -358,6 +361,8 @@ static void ack_verdict(amp_forward *f, const amp_queue_job *job, const amp_forw
 /* 0: may go now; > 0: microseconds until it may (token, pause); -1: waits
  * for a request of the app to finish (max_in_flight, the probe). */
 static int64_t gate(const app_state *a, int64_t now_us) {
+    if (a->on_hold)
+        return -1;
     if (a->paused) {
         if (a->probing)
             return -1;
@@ -411,8 +416,8 @@ static unsigned admit(amp_forward *f, unsigned self, int64_t now_us) {
             blocked += a->held.len;
             if (now_us + g < timer)
                 timer = now_us + g;
-        } else if (g < 0 && a->paused) {
-            blocked += a->held.len; /* until the probe's answer */
+        } else if (g < 0 && (a->paused || a->on_hold)) {
+            blocked += a->held.len; /* until the probe's answer, or the operator */
         }
     }
     f->held_blocked = blocked;
@@ -472,6 +477,15 @@ static int requeue_front(amp_forward *f, qjob q) {
 
 /* Wall-clock due time for a row that has no room in memory. */
 static int64_t defer_due(amp_forward *f, app_state *a, int64_t now_ms, int64_t now_us) {
+    if (a->on_hold) {
+        /* Back after as long as the pause has lasted, 2 s .. 30 s: a short
+         * pause ends without much wait, and a long one rewrites each
+         * waiting row about twice a minute, not continuously. */
+        int64_t age = (now_us - a->hold_since_us) / 1000;
+        return now_ms + (age < AMP_FORWARD_HOLD_DEFER_MIN_MS   ? AMP_FORWARD_HOLD_DEFER_MIN_MS
+                         : age > AMP_FORWARD_HOLD_DEFER_MAX_MS ? AMP_FORWARD_HOLD_DEFER_MAX_MS
+                                                               : age);
+    }
     if (a->paused) {
         if (a->probing) {
             /* Back soon after the probe's answer is likely in; doubling
@@ -863,6 +877,44 @@ void amp_forward_kick(amp_forward *f) {
     pthread_mutex_unlock(&f->mu);
 }
 
+/* ---- operators ---------------------------------------------------------- */
+
+int amp_forward_set_paused(amp_forward *f, const char *app, bool paused) {
+    pthread_mutex_lock(&f->mu);
+    app_state *a = find_app(f, app);
+    if (a && a->on_hold != paused) {
+        a->on_hold = paused;
+        a->hold_since_us = mono_us();
+        m_set(a->m_hold, paused ? 1 : 0);
+        /* Resumed: its queue may go at once, and the dispatcher may claim
+         * again for it. Paused: admit() recounts its jobs as waiting. */
+        wake_workers(f, admit(f, 0, mono_us()));
+        f->dry = false;
+        f->wake = true;
+        pthread_cond_signal(&f->dispatch_cv);
+    }
+    pthread_mutex_unlock(&f->mu);
+    if (a)
+        amp_log(AMP_LOG_INFO,
+                paused ? "dify app paused by operator" : "dify app resumed by operator", "{s:s}",
+                "app", app);
+    return a ? 0 : -1;
+}
+
+json_t *amp_forward_apps(amp_forward *f) {
+    json_t *out = json_object();
+    pthread_mutex_lock(&f->mu);
+    for (size_t i = 0; i < f->napps; i++) {
+        const app_state *a = &f->apps[i];
+        json_object_set_new(out, a->app->name,
+                            json_pack("{s:b, s:b, s:i, s:i}", "paused", a->on_hold, "key_rejected",
+                                      a->paused, "in_flight", (int)a->in_flight, "queued_in_memory",
+                                      (int)a->held.len));
+    }
+    pthread_mutex_unlock(&f->mu);
+    return out;
+}
+
 /* ---- lifecycle -------------------------------------------------------- */
 
 /* After every thread stopped: give back what was claimed but not sent. */
@@ -932,10 +984,12 @@ static void setup_metrics(amp_forward *f, app_state *a) {
     a->m_waiting = amp_metrics_series(m, fam, "app", name, "outcome", "waiting_input", NULL);
     a->m_in_flight = amp_metrics_series(m, "amp2dify_in_flight", "app", name, NULL);
     a->m_paused = amp_metrics_series(m, "amp2dify_app_paused", "app", name, NULL);
+    a->m_hold = amp_metrics_series(m, "amp2dify_app_paused_by_operator", "app", name, NULL);
     a->m_seconds = amp_metrics_series(m, "amp2dify_delivery_duration_seconds", "app", name, NULL);
     a->m_ok = amp_metrics_series(m, "amp2dify_dify_responses_total", "app", name, "status", "200",
                                  "code", "", NULL);
     m_set(a->m_paused, 0);
+    m_set(a->m_hold, a->on_hold ? 1 : 0);
 }
 
 amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, char *err,
@@ -953,6 +1007,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
     f->opts.base_url = NULL;
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
+    f->opts.paused_apps = NULL;
     f->sink = amp_forward_dify_sink();
     f->queue = queue;
     f->metrics = opts->metrics;
@@ -987,6 +1042,9 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
         a->max_in_flight = app->max_in_flight ? app->max_in_flight : f->nworkers;
         a->hold_cap = hold_capacity(f, app, a->max_in_flight);
         ring_init(&a->held, a->hold_cap);
+        for (const char *const *p = opts->paused_apps; p && *p; p++)
+            a->on_hold = a->on_hold || strcmp(*p, app->name) == 0;
+        a->hold_since_us = mono_us();
         if (f->metrics)
             setup_metrics(f, a);
     }

@@ -21,6 +21,7 @@
 #define AMP_FORWARD_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "../mapping/mapping.h"
@@ -44,6 +45,9 @@ typedef struct amp_forward_opts {
     amp_metrics *metrics;        /* may be NULL; borrowed, must outlive the forwarder */
     int64_t stop_grace_ms;       /* amp_forward_stop waits this long for requests under way,
                                     then ends them; 0: as long as they take */
+    /* Apps paused by an operator from the start (amp_forward_set_paused),
+     * NULL-terminated names; read during start; may be NULL. */
+    const char *const *paused_apps;
 } amp_forward_opts;
 
 typedef struct amp_forward amp_forward;
@@ -74,6 +78,22 @@ void amp_forward_kick(amp_forward *f);
  * curl_global_init must have run. */
 int amp_forward_app_describe(const char *base_url, const char *key, long connect_timeout_s,
                              long timeout_s, char **mode, json_t **form, char *err, size_t errlen);
+/* ---- operators (the admin API, through cmd/serve.c) -------------------
+ * Pause or resume an app. A paused app sends nothing new (requests under
+ * way finish); its rows wait, in its memory queue or, when that is full,
+ * in the queue with a due time as far ahead as the pause has lasted,
+ * between AMP_FORWARD_HOLD_DEFER_MIN_MS and _MAX_MS (so after a resume they
+ * come back within that), and other apps go on. Gauge
+ * amp2dify_app_paused_by_operator{app}. The pause lives in this forwarder:
+ * whoever starts the next one passes it in opts.paused_apps. 0, or -1 for
+ * an app this forwarder does not know. Safe from any thread. */
+#define AMP_FORWARD_HOLD_DEFER_MIN_MS ((int64_t)2000)
+#define AMP_FORWARD_HOLD_DEFER_MAX_MS ((int64_t)30000)
+int amp_forward_set_paused(amp_forward *f, const char *app, bool paused);
+/* Every app's state: {"<app>": {"paused" (by an operator), "key_rejected"
+ * (Dify refused its key: paused until a probe gets through), "in_flight",
+ * "queued_in_memory"}}. Caller owns. Safe from any thread. */
+json_t *amp_forward_apps(amp_forward *f);
 
 /* ---- pure helpers, exposed for tests ---------------------------------- */
 

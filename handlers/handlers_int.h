@@ -82,6 +82,10 @@ enum MHD_Result amp_handlers_reply_error_hdr(amp_req *r, unsigned status, const 
 enum MHD_Result amp_handlers_reply_unavailable(amp_req *r, const char *detail,
                                                unsigned retry_after_s);
 
+/* router.c: r->request_id from X-Request-Id when it is short and printable,
+ * else 16 random bytes in hex. */
+void amp_handlers_request_id(amp_req *r);
+
 /* webhook.c */
 enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r);
 enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r);

@@ -113,8 +113,7 @@ static void admit(amp_handlers *h, amp_req *r) {
         atomic_fetch_sub(&h->open, 1);
 }
 
-/* X-Request-Id when it is short and printable, else 16 random bytes in hex. */
-static void set_request_id(amp_req *r) {
+void amp_handlers_request_id(amp_req *r) {
     const char *given = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
     if (given) {
         size_t n = strlen(given);
@@ -202,7 +201,7 @@ enum MHD_Result amp_handlers_access(void *cls, struct MHD_Connection *conn, cons
         r->routed = true;
         r->start_ms = amp_mono_ms(); /* the headers are in */
         admit(h, r);
-        set_request_id(r);
+        amp_handlers_request_id(r);
         amp_handlers_client_address(r->gen, conn, r->client, sizeof r->client);
         enum MHD_Result ret = first_call(h, r, url, method);
         /* Answered at once: being sent. Else its body (if any) is due. */
@@ -248,7 +247,7 @@ static void answered_by_library(amp_req *r) {
     r->error = r->status == MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE ? "headers_too_large"
                : r->status == MHD_HTTP_URI_TOO_LONG                  ? "uri_too_long"
                                                                      : "bad_request";
-    set_request_id(r);
+    amp_handlers_request_id(r);
     amp_handlers_client_address(r->gen, r->conn, r->client, sizeof r->client);
 }
 

@@ -1,8 +1,12 @@
 #include "queue.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #include "../base/alloc.h"
+#include "../base/parse.h"
 
 struct amp_queue {
     const amp_queue_ops *ops;
@@ -104,6 +108,86 @@ int64_t amp_queue_dlq_replay(amp_queue *q, const amp_queue_dlq_filter *f) {
 
 int64_t amp_queue_dlq_purge(amp_queue *q, const amp_queue_dlq_filter *f) {
     return q->ops->dlq_purge ? q->ops->dlq_purge(q->e, f) : -1;
+}
+
+bool amp_queue_offers(const amp_queue *q, amp_queue_offer what) {
+    switch (what) {
+    case AMP_QUEUE_OFFERS_EVENT:
+        return q->ops->event != NULL;
+    case AMP_QUEUE_OFFERS_APP_DEPTHS:
+        return q->ops->app_depths != NULL;
+    case AMP_QUEUE_OFFERS_DLQ:
+        return q->ops->dlq_list && q->ops->dlq_replay && q->ops->dlq_purge;
+    }
+    return false;
+}
+
+json_t *amp_queue_event(amp_queue *q, const char *dedupe_key, size_t answer_chars) {
+    return q->ops->event ? q->ops->event(q->e, dedupe_key, answer_chars) : NULL;
+}
+
+json_t *amp_queue_app_depths(amp_queue *q) {
+    return q->ops->app_depths ? q->ops->app_depths(q->e) : NULL;
+}
+
+/* ---- dead-letter filters --------------------------------------------------- */
+
+/* Unix seconds, or UTC "YYYY-MM-DDTHH:MM:SSZ", into milliseconds. */
+static int parse_time(const char *s, int64_t *ms) {
+    int64_t secs;
+    if (amp_parse_i64(s, strlen(s), 0, 253402300799LL, &secs) == 0) {
+        *ms = secs * 1000;
+        return 0;
+    }
+    struct tm tm = {0};
+    const char *end = strptime(s, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    if (!end || *end)
+        return -1;
+    *ms = (int64_t)timegm(&tm) * 1000;
+    return 0;
+}
+
+int amp_queue_dlq_filter_set(amp_queue_dlq_filter *f, const char *name, const char *value,
+                             char *err, size_t errlen) {
+    int64_t n;
+    const char *expect = NULL;
+    if (strcmp(name, "route") == 0) {
+        f->route = value;
+    } else if (strcmp(name, "app") == 0) {
+        f->app = value;
+    } else if (strcmp(name, "code") == 0) {
+        f->code = value;
+    } else if (strcmp(name, "status") == 0) {
+        if (amp_parse_i64(value, strlen(value), 100, 599, &n) == 0)
+            f->status = (int)n;
+        else
+            expect = "an HTTP status 100..599";
+    } else if (strcmp(name, "since") == 0 || strcmp(name, "until") == 0) {
+        if (parse_time(value, name[0] == 's' ? &f->since_ms : &f->until_ms) != 0)
+            expect = "Unix seconds or YYYY-MM-DDTHH:MM:SSZ";
+    } else if (strcmp(name, "id") == 0) {
+        if (amp_parse_i64(value, strlen(value), 1, INT64_MAX, &n) == 0) {
+            f->ids = amp_xrealloc(f->ids, (f->nids + 1) * sizeof *f->ids);
+            f->ids[f->nids++] = n;
+        } else {
+            expect = "a positive job id";
+        }
+    } else {
+        return 1;
+    }
+    if (!expect)
+        return 0;
+    snprintf(err, errlen, "found '%.64s'; expected %s", value, expect);
+    return -1;
+}
+
+bool amp_queue_dlq_filter_any(const amp_queue_dlq_filter *f) {
+    return f->route || f->app || f->code || f->status || f->since_ms || f->until_ms || f->nids;
+}
+
+void amp_queue_dlq_filter_clear(amp_queue_dlq_filter *f) {
+    free(f->ids);
+    *f = (amp_queue_dlq_filter){0};
 }
 
 /* ---- jobs ----------------------------------------------------------------- */

@@ -186,13 +186,27 @@ typedef struct amp_queue_dlq_filter {
     const char *route; /* NULL: any */
     const char *app;
     const char *code;
-    int status;         /* 0: any */
-    int64_t since_ms;   /* dead-lettered at or after; 0: any */
-    int64_t until_ms;   /* dead-lettered before; 0: any */
-    const int64_t *ids; /* only these jobs; NULL: any */
+    int status;       /* 0: any */
+    int64_t since_ms; /* dead-lettered at or after; 0: any */
+    int64_t until_ms; /* dead-lettered before; 0: any */
+    int64_t *ids;     /* only these jobs; NULL: any */
     size_t nids;
     bool waiting; /* the waiting rows (AMP_QUEUE_ACK_WAITING) instead of dead letters */
 } amp_queue_dlq_filter;
+
+/* The filters by name, as the `dlq` command's options (--route ...) and the
+ * admin API's query parameters (route=...) spell them, so both read them the
+ * same way: "route", "app", "code" (value kept, borrowed), "status" (an HTTP
+ * status 100..599), "since" and "until" (Unix seconds or UTC
+ * "YYYY-MM-DDTHH:MM:SSZ"), "id" (a job id; each use adds one, into an array
+ * f owns: amp_queue_dlq_filter_clear). 0 when set; 1 when name is no filter;
+ * -1 when value is bad, with "found X; expected Y" in err. */
+int amp_queue_dlq_filter_set(amp_queue_dlq_filter *f, const char *name, const char *value,
+                             char *err, size_t errlen);
+/* Whether f narrows anything (false: every dead letter). */
+bool amp_queue_dlq_filter_any(const amp_queue_dlq_filter *f);
+/* Free the ids amp_queue_dlq_filter_set added and clear f. */
+void amp_queue_dlq_filter_clear(amp_queue_dlq_filter *f);
 
 /* Dead letters matching f (borrowed), oldest first, at most limit: a JSON
  * array of {id, route, app, user, dedupe_key, status, code, message,
@@ -204,6 +218,37 @@ json_t *amp_queue_dlq_list(amp_queue *q, const amp_queue_dlq_filter *f, size_t l
 int64_t amp_queue_dlq_replay(amp_queue *q, const amp_queue_dlq_filter *f);
 /* Delete matching dead letters. Returns the number of jobs, or -1. */
 int64_t amp_queue_dlq_purge(amp_queue *q, const amp_queue_dlq_filter *f);
+
+/* ---- operators (the admin API) ---------------------------------------
+ * An engine may leave these out (NULL in its ops): the functions then
+ * return NULL and the admin API answers 501 for the endpoint. */
+
+/* The operations an engine may leave out, by what the admin API asks. */
+typedef enum {
+    AMP_QUEUE_OFFERS_EVENT,      /* amp_queue_event */
+    AMP_QUEUE_OFFERS_APP_DEPTHS, /* amp_queue_app_depths */
+    AMP_QUEUE_OFFERS_DLQ,        /* amp_queue_dlq_list, _replay and _purge, all three */
+} amp_queue_offer;
+/* Whether the engine behind q implements what. */
+bool amp_queue_offers(const amp_queue *q, amp_queue_offer what);
+
+/* The jobs stored for one event, found by its dedupe key (the event's
+ * insert_id), for as long as the engine's dedupe remembers the key (the
+ * SQLite engine: not at all with dedupe off): {"seen_ms": when the key was
+ * last seen by dedupe, or null,
+ * "jobs": [{id, shard, route, app, user, state ("pending", "delivered",
+ * "dead"), attempts, last_status (null before an answer), last_code,
+ * last_message, created_ms, due_ms (pending), finished_ms (delivered or
+ * dead), answer (the first answer_chars characters of the stored answer, or
+ * of a workflow's outputs as JSON; null when none), conversation_id (the
+ * answer's, else the one stored for the job's (app, user) when it keeps a
+ * conversation; null when none)}], oldest first}. Both empty (null, []) when
+ * nothing is known of the key. Caller owns; NULL on error. */
+json_t *amp_queue_event(amp_queue *q, const char *dedupe_key, size_t answer_chars);
+/* Jobs per app, every app that has any: {"<app>": {"pending", "dead",
+ * "oldest_pending_ms" (created_ms of its oldest pending job, 0 when
+ * none)}}. Exact (may scan). Caller owns; NULL on error. */
+json_t *amp_queue_app_depths(amp_queue *q);
 
 /* Stores everything submitted so far, stops the engine, frees the handle.
  * Accepts NULL. */
@@ -218,7 +263,8 @@ void amp_queue_close(amp_queue *q);
  * that only inspects): submit then answers status -1, claim and the
  * dead-letter operations return -1 (list NULL), acknowledge FAILED, flush
  * returns true, the statistics 0 (stats_get -1), writable false, full a
- * sentence saying the handle takes no events. */
+ * sentence saying the handle takes no events, event and app_depths NULL
+ * (the admin API answers 501 not_implemented). */
 typedef struct amp_queue_ops {
     void (*close)(void *e); /* required; frees e */
     void (*set_notify)(void *e, amp_queue_notify_fn fn, void *ctx);
@@ -236,6 +282,8 @@ typedef struct amp_queue_ops {
     json_t *(*dlq_list)(void *e, const amp_queue_dlq_filter *f, size_t limit);
     int64_t (*dlq_replay)(void *e, const amp_queue_dlq_filter *f);
     int64_t (*dlq_purge)(void *e, const amp_queue_dlq_filter *f);
+    json_t *(*event)(void *e, const char *dedupe_key, size_t answer_chars);
+    json_t *(*app_depths)(void *e);
 } amp_queue_ops;
 
 /* A handle over engine state e (takes ownership: ops->close frees it).

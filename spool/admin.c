@@ -51,11 +51,31 @@ int amp_spool_stats_get(void *e, amp_queue_stats *out) {
     return rc;
 }
 
+/* ---- the connection for operators ------------------------------------------
+ * Dead letters and the admin API's lookups run on the engine's own admin
+ * connection (adb, under admin_mu), so a long scan (the jobs per app of a
+ * large backlog, a dead-letter list) or a wait for the write lock never
+ * holds up the dispatcher's claims on the reader. An admin handle (`dlq`)
+ * has no claims and no adb: it uses its reader. */
+
+static sqlite3 *ops_lock(amp_spool *s) {
+    if (s->adb) {
+        pthread_mutex_lock(&s->admin_mu);
+        return s->adb;
+    }
+    pthread_mutex_lock(&s->claim_mu);
+    return s->rdb;
+}
+
+static void ops_unlock(amp_spool *s) {
+    pthread_mutex_unlock(s->adb ? &s->admin_mu : &s->claim_mu);
+}
+
 /* ---- dead letters ---------------------------------------------------------
  * One WHERE clause serves list, replay and purge; unused filters are bound
  * as NULL / 0; "state <> 0" lets it use the index of finished rows. Runs on
- * the reader connection (a CLI process, or beside a running daemon: SQLite's
- * locking and the busy timeout serialise writers). */
+ * the operators' connection (ops_lock; in a CLI process, or beside a running
+ * daemon: SQLite's locking and the busy timeout serialise writers). */
 
 #define DLQ_WHERE                                                                                  \
     " WHERE state = ?9 AND state <> 0 AND (?1 IS NULL OR route = ?1)"                              \
@@ -64,12 +84,12 @@ int amp_spool_stats_get(void *e, amp_queue_stats *out) {
     " AND (?5 = 0 OR finished_ms >= ?5) AND (?6 = 0 OR finished_ms < ?6)"                          \
     " AND (?7 IS NULL OR id IN (SELECT value FROM json_each(?7)))"
 
-static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_queue_dlq_filter *f,
+static sqlite3_stmt *dlq_prepare(sqlite3 *db, const char *sql, const amp_queue_dlq_filter *f,
                                  char **ids_json) {
     sqlite3_stmt *st;
     *ids_json = NULL;
-    if (sqlite3_prepare_v2(s->rdb, sql, -1, &st, NULL) != SQLITE_OK) {
-        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(db));
         return NULL;
     }
     amp_spool_bind_text(st, 1, f->route);
@@ -95,9 +115,9 @@ static sqlite3_stmt *dlq_prepare(amp_spool *s, const char *sql, const amp_queue_
 json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit) {
     amp_spool *s = e;
     char *ids;
-    pthread_mutex_lock(&s->claim_mu);
+    sqlite3 *db = ops_lock(s);
     sqlite3_stmt *st = dlq_prepare(
-        s,
+        db,
         "SELECT id, route, app, user, dedupe_key, last_status, last_code, last_message, "
         "attempts, created_ms, finished_ms, body, state, result FROM deliveries" DLQ_WHERE
         " ORDER BY finished_ms, id LIMIT ?8",
@@ -129,13 +149,13 @@ json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit)
                 json_array_append_new(rows, row);
         }
         if (rc != SQLITE_DONE) {
-            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+            amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(db));
             json_decref(rows);
             rows = NULL;
         }
         sqlite3_finalize(st);
     }
-    pthread_mutex_unlock(&s->claim_mu);
+    ops_unlock(s);
     free(ids);
     return rows;
 }
@@ -143,17 +163,17 @@ json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit)
 static int64_t dlq_change(amp_spool *s, const char *sql, const amp_queue_dlq_filter *f) {
     char *ids;
     int64_t n = -1;
-    pthread_mutex_lock(&s->claim_mu);
-    sqlite3_stmt *st = dlq_prepare(s, sql, f, &ids);
+    sqlite3 *db = ops_lock(s);
+    sqlite3_stmt *st = dlq_prepare(db, sql, f, &ids);
     if (st) {
         sqlite3_bind_int64(st, 8, amp_now_ms());
         if (sqlite3_step(st) == SQLITE_DONE)
-            n = sqlite3_changes(s->rdb);
+            n = sqlite3_changes(db);
         else
-            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(s->rdb));
+            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(db));
         sqlite3_finalize(st);
     }
-    pthread_mutex_unlock(&s->claim_mu);
+    ops_unlock(s);
     free(ids);
     return n;
 }
@@ -173,4 +193,126 @@ int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f) {
     amp_spool *s = e;
     /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
     return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
+}
+
+/* ---- operators ------------------------------------------------------------ */
+
+static const char *state_name(int state) {
+    return state == STATE_PENDING ? "pending" : state == STATE_DELIVERED ? "delivered" : "dead";
+}
+
+/* Column i as a JSON value: null, an integer or a string. */
+static json_t *column(sqlite3_stmt *st, int i) {
+    switch (sqlite3_column_type(st, i)) {
+    case SQLITE_NULL:
+        return json_null();
+    case SQLITE_INTEGER:
+        return json_integer((json_int_t)sqlite3_column_int64(st, i));
+    default: {
+        const char *t = (const char *)sqlite3_column_text(st, i);
+        return t ? json_string(t) : json_null();
+    }
+    }
+}
+
+/* Rows one event may fan out to (one per route) that a lookup reads. */
+#define EVENT_ROWS_MAX 4096
+
+/* The dedupe row (schema v3) gives the id of the event's first row; its
+ * rows follow it (one committer inserts them one after the other). The
+ * answer excerpt is cut by substr(), which counts characters, so a UTF-8
+ * sequence is never split. */
+json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
+    amp_spool *s = e;
+    sqlite3 *db = ops_lock(s);
+    json_t *out = NULL, *jobs = json_array();
+    json_t *seen = json_null();
+    int64_t first = 0;
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(db, "SELECT seen_ms, first_id FROM dedupe WHERE key = ?1", -1, &st,
+                                NULL);
+    if (rc == SQLITE_OK) {
+        amp_spool_bind_text(st, 1, dedupe_key);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            json_decref(seen);
+            seen = json_integer((json_int_t)sqlite3_column_int64(st, 0));
+            first = sqlite3_column_int64(st, 1); /* 0 (NULL): stored before v3 */
+            rc = SQLITE_DONE;
+        }
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc == SQLITE_DONE && first > 0)
+        rc = sqlite3_prepare_v2(
+            db,
+            "SELECT d.id, d.route, d.app, d.user, d.state, d.attempts, d.last_status, d.last_code,"
+            " d.last_message, d.created_ms, d.due_ms, d.finished_ms,"
+            " substr(coalesce(json_extract(d.result, '$.answer'),"
+            "   json_extract(d.result, '$.outputs')), 1, ?2),"
+            " coalesce(json_extract(d.result, '$.conversation_id'), c.conversation_id)"
+            " FROM deliveries d LEFT JOIN conversations c"
+            "   ON d.per_user AND c.app = d.app AND c.user = d.user"
+            " WHERE d.id BETWEEN ?3 AND ?3 + " AMP_STR(
+                EVENT_ROWS_MAX) " - 1"
+                                " AND d.dedupe_key = ?1 ORDER BY d.id",
+            -1, &st, NULL);
+    if (rc == SQLITE_OK && st) {
+        amp_spool_bind_text(st, 1, dedupe_key);
+        sqlite3_bind_int64(st, 2,
+                           (sqlite3_int64)(answer_chars > INT32_MAX ? INT32_MAX : answer_chars));
+        sqlite3_bind_int64(st, 3, first);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            int state = sqlite3_column_int(st, 4);
+            json_t *job = json_pack(
+                "{s:I, s:i, s:o, s:o, s:o, s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "id",
+                (json_int_t)sqlite3_column_int64(st, 0), "shard", 0, "route", column(st, 1), "app",
+                column(st, 2), "user", column(st, 3), "state", state_name(state), "attempts",
+                sqlite3_column_int(st, 5), "last_status", column(st, 6), "last_code", column(st, 7),
+                "last_message", column(st, 8), "created_ms", column(st, 9), "due_ms",
+                state == STATE_PENDING ? column(st, 10) : json_null(), "finished_ms",
+                column(st, 11), "answer", column(st, 12), "conversation_id", column(st, 13));
+            if (job)
+                json_array_append_new(jobs, job);
+        }
+    }
+    if (rc == SQLITE_DONE) {
+        out = json_pack("{s:o, s:O}", "seen_ms", seen, "jobs", jobs);
+    } else {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(db));
+        json_decref(seen);
+    }
+    sqlite3_finalize(st);
+    ops_unlock(s);
+    json_decref(jobs);
+    return out;
+}
+
+json_t *amp_spool_app_depths(void *e) {
+    amp_spool *s = e;
+    sqlite3 *db = ops_lock(s);
+    sqlite3_stmt *st = NULL;
+    json_t *out = NULL;
+    int rc = sqlite3_prepare_v2(
+        db,
+        "SELECT app, sum(state = 0), sum(state = 2), coalesce(min(CASE WHEN state = 0 THEN"
+        " created_ms END), 0) FROM deliveries WHERE state <> 1 GROUP BY app ORDER BY app",
+        -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        out = json_object();
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+            json_object_set_new(
+                out, (const char *)sqlite3_column_text(st, 0),
+                json_pack("{s:I, s:I, s:I}", "pending", (json_int_t)sqlite3_column_int64(st, 1),
+                          "dead", (json_int_t)sqlite3_column_int64(st, 2), "oldest_pending_ms",
+                          (json_int_t)sqlite3_column_int64(st, 3)));
+    }
+    if (rc != SQLITE_DONE) {
+        amp_log(AMP_LOG_ERROR, "spool query failed", "{s:s}", "error", sqlite3_errmsg(db));
+        json_decref(out);
+        out = NULL;
+    }
+    sqlite3_finalize(st);
+    ops_unlock(s);
+    return out;
 }

@@ -53,6 +53,8 @@ static const amp_queue_ops spool_ops = {
     .dlq_list = amp_spool_dlq_list,
     .dlq_replay = amp_spool_dlq_replay,
     .dlq_purge = amp_spool_dlq_purge,
+    .event = amp_spool_event,
+    .app_depths = amp_spool_app_depths,
 };
 
 /* Inspection and dead letters only: nothing here needs a spool thread. */
@@ -63,6 +65,8 @@ static const amp_queue_ops admin_ops = {
     .dlq_list = amp_spool_dlq_list,
     .dlq_replay = amp_spool_dlq_replay,
     .dlq_purge = amp_spool_dlq_purge,
+    .event = amp_spool_event,
+    .app_depths = amp_spool_app_depths,
 };
 
 /* The state before any connection or thread; engine_close undoes it. */
@@ -83,6 +87,7 @@ static amp_spool *spool_new(const amp_spool_opts *opts) {
     pthread_cond_init(&s->q_flushed, &ca); /* both wait with amp_spool_deadline_in() */
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&s->claim_mu, NULL);
+    pthread_mutex_init(&s->admin_mu, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);
     pthread_cond_init(&s->ck_cond, NULL);
     pthread_mutex_init(&s->ck_run_mu, NULL);
@@ -103,6 +108,7 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
     if (amp_spool_open_db(opts, true, &s->wdb, err, errlen) ||
         amp_spool_migrate(s->wdb, err, errlen) ||
         amp_spool_open_db(opts, true, &s->rdb, err, errlen) ||
+        amp_spool_open_db(opts, true, &s->adb, err, errlen) ||
         amp_spool_prepare_all(s, err, errlen) ||
         amp_spool_start_checkpointer(s, opts, err, errlen) ||
         (!opts->sync_normal && amp_spool_start_syncer(s, err, errlen)))
@@ -155,6 +161,7 @@ static void engine_close(void *e) {
     amp_spool_stop_checkpointer(s);
     amp_spool_finalize_all(s);
     sqlite3_close(s->cdb);
+    sqlite3_close(s->adb);
     sqlite3_close(s->rdb);
     sqlite3_close(s->wdb); /* the last one: checkpoints and removes the log */
     free(s->claimed.slots);
@@ -162,6 +169,7 @@ static void engine_close(void *e) {
     pthread_cond_destroy(&s->q_cond);
     pthread_cond_destroy(&s->q_flushed);
     pthread_mutex_destroy(&s->claim_mu);
+    pthread_mutex_destroy(&s->admin_mu);
     pthread_mutex_destroy(&s->ck_mu);
     pthread_cond_destroy(&s->ck_cond);
     pthread_mutex_destroy(&s->ck_run_mu);

@@ -10,7 +10,9 @@
  *   checkpoint.c  the checkpointer thread, and the WAL hook that wakes it
  *   upkeep.c      back-pressure limits, pending count, pruning
  *   claim.c       claims for delivery and the claimed-id set
- *   admin.c       statistics and dead letters (also on an admin handle)
+ *   admin.c       statistics (on the reader); dead letters and the admin
+ *                 API's lookups (on a connection of their own; an admin
+ *                 handle: the reader)
  *
  * Each field's comment says which thread or lock owns it.
  */
@@ -26,7 +28,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 2
+#define SCHEMA_VERSION 3
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -123,6 +125,12 @@ struct amp_spool {
     pthread_mutex_t claim_mu;
     idset claimed;
 
+    /* Dead letters and the admin API's lookups (admin.c): their own
+     * connection, so a long scan never holds up claims. NULL on an admin
+     * handle, which uses rdb. */
+    sqlite3 *adb; /* under admin_mu */
+    pthread_mutex_t admin_mu;
+
     void (*notify)(void *);
     void *notify_ctx;
     atomic_bool writable;
@@ -209,5 +217,7 @@ int64_t amp_spool_oldest_pending_ms(void *e);
 json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit);
 int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f);
 int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f);
+json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars);
+json_t *amp_spool_app_depths(void *e);
 
 #endif

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # /metrics is valid Prometheus text format (promtool check metrics), has the
-# families the README lists, counts what happened, and never shows a secret.
+# families the README lists, counts what happened, and never shows a secret;
+# the Grafana dashboard (docker/grafana/amp2dify.json) names only its series.
 #   tests/metrics/run.sh BUILD_DIR     (needs promtool: Debian package prometheus)
 set -euo pipefail
 BUILD=${1:-build}
@@ -53,5 +54,10 @@ expect '# TYPE amp2dify_spool_oldest_pending_age_seconds gauge'
 expect 'amp2dify_spool_full 0'
 grep -qE '^amp2dify_spool_bytes [1-9][0-9]*$' "$tmp/metrics.txt" || fail "amp2dify_spool_bytes missing or 0"
 if grep -qF -e "$secret" -e "$key" "$tmp/metrics.txt" "$tmp/amp2dify.log"; then fail "a secret leaked"; fi
+# The Grafana dashboard names only what this scrape has, in valid PromQL.
+python3 tests/metrics/dashboard.py docker/grafana/amp2dify.json "$tmp/metrics.txt" "$tmp/rules.yml" \
+    || fail "docker/grafana/amp2dify.json does not match /metrics"
+"$PROMTOOL" check rules "$tmp/rules.yml" > "$tmp/rules.out" 2>&1 \
+    || fail "dashboard expressions do not parse: $(cat "$tmp/rules.out")"
 t_stop_clean "$amp_pid" "$tmp/amp2dify.log"
 echo "metrics test: promtool ok, $(grep -c '^amp2dify_' "$tmp/metrics.txt") samples"

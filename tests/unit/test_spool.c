@@ -458,10 +458,12 @@ START_TEST(version_1_spool_is_migrated) {
     submit(s, b);
     amp_queue_close(s);
 
-    /* Back to version 1: its (app, user) index covered every pending row. */
+    /* Back to version 1: its (app, user) index covered every pending row,
+     * and its dedupe rows had no first row id (version 3). */
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
+                                  "ALTER TABLE dedupe DROP COLUMN first_id;"
                                   "DROP INDEX deliveries_user;"
                                   "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
                                   "WHERE state = 0;"
@@ -475,7 +477,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 2);
+    ck_assert_int_eq(user_version(db), 3);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -485,7 +487,181 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_ptr_nonnull(strstr((const char *)sqlite3_column_text(st, 0), "per_user = 1"));
     sqlite3_finalize(st);
+    /* Version 3's first row id of a dedupe entry came with the migration. */
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT first_id FROM dedupe", -1, &st, NULL),
+                     SQLITE_OK);
+    sqlite3_finalize(st);
     sqlite3_close(db);
+}
+END_TEST
+
+/* The admin API's lookups: an event's rows by its dedupe key, with the
+ * answer's excerpt and conversation; the jobs per app. */
+START_TEST(event_lookup_and_app_depths) {
+    amp_queue *s = open_spool(3600);
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "ev-1"); /* fans out to two apps */
+    amp_queue_batch_request(b, "r1", "alpha", "u1", true, "{\"n\":1}");
+    amp_queue_batch_request(b, "r2", "beta", "u1", false, "{\"n\":2}");
+    add(b, "ev-2", "u2", false, "{\"n\":3}");
+    submit(s, b);
+    int64_t next;
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3);
+    /* "ég" twice: the excerpt of 3 characters must not split a sequence. */
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = jobs[0]->id,
+                            .kind = AMP_QUEUE_ACK_DELIVERED,
+                            .http_status = 200,
+                            .result_json = "{\"answer\":\"\xc3\xa9g\xc3\xa9g\",\"conversation_id\":"
+                                           "\"conv-9\"}",
+                            .conversation_id = "conv-9"});
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = jobs[1]->id,
+                                              .kind = AMP_QUEUE_ACK_DEAD,
+                                              .http_status = 400,
+                                              .code = "invalid_param",
+                                              .message = "bad"});
+    int64_t ev2 = jobs[2]->id; /* stays claimed, pending */
+    free_jobs(jobs, 3);
+    amp_queue_flush(s);
+
+    json_t *ev = amp_queue_event(s, "ev-1", 3);
+    ck_assert_ptr_nonnull(ev);
+    ck_assert(json_is_integer(json_object_get(ev, "seen_ms")));
+    json_t *js = json_object_get(ev, "jobs");
+    ck_assert_uint_eq(json_array_size(js), 2);
+    json_t *j0 = json_array_get(js, 0), *j1 = json_array_get(js, 1);
+    ck_assert_str_eq(json_string_value(json_object_get(j0, "state")), "delivered");
+    ck_assert_str_eq(json_string_value(json_object_get(j0, "app")), "alpha");
+    ck_assert_str_eq(json_string_value(json_object_get(j0, "answer")), "\xc3\xa9g\xc3\xa9");
+    ck_assert_str_eq(json_string_value(json_object_get(j0, "conversation_id")), "conv-9");
+    ck_assert_int_eq(json_integer_value(json_object_get(j0, "attempts")), 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(j0, "last_status")), 200);
+    ck_assert_str_eq(json_string_value(json_object_get(j1, "state")), "dead");
+    ck_assert_str_eq(json_string_value(json_object_get(j1, "last_code")), "invalid_param");
+    ck_assert(json_is_null(json_object_get(j1, "answer")));
+    ck_assert(json_is_null(json_object_get(j1, "conversation_id")));
+    json_decref(ev);
+
+    ev = amp_queue_event(s, "ev-2", 100);
+    js = json_object_get(ev, "jobs");
+    ck_assert_uint_eq(json_array_size(js), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(js, 0), "state")), "pending");
+    ck_assert(json_is_null(json_object_get(json_array_get(js, 0), "last_status")));
+    json_decref(ev);
+
+    ev = amp_queue_event(s, "never-sent", 100);
+    ck_assert(json_is_null(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
+
+    json_t *d = amp_queue_app_depths(s);
+    ck_assert_ptr_nonnull(d);
+    ck_assert_ptr_null(json_object_get(d, "alpha")); /* only delivered rows */
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(d, "beta"), "dead")), 1);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(d, "beta"), "pending")), 0);
+    json_t *app = json_object_get(d, "app");
+    ck_assert_int_eq(json_integer_value(json_object_get(app, "pending")), 1);
+    ck_assert_int_gt(json_integer_value(json_object_get(app, "oldest_pending_ms")), 0);
+    json_decref(d);
+
+    /* The newest rows purged: SQLite gives their ids again, and the next
+     * events' rows are still found from their dedupe entries. */
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = ev2, .kind = AMP_QUEUE_ACK_DEAD});
+    amp_queue_flush(s);
+    amp_queue_dlq_filter all = {0};
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &all), 2);
+    b = amp_queue_batch_create();
+    add(b, "ev-3", "u3", false, "{\"n\":4}");
+    add(b, "ev-4", "u4", false, "{\"n\":5}");
+    submit(s, b);
+    for (int i = 3; i <= 4; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "ev-%d", i);
+        ev = amp_queue_event(s, key, 100);
+        js = json_object_get(ev, "jobs");
+        ck_assert_uint_eq(json_array_size(js), 1);
+        ck_assert_str_eq(json_string_value(json_object_get(json_array_get(js, 0), "user")),
+                         i == 3 ? "u3" : "u4");
+        ck_assert_int_le(json_integer_value(json_object_get(json_array_get(js, 0), "id")), ev2);
+        json_decref(ev);
+    }
+    /* Purged: known to dedupe, no rows. */
+    ev = amp_queue_event(s, "ev-2", 100);
+    ck_assert(json_is_integer(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
+    amp_queue_close(s);
+
+    /* Without dedupe there is no entry to start from. */
+    s = open_spool(0);
+    b = amp_queue_batch_create();
+    add(b, "nodedupe", "u", false, "{}");
+    submit(s, b);
+    ev = amp_queue_event(s, "nodedupe", 100);
+    ck_assert(json_is_null(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
+    amp_queue_close(s);
+}
+END_TEST
+
+/* The dead-letter filters by name, shared by `dlq` and the admin API. */
+START_TEST(dlq_filters_by_name) {
+    amp_queue_dlq_filter f = {0};
+    char err[160];
+    ck_assert(!amp_queue_dlq_filter_any(&f));
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "route", "r", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "app", "a", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "code", "c", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "status", "404", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "since", "1700000000", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "until", "2024-01-02T03:04:05Z", err, sizeof err),
+                     0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "id", "7", err, sizeof err), 0);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "id", "9", err, sizeof err), 0);
+    ck_assert_str_eq(f.route, "r");
+    ck_assert_str_eq(f.app, "a");
+    ck_assert_str_eq(f.code, "c");
+    ck_assert_int_eq(f.status, 404);
+    ck_assert_int_eq(f.since_ms, 1700000000000LL);
+    ck_assert_int_eq(f.until_ms, 1704164645000LL);
+    ck_assert_uint_eq(f.nids, 2);
+    ck_assert_int_eq(f.ids[1], 9);
+    ck_assert(amp_queue_dlq_filter_any(&f));
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "colour", "x", err, sizeof err), 1);
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "status", "99", err, sizeof err), -1);
+    ck_assert_str_eq(err, "found '99'; expected an HTTP status 100..599");
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "since", "yesterday", err, sizeof err), -1);
+    ck_assert_str_eq(err, "found 'yesterday'; expected Unix seconds or YYYY-MM-DDTHH:MM:SSZ");
+    ck_assert_int_eq(amp_queue_dlq_filter_set(&f, "id", "0", err, sizeof err), -1);
+    ck_assert_str_eq(err, "found '0'; expected a positive job id");
+    amp_queue_dlq_filter_clear(&f);
+    ck_assert(!amp_queue_dlq_filter_any(&f));
+    ck_assert_ptr_null(f.ids);
+}
+END_TEST
+
+/* An engine that leaves the operator operations out: the queue says so
+ * (the admin API answers 501) and the calls return NULL. */
+static void null_close(void *e) {
+    (void)e;
+}
+
+START_TEST(engine_may_leave_operator_ops_out) {
+    static const amp_queue_ops bare = {.close = null_close};
+    amp_queue *q = amp_queue_create(&bare, NULL, 1);
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_EVENT));
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_APP_DEPTHS));
+    ck_assert(!amp_queue_offers(q, AMP_QUEUE_OFFERS_DLQ));
+    ck_assert_ptr_null(amp_queue_event(q, "k", 10));
+    ck_assert_ptr_null(amp_queue_app_depths(q));
+    amp_queue_close(q);
+    amp_queue *s = open_spool(3600);
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_EVENT));
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_APP_DEPTHS));
+    ck_assert(amp_queue_offers(s, AMP_QUEUE_OFFERS_DLQ));
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -926,12 +1102,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{1, "schema version 1,"}, {3, "schema version 3,"}, {0, "schema version 0,"}};
+    } cases[] = {{2, "schema version 2,"}, {4, "schema version 4,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 2") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 3") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -940,7 +1116,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(2);
+    set_user_version(3);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -985,6 +1161,9 @@ int main(void) {
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
     tcase_add_test(tc, dead_letters_list_replay_purge);
+    tcase_add_test(tc, event_lookup_and_app_depths);
+    tcase_add_test(tc, dlq_filters_by_name);
+    tcase_add_test(tc, engine_may_leave_operator_ops_out);
     tcase_add_test(tc, depth_tracks_pending_and_limit);
     tcase_add_test(tc, limit_holds_until_a_tenth_is_free);
     tcase_add_test(tc, size_limit_prunes_delivered_rows_then_recovers);
