@@ -8,9 +8,9 @@
 #   make bench                   ingest and delivery benchmarks (see bench/)
 
 comma := ,
-PKGS := libmicrohttpd openssl jansson libcurl sqlite3
+PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            check pkg-config
+            libhiredis-dev check pkg-config
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
@@ -30,7 +30,7 @@ LDLIBS_ALL = $(shell pkg-config --libs $(PKGS)) -lpthread -lm $(LDLIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS = $(shell pkg-config --libs check)
 
-MODULES := base json crypto mapping queue spool sources forward config handlers cmd
+MODULES := base json crypto mapping queue spool redisq sources forward config handlers cmd
 LIB_SRCS := $(filter-out cmd/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 LIB := $(BUILD)/libamp.a
