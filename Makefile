@@ -80,6 +80,12 @@ $(BUILD)/tests/unit/test_forward: $(BUILD)/obj/tests/unit/test_forward.o $(FAKE_
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+# The Redis engine's tests start their own redis-server (tests/e2e/redis_server.c).
+REDIS_TEST_OBJS := $(BUILD)/obj/tests/e2e/redis_server.o $(BUILD)/obj/tests/e2e/harness.o
+$(BUILD)/tests/unit/test_redisq: $(BUILD)/obj/tests/unit/test_redisq.o $(REDIS_TEST_OBJS) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
 $(BUILD)/tests/e2e/%: $(BUILD)/obj/tests/e2e/%.o $(E2E_SUPPORT_OBJS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
