@@ -129,6 +129,8 @@ static void accept_done(void *ctx, redisReply *r) {
     }
     if (r)
         freeReplyObject(r);
+    else /* no answer: refuse new requests until the lease thread reaches Redis */
+        atomic_store(&s->q->reachable, false);
     if (res.status == 0 && res.accepted > 0)
         atomic_fetch_add(&s->q->depth, res.accepted);
     s->done(s->ctx, &res);
@@ -775,9 +777,10 @@ static int64_t bytes(void *e) {
     return atomic_load(&((rq *)e)->bytes);
 }
 
+/* The lease thread's last exchange worked, and no batch went unanswered
+ * since. */
 static bool writable(void *e) {
-    rq *q = e;
-    return atomic_load(&q->reachable) && amp_redisq_pipe_ok(q->ingest);
+    return atomic_load(&((rq *)e)->reachable);
 }
 
 static const char *full(void *e) {
