@@ -138,6 +138,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
+	bash bench/redis.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
