@@ -21,7 +21,8 @@
 # Loopback only, every step bounded in time; what it starts is stopped on
 # any exit (redis-server by its pid). Knobs: BENCH_DURATION (s per wrk
 # run, 10), BENCH_CONNECTIONS (48), BENCH_REQUESTS (300000),
-# BENCH_DELIVERY_EVENTS (20000), BENCH_KEEP=1.
+# BENCH_DELIVERY_EVENTS (20000), BENCH_REDIS_PARTS ("ingest delivery"),
+# BENCH_KEEP=1.
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -29,6 +30,7 @@ DURATION=${BENCH_DURATION:-10}
 CONNS=${BENCH_CONNECTIONS:-48}
 NREQ=${BENCH_REQUESTS:-300000}
 NDEL=${BENCH_DELIVERY_EVENTS:-20000}
+PARTS=${BENCH_REDIS_PARTS:-ingest delivery}
 INFLIGHT=256
 DELAY_MS=50
 BATCH=100
@@ -132,6 +134,8 @@ stop_set() {
 }
 
 log "bench/redis: wrk ${DURATION}s x $CONNS connections per run, $CPUS CPUs, redis-server $(redis-server --version | awk '{print $3}')"
+SQL_LINE="" RED_LINE="" RED_CPU=0 R3_RPS=0 R3_P99=0 R3_N=0
+if [[ $PARTS == *ingest* ]]; then
 start_set sqlite 1
 SQL_LINE=$(wrk_run sqlite "${PORTS[0]}" "$CORPUS" "$CONNS" "$WORK/wrk-sqlite.txt")
 stop_set
@@ -155,9 +159,6 @@ for k in 0 1 2; do
 done
 wait "${WRKS[@]}"
 stop_set
-R3_RPS=0
-R3_P99=0
-R3_N=0
 for k in 0 1 2; do
     l=$(cat "$WORK/line-$k")
     log "    redis3/$k $l"
@@ -166,6 +167,7 @@ for k in 0 1 2; do
     ((${p:-0} > R3_P99)) && R3_P99=$p
     R3_N=$((R3_N + 0$(kv "$l" non2xx)))
 done
+fi
 REDIS_CPU_S=$(awk '{ print ($14 + $15) / 100 }' "/proc/$REDIS_PID/stat" 2>/dev/null)
 
 # ---- delivery at 256 in flight --------------------------------------------------
@@ -211,8 +213,9 @@ deliver() {
                 -H "X-Amplitude-Timestamp: $ts" -H "X-Amplitude-Sig: $sig" \
                 --data-binary "@$1" "http://127.0.0.1:$port/webhooks/amplitude"' _ \
         >"$dir/ingest.err" 2>&1
-    local cpu0 start n=0 now end
+    local cpu0 rcpu0 start n=0 now end
     cpu0=$(cpu_ms "$pid")
+    rcpu0=$(cpu_ms "$REDIS_PID")
     start=$(now_ms)
     end=$((start + 60000))
     kill -CONT "$FAKE_PID"
@@ -224,21 +227,27 @@ deliver() {
     done
     DEL_RATE=$(calc "%.1f" "$n * 1000 / ($now - $start)")
     DEL_CPU_US=$(calc "%.1f" "($(cpu_ms "$pid") - $cpu0) * 1000 / ($n > 0 ? $n : 1)")
+    DEL_RCPU_US=$(calc "%.1f" "($(cpu_ms "$REDIS_PID") - $rcpu0) * 1000 / ($n > 0 ? $n : 1)")
     ((n >= NDEL)) || log "bench/redis: $engine delivered only $n of $NDEL in 60 s"
     stop_pid "$pid" 20
     stop_pid "$FAKE_PID" 10
 }
-deliver sqlite
-D_SQL=$DEL_RATE
-D_SQL_CPU=$DEL_CPU_US
-rcli flushall >/dev/null
-deliver redis
-D_RED=$DEL_RATE
-D_RED_CPU=$DEL_CPU_US
+D_SQL=0 D_SQL_CPU=0 D_RED=0 D_RED_CPU=0 D_RED_RCPU=0
+if [[ $PARTS == *delivery* ]]; then
+    deliver sqlite
+    D_SQL=$DEL_RATE
+    D_SQL_CPU=$DEL_CPU_US
+    rcli flushall >/dev/null
+    deliver redis
+    D_RED=$DEL_RATE
+    D_RED_CPU=$DEL_CPU_US
+    D_RED_RCPU=$DEL_RCPU_US
+fi
 
 # ---- report ---------------------------------------------------------------------
 s_rps=$(kv "$SQL_LINE" rps)
 r_rps=$(kv "$RED_LINE" rps)
+: "${s_rps:=0}" "${r_rps:=0}"
 ratio() { calc "%.2f" "($2 > 0) ? $1 / $2 : 0"; }
 ms() { calc "%.2f" "0$1 / 1000"; }
 ideal=$(calc "%.1f" "$INFLIGHT * 1000 / $DELAY_MS")
@@ -252,7 +261,7 @@ ingest (wrk, $CONNS connections, ${DURATION}s; delivery to a 0 ms fake Dify runn
   amp2dify CPU in the 1-replica redis run: $RED_CPU ms; redis-server CPU over all runs: ${REDIS_CPU_S:-?} s
 delivery ($NDEL events preloaded, $INFLIGHT in flight, fake Dify ${DELAY_MS} ms, ideal $ideal/s)
   sqlite  $(printf '%8.1f' "$D_SQL") deliveries/s  $D_SQL_CPU us CPU per delivery
-  redis   $(printf '%8.1f' "$D_RED") deliveries/s  $D_RED_CPU us CPU per delivery   ratio $(ratio "$D_RED" "$D_SQL")
+  redis   $(printf '%8.1f' "$D_RED") deliveries/s  $D_RED_CPU us CPU per delivery + $D_RED_RCPU us in redis-server   ratio $(ratio "$D_RED" "$D_SQL")
 run time    $(($(date +%s) - T_START)) s
 
 EOF

@@ -40,7 +40,7 @@ typedef struct rq {
     rq_url url;
     rq_admin admin; /* statistics and dead letters; also the shard-count check */
     char owner[128];
-    rq_pipe *ingest, *work;
+    rq_pipe *ingest, *work, *claims; /* claims do not wait behind acknowledgements */
     pthread_t lease_thread, wake_thread;
     bool lease_running, wake_running;
 
@@ -221,7 +221,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
         amp_redisq_args_free(&a);
         return 0;
     }
-    redisReply *r = amp_redisq_pipe_call_wait(q->work, RQ_CLAIM, &a);
+    redisReply *r = amp_redisq_pipe_call_wait(q->claims, RQ_CLAIM, &a);
     if (!r || r->type != REDIS_REPLY_ARRAY) {
         if (r && r->type == REDIS_REPLY_ERROR)
             amp_log(AMP_LOG_ERROR, "redis claim failed", "{s:s}", "error", r->str);
@@ -305,25 +305,77 @@ static void settle(rq *q, int s, const char *token) {
     pthread_mutex_unlock(&q->mu);
 }
 
+/* An acknowledgement on its way: what its answer needs. */
+typedef struct pending_ack {
+    rq *q;
+    int shard;
+    char token[TOKEN_MAX];
+    char id[48];
+    rq_args keep; /* the script's arguments, held again if no answer comes */
+} pending_ack;
+
+static void hold(rq *q, int shard, rq_args *args) {
+    held_ack *h = amp_xcalloc(1, sizeof *h);
+    h->shard = shard;
+    h->args = *args;
+    memset(args, 0, sizeof *args);
+    pthread_mutex_lock(&q->mu);
+    h->next = q->held;
+    q->held = h;
+    pthread_mutex_unlock(&q->mu);
+}
+
+static void ack_done(void *ctx, redisReply *r) {
+    pending_ack *p = ctx;
+    if (r && r->type == REDIS_REPLY_INTEGER) {
+        settle(p->q, p->shard, p->token);
+        if (r->integer != 1)
+            amp_log(AMP_LOG_WARN, "acknowledgement lost: the job is not claimed under this "
+                    "lease; its owner delivers it again", "{s:s, s:i}", "id", p->id, "shard",
+                    p->shard);
+        if (r->integer == 0)
+            lose(p->q, p->shard, p->token, "acknowledgement");
+    } else {
+        if (r)
+            amp_log(AMP_LOG_ERROR, "redis acknowledgement failed", "{s:s}", "error",
+                    r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        /* No answer: the lease thread sends it again until it lands or the
+         * lease is found gone. The job stays claimed meanwhile. */
+        hold(p->q, p->shard, &p->keep);
+    }
+    if (r)
+        freeReplyObject(r);
+    amp_redisq_args_free(&p->keep);
+    free(p);
+}
+
+/* Sent without waiting, like the SQLite engine's group commit: the worker
+ * goes on at once, and the script's answer comes on the work thread. LOST
+ * is answered at once when this replica already knows the lease is gone;
+ * a loss found by the script is logged and the shard given up (its new
+ * owner delivers the job again). */
 static amp_queue_ack_status acknowledge(void *e, const amp_queue_ack *ack) {
     rq *q = e;
     int s = ack->shard;
     if (s < 0 || s >= q->o.shards)
         return AMP_QUEUE_ACK_FAILED;
-    char token[TOKEN_MAX];
+    pending_ack *p = amp_xcalloc(1, sizeof *p);
+    p->q = q;
+    p->shard = s;
     pthread_mutex_lock(&q->mu);
     bool owned = q->sh[s].owned;
-    snprintf(token, sizeof token, "%s", q->sh[s].token);
+    snprintf(p->token, sizeof p->token, "%s", q->sh[s].token);
     pthread_mutex_unlock(&q->mu);
-    if (!owned)
+    if (!owned) {
+        free(p);
         return AMP_QUEUE_ACK_LOST;
-    char id[48];
-    amp_redisq_id_to_str(ack->id, id, sizeof id);
+    }
+    amp_redisq_id_to_str(ack->id, p->id, sizeof p->id);
     rq_args a = {0};
     amp_redisq_args_str(&a, RQ_PREFIX);
     amp_redisq_args_int(&a, s);
-    amp_redisq_args_str(&a, token);
-    amp_redisq_args_str(&a, id);
+    amp_redisq_args_str(&a, p->token);
+    amp_redisq_args_str(&a, p->id);
     amp_redisq_args_str(&a, kind_name(ack->kind));
     amp_redisq_args_int(&a, ack->due_ms);
     amp_redisq_args_int(&a, amp_now_ms());
@@ -332,35 +384,9 @@ static amp_queue_ack_status acknowledge(void *e, const amp_queue_ack *ack) {
     amp_redisq_args_str(&a, ack->message);
     amp_redisq_args_str(&a, !ack->conversation_id ? "" : ack->conversation_id[0] ? "set" : "clear");
     amp_redisq_args_str(&a, ack->conversation_id);
-    rq_args keep = {0};
     for (int i = 0; i < a.n; i++)
-        amp_redisq_args_add(&keep, a.v[i], a.len[i]);
-    redisReply *r = amp_redisq_pipe_call_wait(q->work, RQ_ACK, &a);
-    if (r && r->type == REDIS_REPLY_INTEGER) {
-        amp_redisq_args_free(&keep);
-        bool taken = r->integer == 1;
-        freeReplyObject(r);
-        settle(q, s, token);
-        if (!taken) {
-            lose(q, s, token, "acknowledgement");
-            return AMP_QUEUE_ACK_LOST;
-        }
-        return AMP_QUEUE_ACK_TAKEN;
-    }
-    if (r) {
-        amp_log(AMP_LOG_ERROR, "redis acknowledgement failed", "{s:s}", "error",
-                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-    }
-    /* No answer: the lease thread sends it again until it lands or the
-     * lease is found gone. The job stays claimed meanwhile. */
-    held_ack *h = amp_xcalloc(1, sizeof *h);
-    h->shard = s;
-    h->args = keep;
-    pthread_mutex_lock(&q->mu);
-    h->next = q->held;
-    q->held = h;
-    pthread_mutex_unlock(&q->mu);
+        amp_redisq_args_add(&p->keep, a.v[i], a.len[i]);
+    amp_redisq_pipe_call(q->work, RQ_ACK, &a, ack_done, p);
     return AMP_QUEUE_ACK_TAKEN;
 }
 
@@ -818,6 +844,8 @@ static void close_engine(void *e) {
         amp_redisq_pipe_flush_until(q->ingest, INT64_MAX);
     if (q->work)
         amp_redisq_pipe_flush_until(q->work, INT64_MAX);
+    if (q->claims)
+        amp_redisq_pipe_flush_until(q->claims, INT64_MAX);
     pthread_mutex_lock(&q->mu);
     q->stop = true;
     pthread_cond_broadcast(&q->stop_cv);
@@ -828,6 +856,7 @@ static void close_engine(void *e) {
         pthread_join(q->lease_thread, NULL);
     amp_redisq_pipe_stop(q->ingest);
     amp_redisq_pipe_stop(q->work);
+    amp_redisq_pipe_stop(q->claims);
     while (q->held) {
         held_ack *h = q->held;
         q->held = h->next;
@@ -922,7 +951,8 @@ amp_queue *amp_redisq_open(const amp_redisq_opts *opts, char *err, size_t errlen
              (unsigned long)(ts.tv_nsec ^ (ts.tv_sec << 20)) & 0xffffffUL);
     q->ingest = amp_redisq_pipe_start("amp-rq-ingest", &q->url, &q->admin.shas);
     q->work = amp_redisq_pipe_start("amp-rq-work", &q->url, &q->admin.shas);
-    if (!q->ingest || !q->work) {
+    q->claims = amp_redisq_pipe_start("amp-rq-claim", &q->url, &q->admin.shas);
+    if (!q->ingest || !q->work || !q->claims) {
         snprintf(err, errlen, "cannot start the Redis threads");
         goto fail;
     }

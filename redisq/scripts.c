@@ -167,8 +167,8 @@ static const char claim_lua[] =
 
 /* ARGV: prefix, shard, token, id, kind (delivered, retry, dead, release),
  * due ms, now ms, http status, code, message, conversation op ("", "set",
- * "clear"), conversation id. Returns 1 when it landed, 0 when the lease or
- * the claim is not the caller's (nothing changed). A retry or a release
+ * "clear"), conversation id. Returns 1 when it landed; 0 when the lease is
+ * not the caller's, 2 when the job is not claimed (both: nothing changed). A retry or a release
  * keeps the stream entry and puts its id back in <s>:ready at the due time;
  * delivered and dead entries leave the stream (XACK + XDEL; dead ones are
  * copied to the dead letters first) and the next job of a per_user
@@ -179,10 +179,10 @@ static const char ack_lua[] =
     "local due, now = tonumber(ARGV[6]), tonumber(ARGV[7])\n"
     "local pre = p .. s .. ':'\n"
     "if redis.call('GET', pre .. 'lease') ~= token then return 0 end\n"
-    "if redis.call('HDEL', pre .. 'inflight', id) == 0 then return 0 end\n"
+    "if redis.call('HDEL', pre .. 'inflight', id) == 0 then return 2 end\n"
     "local sk, rk = pre .. 'stream', pre .. 'ready'\n"
     "local e = redis.call('XRANGE', sk, id, id)[1]\n"
-    "if not e then return 0 end\n"
+    "if not e then return 2 end\n"
     "local f = {}\n"
     "for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end\n"
     "local ukey = #f.app .. ':' .. f.app .. f.user\n"
