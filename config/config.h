@@ -58,9 +58,9 @@ typedef struct amp_config {
     } auth;
     struct {
         amp_config_queue_engine engine;
-        char *url;         /* redis engine: redis://[:password@]host[:port][/db] */
-        int64_t shards;    /* redis engine: hash(app, user) mod shards */
-        int64_t lease_ms;  /* redis engine: a shard's lease */
+        char *url;                  /* redis engine: redis://[:password@]host[:port][/db] */
+        int64_t shards;             /* redis engine: hash(app, user) mod shards */
+        int64_t lease_ms;           /* redis engine: a shard's lease */
         bool allow_weak_durability; /* redis engine: accept appendfsync other than always */
     } queue;
     struct {

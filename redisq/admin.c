@@ -105,8 +105,7 @@ out:
 int amp_redisq_check_shards(redisContext *c, int shards, char *err, size_t errlen) {
     redisReply *r = redisCommand(c, "SET " RQ_PREFIX "shards %d NX GET", shards);
     if (!r || r->type == REDIS_REPLY_ERROR) {
-        snprintf(err, errlen, "Redis did not record the shard count: %s",
-                 r ? r->str : c->errstr);
+        snprintf(err, errlen, "Redis did not record the shard count: %s", r ? r->str : c->errstr);
         if (r)
             freeReplyObject(r);
         return -1;
@@ -123,8 +122,8 @@ int amp_redisq_check_shards(redisContext *c, int shards, char *err, size_t errle
     return rc;
 }
 
-amp_redisq_check_result amp_redisq_check(const amp_redisq_opts *opts, char *found,
-                                         size_t found_len, char *expected, size_t expected_len) {
+amp_redisq_check_result amp_redisq_check(const amp_redisq_opts *opts, char *found, size_t found_len,
+                                         char *expected, size_t expected_len) {
     rq_url u;
     char why[300];
     if (amp_redisq_parse_url(opts->url, &u, why, sizeof why) != 0) {
@@ -241,8 +240,7 @@ static int walk(rq_admin *a, const amp_queue_dlq_filter *f,
         return -1;
     char from[48] = "-";
     for (;;) {
-        redisReply *r =
-            redisCommand(c, "XRANGE " RQ_PREFIX "dead %s + COUNT %d", from, DLQ_PAGE);
+        redisReply *r = redisCommand(c, "XRANGE " RQ_PREFIX "dead %s + COUNT %d", from, DLQ_PAGE);
         if (!r || r->type != REDIS_REPLY_ARRAY) {
             if (r)
                 freeReplyObject(r);
@@ -274,15 +272,14 @@ static bool add_row(const redisReply *e, int64_t id, void *p) {
     list_ctx *l = p;
     if (json_array_size(l->rows) >= l->limit)
         return false;
-    const char *att = field(e, "attempts"), *st = field(e, "status"),
-               *cr = field(e, "created_ms");
-    json_t *row = json_pack(
-        "{s:I, s:s?, s:s?, s:s?, s:s?, s:i, s:s?, s:s?, s:i, s:I, s:I, s:s?}", "id",
-        (json_int_t)id, "route", field(e, "route"), "app", field(e, "app"), "user",
-        field(e, "user"), "dedupe_key", nz(field(e, "key")), "status", st ? atoi(st) : 0, "code",
-        nz(field(e, "code")), "message", nz(field(e, "message")), "attempts",
-        att ? atoi(att) : 0, "created_ms", (json_int_t)(cr ? strtoll(cr, NULL, 10) : 0),
-        "dead_ms", (json_int_t)(id >> 20), "body", field(e, "body"));
+    const char *att = field(e, "attempts"), *st = field(e, "status"), *cr = field(e, "created_ms");
+    json_t *row =
+        json_pack("{s:I, s:s?, s:s?, s:s?, s:s?, s:i, s:s?, s:s?, s:i, s:I, s:I, s:s?}", "id",
+                  (json_int_t)id, "route", field(e, "route"), "app", field(e, "app"), "user",
+                  field(e, "user"), "dedupe_key", nz(field(e, "key")), "status", st ? atoi(st) : 0,
+                  "code", nz(field(e, "code")), "message", nz(field(e, "message")), "attempts",
+                  att ? atoi(att) : 0, "created_ms", (json_int_t)(cr ? strtoll(cr, NULL, 10) : 0),
+                  "dead_ms", (json_int_t)(id >> 20), "body", field(e, "body"));
     if (row)
         json_array_append_new(l->rows, row);
     return json_array_size(l->rows) < l->limit;
@@ -313,9 +310,9 @@ typedef struct change_ctx {
 static void change_flush(change_ctx *x) {
     if (x->pending == 0 || x->failed)
         return;
-    redisReply *r = x->replay ? amp_redisq_eval(x->a->c, &x->a->shas, RQ_REPLAY, &x->args)
-                              : redisCommandArgv(x->a->c, x->args.n, (const char **)x->args.v,
-                                                 x->args.len);
+    redisReply *r =
+        x->replay ? amp_redisq_eval(x->a->c, &x->a->shas, RQ_REPLAY, &x->args)
+                  : redisCommandArgv(x->a->c, x->args.n, (const char **)x->args.v, x->args.len);
     if (r && r->type == REDIS_REPLY_INTEGER)
         x->done += r->integer;
     else

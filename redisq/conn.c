@@ -69,7 +69,8 @@ int amp_redisq_parse_url(const char *url, rq_url *out, char *err, size_t errlen)
 }
 
 static struct timeval tv_ms(int64_t ms) {
-    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+    return (struct timeval){.tv_sec = (time_t)(ms / 1000),
+                            .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 }
 
 /* A simple command's reply is an error or missing: err filled, -1. */

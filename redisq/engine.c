@@ -262,11 +262,12 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
             job->route = reply_str(jr->element[1]);
             job->app = reply_str(jr->element[2]);
             job->user = reply_str(jr->element[3]);
-            job->per_user = jr->element[4]->type == REDIS_REPLY_STRING &&
-                            strcmp(jr->element[4]->str, "1") == 0;
+            job->per_user =
+                jr->element[4]->type == REDIS_REPLY_STRING && strcmp(jr->element[4]->str, "1") == 0;
             job->body = reply_str(jr->element[5]);
             job->dedupe_key = nonempty(jr->element[6]);
-            job->attempts = jr->element[7]->type == REDIS_REPLY_STRING ? atoi(jr->element[7]->str) : 0;
+            job->attempts =
+                jr->element[7]->type == REDIS_REPLY_STRING ? atoi(jr->element[7]->str) : 0;
             job->conversation_id = nonempty(jr->element[8]);
             job->created_ms = job->id >> 20;
             jobs[n++] = job;
@@ -330,9 +331,10 @@ static void ack_done(void *ctx, redisReply *r) {
     if (r && r->type == REDIS_REPLY_INTEGER) {
         settle(p->q, p->shard, p->token);
         if (r->integer != 1)
-            amp_log(AMP_LOG_WARN, "acknowledgement lost: the job is not claimed under this "
-                    "lease; its owner delivers it again", "{s:s, s:i}", "id", p->id, "shard",
-                    p->shard);
+            amp_log(AMP_LOG_WARN,
+                    "acknowledgement lost: the job is not claimed under this "
+                    "lease; its owner delivers it again",
+                    "{s:s, s:i}", "id", p->id, "shard", p->shard);
         if (r->integer == 0)
             lose(p->q, p->shard, p->token, "acknowledgement");
     } else {
@@ -457,7 +459,7 @@ static int renew(rq *q, redisContext *c) {
     amp_redisq_args_str(&a, RQ_PREFIX);
     amp_redisq_args_int(&a, q->o.lease_ms);
     int *which = amp_xcalloc((size_t)q->o.shards, sizeof *which);
-    char (*tokens)[TOKEN_MAX] = amp_xcalloc((size_t)q->o.shards, TOKEN_MAX);
+    char(*tokens)[TOKEN_MAX] = amp_xcalloc((size_t)q->o.shards, TOKEN_MAX);
     int n = 0;
     pthread_mutex_lock(&q->mu);
     for (int s = 0; s < q->o.shards; s++)

@@ -58,11 +58,11 @@
 #include "../queue/queue.h"
 
 typedef struct amp_redisq_opts {
-    const char *url;         /* redis://[:password@]host[:port][/db] */
-    int shards;              /* 1..AMP_REDISQ_MAX_SHARDS */
-    int64_t lease_ms;        /* a shard's lease; renewed every quarter of it */
-    int64_t dedupe_window_s; /* 0 disables dedupe */
-    int64_t max_pending;     /* amp_queue_full() at this many pending jobs; 0: no limit */
+    const char *url;            /* redis://[:password@]host[:port][/db] */
+    int shards;                 /* 1..AMP_REDISQ_MAX_SHARDS */
+    int64_t lease_ms;           /* a shard's lease; renewed every quarter of it */
+    int64_t dedupe_window_s;    /* 0 disables dedupe */
+    int64_t max_pending;        /* amp_queue_full() at this many pending jobs; 0: no limit */
     bool allow_weak_durability; /* accept a Redis that does not fsync every write */
 } amp_redisq_opts;
 
@@ -86,8 +86,8 @@ typedef enum {
 /* What amp_redisq_open checks before it starts: connection, durability
  * settings. On failure found receives what was found ("a Redis with
  * appendfsync everysec") and expected what is required. */
-amp_redisq_check_result amp_redisq_check(const amp_redisq_opts *opts, char *found,
-                                         size_t found_len, char *expected, size_t expected_len);
+amp_redisq_check_result amp_redisq_check(const amp_redisq_opts *opts, char *found, size_t found_len,
+                                         char *expected, size_t expected_len);
 
 /* The shard of (app, user) among nshards: FNV-1a of app, a NUL, user. */
 int amp_redisq_shard_of(const char *app, const char *user, int nshards);

@@ -67,28 +67,26 @@ static const char acquire_lua[] =
 
 /* ARGV: prefix, then (shard, token) pairs. Returns per pair 1 when the lease
  * was still the caller's (renewed for ARGV[2] ms), else 0. */
-static const char renew_lua[] =
-    "#!lua\n"
-    "local p, ms, out = ARGV[1], ARGV[2], {}\n"
-    "for i = 3, #ARGV, 2 do\n"
-    "  local lk = p .. ARGV[i] .. ':lease'\n"
-    "  if redis.call('GET', lk) == ARGV[i + 1] then\n"
-    "    redis.call('PEXPIRE', lk, ms)\n"
-    "    out[#out + 1] = 1\n"
-    "  else\n"
-    "    out[#out + 1] = 0\n"
-    "  end\n"
-    "end\n"
-    "return out\n";
+static const char renew_lua[] = "#!lua\n"
+                                "local p, ms, out = ARGV[1], ARGV[2], {}\n"
+                                "for i = 3, #ARGV, 2 do\n"
+                                "  local lk = p .. ARGV[i] .. ':lease'\n"
+                                "  if redis.call('GET', lk) == ARGV[i + 1] then\n"
+                                "    redis.call('PEXPIRE', lk, ms)\n"
+                                "    out[#out + 1] = 1\n"
+                                "  else\n"
+                                "    out[#out + 1] = 0\n"
+                                "  end\n"
+                                "end\n"
+                                "return out\n";
 
 /* ARGV: prefix, shard, token. Gives the lease up (1), or 0 when it was no
  * longer the caller's. */
-static const char release_lua[] =
-    "#!lua\n"
-    "local lk = ARGV[1] .. ARGV[2] .. ':lease'\n"
-    "if redis.call('GET', lk) ~= ARGV[3] then return 0 end\n"
-    "redis.call('DEL', lk)\n"
-    "return 1\n";
+static const char release_lua[] = "#!lua\n"
+                                  "local lk = ARGV[1] .. ARGV[2] .. ':lease'\n"
+                                  "if redis.call('GET', lk) ~= ARGV[3] then return 0 end\n"
+                                  "redis.call('DEL', lk)\n"
+                                  "return 1\n";
 
 /* ARGV: prefix, now ms, max, then (shard, token, owner) triples. For each
  * shard whose lease is the caller's: new entries are read into the group
@@ -199,7 +197,8 @@ static const char ack_lua[] =
     "local att = tonumber(redis.call('HGET', pre .. 'meta', id) or '0') + 1\n"
     "if kind == 'dead' then\n"
     "  redis.call('XADD', p .. 'dead', '*', 'shard', s, 'route', f.route, 'app', f.app, 'user',\n"
-    "             f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key, 'status', ARGV[8],\n"
+    "             f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key, 'status', "
+    "ARGV[8],\n"
     "             'code', ARGV[9], 'message', ARGV[10], 'attempts', att, 'created_ms',\n"
     "             string.match(id, '^(%d+)'))\n"
     "else\n"
@@ -236,7 +235,7 @@ static const char replay_lua[] =
     "return n\n";
 
 const char *const amp_redisq_script_text[RQ_NSCRIPTS] = {
-    [RQ_ACCEPT] = accept_lua, [RQ_ACQUIRE] = acquire_lua, [RQ_RENEW] = renew_lua,
+    [RQ_ACCEPT] = accept_lua,   [RQ_ACQUIRE] = acquire_lua, [RQ_RENEW] = renew_lua,
     [RQ_RELEASE] = release_lua, [RQ_CLAIM] = claim_lua,     [RQ_ACK] = ack_lua,
     [RQ_REPLAY] = replay_lua,
 };

@@ -83,9 +83,10 @@ h_redis *h_redis_start(const char *const *extra) {
     snprintf(r->url, sizeof r->url, "redis://127.0.0.1:%u", (unsigned)r->port);
     char port[16];
     snprintf(port, sizeof port, "%u", (unsigned)r->port);
-    const char *base[] = {"redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", r->dir,
-                          "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy",
-                          "noeviction", "--save", "", "--daemonize", "no", NULL};
+    const char *base[] = {
+        "redis-server", "--port",       port,  "--bind",        "127.0.0.1", "--dir",
+        r->dir,         "--appendonly", "yes", "--appendfsync", "always",    "--maxmemory-policy",
+        "noeviction",   "--save",       "",    "--daemonize",   "no",        NULL};
     for (int i = 0; base[i]; i++)
         add(r, base[i]);
     for (int i = 0; extra && extra[i]; i++)

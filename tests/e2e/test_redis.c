@@ -240,8 +240,7 @@ static void *client_main(void *arg) {
         if (st == 202) {
             c->next[k]++;
             c->last_ok_ms = h_mono_ms();
-        }
-        else
+        } else
             c->refused++;
         h_sleep_ms(40);
     }
@@ -251,8 +250,8 @@ static void *client_main(void *arg) {
 static char *owner_of(h_server *s) {
     json_t *lines = h_server_log_lines(s, "redis queue open");
     size_t n = json_array_size(lines);
-    const char *o = n ? json_string_value(json_object_get(json_array_get(lines, n - 1), "owner"))
-                      : NULL;
+    const char *o =
+        n ? json_string_value(json_object_get(json_array_get(lines, n - 1), "owner")) : NULL;
     char *out = o ? amp_xstrdup(o) : NULL;
     json_decref(lines);
     return out;
@@ -395,7 +394,8 @@ START_TEST(chaos_three_replicas) {
         json_array_foreach(all, i, rec) {
             if (!json_is_true(json_object_get(rec, "delivered")))
                 continue;
-            const char *u = json_string_value(json_object_get(json_object_get(rec, "body"), "user"));
+            const char *u =
+                json_string_value(json_object_get(json_object_get(rec, "body"), "user"));
             int ci, k, seq = seq_of(rec);
             if (!u || sscanf(u, "u%d-%d", &ci, &k) != 2 || seq < 0 || seq >= 4096)
                 continue;
@@ -466,9 +466,9 @@ START_TEST(chaos_three_replicas) {
             "second conversation; drained in %lld ms after posting stopped; replica kill 1: "
             "shards moved in %lld ms, back %lld ms after restart; kill 2: moved %lld ms, back "
             "%lld ms; redis-server down %lld ms\n",
-            (long)posting_ms, posts, accepted, refused, attempts, delivered, dups,
-            users_two_convs, (long long)drain_ms, (long long)moved[0], (long long)back[0],
-            (long long)moved[1], (long long)back[1], (long long)redis_down_ms);
+            (long)posting_ms, posts, accepted, refused, attempts, delivered, dups, users_two_convs,
+            (long long)drain_ms, (long long)moved[0], (long long)back[0], (long long)moved[1],
+            (long long)back[1], (long long)redis_down_ms);
     ck_assert_msg(missing == 0, "%ld accepted events never reached Dify", missing);
     ck_assert_int_eq(order_errors, 0);
     ck_assert_int_eq(conv_errors, 0);

@@ -288,8 +288,8 @@ static void stored(void *ctx, const amp_queue_result *res) {
 }
 
 START_TEST(engine_submits_claims_and_acknowledges) {
-    amp_redisq_opts o = {.url = h_redis_url(srv), .shards = 4, .lease_ms = 1000,
-                         .dedupe_window_s = 60};
+    amp_redisq_opts o = {
+        .url = h_redis_url(srv), .shards = 4, .lease_ms = 1000, .dedupe_window_s = 60};
     char err[256];
     amp_queue *q = amp_redisq_open(&o, err, sizeof err);
     ck_assert_msg(q != NULL, "%s", err);
@@ -313,8 +313,10 @@ START_TEST(engine_submits_claims_and_acknowledges) {
     ck_assert_str_eq(jobs[0]->user, "u1");
     ck_assert_str_eq(jobs[0]->dedupe_key, "e1");
     ck_assert(jobs[0]->per_user);
-    amp_queue_ack ack = {.id = jobs[0]->id, .shard = jobs[0]->shard,
-                         .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200};
+    amp_queue_ack ack = {.id = jobs[0]->id,
+                         .shard = jobs[0]->shard,
+                         .kind = AMP_QUEUE_ACK_DELIVERED,
+                         .http_status = 200};
     ck_assert_int_eq(amp_queue_acknowledge(q, &ack), AMP_QUEUE_ACK_TAKEN);
     ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
     /* Acknowledged twice: the second finds no claim and changes nothing. */
