@@ -205,6 +205,8 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
     pthread_mutex_lock(&q->mu);
     int start = shard >= 0 && shard < q->o.shards ? shard : q->rr;
     int count = shard >= 0 && shard < q->o.shards ? 1 : q->o.shards;
+    /* The tokens sent, in the order of the reply's entries. */
+    char(*sent)[TOKEN_MAX] = amp_xcalloc((size_t)count, TOKEN_MAX);
     for (int k = 0; k < count; k++) {
         int s = (start + k) % q->o.shards;
         if (!q->sh[s].owned || q->sh[s].draining)
@@ -212,6 +214,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
         amp_redisq_args_int(&a, s);
         amp_redisq_args_str(&a, q->sh[s].token);
         amp_redisq_args_str(&a, q->owner);
+        snprintf(sent[nsh], TOKEN_MAX, "%s", q->sh[s].token);
         nsh++;
     }
     if (count > 1)
@@ -219,6 +222,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
     pthread_mutex_unlock(&q->mu);
     if (nsh == 0) {
         amp_redisq_args_free(&a);
+        free(sent);
         return 0;
     }
     redisReply *r = amp_redisq_pipe_call_wait(q->claims, RQ_CLAIM, &a);
@@ -227,6 +231,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
             amp_log(AMP_LOG_ERROR, "redis claim failed", "{s:s}", "error", r->str);
         if (r)
             freeReplyObject(r);
+        free(sent);
         return -1;
     }
     size_t n = 0;
@@ -235,14 +240,10 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
         if (sr->type != REDIS_REPLY_ARRAY || sr->elements < 2)
             continue;
         int s = atoi(sr->element[0]->str ? sr->element[0]->str : "0");
+        if (i >= (size_t)nsh)
+            break;
         if (sr->element[1]->integer == 0) {
-            /* The token sent is gone from our state or still there: either
-             * way the lease is not ours any more. */
-            pthread_mutex_lock(&q->mu);
-            char token[TOKEN_MAX];
-            snprintf(token, sizeof token, "%s", q->sh[s].token);
-            pthread_mutex_unlock(&q->mu);
-            lose(q, s, token, "claim");
+            lose(q, s, sent[i], "claim");
             continue;
         }
         if (sr->elements < 4)
@@ -274,10 +275,12 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
             got++;
         }
         pthread_mutex_lock(&q->mu);
-        q->sh[s].inflight += got;
+        if (q->sh[s].owned && strcmp(q->sh[s].token, sent[i]) == 0)
+            q->sh[s].inflight += got;
         pthread_mutex_unlock(&q->mu);
     }
     freeReplyObject(r);
+    free(sent);
     if (n == max)
         *next_due_ms = now_ms;
     return (int)n;
