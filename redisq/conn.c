@@ -153,7 +153,7 @@ void amp_redisq_args_free(rq_args *a) {
 
 int amp_redisq_load_scripts(redisContext *c, rq_shas *shas, char *err, size_t errlen) {
     for (int i = 0; i < RQ_NSCRIPTS; i++) {
-        redisReply *r = redisCommand(c, "SCRIPT LOAD %s", amp_redisq_script_text[i]);
+        redisReply *r = redisCommand(c, "SCRIPT LOAD %s", amp_redisq_script(i));
         if (!r || r->type != REDIS_REPLY_STRING || r->len != 40) {
             snprintf(err, errlen, "Redis SCRIPT LOAD failed: %s",
                      r && r->type == REDIS_REPLY_ERROR ? r->str

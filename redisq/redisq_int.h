@@ -28,7 +28,8 @@
 #define RQ_PIPE_MAX 256
 
 enum { RQ_ACCEPT, RQ_ACQUIRE, RQ_RENEW, RQ_RELEASE, RQ_CLAIM, RQ_ACK, RQ_REPLAY, RQ_NSCRIPTS };
-extern const char *const amp_redisq_script_text[RQ_NSCRIPTS];
+/* The text of a script (static). */
+const char *amp_redisq_script(int script);
 
 /* ---- conn.c ---- */
 

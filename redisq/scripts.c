@@ -234,8 +234,12 @@ static const char replay_lua[] =
     "end\n"
     "return n\n";
 
-const char *const amp_redisq_script_text[RQ_NSCRIPTS] = {
+static const char *const texts[RQ_NSCRIPTS] = {
     [RQ_ACCEPT] = accept_lua,   [RQ_ACQUIRE] = acquire_lua, [RQ_RENEW] = renew_lua,
     [RQ_RELEASE] = release_lua, [RQ_CLAIM] = claim_lua,     [RQ_ACK] = ack_lua,
     [RQ_REPLAY] = replay_lua,
 };
+
+const char *amp_redisq_script(int script) {
+    return texts[script];
+}
