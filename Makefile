@@ -10,7 +10,7 @@
 comma := ,
 PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            libhiredis-dev check pkg-config
+            libhiredis-dev check pkg-config redis-server
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
