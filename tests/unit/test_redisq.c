@@ -247,7 +247,7 @@ START_TEST(per_user_jobs_go_one_at_a_time_in_order) {
 }
 END_TEST
 
-START_TEST(dead_letters_then_replay) {
+START_TEST(dead_letters_list_replay_purge) {
     char t[160];
     acquire0("A", t, sizeof t);
     freeReplyObject(accept1("k1", "u1", "1", "{}"));
@@ -279,6 +279,26 @@ START_TEST(dead_letters_then_replay) {
     ck_assert_int_eq(amp_queue_dlq_replay(q, &f), 1);
     ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 0);
     ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
+
+    /* The replayed job dies again; purge by id removes it for good. */
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    ck_assert_int_eq(ack0(t, id, "dead", 0), 1);
+    f.code = NULL;
+    rows = amp_queue_dlq_list(q, &f, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    int64_t dead_id = json_integer_value(json_object_get(json_array_get(rows, 0), "id"));
+    json_decref(rows);
+    int64_t other = dead_id + 1;
+    f.ids = &other;
+    f.nids = 1;
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &f), 0);
+    f.ids = &dead_id;
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &f), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 0);
     amp_queue_close(q);
 }
 END_TEST
@@ -386,7 +406,7 @@ int main(void) {
     tcase_add_test(tc, lease_is_exclusive_and_released_by_its_owner_only);
     tcase_add_test(tc, retry_keeps_its_entry_and_waits_for_its_due_time);
     tcase_add_test(tc, per_user_jobs_go_one_at_a_time_in_order);
-    tcase_add_test(tc, dead_letters_then_replay);
+    tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, engine_submits_claims_and_acknowledges);
     tcase_add_test(tc, weak_durability_is_refused_unless_allowed);
     suite_add_tcase(su, tc);
