@@ -8,9 +8,9 @@
 #   make bench                   ingest and delivery benchmarks (see bench/)
 
 comma := ,
-PKGS := libmicrohttpd openssl jansson libcurl sqlite3
+PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            check pkg-config
+            libhiredis-dev check pkg-config redis-server
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
@@ -30,7 +30,7 @@ LDLIBS_ALL = $(shell pkg-config --libs $(PKGS)) -lpthread -lm $(LDLIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS = $(shell pkg-config --libs check)
 
-MODULES := base json crypto mapping queue spool sources forward config handlers cmd
+MODULES := base json crypto mapping queue spool redisq sources forward config handlers cmd
 LIB_SRCS := $(filter-out cmd/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 LIB := $(BUILD)/libamp.a
@@ -77,6 +77,12 @@ $(BUILD)/tests/unit/%: $(BUILD)/obj/tests/unit/%.o $(LIB)
 # The forward engine's tests talk to the same fake Dify as the end-to-end ones.
 FAKE_DIFY_OBJS := $(BUILD)/obj/tests/fake_dify/fake_dify.o
 $(BUILD)/tests/unit/test_forward: $(BUILD)/obj/tests/unit/test_forward.o $(FAKE_DIFY_OBJS) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
+# The Redis engine's tests start their own redis-server (tests/e2e/redis_server.c).
+REDIS_TEST_OBJS := $(BUILD)/obj/tests/e2e/redis_server.o $(BUILD)/obj/tests/e2e/harness.o
+$(BUILD)/tests/unit/test_redisq: $(BUILD)/obj/tests/unit/test_redisq.o $(REDIS_TEST_OBJS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
@@ -133,6 +139,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
+	bash bench/redis.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \

@@ -4,6 +4,7 @@
 #include "commands.h"
 #include "../config/config.h"
 #include "../spool/spool.h"
+#include "../redisq/redisq.h"
 #include "../base/errs.h"
 #include "../forward/forward.h"
 #include "../json/schema.h"
@@ -68,9 +69,25 @@ static amp_queue *open_sqlite(const amp_config *cfg, int how, char *err, size_t 
                                       : amp_spool_open(&so, err, errlen);
 }
 
+amp_redisq_opts amp_cmd_redisq_opts(const amp_config *cfg) {
+    return (amp_redisq_opts){.url = cfg->queue.url,
+                             .shards = (int)cfg->queue.shards,
+                             .lease_ms = cfg->queue.lease_ms,
+                             .dedupe_window_s = cfg->spool.dedupe_window_s,
+                             .max_pending = cfg->spool.max_pending,
+                             .allow_weak_durability = cfg->queue.allow_weak_durability};
+}
+
+static amp_queue *open_redis(const amp_config *cfg, int how, char *err, size_t errlen) {
+    amp_redisq_opts ro = amp_cmd_redisq_opts(cfg);
+    return how == AMP_CMD_QUEUE_ADMIN ? amp_redisq_open_admin(&ro, err, errlen)
+                                      : amp_redisq_open(&ro, err, errlen);
+}
+
 /* One entry per queue.engine value, in the order of amp_config_queue_engine. */
 static amp_queue *(*const engines[])(const amp_config *, int, char *, size_t) = {
     [AMP_CONFIG_QUEUE_SQLITE] = open_sqlite,
+    [AMP_CONFIG_QUEUE_REDIS] = open_redis,
 };
 
 amp_queue *amp_cmd_open_queue(const amp_config *cfg, int how, char *err, size_t errlen) {

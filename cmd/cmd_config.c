@@ -6,6 +6,9 @@
  * an endpoint for another app mode, an input the app does not have, a
  * required variable nothing maps, a constant outside a select's options.
  * Then a finding, or an app Dify did not describe, is an error (exit 2).
+ * With queue.engine "redis" it also asks the Redis server for the settings
+ * serve requires (durability) and says why one is refused: exit 2 for a
+ * refused Redis, 1 for one that does not answer.
  */
 #include <curl/curl.h>
 #include <stdbool.h>
@@ -14,6 +17,17 @@
 
 #include "commands.h"
 #include "../config/config.h"
+#include "../redisq/redisq.h"
+
+static int check_redis(const amp_config *c) {
+    amp_redisq_opts ro = amp_cmd_redisq_opts(c);
+    char found[512], expected[256];
+    amp_redisq_check_result r = amp_redisq_check(&ro, found, sizeof found, expected, sizeof expected);
+    if (r == AMP_REDISQ_CHECK_OK)
+        return 0;
+    fprintf(stderr, "%s: queue.url: found %s; expected %s\n", c->file, found, expected);
+    return r == AMP_REDISQ_CHECK_REFUSED ? 2 : 1;
+}
 
 int amp_cmd_check_config(int argc, char **argv) {
     /* --online anywhere; the rest is -c FILE. */
@@ -34,8 +48,12 @@ int amp_cmd_check_config(int argc, char **argv) {
     amp_config *c = amp_cmd_load_config(cfile, AMP_CONFIG_SECRETS);
     if (!c)
         return 2;
+    int rc = c->queue.engine == AMP_CONFIG_QUEUE_REDIS ? check_redis(c) : 0;
+    if (rc != 0) {
+        amp_config_destroy(c);
+        return rc;
+    }
     size_t napps = amp_mapper_app_count(c->mapper);
-    int rc = 0;
     if (online) {
         if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
             fprintf(stderr, "%s: curl initialisation failed\n", c->file);

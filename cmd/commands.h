@@ -51,4 +51,9 @@ enum {
 struct amp_queue *amp_cmd_open_queue(const struct amp_config *cfg, int how, char *err,
                                      size_t errlen);
 
+/* The Redis engine's options from cfg (strings borrowed from cfg); the
+ * dedupe window and the pending limit are the spool's keys. */
+struct amp_redisq_opts;
+struct amp_redisq_opts amp_cmd_redisq_opts(const struct amp_config *cfg);
+
 #endif

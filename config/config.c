@@ -84,6 +84,11 @@ static bool valid_base_url(const char *s) {
     return strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0;
 }
 
+/* The URL is parsed when the queue opens; here only its form. */
+static bool valid_redis_url(const char *s) {
+    return strncmp(s, "redis://", 8) == 0 && s[8] != 0;
+}
+
 #define HOSTPORT_EXPECT "host:port, [v6]:port or :port"
 
 /* "host:port", "[v6]:port" or ":port" (every IPv4 address) into *address
@@ -175,7 +180,7 @@ static void check_retry_max(const amp_json_schema_at *at) {
 static const char *const scheme_names[] = {"amplitude-hmac", "static-header", "standard-webhooks",
                                            "none", NULL};
 static const char *const sync_names[] = {"full", "normal", NULL};
-static const char *const engine_names[] = {"sqlite", NULL};
+static const char *const engine_names[] = {"sqlite", "redis", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const validate_names[] = {"warn", "strict", "off", NULL};
 
@@ -262,6 +267,21 @@ static const amp_json_schema_row config_rows[] = {
      .def = "sqlite",
      .reload = RESTART,
      F(queue.engine)},
+    {.key = "queue.url",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "redis://127.0.0.1:6379",
+     .env = "AMP2DIFY_QUEUE_URL",
+     .reload = RESTART,
+     F(queue.url),
+     .accept = valid_redis_url,
+     .item_expect = "a URL like redis://[:password@]host[:port][/db]"},
+    {INT_ROW("queue.shards", 1, 1024, "64", RESTART, queue.shards)},
+    {INT_ROW("queue.lease_ms", 200, 600000, "5000", RESTART, queue.lease_ms)},
+    {.key = "queue.allow_weak_durability",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = RESTART,
+     F(queue.allow_weak_durability)},
     {.key = "spool.path",
      .type = AMP_JSON_SCHEMA_STRING,
      .def = "amp2dify-spool.db",

@@ -29,6 +29,7 @@
 /* queue.engine: where events wait for delivery. */
 typedef enum {
     AMP_CONFIG_QUEUE_SQLITE, /* the embedded spool (spool/) */
+    AMP_CONFIG_QUEUE_REDIS,  /* Redis Streams, shared by replicas (redisq/) */
 } amp_config_queue_engine;
 
 /* dify.validate: what start and SIGHUP do when an app does not fit its
@@ -76,6 +77,10 @@ typedef struct amp_config {
     } admin;
     struct {
         amp_config_queue_engine engine;
+        char *url;                  /* redis engine: redis://[:password@]host[:port][/db] */
+        int64_t shards;             /* redis engine: hash(app, user) mod shards */
+        int64_t lease_ms;           /* redis engine: a shard's lease */
+        bool allow_weak_durability; /* redis engine: accept appendfsync other than always */
     } queue;
     struct {
         char *path;

@@ -1,0 +1,417 @@
+/* The Redis engine's Lua scripts, called one by one against a redis-server
+ * of the test's own (tests/e2e/redis_server.h), and the engine through the
+ * queue interface. Fencing: a stale generation can neither claim nor
+ * acknowledge; accept is idempotent; a retry keeps its stream entry. */
+#include <check.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../base/clock.h"
+#include "../../base/log.h"
+#include "../../redisq/redisq_int.h"
+#include "../check_run.h"
+#include "../e2e/harness.h"
+#include "../e2e/redis_server.h"
+
+static h_redis *srv;
+static redisContext *c;
+static rq_shas shas;
+
+static void setup(void) {
+    amp_log_set_level(AMP_LOG_ERROR);
+    srv = h_redis_start(NULL);
+    ck_assert_ptr_nonnull(srv);
+    rq_url u;
+    char err[256];
+    ck_assert_int_eq(amp_redisq_parse_url(h_redis_url(srv), &u, err, sizeof err), 0);
+    c = amp_redisq_connect(&u, err, sizeof err);
+    ck_assert_msg(c != NULL, "%s", err);
+    ck_assert_int_eq(amp_redisq_load_scripts(c, &shas, err, sizeof err), 0);
+}
+
+static void teardown(void) {
+    redisFree(c);
+    h_redis_stop(srv);
+}
+
+/* Run script with the NULL-terminated string arguments; caller frees. */
+static redisReply *run(int script, ...) {
+    rq_args a = {0};
+    va_list ap;
+    va_start(ap, script);
+    for (const char *s; (s = va_arg(ap, const char *));)
+        amp_redisq_args_str(&a, s);
+    va_end(ap);
+    redisReply *r = amp_redisq_eval(c, &shas, script, &a);
+    amp_redisq_args_free(&a);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_msg(r->type != REDIS_REPLY_ERROR, "script %d: %s", script, r->str);
+    return r;
+}
+
+static long long cmd_int(const char *fmt, const char *arg) {
+    redisReply *r = redisCommand(c, fmt, arg);
+    ck_assert_ptr_nonnull(r);
+    long long v = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+/* One event with one request on shard 0. */
+static redisReply *accept1(const char *key, const char *user, const char *per_user,
+                           const char *body) {
+    return run(RQ_ACCEPT, RQ_PREFIX, "600", "1", key, "1", "0", "all", "support", user, per_user,
+               body, NULL);
+}
+
+/* Take shard 0 for owner: the token (static buffer). */
+static const char *acquire0(const char *owner, char *token, size_t len) {
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)amp_now_ms());
+    redisReply *r = run(RQ_ACQUIRE, RQ_PREFIX, "0", owner, "60000", now, NULL);
+    ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+    snprintf(token, len, "%s", r->element[0]->str);
+    freeReplyObject(r);
+    return token;
+}
+
+/* Claim from shard 0 at now_ms: the reply's shard entry {shard, ok, next, jobs}. */
+static redisReply *claim0(const char *token, const char *owner, int64_t now_ms) {
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms);
+    return run(RQ_CLAIM, RQ_PREFIX, now, "10", "0", token, owner, NULL);
+}
+
+static long long ack0(const char *token, const char *id, const char *kind, int64_t due_ms) {
+    char due[24], now[24];
+    snprintf(due, sizeof due, "%lld", (long long)due_ms);
+    snprintf(now, sizeof now, "%lld", (long long)amp_now_ms());
+    redisReply *r = run(RQ_ACK, RQ_PREFIX, "0", token, id, kind, due, now, "500", "boom",
+                        "it failed", "", "", NULL);
+    ck_assert_int_eq(r->type, REDIS_REPLY_INTEGER);
+    long long v = r->integer;
+    freeReplyObject(r);
+    return v;
+}
+
+static size_t njobs(const redisReply *r) {
+    const redisReply *s = r->element[0];
+    return s->element[1]->integer == 1 ? s->element[3]->elements : 0;
+}
+
+static const char *job_field(const redisReply *r, size_t j, size_t f) {
+    return r->element[0]->element[3]->element[j]->element[f]->str;
+}
+
+START_TEST(accept_is_idempotent_for_keyed_events) {
+    redisReply *r = accept1("k1", "u1", "0", "{}");
+    ck_assert_int_eq(r->element[0]->integer, 1);
+    ck_assert_int_eq(r->element[1]->integer, 0);
+    freeReplyObject(r);
+    /* The same request again (its answer was lost): nothing new. */
+    r = accept1("k1", "u1", "0", "{}");
+    ck_assert_int_eq(r->element[0]->integer, 0);
+    ck_assert_int_eq(r->element[1]->integer, 1);
+    freeReplyObject(r);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
+    ck_assert_int_gt(cmd_int("TTL %s", RQ_PREFIX "dedupe:k1"), 500);
+}
+END_TEST
+
+START_TEST(stale_generation_can_neither_claim_nor_ack) {
+    char ta[160], tb[160];
+    acquire0("A", ta, sizeof ta);
+    ck_assert_str_eq(ta, "1:A");
+    freeReplyObject(accept1("k1", "u1", "1", "{\"q\":1}"));
+    redisReply *r = claim0(ta, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    char id[48];
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+
+    /* A stalls past its lease (the key expires); B takes the shard. */
+    ck_assert_int_eq(cmd_int("DEL %s", RQ_PREFIX "0:lease"), 1);
+    acquire0("B", tb, sizeof tb);
+    ck_assert_str_eq(tb, "2:B");
+
+    /* A wakes up: its claim and its acknowledgement are refused. */
+    r = claim0(ta, "A", amp_now_ms());
+    ck_assert_int_eq(r->element[0]->element[1]->integer, 0);
+    freeReplyObject(r);
+    ck_assert_int_eq(ack0(ta, id, "delivered", 0), 0);
+    ck_assert_int_eq(ack0(ta, id, "retry", 0), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
+    ck_assert_int_eq(cmd_int("ZCARD %s", RQ_PREFIX "0:ready"), 1); /* A's claim was reset */
+    r = run(RQ_RENEW, RQ_PREFIX, "60000", "0", ta, NULL);
+    ck_assert_int_eq(r->element[0]->integer, 0);
+    freeReplyObject(r);
+
+    /* B owns the job now: same entry, attempts untouched by A. */
+    r = claim0(tb, "B", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 0), id);
+    ck_assert_str_eq(job_field(r, 0, 7), "0");
+    freeReplyObject(r);
+    /* While B has it claimed, A still cannot acknowledge it. */
+    ck_assert_int_eq(ack0(ta, id, "delivered", 0), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
+    ck_assert_int_eq(ack0(tb, id, "delivered", 0), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 0);
+    /* Acknowledged once: a second one finds no claim. */
+    ck_assert_int_eq(ack0(tb, id, "delivered", 0), 2);
+}
+END_TEST
+
+START_TEST(lease_is_exclusive_and_released_by_its_owner_only) {
+    char ta[160];
+    acquire0("A", ta, sizeof ta);
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)amp_now_ms());
+    redisReply *r = run(RQ_ACQUIRE, RQ_PREFIX, "0", "B", "60000", now, NULL);
+    ck_assert_int_eq(r->type, REDIS_REPLY_NIL);
+    freeReplyObject(r);
+    r = run(RQ_RELEASE, RQ_PREFIX, "0", "7:B", NULL);
+    ck_assert_int_eq(r->integer, 0);
+    freeReplyObject(r);
+    r = run(RQ_RELEASE, RQ_PREFIX, "0", ta, NULL);
+    ck_assert_int_eq(r->integer, 1);
+    freeReplyObject(r);
+    ck_assert_int_eq(cmd_int("EXISTS %s", RQ_PREFIX "0:lease"), 0);
+}
+END_TEST
+
+START_TEST(retry_keeps_its_entry_and_waits_for_its_due_time) {
+    char t[160];
+    acquire0("A", t, sizeof t);
+    freeReplyObject(accept1("k1", "u1", "0", "{}"));
+    int64_t now = amp_now_ms();
+    redisReply *r = claim0(t, "A", now);
+    char id[48];
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    ck_assert_int_eq(ack0(t, id, "retry", now + 60000), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1); /* no new XADD */
+    r = claim0(t, "A", now + 1000);
+    ck_assert_uint_eq(njobs(r), 0);
+    ck_assert_int_eq(strtoll(r->element[0]->element[2]->str, NULL, 10), now + 60000);
+    freeReplyObject(r);
+    r = claim0(t, "A", now + 60000);
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 0), id);
+    ck_assert_str_eq(job_field(r, 0, 7), "1"); /* attempts */
+    freeReplyObject(r);
+    /* A release (not attempted) keeps the attempts. */
+    ck_assert_int_eq(ack0(t, id, "release", now), 1);
+    r = claim0(t, "A", now + 60000);
+    ck_assert_str_eq(job_field(r, 0, 7), "1");
+    freeReplyObject(r);
+}
+END_TEST
+
+START_TEST(per_user_jobs_go_one_at_a_time_in_order) {
+    char t[160];
+    acquire0("A", t, sizeof t);
+    freeReplyObject(accept1("a1", "u1", "1", "{\"n\":1}"));
+    freeReplyObject(accept1("a2", "u1", "1", "{\"n\":2}"));
+    freeReplyObject(accept1("b1", "u2", "1", "{\"n\":1}"));
+    redisReply *r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 2); /* u1's first and u2's */
+    char id1[48];
+    snprintf(id1, sizeof id1, "%s", job_field(r, 0, 0));
+    ck_assert_str_eq(job_field(r, 0, 5), "{\"n\":1}");
+    ck_assert_str_eq(job_field(r, 0, 3), "u1");
+    freeReplyObject(r);
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 0); /* u1's second waits for the first */
+    freeReplyObject(r);
+    /* A retry of the first keeps the second waiting. */
+    ck_assert_int_eq(ack0(t, id1, "retry", amp_now_ms()), 1);
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 0), id1);
+    freeReplyObject(r);
+    /* Delivered, with a conversation: the second comes, carrying it. */
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)amp_now_ms());
+    r = run(RQ_ACK, RQ_PREFIX, "0", t, id1, "delivered", "0", now, "200", "", "", "set", "conv-1",
+            NULL);
+    ck_assert_int_eq(r->integer, 1);
+    freeReplyObject(r);
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 5), "{\"n\":2}");
+    ck_assert_str_eq(job_field(r, 0, 8), "conv-1");
+    freeReplyObject(r);
+}
+END_TEST
+
+START_TEST(dead_letters_list_replay_purge) {
+    char t[160];
+    acquire0("A", t, sizeof t);
+    freeReplyObject(accept1("k1", "u1", "1", "{}"));
+    redisReply *r = claim0(t, "A", amp_now_ms());
+    char id[48];
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    ck_assert_int_eq(ack0(t, id, "dead", 0), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 0);
+
+    /* Through the admin handle: list, then replay. */
+    amp_redisq_opts o = {.url = h_redis_url(srv), .shards = 1, .lease_ms = 1000};
+    char err[256];
+    amp_queue *q = amp_redisq_open_admin(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    amp_queue_dlq_filter f = {0};
+    json_t *rows = amp_queue_dlq_list(q, &f, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    json_t *row = json_array_get(rows, 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(row, "status")), 500);
+    ck_assert_str_eq(json_string_value(json_object_get(row, "code")), "boom");
+    ck_assert_int_eq(json_integer_value(json_object_get(row, "attempts")), 1);
+    json_decref(rows);
+    f.code = "other";
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &f), 0);
+    f.code = "boom";
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &f), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
+
+    /* The replayed job dies again; purge by id removes it for good. */
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    ck_assert_int_eq(ack0(t, id, "dead", 0), 1);
+    f.code = NULL;
+    rows = amp_queue_dlq_list(q, &f, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    int64_t dead_id = json_integer_value(json_object_get(json_array_get(rows, 0), "id"));
+    json_decref(rows);
+    int64_t other = dead_id + 1;
+    f.ids = &other;
+    f.nids = 1;
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &f), 0);
+    f.ids = &dead_id;
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &f), 1);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 0);
+    ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 0);
+    amp_queue_close(q);
+}
+END_TEST
+
+static void stored(void *ctx, const amp_queue_result *res) {
+    *(int *)ctx = res->status == 0 ? (int)res->accepted : -1;
+}
+
+START_TEST(engine_submits_claims_and_acknowledges) {
+    amp_redisq_opts o = {
+        .url = h_redis_url(srv), .shards = 4, .lease_ms = 1000, .dedupe_window_s = 60};
+    char err[256];
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    volatile int got = -2;
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "e1");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"query\":\"x\"}");
+    amp_queue_submit(q, b, stored, (void *)&got);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    ck_assert_int_eq(got, 1);
+    amp_queue_job *jobs[4];
+    int n = 0;
+    int64_t nd;
+    for (int64_t end = amp_mono_ms() + 5000; n == 0 && amp_mono_ms() < end;) {
+        n = amp_queue_claim(q, amp_now_ms(), jobs, 4, &nd);
+        if (n == 0)
+            h_sleep_ms(20);
+    }
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq(jobs[0]->shard, amp_redisq_shard_of("support", "u1", 4));
+    ck_assert_str_eq(jobs[0]->user, "u1");
+    ck_assert_str_eq(jobs[0]->dedupe_key, "e1");
+    ck_assert(jobs[0]->per_user);
+    amp_queue_ack ack = {.id = jobs[0]->id,
+                         .shard = jobs[0]->shard,
+                         .kind = AMP_QUEUE_ACK_DELIVERED,
+                         .http_status = 200};
+    ck_assert_int_eq(amp_queue_acknowledge(q, &ack), AMP_QUEUE_ACK_TAKEN);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    /* Acknowledged twice: the second finds no claim and changes nothing. */
+    ck_assert_int_eq(amp_queue_acknowledge(q, &ack), AMP_QUEUE_ACK_TAKEN);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    amp_queue_job_free(jobs[0]);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.delivered, 1);
+    ck_assert(amp_queue_writable(q));
+    amp_queue_close(q);
+    /* A queue created with 4 shards refuses another count. */
+    o.shards = 8;
+    ck_assert_ptr_null(amp_redisq_open(&o, err, sizeof err));
+    ck_assert_msg(strstr(err, "queue.shards: found 8; expected 4"), "%s", err);
+}
+END_TEST
+
+START_TEST(weak_durability_is_refused_unless_allowed) {
+    const char *weak[] = {"--appendfsync", "everysec", NULL};
+    h_redis *w = h_redis_start(weak);
+    ck_assert_ptr_nonnull(w);
+    amp_redisq_opts o = {.url = h_redis_url(w), .shards = 2, .lease_ms = 1000};
+    char err[512];
+    ck_assert_ptr_null(amp_redisq_open(&o, err, sizeof err));
+    ck_assert_msg(strstr(err, "appendfsync everysec"), "%s", err);
+    char found[256], expected[256];
+    ck_assert_int_eq(amp_redisq_check(&o, found, sizeof found, expected, sizeof expected),
+                     AMP_REDISQ_CHECK_REFUSED);
+    o.allow_weak_durability = true;
+    ck_assert_int_eq(amp_redisq_check(&o, found, sizeof found, expected, sizeof expected),
+                     AMP_REDISQ_CHECK_OK);
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    amp_queue_close(q);
+    h_redis_stop(w);
+}
+END_TEST
+
+START_TEST(url_forms) {
+    rq_url u;
+    char err[128];
+    ck_assert_int_eq(amp_redisq_parse_url("redis://h:7000/3", &u, err, sizeof err), 0);
+    ck_assert_str_eq(u.host, "h");
+    ck_assert_int_eq(u.port, 7000);
+    ck_assert_int_eq(u.db, 3);
+    ck_assert_int_eq(amp_redisq_parse_url("redis://:pw@h", &u, err, sizeof err), 0);
+    ck_assert_str_eq(u.password, "pw");
+    ck_assert_int_eq(u.port, 6379);
+    ck_assert_int_eq(amp_redisq_parse_url("http://h", &u, err, sizeof err), -1);
+    ck_assert_int_eq(amp_redisq_parse_url("redis://h:0", &u, err, sizeof err), -1);
+    ck_assert_int_eq(amp_redisq_parse_url("redis://h/x", &u, err, sizeof err), -1);
+    char buf[48];
+    amp_redisq_id_to_str(amp_redisq_id_from_str("1700000000123-45"), buf, sizeof buf);
+    ck_assert_str_eq(buf, "1700000000123-45");
+}
+END_TEST
+
+int main(void) {
+    Suite *su = suite_create("redisq");
+    TCase *tc = tcase_create("scripts");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, accept_is_idempotent_for_keyed_events);
+    tcase_add_test(tc, stale_generation_can_neither_claim_nor_ack);
+    tcase_add_test(tc, lease_is_exclusive_and_released_by_its_owner_only);
+    tcase_add_test(tc, retry_keeps_its_entry_and_waits_for_its_due_time);
+    tcase_add_test(tc, per_user_jobs_go_one_at_a_time_in_order);
+    tcase_add_test(tc, dead_letters_list_replay_purge);
+    tcase_add_test(tc, engine_submits_claims_and_acknowledges);
+    tcase_add_test(tc, weak_durability_is_refused_unless_allowed);
+    suite_add_tcase(su, tc);
+    TCase *tp = tcase_create("pure");
+    tcase_add_test(tp, url_forms);
+    suite_add_tcase(su, tp);
+    return amp_check_run(su);
+}
