@@ -1040,12 +1040,24 @@ static enum MHD_Result handle_get(fake_dify *f, req_ctx *ctx, struct MHD_Connect
                                   const char *url, const char *path) {
     const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
     bool meta = strcmp(path, "/info") == 0 || strcmp(path, "/parameters") == 0;
-    if (!key_ok(f, auth))
-        return fail(f, ctx, conn, url, "GET", NULL, 401, "unauthorized", "Access token is invalid",
-                    NULL, NULL, !meta);
     if (meta) {
+        /* Counted by fake_dify_meta_count, never in the request log (which
+         * holds what the relay sends for events), whatever the answer. */
         pthread_mutex_lock(&f->mu);
         f->meta_count++;
+        pthread_mutex_unlock(&f->mu);
+        if (!key_ok(f, auth)) {
+            char *text = envelope(401, "unauthorized", "Access token is invalid");
+            enum MHD_Result ret = queue_text(conn, 401, text, "application/json", NULL, NULL);
+            free(text);
+            return ret;
+        }
+    } else if (!key_ok(f, auth)) {
+        return fail(f, ctx, conn, url, "GET", NULL, 401, "unauthorized", "Access token is invalid",
+                    NULL, NULL, true);
+    }
+    if (meta) {
+        pthread_mutex_lock(&f->mu);
         const app_meta *m = meta_of(f, auth);
         json_t *o;
         if (path[1] == 'i') {
