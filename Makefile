@@ -8,9 +8,9 @@
 #   make bench                   ingest and delivery benchmarks (see bench/)
 
 comma := ,
-PKGS := libmicrohttpd openssl jansson libcurl sqlite3
+PKGS := libmicrohttpd openssl jansson libcurl sqlite3 libarchive zlib
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            check pkg-config
+            libarchive-dev zlib1g-dev check pkg-config
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
