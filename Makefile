@@ -42,7 +42,8 @@ E2E_SRCS := $(wildcard tests/e2e/test_*.c)
 E2E_BINS := $(E2E_SRCS:tests/e2e/%.c=$(BUILD)/tests/e2e/%)
 # Shared by end-to-end tests: the harness and the fake Dify (not its main).
 E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
-               $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c))
+               $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c)) \
+               $(wildcard tests/fake_amplitude/*.c)
 E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
 FAKE_DIFY := $(BUILD)/fake-dify
 BENCH_SRCS := $(wildcard bench/*.c)
