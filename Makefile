@@ -112,6 +112,7 @@ e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	bash tests/metrics/run.sh $(BUILD)
 	bash tests/signals/run.sh $(BUILD)
 	bash tests/docker/run.sh $(BUILD)
+	bash tests/sdk/run.sh $(BUILD)
 
 # Includes only down the layers of tests/layers/edges; symbols with their
 # folder's prefix (tests/layers/prefixes).

@@ -35,6 +35,14 @@ typedef enum {
 amp_decode_result amp_map_decode_body(const char *body, size_t len, json_t **events, char *detail,
                                       size_t detail_len);
 
+/* One decoded event checked as amp_map_decode_body checks each (idx names
+ * it in detail): 0, or -1 with detail, *field (static: the field at fault,
+ * "event" for the event as a whole) and *missing (the field is absent
+ * rather than invalid). For answers that list bad events by field, as
+ * Amplitude's HTTP V2 API does. */
+int amp_map_check_event(const json_t *ev, size_t idx, char *detail, size_t detail_len,
+                        const char **field, bool *missing);
+
 /* Dedupe key of an event: insert_id, else $insert_id, else uuid (non-empty
  * strings only). Borrowed from the event, or NULL. */
 const char *amp_map_dedupe_key(const json_t *event);
