@@ -401,7 +401,7 @@ static void report_hour(run *r, int64_t hour) {
                 rate);
         fflush(stderr);
     } else {
-        amp_log(AMP_LOG_INFO, "export hour stored", "{s:s, s:I, s:I, s:I, s:I, s:I, s:i}", "hour",
+        amp_log(AMP_LOG_INFO, "export hour stored", "{s:s, s:I, s:I, s:I, s:I, s:i}", "hour",
                 h, "events", (json_int_t)r->st->events, "accepted", (json_int_t)r->st->accepted,
                 "duplicates", (json_int_t)r->st->duplicates, "rejected",
                 (json_int_t)r->st->rejected, "events_per_second", (int)rate);
@@ -506,6 +506,12 @@ static size_t write_file(char *p, size_t size, size_t n, void *ctx) {
     return fwrite(p, size, n, ctx);
 }
 
+/* A download under way ends when stop is set. */
+static int progress_cb(void *ctx, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
+    (void)dt, (void)dn, (void)ut, (void)un;
+    return stopping(ctx) ? 1 : 0;
+}
+
 /* GET the range into file. 0 with f->status; -1 with r->err on a transport
  * failure. */
 static int fetch(run *r, int64_t s, int64_t e, const char *file, fetched *f) {
@@ -541,6 +547,9 @@ static int fetch(run *r, int64_t s, int64_t e, const char *file, fetched *f) {
     curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(c, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "amp2dify-export");
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, progress_cb);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, r);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     CURLcode cc = curl_easy_perform(c);
     r->st->requests++;
     int rc = 0;

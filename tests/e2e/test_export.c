@@ -12,6 +12,9 @@
  *       run's first request is the hour after the cursor, and every event
  *       reaches Dify exactly once
  *   bad_keys_stop  401: exit 1 with a message naming the keys, one request
+ *   serve_polls  sources.export.enabled in serve: the hours from
+ *       sources.export.start to the last complete one are stored and
+ *       delivered, the cursor file names the last, the metrics count them
  */
 #include <check.h>
 #include <curl/curl.h>
@@ -339,6 +342,61 @@ START_TEST(bad_keys_stop) {
 }
 END_TEST
 
+START_TEST(serve_polls) {
+    fake_amplitude *a = fake_amplitude_start(0, AMP_KEY, AMP_SECRET);
+    ck_assert_ptr_nonnull(a);
+    int64_t now_h = (int64_t)time(NULL) / 3600;
+    for (int64_t h = now_h - 3; h < now_h; h++)
+        fake_amplitude_export_hour(a, h, 6, 2, 2);
+    fake_amplitude_export_hour(a, now_h, 6, 1, 1); /* not complete yet: not asked */
+    fake_dify *d = fake_dify_start(0, H_API_KEY);
+    ck_assert_ptr_nonnull(d);
+    char start[16];
+    time_t t = (time_t)((now_h - 3) * 3600);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(start, sizeof start, "%Y-%m-%dT%H", &tm);
+    char *base = config(fake_amplitude_port(a), 24);
+    char *at = strstr(base, "\"hours_per_request\"");
+    ck_assert_ptr_nonnull(at);
+    char *cfg = amp_xasprintf("%.*s\"enabled\": true, \"lag_hours\": 0, \"interval_seconds\": 1, "
+                              "\"start\": \"%s\", %s",
+                              (int)(at - base), base, start, at);
+    h_server *s = start_server(cfg, d);
+    ck_assert_uint_eq(fake_dify_wait_delivered(d, 18, 30000), 18);
+    char *cursor = amp_xasprintf("%s/spool.db.export-default.cursor", h_server_dir(s));
+    int64_t deadline = h_mono_ms() + 10000;
+    while (h_mono_ms() < deadline && read_cursor(cursor) != now_h - 1)
+        h_sleep_ms(50);
+    ck_assert_int_eq(read_cursor(cursor), now_h - 1);
+    /* The counters follow the cursor file by a moment. */
+    h_resp *m = NULL;
+    deadline = h_mono_ms() + 10000;
+    do {
+        h_resp_free(m);
+        m = h_get(s, "/metrics");
+        if (strstr(m->body, "amp2dify_export_hours_total 3\n") &&
+            strstr(m->body, "amp2dify_export_events_total{outcome=\"accepted\"} 18\n"))
+            break;
+        h_sleep_ms(50);
+    } while (h_mono_ms() < deadline);
+    const char *fam = strstr(m->body, "amp2dify_export_");
+    ck_assert_msg(strstr(m->body, "amp2dify_export_hours_total 3\n") != NULL, "%.1500s", fam);
+    ck_assert_msg(strstr(m->body, "amp2dify_export_events_total{outcome=\"accepted\"} 18\n"),
+                  "%.1500s", fam);
+    h_resp_free(m);
+    h_sleep_ms(1500); /* another poll or two: nothing new */
+    ck_assert_uint_eq(fake_dify_delivered(d), 18);
+    char *why = h_server_stop_clean(s);
+    ck_assert_msg(why == NULL, "%s", why);
+    free(cursor);
+    free(cfg);
+    free(base);
+    fake_dify_stop(d);
+    fake_amplitude_stop(a);
+}
+END_TEST
+
 static Suite *export_suite(void) {
     Suite *s = suite_create("export");
     TCase *tc = tcase_create("export");
@@ -346,6 +404,7 @@ static Suite *export_suite(void) {
     tcase_add_test(tc, backfill_three_days);
     tcase_add_test(tc, kill_resumes_at_the_hour);
     tcase_add_test(tc, bad_keys_stop);
+    tcase_add_test(tc, serve_polls);
     suite_add_tcase(s, tc);
     return s;
 }
