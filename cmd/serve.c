@@ -228,7 +228,7 @@ int amp_cmd_serve(int argc, char **argv) {
         rs.export_cursor = amp_config_export_cursor(rs.cfg, NULL);
         amp_source_export_opts eo = amp_cmd_export_opts(rs.cfg, rs.export_cursor, rs.metrics);
         int64_t start = -1;
-        if (*rs.cfg->sources.export.start)
+        if (rs.cfg->sources.export.start && *rs.cfg->sources.export.start)
             amp_source_export_parse_hour(rs.cfg->sources.export.start, &start);
         rs.exporter = amp_source_export_start(rs.spool, &eo, rs.cfg->sources.export.interval_s,
                                               rs.cfg->sources.export.lag_hours, start);

@@ -147,6 +147,17 @@ static void check_retry_max(const amp_json_schema_at *at) {
     }
 }
 
+/* sources.sdk.path beside listen.path: one endpoint per path. */
+static void check_sdk_path(const amp_json_schema_at *at) {
+    const amp_config *c = at->target;
+    if (c->sources.sdk.enabled && c->sources.sdk.path && c->listen.path &&
+        strcmp(c->sources.sdk.path, c->listen.path) == 0) {
+        char *found = amp_xasprintf("'%s', the webhook's listen.path", c->sources.sdk.path);
+        amp_json_schema_error(at->errs, at->path, found, "a path of its own");
+        free(found);
+    }
+}
+
 /* sources.export.start: "" or an hour "YYYY-MM-DDTHH" (UTC). */
 static bool valid_hour(const char *s) {
     if (!*s)
@@ -328,13 +339,11 @@ static const amp_json_schema_row config_rows[] = {
      .item_expect = "1 to 64 letters, digits, '-' or '_'"},
     {.key = "sources.export.cursor_dir",
      .type = AMP_JSON_SCHEMA_STRING,
-     .def = "",
      .allow_empty = true,
      .reload = RESTART,
      F(sources.export.cursor_dir)},
     {.key = "sources.export.start",
      .type = AMP_JSON_SCHEMA_STRING,
-     .def = "",
      .allow_empty = true,
      .reload = RESTART,
      F(sources.export.start),
@@ -364,6 +373,7 @@ static const amp_json_schema_row config_rows[] = {
      .def = "/2/httpapi",
      .reload = LIVE,
      F(sources.sdk.path),
+     .check = check_sdk_path,
      .accept = valid_url_path,
      .item_expect = "a path starting with '/'"},
     {.key = NULL},
@@ -546,7 +556,8 @@ char *amp_config_export_cursor(const amp_config *c, const char *suffix) {
     const char *spool = c->spool.path;
     const char *slash = strrchr(spool, '/');
     const char *name = slash ? slash + 1 : spool;
-    char *dir = *c->sources.export.cursor_dir ? amp_xstrdup(c->sources.export.cursor_dir)
+    const char *cdir = c->sources.export.cursor_dir;
+    char *dir = cdir && *cdir ? amp_xstrdup(c->sources.export.cursor_dir)
                 : slash ? amp_xstrndup(spool, (size_t)(slash - spool) + (slash == spool))
                         : amp_xstrdup(".");
     char *out = amp_xasprintf("%s/%s.export-%s%s%s.cursor", dir, name, c->sources.export.project,

@@ -81,8 +81,8 @@ typedef struct amp_config {
             bool enabled; /* poll on a schedule in serve */
             char *base_url;
             char *project;    /* names the cursor file */
-            char *cursor_dir; /* "": the spool's directory */
-            char *start;      /* "YYYY-MM-DDTHH" or "" */
+            char *cursor_dir; /* NULL or "": the spool's directory */
+            char *start;      /* "YYYY-MM-DDTHH"; NULL or "": none */
             unsigned lag_hours;
             unsigned interval_s;
             unsigned hours_per_request;
