@@ -101,6 +101,12 @@ $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
 
+# The Export benchmark's helper serves zips with the tests' fake Amplitude.
+$(BUILD)/bench/export_fake: $(BUILD)/obj/bench/export_fake.o \
+                            $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
@@ -134,6 +140,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
+	bash bench/export.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
