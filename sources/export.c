@@ -300,8 +300,14 @@ static int read_part(run *r, struct archive *outer, const char *part) {
     unsigned batch_no = 0;
     int64_t lineno = 0;
     struct archive_entry *e;
-    if (archive_read_open(in, outer, NULL, outer_read, NULL) != ARCHIVE_OK ||
-        archive_read_next_header(in, &e) != ARCHIVE_OK) {
+    int hr = archive_read_open(in, outer, NULL, outer_read, NULL);
+    if (hr == ARCHIVE_OK)
+        hr = archive_read_next_header(in, &e);
+    if (hr == ARCHIVE_EOF) { /* an empty part */
+        rc = 0;
+        goto out;
+    }
+    if (hr != ARCHIVE_OK) {
         snprintf(r->err, r->errlen, "%s: not gzip: %s", part, archive_error_string(in));
         goto out;
     }
