@@ -78,8 +78,9 @@ int amp_cmd_export(int argc, char **argv) {
         return 2;
     }
     if (amp_source_export_parse_hour(start, &first) || amp_source_export_parse_hour(end, &last)) {
-        fprintf(stderr, "amp2dify export: --start '%s' / --end '%s': expected hours like "
-                        "2026-11-01T00 (UTC)\n",
+        fprintf(stderr,
+                "amp2dify export: --start '%s' / --end '%s': expected hours like "
+                "2026-11-01T00 (UTC)\n",
                 start, end);
         return 2;
     }

@@ -529,8 +529,10 @@ static void load_export_keys(amp_config *c, amp_errs *errs) {
     for (size_t i = 0; i < 2; i++) {
         if (amp_config_secret_from_env(names[i], slots[i], names[i], errs) > 0) {
             char *found = amp_xasprintf("nothing in %s or %s_FILE", names[i], names[i]);
-            amp_json_schema_error(errs, names[i], found, "the Amplitude project's %s for the "
-                                  "Export API", i == 0 ? "API key" : "secret key");
+            amp_json_schema_error(errs, names[i], found,
+                                  "the Amplitude project's %s for the "
+                                  "Export API",
+                                  i == 0 ? "API key" : "secret key");
             free(found);
         }
     }
@@ -539,8 +541,8 @@ static void load_export_keys(amp_config *c, amp_errs *errs) {
 /* The api_key values the SDK endpoint accepts. */
 static void load_sdk_keys(amp_config *c, amp_errs *errs) {
     char *all = NULL;
-    int rc = amp_config_secret_from_env("AMP2DIFY_SDK_API_KEYS", &all, "AMP2DIFY_SDK_API_KEYS",
-                                        errs);
+    int rc =
+        amp_config_secret_from_env("AMP2DIFY_SDK_API_KEYS", &all, "AMP2DIFY_SDK_API_KEYS", errs);
     if (rc < 0)
         return;
     if (rc == 0)
@@ -558,8 +560,8 @@ char *amp_config_export_cursor(const amp_config *c, const char *suffix) {
     const char *name = slash ? slash + 1 : spool;
     const char *cdir = c->sources.export.cursor_dir;
     char *dir = cdir && *cdir ? amp_xstrdup(c->sources.export.cursor_dir)
-                : slash ? amp_xstrndup(spool, (size_t)(slash - spool) + (slash == spool))
-                        : amp_xstrdup(".");
+                : slash       ? amp_xstrndup(spool, (size_t)(slash - spool) + (slash == spool))
+                              : amp_xstrdup(".");
     char *out = amp_xasprintf("%s/%s.export-%s%s%s.cursor", dir, name, c->sources.export.project,
                               suffix ? "-" : "", suffix ? suffix : "");
     free(dir);

@@ -139,8 +139,9 @@ static void set_request_id(amp_req *r) {
 static const route *match(const amp_config *cfg, const char *url) {
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
         const char *path = routes[i].path ? routes[i].path
-                           : routes[i].sdk ? (cfg->sources.sdk.enabled ? cfg->sources.sdk.path : NULL)
-                                           : cfg->listen.path;
+                           : routes[i].sdk
+                               ? (cfg->sources.sdk.enabled ? cfg->sources.sdk.path : NULL)
+                               : cfg->listen.path;
         if (path && strcmp(path, url) == 0)
             return &routes[i];
     }

@@ -44,8 +44,7 @@ static enum MHD_Result answer(amp_req *r, unsigned status, const char *code_name
     return amp_handlers_reply_json(r, status, body);
 }
 
-static enum MHD_Result fail(amp_req *r, unsigned status, const char *code_name,
-                            const char *error) {
+static enum MHD_Result fail(amp_req *r, unsigned status, const char *code_name, const char *error) {
     return answer(r, status, code_name, json_pack("{s:s}", "error", error));
 }
 
@@ -132,8 +131,8 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
     if (full)
         return fail(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", full);
 
-    json_t *root = r->body.len ? json_loadb(r->body.data, r->body.len, JSON_REJECT_DUPLICATES, NULL)
-                               : NULL;
+    json_t *root =
+        r->body.len ? json_loadb(r->body.data, r->body.len, JSON_REJECT_DUPLICATES, NULL) : NULL;
     if (!json_is_object(root)) {
         json_decref(root);
         amp_series_inc(h->events_rejected);

@@ -246,8 +246,8 @@ static bool nonempty_string(const json_t *v) {
 /* 0, or -1 with detail set, and *field (static: "event_type", "time"...,
  * "event" for the event as a whole) with *missing (absent rather than
  * invalid). */
-static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen,
-                       const char **field, bool *missing) {
+static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen, const char **field,
+                       bool *missing) {
     *field = "event";
     *missing = false;
     if (!json_is_object(ev)) {

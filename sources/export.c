@@ -82,8 +82,8 @@ int amp_source_export_cursor_read(const char *path, int64_t *hour, char *err, si
     fclose(f);
     line[strcspn(line, "\r\n")] = '\0';
     if (!ok || amp_source_export_parse_hour(line, hour) != 0) {
-        snprintf(err, errlen, "the export cursor '%s' holds '%.20s', not an hour YYYYMMDDTHH",
-                 path, line);
+        snprintf(err, errlen, "the export cursor '%s' holds '%.20s', not an hour YYYYMMDDTHH", path,
+                 line);
         return -1;
     }
     return 1;
@@ -164,8 +164,8 @@ static bool nap(const run *r, int64_t ms) {
 
 static void count_failure(run *r, const char *reason) {
     if (r->o->metrics)
-        amp_series_inc(amp_metrics_series(r->o->metrics, "amp2dify_export_failures_total",
-                                          "reason", reason, NULL));
+        amp_series_inc(amp_metrics_series(r->o->metrics, "amp2dify_export_failures_total", "reason",
+                                          reason, NULL));
 }
 
 static void stored(void *ctx, const amp_queue_result *res) {
@@ -240,7 +240,8 @@ static int submit_events(run *r, json_t *events, const char *part, unsigned batc
         while (amp_queue_full(r->q)) {
             if (amp_mono_ms() - full_since > QUEUE_FULL_WAIT_MS || !nap(r, 200)) {
                 amp_queue_batch_destroy(b);
-                snprintf(r->err, r->errlen, "the queue is full: %s", amp_queue_full(r->q) ? amp_queue_full(r->q) : "");
+                snprintf(r->err, r->errlen, "the queue is full: %s",
+                         amp_queue_full(r->q) ? amp_queue_full(r->q) : "");
                 return -1;
             }
         }
@@ -403,12 +404,11 @@ static void report_hour(run *r, int64_t hour) {
     double rate = secs > 0 ? (double)r->st->events / secs : 0;
     if (r->o->progress) {
         fprintf(stderr, "\rexport %s  hours %lld/%lld  events %lld  %.0f events/s   ", h,
-                (long long)r->st->hours, (long long)r->total_hours, (long long)r->st->events,
-                rate);
+                (long long)r->st->hours, (long long)r->total_hours, (long long)r->st->events, rate);
         fflush(stderr);
     } else {
-        amp_log(AMP_LOG_INFO, "export hour stored", "{s:s, s:I, s:I, s:I, s:I, s:i}", "hour",
-                h, "events", (json_int_t)r->st->events, "accepted", (json_int_t)r->st->accepted,
+        amp_log(AMP_LOG_INFO, "export hour stored", "{s:s, s:I, s:I, s:I, s:I, s:i}", "hour", h,
+                "events", (json_int_t)r->st->events, "accepted", (json_int_t)r->st->accepted,
                 "duplicates", (json_int_t)r->st->duplicates, "rejected",
                 (json_int_t)r->st->rejected, "events_per_second", (int)rate);
     }
@@ -425,8 +425,7 @@ static int store_hour(run *r, const char *file, int64_t hour) {
     while (rc == 0 && (hr = archive_read_next_header(a, &e)) == ARCHIVE_OK) {
         const char *name = archive_entry_pathname(e);
         int64_t h;
-        if (!name || archive_entry_filetype(e) == AE_IFDIR || part_hour(name, &h) != 0 ||
-            h != hour)
+        if (!name || archive_entry_filetype(e) == AE_IFDIR || part_hour(name, &h) != 0 || h != hour)
             continue;
         rc = read_part(r, a, name);
     }
@@ -464,16 +463,20 @@ static int store_zip(run *r, const char *file, int64_t s, int64_t e) {
             continue;
         int64_t h;
         if (part_hour(name, &h) != 0) {
-            snprintf(r->err, r->errlen, "the export holds '%.200s', not a part named "
-                     "<project>_<YYYY-MM-DD>_<H>#<n>.json.gz", name);
+            snprintf(r->err, r->errlen,
+                     "the export holds '%.200s', not a part named "
+                     "<project>_<YYYY-MM-DD>_<H>#<n>.json.gz",
+                     name);
             rc = -1;
             break;
         }
         if (h < s || h > e) {
             char hs[16];
             amp_source_export_format_hour(h, hs, sizeof hs);
-            snprintf(r->err, r->errlen, "the export holds '%.200s', of hour %s outside the range "
-                     "asked", name, hs);
+            snprintf(r->err, r->errlen,
+                     "the export holds '%.200s', of hour %s outside the range "
+                     "asked",
+                     name, hs);
             rc = -1;
             break;
         }
@@ -630,8 +633,8 @@ static int do_range(run *r, int64_t s, int64_t e) {
                 char a[16], b[16];
                 amp_source_export_format_hour(s, a, sizeof a);
                 amp_source_export_format_hour(e, b, sizeof b);
-                amp_log(AMP_LOG_INFO, "export range too large; split in halves",
-                        "{s:s, s:s}", "start", a, "end", b);
+                amp_log(AMP_LOG_INFO, "export range too large; split in halves", "{s:s, s:s}",
+                        "start", a, "end", b);
                 unlink(file);
                 rc = do_range(r, s, mid);
                 if (rc == 0)
@@ -659,8 +662,8 @@ static int do_range(run *r, int64_t s, int64_t e) {
         count_failure(r, reason);
         if (attempt >= r->o->max_attempts)
             break;
-        amp_log(AMP_LOG_WARN, "export request failed; retrying", "{s:s, s:i, s:I}", "error",
-                r->err, "attempt", (int)attempt, "retry_in_ms", (json_int_t)backoff);
+        amp_log(AMP_LOG_WARN, "export request failed; retrying", "{s:s, s:i, s:I}", "error", r->err,
+                "attempt", (int)attempt, "retry_in_ms", (json_int_t)backoff);
         if (!nap(r, backoff)) {
             rc = 1;
             break;
@@ -761,8 +764,9 @@ static void *poll_main(void *arg) {
             st = amp_source_export_run(p->q, &p->o, first, last, NULL, err, sizeof err);
         if (st == AMP_SOURCE_EXPORT_FAILED || st == AMP_SOURCE_EXPORT_AUTH)
             amp_log(AMP_LOG_ERROR,
-                    st == AMP_SOURCE_EXPORT_AUTH ? "export stopped" : "export failed; next poll "
-                                                                      "tries again",
+                    st == AMP_SOURCE_EXPORT_AUTH ? "export stopped"
+                                                 : "export failed; next poll "
+                                                   "tries again",
                     "{s:s}", "error", err);
         if (st == AMP_SOURCE_EXPORT_AUTH)
             break;
@@ -770,8 +774,7 @@ static void *poll_main(void *arg) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += p->interval_s;
-        while (!atomic_load(&p->stop) &&
-               pthread_cond_timedwait(&p->cond, &p->mu, &ts) != ETIMEDOUT)
+        while (!atomic_load(&p->stop) && pthread_cond_timedwait(&p->cond, &p->mu, &ts) != ETIMEDOUT)
             ;
         pthread_mutex_unlock(&p->mu);
     }

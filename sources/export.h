@@ -49,10 +49,10 @@ typedef struct amp_source_export_opts {
     unsigned timeout_s;         /* one request, download included */
     int64_t min_request_interval_ms;
     int64_t retry_initial_ms;
-    unsigned max_attempts;  /* per request, >= 1 */
-    unsigned batch_events;  /* events per queue batch, >= 1 */
-    amp_metrics *metrics;   /* may be NULL */
-    bool progress;          /* a progress line on stderr (a terminal); else log lines */
+    unsigned max_attempts;   /* per request, >= 1 */
+    unsigned batch_events;   /* events per queue batch, >= 1 */
+    amp_metrics *metrics;    /* may be NULL */
+    bool progress;           /* a progress line on stderr (a terminal); else log lines */
     const atomic_bool *stop; /* may be NULL; set: return at the next step */
 } amp_source_export_opts;
 

@@ -143,7 +143,8 @@ START_TEST(backfill_three_days) {
         if (h % 5 == 4 || (h >= 36 && h < 48)) /* empty hours, and 12 in a row: 404 */
             continue;
         unsigned n = 5 + (unsigned)(h % 4) * 3;
-        fake_amplitude_export_hour(a, NOV1 + h, n, 1 + (unsigned)(h % 3), 1 + (unsigned)(h % 2) * 2);
+        fake_amplitude_export_hour(a, NOV1 + h, n, 1 + (unsigned)(h % 3),
+                                   1 + (unsigned)(h % 2) * 2);
         total += n;
     }
     fake_amplitude_export_max_hours(a, 12);
@@ -226,8 +227,7 @@ static int64_t read_cursor(const char *path) {
     int64_t h = -1;
     if (fgets(line, sizeof line, f)) {
         struct tm tm = {0};
-        if (sscanf(line, "%4d%2d%2dT%2d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour) ==
-            4) {
+        if (sscanf(line, "%4d%2d%2dT%2d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour) == 4) {
             tm.tm_year -= 1900;
             tm.tm_mon -= 1;
             h = (int64_t)timegm(&tm) / 3600;

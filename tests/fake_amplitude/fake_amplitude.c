@@ -85,8 +85,7 @@ char *fake_amplitude_event_line(int64_t hour, unsigned i) {
         (long long)hour, i, i % 3 == 0 ? "[\"attr-1\",\"attr-2\"]" : "null",
         (unsigned long long)(100000 + i % 7), when, micros, upload, micros, i % 7, i, i, when,
         micros, i % 3, i % 250, upload, micros, upload, micros, upload, micros,
-        (long long)secs * 1000, anonymous ? "null" : user, (unsigned long long)hour, i % 65536,
-        i);
+        (long long)secs * 1000, anonymous ? "null" : user, (unsigned long long)hour, i % 65536, i);
 }
 
 /* Lines first..end-1 of an hour as gzip, in members members. Caller owns
@@ -236,8 +235,8 @@ static int parse_req_hour(const char *s, int64_t *hour) {
 }
 
 static void record(fake_amplitude *f, const char *start, const char *end, int status) {
-    json_array_append_new(f->requests, json_pack("{s:s?, s:s?, s:i}", "start", start, "end", end,
-                                                 "status", status));
+    json_array_append_new(
+        f->requests, json_pack("{s:s?, s:s?, s:i}", "start", start, "end", end, "status", status));
 }
 
 static enum MHD_Result export_answer(fake_amplitude *f, struct MHD_Connection *c) {
@@ -275,15 +274,17 @@ static enum MHD_Result export_answer(fake_amplitude *f, struct MHD_Connection *c
         case 401:
             return send_text(c, 401, "Invalid API key or secret key.");
         case 413:
-            return send_text(c, 400, "The file size of the exported data is too large. Shorten "
-                                     "the time ranges and try again. The limit size is 4GB.");
+            return send_text(c, 400,
+                             "The file size of the exported data is too large. Shorten "
+                             "the time ranges and try again. The limit size is 4GB.");
         case 400:
             return send_text(c, 400, "Invalid start or end time.");
         case 404:
             return send_text(c, 404, "Raw data files were not found.");
         case 504:
-            return send_text(c, 504, "The amount of data is large causing a timeout. For large "
-                                     "amounts of data, the Amazon S3 destination is recommended.");
+            return send_text(c, 504,
+                             "The amount of data is large causing a timeout. For large "
+                             "amounts of data, the Amazon S3 destination is recommended.");
         default:
             return send_text(c, (unsigned)status, "fault");
         }
@@ -420,8 +421,8 @@ uint16_t fake_amplitude_port(const fake_amplitude *f) {
     return f->port;
 }
 
-void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevents,
-                                unsigned nparts, unsigned members) {
+void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevents, unsigned nparts,
+                                unsigned members) {
     pthread_mutex_lock(&f->mu);
     size_t i = 0;
     while (i < f->nhours && f->hours[i].hour != hour)

@@ -39,8 +39,8 @@ uint16_t fake_amplitude_port(const fake_amplitude *f);
  * nevents generated events (deterministic: insert_id "exp-<hour>-<i>"),
  * spread over nparts parts, each part written as members gzip members.
  * Replaces what the hour held. */
-void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevents,
-                                unsigned nparts, unsigned members);
+void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevents, unsigned nparts,
+                                unsigned members);
 /* Ranges of more than max_hours hours get 400 "too large" (0: no limit). */
 void fake_amplitude_export_max_hours(fake_amplitude *f, unsigned max_hours);
 /* The next export request gets this status (504, 500, 429...), FIFO. */
