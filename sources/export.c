@@ -195,65 +195,40 @@ static void wait_in_flight(run *r, int max) {
     pthread_mutex_unlock(&r->mu);
 }
 
-/* The pending events of one part through the routes into the queue. The
- * dedupe stem of events without a key of their own names the part and the
- * batch, so a second run makes the same keys. 0, or -1 with r->err. */
-static int submit_events(run *r, json_t *events, const char *part, unsigned batch_no) {
-    if (json_array_size(events) == 0)
+/* The batch gathered so far into the queue (takes it; *b is reset to
+ * NULL). 0, or -1 with r->err when the queue stays full. */
+static int submit_batch(run *r, amp_queue_batch **b) {
+    amp_queue_batch *batch = *b;
+    *b = NULL;
+    if (!batch)
         return 0;
-    char stem[280];
-    snprintf(stem, sizeof stem, "export:%.200s:%u", part, batch_no);
-    for (;;) {
-        amp_source_input in = {.events = events,
-                               .mapper = r->o->mapper,
-                               .max_events = json_array_size(events),
-                               .message_key = stem};
-        unsigned filtered = 0;
-        char detail[256];
-        amp_queue_batch *b = amp_source_batch(&in, &filtered, detail, sizeof detail);
-        if (!b) {
-            /* A route found one event invalid: that one is rejected, the
-             * others go on. */
-            size_t idx;
-            if (sscanf(detail, "events[%zu]", &idx) != 1 || idx >= json_array_size(events)) {
-                snprintf(r->err, r->errlen, "%s: %s", part, detail);
-                return -1;
-            }
-            amp_log(AMP_LOG_WARN, "export event rejected", "{s:s, s:s}", "part", part, "error",
-                    detail);
-            r->st->rejected++;
-            if (r->m_rejected)
-                amp_series_inc(r->m_rejected);
-            json_array_remove(events, idx);
-            if (json_array_size(events) == 0)
-                return 0;
-            continue;
-        }
-        r->st->filtered += filtered;
-        if (r->m_filtered)
-            amp_series_add(r->m_filtered, filtered);
-        if (amp_queue_batch_events(b) == 0) {
-            amp_queue_batch_destroy(b);
-            break;
-        }
-        int64_t full_since = amp_mono_ms();
-        while (amp_queue_full(r->q)) {
-            if (amp_mono_ms() - full_since > QUEUE_FULL_WAIT_MS || !nap(r, 200)) {
-                amp_queue_batch_destroy(b);
-                snprintf(r->err, r->errlen, "the queue is full: %s",
-                         amp_queue_full(r->q) ? amp_queue_full(r->q) : "");
-                return -1;
-            }
-        }
-        wait_in_flight(r, MAX_IN_FLIGHT - 1);
-        pthread_mutex_lock(&r->mu);
-        r->in_flight++;
-        pthread_mutex_unlock(&r->mu);
-        amp_queue_submit(r->q, b, stored, r);
-        break;
+    if (amp_queue_batch_events(batch) == 0) {
+        amp_queue_batch_destroy(batch);
+        return 0;
     }
-    json_array_clear(events);
+    int64_t full_since = amp_mono_ms();
+    while (amp_queue_full(r->q)) {
+        if (amp_mono_ms() - full_since > QUEUE_FULL_WAIT_MS || !nap(r, 200)) {
+            amp_queue_batch_destroy(batch);
+            snprintf(r->err, r->errlen, "the queue is full: %s",
+                     amp_queue_full(r->q) ? amp_queue_full(r->q) : "");
+            return -1;
+        }
+    }
+    wait_in_flight(r, MAX_IN_FLIGHT - 1);
+    pthread_mutex_lock(&r->mu);
+    r->in_flight++;
+    pthread_mutex_unlock(&r->mu);
+    amp_queue_submit(r->q, batch, stored, r);
     return 0;
+}
+
+static void reject(run *r, const char *part, int64_t lineno, const char *why) {
+    amp_log(AMP_LOG_WARN, "export event rejected", "{s:s, s:I, s:s}", "part", part, "line",
+            (json_int_t)lineno, "error", why);
+    r->st->rejected++;
+    if (r->m_rejected)
+        amp_series_inc(r->m_rejected);
 }
 
 /* Reads the outer archive's current entry for the inner (gzip) one. */
@@ -265,9 +240,12 @@ static la_ssize_t outer_read(struct archive *inner, void *ctx, const void **buf)
     return n;
 }
 
-/* One line of a part: an event to the pending list, or a rejection. */
+/* One line of a part: decoded, through the routes at once (so the event
+ * is freed before the next is parsed) and its requests copied into *b, or
+ * a rejection. Events without a key of their own are keyed by part and
+ * line, so a second run makes the same keys. */
 static void take_line(run *r, const char *line, size_t len, const char *part, int64_t lineno,
-                      json_t *pending) {
+                      amp_queue_batch **b) {
     while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == ' '))
         len--;
     if (len == 0)
@@ -277,16 +255,36 @@ static void take_line(run *r, const char *line, size_t len, const char *part, in
     char detail[256];
     if (amp_map_decode_body(line, len, &events, detail, sizeof detail) != AMP_DECODE_OK ||
         json_array_size(events) != 1) {
-        amp_log(AMP_LOG_WARN, "export event rejected", "{s:s, s:I, s:s}", "part", part, "line",
-                (json_int_t)lineno, "error", events ? "not one event" : detail);
-        r->st->rejected++;
-        if (r->m_rejected)
-            amp_series_inc(r->m_rejected);
+        reject(r, part, lineno, events ? "not one event" : detail);
         json_decref(events);
         return;
     }
-    json_array_append(pending, json_array_get(events, 0));
+    char stem[280];
+    snprintf(stem, sizeof stem, "export:%.200s:%lld", part, (long long)lineno);
+    amp_source_input in = {
+        .events = events, .mapper = r->o->mapper, .max_events = 1, .message_key = stem};
+    unsigned filtered = 0;
+    amp_queue_batch *one = amp_source_batch(&in, &filtered, detail, sizeof detail);
     json_decref(events);
+    if (!one) {
+        reject(r, part, lineno, detail);
+        return;
+    }
+    r->st->filtered += filtered;
+    if (r->m_filtered && filtered)
+        amp_series_add(r->m_filtered, filtered);
+    if (amp_queue_batch_events(one) > 0) {
+        if (!*b)
+            *b = amp_queue_batch_create();
+        const amp_queue_request *reqs;
+        size_t nreqs;
+        const char *key = amp_queue_batch_event_at(one, 0, &reqs, &nreqs);
+        amp_queue_batch_event(*b, key);
+        for (size_t i = 0; i < nreqs; i++)
+            amp_queue_batch_request(*b, reqs[i].route, reqs[i].app, reqs[i].user, reqs[i].per_user,
+                                    reqs[i].body);
+    }
+    amp_queue_batch_destroy(one);
 }
 
 /* Every line of one part (the outer archive at its entry). 0, or -1. */
@@ -297,8 +295,7 @@ static int read_part(run *r, struct archive *outer, const char *part) {
     int rc = -1;
     amp_buf line;
     amp_buf_init(&line, MAX_LINE_BYTES);
-    json_t *pending = json_array();
-    unsigned batch_no = 0;
+    amp_queue_batch *pending = NULL;
     int64_t lineno = 0;
     struct archive_entry *e;
     int hr = archive_read_open(in, outer, NULL, outer_read, NULL);
@@ -333,23 +330,23 @@ static int read_part(run *r, struct archive *outer, const char *part) {
             if (!nl)
                 break;
             lineno++;
-            take_line(r, line.data ? line.data : "", line.len, part, lineno, pending);
+            take_line(r, line.data ? line.data : "", line.len, part, lineno, &pending);
             line.len = 0;
-            if (json_array_size(pending) >= r->o->batch_events &&
-                submit_events(r, pending, part, batch_no++) != 0)
+            if (pending && amp_queue_batch_events(pending) >= r->o->batch_events &&
+                submit_batch(r, &pending) != 0)
                 goto out;
             p = nl + 1;
         }
     }
     if (line.len > 0) {
         lineno++;
-        take_line(r, line.data, line.len, part, lineno, pending);
+        take_line(r, line.data, line.len, part, lineno, &pending);
     }
-    if (submit_events(r, pending, part, batch_no) != 0)
+    if (submit_batch(r, &pending) != 0)
         goto out;
     rc = 0;
 out:
-    json_decref(pending);
+    amp_queue_batch_destroy(pending);
     amp_buf_free(&line);
     archive_read_free(in);
     return rc;

@@ -4,7 +4,8 @@
  * into the fake Dify.
  *
  *   backfill_three_days  72 hours (several parts, several gzip members,
- *       empty hours, a 12-hour block with no data: 404), a 504 first, ranges
+ *       empty hours, a 12-hour block with no data: 404, two lines to refuse:
+ *       logged and counted, the rest stored), a 504 first, ranges
  *       over 12 hours answered 400 "too large": every event reaches Dify
  *       exactly once; a second run resumes after its cursor and asks
  *       nothing; a --restart run stores nothing new (all duplicates)
@@ -147,6 +148,7 @@ START_TEST(backfill_three_days) {
                                    1 + (unsigned)(h % 2) * 2);
         total += n;
     }
+    fake_amplitude_export_bad_lines(a, NOV1 + 1); /* refused, the rest stored */
     fake_amplitude_export_max_hours(a, 12);
     fake_amplitude_export_push_status(a, 504);
     fake_dify *d = fake_dify_start(0, H_API_KEY);
@@ -161,10 +163,11 @@ START_TEST(backfill_three_days) {
     json_t *done = log_line(out, "export done");
     ck_assert_msg(done != NULL, "no summary: %s", out);
     ck_assert_int_eq(field(done, "hours"), 72);
-    ck_assert_int_eq(field(done, "events"), (json_int_t)total);
+    ck_assert_int_eq(field(done, "events"), (json_int_t)total + 2);
     ck_assert_int_eq(field(done, "accepted"), (json_int_t)total);
     ck_assert_int_eq(field(done, "duplicates"), 0);
-    ck_assert_int_eq(field(done, "rejected"), 0);
+    ck_assert_int_eq(field(done, "rejected"), 2);
+    ck_assert_msg(strstr(out, "\"msg\":\"export event rejected\"") != NULL, "%s", out);
     json_decref(done);
     free(out);
 

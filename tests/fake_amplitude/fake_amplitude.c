@@ -29,6 +29,7 @@
 typedef struct hour_data {
     int64_t hour;
     unsigned nevents, nparts, members;
+    bool bad; /* two refused lines at the end of part 0 */
 } hour_data;
 
 struct fake_amplitude {
@@ -90,8 +91,8 @@ char *fake_amplitude_event_line(int64_t hour, unsigned i) {
 
 /* Lines first..end-1 of an hour as gzip, in members members. Caller owns
  * *out (malloc). */
-static void gzip_lines(int64_t hour, unsigned first, unsigned end, unsigned members, char **out,
-                       size_t *outlen) {
+static void gzip_lines(int64_t hour, unsigned first, unsigned end, unsigned members, bool bad,
+                       char **out, size_t *outlen) {
     size_t cap = 4096, len = 0;
     char *buf = amp_xmalloc(cap);
     unsigned n = end - first;
@@ -112,6 +113,13 @@ static void gzip_lines(int64_t hour, unsigned first, unsigned end, unsigned memb
             tlen += l;
             text[tlen++] = '\n';
             free(line);
+        }
+        if (bad && m == members - 1) {
+            static const char extra[] = "{not json\n{\"user_id\":\"u-bad\",\"uuid\":\"x\"}\n";
+            while (tlen + sizeof extra > tcap)
+                text = amp_xrealloc(text, tcap *= 2);
+            memcpy(text + tlen, extra, sizeof extra - 1);
+            tlen += sizeof extra - 1;
         }
         z_stream z = {0};
         if (deflateInit2(&z, 6, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
@@ -145,7 +153,7 @@ static int write_hour(struct archive *a, const hour_data *h) {
         unsigned a0 = h->nevents * p / parts, b0 = h->nevents * (p + 1) / parts;
         char *gz;
         size_t gzlen;
-        gzip_lines(h->hour, a0, b0, h->members, &gz, &gzlen);
+        gzip_lines(h->hour, a0, b0, h->members, h->bad && p == 0, &gz, &gzlen);
         char name[128];
         snprintf(name, sizeof name, "%s/%s_%s_%d#%u.json.gz", FAKE_AMPLITUDE_PROJECT,
                  FAKE_AMPLITUDE_PROJECT, day, tm.tm_hour, p);
@@ -187,7 +195,7 @@ int fake_amplitude_write_zip(const char *path, int64_t first, unsigned nhours, u
     }
     int rc = 0;
     for (unsigned i = 0; rc == 0 && i < nhours; i++) {
-        hour_data h = {first + i, nevents, nparts, members};
+        hour_data h = {first + i, nevents, nparts, members, false};
         rc = write_hour(a, &h);
     }
     if (archive_write_close(a) != ARCHIVE_OK)
@@ -430,7 +438,15 @@ void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevent
     if (i == f->nhours && f->nhours < MAX_HOURS)
         f->nhours++;
     if (i < MAX_HOURS)
-        f->hours[i] = (hour_data){hour, nevents, nparts, members};
+        f->hours[i] = (hour_data){hour, nevents, nparts, members, false};
+    pthread_mutex_unlock(&f->mu);
+}
+
+void fake_amplitude_export_bad_lines(fake_amplitude *f, int64_t hour) {
+    pthread_mutex_lock(&f->mu);
+    for (size_t i = 0; i < f->nhours; i++)
+        if (f->hours[i].hour == hour)
+            f->hours[i].bad = true;
     pthread_mutex_unlock(&f->mu);
 }
 

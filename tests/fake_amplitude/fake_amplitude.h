@@ -41,6 +41,9 @@ uint16_t fake_amplitude_port(const fake_amplitude *f);
  * Replaces what the hour held. */
 void fake_amplitude_export_hour(fake_amplitude *f, int64_t hour, unsigned nevents, unsigned nparts,
                                 unsigned members);
+/* The first part of hour (already added) also holds two lines an ingest
+ * must refuse: one not JSON, one event without event_type. */
+void fake_amplitude_export_bad_lines(fake_amplitude *f, int64_t hour);
 /* Ranges of more than max_hours hours get 400 "too large" (0: no limit). */
 void fake_amplitude_export_max_hours(fake_amplitude *f, unsigned max_hours);
 /* The next export request gets this status (504, 500, 429...), FIFO. */
