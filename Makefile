@@ -8,9 +8,9 @@
 #   make bench                   ingest and delivery benchmarks (see bench/)
 
 comma := ,
-PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis
+PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis libarchive zlib
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            libhiredis-dev check pkg-config redis-server
+            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config redis-server
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
@@ -42,7 +42,8 @@ E2E_SRCS := $(wildcard tests/e2e/test_*.c)
 E2E_BINS := $(E2E_SRCS:tests/e2e/%.c=$(BUILD)/tests/e2e/%)
 # Shared by end-to-end tests: the harness and the fake Dify (not its main).
 E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
-               $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c))
+               $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c)) \
+               $(wildcard tests/fake_amplitude/*.c)
 E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
 FAKE_DIFY := $(BUILD)/fake-dify
 BENCH_SRCS := $(wildcard bench/*.c)
@@ -106,6 +107,12 @@ $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
 
+# The Export benchmark's helper serves zips with the tests' fake Amplitude.
+$(BUILD)/bench/export_fake: $(BUILD)/obj/bench/export_fake.o \
+                            $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
@@ -118,6 +125,7 @@ e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
 	bash tests/signals/run.sh $(BUILD)
 	bash tests/docker/run.sh $(BUILD)
 	bash tests/systemd/run.sh $(BUILD)
+	bash tests/sdk/run.sh $(BUILD)
 
 # Includes only down the layers of tests/layers/edges; symbols with their
 # folder's prefix (tests/layers/prefixes).
@@ -140,6 +148,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
 	bash bench/redis.sh $(BUILD)
+	bash bench/export.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \

@@ -47,6 +47,12 @@ static const struct family_def {
     {"amp2dify_ingest_duration_seconds", HISTOGRAM,
      "Webhook requests, from the headers to the answer (includes the spool commit)."},
     {"amp2dify_delivery_duration_seconds", HISTOGRAM, "Requests to Dify, by app."},
+    {"amp2dify_export_hours_total", COUNTER, "Export API hours stored and passed by the cursor."},
+    {"amp2dify_export_events_total", COUNTER, "Export API events, by outcome."},
+    {"amp2dify_export_bytes_total", COUNTER, "Export API zip bytes downloaded."},
+    {"amp2dify_export_failures_total", COUNTER, "Export API requests that failed, by reason."},
+    {"amp2dify_export_lag_hours", GAUGE,
+     "Hours between now and the last hour the export cursor passed."},
 };
 #define NFAMILIES (sizeof families / sizeof families[0])
 

@@ -13,6 +13,7 @@ int amp_cmd_map(int argc, char **argv);          /* cmd/cmd_map.c */
 int amp_cmd_sign(int argc, char **argv);         /* cmd/cmd_sign.c */
 int amp_cmd_dlq(int argc, char **argv);          /* cmd/cmd_dlq.c */
 int amp_cmd_healthcheck(int argc, char **argv);  /* cmd/cmd_healthcheck.c */
+int amp_cmd_export(int argc, char **argv);       /* cmd/cmd_export.c */
 
 /* ---- shared by the commands (cmd/cmd_common.c) ---------------------- */
 
@@ -55,5 +56,11 @@ struct amp_queue *amp_cmd_open_queue(const struct amp_config *cfg, int how, char
  * dedupe window and the pending limit are the spool's keys. */
 struct amp_redisq_opts;
 struct amp_redisq_opts amp_cmd_redisq_opts(const struct amp_config *cfg);
+/* The Export API options of cfg (borrowed strings), cursor at cursor_path
+ * (borrowed); metrics may be NULL (cmd/cmd_export.c). */
+#include "../sources/export.h"
+struct amp_config;
+amp_source_export_opts amp_cmd_export_opts(const struct amp_config *cfg, const char *cursor_path,
+                                           amp_metrics *metrics);
 
 #endif

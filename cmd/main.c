@@ -17,12 +17,15 @@ static const char usage[] =
     "  map          [-c FILE] [--explain] [EVENTS|-]  dry run: print the Dify requests\n"
     "  sign  --secret-env VAR [--timestamp T] [FILE|-]  print signature headers for a body\n"
     "  dlq list|replay|purge [-c FILE] [filters]      dead letters (amp2dify dlq for help)\n"
+    "  export --start H --end H [-c FILE] [--restart] backfill hours (YYYY-MM-DDTHH, UTC)\n"
+    "               from Amplitude's Export API into the spool\n"
     "  healthcheck  [-c FILE]                         exit 0 when the server's /healthz answers\n"
     "  version                                        print the version\n"
     "\n"
     "Config path: -c, else $AMP2DIFY_CONFIG, else ./amp2dify.json.\n"
     "Environment: AMP2DIFY_LISTEN, AMP2DIFY_SECRETS, AMP2DIFY_SPOOL, AMP2DIFY_LOG_LEVEL,\n"
-    "DIFY_BASE_URL, DIFY_API_KEY; secrets also as *_FILE.\n"
+    "DIFY_BASE_URL, DIFY_API_KEY, AMPLITUDE_API_KEY, AMPLITUDE_SECRET_KEY,\n"
+    "AMP2DIFY_SDK_API_KEYS; secrets also as *_FILE.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.\n";
 
 int main(int argc, char **argv) {
@@ -50,6 +53,8 @@ int main(int argc, char **argv) {
         return amp_cmd_sign(argc - 1, argv + 1);
     if (strcmp(cmd, "healthcheck") == 0)
         return amp_cmd_healthcheck(argc - 1, argv + 1);
+    if (strcmp(cmd, "export") == 0)
+        return amp_cmd_export(argc - 1, argv + 1);
     if (strcmp(cmd, "dlq") == 0)
         return amp_cmd_dlq(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0) {

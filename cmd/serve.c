@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "../forward/forward.h"
+#include "../sources/export.h"
 #include "../handlers/handlers.h"
 #include "../queue/queue.h"
 #include "commands.h"
@@ -98,6 +99,8 @@ typedef struct running {
     amp_forward *fwd;
     char **paused; /* NULL-terminated */
     size_t npaused;
+    amp_source_export_poller *exporter; /* sources.export, when enabled */
+    char *export_cursor;
 } running;
 
 /* (Re)start delivery under cfg with the operator's pauses; rs->fwd is set
@@ -316,6 +319,26 @@ int amp_cmd_serve(int argc, char **argv) {
     }
     amp_forward_kick(rs.fwd); /* resume what a previous run left pending */
 
+    if (rs.cfg->sources.export.enabled) {
+        /* Polls with the routes of the config it started with (the
+         * sources.export keys take a restart). */
+        rs.export_cursor = amp_config_export_cursor(rs.cfg, NULL);
+        amp_source_export_opts eo = amp_cmd_export_opts(rs.cfg, rs.export_cursor, rs.metrics);
+        int64_t start = -1;
+        if (rs.cfg->sources.export.start && *rs.cfg->sources.export.start)
+            amp_source_export_parse_hour(rs.cfg->sources.export.start, &start);
+        rs.exporter = amp_source_export_start(rs.spool, &eo, rs.cfg->sources.export.interval_s,
+                                              rs.cfg->sources.export.lag_hours, start);
+        if (!rs.exporter) {
+            amp_log(AMP_LOG_ERROR, "the export poller failed to start", NULL);
+            goto out;
+        }
+        amp_log(AMP_LOG_INFO, "export poller started", "{s:s, s:s, s:i, s:i}", "base_url",
+                rs.cfg->sources.export.base_url, "cursor", rs.export_cursor, "interval_seconds",
+                (int)rs.cfg->sources.export.interval_s, "lag_hours",
+                (int)rs.cfg->sources.export.lag_hours);
+    }
+
     amp_metrics_set_collector(rs.metrics, collect_spool, rs.spool);
     rs.handlers = amp_handlers_create(rs.cfg, rs.spool, rs.metrics);
     http = amp_http_start(rs.cfg, rs.handlers, err, sizeof err);
@@ -357,6 +380,9 @@ int amp_cmd_serve(int argc, char **argv) {
      * body or handing its events to the spool, hence the loop), then give
      * the last answers time to leave. */
     amp_handlers_set_draining(rs.handlers, true);
+    /* The poller's batches under way are answered before it returns. */
+    amp_source_export_stop(rs.exporter);
+    rs.exporter = NULL;
     int64_t drain_end = amp_mono_ms() + drain_max_ms(rs.cfg);
     bool answered;
     /* A flush asked for at the bound still gets FLUSH_GRACE_MS: a request
@@ -390,6 +416,8 @@ int amp_cmd_serve(int argc, char **argv) {
     rc = 0;
 out:
     amp_http_admin_stop(admin);
+    amp_source_export_stop(rs.exporter);
+    free(rs.export_cursor);
     amp_http_stop(http);
     stop_delivery(&rs);
     amp_queue_close(rs.spool);

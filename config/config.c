@@ -173,6 +173,40 @@ static void check_retry_max(const amp_json_schema_at *at) {
     }
 }
 
+/* sources.sdk.path beside listen.path: one endpoint per path. */
+static void check_sdk_path(const amp_json_schema_at *at) {
+    const amp_config *c = at->target;
+    if (c->sources.sdk.enabled && c->sources.sdk.path && c->listen.path &&
+        strcmp(c->sources.sdk.path, c->listen.path) == 0) {
+        char *found = amp_xasprintf("'%s', the webhook's listen.path", c->sources.sdk.path);
+        amp_json_schema_error(at->errs, at->path, found, "a path of its own");
+        free(found);
+    }
+}
+
+/* sources.export.start: "" or an hour "YYYY-MM-DDTHH" (UTC). */
+static bool valid_hour(const char *s) {
+    if (!*s)
+        return true;
+    char iso[32];
+    int64_t ms;
+    if (strlen(s) != 13)
+        return false;
+    snprintf(iso, sizeof iso, "%s:00:00", s);
+    return amp_map_time_parse(iso, strlen(iso), false, &ms) == 0 && ms >= 0;
+}
+
+/* sources.export.project: it names a file. */
+static bool valid_project(const char *s) {
+    if (!*s || strlen(s) > 64)
+        return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '-' || *s == '_'))
+            return false;
+    return true;
+}
+
 /* ---- the table ----------------------------------------------------------- */
 
 /* Names in the order of their enums (the unit test checks them against
@@ -343,6 +377,65 @@ static const amp_json_schema_row config_rows[] = {
      .reload = LIVE,
      F(log_level)},
     {INT_ROW("shutdown_timeout_seconds", 2, 3600, "25", DELIVERY, shutdown_timeout_s)},
+    {.key = "sources.export.enabled",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = RESTART,
+     F(sources.export.enabled)},
+    {.key = "sources.export.base_url",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "https://amplitude.com",
+     .env = "AMPLITUDE_EXPORT_BASE_URL",
+     .reload = RESTART,
+     F(sources.export.base_url),
+     .accept = valid_base_url,
+     .item_expect = "an http:// or https:// URL"},
+    {.key = "sources.export.project",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "default",
+     .reload = RESTART,
+     F(sources.export.project),
+     .accept = valid_project,
+     .item_expect = "1 to 64 letters, digits, '-' or '_'"},
+    {.key = "sources.export.cursor_dir",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .allow_empty = true,
+     .reload = RESTART,
+     F(sources.export.cursor_dir)},
+    {.key = "sources.export.start",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .allow_empty = true,
+     .reload = RESTART,
+     F(sources.export.start),
+     .accept = valid_hour,
+     .item_expect = "\"\" or an hour \"YYYY-MM-DDTHH\" (UTC)"},
+    {INT_ROW("sources.export.lag_hours", 0, 720, "2", RESTART, sources.export.lag_hours)},
+    {INT_ROW("sources.export.interval_seconds", 1, 86400, "3600", RESTART,
+             sources.export.interval_s)},
+    {INT_ROW("sources.export.hours_per_request", 1, 720, "24", RESTART,
+             sources.export.hours_per_request)},
+    {INT_ROW("sources.export.min_request_interval_ms", 0, 3600000, "30000", RESTART,
+             sources.export.min_request_interval_ms)},
+    {INT_ROW("sources.export.timeout_seconds", 1, 86400, "3600", RESTART,
+             sources.export.timeout_s)},
+    {INT_ROW("sources.export.retry_initial_ms", 1, 3600000, "10000", RESTART,
+             sources.export.retry_initial_ms)},
+    {INT_ROW("sources.export.max_attempts", 1, 100, "6", RESTART, sources.export.max_attempts)},
+    {INT_ROW("sources.export.batch_events", 1, 100000, "1000", RESTART,
+             sources.export.batch_events)},
+    {.key = "sources.sdk.enabled",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = LIVE,
+     F(sources.sdk.enabled)},
+    {.key = "sources.sdk.path",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "/2/httpapi",
+     .reload = LIVE,
+     F(sources.sdk.path),
+     .check = check_sdk_path,
+     .accept = valid_url_path,
+     .item_expect = "a path starting with '/'"},
     {.key = NULL},
 };
 
@@ -521,6 +614,52 @@ static void load_app_keys(amp_config *c, amp_errs *errs) {
     }
 }
 
+/* The Export API's keys. */
+static void load_export_keys(amp_config *c, amp_errs *errs) {
+    static const char *const names[] = {"AMPLITUDE_API_KEY", "AMPLITUDE_SECRET_KEY"};
+    char **slots[] = {&c->sources.export.api_key, &c->sources.export.secret_key};
+    for (size_t i = 0; i < 2; i++) {
+        if (amp_config_secret_from_env(names[i], slots[i], names[i], errs) > 0) {
+            char *found = amp_xasprintf("nothing in %s or %s_FILE", names[i], names[i]);
+            amp_json_schema_error(errs, names[i], found,
+                                  "the Amplitude project's %s for the "
+                                  "Export API",
+                                  i == 0 ? "API key" : "secret key");
+            free(found);
+        }
+    }
+}
+
+/* The api_key values the SDK endpoint accepts. */
+static void load_sdk_keys(amp_config *c, amp_errs *errs) {
+    char *all = NULL;
+    int rc =
+        amp_config_secret_from_env("AMP2DIFY_SDK_API_KEYS", &all, "AMP2DIFY_SDK_API_KEYS", errs);
+    if (rc < 0)
+        return;
+    if (rc == 0)
+        c->sources.sdk.api_keys = amp_config_split_secrets(all, &c->sources.sdk.napi_keys);
+    free(all);
+    if (c->sources.sdk.napi_keys == 0)
+        amp_json_schema_error(errs, "AMP2DIFY_SDK_API_KEYS",
+                              "nothing in AMP2DIFY_SDK_API_KEYS or AMP2DIFY_SDK_API_KEYS_FILE",
+                              "the comma-separated api_key values sources.sdk accepts");
+}
+
+char *amp_config_export_cursor(const amp_config *c, const char *suffix) {
+    const char *spool = c->spool.path;
+    const char *slash = strrchr(spool, '/');
+    const char *name = slash ? slash + 1 : spool;
+    const char *cdir = c->sources.export.cursor_dir;
+    char *dir = cdir && *cdir ? amp_xstrdup(c->sources.export.cursor_dir)
+                : slash       ? amp_xstrndup(spool, (size_t)(slash - spool) + (slash == spool))
+                              : amp_xstrdup(".");
+    char *out = amp_xasprintf("%s/%s.export-%s%s%s.cursor", dir, name, c->sources.export.project,
+                              suffix ? "-" : "", suffix ? suffix : "");
+    free(dir);
+    return out;
+}
+
 /* ---- load --------------------------------------------------------------- */
 
 amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
@@ -560,7 +699,12 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
         load_admin_token(c, errs);
         if (c->mapper)
             load_app_keys(c, errs);
+        if (c->sources.sdk.enabled)
+            load_sdk_keys(c, errs);
     }
+    if ((flags & AMP_CONFIG_EXPORT_SECRETS) ||
+        ((flags & AMP_CONFIG_SECRETS) && c->sources.export.enabled))
+        load_export_keys(c, errs);
 
     if (amp_errs_count(errs) > errs_before) {
         amp_config_destroy(c);
@@ -632,6 +776,9 @@ void amp_config_destroy(amp_config *c) {
     free(c->admin.address);
     free(c->admin.token);
     amp_sig_destroy(c->admin.verifier);
+    free(c->sources.export.api_key);
+    free(c->sources.export.secret_key);
+    free_strv(c->sources.sdk.api_keys, c->sources.sdk.napi_keys);
     if (c->api_keys) {
         size_t n = c->mapper ? amp_mapper_app_count(c->mapper) : 0;
         free_strv(c->api_keys, n);

@@ -101,6 +101,31 @@ typedef struct amp_config {
         int64_t retry_max_age_s;
         amp_config_validate validate; /* dify.validate: the apps checked against Dify */
     } dify;
+    struct {
+        struct {
+            bool enabled; /* poll on a schedule in serve */
+            char *base_url;
+            char *project;    /* names the cursor file */
+            char *cursor_dir; /* NULL or "": the spool's directory */
+            char *start;      /* "YYYY-MM-DDTHH"; NULL or "": none */
+            unsigned lag_hours;
+            unsigned interval_s;
+            unsigned hours_per_request;
+            int64_t min_request_interval_ms;
+            unsigned timeout_s;
+            int64_t retry_initial_ms;
+            unsigned max_attempts;
+            unsigned batch_events;
+            char *api_key;    /* AMPLITUDE_API_KEY(_FILE), when resolved */
+            char *secret_key; /* AMPLITUDE_SECRET_KEY(_FILE), when resolved */
+        } export;
+        struct {
+            bool enabled; /* the SDK-compatible endpoint */
+            char *path;
+            char **api_keys; /* AMP2DIFY_SDK_API_KEYS(_FILE), when resolved */
+            size_t napi_keys;
+        } sdk;
+    } sources;
     amp_log_level log_level;
     unsigned shutdown_timeout_s; /* SIGTERM to exit, at most */
     amp_mapper *mapper;
@@ -111,6 +136,11 @@ enum {
     /* Resolve and require secrets: AMP2DIFY_SECRETS for the auth scheme and
      * every app's key. Without it (e.g. `map`), secrets are not read. */
     AMP_CONFIG_SECRETS = 1 << 0,
+    /* Resolve and require the Export API keys (AMPLITUDE_API_KEY and
+     * AMPLITUDE_SECRET_KEY) even when sources.export.enabled is false: the
+     * export command. (With AMP_CONFIG_SECRETS they are read when it is
+     * true.) */
+    AMP_CONFIG_EXPORT_SECRETS = 1 << 1,
 };
 
 /* Config path from -c, else $AMP2DIFY_CONFIG, else "./amp2dify.json". */
@@ -132,6 +162,11 @@ const amp_json_schema_row *amp_config_schema(void);
  * class ("listen.threads", "apps"), static, NULL when none. */
 amp_json_schema_reload amp_config_diff(const amp_config *a, const amp_config *b,
                                        const char **first_key);
+
+/* The export cursor file of a loaded config (caller owns):
+ * "<dir>/<spool file name>.export-<project>[-<suffix>].cursor", dir being
+ * sources.export.cursor_dir or the spool's directory. suffix may be NULL. */
+char *amp_config_export_cursor(const amp_config *c, const char *suffix);
 
 /* The spool options of a loaded config (strings borrowed from c). */
 amp_spool_opts amp_config_spool_opts(const amp_config *c);

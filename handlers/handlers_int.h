@@ -64,6 +64,7 @@ struct amp_req {
     _Atomic amp_req_state state;
     amp_queue_result result;
     unsigned filtered;
+    size_t nevents; /* events of the request (sdk.c) */
 };
 
 /* reply.c — each queues a JSON response and returns MHD's result. */
@@ -89,6 +90,10 @@ void amp_handlers_request_id(amp_req *r);
 /* webhook.c */
 enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r);
 enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r);
+
+/* sdk.c: the Amplitude HTTP V2-shaped endpoint (sources.sdk) */
+enum MHD_Result amp_handlers_sdk_begin(amp_handlers *h, amp_req *r);
+enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r);
 
 /* client.c */
 amp_cidr *amp_handlers_client_parse_proxies(char *const *cidrs, size_t n,

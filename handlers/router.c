@@ -20,17 +20,19 @@
 #define DISCARD_LIMIT_FACTOR 4
 
 typedef struct route {
-    const char *path; /* NULL: the configured webhook path */
+    const char *path; /* NULL: the configured webhook path, or sources.sdk.path when sdk */
+    bool sdk;
     const char *method;
     amp_endpoint_fn begin; /* first call, may reply at once; NULL for none */
     amp_endpoint_fn finish;
 } route;
 
 static const route routes[] = {
-    {NULL, MHD_HTTP_METHOD_POST, amp_handlers_webhook_begin, amp_handlers_webhook_finish},
-    {"/healthz", MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_healthz},
-    {"/readyz", MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_readyz},
-    {"/metrics", MHD_HTTP_METHOD_GET, NULL, amp_handlers_metrics_endpoint},
+    {NULL, false, MHD_HTTP_METHOD_POST, amp_handlers_webhook_begin, amp_handlers_webhook_finish},
+    {NULL, true, MHD_HTTP_METHOD_POST, amp_handlers_sdk_begin, amp_handlers_sdk_finish},
+    {"/healthz", false, MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_healthz},
+    {"/readyz", false, MHD_HTTP_METHOD_GET, NULL, amp_handlers_health_readyz},
+    {"/metrics", false, MHD_HTTP_METHOD_GET, NULL, amp_handlers_metrics_endpoint},
 };
 
 /* A GET endpoint answers HEAD too (libmicrohttpd then sends the headers
@@ -136,8 +138,11 @@ void amp_handlers_request_id(amp_req *r) {
 
 static const route *match(const amp_config *cfg, const char *url) {
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
-        const char *path = routes[i].path ? routes[i].path : cfg->listen.path;
-        if (strcmp(path, url) == 0)
+        const char *path = routes[i].path ? routes[i].path
+                           : routes[i].sdk
+                               ? (cfg->sources.sdk.enabled ? cfg->sources.sdk.path : NULL)
+                               : cfg->listen.path;
+        if (path && strcmp(path, url) == 0)
             return &routes[i];
     }
     return NULL;
@@ -273,7 +278,7 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
         int64_t ms = amp_mono_ms() - r->start_ms;
         amp_series_observe(h->ingest_seconds, (double)ms / 1e3);
         /* One access line per webhook request; the event bodies stay out. */
-        if (r->status == MHD_HTTP_ACCEPTED)
+        if (r->status == MHD_HTTP_ACCEPTED || r->status == MHD_HTTP_OK)
             amp_log(AMP_LOG_INFO, "request", "{s:s, s:s, s:i, s:i, s:i, s:i, s:I}", "request_id",
                     r->request_id, "client", r->client, "status", (int)r->status, "accepted",
                     (int)r->result.accepted, "duplicates", (int)r->result.duplicates, "filtered",

@@ -243,16 +243,23 @@ static bool nonempty_string(const json_t *v) {
     return json_is_string(v) && json_string_length(v) > 0;
 }
 
-/* 0, or -1 with detail set. */
-static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) {
+/* 0, or -1 with detail set, and *field (static: "event_type", "time"...,
+ * "event" for the event as a whole) with *missing (absent rather than
+ * invalid). */
+static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen, const char **field,
+                       bool *missing) {
+    *field = "event";
+    *missing = false;
     if (!json_is_object(ev)) {
         snprintf(detail, dlen, "events[%zu]: expected an object, found %s", idx,
                  amp_map_json_kind(ev));
         return -1;
     }
     json_t *et = json_object_get(ev, "event_type");
+    *field = "event_type";
     if (!et) {
         snprintf(detail, dlen, "events[%zu]: needs event_type", idx);
+        *missing = true;
         return -1;
     }
     if (!nonempty_string(et)) {
@@ -267,6 +274,7 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     for (size_t k = 0; k < 2; k++) {
         json_t *v = json_object_get(ev, ids[k]);
         if (v && !json_is_null(v) && !json_is_string(v)) {
+            *field = ids[k];
             snprintf(detail, dlen, "events[%zu].%s: expected a string or null, found %s", idx,
                      ids[k], amp_map_json_kind(v));
             return -1;
@@ -274,6 +282,8 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
         have_id = have_id || nonempty_string(v);
     }
     if (!have_id) {
+        *field = "device_id";
+        *missing = true;
         snprintf(detail, dlen, "events[%zu]: needs user_id or device_id", idx);
         return -1;
     }
@@ -282,6 +292,7 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     if (t && !json_is_null(t) &&
         (!json_is_string(t) ||
          amp_map_time_parse(json_string_value(t), json_string_length(t), true, &ms) != 0)) {
+        *field = "event_time";
         snprintf(detail, dlen,
                  "events[%zu].event_time: expected \"YYYY-MM-DD HH:MM:SS\" with 0, 3 or 6 "
                  "fraction digits (UTC), found %s",
@@ -290,11 +301,13 @@ static int check_event(const json_t *ev, size_t idx, char *detail, size_t dlen) 
     }
     t = json_object_get(ev, "time");
     if (t && !json_is_null(t) && (!json_is_integer(t) || json_integer_value(t) < 0)) {
+        *field = "time";
         snprintf(detail, dlen,
                  "events[%zu].time: expected an integer >= 0 (epoch milliseconds), found %s", idx,
                  json_is_integer(t) ? "a negative number" : amp_map_json_kind(t));
         return -1;
     }
+    *field = "event";
     shape_path path = {.len = 0};
     path.text[0] = '\0';
     switch (shape_ok(ev, 1)) {
@@ -364,13 +377,20 @@ amp_decode_result amp_map_decode_body(const char *body, size_t len, json_t **eve
     size_t i;
     json_t *ev;
     json_array_foreach(list, i, ev) {
-        if (check_event(ev, i, detail, detail_len) != 0) {
+        const char *field;
+        bool missing;
+        if (check_event(ev, i, detail, detail_len, &field, &missing) != 0) {
             json_decref(list);
             return AMP_DECODE_INVALID_EVENT;
         }
     }
     *events = list;
     return AMP_DECODE_OK;
+}
+
+int amp_map_check_event(const json_t *ev, size_t idx, char *detail, size_t detail_len,
+                        const char **field, bool *missing) {
+    return check_event(ev, idx, detail, detail_len, field, missing);
 }
 
 const char *amp_map_dedupe_key(const json_t *event) {

@@ -35,9 +35,28 @@ typedef enum {
 amp_decode_result amp_map_decode_body(const char *body, size_t len, json_t **events, char *detail,
                                       size_t detail_len);
 
+/* One decoded event checked as amp_map_decode_body checks each (idx names
+ * it in detail): 0, or -1 with detail, *field (static: the field at fault,
+ * "event" for the event as a whole) and *missing (the field is absent
+ * rather than invalid). For answers that list bad events by field, as
+ * Amplitude's HTTP V2 API does. */
+int amp_map_check_event(const json_t *ev, size_t idx, char *detail, size_t detail_len,
+                        const char **field, bool *missing);
+
 /* Dedupe key of an event: insert_id, else $insert_id, else uuid (non-empty
  * strings only). Borrowed from the event, or NULL. */
 const char *amp_map_dedupe_key(const json_t *event);
+
+/* ---- time ------------------------------------------------------------ */
+
+/* Parse a calendar time. strict: Amplitude's event_time only —
+ * "YYYY-MM-DD HH:MM:SS" with no fraction, or 3 or 6 fraction digits, UTC.
+ * Not strict: also 'T' as separator, 1-9 fraction digits, and a trailing
+ * "Z" or "+HH:MM"/"-HH:MM". 0 and *ms (Unix epoch milliseconds) on success. */
+int amp_map_time_parse(const char *s, size_t len, bool strict, int64_t *ms);
+/* RFC 3339 UTC with milliseconds, "2026-11-21T10:15:42.123Z". buf must
+ * hold 25 bytes. -1 when the year is outside 0000-9999. */
+int amp_map_time_format(int64_t ms, char *buf, size_t len);
 
 /* ---- apps ------------------------------------------------------------ */
 

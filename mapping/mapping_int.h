@@ -69,17 +69,6 @@ int amp_map_value_render(const json_t *v, amp_buf *out);
  * "1e22"). buf must hold 32 bytes. */
 void amp_map_real_format(double d, char *buf, size_t len);
 
-/* ---- time ------------------------------------------------------------ */
-
-/* Parse a calendar time. strict: Amplitude's event_time only —
- * "YYYY-MM-DD HH:MM:SS" with no fraction, or 3 or 6 fraction digits, UTC.
- * Not strict: also 'T' as separator, 1-9 fraction digits, and a trailing
- * "Z" or "+HH:MM"/"-HH:MM". 0 and *ms (Unix epoch milliseconds) on success. */
-int amp_map_time_parse(const char *s, size_t len, bool strict, int64_t *ms);
-/* RFC 3339 UTC with milliseconds, "2026-11-21T10:15:42.123Z". buf must
- * hold 25 bytes. -1 when the year is outside 0000-9999. */
-int amp_map_time_format(int64_t ms, char *buf, size_t len);
-
 /* ---- filters --------------------------------------------------------- */
 
 typedef struct amp_filter amp_filter;

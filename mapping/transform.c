@@ -19,6 +19,7 @@
 #include <openssl/evp.h>
 
 #include "../json/jsonw.h"
+#include "mapping.h"
 #include "mapping_int.h"
 #include "../base/alloc.h"
 #include "../base/buf.h"

@@ -15,6 +15,7 @@ run_case() { # dir name
     # Bounded in time: a hung binary fails the case instead of the suite.
     env -u AMP2DIFY_CONFIG -u AMP2DIFY_LISTEN -u AMP2DIFY_SPOOL -u DIFY_BASE_URL \
         -u AMP2DIFY_ADMIN_LISTEN -u AMP2DIFY_ADMIN_TOKEN -u AMP2DIFY_ADMIN_TOKEN_FILE \
+        -u AMPLITUDE_API_KEY -u AMPLITUDE_SECRET_KEY -u AMP2DIFY_SDK_API_KEYS \
         AMP2DIFY_SECRETS=test-signing-secret DIFY_API_KEY=test-app-key \
         timeout 10 "$bin" check-config -c "$1/config.json" </dev/null >"$tmp/out" 2>"$tmp/err"
     t_case_exit "$2" $? 2

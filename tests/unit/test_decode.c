@@ -248,6 +248,35 @@ START_TEST(time_parse_and_format) {
 }
 END_TEST
 
+/* One line of Amplitude's Export API (export format): accepted as it is,
+ * keyed by $insert_id, and its event_time read to the millisecond. */
+START_TEST(export_format_line) {
+    const char *line =
+        "{\"$insert_id\":\"exp-491525-3\",\"amplitude_attribution_ids\":[\"a1\",\"a2\"],"
+        "\"amplitude_event_type\":null,\"amplitude_id\":100003,\"app\":187520,"
+        "\"client_event_time\":\"2026-11-01 17:18:45.113000\",\"data\":{\"group_ids\":{}},"
+        "\"device_id\":\"dev-3-abcdef\",\"event_id\":3,\"event_properties\":{\"plan\":\"pro\"},"
+        "\"event_time\":\"2026-11-01 17:18:45.113000\",\"event_type\":\"export_event_0\","
+        "\"groups\":{},\"idfa\":null,\"is_attribution_event\":false,\"location_lat\":null,"
+        "\"paying\":null,\"server_upload_time\":\"2026-11-01 17:18:47.113000\","
+        "\"session_id\":1793553525000,\"user_id\":null,\"user_properties\":{},"
+        "\"uuid\":\"0007800d-0003-4000-8000-000000000003\",\"version_name\":null}";
+    json_t *events;
+    ck_assert_int_eq(dec(line, &events), AMP_DECODE_OK);
+    ck_assert_uint_eq(json_array_size(events), 1);
+    json_t *ev = json_array_get(events, 0);
+    ck_assert_str_eq(amp_map_dedupe_key(ev), "exp-491525-3");
+    int64_t ms;
+    const char *t = json_string_value(json_object_get(ev, "event_time"));
+    ck_assert_int_eq(amp_map_time_parse(t, strlen(t), true, &ms), 0);
+    ck_assert_int_eq(ms, 1793553525113LL);
+    /* Without $insert_id, the uuid keys it. */
+    json_object_set_new(ev, "$insert_id", json_null());
+    ck_assert_str_eq(amp_map_dedupe_key(ev), "0007800d-0003-4000-8000-000000000003");
+    json_decref(events);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("decode");
@@ -263,6 +292,7 @@ int main(void) {
     tcase_add_test(tc, depth_limit);
     tcase_add_test(tc, dedupe_key);
     tcase_add_test(tc, time_parse_and_format);
+    tcase_add_test(tc, export_format_line);
     suite_add_tcase(s, tc);
     return amp_check_run(s);
 }
