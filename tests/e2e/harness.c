@@ -189,6 +189,11 @@ char *h_recv_head(int fd) {
     return amp_xstrndup(buf, n);
 }
 
+const char *h_bin(void) {
+    const char *bin = getenv("AMP2DIFY_BIN");
+    return bin && *bin ? bin : "build/amp2dify";
+}
+
 uint16_t h_free_port(void) {
     static uint16_t given[256];
     static size_t ngiven;
@@ -455,8 +460,7 @@ h_server *h_server_start(const h_opts *opts) {
         opts = &none;
 
     h_server *s = amp_xcalloc(1, sizeof(h_server));
-    const char *bin = getenv("AMP2DIFY_BIN");
-    s->bin = amp_xstrdup(bin && *bin ? bin : "build/amp2dify");
+    s->bin = amp_xstrdup(h_bin());
     char tmpl[] = "/tmp/amp2dify-e2e-XXXXXX";
     if (!mkdtemp(tmpl)) {
         fprintf(stderr, "harness: mkdtemp: %s\n", strerror(errno));

@@ -57,6 +57,9 @@ typedef struct h_opts {
  * {{user_id}}" and user "{{user_id}}". Static string. */
 const char *h_default_config(void);
 
+/* The binary under test: $AMP2DIFY_BIN, or build/amp2dify. */
+const char *h_bin(void);
+
 /* A port on 127.0.0.1 that was free a moment ago (never the same one twice
  * in a process). 0 on failure. */
 uint16_t h_free_port(void);

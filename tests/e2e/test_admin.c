@@ -42,11 +42,6 @@
 #define TOKEN "admin-e2e-token-0123456789"
 #define AUTH "Authorization: Bearer " TOKEN
 
-static const char *bin(void) {
-    const char *b = getenv("AMP2DIFY_BIN");
-    return b && *b ? b : "build/amp2dify";
-}
-
 typedef struct admin_srv {
     h_server *s;
     fake_dify *f;
@@ -315,8 +310,8 @@ END_TEST
 
 /* `amp2dify dlq list --json ARGS` beside the daemon: one JSON row a line. */
 static json_t *cli_list(const admin_srv *a, const char *args) {
-    char *cmd =
-        amp_xasprintf("%s dlq list --json -c %s/amp2dify.json %s", bin(), h_server_dir(a->s), args);
+    char *cmd = amp_xasprintf("%s dlq list --json -c %s/amp2dify.json %s", h_bin(),
+                              h_server_dir(a->s), args);
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);
     json_t *rows = json_array();

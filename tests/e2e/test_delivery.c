@@ -33,6 +33,7 @@
 #include "../../base/buf.h"
 #include "../../base/clock.h"
 #include "../fake_dify/fake_dify.h"
+#include "checked.h"
 #include "harness.h"
 #include "../check_run.h"
 
@@ -41,30 +42,6 @@
 #define POST_THREADS 8
 
 /* ---- helpers ---------------------------------------------------------------- */
-
-static const char *bin(void) {
-    const char *b = getenv("AMP2DIFY_BIN");
-    return b && *b ? b : "build/amp2dify";
-}
-
-static fake_dify *fake_start(void) {
-    fake_dify *f = fake_dify_start(0, H_API_KEY);
-    ck_assert_ptr_nonnull(f);
-    return f;
-}
-
-static h_server *server_start(const char *config, fake_dify *f) {
-    h_opts o = {.config_json = config, .dify_port = fake_dify_port(f)};
-    h_server *s = h_server_start(&o);
-    ck_assert_msg(s != NULL, "amp2dify did not start");
-    return s;
-}
-
-/* Stop the server; it must exit 0 and leave no sanitizer report. */
-static void server_stop(h_server *s) {
-    char *why = h_server_stop_clean(s);
-    ck_assert_msg(why == NULL, "%s", why);
-}
 
 typedef struct poster {
     CURL *curl;
@@ -211,7 +188,7 @@ static void post_all_users(const h_server *s) {
  * owns. */
 static json_t *dlq_list(const h_server *s) {
     char *cmd =
-        amp_xasprintf("%s dlq list --json -c %s/amp2dify.json 2>&1", bin(), h_server_dir(s));
+        amp_xasprintf("%s dlq list --json -c %s/amp2dify.json 2>&1", h_bin(), h_server_dir(s));
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);
     amp_buf out;
@@ -400,7 +377,7 @@ static void check_user(json_t *all, int user, bool streaming) {
 }
 
 static void run_per_user(bool streaming) {
-    fake_dify *f = fake_start();
+    fake_dify *f = h_fake_start();
     if (streaming) {
         /* Odd chunk sizes: frames split anywhere. */
         fake_dify_behaviour b = {.stream_chunk = 5};
@@ -408,7 +385,7 @@ static void run_per_user(bool streaming) {
     }
     fake_dify_set_fail_rate(f, 0.2, streaming ? 7 : 3);
     char *config = amp_xasprintf(per_user_config, streaming ? "streaming" : "blocking");
-    h_server *s = server_start(config, f);
+    h_server *s = h_server_start_with(config, f);
 
     int64_t t0 = h_mono_ms();
     post_all_users(s);
@@ -438,7 +415,7 @@ static void run_per_user(bool streaming) {
     json_decref(dead);
     fprintf(stderr, "per_user %s: %zu events, %zu requests (%zu failed) in %lld ms\n",
             streaming ? "streaming" : "blocking", total, total + failed, failed, (long long)took);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
     free(config);
 }
@@ -473,8 +450,8 @@ static int cmp_i64(const void *a, const void *b) {
 }
 
 START_TEST(rate_limit) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start(rate_config, f);
+    fake_dify *f = h_fake_start();
+    h_server *s = h_server_start_with(rate_config, f);
     /* All at once, in one request: the limit alone must spread them. */
     post_one(s, events_array("Paced", "rate", RATE_EVENTS, false));
 
@@ -507,8 +484,8 @@ START_TEST(rate_limit) {
      * only make the whole run slower, so the upper bound is loose (it still
      * catches a limit applied twice). */
     ck_assert_msg(span >= ideal * 0.9 && span <= ideal * 1.5,
-                  "100 requests took %.0f ms; at %.0f/s that is %.0f ms (-10%%, +50%%)", span,
-                  RATE, ideal);
+                  "100 requests took %.0f ms; at %.0f/s that is %.0f ms (-10%%, +50%%)", span, RATE,
+                  ideal);
     /* No window runs ahead of the limit either: any 41 consecutive
      * requests span at least 40 intervals, less 200 ms. A request sent late
      * does not delay the next one's slot, so a window whose first request
@@ -517,7 +494,7 @@ START_TEST(rate_limit) {
     for (int i = 0; i + 40 < RATE_EVENTS; i++)
         ck_assert_msg(t[i + 40] - t[i] >= (int64_t)(40 * 1000.0 / RATE) - 200,
                       "requests %d..%d within %lld ms", i, i + 40, (long long)(t[i + 40] - t[i]));
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -537,13 +514,13 @@ static const char pause_config[] =
 #define PAUSE_EVENTS 20
 
 START_TEST(pause_and_resume) {
-    fake_dify *f = fake_start();
+    fake_dify *f = h_fake_start();
     /* The app is disabled (403) and then its key revoked (401): the fake
      * rejects everything until the test "fixes the key". */
     fake_dify_behaviour reject = {.status = 401};
     fake_dify_set_default(f, &reject);
     fake_dify_push_status(f, 403);
-    h_server *s = server_start(pause_config, f);
+    h_server *s = h_server_start_with(pause_config, f);
 
     int64_t t0 = h_mono_ms();
     post_one(s, events_array("Paused", "pause", PAUSE_EVENTS, true));
@@ -618,7 +595,7 @@ START_TEST(pause_and_resume) {
     ck_assert(metric_value(s, "amp2dify_app_paused{app=\"support\"}") == 0);
     fprintf(stderr, "pause_and_resume: %zu rejected (%zu probes), caught up in %lld ms\n", nrej,
             probes, (long long)caught_up);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -681,8 +658,8 @@ static void expect_dead(const h_server *s, fake_dify *f, const char *id, int sta
 }
 
 START_TEST(outcomes) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start(outcomes_config, f);
+    fake_dify *f = h_fake_start();
+    h_server *s = h_server_start_with(outcomes_config, f);
 
     /* 429 with Retry-After: 1 — the retry waits a second, not the 20 ms backoff. */
     fake_dify_behaviour b429 = {.status = 429, .retry_after = "1"};
@@ -807,7 +784,7 @@ START_TEST(outcomes) {
     ck_assert_uint_eq(json_array_size(dead), 5);
     json_decref(dead);
     ck_assert_uint_eq(fake_dify_pending(f), 0);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -827,12 +804,13 @@ END_TEST
  * route's events reach the new app's endpoint, the others still reach the
  * old one, and nothing posted around the reload is lost. */
 START_TEST(reload_adds_an_app) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start("{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},"
-                               " \"spool\": {\"path\": \"@DIR@/spool.db\"},"
-                               " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\"},"
-                               " \"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}",
-                               f);
+    fake_dify *f = h_fake_start();
+    h_server *s =
+        h_server_start_with("{\"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},"
+                            " \"spool\": {\"path\": \"@DIR@/spool.db\"},"
+                            " \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\"},"
+                            " \"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}",
+                            f);
     char *ev = h_event("E", "user-1", "ins-before");
     post_one(s, ev);
     free(ev);
@@ -872,7 +850,7 @@ START_TEST(reload_adds_an_app) {
     ck_assert_str_eq(jstr(json_array_get(recs, 0), "path"), "/v1/chat-messages");
     json_decref(recs);
     ck_assert_uint_eq(fake_dify_delivered(f), 3);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST

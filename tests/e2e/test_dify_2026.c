@@ -41,35 +41,13 @@
 #include "../../base/alloc.h"
 #include "../../base/buf.h"
 #include "../fake_dify/fake_dify.h"
+#include "checked.h"
 #include "harness.h"
 #include "../check_run.h"
 
 #define WF_VERSION "7c3e33d4-2a8b-4e5f-9b1a-d3c6e8f12345"
 
 /* ---- helpers ---------------------------------------------------------------- */
-
-static const char *bin(void) {
-    const char *b = getenv("AMP2DIFY_BIN");
-    return b && *b ? b : "build/amp2dify";
-}
-
-static fake_dify *fake_start(void) {
-    fake_dify *f = fake_dify_start(0, H_API_KEY);
-    ck_assert_ptr_nonnull(f);
-    return f;
-}
-
-static h_server *server_start(const char *config, fake_dify *f) {
-    h_opts o = {.config_json = config, .dify_port = fake_dify_port(f)};
-    h_server *s = h_server_start(&o);
-    ck_assert_msg(s != NULL, "amp2dify did not start");
-    return s;
-}
-
-static void server_stop(h_server *s) {
-    char *why = h_server_stop_clean(s);
-    ck_assert_msg(why == NULL, "%s", why);
-}
 
 static void post_event(const h_server *s, const char *type, const char *user, const char *id) {
     char *ev = h_event(type, user, id);
@@ -101,7 +79,7 @@ static int run(const char *cmd, char **out) {
 
 /* `amp2dify dlq list --json [--waiting]` for the server's config. */
 static json_t *dlq_list(const h_server *s, bool waiting) {
-    char *cmd = amp_xasprintf("%s dlq list --json %s -c %s/amp2dify.json 2>&1", bin(),
+    char *cmd = amp_xasprintf("%s dlq list --json %s -c %s/amp2dify.json 2>&1", h_bin(),
                               waiting ? "--waiting" : "", h_server_dir(s));
     char *out;
     int rc = run(cmd, &out);
@@ -233,7 +211,7 @@ static int check_online(const char *config, uint16_t dify_port, char **out) {
     fclose(fp);
     char *cmd = amp_xasprintf("env AMP2DIFY_SECRETS=" H_SECRET " DIFY_API_KEY=" H_API_KEY
                               " CHAT_KEY=app-chat-key %s check-config --online -c %s 2>&1",
-                              bin(), file);
+                              h_bin(), file);
     int rc = run(cmd, out);
     unlink(file);
     rmdir(dir);
@@ -253,7 +231,7 @@ static void setup_apps(fake_dify *f) {
 }
 
 START_TEST(online_check) {
-    fake_dify *f = fake_start();
+    fake_dify *f = h_fake_start();
     setup_apps(f);
     char *out;
     int rc = check_online(bad_config, fake_dify_port(f), &out);
@@ -316,7 +294,7 @@ static h_server *start_validating(const char *config, const char *mode, uint16_t
 }
 
 START_TEST(start_validation) {
-    fake_dify *f = fake_start();
+    fake_dify *f = h_fake_start();
     setup_apps(f);
 
     /* warn: starts, and says what does not fit, with the paths. */
@@ -329,7 +307,7 @@ START_TEST(start_validation) {
     ck_assert_ptr_null(strstr(log, H_API_KEY)); /* never the key */
     free(log);
     json_decref(lines);
-    server_stop(s);
+    h_server_stop_ok(s);
 
     /* strict: refuses to start (exit 2). */
     s = start_validating(bad_config, "strict", fake_dify_port(f), false);
@@ -341,7 +319,7 @@ START_TEST(start_validation) {
     /* strict, Dify unreachable: a warning, and it starts anyway. */
     s = start_validating(bad_config, "strict", h_free_port(), true);
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app not checked\"", 1000));
-    server_stop(s);
+    h_server_stop_ok(s);
 
     /* strict and fitting: starts; a SIGHUP with a config that does not fit
      * is rejected and the running one stays. */
@@ -369,7 +347,7 @@ START_TEST(start_validation) {
     free(b);
     free(a);
     free(file);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -394,8 +372,8 @@ static const char flow_config[] =
     "   \"map\": [{\"source\": \"insert_id\", \"target\": \"id\"}], \"user\": \"{{user_id}}\"}]}\n";
 
 START_TEST(resume_after_drop) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start(flow_config, f);
+    fake_dify *f = h_fake_start();
+    h_server *s = h_server_start_with(flow_config, f);
 
     /* Dropped after workflow_started and node_started: Dify goes on with
      * the run; the relay follows it instead of posting again. */
@@ -447,7 +425,7 @@ START_TEST(resume_after_drop) {
     json_t *dead = dlq_list(s, false);
     ck_assert_uint_eq(json_array_size(dead), 0);
     json_decref(dead);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -455,8 +433,8 @@ END_TEST
 /* ---- paused for human input --------------------------------------------------- */
 
 START_TEST(waiting_for_input) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start(flow_config, f);
+    fake_dify *f = h_fake_start();
+    h_server *s = h_server_start_with(flow_config, f);
     fake_dify_push(f, &(fake_dify_behaviour){.human_input = true});
     post_event(s, "Flow", "u-wait", "wait-stream");
     fake_dify_push(f, &(fake_dify_behaviour){.human_input = true});
@@ -495,13 +473,13 @@ START_TEST(waiting_for_input) {
     ck_assert(metric_value(s, "amp2dify_spool_pending") == 0);
     /* The table form says so too. */
     char *cmd =
-        amp_xasprintf("%s dlq list --waiting -c %s/amp2dify.json 2>&1", bin(), h_server_dir(s));
+        amp_xasprintf("%s dlq list --waiting -c %s/amp2dify.json 2>&1", h_bin(), h_server_dir(s));
     char *out;
     ck_assert_int_eq(run(cmd, &out), 0);
     ck_assert_msg(strstr(out, "WAITING_SINCE") && strstr(out, "waiting_input"), "%s", out);
     free(out);
     free(cmd);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -530,8 +508,8 @@ static size_t arrivals(fake_dify *f, const char *id, int64_t *at, size_t max) {
 }
 
 START_TEST(outcomes_2026) {
-    fake_dify *f = fake_start();
-    h_server *s = server_start(chat_config, f);
+    fake_dify *f = h_fake_start();
+    h_server *s = h_server_start_with(chat_config, f);
 
     /* conversation_completed: the stored conversation is dropped and the
      * event goes again as a new one. */
@@ -612,7 +590,7 @@ START_TEST(outcomes_2026) {
     ck_assert_msg(trace && strlen(trace) == 64 && strspn(trace, "0123456789abcdef") == 64,
                   "trace id '%s'", trace ? trace : "(none)");
     json_decref(recs);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST
@@ -635,9 +613,9 @@ static const char version_config[] =
     "   \"filter\": {\"field\": \"event_type\", \"op\": \"equals\", \"value\": \"Chat\"}}]}\n";
 
 START_TEST(pinned_versions) {
-    fake_dify *f = fake_start();
+    fake_dify *f = h_fake_start();
     fake_dify_add_workflow_version(f, WF_VERSION);
-    h_server *s = server_start(version_config, f);
+    h_server *s = h_server_start_with(version_config, f);
     post_event(s, "Flow", "u-v", "ver-flow");
     post_event(s, "Chat", "u-v", "ver-chat");
     wait_delivered(f, 2, 10000);
@@ -650,7 +628,7 @@ START_TEST(pinned_versions) {
     ck_assert_str_eq(jstr(json_object_get(json_array_get(chat, 0), "body"), "workflow_id"),
                      WF_VERSION);
     json_decref(chat);
-    server_stop(s);
+    h_server_stop_ok(s);
     fake_dify_stop(f);
 }
 END_TEST

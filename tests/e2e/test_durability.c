@@ -79,8 +79,7 @@ extern char **environ;
 /* ---- small helpers ------------------------------------------------------- */
 
 static bool sanitized(void) {
-    const char *bin = getenv("AMP2DIFY_BIN");
-    return bin && strstr(bin, "san-") != NULL;
+    return strstr(h_bin(), "san-") != NULL;
 }
 
 static int64_t env_int(const char *name, int64_t min, int64_t max, int64_t dflt) {
@@ -268,8 +267,7 @@ static void *client_main(void *arg) {
     c->acked = json_object();
     c->failed = json_object();
     for (size_t n = 0;
-         n < CRASH_MAX_PER_CLIENT && atomic_load(c->running) && h_mono_ms() < c->deadline_ms;
-         n++) {
+         n < CRASH_MAX_PER_CLIENT && atomic_load(c->running) && h_mono_ms() < c->deadline_ms; n++) {
         char id[64], user[32];
         snprintf(id, sizeof id, "crash-%u-%d-%zu", c->run, c->index, n);
         snprintf(user, sizeof user, "user-%d-%zu", c->index, n % 40);
@@ -1006,8 +1004,7 @@ static char *slurp(const char *path) {
  * ours without the variables that would point it elsewhere. */
 static pid_t spawn_dlq(const h_server *srv, const char *const *args, int out_fd,
                        const char *out_path, const char *err_path) {
-    const char *bin = getenv("AMP2DIFY_BIN");
-    bin = bin && *bin ? bin : "build/amp2dify";
+    const char *bin = h_bin();
     char *config = amp_xasprintf("%s/amp2dify.json", h_server_dir(srv));
     const char *argv[32];
     size_t n = 0;

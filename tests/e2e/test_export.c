@@ -41,11 +41,6 @@
 /* 2026-11-01T00:00Z in hours since the epoch. */
 #define NOV1 ((int64_t)1793491200 / 3600)
 
-static const char *bin(void) {
-    const char *b = getenv("AMP2DIFY_BIN");
-    return b && *b ? b : "build/amp2dify";
-}
-
 /* Every event to the one app; the query is the event's time, unique per
  * event here, so a duplicate delivery shows. */
 static char *config(uint16_t amp_port, unsigned hours_per_request) {
@@ -70,7 +65,7 @@ static char *config(uint16_t amp_port, unsigned hours_per_request) {
  * included); *status gets the exit status. Caller owns. */
 static char *run_export(const h_server *s, const char *start, const char *end, const char *extra,
                         int *status) {
-    char *cmd = amp_xasprintf("%s export -c %s/amp2dify.json --start %s --end %s %s 2>&1", bin(),
+    char *cmd = amp_xasprintf("%s export -c %s/amp2dify.json --start %s --end %s %s 2>&1", h_bin(),
                               h_server_dir(s), start, end, extra ? extra : "");
     FILE *p = popen(cmd, "r");
     ck_assert_ptr_nonnull(p);
@@ -264,7 +259,7 @@ START_TEST(kill_resumes_at_the_hour) {
         int fd = open(logf, O_WRONLY | O_CREAT | O_TRUNC, 0600);
         dup2(fd, 1);
         dup2(fd, 2);
-        execl(bin(), bin(), "export", "-c", conf, "--start", "2026-11-01T00", "--end",
+        execl(h_bin(), h_bin(), "export", "-c", conf, "--start", "2026-11-01T00", "--end",
               "2026-11-01T23", (char *)NULL);
         _exit(127);
     }

@@ -35,8 +35,7 @@
 
 /* The fault library next to the binary under test: $(BUILD)/tests/. */
 static char *fail_io_lib(void) {
-    const char *bin = getenv("AMP2DIFY_BIN");
-    char *copy = amp_xstrdup(bin ? bin : "build/amp2dify");
+    char *copy = amp_xstrdup(h_bin());
     char *lib = amp_xasprintf("%s/tests/libfail_io.so", dirname(copy));
     free(copy);
     char *abs = realpath(lib, NULL);

@@ -128,7 +128,7 @@ START_TEST(refused_redis_is_explained) {
     ck_assert_ptr_nonnull(f);
     fputs(placeholders(file_cfg), f);
     fclose(f);
-    const char *bin = getenv("AMP2DIFY_BIN") ? getenv("AMP2DIFY_BIN") : "build/amp2dify";
+    const char *bin = h_bin();
     char *cmd = amp_xasprintf("AMP2DIFY_SECRETS=x DIFY_API_KEY=k timeout 20 %s check-config -c %s "
                               "2>&1",
                               bin, path);
