@@ -22,7 +22,8 @@
 static int check_redis(const amp_config *c) {
     amp_redisq_opts ro = amp_cmd_redisq_opts(c);
     char found[512], expected[256];
-    amp_redisq_check_result r = amp_redisq_check(&ro, found, sizeof found, expected, sizeof expected);
+    amp_redisq_check_result r =
+        amp_redisq_check(&ro, found, sizeof found, expected, sizeof expected);
     if (r == AMP_REDISQ_CHECK_OK)
         return 0;
     fprintf(stderr, "%s: queue.url: found %s; expected %s\n", c->file, found, expected);
