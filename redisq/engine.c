@@ -270,6 +270,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
             job->attempts =
                 jr->element[7]->type == REDIS_REPLY_STRING ? atoi(jr->element[7]->str) : 0;
             job->conversation_id = nonempty(jr->element[8]);
+            job->run_id = jr->elements > 9 ? nonempty(jr->element[9]) : NULL;
             job->created_ms = job->id >> 20;
             jobs[n++] = job;
             got++;
@@ -296,6 +297,8 @@ static const char *kind_name(amp_queue_ack_kind k) {
         return "retry";
     case AMP_QUEUE_ACK_DEAD:
         return "dead";
+    case AMP_QUEUE_ACK_WAITING:
+        return "waiting";
     case AMP_QUEUE_ACK_RELEASE:
     default:
         return "release";
@@ -389,6 +392,8 @@ static amp_queue_ack_status acknowledge(void *e, const amp_queue_ack *ack) {
     amp_redisq_args_str(&a, ack->message);
     amp_redisq_args_str(&a, !ack->conversation_id ? "" : ack->conversation_id[0] ? "set" : "clear");
     amp_redisq_args_str(&a, ack->conversation_id);
+    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_WAITING ? ack->result_json : NULL);
+    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_RETRY ? ack->run_id : NULL);
     for (int i = 0; i < a.n; i++)
         amp_redisq_args_add(&p->keep, a.v[i], a.len[i]);
     amp_redisq_pipe_call(q->work, RQ_ACK, &a, ack_done, p);

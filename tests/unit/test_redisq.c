@@ -356,6 +356,164 @@ START_TEST(engine_submits_claims_and_acknowledges) {
 }
 END_TEST
 
+/* Claim from q until want jobs came (bounded: 5 s, the lease thread takes
+ * the shards first); returns how many. */
+static int claim_wait(amp_queue *q, amp_queue_job **jobs, int want) {
+    int n = 0;
+    int64_t nd;
+    for (int64_t end = amp_mono_ms() + 5000; n < want && amp_mono_ms() < end;) {
+        int got = amp_queue_claim(q, amp_now_ms(), jobs + n, (size_t)(want - n), &nd);
+        ck_assert_int_ge(got, 0);
+        n += got;
+        if (n < want)
+            h_sleep_ms(20);
+    }
+    return n;
+}
+
+static void ack_wait(amp_queue *q, const amp_queue_ack *ack) {
+    ck_assert_int_eq(amp_queue_acknowledge(q, ack), AMP_QUEUE_ACK_TAKEN);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+}
+
+static amp_queue_job *job_by_key(amp_queue_job **jobs, int n, const char *key) {
+    for (int i = 0; i < n; i++)
+        if (jobs[i]->dedupe_key && strcmp(jobs[i]->dedupe_key, key) == 0)
+            return jobs[i];
+    ck_abort_msg("no job %s", key);
+    return NULL;
+}
+
+/* The engine contract of the waiting state and of a retry's run id, as the
+ * SQLite engine keeps it (test_spool's waiting_rows_and_retry_run_ids): a
+ * RETRY's run_id comes back with the job (a RELEASE keeps it); a WAITING
+ * job is neither pending nor dead, does not hold its user's later jobs
+ * back, is counted apart, listed with f.waiting only (with its result), and
+ * a replay of it is a fresh schedule without the old run. */
+START_TEST(waiting_rows_and_retry_run_ids) {
+    amp_redisq_opts o = {
+        .url = h_redis_url(srv), .shards = 1, .lease_ms = 1000, .dedupe_window_s = 60};
+    char err[256];
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    volatile int got = -2;
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "w1");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":1}");
+    amp_queue_batch_event(b, "w2");
+    amp_queue_batch_request(b, "all", "support", "u2", false, "{\"n\":2}");
+    amp_queue_batch_event(b, "w3");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":3}");
+    amp_queue_submit(q, b, stored, (void *)&got);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    ck_assert_int_eq(got, 3);
+
+    /* u1's first and u2's; u1's second waits behind the first. */
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_wait(q, jobs, 2), 2);
+    amp_queue_job *w1 = job_by_key(jobs, 2, "w1"), *w2 = job_by_key(jobs, 2, "w2");
+    ck_assert_ptr_null(w1->run_id);
+    ck_assert_ptr_null(w2->run_id);
+    ack_wait(q, &(amp_queue_ack){.id = w1->id,
+                                 .shard = w1->shard,
+                                 .kind = AMP_QUEUE_ACK_WAITING,
+                                 .http_status = 200,
+                                 .code = "waiting_input",
+                                 .message = "paused",
+                                 .result_json = "{\"workflow_run_id\":\"run-w\"}"});
+    ack_wait(q, &(amp_queue_ack){.id = w2->id,
+                                 .shard = w2->shard,
+                                 .kind = AMP_QUEUE_ACK_RETRY,
+                                 .due_ms = amp_now_ms(),
+                                 .http_status = 200,
+                                 .code = "timeout",
+                                 .run_id = "run-r"});
+    int64_t w2_id = w2->id;
+    for (int i = 0; i < 2; i++)
+        amp_queue_job_free(jobs[i]);
+
+    /* The retried job comes back with its run; the waiting one does not
+     * come back, and u1's second job is no longer held. */
+    ck_assert_int_eq(claim_wait(q, jobs, 2), 2);
+    w2 = job_by_key(jobs, 2, "w2");
+    amp_queue_job *w3 = job_by_key(jobs, 2, "w3");
+    ck_assert_int_eq(w2->id, w2_id);
+    ck_assert_int_eq(w2->attempts, 1);
+    ck_assert_str_eq(w2->run_id, "run-r");
+    ck_assert_ptr_null(w3->run_id);
+    /* A release (not attempted) keeps the run. */
+    ack_wait(q, &(amp_queue_ack){.id = w2->id,
+                                 .shard = w2->shard,
+                                 .kind = AMP_QUEUE_ACK_RELEASE,
+                                 .due_ms = amp_now_ms()});
+    ack_wait(q, &(amp_queue_ack){.id = w3->id,
+                                 .shard = w3->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    for (int i = 0; i < 2; i++)
+        amp_queue_job_free(jobs[i]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_int_eq(jobs[0]->id, w2_id);
+    ck_assert_str_eq(jobs[0]->run_id, "run-r");
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    amp_queue_job_free(jobs[0]);
+
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.dead, 0);
+    ck_assert_int_eq(st.waiting, 1);
+    ck_assert_int_eq(st.delivered, 2);
+
+    amp_queue_dlq_filter dead = {0}, waiting = {.waiting = true};
+    json_t *rows = amp_queue_dlq_list(q, &dead, 10);
+    ck_assert_uint_eq(json_array_size(rows), 0);
+    json_decref(rows);
+    rows = amp_queue_dlq_list(q, &waiting, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    json_t *r0 = json_array_get(rows, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "state")), "waiting_input");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "code")), "waiting_input");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "message")), "paused");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "dedupe_key")), "w1");
+    ck_assert_int_eq(json_integer_value(json_object_get(r0, "attempts")), 1);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(r0, "result"), "workflow_run_id")),
+        "run-w");
+    json_decref(rows);
+
+    /* A dead-letter purge or replay leaves it; a replay of waiting rows
+     * starts it afresh, without the old run. */
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &dead), 0);
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &dead), 0);
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &waiting), 1);
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.waiting, 0);
+    ck_assert_int_eq(st.pending, 1);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "w1");
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ck_assert_ptr_null(jobs[0]->run_id);
+    /* Waiting again, then purged: gone from the waiting rows only. */
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_WAITING,
+                                 .http_status = 200,
+                                 .code = "waiting_input"});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &waiting), 1);
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.waiting, 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.dead, 0);
+    amp_queue_close(q);
+}
+END_TEST
+
 START_TEST(weak_durability_is_refused_unless_allowed) {
     const char *weak[] = {"--appendfsync", "everysec", NULL};
     h_redis *w = h_redis_start(weak);
@@ -408,6 +566,7 @@ int main(void) {
     tcase_add_test(tc, per_user_jobs_go_one_at_a_time_in_order);
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, engine_submits_claims_and_acknowledges);
+    tcase_add_test(tc, waiting_rows_and_retry_run_ids);
     tcase_add_test(tc, weak_durability_is_refused_unless_allowed);
     suite_add_tcase(su, tc);
     TCase *tp = tcase_create("pure");
