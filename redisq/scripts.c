@@ -88,25 +88,26 @@ static const char release_lua[] = "#!lua\n"
                                   "redis.call('DEL', lk)\n"
                                   "return 1\n";
 
-/* ARGV: prefix, now ms, max, then (shard, token, owner) triples. For each
+/* ARGV: prefix, now ms, max, tag, then (shard, token, owner) triples. For each
  * shard whose lease is the caller's: new entries are read into the group
  * (XREADGROUP without BLOCK) when fewer than max are due, a per_user entry
  * joining its user's list and becoming ready only as its head; then up to
- * max due ids leave <s>:ready for <s>:inflight. Returns per shard
+ * max due ids leave <s>:ready for <s>:inflight, marked with the caller's
+ * tag (unique per claim call, for unclaim_lua). Returns per shard
  * {shard, 0} when the lease is not the caller's, else {shard, 1, next due
  * ms ("-1": none; now when more may be due), jobs}, a job being {id, route,
  * app, user, per_user, body, key, attempts, conversation id or "", the run
  * id a retry left in <s>:run or ""}. */
 static const char claim_lua[] =
     "#!lua\n"
-    "local p, now, left = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+    "local p, now, left, tag = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]\n"
     "local out = {}\n"
     "local function fields(e)\n"
     "  local f = {}\n"
     "  for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end\n"
     "  return f\n"
     "end\n"
-    "for a = 4, #ARGV, 3 do\n"
+    "for a = 5, #ARGV, 3 do\n"
     "  local s, token, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2]\n"
     "  local pre = p .. s .. ':'\n"
     "  if redis.call('GET', pre .. 'lease') ~= token then\n"
@@ -142,7 +143,7 @@ static const char claim_lua[] =
     "        local e = redis.call('XRANGE', sk, id, id)[1]\n"
     "        if e then\n"
     "          local f = fields(e)\n"
-    "          redis.call('HSET', pre .. 'inflight', id, now)\n"
+    "          redis.call('HSET', pre .. 'inflight', id, tag)\n"
     "          local att = redis.call('HGET', pre .. 'meta', id) or '0'\n"
     "          local conv = redis.call('HGET', pre .. 'conv', #f.app .. ':' .. f.app .. f.user) "
     "or ''\n"
@@ -164,6 +165,29 @@ static const char claim_lua[] =
     "  end\n"
     "end\n"
     "return out\n";
+
+/* ARGV: prefix, tag, now ms, then (shard, token) pairs. Undoes a claim
+ * whose answer was lost (the connection failed: the script may have run and
+ * no job was handed out): for each shard whose lease is still the caller's,
+ * the ids claimed with tag go back to <s>:ready, due now. Returns how many
+ * ids went back. */
+static const char unclaim_lua[] =
+    "#!lua\n"
+    "local p, tag, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), 0\n"
+    "for i = 4, #ARGV, 2 do\n"
+    "  local pre = p .. ARGV[i] .. ':'\n"
+    "  if redis.call('GET', pre .. 'lease') == ARGV[i + 1] then\n"
+    "    local all = redis.call('HGETALL', pre .. 'inflight')\n"
+    "    for j = 1, #all, 2 do\n"
+    "      if all[j + 1] == tag then\n"
+    "        redis.call('HDEL', pre .. 'inflight', all[j])\n"
+    "        redis.call('ZADD', pre .. 'ready', now, all[j])\n"
+    "        n = n + 1\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return n\n";
 
 /* ARGV: prefix, shard, token, id, kind (delivered, retry, dead, release,
  * waiting), due ms, now ms, http status, code, message, conversation op ("",
@@ -255,7 +279,7 @@ static const char replay_lua[] =
 static const char *const texts[RQ_NSCRIPTS] = {
     [RQ_ACCEPT] = accept_lua,   [RQ_ACQUIRE] = acquire_lua, [RQ_RENEW] = renew_lua,
     [RQ_RELEASE] = release_lua, [RQ_CLAIM] = claim_lua,     [RQ_ACK] = ack_lua,
-    [RQ_REPLAY] = replay_lua,
+    [RQ_REPLAY] = replay_lua,   [RQ_UNCLAIM] = unclaim_lua,
 };
 
 const char *amp_redisq_script(int script) {

@@ -81,7 +81,7 @@ static const char *acquire0(const char *owner, char *token, size_t len) {
 static redisReply *claim0(const char *token, const char *owner, int64_t now_ms) {
     char now[24];
     snprintf(now, sizeof now, "%lld", (long long)now_ms);
-    return run(RQ_CLAIM, RQ_PREFIX, now, "10", "0", token, owner, NULL);
+    return run(RQ_CLAIM, RQ_PREFIX, now, "10", "t1", "0", token, owner, NULL);
 }
 
 static long long ack0(const char *token, const char *id, const char *kind, int64_t due_ms) {
@@ -206,6 +206,43 @@ START_TEST(retry_keeps_its_entry_and_waits_for_its_due_time) {
     ck_assert_int_eq(ack0(t, id, "release", now), 1);
     r = claim0(t, "A", now + 60000);
     ck_assert_str_eq(job_field(r, 0, 7), "1");
+    freeReplyObject(r);
+}
+END_TEST
+
+/* A claim whose answer was lost (Redis went away after the script ran):
+ * the engine undoes it by its tag, and only its own claims under its own
+ * lease. Without it the job stays claimed by nobody while the lease holds,
+ * and its user's later jobs wait behind it. */
+START_TEST(lost_claim_is_undone_by_its_tag) {
+    char t[160];
+    acquire0("A", t, sizeof t);
+    freeReplyObject(accept1("k1", "u1", "1", "{\"n\":1}"));
+    freeReplyObject(accept1("k2", "u1", "1", "{\"n\":2}"));
+    redisReply *r = claim0(t, "A", amp_now_ms()); /* tag "t1"; its answer "lost" */
+    ck_assert_uint_eq(njobs(r), 1);
+    char id[48];
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 0);
+    freeReplyObject(r);
+    /* Another claim's tag, or a stale lease: nothing moves. */
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t2", "0", "0", t, NULL);
+    ck_assert_int_eq(r->integer, 0);
+    freeReplyObject(r);
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t1", "0", "0", "7:B", NULL);
+    ck_assert_int_eq(r->integer, 0);
+    freeReplyObject(r);
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t1", "0", "0", t, NULL);
+    ck_assert_int_eq(r->integer, 1);
+    freeReplyObject(r);
+    ck_assert_int_eq(cmd_int("HLEN %s", RQ_PREFIX "0:inflight"), 0);
+    /* The same job again, first of its user, attempts untouched. */
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 0), id);
+    ck_assert_str_eq(job_field(r, 0, 7), "0");
     freeReplyObject(r);
 }
 END_TEST
@@ -564,6 +601,7 @@ int main(void) {
     tcase_add_test(tc, lease_is_exclusive_and_released_by_its_owner_only);
     tcase_add_test(tc, retry_keeps_its_entry_and_waits_for_its_due_time);
     tcase_add_test(tc, per_user_jobs_go_one_at_a_time_in_order);
+    tcase_add_test(tc, lost_claim_is_undone_by_its_tag);
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, engine_submits_claims_and_acknowledges);
     tcase_add_test(tc, waiting_rows_and_retry_run_ids);
