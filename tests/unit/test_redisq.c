@@ -2,11 +2,18 @@
  * of the test's own (tests/e2e/redis_server.h), and the engine through the
  * queue interface. Fencing: a stale generation can neither claim nor
  * acknowledge; accept is idempotent; a retry keeps its stream entry. */
+#include <arpa/inet.h>
 #include <check.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "../../base/clock.h"
 #include "../../base/log.h"
@@ -394,14 +401,14 @@ START_TEST(engine_submits_claims_and_acknowledges) {
 END_TEST
 
 /* Claim from q until want jobs came (bounded: 5 s, the lease thread takes
- * the shards first); returns how many. */
+ * the shards first, a lost connection comes back); returns how many. */
 static int claim_wait(amp_queue *q, amp_queue_job **jobs, int want) {
     int n = 0;
     int64_t nd;
     for (int64_t end = amp_mono_ms() + 5000; n < want && amp_mono_ms() < end;) {
         int got = amp_queue_claim(q, amp_now_ms(), jobs + n, (size_t)(want - n), &nd);
-        ck_assert_int_ge(got, 0);
-        n += got;
+        if (got > 0) /* -1: Redis unreachable for now */
+            n += got;
         if (n < want)
             h_sleep_ms(20);
     }
@@ -551,6 +558,162 @@ START_TEST(waiting_rows_and_retry_run_ids) {
 }
 END_TEST
 
+/* ---- a proxy that loses one answer ----------------------------------------
+ * Between the engine and redis-server on loopback: it passes bytes both
+ * ways, but the first time a client sends a call containing `arm` (a
+ * script's SHA1), it lets Redis run it, swallows the answer and closes that
+ * connection, as when Redis goes away between running a script and
+ * answering. */
+typedef struct lossy {
+    int lfd;
+    uint16_t port, to_port;
+    char arm[41];
+    atomic_bool armed, stop, fired;
+    pthread_t thread;
+} lossy;
+
+typedef struct lossy_conn {
+    lossy *lp;
+    int cfd;
+} lossy_conn;
+
+static void *lossy_conn_main(void *arg) {
+    lossy_conn *lc = arg;
+    lossy *lp = lc->lp;
+    int sfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(lp->to_port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(sfd, (struct sockaddr *)&sa, sizeof sa) != 0)
+        goto out;
+    char buf[65536];
+    bool swallow = false;
+    while (!atomic_load(&lp->stop)) {
+        struct pollfd pf[2] = {{.fd = lc->cfd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+        if (poll(pf, 2, 100) <= 0)
+            continue;
+        if (pf[0].revents) {
+            ssize_t n = read(lc->cfd, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            if (atomic_load(&lp->armed) && memmem(buf, (size_t)n, lp->arm, 40)) {
+                atomic_store(&lp->armed, false);
+                swallow = true;
+            }
+            if (write(sfd, buf, (size_t)n) != n)
+                break;
+        }
+        if (pf[1].revents) {
+            ssize_t n = read(sfd, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            if (swallow) { /* Redis ran it; the answer never arrives */
+                atomic_store(&lp->fired, true);
+                break;
+            }
+            if (write(lc->cfd, buf, (size_t)n) != n)
+                break;
+        }
+    }
+out:
+    close(sfd);
+    close(lc->cfd);
+    free(lc);
+    return NULL;
+}
+
+static void *lossy_main(void *arg) {
+    lossy *lp = arg;
+    while (!atomic_load(&lp->stop)) {
+        struct pollfd pf = {.fd = lp->lfd, .events = POLLIN};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        int cfd = accept(lp->lfd, NULL, NULL);
+        if (cfd < 0)
+            continue;
+        lossy_conn *lc = malloc(sizeof *lc);
+        lc->lp = lp;
+        lc->cfd = cfd;
+        pthread_t t;
+        if (pthread_create(&t, NULL, lossy_conn_main, lc) == 0)
+            pthread_detach(t);
+    }
+    return NULL;
+}
+
+static void lossy_start(lossy *lp, uint16_t to_port) {
+    memset(lp, 0, sizeof *lp);
+    lp->to_port = to_port;
+    lp->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(lp->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(lp->lfd, 16), 0);
+    socklen_t len = sizeof sa;
+    getsockname(lp->lfd, (struct sockaddr *)&sa, &len);
+    lp->port = ntohs(sa.sin_port);
+    ck_assert_int_eq(pthread_create(&lp->thread, NULL, lossy_main, lp), 0);
+}
+
+/* Stops accepting; the open connections end with the engine's. */
+static void lossy_stop(lossy *lp) {
+    atomic_store(&lp->stop, true);
+    pthread_join(lp->thread, NULL);
+    close(lp->lfd);
+}
+
+/* The engine's side of lost_claim_is_undone_by_its_tag: a claim whose
+ * answer never came leaves no job claimed by nobody; the job (and its
+ * user's next) come out while this replica keeps its lease. */
+START_TEST(engine_undoes_a_claim_whose_answer_was_lost) {
+    rq_url u;
+    char err[256];
+    ck_assert_int_eq(amp_redisq_parse_url(h_redis_url(srv), &u, err, sizeof err), 0);
+    lossy lp;
+    lossy_start(&lp, (uint16_t)u.port);
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", (unsigned)lp.port);
+    amp_redisq_opts o = {.url = url, .shards = 1, .lease_ms = 1000, .dedupe_window_s = 60};
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    volatile int got = -2;
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "k1");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":1}");
+    amp_queue_batch_event(b, "k2");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":2}");
+    amp_queue_submit(q, b, stored, (void *)&got);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    ck_assert_int_eq(got, 2);
+
+    /* The first claim script that reaches Redis runs; its answer is lost. */
+    snprintf(lp.arm, sizeof lp.arm, "%s", shas.sha[RQ_CLAIM]);
+    atomic_store(&lp.armed, true);
+    amp_queue_job *jobs[2];
+    int64_t nd;
+    for (int64_t end = amp_mono_ms() + 5000; !atomic_load(&lp.fired) && amp_mono_ms() < end;) {
+        ck_assert_int_le(amp_queue_claim(q, amp_now_ms(), jobs, 2, &nd), 0);
+        h_sleep_ms(20);
+    }
+    ck_assert(atomic_load(&lp.fired));
+    ck_assert_int_eq(cmd_int("HLEN %s", RQ_PREFIX "0:inflight"), 1); /* claimed by nobody */
+
+    /* Well within the lease this replica keeps renewing: k1, then k2. */
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "k1");
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "k2");
+    amp_queue_job_free(jobs[0]);
+    amp_queue_close(q);
+    lossy_stop(&lp);
+}
+END_TEST
+
 START_TEST(weak_durability_is_refused_unless_allowed) {
     const char *weak[] = {"--appendfsync", "everysec", NULL};
     h_redis *w = h_redis_start(weak);
@@ -605,6 +768,7 @@ int main(void) {
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, engine_submits_claims_and_acknowledges);
     tcase_add_test(tc, waiting_rows_and_retry_run_ids);
+    tcase_add_test(tc, engine_undoes_a_claim_whose_answer_was_lost);
     tcase_add_test(tc, weak_durability_is_refused_unless_allowed);
     suite_add_tcase(su, tc);
     TCase *tp = tcase_create("pure");
