@@ -249,8 +249,8 @@ static int walk(rq_admin *a, const amp_queue_dlq_filter *f,
         return -1;
     char from[48] = "-";
     for (;;) {
-        redisReply *r = redisCommand(c, "XRANGE " RQ_PREFIX "%s %s + COUNT %d", rows_stream(f),
-                                     from, DLQ_PAGE);
+        redisReply *r =
+            redisCommand(c, "XRANGE " RQ_PREFIX "%s %s + COUNT %d", rows_stream(f), from, DLQ_PAGE);
         if (!r || r->type != REDIS_REPLY_ARRAY) {
             if (r)
                 freeReplyObject(r);

@@ -32,8 +32,8 @@ typedef struct shard_state {
  * The same for the undoing of a claim whose answer was lost. */
 typedef struct held_ack {
     struct held_ack *next;
-    int script; /* RQ_ACK, or RQ_UNCLAIM */
-    int shard;  /* RQ_ACK: the job's */
+    int script;   /* RQ_ACK, or RQ_UNCLAIM */
+    int shard;    /* RQ_ACK: the job's */
     rq_args args; /* the script's, token(s) included */
 } held_ack;
 
@@ -50,7 +50,7 @@ typedef struct rq {
     pthread_cond_t stop_cv;
     bool stop;
     shard_state *sh;
-    int rr; /* the shard a claim starts at, for fairness */
+    int rr;             /* the shard a claim starts at, for fairness */
     uint64_t claim_seq; /* numbers the claim calls: their tag */
     held_ack *held;
     amp_queue_notify_fn notify;

@@ -171,23 +171,22 @@ static const char claim_lua[] =
  * no job was handed out): for each shard whose lease is still the caller's,
  * the ids claimed with tag go back to <s>:ready, due now. Returns how many
  * ids went back. */
-static const char unclaim_lua[] =
-    "#!lua\n"
-    "local p, tag, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), 0\n"
-    "for i = 4, #ARGV, 2 do\n"
-    "  local pre = p .. ARGV[i] .. ':'\n"
-    "  if redis.call('GET', pre .. 'lease') == ARGV[i + 1] then\n"
-    "    local all = redis.call('HGETALL', pre .. 'inflight')\n"
-    "    for j = 1, #all, 2 do\n"
-    "      if all[j + 1] == tag then\n"
-    "        redis.call('HDEL', pre .. 'inflight', all[j])\n"
-    "        redis.call('ZADD', pre .. 'ready', now, all[j])\n"
-    "        n = n + 1\n"
-    "      end\n"
-    "    end\n"
-    "  end\n"
-    "end\n"
-    "return n\n";
+static const char unclaim_lua[] = "#!lua\n"
+                                  "local p, tag, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), 0\n"
+                                  "for i = 4, #ARGV, 2 do\n"
+                                  "  local pre = p .. ARGV[i] .. ':'\n"
+                                  "  if redis.call('GET', pre .. 'lease') == ARGV[i + 1] then\n"
+                                  "    local all = redis.call('HGETALL', pre .. 'inflight')\n"
+                                  "    for j = 1, #all, 2 do\n"
+                                  "      if all[j + 1] == tag then\n"
+                                  "        redis.call('HDEL', pre .. 'inflight', all[j])\n"
+                                  "        redis.call('ZADD', pre .. 'ready', now, all[j])\n"
+                                  "        n = n + 1\n"
+                                  "      end\n"
+                                  "    end\n"
+                                  "  end\n"
+                                  "end\n"
+                                  "return n\n";
 
 /* ARGV: prefix, shard, token, id, kind (delivered, retry, dead, release,
  * waiting), due ms, now ms, http status, code, message, conversation op ("",
