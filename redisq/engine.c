@@ -420,7 +420,9 @@ static amp_queue_ack_status acknowledge(void *e, const amp_queue_ack *ack) {
     amp_redisq_args_str(&a, !ack->conversation_id ? "" : ack->conversation_id[0] ? "set" : "clear");
     amp_redisq_args_str(&a, ack->conversation_id);
     amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_WAITING ? ack->result_json : NULL);
-    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_RETRY ? ack->run_id : NULL);
+    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_RETRY || ack->kind == AMP_QUEUE_ACK_RELEASE
+                                ? ack->run_id
+                                : NULL);
     for (int i = 0; i < a.n; i++)
         amp_redisq_args_add(&p->keep, a.v[i], a.len[i]);
     amp_redisq_pipe_call(q->work, RQ_ACK, &a, ack_done, p);

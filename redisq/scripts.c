@@ -195,12 +195,11 @@ static const char unclaim_lua[] = "#!lua\n"
  * when the lease is not the caller's, 2 when the job is not claimed (both:
  * nothing changed). A retry or a release keeps the stream entry and puts its
  * id back in <s>:ready at the due time; a retry stores its run id in
- * <s>:run (the next claim hands it back; none clears it), a release leaves
- * it. Delivered, dead and waiting entries leave the stream (XACK + XDEL;
- * dead ones are copied to the dead letters first, waiting ones with their
- * result to the waiting stream) and the next job of a per_user conversation
- * becomes ready: like the SQLite engine, a waiting job does not hold its
- * user's later jobs back. */
+ * <s>:run (the next claim hands it back; none clears it), a release stores
+ * one it names and otherwise leaves it. Delivered, dead and waiting entries leave the stream (XACK
+ * + XDEL; dead ones are copied to the dead letters first, waiting ones with their result to the
+ * waiting stream) and the next job of a per_user conversation becomes ready: like the SQLite
+ * engine, a waiting job does not hold its user's later jobs back. */
 static const char ack_lua[] =
     "#!lua\n"
     "local p, s, token, id, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]\n"
@@ -228,6 +227,8 @@ static const char ack_lua[] =
     "    else\n"
     "      redis.call('HDEL', pre .. 'run', id)\n"
     "    end\n"
+    "  elseif run ~= '' then\n"
+    "    redis.call('HSET', pre .. 'run', id, run)\n"
     "  end\n"
     "  redis.call('ZADD', rk, due, id)\n"
     "  return 1\n"

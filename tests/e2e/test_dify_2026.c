@@ -414,6 +414,22 @@ START_TEST(resume_after_drop) {
     json_decref(posts);
     json_decref(resumes);
 
+    /* The key revoked between the drop and the resume: the app pauses with
+     * the job held, and the probe after the pause resumes the run it saw
+     * rather than posting the event again. */
+    fake_dify_reset(f);
+    fake_dify_push(f, &(fake_dify_behaviour){.stream_drop_after = 2, .revoke_key = true});
+    post_event(s, "Flow", "u-revoked", "revoked-1");
+    ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 10000));
+    fake_dify_add_key(f, H_API_KEY);
+    wait_delivered(f, 1, 15000);
+    posts = records(f, "/v1/workflows/run", "revoked-1");
+    resumes = records(f, "/v1/workflow/", NULL);
+    ck_assert_uint_eq(json_array_size(posts), 1);
+    ck_assert_uint_ge(json_array_size(resumes), 2); /* the refused one, then the probe */
+    json_decref(posts);
+    json_decref(resumes);
+
     /* A drop before any event: no run id, so the event is posted again. */
     fake_dify_reset(f);
     fake_dify_push(f, &(fake_dify_behaviour){.drop = true});

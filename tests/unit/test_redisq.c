@@ -485,7 +485,7 @@ START_TEST(waiting_rows_and_retry_run_ids) {
     ck_assert_int_eq(w2->attempts, 1);
     ck_assert_str_eq(w2->run_id, "run-r");
     ck_assert_ptr_null(w3->run_id);
-    /* A release (not attempted) keeps the run. */
+    /* A release (not attempted) keeps the run when it names none. */
     ack_wait(q, &(amp_queue_ack){.id = w2->id,
                                  .shard = w2->shard,
                                  .kind = AMP_QUEUE_ACK_RELEASE,
@@ -499,6 +499,16 @@ START_TEST(waiting_rows_and_retry_run_ids) {
     ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
     ck_assert_int_eq(jobs[0]->id, w2_id);
     ck_assert_str_eq(jobs[0]->run_id, "run-r");
+    /* A release naming a newer run stores it. */
+    ack_wait(q, &(amp_queue_ack){.id = w2_id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_RELEASE,
+                                 .due_ms = amp_now_ms(),
+                                 .run_id = "run-r2"});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_int_eq(jobs[0]->id, w2_id);
+    ck_assert_str_eq(jobs[0]->run_id, "run-r2");
     ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
                                  .shard = jobs[0]->shard,
                                  .kind = AMP_QUEUE_ACK_DELIVERED,
