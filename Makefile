@@ -10,7 +10,10 @@
 comma := ,
 PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis libarchive zlib
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config redis-server
+            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config
+# What `make test` runs beside the build: servers and tools of the end-to-end
+# tests (the SDK test's Node.js and npm come from .ci/run or the machine).
+TEST_DEB_PKGS := redis-server nginx-light curl sqlite3 prometheus python3 systemd procps
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
@@ -151,7 +154,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/export.sh $(BUILD)
 
 deps:
-	@missing=""; for p in $(DEB_PKGS); do \
+	@missing=""; for p in $(DEB_PKGS) $(TEST_DEB_PKGS); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
