@@ -65,15 +65,6 @@ enum MHD_Result amp_handlers_sdk_begin(amp_handlers *h, amp_req *r) {
     return MHD_YES;
 }
 
-static void stored(void *ctx, const amp_queue_result *res) {
-    amp_req *r = ctx;
-    amp_handlers *h = r->h;
-    r->result = *res;
-    atomic_store(&r->state, REQ_DONE);
-    MHD_resume_connection(r->conn);
-    atomic_fetch_sub(&h->suspended, 1);
-}
-
 static enum MHD_Result answer_stored(amp_req *r) {
     const amp_queue_result *res = &r->result;
     amp_handlers *h = r->h;
@@ -208,9 +199,5 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
         r->result = (amp_queue_result){0};
         return answer_stored(r);
     }
-    atomic_store(&r->state, REQ_WAITING);
-    atomic_fetch_add(&h->suspended, 1);
-    MHD_suspend_connection(r->conn);
-    amp_queue_submit(h->queue, batch, stored, r);
-    return MHD_YES;
+    return amp_handlers_submit(r, batch);
 }
