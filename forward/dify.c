@@ -70,7 +70,7 @@ static void *app_create(const char *base_url, const amp_app *app, const char *ke
     a->app = app;
     a->base = amp_forward_join_url(base_url, "");
     a->base[strlen(a->base) - 1] = '\0'; /* join_url's "/" */
-    char *path = amp_map_app_path(app); /* a pinned version has its own */
+    char *path = amp_map_app_path(app);  /* a pinned version has its own */
     a->url = amp_forward_join_url(base_url, path);
     free(path);
     a->auth = amp_xasprintf("Authorization: Bearer %s", key);

@@ -33,6 +33,16 @@ double h_metric(const h_server *s, const char *series) {
     return v;
 }
 
+double h_metric_wait(const h_server *s, const char *series, double min, unsigned timeout_ms) {
+    int64_t end = h_mono_ms() + timeout_ms;
+    double v = h_metric(s, series);
+    while (v < min && h_mono_ms() < end) {
+        h_sleep_ms(20);
+        v = h_metric(s, series);
+    }
+    return v;
+}
+
 void h_server_stop_ok(h_server *s) {
     char *why = h_server_stop_clean(s);
     ck_assert_msg(why == NULL, "%s", why);

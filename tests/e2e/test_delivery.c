@@ -510,8 +510,7 @@ START_TEST(pause_and_resume) {
 
     /* Probes at about 1 s and then 2 s intervals (retry.max_ms 2000). */
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 5000));
-    h_sleep_ms(200);
-    ck_assert(h_metric(s, "amp2dify_app_paused{app=\"support\"}") == 1);
+    ck_assert(h_metric_wait(s, "amp2dify_app_paused{app=\"support\"}", 1, 5000) == 1);
     while (h_mono_ms() - t0 < 5500)
         h_sleep_ms(50);
     ck_assert_uint_eq(fake_dify_delivered(f), 0);

@@ -378,8 +378,9 @@ START_TEST(resume_after_drop) {
     ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(resumes, 0), "status")),
                      200);
     /* Followed within the same attempt: no retry was needed. */
+    ck_assert(h_metric_wait(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"delivered\"}", 1,
+                            5000) == 1);
     ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") <= 0);
-    ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"delivered\"}") == 1);
     json_decref(posts);
     json_decref(resumes);
 
@@ -393,7 +394,8 @@ START_TEST(resume_after_drop) {
     resumes = records(f, "/v1/workflow/", NULL);
     ck_assert_uint_eq(json_array_size(posts), 1);
     ck_assert_uint_ge(json_array_size(resumes), 3);
-    ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") >= 1);
+    ck_assert(h_metric_wait(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}", 1,
+                            5000) >= 1);
     json_decref(posts);
     json_decref(resumes);
 
@@ -572,7 +574,7 @@ START_TEST(outcomes_2026) {
                      2);
     post_event(s, "Chat", "u-quota", "quota-1");
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 5000));
-    ck_assert(h_metric(s, "amp2dify_app_paused{app=\"chat\"}") == 1);
+    ck_assert(h_metric_wait(s, "amp2dify_app_paused{app=\"chat\"}", 1, 5000) == 1);
     wait_delivered(f, 5, 15000);
     ck_assert_uint_eq(arrivals(f, "quota-1", at, 16), 3);
     ck_assert_msg(at[1] - at[0] >= 900 && at[2] - at[1] >= 1800, "probes after %lld and %lld ms",
