@@ -595,8 +595,10 @@ static void full_period(full_ctx *c, bool in_flight, const char *label) {
     if (in_flight) {
         fake_dify_behaviour slow = {.delay_ms = 1500};
         fake_dify_push(c->fake, &slow);
+        size_t arrived = fake_dify_arrived(c->fake);
         ck_assert_int_eq(post_next(c, NULL), 202);
-        h_sleep_ms(200); /* claimed and sent; Dify holds the answer */
+        /* Claimed and sent; Dify holds the answer. */
+        ck_assert_uint_gt(fake_dify_wait_arrived(c->fake, arrived + 1, 10000), arrived);
     }
     size_t acked_before = json_object_size(c->acked);
 
