@@ -125,6 +125,20 @@ static void stored(void *ctx, const amp_queue_result *res) {
     atomic_fetch_sub(&h->suspended, 1);
 }
 
+bool amp_handlers_stored_ok(amp_req *r) {
+    const amp_queue_result *res = &r->result;
+    amp_handlers *h = r->h;
+    amp_series_add(h->events_filtered, r->filtered);
+    if (res->status != 0) {
+        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
+                "error", res->error ? res->error : "unknown");
+        return false;
+    }
+    amp_series_add(h->events_accepted, res->accepted);
+    amp_series_add(h->events_duplicate, res->duplicates);
+    return true;
+}
+
 enum MHD_Result amp_handlers_submit(amp_req *r, amp_queue_batch *batch) {
     atomic_store(&r->state, REQ_WAITING);
     atomic_fetch_add(&r->h->suspended, 1);

@@ -84,16 +84,9 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
 
 static enum MHD_Result answer_stored(amp_req *r) {
     const amp_queue_result *res = &r->result;
-    amp_handlers *h = r->h;
-    amp_series_add(h->events_filtered, r->filtered);
-    if (res->status != 0) {
-        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
-                "error", res->error ? res->error : "unknown");
+    if (!amp_handlers_stored_ok(r))
         return amp_handlers_reply_unavailable(
             r, res->error ? res->error : "the spool is unavailable", RETRY_SOON_S);
-    }
-    amp_series_add(h->events_accepted, res->accepted);
-    amp_series_add(h->events_duplicate, res->duplicates);
     return amp_handlers_reply_json(r, MHD_HTTP_ACCEPTED,
                                    json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
                                              "duplicates", (int)res->duplicates, "filtered",
