@@ -1,0 +1,302 @@
+/*
+ * spool_ingest — the spool's CPU per stored event and per delivery, without
+ * HTTP, and a plain SQLite client as the reference.
+ *
+ *   spool_ingest --dir DIR [--events N] [--inflight K] [--body BYTES]
+ *                [--dedupe-s SECONDS] [--claim-window W] [--claim-batch B]
+ *                [--mode spool|sqlite]
+ *
+ * spool (the default): opens a spool in DIR (spool.sync "full", dedupe over
+ * 7 days unless --dedupe-s says otherwise; 0: none) and submits N one-event requests (random UUID-shaped
+ * insert_id, one ~BYTES-byte Dify body, 10,000 users), keeping K of them in
+ * flight as K HTTP connections would. Then it delivers them as the
+ * dispatcher does: up to W rows (80) claimed at a time, claims of at least
+ * B rows (8), the oldest B rows acknowledged DELIVERED (with a ~200-byte
+ * result) each round, until every row is acknowledged.
+ * The spool threads (amp-commit, amp-sync, amp-checkpoint) are measured
+ * from /proc (schedstat: nanoseconds on CPU); claims on this thread with
+ * CLOCK_THREAD_CPUTIME_ID. Prints:
+ *
+ *   SPOOL_INGEST events=N stored=S us_per_event=E commit=C sync=Y checkpoint=K wall_ms=W
+ *   SPOOL_DELIVER deliveries=D us_per_delivery=T claim=A ack=B wall_ms=W
+ *
+ * sqlite: the reference the note compares with, a plain SQLite client: one
+ * table (id INTEGER PRIMARY KEY, body TEXT), WAL, synchronous FULL (one
+ * fsync of the log per commit), N rows of the same body in transactions of
+ * 64, on this thread. Prints:
+ *
+ *   SQLITE_INSERT rows=N us_per_row=R wall_ms=W
+ */
+#include <dirent.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../base/alloc.h"
+#include "../base/clock.h"
+#include "../base/parse.h"
+#include "../spool/spool.h"
+
+static int usage(void) {
+    fprintf(stderr, "usage: spool_ingest --dir DIR [--events N] [--inflight K] [--body BYTES] "
+                    "[--dedupe-s SECONDS] [--claim-window W] [--claim-batch B] "
+                    "[--mode spool|sqlite]\n");
+    return 2;
+}
+
+/* CPU nanoseconds of this process's threads whose name starts with prefix. */
+static int64_t threads_cpu_ns(const char *prefix) {
+    DIR *d = opendir("/proc/self/task");
+    int64_t total = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        if (!fgets(comm, sizeof comm, f))
+            comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, prefix, strlen(prefix)) != 0)
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", e->d_name);
+        f = fopen(path, "r");
+        long long ns = 0;
+        if (f && fscanf(f, "%lld", &ns) == 1)
+            total += ns;
+        if (f)
+            fclose(f);
+    }
+    if (d)
+        closedir(d);
+    return total;
+}
+
+static int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint64_t next_rand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+/* A Dify chat-messages body of about bytes bytes for event i. */
+static void make_body(char *out, size_t cap, size_t bytes, int64_t i, const char *user) {
+    int n = snprintf(out, cap,
+                     "{\"inputs\":{\"event_type\":\"Viewed_Page\",\"event_time\":"
+                     "\"2026-11-21T10:15:42.123Z\",\"event_properties\":{\"seq\":%lld,"
+                     "\"pad\":\"",
+                     (long long)i);
+    size_t tail = strlen("\"}},\"query\":\"event\",\"user\":\"\",\"response_mode\":\"blocking\"}") +
+                  strlen(user);
+    while ((size_t)n + tail < bytes && (size_t)n + 1 < cap)
+        out[n++] = (char)('a' + next_rand() % 26);
+    snprintf(out + n, cap - (size_t)n,
+             "\"}},\"query\":\"event\",\"user\":\"%s\",\"response_mode\":\"blocking\"}", user);
+}
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static int64_t in_flight, answered, stored, failed;
+
+static void done(void *ctx, const amp_queue_result *res) {
+    (void)ctx;
+    pthread_mutex_lock(&mu);
+    in_flight--;
+    answered++;
+    stored += res->accepted;
+    failed += res->status != 0;
+    pthread_cond_signal(&cond);
+    pthread_mutex_unlock(&mu);
+}
+
+static int run_spool(const char *dir, int64_t events, int64_t inflight, size_t bytes,
+                     int64_t dedupe_s, int64_t window, int64_t batch) {
+    char *path = amp_xasprintf("%s/spool.db", dir), err[512];
+    amp_spool_opts so = {.path = path, .dedupe_window_s = dedupe_s};
+    amp_queue *q = amp_spool_open(&so, err, sizeof err);
+    if (!q) {
+        fprintf(stderr, "spool_ingest: %s\n", err);
+        return 1;
+    }
+    char *body = amp_xmalloc(bytes + 256);
+    int64_t c0 = threads_cpu_ns("amp-commit"), y0 = threads_cpu_ns("amp-sync"),
+            k0 = threads_cpu_ns("amp-checkpoint"), t0 = amp_mono_ms();
+    for (int64_t i = 0; i < events; i++) {
+        pthread_mutex_lock(&mu);
+        while (in_flight >= inflight)
+            pthread_cond_wait(&cond, &mu);
+        in_flight++;
+        pthread_mutex_unlock(&mu);
+        char key[40], user[32];
+        uint64_t a = next_rand(), b = next_rand();
+        snprintf(key, sizeof key, "%08x-%04x-%04x-%04x-%012llx", (unsigned)(a >> 32),
+                 (unsigned)(a >> 16) & 0xffff, (unsigned)a & 0xffff, (unsigned)(b >> 48),
+                 (unsigned long long)(b & 0xffffffffffffull));
+        snprintf(user, sizeof user, "u-%lld", (long long)(next_rand() % 10000));
+        make_body(body, bytes + 256, bytes, i, user);
+        amp_queue_batch *eb = amp_queue_batch_create();
+        amp_queue_batch_event(eb, key);
+        amp_queue_batch_request(eb, "all-events", "assistant", user, false, body);
+        amp_queue_submit(q, eb, done, NULL);
+    }
+    pthread_mutex_lock(&mu);
+    while (in_flight > 0)
+        pthread_cond_wait(&cond, &mu);
+    pthread_mutex_unlock(&mu);
+    int64_t c1 = threads_cpu_ns("amp-commit"), y1 = threads_cpu_ns("amp-sync"),
+            k1 = threads_cpu_ns("amp-checkpoint"), t1 = amp_mono_ms();
+    double per = stored ? 1e-3 / (double)stored : 0;
+    printf("SPOOL_INGEST events=%lld stored=%lld failed=%lld us_per_event=%.2f commit=%.2f "
+           "sync=%.2f checkpoint=%.2f wall_ms=%lld\n",
+           (long long)events, (long long)stored, (long long)failed,
+           (double)(c1 - c0 + y1 - y0 + k1 - k0) * per, (double)(c1 - c0) * per,
+           (double)(y1 - y0) * per, (double)(k1 - k0) * per, (long long)(t1 - t0));
+
+    /* Deliver everything: claim, acknowledge, as the dispatcher does. */
+    static const char result[] =
+        "{\"event\":\"message\",\"message_id\":\"9da23599-e713-473b-982c-4328d4f5c78a\","
+        "\"conversation_id\":\"45701982-8118-4bc5-8e9b-64562b4555f2\",\"mode\":\"chat\","
+        "\"answer\":\"ok\",\"created_at\":1705407629}";
+    int64_t claim_ns = 0, deliveries = 0;
+    c0 = threads_cpu_ns("amp-commit"), y0 = threads_cpu_ns("amp-sync"),
+    k0 = threads_cpu_ns("amp-checkpoint"), t0 = amp_mono_ms();
+    /* As the dispatcher: up to `window` rows claimed at once, claims of at
+     * least `batch` rows, the oldest `batch` finished (acknowledged) each
+     * round. */
+    int64_t *ring = amp_xcalloc((size_t)window, sizeof *ring), head = 0, held = 0;
+    amp_queue_job **jobs = amp_xcalloc((size_t)window, sizeof *jobs);
+    for (int idle = 0; idle < 200;) {
+        int n = 0;
+        if (window - held >= batch) {
+            int64_t next_due, a = thread_cpu_ns();
+            n = amp_queue_claim(q, amp_now_ms(), jobs, (size_t)(window - held), &next_due);
+            claim_ns += thread_cpu_ns() - a;
+            for (int i = 0; i < n; i++) {
+                ring[(head + held++) % window] = jobs[i]->id;
+                amp_queue_job_free(jobs[i]);
+            }
+        }
+        if (n <= 0 && held == 0) {
+            if (deliveries >= stored)
+                break;
+            idle++;
+            amp_queue_flush(q); /* acknowledged rows come back unclaimed */
+            continue;
+        }
+        idle = 0;
+        for (int64_t i = 0; i < batch && held > 0; i++, held--, head = (head + 1) % window) {
+            amp_queue_ack ack = {.id = ring[head],
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200,
+                                 .result_json = result};
+            amp_queue_acknowledge(q, &ack);
+            deliveries++;
+        }
+    }
+    free(ring);
+    free(jobs);
+    amp_queue_flush(q);
+    c1 = threads_cpu_ns("amp-commit"), y1 = threads_cpu_ns("amp-sync"),
+    k1 = threads_cpu_ns("amp-checkpoint"), t1 = amp_mono_ms();
+    per = deliveries ? 1e-3 / (double)deliveries : 0;
+    printf("SPOOL_DELIVER deliveries=%lld us_per_delivery=%.2f claim=%.2f ack=%.2f wall_ms=%lld\n",
+           (long long)deliveries, (double)(claim_ns + c1 - c0 + y1 - y0 + k1 - k0) * per,
+           (double)claim_ns * per, (double)(c1 - c0 + y1 - y0 + k1 - k0) * per,
+           (long long)(t1 - t0));
+    amp_queue_close(q);
+    free(body);
+    free(path);
+    return failed || deliveries != stored ? 1 : 0;
+}
+
+static int run_sqlite(const char *dir, int64_t rows, size_t bytes) {
+    char *path = amp_xasprintf("%s/plain.db", dir);
+    sqlite3 *db = NULL;
+    sqlite3_stmt *ins = NULL;
+    int ok = sqlite3_open(path, &db) == SQLITE_OK &&
+             sqlite3_exec(db,
+                          "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; "
+                          "CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
+                          NULL, NULL, NULL) == SQLITE_OK &&
+             sqlite3_prepare_v2(db, "INSERT INTO t(body) VALUES (?1)", -1, &ins, NULL) ==
+                 SQLITE_OK;
+    char *body = amp_xmalloc(bytes + 256);
+    int64_t c0 = thread_cpu_ns(), t0 = amp_mono_ms();
+    for (int64_t i = 0; ok && i < rows; i++) {
+        if (i % 64 == 0)
+            ok = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+        make_body(body, bytes + 256, bytes, i, "u-1");
+        sqlite3_bind_text(ins, 1, body, -1, SQLITE_STATIC);
+        ok = ok && sqlite3_step(ins) == SQLITE_DONE;
+        sqlite3_reset(ins);
+        if (ok && (i % 64 == 63 || i == rows - 1))
+            ok = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK;
+    }
+    int64_t c1 = thread_cpu_ns(), t1 = amp_mono_ms();
+    if (!ok)
+        fprintf(stderr, "spool_ingest: sqlite: %s\n", sqlite3_errmsg(db));
+    else
+        printf("SQLITE_INSERT rows=%lld us_per_row=%.2f wall_ms=%lld\n", (long long)rows,
+               (double)(c1 - c0) / 1e3 / (double)rows, (long long)(t1 - t0));
+    sqlite3_finalize(ins);
+    sqlite3_close(db);
+    free(body);
+    free(path);
+    return ok ? 0 : 1;
+}
+
+int main(int argc, char **argv) {
+    const char *dir = NULL, *mode = "spool";
+    int64_t events = 100000, inflight = 64, bytes = 700, dedupe_s = 604800, window = 80, batch = 8;
+    for (int i = 1; i < argc; i += 2) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v)
+            return usage();
+        if (strcmp(a, "--dir") == 0)
+            dir = v;
+        else if (strcmp(a, "--mode") == 0)
+            mode = v;
+        else if (strcmp(a, "--events") == 0) {
+            if (amp_parse_i64(v, strlen(v), 1, 100000000, &events))
+                return usage();
+        } else if (strcmp(a, "--inflight") == 0) {
+            if (amp_parse_i64(v, strlen(v), 1, 100000, &inflight))
+                return usage();
+        } else if (strcmp(a, "--claim-window") == 0) {
+            if (amp_parse_i64(v, strlen(v), 1, 100000, &window))
+                return usage();
+        } else if (strcmp(a, "--claim-batch") == 0) {
+            if (amp_parse_i64(v, strlen(v), 1, 100000, &batch))
+                return usage();
+        } else if (strcmp(a, "--dedupe-s") == 0) {
+            if (amp_parse_i64(v, strlen(v), 0, 100000000, &dedupe_s))
+                return usage();
+        } else if (strcmp(a, "--body") == 0) {
+            if (amp_parse_i64(v, strlen(v), 64, 1000000, &bytes))
+                return usage();
+        } else {
+            return usage();
+        }
+    }
+    if (!dir)
+        return usage();
+    if (strcmp(mode, "sqlite") == 0)
+        return run_sqlite(dir, events, (size_t)bytes);
+    if (strcmp(mode, "spool") == 0)
+        return run_spool(dir, events, inflight, (size_t)bytes, dedupe_s, window,
+                         batch > window ? window : batch);
+    return usage();
+}
