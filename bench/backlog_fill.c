@@ -108,7 +108,7 @@ int main(int argc, char **argv) {
                            "app, user, per_user, body, due_ms) "
                            "VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)",
                            -1, &ins, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, "INSERT INTO dedupe(key, seen_ms) VALUES (?1, ?2)", -1, &key,
+        sqlite3_prepare_v2(db, "INSERT INTO dedupe(h, seen_ms) VALUES (?1, ?2)", -1, &key,
                            NULL) != SQLITE_OK)
         return fail(db, "prepare");
 
@@ -140,7 +140,7 @@ int main(int argc, char **argv) {
         if (sqlite3_step(ins) != SQLITE_DONE)
             return fail(db, "insert delivery");
         sqlite3_reset(ins);
-        sqlite3_bind_text(key, 1, dkey, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(key, 1, amp_spool_key_hash(dkey));
         sqlite3_bind_int64(key, 2, created);
         if (sqlite3_step(key) != SQLITE_DONE)
             return fail(db, "insert dedupe key");

@@ -71,6 +71,17 @@ void amp_spool_idset_del(idset *s, int64_t id) {
     }
 }
 
+/* amp_claimed(id) in the claim query: true for a row handed out and not yet
+ * acknowledged. The claim query tests it on its index's entries, before it
+ * reads a row, so claimed rows (all of them still pending in the database,
+ * and the oldest due) cost an index entry each, not a row. Called while
+ * the claim steps, under claim_mu. */
+void amp_spool_sql_claimed(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+    (void)argc;
+    amp_spool *s = sqlite3_user_data(ctx);
+    sqlite3_result_int(ctx, idset_has(&s->claimed, sqlite3_value_int64(argv[0])));
+}
+
 static char *col_text(sqlite3_stmt *st, int i) {
     const unsigned char *t = sqlite3_column_text(st, i);
     return t ? amp_xstrdup((const char *)t) : NULL;
@@ -85,10 +96,10 @@ int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, si
     int rc = 0;
     *next_due_ms = INT64_MAX;
     pthread_mutex_lock(&s->claim_mu);
-    /* Claimed rows are still pending in the database: ask for enough rows
-     * to see past them. */
+    /* Claimed rows are still pending in the database; the query skips them
+     * (amp_claimed()). */
     sqlite3_bind_int64(s->st_claim, 1, now_ms);
-    sqlite3_bind_int64(s->st_claim, 2, (sqlite3_int64)(max + s->claimed.n));
+    sqlite3_bind_int64(s->st_claim, 2, (sqlite3_int64)max);
     sqlite3_bind_int64(s->st_claim, 3, atomic_load(&s->synced_max));
     int step = SQLITE_DONE;
     while (n < max && (step = sqlite3_step(s->st_claim)) == SQLITE_ROW) {

@@ -50,7 +50,7 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
         size_t nreqs;
         const char *key = amp_queue_batch_event_at(b, e, &reqs, &nreqs);
         if (key && s->dedupe_window_ms > 0) {
-            sqlite3_bind_text(s->st_dedupe, 1, key, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(s->st_dedupe, 1, amp_spool_key_hash(key));
             sqlite3_bind_int64(s->st_dedupe, 2, now);
             sqlite3_bind_int64(s->st_dedupe, 3, now - s->dedupe_window_ms);
             if (amp_spool_step_done(s->st_dedupe))

@@ -1,7 +1,9 @@
 /* The schema and its migrations, the connections and their statements. */
 #include "spool_int.h"
 
+#include <openssl/sha.h>
 #include <stdio.h>
+#include <string.h>
 
 static const char schema_v1[] =
     "CREATE TABLE deliveries ("
@@ -52,8 +54,44 @@ static const char schema_v2[] =
  * events/s and 42.0 MB. */
 static const char schema_v3[] = "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;";
 
+/* v4: the dedupe table is keyed by a 64-bit hash of the key (see
+ * amp_spool_key_hash) as its rowid instead of the key's text. Every new
+ * key lands on a random page of that table, which each commit writes to the
+ * log and each checkpoint back to the database: with 36-character UUID keys
+ * a page held ~50 keys and their index entries, now ~150, and the seen_ms
+ * index holds an integer instead of the key. The admin lookup still checks
+ * the key itself against the rows' dedupe_key. Keys of the old table are
+ * carried over (two keys with one hash keep the later sighting). */
+static const char schema_v4[] =
+    "CREATE TABLE dedupe_v4 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER);"
+    "INSERT INTO dedupe_v4(h, seen_ms, first_id) SELECT amp_key_hash(key), seen_ms, first_id "
+    "  FROM dedupe WHERE true ORDER BY seen_ms "
+    "  ON CONFLICT(h) DO UPDATE SET seen_ms = excluded.seen_ms, first_id = excluded.first_id;"
+    "DROP TABLE dedupe;"
+    "ALTER TABLE dedupe_v4 RENAME TO dedupe;"
+    "CREATE INDEX dedupe_seen ON dedupe(seen_ms);";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1, schema_v2, schema_v3};
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
+
+int64_t amp_spool_key_hash(const char *key) {
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)key, strlen(key), md);
+    uint64_t h = 0;
+    for (int i = 0; i < 8; i++)
+        h = h << 8 | md[i];
+    return (int64_t)h;
+}
+
+/* amp_key_hash(text) in SQL, for the migration and recover(). */
+static void sql_key_hash(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+    (void)argc;
+    const unsigned char *key = sqlite3_value_text(argv[0]);
+    if (key)
+        sqlite3_result_int64(ctx, amp_spool_key_hash((const char *)key));
+    else
+        sqlite3_result_null(ctx);
+}
 
 static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
@@ -112,6 +150,9 @@ int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, cha
                  *db ? sqlite3_errmsg(*db) : "out of memory");
         return -1;
     }
+    sqlite3_create_function_v2(*db, "amp_key_hash", 1,
+                               SQLITE_UTF8 | SQLITE_DETERMINISTIC | SQLITE_DIRECTONLY, NULL,
+                               sql_key_hash, NULL, NULL, NULL);
     int64_t lock_ms = opts->lock_timeout_ms > 0 ? opts->lock_timeout_ms : AMP_SPOOL_LOCK_TIMEOUT_MS;
     sqlite3_busy_timeout(*db, lock_ms > INT32_MAX ? INT32_MAX : (int)lock_ms);
     if (!create) {
@@ -163,8 +204,8 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          * window; no change means a duplicate. first_id: the id SQLite gives
          * the next row (the largest + 1), where the event's rows start. */
         {s->wdb, &s->st_dedupe,
-         "INSERT INTO dedupe(key, seen_ms, first_id) VALUES (?1, ?2, "
-         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries)) ON CONFLICT(key) DO UPDATE SET "
+         "INSERT INTO dedupe(h, seen_ms, first_id) VALUES (?1, ?2, "
+         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries)) ON CONFLICT(h) DO UPDATE SET "
          "seen_ms = excluded.seen_ms, first_id = excluded.first_id WHERE dedupe.seen_ms < ?3"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
@@ -205,13 +246,14 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
          "d.per_user, d.attempts, d.schedule_ms, d.result FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
-         "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
+         "WHERE d.state = 0 AND d.due_ms <= ?1 AND d.id <= ?3 AND NOT amp_claimed(d.id) "
+         "AND (d.per_user = 0 OR NOT EXISTS ("
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "
          "  AND e.user = d.user "
-         "  AND e.id < d.id)) AND d.id <= ?3 "
+         "  AND e.id < d.id)) "
          "ORDER BY d.due_ms, d.id LIMIT ?2"},
         {s->wdb, &s->st_prune_dedupe,
-         "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
+         "DELETE FROM dedupe WHERE h IN (SELECT h FROM dedupe WHERE seen_ms < ?1 LIMIT ?2)"},
         /* "state <> 0" repeats the partial index's condition, which SQLite
          * does not infer from "state = 1": without it, every query on
          * delivered or dead rows scans the whole table, pending rows too. */
@@ -221,8 +263,8 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
         /* recover(): what was committed after the last good sync. */
         {s->wdb, &s->st_drop_keys,
-         "DELETE FROM dedupe WHERE key IN (SELECT dedupe_key FROM deliveries WHERE id > ?1 AND "
-         "dedupe_key IS NOT NULL)"},
+         "DELETE FROM dedupe WHERE h IN (SELECT amp_key_hash(dedupe_key) FROM deliveries "
+         "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
         {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
         {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
         {s->wdb, &s->st_bytes,
@@ -234,6 +276,13 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->rdb, &s->st_next_due,
          "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
     };
+    if (s->rdb && sqlite3_create_function_v2(s->rdb, "amp_claimed", 1,
+                                             SQLITE_UTF8 | SQLITE_DIRECTONLY, s,
+                                             amp_spool_sql_claimed, NULL, NULL,
+                                             NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "spool: %s", sqlite3_errmsg(s->rdb));
+        return -1;
+    }
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++)
         if (stmts[i].db && prepare(stmts[i].db, stmts[i].st, stmts[i].sql, err, errlen))
             return -1;

@@ -28,7 +28,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 3
+#define SCHEMA_VERSION 4
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -162,7 +162,9 @@ struct amp_spool {
 };
 
 /* ---- schema.c ---- */
-/* Opens a connection with the spool's pragmas; create: also a new file. An
+/* Opens a connection with the spool's pragmas and amp_key_hash(key) (the
+ * dedupe table's key, amp_spool_key_hash in spool.h) as an SQL function;
+ * create: also a new file. An
  * admin connection (create false) first checks the schema version and
  * refuses any other than SCHEMA_VERSION, changing nothing. */
 int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
@@ -209,6 +211,7 @@ void amp_spool_maintain(amp_spool *s);
 int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
                     int64_t *next_due_ms);
 void amp_spool_idset_add(idset *s, int64_t id);
+void amp_spool_sql_claimed(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 void amp_spool_idset_del(idset *s, int64_t id);
 
 /* ---- admin.c ---- */

@@ -463,7 +463,12 @@ START_TEST(version_1_spool_is_migrated) {
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
-                                  "ALTER TABLE dedupe DROP COLUMN first_id;"
+                                  "DROP TABLE dedupe;"
+                                  "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER "
+                                  "NOT NULL) WITHOUT ROWID;"
+                                  "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+                                  "INSERT INTO dedupe SELECT dedupe_key, created_ms FROM "
+                                  "deliveries;"
                                   "DROP INDEX deliveries_user;"
                                   "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
                                   "WHERE state = 0;"
@@ -477,7 +482,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 3);
+    ck_assert_int_eq(user_version(db), 4);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -491,6 +496,54 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT first_id FROM dedupe", -1, &st, NULL),
                      SQLITE_OK);
     sqlite3_finalize(st);
+    sqlite3_close(db);
+}
+END_TEST
+
+/* A version 3 spool (dedupe keyed by the key's text) is migrated to keys
+ * hashed to 64 bits (version 4): its pending rows stay claimable, its keys
+ * still catch duplicates (and an expired one does not), the admin lookup
+ * still finds an event's rows. */
+START_TEST(version_3_spool_is_migrated) {
+    amp_queue *s = open_spool(3600);
+    submit(s, keyed_batch(5)); /* k0..k4 */
+    amp_queue_close(s);
+
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    int64_t old = amp_now_ms() - 7200 * 1000;
+    char sql[1024];
+    snprintf(sql, sizeof sql,
+             "DROP TABLE dedupe;"
+             "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
+             "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+             "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;"
+             "INSERT INTO dedupe SELECT dedupe_key, created_ms, id FROM deliveries;"
+             /* k4 was seen before the window: a new sighting is stored */
+             "UPDATE dedupe SET seen_ms = %lld WHERE key = 'k4';"
+             "PRAGMA user_version = 3;",
+             (long long)old);
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+
+    s = open_spool(3600);
+    amp_queue_result r = submit(s, keyed_batch(6)); /* k0..k5 */
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.duplicates, 4);
+    ck_assert_uint_eq(r.accepted, 2); /* k4 again, and k5 */
+    amp_queue_job *jobs[16];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 16, &next), 7);
+    free_jobs(jobs, 7);
+    json_t *ev = amp_queue_event(s, "k2", 100);
+    ck_assert_ptr_nonnull(ev);
+    ck_assert(json_is_integer(json_object_get(ev, "seen_ms")));
+    ck_assert_int_eq(json_array_size(json_object_get(ev, "jobs")), 1);
+    json_decref(ev);
+    amp_queue_close(s);
+
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(user_version(db), 4);
     sqlite3_close(db);
 }
 END_TEST
@@ -725,9 +778,15 @@ START_TEST(claim_limit_and_next_due) {
     int64_t now = amp_now_ms() + 1, next;
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
     ck_assert_int_eq(next, now); /* more are due now */
+    int64_t last = jobs[3]->id;
     free_jobs(jobs, 4);
-    ck_assert_int_eq(claim_all(s, now, jobs, 10, &next), 6);
-    free_jobs(jobs, 6);
+    /* The query itself skips claimed rows: a claim of 4 behind 4 claimed
+     * rows gets the next 4, not the claimed ones filtered out afterwards. */
+    ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
+    ck_assert_int_gt(jobs[0]->id, last);
+    free_jobs(jobs, 4);
+    ck_assert_int_eq(claim_all(s, now, jobs, 10, &next), 2);
+    free_jobs(jobs, 2);
     amp_queue_close(s);
 }
 END_TEST
@@ -1115,12 +1174,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{2, "schema version 2,"}, {4, "schema version 4,"}, {0, "schema version 0,"}};
+    } cases[] = {{3, "schema version 3,"}, {5, "schema version 5,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 3") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 4") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1129,7 +1188,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(3);
+    set_user_version(4);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -1170,6 +1229,7 @@ int main(void) {
     tcase_add_test(tc, locked_beyond_deadline_then_recovers);
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
+    tcase_add_test(tc, version_3_spool_is_migrated);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
