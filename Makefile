@@ -150,6 +150,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/run.sh $(BUILD)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
+	bash bench/spool.sh $(BUILD)
 	bash bench/redis.sh $(BUILD)
 	bash bench/export.sh $(BUILD)
 
