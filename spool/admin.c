@@ -218,8 +218,9 @@ static json_t *column(sqlite3_stmt *st, int i) {
 /* Rows one event may fan out to (one per route) that a lookup reads. */
 #define EVENT_ROWS_MAX 4096
 
-/* The dedupe row (schema v3; found by the key's hash since v4, the key
- * itself is checked against the rows' dedupe_key) gives the id of the event's first row; its
+/* The dedupe row (schema v3; since v4 found by the key's hash, in
+ * dedupe_recent or dedupe, the latest sighting; the key itself is checked
+ * against the rows' dedupe_key) gives the id of the event's first row; its
  * rows follow it (one committer inserts them one after the other). The
  * answer excerpt is cut by substr(), which counts characters, so a UTF-8
  * sequence is never split. */
@@ -230,8 +231,11 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
     json_t *seen = json_null();
     int64_t first = 0;
     sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(db, "SELECT seen_ms, first_id FROM dedupe WHERE h = ?1", -1, &st,
-                                NULL);
+    int rc = sqlite3_prepare_v2(db,
+                                "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 "
+                                "UNION ALL SELECT seen_ms, first_id FROM dedupe WHERE h = ?1 "
+                                "ORDER BY 1 DESC LIMIT 1",
+                                -1, &st, NULL);
     if (rc == SQLITE_OK) {
         sqlite3_bind_int64(st, 1, dedupe_key ? amp_spool_key_hash(dedupe_key) : 0);
         rc = sqlite3_step(st);

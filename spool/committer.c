@@ -43,6 +43,7 @@ void amp_spool_bind_text(sqlite3_stmt *st, int i, const char *v) {
  * write_group). -1 when a statement failed; the batch's counts are then 0. */
 static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
     amp_queue_batch *b = w->batch;
+    size_t mark = amp_spool_dedupe_mark(s);
     if (guarded && amp_spool_step_done(s->st_savepoint))
         return -1;
     for (size_t e = 0, nevents = amp_queue_batch_events(b); e < nevents; e++) {
@@ -50,12 +51,10 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
         size_t nreqs;
         const char *key = amp_queue_batch_event_at(b, e, &reqs, &nreqs);
         if (key && s->dedupe_window_ms > 0) {
-            sqlite3_bind_int64(s->st_dedupe, 1, amp_spool_key_hash(key));
-            sqlite3_bind_int64(s->st_dedupe, 2, now);
-            sqlite3_bind_int64(s->st_dedupe, 3, now - s->dedupe_window_ms);
-            if (amp_spool_step_done(s->st_dedupe))
+            int fresh = amp_spool_dedupe_admit(s, key, now);
+            if (fresh < 0)
                 goto fail;
-            if (sqlite3_changes(s->wdb) == 0) {
+            if (fresh == 0) {
                 w->result.duplicates++;
                 continue;
             }
@@ -83,6 +82,7 @@ fail:
     if (guarded) {
         amp_spool_step_done(s->st_rollback_to);
         amp_spool_step_done(s->st_release);
+        amp_spool_dedupe_undo(s, mark);
     }
     w->result.accepted = w->result.duplicates = 0;
     w->rows = w->last_id = 0;
@@ -226,7 +226,9 @@ static bool recover(amp_spool *s) {
     int64_t synced = atomic_load(&s->synced_max);
     sqlite3_bind_int64(s->st_drop_keys, 1, synced);
     sqlite3_bind_int64(s->st_drop_rows, 1, synced);
+    sqlite3_bind_int64(s->st_drop_recent_keys, 1, synced);
     bool ok = amp_spool_step_done(s->st_begin) == 0 && amp_spool_step_done(s->st_drop_keys) == 0 &&
+              amp_spool_step_done(s->st_drop_recent_keys) == 0 &&
               amp_spool_step_done(s->st_drop_rows) == 0;
     int64_t dropped = ok ? sqlite3_changes(s->wdb) : 0;
     ok = ok && amp_spool_step_done(s->st_commit) == 0;
@@ -245,6 +247,11 @@ static bool recover(amp_spool *s) {
                 "error", sqlite3_errmsg(s->wdb));
         return false;
     }
+    /* A merge under way may hold keys of the rows just dropped. */
+    amp_spool_dedupe_cancel_merge(s);
+    if (amp_spool_dedupe_load(s))
+        amp_log(AMP_LOG_WARN, "spool could not read its recent dedupe keys", "{s:s}", "error",
+                sqlite3_errmsg(s->wdb));
     atomic_store(&s->committed_max, synced);
     atomic_fetch_add(&s->epoch, 1);
     atomic_store(&s->failed, false);
@@ -273,6 +280,7 @@ static void commit_group(amp_spool *s, work *head) {
             /* A failure may already have ended the transaction. */
             if (sqlite3_get_autocommit(s->wdb) == 0)
                 amp_spool_step_done(s->st_rollback);
+            amp_spool_dedupe_undo(s, 0);
             ok = amp_spool_step_done(s->st_begin) == 0;
             if (ok)
                 write_group(s, head, now, true, &t);
@@ -285,6 +293,10 @@ static void commit_group(amp_spool *s, work *head) {
         } else if (!ok) {
             snprintf(why, sizeof why, "%s", sqlite3_errmsg(s->wdb));
         }
+        if (ok)
+            amp_spool_dedupe_keep(s);
+        else
+            amp_spool_dedupe_undo(s, 0);
         if (!ok)
             amp_log(AMP_LOG_ERROR, "spool commit failed", "{s:s, s:i, s:i}", "error", why,
                     "requests", nbatches, "acks", nacks);
@@ -425,6 +437,8 @@ void *amp_spool_committer_main(void *arg) {
         s->q_len = s->q_urgent = 0;
         pthread_mutex_unlock(&s->q_mu);
         commit_group(s, with_held(s, head));
+        if (!atomic_load(&s->failed))
+            amp_spool_dedupe_after_group(s);
         pthread_mutex_lock(&s->q_mu);
     }
     pthread_mutex_unlock(&s->q_mu);

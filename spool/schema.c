@@ -55,13 +55,15 @@ static const char schema_v2[] =
 static const char schema_v3[] = "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;";
 
 /* v4: the dedupe table is keyed by a 64-bit hash of the key (see
- * amp_spool_key_hash) as its rowid instead of the key's text. Every new
- * key lands on a random page of that table, which each commit writes to the
- * log and each checkpoint back to the database: with 36-character UUID keys
- * a page held ~50 keys and their index entries, now ~150, and the seen_ms
- * index holds an integer instead of the key. The admin lookup still checks
- * the key itself against the rows' dedupe_key. Keys of the old table are
- * carried over (two keys with one hash keep the later sighting). */
+ * amp_spool_key_hash) as its rowid instead of the key's text, and new keys
+ * are first appended to dedupe_recent, then merged into it in key order
+ * (dedupe.c). Written straight into a table ordered by key, every new key
+ * landed on a random page, which each commit wrote to the log and each
+ * checkpoint back to the database: measured with bench/spool_ingest (30,000
+ * UUID keys, 64 requests in flight), 44 us of CPU per stored event, 17 us
+ * without dedupe. Keys of the old table are carried over (two keys with one
+ * hash keep the later sighting). The admin lookup still checks the key
+ * itself against the rows' dedupe_key. */
 static const char schema_v4[] =
     "CREATE TABLE dedupe_v4 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER);"
     "INSERT INTO dedupe_v4(h, seen_ms, first_id) SELECT amp_key_hash(key), seen_ms, first_id "
@@ -69,7 +71,9 @@ static const char schema_v4[] =
     "  ON CONFLICT(h) DO UPDATE SET seen_ms = excluded.seen_ms, first_id = excluded.first_id;"
     "DROP TABLE dedupe;"
     "ALTER TABLE dedupe_v4 RENAME TO dedupe;"
-    "CREATE INDEX dedupe_seen ON dedupe(seen_ms);";
+    "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+    "CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY, h INTEGER NOT NULL,"
+    "  seen_ms INTEGER NOT NULL, first_id INTEGER);";
 
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
 static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
@@ -80,7 +84,7 @@ int64_t amp_spool_key_hash(const char *key) {
     uint64_t h = 0;
     for (int i = 0; i < 8; i++)
         h = h << 8 | md[i];
-    return (int64_t)h;
+    return h ? (int64_t)h : 1; /* 0 marks an empty slot in dedupe.c */
 }
 
 /* amp_key_hash(text) in SQL, for the migration and recover(). */
@@ -200,13 +204,19 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_savepoint, "SAVEPOINT batch"},
         {s->wdb, &s->st_release, "RELEASE batch"},
         {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
-        /* Insert the key, or refresh it when its previous sighting left the
-         * window; no change means a duplicate. first_id: the id SQLite gives
-         * the next row (the largest + 1), where the event's rows start. */
-        {s->wdb, &s->st_dedupe,
-         "INSERT INTO dedupe(h, seen_ms, first_id) VALUES (?1, ?2, "
-         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries)) ON CONFLICT(h) DO UPDATE SET "
-         "seen_ms = excluded.seen_ms, first_id = excluded.first_id WHERE dedupe.seen_ms < ?3"},
+        /* Dedupe (dedupe.c). first_id: the id SQLite gives the next row
+         * (the largest + 1), where the event's rows start. */
+        {s->wdb, &s->st_dedupe_find, "SELECT seen_ms FROM dedupe WHERE h = ?1"},
+        {s->wdb, &s->st_recent_add,
+         "INSERT INTO dedupe_recent(h, seen_ms, first_id) VALUES (?1, ?2, "
+         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries))"},
+        {s->wdb, &s->st_recent_all, "SELECT h, seen_ms FROM dedupe_recent"},
+        {s->wdb, &s->st_recent_rows, "SELECT id, h, seen_ms, first_id FROM dedupe_recent"},
+        {s->wdb, &s->st_dedupe_merge,
+         "INSERT INTO dedupe(h, seen_ms, first_id) VALUES (?1, ?2, ?3) ON CONFLICT(h) DO UPDATE "
+         "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id "
+         "WHERE excluded.seen_ms >= dedupe.seen_ms"},
+        {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
          "body, due_ms) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
@@ -265,6 +275,9 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_drop_keys,
          "DELETE FROM dedupe WHERE h IN (SELECT amp_key_hash(dedupe_key) FROM deliveries "
          "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
+        {s->wdb, &s->st_drop_recent_keys,
+         "DELETE FROM dedupe_recent WHERE h IN (SELECT amp_key_hash(dedupe_key) FROM deliveries "
+         "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
         {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
         {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
         {s->wdb, &s->st_bytes,
@@ -292,12 +305,13 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
         &s->st_begin,       &s->st_commit,       &s->st_rollback,        &s->st_savepoint,
-        &s->st_release,     &s->st_rollback_to,  &s->st_dedupe,          &s->st_insert,
+        &s->st_release,     &s->st_rollback_to,  &s->st_dedupe_find,     &s->st_insert,
         &s->st_waiting,     &s->st_delivered,    &s->st_retry,           &s->st_dead,
         &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
         &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
         &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
-        &s->st_max_id,      &s->st_bytes,
+        &s->st_max_id,      &s->st_bytes,          &s->st_recent_add,     &s->st_recent_all,
+        &s->st_recent_rows, &s->st_dedupe_merge,   &s->st_recent_drop,    &s->st_drop_recent_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -113,6 +113,13 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         amp_spool_start_checkpointer(s, opts, err, errlen) ||
         (!opts->sync_normal && amp_spool_start_syncer(s, err, errlen)))
         goto fail;
+    /* The recent dedupe keys a previous run left, merged (a failed merge
+     * is logged; its keys stay recent and count all the same). */
+    if (amp_spool_dedupe_load(s)) {
+        snprintf(err, errlen, "spool: cannot read its dedupe keys: %s", sqlite3_errmsg(s->wdb));
+        goto fail;
+    }
+    amp_spool_dedupe_merge_all(s);
     s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
     amp_spool_count_pending(s);
     /* What a previous run left is on disk as far as anyone can know. */
@@ -165,6 +172,7 @@ static void engine_close(void *e) {
     sqlite3_close(s->rdb);
     sqlite3_close(s->wdb); /* the last one: checkpoints and removes the log */
     free(s->claimed.slots);
+    amp_spool_dedupe_free(s);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cond);
     pthread_cond_destroy(&s->q_flushed);

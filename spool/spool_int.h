@@ -10,6 +10,7 @@
  *   checkpoint.c  the checkpointer thread, and the WAL hook that wakes it
  *   upkeep.c      back-pressure limits, pending count, pruning
  *   claim.c       claims for delivery and the claimed-id set
+ *   dedupe.c      dedupe keys: recent ones in memory, merged in key order
  *   admin.c       statistics (on the reader); dead letters and the admin
  *                 API's lookups (on a connection of their own; an admin
  *                 handle: the reader)
@@ -51,6 +52,23 @@ typedef struct idset {
     size_t n;
 } idset;
 
+/* Recent dedupe keys (dedupe.c): hash -> last seen, open addressing, key 0
+ * empty. Committer thread only. */
+typedef struct keymap {
+    int64_t *keys, *seen;
+    size_t cap; /* power of two */
+    size_t n;
+} keymap;
+/* A change of the map inside the open transaction, for its rollback. */
+typedef struct undo_rec {
+    int64_t h, seen;
+    bool had; /* seen is the value before; else the key was not there */
+} undo_rec;
+/* A dedupe_recent row being merged. */
+typedef struct merge_rec {
+    int64_t id, h, seen, first_id;
+} merge_rec;
+
 typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
 
 typedef struct work {
@@ -83,6 +101,15 @@ struct amp_spool {
     atomic_llong bytes;          /* pages in use, measured by check_limits() */
     _Atomic(const char *) full;  /* amp_queue_full(); set by check_limits() */
     int64_t next_maintenance_ms; /* committer only */
+    /* Committer only (dedupe.c): dedupe_recent's keys, the undo log of the
+     * open transaction, and the merge under way (sorted by key; merged:
+     * how many are in the dedupe table; merge_upto: its last row id). */
+    keymap recent;
+    undo_rec *undo;
+    size_t nundo, capundo;
+    merge_rec *merge;
+    size_t nmerge, merged;
+    int64_t merge_upto;
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
      * stores them; retried with the next group or every PROBE_INTERVAL_MS. */
@@ -150,7 +177,8 @@ struct amp_spool {
     /* committer statements */
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
-    sqlite3_stmt *st_dedupe, *st_insert;
+    sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_rows;
+    sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
@@ -213,6 +241,24 @@ int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, si
 void amp_spool_idset_add(idset *s, int64_t id);
 void amp_spool_sql_claimed(sqlite3_context *ctx, int argc, sqlite3_value **argv);
 void amp_spool_idset_del(idset *s, int64_t id);
+
+/* ---- dedupe.c ---- */
+/* Inside the committer's transaction: 1 when key is new (recorded), 0 a
+ * duplicate, -1 on a failed statement. */
+int amp_spool_dedupe_admit(amp_spool *s, const char *key, int64_t now);
+/* The undo log: mark before a savepoint, undo to the mark after its
+ * rollback (0: the whole transaction), keep after a commit. */
+size_t amp_spool_dedupe_mark(const amp_spool *s);
+void amp_spool_dedupe_undo(amp_spool *s, size_t mark);
+void amp_spool_dedupe_keep(amp_spool *s);
+/* Between groups: a slice of the merge, if one is due or under way. */
+void amp_spool_dedupe_after_group(amp_spool *s);
+/* The whole merge now (open, maintenance): 0, or -1 (logged). */
+int amp_spool_dedupe_merge_all(amp_spool *s);
+void amp_spool_dedupe_cancel_merge(amp_spool *s);
+/* The map from dedupe_recent: at open, and after recover(). 0 or -1. */
+int amp_spool_dedupe_load(amp_spool *s);
+void amp_spool_dedupe_free(amp_spool *s);
 
 /* ---- admin.c ---- */
 int amp_spool_stats_get(void *e, amp_queue_stats *out);

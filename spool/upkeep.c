@@ -61,6 +61,8 @@ static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms) {
  * transaction so ingest never waits long behind it. */
 void amp_spool_maintain(amp_spool *s) {
     int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
+    if (!atomic_load(&s->failed))
+        amp_spool_dedupe_merge_all(s);
     if (s->dedupe_window_ms > 0)
         while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
                (deduped += n) < 100 * PRUNE_BATCH)

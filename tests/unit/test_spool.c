@@ -463,7 +463,7 @@ START_TEST(version_1_spool_is_migrated) {
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
-                                  "DROP TABLE dedupe;"
+                                  "DROP TABLE dedupe; DROP TABLE dedupe_recent;"
                                   "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER "
                                   "NOT NULL) WITHOUT ROWID;"
                                   "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
@@ -500,6 +500,73 @@ START_TEST(version_1_spool_is_migrated) {
 }
 END_TEST
 
+/* count(*) of a table of the test's spool, through a connection of its own. */
+static int64_t table_rows(const char *table) {
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    int64_t n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return n;
+}
+
+/* New keys go to dedupe_recent first and are merged into the dedupe table
+ * in key order: once enough have gathered while running, and at open. A key
+ * is a duplicate wherever it is, before, during and after a merge. */
+START_TEST(dedupe_keys_survive_merges) {
+    amp_queue *s = open_spool(3600);
+    enum { BATCHES = 18, PER = 1000 }; /* more than dedupe.c's MERGE_KEYS (16384) */
+    for (int g = 0; g < BATCHES; g++) {
+        amp_queue_batch *b = amp_queue_batch_create();
+        for (int i = 0; i < PER; i++) {
+            char key[32];
+            snprintf(key, sizeof key, "m%d-%d", g, i);
+            add(b, key, "u", false, "{}");
+        }
+        ck_assert_uint_eq(submit(s, b).accepted, PER);
+    }
+    /* A merge is under way (a slice per group; the merged keys leave
+     * dedupe_recent after the last one): sent again, each key is a
+     * duplicate, whether merged, waiting for its slice or recent. */
+    ck_assert_int_gt(table_rows("dedupe"), 0);
+    for (int g = 0; g < BATCHES; g += 4) {
+        amp_queue_batch *b = amp_queue_batch_create();
+        for (int i = 0; i < PER; i += 97) {
+            char key[32];
+            snprintf(key, sizeof key, "m%d-%d", g, i);
+            add(b, key, "u", false, "{}");
+        }
+        amp_queue_result r = submit(s, b);
+        ck_assert_uint_eq(r.accepted, 0);
+        ck_assert_uint_gt(r.duplicates, 0);
+    }
+    amp_queue_close(s);
+
+    /* At open everything recent is merged; the keys still count, and the
+     * admin lookup finds an event from the merged table. */
+    s = open_spool(3600);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
+    ck_assert_int_eq(table_rows("dedupe"), BATCHES * PER);
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, "m17-999", "u", false, "{}");
+    add(b, "m0-0", "u", false, "{}");
+    add(b, "fresh", "u", false, "{}");
+    amp_queue_result r = submit(s, b);
+    ck_assert_uint_eq(r.duplicates, 2);
+    ck_assert_uint_eq(r.accepted, 1);
+    json_t *ev = amp_queue_event(s, "m17-999", 100);
+    ck_assert_ptr_nonnull(ev);
+    ck_assert_int_eq(json_array_size(json_object_get(ev, "jobs")), 1);
+    json_decref(ev);
+    amp_queue_close(s);
+}
+END_TEST
+
 /* A version 3 spool (dedupe keyed by the key's text) is migrated to keys
  * hashed to 64 bits (version 4): its pending rows stay claimable, its keys
  * still catch duplicates (and an expired one does not), the admin lookup
@@ -514,7 +581,7 @@ START_TEST(version_3_spool_is_migrated) {
     int64_t old = amp_now_ms() - 7200 * 1000;
     char sql[1024];
     snprintf(sql, sizeof sql,
-             "DROP TABLE dedupe;"
+             "DROP TABLE dedupe; DROP TABLE dedupe_recent;"
              "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
              "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
              "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;"
@@ -1230,6 +1297,7 @@ int main(void) {
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, version_3_spool_is_migrated);
+    tcase_add_test(tc, dedupe_keys_survive_merges);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
