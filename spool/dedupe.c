@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "../base/alloc.h"
+#include "../base/clock.h"
 #include "../base/log.h"
 
 /* Keys gathered before a merge starts, and keys merged per transaction. */
@@ -205,7 +206,10 @@ static int merge_start(amp_spool *s) {
     }
     sqlite3_reset(s->st_recent_rows);
     if (rc != SQLITE_DONE) {
+        amp_log(AMP_LOG_WARN, "spool dedupe merge failed", "{s:s}", "error",
+                sqlite3_errmsg(s->wdb));
         amp_spool_dedupe_cancel_merge(s);
+        s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return -1;
     }
     qsort(s->merge, s->nmerge, sizeof *s->merge, by_h);
@@ -247,6 +251,8 @@ static int merge_step(amp_spool *s) {
         if (sqlite3_get_autocommit(s->wdb) == 0)
             amp_spool_step_done(s->st_rollback);
         amp_spool_dedupe_cancel_merge(s);
+        /* Not again with every group while the disk fails. */
+        s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return -1;
     }
     if (!last)
@@ -256,7 +262,7 @@ static int merge_step(amp_spool *s) {
 }
 
 void amp_spool_dedupe_after_group(amp_spool *s) {
-    if (s->merge || s->recent.n >= MERGE_KEYS)
+    if (s->merge || (s->recent.n >= MERGE_KEYS && amp_mono_ms() >= s->merge_after_ms))
         merge_step(s);
 }
 

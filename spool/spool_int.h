@@ -110,6 +110,7 @@ struct amp_spool {
     merge_rec *merge;
     size_t nmerge, merged;
     int64_t merge_upto;
+    int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
      * stores them; retried with the next group or every PROBE_INTERVAL_MS. */
