@@ -108,8 +108,8 @@ int main(int argc, char **argv) {
                            "app, user, per_user, body, due_ms) "
                            "VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)",
                            -1, &ins, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, "INSERT INTO dedupe(h, seen_ms) VALUES (?1, ?2)", -1, &key,
-                           NULL) != SQLITE_OK)
+        sqlite3_prepare_v2(db, "INSERT INTO dedupe(h, seen_ms) VALUES (?1, ?2)", -1, &key, NULL) !=
+            SQLITE_OK)
         return fail(db, "prepare");
 
     static const char *const types[] = {"Signed_Up", "Viewed_Page", "Started_Trial",

@@ -7,15 +7,13 @@
  *                [--mode spool|sqlite]
  *
  * spool (the default): opens a spool in DIR (spool.sync "full", dedupe over
- * 7 days unless --dedupe-s says otherwise; 0: none) and submits N one-event requests (random UUID-shaped
- * insert_id, one ~BYTES-byte Dify body, 10,000 users), keeping K of them in
- * flight as K HTTP connections would. Then it delivers them as the
- * dispatcher does: up to W rows (80) claimed at a time, claims of at least
- * B rows (8), the oldest B rows acknowledged DELIVERED (with a ~200-byte
- * result) each round, until every row is acknowledged.
- * The spool threads (amp-commit, amp-sync, amp-checkpoint) are measured
- * from /proc (schedstat: nanoseconds on CPU); claims on this thread with
- * CLOCK_THREAD_CPUTIME_ID. Prints:
+ * 7 days unless --dedupe-s says otherwise; 0: none) and submits N one-event requests (random
+ * UUID-shaped insert_id, one ~BYTES-byte Dify body, 10,000 users), keeping K of them in flight as K
+ * HTTP connections would. Then it delivers them as the dispatcher does: up to W rows (80) claimed
+ * at a time, claims of at least B rows (8), the oldest B rows acknowledged DELIVERED (with a
+ * ~200-byte result) each round, until every row is acknowledged. The spool threads (amp-commit,
+ * amp-sync, amp-checkpoint) are measured from /proc (schedstat: nanoseconds on CPU); claims on this
+ * thread with CLOCK_THREAD_CPUTIME_ID. Prints:
  *
  *   SPOOL_INGEST events=N stored=S us_per_event=E commit=C sync=Y checkpoint=K wall_ms=W
  *   SPOOL_DELIVER deliveries=D us_per_delivery=T claim=A ack=B wall_ms=W
@@ -231,8 +229,7 @@ static int run_sqlite(const char *dir, int64_t rows, size_t bytes) {
                           "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; "
                           "CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
                           NULL, NULL, NULL) == SQLITE_OK &&
-             sqlite3_prepare_v2(db, "INSERT INTO t(body) VALUES (?1)", -1, &ins, NULL) ==
-                 SQLITE_OK;
+             sqlite3_prepare_v2(db, "INSERT INTO t(body) VALUES (?1)", -1, &ins, NULL) == SQLITE_OK;
     char *body = amp_xmalloc(bytes + 256);
     int64_t c0 = thread_cpu_ns(), t0 = amp_mono_ms();
     for (int64_t i = 0; ok && i < rows; i++) {

@@ -231,9 +231,8 @@ static int merge_step(amp_spool *s) {
         return -1;
     bool last = s->merged == s->nmerge;
     int ok = amp_spool_step_done(s->st_begin) == 0;
-    for (size_t end = s->merged + MERGE_SLICE; ok && !last && s->merged < s->nmerge &&
-                                               s->merged < end;
-         s->merged++) {
+    size_t end = s->merged + MERGE_SLICE < s->nmerge ? s->merged + MERGE_SLICE : s->nmerge;
+    for (; ok && !last && s->merged < end; s->merged++) {
         const merge_rec *r = &s->merge[s->merged];
         sqlite3_bind_int64(s->st_dedupe_merge, 1, r->h);
         sqlite3_bind_int64(s->st_dedupe_merge, 2, r->seen);

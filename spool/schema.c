@@ -289,10 +289,9 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->rdb, &s->st_next_due,
          "SELECT min(due_ms) FROM deliveries WHERE state = 0 AND due_ms > ?1"},
     };
-    if (s->rdb && sqlite3_create_function_v2(s->rdb, "amp_claimed", 1,
-                                             SQLITE_UTF8 | SQLITE_DIRECTONLY, s,
-                                             amp_spool_sql_claimed, NULL, NULL,
-                                             NULL) != SQLITE_OK) {
+    if (s->rdb &&
+        sqlite3_create_function_v2(s->rdb, "amp_claimed", 1, SQLITE_UTF8 | SQLITE_DIRECTONLY, s,
+                                   amp_spool_sql_claimed, NULL, NULL, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "spool: %s", sqlite3_errmsg(s->rdb));
         return -1;
     }
@@ -310,8 +309,8 @@ void amp_spool_finalize_all(amp_spool *s) {
         &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
         &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
         &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
-        &s->st_max_id,      &s->st_bytes,          &s->st_recent_add,     &s->st_recent_all,
-        &s->st_recent_rows, &s->st_dedupe_merge,   &s->st_recent_drop,    &s->st_drop_recent_keys,
+        &s->st_max_id,      &s->st_bytes,        &s->st_recent_add,      &s->st_recent_all,
+        &s->st_recent_rows, &s->st_dedupe_merge, &s->st_recent_drop,     &s->st_drop_recent_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);
