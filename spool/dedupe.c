@@ -27,8 +27,10 @@
 #include "../base/log.h"
 
 /* Keys gathered before a merge starts, and keys merged per transaction
- * (one slice after each group: a slice holds the next group back for
- * about a millisecond, and smaller slices cost no more CPU per key). */
+ * (one slice after each group). A slice holds the next group back:
+ * measured with bench/spool_ingest, 2.2 ms median, 0.5-12 ms (the first
+ * reads and sorts the keys, the last reloads the map); slices of 2,048
+ * cost no less CPU per key. */
 #define MERGE_KEYS 16384
 #define MERGE_SLICE 512
 
