@@ -530,9 +530,12 @@ START_TEST(dedupe_keys_survive_merges) {
         }
         ck_assert_uint_eq(submit(s, b).accepted, PER);
     }
-    /* A merge is under way (a slice per group; the merged keys leave
-     * dedupe_recent after the last one): sent again, each key is a
+    /* A merge is under way (a slice after each group; the merged keys
+     * leave dedupe_recent after the last one). The committer takes the
+     * next group only after the step that follows the last one: one more
+     * flush, and the first slice is in. Sent again, each key is a
      * duplicate, whether merged, waiting for its slice or recent. */
+    amp_queue_flush(s);
     ck_assert_int_gt(table_rows("dedupe"), 0);
     for (int g = 0; g < BATCHES; g += 4) {
         amp_queue_batch *b = amp_queue_batch_create();
