@@ -29,6 +29,9 @@ struct amp_handlers {
     amp_metrics *metrics;
     amp_series *ingest_seconds;
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
+    /* amp2dify_http_requests_total for 200 and 202, looked up on first use
+     * (a series shows in /metrics from its first request, as every code's). */
+    _Atomic(amp_series *) http_200, http_202;
     atomic_bool draining;
     atomic_int open;      /* requests admitted (begun before draining), not yet completed */
     atomic_int suspended; /* of those, connections waiting for the spool's answer */

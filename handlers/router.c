@@ -62,6 +62,8 @@ amp_handlers *amp_handlers_create(const amp_config *cfg, amp_queue *queue, amp_m
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "filtered", NULL);
     h->events_rejected =
         amp_metrics_series(metrics, "amp2dify_events_total", "outcome", "rejected", NULL);
+    atomic_init(&h->http_200, NULL);
+    atomic_init(&h->http_202, NULL);
     atomic_init(&h->draining, false);
     atomic_init(&h->open, 0);
     atomic_init(&h->suspended, 0);
@@ -344,6 +346,23 @@ static void access_line(const amp_req *r, enum MHD_RequestTerminationCode toe, i
     amp_buf_free(&b);
 }
 
+/* amp2dify_http_requests_total{code}; the two codes of accepted webhooks
+ * skip the registry's lookup (its lock and label building) after the first. */
+static amp_series *requests_series(amp_handlers *h, unsigned status) {
+    _Atomic(amp_series *) *cached = status == MHD_HTTP_ACCEPTED ? &h->http_202
+                                    : status == MHD_HTTP_OK     ? &h->http_200
+                                                                : NULL;
+    amp_series *s = cached ? atomic_load(cached) : NULL;
+    if (s)
+        return s;
+    char code[16];
+    snprintf(code, sizeof code, "%u", status);
+    s = amp_metrics_series(h->metrics, "amp2dify_http_requests_total", "code", code, NULL);
+    if (cached)
+        atomic_store(cached, s); /* the registry gives every caller the same series */
+    return s;
+}
+
 void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                             enum MHD_RequestTerminationCode toe) {
     amp_handlers *h = cls;
@@ -356,12 +375,8 @@ void amp_handlers_completed(void *cls, struct MHD_Connection *conn, void **req_c
         answered_by_library(r);
     if (r->admitted)
         atomic_fetch_sub(&h->open, 1);
-    if (r->status) {
-        char code[16];
-        snprintf(code, sizeof code, "%u", r->status);
-        amp_series_inc(
-            amp_metrics_series(h->metrics, "amp2dify_http_requests_total", "code", code, NULL));
-    }
+    if (r->status)
+        amp_series_inc(requests_series(h, r->status));
     if (r->webhook) {
         int64_t ms = amp_mono_ms() - r->start_ms;
         amp_series_observe(h->ingest_seconds, (double)ms / 1e3);
