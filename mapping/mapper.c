@@ -818,9 +818,11 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
             v = json_deep_copy(ru->value);
         } else {
             v = amp_map_path_get(&ru->source, event);
-            /* Containers are copied so a body never shares state with the event. */
+            /* Shared with the event, not copied: amp_map_path_set copies a
+             * shared object before writing into it, so the event (and any
+             * other body) never changes. */
             if (v)
-                v = json_is_object(v) || json_is_array(v) ? json_deep_copy(v) : json_incref(v);
+                v = json_incref(v);
         }
         if (ru->xf) {
             const char *why;
