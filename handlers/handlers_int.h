@@ -75,6 +75,8 @@ enum MHD_Result amp_handlers_reply_json(amp_req *r, unsigned status,
                                         json_t *body /* takes ownership */);
 enum MHD_Result amp_handlers_reply_error(amp_req *r, unsigned status, const char *code,
                                          const char *detail);
+/* The same for a body already written as JSON text (malloc'd; taken). */
+enum MHD_Result amp_handlers_reply_text(amp_req *r, unsigned status, char *text);
 /* Like amp_handlers_reply_error, with one extra header (e.g. Allow). */
 enum MHD_Result amp_handlers_reply_error_hdr(amp_req *r, unsigned status, const char *code,
                                              const char *detail, const char *hname,

@@ -617,7 +617,7 @@ START_TEST(loadb_matches_jansson_for_each_flag) {
                                        JSON_DISABLE_EOF_CHECK};
     static const char *const texts[] = {
         "{\"a\":1,\"a\":2}", /* duplicates: accepted (last wins) unless rejected */
-        "\"bare\"", "17", "null", "[1,2]", "{\"a\":{\"b\":[true,1.5]}}", "{", "[1] x", "",
+        "\"bare\"",          "17", "null", "[1,2]", "{\"a\":{\"b\":[true,1.5]}}", "{", "[1] x", "",
     };
     for (size_t f = 0; f < sizeof flag_sets / sizeof flag_sets[0]; f++)
         for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)

@@ -104,8 +104,13 @@ START_TEST(fields_line_is_the_jansson_line) {
                            "\"127.0.0.1\",\"status\":202,\"error\":null,\"ms\":3}\n");
     free(line);
     /* Escapes, slashes, UTF-8, control bytes, negative and large numbers. */
-    fields g = {"request", "a\"b\\c/d\n\t\x01\x1f", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
-                "invalid_signature", 401, -9007199254740993LL, AMP_LOG_ERROR};
+    fields g = {"request",
+                "a\"b\\c/d\n\t\x01\x1f",
+                "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+                "invalid_signature",
+                401,
+                -9007199254740993LL,
+                AMP_LOG_ERROR};
     same_line(&g);
     /* A message that needs escapes itself. */
     fields h = {"odd \"message\"\n", "x", "y", "e", 500, 0, AMP_LOG_WARN};
