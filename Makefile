@@ -81,6 +81,12 @@ $(BUILD)/tests/unit/test_forward: $(BUILD)/obj/tests/unit/test_forward.o $(FAKE_
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+# The Amplitude sink's tests talk to the fake Amplitude.
+$(BUILD)/tests/unit/test_amplitude: $(BUILD)/obj/tests/unit/test_amplitude.o \
+                                    $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
 # The Redis engine's tests start their own redis-server (tests/e2e/redis_server.c).
 REDIS_TEST_OBJS := $(BUILD)/obj/tests/e2e/redis_server.o $(BUILD)/obj/tests/e2e/harness.o
 $(BUILD)/tests/unit/test_redisq: $(BUILD)/obj/tests/unit/test_redisq.o $(REDIS_TEST_OBJS) $(LIB)
