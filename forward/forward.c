@@ -166,6 +166,7 @@ typedef struct worker {
 struct amp_forward {
     amp_forward_opts opts;
     const amp_forward_sink *sink;
+    amp_forward_reporter *reporter; /* NULL: no report key */
     amp_queue *queue;
     app_state *apps;
     size_t napps;
@@ -511,6 +512,20 @@ typedef struct sent {
     int64_t latency_ms;
 } sent;
 
+/* A job of a route with a report reached its final state: store the report
+ * event before the job's own acknowledgement. */
+static void store_report(amp_forward *f, const app_state *a, const amp_queue_job *job, bool delivered,
+                   const amp_forward_verdict *v, const char *result_json) {
+    const amp_map_report *spec = amp_mapper_route_report(f->opts.mapper, job->route);
+    if (!spec)
+        return;
+    char *ev = amp_forward_report_event(spec, job, a->app->endpoint, delivered, v->status, v->code,
+                                        v->message, result_json, amp_now_ms());
+    if (ev)
+        amp_forward_report_store(f->queue, job, ev);
+    free(ev);
+}
+
 /* Apply a verdict: the ack, its log line and counters. A held job (key
  * rejected) is not acknowledged: finish() puts it back. */
 static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue_job *job,
@@ -518,6 +533,7 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
     switch (v->kind) {
     case AMP_QUEUE_ACK_DELIVERED: {
         char *text = f->sink->result(w->conn, a->target);
+        store_report(f, a, job, true, v, text);
         ack_verdict(f, job, v, text);
         free(text);
         m_add(a->m_delivered, 1);
@@ -536,6 +552,7 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
                     (json_int_t)v->delay_ms);
         break;
     case AMP_QUEUE_ACK_DEAD:
+        store_report(f, a, job, false, v, NULL);
         ack_dead(f, a, job, v->status, v->code, v->message);
         break;
     case AMP_QUEUE_ACK_WAITING: {
@@ -752,6 +769,12 @@ static app_state *find_app(amp_forward *f, const char *name) {
 static void place(amp_forward *f, amp_queue_job **jobs, int64_t *dues, int n, int64_t now_ms,
                   int64_t now_us) {
     for (int i = 0; i < n; i++) {
+        if (f->reporter && jobs[i]->app && strcmp(jobs[i]->app, AMP_FORWARD_REPORT_APP) == 0) {
+            /* Never blocks: the reporter's memory is bounded; when full the
+             * job goes back to the queue for a second. */
+            dues[i] = amp_forward_reporter_offer(f->reporter, jobs[i]) ? 0 : now_ms + 1000;
+            continue;
+        }
         app_state *a = find_app(f, jobs[i]->app);
         if (!a) {
             dues[i] = -1;
@@ -1008,6 +1031,8 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
     f->opts.paused_apps = NULL;
+    f->opts.report_base_url = NULL;
+    f->opts.report_api_key = NULL;
     f->sink = amp_forward_dify_sink();
     f->queue = queue;
     f->metrics = opts->metrics;
@@ -1047,6 +1072,22 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
         a->hold_since_us = mono_us();
         if (f->metrics)
             setup_metrics(f, a);
+    }
+
+    if (opts->report_api_key) {
+        amp_forward_reporter_opts ro = {.base_url = opts->report_base_url,
+                                        .api_key = opts->report_api_key,
+                                        .batch_events = opts->report_batch_events,
+                                        .linger_ms = opts->report_linger_ms,
+                                        .throttle_ms = opts->report_throttle_ms,
+                                        .connect_timeout_s = opts->connect_timeout_s,
+                                        .timeout_s = opts->timeout_s,
+                                        .retry_initial_ms = opts->retry_initial_ms,
+                                        .retry_max_ms = opts->retry_max_ms,
+                                        .metrics = opts->metrics};
+        f->reporter = amp_forward_reporter_start(&ro, queue, err, errlen);
+        if (!f->reporter)
+            goto fail;
     }
 
     pthread_attr_t ta;
@@ -1118,6 +1159,8 @@ void amp_forward_stop(amp_forward *f) {
         if (f->workers[i].started)
             pthread_join(f->workers[i].thread, NULL);
     release_all(f);
+    amp_forward_reporter_stop(f->reporter);
+    f->reporter = NULL;
     /* Acknowledgements are committed asynchronously: make them durable
      * before the caller closes the spool. This also waits out a notify
      * callback the committer may still be running with f. */

@@ -17,6 +17,8 @@
  *               shape a blocking answer has
  *   amplitude.c Amplitude's HTTP V2 API: batched report events, each
  *               event's fate from the answer (400 / 413 / 429 rules)
+ *   report.c    route reports: the event, its storage, the reporter thread
+ *               that batches report jobs to Amplitude
  *   pace.c      pure pacing arithmetic: token bucket, probe interval of a
  *               paused app, due times of rows sent back to the spool
  *   forward.c   dispatcher, per-app queues and limits, worker pool,
@@ -357,5 +359,53 @@ typedef struct amp_forward_amplitude_stats {
 void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char *api_key,
                                 amp_forward_amplitude_event *ev, size_t n, size_t max_events,
                                 amp_forward_amplitude_stats *stats);
+
+
+/* ---- report.c: route reports, stored and sent back to Amplitude --------
+ * When a job of a route with a "report" reaches its final state (delivered
+ * or dead), one Amplitude event describing it is stored in the queue as a
+ * job of its own, for the destination AMP_FORWARD_REPORT_APP (its body the
+ * event's JSON, its dedupe key "report:" + the source event's key, so a
+ * source delivered twice reports once). The dispatcher hands such jobs to
+ * the reporter, which sends them in batches (amplitude.c) and acknowledges
+ * each from its own fate. */
+
+#define AMP_FORWARD_REPORT_APP "@amplitude"
+
+/* The report event for job (borrowed) at its final state: delivered or
+ * dead (status, code, message of the last answer), result_json the stored
+ * delivery result (may be NULL), endpoint the app's. Caller owns. */
+char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *job,
+                               amp_endpoint endpoint, bool delivered, long status,
+                               const char *code, const char *message, const char *result_json,
+                               int64_t now_ms);
+
+/* Store event_json (borrowed) as the report job of job (borrowed) in q;
+ * asynchronous, failures are logged. */
+void amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json);
+
+typedef struct amp_forward_reporter amp_forward_reporter;
+
+typedef struct amp_forward_reporter_opts {
+    const char *base_url; /* Amplitude's host; copied */
+    const char *api_key;  /* copied; never logged */
+    unsigned batch_events; /* 1..AMP_FORWARD_AMPLITUDE_MAX_EVENTS */
+    unsigned linger_ms;    /* a batch waits this long to fill */
+    unsigned throttle_ms;  /* a throttled user's reports wait this long; 0: the default */
+    long connect_timeout_s, timeout_s;
+    int64_t retry_initial_ms, retry_max_ms;
+    amp_metrics *metrics; /* may be NULL; borrowed */
+} amp_forward_reporter_opts;
+
+/* Start the reporter's thread; q borrowed, must outlive it. NULL and err on
+ * failure. */
+amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o,
+                                                 amp_queue *q, char *err, size_t errlen);
+/* Take a claimed report job (ownership passes on true). false when the
+ * reporter's memory is full: the caller releases the job. */
+bool amp_forward_reporter_offer(amp_forward_reporter *r, amp_queue_job *job);
+/* Send what is in hand (for up to the timeout), release the rest, join.
+ * Accepts NULL. */
+void amp_forward_reporter_stop(amp_forward_reporter *r);
 
 #endif

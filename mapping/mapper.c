@@ -35,6 +35,7 @@ typedef struct route {
     amp_tmpl *query; /* NULL: no query (chat gets "{{event_type}}") */
     amp_tmpl *user;  /* NULL: user_id, else device_id */
     bool per_user;
+    amp_map_report report; /* event_type NULL: no report */
 } route;
 
 struct amp_mapper {
@@ -71,6 +72,7 @@ static void free_route(route *r) {
     free(r->rules);
     amp_map_tmpl_free(r->query);
     amp_map_tmpl_free(r->user);
+    free(r->report.event_type);
 }
 
 void amp_mapper_destroy(amp_mapper *m) {
@@ -87,6 +89,20 @@ void amp_mapper_destroy(amp_mapper *m) {
         free_route(&m->routes[i]);
     free(m->routes);
     free(m);
+}
+
+const amp_map_report *amp_mapper_route_report(const amp_mapper *m, const char *route_name) {
+    for (size_t i = 0; m && route_name && i < m->nroutes; i++)
+        if (m->routes[i].report.event_type && strcmp(m->routes[i].name, route_name) == 0)
+            return &m->routes[i].report;
+    return NULL;
+}
+
+bool amp_mapper_any_report(const amp_mapper *m) {
+    for (size_t i = 0; m && i < m->nroutes; i++)
+        if (m->routes[i].report.event_type)
+            return true;
+    return false;
 }
 
 size_t amp_mapper_app_count(const amp_mapper *m) {
@@ -495,6 +511,33 @@ static void check_conversation(const amp_json_schema_at *at) {
 
 static const char *const conv_names[] = {"none", "per_user", NULL};
 
+#define REPORT_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_map_report, m)
+
+/* The keys of a route's "report" (results sent back to Amplitude). */
+static const amp_json_schema_row report_rows[] = {
+    {.key = "event_type",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = AMP_MAP_REPORT_EVENT_TYPE,
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     REPORT_FIELD(event_type)},
+    {.key = "answer_chars",
+     .type = AMP_JSON_SCHEMA_INT,
+     .min = 0,
+     .max = 4096,
+     .def = "200",
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     REPORT_FIELD(answer_chars)},
+    {.key = NULL},
+};
+
+static void set_report(const amp_json_schema_at *at) {
+    route *r = at->target;
+    amp_json_schema_defaults(report_rows, &r->report);
+    amp_json_schema_read(report_rows, at->value, at->path, &r->report, NULL, at->errs);
+    if (!r->report.event_type)
+        r->report.event_type = amp_xstrdup(AMP_MAP_REPORT_EVENT_TYPE);
+}
+
 #define ROUTE_FIELD(m) AMP_JSON_SCHEMA_FIELD(route, m)
 #define TEMPLATE_EXPECT "a template string such as \"{{event_type}}\""
 #define LIVE AMP_JSON_SCHEMA_LIVE
@@ -539,6 +582,11 @@ static const amp_json_schema_row route_rows[] = {
      .reload = LIVE,
      ROUTE_FIELD(per_user),
      .check = check_conversation},
+    {.key = "report",
+     .type = AMP_JSON_SCHEMA_OBJECT,
+     .reload = LIVE,
+     .expect = "an object such as {\"event_type\": \"dify_response\"}",
+     .set = set_report},
     {.key = NULL},
 };
 

@@ -108,6 +108,20 @@ typedef struct amp_mapper amp_mapper;
 amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_errs *errs);
 void amp_mapper_destroy(amp_mapper *m); /* accepts NULL */
 
+/* A route's "report": after each of its deliveries reaches its final
+ * state, an Amplitude event is sent back (forward/report.c). */
+#define AMP_MAP_REPORT_EVENT_TYPE "dify_response"
+typedef struct amp_map_report {
+    char *event_type;      /* the reported event's event_type */
+    unsigned answer_chars; /* characters of Dify's answer kept, 0..4096 */
+} amp_map_report;
+
+/* The report of the route named route_name, or NULL when it has none (or
+ * there is no such route). Borrowed from m. */
+const amp_map_report *amp_mapper_route_report(const amp_mapper *m, const char *route_name);
+/* Whether any route has a report. */
+bool amp_mapper_any_report(const amp_mapper *m);
+
 size_t amp_mapper_app_count(const amp_mapper *m);
 const amp_app *amp_mapper_app(const amp_mapper *m, size_t i); /* borrowed */
 
