@@ -119,6 +119,12 @@ $(BUILD)/bench/export_fake: $(BUILD)/obj/bench/export_fake.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
 
+# The Amplitude sink's benchmark sends to the tests' fake Amplitude.
+$(BUILD)/bench/sink_bench: $(BUILD)/obj/bench/sink_bench.o \
+                           $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
@@ -155,6 +161,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/backlog.sh $(BUILD)
 	bash bench/redis.sh $(BUILD)
 	bash bench/export.sh $(BUILD)
+	bash bench/sink.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \

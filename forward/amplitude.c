@@ -206,12 +206,16 @@ void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char
     amp_forward_amplitude_event *part = amp_xcalloc(n ? n : 1, sizeof *part);
     size_t *at = amp_xcalloc(n ? n : 1, sizeof *at);
     static const char *const headers[] = {"Content-Type: application/json", "Accept: */*", NULL};
-    size_t size = max_events;
-    for (unsigned round = 0; round < AMP_FORWARD_AMPLITUDE_ROUNDS; round++) {
+    size_t size = max_events, first = 0;
+    /* One request per full batch, plus the rounds that answers may add. */
+    size_t rounds = (n + max_events - 1) / max_events + AMP_FORWARD_AMPLITUDE_ROUNDS;
+    for (size_t round = 0; round < rounds; round++) {
         /* The next request: the first pending events that fit. */
         size_t k = 0;
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = first; i < n && k < size; i++)
             if (pending(ev[i].fate)) {
+                if (k == 0)
+                    first = i; /* everything before is settled */
                 at[k] = i;
                 part[k++] = ev[i];
             }

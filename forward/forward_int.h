@@ -352,7 +352,7 @@ typedef struct amp_forward_amplitude_stats {
  * requests as it takes: requests of at most max_events (and under
  * AMP_FORWARD_AMPLITUDE_MAX_BYTES); a 413 halves the size and sends again;
  * events a 400 or a 429 left out for no fault of theirs go again at once
- * (at most AMP_FORWARD_AMPLITUDE_ROUNDS answers in all). Every event ends
+ * (at most AMP_FORWARD_AMPLITUDE_ROUNDS requests beyond one per batch). Every event ends
  * INGESTED, REFUSED, HOLD or RETRY (AGAIN and SPLIT left when rounds ran
  * out are turned into RETRY). stats may be NULL. */
 #define AMP_FORWARD_AMPLITUDE_ROUNDS 32

@@ -57,6 +57,8 @@ struct fake_amplitude {
     json_t *seen_ids;     /* {"<insert_id>": true} */
     json_t *http_requests; /* [{"status","events"}] */
     unsigned duplicates;  /* events dropped as repeats of an insert_id */
+    bool count_only;      /* benchmarks: count 200s' events, store nothing */
+    uint64_t counted;
 };
 
 /* One connection's request body (the HTTP V2 side posts one). */
@@ -465,7 +467,11 @@ static unsigned httpapi_answer(fake_amplitude *f, const conn_body *cb, json_t **
             json_decref(sdevices);
         } else {
             status = 200;
+            if (f->count_only)
+                f->counted += n;
             json_array_foreach(events, i, ev) {
+                if (f->count_only)
+                    break;
                 const char *id = str_field(ev, "insert_id");
                 if (id && json_object_get(f->seen_ids, id)) {
                     f->duplicates++;
@@ -728,4 +734,17 @@ unsigned fake_amplitude_http_duplicates(fake_amplitude *f) {
     unsigned d = f->duplicates;
     pthread_mutex_unlock(&f->mu);
     return d;
+}
+
+void fake_amplitude_http_count_only(fake_amplitude *f, bool on) {
+    pthread_mutex_lock(&f->mu);
+    f->count_only = on;
+    pthread_mutex_unlock(&f->mu);
+}
+
+uint64_t fake_amplitude_http_counted(fake_amplitude *f) {
+    pthread_mutex_lock(&f->mu);
+    uint64_t n = f->counted;
+    pthread_mutex_unlock(&f->mu);
+    return n;
 }

@@ -32,6 +32,7 @@
 #define FAKE_AMPLITUDE_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -88,6 +89,10 @@ void fake_amplitude_http_silence_device(fake_amplitude *f, const char *device_id
 json_t *fake_amplitude_http_events(fake_amplitude *f);
 /* HTTP V2 requests so far: [{"status","events" (count)}...]; caller owns. */
 json_t *fake_amplitude_http_requests(fake_amplitude *f);
+/* Benchmarks: a 200 only counts its events (no storage, no dedupe). */
+void fake_amplitude_http_count_only(fake_amplitude *f, bool on);
+/* Events counted by 200s while count_only was on. */
+uint64_t fake_amplitude_http_counted(fake_amplitude *f);
 /* Events dropped as repeats of an insert_id already stored. */
 unsigned fake_amplitude_http_duplicates(fake_amplitude *f);
 

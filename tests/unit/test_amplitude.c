@@ -238,6 +238,23 @@ START_TEST(test_send_ok_in_batches) {
 }
 END_TEST
 
+/* More batches than the retry rounds: every one is still sent. */
+START_TEST(test_send_many_batches) {
+    evset s;
+    evset_fill(&s, MAXN, MAXN);
+    set_ids(&s, MAXN);
+    amp_forward_amplitude_stats st;
+    amp_forward_amplitude_send(http, url, KEY, s.ev, s.n, 1, &st);
+    for (size_t i = 0; i < s.n; i++)
+        ck_assert_int_eq(s.ev[i].fate, AMP_FORWARD_AMPLITUDE_INGESTED);
+    ck_assert_uint_eq(st.requests, MAXN);
+    json_t *evs = fake_amplitude_http_events(fa);
+    ck_assert_uint_eq(json_array_size(evs), MAXN);
+    json_decref(evs);
+    evset_free(&s);
+}
+END_TEST
+
 START_TEST(test_send_413_halves) {
     fake_amplitude_http_max_events(fa, 3);
     evset s;
@@ -368,6 +385,7 @@ static Suite *amplitude_suite(void) {
     tcase_add_checked_fixture(net, setup, teardown);
     tcase_set_timeout(net, 30);
     tcase_add_test(net, test_send_ok_in_batches);
+    tcase_add_test(net, test_send_many_batches);
     tcase_add_test(net, test_send_413_halves);
     tcase_add_test(net, test_send_partial_400);
     tcase_add_test(net, test_send_429_holds_throttled);
