@@ -45,7 +45,7 @@ int main(int argc, char **argv) {
     snprintf(url, sizeof url, "http://127.0.0.1:%u/2/httpapi", fake_amplitude_port(fa));
 
     char **json = amp_xcalloc(n, sizeof *json);
-    char (*users)[16] = amp_xcalloc(n, sizeof *users);
+    char(*users)[16] = amp_xcalloc(n, sizeof *users);
     amp_forward_amplitude_event *ev = amp_xcalloc(n, sizeof *ev);
     for (size_t i = 0; i < n; i++) {
         snprintf(users[i], sizeof users[i], "user-%zu", i % 5000);

@@ -37,8 +37,8 @@ static char *key_json(const char *api_key) {
     return s ? s : amp_xstrdup("\"\"");
 }
 
-size_t amp_forward_amplitude_fit(const amp_forward_amplitude_event *ev, size_t n,
-                                 size_t max_events, size_t max_bytes) {
+size_t amp_forward_amplitude_fit(const amp_forward_amplitude_event *ev, size_t n, size_t max_events,
+                                 size_t max_bytes) {
     /* A 40-byte allowance for the key: keys are 32 hex characters. */
     size_t bytes = strlen("{\"api_key\":,\"events\":[]}") + 40, k = 0;
     if (max_events == 0)
@@ -137,10 +137,10 @@ void amp_forward_amplitude_decide(int transport_error, long status, const json_t
         }
         all = AMP_FORWARD_AMPLITUDE_SPLIT;
     } else if (status == 400) {
-        bool any = refuse_fields(json_object_get(b, "events_with_invalid_fields"), "invalid field",
-                                 ev, n);
-        any |= refuse_fields(json_object_get(b, "events_with_missing_fields"), "missing field", ev,
-                             n);
+        bool any =
+            refuse_fields(json_object_get(b, "events_with_invalid_fields"), "invalid field", ev, n);
+        any |=
+            refuse_fields(json_object_get(b, "events_with_missing_fields"), "missing field", ev, n);
         const json_t *silenced = json_object_get(b, "silenced_events");
         for (size_t i = 0; i < n; i++)
             if (index_in(silenced, i)) {

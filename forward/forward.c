@@ -514,8 +514,8 @@ typedef struct sent {
 
 /* A job of a route with a report reached its final state: store the report
  * event before the job's own acknowledgement. */
-static void store_report(amp_forward *f, const app_state *a, const amp_queue_job *job, bool delivered,
-                   const amp_forward_verdict *v, const char *result_json) {
+static void store_report(amp_forward *f, const app_state *a, const amp_queue_job *job,
+                         bool delivered, const amp_forward_verdict *v, const char *result_json) {
     const amp_map_report *spec = amp_mapper_route_report(f->opts.mapper, job->route);
     if (!spec)
         return;

@@ -287,7 +287,6 @@ int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len);
  * when no event carried anything. */
 json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete);
 
-
 /* ---- amplitude.c: results back to Amplitude (HTTP V2 API) --------------
  * Report events go to POST {base}/2/httpapi as {"api_key","events":[...]},
  * many per request, and Amplitude answers per request but names events in
@@ -328,8 +327,8 @@ typedef struct amp_forward_amplitude_event {
 /* How many of the first n events fit one request: at most max_events and
  * a body under max_bytes (at least 1 when n > 0: an event too large alone
  * is sent alone, and its 413 refuses it). */
-size_t amp_forward_amplitude_fit(const amp_forward_amplitude_event *ev, size_t n,
-                                 size_t max_events, size_t max_bytes);
+size_t amp_forward_amplitude_fit(const amp_forward_amplitude_event *ev, size_t n, size_t max_events,
+                                 size_t max_bytes);
 
 /* The request body for ev[0..n) with api_key (JSON-escaped). Caller owns. */
 char *amp_forward_amplitude_body(const char *api_key, const amp_forward_amplitude_event *ev,
@@ -343,8 +342,8 @@ void amp_forward_amplitude_decide(int transport_error, long status, const json_t
 
 /* What one delivery of a set of events did. */
 typedef struct amp_forward_amplitude_stats {
-    unsigned requests;   /* HTTP requests made */
-    long last_status;    /* of the last answer; 0 when none */
+    unsigned requests;    /* HTTP requests made */
+    long last_status;     /* of the last answer; 0 when none */
     char last_error[128]; /* transport code or Amplitude's "error" of the last failure */
 } amp_forward_amplitude_stats;
 
@@ -359,7 +358,6 @@ typedef struct amp_forward_amplitude_stats {
 void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char *api_key,
                                 amp_forward_amplitude_event *ev, size_t n, size_t max_events,
                                 amp_forward_amplitude_stats *stats);
-
 
 /* ---- report.c: route reports, stored and sent back to Amplitude --------
  * When a job of a route with a "report" reaches its final state (delivered
@@ -376,9 +374,8 @@ void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char
  * dead (status, code, message of the last answer), result_json the stored
  * delivery result (may be NULL), endpoint the app's. Caller owns. */
 char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *job,
-                               amp_endpoint endpoint, bool delivered, long status,
-                               const char *code, const char *message, const char *result_json,
-                               int64_t now_ms);
+                               amp_endpoint endpoint, bool delivered, long status, const char *code,
+                               const char *message, const char *result_json, int64_t now_ms);
 
 /* Store event_json (borrowed) as the report job of job (borrowed) in q;
  * asynchronous, failures are logged. */
@@ -387,8 +384,8 @@ void amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char
 typedef struct amp_forward_reporter amp_forward_reporter;
 
 typedef struct amp_forward_reporter_opts {
-    const char *base_url; /* Amplitude's host; copied */
-    const char *api_key;  /* copied; never logged */
+    const char *base_url;  /* Amplitude's host; copied */
+    const char *api_key;   /* copied; never logged */
     unsigned batch_events; /* 1..AMP_FORWARD_AMPLITUDE_MAX_EVENTS */
     unsigned linger_ms;    /* a batch waits this long to fill */
     unsigned throttle_ms;  /* a throttled user's reports wait this long; 0: the default */
@@ -399,8 +396,8 @@ typedef struct amp_forward_reporter_opts {
 
 /* Start the reporter's thread; q borrowed, must outlive it. NULL and err on
  * failure. */
-amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o,
-                                                 amp_queue *q, char *err, size_t errlen);
+amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o, amp_queue *q,
+                                                 char *err, size_t errlen);
 /* Take a claimed report job (ownership passes on true). false when the
  * reporter's memory is full: the caller releases the job. */
 bool amp_forward_reporter_offer(amp_forward_reporter *r, amp_queue_job *job);

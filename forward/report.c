@@ -39,9 +39,8 @@ static void set_str(json_t *o, const char *k, const char *v) {
 }
 
 char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *job,
-                               amp_endpoint endpoint, bool delivered, long status,
-                               const char *code, const char *message, const char *result_json,
-                               int64_t now_ms) {
+                               amp_endpoint endpoint, bool delivered, long status, const char *code,
+                               const char *message, const char *result_json, int64_t now_ms) {
     json_t *props = json_object();
     json_object_set_new(props, "status", json_string(delivered ? "delivered" : "dead"));
     set_str(props, "dify_app", job->app);
@@ -201,8 +200,8 @@ static void send_batch(amp_forward_reporter *r, amp_queue_job **jobs, size_t n) 
     count(r->m_held, tally[AMP_FORWARD_AMPLITUDE_HOLD]);
     count(r->m_retried, tally[AMP_FORWARD_AMPLITUDE_RETRY]);
     if (tally[AMP_FORWARD_AMPLITUDE_RETRY] || tally[AMP_FORWARD_AMPLITUDE_HOLD])
-        amp_log(AMP_LOG_WARN, "reports not taken by Amplitude yet", "{s:i, s:i, s:i, s:s}",
-                "retry", (int)tally[AMP_FORWARD_AMPLITUDE_RETRY], "throttled",
+        amp_log(AMP_LOG_WARN, "reports not taken by Amplitude yet", "{s:i, s:i, s:i, s:s}", "retry",
+                (int)tally[AMP_FORWARD_AMPLITUDE_RETRY], "throttled",
                 (int)tally[AMP_FORWARD_AMPLITUDE_HOLD], "status", (int)st.last_status, "error",
                 st.last_error);
     free(ev);
@@ -249,21 +248,21 @@ static void *reporter_main(void *arg) {
     return NULL;
 }
 
-amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o,
-                                                 amp_queue *q, char *err, size_t errlen) {
+amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o, amp_queue *q,
+                                                 char *err, size_t errlen) {
     if (!o->api_key || !*o->api_key) {
         snprintf(err, errlen, "reports: AMPLITUDE_API_KEY is missing");
         return NULL;
     }
-    amp_forward_http *h = amp_forward_http_create(o->connect_timeout_s, o->timeout_s, NULL, err,
-                                                  errlen);
+    amp_forward_http *h =
+        amp_forward_http_create(o->connect_timeout_s, o->timeout_s, NULL, err, errlen);
     if (!h)
         return NULL;
     amp_forward_reporter *r = amp_xcalloc(1, sizeof *r);
     r->q = q;
     r->http = h;
-    r->url = amp_forward_join_url(o->base_url ? o->base_url : AMP_FORWARD_AMPLITUDE_BASE,
-                                  "2/httpapi");
+    r->url =
+        amp_forward_join_url(o->base_url ? o->base_url : AMP_FORWARD_AMPLITUDE_BASE, "2/httpapi");
     r->key = amp_xstrdup(o->api_key);
     r->batch = o->batch_events && o->batch_events <= AMP_FORWARD_AMPLITUDE_MAX_EVENTS
                    ? o->batch_events

@@ -51,13 +51,13 @@ struct fake_amplitude {
     unsigned http_max_events; /* more in one request: 413 */
     int http_statuses[MAX_STATUSES];
     size_t nhttp_statuses;
-    json_t *throttled;    /* {"<user_id>": requests still throttled} */
-    json_t *silenced;     /* {"<device_id>": true} */
-    json_t *ingested;     /* events stored, one per insert_id */
-    json_t *seen_ids;     /* {"<insert_id>": true} */
+    json_t *throttled;     /* {"<user_id>": requests still throttled} */
+    json_t *silenced;      /* {"<device_id>": true} */
+    json_t *ingested;      /* events stored, one per insert_id */
+    json_t *seen_ids;      /* {"<insert_id>": true} */
     json_t *http_requests; /* [{"status","events"}] */
-    unsigned duplicates;  /* events dropped as repeats of an insert_id */
-    bool count_only;      /* benchmarks: count 200s' events, store nothing */
+    unsigned duplicates;   /* events dropped as repeats of an insert_id */
+    bool count_only;       /* benchmarks: count 200s' events, store nothing */
     uint64_t counted;
 };
 
@@ -67,7 +67,6 @@ typedef struct conn_body {
     size_t len;
     bool too_large;
 } conn_body;
-
 
 /* ---- the data ------------------------------------------------------------ */
 
@@ -401,12 +400,12 @@ static unsigned httpapi_answer(fake_amplitude *f, const conn_body *cb, json_t **
         *out = json_pack("{s:i, s:s}", "code", 400, "error", "Invalid JSON request body");
     } else if (!key || !*key) {
         status = 400;
-        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error",
-                         "Request missing required field", "missing_field", "api_key");
+        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error", "Request missing required field",
+                         "missing_field", "api_key");
     } else if (!json_is_array(events) || n == 0) {
         status = 400;
-        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error",
-                         "Request missing required field", "missing_field", "events");
+        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error", "Request missing required field",
+                         "missing_field", "events");
     } else if (strcmp(key, f->api_key) != 0) {
         status = 400;
         *out = json_pack("{s:i, s:s}", "code", 400, "error", "Invalid API key");
@@ -481,9 +480,9 @@ static unsigned httpapi_answer(fake_amplitude *f, const conn_body *cb, json_t **
                     json_object_set_new(f->seen_ids, id, json_true());
                 json_array_append(f->ingested, ev);
             }
-            *out = json_pack("{s:i, s:I, s:I, s:I}", "code", 200, "events_ingested",
-                             (json_int_t)n, "payload_size_bytes", (json_int_t)cb->len,
-                             "server_upload_time", (json_int_t)time(NULL) * 1000);
+            *out = json_pack("{s:i, s:I, s:I, s:I}", "code", 200, "events_ingested", (json_int_t)n,
+                             "payload_size_bytes", (json_int_t)cb->len, "server_upload_time",
+                             (json_int_t)time(NULL) * 1000);
             json_decref(invalid);
             json_decref(missing);
             json_decref(silenced);
