@@ -1084,7 +1084,8 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
                                         .timeout_s = opts->timeout_s,
                                         .retry_initial_ms = opts->retry_initial_ms,
                                         .retry_max_ms = opts->retry_max_ms,
-                                        .metrics = opts->metrics};
+                                        .metrics = opts->metrics,
+                                        .abort_flag = &f->abort_requests};
         f->reporter = amp_forward_reporter_start(&ro, queue, err, errlen);
         if (!f->reporter)
             goto fail;

@@ -392,6 +392,9 @@ typedef struct amp_forward_reporter_opts {
     long connect_timeout_s, timeout_s;
     int64_t retry_initial_ms, retry_max_ms;
     amp_metrics *metrics; /* may be NULL; borrowed */
+    /* A request under way ends soon after *abort_flag turns true (borrowed,
+     * may be NULL): the forwarder's stop past its grace. */
+    const atomic_bool *abort_flag;
 } amp_forward_reporter_opts;
 
 /* Start the reporter's thread; q borrowed, must outlive it. NULL and err on

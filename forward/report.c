@@ -255,7 +255,7 @@ amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts
         return NULL;
     }
     amp_forward_http *h =
-        amp_forward_http_create(o->connect_timeout_s, o->timeout_s, NULL, err, errlen);
+        amp_forward_http_create(o->connect_timeout_s, o->timeout_s, o->abort_flag, err, errlen);
     if (!h)
         return NULL;
     amp_forward_reporter *r = amp_xcalloc(1, sizeof *r);

@@ -49,7 +49,7 @@ static void evset_free(evset *s) {
 }
 
 /* ids: "u0"... strings kept by the test. */
-static char uid[MAXN][8], did[MAXN][8];
+static char uid[MAXN][24], did[MAXN][24];
 static void set_ids(evset *s, unsigned users) {
     for (size_t i = 0; i < s->n; i++) {
         snprintf(uid[i], sizeof uid[i], "u%u", (unsigned)(i % users));
