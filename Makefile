@@ -10,7 +10,10 @@
 comma := ,
 PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis libarchive zlib
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config redis-server
+            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config
+# What `make test` runs beside the build: servers and tools of the end-to-end
+# tests (the SDK test's Node.js and npm come from .ci/run or the machine).
+TEST_DEB_PKGS := redis-server nginx-light curl sqlite3 prometheus python3 systemd procps
 
 SANITIZER ?=
 ifeq ($(SANITIZER),)
@@ -164,7 +167,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/sink.sh $(BUILD)
 
 deps:
-	@missing=""; for p in $(DEB_PKGS); do \
+	@missing=""; for p in $(DEB_PKGS) $(TEST_DEB_PKGS); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -237,15 +240,15 @@ test-run: fuzz-replay matrix limits
 
 # ---- ThreadSanitizer and valgrind (issue 7) ----
 #   make tsan        SANITIZER=thread build in build/san-thread/; the spool (group
-#                    commit) and forward (worker pool) unit tests, forked and with
+#                    commit), forward (worker pool) and Redis engine unit tests, forked and with
 #                    CK_FORK=no, then the end-to-end tests in TSAN_E2E against the
 #                    TSan-built server (the tests fail on a ThreadSanitizer report
 #                    in its log or a non-zero exit)
 #   make valgrind    the end-to-end suite with every amp2dify process under valgrind
 #                    memcheck (tests/valgrind/run.sh; reports in build/valgrind/logs)
 # Neither is part of `make test`.
-TSAN_UNIT := test_spool test_forward
-TSAN_E2E ?= test_foundation test_delivery test_durability
+TSAN_UNIT := test_spool test_forward test_redisq
+TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export
 # The unit tests' timeouts guard against hangs; ThreadSanitizer runs code 5 to
 # 15 times slower, and more on a busy machine, so they stretch under it.
 TSAN_TIMEOUT_MULTIPLIER ?= 6
@@ -260,7 +263,8 @@ tsan:
 	$(MAKE) SANITIZER=thread tsan-run
 
 tsan-run: $(TSAN_UNIT:%=$(BUILD)/tests/unit/%) $(BIN) $(FAKE_DIFY) $(TSAN_E2E:%=$(BUILD)/tests/e2e/%)
-	@set -e; export CK_TIMEOUT_MULTIPLIER=$(TSAN_TIMEOUT_MULTIPLIER); \
+	@set -e; export CK_TIMEOUT_MULTIPLIER=$(TSAN_TIMEOUT_MULTIPLIER) \
+	  TSAN_OPTIONS="second_deadlock_stack=1 $$TSAN_OPTIONS"; \
 	for t in $(TSAN_UNIT); do \
 	  echo "== tsan $$t"; $(TSAN_RUN) $(BUILD)/tests/unit/$$t; \
 	  echo "== tsan $$t (CK_FORK=no)"; CK_FORK=no $(TSAN_RUN) $(BUILD)/tests/unit/$$t; done; \

@@ -84,6 +84,31 @@ static amp_queue *open_redis(const amp_config *cfg, int how, char *err, size_t e
                                       : amp_redisq_open(&ro, err, errlen);
 }
 
+const char *amp_cmd_queue_target(const amp_config *cfg, const char **engine, char *buf,
+                                 size_t len) {
+    if (cfg->queue.engine != AMP_CONFIG_QUEUE_REDIS) {
+        *engine = "sqlite";
+        snprintf(buf, len, "%s", cfg->spool.path ? cfg->spool.path : "");
+        return buf;
+    }
+    *engine = "redis";
+    const char *url = cfg->queue.url ? cfg->queue.url : "";
+    /* redis://[user][:password]@host...: the password (or, without a colon,
+     * all the user information) becomes "***". */
+    const char *auth = strstr(url, "://");
+    auth = auth ? auth + 3 : url;
+    size_t alen = strcspn(auth, "/");
+    const char *at = memrchr(auth, '@', alen);
+    if (!at) {
+        snprintf(buf, len, "%s", url);
+        return buf;
+    }
+    const char *colon = memchr(auth, ':', (size_t)(at - auth));
+    const char *keep = colon ? colon + 1 : auth;
+    snprintf(buf, len, "%.*s***%s", (int)(keep - url), url, at);
+    return buf;
+}
+
 /* One entry per queue.engine value, in the order of amp_config_queue_engine. */
 static amp_queue *(*const engines[])(const amp_config *, int, char *, size_t) = {
     [AMP_CONFIG_QUEUE_SQLITE] = open_sqlite,

@@ -127,7 +127,9 @@ static void on_request(void *arg, const amp_map_request *req) {
         abort();
     json_object_set_new(line, "route", json_string(req->route));
     json_object_set_new(line, "app", json_string(req->app->name));
-    json_object_set_new(line, "endpoint", json_string(amp_map_endpoint_path(req->app->endpoint)));
+    char *path = amp_map_app_path(req->app);
+    json_object_set_new(line, "endpoint", json_string(path));
+    free(path);
     json_object_set(line, "body", req->body);
     char *s = json_dumps(line, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(line);

@@ -52,6 +52,12 @@ enum {
 struct amp_queue *amp_cmd_open_queue(const struct amp_config *cfg, int how, char *err,
                                      size_t errlen);
 
+/* What cfg's queue engine stores into, for logs: its name in *engine
+ * ("sqlite", "redis"; static) and in buf the spool path or the Redis URL
+ * with its password hidden. Returns buf. */
+const char *amp_cmd_queue_target(const struct amp_config *cfg, const char **engine, char *buf,
+                                 size_t len);
+
 /* The Redis engine's options from cfg (strings borrowed from cfg); the
  * dedupe window and the pending limit are the spool's keys. */
 struct amp_redisq_opts;

@@ -314,8 +314,11 @@ int amp_cmd_serve(int argc, char **argv) {
     }
     rs.spool = amp_cmd_open_queue(rs.cfg, AMP_CMD_QUEUE_SERVE, err, sizeof err);
     if (!rs.spool) {
-        amp_log(AMP_LOG_ERROR, "spool unavailable", "{s:s, s:s}", "path", rs.cfg->spool.path,
-                "error", err);
+        const char *engine;
+        char target[512];
+        amp_cmd_queue_target(rs.cfg, &engine, target, sizeof target);
+        amp_log(AMP_LOG_ERROR, "queue unavailable", "{s:s, s:s, s:s}", "engine", engine, "target",
+                target, "error", err);
         goto out;
     }
     start_delivery(&rs, rs.cfg, err, sizeof err);
@@ -364,10 +367,13 @@ int amp_cmd_serve(int argc, char **argv) {
     if (rs.cfg->auth.scheme == AMP_AUTH_NONE)
         amp_log(AMP_LOG_WARN, "authentication is off: every request is accepted unsigned", "{s:s}",
                 "scheme", "none");
-    amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:I}", "version",
+    const char *engine;
+    char target[512];
+    amp_cmd_queue_target(rs.cfg, &engine, target, sizeof target);
+    amp_log(AMP_LOG_INFO, "listening", "{s:s, s:s, s:i, s:s, s:s, s:s, s:s, s:I}", "version",
             AMP_VERSION, "address", rs.cfg->listen.address, "port", (int)amp_http_port(http),
-            "path", rs.cfg->listen.path, "auth", amp_sig_scheme_name(rs.cfg->auth.scheme), "spool",
-            rs.cfg->spool.path, "pending", (json_int_t)amp_queue_depth(rs.spool));
+            "path", rs.cfg->listen.path, "auth", amp_sig_scheme_name(rs.cfg->auth.scheme), "queue",
+            engine, "target", target, "pending", (json_int_t)amp_queue_depth(rs.spool));
 
     for (;;) {
         int sig = 0;

@@ -70,14 +70,9 @@ static void *app_create(const char *base_url, const amp_app *app, const char *ke
     a->app = app;
     a->base = amp_forward_join_url(base_url, "");
     a->base[strlen(a->base) - 1] = '\0'; /* join_url's "/" */
-    if (app->endpoint == AMP_ENDPOINT_WORKFLOW && app->workflow_id) {
-        /* A pinned published version. */
-        char *path = amp_xasprintf("workflows/%s/run", app->workflow_id);
-        a->url = amp_forward_join_url(base_url, path);
-        free(path);
-    } else {
-        a->url = amp_forward_join_url(base_url, amp_map_endpoint_path(app->endpoint));
-    }
+    char *path = amp_map_app_path(app);  /* a pinned version has its own */
+    a->url = amp_forward_join_url(base_url, path);
+    free(path);
     a->auth = amp_xasprintf("Authorization: Bearer %s", key);
     return a;
 }

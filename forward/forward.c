@@ -318,8 +318,10 @@ static void acknowledge(amp_forward *f, const amp_queue_job *job, amp_queue_ack 
                 "{s:I, s:i, s:s}", "id", (json_int_t)job->id, "shard", job->shard, "app", job->app);
 }
 
+/* Not an attempt: due again at due_ms, keeping the workflow run a lost
+ * connection left running (job->run_id), if any. */
 static void ack_release(amp_forward *f, const amp_queue_job *job, int64_t due_ms) {
-    amp_queue_ack a = {.kind = AMP_QUEUE_ACK_RELEASE, .due_ms = due_ms};
+    amp_queue_ack a = {.kind = AMP_QUEUE_ACK_RELEASE, .due_ms = due_ms, .run_id = job->run_id};
     acknowledge(f, job, &a);
 }
 
@@ -606,6 +608,12 @@ static sent deliver(worker *w, const qjob *q) {
                 "status", (int)ex.status, "outcome", outcome_name(v.outcome), "latency_ms",
                 (json_int_t)ex.latency_ms, "attempt", job->attempts + 1, "streamed", ex.streamed,
                 "probe", q->probe);
+    }
+    /* A job held back (its app paused) resumes a run this attempt saw
+     * start, rather than posting the event again after the pause. */
+    if (v.hold && ex.run_id && (!job->run_id || strcmp(job->run_id, ex.run_id) != 0)) {
+        free(job->run_id);
+        job->run_id = amp_xstrdup(ex.run_id);
     }
     apply(f, w, a, job, &v);
     f->sink->release(w->conn);

@@ -86,6 +86,14 @@ enum MHD_Result amp_handlers_reply_unavailable(amp_req *r, const char *detail,
 /* router.c: r->request_id from X-Request-Id when it is short and printable,
  * else 16 random bytes in hex. */
 void amp_handlers_request_id(amp_req *r);
+/* router.c: hand batch (taken) to the queue and suspend the connection
+ * until it is stored; the endpoint's finish step then finds r->state
+ * REQ_DONE and the answer in r->result. Returns MHD_YES. */
+enum MHD_Result amp_handlers_submit(amp_req *r, amp_queue_batch *batch);
+/* router.c: once the queue answered (r->result), count the request's
+ * filtered, accepted and duplicate events; false, logged, when nothing was
+ * stored (r->result.error says why). */
+bool amp_handlers_stored_ok(amp_req *r);
 
 /* webhook.c */
 enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r);

@@ -115,6 +115,38 @@ static void admit(amp_handlers *h, amp_req *r) {
         atomic_fetch_sub(&h->open, 1);
 }
 
+/* Runs on the committer thread: record the answer and wake the connection. */
+static void stored(void *ctx, const amp_queue_result *res) {
+    amp_req *r = ctx;
+    amp_handlers *h = r->h; /* r may be gone once resumed */
+    r->result = *res;
+    atomic_store(&r->state, REQ_DONE);
+    MHD_resume_connection(r->conn);
+    atomic_fetch_sub(&h->suspended, 1);
+}
+
+bool amp_handlers_stored_ok(amp_req *r) {
+    const amp_queue_result *res = &r->result;
+    amp_handlers *h = r->h;
+    amp_series_add(h->events_filtered, r->filtered);
+    if (res->status != 0) {
+        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
+                "error", res->error ? res->error : "unknown");
+        return false;
+    }
+    amp_series_add(h->events_accepted, res->accepted);
+    amp_series_add(h->events_duplicate, res->duplicates);
+    return true;
+}
+
+enum MHD_Result amp_handlers_submit(amp_req *r, amp_queue_batch *batch) {
+    atomic_store(&r->state, REQ_WAITING);
+    atomic_fetch_add(&r->h->suspended, 1);
+    MHD_suspend_connection(r->conn);
+    amp_queue_submit(r->h->queue, batch, stored, r);
+    return MHD_YES;
+}
+
 void amp_handlers_request_id(amp_req *r) {
     const char *given = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Request-Id");
     if (given) {

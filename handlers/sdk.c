@@ -65,27 +65,11 @@ enum MHD_Result amp_handlers_sdk_begin(amp_handlers *h, amp_req *r) {
     return MHD_YES;
 }
 
-static void stored(void *ctx, const amp_queue_result *res) {
-    amp_req *r = ctx;
-    amp_handlers *h = r->h;
-    r->result = *res;
-    atomic_store(&r->state, REQ_DONE);
-    MHD_resume_connection(r->conn);
-    atomic_fetch_sub(&h->suspended, 1);
-}
-
 static enum MHD_Result answer_stored(amp_req *r) {
     const amp_queue_result *res = &r->result;
-    amp_handlers *h = r->h;
-    amp_series_add(h->events_filtered, r->filtered);
-    if (res->status != 0) {
-        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
-                "error", res->error ? res->error : "unknown");
+    if (!amp_handlers_stored_ok(r))
         return fail(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
                     res->error ? res->error : "the spool is unavailable");
-    }
-    amp_series_add(h->events_accepted, res->accepted);
-    amp_series_add(h->events_duplicate, res->duplicates);
     return answer(r, MHD_HTTP_OK, NULL,
                   json_pack("{s:I, s:I, s:I}", "events_ingested", (json_int_t)r->nevents,
                             "payload_size_bytes", (json_int_t)r->body.len, "server_upload_time",
@@ -208,9 +192,5 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
         r->result = (amp_queue_result){0};
         return answer_stored(r);
     }
-    atomic_store(&r->state, REQ_WAITING);
-    atomic_fetch_add(&h->suspended, 1);
-    MHD_suspend_connection(r->conn);
-    amp_queue_submit(h->queue, batch, stored, r);
-    return MHD_YES;
+    return amp_handlers_submit(r, batch);
 }

@@ -82,28 +82,11 @@ static enum MHD_Result reject_auth(amp_handlers *h, amp_req *r, amp_sig_result r
     return amp_handlers_reply_error(r, MHD_HTTP_UNAUTHORIZED, codes[res], detail);
 }
 
-/* Runs on the committer thread: record the answer and wake the connection. */
-static void stored(void *ctx, const amp_queue_result *res) {
-    amp_req *r = ctx;
-    amp_handlers *h = r->h; /* r may be gone once resumed */
-    r->result = *res;
-    atomic_store(&r->state, REQ_DONE);
-    MHD_resume_connection(r->conn);
-    atomic_fetch_sub(&h->suspended, 1);
-}
-
 static enum MHD_Result answer_stored(amp_req *r) {
     const amp_queue_result *res = &r->result;
-    amp_handlers *h = r->h;
-    amp_series_add(h->events_filtered, r->filtered);
-    if (res->status != 0) {
-        amp_log(AMP_LOG_ERROR, "request not stored", "{s:s, s:s}", "request_id", r->request_id,
-                "error", res->error ? res->error : "unknown");
+    if (!amp_handlers_stored_ok(r))
         return amp_handlers_reply_unavailable(
             r, res->error ? res->error : "the spool is unavailable", RETRY_SOON_S);
-    }
-    amp_series_add(h->events_accepted, res->accepted);
-    amp_series_add(h->events_duplicate, res->duplicates);
     return amp_handlers_reply_json(r, MHD_HTTP_ACCEPTED,
                                    json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
                                              "duplicates", (int)res->duplicates, "filtered",
@@ -189,9 +172,5 @@ enum MHD_Result amp_handlers_webhook_finish(amp_handlers *h, amp_req *r) {
         r->result = (amp_queue_result){0};
         return answer_stored(r);
     }
-    atomic_store(&r->state, REQ_WAITING);
-    atomic_fetch_add(&h->suspended, 1);
-    MHD_suspend_connection(r->conn);
-    amp_queue_submit(h->queue, batch, stored, r);
-    return MHD_YES;
+    return amp_handlers_submit(r, batch);
 }

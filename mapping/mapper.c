@@ -59,6 +59,12 @@ const char *amp_map_endpoint_path(amp_endpoint e) {
     return "chat-messages";
 }
 
+char *amp_map_app_path(const amp_app *app) {
+    if (app->endpoint == AMP_ENDPOINT_WORKFLOW && app->workflow_id)
+        return amp_xasprintf("workflows/%s/run", app->workflow_id);
+    return amp_xstrdup(amp_map_endpoint_path(app->endpoint));
+}
+
 static void free_route(route *r) {
     free(r->name);
     free(r->label);

@@ -88,6 +88,11 @@ typedef struct amp_app {
                                 "workflow_id"), or NULL for the latest */
 } amp_app;
 
+/* The path an app posts to under its base URL: its endpoint's, or
+ * "workflows/<workflow_id>/run" for a workflow app pinned to a version.
+ * Caller owns. */
+char *amp_map_app_path(const amp_app *app);
+
 /* The keys of one app (static table, ended by a NULL key), read into an
  * amp_app; amp_config_diff compares apps with it. */
 const amp_json_schema_row *amp_map_app_schema(void);

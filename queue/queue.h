@@ -132,7 +132,8 @@ typedef struct amp_queue_ack {
     const char *code;            /* Dify code or local reason; may be NULL */
     const char *message;         /* may be NULL */
     const char *result_json;     /* DELIVERED, WAITING: stored result; may be NULL */
-    const char *run_id;          /* RETRY: handed back as the job's run_id; may be NULL */
+    const char *run_id;          /* RETRY: handed back as the job's run_id (NULL clears it);
+                                    RELEASE: the same, but NULL keeps the stored one */
     const char *conversation_id; /* when non-NULL, stored for (app, user); "" clears it */
 } amp_queue_ack;
 

@@ -162,7 +162,8 @@ int amp_redisq_stats_get(rq_admin *a, amp_queue_stats *out) {
     }
     redisAppendCommand(c, "GET " RQ_PREFIX "delivered");
     redisAppendCommand(c, "XLEN " RQ_PREFIX "dead");
-    int n = 2 * a->shards + 2;
+    redisAppendCommand(c, "XLEN " RQ_PREFIX "waiting");
+    int n = 2 * a->shards + 3;
     rc = 0;
     for (int i = 0; i < n; i++) {
         void *rep = NULL;
@@ -178,10 +179,12 @@ int amp_redisq_stats_get(rq_admin *a, amp_queue_stats *out) {
             if (!out->oldest_pending_ms || ms < out->oldest_pending_ms)
                 out->oldest_pending_ms = ms;
         }
-        if (i == n - 2 && r->type == REDIS_REPLY_STRING)
+        if (i == n - 3 && r->type == REDIS_REPLY_STRING)
             out->delivered = strtoll(r->str, NULL, 10);
-        if (i == n - 1 && r->type == REDIS_REPLY_INTEGER)
+        if (i == n - 2 && r->type == REDIS_REPLY_INTEGER)
             out->dead = r->integer;
+        if (i == n - 1 && r->type == REDIS_REPLY_INTEGER)
+            out->waiting = r->integer;
         freeReplyObject(r);
     }
 out:
@@ -195,6 +198,12 @@ int64_t amp_redisq_oldest_pending(rq_admin *a) {
 }
 
 /* ---- dead letters --------------------------------------------------------- */
+
+/* The stream f acts on: the waiting rows (AMP_QUEUE_ACK_WAITING) with
+ * f->waiting, else the dead letters. */
+static const char *rows_stream(const amp_queue_dlq_filter *f) {
+    return f->waiting ? "waiting" : "dead";
+}
 
 static const char *field(const redisReply *e, const char *name) {
     const redisReply *kv = e->element[1];
@@ -231,7 +240,7 @@ static const char *nz(const char *s) {
     return s && *s ? s : NULL;
 }
 
-/* Calls each(e, id, ctx) for every matching dead letter, oldest first,
+/* Calls each(e, id, ctx) for every matching row of rows_stream(f), oldest first,
  * until it returns false. -1 when Redis failed. Under a->mu. */
 static int walk(rq_admin *a, const amp_queue_dlq_filter *f,
                 bool (*each)(const redisReply *e, int64_t id, void *ctx), void *ctx) {
@@ -240,7 +249,8 @@ static int walk(rq_admin *a, const amp_queue_dlq_filter *f,
         return -1;
     char from[48] = "-";
     for (;;) {
-        redisReply *r = redisCommand(c, "XRANGE " RQ_PREFIX "dead %s + COUNT %d", from, DLQ_PAGE);
+        redisReply *r =
+            redisCommand(c, "XRANGE " RQ_PREFIX "%s %s + COUNT %d", rows_stream(f), from, DLQ_PAGE);
         if (!r || r->type != REDIS_REPLY_ARRAY) {
             if (r)
                 freeReplyObject(r);
@@ -266,6 +276,7 @@ static int walk(rq_admin *a, const amp_queue_dlq_filter *f,
 typedef struct list_ctx {
     json_t *rows;
     size_t limit;
+    bool waiting; /* the rows are waiting ones */
 } list_ctx;
 
 static bool add_row(const redisReply *e, int64_t id, void *p) {
@@ -280,13 +291,21 @@ static bool add_row(const redisReply *e, int64_t id, void *p) {
                   "code", nz(field(e, "code")), "message", nz(field(e, "message")), "attempts",
                   att ? atoi(att) : 0, "created_ms", (json_int_t)(cr ? strtoll(cr, NULL, 10) : 0),
                   "dead_ms", (json_int_t)(id >> 20), "body", field(e, "body"));
+    if (row && l->waiting) {
+        json_object_set_new(row, "state", json_string("waiting_input"));
+        const char *res = nz(field(e, "result"));
+        json_t *rj = res ? json_loads(res, 0, NULL) : NULL;
+        json_object_set_new(row, "result", rj ? rj : json_null());
+    } else if (row) {
+        json_object_set_new(row, "state", json_string("dead"));
+    }
     if (row)
         json_array_append_new(l->rows, row);
     return json_array_size(l->rows) < l->limit;
 }
 
 json_t *amp_redisq_dlq_list(rq_admin *a, const amp_queue_dlq_filter *f, size_t limit) {
-    list_ctx l = {.rows = json_array(), .limit = limit};
+    list_ctx l = {.rows = json_array(), .limit = limit, .waiting = f->waiting};
     pthread_mutex_lock(&a->mu);
     int rc = limit ? walk(a, f, add_row, &l) : 0;
     pthread_mutex_unlock(&a->mu);
@@ -299,6 +318,7 @@ json_t *amp_redisq_dlq_list(rq_admin *a, const amp_queue_dlq_filter *f, size_t l
 
 typedef struct change_ctx {
     rq_admin *a;
+    const char *stream; /* rows_stream() */
     bool replay;
     rq_args args;
     int64_t done;
@@ -326,9 +346,12 @@ static void change_flush(change_ctx *x) {
 static void change_start(change_ctx *x) {
     if (x->replay) {
         amp_redisq_args_str(&x->args, RQ_PREFIX);
+        amp_redisq_args_str(&x->args, x->stream);
     } else {
+        char key[32];
+        snprintf(key, sizeof key, RQ_PREFIX "%s", x->stream);
         amp_redisq_args_str(&x->args, "XDEL");
-        amp_redisq_args_str(&x->args, RQ_PREFIX "dead");
+        amp_redisq_args_str(&x->args, key);
     }
 }
 
@@ -356,7 +379,7 @@ static bool gather_one(const redisReply *e, int64_t id, void *p) {
 }
 
 static int64_t change(rq_admin *a, const amp_queue_dlq_filter *f, bool replay) {
-    change_ctx x = {.a = a, .replay = replay};
+    change_ctx x = {.a = a, .stream = rows_stream(f), .replay = replay};
     gather g = {.x = &x};
     pthread_mutex_lock(&a->mu);
     int rc = walk(a, f, gather_one, &g);

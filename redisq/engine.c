@@ -28,11 +28,13 @@ typedef struct shard_state {
 } shard_state;
 
 /* An acknowledgement that got no answer (Redis unreachable): kept and sent
- * again by the lease thread, like the SQLite engine holds a failed commit. */
+ * again by the lease thread, like the SQLite engine holds a failed commit.
+ * The same for the undoing of a claim whose answer was lost. */
 typedef struct held_ack {
     struct held_ack *next;
-    int shard;
-    rq_args args; /* the ack script's, token included */
+    int script;   /* RQ_ACK, or RQ_UNCLAIM */
+    int shard;    /* RQ_ACK: the job's */
+    rq_args args; /* the script's, token(s) included */
 } held_ack;
 
 typedef struct rq {
@@ -48,7 +50,8 @@ typedef struct rq {
     pthread_cond_t stop_cv;
     bool stop;
     shard_state *sh;
-    int rr; /* the shard a claim starts at, for fairness */
+    int rr;             /* the shard a claim starts at, for fairness */
+    uint64_t claim_seq; /* numbers the claim calls: their tag */
     held_ack *held;
     amp_queue_notify_fn notify;
     void *notify_ctx;
@@ -191,6 +194,8 @@ static void lose(rq *q, int s, const char *token, const char *where) {
                 "noticed_by", where);
 }
 
+static void hold(rq *q, int script, int shard, rq_args *args);
+
 static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
                  int64_t *next_due_ms) {
     rq *q = e;
@@ -203,10 +208,14 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
     amp_redisq_args_int(&a, (int64_t)max);
     int nsh = 0;
     pthread_mutex_lock(&q->mu);
+    char tag[24];
+    snprintf(tag, sizeof tag, "%" PRIu64, ++q->claim_seq);
+    amp_redisq_args_str(&a, tag);
     int start = shard >= 0 && shard < q->o.shards ? shard : q->rr;
     int count = shard >= 0 && shard < q->o.shards ? 1 : q->o.shards;
     /* The tokens sent, in the order of the reply's entries. */
     char(*sent)[TOKEN_MAX] = amp_xcalloc((size_t)count, TOKEN_MAX);
+    int *sent_shard = amp_xcalloc((size_t)count, sizeof *sent_shard);
     for (int k = 0; k < count; k++) {
         int s = (start + k) % q->o.shards;
         if (!q->sh[s].owned || q->sh[s].draining)
@@ -215,6 +224,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
         amp_redisq_args_str(&a, q->sh[s].token);
         amp_redisq_args_str(&a, q->owner);
         snprintf(sent[nsh], TOKEN_MAX, "%s", q->sh[s].token);
+        sent_shard[nsh] = s;
         nsh++;
     }
     if (count > 1)
@@ -223,9 +233,25 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
     if (nsh == 0) {
         amp_redisq_args_free(&a);
         free(sent);
+        free(sent_shard);
         return 0;
     }
     redisReply *r = amp_redisq_pipe_call_wait(q->claims, RQ_CLAIM, &a);
+    if (!r) {
+        /* The script may have run with its answer lost (Redis went away
+         * after it): its jobs would stay claimed by nobody while this
+         * replica keeps the lease. Undo it once Redis answers again. */
+        rq_args u = {0};
+        amp_redisq_args_str(&u, RQ_PREFIX);
+        amp_redisq_args_str(&u, tag);
+        amp_redisq_args_int(&u, now_ms);
+        for (int k = 0; k < nsh; k++) {
+            amp_redisq_args_int(&u, sent_shard[k]);
+            amp_redisq_args_str(&u, sent[k]);
+        }
+        hold(q, RQ_UNCLAIM, -1, &u);
+    }
+    free(sent_shard);
     if (!r || r->type != REDIS_REPLY_ARRAY) {
         if (r && r->type == REDIS_REPLY_ERROR)
             amp_log(AMP_LOG_ERROR, "redis claim failed", "{s:s}", "error", r->str);
@@ -270,6 +296,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
             job->attempts =
                 jr->element[7]->type == REDIS_REPLY_STRING ? atoi(jr->element[7]->str) : 0;
             job->conversation_id = nonempty(jr->element[8]);
+            job->run_id = jr->elements > 9 ? nonempty(jr->element[9]) : NULL;
             job->created_ms = job->id >> 20;
             jobs[n++] = job;
             got++;
@@ -296,6 +323,8 @@ static const char *kind_name(amp_queue_ack_kind k) {
         return "retry";
     case AMP_QUEUE_ACK_DEAD:
         return "dead";
+    case AMP_QUEUE_ACK_WAITING:
+        return "waiting";
     case AMP_QUEUE_ACK_RELEASE:
     default:
         return "release";
@@ -318,8 +347,9 @@ typedef struct pending_ack {
     rq_args keep; /* the script's arguments, held again if no answer comes */
 } pending_ack;
 
-static void hold(rq *q, int shard, rq_args *args) {
+static void hold(rq *q, int script, int shard, rq_args *args) {
     held_ack *h = amp_xcalloc(1, sizeof *h);
+    h->script = script;
     h->shard = shard;
     h->args = *args;
     memset(args, 0, sizeof *args);
@@ -346,7 +376,7 @@ static void ack_done(void *ctx, redisReply *r) {
                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
         /* No answer: the lease thread sends it again until it lands or the
          * lease is found gone. The job stays claimed meanwhile. */
-        hold(p->q, p->shard, &p->keep);
+        hold(p->q, RQ_ACK, p->shard, &p->keep);
     }
     if (r)
         freeReplyObject(r);
@@ -389,6 +419,10 @@ static amp_queue_ack_status acknowledge(void *e, const amp_queue_ack *ack) {
     amp_redisq_args_str(&a, ack->message);
     amp_redisq_args_str(&a, !ack->conversation_id ? "" : ack->conversation_id[0] ? "set" : "clear");
     amp_redisq_args_str(&a, ack->conversation_id);
+    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_WAITING ? ack->result_json : NULL);
+    amp_redisq_args_str(&a, ack->kind == AMP_QUEUE_ACK_RETRY || ack->kind == AMP_QUEUE_ACK_RELEASE
+                                ? ack->run_id
+                                : NULL);
     for (int i = 0; i < a.n; i++)
         amp_redisq_args_add(&p->keep, a.v[i], a.len[i]);
     amp_redisq_pipe_call(q->work, RQ_ACK, &a, ack_done, p);
@@ -595,13 +629,17 @@ static void retry_held(rq *q, redisContext *c) {
     while (list) {
         held_ack *h = list;
         list = h->next;
-        redisReply *r = c ? amp_redisq_eval(c, &q->admin.shas, RQ_ACK, &h->args) : NULL;
+        redisReply *r = c ? amp_redisq_eval(c, &q->admin.shas, h->script, &h->args) : NULL;
         if (!r) {
             h->next = keep;
             keep = h;
             continue;
         }
-        settle(q, h->shard, h->args.v[2]);
+        if (h->script == RQ_ACK)
+            settle(q, h->shard, h->args.v[2]);
+        else if (r->type == REDIS_REPLY_INTEGER && r->integer > 0)
+            amp_log(AMP_LOG_INFO, "claim with a lost answer undone: its jobs are due again",
+                    "{s:I}", "jobs", (json_int_t)r->integer);
         freeReplyObject(r);
         amp_redisq_args_free(&h->args);
         free(h);

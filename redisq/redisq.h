@@ -6,14 +6,18 @@
  * Layout in Redis (standalone, one database; every key starts with "amp2dify:"):
  *   <s>:stream    shard s's jobs, in arrival order; consumer group "g"
  *   <s>:ready     sorted set: ids of jobs that may be claimed, score = due ms
- *   <s>:inflight  hash: ids claimed by the shard's current owner
+ *   <s>:inflight  hash: ids claimed by the shard's current owner, each with the
+ *                 tag of its claim call (a claim whose answer was lost is undone)
  *   <s>:meta      hash: attempts made, per id
+ *   <s>:run       hash: the Dify workflow run a retry left running, per id
  *   <s>:u:<user>  list: the pending per_user ids of one (app, user), oldest first
  *   <s>:conv      hash: conversation id per (app, user)
  *   <s>:lease     "<generation>:<owner>", with an expiry (PX)
  *   <s>:gen       the shard's generation counter
  *   dedupe:<key>  an event key seen within the dedupe window (SET NX EX)
  *   dead          the dead letters (a stream); delivered: a counter
+ *   waiting       jobs waiting for a person (a workflow paused for human input:
+ *                 done for now, neither pending nor dead), a stream like dead
  *   members       sorted set of live replicas (score = heartbeat expiry)
  *   shards        the shard count the queue was created with
  *

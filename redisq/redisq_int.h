@@ -27,7 +27,17 @@
 /* Calls sent at once by a call thread (one pipeline, one round trip). */
 #define RQ_PIPE_MAX 256
 
-enum { RQ_ACCEPT, RQ_ACQUIRE, RQ_RENEW, RQ_RELEASE, RQ_CLAIM, RQ_ACK, RQ_REPLAY, RQ_NSCRIPTS };
+enum {
+    RQ_ACCEPT,
+    RQ_ACQUIRE,
+    RQ_RENEW,
+    RQ_RELEASE,
+    RQ_CLAIM,
+    RQ_ACK,
+    RQ_REPLAY,
+    RQ_UNCLAIM,
+    RQ_NSCRIPTS
+};
 /* The text of a script (static). */
 const char *amp_redisq_script(int script);
 

@@ -88,24 +88,26 @@ static const char release_lua[] = "#!lua\n"
                                   "redis.call('DEL', lk)\n"
                                   "return 1\n";
 
-/* ARGV: prefix, now ms, max, then (shard, token, owner) triples. For each
+/* ARGV: prefix, now ms, max, tag, then (shard, token, owner) triples. For each
  * shard whose lease is the caller's: new entries are read into the group
  * (XREADGROUP without BLOCK) when fewer than max are due, a per_user entry
  * joining its user's list and becoming ready only as its head; then up to
- * max due ids leave <s>:ready for <s>:inflight. Returns per shard
+ * max due ids leave <s>:ready for <s>:inflight, marked with the caller's
+ * tag (unique per claim call, for unclaim_lua). Returns per shard
  * {shard, 0} when the lease is not the caller's, else {shard, 1, next due
  * ms ("-1": none; now when more may be due), jobs}, a job being {id, route,
- * app, user, per_user, body, key, attempts, conversation id or ""}. */
+ * app, user, per_user, body, key, attempts, conversation id or "", the run
+ * id a retry left in <s>:run or ""}. */
 static const char claim_lua[] =
     "#!lua\n"
-    "local p, now, left = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+    "local p, now, left, tag = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]\n"
     "local out = {}\n"
     "local function fields(e)\n"
     "  local f = {}\n"
     "  for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end\n"
     "  return f\n"
     "end\n"
-    "for a = 4, #ARGV, 3 do\n"
+    "for a = 5, #ARGV, 3 do\n"
     "  local s, token, owner = ARGV[a], ARGV[a + 1], ARGV[a + 2]\n"
     "  local pre = p .. s .. ':'\n"
     "  if redis.call('GET', pre .. 'lease') ~= token then\n"
@@ -141,12 +143,13 @@ static const char claim_lua[] =
     "        local e = redis.call('XRANGE', sk, id, id)[1]\n"
     "        if e then\n"
     "          local f = fields(e)\n"
-    "          redis.call('HSET', pre .. 'inflight', id, now)\n"
+    "          redis.call('HSET', pre .. 'inflight', id, tag)\n"
     "          local att = redis.call('HGET', pre .. 'meta', id) or '0'\n"
     "          local conv = redis.call('HGET', pre .. 'conv', #f.app .. ':' .. f.app .. f.user) "
     "or ''\n"
+    "          local run = redis.call('HGET', pre .. 'run', id) or ''\n"
     "          jobs[#jobs + 1] = {id, f.route, f.app, f.user, f.per_user, f.body, f.key, att, "
-    "conv}\n"
+    "conv, run}\n"
     "        end\n"
     "      end\n"
     "      left = left - #jobs\n"
@@ -163,14 +166,40 @@ static const char claim_lua[] =
     "end\n"
     "return out\n";
 
-/* ARGV: prefix, shard, token, id, kind (delivered, retry, dead, release),
- * due ms, now ms, http status, code, message, conversation op ("", "set",
- * "clear"), conversation id. Returns 1 when it landed; 0 when the lease is
- * not the caller's, 2 when the job is not claimed (both: nothing changed). A retry or a release
- * keeps the stream entry and puts its id back in <s>:ready at the due time;
- * delivered and dead entries leave the stream (XACK + XDEL; dead ones are
- * copied to the dead letters first) and the next job of a per_user
- * conversation becomes ready. */
+/* ARGV: prefix, tag, now ms, then (shard, token) pairs. Undoes a claim
+ * whose answer was lost (the connection failed: the script may have run and
+ * no job was handed out): for each shard whose lease is still the caller's,
+ * the ids claimed with tag go back to <s>:ready, due now. Returns how many
+ * ids went back. */
+static const char unclaim_lua[] = "#!lua\n"
+                                  "local p, tag, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), 0\n"
+                                  "for i = 4, #ARGV, 2 do\n"
+                                  "  local pre = p .. ARGV[i] .. ':'\n"
+                                  "  if redis.call('GET', pre .. 'lease') == ARGV[i + 1] then\n"
+                                  "    local all = redis.call('HGETALL', pre .. 'inflight')\n"
+                                  "    for j = 1, #all, 2 do\n"
+                                  "      if all[j + 1] == tag then\n"
+                                  "        redis.call('HDEL', pre .. 'inflight', all[j])\n"
+                                  "        redis.call('ZADD', pre .. 'ready', now, all[j])\n"
+                                  "        n = n + 1\n"
+                                  "      end\n"
+                                  "    end\n"
+                                  "  end\n"
+                                  "end\n"
+                                  "return n\n";
+
+/* ARGV: prefix, shard, token, id, kind (delivered, retry, dead, release,
+ * waiting), due ms, now ms, http status, code, message, conversation op ("",
+ * "set", "clear"), conversation id, result JSON (waiting; "" or absent:
+ * none), run id (retry; "" or absent: none). Returns 1 when it landed; 0
+ * when the lease is not the caller's, 2 when the job is not claimed (both:
+ * nothing changed). A retry or a release keeps the stream entry and puts its
+ * id back in <s>:ready at the due time; a retry stores its run id in
+ * <s>:run (the next claim hands it back; none clears it), a release stores
+ * one it names and otherwise leaves it. Delivered, dead and waiting entries leave the stream (XACK
+ * + XDEL; dead ones are copied to the dead letters first, waiting ones with their result to the
+ * waiting stream) and the next job of a per_user conversation becomes ready: like the SQLite
+ * engine, a waiting job does not hold its user's later jobs back. */
 static const char ack_lua[] =
     "#!lua\n"
     "local p, s, token, id, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]\n"
@@ -189,24 +218,35 @@ static const char ack_lua[] =
     "elseif ARGV[11] == 'clear' then\n"
     "  redis.call('HDEL', pre .. 'conv', ukey)\n"
     "end\n"
+    "local result, run = ARGV[13] or '', ARGV[14] or ''\n"
     "if kind == 'retry' or kind == 'release' then\n"
-    "  if kind == 'retry' then redis.call('HINCRBY', pre .. 'meta', id, 1) end\n"
+    "  if kind == 'retry' then\n"
+    "    redis.call('HINCRBY', pre .. 'meta', id, 1)\n"
+    "    if run ~= '' then\n"
+    "      redis.call('HSET', pre .. 'run', id, run)\n"
+    "    else\n"
+    "      redis.call('HDEL', pre .. 'run', id)\n"
+    "    end\n"
+    "  elseif run ~= '' then\n"
+    "    redis.call('HSET', pre .. 'run', id, run)\n"
+    "  end\n"
     "  redis.call('ZADD', rk, due, id)\n"
     "  return 1\n"
     "end\n"
     "local att = tonumber(redis.call('HGET', pre .. 'meta', id) or '0') + 1\n"
-    "if kind == 'dead' then\n"
-    "  redis.call('XADD', p .. 'dead', '*', 'shard', s, 'route', f.route, 'app', f.app, 'user',\n"
+    "if kind == 'dead' or kind == 'waiting' then\n"
+    "  redis.call('XADD', p .. kind, '*', 'shard', s, 'route', f.route, 'app', f.app, 'user',\n"
     "             f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key, 'status', "
     "ARGV[8],\n"
     "             'code', ARGV[9], 'message', ARGV[10], 'attempts', att, 'created_ms',\n"
-    "             string.match(id, '^(%d+)'))\n"
+    "             string.match(id, '^(%d+)'), 'result', result)\n"
     "else\n"
     "  redis.call('INCR', p .. 'delivered')\n"
     "end\n"
     "redis.call('XACK', sk, 'g', id)\n"
     "redis.call('XDEL', sk, id)\n"
     "redis.call('HDEL', pre .. 'meta', id)\n"
+    "redis.call('HDEL', pre .. 'run', id)\n"
     "if f.per_user == '1' then\n"
     "  local uk = pre .. 'u:' .. ukey\n"
     "  redis.call('LREM', uk, 1, id)\n"
@@ -215,20 +255,22 @@ static const char ack_lua[] =
     "end\n"
     "return 1\n";
 
-/* ARGV: prefix, then (dead id, shard) pairs. Each dead letter goes back to
- * its shard's stream as a new job (a fresh schedule) and leaves the dead
- * letters. Returns the number moved. */
+/* ARGV: prefix, the stream the rows are in ("dead" or "waiting"), then
+ * (row id, shard) pairs. Each row goes back to its shard's stream as a new
+ * job (a fresh schedule: attempts 0, no run id, no result) and leaves its
+ * stream. Returns the number moved. */
 static const char replay_lua[] =
     "#!lua\n"
     "local p, n = ARGV[1], 0\n"
-    "for i = 2, #ARGV, 2 do\n"
-    "  local e = redis.call('XRANGE', p .. 'dead', ARGV[i], ARGV[i])[1]\n"
+    "local from = p .. ARGV[2]\n"
+    "for i = 3, #ARGV, 2 do\n"
+    "  local e = redis.call('XRANGE', from, ARGV[i], ARGV[i])[1]\n"
     "  if e then\n"
     "    local f = {}\n"
     "    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end\n"
     "    redis.call('XADD', p .. ARGV[i + 1] .. ':stream', '*', 'route', f.route, 'app', f.app,\n"
     "               'user', f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key)\n"
-    "    redis.call('XDEL', p .. 'dead', ARGV[i])\n"
+    "    redis.call('XDEL', from, ARGV[i])\n"
     "    n = n + 1\n"
     "  end\n"
     "end\n"
@@ -237,7 +279,7 @@ static const char replay_lua[] =
 static const char *const texts[RQ_NSCRIPTS] = {
     [RQ_ACCEPT] = accept_lua,   [RQ_ACQUIRE] = acquire_lua, [RQ_RENEW] = renew_lua,
     [RQ_RELEASE] = release_lua, [RQ_CLAIM] = claim_lua,     [RQ_ACK] = ack_lua,
-    [RQ_REPLAY] = replay_lua,
+    [RQ_REPLAY] = replay_lua,   [RQ_UNCLAIM] = unclaim_lua,
 };
 
 const char *amp_redisq_script(int script) {

@@ -130,6 +130,7 @@ static int write_ack(amp_spool *s, const amp_queue_ack *a, int64_t now) {
         st = s->st_release_row;
         sqlite3_bind_int64(st, 1, a->id);
         sqlite3_bind_int64(st, 2, a->due_ms);
+        amp_spool_bind_text(st, 3, a->run_id);
         break;
     }
     if (amp_spool_step_done(st))

@@ -186,7 +186,9 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_dead,
          "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?2, "
          "last_code = ?3, last_message = ?4, finished_ms = ?5 WHERE id = ?1"},
-        {s->wdb, &s->st_release_row, "UPDATE deliveries SET due_ms = ?2 WHERE id = ?1"},
+        /* A release keeps the stored run unless it names a newer one. */
+        {s->wdb, &s->st_release_row,
+         "UPDATE deliveries SET due_ms = ?2, result = coalesce(?3, result) WHERE id = ?1"},
         {s->wdb, &s->st_conv_set,
          "INSERT INTO conversations(app, user, conversation_id, updated_ms) "
          "SELECT app, user, ?2, ?3 FROM deliveries WHERE id = ?1 "

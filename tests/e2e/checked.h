@@ -15,5 +15,12 @@ fake_dify *h_fake_start(void);
 h_server *h_server_start_with(const char *config_json, const fake_dify *f);
 /* Stop the server; it must exit 0 and leave no sanitizer report. */
 void h_server_stop_ok(h_server *s);
+/* The value of the line "<series> <value>" of s's /metrics (series is the
+ * name with its labels, as the server prints them), or -1 when absent. */
+double h_metric(const h_server *s, const char *series);
+/* h_metric once it is at least min, or its value after timeout_ms: a
+ * counter the server bumps just after Dify's answer (which the fake has
+ * already counted) is read without a race. */
+double h_metric_wait(const h_server *s, const char *series, double min, unsigned timeout_ms);
 
 #endif

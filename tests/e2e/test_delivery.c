@@ -301,23 +301,6 @@ static json_t *wait_dead(const h_server *s, const char *dedupe_key, unsigned tim
     }
 }
 
-/* The value of a metric line "<name>{<labels>} <value>" in /metrics, or -1. */
-static double metric_value(const h_server *s, const char *series) {
-    h_resp *r = h_get(s, "/metrics");
-    ck_assert_int_eq(r->status, 200);
-    double v = -1;
-    size_t n = strlen(series);
-    for (const char *line = r->body; line && *line;) {
-        if (strncmp(line, series, n) == 0 && line[n] == ' ')
-            v = strtod(line + n + 1, NULL);
-        line = strchr(line, '\n');
-        if (line)
-            line++;
-    }
-    h_resp_free(r);
-    return v;
-}
-
 /* ---- 50 users x 10 events, in order, one conversation each -------------------- */
 
 static const char per_user_config[] =
@@ -527,8 +510,7 @@ START_TEST(pause_and_resume) {
 
     /* Probes at about 1 s and then 2 s intervals (retry.max_ms 2000). */
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 5000));
-    h_sleep_ms(200);
-    ck_assert(metric_value(s, "amp2dify_app_paused{app=\"support\"}") == 1);
+    ck_assert(h_metric_wait(s, "amp2dify_app_paused{app=\"support\"}", 1, 5000) == 1);
     while (h_mono_ms() - t0 < 5500)
         h_sleep_ms(50);
     ck_assert_uint_eq(fake_dify_delivered(f), 0);
@@ -592,7 +574,7 @@ START_TEST(pause_and_resume) {
     char *log = h_server_log(s);
     ck_assert_ptr_null(strstr(log, H_API_KEY));
     free(log);
-    ck_assert(metric_value(s, "amp2dify_app_paused{app=\"support\"}") == 0);
+    ck_assert(h_metric(s, "amp2dify_app_paused{app=\"support\"}") == 0);
     fprintf(stderr, "pause_and_resume: %zu rejected (%zu probes), caught up in %lld ms\n", nrej,
             probes, (long long)caught_up);
     h_server_stop_ok(s);

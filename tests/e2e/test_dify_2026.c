@@ -99,22 +99,6 @@ static json_t *dlq_list(const h_server *s, bool waiting) {
     return j;
 }
 
-static double metric_value(const h_server *s, const char *series) {
-    h_resp *r = h_get(s, "/metrics");
-    ck_assert_int_eq(r->status, 200);
-    double v = -1;
-    size_t n = strlen(series);
-    for (const char *line = r->body; line && *line;) {
-        if (strncmp(line, series, n) == 0 && line[n] == ' ')
-            v = strtod(line + n + 1, NULL);
-        line = strchr(line, '\n');
-        if (line)
-            line++;
-    }
-    h_resp_free(r);
-    return v;
-}
-
 /* Recorded requests whose path starts with prefix (and, when needle is not
  * NULL, whose raw body contains it); caller owns. */
 static json_t *records(fake_dify *f, const char *prefix, const char *needle) {
@@ -394,9 +378,9 @@ START_TEST(resume_after_drop) {
     ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(resumes, 0), "status")),
                      200);
     /* Followed within the same attempt: no retry was needed. */
-    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") <= 0);
-    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"delivered\"}") ==
-              1);
+    ck_assert(h_metric_wait(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"delivered\"}", 1,
+                            5000) == 1);
+    ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") <= 0);
     json_decref(posts);
     json_decref(resumes);
 
@@ -410,7 +394,24 @@ START_TEST(resume_after_drop) {
     resumes = records(f, "/v1/workflow/", NULL);
     ck_assert_uint_eq(json_array_size(posts), 1);
     ck_assert_uint_ge(json_array_size(resumes), 3);
-    ck_assert(metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}") >= 1);
+    ck_assert(h_metric_wait(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"retried\"}", 1,
+                            5000) >= 1);
+    json_decref(posts);
+    json_decref(resumes);
+
+    /* The key revoked between the drop and the resume: the app pauses with
+     * the job held, and the probe after the pause resumes the run it saw
+     * rather than posting the event again. */
+    fake_dify_reset(f);
+    fake_dify_push(f, &(fake_dify_behaviour){.stream_drop_after = 2, .revoke_key = true});
+    post_event(s, "Flow", "u-revoked", "revoked-1");
+    ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 10000));
+    fake_dify_add_key(f, H_API_KEY);
+    wait_delivered(f, 1, 15000);
+    posts = records(f, "/v1/workflows/run", "revoked-1");
+    resumes = records(f, "/v1/workflow/", NULL);
+    ck_assert_uint_eq(json_array_size(posts), 1);
+    ck_assert_uint_ge(json_array_size(resumes), 2); /* the refused one, then the probe */
     json_decref(posts);
     json_decref(resumes);
 
@@ -466,11 +467,11 @@ START_TEST(waiting_for_input) {
     ck_assert_uint_eq(json_array_size(dead), 0);
     json_decref(dead);
     ck_assert_uint_eq(fake_dify_count(f), 2);
-    ck_assert(
-        metric_value(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"waiting_input\"}") == 1);
-    ck_assert(
-        metric_value(s, "amp2dify_deliveries_total{app=\"block\",outcome=\"waiting_input\"}") == 1);
-    ck_assert(metric_value(s, "amp2dify_spool_pending") == 0);
+    ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"flow\",outcome=\"waiting_input\"}") ==
+              1);
+    ck_assert(h_metric(s, "amp2dify_deliveries_total{app=\"block\",outcome=\"waiting_input\"}") ==
+              1);
+    ck_assert(h_metric(s, "amp2dify_spool_pending") == 0);
     /* The table form says so too. */
     char *cmd =
         amp_xasprintf("%s dlq list --waiting -c %s/amp2dify.json 2>&1", h_bin(), h_server_dir(s));
@@ -573,7 +574,7 @@ START_TEST(outcomes_2026) {
                      2);
     post_event(s, "Chat", "u-quota", "quota-1");
     ck_assert(h_server_log_wait(s, "\"msg\":\"dify app paused\"", 5000));
-    ck_assert(metric_value(s, "amp2dify_app_paused{app=\"chat\"}") == 1);
+    ck_assert(h_metric_wait(s, "amp2dify_app_paused{app=\"chat\"}", 1, 5000) == 1);
     wait_delivered(f, 5, 15000);
     ck_assert_uint_eq(arrivals(f, "quota-1", at, 16), 3);
     ck_assert_msg(at[1] - at[0] >= 900 && at[2] - at[1] >= 1800, "probes after %lld and %lld ms",

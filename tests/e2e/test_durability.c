@@ -52,6 +52,7 @@
 #include "../../base/clock.h"
 #include "../../base/parse.h"
 #include "../fake_dify/fake_dify.h"
+#include "checked.h"
 #include "harness.h"
 #include "../check_run.h"
 
@@ -594,8 +595,10 @@ static void full_period(full_ctx *c, bool in_flight, const char *label) {
     if (in_flight) {
         fake_dify_behaviour slow = {.delay_ms = 1500};
         fake_dify_push(c->fake, &slow);
+        size_t arrived = fake_dify_arrived(c->fake);
         ck_assert_int_eq(post_next(c, NULL), 202);
-        h_sleep_ms(200); /* claimed and sent; Dify holds the answer */
+        /* Claimed and sent; Dify holds the answer. */
+        ck_assert_uint_gt(fake_dify_wait_arrived(c->fake, arrived + 1, 10000), arrived);
     }
     size_t acked_before = json_object_size(c->acked);
 
@@ -767,16 +770,6 @@ END_TEST
 
 /* ---- spool limits ------------------------------------------------------------ */
 
-static double metric(const h_server *srv, const char *name) {
-    h_resp *r = h_get(srv, "/metrics");
-    char *needle = amp_xasprintf("\n%s ", name);
-    const char *line = r->status == 200 ? strstr(r->body, needle) : NULL;
-    double v = line ? strtod(line + strlen(needle), NULL) : -1;
-    free(needle);
-    h_resp_free(r);
-    return v;
-}
-
 /* Dify is down, so everything stored stays pending until the limit is
  * reached: then 503 `unavailable` with Retry-After naming the limit, the
  * same on /readyz, a log line and the gauge. Dify comes back: the spool
@@ -824,7 +817,7 @@ static void limit_reached_then_recovers(const char *label, const char *spool_key
     ck_assert_int_eq(rz->status, 503);
     ck_assert_str_eq(jstr(rz->json, "detail"), reason);
     h_resp_free(rz);
-    ck_assert(metric(srv, "amp2dify_spool_full") == 1);
+    ck_assert(h_metric(srv, "amp2dify_spool_full") == 1);
     json_t *lines = h_server_log_lines(srv, "spool full: new events get 503");
     ck_assert_uint_eq(json_array_size(lines), 1);
     ck_assert_str_eq(jstr(json_array_get(lines, 0), "reason"), reason);
@@ -841,7 +834,7 @@ static void limit_reached_then_recovers(const char *label, const char *spool_key
     int64_t recovered_ms = h_mono_ms() - back;
     ck_assert_msg(ready == 200, "%s: /readyz still %ld after %lld ms", label, ready,
                   (long long)recovered_ms);
-    ck_assert(metric(srv, "amp2dify_spool_full") == 0);
+    ck_assert(h_metric(srv, "amp2dify_spool_full") == 0);
     ck_assert_msg(h_server_log_wait(srv, "spool takes new events again", 1000), "no log line");
     char id[64];
     snprintf(id, sizeof id, "%s-after", label);

@@ -574,7 +574,8 @@ START_TEST(sigterm_bounded_while_dify_is_slow) {
     assert_accepted(r, 1, 0, 0);
     h_resp_free(r);
     free(ev);
-    h_sleep_ms(500); /* the request reaches the fake, which sits on it */
+    /* The request reaches the fake, which sits on it. */
+    ck_assert_uint_eq(fake_dify_wait_arrived(e.fake, 1, 10000), 1);
 
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);

@@ -150,8 +150,32 @@ START_TEST(refused_redis_is_explained) {
     ck_assert_msg(ws != -1 && WIFEXITED(ws) && WEXITSTATUS(ws) != 0, "serve did not refuse");
     char *log = h_server_log(s);
     ck_assert_msg(strstr(log, "appendfsync everysec"), "%s", log);
+    /* The failure names the Redis engine and its URL, not the spool's path. */
+    char *named = amp_xasprintf("\"engine\":\"redis\",\"target\":\"%s\"", h_redis_url(r));
+    ck_assert_msg(strstr(log, "queue unavailable") && strstr(log, named), "%s", log);
+    ck_assert_msg(!strstr(log, "spool"), "%s", log);
+    free(named);
     free(log);
     h_server_stop(s);
+
+    /* A password in the URL is not logged. */
+    const char *hostport = strstr(h_redis_url(r), "://") + 3;
+    char *pw_url = amp_xasprintf("redis://:s3cret-pw@%s", hostport);
+    char *pw_cfg = amp_xasprintf(config_fmt, pw_url, SHARDS, LEASE_MS, "");
+    o.config_json = pw_cfg;
+    s = h_server_start(&o);
+    ck_assert_ptr_nonnull(s);
+    ws = h_server_wait_exit(s, 15000);
+    ck_assert_msg(ws != -1 && WIFEXITED(ws) && WEXITSTATUS(ws) != 0, "serve did not refuse");
+    log = h_server_log(s);
+    named = amp_xasprintf("\"target\":\"redis://:***@%s\"", hostport);
+    ck_assert_msg(strstr(log, named), "%s", log);
+    ck_assert_msg(!strstr(log, "s3cret-pw"), "%s", log);
+    free(named);
+    free(log);
+    h_server_stop(s);
+    free(pw_cfg);
+    free(pw_url);
 
     /* Opting in makes it acceptable. */
     char *cfg2 = config_for(r, ", \"allow_weak_durability\": true");

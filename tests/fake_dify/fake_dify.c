@@ -872,6 +872,19 @@ static bool key_ok(fake_dify *f, const char *auth) {
     return ok;
 }
 
+/* Reject auth ("Bearer <key>") from now on. */
+static void revoke_bearer(fake_dify *f, const char *auth) {
+    pthread_mutex_lock(&f->mu);
+    for (size_t i = 0; i < f->nbearers; i++) {
+        if (strcmp(f->bearers[i], auth) == 0) {
+            free(f->bearers[i]);
+            f->bearers[i] = f->bearers[--f->nbearers];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+}
+
 static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connection *conn,
                                   const char *url, const char *method, endpoint ep,
                                   const char *version) {
@@ -900,6 +913,8 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
                    NULL, NULL, true);
         goto out;
     }
+    if (b.revoke_key)
+        revoke_bearer(f, auth);
     if (b.status && b.status != 200 && !b.sse_error && b.html_body) {
         record(f, ctx, conn, url, method, body, b.status, false, b.html_body, true);
         ret = queue_text(conn, (unsigned)b.status, b.html_body, "text/html; charset=utf-8",

@@ -83,6 +83,9 @@ typedef struct fake_dify_behaviour {
      * pauses (human_input_required, then workflow_paused; a blocking
      * workflow answers data.status "paused"). */
     bool human_input;
+    /* Answer this request as usual, then reject its key (a revoked key)
+     * until fake_dify_add_key gives it back. */
+    bool revoke_key;
 } fake_dify_behaviour;
 
 /* Start listening on 127.0.0.1:port (0 = an ephemeral port). api_key is the

@@ -1279,6 +1279,14 @@ static int probes_within(int64_t elapsed_ms) {
     return n;
 }
 
+/* Whether the forwarder holds app paused because Dify rejected its key. */
+static bool key_rejected(harness *h, const char *app) {
+    json_t *apps = amp_forward_apps(h->fwd);
+    bool on = json_is_true(json_object_get(json_object_get(apps, app), "key_rejected"));
+    json_decref(apps);
+    return on;
+}
+
 /* The chat app's key is rejected until the test restores it, so what is
  * asserted does not depend on how fast a loaded machine runs the test:
  * only the bound on probes is measured against the clock, and a slow run
@@ -1290,6 +1298,11 @@ START_TEST(test_pause_on_rejected_key) {
     harness_start(&h);
     submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
     wait_requests(&h, 1, 5000);
+    /* The pause begins when the 401 is read, not when the request lands. */
+    int64_t end = mono_ms() + 5000;
+    while (!key_rejected(&h, "chat") && mono_ms() < end)
+        sleep_ms(5);
+    ck_assert_msg(key_rejected(&h, "chat"), "the chat app was not paused");
     int64_t paused_at = mono_ms();
     /* While paused, more events of the app are not sent... */
     submit(&h, "ev2", "chat", "u2", false, CHAT_BODY);

@@ -2,11 +2,18 @@
  * of the test's own (tests/e2e/redis_server.h), and the engine through the
  * queue interface. Fencing: a stale generation can neither claim nor
  * acknowledge; accept is idempotent; a retry keeps its stream entry. */
+#include <arpa/inet.h>
 #include <check.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "../../base/clock.h"
 #include "../../base/log.h"
@@ -81,7 +88,7 @@ static const char *acquire0(const char *owner, char *token, size_t len) {
 static redisReply *claim0(const char *token, const char *owner, int64_t now_ms) {
     char now[24];
     snprintf(now, sizeof now, "%lld", (long long)now_ms);
-    return run(RQ_CLAIM, RQ_PREFIX, now, "10", "0", token, owner, NULL);
+    return run(RQ_CLAIM, RQ_PREFIX, now, "10", "t1", "0", token, owner, NULL);
 }
 
 static long long ack0(const char *token, const char *id, const char *kind, int64_t due_ms) {
@@ -206,6 +213,43 @@ START_TEST(retry_keeps_its_entry_and_waits_for_its_due_time) {
     ck_assert_int_eq(ack0(t, id, "release", now), 1);
     r = claim0(t, "A", now + 60000);
     ck_assert_str_eq(job_field(r, 0, 7), "1");
+    freeReplyObject(r);
+}
+END_TEST
+
+/* A claim whose answer was lost (Redis went away after the script ran):
+ * the engine undoes it by its tag, and only its own claims under its own
+ * lease. Without it the job stays claimed by nobody while the lease holds,
+ * and its user's later jobs wait behind it. */
+START_TEST(lost_claim_is_undone_by_its_tag) {
+    char t[160];
+    acquire0("A", t, sizeof t);
+    freeReplyObject(accept1("k1", "u1", "1", "{\"n\":1}"));
+    freeReplyObject(accept1("k2", "u1", "1", "{\"n\":2}"));
+    redisReply *r = claim0(t, "A", amp_now_ms()); /* tag "t1"; its answer "lost" */
+    ck_assert_uint_eq(njobs(r), 1);
+    char id[48];
+    snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
+    freeReplyObject(r);
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 0);
+    freeReplyObject(r);
+    /* Another claim's tag, or a stale lease: nothing moves. */
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t2", "0", "0", t, NULL);
+    ck_assert_int_eq(r->integer, 0);
+    freeReplyObject(r);
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t1", "0", "0", "7:B", NULL);
+    ck_assert_int_eq(r->integer, 0);
+    freeReplyObject(r);
+    r = run(RQ_UNCLAIM, RQ_PREFIX, "t1", "0", "0", t, NULL);
+    ck_assert_int_eq(r->integer, 1);
+    freeReplyObject(r);
+    ck_assert_int_eq(cmd_int("HLEN %s", RQ_PREFIX "0:inflight"), 0);
+    /* The same job again, first of its user, attempts untouched. */
+    r = claim0(t, "A", amp_now_ms());
+    ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 0), id);
+    ck_assert_str_eq(job_field(r, 0, 7), "0");
     freeReplyObject(r);
 }
 END_TEST
@@ -356,6 +400,330 @@ START_TEST(engine_submits_claims_and_acknowledges) {
 }
 END_TEST
 
+/* Claim from q until want jobs came (bounded: 5 s, the lease thread takes
+ * the shards first, a lost connection comes back); returns how many. */
+static int claim_wait(amp_queue *q, amp_queue_job **jobs, int want) {
+    int n = 0;
+    int64_t nd;
+    for (int64_t end = amp_mono_ms() + 5000; n < want && amp_mono_ms() < end;) {
+        int got = amp_queue_claim(q, amp_now_ms(), jobs + n, (size_t)(want - n), &nd);
+        if (got > 0) /* -1: Redis unreachable for now */
+            n += got;
+        if (n < want)
+            h_sleep_ms(20);
+    }
+    return n;
+}
+
+static void ack_wait(amp_queue *q, const amp_queue_ack *ack) {
+    ck_assert_int_eq(amp_queue_acknowledge(q, ack), AMP_QUEUE_ACK_TAKEN);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+}
+
+static amp_queue_job *job_by_key(amp_queue_job **jobs, int n, const char *key) {
+    for (int i = 0; i < n; i++)
+        if (jobs[i]->dedupe_key && strcmp(jobs[i]->dedupe_key, key) == 0)
+            return jobs[i];
+    ck_abort_msg("no job %s", key);
+    return NULL;
+}
+
+/* The engine contract of the waiting state and of a retry's run id, as the
+ * SQLite engine keeps it (test_spool's waiting_rows_and_retry_run_ids): a
+ * RETRY's run_id comes back with the job (a RELEASE keeps it); a WAITING
+ * job is neither pending nor dead, does not hold its user's later jobs
+ * back, is counted apart, listed with f.waiting only (with its result), and
+ * a replay of it is a fresh schedule without the old run. */
+START_TEST(waiting_rows_and_retry_run_ids) {
+    amp_redisq_opts o = {
+        .url = h_redis_url(srv), .shards = 1, .lease_ms = 1000, .dedupe_window_s = 60};
+    char err[256];
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    volatile int got = -2;
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "w1");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":1}");
+    amp_queue_batch_event(b, "w2");
+    amp_queue_batch_request(b, "all", "support", "u2", false, "{\"n\":2}");
+    amp_queue_batch_event(b, "w3");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":3}");
+    amp_queue_submit(q, b, stored, (void *)&got);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    ck_assert_int_eq(got, 3);
+
+    /* u1's first and u2's; u1's second waits behind the first. */
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_wait(q, jobs, 2), 2);
+    amp_queue_job *w1 = job_by_key(jobs, 2, "w1"), *w2 = job_by_key(jobs, 2, "w2");
+    ck_assert_ptr_null(w1->run_id);
+    ck_assert_ptr_null(w2->run_id);
+    ack_wait(q, &(amp_queue_ack){.id = w1->id,
+                                 .shard = w1->shard,
+                                 .kind = AMP_QUEUE_ACK_WAITING,
+                                 .http_status = 200,
+                                 .code = "waiting_input",
+                                 .message = "paused",
+                                 .result_json = "{\"workflow_run_id\":\"run-w\"}"});
+    ack_wait(q, &(amp_queue_ack){.id = w2->id,
+                                 .shard = w2->shard,
+                                 .kind = AMP_QUEUE_ACK_RETRY,
+                                 .due_ms = amp_now_ms(),
+                                 .http_status = 200,
+                                 .code = "timeout",
+                                 .run_id = "run-r"});
+    int64_t w2_id = w2->id;
+    for (int i = 0; i < 2; i++)
+        amp_queue_job_free(jobs[i]);
+
+    /* The retried job comes back with its run; the waiting one does not
+     * come back, and u1's second job is no longer held. */
+    ck_assert_int_eq(claim_wait(q, jobs, 2), 2);
+    w2 = job_by_key(jobs, 2, "w2");
+    amp_queue_job *w3 = job_by_key(jobs, 2, "w3");
+    ck_assert_int_eq(w2->id, w2_id);
+    ck_assert_int_eq(w2->attempts, 1);
+    ck_assert_str_eq(w2->run_id, "run-r");
+    ck_assert_ptr_null(w3->run_id);
+    /* A release (not attempted) keeps the run when it names none. */
+    ack_wait(q, &(amp_queue_ack){.id = w2->id,
+                                 .shard = w2->shard,
+                                 .kind = AMP_QUEUE_ACK_RELEASE,
+                                 .due_ms = amp_now_ms()});
+    ack_wait(q, &(amp_queue_ack){.id = w3->id,
+                                 .shard = w3->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    for (int i = 0; i < 2; i++)
+        amp_queue_job_free(jobs[i]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_int_eq(jobs[0]->id, w2_id);
+    ck_assert_str_eq(jobs[0]->run_id, "run-r");
+    /* A release naming a newer run stores it. */
+    ack_wait(q, &(amp_queue_ack){.id = w2_id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_RELEASE,
+                                 .due_ms = amp_now_ms(),
+                                 .run_id = "run-r2"});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_int_eq(jobs[0]->id, w2_id);
+    ck_assert_str_eq(jobs[0]->run_id, "run-r2");
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    amp_queue_job_free(jobs[0]);
+
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.dead, 0);
+    ck_assert_int_eq(st.waiting, 1);
+    ck_assert_int_eq(st.delivered, 2);
+
+    amp_queue_dlq_filter dead = {0}, waiting = {.waiting = true};
+    json_t *rows = amp_queue_dlq_list(q, &dead, 10);
+    ck_assert_uint_eq(json_array_size(rows), 0);
+    json_decref(rows);
+    rows = amp_queue_dlq_list(q, &waiting, 10);
+    ck_assert_uint_eq(json_array_size(rows), 1);
+    json_t *r0 = json_array_get(rows, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "state")), "waiting_input");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "code")), "waiting_input");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "message")), "paused");
+    ck_assert_str_eq(json_string_value(json_object_get(r0, "dedupe_key")), "w1");
+    ck_assert_int_eq(json_integer_value(json_object_get(r0, "attempts")), 1);
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(r0, "result"), "workflow_run_id")),
+        "run-w");
+    json_decref(rows);
+
+    /* A dead-letter purge or replay leaves it; a replay of waiting rows
+     * starts it afresh, without the old run. */
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &dead), 0);
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &dead), 0);
+    ck_assert_int_eq(amp_queue_dlq_replay(q, &waiting), 1);
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.waiting, 0);
+    ck_assert_int_eq(st.pending, 1);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "w1");
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ck_assert_ptr_null(jobs[0]->run_id);
+    /* Waiting again, then purged: gone from the waiting rows only. */
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_WAITING,
+                                 .http_status = 200,
+                                 .code = "waiting_input"});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(amp_queue_dlq_purge(q, &waiting), 1);
+    ck_assert_int_eq(amp_queue_stats_get(q, &st), 0);
+    ck_assert_int_eq(st.waiting, 0);
+    ck_assert_int_eq(st.pending, 0);
+    ck_assert_int_eq(st.dead, 0);
+    amp_queue_close(q);
+}
+END_TEST
+
+/* ---- a proxy that loses one answer ----------------------------------------
+ * Between the engine and redis-server on loopback: it passes bytes both
+ * ways, but the first time a client sends a call containing `arm` (a
+ * script's SHA1), it lets Redis run it, swallows the answer and closes that
+ * connection, as when Redis goes away between running a script and
+ * answering. */
+typedef struct lossy {
+    int lfd;
+    uint16_t port, to_port;
+    char arm[41];
+    atomic_bool armed, stop, fired;
+    pthread_t thread;
+} lossy;
+
+typedef struct lossy_conn {
+    lossy *lp;
+    int cfd;
+} lossy_conn;
+
+static void *lossy_conn_main(void *arg) {
+    lossy_conn *lc = arg;
+    lossy *lp = lc->lp;
+    int sfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(lp->to_port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(sfd, (struct sockaddr *)&sa, sizeof sa) != 0)
+        goto out;
+    char buf[65536];
+    bool swallow = false;
+    while (!atomic_load(&lp->stop)) {
+        struct pollfd pf[2] = {{.fd = lc->cfd, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
+        if (poll(pf, 2, 100) <= 0)
+            continue;
+        if (pf[0].revents) {
+            ssize_t n = read(lc->cfd, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            if (atomic_load(&lp->armed) && memmem(buf, (size_t)n, lp->arm, 40)) {
+                atomic_store(&lp->armed, false);
+                swallow = true;
+            }
+            if (write(sfd, buf, (size_t)n) != n)
+                break;
+        }
+        if (pf[1].revents) {
+            ssize_t n = read(sfd, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            if (swallow) { /* Redis ran it; the answer never arrives */
+                atomic_store(&lp->fired, true);
+                break;
+            }
+            if (write(lc->cfd, buf, (size_t)n) != n)
+                break;
+        }
+    }
+out:
+    close(sfd);
+    close(lc->cfd);
+    free(lc);
+    return NULL;
+}
+
+static void *lossy_main(void *arg) {
+    lossy *lp = arg;
+    while (!atomic_load(&lp->stop)) {
+        struct pollfd pf = {.fd = lp->lfd, .events = POLLIN};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        int cfd = accept(lp->lfd, NULL, NULL);
+        if (cfd < 0)
+            continue;
+        lossy_conn *lc = malloc(sizeof *lc);
+        lc->lp = lp;
+        lc->cfd = cfd;
+        pthread_t t;
+        if (pthread_create(&t, NULL, lossy_conn_main, lc) == 0)
+            pthread_detach(t);
+    }
+    return NULL;
+}
+
+static void lossy_start(lossy *lp, uint16_t to_port) {
+    memset(lp, 0, sizeof *lp);
+    lp->to_port = to_port;
+    lp->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(lp->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    ck_assert_int_eq(listen(lp->lfd, 16), 0);
+    socklen_t len = sizeof sa;
+    getsockname(lp->lfd, (struct sockaddr *)&sa, &len);
+    lp->port = ntohs(sa.sin_port);
+    ck_assert_int_eq(pthread_create(&lp->thread, NULL, lossy_main, lp), 0);
+}
+
+/* Stops accepting; the open connections end with the engine's. */
+static void lossy_stop(lossy *lp) {
+    atomic_store(&lp->stop, true);
+    pthread_join(lp->thread, NULL);
+    close(lp->lfd);
+}
+
+/* The engine's side of lost_claim_is_undone_by_its_tag: a claim whose
+ * answer never came leaves no job claimed by nobody; the job (and its
+ * user's next) come out while this replica keeps its lease. */
+START_TEST(engine_undoes_a_claim_whose_answer_was_lost) {
+    rq_url u;
+    char err[256];
+    ck_assert_int_eq(amp_redisq_parse_url(h_redis_url(srv), &u, err, sizeof err), 0);
+    lossy lp;
+    lossy_start(&lp, (uint16_t)u.port);
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", (unsigned)lp.port);
+    amp_redisq_opts o = {.url = url, .shards = 1, .lease_ms = 1000, .dedupe_window_s = 60};
+    amp_queue *q = amp_redisq_open(&o, err, sizeof err);
+    ck_assert_msg(q != NULL, "%s", err);
+    volatile int got = -2;
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "k1");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":1}");
+    amp_queue_batch_event(b, "k2");
+    amp_queue_batch_request(b, "all", "support", "u1", true, "{\"n\":2}");
+    amp_queue_submit(q, b, stored, (void *)&got);
+    ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
+    ck_assert_int_eq(got, 2);
+
+    /* The first claim script that reaches Redis runs; its answer is lost. */
+    snprintf(lp.arm, sizeof lp.arm, "%s", shas.sha[RQ_CLAIM]);
+    atomic_store(&lp.armed, true);
+    amp_queue_job *jobs[2];
+    int64_t nd;
+    for (int64_t end = amp_mono_ms() + 5000; !atomic_load(&lp.fired) && amp_mono_ms() < end;) {
+        ck_assert_int_le(amp_queue_claim(q, amp_now_ms(), jobs, 2, &nd), 0);
+        h_sleep_ms(20);
+    }
+    ck_assert(atomic_load(&lp.fired));
+    ck_assert_int_eq(cmd_int("HLEN %s", RQ_PREFIX "0:inflight"), 1); /* claimed by nobody */
+
+    /* Well within the lease this replica keeps renewing: k1, then k2. */
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "k1");
+    ck_assert_int_eq(jobs[0]->attempts, 0);
+    ack_wait(q, &(amp_queue_ack){.id = jobs[0]->id,
+                                 .shard = jobs[0]->shard,
+                                 .kind = AMP_QUEUE_ACK_DELIVERED,
+                                 .http_status = 200});
+    amp_queue_job_free(jobs[0]);
+    ck_assert_int_eq(claim_wait(q, jobs, 1), 1);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "k2");
+    amp_queue_job_free(jobs[0]);
+    amp_queue_close(q);
+    lossy_stop(&lp);
+}
+END_TEST
+
 START_TEST(weak_durability_is_refused_unless_allowed) {
     const char *weak[] = {"--appendfsync", "everysec", NULL};
     h_redis *w = h_redis_start(weak);
@@ -406,8 +774,11 @@ int main(void) {
     tcase_add_test(tc, lease_is_exclusive_and_released_by_its_owner_only);
     tcase_add_test(tc, retry_keeps_its_entry_and_waits_for_its_due_time);
     tcase_add_test(tc, per_user_jobs_go_one_at_a_time_in_order);
+    tcase_add_test(tc, lost_claim_is_undone_by_its_tag);
     tcase_add_test(tc, dead_letters_list_replay_purge);
     tcase_add_test(tc, engine_submits_claims_and_acknowledges);
+    tcase_add_test(tc, waiting_rows_and_retry_run_ids);
+    tcase_add_test(tc, engine_undoes_a_claim_whose_answer_was_lost);
     tcase_add_test(tc, weak_durability_is_refused_unless_allowed);
     suite_add_tcase(su, tc);
     TCase *tp = tcase_create("pure");

@@ -767,6 +767,19 @@ START_TEST(waiting_rows_and_retry_run_ids) {
     ck_assert_int_eq(claim_all(s, now + 1, jobs, 4, &next), 1);
     ck_assert_int_eq(jobs[0]->id, retry_id);
     ck_assert_str_eq(jobs[0]->run_id, "run-r");
+    /* A release (its app paused) keeps the run, or stores the newer one it
+     * names. */
+    const char *released[] = {NULL, "run-r2"}, *expect[] = {"run-r", "run-r2"};
+    for (int i = 0; i < 2; i++) {
+        amp_queue_acknowledge(s, &(amp_queue_ack){.id = retry_id,
+                                                  .kind = AMP_QUEUE_ACK_RELEASE,
+                                                  .due_ms = now,
+                                                  .run_id = released[i]});
+        free_jobs(jobs, 1);
+        amp_queue_flush(s);
+        ck_assert_int_eq(claim_all(s, now + 1, jobs, 4, &next), 1);
+        ck_assert_str_eq(jobs[0]->run_id, expect[i]);
+    }
     amp_queue_acknowledge(
         s, &(amp_queue_ack){.id = retry_id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
     free_jobs(jobs, 1);
