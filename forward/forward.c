@@ -515,17 +515,50 @@ typedef struct sent {
 } sent;
 
 /* A job of a route with a report reached its final state: store the report
- * event before the job's own acknowledgement. */
-static void store_report(amp_forward *f, const app_state *a, const amp_queue_job *job,
+ * event, durably, before the job's own acknowledgement (report.c). A store
+ * that fails is tried again a few times; false when it never landed: the
+ * caller must not acknowledge the delivery as final. True when the route
+ * has no report. */
+#define REPORT_STORE_TRIES 3
+#define REPORT_STORE_WAIT_MS 5000
+static bool store_report(amp_forward *f, const app_state *a, const amp_queue_job *job,
                          bool delivered, const amp_forward_verdict *v, const char *result_json) {
-    const amp_map_report *spec = amp_mapper_route_report(f->opts.mapper, job->route);
+    const amp_map_report *spec = amp_mapper_report(f->opts.mapper, job->route, job->app);
     if (!spec)
-        return;
+        return true;
     char *ev = amp_forward_report_event(spec, job, a->app->endpoint, delivered, v->status, v->code,
                                         v->message, result_json, amp_now_ms());
-    if (ev)
-        amp_forward_report_store(f->queue, job, ev);
+    if (!ev)
+        return true; /* nothing to store: a template that produced no object is logged */
+    bool ok = false;
+    for (int i = 0; i < REPORT_STORE_TRIES && !ok; i++) {
+        if (i) {
+            struct timespec pause = {.tv_nsec = 250L * 1000000L * i};
+            nanosleep(&pause, NULL);
+        }
+        ok = amp_forward_report_store(f->queue, job, ev, REPORT_STORE_WAIT_MS) == 0;
+        if (atomic_load(&f->abort_requests))
+            break;
+    }
     free(ev);
+    return ok;
+}
+
+/* The report of a finished job could not be stored: the job is tried again
+ * later (its delivery repeats; the report's dedupe key keeps one report). */
+static void ack_report_failed(amp_forward *f, const app_state *a, const amp_queue_job *job) {
+    int64_t now = amp_now_ms();
+    int64_t due = now + amp_forward_backoff_ms(f->opts.retry_initial_ms, f->opts.retry_max_ms,
+                                               job->attempts, 0.5);
+    amp_queue_ack ack = {.kind = AMP_QUEUE_ACK_RETRY,
+                         .due_ms = due,
+                         .code = "report_not_stored",
+                         .message = "the route's report could not be stored",
+                         .run_id = NULL};
+    acknowledge(f, job, &ack);
+    m_add(a->m_retried, 1);
+    amp_log(AMP_LOG_WARN, "dify delivery retry: its report was not stored", "{s:I, s:s, s:I}",
+            "id", (json_int_t)job->id, "app", job->app, "retry_in_ms", (json_int_t)(due - now));
 }
 
 /* Apply a verdict: the ack, its log line and counters. A held job (key
@@ -535,7 +568,11 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
     switch (v->kind) {
     case AMP_QUEUE_ACK_DELIVERED: {
         char *text = f->sink->result(w->conn, a->target);
-        store_report(f, a, job, true, v, text);
+        if (!store_report(f, a, job, true, v, text)) {
+            free(text);
+            ack_report_failed(f, a, job);
+            break;
+        }
         ack_verdict(f, job, v, text);
         free(text);
         m_add(a->m_delivered, 1);
@@ -554,7 +591,10 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
                     (json_int_t)v->delay_ms);
         break;
     case AMP_QUEUE_ACK_DEAD:
-        store_report(f, a, job, false, v, NULL);
+        if (!store_report(f, a, job, false, v, NULL)) {
+            ack_report_failed(f, a, job);
+            break;
+        }
         ack_dead(f, a, job, v->status, v->code, v->message);
         break;
     case AMP_QUEUE_ACK_WAITING: {

@@ -377,9 +377,14 @@ char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *
                                amp_endpoint endpoint, bool delivered, long status, const char *code,
                                const char *message, const char *result_json, int64_t now_ms);
 
-/* Store event_json (borrowed) as the report job of job (borrowed) in q;
- * asynchronous, failures are logged. */
-void amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json);
+/* Store event_json (borrowed) as the report job of job (borrowed) in q and
+ * wait, at most wait_ms, until the engine says it is durable: 0 then; -1
+ * when it was refused or not confirmed in time (logged). The caller
+ * acknowledges job only after a 0, so a crash between the two cannot lose
+ * the report (the engines store a batch and an acknowledgement through
+ * separate paths: Redis runs them as separate scripts). */
+int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json,
+                             int64_t wait_ms);
 
 typedef struct amp_forward_reporter amp_forward_reporter;
 

@@ -4,15 +4,17 @@
  * and deduplicated like any job), and the reporter sends those jobs back to
  * Amplitude in batches over the HTTP V2 API (amplitude.c).
  *
- * The report event: event_type from the route's report (default
- * "dify_response"), user_id the job's user (the source event's user_id,
- * else its device_id, unless the route's "user" template says otherwise),
+ * The report event: event_type from the route's (else its app's) report
+ * (default "dify_response"), user_id and device_id the source event's (kept
+ * with the job; a job stored without it: the job's user as user_id),
  * insert_id "amp2dify-" + the source event's key (as X-Trace-Id spells it)
  * so that every resend is the same event to Amplitude, time the final
  * state's, and event_properties: status ("delivered" or "dead"), dify_app,
  * route, endpoint, attempts, http_status, latency_ms, tokens,
  * conversation_id, message_id or workflow_run_id, answer (at most
- * answer_chars characters), error_code and error_message (dead).
+ * answer_chars characters), error_code and error_message (dead); or, with
+ * "properties", each template rendered over those fields plus "event" (the
+ * source event).
  *
  * The reporter: one thread with one connection. The dispatcher (forward.c)
  * hands it the report jobs it claims; it waits up to linger_ms for a batch
@@ -36,6 +38,12 @@
 static void set_str(json_t *o, const char *k, const char *v) {
     if (v && *v)
         json_object_set_new(o, k, json_string(v));
+}
+
+/* A non-empty string member of o, or NULL. */
+static const char *str_member(const json_t *o, const char *k) {
+    const char *v = json_string_value(json_object_get(o, k));
+    return v && *v ? v : NULL;
 }
 
 char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *job,
@@ -78,6 +86,22 @@ char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *
         set_str(props, "error_code", code);
         set_str(props, "error_message", message);
     }
+    /* The source event (stored with the job when its route reports): its
+     * user_id and device_id, and its fields for the properties templates. */
+    json_t *src = job->source ? json_loads(job->source, 0, NULL) : NULL;
+    if (!json_is_object(src)) {
+        json_decref(src);
+        src = NULL;
+    }
+    if (spec->props) {
+        json_t *fields = json_deep_copy(props);
+        if (src)
+            json_object_set(fields, "event", src);
+        json_t *custom = amp_map_report_properties(spec, fields);
+        json_decref(fields);
+        json_decref(props);
+        props = custom;
+    }
     char id[AMP_FORWARD_TRACE_ID_MAX + 1];
     char *insert_id;
     if (job->dedupe_key && *job->dedupe_key) {
@@ -86,31 +110,89 @@ char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *
     } else {
         insert_id = amp_xasprintf("amp2dify-job-%d-%lld", job->shard, (long long)job->id);
     }
-    json_t *ev = json_pack("{s:s, s:s, s:s, s:I, s:o}", "event_type", spec->event_type, "user_id",
-                           job->user ? job->user : "", "insert_id", insert_id, "time",
-                           (json_int_t)now_ms, "event_properties", props);
+    json_t *ev = json_object();
+    json_object_set_new(ev, "event_type", json_string(spec->event_type));
+    const char *user_id = src ? str_member(src, "user_id") : NULL;
+    const char *device_id = src ? str_member(src, "device_id") : NULL;
+    if (!user_id && !device_id)
+        user_id = job->user; /* a job stored without its source event */
+    if (user_id)
+        json_object_set_new(ev, "user_id", json_string(user_id));
+    if (device_id)
+        json_object_set_new(ev, "device_id", json_string(device_id));
+    json_object_set_new(ev, "insert_id", json_string(insert_id));
+    json_object_set_new(ev, "time", json_integer((json_int_t)now_ms));
+    json_object_set_new(ev, "event_properties", props);
     free(insert_id);
+    json_decref(src);
     char *text = json_dumps(ev, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(ev);
     return text;
 }
 
-static void stored(void *ctx, const amp_queue_result *res) {
-    char *key = ctx;
-    if (res->status != 0)
-        amp_log(AMP_LOG_ERROR, "report not stored", "{s:s, s:s*}", "dedupe_key", key, "error",
-                res->error);
-    free(key);
+/* One store waited for: the engine's done callback and the waiter each hold
+ * a reference, so a waiter that gives up leaves it to the callback. */
+typedef struct store_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int refs;
+    bool done;
+    int status;
+    char *key;
+} store_wait;
+
+static void store_wait_unref(store_wait *w) {
+    pthread_mutex_lock(&w->mu);
+    int left = --w->refs;
+    pthread_mutex_unlock(&w->mu);
+    if (left)
+        return;
+    pthread_cond_destroy(&w->cv);
+    pthread_mutex_destroy(&w->mu);
+    free(w->key);
+    free(w);
 }
 
-void amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json) {
-    char *key = job->dedupe_key && *job->dedupe_key
-                    ? amp_xasprintf("report:%s:%s", job->route ? job->route : "", job->dedupe_key)
-                    : NULL;
+static void stored(void *ctx, const amp_queue_result *res) {
+    store_wait *w = ctx;
+    if (res->status != 0)
+        amp_log(AMP_LOG_ERROR, "report not stored", "{s:s, s:s*}", "dedupe_key",
+                w->key ? w->key : "", "error", res->error);
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    w->status = res->status;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    store_wait_unref(w);
+}
+
+int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json,
+                             int64_t wait_ms) {
+    store_wait *w = amp_xcalloc(1, sizeof *w);
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    w->refs = 2;
+    w->key = job->dedupe_key && *job->dedupe_key
+                 ? amp_xasprintf("report:%s:%s", job->route ? job->route : "", job->dedupe_key)
+                 : NULL;
     amp_queue_batch *b = amp_queue_batch_create();
-    amp_queue_batch_event(b, key);
+    amp_queue_batch_event(b, w->key);
     amp_queue_batch_request(b, job->route, AMP_FORWARD_REPORT_APP, job->user, false, event_json);
-    amp_queue_submit(q, b, stored, key ? key : amp_xstrdup(""));
+    amp_queue_submit(q, b, stored, w);
+    int64_t until = amp_mono_ms() + wait_ms;
+    struct timespec ts = {.tv_sec = (time_t)(until / 1000),
+                          .tv_nsec = (long)(until % 1000) * 1000000};
+    pthread_mutex_lock(&w->mu);
+    while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &ts) != ETIMEDOUT) {
+    }
+    int rc = w->done && w->status == 0 ? 0 : -1;
+    pthread_mutex_unlock(&w->mu);
+    store_wait_unref(w);
+    return rc;
 }
 
 /* ---- the reporter -------------------------------------------------------- */
@@ -158,9 +240,13 @@ static void ack(amp_forward_reporter *r, const amp_queue_job *job, amp_queue_ack
 
 static void send_batch(amp_forward_reporter *r, amp_queue_job **jobs, size_t n) {
     amp_forward_amplitude_event *ev = amp_xcalloc(n, sizeof *ev);
+    /* The ids the 429 rules hold by: the event's own user_id and device_id. */
+    json_t **parsed = amp_xcalloc(n, sizeof *parsed);
     for (size_t i = 0; i < n; i++) {
         ev[i].json = jobs[i]->body;
-        ev[i].user_id = jobs[i]->user;
+        parsed[i] = json_loads(jobs[i]->body, 0, NULL);
+        ev[i].user_id = str_member(parsed[i], "user_id");
+        ev[i].device_id = str_member(parsed[i], "device_id");
     }
     amp_forward_amplitude_stats st;
     amp_forward_amplitude_send(r->http, r->url, r->key, ev, n, r->batch, &st);
@@ -204,6 +290,9 @@ static void send_batch(amp_forward_reporter *r, amp_queue_job **jobs, size_t n) 
                 (int)tally[AMP_FORWARD_AMPLITUDE_RETRY], "throttled",
                 (int)tally[AMP_FORWARD_AMPLITUDE_HOLD], "status", (int)st.last_status, "error",
                 st.last_error);
+    for (size_t i = 0; i < n; i++)
+        json_decref(parsed[i]);
+    free(parsed);
     free(ev);
 }
 

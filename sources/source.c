@@ -30,6 +30,13 @@ static void emit(void *ctx, const amp_map_request *req) {
         amp_queue_batch_event(e->batch, e->dedupe_key);
     amp_queue_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
     free(body);
+    if (req->source) {
+        char *src = amp_json_dumps(req->source);
+        if (!src)
+            abort();
+        amp_queue_batch_source(e->batch, src);
+        free(src);
+    }
 }
 
 amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
