@@ -575,7 +575,8 @@ static const char *const conv_names[] = {"none", "per_user", NULL};
 
 #define REPORT_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_map_report, m)
 
-#define REPORT_PROP_EXPECT "a template string such as \"{{status}}\" or \"{{event.user_properties.plan}}\""
+#define REPORT_PROP_EXPECT                                                                         \
+    "a template string such as \"{{status}}\" or \"{{event.user_properties.plan}}\""
 
 /* "properties": {name: template}, compiled with the routes' templates. */
 static void set_report_props(const amp_json_schema_at *at) {

@@ -161,9 +161,9 @@ void amp_mapper_check_app(const amp_mapper *m, size_t i, const char *mode, const
 typedef struct amp_map_request {
     const char *route;
     const amp_app *app;
-    const char *user; /* the body's "user" */
-    bool per_user;    /* route has "conversation": "per_user" */
-    json_t *body;     /* {"inputs","query"(chat/completion),"user","response_mode"} */
+    const char *user;     /* the body's "user" */
+    bool per_user;        /* route has "conversation": "per_user" */
+    json_t *body;         /* {"inputs","query"(chat/completion),"user","response_mode"} */
     const json_t *source; /* the event, when the route or its app has a report (its
                              user_id, device_id and fields go into the report); else NULL */
 } amp_map_request;

@@ -1,10 +1,11 @@
 /*
  * End-to-end route reports: events posted to the webhook are delivered to
- * the fake Dify by a route with a "report", and for each delivery that
+ * the fake Dify by a route whose app has a "report" and by a route with a
+ * report of its own (properties from templates), and for each delivery that
  * reaches its final state (delivered, or dead after a Dify 400) one event
  * reaches the fake Amplitude's HTTP V2 API (tests/fake_amplitude), in
- * Amplitude's schema, once, although Amplitude answered 500 and throttled a
- * user (429) on the way.
+ * Amplitude's schema, with the source event's user_id and device_id, once,
+ * although Amplitude answered 500 and throttled a user (429) on the way.
  */
 #include <check.h>
 #include <curl/curl.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "../../base/alloc.h"
+#include "../../base/clock.h"
 #include "../fake_amplitude/fake_amplitude.h"
 #include "../fake_dify/fake_dify.h"
 #include "../check_run.h"
@@ -21,6 +23,7 @@
 
 #define AMP_KEY "amp-http-api-key"
 #define NEVENTS 12
+#define NCUSTOM 4 /* events i % 3 == 0 are of type "custom": a second route reports them */
 
 static char *config(uint16_t amp_port) {
     return amp_xasprintf(
@@ -31,10 +34,18 @@ static char *config(uint16_t amp_port) {
         "           \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
         "  \"reports\": {\"base_url\": \"http://127.0.0.1:%u\", \"batch_events\": 5,\n"
         "              \"linger_ms\": 50, \"throttle_ms\": 500},\n"
-        "  \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\"}},\n"
+        "  \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\",\n"
+        "              \"report\": {\"event_type\": \"dify_answer\", \"answer_chars\": 6}}},\n"
         "  \"routes\": [{\"name\": \"all\", \"app\": \"support\",\n"
-        "              \"query\": \"{{event_type}} by {{user_id}}\", \"user\": \"{{user_id}}\",\n"
-        "              \"report\": {\"event_type\": \"dify_answer\", \"answer_chars\": 6}}]\n"
+        "              \"query\": \"{{event_type}} by {{user_id}}\", \"user\": \"{{user_id}}\"},\n"
+        "             {\"name\": \"custom\", \"app\": \"support\",\n"
+        "              \"filter\": {\"field\": \"event_type\", \"op\": \"equals\", \"value\": "
+        "\"custom\"},\n"
+        "              \"report\": {\"event_type\": \"ai_custom\", \"properties\": {\n"
+        "                \"ai\": \"{{status}}\", \"plan\": \"{{event.event_properties.plan}}\",\n"
+        "                \"seats\": \"{{event.event_properties.seats}}\", \"ms\": "
+        "\"{{latency_ms}}\",\n"
+        "                \"tag\": \"x-{{dify_app}}\", \"gone\": \"{{event.nothing}}\"}}}]\n"
         "}\n",
         amp_port);
 }
@@ -51,6 +62,19 @@ static size_t wait_events(fake_amplitude *fa, size_t n, unsigned timeout_ms) {
             return have;
         h_sleep_ms(20);
     }
+}
+
+/* Reports of the "custom" route that say dead. */
+static unsigned custom_dead(json_t *evs) {
+    unsigned n = 0;
+    size_t i;
+    json_t *e;
+    json_array_foreach(evs, i, e) {
+        const char *ai =
+            json_string_value(json_object_get(json_object_get(e, "event_properties"), "ai"));
+        n += ai && strcmp(ai, "dead") == 0;
+    }
+    return n;
 }
 
 static bool saw_status(fake_amplitude *fa, int status) {
@@ -82,39 +106,87 @@ START_TEST(reports_reach_amplitude_once_each) {
     h_server *s = h_server_start(&o);
     ck_assert_msg(s != NULL, "amp2dify did not start");
 
+    /* Events i % 3 == 2 have only a device_id; the others both ids. */
     for (int i = 0; i < NEVENTS; i++) {
-        char user[16], id[32];
+        char user[16], dev[16], id[32];
         snprintf(user, sizeof user, "user-%d", i % 4);
+        snprintf(dev, sizeof dev, "dev-%d", i);
         snprintf(id, sizeof id, "src-%d", i);
-        char *ev = h_event("clicked", user, id);
+        json_t *e = json_pack("{s:s, s:I, s:s, s:s, s:{s:s, s:i}}", "event_type",
+                              i % 3 == 0 ? "custom" : "clicked", "time", (json_int_t)amp_now_ms(),
+                              "insert_id", id, "device_id", dev, "event_properties", "plan", "pro",
+                              "seats", 3);
+        if (i % 3 != 2)
+            json_object_set_new(e, "user_id", json_string(user));
+        char *ev = json_dumps(e, JSON_COMPACT);
+        json_decref(e);
         h_resp *r = h_post_signed(s, ev);
         ck_assert_msg(r && r->status / 100 == 2, "webhook answered %ld", r ? (long)r->status : -1L);
         h_resp_free(r);
         free(ev);
     }
-    ck_assert_uint_eq(wait_events(fa, NEVENTS, 20000), NEVENTS);
+    ck_assert_uint_eq(wait_events(fa, NEVENTS + NCUSTOM, 20000), NEVENTS + NCUSTOM);
     /* Nothing more arrives: once each. */
     h_sleep_ms(700);
     json_t *evs = fake_amplitude_http_events(fa);
-    ck_assert_uint_eq(json_array_size(evs), NEVENTS);
+    ck_assert_uint_eq(json_array_size(evs), NEVENTS + NCUSTOM);
     ck_assert(saw_status(fa, 500));
     ck_assert(saw_status(fa, 429));
 
-    unsigned dead = 0, delivered = 0;
+    unsigned dead = 0, delivered = 0, custom = 0;
     json_t *ids = json_object();
     size_t i;
     json_t *e;
     json_array_foreach(evs, i, e) {
-        ck_assert_str_eq(json_string_value(json_object_get(e, "event_type")), "dify_answer");
-        const char *user = json_string_value(json_object_get(e, "user_id"));
-        ck_assert_ptr_nonnull(user);
-        ck_assert_msg(strncmp(user, "user-", 5) == 0, "user_id %s", user);
+        /* Amplitude's schema: these keys, these types, nothing else. */
+        const char *key;
+        json_t *v;
+        json_object_foreach(e, key, v) {
+            ck_assert_msg(strcmp(key, "event_type") == 0 || strcmp(key, "user_id") == 0 ||
+                              strcmp(key, "device_id") == 0 || strcmp(key, "insert_id") == 0 ||
+                              strcmp(key, "time") == 0 || strcmp(key, "event_properties") == 0,
+                          "unexpected key %s", key);
+        }
+        ck_assert(json_is_string(json_object_get(e, "event_type")));
         ck_assert(json_is_integer(json_object_get(e, "time")));
+        ck_assert(json_is_object(json_object_get(e, "event_properties")));
         const char *iid = json_string_value(json_object_get(e, "insert_id"));
         ck_assert_ptr_nonnull(iid);
         ck_assert_msg(json_object_get(ids, iid) == NULL, "insert_id %s twice", iid);
         json_object_set_new(ids, iid, json_true());
+        /* The source event's ids: src-<k> had device dev-<k>, and user
+         * user-<k % 4> unless k % 3 == 2. */
+        int k = atoi(strrchr(iid, '-') + 1);
+        char want_user[16], want_dev[16];
+        snprintf(want_user, sizeof want_user, "user-%d", k % 4);
+        snprintf(want_dev, sizeof want_dev, "dev-%d", k);
+        const char *dev = json_string_value(json_object_get(e, "device_id"));
+        ck_assert_msg(dev && strcmp(dev, want_dev) == 0, "%s: device_id %s", iid, dev);
+        const char *user = json_string_value(json_object_get(e, "user_id"));
+        if (k % 3 == 2)
+            ck_assert_msg(json_object_get(e, "user_id") == NULL, "%s: user_id %s", iid, user);
+        else
+            ck_assert_msg(user && strcmp(user, want_user) == 0, "%s: user_id %s", iid, user);
         json_t *p = json_object_get(e, "event_properties");
+        if (strncmp(iid, "amp2dify-custom-", 16) == 0) {
+            /* The route's own report, its properties from templates. */
+            custom++;
+            ck_assert_int_eq(k % 3, 0);
+            ck_assert_str_eq(json_string_value(json_object_get(e, "event_type")), "ai_custom");
+            const char *ai = json_string_value(json_object_get(p, "ai"));
+            ck_assert_msg(ai && (strcmp(ai, "delivered") == 0 || strcmp(ai, "dead") == 0), "ai %s",
+                          ai);
+            ck_assert_str_eq(json_string_value(json_object_get(p, "plan")), "pro");
+            ck_assert_int_eq(json_integer_value(json_object_get(p, "seats")), 3);
+            ck_assert_str_eq(json_string_value(json_object_get(p, "tag")), "x-support");
+            ck_assert_ptr_null(json_object_get(p, "gone"));
+            if (strcmp(ai, "delivered") == 0)
+                ck_assert(json_is_integer(json_object_get(p, "ms")));
+            ck_assert_uint_eq(json_object_size(p), strcmp(ai, "delivered") == 0 ? 5 : 4);
+            continue;
+        }
+        /* The app's report. */
+        ck_assert_str_eq(json_string_value(json_object_get(e, "event_type")), "dify_answer");
         ck_assert_str_eq(json_string_value(json_object_get(p, "dify_app")), "support");
         ck_assert_str_eq(json_string_value(json_object_get(p, "route")), "all");
         ck_assert_str_eq(json_string_value(json_object_get(p, "endpoint")), "chat-messages");
@@ -133,8 +205,9 @@ START_TEST(reports_reach_amplitude_once_each) {
             ck_assert_ptr_nonnull(json_object_get(p, "conversation_id"));
         }
     }
-    ck_assert_uint_eq(dead, 1);
-    ck_assert_uint_eq(delivered, NEVENTS - 1);
+    ck_assert_uint_eq(custom, NCUSTOM);
+    ck_assert_uint_eq(dead + custom_dead(evs), 1);
+    ck_assert_uint_eq(delivered + dead, NEVENTS);
     /* The insert_ids name the source events. */
     for (int k = 0; k < NEVENTS; k++) {
         char iid[64];
