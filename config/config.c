@@ -447,6 +447,11 @@ static const amp_json_schema_row config_rows[] = {
      .check = check_sdk_path,
      .accept = valid_url_path,
      .item_expect = "a path starting with '/'"},
+    {.key = "sources.sdk.tee",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = DELIVERY,
+     F(sources.sdk.tee)},
     {.key = NULL},
 };
 
@@ -721,7 +726,8 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
             load_app_keys(c, errs);
         if (c->sources.sdk.enabled)
             load_sdk_keys(c, errs);
-        if (c->mapper && amp_mapper_any_report(c->mapper))
+        if ((c->mapper && amp_mapper_any_report(c->mapper)) ||
+            (c->sources.sdk.enabled && c->sources.sdk.tee))
             load_report_key(c, errs);
     }
     if ((flags & AMP_CONFIG_EXPORT_SECRETS) ||

@@ -131,6 +131,7 @@ typedef struct amp_config {
             char *path;
             char **api_keys; /* AMP2DIFY_SDK_API_KEYS(_FILE), when resolved */
             size_t napi_keys;
+            bool tee; /* accepted events are also sent on to Amplitude (reports.*) */
         } sdk;
     } sources;
     amp_log_level log_level;

@@ -368,7 +368,7 @@ void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char
  * the reporter, which sends them in batches (amplitude.c) and acknowledges
  * each from its own fate. */
 
-#define AMP_FORWARD_REPORT_APP "@amplitude"
+#define AMP_FORWARD_REPORT_APP AMP_MAP_AMPLITUDE_APP
 
 /* The report event for job (borrowed) at its final state: delivered or
  * dead (status, code, message of the last answer), result_json the stored

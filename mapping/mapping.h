@@ -74,6 +74,10 @@ const char *amp_map_endpoint_path(amp_endpoint e);
 #define AMP_DEFAULT_API_KEY_ENV "DIFY_API_KEY"
 
 /* One entry of "apps", read-only, owned by the mapper. */
+/* The destination of jobs sent back to Amplitude (reports, the SDK tee):
+ * never an app of the config. */
+#define AMP_MAP_AMPLITUDE_APP "@amplitude"
+
 /* A route's or app's "report": after each of its deliveries reaches its
  * final state, an Amplitude event is sent back (forward/report.c). */
 #define AMP_MAP_REPORT_EVENT_TYPE "dify_response"

@@ -224,11 +224,106 @@ START_TEST(reports_reach_amplitude_once_each) {
 }
 END_TEST
 
+/* sources.sdk.tee: events accepted on the SDK endpoint are also sent on to
+ * Amplitude, as the SDK sent them, insert_id kept; an SDK's resend of the
+ * same request stores and sends nothing twice; an event no route takes is
+ * teed all the same; a 500 from Amplitude on the way costs nothing. */
+START_TEST(sdk_tee_sends_accepted_events_on_once) {
+    fake_amplitude *fa = fake_amplitude_start(0, AMP_KEY, "unused-secret");
+    ck_assert_ptr_nonnull(fa);
+    fake_amplitude_http_push_status(fa, 500);
+    fake_dify *d = h_fake_start();
+    char *cfg = amp_xasprintf(
+        "{\n"
+        "  \"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},\n"
+        "  \"spool\": {\"path\": \"@DIR@/spool.db\"},\n"
+        "  \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\", \"workers\": 2,\n"
+        "           \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
+        "  \"sources\": {\"sdk\": {\"enabled\": true, \"tee\": true}},\n"
+        "  \"reports\": {\"base_url\": \"http://127.0.0.1:%u\", \"linger_ms\": 20},\n"
+        "  \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\"}},\n"
+        "  \"routes\": [{\"name\": \"clicks\", \"app\": \"support\",\n"
+        "              \"filter\": {\"field\": \"event_type\", \"op\": \"equals\", \"value\": "
+        "\"clicked\"}}]\n"
+        "}\n",
+        fake_amplitude_port(fa));
+    static const char *const env[] = {"AMPLITUDE_API_KEY=" AMP_KEY,
+                                      "AMP2DIFY_SDK_API_KEYS=sdk-key-1", NULL};
+    h_opts o = {.config_json = cfg, .dify_port = fake_dify_port(d), .env = env};
+    h_server *s = h_server_start(&o);
+    ck_assert_msg(s != NULL, "amp2dify did not start");
+
+    /* Five events: three clicks (routed to Dify), a view (no route), one
+     * click without insert_id. */
+    json_t *events = json_array();
+    for (int i = 0; i < 5; i++) {
+        json_t *e = json_pack("{s:s, s:s, s:I, s:{s:i}}", "event_type",
+                              i == 3 ? "viewed" : "clicked", "user_id", "sdk-user-1", "time",
+                              (json_int_t)amp_now_ms(), "event_properties", "n", i);
+        if (i != 4)
+            json_object_set_new(e, "insert_id", json_sprintf("tee-%d", i));
+        json_array_append_new(events, e);
+    }
+    json_t *req = json_pack("{s:s, s:o}", "api_key", "sdk-key-1", "events", events);
+    char *body = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    for (int round = 0; round < 2; round++) { /* the second: an SDK's resend */
+        h_resp *r = h_post(s, "/2/httpapi", body, NULL);
+        ck_assert_msg(r->status == 200, "SDK endpoint answered %ld: %s", r->status, r->body);
+        ck_assert_int_eq(json_integer_value(json_object_get(r->json, "code")), 200);
+        h_resp_free(r);
+    }
+    /* 5 teed the first time; the resend's four keyed events are duplicates,
+     * its unkeyed one is a new event (no key to know it by). */
+    ck_assert_uint_eq(wait_events(fa, 6, 20000), 6);
+    h_sleep_ms(500);
+    json_t *evs = fake_amplitude_http_events(fa);
+    ck_assert_uint_eq(json_array_size(evs), 6);
+    ck_assert_uint_eq(fake_amplitude_http_duplicates(fa), 0);
+    ck_assert(saw_status(fa, 500));
+    unsigned minted = 0;
+    size_t i;
+    json_t *e;
+    json_array_foreach(evs, i, e) {
+        const char *iid = json_string_value(json_object_get(e, "insert_id"));
+        ck_assert_ptr_nonnull(iid);
+        ck_assert_str_eq(json_string_value(json_object_get(e, "user_id")), "sdk-user-1");
+        ck_assert(json_is_integer(json_object_get(e, "time")));
+        int n =
+            (int)json_integer_value(json_object_get(json_object_get(e, "event_properties"), "n"));
+        if (strncmp(iid, "amp2dify-", 9) == 0) {
+            ck_assert_int_eq(n, 4);
+            ck_assert_uint_eq(strlen(iid), 9 + 32);
+            minted++;
+        } else {
+            char want[16];
+            snprintf(want, sizeof want, "tee-%d", n);
+            ck_assert_str_eq(iid, want);
+            ck_assert_str_eq(json_string_value(json_object_get(e, "event_type")),
+                             n == 3 ? "viewed" : "clicked");
+        }
+    }
+    ck_assert_uint_eq(minted, 2);
+    json_decref(evs);
+    /* The routed clicks reached Dify: three keyed once, the unkeyed twice. */
+    ck_assert_uint_ge(fake_dify_wait_arrived(d, 5, 10000), 5);
+    h_sleep_ms(300);
+    ck_assert_uint_eq(fake_dify_arrived(d), 5);
+
+    free(body);
+    h_server_stop_ok(s);
+    fake_dify_stop(d);
+    fake_amplitude_stop(fa);
+    free(cfg);
+}
+END_TEST
+
 static Suite *report_suite(void) {
     Suite *s = suite_create("report");
     TCase *tc = tcase_create("e2e");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, reports_reach_amplitude_once_each);
+    tcase_add_test(tc, sdk_tee_sends_accepted_events_on_once);
     suite_add_tcase(s, tc);
     return s;
 }
