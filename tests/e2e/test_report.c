@@ -9,6 +9,7 @@
  */
 #include <check.h>
 #include <curl/curl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,7 @@
 #include "../check_run.h"
 #include "checked.h"
 #include "harness.h"
+#include "redis_server.h"
 
 #define AMP_KEY "amp-http-api-key"
 #define NEVENTS 12
@@ -318,12 +320,86 @@ START_TEST(sdk_tee_sends_accepted_events_on_once) {
 }
 END_TEST
 
+/* The Redis engine: reports carry the source event's ids (kept in the job's
+ * stream entry), and Redis killed while Dify is answering, then restarted,
+ * costs no report and doubles none: the delivery is acknowledged only once
+ * its report is stored, else retried. The lease outlives the outage, so an
+ * acknowledgement held through it lands afterwards: stored before the
+ * report (the order this test guards), it would finish the delivery and the
+ * report would be lost. */
+START_TEST(reports_on_redis_survive_an_outage) {
+    fake_amplitude *fa = fake_amplitude_start(0, AMP_KEY, "unused-secret");
+    ck_assert_ptr_nonnull(fa);
+    fake_dify *d = h_fake_start();
+    fake_dify_behaviour slow = {.delay_ms = 800};
+    fake_dify_push(d, &slow);
+    h_redis *rs = h_redis_start(NULL);
+    ck_assert_ptr_nonnull(rs);
+    char *cfg = amp_xasprintf(
+        "{\n"
+        "  \"listen\": {\"address\": \"127.0.0.1\", \"port\": @PORT@},\n"
+        "  \"queue\": {\"engine\": \"redis\", \"url\": \"%s\", \"shards\": 2, \"lease_ms\": "
+        "15000},\n"
+        "  \"dify\": {\"base_url\": \"http://127.0.0.1:@DIFY_PORT@/v1\", \"workers\": 2,\n"
+        "           \"retry\": {\"initial_ms\": 50, \"max_ms\": 200}},\n"
+        "  \"reports\": {\"base_url\": \"http://127.0.0.1:%u\", \"linger_ms\": 20},\n"
+        "  \"apps\": {\"support\": {\"api_key_env\": \"DIFY_API_KEY\", \"endpoint\": \"chat\",\n"
+        "              \"report\": {}}},\n"
+        "  \"routes\": [{\"name\": \"all\", \"app\": \"support\"}],\n"
+        "  \"shutdown_timeout_seconds\": 8\n"
+        "}\n",
+        h_redis_url(rs), fake_amplitude_port(fa));
+    static const char *const env[] = {"AMPLITUDE_API_KEY=" AMP_KEY, NULL};
+    h_opts o = {.config_json = cfg, .dify_port = fake_dify_port(d), .env = env};
+    h_server *s = h_server_start(&o);
+    ck_assert_msg(s != NULL, "amp2dify did not start");
+
+    char *ev = amp_xasprintf("{\"event_type\":\"clicked\",\"user_id\":\"redis-user-1\","
+                             "\"device_id\":\"redis-dev-1\",\"insert_id\":\"redis-src-0\","
+                             "\"time\":%lld}",
+                             (long long)amp_now_ms());
+    h_resp *r = h_post_signed(s, ev);
+    ck_assert_msg(r->status / 100 == 2, "webhook answered %ld", r->status);
+    h_resp_free(r);
+    free(ev);
+    /* Redis dies while Dify takes its time, and comes back a second later. */
+    ck_assert_uint_ge(fake_dify_wait_arrived(d, 1, 10000), 1);
+    h_redis_kill(rs, SIGKILL);
+    ck_assert_uint_ge(fake_dify_wait_count(d, 1, 10000), 1);
+    h_sleep_ms(1000);
+    ck_assert_int_eq(h_redis_restart(rs), 0);
+
+    ck_assert_uint_eq(wait_events(fa, 1, 30000), 1);
+    h_sleep_ms(1500);
+    json_t *evs = fake_amplitude_http_events(fa);
+    ck_assert_uint_eq(json_array_size(evs), 1);
+    json_t *e = json_array_get(evs, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(e, "insert_id")),
+                     "amp2dify-all-redis-src-0");
+    ck_assert_str_eq(json_string_value(json_object_get(e, "user_id")), "redis-user-1");
+    ck_assert_str_eq(json_string_value(json_object_get(e, "device_id")), "redis-dev-1");
+    ck_assert_str_eq(json_string_value(json_object_get(e, "event_type")), "dify_response");
+    ck_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(e, "event_properties"), "status")),
+        "delivered");
+    json_decref(evs);
+    ck_assert_uint_eq(fake_amplitude_http_duplicates(fa), 0);
+
+    h_server_stop_ok(s);
+    h_redis_stop(rs);
+    fake_dify_stop(d);
+    fake_amplitude_stop(fa);
+    free(cfg);
+}
+END_TEST
+
 static Suite *report_suite(void) {
     Suite *s = suite_create("report");
     TCase *tc = tcase_create("e2e");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, reports_reach_amplitude_once_each);
     tcase_add_test(tc, sdk_tee_sends_accepted_events_on_once);
+    tcase_add_test(tc, reports_on_redis_survive_an_outage);
     suite_add_tcase(s, tc);
     return s;
 }
