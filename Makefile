@@ -46,9 +46,10 @@ E2E_BINS := $(E2E_SRCS:tests/e2e/%.c=$(BUILD)/tests/e2e/%)
 # Shared by end-to-end tests: the harness and the fake Dify (not its main).
 E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
                $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c)) \
-               $(wildcard tests/fake_amplitude/*.c)
+               $(filter-out tests/fake_amplitude/main.c,$(wildcard tests/fake_amplitude/*.c))
 E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
 FAKE_DIFY := $(BUILD)/fake-dify
+FAKE_AMPLITUDE := $(BUILD)/fake-amplitude
 BENCH_SRCS := $(wildcard bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
@@ -112,6 +113,10 @@ $(BUILD)/tests/e2e/test_io_errors: | $(FAIL_IO)
 $(FAKE_DIFY): $(BUILD)/obj/tests/fake_dify/main.o $(E2E_SUPPORT_OBJS) $(LIB)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+$(FAKE_AMPLITUDE): $(BUILD)/obj/tests/fake_amplitude/main.o \
+                   $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
@@ -131,7 +136,7 @@ $(BUILD)/bench/sink_bench: $(BUILD)/obj/bench/sink_bench.o \
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
+e2e: $(BIN) $(FAKE_DIFY) $(FAKE_AMPLITUDE) $(E2E_BINS)
 	@set -e; for t in $(E2E_BINS); do echo "== $$t"; AMP2DIFY_BIN=$(BIN) $$t; done
 	bash tests/mapping/run.sh $(BIN)
 	bash tests/config/run.sh $(BIN)
