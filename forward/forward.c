@@ -817,10 +817,14 @@ static app_state *find_app(amp_forward *f, const char *name) {
 static void place(amp_forward *f, amp_queue_job **jobs, int64_t *dues, int n, int64_t now_ms,
                   int64_t now_us) {
     for (int i = 0; i < n; i++) {
-        if (f->reporter && jobs[i]->app && strcmp(jobs[i]->app, AMP_FORWARD_REPORT_APP) == 0) {
+        if (jobs[i]->app && strcmp(jobs[i]->app, AMP_FORWARD_REPORT_APP) == 0) {
             /* Never blocks: the reporter's memory is bounded; when full the
-             * job goes back to the queue for a second. */
-            dues[i] = amp_forward_reporter_offer(f->reporter, jobs[i]) ? 0 : now_ms + 1000;
+             * job goes back to the queue for a second. Without a reporter
+             * (no key: no route reports any more) the jobs wait for one. */
+            if (!f->reporter)
+                dues[i] = now_ms + 60000;
+            else
+                dues[i] = amp_forward_reporter_offer(f->reporter, jobs[i]) ? 0 : now_ms + 1000;
             continue;
         }
         app_state *a = find_app(f, jobs[i]->app);
