@@ -14,6 +14,7 @@
 #include "../fake_amplitude/fake_amplitude.h"
 #include "../../base/alloc.h"
 #include "../../base/clock.h"
+#include "../../base/errs.h"
 
 #include <check.h>
 #include <stdio.h>
@@ -375,11 +376,98 @@ START_TEST(test_send_bad_key_and_no_server) {
 }
 END_TEST
 
+/* The report event: the source event's user_id and device_id (a job stored
+ * without its source: the job's user), the default properties, or the
+ * report's "properties" templates over them and the source event. */
+static amp_mapper *mapper_with(const char *report_json) {
+    json_t *apps = json_pack("{s:{s:s}}", "support", "endpoint", "chat");
+    json_t *routes = json_pack("[{s:s, s:s, s:o}]", "name", "r", "app", "support", "report",
+                               json_loads(report_json, 0, NULL));
+    amp_errs *errs = amp_errs_create();
+    amp_mapper *m = amp_mapper_compile(apps, routes, errs);
+    ck_assert_uint_eq(amp_errs_count(errs), 0);
+    amp_errs_destroy(errs);
+    json_decref(apps);
+    json_decref(routes);
+    ck_assert_ptr_nonnull(m);
+    return m;
+}
+
+static json_t *report_of(const amp_mapper *m, const char *source, bool delivered) {
+    amp_queue_job job = {.id = 7,
+                         .route = "r",
+                         .app = "support",
+                         .user = "route-user",
+                         .dedupe_key = "src-1",
+                         .attempts = 1,
+                         .source = (char *)source};
+    const amp_map_report *spec = amp_mapper_report(m, "r", "support");
+    ck_assert_ptr_nonnull(spec);
+    char *text = amp_forward_report_event(
+        spec, &job, AMP_ENDPOINT_CHAT, delivered, delivered ? 200 : 400,
+        delivered ? NULL : "invalid_param", delivered ? NULL : "bad",
+        "{\"latency_ms\":42,\"message_id\":\"m-1\",\"answer\":\"h\\u00e9llo world\","
+        "\"usage\":{\"total_tokens\":17}}",
+        NOW);
+    json_t *ev = json_loads(text, 0, NULL);
+    free(text);
+    ck_assert_ptr_nonnull(ev);
+    return ev;
+}
+
+START_TEST(test_report_event_ids_and_properties) {
+    amp_mapper *m = mapper_with("{\"answer_chars\": 2}");
+    json_t *ev = report_of(m, "{\"user_id\":\"u-1\",\"device_id\":\"d-1\"}", true);
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "user_id")), "u-1");
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "device_id")), "d-1");
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "insert_id")), "amp2dify-r-src-1");
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "event_type")), "dify_response");
+    ck_assert_int_eq(json_integer_value(json_object_get(ev, "time")), NOW);
+    json_t *p = json_object_get(ev, "event_properties");
+    ck_assert_str_eq(json_string_value(json_object_get(p, "status")), "delivered");
+    ck_assert_int_eq(json_integer_value(json_object_get(p, "latency_ms")), 42);
+    ck_assert_int_eq(json_integer_value(json_object_get(p, "tokens")), 17);
+    ck_assert_int_eq(json_integer_value(json_object_get(p, "attempts")), 2);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "answer")), "h\xc3\xa9");
+    json_decref(ev);
+    /* Only a device id: no user_id. No source at all: the job's user. */
+    ev = report_of(m, "{\"device_id\":\"d-2\"}", true);
+    ck_assert_ptr_null(json_object_get(ev, "user_id"));
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "device_id")), "d-2");
+    json_decref(ev);
+    ev = report_of(m, NULL, false);
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "user_id")), "route-user");
+    ck_assert_ptr_null(json_object_get(ev, "device_id"));
+    p = json_object_get(ev, "event_properties");
+    ck_assert_str_eq(json_string_value(json_object_get(p, "status")), "dead");
+    ck_assert_str_eq(json_string_value(json_object_get(p, "error_code")), "invalid_param");
+    json_decref(ev);
+    amp_mapper_destroy(m);
+
+    m = mapper_with("{\"event_type\": \"ai\", \"properties\": {\"s\": \"{{status}}\", "
+                    "\"ms\": \"{{latency_ms}}\", \"plan\": \"{{event.props.plan}}\", "
+                    "\"obj\": \"{{event.props}}\", \"line\": \"{{dify_app}}/{{tokens}}\", "
+                    "\"none\": \"{{event.missing}}\"}}");
+    ev = report_of(m, "{\"user_id\":\"u-1\",\"props\":{\"plan\":\"pro\"}}", true);
+    ck_assert_str_eq(json_string_value(json_object_get(ev, "event_type")), "ai");
+    p = json_object_get(ev, "event_properties");
+    ck_assert_uint_eq(json_object_size(p), 5);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "s")), "delivered");
+    ck_assert_int_eq(json_integer_value(json_object_get(p, "ms")), 42);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "plan")), "pro");
+    ck_assert_str_eq(json_string_value(json_object_get(json_object_get(p, "obj"), "plan")), "pro");
+    ck_assert_str_eq(json_string_value(json_object_get(p, "line")), "support/17");
+    json_decref(ev);
+    amp_mapper_destroy(m);
+}
+END_TEST
+
 static Suite *amplitude_suite(void) {
     Suite *s = suite_create("amplitude");
     TCase *tc = tcase_create("decide");
     tcase_add_test(tc, test_decide_answers);
     tcase_add_test(tc, test_fit_limits);
+    tcase_add_test(tc, test_report_event_ids_and_properties);
     suite_add_tcase(s, tc);
     TCase *net = tcase_create("http");
     tcase_add_checked_fixture(net, setup, teardown);
