@@ -529,7 +529,7 @@ static bool store_report(amp_forward *f, const app_state *a, const amp_queue_job
     char *ev = amp_forward_report_event(spec, job, a->app->endpoint, delivered, v->status, v->code,
                                         v->message, result_json, amp_now_ms());
     if (!ev)
-        return true; /* nothing to store: a template that produced no object is logged */
+        return true; /* only allocation fails there: nothing to store */
     bool ok = false;
     for (int i = 0; i < REPORT_STORE_TRIES && !ok; i++) {
         if (i) {
