@@ -253,7 +253,8 @@ test-run: fuzz-replay matrix limits
 #                    memcheck (tests/valgrind/run.sh; reports in build/valgrind/logs)
 # Neither is part of `make test`.
 TSAN_UNIT := test_spool test_forward test_redisq
-TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export
+TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export \
+            test_report
 # The unit tests' timeouts guard against hangs; ThreadSanitizer runs code 5 to
 # 15 times slower, and more on a busy machine, so they stretch under it.
 TSAN_TIMEOUT_MULTIPLIER ?= 6
