@@ -333,6 +333,10 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     amp_json_schema_defaults(app_rows, a);
     if (!*name)
         amp_json_schema_error(errs, path, "an empty name", "a non-empty app name");
+    else if (*name == '@')
+        amp_json_schema_error(errs, path, "a name starting with '@'",
+                              "an app name without a leading '@' (kept for amp2dify's own "
+                              "destinations, such as " AMP_MAP_AMPLITUDE_APP ")");
     if (!json_is_object(spec)) {
         amp_json_schema_error(errs, path, amp_json_schema_kind(spec), "an app object");
         return;
