@@ -111,5 +111,9 @@ void amp_map_tmpl_free(amp_tmpl *t); /* accepts NULL */
  * {{inputs.path}} reads inputs; missing or null values render as "". */
 void amp_map_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs,
                          amp_buf *out);
+/* The value of t: when t is one lone field, that field's value (a new
+ * reference; NULL when missing or null); else the rendering as a JSON
+ * string (capped like a render). */
+json_t *amp_map_tmpl_value(const amp_tmpl *t, const json_t *event, const json_t *inputs);
 
 #endif

@@ -52,8 +52,12 @@ static const char schema_v2[] =
  * events/s and 42.0 MB. */
 static const char schema_v3[] = "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;";
 
+/* v4: a job of a route with a report keeps its source event (the report
+ * carries its user_id, device_id and fields); NULL for every other row. */
+static const char schema_v4[] = "ALTER TABLE deliveries ADD COLUMN source TEXT;";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1, schema_v2, schema_v3};
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
 
 static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
     char *msg = NULL;
@@ -168,7 +172,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "seen_ms = excluded.seen_ms, first_id = excluded.first_id WHERE dedupe.seen_ms < ?3"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
-         "body, due_ms) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
+         "body, due_ms, source) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1, ?8)"},
         {s->wdb, &s->st_delivered,
          "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
          "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
@@ -203,7 +207,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          * condition so that it can use the index. */
         {s->rdb, &s->st_claim,
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
-         "d.per_user, d.attempts, d.schedule_ms, d.result FROM deliveries d "
+         "d.per_user, d.attempts, d.schedule_ms, d.result, d.source FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND (d.per_user = 0 OR NOT EXISTS ("
          "  SELECT 1 FROM deliveries e WHERE e.state = 0 AND e.per_user = 1 AND e.app = d.app "

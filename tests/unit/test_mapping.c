@@ -937,7 +937,7 @@ START_TEST(mapper_route_errors) {
         "{'source':'f','target':'dup'},{'source':'g','target':'dup','transform':'nope'}]},"
         "7]}");
     ck_assert(has_err(e, "routes[0].maps: found an unknown key; expected one of name, filter, map, "
-                         "app, query, user, conversation"));
+                         "app, query, user, conversation, report"));
     ck_assert(has_err(e, "routes[0].app: found 'nope'; expected one of c, w"));
     ck_assert(has_err(
         e, "routes[1].name: found 'a', also routes[0].name; expected a route name used once"));

@@ -464,6 +464,7 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
                                   "ALTER TABLE dedupe DROP COLUMN first_id;"
+                                  "ALTER TABLE deliveries DROP COLUMN source;"
                                   "DROP INDEX deliveries_user;"
                                   "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
                                   "WHERE state = 0;"
@@ -477,7 +478,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 3);
+    ck_assert_int_eq(user_version(db), 4);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -491,7 +492,33 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT first_id FROM dedupe", -1, &st, NULL),
                      SQLITE_OK);
     sqlite3_finalize(st);
+    /* Version 4's source column too, NULL for the old row. */
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT source FROM deliveries", -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_type(st, 0), SQLITE_NULL);
+    sqlite3_finalize(st);
     sqlite3_close(db);
+
+    /* The migrated spool keeps a new job's source event. */
+    s = open_spool(3600);
+    b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "new");
+    amp_queue_batch_request(b, "rs", "app", "bob", false, "{\"n\":2}");
+    amp_queue_batch_source(b, "{\"device_id\":\"d-1\"}");
+    amp_queue_batch_request(b, "r2", "app", "bob", false, "{\"n\":3}");
+    submit(s, b);
+    int64_t next;
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3); /* "old" again too */
+    for (int i = 0; i < 3; i++) {
+        if (strcmp(jobs[i]->route, "rs") == 0)
+            ck_assert_str_eq(jobs[i]->source, "{\"device_id\":\"d-1\"}");
+        else
+            ck_assert_ptr_null(jobs[i]->source);
+        amp_queue_job_free(jobs[i]);
+    }
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -1115,12 +1142,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{2, "schema version 2,"}, {4, "schema version 4,"}, {0, "schema version 0,"}};
+    } cases[] = {{2, "schema version 2,"}, {5, "schema version 5,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 3") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 4") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1129,7 +1156,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(3);
+    set_user_version(4);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
