@@ -557,8 +557,8 @@ static void ack_report_failed(amp_forward *f, const app_state *a, const amp_queu
                          .run_id = NULL};
     acknowledge(f, job, &ack);
     m_add(a->m_retried, 1);
-    amp_log(AMP_LOG_WARN, "dify delivery retry: its report was not stored", "{s:I, s:s, s:I}",
-            "id", (json_int_t)job->id, "app", job->app, "retry_in_ms", (json_int_t)(due - now));
+    amp_log(AMP_LOG_WARN, "dify delivery retry: its report was not stored", "{s:I, s:s, s:I}", "id",
+            (json_int_t)job->id, "app", job->app, "retry_in_ms", (json_int_t)(due - now));
 }
 
 /* Apply a verdict: the ack, its log line and counters. A held job (key

@@ -193,7 +193,7 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
     json_decref(root);
     r->nevents = n;
     if (cfg->sources.sdk.tee)
-        r->filtered = 0; /* stored all the same, sent on to Amplitude */
+        r->filtered = 0;                      /* stored all the same, sent on to Amplitude */
     if (amp_queue_batch_events(batch) == 0) { /* every event filtered, no tee */
         amp_queue_batch_destroy(batch);
         r->result = (amp_queue_result){0};
