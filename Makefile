@@ -46,9 +46,10 @@ E2E_BINS := $(E2E_SRCS:tests/e2e/%.c=$(BUILD)/tests/e2e/%)
 # Shared by end-to-end tests: the harness and the fake Dify (not its main).
 E2E_SUPPORT := $(filter-out tests/e2e/test_%.c,$(wildcard tests/e2e/*.c)) \
                $(filter-out tests/fake_dify/main.c,$(wildcard tests/fake_dify/*.c)) \
-               $(wildcard tests/fake_amplitude/*.c)
+               $(filter-out tests/fake_amplitude/main.c,$(wildcard tests/fake_amplitude/*.c))
 E2E_SUPPORT_OBJS := $(E2E_SUPPORT:%.c=$(BUILD)/obj/%.o)
 FAKE_DIFY := $(BUILD)/fake-dify
+FAKE_AMPLITUDE := $(BUILD)/fake-amplitude
 BENCH_SRCS := $(wildcard bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:bench/%.c=$(BUILD)/bench/%)
 
@@ -84,6 +85,12 @@ $(BUILD)/tests/unit/test_forward: $(BUILD)/obj/tests/unit/test_forward.o $(FAKE_
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+# The Amplitude sink's tests talk to the fake Amplitude.
+$(BUILD)/tests/unit/test_amplitude: $(BUILD)/obj/tests/unit/test_amplitude.o \
+                                    $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
+
 # The Redis engine's tests start their own redis-server (tests/e2e/redis_server.c).
 REDIS_TEST_OBJS := $(BUILD)/obj/tests/e2e/redis_server.o $(BUILD)/obj/tests/e2e/harness.o
 $(BUILD)/tests/unit/test_redisq: $(BUILD)/obj/tests/unit/test_redisq.o $(REDIS_TEST_OBJS) $(LIB)
@@ -106,6 +113,10 @@ $(BUILD)/tests/e2e/test_io_errors: | $(FAIL_IO)
 $(FAKE_DIFY): $(BUILD)/obj/tests/fake_dify/main.o $(E2E_SUPPORT_OBJS) $(LIB)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS_ALL)
 
+$(FAKE_AMPLITUDE): $(BUILD)/obj/tests/fake_amplitude/main.o \
+                   $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
@@ -116,10 +127,16 @@ $(BUILD)/bench/export_fake: $(BUILD)/obj/bench/export_fake.o \
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
 
+# The Amplitude sink's benchmark sends to the tests' fake Amplitude.
+$(BUILD)/bench/sink_bench: $(BUILD)/obj/bench/sink_bench.o \
+                           $(BUILD)/obj/tests/fake_amplitude/fake_amplitude.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS_ALL)
+
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-e2e: $(BIN) $(FAKE_DIFY) $(E2E_BINS)
+e2e: $(BIN) $(FAKE_DIFY) $(FAKE_AMPLITUDE) $(E2E_BINS)
 	@set -e; for t in $(E2E_BINS); do echo "== $$t"; AMP2DIFY_BIN=$(BIN) $$t; done
 	bash tests/mapping/run.sh $(BIN)
 	bash tests/config/run.sh $(BIN)
@@ -153,6 +170,7 @@ bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
 	bash bench/spool.sh $(BUILD)
 	bash bench/redis.sh $(BUILD)
 	bash bench/export.sh $(BUILD)
+	bash bench/sink.sh $(BUILD)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS) $(TEST_DEB_PKGS); do \
@@ -236,7 +254,8 @@ test-run: fuzz-replay matrix limits
 #                    memcheck (tests/valgrind/run.sh; reports in build/valgrind/logs)
 # Neither is part of `make test`.
 TSAN_UNIT := test_spool test_forward test_redisq
-TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export
+TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export \
+            test_report
 # The unit tests' timeouts guard against hangs; ThreadSanitizer runs code 5 to
 # 15 times slower, and more on a busy machine, so they stretch under it.
 TSAN_TIMEOUT_MULTIPLIER ?= 6

@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -40,6 +41,17 @@ static void format_ts(char *out, size_t len) {
     snprintf(out, len, "%s.%03dZ", base, (int)(ts.tv_nsec / 1000000) % 1000);
 }
 
+/* One write per line keeps lines whole. */
+static void write_line(const char *text, size_t n) {
+    size_t off = 0;
+    while (off < n) {
+        ssize_t w = write(STDERR_FILENO, text + off, n - off);
+        if (w <= 0)
+            break;
+        off += (size_t)w;
+    }
+}
+
 void amp_log(amp_log_level level, const char *msg, const char *fmt, ...) {
     if (!amp_log_enabled(level))
         return;
@@ -67,13 +79,64 @@ void amp_log(amp_log_level level, const char *msg, const char *fmt, ...) {
     if (!text)
         return;
     size_t n = strlen(text);
-    text[n] = '\n'; /* overwrite the NUL: one write per line keeps lines whole */
-    ssize_t off = 0;
-    while ((size_t)off < n + 1) {
-        ssize_t w = write(STDERR_FILENO, text + off, n + 1 - (size_t)off);
-        if (w <= 0)
-            break;
-        off += w;
-    }
+    text[n] = '\n'; /* overwrite the NUL */
+    write_line(text, n + 1);
     free(text);
+}
+
+/* Whether s is written in JSON as it is: printable ASCII, no quote or
+ * backslash (every message in the code). */
+static int plain_ascii(const char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || (unsigned char)*s >= 0x7f || *s == '"' || *s == '\\')
+            return 0;
+    return 1;
+}
+
+void amp_log_fields(amp_log_level level, const char *msg, const char *fields, size_t len) {
+    if (!amp_log_enabled(level))
+        return;
+    /* A message that needs escapes is encoded by jansson, as amp_log does
+     * (and, not being UTF-8, gives no line, as there). */
+    char *encoded = NULL;
+    const char *quote = "\"";
+    if (!plain_ascii(msg)) {
+        json_t *m = json_string(msg);
+        encoded = m ? json_dumps(m, JSON_ENCODE_ANY) : NULL;
+        json_decref(m);
+        if (!encoded)
+            return;
+        msg = encoded;
+        quote = "";
+    }
+    char ts[40];
+    format_ts(ts, sizeof ts);
+    char stack[1024];
+    char *line = stack;
+    size_t cap = sizeof stack;
+    for (;;) {
+        int hn = snprintf(line, cap, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":%s%s%s%s", ts,
+                          level_names[level], quote, msg, quote, len ? "," : "");
+        if (hn < 0)
+            break;
+        size_t total = (size_t)hn + len + 2; /* the fields, '}' and '\n' */
+        if (total <= cap) {
+            memcpy(line + hn, fields, len);
+            line[(size_t)hn + len] = '}';
+            line[(size_t)hn + len + 1] = '\n';
+            write_line(line, total);
+            break;
+        }
+        if (line != stack) /* cannot happen: the second round has room */
+            break;
+        line = malloc(total);
+        if (!line) {
+            line = stack;
+            break;
+        }
+        cap = total;
+    }
+    if (line != stack)
+        free(line);
+    free(encoded);
 }

@@ -26,6 +26,9 @@ static const struct family_def {
     {"amp2dify_deliveries_total", COUNTER,
      "Delivery attempts to Dify, by app and outcome (delivered, retried, dead_lettered, "
      "waiting_input)."},
+    {"amp2dify_reports_total", COUNTER,
+     "Route reports and SDK tee events sent to Amplitude, by outcome (ingested, refused, "
+     "throttled, retried)."},
     {"amp2dify_dify_responses_total", COUNTER,
      "Dify answers, by app, HTTP status (0: no answer) and Dify error code."},
     {"amp2dify_spool_pending", GAUGE, "Deliveries stored and not yet delivered or dead-lettered."},

@@ -173,6 +173,10 @@ spool_cpu_ms() { echo $(($(cpu_ms "$1" amp-commit) + $(cpu_ms "$1" amp-sync) + $
 AMP_CPU_MS=$(cpu_ms "$AMP_PID")
 AMP_HTTP_CPU_MS=$(cpu_ms "$AMP_PID" MHD-)
 AMP_SPOOL_CPU_MS=$(spool_cpu_ms "$AMP_PID")
+# The delivery engine's own threads: the workers (send, decide, ack) and the
+# dispatcher (claims).
+AMP_WORKER_CPU_MS=$(cpu_ms "$AMP_PID" amp-worker)
+AMP_DISPATCH_CPU_MS=$(cpu_ms "$AMP_PID" amp-dispatch)
 FAKE_CPU_MS=$(cpu_ms "$FAKE_PID")
 stop_pid "$AMP_PID" 20
 AMP_EXIT=$STOP_STATUS
@@ -315,6 +319,32 @@ i_spool_cpu_us=$(per_us "$INGEST_SPOOL_CPU_MS" "$(reqs "$INGEST_LINE")")
 n_cpu_us=$(per_us "$NOSTORE_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 n_http_cpu_us=$(per_us "$NOSTORE_HTTP_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 f_cpu_us=$(per_us "$FAKE_CPU_MS" "$fake_requests")
+a_worker_cpu_us=$(per_us "$AMP_WORKER_CPU_MS" "$delivered")
+a_dispatch_cpu_us=$(per_us "$AMP_DISPATCH_CPU_MS" "$delivered")
+# Per delivered event, all but the HTTP threads and the spool's threads.
+a_delivery_cpu_us=$(per_us $((AMP_CPU_MS - AMP_HTTP_CPU_MS - AMP_SPOOL_CPU_MS)) "$delivered")
+# What the spool's threads spent per event beyond the ingest-only run's
+# cost: their share of delivery (claims are made on the dispatcher thread,
+# acknowledgements are committed by the spool's committer).
+a_spool_extra_us=$(calc "%.1f" "$a_spool_cpu_us - $i_spool_cpu_us")
+
+# ---- issue 19 targets: each with this run's value and PASS/MISS ------------------
+TARGET_LINES=()
+TARGET_JSON=""
+# NAME VALUE OP LIMIT UNIT: one target row; OP is <=, < or >=.
+target() {
+    local name=$1 value=$2 op=$3 limit=$4 unit=$5 ok verdict
+    ok=$(calc "%d" "($value $op $limit) ? 1 : 0")
+    verdict=$( ((ok)) && echo PASS || echo MISS)
+    TARGET_LINES+=("$(printf '  %-58s %9s %-2s %2s %-5s %s' "$name" "$value" "$unit" "$op" "$limit" "$verdict")")
+    TARGET_JSON+="${TARGET_JSON:+,}{\"target\":\"$(json_str "$name")\",\"value\":$value,\"op\":\"$op\",\"limit\":$limit,\"unit\":\"$unit\",\"pass\":$( ((ok)) && echo true || echo false)}"
+}
+target "HTTP threads, CPU per stored event (ingest only)" "$i_http_cpu_us" "<=" 20 us
+target "spool threads, CPU per stored event (ingest only)" "$i_spool_cpu_us" "<=" 15 us
+target "ingest only / bare server, requests/s" "$i_ratio" ">=" 0.30 ""
+target "ingest only p99 latency at $CONNS connections" "$i_p99" "<" 5 ms
+target "ingest while delivering / bare server, requests/s" "$ratio" ">=" 0.20 ""
+target "CPU per delivery at 0 ms Dify (not HTTP, not spool threads)" "$a_delivery_cpu_us" "<=" 50 us
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
@@ -370,6 +400,11 @@ CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $
               (HTTP threads $a_http_cpu_us, spool threads $a_spool_cpu_us, delivery and other $a_other_cpu_us); fake Dify $f_cpu_us us/request
               ingest only: $i_cpu_us us/event (HTTP threads $i_http_cpu_us, spool threads $i_spool_cpu_us)
               nothing stored: $n_cpu_us us/request (HTTP threads $n_http_cpu_us)
+              per delivered event: $a_delivery_cpu_us us outside the HTTP and spool threads (delivery workers
+              $a_worker_cpu_us, dispatcher with its claims $a_dispatch_cpu_us); the spool's threads $a_spool_extra_us us more per
+              event than when ingesting only (their share of claims and acknowledgements)
+targets (issue 19; ratios within this run)
+$(printf '%s\n' "${TARGET_LINES[@]}")
 EOF
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
 if ((${#problems[@]})); then
@@ -406,7 +441,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
 \"peak_rss_kb\":$PEAK_RSS_KB,\
-\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"handoff_per_request\":$h_cpu_us,\"durable_floor_per_request\":$d_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_spool_per_event\":$a_spool_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"ingest_only_per_event\":$i_cpu_us,\"ingest_only_http_per_event\":$i_http_cpu_us,\"ingest_only_spool_per_event\":$i_spool_cpu_us,\"no_store_per_request\":$n_cpu_us,\"no_store_http_per_request\":$n_http_cpu_us,\"fake_dify_per_request\":$f_cpu_us},\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
+\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"handoff_per_request\":$h_cpu_us,\"durable_floor_per_request\":$d_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_spool_per_event\":$a_spool_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"ingest_only_per_event\":$i_cpu_us,\"ingest_only_http_per_event\":$i_http_cpu_us,\"ingest_only_spool_per_event\":$i_spool_cpu_us,\"no_store_per_request\":$n_cpu_us,\"no_store_http_per_request\":$n_http_cpu_us,\"fake_dify_per_request\":$f_cpu_us,\"delivery_per_delivered\":$a_delivery_cpu_us,\"delivery_workers_per_delivered\":$a_worker_cpu_us,\"dispatcher_per_delivered\":$a_dispatch_cpu_us,\"spool_extra_when_delivering_per_event\":$a_spool_extra_us},\"targets\":[$TARGET_JSON],\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
 echo "$JSON"
 mkdir -p "$BUILD/bench" && echo "$JSON" >"$BUILD/bench/last-run.json"
 

@@ -76,6 +76,12 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp
         .metrics = metrics,
         .stop_grace_ms = forward_grace_ms(cfg),
         .paused_apps = paused,
+        .mapper = cfg->mapper,
+        .report_base_url = cfg->reports.base_url,
+        .report_api_key = cfg->reports.api_key,
+        .report_batch_events = cfg->reports.batch_events,
+        .report_linger_ms = cfg->reports.linger_ms,
+        .report_throttle_ms = cfg->reports.throttle_ms,
     };
     amp_forward *f = amp_forward_start(&opts, spool, err, errlen);
     free(apps); /* the forwarder copies the app table it needs */

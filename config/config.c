@@ -377,6 +377,17 @@ static const amp_json_schema_row config_rows[] = {
      .reload = LIVE,
      F(log_level)},
     {INT_ROW("shutdown_timeout_seconds", 2, 3600, "25", DELIVERY, shutdown_timeout_s)},
+    {.key = "reports.base_url",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = "https://api2.amplitude.com",
+     .env = "AMPLITUDE_HTTP_BASE_URL",
+     .reload = DELIVERY,
+     F(reports.base_url),
+     .accept = valid_base_url,
+     .item_expect = "an http:// or https:// URL"},
+    {INT_ROW("reports.batch_events", 1, 2000, "2000", DELIVERY, reports.batch_events)},
+    {INT_ROW("reports.linger_ms", 0, 10000, "200", DELIVERY, reports.linger_ms)},
+    {INT_ROW("reports.throttle_ms", 100, 600000, "30000", DELIVERY, reports.throttle_ms)},
     {.key = "sources.export.enabled",
      .type = AMP_JSON_SCHEMA_BOOL,
      .def = "false",
@@ -436,6 +447,11 @@ static const amp_json_schema_row config_rows[] = {
      .check = check_sdk_path,
      .accept = valid_url_path,
      .item_expect = "a path starting with '/'"},
+    {.key = "sources.sdk.tee",
+     .type = AMP_JSON_SCHEMA_BOOL,
+     .def = "false",
+     .reload = DELIVERY,
+     F(sources.sdk.tee)},
     {.key = NULL},
 };
 
@@ -630,6 +646,15 @@ static void load_export_keys(amp_config *c, amp_errs *errs) {
     }
 }
 
+/* The HTTP V2 API key that route reports are sent with. */
+static void load_report_key(amp_config *c, amp_errs *errs) {
+    if (amp_config_secret_from_env("AMPLITUDE_API_KEY", &c->reports.api_key, "AMPLITUDE_API_KEY",
+                                   errs) > 0)
+        amp_json_schema_error(errs, "AMPLITUDE_API_KEY",
+                              "nothing in AMPLITUDE_API_KEY or AMPLITUDE_API_KEY_FILE",
+                              "the Amplitude project's API key for the routes' reports");
+}
+
 /* The api_key values the SDK endpoint accepts. */
 static void load_sdk_keys(amp_config *c, amp_errs *errs) {
     char *all = NULL;
@@ -701,6 +726,9 @@ amp_config *amp_config_load(const char *path, unsigned flags, amp_errs *errs) {
             load_app_keys(c, errs);
         if (c->sources.sdk.enabled)
             load_sdk_keys(c, errs);
+        if ((c->mapper && amp_mapper_any_report(c->mapper)) ||
+            (c->sources.sdk.enabled && c->sources.sdk.tee))
+            load_report_key(c, errs);
     }
     if ((flags & AMP_CONFIG_EXPORT_SECRETS) ||
         ((flags & AMP_CONFIG_SECRETS) && c->sources.export.enabled))
@@ -777,6 +805,7 @@ void amp_config_destroy(amp_config *c) {
     free(c->admin.token);
     amp_sig_destroy(c->admin.verifier);
     free(c->sources.export.api_key);
+    free(c->reports.api_key);
     free(c->sources.export.secret_key);
     free_strv(c->sources.sdk.api_keys, c->sources.sdk.napi_keys);
     if (c->api_keys) {

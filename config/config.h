@@ -102,6 +102,13 @@ typedef struct amp_config {
         amp_config_validate validate; /* dify.validate: the apps checked against Dify */
     } dify;
     struct {
+        char *base_url;        /* Amplitude's HTTP V2 host: POST {base_url}/2/httpapi */
+        unsigned batch_events; /* events per request, 1..2000 */
+        unsigned linger_ms;    /* how long a batch waits to fill */
+        unsigned throttle_ms;  /* how long a throttled user's or device's reports wait */
+        char *api_key;         /* AMPLITUDE_API_KEY(_FILE), when resolved and a route reports */
+    } reports;
+    struct {
         struct {
             bool enabled; /* poll on a schedule in serve */
             char *base_url;
@@ -124,6 +131,7 @@ typedef struct amp_config {
             char *path;
             char **api_keys; /* AMP2DIFY_SDK_API_KEYS(_FILE), when resolved */
             size_t napi_keys;
+            bool tee; /* accepted events are also sent on to Amplitude (reports.*) */
         } sdk;
     } sources;
     amp_log_level log_level;

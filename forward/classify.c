@@ -5,6 +5,8 @@
 #include "forward.h"
 #include "forward_int.h"
 #include "../base/alloc.h"
+#include "../json/jsonr.h"
+#include "../json/jsonw.h"
 
 #include <math.h>
 #include <openssl/sha.h>
@@ -216,7 +218,7 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
         return n && *body_json == '{' ? amp_xstrdup(body_json) : NULL;
     }
     json_error_t jerr;
-    json_t *obj = json_loads(body_json, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *obj = amp_json_loadb(body_json, strlen(body_json), JSON_REJECT_DUPLICATES, &jerr);
     if (!json_is_object(obj)) {
         json_decref(obj);
         return NULL;
@@ -230,15 +232,9 @@ char *amp_forward_request_body(const char *body_json, const char *conversation_i
             return NULL;
         }
     }
-    char *text = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    char *text = amp_json_dumps(obj); /* amp_x allocated, like the copy above */
     json_decref(obj);
-    if (!text)
-        return NULL;
-    /* jansson allocates with malloc; hand back an amp_x copy so the caller
-     * frees everything the same way. */
-    char *out = amp_xstrdup(text);
-    free(text);
-    return out;
+    return text;
 }
 
 void amp_forward_trace_id(const char *key, char out[AMP_FORWARD_TRACE_ID_MAX + 1]) {
@@ -328,7 +324,7 @@ json_t *amp_forward_result(amp_endpoint endpoint, long http_status, const json_t
         if (json_is_object(outputs)) {
             /* Outputs are structured; keep them whole when small, else a
              * capped text rendering so the row stays bounded. */
-            char *text = json_dumps(outputs, JSON_COMPACT | JSON_PRESERVE_ORDER);
+            char *text = amp_json_dumps(outputs);
             if (text) {
                 size_t len = strlen(text);
                 if (len <= AMP_FORWARD_ANSWER_CAP)

@@ -18,6 +18,7 @@
 #include "sink.h"
 #include "../base/alloc.h"
 #include "../base/clock.h"
+#include "../json/jsonw.h"
 
 #include <string.h>
 
@@ -268,7 +269,7 @@ static char *result(void *p, const void *target) {
     json_t *res = amp_forward_result(a->app->endpoint, r->status, r->body, r->latency_ms);
     if (res && r->too_large)
         json_object_set_new(res, "response_truncated", json_true());
-    char *text = res ? json_dumps(res, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    char *text = res ? amp_json_dumps(res) : NULL;
     json_decref(res);
     return text;
 }

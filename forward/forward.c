@@ -166,6 +166,7 @@ typedef struct worker {
 struct amp_forward {
     amp_forward_opts opts;
     const amp_forward_sink *sink;
+    amp_forward_reporter *reporter; /* NULL: no report key */
     amp_queue *queue;
     app_state *apps;
     size_t napps;
@@ -513,6 +514,53 @@ typedef struct sent {
     int64_t latency_ms;
 } sent;
 
+/* A job of a route with a report reached its final state: store the report
+ * event, durably, before the job's own acknowledgement (report.c). A store
+ * that fails is tried again a few times; false when it never landed: the
+ * caller must not acknowledge the delivery as final. True when the route
+ * has no report. */
+#define REPORT_STORE_TRIES 3
+#define REPORT_STORE_WAIT_MS 5000
+static bool store_report(amp_forward *f, const app_state *a, const amp_queue_job *job,
+                         bool delivered, const amp_forward_verdict *v, const char *result_json) {
+    const amp_map_report *spec = amp_mapper_report(f->opts.mapper, job->route, job->app);
+    if (!spec)
+        return true;
+    char *ev = amp_forward_report_event(spec, job, a->app->endpoint, delivered, v->status, v->code,
+                                        v->message, result_json, amp_now_ms());
+    if (!ev)
+        return true; /* only allocation fails there: nothing to store */
+    bool ok = false;
+    for (int i = 0; i < REPORT_STORE_TRIES && !ok; i++) {
+        if (i) {
+            struct timespec pause = {.tv_nsec = 250L * 1000000L * i};
+            nanosleep(&pause, NULL);
+        }
+        ok = amp_forward_report_store(f->queue, job, ev, REPORT_STORE_WAIT_MS) == 0;
+        if (atomic_load(&f->abort_requests))
+            break;
+    }
+    free(ev);
+    return ok;
+}
+
+/* The report of a finished job could not be stored: the job is tried again
+ * later (its delivery repeats; the report's dedupe key keeps one report). */
+static void ack_report_failed(amp_forward *f, const app_state *a, const amp_queue_job *job) {
+    int64_t now = amp_now_ms();
+    int64_t due = now + amp_forward_backoff_ms(f->opts.retry_initial_ms, f->opts.retry_max_ms,
+                                               job->attempts, 0.5);
+    amp_queue_ack ack = {.kind = AMP_QUEUE_ACK_RETRY,
+                         .due_ms = due,
+                         .code = "report_not_stored",
+                         .message = "the route's report could not be stored",
+                         .run_id = NULL};
+    acknowledge(f, job, &ack);
+    m_add(a->m_retried, 1);
+    amp_log(AMP_LOG_WARN, "dify delivery retry: its report was not stored", "{s:I, s:s, s:I}", "id",
+            (json_int_t)job->id, "app", job->app, "retry_in_ms", (json_int_t)(due - now));
+}
+
 /* Apply a verdict: the ack, its log line and counters. A held job (key
  * rejected) is not acknowledged: finish() puts it back. */
 static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue_job *job,
@@ -520,6 +568,11 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
     switch (v->kind) {
     case AMP_QUEUE_ACK_DELIVERED: {
         char *text = f->sink->result(w->conn, a->target);
+        if (!store_report(f, a, job, true, v, text)) {
+            free(text);
+            ack_report_failed(f, a, job);
+            break;
+        }
         ack_verdict(f, job, v, text);
         free(text);
         m_add(a->m_delivered, 1);
@@ -538,6 +591,10 @@ static void apply(amp_forward *f, worker *w, const app_state *a, const amp_queue
                     (json_int_t)v->delay_ms);
         break;
     case AMP_QUEUE_ACK_DEAD:
+        if (!store_report(f, a, job, false, v, NULL)) {
+            ack_report_failed(f, a, job);
+            break;
+        }
         ack_dead(f, a, job, v->status, v->code, v->message);
         break;
     case AMP_QUEUE_ACK_WAITING: {
@@ -760,6 +817,16 @@ static app_state *find_app(amp_forward *f, const char *name) {
 static void place(amp_forward *f, amp_queue_job **jobs, int64_t *dues, int n, int64_t now_ms,
                   int64_t now_us) {
     for (int i = 0; i < n; i++) {
+        if (jobs[i]->app && strcmp(jobs[i]->app, AMP_FORWARD_REPORT_APP) == 0) {
+            /* Never blocks: the reporter's memory is bounded; when full the
+             * job goes back to the queue for a second. Without a reporter
+             * (no key: no route reports any more) the jobs wait for one. */
+            if (!f->reporter)
+                dues[i] = now_ms + 60000;
+            else
+                dues[i] = amp_forward_reporter_offer(f->reporter, jobs[i]) ? 0 : now_ms + 1000;
+            continue;
+        }
         app_state *a = find_app(f, jobs[i]->app);
         if (!a) {
             dues[i] = -1;
@@ -1016,6 +1083,8 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
     f->opts.apps = NULL;
     f->opts.api_keys = NULL;
     f->opts.paused_apps = NULL;
+    f->opts.report_base_url = NULL;
+    f->opts.report_api_key = NULL;
     f->sink = amp_forward_dify_sink();
     f->queue = queue;
     f->metrics = opts->metrics;
@@ -1055,6 +1124,23 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
         a->hold_since_us = mono_us();
         if (f->metrics)
             setup_metrics(f, a);
+    }
+
+    if (opts->report_api_key) {
+        amp_forward_reporter_opts ro = {.base_url = opts->report_base_url,
+                                        .api_key = opts->report_api_key,
+                                        .batch_events = opts->report_batch_events,
+                                        .linger_ms = opts->report_linger_ms,
+                                        .throttle_ms = opts->report_throttle_ms,
+                                        .connect_timeout_s = opts->connect_timeout_s,
+                                        .timeout_s = opts->timeout_s,
+                                        .retry_initial_ms = opts->retry_initial_ms,
+                                        .retry_max_ms = opts->retry_max_ms,
+                                        .metrics = opts->metrics,
+                                        .abort_flag = &f->abort_requests};
+        f->reporter = amp_forward_reporter_start(&ro, queue, err, errlen);
+        if (!f->reporter)
+            goto fail;
     }
 
     pthread_attr_t ta;
@@ -1126,6 +1212,8 @@ void amp_forward_stop(amp_forward *f) {
         if (f->workers[i].started)
             pthread_join(f->workers[i].thread, NULL);
     release_all(f);
+    amp_forward_reporter_stop(f->reporter);
+    f->reporter = NULL;
     /* Acknowledgements are committed asynchronously: make them durable
      * before the caller closes the spool. This also waits out a notify
      * callback the committer may still be running with f. */

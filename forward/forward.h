@@ -48,6 +48,16 @@ typedef struct amp_forward_opts {
     /* Apps paused by an operator from the start (amp_forward_set_paused),
      * NULL-terminated names; read during start; may be NULL. */
     const char *const *paused_apps;
+    /* Route reports (forward_int.h, report.c): the routes' "report" specs
+     * (mapper borrowed, must outlive the forwarder; NULL: none), and where
+     * report jobs go: Amplitude's HTTP V2 host (NULL: api2.amplitude.com)
+     * and its API key (copied; NULL: no reporter, report jobs wait). */
+    const amp_mapper *mapper;
+    const char *report_base_url;
+    const char *report_api_key;
+    unsigned report_batch_events; /* 0: 2000 */
+    unsigned report_linger_ms;
+    unsigned report_throttle_ms; /* 0: AMP_FORWARD_AMPLITUDE_THROTTLE_MS */
 } amp_forward_opts;
 
 typedef struct amp_forward amp_forward;

@@ -15,6 +15,10 @@
  *   sse.c       incremental parser of Dify's streaming answers
  *               (text/event-stream), folding the events into the same JSON
  *               shape a blocking answer has
+ *   amplitude.c Amplitude's HTTP V2 API: batched report events, each
+ *               event's fate from the answer (400 / 413 / 429 rules)
+ *   report.c    route reports: the event, its storage, the reporter thread
+ *               that batches report jobs to Amplitude
  *   pace.c      pure pacing arithmetic: token bucket, probe interval of a
  *               paused app, due times of rows sent back to the spool
  *   forward.c   dispatcher, per-app queues and limits, worker pool,
@@ -282,5 +286,131 @@ int amp_forward_sse_feed(amp_forward_sse *p, const char *data, size_t len);
  * event (message_end, workflow_finished, error) was seen. Caller owns; NULL
  * when no event carried anything. */
 json_t *amp_forward_sse_finish(amp_forward_sse *p, bool *complete);
+
+/* ---- amplitude.c: results back to Amplitude (HTTP V2 API) --------------
+ * Report events go to POST {base}/2/httpapi as {"api_key","events":[...]},
+ * many per request, and Amplitude answers per request but names events in
+ * it: a 400 lists the events it refused (the rest were not ingested either,
+ * and go again at once), a 429 the users and devices it throttles (their
+ * events wait about 30 s, the others go again at once), a 413 asks for
+ * smaller requests (the batch is halved). Each event gets its own fate, so
+ * a caller holding one queue job per event acknowledges each on its own. */
+
+#define AMP_FORWARD_AMPLITUDE_BASE "https://api2.amplitude.com"
+#define AMP_FORWARD_AMPLITUDE_BASE_EU "https://api.eu.amplitude.com"
+/* Per request: at most this many events, and a body under this many bytes. */
+#define AMP_FORWARD_AMPLITUDE_MAX_EVENTS ((size_t)2000)
+#define AMP_FORWARD_AMPLITUDE_MAX_BYTES ((size_t)1000 * 1000)
+/* How long the events of a throttled user or device wait. */
+#define AMP_FORWARD_AMPLITUDE_THROTTLE_MS ((int64_t)30000)
+
+typedef enum {
+    AMP_FORWARD_AMPLITUDE_INGESTED, /* 200: done */
+    AMP_FORWARD_AMPLITUDE_REFUSED,  /* named in a 400 (or alone and too large): dead letter */
+    AMP_FORWARD_AMPLITUDE_AGAIN,    /* not ingested, not at fault: send again now */
+    AMP_FORWARD_AMPLITUDE_HOLD,     /* its user or device is throttled: again at due_ms */
+    AMP_FORWARD_AMPLITUDE_SPLIT,    /* 413: send again in smaller requests */
+    AMP_FORWARD_AMPLITUDE_RETRY,    /* 5xx or no answer: again after a backoff */
+} amp_forward_amplitude_fate;
+
+/* One event of a request, as the sink sees it. */
+typedef struct amp_forward_amplitude_event {
+    const char *json;      /* the event object as JSON text (borrowed) */
+    const char *user_id;   /* may be NULL */
+    const char *device_id; /* may be NULL */
+    /* Filled by decide / send: */
+    amp_forward_amplitude_fate fate;
+    int64_t due_ms;  /* HOLD */
+    char reason[96]; /* REFUSED: what Amplitude said, e.g. "invalid field: time" */
+} amp_forward_amplitude_event;
+
+/* How many of the first n events fit one request: at most max_events and
+ * a body under max_bytes (at least 1 when n > 0: an event too large alone
+ * is sent alone, and its 413 refuses it). */
+size_t amp_forward_amplitude_fit(const amp_forward_amplitude_event *ev, size_t n, size_t max_events,
+                                 size_t max_bytes);
+
+/* The request body for ev[0..n) with api_key (JSON-escaped). Caller owns. */
+char *amp_forward_amplitude_body(const char *api_key, const amp_forward_amplitude_event *ev,
+                                 size_t n);
+
+/* Pure: the fate of each of ev[0..n) after one answer (transport_error
+ * non-zero: none arrived; body: Amplitude's parsed JSON, may be NULL).
+ * A 400 that names no event refuses them all, with its "error". */
+void amp_forward_amplitude_decide(int transport_error, long status, const json_t *body,
+                                  amp_forward_amplitude_event *ev, size_t n, int64_t now_ms);
+
+/* What one delivery of a set of events did. */
+typedef struct amp_forward_amplitude_stats {
+    unsigned requests;    /* HTTP requests made */
+    long last_status;     /* of the last answer; 0 when none */
+    char last_error[128]; /* transport code or Amplitude's "error" of the last failure */
+} amp_forward_amplitude_stats;
+
+/* Send ev[0..n) to url (".../2/httpapi") with api_key over h, as many
+ * requests as it takes: requests of at most max_events (and under
+ * AMP_FORWARD_AMPLITUDE_MAX_BYTES); a 413 halves the size and sends again;
+ * events a 400 or a 429 left out for no fault of theirs go again at once
+ * (at most AMP_FORWARD_AMPLITUDE_ROUNDS requests beyond one per batch). Every event ends
+ * INGESTED, REFUSED, HOLD or RETRY (AGAIN and SPLIT left when rounds ran
+ * out are turned into RETRY). stats may be NULL. */
+#define AMP_FORWARD_AMPLITUDE_ROUNDS 32
+void amp_forward_amplitude_send(amp_forward_http *h, const char *url, const char *api_key,
+                                amp_forward_amplitude_event *ev, size_t n, size_t max_events,
+                                amp_forward_amplitude_stats *stats);
+
+/* ---- report.c: route reports, stored and sent back to Amplitude --------
+ * When a job of a route with a "report" reaches its final state (delivered
+ * or dead), one Amplitude event describing it is stored in the queue as a
+ * job of its own, for the destination AMP_FORWARD_REPORT_APP (its body the
+ * event's JSON, its dedupe key "report:" + the source event's key, so a
+ * source delivered twice reports once). The dispatcher hands such jobs to
+ * the reporter, which sends them in batches (amplitude.c) and acknowledges
+ * each from its own fate. */
+
+#define AMP_FORWARD_REPORT_APP AMP_MAP_AMPLITUDE_APP
+
+/* The report event for job (borrowed) at its final state: delivered or
+ * dead (status, code, message of the last answer), result_json the stored
+ * delivery result (may be NULL), endpoint the app's. Caller owns. */
+char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *job,
+                               amp_endpoint endpoint, bool delivered, long status, const char *code,
+                               const char *message, const char *result_json, int64_t now_ms);
+
+/* Store event_json (borrowed) as the report job of job (borrowed) in q and
+ * wait, at most wait_ms, until the engine says it is durable: 0 then; -1
+ * when it was refused or not confirmed in time (logged). The caller
+ * acknowledges job only after a 0, so a crash between the two cannot lose
+ * the report (the engines store a batch and an acknowledgement through
+ * separate paths: Redis runs them as separate scripts). */
+int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json,
+                             int64_t wait_ms);
+
+typedef struct amp_forward_reporter amp_forward_reporter;
+
+typedef struct amp_forward_reporter_opts {
+    const char *base_url;  /* Amplitude's host; copied */
+    const char *api_key;   /* copied; never logged */
+    unsigned batch_events; /* 1..AMP_FORWARD_AMPLITUDE_MAX_EVENTS */
+    unsigned linger_ms;    /* a batch waits this long to fill */
+    unsigned throttle_ms;  /* a throttled user's reports wait this long; 0: the default */
+    long connect_timeout_s, timeout_s;
+    int64_t retry_initial_ms, retry_max_ms;
+    amp_metrics *metrics; /* may be NULL; borrowed */
+    /* A request under way ends soon after *abort_flag turns true (borrowed,
+     * may be NULL): the forwarder's stop past its grace. */
+    const atomic_bool *abort_flag;
+} amp_forward_reporter_opts;
+
+/* Start the reporter's thread; q borrowed, must outlive it. NULL and err on
+ * failure. */
+amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts *o, amp_queue *q,
+                                                 char *err, size_t errlen);
+/* Take a claimed report job (ownership passes on true). false when the
+ * reporter's memory is full: the caller releases the job. */
+bool amp_forward_reporter_offer(amp_forward_reporter *r, amp_queue_job *job);
+/* Send what is in hand (for up to the timeout), release the rest, join.
+ * Accepts NULL. */
+void amp_forward_reporter_stop(amp_forward_reporter *r);
 
 #endif

@@ -12,6 +12,7 @@
 #include "../base/alloc.h"
 #include "../base/buf.h"
 #include "../base/clock.h"
+#include "../json/jsonr.h"
 
 #include <string.h>
 #include <strings.h>
@@ -269,7 +270,7 @@ static void perform(amp_forward_http *h, const char *url, const char *const *hea
     reply->too_large = h->too_large;
     if (!h->too_large && h->body.len > 0) {
         json_error_t jerr;
-        reply->body = json_loadb(h->body.data, h->body.len, 0, &jerr);
+        reply->body = amp_json_loadb(h->body.data, h->body.len, 0, &jerr);
     }
     /* A big buffer from one odd answer should not stay with the worker. */
     if (h->body.cap > 64 * 1024)

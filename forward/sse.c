@@ -19,6 +19,7 @@
 #include "forward_int.h"
 #include "../base/alloc.h"
 #include "../base/buf.h"
+#include "../json/jsonr.h"
 
 #include <string.h>
 
@@ -102,7 +103,7 @@ static void dispatch(amp_forward_sse *p) {
         return;
     }
     json_error_t jerr;
-    json_t *ev = json_loadb(p->data.data, p->data.len, 0, &jerr);
+    json_t *ev = amp_json_loadb(p->data.data, p->data.len, 0, &jerr);
     amp_buf_reset(&p->data);
     if (!json_is_object(ev)) {
         json_decref(ev); /* not JSON: nothing Dify documents; skip it */

@@ -29,6 +29,9 @@ struct amp_handlers {
     amp_metrics *metrics;
     amp_series *ingest_seconds;
     amp_series *events_accepted, *events_duplicate, *events_filtered, *events_rejected;
+    /* amp2dify_http_requests_total for 200 and 202, looked up on first use
+     * (a series shows in /metrics from its first request, as every code's). */
+    _Atomic(amp_series *) http_200, http_202;
     atomic_bool draining;
     atomic_int open;      /* requests admitted (begun before draining), not yet completed */
     atomic_int suspended; /* of those, connections waiting for the spool's answer */
@@ -72,6 +75,8 @@ enum MHD_Result amp_handlers_reply_json(amp_req *r, unsigned status,
                                         json_t *body /* takes ownership */);
 enum MHD_Result amp_handlers_reply_error(amp_req *r, unsigned status, const char *code,
                                          const char *detail);
+/* The same for a body already written as JSON text (malloc'd; taken). */
+enum MHD_Result amp_handlers_reply_text(amp_req *r, unsigned status, char *text);
 /* Like amp_handlers_reply_error, with one extra header (e.g. Allow). */
 enum MHD_Result amp_handlers_reply_error_hdr(amp_req *r, unsigned status, const char *code,
                                              const char *detail, const char *hname,

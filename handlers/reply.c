@@ -33,6 +33,10 @@ static enum MHD_Result reply_json_hdr(amp_req *r, unsigned status, json_t *body,
     return queue(r, status, text, hname, hvalue);
 }
 
+enum MHD_Result amp_handlers_reply_text(amp_req *r, unsigned status, char *text) {
+    return text ? queue(r, status, text, NULL, NULL) : MHD_NO;
+}
+
 enum MHD_Result amp_handlers_reply_json(amp_req *r, unsigned status, json_t *body) {
     return reply_json_hdr(r, status, body, NULL, NULL);
 }

@@ -19,6 +19,10 @@
  *   503 {"code":503,"error":"..."}         not stored (spool full or failing,
  *        shutting down): the SDK sends again
  *
+ * With sources.sdk.tee, every accepted event is also stored as a job sent on
+ * to Amplitude (the reports' sink, forward/report.c), in the same batch, so
+ * amp2dify can sit in front of Amplitude.
+ *
  * Authentication is the request's own api_key, checked against
  * AMP2DIFY_SDK_API_KEYS (a scheme of its own; the webhook's signature is not
  * asked for). The connection is suspended while the spool commits, as for
@@ -167,7 +171,8 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
         amp_source_input in = {.events = events,
                                .mapper = cfg->mapper,
                                .max_events = cfg->listen.max_events,
-                               .message_key = NULL};
+                               .message_key = NULL,
+                               .tee_app = cfg->sources.sdk.tee ? AMP_MAP_AMPLITUDE_APP : NULL};
         batch = amp_source_batch(&in, &r->filtered, detail, sizeof detail);
         size_t idx;
         if (!batch) {
@@ -187,7 +192,9 @@ enum MHD_Result amp_handlers_sdk_finish(amp_handlers *h, amp_req *r) {
     json_decref(missing);
     json_decref(root);
     r->nevents = n;
-    if (r->filtered == n) {
+    if (cfg->sources.sdk.tee)
+        r->filtered = 0;                      /* stored all the same, sent on to Amplitude */
+    if (amp_queue_batch_events(batch) == 0) { /* every event filtered, no tee */
         amp_queue_batch_destroy(batch);
         r->result = (amp_queue_result){0};
         return answer_stored(r);

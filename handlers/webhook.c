@@ -15,6 +15,7 @@
 
 #include "../mapping/mapping.h"
 #include "../sources/source.h"
+#include "../base/alloc.h"
 #include "../base/log.h"
 #include "handlers_int.h"
 #include "../base/parse.h"
@@ -87,10 +88,12 @@ static enum MHD_Result answer_stored(amp_req *r) {
     if (!amp_handlers_stored_ok(r))
         return amp_handlers_reply_unavailable(
             r, res->error ? res->error : "the spool is unavailable", RETRY_SOON_S);
-    return amp_handlers_reply_json(r, MHD_HTTP_ACCEPTED,
-                                   json_pack("{s:i, s:i, s:i}", "accepted", (int)res->accepted,
-                                             "duplicates", (int)res->duplicates, "filtered",
-                                             (int)r->filtered));
+    /* Written directly: the same bytes as the compact dump of these three
+     * integers, without building them as jansson values on every request. */
+    return amp_handlers_reply_text(
+        r, MHD_HTTP_ACCEPTED,
+        amp_xasprintf("{\"accepted\":%d,\"duplicates\":%d,\"filtered\":%d}", (int)res->accepted,
+                      (int)res->duplicates, (int)r->filtered));
 }
 
 /* The webhook as a source: its events through every route into one batch

@@ -642,3 +642,17 @@ fail:
     parser_free(&ps);
     return NULL;
 }
+
+json_t *amp_json_loadb(const char *s, size_t len, size_t flags, json_error_t *err) {
+    if ((flags & ~(size_t)(JSON_REJECT_DUPLICATES | JSON_DECODE_ANY)) == 0) {
+        json_t *v = amp_json_parse(s, len);
+        /* This reader takes any value at the top and refuses duplicate keys;
+         * jansson without JSON_DECODE_ANY refuses a bare scalar (it then
+         * says why), and without JSON_REJECT_DUPLICATES takes duplicates
+         * (the reader's NULL sends those texts to it). */
+        if (v && ((flags & JSON_DECODE_ANY) || json_is_object(v) || json_is_array(v)))
+            return v;
+        json_decref(v);
+    }
+    return json_loadb(s, len, flags, err);
+}

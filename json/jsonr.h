@@ -33,4 +33,10 @@
  * NUL-terminated and is borrowed; NULL or len 0 give NULL. */
 json_t *amp_json_parse(const char *s, size_t len);
 
+/* json_loadb(s, len, flags, err), with amp_json_parse tried first: the same
+ * value or the same failure (and error message), for flags made of
+ * JSON_REJECT_DUPLICATES and JSON_DECODE_ANY (any other flag goes straight
+ * to json_loadb). err is written only on failure. Caller owns the result. */
+json_t *amp_json_loadb(const char *s, size_t len, size_t flags, json_error_t *err);
+
 #endif

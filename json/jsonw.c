@@ -345,17 +345,32 @@ static int write_value(jw *w, const json_t *v, int depth) {
     return -1;
 }
 
-int amp_json_write(amp_buf *out, const json_t *v) {
+/* The cursor at the end of out; an empty buffer gets its first allocation
+ * here so the cursor always points into one. */
+static jw cursor(amp_buf *out) {
     if (!out->data) {
-        /* An empty buffer gets its first allocation here so the cursor
-         * always points into one. */
         size_t limit = out->max < SIZE_MAX ? out->max + 1 : SIZE_MAX;
         out->cap = FIRST_CAP < limit ? FIRST_CAP : limit;
         out->data = amp_xmalloc(out->cap);
         out->len = 0;
         out->data[0] = '\0';
     }
-    jw w = {out, out->data + out->len, out->data + usable(out)};
+    return (jw){out, out->data + out->len, out->data + usable(out)};
+}
+
+int amp_json_write_string(amp_buf *out, const char *s, size_t n) {
+    jw w = cursor(out);
+    if (write_string(&w, s, n) != 0) {
+        out->data[out->len] = '\0';
+        return -1;
+    }
+    out->len = (size_t)(w.p - out->data);
+    *w.p = '\0';
+    return 0;
+}
+
+int amp_json_write(amp_buf *out, const json_t *v) {
+    jw w = cursor(out);
     if (write_value(&w, v, 0) != 0) {
         out->data[out->len] = '\0';
         return -1;

@@ -33,6 +33,11 @@
  * overwritten. v is borrowed. */
 int amp_json_write(amp_buf *out, const json_t *v);
 
+/* Appends s[0..n) as a JSON string, quoted and escaped exactly as
+ * amp_json_write writes a string value. 0; -1 when s is not valid UTF-8 or
+ * out would grow beyond its max (out then keeps its length, as above). */
+int amp_json_write_string(amp_buf *out, const char *s, size_t n);
+
 /* The same as a NUL-terminated string; caller owns (free()). NULL when v
  * cannot be encoded. Aborts on out-of-memory (amp_x* allocators). v is
  * borrowed. */

@@ -35,6 +35,7 @@ typedef struct route {
     amp_tmpl *query; /* NULL: no query (chat gets "{{event_type}}") */
     amp_tmpl *user;  /* NULL: user_id, else device_id */
     bool per_user;
+    amp_map_report report; /* event_type NULL: no report */
 } route;
 
 struct amp_mapper {
@@ -64,6 +65,44 @@ char *amp_map_app_path(const amp_app *app) {
     return amp_xstrdup(amp_map_endpoint_path(app->endpoint));
 }
 
+/* ---- reports ---------------------------------------------------------- */
+
+struct amp_map_props {
+    char **names;
+    amp_tmpl **tmpls;
+    size_t n;
+};
+
+static void props_free(amp_map_props *p) {
+    if (!p)
+        return;
+    for (size_t i = 0; i < p->n; i++) {
+        free(p->names[i]);
+        amp_map_tmpl_free(p->tmpls[i]);
+    }
+    free(p->names);
+    free(p->tmpls);
+    free(p);
+}
+
+static void report_clear(amp_map_report *r) {
+    free(r->event_type);
+    props_free(r->props);
+    memset(r, 0, sizeof *r);
+}
+
+json_t *amp_map_report_properties(const amp_map_report *spec, const json_t *fields) {
+    if (!spec->props)
+        return NULL;
+    json_t *out = json_object();
+    for (size_t i = 0; i < spec->props->n; i++) {
+        json_t *v = amp_map_tmpl_value(spec->props->tmpls[i], fields, NULL);
+        if (v)
+            json_object_set_new(out, spec->props->names[i], v);
+    }
+    return out;
+}
+
 static void free_route(route *r) {
     free(r->name);
     free(r->label);
@@ -77,6 +116,7 @@ static void free_route(route *r) {
     free(r->rules);
     amp_map_tmpl_free(r->query);
     amp_map_tmpl_free(r->user);
+    report_clear(&r->report);
 }
 
 void amp_mapper_destroy(amp_mapper *m) {
@@ -87,12 +127,37 @@ void amp_mapper_destroy(amp_mapper *m) {
         free((char *)m->apps[i].api_key_env);
         free((char *)m->apps[i].api_key_file);
         free((char *)m->apps[i].workflow_id);
+        if (m->apps[i].report) {
+            report_clear(m->apps[i].report);
+            free(m->apps[i].report);
+        }
     }
     free(m->apps);
     for (size_t i = 0; i < m->nroutes; i++)
         free_route(&m->routes[i]);
     free(m->routes);
     free(m);
+}
+
+const amp_map_report *amp_mapper_report(const amp_mapper *m, const char *route_name,
+                                        const char *app_name) {
+    for (size_t i = 0; m && route_name && i < m->nroutes; i++)
+        if (m->routes[i].report.event_type && strcmp(m->routes[i].name, route_name) == 0)
+            return &m->routes[i].report;
+    for (size_t i = 0; m && app_name && i < m->napps; i++)
+        if (m->apps[i].report && strcmp(m->apps[i].name, app_name) == 0)
+            return m->apps[i].report;
+    return NULL;
+}
+
+bool amp_mapper_any_report(const amp_mapper *m) {
+    for (size_t i = 0; m && i < m->nroutes; i++)
+        if (m->routes[i].report.event_type)
+            return true;
+    for (size_t i = 0; m && i < m->napps; i++)
+        if (m->apps[i].report)
+            return true;
+    return false;
 }
 
 size_t amp_mapper_app_count(const amp_mapper *m) {
@@ -189,6 +254,8 @@ static void check_workflow_id(const amp_json_schema_at *at) {
 
 static const char *const mode_names[] = {"blocking", "streaming", NULL};
 
+static void set_app_report(const amp_json_schema_at *at);
+
 #define APP_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_app, m)
 #define DELIVERY AMP_JSON_SCHEMA_RESTART_DELIVERY
 
@@ -248,6 +315,11 @@ static const amp_json_schema_row app_rows[] = {
      .item_expect = "a workflow version id (a UUID, from the app's published versions)",
      .check = check_workflow_id,
      .doc = "none: the latest published version"},
+    {.key = "report",
+     .type = AMP_JSON_SCHEMA_OBJECT,
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     .expect = "an object such as {\"event_type\": \"dify_response\"}",
+     .set = set_app_report},
     {.key = NULL},
 };
 
@@ -261,6 +333,10 @@ static void compile_app(amp_app *a, const char *name, const json_t *spec, const 
     amp_json_schema_defaults(app_rows, a);
     if (!*name)
         amp_json_schema_error(errs, path, "an empty name", "a non-empty app name");
+    else if (*name == '@')
+        amp_json_schema_error(errs, path, "a name starting with '@'",
+                              "an app name without a leading '@' (kept for amp2dify's own "
+                              "destinations, such as " AMP_MAP_AMPLITUDE_APP ")");
     if (!json_is_object(spec)) {
         amp_json_schema_error(errs, path, amp_json_schema_kind(spec), "an app object");
         return;
@@ -501,6 +577,78 @@ static void check_conversation(const amp_json_schema_at *at) {
 
 static const char *const conv_names[] = {"none", "per_user", NULL};
 
+#define REPORT_FIELD(m) AMP_JSON_SCHEMA_FIELD(amp_map_report, m)
+
+#define REPORT_PROP_EXPECT                                                                         \
+    "a template string such as \"{{status}}\" or \"{{event.user_properties.plan}}\""
+
+/* "properties": {name: template}, compiled with the routes' templates. */
+static void set_report_props(const amp_json_schema_at *at) {
+    amp_map_report *r = at->target;
+    amp_map_props *p = amp_xcalloc(1, sizeof *p);
+    size_t n = json_object_size(at->value);
+    p->names = amp_xcalloc(n ? n : 1, sizeof *p->names);
+    p->tmpls = amp_xcalloc(n ? n : 1, sizeof *p->tmpls);
+    const char *name;
+    json_t *v;
+    json_object_foreach((json_t *)at->value, name, v) {
+        char *path = amp_json_path_key(at->path, name);
+        if (!*name) {
+            amp_json_schema_error(at->errs, path, "an empty name", "a non-empty property name");
+        } else if (!json_is_string(v)) {
+            amp_json_schema_error(at->errs, path, amp_json_schema_kind(v), REPORT_PROP_EXPECT);
+        } else {
+            amp_tmpl *t = amp_map_tmpl_compile(json_string_value(v), path, at->errs);
+            if (t) {
+                p->names[p->n] = amp_xstrdup(name);
+                p->tmpls[p->n++] = t;
+            }
+        }
+        free(path);
+    }
+    r->props = p;
+}
+
+/* The keys of a route's or app's "report". */
+static const amp_json_schema_row report_rows[] = {
+    {.key = "event_type",
+     .type = AMP_JSON_SCHEMA_STRING,
+     .def = AMP_MAP_REPORT_EVENT_TYPE,
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     REPORT_FIELD(event_type)},
+    {.key = "answer_chars",
+     .type = AMP_JSON_SCHEMA_INT,
+     .min = 0,
+     .max = 4096,
+     .def = "200",
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     REPORT_FIELD(answer_chars)},
+    {.key = "properties",
+     .type = AMP_JSON_SCHEMA_OBJECT,
+     .reload = AMP_JSON_SCHEMA_LIVE,
+     .expect = "an object of property names and templates, e.g. {\"ai_status\": \"{{status}}\"}",
+     .set = set_report_props},
+    {.key = NULL},
+};
+
+static void read_report(amp_map_report *r, const amp_json_schema_at *at) {
+    amp_json_schema_defaults(report_rows, r);
+    amp_json_schema_read(report_rows, at->value, at->path, r, NULL, at->errs);
+    if (!r->event_type)
+        r->event_type = amp_xstrdup(AMP_MAP_REPORT_EVENT_TYPE);
+}
+
+static void set_report(const amp_json_schema_at *at) {
+    route *r = at->target;
+    read_report(&r->report, at);
+}
+
+static void set_app_report(const amp_json_schema_at *at) {
+    amp_app *a = at->target;
+    a->report = amp_xcalloc(1, sizeof *a->report);
+    read_report(a->report, at);
+}
+
 #define ROUTE_FIELD(m) AMP_JSON_SCHEMA_FIELD(route, m)
 #define TEMPLATE_EXPECT "a template string such as \"{{event_type}}\""
 #define LIVE AMP_JSON_SCHEMA_LIVE
@@ -545,6 +693,11 @@ static const amp_json_schema_row route_rows[] = {
      .reload = LIVE,
      ROUTE_FIELD(per_user),
      .check = check_conversation},
+    {.key = "report",
+     .type = AMP_JSON_SCHEMA_OBJECT,
+     .reload = LIVE,
+     .expect = "an object such as {\"event_type\": \"dify_response\"}",
+     .set = set_report},
     {.key = NULL},
 };
 
@@ -818,9 +971,11 @@ static json_t *build(const amp_mapper *m, const route *r, const json_t *event, a
             v = json_deep_copy(ru->value);
         } else {
             v = amp_map_path_get(&ru->source, event);
-            /* Containers are copied so a body never shares state with the event. */
+            /* Shared with the event, not copied: amp_map_path_set copies a
+             * shared object before writing into it, so the event (and any
+             * other body) never changes. */
             if (v)
-                v = json_is_object(v) || json_is_array(v) ? json_deep_copy(v) : json_incref(v);
+                v = json_incref(v);
         }
         if (ru->xf) {
             const char *why;
@@ -900,6 +1055,7 @@ int amp_mapper_apply(const amp_mapper *m, const json_t *event, amp_map_emit_fn e
                 .user = json_string_value(json_object_get(p[i].body, "user")),
                 .per_user = r->per_user,
                 .body = p[i].body,
+                .source = r->report.event_type || m->apps[r->app].report ? event : NULL,
             };
             emit(ctx, &req);
         }

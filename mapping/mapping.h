@@ -74,6 +74,27 @@ const char *amp_map_endpoint_path(amp_endpoint e);
 #define AMP_DEFAULT_API_KEY_ENV "DIFY_API_KEY"
 
 /* One entry of "apps", read-only, owned by the mapper. */
+/* The destination of jobs sent back to Amplitude (reports, the SDK tee):
+ * never an app of the config. */
+#define AMP_MAP_AMPLITUDE_APP "@amplitude"
+
+/* A route's or app's "report": after each of its deliveries reaches its
+ * final state, an Amplitude event is sent back (forward/report.c). */
+#define AMP_MAP_REPORT_EVENT_TYPE "dify_response"
+typedef struct amp_map_props amp_map_props; /* compiled "properties" templates */
+typedef struct amp_map_report {
+    char *event_type;      /* the reported event's event_type */
+    unsigned answer_chars; /* characters of Dify's answer kept, 0..4096 */
+    amp_map_props *props;  /* NULL: the default event properties */
+} amp_map_report;
+
+/* The report's event_properties: each "properties" template rendered over
+ * fields (borrowed: the delivery's result fields, the source event under
+ * "event"). A template that is one lone {{field}} keeps the field's JSON
+ * type (a number stays a number; missing: null, left out); any other
+ * renders as a string. NULL when spec has no "properties". Caller owns. */
+json_t *amp_map_report_properties(const amp_map_report *spec, const json_t *fields);
+
 typedef struct amp_app {
     const char *name;
     const char *api_key_env;  /* NULL when api_key_file is used; see above */
@@ -86,6 +107,7 @@ typedef struct amp_app {
     const char *workflow_id; /* a published version to run (workflow: POST
                                 {base}/workflows/{id}/run; chat: the chatflow body's
                                 "workflow_id"), or NULL for the latest */
+    amp_map_report *report;  /* the app's "report", or NULL (a route's overrides it) */
 } amp_app;
 
 /* The path an app posts to under its base URL: its endpoint's, or
@@ -113,6 +135,14 @@ typedef struct amp_mapper amp_mapper;
 amp_mapper *amp_mapper_compile(const json_t *apps, const json_t *routes, amp_errs *errs);
 void amp_mapper_destroy(amp_mapper *m); /* accepts NULL */
 
+/* The report of the route named route_name, else of the app named
+ * app_name (a route's report overrides its app's), or NULL when neither
+ * has one. Borrowed from m. */
+const amp_map_report *amp_mapper_report(const amp_mapper *m, const char *route_name,
+                                        const char *app_name);
+/* Whether any route or app has a report. */
+bool amp_mapper_any_report(const amp_mapper *m);
+
 size_t amp_mapper_app_count(const amp_mapper *m);
 const amp_app *amp_mapper_app(const amp_mapper *m, size_t i); /* borrowed */
 
@@ -135,9 +165,11 @@ void amp_mapper_check_app(const amp_mapper *m, size_t i, const char *mode, const
 typedef struct amp_map_request {
     const char *route;
     const amp_app *app;
-    const char *user; /* the body's "user" */
-    bool per_user;    /* route has "conversation": "per_user" */
-    json_t *body;     /* {"inputs","query"(chat/completion),"user","response_mode"} */
+    const char *user;     /* the body's "user" */
+    bool per_user;        /* route has "conversation": "per_user" */
+    json_t *body;         /* {"inputs","query"(chat/completion),"user","response_mode"} */
+    const json_t *source; /* the event, when the route or its app has a report (its
+                             user_id, device_id and fields go into the report); else NULL */
 } amp_map_request;
 
 typedef void (*amp_map_emit_fn)(void *ctx, const amp_map_request *req);

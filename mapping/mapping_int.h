@@ -51,7 +51,10 @@ void amp_map_path_free(amp_path *p); /* accepts a zeroed path */
 /* The value at p inside root (borrowed), or NULL when any step is missing. */
 json_t *amp_map_path_get(const amp_path *p, const json_t *root);
 /* Set root.<p> = value, creating intermediate objects (takes ownership of
- * value). -1 when an intermediate step exists and is not an object. */
+ * value). An intermediate object that is shared (referenced more than once:
+ * a mapped value is the event's own object) is replaced by a shallow copy
+ * before it is written into, so no other tree changes. -1 when an
+ * intermediate step exists and is not an object. */
 int amp_map_path_set(const amp_path *p, json_t *root, json_t *value);
 
 /* ---- values ---------------------------------------------------------- */
@@ -108,5 +111,9 @@ void amp_map_tmpl_free(amp_tmpl *t); /* accepts NULL */
  * {{inputs.path}} reads inputs; missing or null values render as "". */
 void amp_map_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *inputs,
                          amp_buf *out);
+/* The value of t: when t is one lone field, that field's value (a new
+ * reference; NULL when missing or null); else the rendering as a JSON
+ * string (capped like a render). */
+json_t *amp_map_tmpl_value(const amp_tmpl *t, const json_t *event, const json_t *inputs);
 
 #endif

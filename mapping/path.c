@@ -163,6 +163,14 @@ int amp_map_path_set(const amp_path *p, json_t *root, json_t *value) {
         } else if (!json_is_object(next)) {
             json_decref(value);
             return -1;
+        } else if (next->refcount > 1) {
+            /* Shared (a mapped value is the event's own object): write into
+             * a copy of this level instead; its members are shared in turn,
+             * and copied the same way if the path goes deeper. */
+            json_t *own = json_copy(next);
+            if (!own || json_object_set_new(cur, p->segs[i].key, own) != 0)
+                abort();
+            next = own;
         }
         cur = next;
     }

@@ -149,3 +149,20 @@ void amp_map_tmpl_render(const amp_tmpl *t, const json_t *event, const json_t *i
             return;
     }
 }
+
+json_t *amp_map_tmpl_value(const amp_tmpl *t, const json_t *event, const json_t *inputs) {
+    if (t->nsegs == 1 && !t->segs[0].lit) {
+        const tseg *s = &t->segs[0];
+        json_t *v = s->from_inputs && s->path.nsegs == 0
+                        ? (json_t *)inputs
+                        : amp_map_path_get(&s->path, s->from_inputs ? inputs : event);
+        return v && !json_is_null(v) ? json_incref(v) : NULL;
+    }
+    amp_buf out;
+    amp_buf_init(&out, AMP_TEMPLATE_MAX_BYTES);
+    amp_buf_append(&out, "", 0);
+    amp_map_tmpl_render(t, event, inputs, &out);
+    json_t *v = json_stringn(out.data ? out.data : "", out.len);
+    amp_buf_free(&out);
+    return v;
+}

@@ -202,6 +202,7 @@ void amp_queue_job_free(amp_queue_job *j) {
     free(j->dedupe_key);
     free(j->conversation_id);
     free(j->run_id);
+    free(j->source);
     free(j);
 }
 
@@ -233,6 +234,7 @@ void amp_queue_batch_destroy(amp_queue_batch *b) {
         free((char *)b->reqs[i].app);
         free((char *)b->reqs[i].user);
         free((char *)b->reqs[i].body);
+        free((char *)b->reqs[i].source);
     }
     free(b->events);
     free(b->reqs);
@@ -262,6 +264,13 @@ void amp_queue_batch_request(amp_queue_batch *b, const char *route, const char *
                                               .body = amp_xstrdup(body_json),
                                               .per_user = per_user};
     b->events[b->nevents - 1].nreq++;
+}
+
+void amp_queue_batch_source(amp_queue_batch *b, const char *source_json) {
+    if (b->nreqs == 0)
+        return;
+    free((char *)b->reqs[b->nreqs - 1].source);
+    b->reqs[b->nreqs - 1].source = amp_xstrdup(source_json);
 }
 
 size_t amp_queue_batch_events(const amp_queue_batch *b) {

@@ -53,6 +53,9 @@ void amp_queue_batch_event(amp_queue_batch *b, const char *dedupe_key);
 /* One Dify request for the current event. All strings copied. */
 void amp_queue_batch_request(amp_queue_batch *b, const char *route, const char *app,
                              const char *user, bool per_user, const char *body_json);
+/* The source event (JSON text, copied) of the last request added, kept with
+ * its job for a report (amp_queue_job.source). Only after a request. */
+void amp_queue_batch_source(amp_queue_batch *b, const char *source_json);
 
 typedef struct amp_queue_result {
     int status;          /* 0 stored; -1 not stored (see error) */
@@ -92,6 +95,7 @@ typedef struct amp_queue_job {
                            connection to (set by a RETRY ack's run_id), or NULL */
     int attempts;       /* attempts made before this one */
     int64_t created_ms; /* start of the current schedule: stored, or replayed */
+    char *source;       /* the source event's JSON when its route reports, else NULL */
 } amp_queue_job;
 
 void amp_queue_job_free(amp_queue_job *j); /* accepts NULL */
@@ -295,6 +299,7 @@ amp_queue *amp_queue_create(const amp_queue_ops *ops, void *e, int nshards);
 typedef struct amp_queue_request {
     const char *route, *app, *user, *body;
     bool per_user;
+    const char *source; /* NULL: none (amp_queue_batch_source) */
 } amp_queue_request;
 
 /* Number of events in b. */

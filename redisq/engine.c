@@ -163,6 +163,7 @@ static void submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ct
             amp_redisq_args_str(&a, reqs[r].user);
             amp_redisq_args_str(&a, reqs[r].per_user ? "1" : "0");
             amp_redisq_args_str(&a, reqs[r].body);
+            amp_redisq_args_str(&a, reqs[r].source ? reqs[r].source : "");
         }
     }
     submission *s = amp_xcalloc(1, sizeof *s);
@@ -297,6 +298,7 @@ static int claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_
                 jr->element[7]->type == REDIS_REPLY_STRING ? atoi(jr->element[7]->str) : 0;
             job->conversation_id = nonempty(jr->element[8]);
             job->run_id = jr->elements > 9 ? nonempty(jr->element[9]) : NULL;
+            job->source = jr->elements > 10 ? nonempty(jr->element[10]) : NULL;
             job->created_ms = job->id >> 20;
             jobs[n++] = job;
             got++;

@@ -9,8 +9,8 @@
 
 /* ARGV: prefix, dedupe window s, number of events; then per event: key ("":
  * none), number of requests; then per request: shard, route, app, user,
- * per_user ("1"/"0"), body. Publishes the shards written to on "wake".
- * Returns {accepted, duplicates}. */
+ * per_user ("1"/"0"), body, source event ("": none). Publishes the shards
+ * written to on "wake". Returns {accepted, duplicates}. */
 static const char accept_lua[] =
     "#!lua\n"
     "local p, win, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])\n"
@@ -27,13 +27,13 @@ static const char accept_lua[] =
     "    for r = 1, nreq do\n"
     "      redis.call('XADD', p .. ARGV[i] .. ':stream', '*', 'route', ARGV[i + 1], 'app',\n"
     "                 ARGV[i + 2], 'user', ARGV[i + 3], 'per_user', ARGV[i + 4], 'body',\n"
-    "                 ARGV[i + 5], 'key', key)\n"
+    "                 ARGV[i + 5], 'key', key, 'source', ARGV[i + 6])\n"
     "      if not touched[ARGV[i]] then touched[ARGV[i]] = true; list[#list + 1] = ARGV[i] end\n"
-    "      i = i + 6\n"
+    "      i = i + 7\n"
     "    end\n"
     "    acc = acc + 1\n"
     "  else\n"
-    "    i = i + 6 * nreq\n"
+    "    i = i + 7 * nreq\n"
     "    dup = dup + 1\n"
     "  end\n"
     "end\n"
@@ -97,7 +97,7 @@ static const char release_lua[] = "#!lua\n"
  * {shard, 0} when the lease is not the caller's, else {shard, 1, next due
  * ms ("-1": none; now when more may be due), jobs}, a job being {id, route,
  * app, user, per_user, body, key, attempts, conversation id or "", the run
- * id a retry left in <s>:run or ""}. */
+ * id a retry left in <s>:run or "", the source event or ""}. */
 static const char claim_lua[] =
     "#!lua\n"
     "local p, now, left, tag = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]\n"
@@ -149,7 +149,7 @@ static const char claim_lua[] =
     "or ''\n"
     "          local run = redis.call('HGET', pre .. 'run', id) or ''\n"
     "          jobs[#jobs + 1] = {id, f.route, f.app, f.user, f.per_user, f.body, f.key, att, "
-    "conv, run}\n"
+    "conv, run, f.source or ''}\n"
     "        end\n"
     "      end\n"
     "      left = left - #jobs\n"
@@ -236,8 +236,8 @@ static const char ack_lua[] =
     "local att = tonumber(redis.call('HGET', pre .. 'meta', id) or '0') + 1\n"
     "if kind == 'dead' or kind == 'waiting' then\n"
     "  redis.call('XADD', p .. kind, '*', 'shard', s, 'route', f.route, 'app', f.app, 'user',\n"
-    "             f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key, 'status', "
-    "ARGV[8],\n"
+    "             f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key, 'source',\n"
+    "             f.source or '', 'status', ARGV[8],\n"
     "             'code', ARGV[9], 'message', ARGV[10], 'attempts', att, 'created_ms',\n"
     "             string.match(id, '^(%d+)'), 'result', result)\n"
     "else\n"
@@ -269,7 +269,8 @@ static const char replay_lua[] =
     "    local f = {}\n"
     "    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end\n"
     "    redis.call('XADD', p .. ARGV[i + 1] .. ':stream', '*', 'route', f.route, 'app', f.app,\n"
-    "               'user', f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key)\n"
+    "               'user', f.user, 'per_user', f.per_user, 'body', f.body, 'key', f.key,\n"
+    "               'source', f.source or '')\n"
     "    redis.call('XDEL', from, ARGV[i])\n"
     "    n = n + 1\n"
     "  end\n"

@@ -280,9 +280,12 @@ static void take_line(run *r, const char *line, size_t len, const char *part, in
         size_t nreqs;
         const char *key = amp_queue_batch_event_at(one, 0, &reqs, &nreqs);
         amp_queue_batch_event(*b, key);
-        for (size_t i = 0; i < nreqs; i++)
+        for (size_t i = 0; i < nreqs; i++) {
             amp_queue_batch_request(*b, reqs[i].route, reqs[i].app, reqs[i].user, reqs[i].per_user,
                                     reqs[i].body);
+            if (reqs[i].source)
+                amp_queue_batch_source(*b, reqs[i].source);
+        }
     }
     amp_queue_batch_destroy(one);
 }

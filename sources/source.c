@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "../json/jsonw.h"
 
@@ -30,6 +31,43 @@ static void emit(void *ctx, const amp_map_request *req) {
         amp_queue_batch_event(e->batch, e->dedupe_key);
     amp_queue_batch_request(e->batch, req->route, req->app->name, req->user, req->per_user, body);
     free(body);
+    if (req->source) {
+        char *src = amp_json_dumps(req->source);
+        if (!src)
+            abort();
+        amp_queue_batch_source(e->batch, src);
+        free(src);
+    }
+}
+
+/* The tee's job of one event: the event as it came, with an insert_id. */
+static void tee(amp_queue_batch *batch, const amp_source_input *in, const json_t *ev,
+                const char *key, bool event_added) {
+    if (!event_added)
+        amp_queue_batch_event(batch, key);
+    json_t *copy = json_copy((json_t *)ev);
+    if (!copy)
+        abort();
+    const char *iid = json_string_value(json_object_get(copy, "insert_id"));
+    if (!iid || !*iid) {
+        unsigned char r[16];
+        if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
+            abort(); /* the kernel's generator does not fail for 16 bytes */
+        char id[9 + 33] = "amp2dify-";
+        for (size_t i = 0; i < sizeof r; i++)
+            snprintf(id + 9 + 2 * i, 3, "%02x", r[i]);
+        json_object_set_new(copy, "insert_id", json_string(id));
+    }
+    const char *user = json_string_value(json_object_get(copy, "user_id"));
+    if (!user || !*user)
+        user = json_string_value(json_object_get(copy, "device_id"));
+    char *body = amp_json_dumps(copy);
+    if (!body)
+        abort();
+    amp_queue_batch_request(batch, AMP_SOURCE_TEE_ROUTE, in->tee_app, user ? user : "", false,
+                            body);
+    free(body);
+    json_decref(copy);
 }
 
 amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,
@@ -62,6 +100,8 @@ amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered
             return NULL;
         }
         *filtered += e.nreq == 0;
+        if (in->tee_app)
+            tee(batch, in, ev, key, e.nreq > 0);
     }
     return batch;
 }

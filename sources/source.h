@@ -33,11 +33,22 @@ typedef struct amp_source_input {
      * ("webhook-id:msg_1"). NULL or "": such events are never duplicates.
      * Borrowed. */
     const char *message_key;
+    /* Non-NULL: every event (taken by a route or not) is also stored, in
+     * the same event of the batch (one dedupe key: a repeat stores neither),
+     * as a job of this app (AMP_MAP_AMPLITUDE_APP: sent on to Amplitude),
+     * route AMP_SOURCE_TEE_ROUTE, user its user_id else device_id, body the
+     * event itself with its insert_id (one is added to an event without:
+     * "amp2dify-" and 32 random hex digits, so resends are one event).
+     * Borrowed. */
+    const char *tee_app;
 } amp_source_input;
+
+#define AMP_SOURCE_TEE_ROUTE "@tee"
 
 /* Every route applied to every event, into one batch (caller owns: submit it
  * to the queue or destroy it). *filtered receives the number of events no
- * route took. NULL, with detail naming the event ("events[3]: ...") when
+ * route took (a tee still stores them: amp_queue_batch_events tells whether
+ * the batch holds anything). NULL, with detail naming the event ("events[3]: ...") when
  * there are too many events or a route finds one invalid: the caller then
  * refuses the whole input, so nothing is half stored. */
 amp_queue_batch *amp_source_batch(const amp_source_input *in, unsigned *filtered, char *detail,

@@ -218,7 +218,7 @@ static json_t *column(sqlite3_stmt *st, int i) {
 /* Rows one event may fan out to (one per route) that a lookup reads. */
 #define EVENT_ROWS_MAX 4096
 
-/* The dedupe row (schema v3; since v4 found by the key's hash, in
+/* The dedupe row (schema v3; since v5 found by the key's hash, in
  * dedupe_recent or dedupe, the latest sighting; the key itself is checked
  * against the rows' dedupe_key) gives the id of the event's first row; its
  * rows follow it (one committer inserts them one after the other). The

@@ -118,6 +118,7 @@ int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, si
         j->attempts = sqlite3_column_int(s->st_claim, 8);
         j->created_ms = sqlite3_column_int64(s->st_claim, 9);
         j->run_id = col_text(s->st_claim, 10);
+        j->source = col_text(s->st_claim, 11);
         amp_spool_idset_add(&s->claimed, id);
         jobs[n++] = j;
     }

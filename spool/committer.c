@@ -68,6 +68,7 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
             sqlite3_bind_text(s->st_insert, 5, q->user, -1, SQLITE_STATIC);
             sqlite3_bind_int(s->st_insert, 6, q->per_user);
             sqlite3_bind_text(s->st_insert, 7, q->body, -1, SQLITE_STATIC);
+            amp_spool_bind_text(s->st_insert, 8, q->source);
             if (amp_spool_step_done(s->st_insert))
                 goto fail;
             w->rows++;

@@ -1,7 +1,7 @@
 /* Dedupe keys (committer thread): recent keys in memory and in an
  * append-only table, merged into the hashed table in key order.
  *
- * A new key written straight into the dedupe table (schema v4: keyed by a
+ * A new key written straight into the dedupe table (schema v5: keyed by a
  * 64-bit hash) lands on a random page of it, and every commit writes each
  * page it changed to the log, each checkpoint back to the database: one
  * 4 KiB page per event, most of the spool's CPU per stored event. Instead a

@@ -54,7 +54,11 @@ static const char schema_v2[] =
  * events/s and 42.0 MB. */
 static const char schema_v3[] = "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;";
 
-/* v4: the dedupe table is keyed by a 64-bit hash of the key (see
+/* v4: a job of a route with a report keeps its source event (the report
+ * carries its user_id, device_id and fields); NULL for every other row. */
+static const char schema_v4[] = "ALTER TABLE deliveries ADD COLUMN source TEXT;";
+
+/* v5: the dedupe table is keyed by a 64-bit hash of the key (see
  * amp_spool_key_hash) as its rowid instead of the key's text, and new keys
  * are first appended to dedupe_recent, then merged into it in key order
  * (dedupe.c). Written straight into a table ordered by key, every new key
@@ -64,19 +68,19 @@ static const char schema_v3[] = "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;
  * without dedupe. Keys of the old table are carried over (two keys with one
  * hash keep the later sighting). The admin lookup still checks the key
  * itself against the rows' dedupe_key. */
-static const char schema_v4[] =
-    "CREATE TABLE dedupe_v4 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER);"
-    "INSERT INTO dedupe_v4(h, seen_ms, first_id) SELECT amp_key_hash(key), seen_ms, first_id "
+static const char schema_v5[] =
+    "CREATE TABLE dedupe_v5 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER);"
+    "INSERT INTO dedupe_v5(h, seen_ms, first_id) SELECT amp_key_hash(key), seen_ms, first_id "
     "  FROM dedupe WHERE true ORDER BY seen_ms "
     "  ON CONFLICT(h) DO UPDATE SET seen_ms = excluded.seen_ms, first_id = excluded.first_id;"
     "DROP TABLE dedupe;"
-    "ALTER TABLE dedupe_v4 RENAME TO dedupe;"
+    "ALTER TABLE dedupe_v5 RENAME TO dedupe;"
     "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
     "CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY, h INTEGER NOT NULL,"
     "  seen_ms INTEGER NOT NULL, first_id INTEGER);";
 
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5};
 
 int64_t amp_spool_key_hash(const char *key) {
     unsigned char md[SHA256_DIGEST_LENGTH];
@@ -219,7 +223,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
-         "body, due_ms) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)"},
+         "body, due_ms, source) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1, ?8)"},
         {s->wdb, &s->st_delivered,
          "UPDATE deliveries SET state = 1, attempts = attempts + 1, last_status = ?2, "
          "last_code = NULL, last_message = NULL, result = ?3, finished_ms = ?4 WHERE id = ?1"},
@@ -254,7 +258,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          * condition so that it can use the index. */
         {s->rdb, &s->st_claim,
          "SELECT d.id, d.route, d.app, d.user, d.body, d.dedupe_key, c.conversation_id, "
-         "d.per_user, d.attempts, d.schedule_ms, d.result FROM deliveries d "
+         "d.per_user, d.attempts, d.schedule_ms, d.result, d.source FROM deliveries d "
          "LEFT JOIN conversations c ON c.app = d.app AND c.user = d.user AND d.per_user "
          "WHERE d.state = 0 AND d.due_ms <= ?1 AND d.id <= ?3 AND NOT amp_claimed(d.id) "
          "AND (d.per_user = 0 OR NOT EXISTS ("

@@ -65,7 +65,7 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen);
  * operation an engine leaves out (queue/queue.h). Caller owns the handle. */
 amp_queue *amp_spool_open_admin(const amp_spool_opts *opts, char *err, size_t errlen);
 
-/* The dedupe table's key for an event key (schema v4): the first 64 bits of
+/* The dedupe table's key for an event key (schema v5): the first 64 bits of
  * its SHA-256, as a signed integer. For tools that fill a spool directly. */
 int64_t amp_spool_key_hash(const char *key);
 

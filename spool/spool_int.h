@@ -29,7 +29,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 4
+#define SCHEMA_VERSION 5
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */

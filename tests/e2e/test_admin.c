@@ -428,6 +428,19 @@ static json_t *app_state(const admin_srv *a, const char *app) {
     return st;
 }
 
+/* An app's state once its pending count is want (an acknowledgement is
+ * stored a moment after Dify has answered), or after 10 s, whatever it is. */
+static json_t *app_state_pending(const admin_srv *a, const char *app, json_int_t want) {
+    int64_t limit = h_mono_ms() + 10000;
+    json_t *st = app_state(a, app);
+    while (int_at(st, "pending") != want && h_mono_ms() < limit) {
+        json_decref(st);
+        h_sleep_ms(50);
+        st = app_state(a, app);
+    }
+    return st;
+}
+
 START_TEST(pause_resume_depth) {
     admin_srv a;
     start(&a, false);
@@ -449,14 +462,8 @@ START_TEST(pause_resume_depth) {
         post_event(&a, "e", "u", id);
     }
     /* Paused: nothing reaches Dify, and the five wait in the queue. */
-    int64_t end = h_mono_ms() + 10000;
-    json_int_t pending = 0;
-    while ((pending = int_at((st = app_state(&a, "support")), "pending")) < 5 &&
-           h_mono_ms() < end) {
-        json_decref(st);
-        h_sleep_ms(50);
-    }
-    ck_assert_int_eq(pending, 5);
+    st = app_state_pending(&a, "support", 5);
+    ck_assert_int_eq(int_at(st, "pending"), 5);
     ck_assert_int_gt(int_at(st, "oldest_pending_ms"), 0);
     json_decref(st);
     ck_assert_uint_eq(fake_dify_wait_arrived(a.f, 1, 1000), 0);
@@ -465,13 +472,8 @@ START_TEST(pause_resume_depth) {
     ck_assert(json_is_false(json_object_get(r->json, "paused")));
     h_resp_free(r);
     ck_assert_uint_eq(fake_dify_wait_delivered(a.f, 5, 10000), 5);
-    end = h_mono_ms() + 10000;
-    while ((pending = int_at((st = app_state(&a, "support")), "pending")) > 0 &&
-           h_mono_ms() < end) {
-        json_decref(st);
-        h_sleep_ms(50);
-    }
-    ck_assert_int_eq(pending, 0);
+    st = app_state_pending(&a, "support", 0);
+    ck_assert_int_eq(int_at(st, "pending"), 0);
     ck_assert(json_is_false(json_object_get(st, "paused")));
     json_decref(st);
 
@@ -557,7 +559,7 @@ START_TEST(pause_one_app_others_go_on) {
     ck_assert_int_eq(int_at(st, "pending"), 40);
     ck_assert(json_is_true(json_object_get(st, "paused")));
     json_decref(st);
-    st = app_state(&a, "beta");
+    st = app_state_pending(&a, "beta", 0);
     ck_assert_int_eq(int_at(st, "pending"), 0);
     ck_assert(json_is_false(json_object_get(st, "paused")));
     json_decref(st);

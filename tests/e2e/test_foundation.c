@@ -231,6 +231,13 @@ START_TEST(signed_event_reaches_dify) {
     assert_accepted(r, 1, 0, 0);
     h_resp_free(r);
     free(ev);
+    /* The access line: its fields in this order, nothing else. */
+    ck_assert(
+        h_server_log_wait(e.srv, "\"level\":\"info\",\"msg\":\"request\",\"request_id\":\"", 5000));
+    ck_assert(h_server_log_wait(e.srv,
+                                "\",\"client\":\"127.0.0.1\",\"status\":202,\"accepted\":1,"
+                                "\"duplicates\":0,\"filtered\":0,\"ms\":",
+                                5000));
 
     ck_assert_uint_eq(fake_dify_wait_delivered(e.fake, 1, DELIVERY_TIMEOUT_MS), 1);
     json_t *reqs = fake_dify_requests(e.fake);
@@ -328,6 +335,8 @@ START_TEST(bad_signatures_rejected) {
     r = h_post(e.srv, H_WEBHOOK, ev, (const char *)NULL);
     assert_error(r, 401, "missing_signature");
     h_resp_free(r);
+    ck_assert(h_server_log_wait(
+        e.srv, "\"status\":401,\"error\":\"missing_signature\",\"termination\":0,\"ms\":", 5000));
 
     char ts_h[64];
     snprintf(ts_h, sizeof(ts_h), "X-Amplitude-Timestamp: %lld", (long long)now);

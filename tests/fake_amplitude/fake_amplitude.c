@@ -46,7 +46,27 @@ struct fake_amplitude {
     unsigned delay_ms;
     char *file;
     json_t *requests;
+    /* HTTP V2 side */
+    char *api_key;
+    unsigned http_max_events; /* more in one request: 413 */
+    int http_statuses[MAX_STATUSES];
+    size_t nhttp_statuses;
+    json_t *throttled;     /* {"<user_id>": requests still throttled} */
+    json_t *silenced;      /* {"<device_id>": true} */
+    json_t *ingested;      /* events stored, one per insert_id */
+    json_t *seen_ids;      /* {"<insert_id>": true} */
+    json_t *http_requests; /* [{"status","events"}] */
+    unsigned duplicates;   /* events dropped as repeats of an insert_id */
+    bool count_only;       /* benchmarks: count 200s' events, store nothing */
+    uint64_t counted;
 };
+
+/* One connection's request body (the HTTP V2 side posts one). */
+typedef struct conn_body {
+    char *data;
+    size_t len;
+    bool too_large;
+} conn_body;
 
 /* ---- the data ------------------------------------------------------------ */
 
@@ -334,23 +354,194 @@ static enum MHD_Result export_answer(fake_amplitude *f, struct MHD_Connection *c
     return ret;
 }
 
+/* ---- HTTP V2 ------------------------------------------------------------ */
+
+/* Requests over this many bytes get 413, as Amplitude's do past 1 MB. */
+#define HTTP_MAX_BODY ((size_t)1024 * 1024)
+
+static enum MHD_Result send_json(struct MHD_Connection *c, unsigned status, json_t *body) {
+    char *text = json_dumps(body, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(body);
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+    MHD_add_response_header(r, "Content-Type", "application/json");
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static void add_index(json_t *obj, const char *field, size_t i) {
+    json_t *list = json_object_get(obj, field);
+    if (!list) {
+        list = json_array();
+        json_object_set_new(obj, field, list);
+    }
+    json_array_append_new(list, json_integer((json_int_t)i));
+}
+
+static const char *str_field(const json_t *ev, const char *name) {
+    const char *s = json_string_value(json_object_get(ev, name));
+    return s && *s ? s : NULL;
+}
+
+/* Under f->mu: the answer to one POST /2/httpapi, as Amplitude gives it. */
+static unsigned httpapi_answer(fake_amplitude *f, const conn_body *cb, json_t **out) {
+    json_error_t jerr;
+    json_t *req = cb->too_large ? NULL : json_loadb(cb->data ? cb->data : "", cb->len, 0, &jerr);
+    json_t *events = json_object_get(req, "events");
+    const char *key = json_string_value(json_object_get(req, "api_key"));
+    unsigned status;
+    size_t n = json_is_array(events) ? json_array_size(events) : 0;
+    if (cb->too_large || (f->http_max_events && n > f->http_max_events) || n > 2000) {
+        status = 413;
+        *out = json_pack("{s:i, s:s}", "code", 413, "error", "Payload too large");
+    } else if (!json_is_object(req)) {
+        status = 400;
+        *out = json_pack("{s:i, s:s}", "code", 400, "error", "Invalid JSON request body");
+    } else if (!key || !*key) {
+        status = 400;
+        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error", "Request missing required field",
+                         "missing_field", "api_key");
+    } else if (!json_is_array(events) || n == 0) {
+        status = 400;
+        *out = json_pack("{s:i, s:s, s:s}", "code", 400, "error", "Request missing required field",
+                         "missing_field", "events");
+    } else if (strcmp(key, f->api_key) != 0) {
+        status = 400;
+        *out = json_pack("{s:i, s:s}", "code", 400, "error", "Invalid API key");
+    } else if (f->nhttp_statuses > 0) {
+        status = (unsigned)f->http_statuses[0];
+        memmove(f->http_statuses, f->http_statuses + 1,
+                --f->nhttp_statuses * sizeof f->http_statuses[0]);
+        *out = json_pack("{s:i, s:s}", "code", (int)status, "error",
+                         status == 503 ? "Service Unavailable" : "Internal Server Error");
+    } else {
+        json_t *invalid = json_object(), *missing = json_object();
+        json_t *silenced = json_array(), *sdevices = json_array();
+        json_t *tusers = json_object(), *tevents = json_array();
+        size_t i;
+        json_t *ev;
+        json_array_foreach(events, i, ev) {
+            const char *user = str_field(ev, "user_id"), *device = str_field(ev, "device_id");
+            if (!json_is_object(ev) || !str_field(ev, "event_type"))
+                add_index(missing, "event_type", i);
+            if (!user && !device)
+                add_index(missing, "user_id", i); /* "device_id or user_id" */
+            json_t *t = json_object_get(ev, "time");
+            if (t && !json_is_integer(t))
+                add_index(invalid, "time", i);
+            if (device && json_object_get(f->silenced, device)) {
+                json_array_append_new(silenced, json_integer((json_int_t)i));
+                json_array_append_new(sdevices, json_string(device));
+            }
+            json_t *left = user ? json_object_get(f->throttled, user) : NULL;
+            if (left && json_integer_value(left) > 0) {
+                json_object_set_new(tusers, user, json_integer(31));
+                json_array_append_new(tevents, json_integer((json_int_t)i));
+            }
+        }
+        if (json_object_size(invalid) || json_object_size(missing) || json_array_size(silenced)) {
+            status = 400;
+            *out = json_pack("{s:i, s:s, s:o, s:o, s:o, s:o}", "code", 400, "error",
+                             "Request missing required field", "events_with_invalid_fields",
+                             invalid, "events_with_missing_fields", missing, "silenced_devices",
+                             sdevices, "silenced_events", silenced);
+            json_decref(tusers);
+            json_decref(tevents);
+        } else if (json_object_size(tusers)) {
+            status = 429;
+            const char *user;
+            json_t *v;
+            json_object_foreach(tusers, user, v) {
+                json_t *left = json_object_get(f->throttled, user);
+                json_integer_set(left, json_integer_value(left) - 1);
+            }
+            *out = json_pack("{s:i, s:s, s:i, s:{}, s:o, s:o, s:{}, s:{}}", "code", 429, "error",
+                             "Too many requests for some devices and users", "eps_threshold", 30,
+                             "throttled_devices", "throttled_users", tusers, "throttled_events",
+                             tevents, "exceeded_daily_quota_users", "exceeded_daily_quota_devices");
+            json_decref(invalid);
+            json_decref(missing);
+            json_decref(silenced);
+            json_decref(sdevices);
+        } else {
+            status = 200;
+            if (f->count_only)
+                f->counted += n;
+            json_array_foreach(events, i, ev) {
+                if (f->count_only)
+                    break;
+                const char *id = str_field(ev, "insert_id");
+                if (id && json_object_get(f->seen_ids, id)) {
+                    f->duplicates++;
+                    continue;
+                }
+                if (id)
+                    json_object_set_new(f->seen_ids, id, json_true());
+                json_array_append(f->ingested, ev);
+            }
+            *out = json_pack("{s:i, s:I, s:I, s:I}", "code", 200, "events_ingested", (json_int_t)n,
+                             "payload_size_bytes", (json_int_t)cb->len, "server_upload_time",
+                             (json_int_t)time(NULL) * 1000);
+            json_decref(invalid);
+            json_decref(missing);
+            json_decref(silenced);
+            json_decref(sdevices);
+            json_decref(tusers);
+            json_decref(tevents);
+        }
+    }
+    json_array_append_new(f->http_requests,
+                          json_pack("{s:i, s:I}", "status", (int)status, "events", (json_int_t)n));
+    json_decref(req);
+    return status;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls) {
     (void)version;
-    (void)upload;
     fake_amplitude *f = cls;
     if (!*con_cls) {
-        *con_cls = f;
+        *con_cls = amp_xcalloc(1, sizeof(conn_body));
         return MHD_YES;
     }
-    if (*upload_size) { /* bodies are for the HTTP V2 side, not here yet */
+    conn_body *cb = *con_cls;
+    if (*upload_size) {
+        if (cb->len + *upload_size > HTTP_MAX_BODY) {
+            cb->too_large = true;
+        } else {
+            cb->data = amp_xrealloc(cb->data, cb->len + *upload_size + 1);
+            memcpy(cb->data + cb->len, upload, *upload_size);
+            cb->len += *upload_size;
+            cb->data[cb->len] = '\0';
+        }
         *upload_size = 0;
         return MHD_YES;
     }
     if (strcmp(url, "/api/2/export") == 0 && strcmp(method, "GET") == 0)
         return export_answer(f, c);
+    if (strcmp(url, "/2/httpapi") == 0 && strcmp(method, "POST") == 0) {
+        json_t *body = NULL;
+        pthread_mutex_lock(&f->mu);
+        unsigned status = httpapi_answer(f, cb, &body);
+        pthread_mutex_unlock(&f->mu);
+        return send_json(c, status, body);
+    }
     return send_text(c, 404, "Not found");
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)c;
+    (void)toe;
+    conn_body *cb = *con_cls;
+    if (cb) {
+        free(cb->data);
+        free(cb);
+        *con_cls = NULL;
+    }
 }
 
 /* ---- lifecycle ----------------------------------------------------------- */
@@ -382,6 +573,12 @@ fake_amplitude *fake_amplitude_start(uint16_t port, const char *api_key, const c
     f->auth = basic_auth(api_key, secret_key);
     pthread_mutex_init(&f->mu, NULL);
     f->requests = json_array();
+    f->api_key = amp_xstrdup(api_key);
+    f->throttled = json_object();
+    f->silenced = json_object();
+    f->ingested = json_array();
+    f->seen_ids = json_object();
+    f->http_requests = json_array();
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -401,7 +598,8 @@ fake_amplitude *fake_amplitude_start(uint16_t port, const char *api_key, const c
     f->port = ntohs(sa.sin_port);
     f->daemon = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL_INTERNAL_THREAD, 0,
                                  NULL, NULL, on_request, f, MHD_OPTION_LISTEN_SOCKET, fd,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_END);
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_END);
     if (!f->daemon) {
         fprintf(stderr, "fake_amplitude: cannot start the HTTP daemon\n");
         close(fd);
@@ -420,6 +618,12 @@ void fake_amplitude_stop(fake_amplitude *f) {
     }
     pthread_mutex_destroy(&f->mu);
     json_decref(f->requests);
+    json_decref(f->throttled);
+    json_decref(f->silenced);
+    json_decref(f->ingested);
+    json_decref(f->seen_ids);
+    json_decref(f->http_requests);
+    free(f->api_key);
     free(f->auth);
     free(f->file);
     free(f);
@@ -481,4 +685,65 @@ json_t *fake_amplitude_export_requests(fake_amplitude *f) {
     json_t *r = json_deep_copy(f->requests);
     pthread_mutex_unlock(&f->mu);
     return r;
+}
+
+/* ---- HTTP V2 controls ---------------------------------------------------- */
+
+void fake_amplitude_http_max_events(fake_amplitude *f, unsigned max_events) {
+    pthread_mutex_lock(&f->mu);
+    f->http_max_events = max_events;
+    pthread_mutex_unlock(&f->mu);
+}
+
+void fake_amplitude_http_push_status(fake_amplitude *f, int status) {
+    pthread_mutex_lock(&f->mu);
+    if (f->nhttp_statuses < MAX_STATUSES)
+        f->http_statuses[f->nhttp_statuses++] = status;
+    pthread_mutex_unlock(&f->mu);
+}
+
+void fake_amplitude_http_throttle_user(fake_amplitude *f, const char *user_id, unsigned requests) {
+    pthread_mutex_lock(&f->mu);
+    json_object_set_new(f->throttled, user_id, json_integer(requests));
+    pthread_mutex_unlock(&f->mu);
+}
+
+void fake_amplitude_http_silence_device(fake_amplitude *f, const char *device_id) {
+    pthread_mutex_lock(&f->mu);
+    json_object_set_new(f->silenced, device_id, json_true());
+    pthread_mutex_unlock(&f->mu);
+}
+
+json_t *fake_amplitude_http_events(fake_amplitude *f) {
+    pthread_mutex_lock(&f->mu);
+    json_t *r = json_deep_copy(f->ingested);
+    pthread_mutex_unlock(&f->mu);
+    return r;
+}
+
+json_t *fake_amplitude_http_requests(fake_amplitude *f) {
+    pthread_mutex_lock(&f->mu);
+    json_t *r = json_deep_copy(f->http_requests);
+    pthread_mutex_unlock(&f->mu);
+    return r;
+}
+
+unsigned fake_amplitude_http_duplicates(fake_amplitude *f) {
+    pthread_mutex_lock(&f->mu);
+    unsigned d = f->duplicates;
+    pthread_mutex_unlock(&f->mu);
+    return d;
+}
+
+void fake_amplitude_http_count_only(fake_amplitude *f, bool on) {
+    pthread_mutex_lock(&f->mu);
+    f->count_only = on;
+    pthread_mutex_unlock(&f->mu);
+}
+
+uint64_t fake_amplitude_http_counted(fake_amplitude *f) {
+    pthread_mutex_lock(&f->mu);
+    uint64_t n = f->counted;
+    pthread_mutex_unlock(&f->mu);
+    return n;
 }

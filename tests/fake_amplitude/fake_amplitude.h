@@ -12,8 +12,18 @@
  * for a range longer than the limit set; scripted statuses (504...) first;
  * 401 for other credentials. Every request is recorded.
  *
- * The HTTP V2 side (/2/httpapi) is a later addition: on_request dispatches by
- * path, and an unknown path is 404.
+ * HTTP V2 side, POST /2/httpapi {"api_key","events":[...]}, with Amplitude's
+ * answers: 200 {"code":200,"events_ingested","payload_size_bytes",
+ * "server_upload_time"}; 400 with "missing_field" (no api_key, no events),
+ * "Invalid API key", or per event "events_with_invalid_fields" (time not an
+ * integer), "events_with_missing_fields" (event_type; user_id when neither
+ * id is given) and "silenced_events"/"silenced_devices" (devices silenced);
+ * 413 "Payload too large" (body over 1 MiB, more than 2,000 events or than
+ * the limit set); 429 with "throttled_users" / "throttled_events" while a
+ * user is throttled; scripted statuses (500, 503...) first. A 400, 413 or
+ * 429 ingests nothing of the request (as Amplitude); a 200 stores each
+ * event once per insert_id (repeats are counted and dropped). An unknown
+ * path is 404.
  *
  * Threading: every function is safe from any thread while the server runs;
  * fake_amplitude_stop must not race with other calls.
@@ -22,6 +32,7 @@
 #define FAKE_AMPLITUDE_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -64,5 +75,25 @@ char *fake_amplitude_event_line(int64_t hour, unsigned i);
  * 0, or -1 with a message on stderr. */
 int fake_amplitude_write_zip(const char *path, int64_t first, unsigned nhours, unsigned nevents,
                              unsigned nparts, unsigned members);
+
+/* HTTP V2: requests of more than max_events events get 413 (0: 2,000). */
+void fake_amplitude_http_max_events(fake_amplitude *f, unsigned max_events);
+/* The next valid HTTP V2 request gets this status (500, 502, 503...), FIFO. */
+void fake_amplitude_http_push_status(fake_amplitude *f, int status);
+/* The next `requests` requests holding an event of user_id get 429 naming
+ * it (and ingest nothing). user_id copied. */
+void fake_amplitude_http_throttle_user(fake_amplitude *f, const char *user_id, unsigned requests);
+/* Events of device_id are refused as silenced (400). Copied. */
+void fake_amplitude_http_silence_device(fake_amplitude *f, const char *device_id);
+/* Events stored so far (once per insert_id), as sent; caller owns. */
+json_t *fake_amplitude_http_events(fake_amplitude *f);
+/* HTTP V2 requests so far: [{"status","events" (count)}...]; caller owns. */
+json_t *fake_amplitude_http_requests(fake_amplitude *f);
+/* Benchmarks: a 200 only counts its events (no storage, no dedupe). */
+void fake_amplitude_http_count_only(fake_amplitude *f, bool on);
+/* Events counted by 200s while count_only was on. */
+uint64_t fake_amplitude_http_counted(fake_amplitude *f);
+/* Events dropped as repeats of an insert_id already stored. */
+unsigned fake_amplitude_http_duplicates(fake_amplitude *f);
 
 #endif

@@ -4,7 +4,10 @@
 # (serverUrl): every track() reports code 200, each event reaches Dify once
 # (a second send of the same insert_ids stores nothing), a wrong api_key is
 # "Invalid API key" and nothing is stored. Then Amplitude's answer shapes
-# with curl: missing api_key, events listed by field, 413.
+# with curl: missing api_key, events listed by field, 413. With
+# sources.sdk.tee, every accepted event is also sent on to a fake Amplitude
+# (build/fake-amplitude, HTTP V2, answering 500 once and 429 for one user
+# first): each exactly once, as the SDK sent it, refused ones never.
 #   tests/sdk/run.sh BUILD_DIR
 # Needs node and npm (Debian: nodejs npm). The SDK is installed once into
 # BUILD_DIR/sdk-node; when npm cannot reach its registry the test is skipped
@@ -13,6 +16,7 @@ set -euo pipefail
 BUILD=${1:-build}
 BIN=$BUILD/amp2dify
 FAKE=$BUILD/fake-dify
+FAKE_AMP=$BUILD/fake-amplitude
 SDK_VERSION=1.5.73
 command -v node > /dev/null && command -v npm > /dev/null ||
     { echo "sdk test: node and npm are required (apt-get install nodejs npm)" >&2; exit 1; }
@@ -39,19 +43,25 @@ key='app-sdk-key-3e1f'
 "$FAKE" --port "$dify_port" --key "$key" > "$tmp/fake.log" 2>&1 &
 fake_pid=$!
 t_track $fake_pid
+ampl_port=$(t_free_port)
+"$FAKE_AMP" --port "$ampl_port" --key amp-http-key-5c1d --push-status 500 \
+    --throttle-user sdk-user-1 --events-out "$tmp/amplitude.json" > "$tmp/fake-amplitude.log" 2>&1 &
+ampl_pid=$!
+t_track $ampl_pid
 cat > "$tmp/amp2dify.json" <<JSON
 {
   "listen": {"address": "127.0.0.1", "port": $amp_port, "max_events_per_request": 50},
   "spool": {"path": "$tmp/spool.db"},
   "dify": {"base_url": "http://127.0.0.1:$dify_port/v1"},
-  "sources": {"sdk": {"enabled": true}},
+  "sources": {"sdk": {"enabled": true, "tee": true}},
+  "reports": {"base_url": "http://127.0.0.1:$ampl_port", "linger_ms": 50, "throttle_ms": 300},
   "apps": {"support": {"api_key_env": "DIFY_API_KEY", "endpoint": "chat"}},
   "routes": [{"name": "all", "app": "support", "query": "{{event_type}} {{event_properties.step}}",
               "user": "{{user_id}}"}]
 }
 JSON
 AMP2DIFY_SECRETS=unused-webhook-secret AMP2DIFY_SDK_API_KEYS='other-key, sdk-key-7a2b' \
-DIFY_API_KEY=$key "$BIN" serve -c "$tmp/amp2dify.json" 2> "$tmp/amp2dify.log" &
+AMPLITUDE_API_KEY=amp-http-key-5c1d DIFY_API_KEY=$key "$BIN" serve -c "$tmp/amp2dify.json" 2> "$tmp/amp2dify.log" &
 amp_pid=$!
 t_track $amp_pid
 base=http://127.0.0.1:$amp_port
@@ -101,9 +111,31 @@ check 400 "b['code'] == 400 and 'error' in b"
     fail "one good event"
 check 200 "b['code'] == 200 and b['events_ingested'] == 1 and b['payload_size_bytes'] > 0 and b['server_upload_time'] > 1700000000000"
 for _ in $(seq 1 100); do [ "$(delivered)" -ge 21 ] && break; sleep 0.1; done
+teed() {
+    curl -fsS "$base/metrics" | awk '/^amp2dify_reports_total\{.*outcome="ingested"/ {s += $2} END {print s + 0}'
+}
+for _ in $(seq 1 150); do [ "$(teed)" -ge 21 ] && break; sleep 0.1; done
 
 t_stop_clean "$amp_pid" "$tmp/amp2dify.log"
+kill -TERM "$ampl_pid"
+wait "$ampl_pid" || fail "fake-amplitude failed: $(cat "$tmp/fake-amplitude.log")"
+grep -q '"duplicates":0' "$tmp/fake-amplitude.log" || fail "Amplitude got repeats: $(cat "$tmp/fake-amplitude.log")"
+python3 - "$tmp/amplitude.json" <<'PY' || fail "the events sent on to Amplitude: $(cat "$tmp/amplitude.json")"
+import json, sys
+evs = json.load(open(sys.argv[1]))
+ids = sorted(e["insert_id"] for e in evs)
+want = sorted(["run1-%d" % i for i in range(20)] + ["curl-1"])
+assert ids == want, ids
+for e in evs:
+    assert isinstance(e["event_type"], str) and isinstance(e["user_id"], str), e
+    if e["insert_id"].startswith("run1-"):
+        assert isinstance(e["time"], int), e
+        i = int(e["insert_id"][5:])
+        assert e["user_id"] == "sdk-user-%d" % (i % 4), e
+        assert e["event_type"] == "sdk_event_%d" % (i % 3), e
+        assert e["event_properties"] == {"step": i}, e
+PY
 kill -TERM "$fake_pid"
 wait "$fake_pid" || true
 grep -q '"delivered":21' "$tmp/fake.log" || fail "Dify got: $(tail -n 1 "$tmp/fake.log"), expected 21 deliveries"
-echo "sdk test: @amplitude/analytics-node $SDK_VERSION: 20 events reported 200 and delivered once, resend stored nothing, answers in Amplitude's shapes"
+echo "sdk test: @amplitude/analytics-node $SDK_VERSION: 20 events reported 200 and delivered once, resend stored nothing, answers in Amplitude's shapes; the tee sent 21 events on to Amplitude once each through a 500 and a 429"

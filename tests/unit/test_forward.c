@@ -14,6 +14,8 @@
 #include "../../base/buf.h"
 #include "../../base/clock.h"
 #include "../../spool/spool.h"
+#include "../../base/errs.h"
+#include "../../mapping/mapping.h"
 #include "../check_run.h"
 #include "../fake_dify/fake_dify.h"
 
@@ -23,6 +25,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -1873,21 +1876,28 @@ START_TEST(test_stop_keeps_pause) {
      * loaded machine a later claim could miss the stop. */
     for (int i = 0; i < 3; i++)
         submit(&h, NULL, "chat", "u1", false, CHAT_BODY);
+    int64_t sent = amp_now_ms();
     harness_start(&h);
     wait_requests(&h, 1, 5000);
-    sleep_ms(100);
-    int64_t stopped = amp_now_ms();
+    /* The pause starts when the 401 is read: somewhere between the start
+     * and the moment the forwarder reports it, however loaded the machine. */
+    int64_t limit = mono_ms() + 10000;
+    while (!key_rejected(&h, "chat") && mono_ms() < limit)
+        sleep_ms(10);
+    ck_assert(key_rejected(&h, "chat"));
+    int64_t paused = amp_now_ms();
     amp_forward_stop(h.fwd);
     h.fwd = NULL;
     ck_assert_uint_eq(fake_count(h.fake), 1);
     /* Every row is back in the spool, unspent, due when the probe would
-     * have gone: a restart does not hammer the rejected key. */
+     * have gone (1 s into the pause): a restart does not hammer the
+     * rejected key. */
     for (int64_t id = 1; id <= 3; id++) {
         row_t r = get_row(&h, id);
         ck_assert_int_eq(r.state, 0);
         ck_assert_int_eq(r.attempts, 0);
-        ck_assert_int_ge(r.due_ms, stopped + 500);
-        ck_assert_int_le(r.due_ms, stopped + 1500);
+        ck_assert_int_ge(r.due_ms, sent + 1000 - 50);
+        ck_assert_int_le(r.due_ms, paused + 1000 + 50);
     }
     harness_done(&h);
 }
@@ -1971,6 +1981,194 @@ START_TEST(test_metrics) {
 }
 END_TEST
 
+/* ======================================================================
+ * route reports: stored durably before the delivery's acknowledgement
+ * ====================================================================== */
+
+/* An engine in front of the spool that confirms report batches (app
+ * "@amplitude") late, or refuses them, and records when the report was
+ * confirmed and when the delivery's acknowledgement came. */
+typedef struct slow_q {
+    amp_queue *inner;
+    bool refuse; /* report batches are refused instead of confirmed late */
+    pthread_mutex_t mu;
+    int64_t report_done_ms; /* 0: not confirmed yet */
+    int reports;            /* report batches submitted */
+    int64_t delivery_id;    /* the claimed job of app "chat" */
+    int64_t ack_ms;         /* the delivery's first acknowledgement */
+    amp_queue_ack_kind ack_kind;
+    char ack_code[64];
+} slow_q;
+
+typedef struct late_submit {
+    slow_q *q;
+    amp_queue_batch *b;
+    amp_queue_done_fn done;
+    void *ctx;
+} late_submit;
+
+static void late_done(void *ctx, const amp_queue_result *res) {
+    late_submit *l = ctx;
+    if (res->status == 0) {
+        pthread_mutex_lock(&l->q->mu);
+        l->q->report_done_ms = amp_mono_ms();
+        pthread_mutex_unlock(&l->q->mu);
+    }
+    l->done(l->ctx, res);
+    free(l);
+}
+
+static void *late_main(void *arg) {
+    late_submit *l = arg;
+    sleep_ms(300);
+    amp_queue_submit(l->q->inner, l->b, late_done, l);
+    return NULL;
+}
+
+static bool is_report_batch(amp_queue_batch *b) {
+    const amp_queue_request *reqs;
+    size_t n;
+    if (amp_queue_batch_events(b) == 0)
+        return false;
+    amp_queue_batch_event_at(b, 0, &reqs, &n);
+    return n > 0 && strcmp(reqs[0].app, AMP_FORWARD_REPORT_APP) == 0;
+}
+
+static void slow_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx) {
+    slow_q *q = e;
+    if (!is_report_batch(b)) {
+        amp_queue_submit(q->inner, b, done, ctx);
+        return;
+    }
+    pthread_mutex_lock(&q->mu);
+    q->reports++;
+    pthread_mutex_unlock(&q->mu);
+    if (q->refuse) {
+        amp_queue_batch_destroy(b);
+        done(ctx, &(amp_queue_result){.status = -1, .error = "refused by the test"});
+        return;
+    }
+    late_submit *l = amp_xcalloc(1, sizeof *l);
+    *l = (late_submit){.q = q, .b = b, .done = done, .ctx = ctx};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, late_main, l), 0);
+    pthread_detach(t);
+}
+
+static amp_queue_ack_status slow_ack(void *e, const amp_queue_ack *a) {
+    slow_q *q = e;
+    pthread_mutex_lock(&q->mu);
+    if (!q->ack_ms && q->delivery_id && a->id == q->delivery_id) {
+        q->ack_ms = amp_mono_ms();
+        q->ack_kind = a->kind;
+        snprintf(q->ack_code, sizeof q->ack_code, "%s", a->code ? a->code : "");
+    }
+    pthread_mutex_unlock(&q->mu);
+    return amp_queue_acknowledge(q->inner, a);
+}
+
+static void slow_close(void *e) {
+    (void)e; /* the test owns the state and closes the spool itself */
+}
+static void slow_set_notify(void *e, amp_queue_notify_fn fn, void *ctx) {
+    amp_queue_set_notify(((slow_q *)e)->inner, fn, ctx);
+}
+static int slow_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
+                      int64_t *next_due_ms) {
+    slow_q *q = e;
+    int n = amp_queue_claim_shard(q->inner, shard, now_ms, jobs, max, next_due_ms);
+    pthread_mutex_lock(&q->mu);
+    for (int i = 0; i < n; i++)
+        if (strcmp(jobs[i]->app, "chat") == 0)
+            q->delivery_id = jobs[i]->id;
+    pthread_mutex_unlock(&q->mu);
+    return n;
+}
+static bool slow_flush_until(void *e, int64_t deadline_ms) {
+    return amp_queue_flush_until(((slow_q *)e)->inner, deadline_ms);
+}
+
+static const amp_queue_ops slow_ops = {
+    .close = slow_close,
+    .set_notify = slow_set_notify,
+    .submit = slow_submit,
+    .claim = slow_claim,
+    .acknowledge = slow_ack,
+    .flush_until = slow_flush_until,
+};
+
+static amp_mapper *report_mapper(void) {
+    json_t *apps = json_pack("{s:{s:s}}", "chat", "endpoint", "chat");
+    json_t *routes = json_pack("[{s:s, s:s, s:{s:s}}]", "name", "r1", "app", "chat", "report",
+                               "event_type", "dify_response");
+    amp_errs *errs = amp_errs_create();
+    amp_mapper *m = amp_mapper_compile(apps, routes, errs);
+    ck_assert_msg(m != NULL, "mapper: %s", amp_errs_count(errs) ? "errors" : "?");
+    amp_errs_destroy(errs);
+    json_decref(apps);
+    json_decref(routes);
+    return m;
+}
+
+/* Run one delivery of route r1 through the slow engine; fills q. */
+static void run_reported_delivery(slow_q *q) {
+    harness h;
+    harness_init(&h, 1);
+    amp_mapper *m = report_mapper();
+    h.opts.mapper = m; /* no report key: report jobs stay queued */
+    pthread_mutex_init(&q->mu, NULL);
+    q->inner = h.spool;
+    amp_queue *outer = amp_queue_create(&slow_ops, q, 1);
+    submit(&h, "ev-report", "chat", "u1", false, CHAT_BODY);
+    char err[256];
+    h.fwd = amp_forward_start(&h.opts, outer, err, sizeof err);
+    ck_assert_msg(h.fwd != NULL, "start: %s", err);
+    int64_t end = mono_ms() + 10000;
+    for (;;) {
+        pthread_mutex_lock(&q->mu);
+        bool acked = q->ack_ms != 0;
+        pthread_mutex_unlock(&q->mu);
+        if (acked || mono_ms() > end)
+            break;
+        sleep_ms(10);
+    }
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    amp_queue_close(outer);
+    harness_done(&h);
+    amp_mapper_destroy(m);
+    sleep_ms(50); /* a late submit's thread has finished with q */
+    pthread_mutex_destroy(&q->mu);
+}
+
+/* The engine confirms the report 300 ms late: the delivery's acknowledgement
+ * waits for it (an acknowledgement stored first would lose the report in a
+ * crash between the two). */
+START_TEST(test_report_stored_before_ack) {
+    slow_q q = {0};
+    run_reported_delivery(&q);
+    ck_assert_int_eq(q.reports, 1);
+    ck_assert_msg(q.ack_ms != 0, "the delivery was not acknowledged");
+    ck_assert_msg(q.ack_kind == AMP_QUEUE_ACK_DELIVERED, "acknowledged as %d (%s)", (int)q.ack_kind,
+                  q.ack_code);
+    ck_assert_msg(q.report_done_ms != 0 && q.report_done_ms <= q.ack_ms,
+                  "acknowledged at %lld, the report confirmed at %lld", (long long)q.ack_ms,
+                  (long long)q.report_done_ms);
+}
+END_TEST
+
+/* The engine refuses the report: the delivery is not acknowledged as
+ * final, it is retried. */
+START_TEST(test_report_refused_retries_delivery) {
+    slow_q q = {.refuse = true};
+    run_reported_delivery(&q);
+    ck_assert_int_ge(q.reports, 1);
+    ck_assert_msg(q.ack_ms != 0, "the delivery was not acknowledged");
+    ck_assert_int_eq(q.ack_kind, AMP_QUEUE_ACK_RETRY);
+    ck_assert_str_eq(q.ack_code, "report_not_stored");
+}
+END_TEST
+
 static Suite *forward_suite(void) {
     Suite *s = suite_create("forward");
     TCase *tc = tcase_create("pure");
@@ -2023,6 +2221,8 @@ static Suite *forward_suite(void) {
     tcase_add_test(tc, test_single_probe);
     tcase_add_test(tc, test_stop_keeps_pause);
     tcase_add_test(tc, test_rows_from_elsewhere);
+    tcase_add_test(tc, test_report_stored_before_ack);
+    tcase_add_test(tc, test_report_refused_retries_delivery);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -592,6 +592,53 @@ START_TEST(project_files) {
 }
 END_TEST
 
+/* amp_json_loadb against json_loadb with the same flags: the same value,
+ * or NULL from both with the same error text. */
+static void compare_loadb(const char *s, size_t len, size_t flags) {
+    json_error_t want_err, got_err;
+    json_t *want = json_loadb(s, len, flags, &want_err);
+    json_t *got = amp_json_loadb(s, len, flags, &got_err);
+    if (want) {
+        ck_assert_msg(got != NULL, "flags %zu: declined what json_loadb accepts: %s", flags,
+                      shown(s, len));
+        const char *d = json_tree_diff(got, want);
+        ck_assert_msg(d == NULL, "flags %zu: %s: %s", flags, d, shown(s, len));
+    } else {
+        ck_assert_msg(got == NULL, "flags %zu: accepted what json_loadb rejects: %s", flags,
+                      shown(s, len));
+        ck_assert_str_eq(got_err.text, want_err.text);
+    }
+    json_decref(got);
+    json_decref(want);
+}
+
+START_TEST(loadb_matches_jansson_for_each_flag) {
+    static const size_t flag_sets[] = {0, JSON_REJECT_DUPLICATES, JSON_DECODE_ANY, LOAD_FLAGS,
+                                       JSON_DISABLE_EOF_CHECK};
+    static const char *const texts[] = {
+        "{\"a\":1,\"a\":2}", /* duplicates: accepted (last wins) unless rejected */
+        "\"bare\"",          "17", "null", "[1,2]", "{\"a\":{\"b\":[true,1.5]}}", "{", "[1] x", "",
+    };
+    for (size_t f = 0; f < sizeof flag_sets / sizeof flag_sets[0]; f++)
+        for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
+            compare_loadb(texts[i], strlen(texts[i]), flag_sets[f]);
+    /* Duplicates: jansson keeps the last value, and so must the fallback. */
+    json_error_t err;
+    const char *dup = "{\"a\":1,\"a\":2}";
+    json_t *v = amp_json_loadb(dup, strlen(dup), 0, &err);
+    ck_assert_ptr_nonnull(v);
+    ck_assert_int_eq(json_integer_value(json_object_get(v, "a")), 2);
+    json_decref(v);
+    ck_assert_ptr_null(amp_json_loadb("\"bare\"", 6, 0, &err));
+    file_set fs;
+    load_all(&fs);
+    for (size_t i = 0; i < fs.count; i++)
+        for (size_t f = 0; f < 2; f++)
+            compare_loadb(fs.data[i], fs.len[i], flag_sets[f]);
+    free_files(&fs);
+}
+END_TEST
+
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
 static uint64_t rng(void) {
@@ -711,6 +758,7 @@ int main(void) {
     tcase_add_test(tc, nesting_limit);
     tcase_add_test(tc, project_files);
     tcase_add_test(tc, random_mutations);
+    tcase_add_test(tc, loadb_matches_jansson_for_each_flag);
     suite_add_tcase(s, tc);
     return amp_check_run(s);
 }

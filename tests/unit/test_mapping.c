@@ -797,13 +797,60 @@ START_TEST(mapper_values_keep_types) {
 }
 END_TEST
 
+/* A mapped object is shared with the event, not copied: neither the event
+ * nor the other route's body changes, and a path written through a shared
+ * object (amp_map_path_set; the config keeps targets apart, so only as a
+ * safeguard) writes into a copy. */
+START_TEST(mapper_shared_values_stay_unchanged) {
+    const char *cfg =
+        "{'apps':{'c':{'api_key_env':'K'}},'routes':["
+        "{'name':'r1','app':'c','map':[{'source':'p','target':'props'},"
+        "{'source':'event_type','target':'meta.type'},{'source':'p.o','target':'meta.o'}]},"
+        "{'name':'r2','app':'c','map':[{'source':'p','target':'props'},"
+        "{'source':'p.o','target':'o','transform':'to_string'}]}]}";
+    amp_errs *errs = amp_errs_create();
+    amp_mapper *m = compile_cfg(cfg, errs);
+    ck_assert_msg(m != NULL, "%s", amp_errs_get(errs, 0));
+    got g = {json_array()};
+    json_t *ev = j("{'event_type':'E','user_id':'u','p':{'n':1,'o':{'x':[1]}}}");
+    json_t *before = json_deep_copy(ev);
+    char detail[256];
+    ck_assert_int_eq(amp_mapper_apply(m, ev, collect, &g, NULL, NULL, detail, sizeof detail), 2);
+    ck_assert_msg(json_equal(ev, before), "the event changed");
+    assert_json(json_object_get(json_object_get(json_array_get(g.reqs, 0), "body"), "inputs"),
+                "{'props':{'n':1,'o':{'x':[1]}},'meta':{'type':'E','o':{'x':[1]}}}");
+    assert_json(json_object_get(json_object_get(json_array_get(g.reqs, 1), "body"), "inputs"),
+                "{'props':{'n':1,'o':{'x':[1]}},'o':'{\\\"x\\\":[1]}'}");
+    json_decref(g.reqs);
+    amp_mapper_destroy(m);
+    amp_errs_destroy(errs);
+
+    /* Through a shared object, at two depths: the original keeps its members. */
+    json_t *root = json_object();
+    json_object_set(root, "props", json_object_get(ev, "p"));
+    amp_path path;
+    char err[160];
+    ck_assert_int_eq(amp_map_path_parse(&path, "props.o.deep", false, err, sizeof err), 0);
+    ck_assert_int_eq(amp_map_path_set(&path, root, json_string("d")), 0);
+    amp_map_path_free(&path);
+    ck_assert_int_eq(amp_map_path_parse(&path, "props.extra", false, err, sizeof err), 0);
+    ck_assert_int_eq(amp_map_path_set(&path, root, json_true()), 0);
+    amp_map_path_free(&path);
+    ck_assert_msg(json_equal(ev, before), "the event changed through a shared object");
+    assert_json(root, "{'props':{'n':1,'o':{'x':[1],'deep':'d'},'extra':true}}");
+    json_decref(root);
+    json_decref(before);
+    json_decref(ev);
+}
+END_TEST
+
 START_TEST(mapper_explain_callback) {
     const char *cfg = "{'apps':{'c':{'api_key_env':'K'}},'routes':[{'name':'r1','app':'c',"
                       "'filter':{'field':'event_type','op':'in','value':['A','B']}},"
                       "{'name':'r2','app':'c'}]}";
     amp_errs *errs = amp_errs_create();
     amp_mapper *m = compile_cfg(cfg, errs);
-    ck_assert_ptr_nonnull(m);
+    ck_assert_msg(m != NULL, "%s", amp_errs_get(errs, 0));
     got g = {json_array()};
     json_t *reasons = json_array();
     json_t *ev = j("{'event_type':'C','user_id':'u'}");
@@ -890,7 +937,7 @@ START_TEST(mapper_route_errors) {
         "{'source':'f','target':'dup'},{'source':'g','target':'dup','transform':'nope'}]},"
         "7]}");
     ck_assert(has_err(e, "routes[0].maps: found an unknown key; expected one of name, filter, map, "
-                         "app, query, user, conversation"));
+                         "app, query, user, conversation, report"));
     ck_assert(has_err(e, "routes[0].app: found 'nope'; expected one of c, w"));
     ck_assert(has_err(
         e, "routes[1].name: found 'a', also routes[0].name; expected a route name used once"));
@@ -947,6 +994,7 @@ int main(void) {
     tcase_add_test(tc, mapper_burst_default);
     tcase_add_test(tc, mapper_required_rejects_all);
     tcase_add_test(tc, mapper_values_keep_types);
+    tcase_add_test(tc, mapper_shared_values_stay_unchanged);
     tcase_add_test(tc, mapper_explain_callback);
     tcase_add_test(tc, mapper_app_errors);
     tcase_add_test(tc, mapper_app_default_key);

@@ -66,11 +66,12 @@ static long long cmd_int(const char *fmt, const char *arg) {
     return v;
 }
 
-/* One event with one request on shard 0. */
+/* One event with one request on shard 0, its source event SOURCE1. */
+#define SOURCE1 "{\"device_id\":\"d1\"}"
 static redisReply *accept1(const char *key, const char *user, const char *per_user,
                            const char *body) {
     return run(RQ_ACCEPT, RQ_PREFIX, "600", "1", key, "1", "0", "all", "support", user, per_user,
-               body, NULL);
+               body, SOURCE1, NULL);
 }
 
 /* Take shard 0 for owner: the token (static buffer). */
@@ -324,9 +325,11 @@ START_TEST(dead_letters_list_replay_purge) {
     ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "dead"), 0);
     ck_assert_int_eq(cmd_int("XLEN %s", RQ_PREFIX "0:stream"), 1);
 
-    /* The replayed job dies again; purge by id removes it for good. */
+    /* The replayed job dies again; purge by id removes it for good. It kept
+     * its source event through the dead letter and the replay. */
     r = claim0(t, "A", amp_now_ms());
     ck_assert_uint_eq(njobs(r), 1);
+    ck_assert_str_eq(job_field(r, 0, 10), SOURCE1);
     snprintf(id, sizeof id, "%s", job_field(r, 0, 0));
     freeReplyObject(r);
     ck_assert_int_eq(ack0(t, id, "dead", 0), 1);
@@ -361,6 +364,7 @@ START_TEST(engine_submits_claims_and_acknowledges) {
     amp_queue_batch *b = amp_queue_batch_create();
     amp_queue_batch_event(b, "e1");
     amp_queue_batch_request(b, "all", "support", "u1", true, "{\"query\":\"x\"}");
+    amp_queue_batch_source(b, "{\"user_id\":\"u1\"}");
     amp_queue_submit(q, b, stored, (void *)&got);
     ck_assert(amp_queue_flush_until(q, amp_mono_ms() + 5000));
     ck_assert_int_eq(got, 1);
@@ -376,6 +380,7 @@ START_TEST(engine_submits_claims_and_acknowledges) {
     ck_assert_int_eq(jobs[0]->shard, amp_redisq_shard_of("support", "u1", 4));
     ck_assert_str_eq(jobs[0]->user, "u1");
     ck_assert_str_eq(jobs[0]->dedupe_key, "e1");
+    ck_assert_str_eq(jobs[0]->source, "{\"user_id\":\"u1\"}");
     ck_assert(jobs[0]->per_user);
     amp_queue_ack ack = {.id = jobs[0]->id,
                          .shard = jobs[0]->shard,

@@ -469,6 +469,7 @@ START_TEST(version_1_spool_is_migrated) {
                                   "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
                                   "INSERT INTO dedupe SELECT dedupe_key, created_ms FROM "
                                   "deliveries;"
+                                  "ALTER TABLE deliveries DROP COLUMN source;"
                                   "DROP INDEX deliveries_user;"
                                   "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
                                   "WHERE state = 0;"
@@ -482,7 +483,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 4);
+    ck_assert_int_eq(user_version(db), 5);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -496,7 +497,33 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT first_id FROM dedupe", -1, &st, NULL),
                      SQLITE_OK);
     sqlite3_finalize(st);
+    /* Version 4's source column too, NULL for the old row. */
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT source FROM deliveries", -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_type(st, 0), SQLITE_NULL);
+    sqlite3_finalize(st);
     sqlite3_close(db);
+
+    /* The migrated spool keeps a new job's source event. */
+    s = open_spool(3600);
+    b = amp_queue_batch_create();
+    amp_queue_batch_event(b, "new");
+    amp_queue_batch_request(b, "rs", "app", "bob", false, "{\"n\":2}");
+    amp_queue_batch_source(b, "{\"device_id\":\"d-1\"}");
+    amp_queue_batch_request(b, "r2", "app", "bob", false, "{\"n\":3}");
+    submit(s, b);
+    int64_t next;
+    amp_queue_job *jobs[4];
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3); /* "old" again too */
+    for (int i = 0; i < 3; i++) {
+        if (strcmp(jobs[i]->route, "rs") == 0)
+            ck_assert_str_eq(jobs[i]->source, "{\"device_id\":\"d-1\"}");
+        else
+            ck_assert_ptr_null(jobs[i]->source);
+        amp_queue_job_free(jobs[i]);
+    }
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -570,11 +597,11 @@ START_TEST(dedupe_keys_survive_merges) {
 }
 END_TEST
 
-/* A version 3 spool (dedupe keyed by the key's text) is migrated to keys
- * hashed to 64 bits (version 4): its pending rows stay claimable, its keys
+/* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
+ * hashed to 64 bits (version 5): its pending rows stay claimable, its keys
  * still catch duplicates (and an expired one does not), the admin lookup
  * still finds an event's rows. */
-START_TEST(version_3_spool_is_migrated) {
+START_TEST(version_4_spool_is_migrated) {
     amp_queue *s = open_spool(3600);
     submit(s, keyed_batch(5)); /* k0..k4 */
     amp_queue_close(s);
@@ -591,7 +618,7 @@ START_TEST(version_3_spool_is_migrated) {
              "INSERT INTO dedupe SELECT dedupe_key, created_ms, id FROM deliveries;"
              /* k4 was seen before the window: a new sighting is stored */
              "UPDATE dedupe SET seen_ms = %lld WHERE key = 'k4';"
-             "PRAGMA user_version = 3;",
+             "PRAGMA user_version = 4;",
              (long long)old);
     ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
     sqlite3_close(db);
@@ -613,7 +640,7 @@ START_TEST(version_3_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 4);
+    ck_assert_int_eq(user_version(db), 5);
     sqlite3_close(db);
 }
 END_TEST
@@ -1244,12 +1271,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{3, "schema version 3,"}, {5, "schema version 5,"}, {0, "schema version 0,"}};
+    } cases[] = {{4, "schema version 4,"}, {6, "schema version 6,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 4") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 5") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1258,7 +1285,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(4);
+    set_user_version(5);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -1299,7 +1326,7 @@ int main(void) {
     tcase_add_test(tc, locked_beyond_deadline_then_recovers);
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
-    tcase_add_test(tc, version_3_spool_is_migrated);
+    tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
