@@ -78,7 +78,7 @@ cat >"$CONFIG" <<EOF
 {
   "listen": {"address": "127.0.0.1", "port": 0},
   "spool": {"path": "$SPOOL", "max_pending": 0},
-  "dify": {"base_url": "http://127.0.0.1:$FAKE_PORT/v1"},
+  "dify": {"validate": "off", "base_url": "http://127.0.0.1:$FAKE_PORT/v1"},
   "apps": {"assistant": {"api_key_env": "DIFY_API_KEY", "endpoint": "chat"}},
   "routes": [{"name": "all-events", "app": "assistant",
               "query": "Amplitude event {{event_type}} from user {{user_id}}",

@@ -68,7 +68,7 @@ cat >"$WORK/amp2dify.json" <<EOF
   "listen": {"address": "127.0.0.1", "port": 8080, "threads": 2},
   "log": {"level": "warn"},
   "spool": {"path": "spool.db"},
-  "dify": {"base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 60, "workers": $INFLIGHT,
+  "dify": {"validate": "off", "base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 60, "workers": $INFLIGHT,
            "retry": {"initial_ms": 1000, "max_ms": 30000}},
   "apps": {"bench": {"api_key_env": "DIFY_API_KEY", "endpoint": "chat",
                      "response_mode": "blocking", "rate_per_sec": 0,

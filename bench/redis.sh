@@ -82,7 +82,7 @@ config() { # ENGINE WORKERS INFLIGHT
   "log": {"level": "warn"},
   "queue": {$queue},
   "spool": {"path": "spool.db"},
-  "dify": {"base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 60, "workers": $2,
+  "dify": {"validate": "off", "base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 60, "workers": $2,
            "retry": {"initial_ms": 1000, "max_ms": 30000}},
   "apps": {"bench": {"api_key_env": "DIFY_API_KEY", "endpoint": "chat",
                      "response_mode": "blocking", "rate_per_sec": 0, "max_in_flight": $3}},

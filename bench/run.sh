@@ -134,9 +134,12 @@ FLOOR_CPU_MS=$REF_CPU_MS
 start_fake_dify "$WORK" --key "$DIFY_API_KEY" --delay-ms 0
 
 # The example config, with the app's delivery limits lifted so delivered/s
-# measures amp2dify rather than the example's 10 requests/s (0 = unlimited).
+# measures amp2dify rather than the example's 10 requests/s (0 = unlimited),
+# and without the start-up check of the Dify app (dify.validate): the fake's
+# app declares no input form, so every mapped input would log a warning.
 CONFIG=$WORK/amp2dify.json
-sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0/; s/"max_in_flight": *[0-9]+/"max_in_flight": 64/' \
+sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0/; s/"max_in_flight": *[0-9]+/"max_in_flight": 64/;
+        s/"dify": *\{/"dify": {"validate": "off",/' \
     examples/amp2dify.json >"$CONFIG"
 export DIFY_API_KEY DIFY_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1" \
     AMP2DIFY_LISTEN=127.0.0.1:0 AMP2DIFY_SPOOL="$WORK/spool.db" AMP2DIFY_LOG_LEVEL=warn
