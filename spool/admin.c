@@ -219,7 +219,8 @@ static json_t *column(sqlite3_stmt *st, int i) {
 #define EVENT_ROWS_MAX 4096
 
 /* The dedupe row (schema v3; since v5 found by the key's hash, in
- * dedupe_recent or dedupe, the latest sighting; the key itself is checked
+ * dedupe_recent or dedupe, the latest sighting of the key's check too, so
+ * a key with the same hash never answers for it; the key itself is checked
  * against the rows' dedupe_key) gives the id of the event's first row; its
  * rows follow it (one committer inserts them one after the other). The
  * answer excerpt is cut by substr(), which counts characters, so a UTF-8
@@ -232,12 +233,15 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
     int64_t first = 0;
     sqlite3_stmt *st = NULL;
     int rc = sqlite3_prepare_v2(db,
-                                "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 "
-                                "UNION ALL SELECT seen_ms, first_id FROM dedupe WHERE h = ?1 "
+                                "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 AND chk = ?2 "
+                                "UNION ALL SELECT seen_ms, first_id FROM dedupe "
+                                "WHERE h = ?1 AND chk = ?2 "
                                 "ORDER BY 1 DESC LIMIT 1",
                                 -1, &st, NULL);
     if (rc == SQLITE_OK) {
-        sqlite3_bind_int64(st, 1, dedupe_key ? amp_spool_key_hash(dedupe_key) : 0);
+        int64_t check = 0, h = dedupe_key ? amp_spool_key_digest(dedupe_key, &check) : 0;
+        sqlite3_bind_int64(st, 1, h);
+        sqlite3_bind_int64(st, 2, check);
         rc = sqlite3_step(st);
         if (rc == SQLITE_ROW) {
             json_decref(seen);

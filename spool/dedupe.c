@@ -14,7 +14,10 @@
  * time; the merged rows then leave dedupe_recent.
  *
  * A key is a duplicate while its last sighting (in the map, else in the
- * dedupe table, where it is a page read and no write) is inside the window.
+ * dedupe table, where it is a page read and no write) is inside the window
+ * and its check (the digest's next 64 bits) matches too. A different key
+ * with the same hash is stored, and its sighting replaces the older key's:
+ * a later repeat of that one may then be stored twice, never dropped.
  * The map follows the transaction: every change is logged for undo, and a
  * rolled back batch or group takes its changes back. */
 #include "spool_int.h"
@@ -34,40 +37,48 @@
 #define MERGE_KEYS 16384
 #define MERGE_SLICE 512
 
-/* ---- the map: h -> seen_ms, open addressing; h 0 marks an empty slot
+/* ---- the map: h -> chk, seen_ms, open addressing; h 0 marks an empty slot
  * (amp_spool_key_hash never returns 0). */
 
 static size_t slot_of(int64_t h, size_t cap) {
     return (size_t)(((uint64_t)h * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
 }
 
-static void map_put(keymap *m, int64_t h, int64_t seen);
+static void map_put(keymap *m, int64_t h, int64_t chk, int64_t seen);
+
+static void map_free(keymap *m) {
+    free(m->keys);
+    free(m->chk);
+    free(m->seen);
+    *m = (keymap){0};
+}
 
 static void map_grow(keymap *m) {
     keymap old = *m;
     m->cap = old.cap ? old.cap * 2 : 1024;
     m->keys = amp_xcalloc(m->cap, sizeof *m->keys);
+    m->chk = amp_xcalloc(m->cap, sizeof *m->chk);
     m->seen = amp_xcalloc(m->cap, sizeof *m->seen);
     m->n = 0;
     for (size_t i = 0; i < old.cap; i++)
         if (old.keys[i])
-            map_put(m, old.keys[i], old.seen[i]);
-    free(old.keys);
-    free(old.seen);
+            map_put(m, old.keys[i], old.chk[i], old.seen[i]);
+    map_free(&old);
 }
 
-static bool map_get(const keymap *m, int64_t h, int64_t *seen) {
+static bool map_get(const keymap *m, int64_t h, int64_t *chk, int64_t *seen) {
     if (!m->cap)
         return false;
     for (size_t i = slot_of(h, m->cap); m->keys[i]; i = (i + 1) & (m->cap - 1))
         if (m->keys[i] == h) {
+            *chk = m->chk[i];
             *seen = m->seen[i];
             return true;
         }
     return false;
 }
 
-static void map_put(keymap *m, int64_t h, int64_t seen) {
+static void map_put(keymap *m, int64_t h, int64_t chk, int64_t seen) {
     if ((m->n + 1) * 2 > m->cap)
         map_grow(m);
     size_t i = slot_of(h, m->cap);
@@ -76,6 +87,7 @@ static void map_put(keymap *m, int64_t h, int64_t seen) {
     if (!m->keys[i])
         m->n++;
     m->keys[i] = h;
+    m->chk[i] = chk;
     m->seen[i] = seen;
 }
 
@@ -94,6 +106,7 @@ static void map_del(keymap *m, int64_t h) {
         size_t home = slot_of(m->keys[j], m->cap);
         if (((j - home) & mask) >= ((j - i) & mask)) {
             m->keys[i] = m->keys[j];
+            m->chk[i] = m->chk[j];
             m->seen[i] = m->seen[j];
             m->keys[j] = 0;
             i = j;
@@ -102,11 +115,9 @@ static void map_del(keymap *m, int64_t h) {
 }
 
 void amp_spool_dedupe_free(amp_spool *s) {
-    free(s->recent.keys);
-    free(s->recent.seen);
+    map_free(&s->recent);
     free(s->undo);
     free(s->merge);
-    s->recent = (keymap){0};
     s->undo = NULL;
     s->merge = NULL;
     s->nundo = s->capundo = s->nmerge = s->merged = 0;
@@ -116,16 +127,17 @@ void amp_spool_dedupe_free(amp_spool *s) {
  * -1 on a read error (the map is then empty: keys are still found in the
  * table by the next load, and meanwhile a repeat may be stored twice). */
 static int reload(amp_spool *s) {
-    free(s->recent.keys);
-    free(s->recent.seen);
-    s->recent = (keymap){0};
+    map_free(&s->recent);
     s->nundo = 0;
     int rc;
+    /* In row order: of two keys with one hash, the later sighting wins, as
+     * it did in the map. */
     while ((rc = sqlite3_step(s->st_recent_all)) == SQLITE_ROW) {
         int64_t h = sqlite3_column_int64(s->st_recent_all, 0),
-                seen = sqlite3_column_int64(s->st_recent_all, 1), old;
-        if (!map_get(&s->recent, h, &old) || seen > old)
-            map_put(&s->recent, h, seen);
+                seen = sqlite3_column_int64(s->st_recent_all, 1),
+                chk = sqlite3_column_int64(s->st_recent_all, 2), old_chk, old;
+        if (!map_get(&s->recent, h, &old_chk, &old) || seen >= old)
+            map_put(&s->recent, h, chk, seen);
     }
     sqlite3_reset(s->st_recent_all);
     return rc == SQLITE_DONE ? 0 : -1;
@@ -134,32 +146,35 @@ static int reload(amp_spool *s) {
 /* ---- admission, inside the committer's transaction ---- */
 
 int amp_spool_dedupe_admit(amp_spool *s, const char *key, int64_t now) {
-    int64_t h = amp_spool_key_hash(key), since = now - s->dedupe_window_ms, seen = 0;
-    bool had = map_get(&s->recent, h, &seen);
+    int64_t chk, h = amp_spool_key_digest(key, &chk), since = now - s->dedupe_window_ms;
+    int64_t seen = 0, had_chk = 0;
+    bool had = map_get(&s->recent, h, &had_chk, &seen);
     if (had) {
-        if (seen >= since)
+        if (seen >= since && had_chk == chk)
             return 0;
     } else {
         sqlite3_bind_int64(s->st_dedupe_find, 1, h);
         int rc = sqlite3_step(s->st_dedupe_find);
         bool found = rc == SQLITE_ROW;
         int64_t merged_seen = found ? sqlite3_column_int64(s->st_dedupe_find, 0) : 0;
+        int64_t merged_chk = found ? sqlite3_column_int64(s->st_dedupe_find, 1) : 0;
         sqlite3_reset(s->st_dedupe_find);
         if (rc != SQLITE_ROW && rc != SQLITE_DONE)
             return -1;
-        if (found && merged_seen >= since)
+        if (found && merged_seen >= since && merged_chk == chk)
             return 0;
     }
     sqlite3_bind_int64(s->st_recent_add, 1, h);
     sqlite3_bind_int64(s->st_recent_add, 2, now);
+    sqlite3_bind_int64(s->st_recent_add, 3, chk);
     if (amp_spool_step_done(s->st_recent_add))
         return -1;
     if (s->nundo == s->capundo) {
         s->capundo = s->capundo ? s->capundo * 2 : 256;
         s->undo = amp_xrealloc(s->undo, s->capundo * sizeof *s->undo);
     }
-    s->undo[s->nundo++] = (undo_rec){.h = h, .seen = seen, .had = had};
-    map_put(&s->recent, h, now);
+    s->undo[s->nundo++] = (undo_rec){.h = h, .chk = had_chk, .seen = seen, .had = had};
+    map_put(&s->recent, h, chk, now);
     return 1;
 }
 
@@ -171,7 +186,7 @@ void amp_spool_dedupe_undo(amp_spool *s, size_t mark) {
     while (s->nundo > mark) {
         undo_rec *u = &s->undo[--s->nundo];
         if (u->had)
-            map_put(&s->recent, u->h, u->seen);
+            map_put(&s->recent, u->h, u->chk, u->seen);
         else
             map_del(&s->recent, u->h);
     }
@@ -183,9 +198,12 @@ void amp_spool_dedupe_keep(amp_spool *s) {
 
 /* ---- merging ---- */
 
+/* By key, then row order: of two keys with one hash, the later wins. */
 static int by_h(const void *a, const void *b) {
-    int64_t x = ((const merge_rec *)a)->h, y = ((const merge_rec *)b)->h;
-    return x < y ? -1 : x > y;
+    const merge_rec *x = a, *y = b;
+    if (x->h != y->h)
+        return x->h < y->h ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
 }
 
 /* Reads dedupe_recent, sorted by key, into s->merge. */
@@ -205,6 +223,7 @@ static int merge_start(amp_spool *s) {
         r->h = sqlite3_column_int64(s->st_recent_rows, 1);
         r->seen = sqlite3_column_int64(s->st_recent_rows, 2);
         r->first_id = sqlite3_column_int64(s->st_recent_rows, 3);
+        r->chk = sqlite3_column_int64(s->st_recent_rows, 4);
         if (r->id > s->merge_upto)
             s->merge_upto = r->id;
     }
@@ -242,6 +261,7 @@ static int merge_step(amp_spool *s) {
         sqlite3_bind_int64(s->st_dedupe_merge, 1, r->h);
         sqlite3_bind_int64(s->st_dedupe_merge, 2, r->seen);
         sqlite3_bind_int64(s->st_dedupe_merge, 3, r->first_id);
+        sqlite3_bind_int64(s->st_dedupe_merge, 4, r->chk);
         ok = amp_spool_step_done(s->st_dedupe_merge) == 0;
     }
     if (ok && last) {

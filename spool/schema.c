@@ -66,39 +66,65 @@ static const char schema_v4[] = "ALTER TABLE deliveries ADD COLUMN source TEXT;"
  * checkpoint back to the database: measured with bench/spool_ingest (30,000
  * UUID keys, 64 requests in flight), 44 us of CPU per stored event, 17 us
  * without dedupe. Keys of the old table are carried over (two keys with one
- * hash keep the later sighting). The admin lookup still checks the key
- * itself against the rows' dedupe_key. */
+ * hash keep the later sighting). Each key also keeps a check value, the
+ * next 64 bits of the same digest (amp_spool_key_digest): a key is a
+ * duplicate only when both match, so two keys with one hash are both
+ * stored (a collision may deliver twice, never drop). The admin lookup
+ * compares the check too. */
 static const char schema_v5[] =
-    "CREATE TABLE dedupe_v5 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER);"
-    "INSERT INTO dedupe_v5(h, seen_ms, first_id) SELECT amp_key_hash(key), seen_ms, first_id "
+    "CREATE TABLE dedupe_v5 (h INTEGER PRIMARY KEY, seen_ms INTEGER NOT NULL, first_id INTEGER,"
+    "  chk INTEGER NOT NULL);"
+    "INSERT INTO dedupe_v5(h, seen_ms, first_id, chk)"
+    "  SELECT amp_key_hash(key), seen_ms, first_id, amp_key_check(key)"
     "  FROM dedupe WHERE true ORDER BY seen_ms "
-    "  ON CONFLICT(h) DO UPDATE SET seen_ms = excluded.seen_ms, first_id = excluded.first_id;"
+    "  ON CONFLICT(h) DO UPDATE SET seen_ms = excluded.seen_ms, first_id = excluded.first_id,"
+    "  chk = excluded.chk;"
     "DROP TABLE dedupe;"
     "ALTER TABLE dedupe_v5 RENAME TO dedupe;"
     "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
     "CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY, h INTEGER NOT NULL,"
-    "  seen_ms INTEGER NOT NULL, first_id INTEGER);";
+    "  seen_ms INTEGER NOT NULL, first_id INTEGER, chk INTEGER NOT NULL);";
 
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
 static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5};
 
-int64_t amp_spool_key_hash(const char *key) {
+/* Tests only (amp_spool_set_key_hash_for_tests): replaces the hash. */
+static int64_t (*hash_for_tests)(const char *key);
+
+void amp_spool_set_key_hash_for_tests(int64_t (*hash)(const char *key)) {
+    hash_for_tests = hash;
+}
+
+int64_t amp_spool_key_digest(const char *key, int64_t *check) {
     unsigned char md[SHA256_DIGEST_LENGTH];
     SHA256((const unsigned char *)key, strlen(key), md);
-    uint64_t h = 0;
-    for (int i = 0; i < 8; i++)
+    uint64_t h = 0, c = 0;
+    for (int i = 0; i < 8; i++) {
         h = h << 8 | md[i];
+        c = c << 8 | md[8 + i];
+    }
+    *check = (int64_t)c;
+    if (hash_for_tests)
+        h = (uint64_t)hash_for_tests(key);
     return h ? (int64_t)h : 1; /* 0 marks an empty slot in dedupe.c */
 }
 
-/* amp_key_hash(text) in SQL, for the migration and recover(). */
-static void sql_key_hash(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+int64_t amp_spool_key_hash(const char *key) {
+    int64_t check;
+    return amp_spool_key_digest(key, &check);
+}
+
+/* amp_key_hash(text) and amp_key_check(text) in SQL, for the migration and
+ * recover(); user data: 0 the hash, 1 the check. */
+static void sql_key_digest(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
     (void)argc;
     const unsigned char *key = sqlite3_value_text(argv[0]);
-    if (key)
-        sqlite3_result_int64(ctx, amp_spool_key_hash((const char *)key));
-    else
+    if (key) {
+        int64_t check, h = amp_spool_key_digest((const char *)key, &check);
+        sqlite3_result_int64(ctx, sqlite3_user_data(ctx) ? check : h);
+    } else {
         sqlite3_result_null(ctx);
+    }
 }
 
 static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen) {
@@ -160,7 +186,10 @@ int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, cha
     }
     sqlite3_create_function_v2(*db, "amp_key_hash", 1,
                                SQLITE_UTF8 | SQLITE_DETERMINISTIC | SQLITE_DIRECTONLY, NULL,
-                               sql_key_hash, NULL, NULL, NULL);
+                               sql_key_digest, NULL, NULL, NULL);
+    sqlite3_create_function_v2(*db, "amp_key_check", 1,
+                               SQLITE_UTF8 | SQLITE_DETERMINISTIC | SQLITE_DIRECTONLY, (void *)1,
+                               sql_key_digest, NULL, NULL, NULL);
     int64_t lock_ms = opts->lock_timeout_ms > 0 ? opts->lock_timeout_ms : AMP_SPOOL_LOCK_TIMEOUT_MS;
     sqlite3_busy_timeout(*db, lock_ms > INT32_MAX ? INT32_MAX : (int)lock_ms);
     if (!create) {
@@ -210,15 +239,16 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
         /* Dedupe (dedupe.c). first_id: the id SQLite gives the next row
          * (the largest + 1), where the event's rows start. */
-        {s->wdb, &s->st_dedupe_find, "SELECT seen_ms FROM dedupe WHERE h = ?1"},
+        {s->wdb, &s->st_dedupe_find, "SELECT seen_ms, chk FROM dedupe WHERE h = ?1"},
         {s->wdb, &s->st_recent_add,
-         "INSERT INTO dedupe_recent(h, seen_ms, first_id) VALUES (?1, ?2, "
-         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries))"},
-        {s->wdb, &s->st_recent_all, "SELECT h, seen_ms FROM dedupe_recent"},
-        {s->wdb, &s->st_recent_rows, "SELECT id, h, seen_ms, first_id FROM dedupe_recent"},
+         "INSERT INTO dedupe_recent(h, seen_ms, first_id, chk) VALUES (?1, ?2, "
+         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries), ?3)"},
+        {s->wdb, &s->st_recent_all, "SELECT h, seen_ms, chk FROM dedupe_recent ORDER BY id"},
+        {s->wdb, &s->st_recent_rows, "SELECT id, h, seen_ms, first_id, chk FROM dedupe_recent"},
         {s->wdb, &s->st_dedupe_merge,
-         "INSERT INTO dedupe(h, seen_ms, first_id) VALUES (?1, ?2, ?3) ON CONFLICT(h) DO UPDATE "
-         "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id "
+         "INSERT INTO dedupe(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4) "
+         "ON CONFLICT(h) DO UPDATE "
+         "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id, chk = excluded.chk "
          "WHERE excluded.seen_ms >= dedupe.seen_ms"},
         {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
         {s->wdb, &s->st_insert,

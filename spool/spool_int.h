@@ -52,21 +52,21 @@ typedef struct idset {
     size_t n;
 } idset;
 
-/* Recent dedupe keys (dedupe.c): hash -> last seen, open addressing, key 0
- * empty. Committer thread only. */
+/* Recent dedupe keys (dedupe.c): hash -> the key's check and last seen,
+ * open addressing, key 0 empty. Committer thread only. */
 typedef struct keymap {
-    int64_t *keys, *seen;
+    int64_t *keys, *chk, *seen;
     size_t cap; /* power of two */
     size_t n;
 } keymap;
 /* A change of the map inside the open transaction, for its rollback. */
 typedef struct undo_rec {
-    int64_t h, seen;
-    bool had; /* seen is the value before; else the key was not there */
+    int64_t h, chk, seen;
+    bool had; /* chk and seen are the values before; else the key was not there */
 } undo_rec;
 /* A dedupe_recent row being merged. */
 typedef struct merge_rec {
-    int64_t id, h, seen, first_id;
+    int64_t id, h, seen, first_id, chk;
 } merge_rec;
 
 typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
@@ -191,6 +191,14 @@ struct amp_spool {
 };
 
 /* ---- schema.c ---- */
+/* The dedupe key's hash (amp_spool_key_hash, never 0), and in *check the
+ * next 64 bits of the same SHA-256: a key is the same key only when both
+ * match. */
+int64_t amp_spool_key_digest(const char *key, int64_t *check);
+/* Tests only: the hash becomes hash(key) (NULL: SHA-256 again), so a test
+ * can make keys collide; the check stays SHA-256's. Process-wide, not
+ * thread-safe: set it before opening a spool and reset it after closing. */
+void amp_spool_set_key_hash_for_tests(int64_t (*hash)(const char *key));
 /* Opens a connection with the spool's pragmas and amp_key_hash(key) (the
  * dedupe table's key, amp_spool_key_hash in spool.h) as an SQL function;
  * create: also a new file. An
