@@ -15,6 +15,7 @@
 #include "../../base/log.h"
 #include "../../base/clock.h"
 #include "../../spool/spool.h"
+#include "../../spool/spool_int.h" /* amp_spool_set_key_hash_for_tests */
 #include "../check_run.h"
 
 static char dir[64];
@@ -597,6 +598,84 @@ START_TEST(dedupe_keys_survive_merges) {
 }
 END_TEST
 
+/* Two different keys with the same 64-bit hash (every key hashes to 42
+ * here): both events are stored and delivered, never the second one
+ * answered as a duplicate; the same key twice is still a duplicate, in
+ * memory and, after the merge at a reopen, in the dedupe table; the admin
+ * lookup never answers one key with the other's event. */
+static int64_t same_hash(const char *key) {
+    (void)key;
+    return 42;
+}
+
+static size_t event_jobs(amp_queue *s, const char *key) {
+    json_t *ev = amp_queue_event(s, key, 100);
+    ck_assert_ptr_nonnull(ev);
+    size_t n = json_array_size(json_object_get(ev, "jobs"));
+    json_decref(ev);
+    return n;
+}
+
+static amp_queue_result submit_one(amp_queue *s, const char *key, const char *body) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, key, "u", false, body);
+    return submit(s, b);
+}
+
+START_TEST(colliding_keys_are_both_delivered) {
+    amp_spool_set_key_hash_for_tests(same_hash);
+    amp_queue *s = open_spool(3600);
+    ck_assert_uint_eq(submit_one(s, "c1", "{\"n\":1}").accepted, 1);
+    amp_queue_result r = submit_one(s, "c2", "{\"n\":2}");
+    ck_assert_uint_eq(r.duplicates, 0);
+    ck_assert_uint_eq(r.accepted, 1);
+    r = submit_one(s, "c2", "{}"); /* the same key: found in memory */
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+
+    amp_queue_job *jobs[4];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 2);
+    ck_assert_str_eq(jobs[0]->dedupe_key, "c1");
+    ck_assert_str_eq(jobs[0]->body, "{\"n\":1}");
+    ck_assert_str_eq(jobs[1]->dedupe_key, "c2");
+    ck_assert_str_eq(jobs[1]->body, "{\"n\":2}");
+    free_jobs(jobs, 2);
+    /* Both sightings are in dedupe_recent: each key finds its own. */
+    ck_assert_uint_eq(event_jobs(s, "c1"), 1);
+    ck_assert_uint_eq(event_jobs(s, "c2"), 1);
+    ck_assert_uint_eq(event_jobs(s, "c3"), 0);
+    amp_queue_close(s);
+
+    /* At open the keys are merged: hash 42 keeps the later key, c2. */
+    s = open_spool(3600);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
+    ck_assert_int_eq(table_rows("dedupe"), 1);
+    r = submit_one(s, "c2", "{}");
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_uint_eq(event_jobs(s, "c2"), 1);
+    /* c1 lost its dedupe entry to c2: no lookup of c2's event for it, and a
+     * repeat of it is stored again (at least once). */
+    json_t *ev = amp_queue_event(s, "c1", 100);
+    ck_assert_ptr_nonnull(ev);
+    ck_assert(json_is_null(json_object_get(ev, "seen_ms")));
+    ck_assert_uint_eq(json_array_size(json_object_get(ev, "jobs")), 0);
+    json_decref(ev);
+    r = submit_one(s, "c3", "{\"n\":3}"); /* a new key against the table */
+    ck_assert_uint_eq(r.duplicates, 0);
+    ck_assert_uint_eq(r.accepted, 1);
+    r = submit_one(s, "c3", "{}"); /* and again: in memory */
+    ck_assert_uint_eq(r.duplicates, 1);
+    /* c1 and c2 again (claims end with the process, nothing was acked) */
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 4, &next), 3);
+    ck_assert_str_eq(jobs[2]->dedupe_key, "c3");
+    free_jobs(jobs, 3);
+    amp_queue_close(s);
+    amp_spool_set_key_hash_for_tests(NULL);
+}
+END_TEST
+
 /* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
  * hashed to 64 bits (version 5): its pending rows stay claimable, its keys
  * still catch duplicates (and an expired one does not), the admin lookup
@@ -641,6 +720,13 @@ START_TEST(version_4_spool_is_migrated) {
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(user_version(db), 5);
+    /* The migrated keys carry their check values (k0..k4, one each). */
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT count(DISTINCT chk) FROM dedupe"
+                                            " WHERE chk <> 0", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_int(st, 0), 5);
+    sqlite3_finalize(st);
     sqlite3_close(db);
 }
 END_TEST
@@ -1328,6 +1414,7 @@ int main(void) {
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
+    tcase_add_test(tc, colliding_keys_are_both_delivered);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
