@@ -108,8 +108,8 @@ int main(int argc, char **argv) {
                            "app, user, per_user, body, due_ms) "
                            "VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1)",
                            -1, &ins, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, "INSERT INTO dedupe(h, seen_ms) VALUES (?1, ?2)", -1, &key, NULL) !=
-            SQLITE_OK)
+        sqlite3_prepare_v2(db, "INSERT INTO dedupe(h, seen_ms, chk) VALUES (?1, ?2, ?3)", -1, &key,
+                           NULL) != SQLITE_OK)
         return fail(db, "prepare");
 
     static const char *const types[] = {"Signed_Up", "Viewed_Page", "Started_Trial",
@@ -140,8 +140,10 @@ int main(int argc, char **argv) {
         if (sqlite3_step(ins) != SQLITE_DONE)
             return fail(db, "insert delivery");
         sqlite3_reset(ins);
-        sqlite3_bind_int64(key, 1, amp_spool_key_hash(dkey));
+        int64_t chk, h = amp_spool_key_digest(dkey, &chk);
+        sqlite3_bind_int64(key, 1, h);
         sqlite3_bind_int64(key, 2, created);
+        sqlite3_bind_int64(key, 3, chk);
         if (sqlite3_step(key) != SQLITE_DONE)
             return fail(db, "insert dedupe key");
         sqlite3_reset(key);

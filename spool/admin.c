@@ -232,12 +232,13 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
     json_t *seen = json_null();
     int64_t first = 0;
     sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(db,
-                                "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 AND chk = ?2 "
-                                "UNION ALL SELECT seen_ms, first_id FROM dedupe "
-                                "WHERE h = ?1 AND chk = ?2 "
-                                "ORDER BY 1 DESC LIMIT 1",
-                                -1, &st, NULL);
+    int rc =
+        sqlite3_prepare_v2(db,
+                           "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 AND chk = ?2 "
+                           "UNION ALL SELECT seen_ms, first_id FROM dedupe "
+                           "WHERE h = ?1 AND chk = ?2 "
+                           "ORDER BY 1 DESC LIMIT 1",
+                           -1, &st, NULL);
     if (rc == SQLITE_OK) {
         int64_t check = 0, h = dedupe_key ? amp_spool_key_digest(dedupe_key, &check) : 0;
         sqlite3_bind_int64(st, 1, h);

@@ -66,7 +66,12 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen);
 amp_queue *amp_spool_open_admin(const amp_spool_opts *opts, char *err, size_t errlen);
 
 /* The dedupe table's key for an event key (schema v5): the first 64 bits of
- * its SHA-256, as a signed integer. For tools that fill a spool directly. */
+ * its SHA-256, as a signed integer, never 0. For tools that fill a spool
+ * directly. */
 int64_t amp_spool_key_hash(const char *key);
+/* The same hash, and in *check the next 64 bits of the SHA-256 (the dedupe
+ * tables' chk column): a key is a duplicate only when both match, so two
+ * keys with one hash are never taken for each other. */
+int64_t amp_spool_key_digest(const char *key, int64_t *check);
 
 #endif

@@ -191,10 +191,6 @@ struct amp_spool {
 };
 
 /* ---- schema.c ---- */
-/* The dedupe key's hash (amp_spool_key_hash, never 0), and in *check the
- * next 64 bits of the same SHA-256: a key is the same key only when both
- * match. */
-int64_t amp_spool_key_digest(const char *key, int64_t *check);
 /* Tests only: the hash becomes hash(key) (NULL: SHA-256 again), so a test
  * can make keys collide; the check stays SHA-256's. Process-wide, not
  * thread-safe: set it before opening a spool and reset it after closing. */

@@ -722,8 +722,11 @@ START_TEST(version_4_spool_is_migrated) {
     ck_assert_int_eq(user_version(db), 5);
     /* The migrated keys carry their check values (k0..k4, one each). */
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT count(DISTINCT chk) FROM dedupe"
-                                            " WHERE chk <> 0", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(db,
+                                        "SELECT count(DISTINCT chk) FROM dedupe"
+                                        " WHERE chk <> 0",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_int_eq(sqlite3_column_int(st, 0), 5);
     sqlite3_finalize(st);
