@@ -219,8 +219,8 @@ static json_t *column(sqlite3_stmt *st, int i) {
 #define EVENT_ROWS_MAX 4096
 
 /* The dedupe row (schema v3; since v5 found by the key's hash, in
- * dedupe_recent or dedupe, the latest sighting of the key's check too, so
- * a key with the same hash never answers for it; the key itself is checked
+ * dedupe_recent or dedupe, the latest sighting with the key's check too,
+ * so another key with the same hash never answers for it; the key itself is checked
  * against the rows' dedupe_key) gives the id of the event's first row; its
  * rows follow it (one committer inserts them one after the other). The
  * answer excerpt is cut by substr(), which counts characters, so a UTF-8

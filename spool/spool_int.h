@@ -196,7 +196,8 @@ struct amp_spool {
  * thread-safe: set it before opening a spool and reset it after closing. */
 void amp_spool_set_key_hash_for_tests(int64_t (*hash)(const char *key));
 /* Opens a connection with the spool's pragmas and amp_key_hash(key) (the
- * dedupe table's key, amp_spool_key_hash in spool.h) as an SQL function;
+ * dedupe table's key, amp_spool_key_hash in spool.h) and amp_key_check(key)
+ * (its chk, amp_spool_key_digest) as SQL functions;
  * create: also a new file. An
  * admin connection (create false) first checks the schema version and
  * refuses any other than SCHEMA_VERSION, changing nothing. */
