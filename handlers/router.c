@@ -308,9 +308,7 @@ static int put_str(amp_buf *b, const char *key, const char *v) {
 }
 
 static int put_int(amp_buf *b, const char *key, long long v) {
-    char num[24];
-    int n = snprintf(num, sizeof num, "%lld", v);
-    return put_key(b, key) != 0 || amp_buf_append(b, num, (size_t)n) != 0 ? -1 : 0;
+    return put_key(b, key) != 0 || amp_json_write_int(b, v) != 0 ? -1 : 0;
 }
 
 /* The one access line of a webhook request (the event bodies stay out).

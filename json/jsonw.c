@@ -369,6 +369,17 @@ int amp_json_write_string(amp_buf *out, const char *s, size_t n) {
     return 0;
 }
 
+int amp_json_write_int(amp_buf *out, long long v) {
+    jw w = cursor(out);
+    if (write_integer(&w, (json_int_t)v) != 0) {
+        out->data[out->len] = '\0';
+        return -1;
+    }
+    out->len = (size_t)(w.p - out->data);
+    *w.p = '\0';
+    return 0;
+}
+
 int amp_json_write(amp_buf *out, const json_t *v) {
     jw w = cursor(out);
     if (write_value(&w, v, 0) != 0) {

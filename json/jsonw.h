@@ -38,6 +38,11 @@ int amp_json_write(amp_buf *out, const json_t *v);
  * out would grow beyond its max (out then keeps its length, as above). */
 int amp_json_write_string(amp_buf *out, const char *s, size_t n);
 
+/* Appends v as a JSON integer, the digits amp_json_write writes for it
+ * (no printf). 0; -1 when out would grow beyond its max (out then keeps
+ * its length, as above). */
+int amp_json_write_int(amp_buf *out, long long v);
+
 /* The same as a NUL-terminated string; caller owns (free()). NULL when v
  * cannot be encoded. Aborts on out-of-memory (amp_x* allocators). v is
  * borrowed. */

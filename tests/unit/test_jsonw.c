@@ -626,6 +626,35 @@ START_TEST(random_trees) {
 }
 END_TEST
 
+/* amp_json_write_int: the digits json_dumps gives for the same integer,
+ * appended after what the buffer holds; one byte short of room, it fails
+ * and leaves the buffer as it was. */
+START_TEST(write_int) {
+    const long long vals[] = {0,  1,  -1,  9,         10,        99,       100, -100,
+                              12345, -987654321, INT_MAX, INT_MIN, LLONG_MAX, LLONG_MIN};
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        json_t *v = json_integer(vals[i]);
+        char *want = json_dumps(v, DUMP_FLAGS);
+        json_decref(v);
+        size_t n = strlen(want);
+        amp_buf b;
+        amp_buf_init(&b, 2 + n);
+        ck_assert_int_eq(amp_buf_append(&b, "x:", 2), 0);
+        ck_assert_int_eq(amp_json_write_int(&b, vals[i]), 0);
+        ck_assert_uint_eq(b.len, 2 + n);
+        ck_assert_str_eq(b.data + 2, want);
+        amp_buf_free(&b);
+        amp_buf_init(&b, 1 + n);
+        ck_assert_int_eq(amp_buf_append(&b, "x:", 2), 0);
+        ck_assert_int_eq(amp_json_write_int(&b, vals[i]), -1);
+        ck_assert_uint_eq(b.len, 2);
+        ck_assert_str_eq(b.data, "x:");
+        amp_buf_free(&b);
+        free(want);
+    }
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("jsonw");
     TCase *tc = tcase_create("jsonw");
@@ -637,6 +666,7 @@ int main(void) {
     tcase_add_test(tc, utf8);
     tcase_add_test(tc, reals);
     tcase_add_test(tc, integers_and_literals);
+    tcase_add_test(tc, write_int);
     tcase_add_test(tc, containers);
     tcase_add_test(tc, nesting);
     tcase_add_test(tc, cap);
