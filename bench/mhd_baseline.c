@@ -2,8 +2,9 @@
  * mhd_baseline — the reference servers for `make bench`: a libmicrohttpd
  * server set up like amp2dify's (handlers/http.c: epoll internal thread, a
  * thread pool, suspend/resume allowed, connection limit 1024, 30 s idle
- * timeout) that collects the POST body into a capped buffer, as the
- * product's router does, and answers with a small JSON body. It checks no
+ * timeout, and the same per-connection buffer: libmicrohttpd clears it for
+ * every request, so its size is part of the HTTP layer's cost) that collects the POST body into a
+ * capped buffer, as the product's router does, and answers with a small JSON body. It checks no
  * signature and parses nothing. Three modes, each the ceiling of one more
  * part of amp2dify's ingest path on this machine:
  *
@@ -19,6 +20,9 @@
  *
  *   mhd_baseline [--port P] [--threads N] [--mode plain|handoff|durable]
  *                [--log FILE]      (durable: the log, default mhd_baseline.log)
+ *                [--pool-bytes B]  (the per-connection buffer; default
+ *                                   amp2dify's with its default
+ *                                   listen.max_header_bytes)
  *
  * Prints "listening <port>" once it accepts connections (--port 0, the
  * default, picks a free port on 127.0.0.1), runs until SIGTERM or SIGINT,
@@ -47,6 +51,8 @@
 #define MAX_BODY (1024 * 1024) /* amp2dify's default listen.max_body_bytes */
 #define CONNECTION_LIMIT 1024
 #define CONNECTION_TIMEOUT_S 30
+/* handlers/http.c: 4 x listen.max_header_bytes (16384) + 16 KiB. */
+#define POOL_BYTES (4 * 16384 + 16 * 1024)
 #define LOG_BYTES (64 * 1024 * 1024) /* the durable log, written round and round */
 
 /* Same length and shape as amp2dify's answer to a one-event request. */
@@ -246,12 +252,12 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **req_cls,
 
 static int usage(void) {
     fprintf(stderr, "usage: mhd_baseline [--port P] [--threads N] "
-                    "[--mode plain|handoff|durable] [--log FILE]\n");
+                    "[--mode plain|handoff|durable] [--log FILE] [--pool-bytes B]\n");
     return 2;
 }
 
 int main(int argc, char **argv) {
-    int64_t port = 0, threads = 2;
+    int64_t port = 0, threads = 2, pool = POOL_BYTES;
     server sv = {.mode = MODE_PLAIN, .log_fd = -1};
     const char *log_path = "mhd_baseline.log";
     for (int i = 1; i < argc; i++) {
@@ -276,6 +282,9 @@ int main(int argc, char **argv) {
                 return usage();
         } else if (strcmp(a, "--log") == 0) {
             log_path = v;
+        } else if (strcmp(a, "--pool-bytes") == 0) {
+            if (amp_parse_i64(v, strlen(v), 4096, 64 << 20, &pool) != 0)
+                return usage();
         } else {
             return usage();
         }
@@ -312,8 +321,8 @@ int main(int argc, char **argv) {
         (uint16_t)port, NULL, NULL, access_cb, &sv, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)threads, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned int)CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)CONNECTION_TIMEOUT_S, MHD_OPTION_NOTIFY_COMPLETED, completed_cb, NULL,
-        MHD_OPTION_END);
+        (unsigned int)CONNECTION_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)pool,
+        MHD_OPTION_NOTIFY_COMPLETED, completed_cb, NULL, MHD_OPTION_END);
     if (!d) {
         fprintf(stderr, "mhd_baseline: cannot listen on 127.0.0.1:%lld\n", (long long)port);
         return 1;
