@@ -630,8 +630,8 @@ END_TEST
  * appended after what the buffer holds; one byte short of room, it fails
  * and leaves the buffer as it was. */
 START_TEST(write_int) {
-    const long long vals[] = {0,  1,  -1,  9,         10,        99,       100, -100,
-                              12345, -987654321, INT_MAX, INT_MIN, LLONG_MAX, LLONG_MIN};
+    const long long vals[] = {0,    1,     -1,         9,       10,      99,        100,
+                              -100, 12345, -987654321, INT_MAX, INT_MIN, LLONG_MAX, LLONG_MIN};
     for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
         json_t *v = json_integer(vals[i]);
         char *want = json_dumps(v, DUMP_FLAGS);
