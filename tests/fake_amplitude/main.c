@@ -17,22 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../base/parse.h"
+#include "../fake_main.h"
 #include "fake_amplitude.h"
 
 static int usage(void) {
     fprintf(stderr, "usage: fake-amplitude --port P --key K [--push-status S]... "
                     "[--throttle-user U] [--throttle-requests N] [--events-out FILE]\n");
     return 2;
-}
-
-static int parse_num(const char *name, const char *s, int64_t max, int64_t *out) {
-    if (!s || amp_parse_i64(s, strlen(s), 0, max, out) != 0) {
-        fprintf(stderr, "fake-amplitude: %s expects an integer in [0, %lld]\n", name,
-                (long long)max);
-        return -1;
-    }
-    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -45,19 +36,19 @@ int main(int argc, char **argv) {
             return usage();
         i++;
         if (strcmp(a, "--port") == 0) {
-            if (parse_num(a, v, 65535, &port))
+            if (fake_main_num("fake-amplitude", a, v, 65535, &port))
                 return 2;
         } else if (strcmp(a, "--key") == 0) {
             key = v;
         } else if (strcmp(a, "--push-status") == 0) {
             if (nstatus == sizeof statuses / sizeof statuses[0] ||
-                parse_num(a, v, 599, &statuses[nstatus]))
+                fake_main_num("fake-amplitude", a, v, 599, &statuses[nstatus]))
                 return 2;
             nstatus++;
         } else if (strcmp(a, "--throttle-user") == 0) {
             throttle_user = v;
         } else if (strcmp(a, "--throttle-requests") == 0) {
-            if (parse_num(a, v, 1000, &throttle_n))
+            if (fake_main_num("fake-amplitude", a, v, 1000, &throttle_n))
                 return 2;
         } else if (strcmp(a, "--events-out") == 0) {
             out = v;
@@ -68,14 +59,8 @@ int main(int argc, char **argv) {
     if (!key)
         return usage();
 
-    /* Block the stop signals before any thread exists, so only sigwait
-     * below sees them. */
     sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    fake_main_block_stop(&stop);
 
     fake_amplitude *f = fake_amplitude_start((uint16_t)port, key, "unused-secret");
     if (!f)

@@ -14,21 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../base/parse.h"
+#include "../fake_main.h"
 #include "fake_dify.h"
 
 static int usage(void) {
     fprintf(stderr, "usage: fake-dify --port P --key K [--delay-ms D] [--fail-rate R] "
                     "[--seed S] [--stream-chunk N] [--record]\n");
     return 2;
-}
-
-static int parse_num(const char *name, const char *s, int64_t max, int64_t *out) {
-    if (!s || amp_parse_i64(s, strlen(s), 0, max, out) != 0) {
-        fprintf(stderr, "fake-dify: %s expects an integer in [0, %lld]\n", name, (long long)max);
-        return -1;
-    }
-    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -47,18 +39,18 @@ int main(int argc, char **argv) {
             return usage();
         i++;
         if (strcmp(a, "--port") == 0) {
-            if (parse_num(a, v, 65535, &port))
+            if (fake_main_num("fake-dify", a, v, 65535, &port))
                 return 2;
         } else if (strcmp(a, "--key") == 0) {
             key = v;
         } else if (strcmp(a, "--delay-ms") == 0) {
-            if (parse_num(a, v, 3600 * 1000, &delay))
+            if (fake_main_num("fake-dify", a, v, 3600 * 1000, &delay))
                 return 2;
         } else if (strcmp(a, "--stream-chunk") == 0) {
-            if (parse_num(a, v, 1 << 20, &chunk))
+            if (fake_main_num("fake-dify", a, v, 1 << 20, &chunk))
                 return 2;
         } else if (strcmp(a, "--seed") == 0) {
-            if (parse_num(a, v, INT64_MAX, &seed))
+            if (fake_main_num("fake-dify", a, v, INT64_MAX, &seed))
                 return 2;
         } else if (strcmp(a, "--fail-rate") == 0) {
             char *end;
@@ -75,14 +67,8 @@ int main(int argc, char **argv) {
     if (!key)
         return usage();
 
-    /* Block the stop signals before any thread exists, so every thread
-     * inherits the mask and only sigwait below sees them. */
     sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    fake_main_block_stop(&stop);
 
     fake_dify *f = fake_dify_start((uint16_t)port, key);
     if (!f)
