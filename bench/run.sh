@@ -339,15 +339,23 @@ target() {
     local name=$1 value=$2 op=$3 limit=$4 unit=$5 ok verdict
     ok=$(calc "%d" "($value $op $limit) ? 1 : 0")
     verdict=$( ((ok)) && echo PASS || echo MISS)
-    TARGET_LINES+=("$(printf '  %-58s %9s %-2s %2s %-5s %s' "$name" "$value" "$unit" "$op" "$limit" "$verdict")")
+    TARGET_LINES+=("$(printf '  %-58s %9s %-6s %2s %-5s %s' "$name" "$value" "$unit" "$op" "$limit" "$verdict")")
     TARGET_JSON+="${TARGET_JSON:+,}{\"target\":\"$(json_str "$name")\",\"value\":$value,\"op\":\"$op\",\"limit\":$limit,\"unit\":\"$unit\",\"pass\":$( ((ok)) && echo true || echo false)}"
 }
-target "HTTP threads, CPU per stored event (ingest only)" "$i_http_cpu_us" "<=" 20 us
-target "spool threads, CPU per stored event (ingest only)" "$i_spool_cpu_us" "<=" 15 us
+# The issue set its CPU targets in microseconds on a machine where a bare
+# request cost 9 us (8.5-9.3): 20 us on the HTTP threads, 15 on the spool's,
+# 50 per delivery. CPU time per request drifts between machines and with
+# their load, so each is judged as that multiple of this run's bare request.
+BARE_US_AT_ISSUE=9
+# US: US as a multiple of this run's bare request (0 without one).
+x_bare() { calc "%.2f" "($b_cpu_us > 0) ? $1 / $b_cpu_us : 0"; }
+x_limit() { calc "%.2f" "$1 / $BARE_US_AT_ISSUE"; }
+target "HTTP threads, CPU per stored event (ingest only)" "$(x_bare "$i_http_cpu_us")" "<=" "$(x_limit 20)" "x bare"
+target "spool threads, CPU per stored event (ingest only)" "$(x_bare "$i_spool_cpu_us")" "<=" "$(x_limit 15)" "x bare"
 target "ingest only / bare server, requests/s" "$i_ratio" ">=" 0.30 ""
 target "ingest only p99 latency at $CONNS connections" "$i_p99" "<" 5 ms
 target "ingest while delivering / bare server, requests/s" "$ratio" ">=" 0.20 ""
-target "CPU per delivery at 0 ms Dify (not HTTP, not spool threads)" "$a_delivery_cpu_us" "<=" 50 us
+target "CPU per delivery at 0 ms Dify (not HTTP, not spool threads)" "$(x_bare "$a_delivery_cpu_us")" "<=" "$(x_limit 50)" "x bare"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
@@ -406,7 +414,7 @@ CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $
               per delivered event: $a_delivery_cpu_us us outside the HTTP and spool threads (delivery workers
               $a_worker_cpu_us, dispatcher with its claims $a_dispatch_cpu_us); the spool's threads $a_spool_extra_us us more per
               event than when ingesting only (their share of claims and acknowledgements)
-targets (issue 19; ratios within this run)
+targets (issue 19; CPU as a multiple of this run's bare request, whose cost drifts by machine)
 $(printf '%s\n' "${TARGET_LINES[@]}")
 EOF
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
