@@ -51,8 +51,8 @@
 #define MAX_BODY (1024 * 1024) /* amp2dify's default listen.max_body_bytes */
 #define CONNECTION_LIMIT 1024
 #define CONNECTION_TIMEOUT_S 30
-/* handlers/http.c: 4 x listen.max_header_bytes (16384) + 16 KiB. */
-#define POOL_BYTES (4 * 16384 + 16 * 1024)
+/* handlers/http.c: listen.max_header_bytes (16384) + 16 KiB. */
+#define POOL_BYTES (16384 + 16 * 1024)
 #define LOG_BYTES (64 * 1024 * 1024) /* the durable log, written round and round */
 
 /* Same length and shape as amp2dify's answer to a one-event request. */

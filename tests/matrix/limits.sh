@@ -4,7 +4,7 @@
 #
 #   tests/matrix/limits.sh BUILD/amp2dify      (from anywhere; needs curl, python3)
 #
-#   header_size        a 40 KiB header is 431 headers_too_large in the JSON error
+#   header_size        a 24 KiB header is 431 headers_too_large in the JSON error
 #                      shape; a 100 KiB one (beyond libmicrohttpd's buffer) is
 #                      431 too; both get an access-log line and are counted in
 #                      amp2dify_http_requests_total{code="431"}
@@ -111,7 +111,7 @@ unhold() { # ends the holder; waits for its last line
 # ---- default config ----------------------------------------------------------
 start default
 
-big=$(head -c 40960 /dev/zero | tr '\0' a)
+big=$(head -c 24576 /dev/zero | tr '\0' a)
 ans=$(curl -sS --max-time 10 -o "$tmp/resp" -w '%{http_code}' -H "X-Big: $big" \
     -H 'Content-Type: application/json' --data-binary '{}' "http://127.0.0.1:$PORT/webhooks/amplitude")
 body=$(head -c 120 "$tmp/resp")
@@ -121,9 +121,9 @@ counted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" | awk '$1 == "a
 logged=$(grep -c '"status": *431.*"error": *"headers_too_large"' "$tmp/default.log")
 if [ "$ans" = 431 ] && [ "$($JSON get "$tmp/resp" error 2>/dev/null)" = headers_too_large ] &&
     [ "$ans2" = 431 ] && [ "$counted" = 2 ] && [ "$logged" = 2 ] && healthy "$PORT"; then
-    report header_size pass "40 KiB header -> $ans $body; 100 KiB -> $ans2; counted $counted, logged $logged"
+    report header_size pass "24 KiB header -> $ans $body; 100 KiB -> $ans2; counted $counted, logged $logged"
 else
-    report header_size gap "40 KiB header -> $ans $body; 100 KiB -> $ans2; counted ${counted:-0}, logged $logged"
+    report header_size gap "24 KiB header -> $ans $body; 100 KiB -> $ans2; counted ${counted:-0}, logged $logged"
 fi
 
 { printf '{"event_type":"Ignored_Limit","user_id":"u","insert_id":"nest-1","p":'
