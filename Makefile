@@ -163,11 +163,15 @@ test:
 run: $(BIN)
 	$(BIN) serve -c examples/amp2dify.json
 
+# BENCH_BASE=DIR (an older build directory with its bench binaries): the
+# ingest and spool benchmarks also run that build and report this one's
+# figures as ratios to it, measured in the same run.
+BENCH_BASE ?=
 bench: $(BIN) $(FAKE_DIFY) $(BENCH_BINS)
-	bash bench/run.sh $(BUILD)
+	bash bench/run.sh $(BUILD) $(BENCH_BASE)
 	bash bench/delivery.sh $(BUILD)
 	bash bench/backlog.sh $(BUILD)
-	bash bench/spool.sh $(BUILD)
+	bash bench/spool.sh $(BUILD) $(BENCH_BASE)
 	bash bench/redis.sh $(BUILD)
 	bash bench/export.sh $(BUILD)
 	bash bench/sink.sh $(BUILD)

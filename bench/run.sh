@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/run.sh BUILD_DIR — the ingest benchmark behind `make bench`.
+# bench/run.sh BUILD_DIR [BASE_BUILD_DIR] — the ingest benchmark behind
+# `make bench`.
 #
 # 1. mhd_baseline (a bare libmicrohttpd server configured like amp2dify's)
 #    under wrk: the ceiling of the HTTP layer on this machine; then the same
@@ -13,6 +14,10 @@
 #    3b. the same load with delivery held back (ingest only); 3c. with a
 #    route filter that stores nothing (the HTTP + JSON path's ceiling).
 # 4. build/bench/bench_mapping, when it exists.
+# With BASE_BUILD_DIR (an older build; only its amp2dify is used), 3b and 3c
+# also run that build's amp2dify, each right after this build's, and the
+# summary gives this build's figures as ratios to the base's: a change's
+# effect measured in one run, on the same corpus and the same machine state.
 # Everything listens on 127.0.0.1 only; every step is bounded in time, and
 # the processes this script starts are stopped on any exit.
 #
@@ -27,6 +32,7 @@
 set -uo pipefail
 
 BUILD=${1:-build}
+BASE_BUILD=${2:-}
 DURATION=${BENCH_DURATION:-10}
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
@@ -61,6 +67,7 @@ run_wrk() {
 for b in amp2dify fake-dify bench/mhd_baseline bench/sign_corpus bench/spool_stat; do
     [[ -x $BUILD/$b ]] || die "$BUILD/$b is missing; run 'make bench'"
 done
+[[ -z $BASE_BUILD || -x $BASE_BUILD/amp2dify ]] || die "$BASE_BUILD/amp2dify is missing"
 command -v wrk >/dev/null || die "wrk is not installed (Debian package wrk)"
 command -v timeout >/dev/null || die "timeout (coreutils) is not installed"
 [[ $THREADS =~ ^[1-9][0-9]*$ && $CONNS =~ ^[1-9][0-9]*$ && $DURATION =~ ^[1-9][0-9]*$ ]] ||
@@ -198,13 +205,13 @@ FAKE_SUMMARY=$(grep '^{' "$WORK/fake.out" | tail -n 1)
 # stored. Its requests/s is the ceiling of this HTTP + JSON path on this
 # machine, whatever the spool does.
 
-# LABEL CONFIG: amp2dify on CONFIG with its own spool under the wrk load;
-# sets VARIANT_LINE to wrk's BENCH line (empty on failure) and VARIANT_CPU
-# to "total http spool" CPU ms.
+# LABEL CONFIG [BUILD_DIR]: amp2dify (of BUILD_DIR, default this build) on
+# CONFIG with its own spool under the wrk load; sets VARIANT_LINE to wrk's
+# BENCH line (empty on failure) and VARIANT_CPU to "total http spool" CPU ms.
 VARIANT_LINE=""
 VARIANT_CPU="0 0 0"
 run_variant() {
-    local label=$1 config=$2
+    local label=$1 config=$2 BUILD=${3:-$BUILD} # start_amp2dify runs $BUILD/amp2dify
     VARIANT_LINE=""
     VARIANT_CPU="0 0 0"
     start_amp2dify "$WORK/$label.log" "$config" AMP2DIFY_SPOOL="$WORK/$label.db"
@@ -224,6 +231,13 @@ sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.jso
 run_variant ingest-only "$WORK/ingest-only.json"
 INGEST_LINE=$VARIANT_LINE
 read -r INGEST_CPU_MS INGEST_HTTP_CPU_MS INGEST_SPOOL_CPU_MS <<<"$VARIANT_CPU"
+BASE_INGEST_LINE=""
+BASE_INGEST_CPU="0 0 0"
+if [[ -n $BASE_BUILD ]]; then
+    run_variant base-ingest-only "$WORK/ingest-only.json" "$BASE_BUILD"
+    BASE_INGEST_LINE=$VARIANT_LINE
+    BASE_INGEST_CPU=$VARIANT_CPU
+fi
 
 sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
     examples/amp2dify.json >"$WORK/no-store.json"
@@ -231,6 +245,13 @@ grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the
 run_variant no-store "$WORK/no-store.json"
 NOSTORE_LINE=$VARIANT_LINE
 read -r NOSTORE_CPU_MS NOSTORE_HTTP_CPU_MS _ <<<"$VARIANT_CPU"
+BASE_NOSTORE_LINE=""
+BASE_NOSTORE_CPU="0 0 0"
+if [[ -n $BASE_BUILD ]]; then
+    run_variant base-no-store "$WORK/no-store.json" "$BASE_BUILD"
+    BASE_NOSTORE_LINE=$VARIANT_LINE
+    BASE_NOSTORE_CPU=$VARIANT_CPU
+fi
 
 # ---- 4. mapping ---------------------------------------------------------------------
 
@@ -331,6 +352,30 @@ a_delivery_cpu_us=$(per_us $((AMP_CPU_MS - AMP_HTTP_CPU_MS - AMP_SPOOL_CPU_MS)) 
 # acknowledgements are committed by the spool's committer).
 a_spool_extra_us=$(calc "%.1f" "$a_spool_cpu_us - $i_spool_cpu_us")
 
+# ---- against the base build (BASE_BUILD_DIR) ------------------------------------------
+# NEW BASE: NEW / BASE to 3 decimals; 0 when either is missing.
+over() { calc "%.3f" "(${1:-0} > 0 && ${2:-0} > 0) ? ${1:-0} / ${2:-0} : 0"; }
+BASE_SUMMARY=""
+BASE_JSON=""
+if [[ -n $BASE_BUILD ]]; then
+    read -r bi_cpu bi_http bi_spool <<<"$BASE_INGEST_CPU"
+    read -r _ bn_http _ <<<"$BASE_NOSTORE_CPU"
+    bi_req=$(reqs "$BASE_INGEST_LINE")
+    bn_req=$(reqs "$BASE_NOSTORE_LINE")
+    bi_rps=$(kv "$BASE_INGEST_LINE" rps)
+    bn_rps=$(kv "$BASE_NOSTORE_LINE" rps)
+    x_i_rps=$(over "$i_rps" "$bi_rps")
+    x_i_cpu=$(over "$i_cpu_us" "$(per_us "$bi_cpu" "$bi_req")")
+    x_i_http=$(over "$i_http_cpu_us" "$(per_us "$bi_http" "$bi_req")")
+    x_i_spool=$(over "$i_spool_cpu_us" "$(per_us "$bi_spool" "$bi_req")")
+    x_n_rps=$(over "$n_rps" "$bn_rps")
+    x_n_http=$(over "$n_http_cpu_us" "$(per_us "$bn_http" "$bn_req")")
+    BASE_SUMMARY="against base  $BASE_BUILD (run right after this build's, each): this build / base
+              ingest only: requests/s x$x_i_rps, CPU per event x$x_i_cpu (HTTP threads x$x_i_http, spool threads x$x_i_spool)
+              nothing stored: requests/s x$x_n_rps, HTTP threads' CPU per request x$x_n_http"
+    BASE_JSON=",\"against_base\":{\"base\":\"$BASE_BUILD\",\"ingest_only\":{\"rps\":$x_i_rps,\"cpu\":$x_i_cpu,\"http_cpu\":$x_i_http,\"spool_cpu\":$x_i_spool},\"no_store\":{\"rps\":$x_n_rps,\"http_cpu\":$x_n_http}}"
+fi
+
 # ---- issue 19 targets: each with this run's value and PASS/MISS ------------------
 TARGET_LINES=()
 TARGET_JSON=""
@@ -360,6 +405,10 @@ amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
 problems=()
+if [[ -n $BASE_BUILD ]]; then
+    [[ -z $BASE_INGEST_LINE ]] && problems+=("the base build's ingest-only run did not complete")
+    [[ -z $BASE_NOSTORE_LINE ]] && problems+=("the base build's nothing-stored run did not complete")
+fi
 if ((!AMP_ALIVE)); then
     if [[ $AMP_EXIT == 0 ]]; then
         problems+=("amp2dify exited during the run with status 0: a clean shutdown, so something outside the benchmark sent it SIGTERM or SIGINT")
@@ -417,6 +466,7 @@ CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $
 targets (issue 19; CPU as a multiple of this run's bare request, whose cost drifts by machine)
 $(printf '%s\n' "${TARGET_LINES[@]}")
 EOF
+[[ -n $BASE_SUMMARY ]] && echo "$BASE_SUMMARY"
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
 if ((${#problems[@]})); then
     echo "problems:"
@@ -452,7 +502,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
 \"peak_rss_kb\":$PEAK_RSS_KB,\
-\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"handoff_per_request\":$h_cpu_us,\"durable_floor_per_request\":$d_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_spool_per_event\":$a_spool_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"ingest_only_per_event\":$i_cpu_us,\"ingest_only_http_per_event\":$i_http_cpu_us,\"ingest_only_spool_per_event\":$i_spool_cpu_us,\"no_store_per_request\":$n_cpu_us,\"no_store_http_per_request\":$n_http_cpu_us,\"fake_dify_per_request\":$f_cpu_us,\"delivery_per_delivered\":$a_delivery_cpu_us,\"delivery_workers_per_delivered\":$a_worker_cpu_us,\"dispatcher_per_delivered\":$a_dispatch_cpu_us,\"spool_extra_when_delivering_per_event\":$a_spool_extra_us},\"targets\":[$TARGET_JSON],\"mapping\":$mapping_json,\"problems\":[$problems_json]}"
+\"cpu_us\":{\"baseline_per_request\":$b_cpu_us,\"handoff_per_request\":$h_cpu_us,\"durable_floor_per_request\":$d_cpu_us,\"amp2dify_per_event\":$a_cpu_us,\"amp2dify_http_per_event\":$a_http_cpu_us,\"amp2dify_spool_per_event\":$a_spool_cpu_us,\"amp2dify_other_per_event\":$a_other_cpu_us,\"ingest_only_per_event\":$i_cpu_us,\"ingest_only_http_per_event\":$i_http_cpu_us,\"ingest_only_spool_per_event\":$i_spool_cpu_us,\"no_store_per_request\":$n_cpu_us,\"no_store_http_per_request\":$n_http_cpu_us,\"fake_dify_per_request\":$f_cpu_us,\"delivery_per_delivered\":$a_delivery_cpu_us,\"delivery_workers_per_delivered\":$a_worker_cpu_us,\"dispatcher_per_delivered\":$a_dispatch_cpu_us,\"spool_extra_when_delivering_per_event\":$a_spool_extra_us},\"targets\":[$TARGET_JSON],\"mapping\":$mapping_json,\"problems\":[$problems_json]$BASE_JSON}"
 echo "$JSON"
 mkdir -p "$BUILD/bench" && echo "$JSON" >"$BUILD/bench/last-run.json"
 
