@@ -10,7 +10,10 @@
 # ratios compare two builds measured in the same run. Reports the median of
 # the runs: CPU us per stored event (amp-commit, amp-sync, amp-checkpoint),
 # as a multiple of a plain SQLite insert, and CPU us per delivery (claim on
-# the caller's thread, acknowledgement on the spool threads).
+# the caller's thread, acknowledgement on the spool threads). Each run also
+# measures a design the spool does not have (spool_ingest --mode journal:
+# bodies in an append-only journal, a compact unsynced SQLite index), the
+# floor of the proposal in the note on issue 19.
 #
 # Spools live in a temporary directory under /tmp, removed on exit.
 set -uo pipefail
@@ -33,12 +36,18 @@ field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 # Median of the arguments.
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 
-declare -a plain new_ev new_del new_claim base_ev base_del base_claim
+declare -a plain journal journal_j journal_i new_ev new_del new_claim base_ev base_del base_claim
 for ((i = 0; i < RUNS; i++)); do
     d=$(mktemp -d "$WORK/run-XXXX")
     line=$("$BUILD/bench/spool_ingest" --dir "$d" --events "$EVENTS" --mode sqlite) ||
         die "the plain SQLite reference failed"
     plain+=("$(field us_per_row "$line")")
+    # The proposed design's floor (spool_ingest --mode journal), for the note on issue 19.
+    line=$("$BUILD/bench/spool_ingest" --dir "$d" --events "$EVENTS" --mode journal) ||
+        die "the journal prototype failed"
+    journal+=("$(field us_per_row "$line")")
+    journal_j+=("$(field journal "$line")")
+    journal_i+=("$(field index "$line")")
     for which in new base; do
         [[ $which == base && -z $BASE ]] && continue
         b=$BUILD
@@ -64,6 +73,10 @@ echo "spool engine  $EVENTS events, median of $RUNS runs"
 echo "  plain SQLite insert (transactions of 64, WAL, synchronous FULL): $p us CPU per row"
 echo "  stored event: $e us CPU on the spool threads = $(calc "%.2f" "$e / $p") x a plain SQLite insert"
 echo "  delivery: $dl us CPU (claim $cl us)"
+jr=$(median "${journal[@]}")
+echo "  not built, the proposed design's floor on one thread: body to an append-only journal (fdatasync per 64),"
+echo "    a compact SQLite index row per event (unsynced, 1,024 per transaction): $jr us per event (journal" \
+    "$(median "${journal_j[@]}"), index $(median "${journal_i[@]}")) = $(calc "%.2f" "$jr / $p") x a plain SQLite insert"
 if [[ -n $BASE ]]; then
     be=$(median "${base_ev[@]}")
     bd=$(median "${base_del[@]}")

@@ -4,7 +4,7 @@
  *
  *   spool_ingest --dir DIR [--events N] [--inflight K] [--body BYTES]
  *                [--dedupe-s SECONDS] [--claim-window W] [--claim-batch B]
- *                [--mode spool|sqlite]
+ *                [--mode spool|sqlite|journal]
  *
  * spool (the default): opens a spool in DIR (spool.sync "full", dedupe over
  * 7 days unless --dedupe-s says otherwise; 0: none) and submits N one-event requests (random
@@ -24,14 +24,33 @@
  * 64, on this thread. Prints:
  *
  *   SQLITE_INSERT rows=N us_per_row=R wall_ms=W
+ *
+ * journal: a measurement of a design the spool does not have (issue 19's
+ * proposal), on this thread: the request body goes only to an append-only
+ * journal (one pwritev of the group's records and one fdatasync per 64
+ * rows, into a file written and synced beforehand, as a recycled segment
+ * would be), and SQLite keeps a compact index row per event (times, app,
+ * user, the record's offset and length, the key's hash; the spool's two
+ * partial indexes on pending rows) plus a dedupe row, written every 1,024
+ * rows in one transaction with synchronous OFF: the journal is what makes
+ * an event durable, and its tail would rebuild the index after a crash.
+ * Each key is hashed (SHA-256) and looked up in the dedupe table first, as
+ * the spool does. Prints the CPU per row, split into the journal's part and
+ * the index's part:
+ *
+ *   JOURNAL_INGEST rows=N us_per_row=R journal=J index=I wall_ms=W
  */
 #include <dirent.h>
+#include <fcntl.h>
+#include <openssl/sha.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../base/alloc.h"
 #include "../base/clock.h"
@@ -41,7 +60,7 @@
 static int usage(void) {
     fprintf(stderr, "usage: spool_ingest --dir DIR [--events N] [--inflight K] [--body BYTES] "
                     "[--dedupe-s SECONDS] [--claim-window W] [--claim-batch B] "
-                    "[--mode spool|sqlite]\n");
+                    "[--mode spool|sqlite|journal]\n");
     return 2;
 }
 
@@ -255,6 +274,156 @@ static int run_sqlite(const char *dir, int64_t rows, size_t bytes) {
     return ok ? 0 : 1;
 }
 
+#define JOURNAL_GROUP 64   /* records per pwritev + fdatasync */
+#define JOURNAL_INDEX 1024 /* rows per index transaction */
+#define JOURNAL_HEADER 24  /* a record's id, length and key hash */
+
+/* Writes and syncs size zero bytes to path, as a recycled journal segment;
+ * returns the descriptor or -1. */
+static int journal_segment(const char *path, size_t size) {
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    char zero[65536] = {0};
+    for (size_t off = 0; fd >= 0 && off < size; off += sizeof zero)
+        if (pwrite(fd, zero, sizeof zero, (off_t)off) != (ssize_t)sizeof zero) {
+            close(fd);
+            fd = -1;
+        }
+    if (fd >= 0 && fsync(fd) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+static int run_journal(const char *dir, int64_t rows, size_t bytes) {
+    char *jpath = amp_xasprintf("%s/journal", dir), *dbpath = amp_xasprintf("%s/index.db", dir);
+    size_t rec_cap = bytes + 256;
+    int fd = journal_segment(jpath, (size_t)rows * (rec_cap + JOURNAL_HEADER) + 65536);
+    sqlite3 *db = NULL;
+    sqlite3_stmt *find = NULL, *ins = NULL, *recent = NULL;
+    int ok =
+        fd >= 0 && sqlite3_open(dbpath, &db) == SQLITE_OK &&
+        sqlite3_exec(db,
+                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF; "
+                     "CREATE TABLE events (id INTEGER PRIMARY KEY, created_ms INTEGER, "
+                     "  due_ms INTEGER, app TEXT, user TEXT, per_user INTEGER, "
+                     "  state INTEGER DEFAULT 0, attempts INTEGER DEFAULT 0, "
+                     "  jofs INTEGER, jlen INTEGER, h INTEGER);"
+                     "CREATE INDEX events_due ON events(due_ms, id) WHERE state = 0;"
+                     "CREATE INDEX events_pending ON events(id) WHERE state = 0;"
+                     "CREATE TABLE dedupe (h INTEGER PRIMARY KEY, seen_ms INTEGER, chk INTEGER);"
+                     "CREATE TABLE recent (id INTEGER PRIMARY KEY, h INTEGER, seen_ms INTEGER,"
+                     "  chk INTEGER);",
+                     NULL, NULL, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, "SELECT chk FROM dedupe WHERE h = ?1", -1, &find, NULL) ==
+            SQLITE_OK &&
+        sqlite3_prepare_v2(db,
+                           "INSERT INTO events(id, created_ms, due_ms, app, user, per_user, "
+                           "jofs, jlen, h) VALUES (?1, ?2, ?2, 'assistant', ?3, 0, ?4, ?5, ?6)",
+                           -1, &ins, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, "INSERT INTO recent(h, seen_ms, chk) VALUES (?1, ?2, ?3)", -1,
+                           &recent, NULL) == SQLITE_OK;
+    bool set_up = ok;
+    if (!set_up)
+        fprintf(stderr, "spool_ingest: journal: %s\n",
+                fd < 0 ? "cannot write the journal segment" : sqlite3_errmsg(db));
+    /* What the index rows of the current transaction need. */
+    typedef struct {
+        char user[32];
+        int64_t ofs, len, h, chk;
+    } index_row;
+    index_row *meta = amp_xcalloc(JOURNAL_INDEX, sizeof *meta);
+    char *recs = amp_xmalloc((size_t)JOURNAL_GROUP * (rec_cap + JOURNAL_HEADER));
+    struct iovec iov[JOURNAL_GROUP];
+    int64_t journal_ns = 0, index_ns = 0, off = 0, now = amp_now_ms();
+    int64_t t0 = amp_mono_ms();
+    char(*keys)[40] = amp_xcalloc(JOURNAL_GROUP, sizeof *keys);
+    for (int64_t i = 0; ok && i < rows;) {
+        /* The group's requests, made outside the measured CPU (the spool
+         * mode makes them on another thread than those it measures). */
+        int64_t n = rows - i < JOURNAL_GROUP ? rows - i : JOURNAL_GROUP, group_off = off;
+        for (int64_t k = 0; k < n; k++) {
+            index_row *m = &meta[(i + k) % JOURNAL_INDEX];
+            uint64_t a = next_rand(), b = next_rand();
+            snprintf(keys[k], sizeof keys[k], "%08x-%04x-%04x-%04x-%012llx", (unsigned)(a >> 32),
+                     (unsigned)(a >> 16) & 0xffff, (unsigned)a & 0xffff, (unsigned)(b >> 48),
+                     (unsigned long long)(b & 0xffffffffffffull));
+            snprintf(m->user, sizeof m->user, "u-%lld", (long long)(next_rand() % 10000));
+            make_body(recs + (size_t)k * (rec_cap + JOURNAL_HEADER) + JOURNAL_HEADER, rec_cap,
+                      bytes, i + k, m->user);
+        }
+        int64_t c0 = thread_cpu_ns();
+        for (int64_t k = 0; ok && k < n; k++, i++) {
+            char *rec = recs + (size_t)k * (rec_cap + JOURNAL_HEADER);
+            unsigned char md[SHA256_DIGEST_LENGTH];
+            SHA256((const unsigned char *)keys[k], strlen(keys[k]), md);
+            index_row *m = &meta[i % JOURNAL_INDEX];
+            memcpy(&m->h, md, sizeof m->h);
+            memcpy(&m->chk, md + 8, sizeof m->chk);
+            sqlite3_bind_int64(find, 1, m->h);
+            ok = sqlite3_step(find) == SQLITE_DONE; /* a new key */
+            sqlite3_reset(find);
+            int64_t id = i + 1;
+            m->len = (int64_t)strlen(rec + JOURNAL_HEADER);
+            m->ofs = off;
+            memcpy(rec, &id, 8);
+            memcpy(rec + 8, &m->len, 8);
+            memcpy(rec + 16, &m->h, 8);
+            iov[k] = (struct iovec){rec, (size_t)(JOURNAL_HEADER + m->len)};
+            off += JOURNAL_HEADER + m->len;
+        }
+        if (ok && (pwritev(fd, iov, (int)n, (off_t)group_off) != (ssize_t)(off - group_off) ||
+                   fdatasync(fd) != 0)) {
+            perror("spool_ingest: journal: write");
+            ok = set_up = false; /* reported */
+        }
+        int64_t c1 = thread_cpu_ns();
+        journal_ns += c1 - c0;
+        if (ok && (i % JOURNAL_INDEX == 0 || i == rows)) {
+            int64_t first = (i - 1) / JOURNAL_INDEX * JOURNAL_INDEX;
+            ok = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+            for (int64_t r = first; ok && r < i; r++) {
+                const index_row *m = &meta[r % JOURNAL_INDEX];
+                sqlite3_bind_int64(ins, 1, r + 1);
+                sqlite3_bind_int64(ins, 2, now);
+                sqlite3_bind_text(ins, 3, m->user, -1, SQLITE_STATIC);
+                sqlite3_bind_int64(ins, 4, m->ofs);
+                sqlite3_bind_int64(ins, 5, m->len);
+                sqlite3_bind_int64(ins, 6, m->h);
+                ok = sqlite3_step(ins) == SQLITE_DONE;
+                sqlite3_reset(ins);
+                sqlite3_bind_int64(recent, 1, m->h);
+                sqlite3_bind_int64(recent, 2, now);
+                sqlite3_bind_int64(recent, 3, m->chk);
+                ok = ok && sqlite3_step(recent) == SQLITE_DONE;
+                sqlite3_reset(recent);
+            }
+            ok = ok && sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK;
+            index_ns += thread_cpu_ns() - c1;
+        }
+    }
+    int64_t t1 = amp_mono_ms();
+    if (!ok && set_up)
+        fprintf(stderr, "spool_ingest: journal: %s\n", sqlite3_errmsg(db));
+    else if (ok)
+        printf("JOURNAL_INGEST rows=%lld us_per_row=%.2f journal=%.2f index=%.2f wall_ms=%lld\n",
+               (long long)rows, (double)(journal_ns + index_ns) / 1e3 / (double)rows,
+               (double)journal_ns / 1e3 / (double)rows, (double)index_ns / 1e3 / (double)rows,
+               (long long)(t1 - t0));
+    sqlite3_finalize(find);
+    sqlite3_finalize(ins);
+    sqlite3_finalize(recent);
+    sqlite3_close(db);
+    if (fd >= 0)
+        close(fd);
+    free(recs);
+    free(keys);
+    free(meta);
+    free(jpath);
+    free(dbpath);
+    return ok ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     const char *dir = NULL, *mode = "spool";
     int64_t events = 100000, inflight = 64, bytes = 700, dedupe_s = 604800, window = 80, batch = 8;
@@ -292,6 +461,8 @@ int main(int argc, char **argv) {
         return usage();
     if (strcmp(mode, "sqlite") == 0)
         return run_sqlite(dir, events, (size_t)bytes);
+    if (strcmp(mode, "journal") == 0)
+        return run_journal(dir, events, (size_t)bytes);
     if (strcmp(mode, "spool") == 0)
         return run_spool(dir, events, inflight, (size_t)bytes, dedupe_s, window,
                          batch > window ? window : batch);
