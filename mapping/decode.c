@@ -130,9 +130,24 @@ int amp_map_time_format(int64_t ms, char *buf, size_t len) {
     civil_from_days(days, &y, &m, &d);
     if (y < 0 || y > 9999)
         return -1;
-    int n = snprintf(buf, len, "%04d-%02u-%02uT%02d:%02d:%02d.%03dZ", (int)y, m, d,
-                     (int)(sod / 3600), (int)(sod / 60 % 60), (int)(sod % 60), (int)rem);
-    return n > 0 && (size_t)n < len ? 0 : -1;
+    /* "YYYY-MM-DDTHH:MM:SS.mmmZ", written digit by digit: snprintf was
+     * about 7% of decoding and mapping an event (bench_mapping). */
+    static const char shape[] = "0000-00-00T00:00:00.000Z";
+    if (len < sizeof shape)
+        return -1;
+    memcpy(buf, shape, sizeof shape);
+    const struct {
+        size_t at, width;
+        int64_t v;
+    } fields[] = {
+        {0, 4, y},         {5, 2, m},   {8, 2, d}, {11, 2, sod / 3600}, {14, 2, sod / 60 % 60},
+        {17, 2, sod % 60}, {20, 3, rem}};
+    for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) {
+        int64_t v = fields[f].v;
+        for (size_t i = fields[f].width; i-- > 0; v /= 10)
+            buf[fields[f].at + i] = (char)('0' + v % 10);
+    }
+    return 0;
 }
 
 /* ---- body ------------------------------------------------------------ */

@@ -245,6 +245,24 @@ START_TEST(time_parse_and_format) {
     ck_assert_int_eq(amp_map_time_format(1709164800000LL, buf, sizeof(buf)), 0);
     ck_assert_str_eq(buf, "2024-02-29T00:00:00.000Z");
     ck_assert_int_eq(amp_map_time_format(253402300800000LL, buf, sizeof(buf)), -1); /* year 10000 */
+    ck_assert_int_eq(amp_map_time_format(-62135596800000LL + 5, buf, sizeof(buf)), 0);
+    ck_assert_str_eq(buf, "0001-01-01T00:00:00.005Z");
+    ck_assert_int_eq(amp_map_time_format(253402300799999LL, buf, sizeof(buf)), 0);
+    ck_assert_str_eq(buf, "9999-12-31T23:59:59.999Z");
+    /* The text and its terminator need 25 bytes. */
+    ck_assert_int_eq(amp_map_time_format(0, buf, 24), -1);
+    ck_assert_int_eq(amp_map_time_format(0, buf, 25), 0);
+    ck_assert_str_eq(buf, "1970-01-01T00:00:00.000Z");
+    /* Formatting then parsing gives the same instant, across the range. */
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < 20000; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        int64_t want = (int64_t)(x % 253402300800000ull) - 62135596800000LL;
+        ck_assert_int_eq(amp_map_time_format(want, buf, sizeof(buf)), 0);
+        ck_assert_int_eq(amp_map_time_parse(buf, strlen(buf), false, &ms), 0);
+        ck_assert_msg(ms == want, "%lld formatted as %s parses as %lld", (long long)want, buf,
+                      (long long)ms);
+    }
 }
 END_TEST
 
