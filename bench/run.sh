@@ -373,7 +373,7 @@ if [[ -n $BASE_BUILD ]]; then
     BASE_SUMMARY="against base  $BASE_BUILD (run right after this build's, each): this build / base
               ingest only: requests/s x$x_i_rps, CPU per event x$x_i_cpu (HTTP threads x$x_i_http, spool threads x$x_i_spool)
               nothing stored: requests/s x$x_n_rps, HTTP threads' CPU per request x$x_n_http"
-    BASE_JSON=",\"against_base\":{\"base\":\"$BASE_BUILD\",\"ingest_only\":{\"rps\":$x_i_rps,\"cpu\":$x_i_cpu,\"http_cpu\":$x_i_http,\"spool_cpu\":$x_i_spool},\"no_store\":{\"rps\":$x_n_rps,\"http_cpu\":$x_n_http}}"
+    BASE_JSON=",\"against_base\":{\"base\":\"$(json_str "$BASE_BUILD")\",\"ingest_only\":{\"rps\":$x_i_rps,\"cpu\":$x_i_cpu,\"http_cpu\":$x_i_http,\"spool_cpu\":$x_i_spool},\"no_store\":{\"rps\":$x_n_rps,\"http_cpu\":$x_n_http}}"
 fi
 
 # ---- issue 19 targets: each with this run's value and PASS/MISS ------------------
