@@ -28,7 +28,7 @@
 # BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 400000),
 # BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
 # BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
-# shellcheck disable=SC2154 # i_*, n_*, h_* and d_* are set by variant_figures (printf -v)
+# shellcheck disable=SC2154 # i_*, n_*, h_*, d_* and BASE_* are set with printf -v
 set -uo pipefail
 
 BUILD=${1:-build}
@@ -227,17 +227,24 @@ run_variant() {
     stop_pid "$AMP_START_PID" 20
 }
 
+# LABEL CONFIG PREFIX: with a base build, the same load on its amp2dify;
+# sets PREFIX_LINE and PREFIX_CPU as run_variant sets VARIANT_* (empty and
+# "0 0 0" without a base build).
+run_base_variant() {
+    local label=$1 config=$2 prefix=$3
+    printf -v "${prefix}_LINE" '%s' ""
+    printf -v "${prefix}_CPU" '%s' "0 0 0"
+    [[ -n $BASE_BUILD ]] || return 0
+    run_variant "base-$label" "$config" "$BASE_BUILD"
+    printf -v "${prefix}_LINE" '%s' "$VARIANT_LINE"
+    printf -v "${prefix}_CPU" '%s' "$VARIANT_CPU"
+}
+
 sed -E 's/"rate_per_sec": *[0-9.]+/"rate_per_sec": 0.001/' examples/amp2dify.json >"$WORK/ingest-only.json"
 run_variant ingest-only "$WORK/ingest-only.json"
 INGEST_LINE=$VARIANT_LINE
 read -r INGEST_CPU_MS INGEST_HTTP_CPU_MS INGEST_SPOOL_CPU_MS <<<"$VARIANT_CPU"
-BASE_INGEST_LINE=""
-BASE_INGEST_CPU="0 0 0"
-if [[ -n $BASE_BUILD ]]; then
-    run_variant base-ingest-only "$WORK/ingest-only.json" "$BASE_BUILD"
-    BASE_INGEST_LINE=$VARIANT_LINE
-    BASE_INGEST_CPU=$VARIANT_CPU
-fi
+run_base_variant ingest-only "$WORK/ingest-only.json" BASE_INGEST
 
 sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
     examples/amp2dify.json >"$WORK/no-store.json"
@@ -245,13 +252,7 @@ grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the
 run_variant no-store "$WORK/no-store.json"
 NOSTORE_LINE=$VARIANT_LINE
 read -r NOSTORE_CPU_MS NOSTORE_HTTP_CPU_MS _ <<<"$VARIANT_CPU"
-BASE_NOSTORE_LINE=""
-BASE_NOSTORE_CPU="0 0 0"
-if [[ -n $BASE_BUILD ]]; then
-    run_variant base-no-store "$WORK/no-store.json" "$BASE_BUILD"
-    BASE_NOSTORE_LINE=$VARIANT_LINE
-    BASE_NOSTORE_CPU=$VARIANT_CPU
-fi
+run_base_variant no-store "$WORK/no-store.json" BASE_NOSTORE
 
 # ---- 4. mapping ---------------------------------------------------------------------
 
