@@ -111,6 +111,16 @@ static uint64_t next_rand(void) {
     return rng;
 }
 
+#define KEY_BYTES 40 /* a UUID-shaped insert_id and its terminator, with room */
+
+/* A random UUID-shaped insert_id, as the SDKs send them. */
+static void make_key(char out[KEY_BYTES]) {
+    uint64_t a = next_rand(), b = next_rand();
+    snprintf(out, KEY_BYTES, "%08x-%04x-%04x-%04x-%012llx", (unsigned)(a >> 32),
+             (unsigned)(a >> 16) & 0xffff, (unsigned)a & 0xffff, (unsigned)(b >> 48),
+             (unsigned long long)(b & 0xffffffffffffull));
+}
+
 /* A Dify chat-messages body of about bytes bytes for event i. */
 static void make_body(char *out, size_t cap, size_t bytes, int64_t i, const char *user) {
     int n = snprintf(out, cap,
@@ -159,11 +169,8 @@ static int run_spool(const char *dir, int64_t events, int64_t inflight, size_t b
             pthread_cond_wait(&cond, &mu);
         in_flight++;
         pthread_mutex_unlock(&mu);
-        char key[40], user[32];
-        uint64_t a = next_rand(), b = next_rand();
-        snprintf(key, sizeof key, "%08x-%04x-%04x-%04x-%012llx", (unsigned)(a >> 32),
-                 (unsigned)(a >> 16) & 0xffff, (unsigned)a & 0xffff, (unsigned)(b >> 48),
-                 (unsigned long long)(b & 0xffffffffffffull));
+        char key[KEY_BYTES], user[32];
+        make_key(key);
         snprintf(user, sizeof user, "u-%lld", (long long)(next_rand() % 10000));
         make_body(body, bytes + 256, bytes, i, user);
         amp_queue_batch *eb = amp_queue_batch_create();
@@ -339,17 +346,14 @@ static int run_journal(const char *dir, int64_t rows, size_t bytes) {
     struct iovec iov[JOURNAL_GROUP];
     int64_t journal_ns = 0, index_ns = 0, off = 0, now = amp_now_ms();
     int64_t t0 = amp_mono_ms();
-    char(*keys)[40] = amp_xcalloc(JOURNAL_GROUP, sizeof *keys);
+    char(*keys)[KEY_BYTES] = amp_xcalloc(JOURNAL_GROUP, sizeof *keys);
     for (int64_t i = 0; ok && i < rows;) {
         /* The group's requests, made outside the measured CPU (the spool
          * mode makes them on another thread than those it measures). */
         int64_t n = rows - i < JOURNAL_GROUP ? rows - i : JOURNAL_GROUP, group_off = off;
         for (int64_t k = 0; k < n; k++) {
             index_row *m = &meta[(i + k) % JOURNAL_INDEX];
-            uint64_t a = next_rand(), b = next_rand();
-            snprintf(keys[k], sizeof keys[k], "%08x-%04x-%04x-%04x-%012llx", (unsigned)(a >> 32),
-                     (unsigned)(a >> 16) & 0xffff, (unsigned)a & 0xffff, (unsigned)(b >> 48),
-                     (unsigned long long)(b & 0xffffffffffffull));
+            make_key(keys[k]);
             snprintf(m->user, sizeof m->user, "u-%lld", (long long)(next_rand() % 10000));
             make_body(recs + (size_t)k * (rec_cap + JOURNAL_HEADER) + JOURNAL_HEADER, rec_cap,
                       bytes, i + k, m->user);
