@@ -898,16 +898,21 @@ static void on_done(void *ctx, const amp_queue_result *res) {
     atomic_store(st, res->status == 0 ? 1 : -1);
 }
 
-static void submit(harness *h, const char *dedupe, const char *app, const char *user, bool per_user,
-                   const char *body) {
+/* Stores b (taken) and waits until it is durable. */
+static void submit_batch(harness *h, amp_queue_batch *b) {
     static atomic_int st;
     atomic_store(&st, 0);
-    amp_queue_batch *b = amp_queue_batch_create();
-    amp_queue_batch_event(b, dedupe);
-    amp_queue_batch_request(b, "r1", app, user, per_user, body);
     amp_queue_submit(h->spool, b, on_done, &st);
     amp_queue_flush(h->spool);
     ck_assert_int_eq(atomic_load(&st), 1);
+}
+
+static void submit(harness *h, const char *dedupe, const char *app, const char *user, bool per_user,
+                   const char *body) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    amp_queue_batch_event(b, dedupe);
+    amp_queue_batch_request(b, "r1", app, user, per_user, body);
+    submit_batch(h, b);
 }
 
 /* Wait (bounded) until delivered + dead reaches n. */
@@ -1561,11 +1566,18 @@ START_TEST(test_parallel_workers) {
         fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 300});
     harness_start(&h);
     int64_t t0 = mono_ms();
+    /* One batch, so all four rows are claimable at once: four submits,
+     * each waiting for its own sync, can take longer than a request on a
+     * loaded machine (under TSan), and a worker that finished would then
+     * take the last row over its own connection. */
+    amp_queue_batch *b = amp_queue_batch_create();
     for (int i = 0; i < 4; i++) {
         char u[16];
         snprintf(u, sizeof u, "u%d", i);
-        submit(&h, NULL, "chat", u, true, CHAT_BODY);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", "chat", u, true, CHAT_BODY);
     }
+    submit_batch(&h, b);
     wait_finished(&h, 4, 5000);
     /* Four users, four workers: in parallel, not 4 x 300 ms. */
     ck_assert_int_lt(mono_ms() - t0, 1100);
@@ -1752,9 +1764,7 @@ START_TEST(test_slow_app_does_not_block_others) {
         amp_queue_batch_event(b, NULL);
         amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
     }
-    static atomic_int st;
-    amp_queue_submit(h.spool, b, on_done, &st);
-    amp_queue_flush(h.spool);
+    submit_batch(&h, b);
     sleep_ms(100);
     int64_t t0 = mono_ms();
     for (int i = 0; i < 5; i++)
@@ -1805,9 +1815,7 @@ START_TEST(test_full_queue_claims_nothing_more) {
         amp_queue_batch_event(b, NULL);
         amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
     }
-    static atomic_int st;
-    amp_queue_submit(h.spool, b, on_done, &st);
-    amp_queue_flush(h.spool);
+    submit_batch(&h, b);
     sleep_ms(600);
     int64_t at[64];
     ck_assert_uint_le(arrivals(&h, NULL, at, 64), 3);
