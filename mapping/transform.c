@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/evp.h>
+#include "../crypto/digest.h"
 
 #include "../json/jsonw.h"
 #include "mapping.h"
@@ -466,10 +466,8 @@ static json_t *do_sha256(json_t *v) {
     amp_buf_init(&b, SIZE_MAX / 2);
     amp_buf_append(&b, "", 0);
     amp_map_value_render(v, &b);
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    if (EVP_Digest(b.data, b.len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32)
-        abort();
+    unsigned char md[AMP_SHA256_LEN];
+    amp_sha256(b.data, b.len, md);
     amp_buf_free(&b);
     static const char hex[] = "0123456789abcdef";
     char out[65];

@@ -1,7 +1,8 @@
 /* The schema and its migrations, the connections and their statements. */
 #include "spool_int.h"
 
-#include <openssl/sha.h>
+#include "../crypto/digest.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -96,8 +97,8 @@ void amp_spool_set_key_hash_for_tests(int64_t (*hash)(const char *key)) {
 }
 
 int64_t amp_spool_key_digest(const char *key, int64_t *check) {
-    unsigned char md[SHA256_DIGEST_LENGTH];
-    SHA256((const unsigned char *)key, strlen(key), md);
+    unsigned char md[AMP_SHA256_LEN];
+    amp_sha256(key, strlen(key), md);
     uint64_t h = 0, c = 0;
     for (int i = 0; i < 8; i++) {
         h = h << 8 | md[i];
