@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "../base/log.h"
@@ -71,6 +72,7 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
             amp_spool_bind_text(s->st_insert, 8, q->source);
             if (amp_spool_step_done(s->st_insert))
                 goto fail;
+            s->grown += (int64_t)(strlen(q->body) + (q->source ? strlen(q->source) : 0));
             w->rows++;
             w->last_id = sqlite3_last_insert_rowid(s->wdb);
         }
@@ -136,6 +138,8 @@ static int write_ack(amp_spool *s, const amp_queue_ack *a, int64_t now) {
     }
     if (amp_spool_step_done(st))
         return -1;
+    if (a->result_json)
+        s->grown += (int64_t)strlen(a->result_json);
     if (a->conversation_id && a->conversation_id[0]) {
         sqlite3_bind_int64(s->st_conv_set, 1, a->id);
         sqlite3_bind_text(s->st_conv_set, 2, a->conversation_id, -1, SQLITE_STATIC);
@@ -304,7 +308,7 @@ static void commit_group(amp_spool *s, work *head) {
         set_writable(s, ok && !t.batch_failed && !atomic_load(&s->failed));
         if (ok) {
             atomic_fetch_add(&s->depth, t.depth_change);
-            amp_spool_check_limits(s);
+            amp_spool_check_limits(s, false);
             committed(s, head);
         }
         if (ok && external_write(s))

@@ -315,9 +315,11 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
         {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
         {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
-        {s->wdb, &s->st_bytes,
-         "SELECT (p.page_count - f.freelist_count) * z.page_size "
-         "FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() z"},
+        /* Plain pragmas: each pragma_...() table function in a query
+         * prepares its pragma again every time it runs, and this runs
+         * after every commit. */
+        {s->wdb, &s->st_page_count, "PRAGMA page_count"},
+        {s->wdb, &s->st_free_pages, "PRAGMA freelist_count"},
         {s->wdb, &s->st_data_version, "PRAGMA data_version"},
         /* Rewrites page 1: the smallest real write, to probe writability. */
         {s->wdb, &s->st_probe, "PRAGMA user_version = " AMP_STR(SCHEMA_VERSION)},
@@ -333,6 +335,11 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++)
         if (stmts[i].db && prepare(stmts[i].db, stmts[i].st, stmts[i].sql, err, errlen))
             return -1;
+    sqlite3_stmt *st;
+    if (s->wdb && prepare(s->wdb, &st, "PRAGMA page_size", err, errlen) == 0) {
+        s->page_size = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+        sqlite3_finalize(st);
+    }
     return 0;
 }
 
@@ -344,7 +351,7 @@ void amp_spool_finalize_all(amp_spool *s) {
         &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
         &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
         &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
-        &s->st_max_id,      &s->st_bytes,        &s->st_recent_add,      &s->st_recent_all,
+        &s->st_max_id,      &s->st_page_count, &s->st_free_pages,        &s->st_recent_add,      &s->st_recent_all,
         &s->st_recent_rows, &s->st_dedupe_merge, &s->st_recent_drop,     &s->st_drop_recent_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {

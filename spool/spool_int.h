@@ -101,6 +101,9 @@ struct amp_spool {
     atomic_llong bytes;          /* pages in use, measured by check_limits() */
     _Atomic(const char *) full;  /* amp_queue_full(); set by check_limits() */
     int64_t next_maintenance_ms; /* committer only */
+    /* Committer only (upkeep.c): when the size is measured next, and the
+     * bytes of rows and results written since it was last. */
+    int64_t bytes_next_ms, grown;
     /* Committer only (dedupe.c): dedupe_recent's keys, the undo log of the
      * open transaction, and the merge under way (sorted by key; merged:
      * how many are in the dedupe table; merge_upto: its last row id). */
@@ -183,7 +186,8 @@ struct amp_spool {
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
-    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_bytes;
+    sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_page_count, *st_free_pages;
+    int64_t page_size; /* of the database, read once */
     sqlite3_stmt *st_data_version;
     int64_t data_version; /* committer only; see external_write() */
     /* reader statements */
@@ -237,7 +241,7 @@ void amp_spool_stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthr
                            bool *stop);
 
 /* ---- upkeep.c ---- */
-void amp_spool_check_limits(amp_spool *s);
+void amp_spool_check_limits(amp_spool *s, bool measure);
 void amp_spool_count_pending(amp_spool *s);
 void amp_spool_maintain(amp_spool *s);
 

@@ -5,6 +5,7 @@
 #include "../base/clock.h"
 
 #define PRUNE_BATCH 10000
+#define BYTES_INTERVAL_MS 100
 
 static const char full_pending[] = "the spool holds spool.max_pending events";
 static const char full_bytes[] = "the spool reached spool.max_bytes";
@@ -15,15 +16,34 @@ static bool over(int64_t value, int64_t limit, bool was_over) {
     return limit > 0 && value >= (was_over ? limit - limit / 10 : limit);
 }
 
-/* Back-pressure, measured again after anything that changes the depth or
+/* A pragma's single value, or -1. */
+static int64_t pragma_value(sqlite3_stmt *st) {
+    int64_t v = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    sqlite3_reset(st);
+    return v;
+}
+
+/* Back-pressure, checked again after anything that changes the depth or
  * the size: a commit, a recount. Logs each change. While the size limit
  * holds, amp_spool_maintain() runs every PROBE_INTERVAL_MS, as it is what frees room.
- * Committer thread (or amp_spool_open, before it starts). */
-void amp_spool_check_limits(amp_spool *s) {
-    if (sqlite3_step(s->st_bytes) == SQLITE_ROW)
-        atomic_store(&s->bytes, sqlite3_column_int64(s->st_bytes, 0));
-    sqlite3_reset(s->st_bytes);
-    int64_t depth = atomic_load(&s->depth), bytes = atomic_load(&s->bytes);
+ * The size is measured when asked (measure), when the rows written since
+ * the last measurement could have reached spool.max_bytes, and at least
+ * every BYTES_INTERVAL_MS; measuring after every commit was a fifth of a
+ * small group's CPU. Committer thread (or amp_spool_open, before it starts). */
+void amp_spool_check_limits(amp_spool *s, bool measure) {
+    int64_t now = amp_mono_ms(), bytes = atomic_load(&s->bytes);
+    /* Twice what was written, for the pages and indexes around it. */
+    bool near = s->max_bytes > 0 && bytes + 2 * s->grown >= s->max_bytes - s->max_bytes / 10;
+    if (measure || near || now >= s->bytes_next_ms) {
+        int64_t pages = pragma_value(s->st_page_count),
+                free_pages = pragma_value(s->st_free_pages);
+        if (pages >= 0 && free_pages >= 0)
+            atomic_store(&s->bytes, (pages - free_pages) * s->page_size);
+        s->grown = 0;
+        s->bytes_next_ms = now + BYTES_INTERVAL_MS;
+    }
+    int64_t depth = atomic_load(&s->depth);
+    bytes = atomic_load(&s->bytes);
     const char *was = atomic_load(&s->full);
     const char *why = over(depth, s->max_pending, was == full_pending) ? full_pending
                       : over(bytes, s->max_bytes, was == full_bytes)   ? full_bytes
@@ -44,7 +64,7 @@ void amp_spool_count_pending(amp_spool *s) {
     if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
         atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
     sqlite3_reset(s->st_count_pending);
-    amp_spool_check_limits(s);
+    amp_spool_check_limits(s, true);
 }
 
 /* Delete one bounded slice of expired rows; returns rows deleted. */
