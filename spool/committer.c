@@ -362,7 +362,8 @@ static void commit_group(amp_spool *s, work *head) {
     if (to_sync)
         amp_spool_hand_to_syncer(s, to_sync, sync_last);
 
-    if (ok && (t.new_work || nacks))
+    /* New rows are claimable once synced: with a syncer, it tells. */
+    if (ok && (nacks || (t.new_work && s->wal_fd < 0)))
         amp_spool_notify_waiter(s);
 }
 
