@@ -438,6 +438,15 @@ void *amp_spool_committer_main(void *arg) {
                    pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts) == 0)
                 ;
         }
+        if (s->q_urgent && s->q_urgent < GATHER_MAX && atomic_load(&s->syncing) && !s->stop) {
+            struct timespec ts;
+            amp_spool_deadline_in(&ts, GATHER_MS);
+            s->gathering = true;
+            while (s->q_urgent < GATHER_MAX && atomic_load(&s->syncing) && !s->stop &&
+                   pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts) == 0)
+                ;
+            s->gathering = false;
+        }
         work *head = s->q_head;
         s->q_head = s->q_tail = NULL;
         s->q_len = s->q_urgent = 0;

@@ -100,6 +100,7 @@ static amp_spool *spool_new(const amp_spool_opts *opts) {
     atomic_init(&s->committed_max, 0);
     atomic_init(&s->epoch, 0);
     atomic_init(&s->failed, false);
+    atomic_init(&s->syncing, false);
     return s;
 }
 

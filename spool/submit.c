@@ -18,8 +18,11 @@ static void enqueue(amp_spool *s, work *w) {
     if (w->kind != WORK_ACK)
         s->q_urgent++;
     /* An acknowledgement only wakes the committer to start gathering, or
-     * when the group is full; requests and flushes wake it at once. */
-    if (w->kind != WORK_ACK || s->q_len == 1 || s->q_len >= ACK_GROUP_MAX)
+     * when the group is full; requests and flushes wake it at once, unless
+     * it gathers them while the syncer syncs. */
+    bool wake = w->kind != WORK_ACK ? !s->gathering || s->q_urgent >= GATHER_MAX
+                                    : s->q_len == 1 || s->q_len >= ACK_GROUP_MAX;
+    if (wake)
         pthread_cond_signal(&s->q_cond);
     pthread_mutex_unlock(&s->q_mu);
 }

@@ -44,6 +44,21 @@ void amp_spool_hand_to_syncer(amp_spool *s, work *head, work *tail) {
     pthread_mutex_unlock(&s->sync_mu);
 }
 
+/* One fdatasync of the log. Meanwhile the committer gathers the requests
+ * that arrive into one group (GATHER_MAX); it is told when the sync ends. */
+static bool sync_log(amp_spool *s) {
+    atomic_store(&s->syncing, true);
+    bool ok = fdatasync(s->wal_fd) == 0;
+    int e = errno;
+    pthread_mutex_lock(&s->q_mu);
+    atomic_store(&s->syncing, false);
+    if (s->gathering)
+        pthread_cond_signal(&s->q_cond);
+    pthread_mutex_unlock(&s->q_mu);
+    errno = e;
+    return ok;
+}
+
 /* Takes everything committed so far, makes it durable with one fdatasync of
  * the log (which covers every write before it, whichever descriptor made
  * it), then answers it. Groups committed during a sync wait for the next
@@ -66,7 +81,7 @@ static void *syncer_main(void *arg) {
             stored |= w->kind == WORK_BATCH && w->result.status == 0;
         /* Read before the sync, which covers every commit made before it. */
         int64_t upto = atomic_load(&s->committed_max), epoch = atomic_load(&s->epoch);
-        bool synced = !stored || fdatasync(s->wal_fd) == 0;
+        bool synced = !stored || sync_log(s);
         if (!synced) {
             amp_log(AMP_LOG_ERROR, "spool sync failed", "{s:s}", "error", strerror(errno));
             atomic_store(&s->failed, true); /* the committer recovers, see recover() */
