@@ -206,62 +206,113 @@ void amp_queue_job_free(amp_queue_job *j) {
     free(j);
 }
 
-/* ---- batches -------------------------------------------------------------- */
+/* ---- batches --------------------------------------------------------------
+ * A batch is built on an HTTP thread and destroyed on an engine thread (the
+ * spool's syncer): every allocation it makes is a free from another
+ * thread's arena. So its strings go into one arena: a first chunk inside
+ * the batch, which holds a typical one-event request (key, route, app, user
+ * and a Dify body of ~1 KiB), and further chunks only as needed; its first
+ * event and request are inline too. A typical batch is one allocation. */
+
+#define TEXT_INLINE 2048
+#define TEXT_CHUNK 4096
 
 typedef struct event_item {
     char *dedupe_key;
     size_t first_req, nreq;
 } event_item;
 
+typedef struct text_chunk {
+    struct text_chunk *next;
+    char data[];
+} text_chunk;
+
 struct amp_queue_batch {
-    event_item *events;
+    event_item *events; /* &event0, or owned */
     size_t nevents, cap_events;
-    amp_queue_request *reqs; /* strings owned */
+    amp_queue_request *reqs; /* &req0, or owned; strings in the arena */
     size_t nreqs, cap_reqs;
+    char *free_at, *limit; /* the free part of the current chunk */
+    text_chunk *chunks;    /* owned; the chunks after text0 */
+    event_item event0;
+    amp_queue_request req0;
+    char text0[TEXT_INLINE];
 };
 
 amp_queue_batch *amp_queue_batch_create(void) {
-    return amp_xcalloc(1, sizeof(amp_queue_batch));
+    amp_queue_batch *b = amp_xmalloc(sizeof *b); /* text0 needs no clearing */
+    b->events = &b->event0;
+    b->nevents = 0;
+    b->cap_events = 1;
+    b->reqs = &b->req0;
+    b->nreqs = 0;
+    b->cap_reqs = 1;
+    b->free_at = b->text0;
+    b->limit = b->text0 + sizeof b->text0;
+    b->chunks = NULL;
+    return b;
 }
 
 void amp_queue_batch_destroy(amp_queue_batch *b) {
     if (!b)
         return;
-    for (size_t i = 0; i < b->nevents; i++)
-        free(b->events[i].dedupe_key);
-    for (size_t i = 0; i < b->nreqs; i++) {
-        free((char *)b->reqs[i].route);
-        free((char *)b->reqs[i].app);
-        free((char *)b->reqs[i].user);
-        free((char *)b->reqs[i].body);
-        free((char *)b->reqs[i].source);
+    for (text_chunk *c = b->chunks, *next; c; c = next) {
+        next = c->next;
+        free(c);
     }
-    free(b->events);
-    free(b->reqs);
+    if (b->events != &b->event0)
+        free(b->events);
+    if (b->reqs != &b->req0)
+        free(b->reqs);
     free(b);
 }
 
-void amp_queue_batch_event(amp_queue_batch *b, const char *dedupe_key) {
-    if (b->nevents == b->cap_events) {
-        b->cap_events = b->cap_events ? b->cap_events * 2 : 4;
-        b->events = amp_xrealloc(b->events, b->cap_events * sizeof *b->events);
+/* A copy of v in b's arena; NULL for NULL. */
+static char *batch_copy(amp_queue_batch *b, const char *v) {
+    if (!v)
+        return NULL;
+    size_t n = strlen(v) + 1;
+    if ((size_t)(b->limit - b->free_at) < n) {
+        size_t cap = n > TEXT_CHUNK ? n : TEXT_CHUNK;
+        text_chunk *c = amp_xmalloc(sizeof *c + cap);
+        c->next = b->chunks;
+        b->chunks = c;
+        b->free_at = c->data;
+        b->limit = c->data + cap;
     }
+    char *copy = memcpy(b->free_at, v, n);
+    b->free_at += n;
+    return copy;
+}
+
+/* Room for one more of an array that starts inline: *items is inline or
+ * owned, *cap its capacity. */
+static void *batch_grow(void *items, void *inline_items, size_t *cap, size_t size) {
+    void *grown = amp_xmalloc(*cap * 2 * size);
+    memcpy(grown, items, *cap * size);
+    if (items != inline_items)
+        free(items);
+    *cap *= 2;
+    return grown;
+}
+
+void amp_queue_batch_event(amp_queue_batch *b, const char *dedupe_key) {
+    if (b->nevents == b->cap_events)
+        b->events = batch_grow(b->events, &b->event0, &b->cap_events, sizeof *b->events);
     b->events[b->nevents++] =
-        (event_item){.dedupe_key = amp_xstrdup(dedupe_key), .first_req = b->nreqs, .nreq = 0};
+        (event_item){.dedupe_key = batch_copy(b, dedupe_key), .first_req = b->nreqs, .nreq = 0};
 }
 
 void amp_queue_batch_request(amp_queue_batch *b, const char *route, const char *app,
                              const char *user, bool per_user, const char *body_json) {
     if (b->nevents == 0)
         amp_queue_batch_event(b, NULL);
-    if (b->nreqs == b->cap_reqs) {
-        b->cap_reqs = b->cap_reqs ? b->cap_reqs * 2 : 4;
-        b->reqs = amp_xrealloc(b->reqs, b->cap_reqs * sizeof *b->reqs);
-    }
-    b->reqs[b->nreqs++] = (amp_queue_request){.route = amp_xstrdup(route),
-                                              .app = amp_xstrdup(app),
-                                              .user = amp_xstrdup(user),
-                                              .body = amp_xstrdup(body_json),
+    if (b->nreqs == b->cap_reqs)
+        b->reqs = batch_grow(b->reqs, &b->req0, &b->cap_reqs, sizeof *b->reqs);
+    b->reqs[b->nreqs++] = (amp_queue_request){.route = batch_copy(b, route),
+                                              .app = batch_copy(b, app),
+                                              .user = batch_copy(b, user),
+                                              .body = batch_copy(b, body_json),
                                               .per_user = per_user};
     b->events[b->nevents - 1].nreq++;
 }
@@ -269,8 +320,8 @@ void amp_queue_batch_request(amp_queue_batch *b, const char *route, const char *
 void amp_queue_batch_source(amp_queue_batch *b, const char *source_json) {
     if (b->nreqs == 0)
         return;
-    free((char *)b->reqs[b->nreqs - 1].source);
-    b->reqs[b->nreqs - 1].source = amp_xstrdup(source_json);
+    /* A replaced source stays in the arena until the batch goes. */
+    b->reqs[b->nreqs - 1].source = batch_copy(b, source_json);
 }
 
 size_t amp_queue_batch_events(const amp_queue_batch *b) {

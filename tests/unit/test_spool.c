@@ -119,6 +119,56 @@ static void claim_one(amp_queue *s, int64_t now, const char *body) {
     free_jobs(jobs, n);
 }
 
+/* A batch keeps copies of everything added, however many events and
+ * requests and however long the strings (its arena grows in chunks), and
+ * a replaced source is the one read back. */
+START_TEST(batch_keeps_copies_of_what_was_added) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    char big[9000], key[32], user[32];
+    memset(big, 'b', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    for (int e = 0; e < 40; e++) {
+        snprintf(key, sizeof key, "key-%d", e);
+        amp_queue_batch_event(b, e % 7 == 3 ? NULL : key);
+        for (int r = 0; r < e % 3 + 1; r++) {
+            snprintf(user, sizeof user, "user-%d-%d", e, r);
+            amp_queue_batch_request(b, "route", "app", user, r == 1, e % 5 == 0 ? big : user);
+            if (r == 0) {
+                amp_queue_batch_source(b, "first");
+                amp_queue_batch_source(b, user);
+            }
+        }
+        key[0] = user[0] = 'X'; /* the batch holds copies */
+    }
+    ck_assert_uint_eq(amp_queue_batch_events(b), 40);
+    for (int e = 0; e < 40; e++) {
+        const amp_queue_request *reqs;
+        size_t n;
+        const char *k = amp_queue_batch_event_at(b, (size_t)e, &reqs, &n);
+        snprintf(key, sizeof key, "key-%d", e);
+        if (e % 7 == 3)
+            ck_assert_ptr_null(k);
+        else
+            ck_assert_str_eq(k, key);
+        ck_assert_uint_eq(n, (size_t)(e % 3 + 1));
+        for (size_t r = 0; r < n; r++) {
+            snprintf(user, sizeof user, "user-%d-%zu", e, r);
+            ck_assert_str_eq(reqs[r].route, "route");
+            ck_assert_str_eq(reqs[r].app, "app");
+            ck_assert_str_eq(reqs[r].user, user);
+            ck_assert_int_eq(reqs[r].per_user, r == 1);
+            ck_assert_str_eq(reqs[r].body, e % 5 == 0 ? big : user);
+            if (r == 0)
+                ck_assert_str_eq(reqs[r].source, user);
+            else
+                ck_assert_ptr_null(reqs[r].source);
+        }
+    }
+    amp_queue_batch_destroy(b);
+    amp_queue_batch_destroy(NULL);
+}
+END_TEST
+
 START_TEST(batch_stored_and_claimed) {
     amp_queue *s = open_spool(3600);
     amp_queue_batch *b = amp_queue_batch_create();
@@ -1404,6 +1454,7 @@ int main(void) {
     TCase *tc = tcase_create("spool");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, batch_keeps_copies_of_what_was_added);
     tcase_add_test(tc, batch_stored_and_claimed);
     tcase_add_test(tc, waiting_rows_and_retry_run_ids);
     tcase_add_test(tc, dedupe_within_and_across_requests);
