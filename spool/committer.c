@@ -51,15 +51,19 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
         const amp_queue_request *reqs;
         size_t nreqs;
         const char *key = amp_queue_batch_event_at(b, e, &reqs, &nreqs);
+        dedupe_ticket ticket;
+        bool fresh_key = false;
         if (key && s->dedupe_window_ms > 0) {
-            int fresh = amp_spool_dedupe_admit(s, key, now);
+            int fresh = amp_spool_dedupe_check(s, key, now, &ticket);
             if (fresh < 0)
                 goto fail;
             if (fresh == 0) {
                 w->result.duplicates++;
                 continue;
             }
+            fresh_key = true;
         }
+        int64_t first_id = 0;
         for (size_t r = 0; r < nreqs; r++) {
             const amp_queue_request *q = &reqs[r];
             sqlite3_bind_int64(s->st_insert, 1, now);
@@ -75,7 +79,11 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
             s->grown += (int64_t)(strlen(q->body) + (q->source ? strlen(q->source) : 0));
             w->rows++;
             w->last_id = sqlite3_last_insert_rowid(s->wdb);
+            if (!first_id)
+                first_id = w->last_id;
         }
+        if (fresh_key && amp_spool_dedupe_record(s, &ticket, now, first_id))
+            goto fail;
         w->result.accepted++;
     }
     if (guarded && amp_spool_step_done(s->st_release))

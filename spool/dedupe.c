@@ -145,7 +145,7 @@ static int reload(amp_spool *s) {
 
 /* ---- admission, inside the committer's transaction ---- */
 
-int amp_spool_dedupe_admit(amp_spool *s, const char *key, int64_t now) {
+int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ticket *t) {
     int64_t chk, h = amp_spool_key_digest(key, &chk), since = now - s->dedupe_window_ms;
     int64_t seen = 0, had_chk = 0;
     bool had = map_get(&s->recent, h, &had_chk, &seen);
@@ -164,18 +164,28 @@ int amp_spool_dedupe_admit(amp_spool *s, const char *key, int64_t now) {
         if (found && merged_seen >= since && merged_chk == chk)
             return 0;
     }
-    sqlite3_bind_int64(s->st_recent_add, 1, h);
+    *t = (dedupe_ticket){.h = h, .chk = chk, .had = had, .had_chk = had_chk, .had_seen = seen};
+    return 1;
+}
+
+int amp_spool_dedupe_record(amp_spool *s, const dedupe_ticket *t, int64_t now, int64_t first_id) {
+    sqlite3_bind_int64(s->st_recent_add, 1, t->h);
     sqlite3_bind_int64(s->st_recent_add, 2, now);
-    sqlite3_bind_int64(s->st_recent_add, 3, chk);
+    if (first_id > 0)
+        sqlite3_bind_int64(s->st_recent_add, 3, first_id);
+    else
+        sqlite3_bind_null(s->st_recent_add, 3);
+    sqlite3_bind_int64(s->st_recent_add, 4, t->chk);
     if (amp_spool_step_done(s->st_recent_add))
         return -1;
     if (s->nundo == s->capundo) {
         s->capundo = s->capundo ? s->capundo * 2 : 256;
         s->undo = amp_xrealloc(s->undo, s->capundo * sizeof *s->undo);
     }
-    s->undo[s->nundo++] = (undo_rec){.h = h, .chk = had_chk, .seen = seen, .had = had};
-    map_put(&s->recent, h, chk, now);
-    return 1;
+    s->undo[s->nundo++] =
+        (undo_rec){.h = t->h, .chk = t->had_chk, .seen = t->had_seen, .had = t->had};
+    map_put(&s->recent, t->h, t->chk, now);
+    return 0;
 }
 
 size_t amp_spool_dedupe_mark(const amp_spool *s) {

@@ -238,12 +238,11 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_savepoint, "SAVEPOINT batch"},
         {s->wdb, &s->st_release, "RELEASE batch"},
         {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
-        /* Dedupe (dedupe.c). first_id: the id SQLite gives the next row
-         * (the largest + 1), where the event's rows start. */
+        /* Dedupe (dedupe.c). first_id: the id of the event's first row
+         * (its rows are consecutive); NULL when it has none. */
         {s->wdb, &s->st_dedupe_find, "SELECT seen_ms, chk FROM dedupe WHERE h = ?1"},
         {s->wdb, &s->st_recent_add,
-         "INSERT INTO dedupe_recent(h, seen_ms, first_id, chk) VALUES (?1, ?2, "
-         " (SELECT coalesce(max(id), 0) + 1 FROM deliveries), ?3)"},
+         "INSERT INTO dedupe_recent(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4)"},
         {s->wdb, &s->st_recent_all, "SELECT h, seen_ms, chk FROM dedupe_recent ORDER BY id"},
         {s->wdb, &s->st_recent_rows, "SELECT id, h, seen_ms, first_id, chk FROM dedupe_recent"},
         {s->wdb, &s->st_dedupe_merge,
@@ -345,14 +344,17 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,       &s->st_commit,       &s->st_rollback,        &s->st_savepoint,
-        &s->st_release,     &s->st_rollback_to,  &s->st_dedupe_find,     &s->st_insert,
-        &s->st_waiting,     &s->st_delivered,    &s->st_retry,           &s->st_dead,
-        &s->st_release_row, &s->st_conv_set,     &s->st_conv_clear,      &s->st_claim,
-        &s->st_next_due,    &s->st_prune_dedupe, &s->st_prune_delivered, &s->st_count_pending,
-        &s->st_probe,       &s->st_data_version, &s->st_drop_keys,       &s->st_drop_rows,
-        &s->st_max_id,      &s->st_page_count, &s->st_free_pages,        &s->st_recent_add,      &s->st_recent_all,
-        &s->st_recent_rows, &s->st_dedupe_merge, &s->st_recent_drop,     &s->st_drop_recent_keys,
+        &s->st_begin,           &s->st_commit,        &s->st_rollback,
+        &s->st_savepoint,       &s->st_release,       &s->st_rollback_to,
+        &s->st_dedupe_find,     &s->st_insert,        &s->st_waiting,
+        &s->st_delivered,       &s->st_retry,         &s->st_dead,
+        &s->st_release_row,     &s->st_conv_set,      &s->st_conv_clear,
+        &s->st_claim,           &s->st_next_due,      &s->st_prune_dedupe,
+        &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
+        &s->st_data_version,    &s->st_drop_keys,     &s->st_drop_rows,
+        &s->st_max_id,          &s->st_page_count,    &s->st_free_pages,
+        &s->st_recent_add,      &s->st_recent_all,    &s->st_recent_rows,
+        &s->st_dedupe_merge,    &s->st_recent_drop,   &s->st_drop_recent_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -262,9 +262,18 @@ void amp_spool_sql_claimed(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 void amp_spool_idset_del(idset *s, int64_t id);
 
 /* ---- dedupe.c ---- */
-/* Inside the committer's transaction: 1 when key is new (recorded), 0 a
- * duplicate, -1 on a failed statement. */
-int amp_spool_dedupe_admit(amp_spool *s, const char *key, int64_t now);
+/* A new key between its check and its record. */
+typedef struct dedupe_ticket {
+    int64_t h, chk;
+    bool had; /* the map held the hash (another key's, or expired): */
+    int64_t had_chk, had_seen;
+} dedupe_ticket;
+/* Inside the committer's transaction: 1 when key is new (*t filled for
+ * amp_spool_dedupe_record), 0 a duplicate, -1 on a failed statement. */
+int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ticket *t);
+/* Records a new key, once its event's rows are stored: first_id is the
+ * first one's id (0: the event has none). 0, or -1 on a failed statement. */
+int amp_spool_dedupe_record(amp_spool *s, const dedupe_ticket *t, int64_t now, int64_t first_id);
 /* The undo log: mark before a savepoint, undo to the mark after its
  * rollback (0: the whole transaction), keep after a commit. */
 size_t amp_spool_dedupe_mark(const amp_spool *s);

@@ -35,8 +35,7 @@ void amp_spool_check_limits(amp_spool *s, bool measure) {
     /* Twice what was written, for the pages and indexes around it. */
     bool near = s->max_bytes > 0 && bytes + 2 * s->grown >= s->max_bytes - s->max_bytes / 10;
     if (measure || near || now >= s->bytes_next_ms) {
-        int64_t pages = pragma_value(s->st_page_count),
-                free_pages = pragma_value(s->st_free_pages);
+        int64_t pages = pragma_value(s->st_page_count), free_pages = pragma_value(s->st_free_pages);
         if (pages >= 0 && free_pages >= 0)
             atomic_store(&s->bytes, (pages - free_pages) * s->page_size);
         s->grown = 0;
