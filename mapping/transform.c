@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../crypto/digest.h"
+#include "../base/digest.h"
 
 #include "../json/jsonw.h"
 #include "mapping.h"

@@ -1,7 +1,7 @@
 /* The schema and its migrations, the connections and their statements. */
 #include "spool_int.h"
 
-#include "../crypto/digest.h"
+#include "../base/digest.h"
 
 #include <stdio.h>
 #include <string.h>
