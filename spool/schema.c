@@ -243,8 +243,14 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_dedupe_find, "SELECT seen_ms, chk FROM dedupe WHERE h = ?1"},
         {s->wdb, &s->st_recent_add,
          "INSERT INTO dedupe_recent(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4)"},
-        {s->wdb, &s->st_recent_all, "SELECT h, seen_ms, chk FROM dedupe_recent ORDER BY id"},
-        {s->wdb, &s->st_recent_rows, "SELECT id, h, seen_ms, first_id, chk FROM dedupe_recent"},
+        {s->wdb, &s->st_recent_all,
+         "SELECT h, seen_ms, chk, first_id FROM dedupe_recent ORDER BY id"},
+        {s->wdb, &s->st_recent_ids,
+         /* Two subqueries: min() and max() in one SELECT scan the table. */
+         "SELECT (SELECT coalesce(min(id), 1) FROM dedupe_recent), "
+         "(SELECT coalesce(max(id), 0) FROM dedupe_recent)"},
+        {s->wdb, &s->st_recent_rows,
+         "SELECT id, h, seen_ms, first_id, chk FROM dedupe_recent ORDER BY id"},
         {s->wdb, &s->st_dedupe_merge,
          "INSERT INTO dedupe(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4) "
          "ON CONFLICT(h) DO UPDATE "
@@ -344,17 +350,15 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,           &s->st_commit,        &s->st_rollback,
-        &s->st_savepoint,       &s->st_release,       &s->st_rollback_to,
-        &s->st_dedupe_find,     &s->st_insert,        &s->st_waiting,
-        &s->st_delivered,       &s->st_retry,         &s->st_dead,
-        &s->st_release_row,     &s->st_conv_set,      &s->st_conv_clear,
-        &s->st_claim,           &s->st_next_due,      &s->st_prune_dedupe,
-        &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
-        &s->st_data_version,    &s->st_drop_keys,     &s->st_drop_rows,
-        &s->st_max_id,          &s->st_page_count,    &s->st_free_pages,
-        &s->st_recent_add,      &s->st_recent_all,    &s->st_recent_rows,
-        &s->st_dedupe_merge,    &s->st_recent_drop,   &s->st_drop_recent_keys,
+        &s->st_begin,       &s->st_commit,           &s->st_rollback,        &s->st_savepoint,
+        &s->st_release,     &s->st_rollback_to,      &s->st_dedupe_find,     &s->st_insert,
+        &s->st_waiting,     &s->st_delivered,        &s->st_retry,           &s->st_dead,
+        &s->st_release_row, &s->st_conv_set,         &s->st_conv_clear,      &s->st_claim,
+        &s->st_next_due,    &s->st_prune_dedupe,     &s->st_prune_delivered, &s->st_count_pending,
+        &s->st_probe,       &s->st_data_version,     &s->st_drop_keys,       &s->st_drop_rows,
+        &s->st_max_id,      &s->st_page_count,       &s->st_free_pages,      &s->st_recent_add,
+        &s->st_recent_all,  &s->st_recent_rows,      &s->st_recent_ids,      &s->st_dedupe_merge,
+        &s->st_recent_drop, &s->st_drop_recent_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

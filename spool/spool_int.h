@@ -59,21 +59,28 @@ typedef struct idset {
     size_t n;
 } idset;
 
-/* Recent dedupe keys (dedupe.c): hash -> the key's check and last seen,
- * open addressing, key 0 empty. Committer thread only. */
+/* A recent dedupe key (dedupe.c): its hash (0: an empty slot), check, last
+ * sighting and the id of its event's first row (0: none), as in its latest
+ * dedupe_recent row. */
+typedef struct key_entry {
+    int64_t h, chk, seen, first_id;
+} key_entry;
+/* Recent dedupe keys by hash, open addressing. Committer thread only. */
 typedef struct keymap {
-    int64_t *keys, *chk, *seen;
+    key_entry *slots;
     size_t cap; /* power of two */
     size_t n;
 } keymap;
 /* A change of the map inside the open transaction, for its rollback. */
 typedef struct undo_rec {
-    int64_t h, chk, seen;
-    bool had; /* chk and seen are the values before; else the key was not there */
+    key_entry before; /* the entry before (its h is the key's hash) */
+    bool had;         /* else the key was not there */
 } undo_rec;
-/* A dedupe_recent row being merged. */
+/* A key being merged, and the dedupe_recent row it came from (0: from the
+ * map, which holds each hash once). */
 typedef struct merge_rec {
-    int64_t id, h, seen, first_id, chk;
+    key_entry key;
+    int64_t id;
 } merge_rec;
 
 typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
@@ -111,15 +118,21 @@ struct amp_spool {
     /* Committer only (upkeep.c): when the size is measured next, and the
      * bytes of rows and results written since it was last. */
     int64_t bytes_next_ms, grown;
-    /* Committer only (dedupe.c): dedupe_recent's keys, the undo log of the
-     * open transaction, and the merge under way (sorted by key; merged:
-     * how many are in the dedupe table; merge_upto: its last row id). */
+    /* Committer only (dedupe.c): dedupe_recent's keys not yet in the
+     * dedupe table, the undo log of the open transaction, and the merge
+     * under way (sorted by key; merged: how many are in the dedupe table;
+     * merge_upto: its last dedupe_recent row, dropped_upto: the last one
+     * deleted so far). */
     keymap recent;
     undo_rec *undo;
     size_t nundo, capundo;
     merge_rec *merge;
     size_t nmerge, merged;
-    int64_t merge_upto;
+    int64_t merge_upto, dropped_upto;
+    /* The map holds all of dedupe_recent's keys (false after a failed
+     * load: the next merge then reads them from the table). */
+    bool recent_complete;
+    bool merge_from_map;    /* the merge under way was taken from the map */
     int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
@@ -190,7 +203,7 @@ struct amp_spool {
     /* committer statements */
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
-    sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_rows;
+    sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_rows, *st_recent_ids;
     sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;

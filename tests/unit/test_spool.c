@@ -626,13 +626,36 @@ START_TEST(dedupe_keys_survive_merges) {
         ck_assert_uint_eq(r.accepted, 0);
         ck_assert_uint_gt(r.duplicates, 0);
     }
+    /* More groups drive the merge to its end: the merged keys leave
+     * dedupe_recent and the map, and are found in the dedupe table, with
+     * the id of their event's row for the admin lookup. */
+    int driven = 0;
+    for (; driven < 200 && table_rows("dedupe_recent") >= BATCHES * PER; driven++) {
+        char key[32];
+        snprintf(key, sizeof key, "drive-%d", driven);
+        amp_queue_batch *d = amp_queue_batch_create();
+        add(d, key, "u", false, "{}");
+        ck_assert_uint_eq(submit(s, d).accepted, 1);
+    }
+    ck_assert_int_lt(table_rows("dedupe_recent"), BATCHES * PER);
+    ck_assert_int_ge(table_rows("dedupe"), 16384);
+    amp_queue_batch *again = amp_queue_batch_create();
+    add(again, "m3-5", "u", false, "{}");
+    add(again, "m16-998", "u", false, "{}");
+    amp_queue_result dup = submit(s, again);
+    ck_assert_uint_eq(dup.duplicates, 2);
+    ck_assert_uint_eq(dup.accepted, 0);
+    json_t *merged = amp_queue_event(s, "m3-5", 100);
+    ck_assert_ptr_nonnull(merged);
+    ck_assert_int_eq(json_array_size(json_object_get(merged, "jobs")), 1);
+    json_decref(merged);
     amp_queue_close(s);
 
     /* At open everything recent is merged; the keys still count, and the
      * admin lookup finds an event from the merged table. */
     s = open_spool(3600);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
-    ck_assert_int_eq(table_rows("dedupe"), BATCHES * PER);
+    ck_assert_int_eq(table_rows("dedupe"), BATCHES * PER + driven);
     amp_queue_batch *b = amp_queue_batch_create();
     add(b, "m17-999", "u", false, "{}");
     add(b, "m0-0", "u", false, "{}");
