@@ -31,14 +31,22 @@
 
 /* Keys gathered before a merge starts, and keys merged per transaction
  * (one slice after each group). A slice holds the next group back:
- * measured with bench/spool_ingest, 1.8 ms median, 2.2 ms p90, at most
- * 9 ms (reading and sorting the keys is a step of its own; the last one
- * also reloads the map); slices of 2,048 cost no less CPU per key. */
+ * measured with bench/spool_ingest, 1.8 ms median, 2.2 ms p90 (taking and
+ * sorting the keys is a step of its own, ~1 ms); slices of 2,048 cost no
+ * less CPU per key. A merge of more keys than MERGE_STEPS slices of
+ * MERGE_SLICE takes bigger slices, so that it ends as soon. */
 #define MERGE_KEYS 16384
 #define MERGE_SLICE 512
-/* Merged rows deleted from dedupe_recent per transaction: all 16,384 in
- * one took 3-5 ms. */
+#define MERGE_STEPS 32
+/* Merged rows deleted from dedupe_recent per transaction (per slice of
+ * MERGE_SLICE keys): all 16,384 in one took 3-5 ms. */
 #define DROP_SLICE 4096
+/* While the map holds MERGE_BACKLOG merges' worth of keys, MERGE_CATCH_UP
+ * steps follow each group instead of one. An export's groups hold
+ * thousands of events: at one step per group the map grew with the whole
+ * export (1M keys, ~64 MiB). */
+#define MERGE_BACKLOG 4
+#define MERGE_CATCH_UP 8
 
 /* ---- the map: open addressing on h; h 0 marks an empty slot
  * (amp_spool_key_hash never returns 0). */
@@ -313,10 +321,13 @@ static int merge_step(amp_spool *s) {
     if (!s->merge) /* reading and sorting the keys: a step of its own */
         return merge_start(s) ? -1 : 1;
     bool slicing = s->merged < s->nmerge;
+    /* A merge has at most about MERGE_STEPS slices and as many deletes. */
+    size_t slice = s->nmerge / MERGE_STEPS > MERGE_SLICE ? s->nmerge / MERGE_STEPS : MERGE_SLICE;
+    int64_t drop = (int64_t)(slice * (DROP_SLICE / MERGE_SLICE));
     int64_t drop_upto =
-        s->dropped_upto + DROP_SLICE < s->merge_upto ? s->dropped_upto + DROP_SLICE : s->merge_upto;
+        s->dropped_upto + drop < s->merge_upto ? s->dropped_upto + drop : s->merge_upto;
     int ok = amp_spool_step_done(s->st_begin) == 0;
-    size_t end = s->merged + MERGE_SLICE < s->nmerge ? s->merged + MERGE_SLICE : s->nmerge;
+    size_t end = s->merged + slice < s->nmerge ? s->merged + slice : s->nmerge;
     for (; ok && slicing && s->merged < end; s->merged++) {
         const key_entry *k = &s->merge[s->merged].key;
         sqlite3_bind_int64(s->st_dedupe_merge, 1, k->h);
@@ -357,8 +368,16 @@ static int merge_step(amp_spool *s) {
 }
 
 void amp_spool_dedupe_after_group(amp_spool *s) {
-    if (s->merge || (s->recent.n >= MERGE_KEYS && amp_mono_ms() >= s->merge_after_ms))
-        merge_step(s);
+    /* One step after each group; several while the map holds many merges'
+     * worth of keys (an export's groups are thousands of events each), so
+     * that it stays bounded. */
+    int steps = s->recent.n >= MERGE_BACKLOG * MERGE_KEYS ? MERGE_CATCH_UP : 1;
+    for (int i = 0; i < steps; i++) {
+        if (!s->merge && (s->recent.n < MERGE_KEYS || amp_mono_ms() < s->merge_after_ms))
+            break;
+        if (merge_step(s) < 0)
+            break;
+    }
 }
 
 int amp_spool_dedupe_merge_all(amp_spool *s) {
