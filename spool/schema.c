@@ -341,9 +341,16 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         if (stmts[i].db && prepare(stmts[i].db, stmts[i].st, stmts[i].sql, err, errlen))
             return -1;
     sqlite3_stmt *st;
-    if (s->wdb && prepare(s->wdb, &st, "PRAGMA page_size", err, errlen) == 0) {
-        s->page_size = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+    if (s->wdb) { /* fixed for the database's life */
+        if (prepare(s->wdb, &st, "PRAGMA page_size", err, errlen))
+            return -1;
+        int rc = sqlite3_step(st);
+        s->page_size = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
         sqlite3_finalize(st);
+        if (s->page_size <= 0) {
+            snprintf(err, errlen, "spool: cannot read the page size: %s", sqlite3_errmsg(s->wdb));
+            return -1;
+        }
     }
     return 0;
 }

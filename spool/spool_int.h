@@ -275,11 +275,9 @@ void amp_spool_sql_claimed(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 void amp_spool_idset_del(idset *s, int64_t id);
 
 /* ---- dedupe.c ---- */
-/* A new key between its check and its record. */
+/* A new key between its check and its record: its hash and check. */
 typedef struct dedupe_ticket {
     int64_t h, chk;
-    bool had; /* the map held the hash (another key's, or expired): */
-    int64_t had_chk, had_seen;
 } dedupe_ticket;
 /* Inside the committer's transaction: 1 when key is new (*t filled for
  * amp_spool_dedupe_record), 0 a duplicate, -1 on a failed statement. */
@@ -292,7 +290,8 @@ int amp_spool_dedupe_record(amp_spool *s, const dedupe_ticket *t, int64_t now, i
 size_t amp_spool_dedupe_mark(const amp_spool *s);
 void amp_spool_dedupe_undo(amp_spool *s, size_t mark);
 void amp_spool_dedupe_keep(amp_spool *s);
-/* Between groups: a slice of the merge, if one is due or under way. */
+/* Between groups: a step of the merge (several while it lags), if one is
+ * due or under way. */
 void amp_spool_dedupe_after_group(amp_spool *s);
 /* The whole merge now (open, maintenance): 0, or -1 (logged). */
 int amp_spool_dedupe_merge_all(amp_spool *s);
