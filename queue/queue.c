@@ -213,8 +213,7 @@ void amp_queue_job_free(amp_queue_job *j) {
  * and a Dify body of ~1 KiB) fits in the batch itself: its first event and
  * request are inline, and its strings go into an inline buffer while they
  * fit; a string that does not is allocated on its own. A typical batch is
- * one allocation. (Chunks of a growing arena for the rest made an export's
- * big batches hold more memory: peak RSS 128-148 MiB instead of 111.) */
+ * one allocation. */
 
 #define TEXT_INLINE 2048
 
@@ -288,10 +287,8 @@ static char *batch_copy(amp_queue_batch *b, const char *v) {
 /* Room for one more of an array that starts inline: *items is inline or
  * owned, *cap its capacity. */
 static void *batch_grow(void *items, void *inline_items, size_t *cap, size_t size) {
-    void *grown = amp_xmalloc(*cap * 2 * size);
-    memcpy(grown, items, *cap * size);
-    if (items != inline_items)
-        free(items);
+    void *grown = items == inline_items ? memcpy(amp_xmalloc(*cap * 2 * size), items, *cap * size)
+                                        : amp_xrealloc(items, *cap * 2 * size);
     *cap *= 2;
     return grown;
 }

@@ -72,11 +72,12 @@ static int write_batch(amp_spool *s, work *w, int64_t now, bool guarded) {
             sqlite3_bind_text(s->st_insert, 4, q->app, -1, SQLITE_STATIC);
             sqlite3_bind_text(s->st_insert, 5, q->user, -1, SQLITE_STATIC);
             sqlite3_bind_int(s->st_insert, 6, q->per_user);
-            sqlite3_bind_text(s->st_insert, 7, q->body, -1, SQLITE_STATIC);
+            size_t body_len = strlen(q->body);
+            sqlite3_bind_text(s->st_insert, 7, q->body, (int)body_len, SQLITE_STATIC);
             amp_spool_bind_text(s->st_insert, 8, q->source);
             if (amp_spool_step_done(s->st_insert))
                 goto fail;
-            s->grown += (int64_t)(strlen(q->body) + (q->source ? strlen(q->source) : 0));
+            s->grown += (int64_t)(body_len + (q->source ? strlen(q->source) : 0));
             w->rows++;
             w->last_id = sqlite3_last_insert_rowid(s->wdb);
             if (!first_id)

@@ -219,6 +219,10 @@ void amp_spool_dedupe_keep(amp_spool *s) {
  * neighbouring ones, until it holds millions of pages. An LSD radix sort, 8
  * bits a pass, through a copy; qsort took ~2.5 ms for 16,384 keys, between
  * two groups. */
+static unsigned key_digit(const merge_rec *r, unsigned shift) {
+    return (unsigned)((((uint64_t)r->key.h) ^ (1ull << 63)) >> shift & 0xff);
+}
+
 static void sort_by_key(merge_rec *r, size_t n) {
     if (n < 2)
         return;
@@ -226,13 +230,13 @@ static void sort_by_key(merge_rec *r, size_t n) {
     for (unsigned shift = 40; shift < 64; shift += 8) {
         size_t count[257] = {0};
         for (size_t i = 0; i < n; i++)
-            count[((((uint64_t)from[i].key.h) ^ (1ull << 63)) >> shift & 0xff) + 1]++;
-        if (count[1 + ((((uint64_t)from[0].key.h) ^ (1ull << 63)) >> shift & 0xff)] == n)
+            count[key_digit(&from[i], shift) + 1]++;
+        if (count[key_digit(&from[0], shift) + 1] == n)
             continue; /* one digit for all: nothing moves */
         for (size_t d = 1; d < 257; d++)
             count[d] += count[d - 1];
         for (size_t i = 0; i < n; i++)
-            to[count[(((uint64_t)from[i].key.h) ^ (1ull << 63)) >> shift & 0xff]++] = from[i];
+            to[count[key_digit(&from[i], shift)]++] = from[i];
         merge_rec *t = from;
         from = to;
         to = t;

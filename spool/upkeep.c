@@ -16,8 +16,8 @@ static bool over(int64_t value, int64_t limit, bool was_over) {
     return limit > 0 && value >= (was_over ? limit - limit / 10 : limit);
 }
 
-/* A pragma's single value, or -1. */
-static int64_t pragma_value(sqlite3_stmt *st) {
+/* The single value st reads (a pragma, a count), or -1. */
+static int64_t single_value(sqlite3_stmt *st) {
     int64_t v = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
     sqlite3_reset(st);
     return v;
@@ -35,7 +35,7 @@ void amp_spool_check_limits(amp_spool *s, bool measure) {
     /* Twice what was written, for the pages and indexes around it. */
     bool near = s->max_bytes > 0 && bytes + 2 * s->grown >= s->max_bytes - s->max_bytes / 10;
     if (measure || near || now >= s->bytes_next_ms) {
-        int64_t pages = pragma_value(s->st_page_count), free_pages = pragma_value(s->st_free_pages);
+        int64_t pages = single_value(s->st_page_count), free_pages = single_value(s->st_free_pages);
         if (pages >= 0 && free_pages >= 0)
             atomic_store(&s->bytes, (pages - free_pages) * s->page_size);
         s->grown = 0;
@@ -60,9 +60,9 @@ void amp_spool_check_limits(amp_spool *s, bool measure) {
 }
 
 void amp_spool_count_pending(amp_spool *s) {
-    if (sqlite3_step(s->st_count_pending) == SQLITE_ROW)
-        atomic_store(&s->depth, sqlite3_column_int64(s->st_count_pending, 0));
-    sqlite3_reset(s->st_count_pending);
+    int64_t pending = single_value(s->st_count_pending);
+    if (pending >= 0)
+        atomic_store(&s->depth, pending);
     amp_spool_check_limits(s, true);
 }
 

@@ -593,6 +593,20 @@ static int64_t table_rows(const char *table) {
     return n;
 }
 
+static size_t event_jobs(amp_queue *s, const char *key) {
+    json_t *ev = amp_queue_event(s, key, 100);
+    ck_assert_ptr_nonnull(ev);
+    size_t n = json_array_size(json_object_get(ev, "jobs"));
+    json_decref(ev);
+    return n;
+}
+
+static amp_queue_result submit_one(amp_queue *s, const char *key, const char *body) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, key, "u", false, body);
+    return submit(s, b);
+}
+
 /* New keys go to dedupe_recent first and are merged into the dedupe table
  * in key order: once enough have gathered while running, and at open. A key
  * is a duplicate wherever it is, before, during and after a merge. */
@@ -633,9 +647,7 @@ START_TEST(dedupe_keys_survive_merges) {
     for (; driven < 200 && table_rows("dedupe_recent") >= BATCHES * PER; driven++) {
         char key[32];
         snprintf(key, sizeof key, "drive-%d", driven);
-        amp_queue_batch *d = amp_queue_batch_create();
-        add(d, key, "u", false, "{}");
-        ck_assert_uint_eq(submit(s, d).accepted, 1);
+        ck_assert_uint_eq(submit_one(s, key, "{}").accepted, 1);
     }
     ck_assert_int_lt(table_rows("dedupe_recent"), BATCHES * PER);
     ck_assert_int_ge(table_rows("dedupe"), 16384);
@@ -645,10 +657,7 @@ START_TEST(dedupe_keys_survive_merges) {
     amp_queue_result dup = submit(s, again);
     ck_assert_uint_eq(dup.duplicates, 2);
     ck_assert_uint_eq(dup.accepted, 0);
-    json_t *merged = amp_queue_event(s, "m3-5", 100);
-    ck_assert_ptr_nonnull(merged);
-    ck_assert_int_eq(json_array_size(json_object_get(merged, "jobs")), 1);
-    json_decref(merged);
+    ck_assert_uint_eq(event_jobs(s, "m3-5"), 1);
     amp_queue_close(s);
 
     /* At open everything recent is merged; the keys still count, and the
@@ -663,10 +672,7 @@ START_TEST(dedupe_keys_survive_merges) {
     amp_queue_result r = submit(s, b);
     ck_assert_uint_eq(r.duplicates, 2);
     ck_assert_uint_eq(r.accepted, 1);
-    json_t *ev = amp_queue_event(s, "m17-999", 100);
-    ck_assert_ptr_nonnull(ev);
-    ck_assert_int_eq(json_array_size(json_object_get(ev, "jobs")), 1);
-    json_decref(ev);
+    ck_assert_uint_eq(event_jobs(s, "m17-999"), 1);
     amp_queue_close(s);
 }
 END_TEST
@@ -679,20 +685,6 @@ END_TEST
 static int64_t same_hash(const char *key) {
     (void)key;
     return 42;
-}
-
-static size_t event_jobs(amp_queue *s, const char *key) {
-    json_t *ev = amp_queue_event(s, key, 100);
-    ck_assert_ptr_nonnull(ev);
-    size_t n = json_array_size(json_object_get(ev, "jobs"));
-    json_decref(ev);
-    return n;
-}
-
-static amp_queue_result submit_one(amp_queue *s, const char *key, const char *body) {
-    amp_queue_batch *b = amp_queue_batch_create();
-    add(b, key, "u", false, body);
-    return submit(s, b);
 }
 
 START_TEST(colliding_keys_are_both_delivered) {
