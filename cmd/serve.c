@@ -67,6 +67,7 @@ static amp_forward *start_forwarder(const amp_config *cfg, amp_queue *spool, amp
         .connect_timeout_s = cfg->dify.connect_timeout_s,
         .timeout_s = cfg->dify.timeout_s,
         .workers = cfg->dify.workers,
+        .nice = cfg->dify.nice,
         .retry_initial_ms = cfg->dify.retry_initial_ms,
         .retry_max_ms = cfg->dify.retry_max_ms,
         .retry_max_age_s = cfg->dify.retry_max_age_s,

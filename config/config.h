@@ -96,6 +96,7 @@ typedef struct amp_config {
         unsigned timeout_s;
         unsigned connect_timeout_s;
         unsigned workers;
+        unsigned nice; /* added to the delivery threads' niceness */
         int64_t retry_initial_ms;
         int64_t retry_max_ms;
         int64_t retry_max_age_s;

@@ -157,7 +157,7 @@ def config_seeds():
                   "max_bytes": 1048576,
                   "retention_seconds": 60, "sync": "normal"},
         "dify": {"base_url": "http://127.0.0.1:1/v1", "timeout_seconds": 1,
-                 "connect_timeout_seconds": 1, "workers": 1,
+                 "connect_timeout_seconds": 1, "workers": 1, "nice": 0,
                  "retry": {"initial_ms": 1, "max_ms": 2, "max_age_seconds": 3}},
         "log": {"level": "debug"},
         "apps": {"a": {"api_key_env": "K", "endpoint": "workflow"}},
