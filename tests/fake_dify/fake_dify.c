@@ -16,6 +16,7 @@
 #include "../../base/alloc.h"
 #include "../../base/buf.h"
 #include "../../base/clock.h"
+#include "../../json/jsonr.h"
 
 /* Large enough for any event the relay could produce; a fake needs no tight cap. */
 #define FAKE_MAX_BODY (16u * 1024 * 1024)
@@ -898,9 +899,11 @@ static enum MHD_Result handle_api(fake_dify *f, req_ctx *ctx, struct MHD_Connect
     json_t *body = NULL;
     char *answer_owned = NULL;
 
-    /* Parsed up front so that every record, even a dropped one, shows it. */
+    /* Parsed up front so that every record, even a dropped one, shows it.
+     * amp2dify's reader, jansson's verdict: benchmarks share the CPUs with
+     * this fake, and jansson's loader was a fifth of its time. */
     if (!ctx->too_large && ctx->body.len)
-        body = json_loadb(ctx->body.data, ctx->body.len, 0, NULL);
+        body = amp_json_loadb(ctx->body.data, ctx->body.len, 0, NULL);
     pause_ms(f, b.delay_ms);
     if (b.drop) {
         record(f, ctx, conn, url, method, body, 0, false, NULL, true);
