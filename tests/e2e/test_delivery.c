@@ -777,15 +777,29 @@ START_TEST(outcomes) {
 }
 END_TEST
 
-/* The reload test's config: RELOAD_HEAD's printf arguments are the listen
- * port, the server's directory and the fake's port; CHAT_ROUTE sends
- * events to app "a" (chat), and is left open for a filter. */
-#define RELOAD_HEAD                                                                                \
-    "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": %u},"                                     \
-    " \"spool\": {\"path\": \"%s/spool.db\"},"                                                     \
-    " \"dify\": {\"base_url\": \"http://127.0.0.1:%u/v1\"},"
+/* CHAT_ROUTE sends events to app "a" (chat), and is left open for a
+ * filter. */
 #define CHAT_ROUTE                                                                                 \
     "{\"name\": \"chat\", \"app\": \"a\", \"query\": \"{{event_type}} {{insert_id}}\""
+
+/* Rewrites the server's config: its listener, spool and fake Dify, DIFY
+ * (more members of "dify", "" for none) and REST (the apps and routes);
+ * then SIGHUP, and waits for "config reloaded". */
+static void reload_config(h_server *s, const char *dify, const char *rest) {
+    char *path = amp_xasprintf("%s/amp2dify.json", h_server_dir(s));
+    FILE *out = fopen(path, "w");
+    ck_assert_ptr_nonnull(out);
+    fprintf(out,
+            "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": %u},"
+            " \"spool\": {\"path\": \"%s/spool.db\"},"
+            " \"dify\": {\"base_url\": \"http://127.0.0.1:%u/v1\"%s}, %s",
+            (unsigned)h_server_port(s), h_server_dir(s), (unsigned)h_server_dify_port(s), dify,
+            rest);
+    ck_assert_int_eq(fclose(out), 0);
+    free(path);
+    ck_assert_int_eq(kill(h_server_pid(s), SIGHUP), 0);
+    ck_assert_msg(h_server_log_wait(s, "config reloaded", 15000), "no 'config reloaded' line");
+}
 
 /* SPEC: "SIGHUP reloads the config atomically". A reload that adds an app
  * and a route to it restarts delivery under the new config: the new
@@ -804,21 +818,13 @@ START_TEST(reload_adds_an_app) {
     free(ev);
     json_decref(wait_delivered(f, "ins-before", 10000));
 
-    char *path = amp_xasprintf("%s/amp2dify.json", h_server_dir(s));
-    FILE *out = fopen(path, "w");
-    ck_assert_ptr_nonnull(out);
-    fprintf(out,
-            RELOAD_HEAD " \"apps\": {\"a\": {}, \"b\": {\"endpoint\": \"completion\"}},"
-                        " \"routes\": [" CHAT_ROUTE ", \"filter\": {\"field\": \"event_type\","
-                        " \"op\": \"not_equals\", \"value\": \"F\"}},"
-                        " {\"name\": \"compl\", \"app\": \"b\", \"filter\": {\"field\":"
-                        " \"event_type\", \"op\": \"equals\", \"value\": \"F\"},"
-                        " \"map\": [{\"source\": \"insert_id\", \"target\": \"id\"}]}]}",
-            (unsigned)h_server_port(s), h_server_dir(s), (unsigned)h_server_dify_port(s));
-    ck_assert_int_eq(fclose(out), 0);
-    free(path);
-    ck_assert_int_eq(kill(h_server_pid(s), SIGHUP), 0);
-    ck_assert_msg(h_server_log_wait(s, "config reloaded", 15000), "no 'config reloaded' line");
+    reload_config(s, "",
+                  "\"apps\": {\"a\": {}, \"b\": {\"endpoint\": \"completion\"}},"
+                  " \"routes\": [" CHAT_ROUTE ", \"filter\": {\"field\": \"event_type\","
+                  " \"op\": \"not_equals\", \"value\": \"F\"}},"
+                  " {\"name\": \"compl\", \"app\": \"b\", \"filter\": {\"field\":"
+                  " \"event_type\", \"op\": \"equals\", \"value\": \"F\"},"
+                  " \"map\": [{\"source\": \"insert_id\", \"target\": \"id\"}]}]}");
     json_t *lines = h_server_log_lines(s, "config reloaded");
     ck_assert_str_eq(jstr(json_array_get(lines, 0), "delivery_restarted"), "apps");
     json_decref(lines);
@@ -926,19 +932,8 @@ START_TEST(delivery_threads_yield_to_ingest) {
     free(ev);
     json_decref(wait_delivered(f, "ins-nice-10", 10000));
 
-    char *path = amp_xasprintf("%s/amp2dify.json", h_server_dir(s));
-    FILE *out = fopen(path, "w");
-    ck_assert_ptr_nonnull(out);
-    fprintf(out,
-            "{\"listen\": {\"address\": \"127.0.0.1\", \"port\": %u},"
-            " \"spool\": {\"path\": \"%s/spool.db\"},"
-            " \"dify\": {\"base_url\": \"http://127.0.0.1:%u/v1\", \"workers\": 3, \"nice\": 0},"
-            " \"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}",
-            (unsigned)h_server_port(s), h_server_dir(s), (unsigned)h_server_dify_port(s));
-    ck_assert_int_eq(fclose(out), 0);
-    free(path);
-    ck_assert_int_eq(kill(pid, SIGHUP), 0);
-    ck_assert_msg(h_server_log_wait(s, "config reloaded", 15000), "no 'config reloaded' line");
+    reload_config(s, ", \"workers\": 3, \"nice\": 0",
+                  "\"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}");
     assert_nice(pid, "amp-worker", 3, base);
     assert_nice(pid, "amp-dispatch", 1, base);
     ev = h_event("E", "user-1", "ins-nice-0");
