@@ -36,9 +36,9 @@ typedef struct amp_forward_opts {
     long connect_timeout_s;
     long timeout_s;   /* whole request */
     unsigned workers; /* worker threads, 1..AMP_FORWARD_MAX_WORKERS */
-    /* Added to the niceness of the dispatcher and the workers (0..19), so
-     * that when the CPUs are busy, ingest (HTTP and spool threads) goes
-     * first and delivery takes what is left. */
+    /* Added to the niceness of the dispatcher, the workers and the
+     * reporter (0..19), so that when the CPUs are busy, ingest (HTTP and
+     * spool threads) goes first and delivery takes what is left. */
     unsigned nice;
     int64_t retry_initial_ms;
     int64_t retry_max_ms;

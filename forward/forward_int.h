@@ -386,6 +386,12 @@ char *amp_forward_report_event(const amp_map_report *spec, const amp_queue_job *
 int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char *event_json,
                              int64_t wait_ms);
 
+/* Called by each delivery thread (dispatcher, workers, reporter) as it
+ * starts: raises its own niceness by nice (Linux keeps it per thread), at
+ * most to 19, so that on busy CPUs ingest runs first. A failure costs only
+ * the priority; the first one is logged. */
+void amp_forward_lower_priority(unsigned nice);
+
 typedef struct amp_forward_reporter amp_forward_reporter;
 
 typedef struct amp_forward_reporter_opts {
@@ -400,6 +406,7 @@ typedef struct amp_forward_reporter_opts {
     /* A request under way ends soon after *abort_flag turns true (borrowed,
      * may be NULL): the forwarder's stop past its grace. */
     const atomic_bool *abort_flag;
+    unsigned nice; /* added to the reporter thread's niceness (dify.nice) */
 } amp_forward_reporter_opts;
 
 /* Start the reporter's thread; q borrowed, must outlive it. NULL and err on

@@ -202,6 +202,7 @@ struct amp_forward_reporter {
     char *url;
     char *key;
     unsigned batch, linger_ms;
+    unsigned nice;
     int64_t throttle_ms;
     int64_t retry_initial_ms, retry_max_ms;
     amp_forward_http *http;
@@ -304,6 +305,7 @@ static struct timespec mono_deadline(int64_t ms) {
 static void *reporter_main(void *arg) {
     amp_forward_reporter *r = arg;
     pthread_setname_np(pthread_self(), "amp-report");
+    amp_forward_lower_priority(r->nice);
     amp_queue_job **batch = amp_xcalloc(r->batch, sizeof *batch);
     pthread_mutex_lock(&r->mu);
     while (!r->stopping) {
@@ -357,6 +359,7 @@ amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts
                    ? o->batch_events
                    : (unsigned)AMP_FORWARD_AMPLITUDE_MAX_EVENTS;
     r->linger_ms = o->linger_ms;
+    r->nice = o->nice;
     r->throttle_ms = o->throttle_ms ? o->throttle_ms : AMP_FORWARD_AMPLITUDE_THROTTLE_MS;
     r->retry_initial_ms = o->retry_initial_ms > 0 ? o->retry_initial_ms : 1000;
     r->retry_max_ms = o->retry_max_ms > 0 ? o->retry_max_ms : 60000;

@@ -4,7 +4,9 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <ftw.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -16,6 +18,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -53,6 +56,70 @@ struct h_server {
 static h_server *live[H_MAX_LIVE];
 
 /* ---- small helpers ---------------------------------------------------------- */
+
+int h_nice(int pid) {
+    errno = 0;
+    int v = getpriority(PRIO_PROCESS, (id_t)pid);
+    return v == -1 && errno != 0 ? INT_MIN : v;
+}
+
+/* Niceness of each of pid's threads named name, in out[] (at most cap);
+ * returns how many threads have that name. */
+static size_t thread_nices(int pid, const char *name, int *out, size_t cap) {
+    char dir[64];
+    snprintf(dir, sizeof dir, "/proc/%d/task", pid);
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    size_t n = 0, namelen = strlen(name);
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[400], stat[1024];
+        snprintf(path, sizeof path, "%s/%s/stat", dir, e->d_name);
+        FILE *in = fopen(path, "r");
+        if (!in)
+            continue; /* the thread ended meanwhile */
+        size_t len = fread(stat, 1, sizeof stat - 1, in);
+        fclose(in);
+        stat[len] = '\0';
+        /* "tid (comm) state ..."; nice is the 19th field, the 17th after ')'. */
+        char *open = strchr(stat, '('), *close = strrchr(stat, ')');
+        if (!open || !close || close < open || (size_t)(close - open - 1) != namelen ||
+            strncmp(open + 1, name, namelen) != 0)
+            continue;
+        char *f = close + 1;
+        for (int i = 0; i < 16 && f; i++)
+            f = strchr(f + 1, ' ');
+        if (!f)
+            continue;
+        if (n < cap)
+            out[n] = atoi(f + 1);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+bool h_wait_nice(int pid, const char *name, size_t count, int want, char *why, size_t whylen) {
+    enum { CAP = 64 };
+    int v[CAP];
+    size_t n = 0, bad = 0;
+    for (int64_t end = h_mono_ms() + 5000;; h_sleep_ms(10)) {
+        n = thread_nices(pid, name, v, CAP);
+        bool counted = n > 0 && n <= CAP && (count == 0 || n == count);
+        for (bad = 0; counted && bad < n && v[bad] == want; bad++)
+            ;
+        if (counted && bad == n)
+            return true;
+        if (!counted)
+            snprintf(why, whylen, "%zu threads named %s, expected %zu", n, name, count);
+        else
+            snprintf(why, whylen, "%s thread %zu: nice %d, expected %d", name, bad, v[bad], want);
+        if (h_mono_ms() > end)
+            return false;
+    }
+}
 
 void h_sleep_ms(unsigned ms) {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};

@@ -174,6 +174,16 @@ char *h_sign(const char *body, size_t len, int64_t ts, const char *secret);
  * small event_properties object. Caller owns. */
 char *h_event(const char *event_type, const char *user_id, const char *insert_id);
 
+/* The niceness of process pid (getpriority); INT_MIN when it cannot be
+ * read. */
+int h_nice(int pid);
+
+/* Waits (at most 5 s: threads name themselves and set their priority as
+ * they start) until process pid has count threads named name (comm; any
+ * number, but at least one, when count is 0) and every one has niceness
+ * want. false when it did not happen; why then says what was found. */
+bool h_wait_nice(int pid, const char *name, size_t count, int want, char *why, size_t whylen);
+
 void h_sleep_ms(unsigned ms);
 int64_t h_mono_ms(void);
 

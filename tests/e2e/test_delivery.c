@@ -25,14 +25,12 @@
  */
 #include <check.h>
 #include <curl/curl.h>
-#include <dirent.h>
-#include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <time.h>
 
 #include "../../base/alloc.h"
@@ -849,61 +847,6 @@ START_TEST(reload_adds_an_app) {
 }
 END_TEST
 
-/* Niceness of each of the server's threads named NAME (comm), in out[]
- * (at most cap); returns how many threads have that name. */
-static size_t thread_nices(int pid, const char *name, int *out, size_t cap) {
-    char dir[64];
-    snprintf(dir, sizeof dir, "/proc/%d/task", pid);
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    size_t n = 0;
-    for (struct dirent *e; (e = readdir(d));) {
-        if (e->d_name[0] == '.')
-            continue;
-        char path[400], stat[1024];
-        snprintf(path, sizeof path, "%s/%s/stat", dir, e->d_name);
-        FILE *in = fopen(path, "r");
-        if (!in)
-            continue; /* the thread ended meanwhile */
-        size_t len = fread(stat, 1, sizeof stat - 1, in);
-        fclose(in);
-        stat[len] = '\0';
-        /* "tid (comm) state ..."; nice is the 19th field, the 17th after ')'. */
-        char *open = strchr(stat, '('), *close = strrchr(stat, ')');
-        ck_assert(open && close && close > open);
-        if ((size_t)(close - open - 1) != strlen(name) || strncmp(open + 1, name, strlen(name)))
-            continue;
-        char *f = close + 2;
-        for (int i = 0; i < 16 && f; i++)
-            f = strchr(f + 1, ' ');
-        ck_assert_ptr_nonnull(f);
-        if (n < cap)
-            out[n] = atoi(f + 1);
-        n++;
-    }
-    closedir(d);
-    return n;
-}
-
-/* Waits (at most 5 s: threads name themselves and set their priority as
- * they start) until there are COUNT threads named NAME (any number when
- * COUNT is 0, but at least one) and every one has niceness WANT. */
-static void assert_nice(int pid, const char *name, size_t count, int want) {
-    int v[64];
-    size_t n = 0;
-    for (int64_t end = amp_now_ms() + 5000;; h_sleep_ms(10)) {
-        n = thread_nices(pid, name, v, 64);
-        bool ok = n > 0 && n <= 64 && (count == 0 || n == count);
-        for (size_t i = 0; ok && i < n; i++)
-            ok = v[i] == want;
-        if (ok || amp_now_ms() > end)
-            break;
-    }
-    ck_assert_msg(n > 0 && n <= 64 && (count == 0 || n == count), "%zu threads named %s", n, name);
-    for (size_t i = 0; i < n; i++)
-        ck_assert_msg(v[i] == want, "%s thread %zu: nice %d, expected %d", name, i, v[i], want);
-}
-
 /* dify.nice (README): delivery threads run at a lower priority than
  * ingest, so that when the CPUs are busy, requests are answered first. By
  * default the dispatcher and the workers are 10 nicer than the process,
@@ -919,14 +862,14 @@ START_TEST(delivery_threads_yield_to_ingest) {
                             " \"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}",
                             f);
     int pid = h_server_pid(s);
-    errno = 0;
-    int base = getpriority(PRIO_PROCESS, (id_t)pid);
-    ck_assert(base != -1 || errno == 0);
+    int base = h_nice(pid);
+    ck_assert_int_ne(base, INT_MIN);
+    char why[160];
     int lowered = base + 10 > 19 ? 19 : base + 10;
-    assert_nice(pid, "amp-worker", 3, lowered);
-    assert_nice(pid, "amp-dispatch", 1, lowered);
-    assert_nice(pid, "MHD-worker", 0, base);
-    assert_nice(pid, "amp-commit", 1, base);
+    ck_assert_msg(h_wait_nice(pid, "amp-worker", 3, lowered, why, sizeof why), "%s", why);
+    ck_assert_msg(h_wait_nice(pid, "amp-dispatch", 1, lowered, why, sizeof why), "%s", why);
+    ck_assert_msg(h_wait_nice(pid, "MHD-worker", 0, base, why, sizeof why), "%s", why);
+    ck_assert_msg(h_wait_nice(pid, "amp-commit", 1, base, why, sizeof why), "%s", why);
     char *ev = h_event("E", "user-1", "ins-nice-10");
     post_one(s, ev);
     free(ev);
@@ -934,8 +877,8 @@ START_TEST(delivery_threads_yield_to_ingest) {
 
     reload_config(s, ", \"workers\": 3, \"nice\": 0",
                   "\"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}");
-    assert_nice(pid, "amp-worker", 3, base);
-    assert_nice(pid, "amp-dispatch", 1, base);
+    ck_assert_msg(h_wait_nice(pid, "amp-worker", 3, base, why, sizeof why), "%s", why);
+    ck_assert_msg(h_wait_nice(pid, "amp-dispatch", 1, base, why, sizeof why), "%s", why);
     ev = h_event("E", "user-1", "ins-nice-0");
     post_one(s, ev);
     free(ev);

@@ -6,9 +6,11 @@
  * reaches the fake Amplitude's HTTP V2 API (tests/fake_amplitude), in
  * Amplitude's schema, with the source event's user_id and device_id, once,
  * although Amplitude answered 500 and throttled a user (429) on the way.
+ * The reporter's thread runs dify.nice (10) nicer than ingest's.
  */
 #include <check.h>
 #include <curl/curl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,6 +109,13 @@ START_TEST(reports_reach_amplitude_once_each) {
     h_opts o = {.config_json = cfg, .dify_port = fake_dify_port(d), .env = env};
     h_server *s = h_server_start(&o);
     ck_assert_msg(s != NULL, "amp2dify did not start");
+    /* The reporter is a delivery thread: dify.nice (10) below ingest. */
+    int base = h_nice(h_server_pid(s));
+    ck_assert_int_ne(base, INT_MIN);
+    char why[160];
+    ck_assert_msg(h_wait_nice(h_server_pid(s), "amp-report", 1, base + 10 > 19 ? 19 : base + 10,
+                              why, sizeof why),
+                  "%s", why);
 
     /* Events i % 3 == 2 have only a device_id; the others both ids. */
     for (int i = 0; i < NEVENTS; i++) {
