@@ -112,8 +112,10 @@ bool h_wait_nice(int pid, const char *name, size_t count, int want, char *why, s
             ;
         if (counted && bad == n)
             return true;
-        if (!counted)
+        if (!counted && count)
             snprintf(why, whylen, "%zu threads named %s, expected %zu", n, name, count);
+        else if (!counted)
+            snprintf(why, whylen, "%zu threads named %s, expected 1 to %d", n, name, (int)CAP);
         else
             snprintf(why, whylen, "%s thread %zu: nice %d, expected %d", name, bad, v[bad], want);
         if (h_mono_ms() > end)
