@@ -260,14 +260,15 @@ test-run: fuzz-replay matrix limits
 
 # ---- ThreadSanitizer and valgrind (issue 7) ----
 #   make tsan        SANITIZER=thread build in build/san-thread/; the spool (group
-#                    commit), forward (worker pool) and Redis engine unit tests, forked and with
-#                    CK_FORK=no, then the end-to-end tests in TSAN_E2E against the
-#                    TSan-built server (the tests fail on a ThreadSanitizer report
-#                    in its log or a non-zero exit)
+#                    commit), forward (worker pool), Redis engine and signature (one
+#                    verifier shared by threads) unit tests, forked and with CK_FORK=no,
+#                    then the end-to-end tests in TSAN_E2E against the TSan-built
+#                    server (the tests fail on a ThreadSanitizer report in its log or
+#                    a non-zero exit)
 #   make valgrind    the end-to-end suite with every amp2dify process under valgrind
 #                    memcheck (tests/valgrind/run.sh; reports in build/valgrind/logs)
 # Neither is part of `make test`.
-TSAN_UNIT := test_spool test_forward test_redisq
+TSAN_UNIT := test_spool test_forward test_redisq test_sig
 TSAN_E2E ?= test_foundation test_delivery test_durability test_admin test_redis test_dify_2026 test_export \
             test_report
 # The unit tests' timeouts guard against hangs; ThreadSanitizer runs code 5 to

@@ -41,6 +41,7 @@
 #include "../base/parse.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -58,13 +59,27 @@
 /* 9999-12-31T23:59:59Z: anything larger is not a time in seconds. */
 #define TS_MAX INT64_C(253402300799)
 
+/* Finished working contexts a key keeps for reuse. One per thread that
+ * verifies at the same time is enough; more are freed. */
+#define SPARES 8
+
+/* An HMAC-SHA256 key, ready to use. keyed is never updated itself: each MAC
+ * runs on a copy, which skips the digest lookup and the key schedule (about
+ * half the cost of a MAC over a 600-byte body). A finished copy goes back
+ * to spare and is taken again with EVP_MAC_init and no key (OpenSSL keeps
+ * the key): measured with a 600-byte body, 0.67 us per MAC against 1.10 us
+ * with a fresh copy each time (EVP_MAC_CTX_dup and its allocations). */
+typedef struct {
+    EVP_MAC_CTX *keyed;         /* owned */
+    pthread_mutex_t mu;         /* guards spare and nspare */
+    EVP_MAC_CTX *spare[SPARES]; /* owned */
+    size_t nspare;
+} hmac_key;
+
 typedef struct {
     unsigned char *key; /* owned; raw HMAC key (decoded for standard-webhooks) */
     size_t len;
-    /* owned; HMAC-SHA256 keyed with key, never updated itself: each MAC
-     * runs on a copy, which skips the digest lookup and the key schedule
-     * (about half the cost of a MAC over a 600-byte body) */
-    EVP_MAC_CTX *keyed;
+    hmac_key *mac;              /* owned; NULL for static-header */
     unsigned char cmp[MAC_LEN]; /* static-header: HMAC(cmp_key, secret) */
 } sig_secret;
 
@@ -75,7 +90,7 @@ struct amp_sig {
     sig_secret *secrets;
     size_t nsecrets;
     unsigned char cmp_key[MAC_LEN]; /* static-header comparison key */
-    EVP_MAC_CTX *cmp_keyed;         /* owned; static-header: keyed with cmp_key */
+    hmac_key *cmp_mac;              /* owned; static-header: keyed with cmp_key */
     EVP_MAC *mac;                   /* fetched once; safe to share */
 };
 
@@ -116,9 +131,19 @@ const char *amp_sig_scheme_name(amp_auth_scheme scheme) {
     return "unknown";
 }
 
-/* An HMAC-SHA256 context keyed with key (caller frees); NULL when OpenSSL
+static void hmac_key_free(hmac_key *k) {
+    if (!k)
+        return;
+    for (size_t i = 0; i < k->nspare; i++)
+        EVP_MAC_CTX_free(k->spare[i]);
+    EVP_MAC_CTX_free(k->keyed);
+    pthread_mutex_destroy(&k->mu);
+    free(k);
+}
+
+/* An HMAC-SHA256 key (caller frees with hmac_key_free); NULL when OpenSSL
  * fails. */
-static EVP_MAC_CTX *hmac_keyed(EVP_MAC *mac, const unsigned char *key, size_t keylen) {
+static hmac_key *hmac_key_new(EVP_MAC *mac, const unsigned char *key, size_t keylen) {
     /* OpenSSL treats a NULL key as "keep the previous key"; an empty key
      * needs a real pointer. */
     static const unsigned char empty_key[1] = {0};
@@ -127,31 +152,38 @@ static EVP_MAC_CTX *hmac_keyed(EVP_MAC *mac, const unsigned char *key, size_t ke
         OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
         OSSL_PARAM_construct_end(),
     };
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
-    if (ctx && EVP_MAC_init(ctx, keylen ? key : empty_key, keylen, params) != 1) {
-        EVP_MAC_CTX_free(ctx);
-        ctx = NULL;
+    hmac_key *k = amp_xcalloc(1, sizeof(*k));
+    pthread_mutex_init(&k->mu, NULL);
+    k->keyed = EVP_MAC_CTX_new(mac);
+    if (!k->keyed || EVP_MAC_init(k->keyed, keylen ? key : empty_key, keylen, params) != 1) {
+        hmac_key_free(k);
+        return NULL;
     }
-    return ctx;
+    return k;
 }
 
-/* The MAC of the concatenation of parts (no copy of the body) under a keyed
- * context, which is left as it was: the work runs on a copy. */
-static int hmac_with(const EVP_MAC_CTX *keyed, const part *parts, size_t nparts,
-                     unsigned char out[MAC_LEN]) {
+/* The MAC of the concatenation of parts (no copy of the body) under k, on a
+ * spare context or a new copy of k's keyed one. Safe from any thread. */
+static int hmac_with(hmac_key *k, const part *parts, size_t nparts, unsigned char out[MAC_LEN]) {
+    EVP_MAC_CTX *ctx = NULL;
+    pthread_mutex_lock(&k->mu);
+    if (k->nspare)
+        ctx = k->spare[--k->nspare];
+    pthread_mutex_unlock(&k->mu);
+    int ok =
+        ctx ? EVP_MAC_init(ctx, NULL, 0, NULL) == 1 : (ctx = EVP_MAC_CTX_dup(k->keyed)) != NULL;
+    for (size_t i = 0; ok && i < nparts; i++)
+        ok = !parts[i].len || EVP_MAC_update(ctx, parts[i].p, parts[i].len) == 1;
     size_t outlen = 0;
-    int ok = 0;
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_dup(keyed);
-    if (!ctx)
-        return -1;
-    for (size_t i = 0; i < nparts; i++) {
-        if (parts[i].len && EVP_MAC_update(ctx, parts[i].p, parts[i].len) != 1)
-            goto done;
+    ok = ok && EVP_MAC_final(ctx, out, &outlen, MAC_LEN) == 1 && outlen == MAC_LEN;
+    if (ok) { /* a context that failed is not used again */
+        pthread_mutex_lock(&k->mu);
+        if (k->nspare < SPARES) {
+            k->spare[k->nspare++] = ctx;
+            ctx = NULL;
+        }
+        pthread_mutex_unlock(&k->mu);
     }
-    if (EVP_MAC_final(ctx, out, &outlen, MAC_LEN) != 1 || outlen != MAC_LEN)
-        goto done;
-    ok = 1;
-done:
     EVP_MAC_CTX_free(ctx);
     return ok ? 0 : -1;
 }
@@ -159,9 +191,9 @@ done:
 /* A one-off MAC under key. */
 static int hmac_parts(EVP_MAC *mac, const unsigned char *key, size_t keylen, const part *parts,
                       size_t nparts, unsigned char out[MAC_LEN]) {
-    EVP_MAC_CTX *keyed = hmac_keyed(mac, key, keylen);
-    int rc = keyed ? hmac_with(keyed, parts, nparts, out) : -1;
-    EVP_MAC_CTX_free(keyed);
+    hmac_key *k = hmac_key_new(mac, key, keylen);
+    int rc = k ? hmac_with(k, parts, nparts, out) : -1;
+    hmac_key_free(k);
     return rc;
 }
 
@@ -385,8 +417,8 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
             set_err(err, errlen, "OpenSSL could not generate random bytes");
             goto fail;
         }
-        s->cmp_keyed = hmac_keyed(s->mac, s->cmp_key, sizeof(s->cmp_key));
-        if (!s->cmp_keyed) {
+        s->cmp_mac = hmac_key_new(s->mac, s->cmp_key, sizeof(s->cmp_key));
+        if (!s->cmp_mac) {
             set_err(err, errlen, "HMAC-SHA256 failed");
             goto fail;
         }
@@ -416,7 +448,7 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
         }
         s->nsecrets = i + 1; /* from here on destroy cleans this one */
         if (scheme != AMP_AUTH_STATIC_HEADER &&
-            !(out->keyed = hmac_keyed(s->mac, out->key, out->len))) {
+            !(out->mac = hmac_key_new(s->mac, out->key, out->len))) {
             set_err(err, errlen, "HMAC-SHA256 failed");
             goto fail;
         }
@@ -429,7 +461,7 @@ amp_sig *amp_sig_create(amp_auth_scheme scheme, const char *const *secrets, size
                 goto fail;
             }
             part p = {out->key, out->len};
-            if (hmac_with(s->cmp_keyed, &p, 1, out->cmp) != 0) {
+            if (hmac_with(s->cmp_mac, &p, 1, out->cmp) != 0) {
                 set_err(err, errlen, "HMAC-SHA256 failed");
                 goto fail;
             }
@@ -449,11 +481,11 @@ void amp_sig_destroy(amp_sig *sig) {
             OPENSSL_cleanse(sig->secrets[i].key, sig->secrets[i].len);
             free(sig->secrets[i].key);
         }
-        EVP_MAC_CTX_free(sig->secrets[i].keyed);
+        hmac_key_free(sig->secrets[i].mac);
     }
     free(sig->secrets);
     free(sig->header_name);
-    EVP_MAC_CTX_free(sig->cmp_keyed);
+    hmac_key_free(sig->cmp_mac);
     EVP_MAC_free(sig->mac);
     OPENSSL_cleanse(sig, sizeof(*sig));
     free(sig);
@@ -469,7 +501,7 @@ static int any_match(const amp_sig *s, const part *parts, size_t nparts,
     unsigned char mac[MAC_LEN];
     int match = 0;
     for (size_t i = 0; i < s->nsecrets; i++) {
-        if (hmac_with(s->secrets[i].keyed, parts, nparts, mac) != 0) {
+        if (hmac_with(s->secrets[i].mac, parts, nparts, mac) != 0) {
             OPENSSL_cleanse(mac, sizeof(mac));
             return -1;
         }
@@ -635,7 +667,7 @@ static amp_sig_result verify_static(const amp_sig *s, amp_sig_header_fn header, 
     unsigned char mac[MAC_LEN];
     part p = {val, vlen};
     int match = 0;
-    if (hmac_with(s->cmp_keyed, &p, 1, mac) != 0)
+    if (hmac_with(s->cmp_mac, &p, 1, mac) != 0)
         return finish(-1, detail);
     for (size_t i = 0; i < s->nsecrets; i++)
         match |= CRYPTO_memcmp(mac, s->secrets[i].cmp, MAC_LEN) == 0;

@@ -15,8 +15,9 @@
  * Every comparison is constant time (CRYPTO_memcmp on equal-length decoded
  * bytes); parsing is strict (exact hex length, no overflow on timestamps).
  *
- * Threading: an amp_sig is immutable after amp_sig_create and may be shared
- * by any number of threads.
+ * Threading: an amp_sig does not change after amp_sig_create (only its
+ * spare MAC contexts, behind a mutex) and may be shared by any number of
+ * threads.
  */
 #ifndef AMP_SIG_H
 #define AMP_SIG_H
