@@ -9,14 +9,22 @@
  * database. SQLite's own automatic checkpoint uses 1000; every commit
  * rewrites the last page of the table and of each index into the log, and
  * a checkpoint copies each page once however often it was rewritten, so a
- * longer log writes less: measured with the ingest benchmark, 4000 frames
- * wrote 7.7 KB per event instead of 9.8 KB and took ~12% more requests/s.
+ * longer log writes less. But a longer log is a bigger checkpoint, whose
+ * burst of writes and final sync slow the syncer's next fdatasync, which
+ * every answer waits for. Measured in the server under wrk (ingest only,
+ * 64 connections, 4 alternating runs each, against 4000 frames, which an
+ * earlier spool had chosen for ~12% more requests/s): 2000 frames, p99
+ * 4.5-4.9 ms against 5.1-5.9 ms at the same requests/s and about 4% more
+ * CPU on the spool threads; 12000 frames, p99 7.3-8.4 ms against 5.4-5.9
+ * and no less CPU; 1000 frames, p99 4.2-5.0 ms at more CPU. make bench's
+ * 10 s run against 4000 frames: p99 6.63 ms against 7.09, requests/s
+ * x1.017, spool threads' CPU x1.014.
  * Under a steady stream of commits the checkpointer may never catch up with
  * the log's end, and only a checkpoint that does lets the next commit
  * restart the log from its start; past CHECKPOINT_FRAMES_MAX the committer
- * checkpoints itself, which bounds the log (~64 MiB of 4 KiB pages). */
-#define CHECKPOINT_FRAMES 4000
-#define CHECKPOINT_FRAMES_MAX 16000
+ * checkpoints itself, which bounds the log (~32 MiB of 4 KiB pages). */
+#define CHECKPOINT_FRAMES 2000
+#define CHECKPOINT_FRAMES_MAX 8000
 
 /* After each commit of the committer's connection: frames is the size of the
  * log. Asks the checkpointer, unless the log outgrew the bound. */

@@ -977,7 +977,7 @@ static off_t file_size(const char *suffix) {
 }
 
 /* Checkpoints run beside the committer: while the spool stays open, the
- * rows reach the database file and the log stays bounded (16000 frames of
+ * rows reach the database file and the log stays bounded (8000 frames of
  * 4 KiB pages, plus what one group adds; the 88 MB written here would not
  * fit). */
 START_TEST(log_is_checkpointed_and_bounded) {
@@ -1000,7 +1000,7 @@ START_TEST(log_is_checkpointed_and_bounded) {
     }
     off_t db_size = file_size("");
     amp_queue_close(s);
-    ck_assert_msg(wal_max <= (off_t)(16000 + 200) * (4096 + 24), "log grew to %lld bytes",
+    ck_assert_msg(wal_max <= (off_t)(8000 + 200) * (4096 + 24), "log grew to %lld bytes",
                   (long long)wal_max);
     /* 80,000 rows of ~1.1 KB: most of them in the database file already. */
     ck_assert_msg(db_size > 50 * 1000 * 1000, "database file %lld bytes while open",
