@@ -77,6 +77,12 @@
  * is in the work around the request (the body, Dify's answer, the
  * acknowledgement), not in how requests wait. So: one thread per worker
  * (dify.workers, at most AMP_FORWARD_MAX_WORKERS = 1024), 512 KiB stacks.
+ * Each still blocks on its one request, but drives its easy handle through
+ * a multi handle of its own with curl_multi_socket_action (http.c), which
+ * spares libcurl's extra zero-timeout polls: 2.6 poll calls per delivery
+ * instead of 4.2, and in 11 alternating 6 s runs of delivery from a 200k
+ * backlog to a 0 ms fake, 48.2 us of worker CPU per delivery against 50.3
+ * (x0.96), 20.2k deliveries/s against 19.6k.
  * Memory is bounded by the worker count (a response buffer of at most
  * AMP_FORWARD_MAX_RESPONSE each, released above 64 KiB), the ready queue
  * (nworkers) and the per-app queues. bench/delivery.sh (256 workers and

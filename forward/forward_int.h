@@ -233,7 +233,7 @@ typedef struct amp_forward_http amp_forward_http;
 
 /* One reused curl easy handle with timeouts, protocol limits and the
  * callbacks set once. A request under way ends with CURLE_ABORTED_BY_CALLBACK
- * soon after *abort_flag (borrowed, may be NULL) turns true. NULL and err on
+ * within a second after *abort_flag (borrowed, may be NULL) turns true. NULL and err on
  * failure. Caller owns. */
 amp_forward_http *amp_forward_http_create(long connect_timeout_s, long timeout_s,
                                           const atomic_bool *abort_flag, char *err, size_t errlen);

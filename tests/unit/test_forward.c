@@ -1559,6 +1559,34 @@ START_TEST(test_stop_finishes_in_flight) {
 }
 END_TEST
 
+/* Past its grace, a stop ends a request Dify has not answered: the worker
+ * waiting for the answer sees the abort within a second (libcurl on its own
+ * would notice only at its next timer, about 2 s here), and the row
+ * stays pending for the next start. */
+START_TEST(test_stop_past_grace_ends_request) {
+    harness h;
+    harness_init(&h, 1);
+    h.opts.stop_grace_ms = 200;
+    fake_dify_push(h.fake, &(fake_dify_behaviour){.delay_ms = 4000});
+    harness_start(&h);
+    submit(&h, "ev1", "chat", "u1", false, CHAT_BODY);
+    wait_requests(&h, 1, 5000);
+    int64_t t0 = mono_ms();
+    amp_forward_stop(h.fwd);
+    h.fwd = NULL;
+    int64_t took = mono_ms() - t0;
+    ck_assert_msg(took < 1600, "stop took %lld ms with a grace of 200 ms", (long long)took);
+    amp_queue_stats s;
+    ck_assert_int_eq(amp_queue_stats_get(h.spool, &s), 0);
+    ck_assert_int_eq(s.delivered, 0);
+    ck_assert_int_eq(s.pending, 1);
+    row_t r = get_row(&h, 1);
+    ck_assert_int_eq(r.state, 0);
+    json_decref(r.result);
+    harness_done(&h);
+}
+END_TEST
+
 START_TEST(test_parallel_workers) {
     harness h;
     harness_init(&h, 4);
@@ -2217,6 +2245,7 @@ static Suite *forward_suite(void) {
     tcase_add_test(tc, test_streaming_answer);
     tcase_add_test(tc, test_response_too_large);
     tcase_add_test(tc, test_stop_finishes_in_flight);
+    tcase_add_test(tc, test_stop_past_grace_ends_request);
     tcase_add_test(tc, test_parallel_workers);
     tcase_add_test(tc, test_many_events_in_order);
     tcase_add_test(tc, test_start_rejects_bad_options);
