@@ -1587,6 +1587,33 @@ START_TEST(test_stop_past_grace_ends_request) {
 }
 END_TEST
 
+/* One connection, many requests in a row, each answered at once: the
+ * transfer loop must read each answer as it arrives. A wake-up it missed
+ * would show as a request of about a second (the loop's stop check). */
+START_TEST(test_http_requests_do_not_stall) {
+    fake_dify *fake = fake_dify_start(0, "app-k");
+    ck_assert_ptr_nonnull(fake);
+    char url[128], err[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/v1/chat-messages", fake_dify_port(fake));
+    amp_forward_http *http = amp_forward_http_create(5, 30, NULL, err, sizeof err);
+    ck_assert_msg(http != NULL, "%s", err);
+    const char *headers[] = {"Authorization: Bearer app-k", "Content-Type: application/json",
+                             NULL};
+    int64_t slowest = 0;
+    for (int i = 0; i < 200; i++) {
+        amp_forward_reply r;
+        amp_forward_http_post(http, url, headers, CHAT_BODY, strlen(CHAT_BODY), &r);
+        ck_assert_msg(r.status == 200, "request %d: status %ld, %s", i, r.status, r.error);
+        slowest = r.latency_ms > slowest ? r.latency_ms : slowest;
+        amp_forward_reply_clear(&r);
+    }
+    ck_assert_msg(slowest < 900, "slowest of 200 requests took %lld ms", (long long)slowest);
+    ck_assert_uint_eq(fake_dify_connections(fake), 1);
+    amp_forward_http_destroy(http);
+    fake_dify_stop(fake);
+}
+END_TEST
+
 START_TEST(test_parallel_workers) {
     harness h;
     harness_init(&h, 4);
@@ -2261,6 +2288,7 @@ static Suite *forward_suite(void) {
     tcase_add_test(tc, test_response_too_large);
     tcase_add_test(tc, test_stop_finishes_in_flight);
     tcase_add_test(tc, test_stop_past_grace_ends_request);
+    tcase_add_test(tc, test_http_requests_do_not_stall);
     tcase_add_test(tc, test_parallel_workers);
     tcase_add_test(tc, test_many_events_in_order);
     tcase_add_test(tc, test_start_rejects_bad_options);
