@@ -1597,8 +1597,7 @@ START_TEST(test_http_requests_do_not_stall) {
     snprintf(url, sizeof url, "http://127.0.0.1:%u/v1/chat-messages", fake_dify_port(fake));
     amp_forward_http *http = amp_forward_http_create(5, 30, NULL, err, sizeof err);
     ck_assert_msg(http != NULL, "%s", err);
-    const char *headers[] = {"Authorization: Bearer app-k", "Content-Type: application/json",
-                             NULL};
+    const char *headers[] = {"Authorization: Bearer app-k", "Content-Type: application/json", NULL};
     int64_t slowest = 0;
     for (int i = 0; i < 200; i++) {
         amp_forward_reply r;
