@@ -12,8 +12,8 @@
  * its app's memory queue ("held", bounded). A worker that finishes a
  * request takes the next admissible job itself, under the lock, without a
  * round trip to the dispatcher; the dispatcher claims again when the
- * queues run low (prefetch = nworkers / 4 rows, claimed in batches of at
- * least prefetch / 2) or a worker idles.
+ * queues run low (prefetch = 2 * nworkers rows, claimed in batches of at
+ * least nworkers) or a worker idles.
  *
  * One delivery is three steps (deliver()): send, through the sink (sink.h;
  * dify.c builds the request and reads the answer into an exchange);
@@ -1132,7 +1132,15 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
     f->metrics = opts->metrics;
     atomic_init(&f->abort_requests, false);
     f->nworkers = opts->workers;
-    f->prefetch = f->nworkers / 4 > 2 ? f->nworkers / 4 : 2;
+    /* Two rows queued per worker, claimed a pool's worth at a time: a claim
+     * (one spool query, one wake-up of the dispatcher) per nworkers
+     * deliveries, and a worker that finishes finds its next job waiting.
+     * Measured against nworkers / 4 rows claimed nworkers / 8 at a time
+     * (delivery only from a 200k backlog, 0 ms fake Dify, 16 workers, three
+     * alternating runs): CPU per delivery x0.85 (workers 33.9-34.8 us
+     * against 38.1-39.7, dispatcher 2.5-2.6 against 5.8-6.3), deliveries/s
+     * x1.19. One row per worker gave x0.91. */
+    f->prefetch = 2 * f->nworkers;
     f->claim_min = f->prefetch / 2;
     f->claim_cap = f->nworkers + f->prefetch;
     f->timer_us = INT64_MAX;
