@@ -9,9 +9,11 @@
  * spool (the default): opens a spool in DIR (spool.sync "full", dedupe over
  * 7 days unless --dedupe-s says otherwise; 0: none) and submits N one-event requests (random
  * UUID-shaped insert_id, one ~BYTES-byte Dify body, 10,000 users), keeping K of them in flight as K
- * HTTP connections would. Then it delivers them as the dispatcher does: up to W rows (80) claimed
+ * HTTP connections would. Then it delivers them as a dispatcher does: up to W rows (80) claimed
  * at a time, claims of at least B rows (8), the oldest B rows acknowledged DELIVERED (with a
- * ~200-byte result) each round, until every row is acknowledged. The spool threads (amp-commit,
+ * ~200-byte result) each round, until every row is acknowledged. (80 and 8 were amp2dify's at 64
+ * workers until it kept 2 rows queued per worker; they stay the defaults so that runs compare
+ * with earlier ones. Today's dispatcher at 64 workers: --claim-window 192 --claim-batch 64.) The spool threads (amp-commit,
  * amp-sync, amp-checkpoint) are measured from /proc (schedstat: nanoseconds on CPU); claims on this
  * thread with CLOCK_THREAD_CPUTIME_ID. Prints:
  *
