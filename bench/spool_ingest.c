@@ -13,9 +13,9 @@
  * at a time, claims of at least B rows (8), the oldest B rows acknowledged DELIVERED (with a
  * ~200-byte result) each round, until every row is acknowledged. (80 and 8 were amp2dify's at 64
  * workers until it kept 2 rows queued per worker; they stay the defaults so that runs compare
- * with earlier ones. Today's dispatcher at 64 workers: --claim-window 192 --claim-batch 64.) The spool threads (amp-commit,
- * amp-sync, amp-checkpoint) are measured from /proc (schedstat: nanoseconds on CPU); claims on this
- * thread with CLOCK_THREAD_CPUTIME_ID. Prints:
+ * with earlier ones. Today's dispatcher at 64 workers: --claim-window 192 --claim-batch 64.)
+ * The spool threads (amp-commit, amp-sync, amp-checkpoint) are measured from /proc (schedstat:
+ * nanoseconds on CPU); claims on this thread with CLOCK_THREAD_CPUTIME_ID. Prints:
  *
  *   SPOOL_INGEST events=N stored=S us_per_event=E commit=C sync=Y checkpoint=K wall_ms=W
  *   SPOOL_DELIVER deliveries=D us_per_delivery=T claim=A ack=B wall_ms=W
