@@ -347,7 +347,7 @@ static const amp_json_schema_row config_rows[] = {
     {INT_ROW("dify.timeout_seconds", 1, 1200, "120", DELIVERY, dify.timeout_s)},
     {INT_ROW("dify.connect_timeout_seconds", 1, 300, "10", DELIVERY, dify.connect_timeout_s)},
     {INT_ROW("dify.workers", 1, 1024, "16", DELIVERY, dify.workers)},
-    {INT_ROW("dify.nice", 0, 19, "10", DELIVERY, dify.nice)},
+    {INT_ROW("dify.nice", 0, 19, "15", DELIVERY, dify.nice)},
     {INT_ROW("dify.retry.initial_ms", 1, 3600000, "1000", DELIVERY, dify.retry_initial_ms)},
     {INT_ROW("dify.retry.max_ms", 1, 86400000, "300000", DELIVERY, dify.retry_max_ms),
      .check = check_retry_max},

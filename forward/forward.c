@@ -93,7 +93,7 @@
  * commits included).
  *
  * Priority: the dispatcher, the workers and the reporter raise their own
- * niceness by opts.nice (dify.nice, default 10; Linux keeps niceness per
+ * niceness by opts.nice (dify.nice, default 15; Linux keeps niceness per
  * thread), so on busy CPUs the HTTP and spool threads run first: a burst
  * is answered and stored at full speed and delivered with what is left,
  * then at full speed once ingest quietens. Nothing is delayed when the
@@ -101,7 +101,13 @@
  * Measured (bench server, 64 connections posting while delivering to a
  * 0 ms fake Dify, 2 CPUs, three alternating runs against nice 0): 14.4k-
  * 15.1k ingested/s against 10.6k-11.1k (x1.36), worker CPU per ingested
- * event 31 us against 44-46 (the rest is spent after the burst).
+ * event 31 us against 44-46 (the rest is spent after the burst). Each
+ * worker thread weighs alone, so the pool's share grows with its size and
+ * with how rarely its workers wait: once two rows were queued per worker,
+ * nice 10 let delivery keep pace with a 10 s burst (drained 0.01-0.26 s
+ * after it) at 13.4k-13.9k ingested/s; nice 15 took 17.5k-18.5k, drained
+ * 3.1-3.7 s after, against 15.5k-17.2k and 3.0-4.1 s before the change
+ * (bench/run.sh, 2026-12-06).
  *
  * Locking: f->mu guards the queues, the counters and app_state's mutable
  * fields. Nothing blocking (spool calls, HTTP, logging) runs under it.

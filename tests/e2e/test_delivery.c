@@ -18,7 +18,7 @@
  *                       conversation reset, streams in 3-byte chunks
  *   reload_adds_an_app  SIGHUP with a new app and route
  *   delivery_threads_yield_to_ingest  dify.nice: the dispatcher and the
- *                       workers 10 nicer than ingest's threads; 0 on reload
+ *                       workers 15 nicer than ingest's threads; 0 on reload
  *
  * Events are posted with libcurl from a few threads (the harness's HTTP
  * helpers are for one thread); signatures come from h_sign.
@@ -849,7 +849,7 @@ END_TEST
 
 /* dify.nice (README): delivery threads run at a lower priority than
  * ingest, so that when the CPUs are busy, requests are answered first. By
- * default the dispatcher and the workers are 10 nicer than the process,
+ * default the dispatcher and the workers are 15 nicer than the process,
  * the HTTP and spool threads keep its niceness; a reload that sets
  * "nice": 0 restarts delivery at the process's niceness. */
 START_TEST(delivery_threads_yield_to_ingest) {
@@ -865,15 +865,15 @@ START_TEST(delivery_threads_yield_to_ingest) {
     int base = h_nice(pid);
     ck_assert_int_ne(base, INT_MIN);
     char why[160];
-    int lowered = base + 10 > 19 ? 19 : base + 10;
+    int lowered = base + 15 > 19 ? 19 : base + 15;
     ck_assert_msg(h_wait_nice(pid, "amp-worker", 3, lowered, why, sizeof why), "%s", why);
     ck_assert_msg(h_wait_nice(pid, "amp-dispatch", 1, lowered, why, sizeof why), "%s", why);
     ck_assert_msg(h_wait_nice(pid, "MHD-worker", 0, base, why, sizeof why), "%s", why);
     ck_assert_msg(h_wait_nice(pid, "amp-commit", 1, base, why, sizeof why), "%s", why);
-    char *ev = h_event("E", "user-1", "ins-nice-10");
+    char *ev = h_event("E", "user-1", "ins-nice-default");
     post_one(s, ev);
     free(ev);
-    json_decref(wait_delivered(f, "ins-nice-10", 10000));
+    json_decref(wait_delivered(f, "ins-nice-default", 10000));
 
     reload_config(s, ", \"workers\": 3, \"nice\": 0",
                   "\"apps\": {\"a\": {}}, \"routes\": [" CHAT_ROUTE "}]}");

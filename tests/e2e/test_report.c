@@ -6,7 +6,7 @@
  * reaches the fake Amplitude's HTTP V2 API (tests/fake_amplitude), in
  * Amplitude's schema, with the source event's user_id and device_id, once,
  * although Amplitude answered 500 and throttled a user (429) on the way.
- * The reporter's thread runs dify.nice (10) nicer than ingest's.
+ * The reporter's thread runs dify.nice (15 by default) nicer than ingest's.
  */
 #include <check.h>
 #include <curl/curl.h>
@@ -109,11 +109,11 @@ START_TEST(reports_reach_amplitude_once_each) {
     h_opts o = {.config_json = cfg, .dify_port = fake_dify_port(d), .env = env};
     h_server *s = h_server_start(&o);
     ck_assert_msg(s != NULL, "amp2dify did not start");
-    /* The reporter is a delivery thread: dify.nice (10) below ingest. */
+    /* The reporter is a delivery thread: dify.nice (15 by default) below ingest. */
     int base = h_nice(h_server_pid(s));
     ck_assert_int_ne(base, INT_MIN);
     char why[160];
-    ck_assert_msg(h_wait_nice(h_server_pid(s), "amp-report", 1, base + 10 > 19 ? 19 : base + 10,
+    ck_assert_msg(h_wait_nice(h_server_pid(s), "amp-report", 1, base + 15 > 19 ? 19 : base + 15,
                               why, sizeof why),
                   "%s", why);
 
