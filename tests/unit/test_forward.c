@@ -2058,12 +2058,30 @@ END_TEST
  * route reports: stored durably before the delivery's acknowledgement
  * ====================================================================== */
 
+/* Engines in front of the spool (the two below) begin with the spool they
+ * pass to; what they do not watch goes straight through. */
+static void pass_close(void *e) {
+    (void)e; /* the test owns the state and closes the spool itself */
+}
+static void pass_set_notify(void *e, amp_queue_notify_fn fn, void *ctx) {
+    amp_queue_set_notify(*(amp_queue **)e, fn, ctx);
+}
+static void pass_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx) {
+    amp_queue_submit(*(amp_queue **)e, b, done, ctx);
+}
+static amp_queue_ack_status pass_ack(void *e, const amp_queue_ack *a) {
+    return amp_queue_acknowledge(*(amp_queue **)e, a);
+}
+static bool pass_flush_until(void *e, int64_t deadline_ms) {
+    return amp_queue_flush_until(*(amp_queue **)e, deadline_ms);
+}
+
 /* An engine in front of the spool that confirms report batches (app
  * "@amplitude") late, or refuses them, and records when the report was
  * confirmed and when the delivery's acknowledgement came. */
 typedef struct slow_q {
-    amp_queue *inner;
-    bool refuse; /* report batches are refused instead of confirmed late */
+    amp_queue *inner; /* first: the pass_ operations read it */
+    bool refuse;      /* report batches are refused instead of confirmed late */
     pthread_mutex_t mu;
     int64_t report_done_ms; /* 0: not confirmed yet */
     int reports;            /* report batches submitted */
@@ -2140,12 +2158,6 @@ static amp_queue_ack_status slow_ack(void *e, const amp_queue_ack *a) {
     return amp_queue_acknowledge(q->inner, a);
 }
 
-static void slow_close(void *e) {
-    (void)e; /* the test owns the state and closes the spool itself */
-}
-static void slow_set_notify(void *e, amp_queue_notify_fn fn, void *ctx) {
-    amp_queue_set_notify(((slow_q *)e)->inner, fn, ctx);
-}
 static int slow_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
                       int64_t *next_due_ms) {
     slow_q *q = e;
@@ -2157,17 +2169,14 @@ static int slow_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, 
     pthread_mutex_unlock(&q->mu);
     return n;
 }
-static bool slow_flush_until(void *e, int64_t deadline_ms) {
-    return amp_queue_flush_until(((slow_q *)e)->inner, deadline_ms);
-}
 
 static const amp_queue_ops slow_ops = {
-    .close = slow_close,
-    .set_notify = slow_set_notify,
+    .close = pass_close,
+    .set_notify = pass_set_notify,
     .submit = slow_submit,
     .claim = slow_claim,
     .acknowledge = slow_ack,
-    .flush_until = slow_flush_until,
+    .flush_until = pass_flush_until,
 };
 
 static amp_mapper *report_mapper(void) {
@@ -2244,20 +2253,11 @@ END_TEST
 
 /* An engine in front of the spool that counts the forwarder's claims. */
 typedef struct counting_q {
-    amp_queue *inner;
+    amp_queue *inner;  /* first: the pass_ operations read it */
     atomic_int claims; /* claims that returned rows */
     atomic_int rows;
 } counting_q;
 
-static void counting_close(void *e) {
-    (void)e; /* the test closes the spool itself */
-}
-static void counting_set_notify(void *e, amp_queue_notify_fn fn, void *ctx) {
-    amp_queue_set_notify(((counting_q *)e)->inner, fn, ctx);
-}
-static void counting_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx) {
-    amp_queue_submit(((counting_q *)e)->inner, b, done, ctx);
-}
 static int counting_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,
                           int64_t *next_due_ms) {
     counting_q *q = e;
@@ -2268,20 +2268,14 @@ static int counting_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jo
     }
     return n;
 }
-static amp_queue_ack_status counting_ack(void *e, const amp_queue_ack *a) {
-    return amp_queue_acknowledge(((counting_q *)e)->inner, a);
-}
-static bool counting_flush_until(void *e, int64_t deadline_ms) {
-    return amp_queue_flush_until(((counting_q *)e)->inner, deadline_ms);
-}
 
 static const amp_queue_ops counting_ops = {
-    .close = counting_close,
-    .set_notify = counting_set_notify,
-    .submit = counting_submit,
+    .close = pass_close,
+    .set_notify = pass_set_notify,
+    .submit = pass_submit,
     .claim = counting_claim,
-    .acknowledge = counting_ack,
-    .flush_until = counting_flush_until,
+    .acknowledge = pass_ack,
+    .flush_until = pass_flush_until,
 };
 
 /* A backlog is claimed a pool's worth at a time, not a row or two per
