@@ -1012,6 +1012,19 @@ static json_t *seen_answer(harness *h, size_t i) {
 #define CHAT_BODY                                                                                  \
     "{\"inputs\":{},\"query\":\"hello\",\"user\":\"u1\",\"response_mode\":\"blocking\"}"
 
+/* A batch (the caller's) of n events of route r1 to app, each CHAT_BODY:
+ * all of user, or with user NULL each of its own ("u0", "u1", ...). */
+static amp_queue_batch *batch_of(int n, const char *app, const char *user, bool per_user) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    for (int i = 0; i < n; i++) {
+        char u[16];
+        snprintf(u, sizeof u, "u%d", i);
+        amp_queue_batch_event(b, NULL);
+        amp_queue_batch_request(b, "r1", app, user ? user : u, per_user, CHAT_BODY);
+    }
+    return b;
+}
+
 /* ======================================================================
  * engine tests
  * ====================================================================== */
@@ -1643,13 +1656,7 @@ START_TEST(test_parallel_workers) {
      * each waiting for its own sync, can take longer than a request on a
      * loaded machine (under TSan), and a worker that finished would then
      * take the last row over its own connection. */
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < 4; i++) {
-        char u[16];
-        snprintf(u, sizeof u, "u%d", i);
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "chat", u, true, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(4, "chat", NULL, true);
     submit_batch(&h, b);
     wait_finished(&h, 4, 5000);
     /* Four users, four workers: all four requests are at Dify at once, not
@@ -1789,11 +1796,7 @@ START_TEST(test_rate_limit) {
     h.apps[2].rate_per_sec = 10;
     h.apps[2].burst = 2;
     harness_start(&h);
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < 6; i++) {
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "done", "u1", false, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(6, "done", "u1", false);
     static atomic_int st;
     amp_queue_submit(h.spool, b, on_done, &st);
     wait_finished(&h, 6, 5000);
@@ -1818,20 +1821,12 @@ START_TEST(test_slow_app_does_not_block_others) {
     h.apps[0].rate_per_sec = 2; /* "chat": 2 requests a second */
     h.apps[0].burst = 1;
     harness_start(&h);
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < 30; i++) {
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(30, "chat", "u1", false);
     submit_batch(&h, b);
     sleep_ms(100);
     /* One batch, timed from when it is durable: the syncs of a slow disk
      * are not what this measures. */
-    b = amp_queue_batch_create();
-    for (int i = 0; i < 5; i++) {
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "done", "u2", false, CHAT_BODY);
-    }
+    b = batch_of(5, "done", "u2", false);
     submit_batch(&h, b);
     int64_t t0 = mono_ms();
     /* The other app's events go out at once, past the 29 waiting ones. */
@@ -1875,11 +1870,7 @@ START_TEST(test_full_queue_claims_nothing_more) {
     h.apps[0].burst = 1;
     int64_t before = amp_now_ms();
     harness_start(&h);
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < 60; i++) {
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "chat", "u1", false, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(60, "chat", "u1", false);
     submit_batch(&h, b);
     sleep_ms(600);
     int64_t at[64];
@@ -1910,13 +1901,7 @@ START_TEST(test_single_probe) {
     h.opts.retry_max_ms = 300;   /* plays no part in the probe interval */
     fake_dify_push_n(h.fake, &(fake_dify_behaviour){.status = 401, .code = "unauthorized"}, 2);
     harness_start(&h);
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < 8; i++) {
-        char u[16];
-        snprintf(u, sizeof u, "u%d", i);
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "chat", u, false, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(8, "chat", NULL, false);
     static atomic_int st;
     amp_queue_submit(h.spool, b, on_done, &st);
     wait_finished(&h, 8, 10000);
@@ -2286,13 +2271,7 @@ START_TEST(test_backlog_claimed_in_batches) {
     enum { WORKERS = 8, ROWS = 800 };
     harness h;
     harness_init(&h, WORKERS);
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < ROWS; i++) {
-        char u[16];
-        snprintf(u, sizeof u, "u%d", i);
-        amp_queue_batch_event(b, NULL);
-        amp_queue_batch_request(b, "r1", "chat", u, false, CHAT_BODY);
-    }
+    amp_queue_batch *b = batch_of(ROWS, "chat", NULL, false);
     submit_batch(&h, b);
     counting_q q = {.inner = h.spool};
     amp_queue *outer = amp_queue_create(&counting_ops, &q, 1);
