@@ -254,6 +254,15 @@ NOSTORE_LINE=$VARIANT_LINE
 read -r NOSTORE_CPU_MS NOSTORE_HTTP_CPU_MS _ <<<"$VARIANT_CPU"
 run_base_variant no-store "$WORK/no-store.json" BASE_NOSTORE
 
+# ---- 3d. the baseline again -----------------------------------------------------------
+
+# The bare request's cost drifts on a shared machine, and every target is a
+# multiple of it. The same baseline at the end shows how far it moved during
+# this run; the targets stay judged against the first (the JSON's "baseline").
+run_reference plain baseline-end
+BASE_END_LINE=$REF_LINE
+BASE_END_CPU_MS=$REF_CPU_MS
+
 # ---- 4. mapping ---------------------------------------------------------------------
 
 MAPPING_LINE=""
@@ -299,7 +308,8 @@ variant_figures i "$INGEST_LINE"
 variant_figures n "$NOSTORE_LINE"
 variant_figures h "$HANDOFF_LINE"
 variant_figures d "$FLOOR_LINE"
-: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}"
+variant_figures e "$BASE_END_LINE"
+: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}" "${e_non2xx:=0}"
 # Inverse throughput (us per request at 64 connections): what each step adds.
 usper() { calc "%.1f" "($1 > 0) ? 1000000 / $1 : 0"; }
 b_us=$(usper "$b_rps")
@@ -332,6 +342,9 @@ per_us() { calc "%.1f" "(${2:-0} > 0) ? ${1:-0} * 1000 / ${2:-0} : 0"; }
 # Per request wrk completed (in the ingest-only run each stored one event).
 reqs() { kv "$1" requests; }
 b_cpu_us=$(per_us "$BASE_CPU_MS" "$(reqs "$BASE_LINE")")
+e_cpu_us=$(per_us "$BASE_END_CPU_MS" "$(reqs "$BASE_END_LINE")")
+# The end baseline against the first: CPU per request (requests/s: e_ratio).
+e_cpu_drift=$(calc "%.3f" "($b_cpu_us > 0) ? $e_cpu_us / $b_cpu_us : 0")
 h_cpu_us=$(per_us "$HANDOFF_CPU_MS" "$(reqs "$HANDOFF_LINE")")
 d_cpu_us=$(per_us "$FLOOR_CPU_MS" "$(reqs "$FLOOR_LINE")")
 a_cpu_us=$(per_us "$AMP_CPU_MS" "$stored")
@@ -403,6 +416,12 @@ target "ingest only / bare server, requests/s" "$i_ratio" ">=" 0.30 ""
 target "ingest only p99 latency at $CONNS connections" "$i_p99" "<" 5 ms
 target "ingest while delivering / bare server, requests/s" "$ratio" ">=" 0.20 ""
 target "CPU per delivery at 0 ms Dify (not HTTP, not spool threads)" "$(x_bare "$a_delivery_cpu_us")" "<=" "$(x_limit 50)" "x bare"
+# The same values against the end baseline (the p99 needs none).
+x_end() { calc "%.2f" "($e_cpu_us > 0) ? $1 / $e_cpu_us : 0"; }
+r_end() { calc "%.3f" "($e_rps > 0) ? $1 / $e_rps : 0"; }
+END_TARGETS="HTTP threads $(x_end "$i_http_cpu_us") x, spool threads $(x_end "$i_spool_cpu_us") x,"
+END_TARGETS+=" ingest only $(r_end "$i_rps"), ingest while delivering $(r_end "$a_rps"),"
+END_TARGETS+=" delivery $(x_end "$a_delivery_cpu_us") x"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
@@ -426,6 +445,7 @@ fi
 ((n_non2xx > 0)) && problems+=("amp2dify (nothing stored) answered $n_non2xx non-2xx")
 [[ -z $NOSTORE_LINE ]] && problems+=("the no-store run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
+((e_non2xx > 0)) && problems+=("baseline at the end: $e_non2xx non-2xx")
 ((h_non2xx + d_non2xx > 0)) && problems+=("references: $h_non2xx non-2xx (handoff), $d_non2xx (durable floor)")
 ((pending > 0)) && problems+=("$pending deliveries still pending$( ((AMP_ALIVE)) && echo " after waiting ${DRAIN_S} s")")
 ((dead > 0)) && problems+=("$dead deliveries dead-lettered")
@@ -451,6 +471,7 @@ baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99
 amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
 amp2dify ingest only  $(printf '%12.1f %10s %10s %10s' "$i_rps" "$i_p50" "$i_p99" "$i_non2xx")
 nothing stored        $(printf '%12.1f %10s %10s %10s' "$n_rps" "$n_p50" "$n_p99" "$n_non2xx")
+baseline again (end)  $(printf '%12.1f %10s %10s %10s' "$e_rps" "$e_p50" "$e_p99" "$e_non2xx")
 ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only), $n_ratio (nothing stored)
 ratio to baseline     hand-off $h_ratio, durable floor $d_ratio; amp2dify ingest only / durable floor $i_floor_ratio
 us/request (1/rps)    baseline $b_us, hand-off $h_us, durable floor $d_us, nothing stored $n_us, ingest only $i_us
@@ -467,6 +488,8 @@ CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $
               event than when ingesting only (their share of claims and acknowledgements)
 targets (issue 19; CPU as a multiple of this run's bare request, whose cost drifts by machine)
 $(printf '%s\n' "${TARGET_LINES[@]}")
+  the bare request at the end of the run: $e_cpu_us us (x$e_cpu_drift of the first), requests/s x$e_ratio;
+  against it the values above would read: $END_TARGETS
 EOF
 [[ -n $BASE_SUMMARY ]] && echo "$BASE_SUMMARY"
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
@@ -495,6 +518,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"load\":{\"duration_s\":$DURATION,\"threads\":$THREADS,\"connections\":$CONNS,\"body_bytes\":$BODY_BYTES,\"corpus\":$NREQ},\
 \"host\":{\"cpus\":$CPUS,\"loadavg_before\":\"$LOAD_BEFORE\",\"spool_fs\":\"$(json_str "$SPOOL_FS")\"},\
 \"baseline\":{\"rps\":$b_rps,\"p50_ms\":$b_p50,\"p99_ms\":$b_p99,\"non2xx\":$b_non2xx,\"socket_errors\":$b_sock},\
+\"baseline_end\":{\"rps\":$e_rps,\"p50_ms\":$e_p50,\"p99_ms\":$e_p99,\"non2xx\":$e_non2xx,\"cpu_us_per_request\":$e_cpu_us,\"cpu_drift\":$e_cpu_drift,\"rps_drift\":$e_ratio},\
 \"amp2dify\":{\"rps\":$a_rps,\"p50_ms\":$a_p50,\"p99_ms\":$a_p99,\"non2xx\":$a_non2xx,\"socket_errors\":$a_sock,\"requests\":$a_req,\"wrapped\":$a_wrapped},\
 \"ratio\":$ratio,\
 \"references\":{\"handoff\":{\"rps\":$h_rps,\"p50_ms\":$h_p50,\"p99_ms\":$h_p99,\"non2xx\":$h_non2xx,\"ratio\":$h_ratio},\
