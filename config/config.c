@@ -217,6 +217,7 @@ static const char *const sync_names[] = {"full", "normal", NULL};
 static const char *const engine_names[] = {"sqlite", "redis", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const validate_names[] = {"warn", "strict", "off", NULL};
+static const char *const event_loop_names[] = {"epoll", "poll", NULL};
 
 #define F(m) AMP_JSON_SCHEMA_FIELD(amp_config, m)
 #define INT_ROW(k, lo, hi, d, cls, m)                                                              \
@@ -251,6 +252,12 @@ static const amp_json_schema_row config_rows[] = {
              listen.max_body_bytes)},
     {INT_ROW("listen.max_events_per_request", 1, 100000, "2000", LIVE, listen.max_events)},
     {INT_ROW("listen.threads", 1, 64, "2", RESTART, listen.threads)},
+    {.key = "listen.event_loop",
+     .type = AMP_JSON_SCHEMA_ENUM,
+     .names = event_loop_names,
+     .def = "epoll",
+     .reload = RESTART,
+     F(listen.event_loop)},
     {INT_ROW("listen.connection_limit", 1, 65536, "8192", RESTART, listen.connection_limit)},
     {INT_ROW("listen.per_ip_connection_limit", 0, 65536, "256", RESTART,
              listen.per_ip_connection_limit)},

@@ -32,6 +32,15 @@ typedef enum {
     AMP_CONFIG_QUEUE_REDIS,  /* Redis Streams, shared by replicas (redisq/) */
 } amp_config_queue_engine;
 
+/* listen.event_loop: how the HTTP threads wait for their connections. epoll
+ * costs two epoll_ctl calls per stored request (libmicrohttpd takes a
+ * suspended connection out of the set and puts it back); poll costs a scan
+ * of every open connection per wakeup. */
+typedef enum {
+    AMP_CONFIG_EVENT_LOOP_EPOLL,
+    AMP_CONFIG_EVENT_LOOP_POLL,
+} amp_config_event_loop;
+
 /* dify.validate: what start and SIGHUP do when an app does not fit its
  * routes (GET /info, /parameters): log a warning, refuse, or not ask. An
  * unreachable Dify is a warning in every case. */
@@ -50,6 +59,7 @@ typedef struct amp_config {
         size_t max_body_bytes;
         size_t max_events; /* per request */
         unsigned threads;
+        amp_config_event_loop event_loop;
         unsigned connection_limit;
         unsigned per_ip_connection_limit; /* 0 = unlimited */
         unsigned connection_timeout_s;

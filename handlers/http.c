@@ -236,7 +236,9 @@ amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *er
     struct sockaddr_storage ss; /* checked when the config was loaded */
     if (amp_config_listen_addr(cfg->listen.address, cfg->listen.port, &ss, err, errlen) != 0)
         return NULL;
-    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    flags |= cfg->listen.event_loop == AMP_CONFIG_EVENT_LOOP_POLL ? MHD_USE_POLL_INTERNAL_THREAD
+                                                                  : MHD_USE_EPOLL_INTERNAL_THREAD;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
 

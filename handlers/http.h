@@ -1,6 +1,7 @@
 /*
- * http — the libmicrohttpd daemon: an epoll internal thread pool of
- * listen.threads, suspend/resume allowed (the spool resumes connections),
+ * http — the libmicrohttpd daemon: an internal thread pool of
+ * listen.threads waiting with epoll or poll (listen.event_loop),
+ * suspend/resume allowed (the spool resumes connections),
  * connection limits and timeout from the config, errors into the JSON log.
  *
  * Floods: at start the open-file limit is raised to fit

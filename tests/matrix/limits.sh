@@ -31,6 +31,11 @@
 #   slow_deadlines     header_timeout 2 s, body_timeout 3 s, idle timeout 30 s:
 #                      connections trickling a byte every 0.5 s inside their
 #                      headers or body are all closed within 4.5 s
+#   poll_event_loop    listen.event_loop poll: no epoll instance is opened, 20
+#                      signed events sent at once (each suspended until stored)
+#                      are all answered 202 and counted accepted, and with
+#                      listen.connection_limit 20 and 20 idle connections held a
+#                      21st is served and an idle one evicted
 # Every instance must also stop cleanly (exit 0, no sanitizer report).
 # Exit status: 0 when every probe passes, 1 otherwise.
 set -u
@@ -87,14 +92,14 @@ stop() {
 report() { # NAME pass|gap EVIDENCE
     if [ "$2" = pass ]; then echo "PASS $1: $3"; else echo "GAP  $1: $3"; gaps=$((gaps + 1)); fi
 }
-# post PORT BODYFILE -> "status body"
+# post PORT BODYFILE [RESPFILE] -> "status seconds body"
 post() {
-    local h
+    local h out=${3:-$tmp/resp}
     mapfile -t h < <(AMP2DIFY_SECRETS=$SECRET "$BIN" sign --secret-env AMP2DIFY_SECRETS "$2")
-    curl -sS --max-time 20 --interface 127.0.0.2 -o "$tmp/resp" -w '%{http_code} %{time_total}' \
+    curl -sS --max-time 20 --interface 127.0.0.2 -o "$out" -w '%{http_code} %{time_total}' \
         -H 'Content-Type: application/json' -H "${h[0]}" -H "${h[1]}" --data-binary @"$2" \
         "http://127.0.0.1:$1/webhooks/amplitude"
-    printf ' %s' "$(head -c 200 "$tmp/resp")"
+    printf ' %s' "$(head -c 200 "$out")"
 }
 healthy() { [ "$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$1/healthz")" = 200 ]; }
 event() { printf '{"event_type":"Ignored_Limit","user_id":"u","insert_id":"%s"}' "$1"; }
@@ -257,6 +262,35 @@ unhold
 line=$(tail -1 "$tmp/conns.out")
 [[ $line == "closed_by_server 9" ]] && report idle_timeout pass "timeout 2 s, 9 stalled connections held 4.5 s: $line" ||
     report idle_timeout gap "timeout 2 s, 9 stalled connections held 4.5 s: $line"
+stop
+
+# ---- listen.event_loop poll ----------------------------------------------------
+# The HTTP threads wait in poll(2) instead of epoll: the spool's suspend and
+# resume, the connection limit and its eviction must hold the same.
+start pollloop listen.event_loop='"poll"' listen.connection_limit=20
+epolls=$(find "/proc/$SPID/fd" -lname 'anon_inode:\[eventpoll\]' 2>/dev/null | wc -l)
+posters=()
+for i in $(seq 1 20); do
+    printf '{"event_type":"Poll_Burst","user_id":"u%d","insert_id":"poll-%d"}' "$i" "$i" >"$tmp/poll-$i.json"
+    post "$PORT" "$tmp/poll-$i.json" "$tmp/poll-$i.resp" >"$tmp/poll-$i.ans" &
+    posters+=($!)
+done
+wait "${posters[@]}"
+answered=$(grep -l '^202 ' "$tmp"/poll-*.ans | wc -l)
+accepted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
+    awk '$1 == "amp2dify_events_total{outcome=\"accepted\"}" {print $2}')
+hold "$PORT" 20 0 0 30
+code=$(curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 2 "http://127.0.0.1:$PORT/healthz" 2>/dev/null)
+evicted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
+    awk '$1 == "amp2dify_connections_closed_total{reason=\"idle_evicted\"}" {print $2}')
+unhold
+evidence="epoll instances $epolls; 20 at once -> $answered answered 202, $accepted accepted; limit 20 with 20 idle held: the 21st -> ${code:-no answer}, idle_evicted ${evicted:-0}"
+if [ "$epolls" = 0 ] && [ "$answered" = 20 ] && [ "$accepted" = 20 ] && [[ $code == "200 "* ]] &&
+    [ "${evicted:-0}" -ge 1 ]; then
+    report poll_event_loop pass "$evidence"
+else
+    report poll_event_loop gap "$evidence"
+fi
 stop
 
 echo "limits: $gaps gap(s)"

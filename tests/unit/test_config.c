@@ -95,6 +95,7 @@ START_TEST(defaults_apply) {
     ck_assert_str_eq(c->listen.path, "/webhooks/amplitude");
     ck_assert_uint_eq(c->listen.max_body_bytes, 1048576);
     ck_assert_uint_eq(c->listen.threads, 2);
+    ck_assert_int_eq(c->listen.event_loop, AMP_CONFIG_EVENT_LOOP_EPOLL);
     ck_assert_int_eq(c->auth.scheme, AMP_AUTH_AMPLITUDE_HMAC);
     ck_assert_int_eq(c->auth.tolerance_s, 300);
     ck_assert_str_eq(c->spool.path, "amp2dify-spool.db");
@@ -493,6 +494,10 @@ START_TEST(schema_enums_follow_their_types) {
         ck_assert_int_eq(amp_log_parse_level(r->names[i], &l), 0);
         ck_assert_int_eq((int)l, i);
     }
+    r = row("listen.event_loop");
+    ck_assert_str_eq(r->names[AMP_CONFIG_EVENT_LOOP_EPOLL], "epoll");
+    ck_assert_str_eq(r->names[AMP_CONFIG_EVENT_LOOP_POLL], "poll");
+    ck_assert_ptr_null(r->names[AMP_CONFIG_EVENT_LOOP_POLL + 1]);
 }
 END_TEST
 
@@ -508,6 +513,7 @@ START_TEST(diff_takes_the_strongest_class) {
         {"\"shutdown_timeout_seconds\": 9,", "2", "shutdown_timeout_seconds"},
         {"\"dify\": {\"workers\": 3}, \"listen\": {\"threads\": 3},", "3", "listen.threads"},
         {"\"spool\": {\"sync\": \"normal\"},", "3", "spool.sync"},
+        {"\"listen\": {\"event_loop\": \"poll\"},", "3", "listen.event_loop"},
     };
     amp_errs *errs;
     char text[512];
