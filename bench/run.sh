@@ -246,6 +246,15 @@ INGEST_LINE=$VARIANT_LINE
 read -r INGEST_CPU_MS INGEST_HTTP_CPU_MS INGEST_SPOOL_CPU_MS <<<"$VARIANT_CPU"
 run_base_variant ingest-only "$WORK/ingest-only.json" BASE_INGEST
 
+# 3b, poll: the same with the HTTP threads waiting in poll(2) instead of
+# epoll (listen.event_loop), which spares the two epoll_ctl calls of each
+# suspended request at the price of a scan of every open connection.
+sed -E 's/"listen": *\{/&"event_loop": "poll",/' "$WORK/ingest-only.json" >"$WORK/ingest-poll.json"
+grep -q '"event_loop": "poll"' "$WORK/ingest-poll.json" || die "could not set listen.event_loop in the poll config"
+run_variant ingest-poll "$WORK/ingest-poll.json"
+POLL_LINE=$VARIANT_LINE
+read -r POLL_CPU_MS POLL_HTTP_CPU_MS POLL_SPOOL_CPU_MS <<<"$VARIANT_CPU"
+
 sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
     examples/amp2dify.json >"$WORK/no-store.json"
 grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the no-store config"
@@ -309,7 +318,8 @@ variant_figures n "$NOSTORE_LINE"
 variant_figures h "$HANDOFF_LINE"
 variant_figures d "$FLOOR_LINE"
 variant_figures e "$BASE_END_LINE"
-: "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}" "${e_non2xx:=0}"
+variant_figures p "$POLL_LINE"
+: "${p_non2xx:=0}" "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}" "${e_non2xx:=0}"
 # Inverse throughput (us per request at 64 connections): what each step adds.
 usper() { calc "%.1f" "($1 > 0) ? 1000000 / $1 : 0"; }
 b_us=$(usper "$b_rps")
@@ -354,6 +364,9 @@ a_other_cpu_us=$(per_us $((AMP_CPU_MS - AMP_HTTP_CPU_MS - AMP_SPOOL_CPU_MS)) "$s
 i_cpu_us=$(per_us "$INGEST_CPU_MS" "$(reqs "$INGEST_LINE")")
 i_http_cpu_us=$(per_us "$INGEST_HTTP_CPU_MS" "$(reqs "$INGEST_LINE")")
 i_spool_cpu_us=$(per_us "$INGEST_SPOOL_CPU_MS" "$(reqs "$INGEST_LINE")")
+p_cpu_us=$(per_us "$POLL_CPU_MS" "$(reqs "$POLL_LINE")")
+p_http_cpu_us=$(per_us "$POLL_HTTP_CPU_MS" "$(reqs "$POLL_LINE")")
+p_spool_cpu_us=$(per_us "$POLL_SPOOL_CPU_MS" "$(reqs "$POLL_LINE")")
 n_cpu_us=$(per_us "$NOSTORE_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 n_http_cpu_us=$(per_us "$NOSTORE_HTTP_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 f_cpu_us=$(per_us "$FAKE_CPU_MS" "$fake_requests")
@@ -422,6 +435,10 @@ r_end() { calc "%.3f" "($e_rps > 0) ? $1 / $e_rps : 0"; }
 END_TARGETS="HTTP threads $(x_end "$i_http_cpu_us") x, spool threads $(x_end "$i_spool_cpu_us") x,"
 END_TARGETS+=" ingest only $(r_end "$i_rps"), ingest while delivering $(r_end "$a_rps"),"
 END_TARGETS+=" delivery $(x_end "$a_delivery_cpu_us") x"
+# The ingest-only targets as they read with listen.event_loop poll (not judged:
+# the default is epoll).
+POLL_TARGETS="HTTP threads $(x_bare "$p_http_cpu_us") x bare, spool threads $(x_bare "$p_spool_cpu_us") x,"
+POLL_TARGETS+=" requests/s $p_ratio of bare, p99 $p_p99 ms"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
@@ -442,6 +459,8 @@ fi
 ((a_sock > 0)) && problems+=("$a_sock socket errors against amp2dify (connect/read/write/timeout)")
 ((i_non2xx > 0)) && problems+=("amp2dify (ingest only) answered $i_non2xx non-2xx")
 [[ -z $INGEST_LINE ]] && problems+=("the ingest-only run did not complete")
+((p_non2xx > 0)) && problems+=("amp2dify (ingest only, poll) answered $p_non2xx non-2xx")
+[[ -z $POLL_LINE ]] && problems+=("the ingest-only run with listen.event_loop poll did not complete")
 ((n_non2xx > 0)) && problems+=("amp2dify (nothing stored) answered $n_non2xx non-2xx")
 [[ -z $NOSTORE_LINE ]] && problems+=("the no-store run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
@@ -470,6 +489,7 @@ baseline (bare MHD)   $(printf '%12.1f %10s %10s %10s' "$b_rps" "$b_p50" "$b_p99
   + fdatasync floor   $(printf '%12.1f %10s %10s %10s' "$d_rps" "$d_p50" "$d_p99" "$d_non2xx")
 amp2dify              $(printf '%12.1f %10s %10s %10s' "$a_rps" "$a_p50" "$a_p99" "$a_non2xx")
 amp2dify ingest only  $(printf '%12.1f %10s %10s %10s' "$i_rps" "$i_p50" "$i_p99" "$i_non2xx")
+  with poll           $(printf '%12.1f %10s %10s %10s' "$p_rps" "$p_p50" "$p_p99" "$p_non2xx")
 nothing stored        $(printf '%12.1f %10s %10s %10s' "$n_rps" "$n_p50" "$n_p99" "$n_non2xx")
 baseline again (end)  $(printf '%12.1f %10s %10s %10s' "$e_rps" "$e_p50" "$e_p99" "$e_non2xx")
 ratio amp2dify/baseline  $ratio (delivering meanwhile), $i_ratio (ingest only), $n_ratio (nothing stored)
@@ -482,6 +502,7 @@ peak RSS      $peak_rss_mib MiB (amp2dify VmHWM)
 CPU           baseline $b_cpu_us us/request (hand-off $h_cpu_us, durable floor $d_cpu_us); amp2dify $a_cpu_us us/event stored and delivered
               (HTTP threads $a_http_cpu_us, spool threads $a_spool_cpu_us, delivery and other $a_other_cpu_us); fake Dify $f_cpu_us us/request
               ingest only: $i_cpu_us us/event (HTTP threads $i_http_cpu_us, spool threads $i_spool_cpu_us)
+              ingest only, listen.event_loop poll: $p_cpu_us us/event (HTTP threads $p_http_cpu_us, spool threads $p_spool_cpu_us)
               nothing stored: $n_cpu_us us/request (HTTP threads $n_http_cpu_us)
               per delivered event: $a_delivery_cpu_us us outside the HTTP and spool threads (delivery workers
               $a_worker_cpu_us, dispatcher with its claims $a_dispatch_cpu_us); the spool's threads $a_spool_extra_us us more per
@@ -490,6 +511,7 @@ targets (issue 19; CPU as a multiple of this run's bare request, whose cost drif
 $(printf '%s\n' "${TARGET_LINES[@]}")
   the bare request at the end of the run: $e_cpu_us us (x$e_cpu_drift of the first), requests/s x$e_ratio;
   against it the values above would read: $END_TARGETS
+  with listen.event_loop poll (ingest only, not judged): $POLL_TARGETS
 EOF
 [[ -n $BASE_SUMMARY ]] && echo "$BASE_SUMMARY"
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
@@ -524,6 +546,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"references\":{\"handoff\":{\"rps\":$h_rps,\"p50_ms\":$h_p50,\"p99_ms\":$h_p99,\"non2xx\":$h_non2xx,\"ratio\":$h_ratio},\
 \"durable_floor\":{\"rps\":$d_rps,\"p50_ms\":$d_p50,\"p99_ms\":$d_p99,\"non2xx\":$d_non2xx,\"ratio\":$d_ratio}},\
 \"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio,\"ratio_to_floor\":$i_floor_ratio},\
+\"ingest_only_poll\":{\"rps\":$p_rps,\"p50_ms\":$p_p50,\"p99_ms\":$p_p99,\"non2xx\":$p_non2xx,\"ratio\":$p_ratio,\"cpu_us_per_event\":$p_cpu_us,\"http_cpu_us_per_event\":$p_http_cpu_us,\"spool_cpu_us_per_event\":$p_spool_cpu_us},\
 \"no_store\":{\"rps\":$n_rps,\"p50_ms\":$n_p50,\"p99_ms\":$n_p99,\"non2xx\":$n_non2xx,\"ratio\":$n_ratio},\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
