@@ -148,7 +148,8 @@ def config_seeds():
             write("config", path.replace("/", "_"), open(full, "rb").read())
     full = {
         "listen": {"address": "::1", "port": 0, "path": "/hook", "max_body_bytes": 64,
-                   "threads": 4, "connection_limit": 10, "per_ip_connection_limit": 2,
+                   "threads": 4, "event_loop": "poll", "connection_limit": 10,
+                   "per_ip_connection_limit": 2,
                    "connection_timeout_seconds": 5,
                    "trusted_proxies": ["10.0.0.0/8", "::1/128", "192.168.1.1"]},
         "auth": {"scheme": "standard-webhooks", "tolerance_seconds": 60,
