@@ -101,6 +101,13 @@ post() {
         "http://127.0.0.1:$1/webhooks/amplitude"
     printf ' %s' "$(head -c 200 "$out")"
 }
+# metric PORT SERIES: the value of one series of /metrics (empty when absent)
+metric() { curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s {print $2}'; }
+# evictions PORT: connections closed to make room (idle and body evictions)
+evictions() {
+    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" |
+        awk '/^amp2dify_connections_closed_total\{reason="(idle|body)_evicted"\}/ {n += $2} END {print n + 0}'
+}
 healthy() { [ "$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$1/healthz")" = 200 ]; }
 event() { printf '{"event_type":"Ignored_Limit","user_id":"u","insert_id":"%s"}' "$1"; }
 # hold ARGS...: conns.py in the background until unhold; its output in $tmp/conns.out
@@ -122,7 +129,7 @@ ans=$(curl -sS --max-time 10 -o "$tmp/resp" -w '%{http_code}' -H "X-Big: $big" \
 body=$(head -c 120 "$tmp/resp")
 huge=$(head -c 102400 /dev/zero | tr '\0' a)
 ans2=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -H "X-Big: $huge" "http://127.0.0.1:$PORT/healthz")
-counted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" | awk '$1 == "amp2dify_http_requests_total{code=\"431\"}" {print $2}')
+counted=$(metric "$PORT" 'amp2dify_http_requests_total{code="431"}')
 logged=$(grep -c '"status": *431.*"error": *"headers_too_large"' "$tmp/default.log")
 if [ "$ans" = 431 ] && [ "$($JSON get "$tmp/resp" error 2>/dev/null)" = headers_too_large ] &&
     [ "$ans2" = 431 ] && [ "$counted" = 2 ] && [ "$logged" = 2 ] && healthy "$PORT"; then
@@ -191,8 +198,7 @@ flood() { # NAME: 5000 held from 20 addresses, a valid sender from 127.0.0.2
     event "$1-ok2" >"$tmp/ok.json"
     ans=$(post "$PORT" "$tmp/ok.json")
     secs=$(awk '{print $2}' <<<"$ans")
-    closed_metric=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
-        awk '/^amp2dify_connections_closed_total\{reason="(idle|body)_evicted"\}/ {n += $2} END {print n + 0}')
+    closed_metric=$(evictions "$PORT")
     unhold
     per_conn=$(awk -v a="$after" -v b="$before" -v o="$opened" 'BEGIN { split(o, f, " "); n = f[2] > 0 ? f[2] : 1; printf "%.1f", (a - b) / n }')
 }
@@ -215,8 +221,7 @@ flood flood1000
 for _ in $(seq 1 50); do
     [ "${closed_metric:-0}" -gt 0 ] && break
     sleep 0.1
-    closed_metric=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
-        awk '/^amp2dify_connections_closed_total\{reason="(idle|body)_evicted"\}/ {n += $2} END {print n + 0}')
+    closed_metric=$(evictions "$PORT")
 done
 if [[ $ans == 202* ]] && awk -v s="$secs" 'BEGIN { exit !(s < 1) }' && [ "${closed_metric:-0}" -gt 0 ]; then
     report flood_over_limit pass "limit 1000, 5000 attempted ($opened); valid request -> $ans; idle_evicted $closed_metric"
@@ -277,12 +282,10 @@ for i in $(seq 1 20); do
 done
 wait "${posters[@]}"
 answered=$(grep -l '^202 ' "$tmp"/poll-*.ans | wc -l)
-accepted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
-    awk '$1 == "amp2dify_events_total{outcome=\"accepted\"}" {print $2}')
+accepted=$(metric "$PORT" 'amp2dify_events_total{outcome="accepted"}')
 hold "$PORT" 20 0 0 30
 code=$(curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 2 "http://127.0.0.1:$PORT/healthz" 2>/dev/null)
-evicted=$(curl -sS --max-time 5 "http://127.0.0.1:$PORT/metrics" |
-    awk '$1 == "amp2dify_connections_closed_total{reason=\"idle_evicted\"}" {print $2}')
+evicted=$(metric "$PORT" 'amp2dify_connections_closed_total{reason="idle_evicted"}')
 unhold
 evidence="epoll instances $epolls; 20 at once -> $answered answered 202, $accepted accepted; limit 20 with 20 idle held: the 21st -> ${code:-no answer}, idle_evicted ${evicted:-0}"
 if [ "$epolls" = 0 ] && [ "$answered" = 20 ] && [ "$accepted" = 20 ] && [[ $code == "200 "* ]] &&
