@@ -228,12 +228,6 @@ struct amp_forward {
 
 /* ---- small pieces ----------------------------------------------------- */
 
-static int64_t mono_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 static void ring_init(jring *r, unsigned cap) {
     r->v = amp_xcalloc(cap ? cap : 1, sizeof *r->v);
     r->cap = cap ? cap : 1;
@@ -806,7 +800,7 @@ static void *worker_main(void *arg) {
     pthread_mutex_lock(&f->mu);
     while (!f->stopping) {
         if (f->ready.len == 0) {
-            unsigned k = admit(f, 1, mono_us());
+            unsigned k = admit(f, 1, amp_mono_us());
             if (k > 1)
                 wake_workers(f, k - 1);
         }
@@ -822,7 +816,7 @@ static void *worker_main(void *arg) {
             /* Admitted just before its app was paused: not sent, not spent. */
             q.app->in_flight--;
             if (requeue_front(f, q) != 0) {
-                int64_t due = amp_now_ms() + (q.app->pause_until_us - mono_us()) / 1000;
+                int64_t due = amp_now_ms() + (q.app->pause_until_us - amp_mono_us()) / 1000;
                 pthread_mutex_unlock(&f->mu);
                 ack_release(f, q.job, due);
                 amp_queue_job_free(q.job);
@@ -838,7 +832,7 @@ static void *worker_main(void *arg) {
 
         pthread_mutex_lock(&f->mu);
         f->busy--;
-        after n = finish(f, &q, &s, mono_us());
+        after n = finish(f, &q, &s, amp_mono_us());
         pthread_mutex_unlock(&f->mu);
         report(&q, &n);
         if (n.release_due_ms > 0)
@@ -902,13 +896,6 @@ static void settle(amp_forward *f, amp_queue_job **jobs, const int64_t *dues, in
     }
 }
 
-/* Monotonic microseconds as a timespec for pthread_cond_timedwait (the
- * condition variables use CLOCK_MONOTONIC). */
-static struct timespec mono_timespec(int64_t us) {
-    struct timespec ts = {.tv_sec = (time_t)(us / 1000000), .tv_nsec = (long)(us % 1000000) * 1000};
-    return ts;
-}
-
 static void *dispatcher_main(void *arg) {
     amp_forward *f = arg;
     pthread_setname_np(pthread_self(), "amp-dispatch");
@@ -924,9 +911,9 @@ static void *dispatcher_main(void *arg) {
     while (!f->stopping) {
         f->wake = false;
         f->armed_us = INT64_MIN; /* awake: workers need not signal timers */
-        wake_workers(f, admit(f, 0, mono_us()));
+        wake_workers(f, admit(f, 0, amp_mono_us()));
         int64_t now_ms = amp_now_ms();
-        if (f->dry && mono_us() >= dry_until_us)
+        if (f->dry && amp_mono_us() >= dry_until_us)
             f->dry = false;
         unsigned ask = claim_want(f);
         if (ask > f->claim_cap)
@@ -940,10 +927,10 @@ static void *dispatcher_main(void *arg) {
             pthread_mutex_lock(&f->mu);
             int64_t d = n < 0 || nd == INT64_MAX ? MAX_WAIT_MS : nd - now_ms;
             d = d < MIN_RECLAIM_MS ? MIN_RECLAIM_MS : d > MAX_WAIT_MS ? MAX_WAIT_MS : d;
-            dry_until_us = mono_us() + d * 1000;
+            dry_until_us = amp_mono_us() + d * 1000;
             if (n > 0) {
-                place(f, jobs, dues, n, now_ms, mono_us());
-                wake_workers(f, admit(f, 0, mono_us()));
+                place(f, jobs, dues, n, now_ms, amp_mono_us());
+                wake_workers(f, admit(f, 0, amp_mono_us()));
                 pthread_mutex_unlock(&f->mu);
                 settle(f, jobs, dues, n);
                 pthread_mutex_lock(&f->mu);
@@ -956,7 +943,7 @@ static void *dispatcher_main(void *arg) {
                 f->dry = true; /* until a kick or dry_until_us */
             }
         }
-        int64_t now_us = mono_us();
+        int64_t now_us = amp_mono_us();
         int64_t until_us = now_us + MAX_WAIT_MS * 1000;
         if (f->dry)
             until_us = dry_until_us > now_us ? dry_until_us : now_us + 1;
@@ -971,7 +958,7 @@ static void *dispatcher_main(void *arg) {
         if (f->wake || f->stopping)
             continue;
         f->armed_us = until_us;
-        struct timespec deadline = mono_timespec(until_us);
+        struct timespec deadline = amp_mono_deadline_at_us(until_us);
         while (!f->wake && !f->stopping) {
             if (pthread_cond_timedwait(&f->dispatch_cv, &f->mu, &deadline) == ETIMEDOUT)
                 break;
@@ -1007,11 +994,11 @@ int amp_forward_set_paused(amp_forward *f, const char *app, bool paused) {
     app_state *a = find_app(f, app);
     if (a && a->on_hold != paused) {
         a->on_hold = paused;
-        a->hold_since_us = mono_us();
+        a->hold_since_us = amp_mono_us();
         m_set(a->m_hold, paused ? 1 : 0);
         /* Resumed: its queue may go at once, and the dispatcher may claim
          * again for it. Paused: admit() recounts its jobs as waiting. */
-        wake_workers(f, admit(f, 0, mono_us()));
+        wake_workers(f, admit(f, 0, amp_mono_us()));
         f->dry = false;
         f->wake = true;
         pthread_cond_signal(&f->dispatch_cv);
@@ -1042,7 +1029,7 @@ json_t *amp_forward_apps(amp_forward *f) {
 
 /* After every thread stopped: give back what was claimed but not sent. */
 static void release_all(amp_forward *f) {
-    int64_t now_ms = amp_now_ms(), now_us = mono_us();
+    int64_t now_ms = amp_now_ms(), now_us = amp_mono_us();
     while (f->ready.len) {
         qjob q = ring_pop(&f->ready);
         ack_release(f, q.job, now_ms);
@@ -1152,13 +1139,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
     f->timer_us = INT64_MAX;
     f->armed_us = INT64_MIN;
     pthread_mutex_init(&f->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    /* Timed waits on the monotonic clock: wall-clock steps must not turn a
-     * 1 s sleep into an hour. */
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&f->dispatch_cv, &ca);
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&f->dispatch_cv);
     pthread_cond_init(&f->work_cv, NULL);
     ring_init(&f->ready, f->nworkers + 1);
 
@@ -1177,7 +1158,7 @@ amp_forward *amp_forward_start(const amp_forward_opts *opts, amp_queue *queue, c
         ring_init(&a->held, a->hold_cap);
         for (const char *const *p = opts->paused_apps; p && *p; p++)
             a->on_hold = a->on_hold || strcmp(*p, app->name) == 0;
-        a->hold_since_us = mono_us();
+        a->hold_since_us = amp_mono_us();
         if (f->metrics)
             setup_metrics(f, a);
     }

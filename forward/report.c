@@ -170,11 +170,7 @@ int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char 
                              int64_t wait_ms) {
     store_wait *w = amp_xcalloc(1, sizeof *w);
     pthread_mutex_init(&w->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&w->cv);
     w->refs = 2;
     w->key = job->dedupe_key && *job->dedupe_key
                  ? amp_xasprintf("report:%s:%s", job->route ? job->route : "", job->dedupe_key)
@@ -183,9 +179,7 @@ int amp_forward_report_store(amp_queue *q, const amp_queue_job *job, const char 
     amp_queue_batch_event(b, w->key);
     amp_queue_batch_request(b, job->route, AMP_FORWARD_REPORT_APP, job->user, false, event_json);
     amp_queue_submit(q, b, stored, w);
-    int64_t until = amp_mono_ms() + wait_ms;
-    struct timespec ts = {.tv_sec = (time_t)(until / 1000),
-                          .tv_nsec = (long)(until % 1000) * 1000000};
+    struct timespec ts = amp_mono_deadline_in(wait_ms);
     pthread_mutex_lock(&w->mu);
     while (!w->done && pthread_cond_timedwait(&w->cv, &w->mu, &ts) != ETIMEDOUT) {
     }
@@ -297,11 +291,6 @@ static void send_batch(amp_forward_reporter *r, amp_queue_job **jobs, size_t n) 
     free(ev);
 }
 
-static struct timespec mono_deadline(int64_t ms) {
-    struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000};
-    return ts;
-}
-
 static void *reporter_main(void *arg) {
     amp_forward_reporter *r = arg;
     pthread_setname_np(pthread_self(), "amp-report");
@@ -316,7 +305,7 @@ static void *reporter_main(void *arg) {
         /* Linger for a fuller batch. */
         int64_t until = r->first_ms + r->linger_ms;
         if (r->n < r->batch && amp_mono_ms() < until) {
-            struct timespec ts = mono_deadline(until);
+            struct timespec ts = amp_mono_deadline_at_us(until * 1000);
             while (!r->stopping && r->n < r->batch &&
                    pthread_cond_timedwait(&r->cv, &r->mu, &ts) != ETIMEDOUT) {
             }
@@ -374,11 +363,7 @@ amp_forward_reporter *amp_forward_reporter_start(const amp_forward_reporter_opts
         r->m_retried = amp_metrics_series(o->metrics, fam, "outcome", "retried", NULL);
     }
     pthread_mutex_init(&r->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&r->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&r->cv);
     if (pthread_create(&r->thread, NULL, reporter_main, r) != 0) {
         snprintf(err, errlen, "reports: cannot start the reporter thread");
         amp_forward_reporter_stop(r);

@@ -196,11 +196,7 @@ static void *sweep(void *arg) {
             cut(http, http->idle.head, http->dropped_header);
         while (http->body.head && now - http->body.head->since_ms >= http->body_ms)
             cut(http, http->body.head, http->dropped_body);
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += SWEEP_MS * 1000000L;
-        ts.tv_sec += ts.tv_nsec / 1000000000L;
-        ts.tv_nsec %= 1000000000L;
+        struct timespec ts = amp_mono_deadline_in(SWEEP_MS);
         pthread_cond_timedwait(&http->wake, &http->mu, &ts);
     }
     pthread_mutex_unlock(&http->mu);
@@ -249,7 +245,7 @@ amp_http *amp_http_start(const amp_config *cfg, amp_handlers *handlers, char *er
     unsigned limit = fit_open_files(want + want / 8 + HEADROOM);
     amp_http *http = amp_xcalloc(1, sizeof *http);
     pthread_mutex_init(&http->mu, NULL);
-    pthread_cond_init(&http->wake, NULL);
+    amp_cond_init_mono(&http->wake);
     http->evict_at = limit < want + want / 8 + HEADROOM ? limit - limit / 9 : want;
     http->header_ms = (int64_t)cfg->listen.header_timeout_s * 1000;
     http->body_ms = (int64_t)cfg->listen.body_timeout_s * 1000;

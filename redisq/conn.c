@@ -353,11 +353,7 @@ rq_pipe *amp_redisq_pipe_start(const char *name, const rq_url *url, const rq_sha
     atomic_init(&p->ok, true);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cond, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->settled, &ca);
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&p->settled);
     if (pthread_create(&p->thread, NULL, pipe_main, p) != 0) {
         pthread_cond_destroy(&p->settled);
         pthread_cond_destroy(&p->cond);
@@ -427,14 +423,7 @@ bool amp_redisq_pipe_flush_until(rq_pipe *p, int64_t deadline_ms) {
         int64_t left = deadline_ms - amp_mono_ms();
         if (left <= 0)
             break;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += left / 1000;
-        ts.tv_nsec += (left % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        struct timespec ts = amp_mono_deadline_in(left);
         pthread_cond_timedwait(&p->settled, &p->mu, &ts);
     }
     bool done = p->answered >= target;

@@ -680,14 +680,7 @@ static void recount(rq *q, redisContext *c) {
 }
 
 static void wait_ms(rq *q, int64_t ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
+    struct timespec ts = amp_mono_deadline_in(ms);
     pthread_mutex_lock(&q->mu);
     if (!q->stop)
         pthread_cond_timedwait(&q->stop_cv, &q->mu, &ts);
@@ -967,11 +960,7 @@ amp_queue *amp_redisq_open(const amp_redisq_opts *opts, char *err, size_t errlen
     rq *q = amp_xcalloc(1, sizeof *q);
     q->o = *opts;
     pthread_mutex_init(&q->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&q->stop_cv, &ca);
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&q->stop_cv);
     q->sh = amp_xcalloc((size_t)opts->shards, sizeof *q->sh);
     atomic_init(&q->reachable, true);
     if (amp_redisq_admin_init(&q->admin, opts, err, errlen) != 0)

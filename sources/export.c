@@ -771,9 +771,7 @@ static void *poll_main(void *arg) {
         if (st == AMP_SOURCE_EXPORT_AUTH)
             break;
         pthread_mutex_lock(&p->mu);
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += p->interval_s;
+        struct timespec ts = amp_mono_deadline_in((int64_t)p->interval_s * 1000);
         while (!atomic_load(&p->stop) && pthread_cond_timedwait(&p->cond, &p->mu, &ts) != ETIMEDOUT)
             ;
         pthread_mutex_unlock(&p->mu);
@@ -802,7 +800,7 @@ amp_source_export_poller *amp_source_export_start(amp_queue *q, const amp_source
     p->start_hour = start_hour;
     atomic_init(&p->stop, false);
     pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cond, NULL);
+    amp_cond_init_mono(&p->cond);
     if (pthread_create(&p->thread, NULL, poll_main, p) != 0) {
         p->thread = 0;
         amp_source_export_stop(p);

@@ -431,8 +431,7 @@ void *amp_spool_committer_main(void *arg) {
                 s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
                 continue;
             }
-            struct timespec ts;
-            amp_spool_deadline_in(&ts, wait);
+            struct timespec ts = amp_mono_deadline_in(wait);
             pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts);
         }
         if (!s->q_head && s->stop)
@@ -441,15 +440,13 @@ void *amp_spool_committer_main(void *arg) {
          * high delivery rate costs one commit (and fsync) per group, not
          * per delivery. */
         if (!s->q_urgent && !s->stop && s->q_len < ACK_GROUP_MAX) {
-            struct timespec ts;
-            amp_spool_deadline_in(&ts, ACK_GATHER_MS);
+            struct timespec ts = amp_mono_deadline_in(ACK_GATHER_MS);
             while (!s->q_urgent && !s->stop && s->q_len < ACK_GROUP_MAX &&
                    pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts) == 0)
                 ;
         }
         if (s->q_urgent && s->q_urgent < GATHER_MAX && atomic_load(&s->syncing) && !s->stop) {
-            struct timespec ts;
-            amp_spool_deadline_in(&ts, GATHER_MS);
+            struct timespec ts = amp_mono_deadline_in(GATHER_MS);
             s->gathering = true;
             while (s->q_urgent < GATHER_MAX && atomic_load(&s->syncing) && !s->stop &&
                    pthread_cond_timedwait(&s->q_cond, &s->q_mu, &ts) == 0)

@@ -80,12 +80,8 @@ static amp_spool *spool_new(const amp_spool_opts *opts) {
     atomic_init(&s->bytes, 0);
     atomic_init(&s->full, NULL);
     pthread_mutex_init(&s->q_mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&s->q_cond, &ca);
-    pthread_cond_init(&s->q_flushed, &ca); /* both wait with amp_spool_deadline_in() */
-    pthread_condattr_destroy(&ca);
+    amp_cond_init_mono(&s->q_cond); /* both wait with amp_mono_deadline_in() */
+    amp_cond_init_mono(&s->q_flushed);
     pthread_mutex_init(&s->claim_mu, NULL);
     pthread_mutex_init(&s->admin_mu, NULL);
     pthread_mutex_init(&s->ck_mu, NULL);

@@ -238,7 +238,6 @@ void amp_spool_finalize_all(amp_spool *s);
 void amp_spool_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx);
 amp_queue_ack_status amp_spool_acknowledge(void *e, const amp_queue_ack *ack);
 bool amp_spool_flush_until(void *e, int64_t deadline_ms);
-void amp_spool_deadline_in(struct timespec *ts, int64_t ms);
 void amp_spool_free_ack_strings(amp_queue_ack *a);
 void amp_spool_notify_waiter(amp_spool *s);
 

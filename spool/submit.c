@@ -27,16 +27,6 @@ static void enqueue(amp_spool *s, work *w) {
     pthread_mutex_unlock(&s->q_mu);
 }
 
-void amp_spool_deadline_in(struct timespec *ts, int64_t ms) {
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 void amp_spool_submit(void *e, amp_queue_batch *b, amp_queue_done_fn done, void *ctx) {
     amp_spool *s = e;
     work *w = amp_xcalloc(1, sizeof *w);
@@ -76,8 +66,7 @@ bool amp_spool_flush_until(void *e, int64_t deadline_ms) {
         int64_t left = deadline_ms - amp_mono_ms();
         if (left <= 0)
             break;
-        struct timespec ts;
-        amp_spool_deadline_in(&ts, left);
+        struct timespec ts = amp_mono_deadline_in(left);
         pthread_cond_timedwait(&s->q_flushed, &s->q_mu, &ts);
     }
     bool flushed = w->flushed;
