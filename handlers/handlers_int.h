@@ -91,6 +91,9 @@ enum MHD_Result amp_handlers_reply_unavailable(amp_req *r, const char *detail,
 /* router.c: r->request_id from X-Request-Id when it is short and printable,
  * else 16 random bytes in hex. */
 void amp_handlers_request_id(amp_req *r);
+/* router.c: true when the request declares (Content-Length) a body larger
+ * than listen.max_body_bytes, so it can be refused before any is read. */
+bool amp_handlers_declares_too_large(const amp_req *r);
 /* router.c: hand batch (taken) to the queue and suspend the connection
  * until it is stored; the endpoint's finish step then finds r->state
  * REQ_DONE and the answer in r->result. Returns MHD_YES. */

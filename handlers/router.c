@@ -15,6 +15,7 @@
 #include "../base/alloc.h"
 #include "../base/buf.h"
 #include "../base/clock.h"
+#include "../base/parse.h"
 
 /* How much of an oversized body is read and dropped before the connection
  * is cut, in multiples of listen.max_body_bytes. */
@@ -140,6 +141,14 @@ bool amp_handlers_stored_ok(amp_req *r) {
     amp_series_add(h->events_accepted, res->accepted);
     amp_series_add(h->events_duplicate, res->duplicates);
     return true;
+}
+
+bool amp_handlers_declares_too_large(const amp_req *r) {
+    const char *cl =
+        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    int64_t len;
+    return cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
+           (uint64_t)len > r->gen->cfg->listen.max_body_bytes;
 }
 
 enum MHD_Result amp_handlers_submit(amp_req *r, amp_queue_batch *batch) {

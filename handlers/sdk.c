@@ -36,7 +36,6 @@
 
 #include "../base/clock.h"
 #include "../base/log.h"
-#include "../base/parse.h"
 #include "../mapping/mapping.h"
 #include "../sources/source.h"
 #include "handlers_int.h"
@@ -58,11 +57,7 @@ static enum MHD_Result too_large(amp_req *r) {
 
 enum MHD_Result amp_handlers_sdk_begin(amp_handlers *h, amp_req *r) {
     (void)h;
-    const char *cl =
-        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    int64_t len;
-    if (cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
-        (uint64_t)len > r->gen->cfg->listen.max_body_bytes) {
+    if (amp_handlers_declares_too_large(r)) {
         r->endpoint = NULL;
         return too_large(r);
     }

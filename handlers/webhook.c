@@ -20,7 +20,6 @@
 #include "../json/jsonw.h"
 #include "../base/log.h"
 #include "handlers_int.h"
-#include "../base/parse.h"
 
 /* application/json, with optional parameters (charset). */
 static bool is_json_type(const char *ct) {
@@ -48,11 +47,7 @@ enum MHD_Result amp_handlers_webhook_begin(amp_handlers *h, amp_req *r) {
                                         "Content-Type must be application/json");
     }
     /* Refuse a declared oversize body before reading any of it. */
-    const char *cl =
-        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    int64_t len;
-    if (cl && amp_parse_i64(cl, strlen(cl), 0, INT64_MAX, &len) == 0 &&
-        (uint64_t)len > r->gen->cfg->listen.max_body_bytes) {
+    if (amp_handlers_declares_too_large(r)) {
         r->endpoint = NULL;
         char detail[96];
         snprintf(detail, sizeof detail, "the body is larger than %zu bytes",

@@ -4,7 +4,8 @@
 # (serverUrl): every track() reports code 200, each event reaches Dify once
 # (a second send of the same insert_ids stores nothing), a wrong api_key is
 # "Invalid API key" and nothing is stored. Then Amplitude's answer shapes
-# with curl: missing api_key, events listed by field, 413. With
+# with curl: missing api_key, events listed by field, 413 (too many events;
+# a body over the cap, refused before it is sent). With
 # sources.sdk.tee, every accepted event is also sent on to a fake Amplitude
 # (build/fake-amplitude, HTTP V2, answering 500 once and 429 for one user
 # first): each exactly once, as the SDK sent it, refused ones never.
@@ -104,6 +105,13 @@ check 400 "b == {'code': 400, 'error': 'Request missing required field', 'missin
 check 400 "b['code'] == 400 and b['events_with_missing_fields'] == {'event_type': [1], 'device_id': [3]} and b['events_with_invalid_fields'] == {'time': [2]}"
 many=$(python3 -c "import json; print(json.dumps({'api_key':'sdk-key-7a2b','events':[{'event_type':'x','user_id':'u%d' % i} for i in range(51)]}))")
 [ "$(post --data-binary "$many")" = 413 ] || fail "51 events"
+check 413 "b == {'code': 413, 'error': 'Payload too large'}"
+# Over listen.max_body_bytes (1 MiB by default): refused on its Content-Length,
+# before the body is sent (curl waits for "100 Continue" and uploads nothing).
+python3 -c "print('{\"api_key\":\"sdk-key-7a2b\",\"pad\":\"' + 'x' * 1100000 + '\"}')" > "$tmp/big.json"
+got=$(curl -sS -o "$tmp/body" -w '%{http_code} %{size_upload}' "$base/2/httpapi" --expect100-timeout 5 \
+    -H 'Content-Type: application/json' -H 'Expect: 100-continue' --data-binary @"$tmp/big.json")
+[ "$got" = "413 0" ] || fail "a body over max_body_bytes: status and bytes uploaded '$got', want '413 0'"
 check 413 "b == {'code': 413, 'error': 'Payload too large'}"
 [ "$(post --data-binary 'not json')" = 400 ] || fail "not json"
 check 400 "b['code'] == 400 and 'error' in b"
