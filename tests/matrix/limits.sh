@@ -109,6 +109,8 @@ evictions() {
         awk '/^amp2dify_connections_closed_total\{reason="(idle|body)_evicted"\}/ {n += $2} END {print n + 0}'
 }
 healthy() { [ "$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$1/healthz")" = 200 ]; }
+# healthz_timed PORT -> "status seconds" of one GET /healthz (status 000 when unanswered in 2 s)
+healthz_timed() { curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 2 "http://127.0.0.1:$1/healthz" 2>/dev/null; }
 event() { printf '{"event_type":"Ignored_Limit","user_id":"u","insert_id":"%s"}' "$1"; }
 # hold ARGS...: conns.py in the background until unhold; its output in $tmp/conns.out
 hold() {
@@ -242,7 +244,7 @@ stop
 # ---- connection limits and timeout --------------------------------------------
 start climit listen.connection_limit=20
 hold "$PORT" 20 0 0 30
-code=$(curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 2 "http://127.0.0.1:$PORT/healthz" 2>/dev/null)
+code=$(healthz_timed "$PORT")
 unhold
 closed=$(tail -1 "$tmp/conns.out")
 if [[ $code == "200 "* ]] && [[ $closed != "closed_by_server 0" ]]; then
@@ -284,7 +286,7 @@ wait "${posters[@]}"
 answered=$(grep -l '^202 ' "$tmp"/poll-*.ans | wc -l)
 accepted=$(metric "$PORT" 'amp2dify_events_total{outcome="accepted"}')
 hold "$PORT" 20 0 0 30
-code=$(curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 2 "http://127.0.0.1:$PORT/healthz" 2>/dev/null)
+code=$(healthz_timed "$PORT")
 evicted=$(metric "$PORT" 'amp2dify_connections_closed_total{reason="idle_evicted"}')
 unhold
 evidence="epoll instances $epolls; 20 at once -> $answered answered 202, $accepted accepted; limit 20 with 20 idle held: the 21st -> ${code:-no answer}, idle_evicted ${evicted:-0}"

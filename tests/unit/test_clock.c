@@ -47,29 +47,27 @@ START_TEST(deadline_at_is_the_instant) {
 }
 END_TEST
 
-START_TEST(timed_wait_runs_on_the_monotonic_clock) {
+/* Milliseconds a timed wait on cv with deadline ts (taken just before)
+ * lasted; spurious wake-ups wait again. */
+static int64_t timed_wait_ms(pthread_cond_t *cv, struct timespec ts, int64_t t0) {
     pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&mu);
+    while (pthread_cond_timedwait(cv, &mu, &ts) != ETIMEDOUT)
+        ;
+    pthread_mutex_unlock(&mu);
+    return amp_mono_ms() - t0;
+}
+
+START_TEST(timed_wait_runs_on_the_monotonic_clock) {
     pthread_cond_t cv;
     amp_cond_init_mono(&cv);
-    pthread_mutex_lock(&mu);
     int64_t t0 = amp_mono_ms();
-    struct timespec ts = amp_mono_deadline_in(60);
-    int rc = 0;
-    while (rc != ETIMEDOUT) /* spurious wake-ups wait again */
-        rc = pthread_cond_timedwait(&cv, &mu, &ts);
-    int64_t waited = amp_mono_ms() - t0;
-    pthread_mutex_unlock(&mu);
+    int64_t waited = timed_wait_ms(&cv, amp_mono_deadline_in(60), t0);
     ck_assert_int_ge(waited, 59);
     ck_assert_int_lt(waited, 5000);
     /* At an instant of amp_mono_us, the same. */
-    pthread_mutex_lock(&mu);
     t0 = amp_mono_ms();
-    ts = amp_mono_deadline_at_us(amp_mono_us() + 40000);
-    rc = 0;
-    while (rc != ETIMEDOUT)
-        rc = pthread_cond_timedwait(&cv, &mu, &ts);
-    waited = amp_mono_ms() - t0;
-    pthread_mutex_unlock(&mu);
+    waited = timed_wait_ms(&cv, amp_mono_deadline_at_us(amp_mono_us() + 40000), t0);
     ck_assert_int_ge(waited, 39);
     ck_assert_int_lt(waited, 5000);
     pthread_cond_destroy(&cv);
