@@ -257,6 +257,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id, chk = excluded.chk "
          "WHERE excluded.seen_ms >= dedupe.seen_ms"},
         {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
+        {s->wdb, &s->st_filter_scan, "SELECT h FROM dedupe WHERE h >= ?1 ORDER BY h LIMIT ?2"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
          "body, due_ms, source) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1, ?8)"},
@@ -365,7 +366,7 @@ void amp_spool_finalize_all(amp_spool *s) {
         &s->st_probe,       &s->st_data_version,     &s->st_drop_keys,       &s->st_drop_rows,
         &s->st_max_id,      &s->st_page_count,       &s->st_free_pages,      &s->st_recent_add,
         &s->st_recent_all,  &s->st_recent_rows,      &s->st_recent_ids,      &s->st_dedupe_merge,
-        &s->st_recent_drop, &s->st_drop_recent_keys,
+        &s->st_recent_drop, &s->st_drop_recent_keys, &s->st_filter_scan,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

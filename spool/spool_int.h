@@ -11,6 +11,7 @@
  *   upkeep.c      back-pressure limits, pending count, pruning
  *   claim.c       claims for delivery and the claimed-id set
  *   dedupe.c      dedupe keys: recent ones in memory, merged in key order
+ *   keyfilter.c   a Bloom filter of dedupe hashes, so new keys skip the table
  *   admin.c       statistics (on the reader); dead letters and the admin
  *                 API's lookups (on a connection of their own; an admin
  *                 handle: the reader)
@@ -76,6 +77,18 @@ typedef struct undo_rec {
     key_entry before; /* the entry before (its h is the key's hash) */
     bool had;         /* else the key was not there */
 } undo_rec;
+/* A Bloom filter of dedupe hashes (keyfilter.c); committer thread only. */
+typedef struct amp_keyfilter amp_keyfilter;
+/* A filter sized for capacity keys (10 bits each). Caller owns. */
+amp_keyfilter *amp_keyfilter_new(size_t capacity);
+void amp_keyfilter_free(amp_keyfilter *f); /* accepts NULL */
+void amp_keyfilter_add(amp_keyfilter *f, int64_t h);
+/* False only if h was never added. */
+bool amp_keyfilter_may_hold(const amp_keyfilter *f, int64_t h);
+/* Hashes added (one added twice counts twice), and what it was sized for. */
+size_t amp_keyfilter_count(const amp_keyfilter *f);
+size_t amp_keyfilter_capacity(const amp_keyfilter *f);
+
 /* A key being merged, and the dedupe_recent row it came from (0: from the
  * map, which holds each hash once). */
 typedef struct merge_rec {
@@ -134,6 +147,14 @@ struct amp_spool {
     bool recent_complete;
     bool merge_from_map;    /* the merge under way was taken from the map */
     int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
+    /* Committer only (dedupe.c): filter holds every hash of the dedupe
+     * table and of the map, so a key it does not hold is looked up in
+     * neither; NULL until its scan of the table is done. filter_next is
+     * being filled, the table read in hash order from filter_scan_from:
+     * the first filter, or a bigger one that replaces filter when done. */
+    amp_keyfilter *filter, *filter_next;
+    int64_t filter_scan_from;
+    int64_t filter_after_ms; /* no new filter_next before (mono) */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
      * stores them; retried with the next group or every PROBE_INTERVAL_MS. */
@@ -204,7 +225,8 @@ struct amp_spool {
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
     sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_rows, *st_recent_ids;
-    sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_insert;
+    sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_filter_scan;
+    sqlite3_stmt *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
     sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
@@ -221,6 +243,9 @@ struct amp_spool {
  * can make keys collide; the check stays SHA-256's. Process-wide, not
  * thread-safe: set it before opening a spool and reset it after closing. */
 void amp_spool_set_key_hash_for_tests(int64_t (*hash)(const char *key));
+/* Tests only: how often a dedupe check has looked in the dedupe table,
+ * by every spool of the process. */
+long amp_spool_dedupe_lookups_for_tests(void);
 /* Opens a connection with the spool's pragmas and amp_key_hash(key) (the
  * dedupe table's key, amp_spool_key_hash in spool.h) and amp_key_check(key)
  * (its chk, amp_spool_key_digest) as SQL functions;
@@ -290,7 +315,7 @@ size_t amp_spool_dedupe_mark(const amp_spool *s);
 void amp_spool_dedupe_undo(amp_spool *s, size_t mark);
 void amp_spool_dedupe_keep(amp_spool *s);
 /* Between groups: a step of the merge (several while it lags), if one is
- * due or under way. */
+ * due or under way, and one of filling the key filter, if one is. */
 void amp_spool_dedupe_after_group(amp_spool *s);
 /* The whole merge now (open, maintenance): 0, or -1 (logged). */
 int amp_spool_dedupe_merge_all(amp_spool *s);

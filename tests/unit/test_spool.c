@@ -741,6 +741,97 @@ START_TEST(colliding_keys_are_both_delivered) {
 }
 END_TEST
 
+/* Events "<prefix><i>" for i = from, from + step, ... below to. */
+static amp_queue_batch *keys_batch(const char *prefix, int from, int to, int step) {
+    amp_queue_batch *b = amp_queue_batch_create();
+    for (int i = from; i < to; i += step) {
+        char key[32];
+        snprintf(key, sizeof key, "%s%d", prefix, i);
+        add(b, key, "u", false, "{}");
+    }
+    return b;
+}
+
+/* Stores n new keys "<prefix><i>" in one group; returns how many of them
+ * were looked up in the dedupe table. */
+static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
+    long before = amp_spool_dedupe_lookups_for_tests();
+    amp_queue_result r = submit(s, keys_batch(prefix, 0, n, 1));
+    ck_assert_uint_eq(r.accepted, (unsigned)n);
+    ck_assert_uint_eq(r.duplicates, 0);
+    return amp_spool_dedupe_lookups_for_tests() - before;
+}
+
+/* A new key is found new without a look in the dedupe table once the key
+ * filter is filled (a slice of the table after each group); every key of
+ * the table and of memory is still a duplicate; a filter that has taken
+ * more keys than it was sized for is replaced by a bigger one. */
+START_TEST(new_keys_skip_the_dedupe_table) {
+    enum { OLD = 20000, MORE = 50000 };
+    amp_queue *s = open_spool(3600);
+    ck_assert_uint_eq(submit(s, keys_batch("old", 0, OLD, 1)).accepted, OLD);
+    amp_queue_close(s);
+    s = open_spool(3600); /* merged into the dedupe table at open */
+    ck_assert_int_eq(table_rows("dedupe"), OLD);
+
+    /* Until the filter is filled, each new key is looked up. */
+    ck_assert_int_eq(lookups_for_new(s, "a", 100), 100);
+    long cost = 100;
+    int groups = 0;
+    while (cost > 5 && groups < 100) {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "b%d-", groups++);
+        cost = lookups_for_new(s, prefix, 100);
+    }
+    ck_assert_msg(cost <= 5, "100 new keys still cost %ld lookups after %d groups", cost, groups);
+
+    /* Keys of the table, of memory and of either group are duplicates. */
+    amp_queue_batch *b = keys_batch("old", 0, OLD, 7);
+    add(b, "a99", "u", false, "{}");
+    add(b, "b0-0", "u", false, "{}");
+    amp_queue_result r = submit(s, b);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_uint_eq(r.duplicates, (OLD + 6) / 7 + 2);
+
+    /* MORE keys fill it past what it was sized for (twice the ~20,000 it
+     * held); the merges put them in the table meanwhile. Its successor,
+     * filled the same way, again spares almost every look. */
+    for (int i = 0; i < MORE; i += 5000) {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "c%d-", i);
+        lookups_for_new(s, prefix, 5000);
+    }
+    cost = 1000;
+    for (groups = 0; cost > 30 && groups < 300; groups++) {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "d%d-", groups);
+        cost = lookups_for_new(s, prefix, 1000);
+    }
+    ck_assert_msg(cost <= 30, "1,000 new keys still cost %ld lookups after %d groups", cost,
+                  groups);
+    /* Old keys, and keys stored since the first filter began, merged into
+     * the table since (more groups drive the merges on) or still in memory. */
+    for (int i = 0; i < 200 && table_rows("dedupe") < OLD + MORE / 2; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "e%d", i);
+        ck_assert_uint_eq(submit_one(s, key, "{}").accepted, 1);
+    }
+    ck_assert_int_ge(table_rows("dedupe"), OLD + MORE / 2);
+    b = keys_batch("old", 1, OLD, 7);
+    for (int i = 0; i < MORE; i += 5000)
+        for (int j = 0; j < 5000; j += 25) {
+            char key[32];
+            snprintf(key, sizeof key, "c%d-%d", i, j);
+            add(b, key, "u", false, "{}");
+        }
+    add(b, "d0-999", "u", false, "{}");
+    r = submit(s, b);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_uint_eq(r.duplicates, (OLD - 1 + 6) / 7 + MORE / 25 + 1);
+    amp_queue_close(s);
+}
+END_TEST
+
 /* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
  * hashed to 64 bits (version 5): its pending rows stay claimable, its keys
  * still catch duplicates (and an expired one does not), the admin lookup
@@ -1484,6 +1575,7 @@ int main(void) {
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
     tcase_add_test(tc, colliding_keys_are_both_delivered);
+    tcase_add_test(tc, new_keys_skip_the_dedupe_table);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
     tcase_add_test(tc, pending_rows_survive_reopen);
     tcase_add_test(tc, claim_limit_and_next_due);
