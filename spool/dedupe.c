@@ -152,19 +152,19 @@ static size_t filter_size_for(size_t keys) {
 /* h is now in the map or the table. */
 static void filter_note(amp_spool *s, int64_t h) {
     if (s->filter)
-        amp_keyfilter_add(s->filter, h);
+        amp_spool_keyfilter_add(s->filter, h);
     if (s->filter_next)
-        amp_keyfilter_add(s->filter_next, h);
+        amp_spool_keyfilter_add(s->filter_next, h);
 }
 
 /* A new filter_next for capacity keys, with the map's hashes; its read of
  * the table starts at the lowest hash. */
 static void filter_begin(amp_spool *s, size_t capacity) {
-    amp_keyfilter_free(s->filter_next);
-    s->filter_next = amp_keyfilter_new(capacity);
+    amp_spool_keyfilter_free(s->filter_next);
+    s->filter_next = amp_spool_keyfilter_new(capacity);
     for (size_t i = 0; i < s->recent.cap; i++)
         if (s->recent.slots[i].h)
-            amp_keyfilter_add(s->filter_next, s->recent.slots[i].h);
+            amp_spool_keyfilter_add(s->filter_next, s->recent.slots[i].h);
     s->filter_scan_from = INT64_MIN;
 }
 
@@ -172,26 +172,26 @@ static void filter_begin(amp_spool *s, size_t capacity) {
  * replaces filter. Between groups only: hashes merged into the part
  * already read came from the map and were noted. */
 static void filter_step(amp_spool *s) {
-    amp_keyfilter *f = s->filter_next;
+    amp_spool_keyfilter *f = s->filter_next;
     sqlite3_bind_int64(s->st_filter_scan, 1, s->filter_scan_from);
     sqlite3_bind_int64(s->st_filter_scan, 2, FILTER_SLICE);
     int rc, rows = 0;
     int64_t h = INT64_MIN;
     while ((rc = sqlite3_step(s->st_filter_scan)) == SQLITE_ROW) {
         h = sqlite3_column_int64(s->st_filter_scan, 0);
-        amp_keyfilter_add(f, h);
+        amp_spool_keyfilter_add(f, h);
         rows++;
     }
     sqlite3_reset(s->st_filter_scan);
     if (rc != SQLITE_DONE) {
         amp_log(AMP_LOG_WARN, "spool dedupe filter could not read the dedupe table", "{s:s}",
                 "error", sqlite3_errmsg(s->wdb));
-        amp_keyfilter_free(f);
+        amp_spool_keyfilter_free(f);
         s->filter_next = NULL;
         s->filter_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return;
     }
-    size_t n = amp_keyfilter_count(f), cap = amp_keyfilter_capacity(f);
+    size_t n = amp_spool_keyfilter_count(f), cap = amp_spool_keyfilter_capacity(f);
     if (n > cap && cap < FILTER_MAX_KEYS) { /* the table outgrew it: again, bigger */
         filter_begin(s, filter_size_for(n));
         return;
@@ -200,7 +200,7 @@ static void filter_step(amp_spool *s) {
         s->filter_scan_from = h + 1;
         return;
     }
-    amp_keyfilter_free(s->filter);
+    amp_spool_keyfilter_free(s->filter);
     s->filter = f;
     s->filter_next = NULL;
     if (cap == FILTER_MAX_KEYS)
@@ -216,14 +216,14 @@ static void filter_upkeep(amp_spool *s) {
     }
     if (!s->filter) /* the first one is begun by a key that misses the map */
         return;
-    size_t n = amp_keyfilter_count(s->filter);
-    if (n > amp_keyfilter_capacity(s->filter) && amp_mono_ms() >= s->filter_after_ms)
+    size_t n = amp_spool_keyfilter_count(s->filter);
+    if (n > amp_spool_keyfilter_capacity(s->filter) && amp_mono_ms() >= s->filter_after_ms)
         filter_begin(s, filter_size_for(n));
 }
 
 void amp_spool_dedupe_free(amp_spool *s) {
-    amp_keyfilter_free(s->filter);
-    amp_keyfilter_free(s->filter_next);
+    amp_spool_keyfilter_free(s->filter);
+    amp_spool_keyfilter_free(s->filter_next);
     s->filter = s->filter_next = NULL;
     map_free(&s->recent);
     free(s->undo);
@@ -265,7 +265,7 @@ int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ti
     if (had) {
         if (had->seen >= since && had->chk == chk)
             return 0;
-    } else if (!s->filter || amp_keyfilter_may_hold(s->filter, h)) {
+    } else if (!s->filter || amp_spool_keyfilter_may_hold(s->filter, h)) {
         if (!s->filter && !s->filter_next && amp_mono_ms() >= s->filter_after_ms)
             filter_begin(s, FILTER_MIN_KEYS);
         atomic_fetch_add_explicit(&lookups_for_tests, 1, memory_order_relaxed);

@@ -15,13 +15,13 @@
 #define PROBES 7
 #define BLOCK_WORDS 8 /* 512 bits */
 
-struct amp_keyfilter {
+struct amp_spool_keyfilter {
     uint64_t *words; /* nblocks blocks of BLOCK_WORDS */
     size_t nblocks, capacity, count;
 };
 
-amp_keyfilter *amp_keyfilter_new(size_t capacity) {
-    amp_keyfilter *f = amp_xcalloc(1, sizeof *f);
+amp_spool_keyfilter *amp_spool_keyfilter_new(size_t capacity) {
+    amp_spool_keyfilter *f = amp_xcalloc(1, sizeof *f);
     size_t bits = capacity * BITS_PER_KEY;
     f->nblocks = bits / (BLOCK_WORDS * 64) + 1;
     f->capacity = capacity;
@@ -29,7 +29,7 @@ amp_keyfilter *amp_keyfilter_new(size_t capacity) {
     return f;
 }
 
-void amp_keyfilter_free(amp_keyfilter *f) {
+void amp_spool_keyfilter_free(amp_spool_keyfilter *f) {
     if (f)
         free(f->words);
     free(f);
@@ -37,7 +37,7 @@ void amp_keyfilter_free(amp_keyfilter *f) {
 
 /* The hash picks the block; a second, independent mix of it the bits
  * (nine bits each: a bit of the block). */
-static uint64_t *block_of(const amp_keyfilter *f, int64_t h) {
+static uint64_t *block_of(const amp_spool_keyfilter *f, int64_t h) {
     return &f->words[(size_t)((uint64_t)h % f->nblocks) * BLOCK_WORDS];
 }
 
@@ -48,14 +48,14 @@ static uint64_t mix(int64_t h) {
     return z ^ (z >> 31);
 }
 
-void amp_keyfilter_add(amp_keyfilter *f, int64_t h) {
+void amp_spool_keyfilter_add(amp_spool_keyfilter *f, int64_t h) {
     uint64_t *b = block_of(f, h), m = mix(h);
     for (int i = 0; i < PROBES; i++, m >>= 9)
         b[(m >> 6) & 7] |= 1ull << (m & 63);
     f->count++;
 }
 
-bool amp_keyfilter_may_hold(const amp_keyfilter *f, int64_t h) {
+bool amp_spool_keyfilter_may_hold(const amp_spool_keyfilter *f, int64_t h) {
     const uint64_t *b = block_of(f, h);
     uint64_t m = mix(h);
     for (int i = 0; i < PROBES; i++, m >>= 9)
@@ -64,10 +64,10 @@ bool amp_keyfilter_may_hold(const amp_keyfilter *f, int64_t h) {
     return true;
 }
 
-size_t amp_keyfilter_count(const amp_keyfilter *f) {
+size_t amp_spool_keyfilter_count(const amp_spool_keyfilter *f) {
     return f->count;
 }
 
-size_t amp_keyfilter_capacity(const amp_keyfilter *f) {
+size_t amp_spool_keyfilter_capacity(const amp_spool_keyfilter *f) {
     return f->capacity;
 }

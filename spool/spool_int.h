@@ -78,16 +78,16 @@ typedef struct undo_rec {
     bool had;         /* else the key was not there */
 } undo_rec;
 /* A Bloom filter of dedupe hashes (keyfilter.c); committer thread only. */
-typedef struct amp_keyfilter amp_keyfilter;
+typedef struct amp_spool_keyfilter amp_spool_keyfilter;
 /* A filter sized for capacity keys (10 bits each). Caller owns. */
-amp_keyfilter *amp_keyfilter_new(size_t capacity);
-void amp_keyfilter_free(amp_keyfilter *f); /* accepts NULL */
-void amp_keyfilter_add(amp_keyfilter *f, int64_t h);
+amp_spool_keyfilter *amp_spool_keyfilter_new(size_t capacity);
+void amp_spool_keyfilter_free(amp_spool_keyfilter *f); /* accepts NULL */
+void amp_spool_keyfilter_add(amp_spool_keyfilter *f, int64_t h);
 /* False only if h was never added. */
-bool amp_keyfilter_may_hold(const amp_keyfilter *f, int64_t h);
+bool amp_spool_keyfilter_may_hold(const amp_spool_keyfilter *f, int64_t h);
 /* Hashes added (one added twice counts twice), and what it was sized for. */
-size_t amp_keyfilter_count(const amp_keyfilter *f);
-size_t amp_keyfilter_capacity(const amp_keyfilter *f);
+size_t amp_spool_keyfilter_count(const amp_spool_keyfilter *f);
+size_t amp_spool_keyfilter_capacity(const amp_spool_keyfilter *f);
 
 /* A key being merged, and the dedupe_recent row it came from (0: from the
  * map, which holds each hash once). */
@@ -148,11 +148,11 @@ struct amp_spool {
     bool merge_from_map;    /* the merge under way was taken from the map */
     int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
     /* Committer only (dedupe.c): filter holds every hash of the dedupe
-     * table and of the map, so a key it does not hold is looked up in
-     * neither; NULL until its scan of the table is done. filter_next is
+     * table and of the map, so a key it does not hold is new without a
+     * look in the table; NULL until its scan of the table is done. filter_next is
      * being filled, the table read in hash order from filter_scan_from:
      * the first filter, or a bigger one that replaces filter when done. */
-    amp_keyfilter *filter, *filter_next;
+    amp_spool_keyfilter *filter, *filter_next;
     int64_t filter_scan_from;
     int64_t filter_after_ms; /* no new filter_next before (mono) */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
