@@ -61,7 +61,8 @@
 #define MERGE_BACKLOG 4
 #define MERGE_CATCH_UP 8
 /* The filter: sized for at least FILTER_MIN_KEYS, at most FILTER_MAX_KEYS
- * (10 MiB; a bigger table makes more keys looked up, never fewer found).
+ * (10 MiB, and as much again while its successor is filled; a bigger table
+ * makes more keys looked up, never fewer found).
  * A full-size one is filled again at most every FILTER_REFILL_MS, which
  * sheds the hashes of pruned keys. */
 #define FILTER_MIN_KEYS 16384

@@ -767,7 +767,7 @@ static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
  * the table and of memory is still a duplicate; a filter that has taken
  * more keys than it was sized for is replaced by a bigger one. */
 START_TEST(new_keys_skip_the_dedupe_table) {
-    enum { OLD = 20000, MORE = 50000 };
+    enum { OLD = 10000, MORE = 20000 };
     amp_queue *s = open_spool(3600);
     ck_assert_uint_eq(submit(s, keys_batch("old", 0, OLD, 1)).accepted, OLD);
     amp_queue_close(s);
@@ -793,9 +793,9 @@ START_TEST(new_keys_skip_the_dedupe_table) {
     ck_assert_uint_eq(r.accepted, 0);
     ck_assert_uint_eq(r.duplicates, (OLD + 6) / 7 + 2);
 
-    /* MORE keys fill it past what it was sized for (twice the ~20,000 it
-     * held); the merges put them in the table meanwhile. Its successor,
-     * filled the same way, again spares almost every look. */
+    /* MORE keys fill it past what it was sized for (16,384, the least);
+     * the merges put them in the table meanwhile. Its successor, filled
+     * the same way, again spares almost every look. */
     for (int i = 0; i < MORE; i += 5000) {
         char prefix[16];
         snprintf(prefix, sizeof prefix, "c%d-", i);
