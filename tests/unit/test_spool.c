@@ -73,12 +73,13 @@ static void add(amp_queue_batch *b, const char *key, const char *user, bool per_
     amp_queue_batch_request(b, "r", "app", user, per_user, body);
 }
 
-/* n events "k0".."k<n-1>", one row each. */
-static amp_queue_batch *keyed_batch(int n) {
+/* Events "<prefix><i>", one row each, for i = from, from + step, ...
+ * below to. */
+static amp_queue_batch *keys_batch(const char *prefix, int from, int to, int step) {
     amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = 0; i < n; i++) {
-        char key[16];
-        snprintf(key, sizeof key, "k%d", i);
+    for (int i = from; i < to; i += step) {
+        char key[32];
+        snprintf(key, sizeof key, "%s%d", prefix, i);
         add(b, key, "u", false, "{}");
     }
     return b;
@@ -741,17 +742,6 @@ START_TEST(colliding_keys_are_both_delivered) {
 }
 END_TEST
 
-/* Events "<prefix><i>" for i = from, from + step, ... below to. */
-static amp_queue_batch *keys_batch(const char *prefix, int from, int to, int step) {
-    amp_queue_batch *b = amp_queue_batch_create();
-    for (int i = from; i < to; i += step) {
-        char key[32];
-        snprintf(key, sizeof key, "%s%d", prefix, i);
-        add(b, key, "u", false, "{}");
-    }
-    return b;
-}
-
 /* Stores n new keys "<prefix><i>" in one group; returns how many of them
  * were looked up in the dedupe table. */
 static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
@@ -838,7 +828,7 @@ END_TEST
  * still finds an event's rows. */
 START_TEST(version_4_spool_is_migrated) {
     amp_queue *s = open_spool(3600);
-    submit(s, keyed_batch(5)); /* k0..k4 */
+    submit(s, keys_batch("k", 0, 5, 1)); /* k0..k4 */
     amp_queue_close(s);
 
     sqlite3 *db;
@@ -859,7 +849,7 @@ START_TEST(version_4_spool_is_migrated) {
     sqlite3_close(db);
 
     s = open_spool(3600);
-    amp_queue_result r = submit(s, keyed_batch(6)); /* k0..k5 */
+    amp_queue_result r = submit(s, keys_batch("k", 0, 6, 1)); /* k0..k5 */
     ck_assert_int_eq(r.status, 0);
     ck_assert_uint_eq(r.duplicates, 4);
     ck_assert_uint_eq(r.accepted, 2); /* k4 again, and k5 */
@@ -1115,7 +1105,7 @@ END_TEST
 
 START_TEST(claim_limit_and_next_due) {
     amp_queue *s = open_spool(3600);
-    submit(s, keyed_batch(10));
+    submit(s, keys_batch("k", 0, 10, 1));
     amp_queue_job *jobs[10];
     int64_t now = amp_now_ms() + 1, next;
     ck_assert_int_eq(claim_all(s, now, jobs, 4, &next), 4);
@@ -1327,7 +1317,7 @@ END_TEST
 /* A limit reached holds until a tenth of it is free: no flip per delivery. */
 START_TEST(limit_holds_until_a_tenth_is_free) {
     amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .max_pending = 20});
-    submit(s, keyed_batch(20));
+    submit(s, keys_batch("k", 0, 20, 1));
     ck_assert_ptr_nonnull(amp_queue_full(s));
     amp_queue_job *jobs[20];
     int64_t next;
