@@ -27,7 +27,7 @@
  * every hash of the table and of the map, and a key it does not hold is new
  * without the look. It is filled between groups, the table read
  * FILTER_SLICE hashes a step in hash order (as a merge takes its slices),
- * from the first key that misses the map on; until that read is done every
+ * from the first group that stores a key on; until that read is done every
  * miss is looked up as before. Hashes never leave it: a key pruned from the
  * table, or taken out of the map by a rollback, costs a look, never a lost
  * event. Once it has taken more hashes than it was sized for, another one
@@ -208,17 +208,17 @@ static void filter_step(amp_spool *s) {
         s->filter_after_ms = amp_mono_ms() + FILTER_REFILL_MS;
 }
 
-/* Between groups: the next slice of a filter being filled, or a bigger one
- * begun when the one in use is full. */
+/* Between groups: the next slice of a filter being filled, or a new one
+ * begun. */
 static void filter_upkeep(amp_spool *s) {
     if (s->filter_next) {
         filter_step(s);
         return;
     }
-    if (!s->filter) /* the first one is begun by a key that misses the map */
-        return;
-    size_t n = amp_spool_keyfilter_count(s->filter);
-    if (n > amp_spool_keyfilter_capacity(s->filter) && amp_mono_ms() >= s->filter_after_ms)
+    /* The first one once keys are being stored; a bigger one when full. */
+    size_t n = s->filter ? amp_spool_keyfilter_count(s->filter) : 0;
+    bool due = s->filter ? n > amp_spool_keyfilter_capacity(s->filter) : s->recent.n > 0;
+    if (due && amp_mono_ms() >= s->filter_after_ms)
         filter_begin(s, filter_size_for(n));
 }
 
@@ -267,8 +267,6 @@ int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ti
         if (had->seen >= since && had->chk == chk)
             return 0;
     } else if (!s->filter || amp_spool_keyfilter_may_hold(s->filter, h)) {
-        if (!s->filter && !s->filter_next && amp_mono_ms() >= s->filter_after_ms)
-            filter_begin(s, FILTER_MIN_KEYS);
         atomic_fetch_add_explicit(&lookups_for_tests, 1, memory_order_relaxed);
         sqlite3_bind_int64(s->st_dedupe_find, 1, h);
         int rc = sqlite3_step(s->st_dedupe_find);
