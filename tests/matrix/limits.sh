@@ -45,7 +45,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.." || exit 2
 tmp=$(mktemp -d /tmp/amp2dify-limits-XXXXXX)
 pids=()
+. tests/matrix/jsonq.sh
 cleanup() {
+    json_stop
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
     rm -rf "$tmp"
@@ -58,12 +60,11 @@ BIN=$tmp/amp2dify
 SECRET=limits-secret-7
 gaps=0
 
-JSON="python3 tests/matrix/jsontool.py"
 # start NAME [PATH=JSON...] -> sets PORT and SPID
 start() {
     local name=$1
     shift
-    $JSON set tests/matrix/config.json "$tmp/$name.json" "$@"
+    json set tests/matrix/config.json "$tmp/$name.json" "$@"
     set -- "$name"
     AMP2DIFY_SECRETS=$SECRET DIFY_API_KEY=k DIFY_BASE_URL=http://127.0.0.1:9/v1 \
         AMP2DIFY_LISTEN=127.0.0.1:0 AMP2DIFY_SPOOL="$tmp/$1.db" \
@@ -72,7 +73,7 @@ start() {
     pids+=("$SPID")
     PORT=
     for _ in $(seq 1 200); do
-        PORT=$($JSON log-port "$tmp/$1.log")
+        PORT=$(json log-port "$tmp/$1.log")
         [ -n "$PORT" ] && return 0
         sleep 0.05
     done
@@ -133,7 +134,7 @@ huge=$(head -c 102400 /dev/zero | tr '\0' a)
 ans2=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -H "X-Big: $huge" "http://127.0.0.1:$PORT/healthz")
 counted=$(metric "$PORT" 'amp2dify_http_requests_total{code="431"}')
 logged=$(grep -c '"status": *431.*"error": *"headers_too_large"' "$tmp/default.log")
-if [ "$ans" = 431 ] && [ "$($JSON get "$tmp/resp" error 2>/dev/null)" = headers_too_large ] &&
+if [ "$ans" = 431 ] && [ "$(json get "$tmp/resp" error 2>/dev/null)" = headers_too_large ] &&
     [ "$ans2" = 431 ] && [ "$counted" = 2 ] && [ "$logged" = 2 ] && healthy "$PORT"; then
     report header_size pass "24 KiB header -> $ans $body; 100 KiB -> $ans2; counted $counted, logged $logged"
 else
@@ -145,7 +146,7 @@ fi
 ans=$(post "$PORT" "$tmp/deep.json")
 [[ $ans == 400*invalid_event* ]] && report nesting pass "65 levels -> $ans" || report nesting gap "65 levels -> $ans"
 
-max=$($JSON get tests/matrix/config.json listen | python3 -c 'import json,sys; print(json.load(sys.stdin).get("max_events_per_request", 2000))')
+max=$(json get tests/matrix/config.json listen | python3 -c 'import json,sys; print(json.load(sys.stdin).get("max_events_per_request", 2000))')
 python3 -c "
 import json,sys
 n=int(sys.argv[1])

@@ -33,12 +33,13 @@ done
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.." || exit 2
 CASES=${MATRIX_CASES:-tests/matrix/cases.tsv} # another file: for checking the runner itself
-JSON="python3 tests/matrix/jsontool.py"
 
 tmp=$(mktemp -d /tmp/amp2dify-matrix-XXXXXX)
 declare -A PID PORT
 fake_pid=
+. tests/matrix/jsonq.sh
 cleanup() {
+    json_stop
     for s in "${!PID[@]}"; do kill "${PID[$s]}" 2>/dev/null; done
     [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null
     wait 2>/dev/null
@@ -80,7 +81,7 @@ dify_port=$(sed -n 's/^listening //p' "$tmp/fake.out")
 [ -n "$dify_port" ] || die "the fake Dify did not start"
 
 for s in $SERVERS; do
-    $JSON set tests/matrix/config.json "$tmp/$s.json" "auth=${AUTH[$s]}" ||
+    json set tests/matrix/config.json "$tmp/$s.json" "auth=${AUTH[$s]}" ||
         die "cannot write the $s config"
     env -u AMP2DIFY_CONFIG -u AMP2DIFY_SECRETS_FILE -u DIFY_API_KEY_FILE \
         AMP2DIFY_SECRETS="${SECRETS[$s]}" DIFY_API_KEY=$DIFY_KEY \
@@ -91,7 +92,7 @@ for s in $SERVERS; do
 done
 for s in $SERVERS; do
     for _ in $(seq 1 200); do
-        PORT[$s]=$($JSON log-port "$tmp/$s.log")
+        PORT[$s]=$(json log-port "$tmp/$s.log")
         [ -n "${PORT[$s]}" ] && break
         kill -0 "${PID[$s]}" 2>/dev/null || die "amp2dify ($s) exited at start"
         sleep 0.05
@@ -281,7 +282,7 @@ while IFS=$'\t' read -r -u 3 name server method path headers body status error c
     [ -f "$bfile" ] && args+=(--data-binary "@$bfile")
     got=$(curl "${args[@]}" "http://127.0.0.1:${PORT[$server]}$path" 2>"$tmp/curl.err")
     got_counts=-
-    if fields=$($JSON get "$tmp/resp" error accepted duplicates filtered); then
+    if fields=$(json get "$tmp/resp" error accepted duplicates filtered); then
         mapfile -t f <<<"$fields"
         got_error=${f[0]}
         [ "$got" = 202 ] && got_counts=${f[1]}/${f[2]}/${f[3]}
@@ -359,7 +360,8 @@ kill -TERM "$fake_pid"
 wait "$fake_pid"
 fake_pid=
 summary=$(grep '^{' "$tmp/fake.out" | tail -1)
-mapfile -t f < <($JSON get - requests delivered <<<"$summary")
+printf '%s\n' "$summary" >"$tmp/summary.json"
+mapfile -t f < <(json get "$tmp/summary.json" requests delivered)
 got_requests=${f[0]:-?}
 got_delivered=${f[1]:-?}
 if [ "$got_requests" != "$expected_dify" ] || [ "$got_delivered" != "$expected_dify" ]; then
