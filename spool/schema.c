@@ -180,7 +180,7 @@ int amp_spool_migrate(sqlite3 *db, char *err, size_t errlen) {
 int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
                       size_t errlen) {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
-    if (sqlite3_open_v2(opts->path, db, flags, NULL) != SQLITE_OK) {
+    if (sqlite3_open_v2(opts->path, db, flags, amp_spool_vfs()) != SQLITE_OK) {
         snprintf(err, errlen, "cannot open spool '%s': %s", opts->path,
                  *db ? sqlite3_errmsg(*db) : "out of memory");
         return -1;

@@ -254,6 +254,10 @@ long amp_spool_dedupe_lookups_for_tests(void);
  * refuses any other than SCHEMA_VERSION, changing nothing. */
 int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
                       size_t errlen);
+/* The name of the spool's VFS (walbuf.c: a transaction's log frames in one
+ * write), registered on first use; NULL when it could not be, and SQLite's
+ * default then serves. */
+const char *amp_spool_vfs(void);
 int amp_spool_migrate(sqlite3 *db, char *err, size_t errlen);
 /* Prepares the statements of each connection s has open. */
 int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen);

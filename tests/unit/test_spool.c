@@ -1,15 +1,18 @@
 /*
  * Spool unit tests on a real SQLite file: batches all or nothing, dedupe,
  * claim rules (due time, claimed rows, per-user order), acknowledgements,
- * conversations, and what a reopen (restart) sees.
+ * conversations, and what a reopen (restart) sees; and the spool's VFS,
+ * which gathers a transaction's log frames into few writes.
  */
 #include <check.h>
 #include <dirent.h>
 #include <sqlite3.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../../base/log.h"
@@ -1545,6 +1548,221 @@ START_TEST(unwritable_path_fails_to_open) {
 }
 END_TEST
 
+/* ---- the spool's VFS (walbuf.c) ---------------------------------------
+ * SQLite directly on the test's file, with the spool's log settings (WAL,
+ * synchronous NORMAL) and no automatic checkpoint, so every frame stays in
+ * the log.
+ *   a_transaction_is_few_writes     200 KiB of rows: at most 3 write calls
+ *                                   (one per 124 KiB and the commit frame's
+ *                                   page), against two per page through
+ *                                   SQLite's own VFS
+ *   commits_are_in_the_file         a second connection sees each commit at
+ *                                   once; a process that ends without closing
+ *                                   anything (as kill -9 would) leaves every
+ *                                   commit in the log, read back whole
+ *   spilled_transaction_survives    a transaction larger than the page cache
+ *                                   rewrites frames it spilled, and SQLite then
+ *                                   rewrites their headers, the commit frame's
+ *                                   last: still recovered whole after the end
+ */
+#define ROW_BYTES 1000
+
+static void exec_ok(sqlite3 *db, const char *sql) {
+    char *err = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
+    if (rc != SQLITE_OK) /* only then: an assertion writes to Check's pipe */
+        ck_abort_msg("%s: %s", sql, err ? err : sqlite3_errstr(rc));
+}
+
+/* A connection as the spool opens one: vfs NULL is SQLite's default. */
+static sqlite3 *open_db(const char *vfs) {
+    sqlite3 *db = NULL;
+    ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs),
+                     SQLITE_OK);
+    exec_ok(db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; "
+                "PRAGMA wal_autocheckpoint = 0;");
+    return db;
+}
+
+/* Rows [from, to) of t, each ROW_BYTES of the byte id + add, inserted or
+ * replaced, in the transaction under way. No Check assertion inside the
+ * loop: each one writes to Check's pipe, and a_transaction_is_few_writes
+ * counts write calls. */
+static void put_rows(sqlite3 *db, int from, int to, int add) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(
+        sqlite3_prepare_v2(db, "INSERT OR REPLACE INTO t (id, v) VALUES (?, ?)", -1, &st, NULL),
+        SQLITE_OK);
+    static unsigned char v[ROW_BYTES];
+    int rc = SQLITE_DONE;
+    for (int i = from; i < to && rc == SQLITE_DONE; i++) {
+        memset(v, (i + add) & 0xff, sizeof v);
+        sqlite3_bind_int(st, 1, i);
+        sqlite3_bind_blob(st, 2, v, sizeof v, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    ck_assert_int_eq(rc, SQLITE_DONE);
+}
+
+static void insert_rows(sqlite3 *db, int from, int to) {
+    exec_ok(db, "BEGIN");
+    put_rows(db, from, to, 0);
+    exec_ok(db, "COMMIT");
+}
+
+static long long query_int(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    long long v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* Rows of t that are not ROW_BYTES of the byte id + add. */
+static int bad_rows(sqlite3 *db, int add) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT id, v FROM t", -1, &st, NULL), SQLITE_OK);
+    int bad = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        int id = sqlite3_column_int(st, 0);
+        const unsigned char *v = sqlite3_column_blob(st, 1);
+        int n = sqlite3_column_bytes(st, 1);
+        bool ok = n == ROW_BYTES;
+        for (int i = 0; ok && i < n; i++)
+            ok = v[i] == ((id + add) & 0xff);
+        bad += !ok;
+    }
+    sqlite3_finalize(st);
+    return bad;
+}
+
+static void integrity_ok(sqlite3 *db) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_str_eq((const char *)sqlite3_column_text(st, 0), "ok");
+    sqlite3_finalize(st);
+}
+
+/* This process's write calls so far (write, pwrite, writev...); -1 when
+ * unknown. Asserts nothing itself: see put_rows. */
+static long write_calls(void) {
+    FILE *f = fopen("/proc/self/io", "r");
+    if (!f)
+        return -1;
+    char line[128];
+    long n = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "syscw: %ld", &n) == 1)
+            break;
+    fclose(f);
+    return n;
+}
+
+static int frames_in_log;
+static int count_frames(void *ctx, sqlite3 *db, const char *name, int frames) {
+    (void)ctx, (void)db, (void)name;
+    frames_in_log = frames;
+    return SQLITE_OK;
+}
+
+/* Write calls and log frames of the commit of 200 new rows through vfs
+ * (the page cache holds them all until then). */
+static void one_transaction(const char *vfs, long *writes, int *frames) {
+    sqlite3 *db = open_db(vfs);
+    sqlite3_wal_hook(db, count_frames, NULL);
+    exec_ok(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)");
+    int frames_before = frames_in_log; /* the table's */
+    exec_ok(db, "BEGIN");
+    put_rows(db, 0, 200, 0);
+    long w0 = write_calls();
+    exec_ok(db, "COMMIT");
+    long w1 = write_calls();
+    ck_assert_msg(w0 >= 0 && w1 >= 0, "cannot read /proc/self/io");
+    *writes = w1 - w0;
+    *frames = frames_in_log - frames_before;
+    sqlite3_close(db);
+}
+
+START_TEST(a_transaction_is_few_writes) {
+    ck_assert_ptr_nonnull(amp_spool_vfs());
+    long ours, theirs;
+    int frames_ours, frames_theirs;
+    one_transaction(amp_spool_vfs(), &ours, &frames_ours);
+    unlink(path);
+    char wal[128];
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    unlink(wal);
+    one_transaction(NULL, &theirs, &frames_theirs);
+    fprintf(stderr, "walbuf: 200 rows, %d frames: %ld write calls, %ld through SQLite's VFS\n",
+            frames_ours, ours, theirs);
+    ck_assert_int_ge(frames_ours, 50);
+    ck_assert_int_ge(theirs, 2L * frames_theirs);
+    /* ~54 frames of 4,120 bytes: two buffers of at most 124 KiB and the
+     * commit frame's page. */
+    ck_assert_msg(ours <= 3, "%ld write calls for %d frames", ours, frames_ours);
+}
+END_TEST
+
+/* In a child process: the transactions, then the end without closing
+ * anything. Exits 1 when a second connection did not see a commit. */
+static void child_commits_then_dies(void (*transactions)(sqlite3 *db)) {
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        sqlite3 *db = open_db(amp_spool_vfs());
+        exec_ok(db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)");
+        transactions(db);
+        _exit(0); /* nothing closed, nothing checkpointed */
+    }
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the writing process failed: %d", st);
+}
+
+static void three_commits(sqlite3 *db) {
+    sqlite3 *reader = open_db(amp_spool_vfs());
+    for (int k = 0; k < 3; k++) {
+        insert_rows(db, k * 300, (k + 1) * 300); /* ~300 KiB: several buffers */
+        if (query_int(reader, "SELECT count(*) FROM t") != (k + 1) * 300 || bad_rows(reader, 0))
+            _exit(1);
+    }
+}
+
+START_TEST(commits_are_in_the_file) {
+    child_commits_then_dies(three_commits);
+    sqlite3 *db = open_db(NULL); /* recovers the log */
+    ck_assert_int_eq(query_int(db, "SELECT count(*) FROM t"), 900);
+    ck_assert_int_eq(bad_rows(db, 0), 0);
+    integrity_ok(db);
+    sqlite3_close(db);
+}
+END_TEST
+
+/* One transaction bigger than the page cache: its new rows spill to the
+ * log, then every row is replaced, so spilled pages are written again. */
+static void spill_and_rewrite(sqlite3 *db) {
+    exec_ok(db, "PRAGMA cache_size = 10"); /* pages */
+    insert_rows(db, 0, 100);
+    exec_ok(db, "BEGIN");
+    put_rows(db, 100, 700, 0);
+    put_rows(db, 0, 700, 1);
+    exec_ok(db, "COMMIT");
+}
+
+START_TEST(spilled_transaction_survives) {
+    child_commits_then_dies(spill_and_rewrite);
+    sqlite3 *db = open_db(NULL);
+    ck_assert_int_eq(query_int(db, "SELECT count(*) FROM t"), 700);
+    ck_assert_int_eq(bad_rows(db, 1), 0);
+    integrity_ok(db);
+    sqlite3_close(db);
+}
+END_TEST
+
 int main(void) {
     Suite *su = suite_create("spool");
     TCase *tc = tcase_create("spool");
@@ -1582,6 +1800,9 @@ int main(void) {
     tcase_add_test(tc, admin_open_refuses_other_schema_version);
     tcase_add_test(tc, admin_open_refuses_missing_spool);
     tcase_add_test(tc, unwritable_path_fails_to_open);
+    tcase_add_test(tc, a_transaction_is_few_writes);
+    tcase_add_test(tc, commits_are_in_the_file);
+    tcase_add_test(tc, spilled_transaction_survives);
     suite_add_tcase(su, tc);
     return amp_check_run(su);
 }
