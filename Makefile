@@ -165,9 +165,14 @@ layers: $(LIB)
 test-run: layers unit e2e
 
 # The plain build first (fast feedback), then the same suite under
-# AddressSanitizer + UndefinedBehaviorSanitizer.
+# AddressSanitizer + UndefinedBehaviorSanitizer. Each build's binaries are
+# made with every CPU first (test-bins); the tests themselves run one at a
+# time.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 test:
+	$(MAKE) -j$(JOBS) test-bins
 	$(MAKE) test-run
+	$(MAKE) -j$(JOBS) SANITIZER=address,undefined test-bins
 	$(MAKE) SANITIZER=address,undefined test-run
 
 run: $(BIN)
@@ -257,6 +262,10 @@ limits: $(BIN)
 
 test-run: fuzz-replay matrix limits
 # ---- end fuzzing ----
+
+# Every binary test-run runs (here, after FUZZ_REPLAY_BINS is defined).
+test-bins: $(LIB) $(BIN) $(FAKE_DIFY) $(FAKE_AMPLITUDE) $(UNIT_BINS) $(E2E_BINS) $(FUZZ_REPLAY_BINS)
+.PHONY: test-bins
 
 # ---- ThreadSanitizer and valgrind (issue 7) ----
 #   make tsan        SANITIZER=thread build in build/san-thread/; the spool (group
