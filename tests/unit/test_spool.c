@@ -1693,7 +1693,7 @@ START_TEST(a_transaction_is_few_writes) {
     int frames_ours, frames_theirs;
     one_transaction(amp_spool_vfs(), &ours, &frames_ours);
     unlink(path);
-    char wal[128];
+    char wal[sizeof path + 8];
     snprintf(wal, sizeof wal, "%s-wal", path);
     unlink(wal);
     one_transaction(NULL, &theirs, &frames_theirs);
