@@ -72,8 +72,8 @@ def run(argv):
 
 
 def serve():
-    # One python3 for all of a script's questions: starting one costs a
-    # quarter of a second on some machines, and the matrix asks ~150.
+    # One python3 for all of a script's questions: starting one costs about
+    # 0.3 s on some machines, and the matrix asks about 130.
     for line in sys.stdin:
         argv = line.rstrip("\n").split("\t")
         try:
