@@ -12,6 +12,7 @@
  *   claim.c       claims for delivery and the claimed-id set
  *   dedupe.c      dedupe keys: recent ones in memory, merged in key order
  *   keyfilter.c   a Bloom filter of dedupe hashes, so new keys skip the table
+ *   walbuf.c      the spool's VFS: each connection's log writes gathered
  *   admin.c       statistics (on the reader); dead letters and the admin
  *                 API's lookups (on a connection of their own; an admin
  *                 handle: the reader)
@@ -254,9 +255,9 @@ long amp_spool_dedupe_lookups_for_tests(void);
  * refuses any other than SCHEMA_VERSION, changing nothing. */
 int amp_spool_open_db(const amp_spool_opts *opts, bool create, sqlite3 **db, char *err,
                       size_t errlen);
-/* The name of the spool's VFS (walbuf.c: a transaction's log frames in one
- * write), registered on first use; NULL when it could not be, and SQLite's
- * default then serves. */
+/* The name of the spool's VFS (walbuf.c: a transaction's log frames in a
+ * few writes), registered on first use; NULL when it could not be, and
+ * SQLite's default then serves. */
 const char *amp_spool_vfs(void);
 int amp_spool_migrate(sqlite3 *db, char *err, size_t errlen);
 /* Prepares the statements of each connection s has open. */

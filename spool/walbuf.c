@@ -78,13 +78,13 @@ static int wal_write(sqlite3_file *f, const void *data, int amt, sqlite3_int64 o
         if (rc != SQLITE_OK)
             return rc;
     }
-    /* The commit frame's page (its header went out with everything before
-     * it), a write too big to gather, or no buffer: straight through. */
+    /* Straight through, nothing being pending then: the commit frame's page
+     * (its header went out with everything before it), a write too big to
+     * gather (what was pending has just been written), or no buffer. */
     if (ofst == w->commit_page_at || n > WALBUF_MAX ||
         (!w->buf && !(w->buf = malloc(WALBUF_MAX)))) {
-        int rc = flush(w);
         w->commit_page_at = -1;
-        return rc != SQLITE_OK ? rc : w->real->pMethods->xWrite(w->real, data, amt, ofst);
+        return w->real->pMethods->xWrite(w->real, data, amt, ofst);
     }
     if (w->len == 0)
         w->off = ofst;

@@ -123,6 +123,16 @@ static void claim_one(amp_queue *s, int64_t now, const char *body) {
     free_jobs(jobs, n);
 }
 
+/* The first column of sql's first row, as an integer. */
+static long long query_int(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    long long v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
 /* A batch keeps copies of everything added, however many events and
  * requests and however long the strings (its arena grows in chunks), and
  * a replaced source is the one read back. */
@@ -497,12 +507,7 @@ START_TEST(answered_rows_visible_to_other_connections) {
 END_TEST
 
 static int user_version(sqlite3 *db) {
-    sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    int v = sqlite3_column_int(st, 0);
-    sqlite3_finalize(st);
-    return v;
+    return (int)query_int(db, "PRAGMA user_version");
 }
 
 /* A spool left by the first schema is migrated in place on open. */
@@ -585,14 +590,10 @@ END_TEST
 /* count(*) of a table of the test's spool, through a connection of its own. */
 static int64_t table_rows(const char *table) {
     sqlite3 *db;
-    sqlite3_stmt *st;
     char sql[128];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    int64_t n = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
+    int64_t n = query_int(db, sql);
     sqlite3_close(db);
     return n;
 }
@@ -1610,15 +1611,6 @@ static void insert_rows(sqlite3 *db, int from, int to) {
     exec_ok(db, "BEGIN");
     put_rows(db, from, to, 0);
     exec_ok(db, "COMMIT");
-}
-
-static long long query_int(sqlite3 *db, const char *sql) {
-    sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    long long v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return v;
 }
 
 /* Rows of t that are not ROW_BYTES of the byte id + add. */
