@@ -105,7 +105,13 @@ int amp_handlers_open(amp_handlers *h) {
 }
 
 int amp_handlers_suspended(amp_handlers *h) {
-    return atomic_load(&h->suspended);
+    /* The spool drops this count just after resuming a connection, and the
+     * request may be answered and completed in between: one completed is
+     * not waiting. Every waiting request is open (admitted before it is
+     * suspended, completed only after its resume), so when none is open
+     * none waits; read in this order, a request still open is counted. */
+    int n = atomic_load(&h->suspended);
+    return atomic_load(&h->open) > 0 ? n : 0;
 }
 
 /* A request begun before shutdown is admitted: it finishes normally (a
