@@ -117,7 +117,7 @@ amp_queue *amp_spool_open(const amp_spool_opts *opts, char *err, size_t errlen) 
         goto fail;
     }
     amp_spool_dedupe_merge_all(s);
-    s->next_maintenance_ms = amp_mono_ms() + MAINTENANCE_INTERVAL_MS;
+    s->next_maintenance_ms = amp_spool_next_maintenance_ms();
     amp_spool_count_pending(s);
     /* What a previous run left is on disk as far as anyone can know. */
     if (sqlite3_step(s->st_max_id) == SQLITE_ROW) {

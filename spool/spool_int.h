@@ -31,7 +31,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 5
+#define SCHEMA_VERSION 6
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -129,6 +129,7 @@ struct amp_spool {
     atomic_llong bytes;          /* pages in use, measured by check_limits() */
     _Atomic(const char *) full;  /* amp_queue_full(); set by check_limits() */
     int64_t next_maintenance_ms; /* committer only */
+    int64_t sweep_from;          /* committer only: the dedupe sweep's next hash (upkeep.c) */
     /* Committer only (upkeep.c): when the size is measured next, and the
      * bytes of rows and results written since it was last. */
     int64_t bytes_next_ms, grown;
@@ -230,7 +231,7 @@ struct amp_spool {
     sqlite3_stmt *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
-    sqlite3_stmt *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
+    sqlite3_stmt *st_sweep_end, *st_prune_dedupe, *st_prune_delivered, *st_count_pending, *st_probe;
     sqlite3_stmt *st_drop_keys, *st_drop_rows, *st_max_id, *st_page_count, *st_free_pages;
     int64_t page_size; /* of the database, read once */
     sqlite3_stmt *st_data_version;
@@ -295,6 +296,12 @@ void amp_spool_stop_thread(pthread_t t, bool *running, pthread_mutex_t *mu, pthr
 void amp_spool_check_limits(amp_spool *s, bool measure);
 void amp_spool_count_pending(amp_spool *s);
 void amp_spool_maintain(amp_spool *s);
+/* When the next maintenance is due (monotonic ms): MAINTENANCE_INTERVAL_MS
+ * from now, or what a test set. */
+int64_t amp_spool_next_maintenance_ms(void);
+/* Tests only: maintenance every ms instead (0: MAINTENANCE_INTERVAL_MS
+ * again). Process-wide: set it before opening a spool. */
+void amp_spool_set_maintenance_ms_for_tests(int64_t ms);
 
 /* ---- claim.c ---- */
 int amp_spool_claim(void *e, int shard, int64_t now_ms, amp_queue_job **jobs, size_t max,

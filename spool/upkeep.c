@@ -5,6 +5,10 @@
 #include "../base/clock.h"
 
 #define PRUNE_BATCH 10000
+/* The dedupe sweep reads at most this many slices of PRUNE_BATCH keys per
+ * maintenance: a table of up to 100,000 keys is walked whole every minute,
+ * a bigger one over several (a week of 10 million keys in 100 minutes). */
+#define SWEEP_SLICES 10
 #define BYTES_INTERVAL_MS 100
 
 static const char full_pending[] = "the spool holds spool.max_pending events";
@@ -76,16 +80,65 @@ static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms) {
     return n;
 }
 
+/* Expired dedupe keys. The table has no index by time (schema v6): it is
+ * walked in hash order, SWEEP_SLICES slices of PRUNE_BATCH keys per
+ * maintenance, each slice's expired keys deleted in a transaction of its
+ * own, from where the last maintenance stopped; a walk that reaches the end
+ * of the table starts over at the next maintenance. An expired key thus
+ * stays for at most one walk of the table, and a lookup compares its
+ * sighting with the window anyway. Returns keys deleted, or -1. */
+static int64_t sweep_dedupe(amp_spool *s, int64_t before_ms) {
+    int64_t deleted = 0;
+    for (int i = 0; i < SWEEP_SLICES; i++) {
+        sqlite3_bind_int64(s->st_sweep_end, 1, s->sweep_from);
+        sqlite3_bind_int(s->st_sweep_end, 2, PRUNE_BATCH);
+        int rc = sqlite3_step(s->st_sweep_end);
+        bool any = rc == SQLITE_ROW && sqlite3_column_type(s->st_sweep_end, 0) != SQLITE_NULL;
+        int64_t end = any ? sqlite3_column_int64(s->st_sweep_end, 0) : 0;
+        sqlite3_reset(s->st_sweep_end);
+        if (rc != SQLITE_ROW)
+            goto fail;
+        if (!any) { /* past the last key */
+            s->sweep_from = INT64_MIN;
+            break;
+        }
+        sqlite3_bind_int64(s->st_prune_dedupe, 1, s->sweep_from);
+        sqlite3_bind_int64(s->st_prune_dedupe, 2, end);
+        sqlite3_bind_int64(s->st_prune_dedupe, 3, before_ms);
+        if (amp_spool_step_done(s->st_prune_dedupe))
+            goto fail;
+        deleted += sqlite3_changes(s->wdb);
+        if (end == INT64_MAX) {
+            s->sweep_from = INT64_MIN;
+            break;
+        }
+        s->sweep_from = end + 1;
+    }
+    return deleted;
+fail:
+    amp_log(AMP_LOG_WARN, "spool pruning failed", "{s:s}", "error", sqlite3_errmsg(s->wdb));
+    return -1;
+}
+
+static int64_t maintenance_ms_for_tests;
+
+void amp_spool_set_maintenance_ms_for_tests(int64_t ms) {
+    maintenance_ms_for_tests = ms;
+}
+
+int64_t amp_spool_next_maintenance_ms(void) {
+    return amp_mono_ms() +
+           (maintenance_ms_for_tests > 0 ? maintenance_ms_for_tests : MAINTENANCE_INTERVAL_MS);
+}
+
 /* Runs between groups on the committer thread; each slice is its own short
  * transaction so ingest never waits long behind it. */
 void amp_spool_maintain(amp_spool *s) {
     int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
     if (!atomic_load(&s->failed))
         amp_spool_dedupe_merge_all(s);
-    if (s->dedupe_window_ms > 0)
-        while ((n = prune(s, s->st_prune_dedupe, now - s->dedupe_window_ms)) > 0 &&
-               (deduped += n) < 100 * PRUNE_BATCH)
-            ;
+    if (s->dedupe_window_ms > 0 && (n = sweep_dedupe(s, now - s->dedupe_window_ms)) > 0)
+        deduped = n;
     /* Over spool.max_bytes, delivered rows go before their retention. */
     bool pressed = atomic_load(&s->full) == full_bytes;
     if (s->retention_ms > 0 || pressed)

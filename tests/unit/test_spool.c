@@ -543,7 +543,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 5);
+    ck_assert_int_eq(user_version(db), 6);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -827,7 +827,8 @@ START_TEST(new_keys_skip_the_dedupe_table) {
 END_TEST
 
 /* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
- * hashed to 64 bits (version 5): its pending rows stay claimable, its keys
+ * hashed to 64 bits (version 5), then loses the keys' index by time
+ * (version 6): its pending rows stay claimable, its keys
  * still catch duplicates (and an expired one does not), the admin lookup
  * still finds an event's rows. */
 START_TEST(version_4_spool_is_migrated) {
@@ -869,7 +870,10 @@ START_TEST(version_4_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 5);
+    ck_assert_int_eq(user_version(db), 6);
+    /* Version 6 has no index of the keys by time. */
+    ck_assert_int_eq(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name = 'dedupe_seen'"),
+                     0);
     /* The migrated keys carry their check values (k0..k4, one each). */
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
@@ -881,6 +885,48 @@ START_TEST(version_4_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_column_int(st, 0), 5);
     sqlite3_finalize(st);
     sqlite3_close(db);
+}
+END_TEST
+
+/* Expired dedupe keys are pruned by a walk of the table in hash order
+ * (schema v6 has no index by time), a bounded part of it per maintenance,
+ * each maintenance going on from where the last one stopped. Keys spread
+ * over the whole hash range, the lower half fresh and more than one
+ * maintenance reads, the upper half expired (and the lowest and highest
+ * hashes there are): the expired ones are all pruned within a few
+ * maintenances, and the fresh ones all stay. */
+START_TEST(expired_dedupe_keys_are_swept) {
+    amp_queue_close(open_spool(3600));
+    enum { KEYS = 250000 }; /* upkeep.c reads 100,000 a maintenance */
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    char sql[512];
+    int64_t old = amp_now_ms() - 7200 * 1000;
+    snprintf(sql, sizeof sql,
+             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < %d) "
+             "INSERT INTO dedupe(h, seen_ms, chk) SELECT (i - %d) * 36893488147418, "
+             "CASE WHEN i < %d THEN %lld ELSE %lld END, 0 FROM n WHERE i <> %d",
+             KEYS, KEYS / 2, KEYS / 2, (long long)amp_now_ms(), (long long)old, KEYS / 2);
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    /* The lowest and the highest hashes there are, expired too. */
+    snprintf(sql, sizeof sql,
+             "INSERT INTO dedupe(h, seen_ms, chk) VALUES (-9223372036854775808, %lld, 0), "
+             "(9223372036854775807, %lld, 0)",
+             (long long)old, (long long)old);
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    ck_assert_int_eq(query_int(db, "SELECT count(*) FROM dedupe"), KEYS + 2);
+    sqlite3_close(db);
+
+    amp_spool_set_maintenance_ms_for_tests(20);
+    amp_queue *s = open_spool(3600);
+    int64_t left = -1, deadline = amp_mono_ms() + 20000;
+    while ((left = table_rows("dedupe")) > KEYS / 2 && amp_mono_ms() < deadline)
+        usleep(20 * 1000);
+    amp_queue_close(s);
+    amp_spool_set_maintenance_ms_for_tests(0);
+    ck_assert_int_eq(left, KEYS / 2);
+    ck_assert_int_eq(table_rows("dedupe"), KEYS / 2);
+    ck_assert_int_eq(table_rows("dedupe WHERE h < 0"), KEYS / 2);
 }
 END_TEST
 
@@ -1510,12 +1556,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{4, "schema version 4,"}, {6, "schema version 6,"}, {0, "schema version 0,"}};
+    } cases[] = {{5, "schema version 5,"}, {7, "schema version 7,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 5") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 6") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1524,7 +1570,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(5);
+    set_user_version(6);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -1774,6 +1820,7 @@ int main(void) {
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
+    tcase_add_test(tc, expired_dedupe_keys_are_swept);
     tcase_add_test(tc, colliding_keys_are_both_delivered);
     tcase_add_test(tc, new_keys_skip_the_dedupe_table);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
