@@ -930,6 +930,69 @@ START_TEST(expired_dedupe_keys_are_swept) {
 }
 END_TEST
 
+/* Delivered rows are pruned once their retention has passed (maintenance,
+ * here every 20 ms), and only they: a dead letter and a pending row stay,
+ * a row delivered later stays until its own retention ends, and the
+ * pruned event's dedupe key still catches it sent again. */
+START_TEST(delivered_rows_pruned_after_retention) {
+    amp_spool_set_maintenance_ms_for_tests(20);
+    amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .retention_s = 2});
+    amp_queue_batch *b = amp_queue_batch_create();
+    add(b, "delivered", "u", false, "{}");
+    add(b, "dead", "u", false, "{}");
+    add(b, "pending", "u", false, "{}");
+    ck_assert_uint_eq(submit(s, b).accepted, 3);
+    amp_queue_job *jobs[3];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 3, &next), 3);
+    for (int i = 0; i < 3; i++) {
+        const char *key = jobs[i]->dedupe_key;
+        if (strcmp(key, "pending") == 0)
+            continue; /* stays claimed, pending in the spool */
+        bool dead = strcmp(key, "dead") == 0;
+        amp_queue_acknowledge(
+            s, &(amp_queue_ack){.id = jobs[i]->id,
+                                .kind = dead ? AMP_QUEUE_ACK_DEAD : AMP_QUEUE_ACK_DELIVERED,
+                                .http_status = dead ? 400 : 200});
+    }
+    amp_queue_flush(s);
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.delivered, 1);
+
+    int64_t deadline = amp_mono_ms() + 10000;
+    while (amp_queue_stats_get(s, &st) == 0 && st.delivered > 0 && amp_mono_ms() < deadline)
+        usleep(20 * 1000);
+    ck_assert_int_eq(st.delivered, 0);
+    ck_assert_int_eq(st.dead, 1);
+    ck_assert_int_eq(st.pending, 1);
+
+    /* Delivered now: kept for its own retention. */
+    amp_queue_batch *late = amp_queue_batch_create();
+    add(late, "late", "u", false, "{}");
+    ck_assert_uint_eq(submit(s, late).accepted, 1);
+    amp_queue_job *lj[2];
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, lj, 2, &next), 1);
+    amp_queue_acknowledge(s, &(amp_queue_ack){.id = lj[0]->id,
+                                              .kind = AMP_QUEUE_ACK_DELIVERED,
+                                              .http_status = 200});
+    amp_queue_flush(s);
+    usleep(200 * 1000); /* ten maintenances */
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.delivered, 1);
+
+    amp_queue_batch *again = amp_queue_batch_create();
+    add(again, "delivered", "u", false, "{}");
+    amp_queue_result r = submit(s, again);
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    free_jobs(lj, 1);
+    free_jobs(jobs, 3);
+    amp_queue_close(s);
+    amp_spool_set_maintenance_ms_for_tests(0);
+}
+END_TEST
+
 /* The admin API's lookups: an event's rows by its dedupe key, with the
  * answer's excerpt and conversation; the jobs per app. */
 START_TEST(event_lookup_and_app_depths) {
@@ -1821,6 +1884,7 @@ int main(void) {
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
     tcase_add_test(tc, expired_dedupe_keys_are_swept);
+    tcase_add_test(tc, delivered_rows_pruned_after_retention);
     tcase_add_test(tc, colliding_keys_are_both_delivered);
     tcase_add_test(tc, new_keys_skip_the_dedupe_table);
     tcase_add_test(tc, log_is_checkpointed_and_bounded);
