@@ -160,27 +160,42 @@ json_t *amp_spool_dlq_list(void *e, const amp_queue_dlq_filter *f, size_t limit)
     return rows;
 }
 
-static int64_t dlq_change(amp_spool *s, const char *sql, const amp_queue_dlq_filter *f) {
-    char *ids;
+/* Runs first (if not NULL), then sql, in one transaction; sql's changes,
+ * or -1. */
+static int64_t dlq_change(amp_spool *s, const char *first, const char *sql,
+                          const amp_queue_dlq_filter *f) {
     int64_t n = -1;
     sqlite3 *db = ops_lock(s);
-    sqlite3_stmt *st = dlq_prepare(db, sql, f, &ids);
-    if (st) {
-        sqlite3_bind_int64(st, 8, amp_now_ms());
-        if (sqlite3_step(st) == SQLITE_DONE)
-            n = sqlite3_changes(db);
-        else
-            amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(db));
+    bool ok = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK;
+    const char *steps[] = {first, sql};
+    for (size_t i = 0; ok && i < 2; i++) {
+        if (!steps[i])
+            continue;
+        char *ids;
+        sqlite3_stmt *st = dlq_prepare(db, steps[i], f, &ids);
+        ok = st != NULL;
+        if (ok) {
+            sqlite3_bind_int64(st, 8, amp_now_ms());
+            ok = sqlite3_step(st) == SQLITE_DONE;
+            n = ok ? sqlite3_changes(db) : -1;
+        }
         sqlite3_finalize(st);
+        free(ids);
+    }
+    ok = ok && sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK;
+    if (!ok) {
+        amp_log(AMP_LOG_ERROR, "spool update failed", "{s:s}", "error", sqlite3_errmsg(db));
+        if (!sqlite3_get_autocommit(db))
+            sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        n = -1;
     }
     ops_unlock(s);
-    free(ids);
     return n;
 }
 
 int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f) {
     amp_spool *s = e;
-    int64_t n = dlq_change(s,
+    int64_t n = dlq_change(s, NULL,
                            "UPDATE deliveries SET state = 0, attempts = 0, due_ms = ?8, "
                            "schedule_ms = ?8, finished_ms = NULL, result = NULL" DLQ_WHERE,
                            f);
@@ -191,8 +206,16 @@ int64_t amp_spool_dlq_replay(void *e, const amp_queue_dlq_filter *f) {
 
 int64_t amp_spool_dlq_purge(void *e, const amp_queue_dlq_filter *f) {
     amp_spool *s = e;
-    /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true. */
-    return dlq_change(s, "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
+    /* ?8 is bound by dlq_change; "?8 > 0" keeps it used and always true.
+     * Rows after dedupe_merged.upto hold their events' recent dedupe keys
+     * (schema v7): those keys go to dedupe_recent first, so that a purge
+     * does not make the event new again. */
+    return dlq_change(s,
+                      "INSERT INTO dedupe_recent(h, seen_ms, chk) SELECT amp_key_hash(dedupe_key), "
+                      "max(created_ms), amp_key_check(dedupe_key) FROM deliveries" DLQ_WHERE
+                      " AND ?8 > 0 AND dedupe_key IS NOT NULL"
+                      " AND id > (SELECT upto FROM dedupe_merged) GROUP BY dedupe_key",
+                      "DELETE FROM deliveries" DLQ_WHERE " AND ?8 > 0", f);
 }
 
 /* ---- operators ------------------------------------------------------------ */
@@ -221,7 +244,9 @@ static json_t *column(sqlite3_stmt *st, int i) {
 /* The dedupe row (schema v3; since v5 found by the key's hash, in
  * dedupe_recent or dedupe, the latest sighting with the key's check too,
  * so another key with the same hash never answers for it; the key itself is checked
- * against the rows' dedupe_key) gives the id of the event's first row; its
+ * against the rows' dedupe_key; since v7 also the rows after
+ * dedupe_merged.upto, whose keys are not merged yet, when dedupe is on)
+ * gives the id of the event's first row; its
  * rows follow it (one committer inserts them one after the other). The
  * answer excerpt is cut by substr(), which counts characters, so a UTF-8
  * sequence is never split. */
@@ -237,12 +262,18 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
                            "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 AND chk = ?2 "
                            "UNION ALL SELECT seen_ms, first_id FROM dedupe "
                            "WHERE h = ?1 AND chk = ?2 "
+                           "UNION ALL SELECT created_ms, min(id) FROM deliveries "
+                           "WHERE ?4 AND id > (SELECT upto FROM dedupe_merged) "
+                           "AND dedupe_key = ?3 "
+                           "GROUP BY created_ms "
                            "ORDER BY 1 DESC LIMIT 1",
                            -1, &st, NULL);
     if (rc == SQLITE_OK) {
         int64_t check = 0, h = dedupe_key ? amp_spool_key_digest(dedupe_key, &check) : 0;
         sqlite3_bind_int64(st, 1, h);
         sqlite3_bind_int64(st, 2, check);
+        amp_spool_bind_text(st, 3, dedupe_key);
+        sqlite3_bind_int(st, 4, s->dedupe_window_ms > 0);
         rc = sqlite3_step(st);
         if (rc == SQLITE_ROW) {
             json_decref(seen);

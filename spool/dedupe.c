@@ -1,17 +1,23 @@
-/* Dedupe keys (committer thread): recent keys in memory and in an
- * append-only table, merged into the hashed table in key order.
+/* Dedupe keys (committer thread): recent keys in memory and in the rows
+ * that store their events, merged into the hashed table in key order.
  *
  * A new key written straight into the dedupe table (schema v5: keyed by a
  * 64-bit hash) lands on a random page of it, and every commit writes each
  * page it changed to the log, each checkpoint back to the database: one
  * 4 KiB page per event, most of the spool's CPU per stored event. Instead a
- * new key is appended to dedupe_recent (the page at its end, shared by the
- * group's keys) in the transaction that stores its rows, and remembered in
- * a hash map in memory that holds exactly dedupe_recent's keys. Once
- * MERGE_KEYS have gathered (and at every maintenance, and at open), they
- * are merged into the dedupe table in key order, MERGE_SLICE per
- * transaction between groups, so a page of the table takes many keys at a
- * time; the merged rows then leave dedupe_recent.
+ * new key is remembered in a hash map in memory, and on disk by the rows
+ * that store its event (their dedupe_key and created_ms; schema v7): the
+ * keys of the rows after dedupe_merged.upto (rows_merged) are the recent
+ * ones, read again from those rows at open. A key with no such row (an
+ * event without rows, or rows given ids at or below rows_merged) is
+ * appended to dedupe_recent instead, in the same transaction; the map holds
+ * both kinds. Once MERGE_KEYS have gathered (and at every maintenance, and
+ * at open), they are merged into the dedupe table in key order, MERGE_SLICE
+ * per transaction between groups, so a page of the table takes many keys at
+ * a time; the last slice moves rows_merged to the last row there was when
+ * the merge began, and the merged rows of dedupe_recent are deleted.
+ * Appending each key to dedupe_recent as well, then deleting it after the
+ * merge, cost the committer and checkpointer about a tenth of their CPU.
  *
  * A key is a duplicate while its last sighting (in the map, else in the
  * dedupe table, where it is a page read and no write) is inside the window
@@ -234,26 +240,47 @@ void amp_spool_dedupe_free(amp_spool *s) {
     s->nundo = s->capundo = s->nmerge = s->merged = 0;
 }
 
-/* The map again from dedupe_recent (nothing uncommitted may be pending).
- * -1 on a read error (the map is then empty: keys are still found in the
- * table by the next load, and meanwhile a repeat may be stored twice). */
+/* A sighting read back into the map. Of two keys with one hash, the later
+ * sighting wins, as it did in the map; of one event's rows (one sighting),
+ * the first. */
+static void reload_put(amp_spool *s, const key_entry *e) {
+    const key_entry *old = map_get(&s->recent, e->h);
+    if (!old || e->seen > old->seen || (e->seen == old->seen && e->chk != old->chk))
+        map_put(&s->recent, e);
+    filter_note(s, e->h);
+}
+
+/* The map again from dedupe_recent and the rows after dedupe_merged.upto
+ * (nothing uncommitted may be pending). -1 on a read error (the map is
+ * then incomplete: the next merge loads it again first, and meanwhile a
+ * repeat may be stored twice). */
 static int reload(amp_spool *s) {
     map_free(&s->recent);
     s->nundo = 0;
-    int rc;
-    /* In row order: of two keys with one hash, the later sighting wins, as
-     * it did in the map. */
-    while ((rc = sqlite3_step(s->st_recent_all)) == SQLITE_ROW) {
-        key_entry e = {.h = sqlite3_column_int64(s->st_recent_all, 0),
-                       .seen = sqlite3_column_int64(s->st_recent_all, 1),
-                       .chk = sqlite3_column_int64(s->st_recent_all, 2),
-                       .first_id = sqlite3_column_int64(s->st_recent_all, 3)};
-        const key_entry *old = map_get(&s->recent, e.h);
-        if (!old || e.seen >= old->seen)
-            map_put(&s->recent, &e);
-        filter_note(s, e.h);
-    }
+    s->recent_complete = false;
+    int rc = sqlite3_step(s->st_merged_get);
+    if (rc == SQLITE_ROW)
+        s->rows_merged = sqlite3_column_int64(s->st_merged_get, 0);
+    sqlite3_reset(s->st_merged_get);
+    if (rc != SQLITE_ROW)
+        return -1;
+    while ((rc = sqlite3_step(s->st_recent_all)) == SQLITE_ROW)
+        reload_put(s, &(key_entry){.h = sqlite3_column_int64(s->st_recent_all, 0),
+                                   .seen = sqlite3_column_int64(s->st_recent_all, 1),
+                                   .chk = sqlite3_column_int64(s->st_recent_all, 2),
+                                   .first_id = sqlite3_column_int64(s->st_recent_all, 3)});
     sqlite3_reset(s->st_recent_all);
+    if (rc != SQLITE_DONE)
+        return -1;
+    /* Without dedupe no key was recorded, and none is wanted. */
+    sqlite3_bind_int64(s->st_rows_keys, 1, s->dedupe_window_ms > 0 ? s->rows_merged : INT64_MAX);
+    while ((rc = sqlite3_step(s->st_rows_keys)) == SQLITE_ROW) {
+        key_entry e = {.first_id = sqlite3_column_int64(s->st_rows_keys, 0),
+                       .seen = sqlite3_column_int64(s->st_rows_keys, 1)};
+        e.h = amp_spool_key_digest((const char *)sqlite3_column_text(s->st_rows_keys, 2), &e.chk);
+        reload_put(s, &e);
+    }
+    sqlite3_reset(s->st_rows_keys);
     s->recent_complete = rc == SQLITE_DONE;
     return rc == SQLITE_DONE ? 0 : -1;
 }
@@ -284,15 +311,18 @@ int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ti
 }
 
 int amp_spool_dedupe_record(amp_spool *s, const dedupe_ticket *t, int64_t now, int64_t first_id) {
-    sqlite3_bind_int64(s->st_recent_add, 1, t->h);
-    sqlite3_bind_int64(s->st_recent_add, 2, now);
-    if (first_id > 0)
-        sqlite3_bind_int64(s->st_recent_add, 3, first_id);
-    else
-        sqlite3_bind_null(s->st_recent_add, 3);
-    sqlite3_bind_int64(s->st_recent_add, 4, t->chk);
-    if (amp_spool_step_done(s->st_recent_add))
-        return -1;
+    /* Rows after rows_merged hold the key; any other goes to dedupe_recent. */
+    if (first_id <= s->rows_merged) {
+        sqlite3_bind_int64(s->st_recent_add, 1, t->h);
+        sqlite3_bind_int64(s->st_recent_add, 2, now);
+        if (first_id > 0)
+            sqlite3_bind_int64(s->st_recent_add, 3, first_id);
+        else
+            sqlite3_bind_null(s->st_recent_add, 3);
+        sqlite3_bind_int64(s->st_recent_add, 4, t->chk);
+        if (amp_spool_step_done(s->st_recent_add))
+            return -1;
+    }
     if (s->nundo == s->capundo) {
         s->capundo = s->capundo ? s->capundo * 2 : 256;
         s->undo = amp_xrealloc(s->undo, s->capundo * sizeof *s->undo);
@@ -326,20 +356,18 @@ void amp_spool_dedupe_keep(amp_spool *s) {
 /* ---- merging ---- */
 
 /* Sorts r[0..n) by the top 24 bits of the key (signed, as SQLite orders
- * rowids), keeping the order of records that share them (rows of one hash
- * stay in row order, so the later sighting is merged last and wins): keys
- * that share those bits sit on one page of the dedupe table, or on
- * neighbouring ones, until it holds millions of pages. An LSD radix sort, 8
+ * rowids): keys that share those bits sit on one page of the dedupe table,
+ * or on neighbouring ones, until it holds millions of pages. An LSD radix sort, 8
  * bits a pass, through a copy; qsort took ~2.5 ms for 16,384 keys, between
  * two groups. */
-static unsigned key_digit(const merge_rec *r, unsigned shift) {
-    return (unsigned)((((uint64_t)r->key.h) ^ (1ull << 63)) >> shift & 0xff);
+static unsigned key_digit(const key_entry *r, unsigned shift) {
+    return (unsigned)((((uint64_t)r->h) ^ (1ull << 63)) >> shift & 0xff);
 }
 
-static void sort_by_key(merge_rec *r, size_t n) {
+static void sort_by_key(key_entry *r, size_t n) {
     if (n < 2)
         return;
-    merge_rec *tmp = amp_xmalloc(n * sizeof *tmp), *from = r, *to = tmp;
+    key_entry *tmp = amp_xmalloc(n * sizeof *tmp), *from = r, *to = tmp;
     for (unsigned shift = 40; shift < 64; shift += 8) {
         size_t count[257] = {0};
         for (size_t i = 0; i < n; i++)
@@ -350,7 +378,7 @@ static void sort_by_key(merge_rec *r, size_t n) {
             count[d] += count[d - 1];
         for (size_t i = 0; i < n; i++)
             to[count[key_digit(&from[i], shift)]++] = from[i];
-        merge_rec *t = from;
+        key_entry *t = from;
         from = to;
         to = t;
     }
@@ -359,54 +387,38 @@ static void sort_by_key(merge_rec *r, size_t n) {
     free(tmp);
 }
 
+/* The last row's id, or -1 on a read error. */
+static int64_t last_row(amp_spool *s) {
+    int rc = sqlite3_step(s->st_max_id);
+    int64_t id = rc == SQLITE_ROW ? sqlite3_column_int64(s->st_max_id, 0) : -1;
+    sqlite3_reset(s->st_max_id);
+    return id;
+}
+
 /* The keys to merge, sorted by key, into s->merge: from the map, which
- * holds each of dedupe_recent's keys with its latest sighting, the one the
- * merge keeps (reading and sorting the table's rows stalled the committer
- * 5-9 ms); from the table itself when the map may lack some. */
+ * holds each recent key with its latest sighting, the one the merge keeps
+ * (reading and sorting dedupe_recent's rows stalled the committer 5-9 ms);
+ * loaded again first if it may lack some. Between groups, so every row up
+ * to the last one has its key in the map. */
 static int merge_start(amp_spool *s) {
-    size_t cap = s->recent.n + 64;
-    s->merge = amp_xmalloc(cap * sizeof *s->merge);
-    s->nmerge = s->merged = 0;
-    s->merge_upto = s->dropped_upto = 0;
-    s->merge_from_map = s->recent_complete;
-    int rc;
-    if (s->merge_from_map) {
-        for (size_t i = 0; i < s->recent.cap; i++)
-            if (s->recent.slots[i].h)
-                s->merge[s->nmerge++] = (merge_rec){.key = s->recent.slots[i]};
-        rc = sqlite3_step(s->st_recent_ids);
-        if (rc == SQLITE_ROW) {
-            s->dropped_upto = sqlite3_column_int64(s->st_recent_ids, 0) - 1;
-            s->merge_upto = sqlite3_column_int64(s->st_recent_ids, 1);
-            rc = SQLITE_DONE;
-        }
-        sqlite3_reset(s->st_recent_ids);
-    } else {
-        while ((rc = sqlite3_step(s->st_recent_rows)) == SQLITE_ROW) {
-            if (s->nmerge == cap) {
-                cap *= 2;
-                s->merge = amp_xrealloc(s->merge, cap * sizeof *s->merge);
-            }
-            merge_rec *r = &s->merge[s->nmerge++];
-            r->id = sqlite3_column_int64(s->st_recent_rows, 0);
-            r->key.h = sqlite3_column_int64(s->st_recent_rows, 1);
-            r->key.seen = sqlite3_column_int64(s->st_recent_rows, 2);
-            r->key.first_id = sqlite3_column_int64(s->st_recent_rows, 3);
-            r->key.chk = sqlite3_column_int64(s->st_recent_rows, 4);
-            if (r->id > s->merge_upto)
-                s->merge_upto = r->id;
-            if (s->nmerge == 1 || r->id <= s->dropped_upto)
-                s->dropped_upto = r->id - 1;
-        }
-        sqlite3_reset(s->st_recent_rows);
+    int rc = !s->recent_complete && reload(s) ? SQLITE_ERROR : sqlite3_step(s->st_recent_ids);
+    if (rc == SQLITE_ROW) {
+        s->dropped_upto = sqlite3_column_int64(s->st_recent_ids, 0) - 1;
+        s->merge_upto = sqlite3_column_int64(s->st_recent_ids, 1);
     }
-    if (rc != SQLITE_DONE) {
+    sqlite3_reset(s->st_recent_ids);
+    s->merge_rows_upto = rc == SQLITE_ROW ? last_row(s) : -1;
+    if (s->merge_rows_upto < 0) {
         amp_log(AMP_LOG_WARN, "spool dedupe merge failed", "{s:s}", "error",
                 sqlite3_errmsg(s->wdb));
-        amp_spool_dedupe_cancel_merge(s);
         s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return -1;
     }
+    s->merge = amp_xmalloc((s->recent.n + 1) * sizeof *s->merge);
+    s->nmerge = s->merged = 0;
+    for (size_t i = 0; i < s->recent.cap; i++)
+        if (s->recent.slots[i].h)
+            s->merge[s->nmerge++] = s->recent.slots[i];
     sort_by_key(s->merge, s->nmerge);
     return 0;
 }
@@ -422,18 +434,19 @@ void amp_spool_dedupe_cancel_merge(amp_spool *s) {
  * takes it); reloading the map from the table took 3-7 ms. */
 static void forget_merged(amp_spool *s) {
     for (size_t i = 0; i < s->nmerge; i++) {
-        const key_entry *k = &s->merge[i].key, *now = map_get(&s->recent, k->h);
+        const key_entry *k = &s->merge[i], *now = map_get(&s->recent, k->h);
         if (now && now->seen == k->seen && now->chk == k->chk)
             map_del(&s->recent, k->h);
     }
 }
 
 /* One step: reading the keys to merge; then one transaction each: the
- * next slice, or, after the last one, the next DROP_SLICE merged rows out
- * of dedupe_recent. Returns 1 while more is to do, 0 when done, -1 on a
- * failure (the merge is dropped; rows not yet dropped stay in dedupe_recent
- * and the next merge takes them, or drops them if they are merged
- * already). Between groups only: nothing uncommitted. */
+ * next slice (the last one also moves dedupe_merged.upto), or, after the
+ * last one, the next DROP_SLICE merged rows out of dedupe_recent. Returns 1
+ * while more is to do, 0 when done, -1 on a failure (the merge is dropped;
+ * its keys are still in the map, and rows not yet dropped stay in
+ * dedupe_recent: the next merge takes them, or drops them if they are
+ * merged already). Between groups only: nothing uncommitted. */
 static int merge_step(amp_spool *s) {
     if (!s->merge) /* reading and sorting the keys: a step of its own */
         return merge_start(s) ? -1 : 1;
@@ -446,7 +459,7 @@ static int merge_step(amp_spool *s) {
     int ok = amp_spool_step_done(s->st_begin) == 0;
     size_t end = s->merged + slice < s->nmerge ? s->merged + slice : s->nmerge;
     for (; ok && slicing && s->merged < end; s->merged++) {
-        const key_entry *k = &s->merge[s->merged].key;
+        const key_entry *k = &s->merge[s->merged];
         sqlite3_bind_int64(s->st_dedupe_merge, 1, k->h);
         sqlite3_bind_int64(s->st_dedupe_merge, 2, k->seen);
         if (k->first_id > 0)
@@ -455,8 +468,11 @@ static int merge_step(amp_spool *s) {
             sqlite3_bind_null(s->st_dedupe_merge, 3);
         sqlite3_bind_int64(s->st_dedupe_merge, 4, k->chk);
         ok = amp_spool_step_done(s->st_dedupe_merge) == 0;
-        if (!s->merge_from_map) /* keys the map lacked */
-            filter_note(s, k->h);
+    }
+    bool last = slicing && end == s->nmerge;
+    if (ok && last) {
+        sqlite3_bind_int64(s->st_merged_set, 1, s->merge_rows_upto);
+        ok = amp_spool_step_done(s->st_merged_set) == 0;
     }
     if (ok && !slicing) {
         sqlite3_bind_int64(s->st_recent_drop, 1, drop_upto);
@@ -473,17 +489,17 @@ static int merge_step(amp_spool *s) {
         s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return -1;
     }
-    if (slicing) {
-        if (s->merged == s->nmerge && s->merge_from_map)
-            forget_merged(s);
-        return 1;
+    if (last) {
+        s->rows_merged = s->merge_rows_upto;
+        forget_merged(s);
     }
+    if (slicing)
+        return 1;
     s->dropped_upto = drop_upto;
     if (drop_upto < s->merge_upto)
         return 1;
-    bool from_map = s->merge_from_map;
     amp_spool_dedupe_cancel_merge(s);
-    return from_map || reload(s) == 0 ? 0 : -1;
+    return 0;
 }
 
 void amp_spool_dedupe_after_group(amp_spool *s) {
@@ -502,8 +518,18 @@ void amp_spool_dedupe_after_group(amp_spool *s) {
 }
 
 int amp_spool_dedupe_merge_all(amp_spool *s) {
-    if (!s->merge && s->recent.n == 0)
+    /* No key to merge: rows_merged still follows the rows (those without
+     * keys, or stored without dedupe), so that pruning can reach them. */
+    if (!s->merge && s->recent.n == 0 && s->recent_complete) {
+        int64_t last = last_row(s);
+        if (last <= s->rows_merged)
+            return last < 0 ? -1 : 0;
+        sqlite3_bind_int64(s->st_merged_set, 1, last);
+        if (amp_spool_step_done(s->st_merged_set))
+            return -1;
+        s->rows_merged = last;
         return 0;
+    }
     int rc;
     while ((rc = merge_step(s)) == 1)
         ;

@@ -96,9 +96,23 @@ static const char schema_v5[] =
  * checkpointer x0.89 of their CPU per event with the index. */
 static const char schema_v6[] = "DROP INDEX dedupe_seen;";
 
+/* v7: a new key whose event has rows is no longer also appended to
+ * dedupe_recent: the rows carry the key (dedupe_key) and its sighting
+ * (created_ms). dedupe_merged.upto is the last row whose key is in the
+ * dedupe table; the keys of the rows after it are the recent ones, read
+ * again from those rows at open (dedupe.c). dedupe_recent keeps the keys
+ * that have no rows after upto: an event without rows, rows whose ids fall
+ * at or below upto (the highest rows were deleted, and SQLite gives their
+ * ids again), and the keys of rows a purge deletes before they are merged.
+ * Every key of a database of version 6 is in dedupe or dedupe_recent, so
+ * upto starts at its last row. */
+static const char schema_v7[] =
+    "CREATE TABLE dedupe_merged (upto INTEGER NOT NULL);"
+    "INSERT INTO dedupe_merged(upto) SELECT coalesce(max(id), 0) FROM deliveries;";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
-static const char *const migrations[] = {schema_v1, schema_v2, schema_v3,
-                                         schema_v4, schema_v5, schema_v6};
+static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4,
+                                         schema_v5, schema_v6, schema_v7};
 
 /* Tests only (amp_spool_set_key_hash_for_tests): replaces the hash. */
 static int64_t (*hash_for_tests)(const char *key);
@@ -260,14 +274,17 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          /* Two subqueries: min() and max() in one SELECT scan the table. */
          "SELECT (SELECT coalesce(min(id), 1) FROM dedupe_recent), "
          "(SELECT coalesce(max(id), 0) FROM dedupe_recent)"},
-        {s->wdb, &s->st_recent_rows,
-         "SELECT id, h, seen_ms, first_id, chk FROM dedupe_recent ORDER BY id"},
         {s->wdb, &s->st_dedupe_merge,
          "INSERT INTO dedupe(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4) "
          "ON CONFLICT(h) DO UPDATE "
          "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id, chk = excluded.chk "
          "WHERE excluded.seen_ms >= dedupe.seen_ms"},
         {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
+        {s->wdb, &s->st_merged_get, "SELECT upto FROM dedupe_merged"},
+        {s->wdb, &s->st_merged_set, "UPDATE dedupe_merged SET upto = ?1"},
+        {s->wdb, &s->st_rows_keys,
+         "SELECT id, created_ms, dedupe_key FROM deliveries WHERE id > ?1 "
+         "AND dedupe_key IS NOT NULL ORDER BY id"},
         {s->wdb, &s->st_filter_scan, "SELECT h FROM dedupe WHERE h >= ?1 ORDER BY h LIMIT ?2"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
@@ -325,7 +342,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          * delivered or dead rows scans the whole table, pending rows too. */
         {s->wdb, &s->st_prune_delivered,
          "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 1 AND "
-         "state <> 0 AND finished_ms < ?1 LIMIT ?2)"},
+         "state <> 0 AND finished_ms < ?1 AND id <= ?3 LIMIT ?2)"},
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
         /* recover(): what was committed after the last good sync. */
         {s->wdb, &s->st_drop_keys,
@@ -373,15 +390,19 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
 
 void amp_spool_finalize_all(amp_spool *s) {
     sqlite3_stmt **all[] = {
-        &s->st_begin,       &s->st_commit,           &s->st_rollback,        &s->st_savepoint,
-        &s->st_release,     &s->st_rollback_to,      &s->st_dedupe_find,     &s->st_insert,
-        &s->st_waiting,     &s->st_delivered,        &s->st_retry,           &s->st_dead,
-        &s->st_release_row, &s->st_conv_set,         &s->st_conv_clear,      &s->st_claim,
-        &s->st_next_due,    &s->st_prune_dedupe,     &s->st_prune_delivered, &s->st_count_pending,
-        &s->st_probe,       &s->st_data_version,     &s->st_drop_keys,       &s->st_drop_rows,
-        &s->st_max_id,      &s->st_page_count,       &s->st_free_pages,      &s->st_recent_add,
-        &s->st_recent_all,  &s->st_recent_rows,      &s->st_recent_ids,      &s->st_dedupe_merge,
-        &s->st_recent_drop, &s->st_drop_recent_keys, &s->st_filter_scan,  &s->st_sweep_end,
+        &s->st_begin,           &s->st_commit,        &s->st_rollback,
+        &s->st_savepoint,       &s->st_release,       &s->st_rollback_to,
+        &s->st_dedupe_find,     &s->st_insert,        &s->st_waiting,
+        &s->st_delivered,       &s->st_retry,         &s->st_dead,
+        &s->st_release_row,     &s->st_conv_set,      &s->st_conv_clear,
+        &s->st_claim,           &s->st_next_due,      &s->st_prune_dedupe,
+        &s->st_prune_delivered, &s->st_count_pending, &s->st_probe,
+        &s->st_data_version,    &s->st_drop_keys,     &s->st_drop_rows,
+        &s->st_max_id,          &s->st_page_count,    &s->st_free_pages,
+        &s->st_recent_add,      &s->st_recent_all,    &s->st_recent_ids,
+        &s->st_dedupe_merge,    &s->st_recent_drop,   &s->st_drop_recent_keys,
+        &s->st_filter_scan,     &s->st_sweep_end,     &s->st_merged_get,
+        &s->st_merged_set,      &s->st_rows_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -31,7 +31,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 6
+#define SCHEMA_VERSION 7
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -63,7 +63,7 @@ typedef struct idset {
 
 /* A recent dedupe key (dedupe.c): its hash (0: an empty slot), check, last
  * sighting and the id of its event's first row (0: none), as in its latest
- * dedupe_recent row. */
+ * rows or dedupe_recent row. */
 typedef struct key_entry {
     int64_t h, chk, seen, first_id;
 } key_entry;
@@ -89,13 +89,6 @@ bool amp_spool_keyfilter_may_hold(const amp_spool_keyfilter *f, int64_t h);
 /* Hashes added (one added twice counts twice), and what it was sized for. */
 size_t amp_spool_keyfilter_count(const amp_spool_keyfilter *f);
 size_t amp_spool_keyfilter_capacity(const amp_spool_keyfilter *f);
-
-/* A key being merged, and the dedupe_recent row it came from (0: from the
- * map, which holds each hash once). */
-typedef struct merge_rec {
-    key_entry key;
-    int64_t id;
-} merge_rec;
 
 typedef enum { WORK_BATCH, WORK_ACK, WORK_FLUSH } work_kind;
 
@@ -133,21 +126,22 @@ struct amp_spool {
     /* Committer only (upkeep.c): when the size is measured next, and the
      * bytes of rows and results written since it was last. */
     int64_t bytes_next_ms, grown;
-    /* Committer only (dedupe.c): dedupe_recent's keys not yet in the
-     * dedupe table, the undo log of the open transaction, and the merge
-     * under way (sorted by key; merged: how many are in the dedupe table;
-     * merge_upto: its last dedupe_recent row, dropped_upto: the last one
-     * deleted so far). */
+    /* Committer only (dedupe.c): the keys not yet in the dedupe table
+     * (dedupe_recent's and those of the rows after rows_merged, which is
+     * dedupe_merged.upto), the undo log of the open transaction, and the
+     * merge under way (sorted by key; merged: how many are in the dedupe
+     * table; merge_upto: its last dedupe_recent row, dropped_upto: the last
+     * one deleted so far; merge_rows_upto: the last row when it began). */
     keymap recent;
     undo_rec *undo;
     size_t nundo, capundo;
-    merge_rec *merge;
+    key_entry *merge;
     size_t nmerge, merged;
     int64_t merge_upto, dropped_upto;
-    /* The map holds all of dedupe_recent's keys (false after a failed
-     * load: the next merge then reads them from the table). */
+    int64_t rows_merged, merge_rows_upto;
+    /* The map holds all of those keys (false after a failed load: the
+     * next merge loads it again first). */
     bool recent_complete;
-    bool merge_from_map;    /* the merge under way was taken from the map */
     int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
     /* Committer only (dedupe.c): filter holds every hash of the dedupe
      * table and of the map, so a key it does not hold is new without a
@@ -226,8 +220,9 @@ struct amp_spool {
     /* committer statements */
     sqlite3_stmt *st_begin, *st_commit, *st_rollback;
     sqlite3_stmt *st_savepoint, *st_release, *st_rollback_to;
-    sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_rows, *st_recent_ids;
+    sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_ids;
     sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_filter_scan;
+    sqlite3_stmt *st_merged_get, *st_merged_set, *st_rows_keys;
     sqlite3_stmt *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
@@ -332,7 +327,8 @@ void amp_spool_dedupe_after_group(amp_spool *s);
 /* The whole merge now (open, maintenance): 0, or -1 (logged). */
 int amp_spool_dedupe_merge_all(amp_spool *s);
 void amp_spool_dedupe_cancel_merge(amp_spool *s);
-/* The map from dedupe_recent: at open, and after recover(). 0 or -1. */
+/* The map from dedupe_recent and the rows after dedupe_merged.upto: at
+ * open, and after recover(). 0 or -1. */
 int amp_spool_dedupe_load(amp_spool *s);
 void amp_spool_dedupe_free(amp_spool *s);
 

@@ -70,10 +70,13 @@ void amp_spool_count_pending(amp_spool *s) {
     amp_spool_check_limits(s, true);
 }
 
-/* Delete one bounded slice of expired rows; returns rows deleted. */
+/* Delete one bounded slice of expired rows; returns rows deleted. Only
+ * rows whose keys are merged: the others hold their recent keys (schema
+ * v7), and a maintenance merges them first. */
 static int64_t prune(amp_spool *s, sqlite3_stmt *st, int64_t before_ms) {
     sqlite3_bind_int64(st, 1, before_ms);
     sqlite3_bind_int(st, 2, PRUNE_BATCH);
+    sqlite3_bind_int64(st, 3, s->rows_merged);
     int64_t n = amp_spool_step_done(st) == 0 ? sqlite3_changes(s->wdb) : -1;
     if (n < 0)
         amp_log(AMP_LOG_WARN, "spool pruning failed", "{s:s}", "error", sqlite3_errmsg(s->wdb));

@@ -524,6 +524,7 @@ START_TEST(version_1_spool_is_migrated) {
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(sqlite3_exec(db,
                                   "DROP TABLE dedupe; DROP TABLE dedupe_recent;"
+                                  "DROP TABLE dedupe_merged;"
                                   "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER "
                                   "NOT NULL) WITHOUT ROWID;"
                                   "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
@@ -543,7 +544,7 @@ START_TEST(version_1_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 6);
+    ck_assert_int_eq(user_version(db), 7);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -612,9 +613,19 @@ static amp_queue_result submit_one(amp_queue *s, const char *key, const char *bo
     return submit(s, b);
 }
 
-/* New keys go to dedupe_recent first and are merged into the dedupe table
- * in key order: once enough have gathered while running, and at open. A key
- * is a duplicate wherever it is, before, during and after a merge. */
+/* dedupe_merged.upto: the last row whose key is in the dedupe table. */
+static int64_t merged_upto(void) {
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    int64_t n = query_int(db, "SELECT upto FROM dedupe_merged");
+    sqlite3_close(db);
+    return n;
+}
+
+/* New keys are first kept by their events' rows (and in memory), not in
+ * dedupe_recent, and merged into the dedupe table in key order: once
+ * enough have gathered while running, and at open. A key is a duplicate
+ * wherever it is, before, during and after a merge. */
 START_TEST(dedupe_keys_survive_merges) {
     amp_queue *s = open_spool(3600);
     enum { BATCHES = 18, PER = 1000 }; /* more than dedupe.c's MERGE_KEYS (16384) */
@@ -627,6 +638,7 @@ START_TEST(dedupe_keys_survive_merges) {
         }
         ck_assert_uint_eq(submit(s, b).accepted, PER);
     }
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     /* A merge is under way (a slice after each group; the merged keys
      * leave dedupe_recent after the last one). The committer takes the
      * next group only after the step that follows the last one: one more
@@ -645,17 +657,19 @@ START_TEST(dedupe_keys_survive_merges) {
         ck_assert_uint_eq(r.accepted, 0);
         ck_assert_uint_gt(r.duplicates, 0);
     }
-    /* More groups drive the merge to its end: the merged keys leave
-     * dedupe_recent and the map, and are found in the dedupe table, with
-     * the id of their event's row for the admin lookup. */
+    /* More groups drive the merge to its end: the merged keys leave the
+     * map, and are found in the dedupe table, with the id of their event's
+     * row for the admin lookup; the last slice counted the rows it merged. */
+    ck_assert_int_eq(merged_upto(), 0);
     int driven = 0;
-    for (; driven < 200 && table_rows("dedupe_recent") >= BATCHES * PER; driven++) {
+    for (; driven < 200 && merged_upto() == 0; driven++) {
         char key[32];
         snprintf(key, sizeof key, "drive-%d", driven);
         ck_assert_uint_eq(submit_one(s, key, "{}").accepted, 1);
     }
-    ck_assert_int_lt(table_rows("dedupe_recent"), BATCHES * PER);
-    ck_assert_int_ge(table_rows("dedupe"), 16384);
+    ck_assert_int_ge(merged_upto(), 16384);
+    ck_assert_int_ge(table_rows("dedupe"), merged_upto());
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     amp_queue_batch *again = amp_queue_batch_create();
     add(again, "m3-5", "u", false, "{}");
     add(again, "m16-998", "u", false, "{}");
@@ -670,6 +684,7 @@ START_TEST(dedupe_keys_survive_merges) {
     s = open_spool(3600);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     ck_assert_int_eq(table_rows("dedupe"), BATCHES * PER + driven);
+    ck_assert_int_eq(merged_upto(), BATCHES * PER + driven);
     amp_queue_batch *b = amp_queue_batch_create();
     add(b, "m17-999", "u", false, "{}");
     add(b, "m0-0", "u", false, "{}");
@@ -743,6 +758,101 @@ START_TEST(colliding_keys_are_both_delivered) {
     free_jobs(jobs, 3);
     amp_queue_close(s);
     amp_spool_set_key_hash_for_tests(NULL);
+}
+END_TEST
+
+/* Events "r0".."r99" with a row each and "e0".."e9" with none, in one
+ * batch. */
+static amp_queue_batch *rows_and_rowless(void) {
+    amp_queue_batch *b = keys_batch("r", 0, 100, 1);
+    for (int i = 0; i < 10; i++) {
+        char key[8];
+        snprintf(key, sizeof key, "e%d", i);
+        amp_queue_batch_event(b, key);
+    }
+    return b;
+}
+
+/* A process stores events, then ends without closing anything (as under
+ * kill -9), before any merge: the keys of events with rows are in those
+ * rows only, the others in dedupe_recent. The next open reads both back:
+ * every key is a duplicate, and its merge counts the rows as merged. */
+START_TEST(recent_keys_come_back_from_rows_after_a_crash) {
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        char err[256];
+        amp_queue *s = amp_spool_open(&(amp_spool_opts){.path = path, .dedupe_window_s = 3600}, err,
+                                      sizeof err);
+        done_box box = {0};
+        if (s)
+            amp_queue_submit(s, rows_and_rowless(), on_done, &box);
+        if (s)
+            amp_queue_flush(s);
+        _exit(box.calls == 1 && box.res.accepted == 110 ? 0 : 1);
+    }
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the storing process failed: %d", st);
+    ck_assert_int_eq(table_rows("deliveries"), 100);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 10);
+    ck_assert_int_eq(table_rows("dedupe"), 0);
+    ck_assert_int_eq(merged_upto(), 0);
+
+    amp_queue *s = open_spool(3600);
+    ck_assert_int_eq(table_rows("dedupe"), 110);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
+    ck_assert_int_eq(merged_upto(), 100);
+    amp_queue_result r = submit(s, rows_and_rowless());
+    ck_assert_uint_eq(r.duplicates, 110);
+    ck_assert_uint_eq(r.accepted, 0);
+    ck_assert_uint_eq(event_jobs(s, "r42"), 1);
+    amp_queue_close(s);
+}
+END_TEST
+
+/* Rows that leave before their keys are merged: a purge of dead letters
+ * moves their keys to dedupe_recent, and a row given an id at or below the
+ * merged ones (SQLite gives the ids of deleted last rows again) keeps its
+ * key there too. Either way the key survives a restart before the next
+ * merge. */
+START_TEST(keys_survive_purges_and_reused_ids) {
+    amp_queue *s = open_spool(3600);
+    ck_assert_uint_eq(submit_one(s, "kept", "{}").accepted, 1);
+    claim_one(s, amp_now_ms() + 1, "{}"); /* row 1 stays pending, claimed */
+    add_dead_letter(s, "purged");         /* row 2, not merged */
+    amp_queue_dlq_filter all = {0};
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &all), 1);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 1);
+    amp_queue_close(s);
+
+    /* The open merges both keys: rows up to 1 (the last one left). */
+    s = open_spool(3600);
+    ck_assert_int_eq(merged_upto(), 1);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0);
+    amp_queue_result r = submit_one(s, "purged", "{}");
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    /* Rows 2 and 3, merged at the next open; then both purged. */
+    claim_one(s, amp_now_ms() + 1, "{}");
+    add_dead_letter(s, "d2");
+    add_dead_letter(s, "d3");
+    amp_queue_close(s);
+    s = open_spool(3600);
+    ck_assert_int_eq(merged_upto(), 3);
+    ck_assert_int_eq(amp_queue_dlq_purge(s, &all), 2);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 0); /* merged already */
+    /* Id 2 again, at or below the merged rows: the key goes to
+     * dedupe_recent, and is still a duplicate after a reopen. */
+    ck_assert_uint_eq(submit_one(s, "reused", "{}").accepted, 1);
+    ck_assert_int_eq(table_rows("deliveries WHERE id = 2 AND dedupe_key = 'reused'"), 1);
+    ck_assert_int_eq(table_rows("dedupe_recent"), 1);
+    amp_queue_close(s);
+    s = open_spool(3600);
+    r = submit_one(s, "reused", "{}");
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    amp_queue_close(s);
 }
 END_TEST
 
@@ -828,9 +938,10 @@ END_TEST
 
 /* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
  * hashed to 64 bits (version 5), then loses the keys' index by time
- * (version 6): its pending rows stay claimable, its keys
- * still catch duplicates (and an expired one does not), the admin lookup
- * still finds an event's rows. */
+ * (version 6), then counts every key of its rows as merged (version 7): its
+ * pending rows stay claimable, its keys still catch duplicates (and an
+ * expired one does not, though its row is recent), the admin lookup still
+ * finds an event's rows. */
 START_TEST(version_4_spool_is_migrated) {
     amp_queue *s = open_spool(3600);
     submit(s, keys_batch("k", 0, 5, 1)); /* k0..k4 */
@@ -841,7 +952,7 @@ START_TEST(version_4_spool_is_migrated) {
     int64_t old = amp_now_ms() - 7200 * 1000;
     char sql[1024];
     snprintf(sql, sizeof sql,
-             "DROP TABLE dedupe; DROP TABLE dedupe_recent;"
+             "DROP TABLE dedupe; DROP TABLE dedupe_recent; DROP TABLE dedupe_merged;"
              "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
              "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
              "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;"
@@ -870,10 +981,14 @@ START_TEST(version_4_spool_is_migrated) {
     amp_queue_close(s);
 
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 6);
+    ck_assert_int_eq(user_version(db), 7);
     /* Version 6 has no index of the keys by time. */
     ck_assert_int_eq(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name = 'dedupe_seen'"),
                      0);
+    /* Version 7 counts the five old rows' keys as merged; the two new
+     * events' keys are in their rows only. */
+    ck_assert_int_eq(query_int(db, "SELECT upto FROM dedupe_merged"), 5);
+    ck_assert_int_eq(query_int(db, "SELECT count(*) FROM dedupe_recent"), 0);
     /* The migrated keys carry their check values (k0..k4, one each). */
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
@@ -973,9 +1088,8 @@ START_TEST(delivered_rows_pruned_after_retention) {
     ck_assert_uint_eq(submit(s, late).accepted, 1);
     amp_queue_job *lj[2];
     ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, lj, 2, &next), 1);
-    amp_queue_acknowledge(s, &(amp_queue_ack){.id = lj[0]->id,
-                                              .kind = AMP_QUEUE_ACK_DELIVERED,
-                                              .http_status = 200});
+    amp_queue_acknowledge(
+        s, &(amp_queue_ack){.id = lj[0]->id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
     amp_queue_flush(s);
     usleep(200 * 1000); /* ten maintenances */
     ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
@@ -1619,12 +1733,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{5, "schema version 5,"}, {7, "schema version 7,"}, {0, "schema version 0,"}};
+    } cases[] = {{6, "schema version 6,"}, {8, "schema version 8,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 6") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 7") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1633,7 +1747,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(6);
+    set_user_version(7);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -1881,6 +1995,8 @@ int main(void) {
     tcase_add_test(tc, locked_beyond_deadline_then_recovers);
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
+    tcase_add_test(tc, recent_keys_come_back_from_rows_after_a_crash);
+    tcase_add_test(tc, keys_survive_purges_and_reused_ids);
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
     tcase_add_test(tc, expired_dedupe_keys_are_swept);
