@@ -21,7 +21,9 @@
 #
 # Knobs (environment): BACKLOG_EVENTS (1000000), BACKLOG_USERS (10000),
 # BACKLOG_PER_USER=1 (rows in per-user conversations: the claim also checks
-# each user's order), BACKLOG_SAMPLE_MS (5000), BACKLOG_COLD=1 (drop the page
+# each user's order), BACKLOG_UNMERGED=K (the last K rows' dedupe keys not
+# merged yet, as after a crash during an export: the start reads them back
+# from their rows), BACKLOG_SAMPLE_MS (5000), BACKLOG_COLD=1 (drop the page
 # cache before the start, as after a reboot; needs root, affects the whole
 # machine), BACKLOG_KEEP=1 (keep the work directory).
 set -uo pipefail
@@ -31,6 +33,7 @@ EVENTS=${BACKLOG_EVENTS:-1000000}
 USERS=${BACKLOG_USERS:-10000}
 SAMPLE_MS=${BACKLOG_SAMPLE_MS:-5000}
 PER_USER=${BACKLOG_PER_USER:-0}
+UNMERGED=${BACKLOG_UNMERGED:-0}
 COLD=${BACKLOG_COLD:-0}
 FIRST_TARGET_MS=1000
 
@@ -50,6 +53,8 @@ for b in amp2dify fake-dify bench/backlog_fill bench/backlog_watch; do
 done
 [[ $EVENTS =~ ^[1-9][0-9]*$ && $USERS =~ ^[1-9][0-9]*$ && $SAMPLE_MS =~ ^[1-9][0-9]*$ ]] ||
     die "BACKLOG_EVENTS, BACKLOG_USERS and BACKLOG_SAMPLE_MS must be positive integers"
+[[ $UNMERGED =~ ^[0-9]+$ ]] && ((UNMERGED <= EVENTS)) ||
+    die "BACKLOG_UNMERGED must be an integer from 0 to BACKLOG_EVENTS"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/amp2dify-backlog.XXXXXX") || die "cannot create a work directory"
 SPOOL=$WORK/spool.db
@@ -62,6 +67,7 @@ T_START=$(date +%s)
 log "backlog: writing $EVENTS pending deliveries into $SPOOL ($SPOOL_FS) ..."
 fill_args=(--db "$SPOOL" --count "$EVENTS" --users "$USERS")
 [[ $PER_USER == 1 ]] && fill_args+=(--per-user)
+fill_args+=(--unmerged "$UNMERGED")
 FILL_LINE=$(timeout 600 "$BUILD/bench/backlog_fill" "${fill_args[@]}") || die "backlog_fill failed"
 log "    $FILL_LINE"
 spool_bytes=$(kv "$FILL_LINE" bytes)
@@ -153,7 +159,7 @@ problems=()
 cat <<EOF
 
 ==== amp2dify restart on a backlog ($(date -u +%Y-%m-%dT%H:%M:%SZ)) ====
-backlog        $(kv "$FILL_LINE" rows) pending deliveries, $(kv "$FILL_LINE" users) users, per_user=$(kv "$FILL_LINE" per_user); spool $((spool_bytes / 1048576)) MiB on $SPOOL_FS (filled in $(kv "$FILL_LINE" ms) ms)
+backlog        $(kv "$FILL_LINE" rows) pending deliveries, $(kv "$FILL_LINE" users) users, per_user=$(kv "$FILL_LINE" per_user), unmerged keys $(kv "$FILL_LINE" unmerged); spool $((spool_bytes / 1048576)) MiB on $SPOOL_FS (filled in $(kv "$FILL_LINE" ms) ms)
 host           $CPUS CPUs, $([[ $COLD == 1 ]] && echo "cold page cache" || echo "warm page cache")
 first delivery $first_ms ms after the process started (target < $FIRST_TARGET_MS ms; upper bound: the row's acknowledgement commit)
 listening      $listen_ms ms after the process started (the "listening" log line)
@@ -170,7 +176,7 @@ echo
 
 problems_json=$(json_strings "${problems[@]}")
 JSON="{\"bench\":\"backlog\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"events\":$EVENTS,\
-\"users\":$USERS,\"per_user\":$([[ $PER_USER == 1 ]] && echo true || echo false),\
+\"users\":$USERS,\"per_user\":$([[ $PER_USER == 1 ]] && echo true || echo false),\"unmerged\":$UNMERGED,\
 \"cold\":$([[ $COLD == 1 ]] && echo true || echo false),\"spool_bytes\":$spool_bytes,\
 \"spool_fs\":\"$SPOOL_FS\",\"cpus\":$CPUS,\"first_delivery_ms\":$first_ms,\
 \"first_delivery_target_ms\":$FIRST_TARGET_MS,\"listening_ms\":$listen_ms,\

@@ -3,19 +3,23 @@
  * bench/backlog.sh (restart on a backlog: time to the first delivery, RSS).
  *
  *   backlog_fill --db PATH --count N [--users U] [--per-user]
- *                [--route R] [--app A]
+ *                [--unmerged K] [--route R] [--app A]
  *
  * The schema is created by amp_spool_open itself (so it is the daemon's
  * own, migrations included); the rows are then inserted directly with
  * SQLite in one transaction, synchronous off (a benchmark fixture, not a
  * durability claim). Each row is what the daemon stores for one event of
  * the example route: a ~300-byte chat-messages body, user u-<i mod U>, a
- * unique dedupe key (also in the dedupe table), due now. --per-user marks
- * the rows per_user (one conversation per user: the claim query then also
- * checks each user's order). Route and app default to "all-events" and
+ * unique dedupe key (also in the dedupe table, and counted as merged there:
+ * dedupe_merged.upto is the last row, as the daemon's merge leaves it), due
+ * now. --unmerged K leaves the last K rows' keys out of the dedupe table and
+ * upto before them, as a crash before a merge does: the start then reads
+ * them back from their rows. --per-user marks the rows per_user (one
+ * conversation per user: the claim query then also checks each user's
+ * order). Route and app default to "all-events" and
  * "assistant" (examples/amp2dify.json); the daemon must know them.
  *
- * Prints one line: FILL rows=N users=U per_user=0|1 ms=T bytes=SIZE
+ * Prints one line: FILL rows=N users=U per_user=0|1 unmerged=K ms=T bytes=SIZE
  */
 #include <sqlite3.h>
 #include <stdio.h>
@@ -30,7 +34,7 @@
 
 static int usage(void) {
     fprintf(stderr, "usage: backlog_fill --db PATH --count N [--users U] [--per-user] "
-                    "[--route R] [--app A]\n");
+                    "[--unmerged K] [--route R] [--app A]\n");
     return 2;
 }
 
@@ -56,7 +60,7 @@ static long long file_bytes(const char *path) {
 
 int main(int argc, char **argv) {
     const char *path = NULL, *route = "all-events", *app = "assistant";
-    int64_t count = -1, users = 10000;
+    int64_t count = -1, users = 10000, unmerged = 0;
     bool per_user = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -76,6 +80,9 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--count") == 0) {
             if (amp_parse_i64(v, strlen(v), 1, 100000000, &count) != 0)
                 return usage();
+        } else if (strcmp(a, "--unmerged") == 0) {
+            if (amp_parse_i64(v, strlen(v), 0, 100000000, &unmerged) != 0)
+                return usage();
         } else if (strcmp(a, "--users") == 0) {
             if (amp_parse_i64(v, strlen(v), 1, 100000000, &users) != 0)
                 return usage();
@@ -83,7 +90,7 @@ int main(int argc, char **argv) {
             return usage();
         }
     }
-    if (!path || count < 0)
+    if (!path || count < 0 || unmerged > count)
         return usage();
 
     int64_t t0 = amp_mono_ms();
@@ -140,6 +147,8 @@ int main(int argc, char **argv) {
         if (sqlite3_step(ins) != SQLITE_DONE)
             return fail(db, "insert delivery");
         sqlite3_reset(ins);
+        if (i >= count - unmerged)
+            continue;
         int64_t chk, h = amp_spool_key_digest(dkey, &chk);
         sqlite3_bind_int64(key, 1, h);
         sqlite3_bind_int64(key, 2, created);
@@ -150,12 +159,17 @@ int main(int argc, char **argv) {
     }
     sqlite3_finalize(ins);
     sqlite3_finalize(key);
-    /* Fold the WAL into the database, as a daemon that ran a while would. */
-    if (sqlite3_exec(db, "COMMIT; PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL) != SQLITE_OK)
+    /* The keys before the unmerged tail are merged (ids run 1..count); fold
+     * the WAL into the database, as a daemon that ran a while would. */
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "UPDATE dedupe_merged SET upto = %lld; COMMIT; PRAGMA wal_checkpoint(TRUNCATE)",
+             (long long)(count - unmerged));
+    if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK)
         return fail(db, "commit");
     sqlite3_close(db);
-    printf("FILL rows=%lld users=%lld per_user=%d ms=%lld bytes=%lld\n", (long long)count,
-           (long long)(users < count ? users : count), per_user ? 1 : 0,
-           (long long)(amp_mono_ms() - t0), file_bytes(path));
+    printf("FILL rows=%lld users=%lld per_user=%d unmerged=%lld ms=%lld bytes=%lld\n",
+           (long long)count, (long long)(users < count ? users : count), per_user ? 1 : 0,
+           (long long)unmerged, (long long)(amp_mono_ms() - t0), file_bytes(path));
     return 0;
 }
