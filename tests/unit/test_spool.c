@@ -622,6 +622,17 @@ static int64_t merged_upto(void) {
     return n;
 }
 
+/* Runs sql on the spool from a connection of its own, as another process
+ * would. */
+static void spool_sql(const char *sql) {
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    char *err = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
+    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, err ? err : sqlite3_errstr(rc));
+    sqlite3_close(db);
+}
+
 /* New keys are first kept by their events' rows (and in memory), not in
  * dedupe_recent, and merged into the dedupe table in key order: once
  * enough have gathered while running, and at open. A key is a duplicate
@@ -853,6 +864,55 @@ START_TEST(keys_survive_purges_and_reused_ids) {
     ck_assert_uint_eq(r.duplicates, 1);
     ck_assert_uint_eq(r.accepted, 0);
     amp_queue_close(s);
+}
+END_TEST
+
+/* A delivered row whose key is not merged yet holds that key (schema v7),
+ * so its retention waits for the merge. Here every merge fails (a trigger
+ * refuses inserts into the dedupe table) long past the retention: the row
+ * stays, and its key is still a duplicate after a restart. Once merges
+ * work again the row is pruned, and the key stays a duplicate. */
+START_TEST(unmerged_delivered_rows_wait_for_their_merge) {
+    amp_spool_set_maintenance_ms_for_tests(20);
+    amp_spool_opts o = {.dedupe_window_s = 3600, .retention_s = 1};
+    amp_queue *s = open_opts(o);
+    spool_sql("CREATE TRIGGER refuse_merge BEFORE INSERT ON dedupe "
+              "BEGIN SELECT RAISE(ABORT, 'merges refused by the test'); END");
+    ck_assert_uint_eq(submit_one(s, "held", "{}").accepted, 1);
+    amp_queue_job *jobs[2];
+    int64_t next;
+    ck_assert_int_eq(claim_all(s, amp_now_ms() + 1, jobs, 2, &next), 1);
+    amp_queue_acknowledge(
+        s,
+        &(amp_queue_ack){.id = jobs[0]->id, .kind = AMP_QUEUE_ACK_DELIVERED, .http_status = 200});
+    free_jobs(jobs, 1);
+    amp_queue_flush(s);
+    usleep(2500 * 1000); /* the retention and ~100 maintenances, all merges failing */
+    amp_queue_stats st;
+    ck_assert_int_eq(amp_queue_stats_get(s, &st), 0);
+    ck_assert_int_eq(st.delivered, 1);
+    ck_assert_int_eq(merged_upto(), 0);
+    amp_queue_close(s);
+
+    s = open_opts(o); /* its merge fails too: the key comes from the row */
+    amp_queue_result r = submit_one(s, "held", "{}");
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    spool_sql("DROP TRIGGER refuse_merge");
+    int64_t deadline = amp_mono_ms() + 10000;
+    while (amp_queue_stats_get(s, &st) == 0 && st.delivered > 0 && amp_mono_ms() < deadline)
+        usleep(20 * 1000);
+    ck_assert_int_eq(st.delivered, 0);
+    ck_assert_int_eq(merged_upto(), 1);
+    ck_assert_int_eq(table_rows("dedupe"), 1);
+    amp_queue_close(s);
+
+    s = open_opts(o);
+    r = submit_one(s, "held", "{}");
+    ck_assert_uint_eq(r.duplicates, 1);
+    ck_assert_uint_eq(r.accepted, 0);
+    amp_queue_close(s);
+    amp_spool_set_maintenance_ms_for_tests(0);
 }
 END_TEST
 
@@ -1996,6 +2056,7 @@ int main(void) {
     tcase_add_test(tc, answered_rows_visible_to_other_connections);
     tcase_add_test(tc, version_1_spool_is_migrated);
     tcase_add_test(tc, recent_keys_come_back_from_rows_after_a_crash);
+    tcase_add_test(tc, unmerged_delivered_rows_wait_for_their_merge);
     tcase_add_test(tc, keys_survive_purges_and_reused_ids);
     tcase_add_test(tc, version_4_spool_is_migrated);
     tcase_add_test(tc, dedupe_keys_survive_merges);
