@@ -53,7 +53,7 @@ for b in amp2dify fake-dify bench/backlog_fill bench/backlog_watch; do
 done
 [[ $EVENTS =~ ^[1-9][0-9]*$ && $USERS =~ ^[1-9][0-9]*$ && $SAMPLE_MS =~ ^[1-9][0-9]*$ ]] ||
     die "BACKLOG_EVENTS, BACKLOG_USERS and BACKLOG_SAMPLE_MS must be positive integers"
-[[ $UNMERGED =~ ^[0-9]+$ ]] && ((UNMERGED <= EVENTS)) ||
+[[ $UNMERGED =~ ^(0|[1-9][0-9]*)$ ]] && ((UNMERGED <= EVENTS)) ||
     die "BACKLOG_UNMERGED must be an integer from 0 to BACKLOG_EVENTS"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/amp2dify-backlog.XXXXXX") || die "cannot create a work directory"
