@@ -133,6 +133,23 @@ static long long query_int(sqlite3 *db, const char *sql) {
     return v;
 }
 
+/* Runs sql (one or more statements) on db. */
+static void exec_ok(sqlite3 *db, const char *sql) {
+    char *err = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
+    if (rc != SQLITE_OK) /* only then: an assertion writes to Check's pipe */
+        ck_abort_msg("%s: %s", sql, err ? err : sqlite3_errstr(rc));
+}
+
+/* Runs sql on the spool from a connection of its own, as another process
+ * would. */
+static void spool_sql(const char *sql) {
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    exec_ok(db, sql);
+    sqlite3_close(db);
+}
+
 /* A batch keeps copies of everything added, however many events and
  * requests and however long the strings (its arena grows in chunks), and
  * a replaced source is the one read back. */
@@ -391,15 +408,8 @@ END_TEST
  * again with one per request). */
 START_TEST(failing_request_is_refused_alone) {
     amp_queue *s = open_spool(3600);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db,
-                                  "CREATE TRIGGER poison BEFORE INSERT ON deliveries "
-                                  "WHEN NEW.body = '\"poison\"' BEGIN SELECT RAISE(ABORT, "
-                                  "'poisoned'); END;",
-                                  NULL, NULL, NULL),
-                     SQLITE_OK);
-    sqlite3_close(db);
+    spool_sql("CREATE TRIGGER poison BEFORE INSERT ON deliveries "
+              "WHEN NEW.body = '\"poison\"' BEGIN SELECT RAISE(ABORT, 'poisoned'); END;");
 
     done_box box[3];
     memset(box, 0, sizeof box);
@@ -520,29 +530,20 @@ START_TEST(version_1_spool_is_migrated) {
 
     /* Back to version 1: its (app, user) index covered every pending row,
      * and its dedupe rows had no first row id (version 3). */
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db,
-                                  "DROP TABLE dedupe; DROP TABLE dedupe_recent;"
-                                  "DROP TABLE dedupe_merged;"
-                                  "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER "
-                                  "NOT NULL) WITHOUT ROWID;"
-                                  "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
-                                  "INSERT INTO dedupe SELECT dedupe_key, created_ms FROM "
-                                  "deliveries;"
-                                  "ALTER TABLE deliveries DROP COLUMN source;"
-                                  "DROP INDEX deliveries_user;"
-                                  "CREATE INDEX deliveries_user ON deliveries(app, user, id) "
-                                  "WHERE state = 0;"
-                                  "PRAGMA user_version = 1;",
-                                  NULL, NULL, NULL),
-                     SQLITE_OK);
-    sqlite3_close(db);
+    spool_sql("DROP TABLE dedupe; DROP TABLE dedupe_recent; DROP TABLE dedupe_merged;"
+              "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
+              "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
+              "INSERT INTO dedupe SELECT dedupe_key, created_ms FROM deliveries;"
+              "ALTER TABLE deliveries DROP COLUMN source;"
+              "DROP INDEX deliveries_user;"
+              "CREATE INDEX deliveries_user ON deliveries(app, user, id) WHERE state = 0;"
+              "PRAGMA user_version = 1;");
 
     s = open_spool(3600);
     claim_one(s, amp_now_ms() + 1, "{\"from\":1}");
     amp_queue_close(s);
 
+    sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(user_version(db), 7);
     sqlite3_stmt *st;
@@ -620,17 +621,6 @@ static int64_t merged_upto(void) {
     int64_t n = query_int(db, "SELECT upto FROM dedupe_merged");
     sqlite3_close(db);
     return n;
-}
-
-/* Runs sql on the spool from a connection of its own, as another process
- * would. */
-static void spool_sql(const char *sql) {
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    char *err = NULL;
-    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
-    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, err ? err : sqlite3_errstr(rc));
-    sqlite3_close(db);
 }
 
 /* New keys are first kept by their events' rows (and in memory), not in
@@ -1007,8 +997,6 @@ START_TEST(version_4_spool_is_migrated) {
     submit(s, keys_batch("k", 0, 5, 1)); /* k0..k4 */
     amp_queue_close(s);
 
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     int64_t old = amp_now_ms() - 7200 * 1000;
     char sql[1024];
     snprintf(sql, sizeof sql,
@@ -1021,8 +1009,7 @@ START_TEST(version_4_spool_is_migrated) {
              "UPDATE dedupe SET seen_ms = %lld WHERE key = 'k4';"
              "PRAGMA user_version = 4;",
              (long long)old);
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    spool_sql(sql);
 
     s = open_spool(3600);
     amp_queue_result r = submit(s, keys_batch("k", 0, 6, 1)); /* k0..k5 */
@@ -1040,6 +1027,7 @@ START_TEST(version_4_spool_is_migrated) {
     json_decref(ev);
     amp_queue_close(s);
 
+    sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     ck_assert_int_eq(user_version(db), 7);
     /* Version 6 has no index of the keys by time. */
@@ -1780,12 +1768,9 @@ END_TEST
 
 /* Sets the spool's user_version, as another amp2dify would have left it. */
 static void set_user_version(int v) {
-    sqlite3 *db;
     char sql[64];
     snprintf(sql, sizeof sql, "PRAGMA user_version = %d", v);
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    spool_sql(sql);
 }
 
 START_TEST(admin_open_refuses_other_schema_version) {
@@ -1850,13 +1835,6 @@ END_TEST
  *                                   last: still recovered whole after the end
  */
 #define ROW_BYTES 1000
-
-static void exec_ok(sqlite3 *db, const char *sql) {
-    char *err = NULL;
-    int rc = sqlite3_exec(db, sql, NULL, NULL, &err);
-    if (rc != SQLITE_OK) /* only then: an assertion writes to Check's pipe */
-        ck_abort_msg("%s: %s", sql, err ? err : sqlite3_errstr(rc));
-}
 
 /* A connection as the spool opens one: vfs NULL is SQLite's default. */
 static sqlite3 *open_db(const char *vfs) {
