@@ -1503,32 +1503,28 @@ json_t *fake_dify_requests(fake_dify *f) {
     return copy;
 }
 
-size_t fake_dify_count(fake_dify *f) {
+/* A counter's value, read under the lock. */
+static size_t read_counter(fake_dify *f, const size_t *counter) {
     pthread_mutex_lock(&f->mu);
-    size_t n = f->count;
+    size_t n = *counter;
     pthread_mutex_unlock(&f->mu);
     return n;
+}
+
+size_t fake_dify_count(fake_dify *f) {
+    return read_counter(f, &f->count);
 }
 
 size_t fake_dify_arrived(fake_dify *f) {
-    pthread_mutex_lock(&f->mu);
-    size_t n = f->arrived;
-    pthread_mutex_unlock(&f->mu);
-    return n;
+    return read_counter(f, &f->arrived);
 }
 
 size_t fake_dify_connections(fake_dify *f) {
-    pthread_mutex_lock(&f->mu);
-    size_t n = f->connections;
-    pthread_mutex_unlock(&f->mu);
-    return n;
+    return read_counter(f, &f->connections);
 }
 
 size_t fake_dify_delivered(fake_dify *f) {
-    pthread_mutex_lock(&f->mu);
-    size_t n = f->delivered;
-    pthread_mutex_unlock(&f->mu);
-    return n;
+    return read_counter(f, &f->delivered);
 }
 
 static size_t wait_for(fake_dify *f, const size_t *counter, size_t n, unsigned timeout_ms) {
