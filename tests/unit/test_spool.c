@@ -459,7 +459,7 @@ START_TEST(locked_beyond_deadline_then_recovers) {
     amp_queue *s = open_opts((amp_spool_opts){.dedupe_window_s = 3600, .lock_timeout_ms = 200});
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+    exec_ok(db, "BEGIN IMMEDIATE");
 
     amp_queue_batch *b = amp_queue_batch_create();
     add(b, "locked", "u", false, "{\"a\":1}");
@@ -471,7 +471,7 @@ START_TEST(locked_beyond_deadline_then_recovers) {
     ck_assert_msg(waited >= 150 && waited < 3000, "refused after %lld ms", (long long)waited);
     ck_assert(!amp_queue_writable(s));
 
-    ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+    exec_ok(db, "ROLLBACK");
     sqlite3_close(db);
     t0 = amp_mono_ms();
     while (!amp_queue_writable(s) && amp_mono_ms() - t0 < 5000)
@@ -1070,13 +1070,13 @@ START_TEST(expired_dedupe_keys_are_swept) {
              "INSERT INTO dedupe(h, seen_ms, chk) SELECT (i - %d) * 36893488147418, "
              "CASE WHEN i < %d THEN %lld ELSE %lld END, 0 FROM n WHERE i <> %d",
              KEYS, KEYS / 2, KEYS / 2, (long long)amp_now_ms(), (long long)old, KEYS / 2);
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    exec_ok(db, sql);
     /* The lowest and the highest hashes there are, expired too. */
     snprintf(sql, sizeof sql,
              "INSERT INTO dedupe(h, seen_ms, chk) VALUES (-9223372036854775808, %lld, 0), "
              "(9223372036854775807, %lld, 0)",
              (long long)old, (long long)old);
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    exec_ok(db, sql);
     ck_assert_int_eq(query_int(db, "SELECT count(*) FROM dedupe"), KEYS + 2);
     sqlite3_close(db);
 
