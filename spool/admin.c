@@ -242,7 +242,8 @@ static json_t *column(sqlite3_stmt *st, int i) {
 #define EVENT_ROWS_MAX 4096
 
 /* The dedupe row (schema v3; since v5 found by the key's hash, in
- * dedupe_recent or dedupe, the latest sighting with the key's check too,
+ * dedupe_recent or dedupe (since v8 or a run of dedupe_runs), the latest
+ * sighting with the key's check too,
  * so another key with the same hash never answers for it; the key itself is checked
  * against the rows' dedupe_key; since v7 also the rows after
  * dedupe_merged.upto, whose keys are not merged yet, when dedupe is on)
@@ -262,6 +263,8 @@ json_t *amp_spool_event(void *e, const char *dedupe_key, size_t answer_chars) {
                            "SELECT seen_ms, first_id FROM dedupe_recent WHERE h = ?1 AND chk = ?2 "
                            "UNION ALL SELECT seen_ms, first_id FROM dedupe "
                            "WHERE h = ?1 AND chk = ?2 "
+                           "UNION ALL SELECT seen_ms, first_id FROM dedupe_runs "
+                           "WHERE seg IN (SELECT seg FROM dedupe_segs) AND h = ?1 AND chk = ?2 "
                            "UNION ALL SELECT created_ms, min(id) FROM deliveries "
                            "WHERE ?4 AND id > (SELECT upto FROM dedupe_merged) "
                            "AND dedupe_key = ?3 "

@@ -242,9 +242,11 @@ static void committed(amp_spool *s, work *head) {
 static bool recover(amp_spool *s) {
     int64_t synced = atomic_load(&s->synced_max);
     sqlite3_bind_int64(s->st_drop_keys, 1, synced);
+    sqlite3_bind_int64(s->st_drop_run_keys, 1, synced);
     sqlite3_bind_int64(s->st_drop_rows, 1, synced);
     sqlite3_bind_int64(s->st_drop_recent_keys, 1, synced);
     bool ok = amp_spool_step_done(s->st_begin) == 0 && amp_spool_step_done(s->st_drop_keys) == 0 &&
+              amp_spool_step_done(s->st_drop_run_keys) == 0 &&
               amp_spool_step_done(s->st_drop_recent_keys) == 0 &&
               amp_spool_step_done(s->st_drop_rows) == 0;
     int64_t dropped = ok ? sqlite3_changes(s->wdb) : 0;

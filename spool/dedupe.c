@@ -19,20 +19,34 @@
  * Appending each key to dedupe_recent as well, then deleting it after the
  * merge, cost the committer and checkpointer about a tenth of their CPU.
  *
+ * A merge writes its keys as a run of their own (dedupe_runs, schema v8),
+ * appended after the last run: merged straight into a table of millions of
+ * keys, each of a merge's keys landed on a page of its own, a page in the
+ * log and again in the checkpoint for every key. Once RUNS_MAX runs have
+ * gathered (or, at a maintenance, the oldest is RUN_AGE_MS old), they are
+ * compacted into the dedupe table: a range of hashes at a time, about
+ * COMPACT_SLICE of the runs' keys per transaction between groups, so the
+ * table's pages take many keys each; expired keys are left out. Every
+ * step moves its keys in one transaction, so a key is always in the table
+ * or in a run; a compaction cut short (a failure, a stop) starts again
+ * over the runs that are left.
+ *
  * A key is a duplicate while its last sighting (in the map, else in the
- * dedupe table, where it is a page read and no write) is inside the window
- * and its check (the digest's next 64 bits) matches too. A different key
- * with the same hash is stored, and its sighting replaces the older key's:
- * a later repeat of that one may then be stored twice, never dropped.
+ * dedupe table or a run, where it is a page read each and no write) is
+ * inside the window and its check (the digest's next 64 bits) matches too.
+ * A different key with the same hash is stored, and its sighting replaces
+ * the older key's in the map and the table: a later repeat of that one may
+ * then be stored twice, never dropped.
  * The map follows the transaction: every change is logged for undo, and a
  * rolled back batch or group takes its changes back.
  *
  * Most keys are new, and a new key is in neither place: a look in the table
  * for it was a B-tree seek, about 3 us of the committer's CPU per event
  * (measured in the server under wrk). So a Bloom filter (keyfilter.c) holds
- * every hash of the table and of the map, and a key it does not hold is new
- * without the look. It is filled between groups, the table read
- * FILTER_SLICE hashes a step in hash order (as a merge takes its slices),
+ * every hash of the table, the runs and the map, and a key it does not
+ * hold is new without the look. It is filled between groups, FILTER_SLICE
+ * hashes a step, the runs first (a compaction only moves keys from the
+ * runs to the table, so none is missed), then the table in hash order,
  * from the first group that stores a key on; until that read is done every
  * miss is looked up as before. Hashes never leave it: a key pruned from the
  * table, or taken out of the map by a rollback, costs a look, never a lost
@@ -75,6 +89,16 @@
 #define FILTER_MAX_KEYS ((size_t)8 << 20)
 #define FILTER_SLICE 4096
 #define FILTER_REFILL_MS (3600 * 1000)
+/* Runs gathered before a compaction (a lookup that the filter lets through
+ * seeks in each), the age at which a maintenance compacts them anyway, and
+ * the runs' keys moved into the table per step (about 1 ms on a table of
+ * two million keys). While twice RUNS_MAX runs wait, MERGE_CATCH_UP steps
+ * follow each group. A maintenance runs steps for up to
+ * COMPACT_MAINTENANCE_MS, so that idle runs are compacted too. */
+#define RUNS_MAX 16
+#define RUN_AGE_MS (3600 * 1000)
+#define COMPACT_SLICE 1024
+#define COMPACT_MAINTENANCE_MS 20
 
 static atomic_long lookups_for_tests;
 
@@ -165,31 +189,40 @@ static void filter_note(amp_spool *s, int64_t h) {
 }
 
 /* A new filter_next for capacity keys, with the map's hashes; its read of
- * the table starts at the lowest hash. */
+ * the runs, then of the table, starts at the lowest hash. */
 static void filter_begin(amp_spool *s, size_t capacity) {
     amp_spool_keyfilter_free(s->filter_next);
     s->filter_next = amp_spool_keyfilter_new(capacity);
     for (size_t i = 0; i < s->recent.cap; i++)
         if (s->recent.slots[i].h)
             amp_spool_keyfilter_add(s->filter_next, s->recent.slots[i].h);
+    s->filter_scan_runs = true;
+    s->filter_scan_seg = 0;
     s->filter_scan_from = INT64_MIN;
 }
 
-/* One slice of filter_next's read of the table; after the last one it
- * replaces filter. Between groups only: hashes merged into the part
- * already read came from the map and were noted. */
+/* One slice of filter_next's read of the runs or the table; after the
+ * table's last one it replaces filter. Between groups only: hashes merged
+ * since it began came from the map and were noted. */
 static void filter_step(amp_spool *s) {
     amp_spool_keyfilter *f = s->filter_next;
-    sqlite3_bind_int64(s->st_filter_scan, 1, s->filter_scan_from);
-    sqlite3_bind_int64(s->st_filter_scan, 2, FILTER_SLICE);
+    bool runs = s->filter_scan_runs;
+    sqlite3_stmt *st = runs ? s->st_filter_runs : s->st_filter_scan;
+    int arg = 1;
+    if (runs)
+        sqlite3_bind_int64(st, arg++, s->filter_scan_seg);
+    sqlite3_bind_int64(st, arg++, s->filter_scan_from);
+    sqlite3_bind_int64(st, arg, FILTER_SLICE);
     int rc, rows = 0;
-    int64_t h = INT64_MIN;
-    while ((rc = sqlite3_step(s->st_filter_scan)) == SQLITE_ROW) {
-        h = sqlite3_column_int64(s->st_filter_scan, 0);
+    int64_t seg = 0, h = INT64_MIN;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (runs)
+            seg = sqlite3_column_int64(st, 0);
+        h = sqlite3_column_int64(st, runs ? 1 : 0);
         amp_spool_keyfilter_add(f, h);
         rows++;
     }
-    sqlite3_reset(s->st_filter_scan);
+    sqlite3_reset(st);
     if (rc != SQLITE_DONE) {
         amp_log(AMP_LOG_WARN, "spool dedupe filter could not read the dedupe table", "{s:s}",
                 "error", sqlite3_errmsg(s->wdb));
@@ -201,6 +234,16 @@ static void filter_step(amp_spool *s) {
     size_t n = amp_spool_keyfilter_count(f), cap = amp_spool_keyfilter_capacity(f);
     if (n > cap && cap < FILTER_MAX_KEYS) { /* the table outgrew it: again, bigger */
         filter_begin(s, filter_size_for(n));
+        return;
+    }
+    if (runs) { /* (seg, h) > the last pair read */
+        if (rows == FILTER_SLICE) {
+            s->filter_scan_seg = seg;
+            s->filter_scan_from = h;
+        } else {
+            s->filter_scan_runs = false;
+            s->filter_scan_from = INT64_MIN;
+        }
         return;
     }
     if (rows == FILTER_SLICE && h < INT64_MAX) {
@@ -296,14 +339,14 @@ int amp_spool_dedupe_check(amp_spool *s, const char *key, int64_t now, dedupe_ti
     } else if (!s->filter || amp_spool_keyfilter_may_hold(s->filter, h)) {
         atomic_fetch_add_explicit(&lookups_for_tests, 1, memory_order_relaxed);
         sqlite3_bind_int64(s->st_dedupe_find, 1, h);
+        sqlite3_bind_int64(s->st_dedupe_find, 2, chk);
+        sqlite3_bind_int64(s->st_dedupe_find, 3, since);
         int rc = sqlite3_step(s->st_dedupe_find);
-        bool found = rc == SQLITE_ROW;
-        int64_t merged_seen = found ? sqlite3_column_int64(s->st_dedupe_find, 0) : 0;
-        int64_t merged_chk = found ? sqlite3_column_int64(s->st_dedupe_find, 1) : 0;
+        bool found = rc == SQLITE_ROW && sqlite3_column_int(s->st_dedupe_find, 0);
         sqlite3_reset(s->st_dedupe_find);
-        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        if (rc != SQLITE_ROW)
             return -1;
-        if (found && merged_seen >= since && merged_chk == chk)
+        if (found)
             return 0;
     }
     *t = (dedupe_ticket){.h = h, .chk = chk};
@@ -416,6 +459,7 @@ static int merge_start(amp_spool *s) {
     }
     s->merge = amp_xmalloc((s->recent.n + 1) * sizeof *s->merge);
     s->nmerge = s->merged = 0;
+    s->merge_seg = ++s->last_seg;
     for (size_t i = 0; i < s->recent.cap; i++)
         if (s->recent.slots[i].h)
             s->merge[s->nmerge++] = s->recent.slots[i];
@@ -440,6 +484,87 @@ static void forget_merged(amp_spool *s) {
     }
 }
 
+/* Commits a merge's or compaction's step if ok. Otherwise, or if the
+ * commit fails, logs why (what_failed), rolls back and holds merges and
+ * compactions back for PROBE_INTERVAL_MS, not again with every group while
+ * the disk fails. Whether the step is committed. */
+static bool step_commit(amp_spool *s, bool ok, const char *what_failed) {
+    if (ok && amp_spool_step_done(s->st_commit) == 0)
+        return true;
+    amp_log(AMP_LOG_WARN, what_failed, "{s:s}", "error", sqlite3_errmsg(s->wdb));
+    if (sqlite3_get_autocommit(s->wdb) == 0)
+        amp_spool_step_done(s->st_rollback);
+    s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
+    return false;
+}
+
+/* The runs' count, keys and oldest time again from dedupe_segs (a few
+ * rows); the last run number only grows. -1 on a read error (the counts
+ * stay as they were). */
+static int runs_count(amp_spool *s) {
+    int rc = sqlite3_step(s->st_segs_get);
+    if (rc == SQLITE_ROW) {
+        s->runs = sqlite3_column_int64(s->st_segs_get, 0);
+        s->run_keys = sqlite3_column_int64(s->st_segs_get, 1);
+        s->oldest_run_ms = sqlite3_column_int64(s->st_segs_get, 2);
+        int64_t last = sqlite3_column_int64(s->st_segs_get, 3);
+        if (last > s->last_seg)
+            s->last_seg = last;
+    }
+    sqlite3_reset(s->st_segs_get);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+/* A compaction of every run there is: ranges of hashes that hold about
+ * COMPACT_SLICE of their keys each. */
+static void compact_start(amp_spool *s) {
+    uint64_t ranges = (uint64_t)(s->run_keys > 0 ? s->run_keys : 0) / COMPACT_SLICE + 1;
+    s->compact_upto = s->last_seg;
+    s->compact_next = 0;
+    s->compact_width = ranges == 1 ? 0 : UINT64_MAX / ranges + 1;
+}
+
+/* A hash counted from the lowest one, as SQLite orders it. */
+static int64_t hash_at(uint64_t offset) {
+    return (int64_t)(offset ^ (1ull << 63));
+}
+
+/* One transaction: the next range's keys from the runs into the table;
+ * with the last range, the runs go. Returns 1 while more is to do, 0 when
+ * done, -1 on a failure (logged; the compaction starts again later over
+ * what is left). Between groups only: nothing uncommitted. */
+static int compact_step(amp_spool *s) {
+    uint64_t lo = s->compact_next, w = s->compact_width;
+    uint64_t hi = w == 0 || w - 1 > UINT64_MAX - lo ? UINT64_MAX : lo + w - 1;
+    bool last = hi == UINT64_MAX;
+    int64_t since = s->dedupe_window_ms > 0 ? amp_now_ms() - s->dedupe_window_ms : INT64_MIN;
+    sqlite3_stmt *moves[] = {s->st_compact_copy, s->st_compact_drop};
+    int ok = amp_spool_step_done(s->st_begin) == 0;
+    for (size_t i = 0; ok && i < sizeof moves / sizeof moves[0]; i++) {
+        sqlite3_bind_int64(moves[i], 1, hash_at(lo));
+        sqlite3_bind_int64(moves[i], 2, hash_at(hi));
+        sqlite3_bind_int64(moves[i], 3, s->compact_upto);
+        if (moves[i] == s->st_compact_copy)
+            sqlite3_bind_int64(moves[i], 4, since);
+        ok = amp_spool_step_done(moves[i]) == 0;
+    }
+    if (ok && last) {
+        sqlite3_bind_int64(s->st_compact_end, 1, s->compact_upto);
+        ok = amp_spool_step_done(s->st_compact_end) == 0;
+    }
+    if (!step_commit(s, ok, "spool dedupe compaction failed")) {
+        s->compact_upto = 0;
+        return -1;
+    }
+    if (!last) {
+        s->compact_next = hi + 1;
+        return 1;
+    }
+    s->compact_upto = 0;
+    runs_count(s);
+    return 0;
+}
+
 /* One step: reading the keys to merge; then one transaction each: the
  * next slice (the last one also moves dedupe_merged.upto), or, after the
  * last one, the next DROP_SLICE merged rows out of dedupe_recent. Returns 1
@@ -457,6 +582,12 @@ static int merge_step(amp_spool *s) {
     int64_t drop_upto =
         s->dropped_upto + drop < s->merge_upto ? s->dropped_upto + drop : s->merge_upto;
     int ok = amp_spool_step_done(s->st_begin) == 0;
+    if (ok && slicing && s->merged == 0) { /* the run, with the first slice */
+        sqlite3_bind_int64(s->st_seg_add, 1, s->merge_seg);
+        sqlite3_bind_int64(s->st_seg_add, 2, (int64_t)s->nmerge);
+        sqlite3_bind_int64(s->st_seg_add, 3, amp_now_ms());
+        ok = amp_spool_step_done(s->st_seg_add) == 0;
+    }
     size_t end = s->merged + slice < s->nmerge ? s->merged + slice : s->nmerge;
     for (; ok && slicing && s->merged < end; s->merged++) {
         const key_entry *k = &s->merge[s->merged];
@@ -467,6 +598,7 @@ static int merge_step(amp_spool *s) {
         else
             sqlite3_bind_null(s->st_dedupe_merge, 3);
         sqlite3_bind_int64(s->st_dedupe_merge, 4, k->chk);
+        sqlite3_bind_int64(s->st_dedupe_merge, 5, s->merge_seg);
         ok = amp_spool_step_done(s->st_dedupe_merge) == 0;
     }
     bool last = slicing && end == s->nmerge;
@@ -478,20 +610,14 @@ static int merge_step(amp_spool *s) {
         sqlite3_bind_int64(s->st_recent_drop, 1, drop_upto);
         ok = amp_spool_step_done(s->st_recent_drop) == 0;
     }
-    ok = ok && amp_spool_step_done(s->st_commit) == 0;
-    if (!ok) {
-        amp_log(AMP_LOG_WARN, "spool dedupe merge failed", "{s:s}", "error",
-                sqlite3_errmsg(s->wdb));
-        if (sqlite3_get_autocommit(s->wdb) == 0)
-            amp_spool_step_done(s->st_rollback);
+    if (!step_commit(s, ok, "spool dedupe merge failed")) {
         amp_spool_dedupe_cancel_merge(s);
-        /* Not again with every group while the disk fails. */
-        s->merge_after_ms = amp_mono_ms() + PROBE_INTERVAL_MS;
         return -1;
     }
     if (last) {
         s->rows_merged = s->merge_rows_upto;
         forget_merged(s);
+        runs_count(s);
     }
     if (slicing)
         return 1;
@@ -513,8 +639,24 @@ void amp_spool_dedupe_after_group(amp_spool *s) {
         if (merge_step(s) < 0)
             break;
     }
+    /* Compaction when no merge is under way; faster while runs pile up. */
+    if (!s->merge && !s->compact_upto && s->runs >= RUNS_MAX && amp_mono_ms() >= s->merge_after_ms)
+        compact_start(s);
+    steps = s->runs >= 2 * RUNS_MAX ? MERGE_CATCH_UP : 1;
+    for (int i = 0; !s->merge && s->compact_upto && i < steps; i++)
+        if (compact_step(s) <= 0)
+            break;
     /* Even during a merge: big groups keep one under way most of the time. */
     filter_upkeep(s);
+}
+
+void amp_spool_dedupe_compact_some(amp_spool *s) {
+    if (!s->compact_upto && s->runs > 0 && amp_mono_ms() >= s->merge_after_ms &&
+        (s->runs >= RUNS_MAX || s->oldest_run_ms <= amp_now_ms() - RUN_AGE_MS))
+        compact_start(s);
+    int64_t until = amp_mono_ms() + COMPACT_MAINTENANCE_MS;
+    while (s->compact_upto && amp_mono_ms() < until && compact_step(s) > 0)
+        ;
 }
 
 int amp_spool_dedupe_merge_all(amp_spool *s) {
@@ -537,5 +679,5 @@ int amp_spool_dedupe_merge_all(amp_spool *s) {
 }
 
 int amp_spool_dedupe_load(amp_spool *s) {
-    return reload(s);
+    return reload(s) || runs_count(s) ? -1 : 0;
 }

@@ -110,9 +110,23 @@ static const char schema_v7[] =
     "CREATE TABLE dedupe_merged (upto INTEGER NOT NULL);"
     "INSERT INTO dedupe_merged(upto) SELECT coalesce(max(id), 0) FROM deliveries;";
 
+/* v8: a merge writes its keys as a run of their own (dedupe_runs, keyed by
+ * the run's number, seg, then the hash), appended after the last run
+ * instead of spread over the dedupe table, and dedupe_segs lists the runs
+ * with their key counts and times; runs are compacted into the dedupe table
+ * many keys to a page (dedupe.c). Merged straight into a table of two
+ * million keys, each key was a page of its own in the log and in the
+ * checkpoint. Nothing is copied: the dedupe table keeps its keys. */
+static const char schema_v8[] =
+    "CREATE TABLE dedupe_runs (seg INTEGER NOT NULL, h INTEGER NOT NULL,"
+    "  seen_ms INTEGER NOT NULL, first_id INTEGER, chk INTEGER NOT NULL,"
+    "  PRIMARY KEY (seg, h)) WITHOUT ROWID;"
+    "CREATE TABLE dedupe_segs (seg INTEGER PRIMARY KEY, keys INTEGER NOT NULL,"
+    "  made_ms INTEGER NOT NULL);";
+
 /* Migrations, in order: migrations[v] brings a database from version v to v+1. */
 static const char *const migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4,
-                                         schema_v5, schema_v6, schema_v7};
+                                         schema_v5, schema_v6, schema_v7, schema_v8};
 
 /* Tests only (amp_spool_set_key_hash_for_tests): replaces the hash. */
 static int64_t (*hash_for_tests)(const char *key);
@@ -249,6 +263,11 @@ static int prepare(sqlite3 *db, sqlite3_stmt **st, const char *sql, char *err, s
     return 0;
 }
 
+/* The hashes of the keys of the rows after ?1 (recover() in committer.c
+ * drops them with those rows). */
+#define KEYS_AFTER                                                                                 \
+    "(SELECT amp_key_hash(dedupe_key) FROM deliveries WHERE id > ?1 AND dedupe_key IS NOT NULL)"
+
 /* Statements of a connection s does not have open (an admin handle's
  * committer connection) stay NULL. */
 int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
@@ -265,7 +284,12 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
         {s->wdb, &s->st_rollback_to, "ROLLBACK TO batch"},
         /* Dedupe (dedupe.c). first_id: the id of the event's first row
          * (its rows are consecutive); NULL when it has none. */
-        {s->wdb, &s->st_dedupe_find, "SELECT seen_ms, chk FROM dedupe WHERE h = ?1"},
+        /* A key is a duplicate if the table or a run holds it, sighted
+         * since ?3: one seek in the table and one in each run. */
+        {s->wdb, &s->st_dedupe_find,
+         "SELECT EXISTS (SELECT 1 FROM dedupe WHERE h = ?1 AND chk = ?2 AND seen_ms >= ?3) "
+         "OR EXISTS (SELECT 1 FROM dedupe_runs WHERE seg IN (SELECT seg FROM dedupe_segs) "
+         "AND h = ?1 AND chk = ?2 AND seen_ms >= ?3)"},
         {s->wdb, &s->st_recent_add,
          "INSERT INTO dedupe_recent(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4)"},
         {s->wdb, &s->st_recent_all,
@@ -275,10 +299,27 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "SELECT (SELECT coalesce(min(id), 1) FROM dedupe_recent), "
          "(SELECT coalesce(max(id), 0) FROM dedupe_recent)"},
         {s->wdb, &s->st_dedupe_merge,
-         "INSERT INTO dedupe(h, seen_ms, first_id, chk) VALUES (?1, ?2, ?3, ?4) "
+         "INSERT INTO dedupe_runs(seg, h, seen_ms, first_id, chk) VALUES (?5, ?1, ?2, ?3, ?4)"},
+        {s->wdb, &s->st_seg_add, "INSERT INTO dedupe_segs(seg, keys, made_ms) VALUES (?1, ?2, ?3)"},
+        {s->wdb, &s->st_segs_get,
+         "SELECT count(*), coalesce(sum(keys), 0), coalesce(min(made_ms), 0), "
+         "coalesce(max(seg), 0) FROM dedupe_segs"},
+        /* A compaction step: the keys of runs up to ?3 whose hashes are in
+         * [?1, ?2] into the table (those sighted before ?4 are expired and
+         * left out; of one hash, the latest sighting stays), then out of
+         * the runs; after the last step, the runs themselves. */
+        {s->wdb, &s->st_compact_copy,
+         "INSERT INTO dedupe(h, seen_ms, first_id, chk) "
+         "SELECT h, seen_ms, first_id, chk FROM dedupe_runs "
+         "WHERE seg IN (SELECT seg FROM dedupe_segs WHERE seg <= ?3) AND h BETWEEN ?1 AND ?2 "
+         "AND seen_ms >= ?4 ORDER BY h, seen_ms "
          "ON CONFLICT(h) DO UPDATE "
          "SET seen_ms = excluded.seen_ms, first_id = excluded.first_id, chk = excluded.chk "
          "WHERE excluded.seen_ms >= dedupe.seen_ms"},
+        {s->wdb, &s->st_compact_drop,
+         "DELETE FROM dedupe_runs "
+         "WHERE seg IN (SELECT seg FROM dedupe_segs WHERE seg <= ?3) AND h BETWEEN ?1 AND ?2"},
+        {s->wdb, &s->st_compact_end, "DELETE FROM dedupe_segs WHERE seg <= ?1"},
         {s->wdb, &s->st_recent_drop, "DELETE FROM dedupe_recent WHERE id <= ?1"},
         {s->wdb, &s->st_merged_get, "SELECT upto FROM dedupe_merged"},
         {s->wdb, &s->st_merged_set, "UPDATE dedupe_merged SET upto = ?1"},
@@ -286,6 +327,8 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "SELECT id, created_ms, dedupe_key FROM deliveries WHERE id > ?1 "
          "AND dedupe_key IS NOT NULL ORDER BY id"},
         {s->wdb, &s->st_filter_scan, "SELECT h FROM dedupe WHERE h >= ?1 ORDER BY h LIMIT ?2"},
+        {s->wdb, &s->st_filter_runs,
+         "SELECT seg, h FROM dedupe_runs WHERE (seg, h) > (?1, ?2) ORDER BY seg, h LIMIT ?3"},
         {s->wdb, &s->st_insert,
          "INSERT INTO deliveries(created_ms, schedule_ms, dedupe_key, route, app, user, per_user, "
          "body, due_ms, source) VALUES (?1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?1, ?8)"},
@@ -345,12 +388,10 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "state <> 0 AND finished_ms < ?1 AND id <= ?3 LIMIT ?2)"},
         {s->wdb, &s->st_count_pending, "SELECT count(*) FROM deliveries WHERE state = 0"},
         /* recover(): what was committed after the last good sync. */
-        {s->wdb, &s->st_drop_keys,
-         "DELETE FROM dedupe WHERE h IN (SELECT amp_key_hash(dedupe_key) FROM deliveries "
-         "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
-        {s->wdb, &s->st_drop_recent_keys,
-         "DELETE FROM dedupe_recent WHERE h IN (SELECT amp_key_hash(dedupe_key) FROM deliveries "
-         "WHERE id > ?1 AND dedupe_key IS NOT NULL)"},
+        {s->wdb, &s->st_drop_keys, "DELETE FROM dedupe WHERE h IN " KEYS_AFTER},
+        {s->wdb, &s->st_drop_run_keys,
+         "DELETE FROM dedupe_runs WHERE seg IN (SELECT seg FROM dedupe_segs) AND h IN " KEYS_AFTER},
+        {s->wdb, &s->st_drop_recent_keys, "DELETE FROM dedupe_recent WHERE h IN " KEYS_AFTER},
         {s->wdb, &s->st_drop_rows, "DELETE FROM deliveries WHERE id > ?1"},
         {s->wdb, &s->st_max_id, "SELECT coalesce(max(id), 0) FROM deliveries"},
         /* Plain pragmas: each pragma_...() table function in a query
@@ -402,7 +443,9 @@ void amp_spool_finalize_all(amp_spool *s) {
         &s->st_recent_add,      &s->st_recent_all,    &s->st_recent_ids,
         &s->st_dedupe_merge,    &s->st_recent_drop,   &s->st_drop_recent_keys,
         &s->st_filter_scan,     &s->st_sweep_end,     &s->st_merged_get,
-        &s->st_merged_set,      &s->st_rows_keys,
+        &s->st_merged_set,      &s->st_rows_keys,     &s->st_seg_add,
+        &s->st_segs_get,        &s->st_compact_copy,  &s->st_compact_drop,
+        &s->st_compact_end,     &s->st_filter_runs,   &s->st_drop_run_keys,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

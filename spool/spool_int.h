@@ -31,7 +31,7 @@
 
 #include "spool.h"
 
-#define SCHEMA_VERSION 7
+#define SCHEMA_VERSION 8
 #define AMP_STR_(x) #x
 #define AMP_STR(x) AMP_STR_(x)
 /* Background upkeep: expired dedupe keys, old delivered rows, the depth. */
@@ -142,14 +142,24 @@ struct amp_spool {
     /* The map holds all of those keys (false after a failed load: the
      * next merge loads it again first). */
     bool recent_complete;
-    int64_t merge_after_ms; /* after a failed merge: no new one before (mono) */
+    int64_t merge_after_ms; /* after a failed merge or compaction: none before (mono) */
+    /* Committer only (dedupe.c): the runs of merged keys (dedupe_segs):
+     * how many, their keys, the oldest one's time (wall clock), the last
+     * run number given and the merge's own; the compaction under way (of
+     * the runs up to compact_upto; 0: none), its next range of hashes from
+     * compact_next (counted from the lowest hash), compact_width wide (0:
+     * all of them). */
+    int64_t runs, run_keys, oldest_run_ms, last_seg, merge_seg;
+    int64_t compact_upto;
+    uint64_t compact_next, compact_width;
     /* Committer only (dedupe.c): filter holds every hash of the dedupe
      * table and of the map, so a key it does not hold is new without a
      * look in the table; NULL until its scan of the table is done. filter_next is
      * being filled, the table read in hash order from filter_scan_from:
      * the first filter, or a bigger one that replaces filter when done. */
     amp_spool_keyfilter *filter, *filter_next;
-    int64_t filter_scan_from;
+    bool filter_scan_runs; /* the runs first, from (filter_scan_seg, filter_scan_from) */
+    int64_t filter_scan_seg, filter_scan_from;
     int64_t filter_after_ms; /* no new filter_next before (mono) */
     /* Committer only: acknowledgements whose commit failed. Their rows stay
      * claimed (a worker must not deliver them again) until a later commit
@@ -223,6 +233,8 @@ struct amp_spool {
     sqlite3_stmt *st_dedupe_find, *st_recent_add, *st_recent_all, *st_recent_ids;
     sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_filter_scan;
     sqlite3_stmt *st_merged_get, *st_merged_set, *st_rows_keys;
+    sqlite3_stmt *st_seg_add, *st_segs_get, *st_compact_copy, *st_compact_drop, *st_compact_end;
+    sqlite3_stmt *st_filter_runs, *st_drop_run_keys;
     sqlite3_stmt *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;
@@ -324,6 +336,9 @@ void amp_spool_dedupe_keep(amp_spool *s);
 /* Between groups: a step of the merge (several while it lags), if one is
  * due or under way, and one of filling the key filter, if one is. */
 void amp_spool_dedupe_after_group(amp_spool *s);
+/* Maintenance: compaction steps for a moment, of the runs once they are
+ * many or old (dedupe.c). */
+void amp_spool_dedupe_compact_some(amp_spool *s);
 /* The whole merge now (open, maintenance): 0, or -1 (logged). */
 int amp_spool_dedupe_merge_all(amp_spool *s);
 void amp_spool_dedupe_cancel_merge(amp_spool *s);

@@ -138,8 +138,10 @@ int64_t amp_spool_next_maintenance_ms(void) {
  * transaction so ingest never waits long behind it. */
 void amp_spool_maintain(amp_spool *s) {
     int64_t now = amp_now_ms(), deduped = 0, delivered = 0, n;
-    if (!atomic_load(&s->failed))
+    if (!atomic_load(&s->failed)) {
         amp_spool_dedupe_merge_all(s);
+        amp_spool_dedupe_compact_some(s);
+    }
     if (s->dedupe_window_ms > 0 && (n = sweep_dedupe(s, now - s->dedupe_window_ms)) > 0)
         deduped = n;
     /* Over spool.max_bytes, delivered rows go before their retention. */

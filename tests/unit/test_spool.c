@@ -531,6 +531,7 @@ START_TEST(version_1_spool_is_migrated) {
     /* Back to version 1: its (app, user) index covered every pending row,
      * and its dedupe rows had no first row id (version 3). */
     spool_sql("DROP TABLE dedupe; DROP TABLE dedupe_recent; DROP TABLE dedupe_merged;"
+              "DROP TABLE dedupe_runs; DROP TABLE dedupe_segs;"
               "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
               "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
               "INSERT INTO dedupe SELECT dedupe_key, created_ms FROM deliveries;"
@@ -545,7 +546,7 @@ START_TEST(version_1_spool_is_migrated) {
 
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 7);
+    ck_assert_int_eq(user_version(db), 8);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(db,
                                         "SELECT sql FROM sqlite_schema WHERE name = "
@@ -600,6 +601,11 @@ static int64_t table_rows(const char *table) {
     return n;
 }
 
+/* Keys merged: in the dedupe table or in a run (schema v8). */
+static int64_t merged_keys(void) {
+    return table_rows("dedupe") + table_rows("dedupe_runs");
+}
+
 static size_t event_jobs(amp_queue *s, const char *key) {
     json_t *ev = amp_queue_event(s, key, 100);
     ck_assert_ptr_nonnull(ev);
@@ -646,7 +652,7 @@ START_TEST(dedupe_keys_survive_merges) {
      * flush, and the first slice is in. Sent again, each key is a
      * duplicate, whether merged, waiting for its slice or recent. */
     amp_queue_flush(s);
-    ck_assert_int_gt(table_rows("dedupe"), 0);
+    ck_assert_int_gt(merged_keys(), 0);
     for (int g = 0; g < BATCHES; g += 4) {
         amp_queue_batch *b = amp_queue_batch_create();
         for (int i = 0; i < PER; i += 97) {
@@ -669,7 +675,7 @@ START_TEST(dedupe_keys_survive_merges) {
         ck_assert_uint_eq(submit_one(s, key, "{}").accepted, 1);
     }
     ck_assert_int_ge(merged_upto(), 16384);
-    ck_assert_int_ge(table_rows("dedupe"), merged_upto());
+    ck_assert_int_ge(merged_keys(), merged_upto());
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     amp_queue_batch *again = amp_queue_batch_create();
     add(again, "m3-5", "u", false, "{}");
@@ -684,7 +690,7 @@ START_TEST(dedupe_keys_survive_merges) {
      * admin lookup finds an event from the merged table. */
     s = open_spool(3600);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
-    ck_assert_int_eq(table_rows("dedupe"), BATCHES * PER + driven);
+    ck_assert_int_eq(merged_keys(), BATCHES * PER + driven);
     ck_assert_int_eq(merged_upto(), BATCHES * PER + driven);
     amp_queue_batch *b = amp_queue_batch_create();
     add(b, "m17-999", "u", false, "{}");
@@ -736,7 +742,7 @@ START_TEST(colliding_keys_are_both_delivered) {
     /* At open the keys are merged: hash 42 keeps the later key, c2. */
     s = open_spool(3600);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
-    ck_assert_int_eq(table_rows("dedupe"), 1);
+    ck_assert_int_eq(merged_keys(), 1);
     r = submit_one(s, "c2", "{}");
     ck_assert_uint_eq(r.duplicates, 1);
     ck_assert_uint_eq(r.accepted, 0);
@@ -797,11 +803,11 @@ START_TEST(recent_keys_come_back_from_rows_after_a_crash) {
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the storing process failed: %d", st);
     ck_assert_int_eq(table_rows("deliveries"), 100);
     ck_assert_int_eq(table_rows("dedupe_recent"), 10);
-    ck_assert_int_eq(table_rows("dedupe"), 0);
+    ck_assert_int_eq(merged_keys(), 0);
     ck_assert_int_eq(merged_upto(), 0);
 
     amp_queue *s = open_spool(3600);
-    ck_assert_int_eq(table_rows("dedupe"), 110);
+    ck_assert_int_eq(merged_keys(), 110);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     ck_assert_int_eq(merged_upto(), 100);
     amp_queue_result r = submit(s, rows_and_rowless());
@@ -859,14 +865,14 @@ END_TEST
 
 /* A delivered row whose key is not merged yet holds that key (schema v7),
  * so its retention waits for the merge. Here every merge fails (a trigger
- * refuses inserts into the dedupe table) long past the retention: the row
+ * refuses inserts into the runs of merged keys) long past the retention: the row
  * stays, and its key is still a duplicate after a restart. Once merges
  * work again the row is pruned, and the key stays a duplicate. */
 START_TEST(unmerged_delivered_rows_wait_for_their_merge) {
     amp_spool_set_maintenance_ms_for_tests(20);
     amp_spool_opts o = {.dedupe_window_s = 3600, .retention_s = 1};
     amp_queue *s = open_opts(o);
-    spool_sql("CREATE TRIGGER refuse_merge BEFORE INSERT ON dedupe "
+    spool_sql("CREATE TRIGGER refuse_merge BEFORE INSERT ON dedupe_runs "
               "BEGIN SELECT RAISE(ABORT, 'merges refused by the test'); END");
     ck_assert_uint_eq(submit_one(s, "held", "{}").accepted, 1);
     amp_queue_job *jobs[2];
@@ -894,13 +900,120 @@ START_TEST(unmerged_delivered_rows_wait_for_their_merge) {
         usleep(20 * 1000);
     ck_assert_int_eq(st.delivered, 0);
     ck_assert_int_eq(merged_upto(), 1);
-    ck_assert_int_eq(table_rows("dedupe"), 1);
+    ck_assert_int_eq(merged_keys(), 1);
     amp_queue_close(s);
 
     s = open_opts(o);
     r = submit_one(s, "held", "{}");
     ck_assert_uint_eq(r.duplicates, 1);
     ck_assert_uint_eq(r.accepted, 0);
+    amp_queue_close(s);
+    amp_spool_set_maintenance_ms_for_tests(0);
+}
+END_TEST
+
+/* Runs (schema v8): a merge writes its keys as a run of their own, and
+ * once dedupe.c's RUNS_MAX (16) runs have gathered they are compacted into
+ * the dedupe table, about 1,024 keys a step. RUN_KEYS keys a run make a
+ * compaction of several steps. */
+enum { RUN_KEYS = 200 };
+
+/* Runs first .. first + n - 1 of keys "<prefix><i>", RUN_KEYS each, each
+ * merged by a maintenance (every 20 ms here) before the next is stored. */
+static void store_runs(amp_queue *s, const char *prefix, int first, int n) {
+    for (int r = first; r < first + n; r++) {
+        int64_t upto = merged_upto();
+        amp_queue_result res = submit(s, keys_batch(prefix, r * RUN_KEYS, (r + 1) * RUN_KEYS, 1));
+        ck_assert_uint_eq(res.accepted, RUN_KEYS);
+        int64_t deadline = amp_mono_ms() + 5000;
+        while (merged_upto() < upto + RUN_KEYS && amp_mono_ms() < deadline)
+            usleep(5 * 1000);
+        ck_assert_int_ge(merged_upto(), upto + RUN_KEYS);
+    }
+}
+
+/* Waits until no run is listed (the compaction ended). */
+static void wait_runs_compacted(void) {
+    int64_t deadline = amp_mono_ms() + 10000;
+    while (table_rows("dedupe_segs") > 0 && amp_mono_ms() < deadline)
+        usleep(10 * 1000);
+    ck_assert_int_eq(table_rows("dedupe_segs"), 0);
+}
+
+/* Each of keys "<prefix>0" .. below n is refused as a duplicate. */
+static void all_duplicates(amp_queue *s, const char *prefix, int n) {
+    amp_queue_result r = submit(s, keys_batch(prefix, 0, n, 1));
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.duplicates, (unsigned)n);
+    ck_assert_uint_eq(r.accepted, 0);
+}
+
+/* Merged keys stay in their runs, not in the dedupe table, until the
+ * sixteenth run: then all of them move into the table, with the id of
+ * their event's row for the admin lookup; a key expired meanwhile is left
+ * out. Every key is a duplicate throughout. */
+START_TEST(runs_are_compacted_into_the_table) {
+    amp_spool_set_maintenance_ms_for_tests(20);
+    amp_queue_close(open_spool(3600));
+    /* A run an earlier process has just left: one key, sighted before the
+     * window (a run as old would be compacted at the next maintenance). */
+    int64_t now = amp_now_ms(), chk, h = amp_spool_key_digest("expired", &chk);
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO dedupe_segs(seg, keys, made_ms) VALUES (1, 1, %lld);"
+             "INSERT INTO dedupe_runs(seg, h, seen_ms, chk) VALUES (1, %lld, %lld, %lld);",
+             (long long)now, (long long)h, (long long)(now - 7200 * 1000), (long long)chk);
+    spool_sql(sql);
+
+    amp_queue *s = open_spool(3600);
+    store_runs(s, "c", 0, 14);
+    ck_assert_int_eq(table_rows("dedupe"), 0);
+    ck_assert_int_eq(table_rows("dedupe_runs"), 14 * RUN_KEYS + 1);
+    ck_assert_int_eq(table_rows("dedupe_segs"), 15);
+    all_duplicates(s, "c", 14 * RUN_KEYS);
+
+    store_runs(s, "c", 14, 1); /* the sixteenth run */
+    wait_runs_compacted();
+    ck_assert_int_eq(table_rows("dedupe_runs"), 0);
+    ck_assert_int_eq(table_rows("dedupe"), 15 * RUN_KEYS);
+    snprintf(sql, sizeof sql, "dedupe WHERE h = %lld", (long long)h);
+    ck_assert_int_eq(table_rows(sql), 0);
+    all_duplicates(s, "c", 15 * RUN_KEYS);
+    json_t *ev = amp_queue_event(s, "c2999", 100);
+    ck_assert_ptr_nonnull(ev);
+    ck_assert_int_eq(json_array_size(json_object_get(ev, "jobs")), 1);
+    json_decref(ev);
+    ck_assert_uint_eq(submit_one(s, "expired", "{}").accepted, 1);
+    amp_queue_close(s);
+    amp_spool_set_maintenance_ms_for_tests(0);
+}
+END_TEST
+
+/* A compaction that fails half way (a trigger refuses the upper half of
+ * the hashes) has moved the lower half into the table and left the upper
+ * half in the runs: no key is lost, each is still a duplicate. Once the
+ * table takes them again, a later compaction moves the rest. */
+START_TEST(a_compaction_cut_short_loses_no_key) {
+    amp_spool_set_maintenance_ms_for_tests(20);
+    amp_queue *s = open_spool(3600);
+    spool_sql("CREATE TRIGGER refuse_upper BEFORE INSERT ON dedupe WHEN NEW.h > 0 "
+              "BEGIN SELECT RAISE(ABORT, 'the upper half refused by the test'); END");
+    store_runs(s, "x", 0, 16);
+    int64_t deadline = amp_mono_ms() + 5000;
+    while (table_rows("dedupe_runs WHERE h < 0") > 0 && amp_mono_ms() < deadline)
+        usleep(10 * 1000);
+    ck_assert_int_eq(table_rows("dedupe_runs WHERE h < 0"), 0);
+    ck_assert_int_eq(table_rows("dedupe WHERE h > 0"), 0);
+    ck_assert_int_gt(table_rows("dedupe"), 0);
+    ck_assert_int_eq(merged_keys(), 16 * RUN_KEYS);
+    ck_assert_int_eq(table_rows("dedupe_segs"), 16);
+    all_duplicates(s, "x", 16 * RUN_KEYS);
+
+    spool_sql("DROP TRIGGER refuse_upper");
+    wait_runs_compacted();
+    ck_assert_int_eq(table_rows("dedupe"), 16 * RUN_KEYS);
+    ck_assert_int_eq(table_rows("dedupe_runs"), 0);
+    all_duplicates(s, "x", 16 * RUN_KEYS);
     amp_queue_close(s);
     amp_spool_set_maintenance_ms_for_tests(0);
 }
@@ -926,7 +1039,7 @@ START_TEST(new_keys_skip_the_dedupe_table) {
     ck_assert_uint_eq(submit(s, keys_batch("old", 0, OLD, 1)).accepted, OLD);
     amp_queue_close(s);
     s = open_spool(3600); /* merged into the dedupe table at open */
-    ck_assert_int_eq(table_rows("dedupe"), OLD);
+    ck_assert_int_eq(merged_keys(), OLD);
 
     /* Until the filter is filled, each new key is looked up. */
     ck_assert_int_eq(lookups_for_new(s, "a", 100), 100);
@@ -965,12 +1078,12 @@ START_TEST(new_keys_skip_the_dedupe_table) {
                   groups);
     /* Old keys, and keys stored since the first filter began, merged into
      * the table since (more groups drive the merges on) or still in memory. */
-    for (int i = 0; i < 200 && table_rows("dedupe") < OLD + MORE / 2; i++) {
+    for (int i = 0; i < 200 && merged_keys() < OLD + MORE / 2; i++) {
         char key[32];
         snprintf(key, sizeof key, "e%d", i);
         ck_assert_uint_eq(submit_one(s, key, "{}").accepted, 1);
     }
-    ck_assert_int_ge(table_rows("dedupe"), OLD + MORE / 2);
+    ck_assert_int_ge(merged_keys(), OLD + MORE / 2);
     b = keys_batch("old", 1, OLD, 7);
     for (int i = 0; i < MORE; i += 5000)
         for (int j = 0; j < 5000; j += 25) {
@@ -1001,6 +1114,7 @@ START_TEST(version_4_spool_is_migrated) {
     char sql[1024];
     snprintf(sql, sizeof sql,
              "DROP TABLE dedupe; DROP TABLE dedupe_recent; DROP TABLE dedupe_merged;"
+             "DROP TABLE dedupe_runs; DROP TABLE dedupe_segs;"
              "CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL) WITHOUT ROWID;"
              "CREATE INDEX dedupe_seen ON dedupe(seen_ms);"
              "ALTER TABLE dedupe ADD COLUMN first_id INTEGER;"
@@ -1029,7 +1143,7 @@ START_TEST(version_4_spool_is_migrated) {
 
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(user_version(db), 7);
+    ck_assert_int_eq(user_version(db), 8);
     /* Version 6 has no index of the keys by time. */
     ck_assert_int_eq(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name = 'dedupe_seen'"),
                      0);
@@ -1778,12 +1892,12 @@ START_TEST(admin_open_refuses_other_schema_version) {
     const struct {
         int version;
         const char *found;
-    } cases[] = {{6, "schema version 6,"}, {8, "schema version 8,"}, {0, "schema version 0,"}};
+    } cases[] = {{7, "schema version 7,"}, {9, "schema version 9,"}, {0, "schema version 0,"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         set_user_version(cases[i].version);
         char err[256] = "";
         ck_assert_ptr_null(amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err));
-        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 7") &&
+        ck_assert_msg(strstr(err, cases[i].found) && strstr(err, "expects version 8") &&
                           strstr(err, path),
                       "err: %s", err);
         /* Refused before anything was written: the version is as found. */
@@ -1792,7 +1906,7 @@ START_TEST(admin_open_refuses_other_schema_version) {
         ck_assert_int_eq(user_version(db), cases[i].version);
         sqlite3_close(db);
     }
-    set_user_version(7);
+    set_user_version(8);
     char err[256] = "";
     amp_queue *a = amp_spool_open_admin(&(amp_spool_opts){.path = path}, err, sizeof err);
     ck_assert_msg(a != NULL, "admin open: %s", err);
@@ -2055,6 +2169,8 @@ int main(void) {
     tcase_add_test(tc, depth_follows_replay_from_another_process);
     tcase_add_test(tc, one_shard_and_acks_taken);
     tcase_add_test(tc, admin_handle_has_no_threads);
+    tcase_add_test(tc, runs_are_compacted_into_the_table);
+    tcase_add_test(tc, a_compaction_cut_short_loses_no_key);
     tcase_add_test(tc, admin_open_refuses_other_schema_version);
     tcase_add_test(tc, admin_open_refuses_missing_spool);
     tcase_add_test(tc, unwritable_path_fails_to_open);
