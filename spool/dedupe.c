@@ -257,6 +257,20 @@ static void filter_step(amp_spool *s) {
         s->filter_after_ms = amp_mono_ms() + FILTER_REFILL_MS;
 }
 
+/* The keys of the dedupe table, estimated from where its FILTER_SLICE-th
+ * lowest hash lies (hashes spread evenly over 64 bits); 0 when it holds
+ * fewer or cannot be read (the filter then grows as it fills). */
+static size_t table_keys_estimate(amp_spool *s) {
+    sqlite3_bind_int64(s->st_filter_nth, 1, FILTER_SLICE - 1);
+    double n = 0;
+    if (sqlite3_step(s->st_filter_nth) == SQLITE_ROW) {
+        uint64_t below = (uint64_t)sqlite3_column_int64(s->st_filter_nth, 0) ^ (1ull << 63);
+        n = FILTER_SLICE * (18446744073709551616.0 / ((double)below + 1));
+    }
+    sqlite3_reset(s->st_filter_nth);
+    return n < (double)FILTER_MAX_KEYS ? (size_t)n : FILTER_MAX_KEYS;
+}
+
 /* Between groups: the next slice of a filter being filled, or a new one
  * begun. */
 static void filter_upkeep(amp_spool *s) {
@@ -264,11 +278,19 @@ static void filter_upkeep(amp_spool *s) {
         filter_step(s);
         return;
     }
-    /* The first one once keys are being stored; a bigger one when full. */
-    size_t n = s->filter ? amp_spool_keyfilter_count(s->filter) : 0;
-    bool due = s->filter ? n > amp_spool_keyfilter_capacity(s->filter) : s->recent.n > 0;
-    if (due && amp_mono_ms() >= s->filter_after_ms)
-        filter_begin(s, filter_size_for(n));
+    /* The first one once keys are being stored, sized for the keys there
+     * are (a filter that outgrows its size while filled starts again,
+     * bigger: on a table of two million keys, from 16,384 that read about
+     * twice the table, and every key was looked up meanwhile); a bigger
+     * one when full. */
+    bool due = s->filter
+                   ? amp_spool_keyfilter_count(s->filter) > amp_spool_keyfilter_capacity(s->filter)
+                   : s->recent.n > 0;
+    if (!due || amp_mono_ms() < s->filter_after_ms)
+        return;
+    size_t n = s->filter ? amp_spool_keyfilter_count(s->filter)
+                         : table_keys_estimate(s) + (size_t)s->run_keys + s->recent.n;
+    filter_begin(s, filter_size_for(n));
 }
 
 void amp_spool_dedupe_free(amp_spool *s) {

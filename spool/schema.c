@@ -327,6 +327,7 @@ int amp_spool_prepare_all(amp_spool *s, char *err, size_t errlen) {
          "SELECT id, created_ms, dedupe_key FROM deliveries WHERE id > ?1 "
          "AND dedupe_key IS NOT NULL ORDER BY id"},
         {s->wdb, &s->st_filter_scan, "SELECT h FROM dedupe WHERE h >= ?1 ORDER BY h LIMIT ?2"},
+        {s->wdb, &s->st_filter_nth, "SELECT h FROM dedupe ORDER BY h LIMIT 1 OFFSET ?1"},
         {s->wdb, &s->st_filter_runs,
          "SELECT seg, h FROM dedupe_runs WHERE (seg, h) > (?1, ?2) ORDER BY seg, h LIMIT ?3"},
         {s->wdb, &s->st_insert,
@@ -446,6 +447,7 @@ void amp_spool_finalize_all(amp_spool *s) {
         &s->st_merged_set,      &s->st_rows_keys,     &s->st_seg_add,
         &s->st_segs_get,        &s->st_compact_copy,  &s->st_compact_drop,
         &s->st_compact_end,     &s->st_filter_runs,   &s->st_drop_run_keys,
+        &s->st_filter_nth,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         sqlite3_finalize(*all[i]);

@@ -234,7 +234,7 @@ struct amp_spool {
     sqlite3_stmt *st_dedupe_merge, *st_recent_drop, *st_drop_recent_keys, *st_filter_scan;
     sqlite3_stmt *st_merged_get, *st_merged_set, *st_rows_keys;
     sqlite3_stmt *st_seg_add, *st_segs_get, *st_compact_copy, *st_compact_drop, *st_compact_end;
-    sqlite3_stmt *st_filter_runs, *st_drop_run_keys;
+    sqlite3_stmt *st_filter_runs, *st_filter_nth, *st_drop_run_keys;
     sqlite3_stmt *st_insert;
     sqlite3_stmt *st_delivered, *st_retry, *st_dead, *st_waiting, *st_release_row;
     sqlite3_stmt *st_conv_set, *st_conv_clear;

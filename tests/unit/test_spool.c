@@ -1099,6 +1099,34 @@ START_TEST(new_keys_skip_the_dedupe_table) {
 }
 END_TEST
 
+/* The first filter is sized for the keys the table holds, estimated from
+ * its lowest hashes: filled once, a slice of 4,096 hashes after each
+ * group (about 50 for 200,000 keys). Sized for the least (16,384) it
+ * outgrew itself and started again three times, bigger, about 120 groups,
+ * and every new key was looked up meanwhile. */
+START_TEST(first_filter_is_sized_for_the_table) {
+    enum { KEYS = 200000 };
+    amp_queue_close(open_spool(3600));
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "WITH RECURSIVE i(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM i WHERE n < %d) "
+             "INSERT OR IGNORE INTO dedupe(h, seen_ms, chk) SELECT random(), %lld, 0 FROM i",
+             KEYS, (long long)amp_now_ms());
+    spool_sql(sql);
+    amp_queue *s = open_spool(3600);
+    long cost = 1;
+    int groups = 0;
+    while (cost > 0 && groups < 200) {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "f%d-", groups++);
+        cost = lookups_for_new(s, prefix, 10);
+    }
+    ck_assert_int_eq(cost, 0);
+    ck_assert_msg(groups <= 60, "the filter took %d groups to fill", groups);
+    amp_queue_close(s);
+}
+END_TEST
+
 /* A version 4 spool (dedupe keyed by the key's text) is migrated to keys
  * hashed to 64 bits (version 5), then loses the keys' index by time
  * (version 6), then counts every key of its rows as merged (version 7): its
@@ -2169,6 +2197,7 @@ int main(void) {
     tcase_add_test(tc, depth_follows_replay_from_another_process);
     tcase_add_test(tc, one_shard_and_acks_taken);
     tcase_add_test(tc, admin_handle_has_no_threads);
+    tcase_add_test(tc, first_filter_is_sized_for_the_table);
     tcase_add_test(tc, runs_are_compacted_into_the_table);
     tcase_add_test(tc, a_compaction_cut_short_loses_no_key);
     tcase_add_test(tc, admin_open_refuses_other_schema_version);
