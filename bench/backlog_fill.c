@@ -3,7 +3,7 @@
  * bench/backlog.sh (restart on a backlog: time to the first delivery, RSS).
  *
  *   backlog_fill --db PATH --count N [--users U] [--per-user]
- *                [--unmerged K] [--route R] [--app A]
+ *                [--unmerged K] [--pruned] [--route R] [--app A]
  *
  * The schema is created by amp_spool_open itself (so it is the daemon's
  * own, migrations included); the rows are then inserted directly with
@@ -16,10 +16,14 @@
  * upto before them, as a crash before a merge does: the start then reads
  * them back from their rows. --per-user marks the rows per_user (one
  * conversation per user: the claim query then also checks each user's
- * order). Route and app default to "all-events" and
+ * order). --pruned then deletes every row but the last, as retention does
+ * with delivered rows: an old spool, its dedupe table holding N keys, its
+ * file the free pages of the deleted rows, new rows' ids after the last
+ * (bench/oldspool.sh). Route and app default to "all-events" and
  * "assistant" (examples/amp2dify.json); the daemon must know them.
  *
- * Prints one line: FILL rows=N users=U per_user=0|1 unmerged=K ms=T bytes=SIZE
+ * Prints one line:
+ * FILL rows=N users=U per_user=0|1 unmerged=K pruned=0|1 ms=T bytes=SIZE
  */
 #include <sqlite3.h>
 #include <stdio.h>
@@ -34,7 +38,7 @@
 
 static int usage(void) {
     fprintf(stderr, "usage: backlog_fill --db PATH --count N [--users U] [--per-user] "
-                    "[--unmerged K] [--route R] [--app A]\n");
+                    "[--unmerged K] [--pruned] [--route R] [--app A]\n");
     return 2;
 }
 
@@ -61,11 +65,15 @@ static long long file_bytes(const char *path) {
 int main(int argc, char **argv) {
     const char *path = NULL, *route = "all-events", *app = "assistant";
     int64_t count = -1, users = 10000, unmerged = 0;
-    bool per_user = false;
+    bool per_user = false, pruned = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--per-user") == 0) {
             per_user = true;
+            continue;
+        }
+        if (strcmp(a, "--pruned") == 0) {
+            pruned = true;
             continue;
         }
         if (!v)
@@ -161,15 +169,16 @@ int main(int argc, char **argv) {
     sqlite3_finalize(key);
     /* The keys before the unmerged tail are merged (ids run 1..count); fold
      * the WAL into the database, as a daemon that ran a while would. */
-    char sql[160];
+    char sql[256];
     snprintf(sql, sizeof sql,
-             "UPDATE dedupe_merged SET upto = %lld; COMMIT; PRAGMA wal_checkpoint(TRUNCATE)",
-             (long long)(count - unmerged));
+             "UPDATE dedupe_merged SET upto = %lld; %s COMMIT; PRAGMA wal_checkpoint(TRUNCATE)",
+             (long long)(count - unmerged),
+             pruned ? "DELETE FROM deliveries WHERE id < (SELECT max(id) FROM deliveries);" : "");
     if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK)
         return fail(db, "commit");
     sqlite3_close(db);
-    printf("FILL rows=%lld users=%lld per_user=%d unmerged=%lld ms=%lld bytes=%lld\n",
+    printf("FILL rows=%lld users=%lld per_user=%d unmerged=%lld pruned=%d ms=%lld bytes=%lld\n",
            (long long)count, (long long)(users < count ? users : count), per_user ? 1 : 0,
-           (long long)unmerged, (long long)(amp_mono_ms() - t0), file_bytes(path));
+           (long long)unmerged, pruned ? 1 : 0, (long long)(amp_mono_ms() - t0), file_bytes(path));
     return 0;
 }

@@ -11,8 +11,10 @@
 #    warn) delivering to build/fake-dify, under the same wrk load with
 #    freshly signed, unique ~600-byte Amplitude events.
 # 3. The delivery side, read from amp2dify's spool once it has drained;
-#    3b. the same load with delivery held back (ingest only); 3c. with a
-#    route filter that stores nothing (the HTTP + JSON path's ceiling).
+#    3b. the same load with delivery held back (ingest only), also with
+#    listen.event_loop poll and on an old spool (both reported, not
+#    judged); 3c. with a route filter that stores nothing (the HTTP + JSON
+#    path's ceiling).
 # 4. build/bench/bench_mapping, when it exists.
 # With BASE_BUILD_DIR (an older build; only its amp2dify is used), 3b and 3c
 # also run that build's amp2dify, each right after this build's, and the
@@ -27,6 +29,7 @@
 # Knobs (environment): BENCH_DURATION (s per wrk run, 10), BENCH_THREADS (2),
 # BENCH_CONNECTIONS (64), BENCH_REQUESTS (signed requests generated, 400000),
 # BENCH_BODY_BYTES (600), BENCH_DRAIN_SECONDS (max wait for delivery, 30),
+# BENCH_OLD_KEYS (the old spool's dedupe keys, 2000000; 0 skips that run),
 # BENCH_KEEP=1 keeps the work directory (spool, logs, corpus).
 # shellcheck disable=SC2154 # i_*, n_*, h_*, d_* and BASE_* are set with printf -v
 set -uo pipefail
@@ -34,6 +37,7 @@ set -uo pipefail
 BUILD=${1:-build}
 BASE_BUILD=${2:-}
 DURATION=${BENCH_DURATION:-10}
+OLD_KEYS=${BENCH_OLD_KEYS:-2000000}
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
 NREQ=${BENCH_REQUESTS:-400000}
@@ -64,7 +68,7 @@ run_wrk() {
 
 # ---- checks -------------------------------------------------------------------
 
-for b in amp2dify fake-dify bench/mhd_baseline bench/sign_corpus bench/spool_stat; do
+for b in amp2dify fake-dify bench/mhd_baseline bench/sign_corpus bench/spool_stat bench/backlog_fill; do
     [[ -x $BUILD/$b ]] || die "$BUILD/$b is missing; run 'make bench'"
 done
 [[ -z $BASE_BUILD || -x $BASE_BUILD/amp2dify ]] || die "$BASE_BUILD/amp2dify is missing"
@@ -72,6 +76,7 @@ command -v wrk >/dev/null || die "wrk is not installed (Debian package wrk)"
 command -v timeout >/dev/null || die "timeout (coreutils) is not installed"
 [[ $THREADS =~ ^[1-9][0-9]*$ && $CONNS =~ ^[1-9][0-9]*$ && $DURATION =~ ^[1-9][0-9]*$ ]] ||
     die "BENCH_THREADS, BENCH_CONNECTIONS and BENCH_DURATION must be positive integers"
+[[ $OLD_KEYS =~ ^(0|[1-9][0-9]*)$ ]] || die "BENCH_OLD_KEYS must be a non-negative integer"
 ((CONNS >= THREADS)) || die "BENCH_CONNECTIONS must be at least BENCH_THREADS"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/amp2dify-bench.XXXXXX") || die "cannot create a work directory"
@@ -255,6 +260,24 @@ run_variant ingest-poll "$WORK/ingest-poll.json"
 POLL_LINE=$VARIANT_LINE
 read -r POLL_CPU_MS POLL_HTTP_CPU_MS POLL_SPOOL_CPU_MS <<<"$VARIANT_CPU"
 
+# 3b, old spool: the same on a spool that has run for a while, its dedupe
+# table holding OLD_KEYS keys, its file the free pages of the rows that
+# retention pruned (backlog_fill --pruned, which keeps the last row, so new
+# rows' ids come after it). The file is synced first: otherwise the first
+# checkpoint's sync writes the whole fixture back while requests wait.
+OLD_LINE=""
+OLD_CPU_MS=0 OLD_HTTP_CPU_MS=0 OLD_SPOOL_CPU_MS=0
+if ((OLD_KEYS > 0)); then
+    log "bench: an old spool, $OLD_KEYS dedupe keys ..."
+    fill=$(timeout 600 "$BUILD/bench/backlog_fill" --db "$WORK/ingest-old.db" --count "$OLD_KEYS" \
+        --pruned) || die "backlog_fill could not write the old spool"
+    log "    $fill"
+    sync "$WORK/ingest-old.db" || die "could not sync the old spool"
+    run_variant ingest-old "$WORK/ingest-only.json"
+    OLD_LINE=$VARIANT_LINE
+    read -r OLD_CPU_MS OLD_HTTP_CPU_MS OLD_SPOOL_CPU_MS <<<"$VARIANT_CPU"
+fi
+
 sed -E 's/"name": *"all-events",/&"filter":{"field":"event_type","op":"equals","value":"(none)"},/' \
     examples/amp2dify.json >"$WORK/no-store.json"
 grep -q '"(none)"' "$WORK/no-store.json" || die "could not add the filter to the no-store config"
@@ -319,7 +342,8 @@ variant_figures h "$HANDOFF_LINE"
 variant_figures d "$FLOOR_LINE"
 variant_figures e "$BASE_END_LINE"
 variant_figures p "$POLL_LINE"
-: "${p_non2xx:=0}" "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}" "${e_non2xx:=0}"
+variant_figures o "$OLD_LINE"
+: "${o_non2xx:=0}" "${p_non2xx:=0}" "${i_non2xx:=0}" "${i_wrapped:=0}" "${n_non2xx:=0}" "${h_non2xx:=0}" "${d_non2xx:=0}" "${e_non2xx:=0}"
 # Inverse throughput (us per request at 64 connections): what each step adds.
 usper() { calc "%.1f" "($1 > 0) ? 1000000 / $1 : 0"; }
 b_us=$(usper "$b_rps")
@@ -367,6 +391,10 @@ i_spool_cpu_us=$(per_us "$INGEST_SPOOL_CPU_MS" "$(reqs "$INGEST_LINE")")
 p_cpu_us=$(per_us "$POLL_CPU_MS" "$(reqs "$POLL_LINE")")
 p_http_cpu_us=$(per_us "$POLL_HTTP_CPU_MS" "$(reqs "$POLL_LINE")")
 p_spool_cpu_us=$(per_us "$POLL_SPOOL_CPU_MS" "$(reqs "$POLL_LINE")")
+o_cpu_us=$(per_us "$OLD_CPU_MS" "$(reqs "$OLD_LINE")")
+o_http_cpu_us=$(per_us "$OLD_HTTP_CPU_MS" "$(reqs "$OLD_LINE")")
+o_spool_cpu_us=$(per_us "$OLD_SPOOL_CPU_MS" "$(reqs "$OLD_LINE")")
+o_to_fresh=$(calc "%.3f" "($i_rps > 0) ? $o_rps / $i_rps : 0")
 n_cpu_us=$(per_us "$NOSTORE_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 n_http_cpu_us=$(per_us "$NOSTORE_HTTP_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 f_cpu_us=$(per_us "$FAKE_CPU_MS" "$fake_requests")
@@ -439,6 +467,8 @@ END_TARGETS+=" delivery $(x_end "$a_delivery_cpu_us") x"
 # the default is epoll).
 POLL_TARGETS="HTTP threads $(x_bare "$p_http_cpu_us") x bare, spool threads $(x_bare "$p_spool_cpu_us") x,"
 POLL_TARGETS+=" requests/s $p_ratio of bare, p99 $p_p99 ms"
+OLD_TARGETS="HTTP threads $(x_bare "$o_http_cpu_us") x bare, spool threads $(x_bare "$o_spool_cpu_us") x,"
+OLD_TARGETS+=" requests/s $o_ratio of bare ($o_to_fresh of a fresh spool's), p99 $o_p99 ms"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
@@ -461,6 +491,7 @@ fi
 [[ -z $INGEST_LINE ]] && problems+=("the ingest-only run did not complete")
 ((p_non2xx > 0)) && problems+=("amp2dify (ingest only, poll) answered $p_non2xx non-2xx")
 [[ -z $POLL_LINE ]] && problems+=("the ingest-only run with listen.event_loop poll did not complete")
+((OLD_KEYS > 0)) && [[ -z $OLD_LINE ]] && problems+=("the ingest-only run on an old spool did not complete")
 ((n_non2xx > 0)) && problems+=("amp2dify (nothing stored) answered $n_non2xx non-2xx")
 [[ -z $NOSTORE_LINE ]] && problems+=("the no-store run did not complete")
 ((b_non2xx + b_sock > 0)) && problems+=("baseline: $b_non2xx non-2xx, $b_sock socket errors")
@@ -512,6 +543,7 @@ $(printf '%s\n' "${TARGET_LINES[@]}")
   the bare request at the end of the run: $e_cpu_us us (x$e_cpu_drift of the first), requests/s x$e_ratio;
   against it the values above would read: $END_TARGETS
   with listen.event_loop poll (ingest only, not judged): $POLL_TARGETS
+  on an old spool, $OLD_KEYS dedupe keys (ingest only, not judged): $OLD_TARGETS
 EOF
 [[ -n $BASE_SUMMARY ]] && echo "$BASE_SUMMARY"
 [[ -n $MAPPING_LINE ]] && echo "mapping       $MAPPING_LINE"
@@ -547,6 +579,7 @@ JSON="{\"bench\":\"ingest\",\"time\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\
 \"durable_floor\":{\"rps\":$d_rps,\"p50_ms\":$d_p50,\"p99_ms\":$d_p99,\"non2xx\":$d_non2xx,\"ratio\":$d_ratio}},\
 \"ingest_only\":{\"rps\":$i_rps,\"p50_ms\":$i_p50,\"p99_ms\":$i_p99,\"non2xx\":$i_non2xx,\"ratio\":$i_ratio,\"ratio_to_floor\":$i_floor_ratio},\
 \"ingest_only_poll\":{\"rps\":$p_rps,\"p50_ms\":$p_p50,\"p99_ms\":$p_p99,\"non2xx\":$p_non2xx,\"ratio\":$p_ratio,\"cpu_us_per_event\":$p_cpu_us,\"http_cpu_us_per_event\":$p_http_cpu_us,\"spool_cpu_us_per_event\":$p_spool_cpu_us},\
+\"ingest_only_old_spool\":{\"dedupe_keys\":$OLD_KEYS,\"rps\":$o_rps,\"p50_ms\":$o_p50,\"p99_ms\":$o_p99,\"non2xx\":$o_non2xx,\"ratio\":$o_ratio,\"ratio_to_fresh\":$o_to_fresh,\"cpu_us_per_event\":$o_cpu_us,\"http_cpu_us_per_event\":$o_http_cpu_us,\"spool_cpu_us_per_event\":$o_spool_cpu_us},\
 \"no_store\":{\"rps\":$n_rps,\"p50_ms\":$n_p50,\"p99_ms\":$n_p99,\"non2xx\":$n_non2xx,\"ratio\":$n_ratio},\
 \"delivery\":{\"delivered\":$delivered,\"dead\":$dead,\"pending\":$pending,\"stored\":$stored,\"fake_delivered\":$fake_delivered,\"fake_requests\":$fake_requests,\
 \"delivered_per_s\":$delivered_per_s,\"window_ms\":$deliver_ms,\"drain_after_load_ms\":$drain_after_ms,\"lag_p50_ms\":$lag50,\"lag_p99_ms\":$lag99},\
