@@ -242,7 +242,7 @@ static json_t *column(sqlite3_stmt *st, int i) {
 #define EVENT_ROWS_MAX 4096
 
 /* The dedupe row (schema v3; since v5 found by the key's hash, in
- * dedupe_recent or dedupe (since v8 or a run of dedupe_runs), the latest
+ * dedupe_recent, dedupe or, since v8, a run of dedupe_runs, the latest
  * sighting with the key's check too,
  * so another key with the same hash never answers for it; the key itself is checked
  * against the rows' dedupe_key; since v7 also the rows after

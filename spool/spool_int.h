@@ -153,10 +153,11 @@ struct amp_spool {
     int64_t compact_upto;
     uint64_t compact_next, compact_width;
     /* Committer only (dedupe.c): filter holds every hash of the dedupe
-     * table and of the map, so a key it does not hold is new without a
-     * look in the table; NULL until its scan of the table is done. filter_next is
-     * being filled, the table read in hash order from filter_scan_from:
-     * the first filter, or a bigger one that replaces filter when done. */
+     * table, the runs and the map, so a key it does not hold is new
+     * without a look; NULL until its first scan is done. filter_next is
+     * being filled, the runs and then the table read in order from
+     * (filter_scan_seg,) filter_scan_from: the first filter, or a bigger
+     * one that replaces filter when done. */
     amp_spool_keyfilter *filter, *filter_next;
     bool filter_scan_runs; /* the runs first, from (filter_scan_seg, filter_scan_from) */
     int64_t filter_scan_seg, filter_scan_from;

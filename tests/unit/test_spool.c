@@ -620,7 +620,8 @@ static amp_queue_result submit_one(amp_queue *s, const char *key, const char *bo
     return submit(s, b);
 }
 
-/* dedupe_merged.upto: the last row whose key is in the dedupe table. */
+/* dedupe_merged.upto: the last row whose key is merged (in a run or the
+ * dedupe table). */
 static int64_t merged_upto(void) {
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
@@ -630,7 +631,7 @@ static int64_t merged_upto(void) {
 }
 
 /* New keys are first kept by their events' rows (and in memory), not in
- * dedupe_recent, and merged into the dedupe table in key order: once
+ * dedupe_recent, and merged into a run in key order (schema v8): once
  * enough have gathered while running, and at open. A key is a duplicate
  * wherever it is, before, during and after a merge. */
 START_TEST(dedupe_keys_survive_merges) {
@@ -665,8 +666,8 @@ START_TEST(dedupe_keys_survive_merges) {
         ck_assert_uint_gt(r.duplicates, 0);
     }
     /* More groups drive the merge to its end: the merged keys leave the
-     * map, and are found in the dedupe table, with the id of their event's
-     * row for the admin lookup; the last slice counted the rows it merged. */
+     * map, and are found in their run, with the id of their event's row
+     * for the admin lookup; the last slice counted the rows it merged. */
     ck_assert_int_eq(merged_upto(), 0);
     int driven = 0;
     for (; driven < 200 && merged_upto() == 0; driven++) {
@@ -687,7 +688,7 @@ START_TEST(dedupe_keys_survive_merges) {
     amp_queue_close(s);
 
     /* At open everything recent is merged; the keys still count, and the
-     * admin lookup finds an event from the merged table. */
+     * admin lookup finds an event from its run. */
     s = open_spool(3600);
     ck_assert_int_eq(table_rows("dedupe_recent"), 0);
     ck_assert_int_eq(merged_keys(), BATCHES * PER + driven);
@@ -707,7 +708,7 @@ END_TEST
 /* Two different keys with the same 64-bit hash (every key hashes to 42
  * here): both events are stored and delivered, never the second one
  * answered as a duplicate; the same key twice is still a duplicate, in
- * memory and, after the merge at a reopen, in the dedupe table; the admin
+ * memory and, after the merge at a reopen, in its run; the admin
  * lookup never answers one key with the other's event. */
 static int64_t same_hash(const char *key) {
     (void)key;
@@ -1020,7 +1021,7 @@ START_TEST(a_compaction_cut_short_loses_no_key) {
 END_TEST
 
 /* Stores n new keys "<prefix><i>" in one group; returns how many of them
- * were looked up in the dedupe table. */
+ * were looked up in the dedupe table and the runs. */
 static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
     long before = amp_spool_dedupe_lookups_for_tests();
     amp_queue_result r = submit(s, keys_batch(prefix, 0, n, 1));
@@ -1038,7 +1039,7 @@ START_TEST(new_keys_skip_the_dedupe_table) {
     amp_queue *s = open_spool(3600);
     ck_assert_uint_eq(submit(s, keys_batch("old", 0, OLD, 1)).accepted, OLD);
     amp_queue_close(s);
-    s = open_spool(3600); /* merged into the dedupe table at open */
+    s = open_spool(3600); /* merged into a run at open */
     ck_assert_int_eq(merged_keys(), OLD);
 
     /* Until the filter is filled, each new key is looked up. */
