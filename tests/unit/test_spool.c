@@ -1030,6 +1030,18 @@ static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
     return amp_spool_dedupe_lookups_for_tests() - before;
 }
 
+/* Groups of n new keys each ("<tag><group>-<i>") until one costs at most
+ * most lookups, or limit groups; returns how many, *cost the last one's. */
+static int groups_until(amp_queue *s, const char *tag, int n, long most, int limit, long *cost) {
+    int groups = 0;
+    do {
+        char prefix[16];
+        snprintf(prefix, sizeof prefix, "%s%d-", tag, groups++);
+        *cost = lookups_for_new(s, prefix, n);
+    } while (*cost > most && groups < limit);
+    return groups;
+}
+
 /* A new key is found new without a look in the dedupe table once the key
  * filter is filled (a slice of the table after each group); every key of
  * the table and of memory is still a duplicate; a filter that has taken
@@ -1044,13 +1056,8 @@ START_TEST(new_keys_skip_the_dedupe_table) {
 
     /* Until the filter is filled, each new key is looked up. */
     ck_assert_int_eq(lookups_for_new(s, "a", 100), 100);
-    long cost = 100;
-    int groups = 0;
-    while (cost > 5 && groups < 100) {
-        char prefix[16];
-        snprintf(prefix, sizeof prefix, "b%d-", groups++);
-        cost = lookups_for_new(s, prefix, 100);
-    }
+    long cost;
+    int groups = groups_until(s, "b", 100, 5, 100, &cost);
     ck_assert_msg(cost <= 5, "100 new keys still cost %ld lookups after %d groups", cost, groups);
 
     /* Keys of the table, of memory and of either group are duplicates. */
@@ -1069,12 +1076,7 @@ START_TEST(new_keys_skip_the_dedupe_table) {
         snprintf(prefix, sizeof prefix, "c%d-", i);
         lookups_for_new(s, prefix, 5000);
     }
-    cost = 1000;
-    for (groups = 0; cost > 30 && groups < 300; groups++) {
-        char prefix[16];
-        snprintf(prefix, sizeof prefix, "d%d-", groups);
-        cost = lookups_for_new(s, prefix, 1000);
-    }
+    groups = groups_until(s, "d", 1000, 30, 300, &cost);
     ck_assert_msg(cost <= 30, "1,000 new keys still cost %ld lookups after %d groups", cost,
                   groups);
     /* Old keys, and keys stored since the first filter began, merged into
@@ -1103,7 +1105,7 @@ END_TEST
 /* The first filter is sized for the keys the table holds, estimated from
  * its lowest hashes: filled once, a slice of 4,096 hashes after each
  * group (about 50 for 200,000 keys). Sized for the least (16,384) it
- * outgrew itself and started again three times, bigger, about 120 groups,
+ * outgrew itself and started again four times, bigger, 116 groups,
  * and every new key was looked up meanwhile. */
 START_TEST(first_filter_is_sized_for_the_table) {
     enum { KEYS = 200000 };
@@ -1115,13 +1117,8 @@ START_TEST(first_filter_is_sized_for_the_table) {
              KEYS, (long long)amp_now_ms());
     spool_sql(sql);
     amp_queue *s = open_spool(3600);
-    long cost = 1;
-    int groups = 0;
-    while (cost > 0 && groups < 200) {
-        char prefix[16];
-        snprintf(prefix, sizeof prefix, "f%d-", groups++);
-        cost = lookups_for_new(s, prefix, 10);
-    }
+    long cost;
+    int groups = groups_until(s, "f", 10, 0, 200, &cost);
     ck_assert_int_eq(cost, 0);
     ck_assert_msg(groups <= 60, "the filter took %d groups to fill", groups);
     amp_queue_close(s);
