@@ -537,9 +537,14 @@ static int runs_count(amp_spool *s) {
     return rc == SQLITE_ROW ? 0 : -1;
 }
 
-/* A compaction of every run there is: ranges of hashes that hold about
- * COMPACT_SLICE of their keys each. */
-static void compact_start(amp_spool *s) {
+/* A compaction of every run there is, if none is under way and one is
+ * due: RUNS_MAX runs, or at a maintenance the oldest RUN_AGE_MS old. Its
+ * ranges of hashes hold about COMPACT_SLICE of the runs' keys each. */
+static void compact_start_if_due(amp_spool *s, bool maintenance) {
+    if (s->compact_upto || s->runs == 0 || amp_mono_ms() < s->merge_after_ms)
+        return;
+    if (s->runs < RUNS_MAX && !(maintenance && s->oldest_run_ms <= amp_now_ms() - RUN_AGE_MS))
+        return;
     uint64_t ranges = (uint64_t)(s->run_keys > 0 ? s->run_keys : 0) / COMPACT_SLICE + 1;
     s->compact_upto = s->last_seg;
     s->compact_next = 0;
@@ -561,15 +566,15 @@ static int compact_step(amp_spool *s) {
     bool last = hi == UINT64_MAX;
     int64_t since = s->dedupe_window_ms > 0 ? amp_now_ms() - s->dedupe_window_ms : INT64_MIN;
     sqlite3_stmt *moves[] = {s->st_compact_copy, s->st_compact_drop};
-    int ok = amp_spool_step_done(s->st_begin) == 0;
-    for (size_t i = 0; ok && i < sizeof moves / sizeof moves[0]; i++) {
+    for (size_t i = 0; i < sizeof moves / sizeof moves[0]; i++) {
         sqlite3_bind_int64(moves[i], 1, hash_at(lo));
         sqlite3_bind_int64(moves[i], 2, hash_at(hi));
         sqlite3_bind_int64(moves[i], 3, s->compact_upto);
-        if (moves[i] == s->st_compact_copy)
-            sqlite3_bind_int64(moves[i], 4, since);
-        ok = amp_spool_step_done(moves[i]) == 0;
     }
+    sqlite3_bind_int64(s->st_compact_copy, 4, since);
+    bool ok = amp_spool_step_done(s->st_begin) == 0 &&
+              amp_spool_step_done(s->st_compact_copy) == 0 &&
+              amp_spool_step_done(s->st_compact_drop) == 0;
     if (ok && last) {
         sqlite3_bind_int64(s->st_compact_end, 1, s->compact_upto);
         ok = amp_spool_step_done(s->st_compact_end) == 0;
@@ -662,8 +667,8 @@ void amp_spool_dedupe_after_group(amp_spool *s) {
             break;
     }
     /* Compaction when no merge is under way; faster while runs pile up. */
-    if (!s->merge && !s->compact_upto && s->runs >= RUNS_MAX && amp_mono_ms() >= s->merge_after_ms)
-        compact_start(s);
+    if (!s->merge)
+        compact_start_if_due(s, false);
     steps = s->runs >= 2 * RUNS_MAX ? MERGE_CATCH_UP : 1;
     for (int i = 0; !s->merge && s->compact_upto && i < steps; i++)
         if (compact_step(s) <= 0)
@@ -673,9 +678,7 @@ void amp_spool_dedupe_after_group(amp_spool *s) {
 }
 
 void amp_spool_dedupe_compact_some(amp_spool *s) {
-    if (!s->compact_upto && s->runs > 0 && amp_mono_ms() >= s->merge_after_ms &&
-        (s->runs >= RUNS_MAX || s->oldest_run_ms <= amp_now_ms() - RUN_AGE_MS))
-        compact_start(s);
+    compact_start_if_due(s, true);
     int64_t until = amp_mono_ms() + COMPACT_MAINTENANCE_MS;
     while (s->compact_upto && amp_mono_ms() < until && compact_step(s) > 0)
         ;
