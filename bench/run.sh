@@ -385,15 +385,18 @@ a_cpu_us=$(per_us "$AMP_CPU_MS" "$stored")
 a_http_cpu_us=$(per_us "$AMP_HTTP_CPU_MS" "$stored")
 a_spool_cpu_us=$(per_us "$AMP_SPOOL_CPU_MS" "$stored")
 a_other_cpu_us=$(per_us $((AMP_CPU_MS - AMP_HTTP_CPU_MS - AMP_SPOOL_CPU_MS)) "$stored")
-i_cpu_us=$(per_us "$INGEST_CPU_MS" "$(reqs "$INGEST_LINE")")
-i_http_cpu_us=$(per_us "$INGEST_HTTP_CPU_MS" "$(reqs "$INGEST_LINE")")
-i_spool_cpu_us=$(per_us "$INGEST_SPOOL_CPU_MS" "$(reqs "$INGEST_LINE")")
-p_cpu_us=$(per_us "$POLL_CPU_MS" "$(reqs "$POLL_LINE")")
-p_http_cpu_us=$(per_us "$POLL_HTTP_CPU_MS" "$(reqs "$POLL_LINE")")
-p_spool_cpu_us=$(per_us "$POLL_SPOOL_CPU_MS" "$(reqs "$POLL_LINE")")
-o_cpu_us=$(per_us "$OLD_CPU_MS" "$(reqs "$OLD_LINE")")
-o_http_cpu_us=$(per_us "$OLD_HTTP_CPU_MS" "$(reqs "$OLD_LINE")")
-o_spool_cpu_us=$(per_us "$OLD_SPOOL_CPU_MS" "$(reqs "$OLD_LINE")")
+# PREFIX LINE TOTAL HTTP SPOOL: an ingest-only variant's CPU ms as us per
+# request, in PREFIX_cpu_us, PREFIX_http_cpu_us and PREFIX_spool_cpu_us.
+variant_cpu_us() {
+    local p=$1 n
+    n=$(reqs "$2")
+    printf -v "${p}_cpu_us" '%s' "$(per_us "$3" "$n")"
+    printf -v "${p}_http_cpu_us" '%s' "$(per_us "$4" "$n")"
+    printf -v "${p}_spool_cpu_us" '%s' "$(per_us "$5" "$n")"
+}
+variant_cpu_us i "$INGEST_LINE" "$INGEST_CPU_MS" "$INGEST_HTTP_CPU_MS" "$INGEST_SPOOL_CPU_MS"
+variant_cpu_us p "$POLL_LINE" "$POLL_CPU_MS" "$POLL_HTTP_CPU_MS" "$POLL_SPOOL_CPU_MS"
+variant_cpu_us o "$OLD_LINE" "$OLD_CPU_MS" "$OLD_HTTP_CPU_MS" "$OLD_SPOOL_CPU_MS"
 o_to_fresh=$(calc "%.3f" "($i_rps > 0) ? $o_rps / $i_rps : 0")
 n_cpu_us=$(per_us "$NOSTORE_CPU_MS" "$(reqs "$NOSTORE_LINE")")
 n_http_cpu_us=$(per_us "$NOSTORE_HTTP_CPU_MS" "$(reqs "$NOSTORE_LINE")")
@@ -465,10 +468,14 @@ END_TARGETS+=" ingest only $(r_end "$i_rps"), ingest while delivering $(r_end "$
 END_TARGETS+=" delivery $(x_end "$a_delivery_cpu_us") x"
 # The ingest-only targets as they read with listen.event_loop poll (not judged:
 # the default is epoll).
-POLL_TARGETS="HTTP threads $(x_bare "$p_http_cpu_us") x bare, spool threads $(x_bare "$p_spool_cpu_us") x,"
-POLL_TARGETS+=" requests/s $p_ratio of bare, p99 $p_p99 ms"
-OLD_TARGETS="HTTP threads $(x_bare "$o_http_cpu_us") x bare, spool threads $(x_bare "$o_spool_cpu_us") x,"
-OLD_TARGETS+=" requests/s $o_ratio of bare ($o_to_fresh of a fresh spool's), p99 $o_p99 ms"
+# PREFIX: the ingest-only targets as a variant (PREFIX_*) reads them.
+variant_targets() {
+    local http=${1}_http_cpu_us spool=${1}_spool_cpu_us ratio=${1}_ratio p99=${1}_p99
+    echo "HTTP threads $(x_bare "${!http}") x bare, spool threads $(x_bare "${!spool}") x," \
+        "requests/s ${!ratio} of bare, p99 ${!p99} ms"
+}
+POLL_TARGETS=$(variant_targets p)
+OLD_TARGETS="$(variant_targets o), requests/s $o_to_fresh of a fresh spool's"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 
