@@ -220,7 +220,7 @@ static void send_job(void *p, const void *target, const amp_queue_job *job,
     headers[nh] = NULL;
     const char *get_headers[] = {a->auth, nh > 2 ? trace : NULL, NULL};
 
-    int64_t t0 = amp_mono_ms();
+    int64_t t0 = amp_mono_us();
     bool posted = false;
     if (!(job->run_id && *job->run_id && resume(c, a, job, job->run_id, get_headers))) {
         amp_forward_http_post(c->http, a->url, headers, body, strlen(body), r);
@@ -247,7 +247,7 @@ static void send_job(void *p, const void *target, const amp_queue_job *job,
         note_run(c);
     }
     ex->now_ms = amp_now_ms();
-    ex->latency_ms = amp_mono_ms() - t0;
+    ex->latency_us = amp_mono_us() - t0;
     ex->streamed = r->streamed;
     ex->aborted = r->transport_error == CURLE_ABORTED_BY_CALLBACK;
     ex->transport_error = r->transport_error;

@@ -136,7 +136,7 @@ typedef struct amp_forward_exchange {
     const char *run_id;          /* the workflow run the request started (streams show it
                                     early), or NULL: a retry resumes it instead of posting */
     int64_t retry_after_ms;      /* Retry-After, parsed; -1 when absent */
-    int64_t latency_ms;          /* reported, not decided on */
+    int64_t latency_us;          /* reported, not decided on */
     bool streamed;               /* reported, not decided on */
     /* The job. */
     int attempts;          /* made before this one */

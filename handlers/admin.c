@@ -351,7 +351,7 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const c
     r->h = a->h;
     r->gen = atomic_load(&a->h->gen);
     r->conn = conn;
-    r->start_ms = amp_mono_ms();
+    r->start_us = amp_mono_us();
     amp_handlers_request_id(r);
     amp_handlers_client_address(r->gen, conn, r->client, sizeof r->client);
     *req_cls = r;
@@ -359,7 +359,8 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const c
     enum MHD_Result ret = dispatch(a, r, url, method);
     amp_log(AMP_LOG_INFO, "admin request", "{s:s, s:s, s:s, s:s, s:i, s:s?, s:I}", "request_id",
             r->request_id, "client", r->client, "method", method, "path", url, "status",
-            (int)r->status, "error", r->error, "ms", (json_int_t)(amp_mono_ms() - r->start_ms));
+            (int)r->status, "error", r->error, "ms",
+            (json_int_t)((amp_mono_us() - r->start_us) / 1000));
     return ret;
 }
 

@@ -53,7 +53,7 @@ struct amp_req {
     amp_endpoint_fn endpoint;
     char request_id[64];
     char client[64];   /* see client.c */
-    int64_t start_ms;  /* monotonic */
+    int64_t start_us;  /* monotonic */
     unsigned status;   /* the answer's status, once queued */
     const char *error; /* its error code (static), for the access log */
     bool webhook;

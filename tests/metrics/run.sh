@@ -54,6 +54,18 @@ expect '# TYPE amp2dify_spool_oldest_pending_age_seconds gauge'
 expect 'amp2dify_spool_full 0'
 grep -qE '^amp2dify_spool_bytes [1-9][0-9]*$' "$tmp/metrics.txt" || fail "amp2dify_spool_bytes missing or 0"
 if grep -qF -e "$secret" -e "$key" "$tmp/metrics.txt" "$tmp/amp2dify.log"; then fail "a secret leaked"; fi
+# Ingest durations are observed to the microsecond: whole milliseconds put
+# every answer under 1 ms in the lowest bucket. A sum is a whole number of
+# milliseconds by chance about once in a thousand; then one more request,
+# at most twice.
+sum_us() { awk '$1 == "amp2dify_ingest_duration_seconds_sum" { printf "%.0f", $2 * 1e6 }' "$@"; }
+us=$(sum_us "$tmp/metrics.txt")
+for _ in 1 2; do
+    ((us % 1000)) && break
+    post --data-binary '{}' > /dev/null
+    us=$(curl -fsS "$base/metrics" | sum_us)
+done
+((us % 1000)) || fail "ingest durations in whole milliseconds (sum $us us)"
 # The Grafana dashboard names only what this scrape has, in valid PromQL.
 python3 tests/metrics/dashboard.py docker/grafana/amp2dify.json "$tmp/metrics.txt" "$tmp/rules.yml" \
     || fail "docker/grafana/amp2dify.json does not match /metrics"

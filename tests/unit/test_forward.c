@@ -2035,6 +2035,15 @@ START_TEST(test_metrics) {
     char *text = amp_metrics_render(m);
     ck_assert_ptr_nonnull(strstr(text, "amp2dify_delivery_duration_seconds_count{app=\"chat\"} 3"));
     free(text);
+    /* Latencies are observed to the microsecond: a sum of whole
+     * milliseconds would put every delivery to this local fake in the
+     * lowest bucket. Each series' sum is a whole number of milliseconds by
+     * chance about once in a thousand, so one of two is enough. */
+    const char *S = "amp2dify_delivery_duration_seconds";
+    double chat_s = series_value(m, S, "chat", NULL, NULL, NULL, NULL);
+    double done_s = series_value(m, S, "done", NULL, NULL, NULL, NULL);
+    ck_assert_msg(llround(chat_s * 1e6) % 1000 != 0 || llround(done_s * 1e6) % 1000 != 0,
+                  "delivery durations in whole milliseconds: %.6f and %.6f s", chat_s, done_s);
     amp_metrics_destroy(m);
 }
 END_TEST
