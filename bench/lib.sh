@@ -10,6 +10,7 @@
 #   start_amp2dify LOG CONFIG [NAME=VALUE...]  BUILD/amp2dify serve, waits for
 #                         /readyz; sets AMP_START_PID, AMP_START_PORT
 #   wait_listening, listen_port_of, http_get_ok   finding and probing ports
+#   ingest_latency PORT   amp2dify's own p99 and share within 5 ms (/metrics)
 #   cpu_ms, now_ms, calc, kv, json_str, json_strings, rand_hex   figures
 #
 # Sets HERE (the bench directory). Uses BUILD (the build directory, relative
@@ -156,6 +157,33 @@ start_amp2dify() {
         sleep 0.05
     done
     return 1
+}
+
+# PORT: the webhook requests' latency as the amp2dify on PORT measured it
+# (amp2dify_ingest_duration_seconds, from the headers to the answer):
+# echoes "P99_MS SHARE_5MS", the 99th percentile interpolated within its
+# buckets as Prometheus's histogram_quantile does (0.5, 1, 2.5, 5, 10 ms,
+# ...), and the share answered within 5 ms (a bucket's bound, so exact);
+# "0 0" without requests or an answer.
+ingest_latency() {
+    curl -s --max-time 5 "http://127.0.0.1:$1/metrics" | awk '
+        /^amp2dify_ingest_duration_seconds_bucket\{le="[0-9.e+-]+"\} / {
+            le = $1; sub(/.*le="/, "", le); sub(/".*/, "", le)
+            n++; bound[n] = le + 0; cum[n] = $2 + 0
+        }
+        /^amp2dify_ingest_duration_seconds_count / { count = $2 + 0 }
+        END {
+            if (count == 0) { print "0 0"; exit }
+            rank = 0.99 * count; p99 = bound[n]; lo = 0; below = 0
+            for (i = 1; i <= n; i++) {
+                if (cum[i] >= rank) {
+                    p99 = lo + (bound[i] - lo) * (rank - below) / (cum[i] - below); break
+                }
+                lo = bound[i]; below = cum[i]
+            }
+            for (i = 1; i <= n; i++) if (bound[i] == 0.005) within = cum[i]
+            printf "%.2f %.3f\n", p99 * 1000, within / count
+        }'
 }
 
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
