@@ -486,13 +486,13 @@ variant_targets() {
         "requests/s ${!ratio} of bare, p99 ${!p99} ms"
 }
 POLL_TARGETS=$(variant_targets p)
+OLD_TARGETS="skipped (BENCH_OLD_KEYS=0)"
+((OLD_KEYS > 0)) && OLD_TARGETS="$(variant_targets o), requests/s $o_to_fresh of a fresh spool's"
 # Not judged: how much of wrk's p99 amp2dify measured itself (the rest is
 # the request waiting in its socket and wrk's threads waiting for the same
 # CPUs), and the least the HTTP threads can cost with a hand-off.
 SERVER_VIEW="p99 $i_server_p99 ms (interpolated within its buckets), $(calc "%.1f" "$i_server_5ms * 100")% within 5 ms; wrk's p99 $i_p99 ms"
 HANDOFF_HTTP="$h_http_cpu_us us = $(x_bare "$h_http_cpu_us") x bare"
-OLD_TARGETS="skipped (BENCH_OLD_KEYS=0)"
-((OLD_KEYS > 0)) && OLD_TARGETS="$(variant_targets o), requests/s $o_to_fresh of a fresh spool's"
 amp_warnings=$(grep -c . "$WORK/amp2dify.log" 2>/dev/null)
 : "${amp_warnings:=0}"
 

@@ -1030,8 +1030,9 @@ static long lookups_for_new(amp_queue *s, const char *prefix, int n) {
     return amp_spool_dedupe_lookups_for_tests() - before;
 }
 
-/* Groups of n new keys each ("<tag><group>-<i>") until one costs at most
- * most lookups, or limit groups; returns how many, *cost the last one's. */
+/* Groups of n new keys each ("<tag><group>-<i>") until one costs no more
+ * than `most` lookups, or limit groups; returns how many, *cost the last
+ * one's. */
 static int groups_until(amp_queue *s, const char *tag, int n, long most, int limit, long *cost) {
     int groups = 0;
     do {
