@@ -659,11 +659,11 @@ static sent deliver(worker *w, const qjob *q) {
 
     amp_forward_verdict v;
     amp_forward_decide(&ex, &v);
+    int64_t latency_ms = ex.latency_us / 1000; /* for logs and pacing */
 
     if (ex.aborted)
         amp_log(AMP_LOG_INFO, "dify request abandoned at shutdown", "{s:I, s:s, s:I}", "id",
-                (json_int_t)job->id, "app", job->app, "after_ms",
-                (json_int_t)(ex.latency_us / 1000));
+                (json_int_t)job->id, "app", job->app, "after_ms", (json_int_t)latency_ms);
     if (!ex.aborted && !ex.refused_code) {
         if (a->m_seconds)
             amp_series_observe(a->m_seconds, (double)ex.latency_us / 1e6);
@@ -671,8 +671,8 @@ static sent deliver(worker *w, const qjob *q) {
         amp_log(AMP_LOG_DEBUG, "dify delivery", "{s:I, s:s, s:s, s:i, s:s, s:I, s:i, s:b, s:b}",
                 "id", (json_int_t)job->id, "app", job->app, "route", job->route ? job->route : "",
                 "status", (int)ex.status, "outcome", outcome_name(v.outcome), "latency_ms",
-                (json_int_t)(ex.latency_us / 1000), "attempt", job->attempts + 1, "streamed",
-                ex.streamed, "probe", q->probe);
+                (json_int_t)latency_ms, "attempt", job->attempts + 1, "streamed", ex.streamed,
+                "probe", q->probe);
     }
     /* A job held back (its app paused) resumes a run this attempt saw
      * start, rather than posting the event again after the pause. */
@@ -686,7 +686,7 @@ static sent deliver(worker *w, const qjob *q) {
                   .hold = v.hold,
                   .answered = v.answered,
                   .status = ex.status,
-                  .latency_ms = ex.latency_us / 1000};
+                  .latency_ms = latency_ms};
 }
 
 /* What finish() decided, to log and count once the lock is released. */
